@@ -1,0 +1,135 @@
+"""Semantic checks on a compiled ruleset: its embedded tests and authoring mistakes.
+
+These run before a ruleset can go live when validation is enabled
+(`HOT_RELOAD_VALIDATION_ENABLED`), in `rule-sidecar validate` and in `rule-sidecar test`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sidecar.engine import Evaluation, evaluate_ruleset
+from sidecar.errors import InputError, Problem
+from sidecar.model import Location, RuleSet, RuleTest, thaw
+
+__all__ = ["CaseResult", "ruleset_problems", "run_tests"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CaseResult:
+    """The outcome of one embedded test case; `failures` is empty when it passed."""
+
+    ruleset_id: str
+    name: str
+    location: Location | None
+    failures: tuple[str, ...]
+    evaluation: Evaluation | None
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+def _names(ids: frozenset[str] | set[str]) -> str:
+    return "[" + ", ".join(sorted(ids)) + "]"
+
+
+def _compare(test: RuleTest, result: Evaluation) -> list[str]:
+    expect = test.expect
+    failures: list[str] = []
+    errored = {error.rule_id for error in result.errors}
+    for error in result.errors:
+        if error.rule_id not in expect.errors:
+            failures.append(f"rule {error.rule_id!r} errored: {error.error}")
+    missing_errors = expect.errors - errored
+    if missing_errors:
+        failures.append(f"expected errors from {_names(missing_errors)}, they did not error")
+    if expect.total_points is not None and expect.total_points != result.total_points:
+        failures.append(f"total_points: expected {expect.total_points}, got {result.total_points}")
+    matched = {match.id for match in result.matched}
+    if expect.matched is not None and expect.matched != matched:
+        failures.append(f"matched: expected {_names(expect.matched)}, got {_names(matched)}")
+    if expect.checks_decision and expect.decision != result.decision:
+        failures.append(f"decision: expected {expect.decision!r}, got {result.decision!r}")
+    return failures
+
+
+def run_tests(ruleset: RuleSet) -> list[CaseResult]:
+    """Run every embedded test case of the ruleset against the ruleset itself."""
+    results: list[CaseResult] = []
+    for test in ruleset.tests:
+        try:
+            evaluation: Evaluation | None = evaluate_ruleset(ruleset, thaw(test.input))
+        except InputError as exc:
+            evaluation, failures = None, [f"input {exc}"]
+        else:
+            assert evaluation is not None
+            failures = _compare(test, evaluation)
+        results.append(
+            CaseResult(
+                ruleset_id=ruleset.id,
+                name=test.name,
+                location=test.location,
+                failures=tuple(failures),
+                evaluation=evaluation,
+            )
+        )
+    return results
+
+
+def _problem(ruleset: RuleSet, location: Location | None, message: str) -> Problem:
+    where = location or ruleset.location or Location("<unknown>")
+    return Problem(
+        file=where.file,
+        line=where.line,
+        column=where.column,
+        message=message,
+        ruleset_id=ruleset.id,
+    )
+
+
+def ruleset_problems(ruleset: RuleSet) -> list[Problem]:
+    """Authoring mistakes and failing embedded tests, each located."""
+    problems: list[Problem] = []
+    lowest: tuple[int, str] | None = None
+    for band in ruleset.decisions:
+        if lowest is not None and band.min_points >= lowest[0]:
+            problems.append(
+                _problem(
+                    ruleset,
+                    ruleset.location,
+                    f"decision band {band.decision!r} (min_points {band.min_points}) can never "
+                    f"apply: band {lowest[1]!r} (min_points {lowest[0]}) comes first; "
+                    "list bands from the lowest min_points down",
+                )
+            )
+        if lowest is None or band.min_points < lowest[0]:
+            lowest = (band.min_points, band.decision)
+    rule_ids = {rule.id for rule in ruleset.rules}
+    seen_names: set[str] = set()
+    for test in ruleset.tests:
+        if test.name in seen_names:
+            problems.append(
+                _problem(ruleset, test.location, f"test name {test.name!r} is used twice")
+            )
+        seen_names.add(test.name)
+        named = (test.expect.matched or frozenset()) | test.expect.errors
+        unknown = named - rule_ids
+        if unknown:
+            problems.append(
+                _problem(
+                    ruleset,
+                    test.location,
+                    f"test {test.name!r} names rules this ruleset does not have: {_names(unknown)}",
+                )
+            )
+    for case in run_tests(ruleset):
+        if not case.passed:
+            problems.append(
+                _problem(
+                    ruleset,
+                    case.location,
+                    f"test {case.name!r} failed: " + "; ".join(case.failures),
+                )
+            )
+    return problems

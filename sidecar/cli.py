@@ -1,0 +1,162 @@
+"""The `rule-sidecar` command.
+
+`validate` and `test` are for a GitOps repository's CI: they accept exactly what the
+sidecar would accept, print `file:line:col: message` (or JSON with `--format json`) and
+exit 0 when everything is good, 1 when something is not, 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from sidecar.checks import CaseResult, run_tests
+from sidecar.errors import LoadError, Problem
+from sidecar.loader import Loader, LoadResult
+from sidecar.sources.files import read_rule_files
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_INVALID = 1
+
+
+def _load(paths: Sequence[str], *, run_checks: bool) -> LoadResult:
+    return Loader(run_checks=run_checks).load(read_rule_files(paths))
+
+
+def _print_problems(problems: Sequence[Problem], out: TextIO) -> None:
+    for problem in problems:
+        print(problem, file=out)
+
+
+def _validate(args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        result = _load(args.paths, run_checks=not args.no_checks)
+    except LoadError as exc:
+        if args.format == "json":
+            _dump({"valid": False, "problems": [p.to_dict() for p in exc.problems]}, out)
+        else:
+            _print_problems(exc.problems, out)
+            print(f"{len(exc.problems)} problem(s) found", file=out)
+        return EXIT_INVALID
+    stats = result.snapshot.stats()
+    if args.format == "json":
+        _dump({"valid": True, "problems": [], **_counts(result)}, out)
+    else:
+        print(
+            f"OK: {stats['ruleset_count']} ruleset(s), {stats['rule_count']} rule(s) in "
+            f"{result.files} file(s); revision {stats['revision']}",
+            file=out,
+        )
+    return EXIT_OK
+
+
+def _counts(result: LoadResult) -> dict[str, Any]:
+    stats = result.snapshot.stats()
+    return {
+        "files": result.files,
+        "rulesets": stats["ruleset_count"],
+        "rules": stats["rule_count"],
+        "revision": stats["revision"],
+    }
+
+
+def _case_dict(case: CaseResult) -> dict[str, Any]:
+    return {
+        "ruleset_id": case.ruleset_id,
+        "name": case.name,
+        "location": str(case.location) if case.location else None,
+        "passed": case.passed,
+        "failures": list(case.failures),
+        "result": case.evaluation.to_dict() if case.evaluation else None,
+    }
+
+
+def _test(args: argparse.Namespace, out: TextIO) -> int:
+    # Tests are run and reported here one by one, so the loader does not run them.
+    try:
+        result = _load(args.paths, run_checks=False)
+    except LoadError as exc:
+        if args.format == "json":
+            _dump(
+                {
+                    "passed": 0,
+                    "failed": 0,
+                    "cases": [],
+                    "problems": [p.to_dict() for p in exc.problems],
+                },
+                out,
+            )
+        else:
+            _print_problems(exc.problems, out)
+            print(f"{len(exc.problems)} problem(s) found; no tests ran", file=out)
+        return EXIT_INVALID
+    cases = [case for ruleset in result.snapshot.rulesets.values() for case in run_tests(ruleset)]
+    failed = [case for case in cases if not case.passed]
+    if args.format == "json":
+        _dump(
+            {
+                "passed": len(cases) - len(failed),
+                "failed": len(failed),
+                "cases": [_case_dict(case) for case in cases],
+                "problems": [],
+            },
+            out,
+        )
+    else:
+        for case in cases:
+            if case.passed and not args.verbose:
+                continue
+            status = "PASS" if case.passed else "FAIL"
+            print(f"{status} {case.location}: {case.ruleset_id}: {case.name}", file=out)
+            for failure in case.failures:
+                print(f"    {failure}", file=out)
+        print(f"{len(cases) - len(failed)} passed, {len(failed)} failed", file=out)
+    return EXIT_INVALID if failed else EXIT_OK
+
+
+def _dump(data: dict[str, Any], out: TextIO) -> None:
+    json.dump(data, out, indent=2, sort_keys=True)
+    out.write("\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rule-sidecar", description="Hot-reload rule service for Kubernetes."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_paths(name: str, help_text: str) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help_text, description=help_text)
+        command.add_argument("paths", nargs="+", metavar="PATH", help="rule files or directories")
+        command.add_argument("--format", choices=("human", "json"), default="human")
+        return command
+
+    validate = with_paths(
+        "validate", "Check rule files exactly as the sidecar would before a reload."
+    )
+    validate.add_argument(
+        "--no-checks",
+        action="store_true",
+        help="skip embedded tests and semantic checks (HOT_RELOAD_VALIDATION_ENABLED=false); "
+        "schema and condition compilation are always checked",
+    )
+    validate.set_defaults(handler=_validate)
+    test = with_paths("test", "Run the embedded tests of rule files and report each case.")
+    test.add_argument("-v", "--verbose", action="store_true", help="also list passing cases")
+    test.set_defaults(handler=_test)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.handler(args, out or sys.stdout)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Evaluate a ruleset against input documents.
+
+Everything for one request is taken from one snapshot, so a batch never mixes versions
+and every result names the version it used. A condition that errors on an input does not
+match and is reported in `errors`; it never fails the evaluation as a whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.conditions import DEFAULT_INPUT_LIMITS, InputLimits, check_input
+from sidecar.errors import NotFoundError
+from sidecar.model import RuleSet
+from sidecar.snapshot import Snapshot
+
+__all__ = ["Evaluation", "Match", "RuleError", "evaluate", "evaluate_many", "evaluate_ruleset"]
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    id: str
+    name: str
+    points: int
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RuleError:
+    rule_id: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Evaluation:
+    """The outcome for one input. `matched` is in evaluation order (priority first)."""
+
+    ruleset_id: str
+    registry_version: int
+    revision: str
+    total_points: int
+    decision: str | None
+    matched: tuple[Match, ...]
+    errors: tuple[RuleError, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ruleset_id": self.ruleset_id,
+            "registry_version": self.registry_version,
+            "revision": self.revision,
+            "total_points": self.total_points,
+            "decision": self.decision,
+            "matched": [
+                {"id": m.id, "name": m.name, "points": m.points, "priority": m.priority}
+                for m in self.matched
+            ],
+            "errors": [{"rule_id": e.rule_id, "error": e.error} for e in self.errors],
+        }
+
+
+def evaluate_ruleset(
+    ruleset: RuleSet,
+    document: Any,
+    *,
+    version: int = 0,
+    revision: str = "",
+    limits: InputLimits = DEFAULT_INPUT_LIMITS,
+) -> Evaluation:
+    """Evaluate one ruleset; raises `InputError` when the input breaks the limits."""
+    check_input(document, limits)
+    plan = ruleset.plan
+    matched: list[Match] = []
+    errors: list[RuleError] = []
+    total = 0
+    for rule, outcome in zip(plan.rules, plan.conditions.evaluate(document), strict=True):
+        if outcome is True:
+            matched.append(Match(rule.id, rule.name, rule.points, rule.priority))
+            total += rule.points
+        elif outcome is not False:
+            errors.append(RuleError(rule.id, outcome))
+    return Evaluation(
+        ruleset_id=ruleset.id,
+        registry_version=version,
+        revision=revision,
+        total_points=total,
+        decision=ruleset.decide(total),
+        matched=tuple(matched),
+        errors=tuple(errors),
+    )
+
+
+def _ruleset(snapshot: Snapshot, ruleset_id: str) -> RuleSet:
+    try:
+        return snapshot.rulesets[ruleset_id]
+    except KeyError:
+        raise NotFoundError("ruleset", ruleset_id) from None
+
+
+def evaluate(
+    snapshot: Snapshot,
+    ruleset_id: str,
+    document: Any,
+    *,
+    limits: InputLimits = DEFAULT_INPUT_LIMITS,
+) -> Evaluation:
+    """Evaluate `ruleset_id` of this snapshot; raises `NotFoundError` or `InputError`."""
+    return evaluate_ruleset(
+        _ruleset(snapshot, ruleset_id),
+        document,
+        version=snapshot.version,
+        revision=snapshot.revision,
+        limits=limits,
+    )
+
+
+def evaluate_many(
+    snapshot: Snapshot,
+    ruleset_id: str,
+    documents: Iterable[Any],
+    *,
+    limits: InputLimits = DEFAULT_INPUT_LIMITS,
+) -> list[Evaluation]:
+    """Evaluate a batch against one snapshot; every result names the same version."""
+    ruleset = _ruleset(snapshot, ruleset_id)
+    return [
+        evaluate_ruleset(
+            ruleset, document, version=snapshot.version, revision=snapshot.revision, limits=limits
+        )
+        for document in documents
+    ]

@@ -1,0 +1,423 @@
+"""From source files to a validated candidate snapshot, all or nothing.
+
+Stages, per file: parse (YAML/JSON with positions) → apiVersion/kind → JSON Schema →
+build rules and compile every condition → semantic checks and embedded tests. Then,
+across files: duplicate ruleset and rule ids. Any problem anywhere raises one `LoadError`
+listing every problem, and nothing is returned: the caller keeps what it had.
+
+The loader remembers each file's result by content digest, so a reload re-parses,
+re-validates and re-compiles only the files that changed (and re-reports the problems
+of unchanged broken files without re-reading them).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from typing import Any, Final
+
+import jsonschema
+import yaml
+
+from sidecar.checks import ruleset_problems
+from sidecar.conditions import ConditionCompiler, ConditionError, ConditionSetError
+from sidecar.documents import (
+    DEFAULT_FILE_LIMITS,
+    Document,
+    FileLimits,
+    SourceFile,
+    format_path,
+    parse_file,
+)
+from sidecar.errors import LoadError, Problem
+from sidecar.model import (
+    API_VERSION,
+    KIND,
+    DecisionBand,
+    EvaluationPlan,
+    Expectation,
+    Location,
+    Rule,
+    RuleSet,
+    RuleTest,
+    freeze,
+)
+from sidecar.snapshot import Snapshot
+
+__all__ = ["LoadResult", "Loader", "ruleset_schema"]
+
+_SCHEMA_FILE: Final = "ruleset.schema.json"
+
+
+@cache
+def ruleset_schema() -> dict[str, Any]:
+    """The `rule-sidecar/v1` RuleSet JSON Schema shipped in the package."""
+    text = resources.files("sidecar").joinpath("schemas", _SCHEMA_FILE).read_text("utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+@cache
+def _validator() -> jsonschema.protocols.Validator:
+    schema = ruleset_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+@cache
+def _rule_validator() -> jsonschema.protocols.Validator:
+    rule_schema = ruleset_schema()["properties"]["spec"]["properties"]["rules"]["items"]
+    return jsonschema.Draft202012Validator(rule_schema)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LoadResult:
+    """A candidate snapshot (version 0 until published) and what it cost."""
+
+    snapshot: Snapshot
+    files: int
+    files_parsed: int
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def files_reused(self) -> int:
+        return self.files - self.files_parsed
+
+
+@dataclass(frozen=True, slots=True)
+class _FileResult:
+    digest: str
+    rulesets: tuple[RuleSet, ...]
+    problems: tuple[Problem, ...]
+
+
+class Loader:
+    """Validates and compiles rule files; keeps per-file results for incremental reloads.
+
+    Not thread-safe: one reload at a time (the reload service serialises them).
+    """
+
+    def __init__(
+        self,
+        *,
+        compiler: ConditionCompiler | None = None,
+        run_checks: bool = True,
+        file_limits: FileLimits = DEFAULT_FILE_LIMITS,
+    ) -> None:
+        self.compiler = compiler or ConditionCompiler()
+        self.run_checks = run_checks
+        self.file_limits = file_limits
+        self._files: dict[str, _FileResult] = {}
+
+    def load(self, files: Iterable[SourceFile]) -> LoadResult:
+        """Build a candidate snapshot from the complete set of files, or raise `LoadError`."""
+        started = time.perf_counter()
+        results: dict[str, _FileResult] = {}
+        parsed = 0
+        for source in files:
+            digest = hashlib.sha256(source.content).hexdigest()
+            cached = self._files.get(source.name)
+            if cached is None or cached.digest != digest:
+                cached = self._load_file(source, digest)
+                parsed += 1
+            results[source.name] = cached
+        compiled = time.perf_counter()
+        self._files = results
+        problems = [problem for result in results.values() for problem in result.problems]
+        rulesets = [ruleset for result in results.values() for ruleset in result.rulesets]
+        problems.extend(_duplicate_problems(rulesets))
+        if problems:
+            raise LoadError(sorted(problems, key=lambda p: (p.file, p.line, p.column)))
+        snapshot = Snapshot.build(rulesets)
+        self.compiler.forget_unused({rule.condition for rule in snapshot.rules.values()})
+        return LoadResult(
+            snapshot=snapshot,
+            files=len(results),
+            files_parsed=parsed,
+            timings={
+                "files": compiled - started,
+                "snapshot": time.perf_counter() - compiled,
+            },
+        )
+
+    def forget(self) -> None:
+        """Drop every remembered file so the next load re-reads everything."""
+        self._files.clear()
+
+    def rule_from_mapping(self, data: Mapping[str, Any], *, ruleset_id: str, file: str) -> Rule:
+        """Validate and compile one rule given as a document-style mapping."""
+        problems = [
+            Problem(file=file, path=format_path(list(error.absolute_path)), message=error.message)
+            for error in _rule_validator().iter_errors(data)
+        ]
+        if problems:
+            raise LoadError(problems)
+        rule = _rule(dict(data), ruleset_id, Location(file))
+        try:
+            self.compiler.compile(rule.condition)
+        except ConditionError as exc:
+            raise LoadError(
+                [
+                    Problem(
+                        file=file,
+                        path="$.condition",
+                        message=_condition_message(exc),
+                        rule_id=rule.id,
+                    )
+                ]
+            ) from None
+        return rule
+
+    def _load_file(self, source: SourceFile, digest: str) -> _FileResult:
+        documents, problems = parse_file(source, self.file_limits)
+        rulesets: list[RuleSet] = []
+        for document in documents:
+            ruleset, document_problems = self._load_document(document)
+            problems.extend(document_problems)
+            if ruleset is not None:
+                rulesets.append(ruleset)
+        return _FileResult(digest, tuple(rulesets), tuple(problems))
+
+    def _load_document(self, document: Document) -> tuple[RuleSet | None, list[Problem]]:
+        problems = _schema_problems(document)
+        if problems:
+            return None, problems
+        ruleset, problems = _build_ruleset(document, self.compiler)
+        if ruleset is None or problems:
+            return None, problems
+        if self.run_checks:
+            problems = ruleset_problems(ruleset)
+            if problems:
+                return None, problems
+        return ruleset, []
+
+
+def _schema_problems(document: Document) -> list[Problem]:
+    data = document.data
+    if not isinstance(data, dict):
+        where = document.locate(())
+        return [
+            Problem(
+                file=where.file,
+                line=where.line,
+                column=where.column,
+                message=f"a document must be a mapping, not {type(data).__name__}",
+            )
+        ]
+    for key, expected in (("apiVersion", API_VERSION), ("kind", KIND)):
+        if key in data and data[key] != expected:
+            where = document.locate((key,))
+            return [
+                Problem(
+                    file=where.file,
+                    line=where.line,
+                    column=where.column,
+                    path=f"$.{key}",
+                    message=f"unknown {key} {data[key]!r}: this sidecar reads {key} {expected!r}",
+                )
+            ]
+    problems = []
+    for error in _validator().iter_errors(data):
+        path = list(error.absolute_path)
+        where = document.locate(path)
+        unknown = _unknown_fields(error)
+        if unknown:
+            where = document.locate_key(path, unknown[0])
+        problems.append(
+            Problem(
+                file=where.file,
+                line=where.line,
+                column=where.column,
+                path=format_path(path),
+                message=_schema_message(error),
+                ruleset_id=_metadata_id(data),
+            )
+        )
+    return sorted(problems, key=lambda p: (p.line, p.column))
+
+
+def _metadata_id(data: dict[str, Any]) -> str | None:
+    metadata = data.get("metadata")
+    if isinstance(metadata, dict) and isinstance(metadata.get("id"), str | int):
+        return str(metadata["id"])
+    return None
+
+
+def _allowed_fields(error: jsonschema.ValidationError) -> set[str]:
+    schema = error.schema if isinstance(error.schema, Mapping) else {}
+    return set(schema.get("properties", {}))
+
+
+def _unknown_fields(error: jsonschema.ValidationError) -> list[str]:
+    if error.validator != "additionalProperties" or not isinstance(error.instance, dict):
+        return []
+    return sorted(str(key) for key in set(error.instance) - _allowed_fields(error))
+
+
+def _schema_message(error: jsonschema.ValidationError) -> str:
+    """jsonschema's message, plus a "did you mean" for misspelt field names."""
+    unknown = _unknown_fields(error)
+    if not unknown:
+        return error.message
+    allowed = _allowed_fields(error)
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hints.append(f"unknown field {key!r}{hint}")
+    return "; ".join(hints) + f"; allowed: {', '.join(sorted(allowed))}"
+
+
+def _rule(data: dict[str, Any], ruleset_id: str, location: Location) -> Rule:
+    rule_id = str(data["id"])
+    return Rule(
+        id=rule_id,
+        ruleset_id=ruleset_id,
+        name=data.get("name", rule_id),
+        description=data.get("description", ""),
+        condition=data["condition"],
+        points=data["points"],
+        enabled=data.get("enabled", True),
+        priority=data.get("priority", 0),
+        tags=tuple(data.get("tags", ())),
+        metadata=freeze(data.get("metadata", {})),
+        location=location,
+    )
+
+
+def _test(data: dict[str, Any], location: Location) -> RuleTest:
+    expect = data["expect"]
+    matched = expect.get("matched")
+    return RuleTest(
+        name=data["name"],
+        input=freeze(data["input"]),
+        expect=Expectation(
+            total_points=expect.get("total_points"),
+            matched=None if matched is None else frozenset(str(m) for m in matched),
+            decision=expect.get("decision"),
+            checks_decision="decision" in expect,
+            errors=frozenset(str(e) for e in expect.get("errors", ())),
+        ),
+        location=location,
+    )
+
+
+def _build_ruleset(
+    document: Document, compiler: ConditionCompiler
+) -> tuple[RuleSet | None, list[Problem]]:
+    metadata, spec = document.data["metadata"], document.data["spec"]
+    ruleset_id = str(metadata["id"])
+    problems: list[Problem] = []
+    rules: list[Rule] = []
+    first_seen: dict[str, Location] = {}
+    for index, data in enumerate(spec["rules"]):
+        rule = _rule(data, ruleset_id, document.locate(("spec", "rules", index)))
+        if rule.id in first_seen:
+            problems.append(
+                _rule_problem(rule, f"rule id {rule.id!r} is also used at {first_seen[rule.id]}")
+            )
+        first_seen.setdefault(rule.id, rule.location or Location(document.file))
+        rules.append(rule)
+    tests = tuple(
+        _test(data, document.locate(("spec", "tests", index)))
+        for index, data in enumerate(spec.get("tests", ()))
+    )
+    try:
+        plan = EvaluationPlan.build(rules, compiler)
+    except ConditionSetError:
+        plan = None
+    # Disabled rules are compiled too: enabling one later must never surprise.
+    for index, rule in enumerate(rules):
+        if plan is not None and rule.enabled:
+            continue
+        try:
+            compiler.compile(rule.condition)
+        except ConditionError as exc:
+            problems.append(_condition_problem(document, index, rule, exc))
+    if problems or plan is None:
+        return None, problems
+    ruleset = RuleSet(
+        id=ruleset_id,
+        name=metadata.get("name", ruleset_id),
+        description=metadata.get("description", ""),
+        labels=freeze(metadata.get("labels", {})),
+        decisions=tuple(
+            DecisionBand(d["decision"], d["min_points"]) for d in spec.get("decisions", ())
+        ),
+        default_decision=spec.get("default_decision"),
+        rules=tuple(rules),
+        tests=tests,
+        plan=plan,
+        location=document.locate(()),
+    )
+    return ruleset, []
+
+
+def _rule_problem(
+    rule: Rule, message: str, *, path: str = "", at: Location | None = None
+) -> Problem:
+    where = at or rule.location or Location("<unknown>")
+    return Problem(
+        file=where.file,
+        line=where.line,
+        column=where.column,
+        path=path or "$",
+        message=message,
+        ruleset_id=rule.ruleset_id,
+        rule_id=rule.id,
+    )
+
+
+def _condition_message(exc: ConditionError) -> str:
+    return f"condition does not compile (expression {exc.line}:{exc.column}): {exc.message}"
+
+
+def _condition_problem(document: Document, index: int, rule: Rule, exc: ConditionError) -> Problem:
+    """Point at the failing character when the expression sits on one line in the file."""
+    path = ("spec", "rules", index, "condition")
+    node = document.node_at(path)
+    at = document.locate(path)
+    if isinstance(node, yaml.ScalarNode) and node.style in (None, "'", '"') and exc.line == 1:
+        quote = 0 if node.style is None else 1
+        at = Location(at.file, at.line, at.column + quote + exc.column - 1)
+    elif isinstance(node, yaml.ScalarNode) and node.style == "|":
+        at = Location(at.file, at.line + exc.line, at.column)
+    return _rule_problem(rule, _condition_message(exc), path=format_path(path), at=at)
+
+
+def _duplicate_problems(rulesets: Iterable[RuleSet]) -> list[Problem]:
+    """Ruleset and rule ids must be unique across every file (and every source)."""
+    problems: list[Problem] = []
+    rulesets_seen: dict[str, RuleSet] = {}
+    rules_seen: dict[str, Rule] = {}
+    for ruleset in rulesets:
+        other_set = rulesets_seen.setdefault(ruleset.id, ruleset)
+        if other_set is not ruleset:
+            where = ruleset.location or Location("<unknown>")
+            problems.append(
+                Problem(
+                    file=where.file,
+                    line=where.line,
+                    column=where.column,
+                    message=f"ruleset id {ruleset.id!r} is also defined at {other_set.location}",
+                    ruleset_id=ruleset.id,
+                )
+            )
+            continue
+        for rule in ruleset.rules:
+            other = rules_seen.setdefault(rule.id, rule)
+            if other is not rule:
+                problems.append(
+                    _rule_problem(
+                        rule,
+                        f"rule id {rule.id!r} is also used by ruleset {other.ruleset_id!r} "
+                        f"at {other.location}",
+                    )
+                )
+    return problems

@@ -1,0 +1,251 @@
+"""Rules and rulesets as immutable values.
+
+Everything here is frozen: a snapshot shares these objects with every reader thread, and
+an unchanged file's rulesets are reused as-is by the next reload. Free-form JSON
+(metadata, labels, test inputs) is frozen too (`freeze`) and copied out on demand (`thaw`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from types import MappingProxyType
+from typing import Any, Final
+
+from sidecar.conditions import ConditionCompiler, ConditionSet
+
+__all__ = [
+    "API_VERSION",
+    "KIND",
+    "DecisionBand",
+    "EvaluationPlan",
+    "Expectation",
+    "Location",
+    "Rule",
+    "RuleSet",
+    "RuleTest",
+    "freeze",
+    "thaw",
+]
+
+API_VERSION: Final = "rule-sidecar/v1"
+KIND: Final = "RuleSet"
+_EMPTY: Final[Mapping[str, Any]] = MappingProxyType({})
+
+
+def freeze(value: Any) -> Any:
+    """Deep read-only copy of JSON-like data: dicts become mappingproxies, lists tuples."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+def thaw(value: Any) -> Any:
+    """Plain, mutable JSON-like copy of frozen data."""
+    if isinstance(value, Mapping):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [thaw(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where a document element starts; line and column are 1-based."""
+
+    file: str
+    line: int = 1
+    column: int = 1
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "line": self.line, "column": self.column}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rule:
+    """One scoring rule. Equality ignores where it was read from."""
+
+    id: str
+    ruleset_id: str
+    name: str
+    condition: str
+    points: int
+    description: str = ""
+    enabled: bool = True
+    priority: int = 0
+    tags: tuple[str, ...] = ()
+    metadata: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    location: Location | None = field(default=None, compare=False)
+
+    def to_document(self) -> dict[str, Any]:
+        """The rule as it appears in a `rule-sidecar/v1` document, defaults spelled out."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "description": self.description,
+            "condition": self.condition,
+            "points": self.points,
+            "enabled": self.enabled,
+            "priority": self.priority,
+            "tags": list(self.tags),
+            "metadata": thaw(self.metadata),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The API's view: the document fields plus ruleset and source location."""
+        document = self.to_document()
+        document["ruleset_id"] = self.ruleset_id
+        document["source"] = self.location.to_dict() if self.location else None
+        return document
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionBand:
+    """`decision` applies when the total reaches `min_points`."""
+
+    decision: str
+    min_points: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Expectation:
+    """What an embedded test expects; None means "not checked".
+
+    `decision` may legitimately be expected to be None (no band applies and no default),
+    so whether it is checked is a separate flag.
+    """
+
+    total_points: int | None = None
+    matched: frozenset[str] | None = None
+    decision: str | None = None
+    checks_decision: bool = False
+    errors: frozenset[str] = frozenset()
+
+    def to_document(self) -> dict[str, Any]:
+        document: dict[str, Any] = {}
+        if self.total_points is not None:
+            document["total_points"] = self.total_points
+        if self.matched is not None:
+            document["matched"] = sorted(self.matched)
+        if self.checks_decision:
+            document["decision"] = self.decision
+        if self.errors:
+            document["errors"] = sorted(self.errors)
+        return document
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RuleTest:
+    """An embedded test case: this input must give that result."""
+
+    name: str
+    input: Any
+    expect: Expectation
+    location: Location | None = field(default=None, compare=False)
+
+    def to_document(self) -> dict[str, Any]:
+        return {"name": self.name, "input": thaw(self.input), "expect": self.expect.to_document()}
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluationPlan:
+    """Enabled rules in evaluation order (priority, then document order) and their program."""
+
+    rules: tuple[Rule, ...]
+    conditions: ConditionSet
+
+    @classmethod
+    def build(cls, rules: Sequence[Rule], compiler: ConditionCompiler) -> EvaluationPlan:
+        """Raises `ConditionSetError` with indexes into the *enabled, ordered* rules."""
+        ordered = sorted((rule for rule in rules if rule.enabled), key=lambda rule: -rule.priority)
+        return cls(tuple(ordered), compiler.compile_set([rule.condition for rule in ordered]))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuleSet:
+    """A named group of rules evaluated together, with decision bands and tests.
+
+    `plan` is derived from `rules`; build a changed ruleset with `with_rules`, which
+    compiles the new plan, rather than `dataclasses.replace`.
+    """
+
+    id: str
+    name: str
+    description: str = ""
+    labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    decisions: tuple[DecisionBand, ...] = ()
+    default_decision: str | None = None
+    rules: tuple[Rule, ...] = ()
+    tests: tuple[RuleTest, ...] = ()
+    plan: EvaluationPlan = field(compare=False, repr=False)
+    location: Location | None = field(default=None, compare=False)
+
+    def with_rules(self, rules: Sequence[Rule], compiler: ConditionCompiler) -> RuleSet:
+        return replace(self, rules=tuple(rules), plan=EvaluationPlan.build(rules, compiler))
+
+    def decide(self, total_points: int) -> str | None:
+        """The first band whose `min_points` the total reaches, else the default."""
+        for band in self.decisions:
+            if total_points >= band.min_points:
+                return band.decision
+        return self.default_decision
+
+    def to_document(self) -> dict[str, Any]:
+        """The canonical `rule-sidecar/v1` document: what the revision digest is taken of."""
+        spec: dict[str, Any] = {"rules": [rule.to_document() for rule in self.rules]}
+        if self.decisions:
+            spec["decisions"] = [
+                {"decision": b.decision, "min_points": b.min_points} for b in self.decisions
+            ]
+        if self.default_decision is not None:
+            spec["default_decision"] = self.default_decision
+        if self.tests:
+            spec["tests"] = [test.to_document() for test in self.tests]
+        return {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "metadata": {
+                "id": self.id,
+                "name": self.name,
+                "description": self.description,
+                "labels": thaw(self.labels),
+            },
+            "spec": spec,
+        }
+
+    @cached_property
+    def digest(self) -> str:
+        """sha256 of the canonical document: equal on every pod that loaded equal rules."""
+        canonical = json.dumps(
+            self.to_document(), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def to_dict(self, *, with_rules: bool = True) -> dict[str, Any]:
+        """The API's view of the ruleset."""
+        view: dict[str, Any] = {
+            "id": self.id,
+            "name": self.name,
+            "description": self.description,
+            "labels": thaw(self.labels),
+            "decisions": [
+                {"decision": b.decision, "min_points": b.min_points} for b in self.decisions
+            ],
+            "default_decision": self.default_decision,
+            "rule_count": len(self.rules),
+            "enabled_rule_count": len(self.plan.rules),
+            "test_count": len(self.tests),
+            "digest": self.digest,
+            "source": self.location.to_dict() if self.location else None,
+        }
+        if with_rules:
+            view["rules"] = [rule.to_dict() for rule in self.rules]
+        return view

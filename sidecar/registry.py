@@ -1,0 +1,390 @@
+"""The registry: publishes snapshots, tells subscribers what changed, keeps history.
+
+Readers call `current` (or the seed's getters) and get an immutable snapshot without
+taking any lock: publishing is one reference assignment. Writers are serialised by a
+lock; every write (a reload, a rollback, or one of the seed's `add_rule`-style edits)
+builds a complete new snapshot first, so a failed write changes nothing.
+
+Subscribers are called after each publish, in publish order, with the new snapshot and
+the change events computed by diffing it against the previous one. A subscriber that
+raises is logged and skipped; it never breaks a publish or the other subscribers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sidecar.checks import ruleset_problems
+from sidecar.errors import ConflictError, LoadError, NotFoundError
+from sidecar.loader import Loader
+from sidecar.model import Rule, RuleSet
+from sidecar.snapshot import Snapshot
+
+__all__ = [
+    "ChangeEvent",
+    "EventType",
+    "RuleRegistry",
+    "RuleRevision",
+    "Subscriber",
+    "diff_snapshots",
+]
+
+logger = logging.getLogger("sidecar.registry")
+
+
+class EventType(StrEnum):
+    """The seed's change event types (plus `ruleset_updated`)."""
+
+    RULE_ADDED = "rule_added"
+    RULE_UPDATED = "rule_updated"
+    RULE_REMOVED = "rule_removed"
+    RULESET_ADDED = "ruleset_added"
+    RULESET_UPDATED = "ruleset_updated"
+    RULESET_REMOVED = "ruleset_removed"
+    REGISTRY_CLEARED = "registry_cleared"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChangeEvent:
+    type: EventType
+    registry_version: int
+    ruleset_id: str | None = None
+    rule_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type.value,
+            "registry_version": self.registry_version,
+            "ruleset_id": self.ruleset_id,
+            "rule_id": self.rule_id,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RuleRevision:
+    """One entry of a rule's history: what happened to it in which registry version."""
+
+    registry_version: int
+    change: EventType
+    at: datetime
+    rule: Rule | None  # None once removed
+
+
+Subscriber = Callable[[Snapshot, Sequence[ChangeEvent]], None]
+
+
+def _ruleset_header_changed(old: RuleSet, new: RuleSet) -> bool:
+    return (
+        old.name,
+        old.description,
+        old.labels,
+        old.decisions,
+        old.default_decision,
+        old.tests,
+    ) != (
+        new.name,
+        new.description,
+        new.labels,
+        new.decisions,
+        new.default_decision,
+        new.tests,
+    )
+
+
+def diff_snapshots(old: Snapshot, new: Snapshot) -> list[ChangeEvent]:
+    """Typed changes from `old` to `new`; emptying a non-empty registry is one event."""
+    version = new.version
+    if old.rulesets and not new.rulesets:
+        return [ChangeEvent(type=EventType.REGISTRY_CLEARED, registry_version=version)]
+    events: list[ChangeEvent] = []
+    for ruleset_id in old.rulesets.keys() - new.rulesets.keys():
+        events.append(
+            ChangeEvent(
+                type=EventType.RULESET_REMOVED, registry_version=version, ruleset_id=ruleset_id
+            )
+        )
+    for ruleset_id, ruleset in new.rulesets.items():
+        previous = old.rulesets.get(ruleset_id)
+        if previous is None:
+            events.append(
+                ChangeEvent(
+                    type=EventType.RULESET_ADDED, registry_version=version, ruleset_id=ruleset_id
+                )
+            )
+        elif previous is not ruleset and _ruleset_header_changed(previous, ruleset):
+            events.append(
+                ChangeEvent(
+                    type=EventType.RULESET_UPDATED, registry_version=version, ruleset_id=ruleset_id
+                )
+            )
+    for rule_id in old.rules.keys() - new.rules.keys():
+        events.append(
+            ChangeEvent(
+                type=EventType.RULE_REMOVED,
+                registry_version=version,
+                ruleset_id=old.rules[rule_id].ruleset_id,
+                rule_id=rule_id,
+            )
+        )
+    for rule_id, rule in new.rules.items():
+        previous_rule = old.rules.get(rule_id)
+        if previous_rule is None:
+            change = EventType.RULE_ADDED
+        elif previous_rule != rule:
+            change = EventType.RULE_UPDATED
+        else:
+            continue
+        events.append(
+            ChangeEvent(
+                type=change, registry_version=version, ruleset_id=rule.ruleset_id, rule_id=rule_id
+            )
+        )
+    return events
+
+
+class RuleRegistry:
+    """Versioned, immutable snapshots of rules and rulesets, with change notification."""
+
+    def __init__(
+        self,
+        *,
+        loader: Loader | None = None,
+        history_limit: int = 10,
+        rule_history_limit: int = 20,
+        rule_history_ids: int = 100_000,
+    ) -> None:
+        self._loader = loader or Loader()
+        self._current = Snapshot.empty()
+        self._write_lock = threading.Lock()
+        self._subscribers: list[Subscriber] = []
+        self._history: deque[Snapshot] = deque(maxlen=history_limit)
+        self._rule_history: OrderedDict[str, deque[RuleRevision]] = OrderedDict()
+        self._rule_history_limit = rule_history_limit
+        self._rule_history_ids = rule_history_ids
+        self._last_publish: datetime | None = None
+
+    # Reads: no lock, one attribute read.
+
+    @property
+    def current(self) -> Snapshot:
+        return self._current
+
+    @property
+    def version(self) -> int:
+        return self._current.version
+
+    @property
+    def last_publish(self) -> datetime | None:
+        """When the current snapshot was published; None while nothing ever was."""
+        return self._last_publish
+
+    def get_rule(self, rule_id: str | int) -> Rule | None:
+        return self._current.rules.get(str(rule_id))
+
+    def get_rules(self, ruleset_id: str | int | None = None) -> list[Rule]:
+        snapshot = self._current
+        if ruleset_id is None:
+            return list(snapshot.rules.values())
+        ruleset = snapshot.rulesets.get(str(ruleset_id))
+        return list(ruleset.rules) if ruleset else []
+
+    def get_ruleset(self, ruleset_id: str | int) -> RuleSet | None:
+        return self._current.rulesets.get(str(ruleset_id))
+
+    def get_stats(self) -> dict[str, Any]:
+        stats = self._current.stats()
+        stats["last_reload"] = self._last_publish.isoformat() if self._last_publish else None
+        stats["history_size"] = len(self._history)
+        stats["subscriber_count"] = len(self._subscribers)
+        return stats
+
+    def history(self) -> list[Snapshot]:
+        """Earlier snapshots that `rollback` can return to, newest first."""
+        return list(reversed(self._history))
+
+    def rule_history(self, rule_id: str | int) -> list[RuleRevision]:
+        return list(self._rule_history.get(str(rule_id), ()))
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Call `callback(snapshot, events)` after every publish; returns an unsubscribe."""
+        with self._write_lock:
+            self._subscribers = [*self._subscribers, callback]
+
+        def unsubscribe() -> None:
+            with self._write_lock:
+                self._subscribers = [s for s in self._subscribers if s is not callback]
+
+        return unsubscribe
+
+    # Writes: each builds a whole snapshot, then publishes it.
+
+    def publish(self, candidate: Snapshot) -> tuple[Snapshot, list[ChangeEvent]]:
+        """Make a loader's candidate the current snapshot, with the next version number."""
+        with self._write_lock:
+            return self._publish(lambda _: candidate)
+
+    def rollback(self, version: int | None = None) -> tuple[Snapshot, list[ChangeEvent]]:
+        """Publish an earlier snapshot's content again, as a new version.
+
+        Without a version, goes back to the one before the current snapshot.
+        """
+        with self._write_lock:
+            target = self._find_history(version)
+            return self._publish(lambda _: target)
+
+    def add_rule(self, rule: Rule | Mapping[str, Any], ruleset_id: str | int | None = None) -> Rule:
+        """Add a rule to an existing ruleset; its id must be new to the registry."""
+        with self._write_lock:
+            new_rule = self._as_rule(rule, ruleset_id)
+            if new_rule.id in self._current.rules:
+                raise ConflictError(f"rule {new_rule.id!r} already exists; use update_rule")
+            self._replace_rules(new_rule.ruleset_id, lambda rules: [*rules, new_rule])
+            return new_rule
+
+    def update_rule(
+        self, rule: Rule | Mapping[str, Any], ruleset_id: str | int | None = None
+    ) -> Rule:
+        """Replace an existing rule (same id); it may move to another ruleset."""
+        with self._write_lock:
+            new_rule = self._as_rule(rule, ruleset_id)
+            old = self._current.rules.get(new_rule.id)
+            if old is None:
+                raise NotFoundError("rule", new_rule.id)
+            if old.ruleset_id == new_rule.ruleset_id:
+                self._replace_rules(
+                    old.ruleset_id, lambda rules: [new_rule if r.id == old.id else r for r in rules]
+                )
+            else:
+                self._move_rule(old, new_rule)
+            return new_rule
+
+    def remove_rule(self, rule_id: str | int) -> Rule:
+        with self._write_lock:
+            old = self._current.rules.get(str(rule_id))
+            if old is None:
+                raise NotFoundError("rule", str(rule_id))
+            self._replace_rules(old.ruleset_id, lambda rules: [r for r in rules if r.id != old.id])
+            return old
+
+    def add_ruleset(self, ruleset: RuleSet) -> None:
+        with self._write_lock:
+            if ruleset.id in self._current.rulesets:
+                raise ConflictError(f"ruleset {ruleset.id!r} already exists")
+            self._check(ruleset)
+            self._publish(lambda s: Snapshot.build([*s.rulesets.values(), ruleset]))
+
+    def remove_ruleset(self, ruleset_id: str | int) -> RuleSet:
+        with self._write_lock:
+            old = self._current.rulesets.get(str(ruleset_id))
+            if old is None:
+                raise NotFoundError("ruleset", str(ruleset_id))
+            self._publish(
+                lambda s: Snapshot.build(r for r in s.rulesets.values() if r.id != old.id)
+            )
+            return old
+
+    def clear(self) -> None:
+        with self._write_lock:
+            self._publish(lambda _: Snapshot.empty())
+
+    # Internals; callers hold the write lock.
+
+    def _as_rule(self, rule: Rule | Mapping[str, Any], ruleset_id: str | int | None) -> Rule:
+        if isinstance(rule, Rule):
+            return rule
+        target = ruleset_id if ruleset_id is not None else rule.get("ruleset_id")
+        if target is None:
+            raise ValueError("a rule given as a mapping needs a ruleset_id")
+        fields = {k: v for k, v in rule.items() if k != "ruleset_id"}
+        return self._loader.rule_from_mapping(fields, ruleset_id=str(target), file="<api>")
+
+    def _ruleset(self, ruleset_id: str) -> RuleSet:
+        ruleset = self._current.rulesets.get(ruleset_id)
+        if ruleset is None:
+            raise NotFoundError("ruleset", ruleset_id)
+        return ruleset
+
+    def _replace_rules(
+        self, ruleset_id: str, change: Callable[[tuple[Rule, ...]], list[Rule]]
+    ) -> None:
+        ruleset = self._ruleset(ruleset_id)
+        updated = ruleset.with_rules(change(ruleset.rules), self._loader.compiler)
+        self._check(updated)
+        self._publish(
+            lambda s: Snapshot.build(
+                updated if r.id == ruleset_id else r for r in s.rulesets.values()
+            )
+        )
+
+    def _move_rule(self, old: Rule, new: Rule) -> None:
+        compiler = self._loader.compiler
+        source = self._ruleset(old.ruleset_id)
+        target = self._ruleset(new.ruleset_id)
+        replaced = {
+            source.id: source.with_rules([r for r in source.rules if r.id != old.id], compiler),
+            target.id: target.with_rules([*target.rules, new], compiler),
+        }
+        for ruleset in replaced.values():
+            self._check(ruleset)
+        self._publish(lambda s: Snapshot.build(replaced.get(r.id, r) for r in s.rulesets.values()))
+
+    def _check(self, ruleset: RuleSet) -> None:
+        """An edit that breaks the ruleset's own tests is refused, like a bad reload."""
+        if self._loader.run_checks:
+            problems = ruleset_problems(ruleset)
+            if problems:
+                raise LoadError(problems)
+
+    def _find_history(self, version: int | None) -> Snapshot:
+        if not self._history:
+            raise NotFoundError("snapshot", "previous")
+        if version is None:
+            return self._history[-1]
+        for snapshot in self._history:
+            if snapshot.version == version:
+                return snapshot
+        raise NotFoundError("snapshot", str(version))
+
+    def _publish(self, build: Callable[[Snapshot], Snapshot]) -> tuple[Snapshot, list[ChangeEvent]]:
+        old = self._current
+        new = build(old).published_as(old.version + 1)
+        events = diff_snapshots(old, new)
+        if old.version > 0:
+            self._history.append(old)
+        self._current = new
+        self._last_publish = new.created_at
+        self._record_rule_history(old, new, events)
+        for subscriber in self._subscribers:
+            try:
+                subscriber(new, events)
+            except Exception:
+                logger.exception("registry subscriber %r failed", subscriber)
+        return new, events
+
+    def _record_rule_history(
+        self, old: Snapshot, new: Snapshot, events: Sequence[ChangeEvent]
+    ) -> None:
+        at = new.created_at
+        changes: list[tuple[str, EventType, Rule | None]] = []
+        for event in events:
+            if event.type is EventType.REGISTRY_CLEARED:
+                changes.extend((rule_id, EventType.RULE_REMOVED, None) for rule_id in old.rules)
+            elif event.rule_id is not None:
+                changes.append((event.rule_id, event.type, new.rules.get(event.rule_id)))
+        for rule_id, change, rule in changes:
+            entries = self._rule_history.pop(rule_id, None) or deque(
+                maxlen=self._rule_history_limit
+            )
+            entries.append(
+                RuleRevision(registry_version=new.version, change=change, at=at, rule=rule)
+            )
+            self._rule_history[rule_id] = entries
+        while len(self._rule_history) > self._rule_history_ids:
+            self._rule_history.popitem(last=False)
