@@ -100,7 +100,7 @@ def ruleset_problems(ruleset: RuleSet) -> list[Problem]:
                     ruleset.location,
                     f"decision band {band.decision!r} (min_points {band.min_points}) can never "
                     f"apply: band {lowest[1]!r} (min_points {lowest[0]}) comes first; "
-                    "list bands from the lowest min_points down",
+                    "list bands from the highest min_points down",
                 )
             )
         if lowest is None or band.min_points < lowest[0]:

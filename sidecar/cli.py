@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from sidecar.checks import CaseResult, run_tests
+from sidecar.config import ENVIRONMENT, SettingsError, settings_from
 from sidecar.errors import LoadError, Problem
 from sidecar.loader import Loader, LoadResult
 from sidecar.sources.files import read_rule_files
@@ -22,6 +25,7 @@ __all__ = ["main"]
 
 EXIT_OK = 0
 EXIT_INVALID = 1
+EXIT_USAGE = 2
 
 
 def _load(paths: Sequence[str], *, run_checks: bool) -> LoadResult:
@@ -119,6 +123,32 @@ def _test(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_INVALID if failed else EXIT_OK
 
 
+def _serve(args: argparse.Namespace, out: TextIO) -> int:
+    # Imported here so that `validate` and `test` never load the server.
+    from sidecar.api.run import run  # noqa: PLC0415
+
+    names = (
+        "rules_dirs",
+        "host",
+        "port",
+        "database_url",
+        "admin_token_file",
+        "state_dir",
+        "metrics_host",
+        "metrics_port",
+        "log_level",
+    )
+    overrides = {name: getattr(args, name) for name in names}
+    if overrides["rules_dirs"] is not None:
+        overrides["rules_dirs"] = tuple(overrides["rules_dirs"])
+    try:
+        settings = settings_from(os.environ, overrides)
+    except SettingsError as exc:
+        print(f"rule-sidecar: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return run(settings)
+
+
 def _dump(data: dict[str, Any], out: TextIO) -> None:
     json.dump(data, out, indent=2, sort_keys=True)
     out.write("\n")
@@ -149,6 +179,39 @@ def build_parser() -> argparse.ArgumentParser:
     test = with_paths("test", "Run the embedded tests of rule files and report each case.")
     test.add_argument("-v", "--verbose", action="store_true", help="also list passing cases")
     test.set_defaults(handler=_test)
+
+    serve = commands.add_parser(
+        "serve",
+        help="Run the sidecar.",
+        description="Run the sidecar: load, watch and serve rules over HTTP. Every flag "
+        "also has an environment variable (shown in brackets); a flag wins.",
+    )
+    env = ENVIRONMENT
+    serve.add_argument(
+        "--rules-dir",
+        dest="rules_dirs",
+        action="append",
+        type=Path,
+        help=f"rules directory, repeatable [{env['rules_dirs']}, ':'-separated]; "
+        "default: the bundled example rules",
+    )
+    serve.add_argument("--host", help=f"listen address [{env['host']}; 127.0.0.1]")
+    serve.add_argument("--port", type=int, help=f"listen port [{env['port']}; 8000]")
+    serve.add_argument("--database-url", help=f"database source [{env['database_url']}]")
+    serve.add_argument(
+        "--admin-token-file",
+        type=Path,
+        help=f"bearer token for admin endpoints and the WebSocket [{env['admin_token_file']}]",
+    )
+    serve.add_argument(
+        "--state-dir", type=Path, help=f"keep the last good snapshot here [{env['state_dir']}]"
+    )
+    serve.add_argument("--metrics-host", help=f"separate metrics address [{env['metrics_host']}]")
+    serve.add_argument(
+        "--metrics-port", type=int, help=f"separate metrics port [{env['metrics_port']}]"
+    )
+    serve.add_argument("--log-level", help=f"[{env['log_level']}; INFO]")
+    serve.set_defaults(handler=_serve)
     return parser
 
 

@@ -33,9 +33,20 @@ _JSON_SUFFIXES: Final = (".json",)
 RULE_FILE_SUFFIXES: Final = _YAML_SUFFIXES + _JSON_SUFFIXES
 
 try:
-    _Loader: type[yaml.SafeLoader] = yaml.CSafeLoader  # type: ignore[assignment,unused-ignore]
+    _Base: type[yaml.SafeLoader] = yaml.CSafeLoader  # type: ignore[assignment,unused-ignore]
 except AttributeError:  # PyYAML built without libyaml
-    _Loader = yaml.SafeLoader
+    _Base = yaml.SafeLoader
+
+
+class _Loader(_Base):  # type: ignore[valid-type,misc]
+    """Safe loading, with timestamps left as strings, as Kubernetes' YAML-to-JSON does:
+    a rule's input is JSON, and `2024-03-10T03:12:00Z` must reach CEL as a string."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in _Base.yaml_implicit_resolvers.items()
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -114,9 +114,18 @@ class Loader:
         self.run_checks = run_checks
         self.file_limits = file_limits
         self._files: dict[str, _FileResult] = {}
+        self._files_checked = run_checks
 
-    def load(self, files: Iterable[SourceFile]) -> LoadResult:
-        """Build a candidate snapshot from the complete set of files, or raise `LoadError`."""
+    def load(self, files: Iterable[SourceFile], *, run_checks: bool | None = None) -> LoadResult:
+        """Build a candidate snapshot from the complete set of files, or raise `LoadError`.
+
+        `run_checks` overrides the loader's setting for this load (the seed's `validate`).
+        """
+        checks = self.run_checks if run_checks is None else run_checks
+        if checks != self._files_checked:
+            # Remembered results were built with the other setting: none can be reused.
+            self._files = {}
+            self._files_checked = checks
         started = time.perf_counter()
         results: dict[str, _FileResult] = {}
         parsed = 0
@@ -124,7 +133,7 @@ class Loader:
             digest = hashlib.sha256(source.content).hexdigest()
             cached = self._files.get(source.name)
             if cached is None or cached.digest != digest:
-                cached = self._load_file(source, digest)
+                cached = self._load_file(source, digest, run_checks=checks)
                 parsed += 1
             results[source.name] = cached
         compiled = time.perf_counter()
@@ -174,24 +183,26 @@ class Loader:
             ) from None
         return rule
 
-    def _load_file(self, source: SourceFile, digest: str) -> _FileResult:
+    def _load_file(self, source: SourceFile, digest: str, *, run_checks: bool) -> _FileResult:
         documents, problems = parse_file(source, self.file_limits)
         rulesets: list[RuleSet] = []
         for document in documents:
-            ruleset, document_problems = self._load_document(document)
+            ruleset, document_problems = self._load_document(document, run_checks=run_checks)
             problems.extend(document_problems)
             if ruleset is not None:
                 rulesets.append(ruleset)
         return _FileResult(digest, tuple(rulesets), tuple(problems))
 
-    def _load_document(self, document: Document) -> tuple[RuleSet | None, list[Problem]]:
+    def _load_document(
+        self, document: Document, *, run_checks: bool
+    ) -> tuple[RuleSet | None, list[Problem]]:
         problems = _schema_problems(document)
         if problems:
             return None, problems
         ruleset, problems = _build_ruleset(document, self.compiler)
         if ruleset is None or problems:
             return None, problems
-        if self.run_checks:
+        if run_checks:
             problems = ruleset_problems(ruleset)
             if problems:
                 return None, problems

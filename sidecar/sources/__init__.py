@@ -1,1 +1,61 @@
-"""Rule sources: each produces the complete set of rule files it currently holds."""
+"""Rule sources: each produces the complete set of rule files it currently holds.
+
+A source never validates anything: it reads (`read`, blocking, run in a worker thread)
+and says when it may have changed (`changes`). The reload service does the rest, the same
+way for every source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol, runtime_checkable
+
+from sidecar.documents import SourceFile
+
+__all__ = ["RuleSource", "StaticSource"]
+
+
+@runtime_checkable
+class RuleSource(Protocol):
+    """What the reload service needs from a source of rule files."""
+
+    @property
+    def name(self) -> str: ...
+
+    def read(self) -> list[SourceFile]:
+        """Every file the source holds now; raises `LoadError` when it cannot be read."""
+        ...
+
+    def changes(self) -> AsyncIterator[str]:
+        """Yields a short reason each time the source may have changed; ends when closed."""
+        ...
+
+
+class StaticSource:
+    """An in-memory source: tests and embedders swap its files with `set_files`.
+
+    Call `set_files` from the event loop's thread: it wakes `changes()` like a watcher.
+    """
+
+    def __init__(self, files: Sequence[SourceFile] = (), *, name: str = "static") -> None:
+        self._files = list(files)
+        self._name = name
+        self._changed = asyncio.Event()
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def set_files(self, files: Sequence[SourceFile]) -> None:
+        self._files = list(files)
+        self._changed.set()
+
+    def read(self) -> list[SourceFile]:
+        return list(self._files)
+
+    async def changes(self) -> AsyncIterator[str]:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            yield "set_files"

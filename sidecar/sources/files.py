@@ -9,14 +9,20 @@ read is refused rather than followed.
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Iterable
+import time
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
+from typing import Final
+
+import watchfiles
+from watchfiles import Change
 
 from sidecar.documents import RULE_FILE_SUFFIXES, SourceFile
 from sidecar.errors import LoadError, Problem
 
-__all__ = ["is_rule_file", "read_rule_files"]
+__all__ = ["DirectorySource", "is_rule_file", "read_rule_files"]
 
 
 def is_rule_file(path: Path) -> bool:
@@ -65,3 +71,67 @@ def read_rule_files(
     if problems:
         raise LoadError(problems)
     return files
+
+
+_EDITOR_DEBRIS: Final = (".swp", ".swx", "~", ".tmp")
+_STABLE_READ_ATTEMPTS: Final = 5
+
+
+def _relevant(change: Change, path: str) -> bool:
+    """Everything but editor swap files: the kubelet's swap shows up only as `..data`."""
+    name = os.path.basename(path)
+    return not (name.endswith(_EDITOR_DEBRIS) or name == "4913")
+
+
+def _fingerprint(paths: Iterable[str]) -> dict[str, tuple[int, int] | None]:
+    stamps: dict[str, tuple[int, int] | None] = {}
+    for path in paths:
+        try:
+            stat = os.stat(path)
+            stamps[path] = (stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            stamps[path] = None
+    return stamps
+
+
+class DirectorySource:
+    """A rules directory, such as a ConfigMap mount, watched for changes.
+
+    The directory is watched, never the files: a watch on a file dies at the first
+    ConfigMap swap. A file being written while it is read is read again (its size or
+    mtime moved during the read), so half a file is never handed to the loader.
+    """
+
+    def __init__(
+        self, root: Path, *, debounce_ms: int = 50, force_polling: bool | None = None
+    ) -> None:
+        self.root = root
+        self._debounce_ms = debounce_ms
+        self._force_polling = force_polling
+
+    @property
+    def name(self) -> str:
+        return f"files:{self.root}"
+
+    def read(self) -> list[SourceFile]:
+        files: list[SourceFile] = []
+        for _ in range(_STABLE_READ_ATTEMPTS):
+            before = _fingerprint(str(path) for path in _walk(self.root))
+            files = read_rule_files([self.root])
+            if _fingerprint(before) == before:
+                return files
+            time.sleep(0.02)
+        return files
+
+    async def changes(self) -> AsyncIterator[str]:
+        while not self.root.exists():
+            await asyncio.sleep(1.0)
+        async for batch in watchfiles.awatch(
+            self.root,
+            watch_filter=_relevant,
+            debounce=self._debounce_ms,
+            step=10,
+            force_polling=self._force_polling,
+            recursive=True,
+        ):
+            yield f"watch: {len(batch)} change(s)"

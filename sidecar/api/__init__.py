@@ -1,0 +1,1 @@
+"""The HTTP side of the sidecar: aiohttp app, WebSocket events, metrics, `serve`."""

@@ -1,0 +1,442 @@
+"""The aiohttp application: the seed's endpoints plus registry reads and evaluation.
+
+`AppState` is the one application state object; handlers reach it through the app.
+Errors are JSON `{"error": {"status", "message", ...}}`; 404 for unknown ids, 400 for bad
+bodies, 413 past the body limit, 401 without the admin token, 429 past the reload rate.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from sidecar.api.metrics import CONTENT_TYPE_LATEST, Metrics
+from sidecar.api.websocket import ReloadNotificationManager
+from sidecar.engine import Evaluation, evaluate_ruleset
+from sidecar.errors import InputError, LoadError, NotFoundError, RuleSidecarError
+from sidecar.registry import ChangeEvent, RuleRegistry
+from sidecar.service import HealthStatus, HotReloadService, ReloadRecord, ReloadStatus
+from sidecar.snapshot import Snapshot
+
+__all__ = ["AppState", "create_app"]
+
+try:
+    import orjson
+
+    def _dumps(data: Any) -> str:
+        return orjson.dumps(data).decode()
+except ImportError:  # orjson is optional (the `speed` extra)
+
+    def _dumps(data: Any) -> str:
+        return json.dumps(data, separators=(",", ":"))
+
+
+HOT = "/api/v1/rules/hot-reload"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(slots=True)
+class RateLimiter:
+    """Token bucket for reload endpoints: `per_minute` requests, bursts up to that."""
+
+    per_minute: int
+    tokens: float = 0.0
+    updated: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.tokens = float(self.per_minute)
+
+    def acquire(self) -> float:
+        """0 when allowed, else seconds until the next request would be."""
+        now = time.monotonic()
+        rate = self.per_minute / 60.0
+        self.tokens = min(float(self.per_minute), self.tokens + (now - self.updated) * rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / rate
+
+
+@dataclass(slots=True, kw_only=True)
+class AppState:
+    """Everything the handlers share; one per application."""
+
+    registry: RuleRegistry
+    service: HotReloadService
+    metrics: Metrics
+    notifier: ReloadNotificationManager
+    admin_token: str | None
+    reload_limiter: RateLimiter
+    max_age_seconds: float = 300.0
+
+
+STATE: web.AppKey[AppState] = web.AppKey("state", AppState)
+
+
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        text=_dumps(data), status=status, content_type="application/json", headers=headers
+    )
+
+
+def error_response(status: int, message: str, **extra: Any) -> web.Response:
+    return json_response({"error": {"status": status, "message": message, **extra}}, status)
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as JSON with a message; nothing leaks a traceback."""
+    try:
+        return await handler(request)
+    except NotFoundError as exc:
+        return error_response(404, str(exc))
+    except InputError as exc:
+        return error_response(400, exc.message, path=exc.path)
+    except LoadError as exc:
+        return error_response(422, str(exc), errors=[p.to_dict() for p in exc.problems])
+    except RuleSidecarError as exc:
+        return error_response(409, str(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+        response = error_response(exc.status, exc.reason if not exc.text else exc.text)
+        response.headers.update(headers)
+        return response
+
+
+def _state(request: web.Request) -> AppState:
+    return request.app[STATE]
+
+
+def _require_admin(request: web.Request) -> None:
+    token = _state(request).admin_token
+    if token is None:
+        return
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+        raise web.HTTPUnauthorized(
+            text="a bearer token is required", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+def _limit_reloads(request: web.Request) -> None:
+    wait = _state(request).reload_limiter.acquire()
+    if wait > 0:
+        raise web.HTTPTooManyRequests(
+            text="too many reload requests", headers={"Retry-After": str(max(1, round(wait)))}
+        )
+
+
+async def _json_body(request: web.Request, *, required: bool = True) -> dict[str, Any]:
+    if not request.can_read_body:
+        if required:
+            raise web.HTTPBadRequest(text="a JSON object body is required")
+        return {}
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise web.HTTPBadRequest(text=f"body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text="body must be a JSON object")
+    return body
+
+
+def _optional_id(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise web.HTTPBadRequest(text=f"{key} must be a string or a number")
+    return str(value)
+
+
+def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
+    value = body.get(key, default)
+    if not isinstance(value, bool):
+        raise web.HTTPBadRequest(text=f"{key} must be true or false")
+    return value
+
+
+def _etag(snapshot: Snapshot) -> str:
+    return f'"{snapshot.version}"'
+
+
+def _cached(request: web.Request, snapshot: Snapshot, data: Callable[[], Any]) -> web.Response:
+    """Registry reads: ETag is the registry version; If-None-Match answers 304."""
+    etag = _etag(snapshot)
+    if etag in {tag.strip() for tag in request.headers.get("If-None-Match", "").split(",")}:
+        return web.Response(status=304, headers={"ETag": etag})
+    return json_response(data(), headers={"ETag": etag})
+
+
+def _record_response(record: ReloadRecord) -> web.Response:
+    status = 422 if record.status is ReloadStatus.FAILED else 200
+    return json_response(record.to_dict(), status)
+
+
+# Hot-reload endpoints (the seed's)
+
+
+async def get_status(request: web.Request) -> web.Response:
+    return json_response(_state(request).service.get_status())
+
+
+async def post_reload(request: web.Request) -> web.Response:
+    _require_admin(request)
+    _limit_reloads(request)
+    body = await _json_body(request, required=False)
+    ruleset_id, rule_id = _optional_id(body, "ruleset_id"), _optional_id(body, "rule_id")
+    force, validate = _flag(body, "force", False), _flag(body, "validate", True)
+    service = _state(request).service
+    if rule_id is not None:
+        record = await service.reload_single_rule(rule_id, force=force)
+    elif ruleset_id is not None:
+        record = await service.reload_ruleset(ruleset_id, force=force)
+    else:
+        record = await service.reload_rules(force=force, validate=validate)
+    return _record_response(record)
+
+
+async def post_reload_rule(request: web.Request) -> web.Response:
+    _require_admin(request)
+    _limit_reloads(request)
+    record = await _state(request).service.reload_single_rule(request.match_info["rule_id"])
+    return _record_response(record)
+
+
+async def post_reload_ruleset(request: web.Request) -> web.Response:
+    _require_admin(request)
+    _limit_reloads(request)
+    record = await _state(request).service.reload_ruleset(request.match_info["ruleset_id"])
+    return _record_response(record)
+
+
+async def post_validate(request: web.Request) -> web.Response:
+    _require_admin(request)
+    _limit_reloads(request)
+    return json_response(await _state(request).service.validate_reload())
+
+
+async def post_monitoring_start(request: web.Request) -> web.Response:
+    _require_admin(request)
+    state = _state(request)
+    state.service.start()
+    state.metrics.monitoring.set(1)
+    return json_response({"monitoring_active": True})
+
+
+async def post_monitoring_stop(request: web.Request) -> web.Response:
+    _require_admin(request)
+    state = _state(request)
+    await state.service.stop()
+    state.metrics.monitoring.set(0)
+    return json_response({"monitoring_active": False})
+
+
+async def get_history(request: web.Request) -> web.Response:
+    try:
+        limit = int(request.query.get("limit", "50"))
+    except ValueError:
+        raise web.HTTPBadRequest(text="limit must be an integer") from None
+    history = _state(request).service.get_reload_history(max(limit, 0))
+    return json_response({"history": history, "count": len(history)})
+
+
+async def post_rollback(request: web.Request) -> web.Response:
+    _require_admin(request)
+    body = await _json_body(request, required=False)
+    version = body.get("version")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+        raise web.HTTPBadRequest(text="version must be an integer")
+    return _record_response(await _state(request).service.rollback(version))
+
+
+# Health
+
+
+async def get_health(request: web.Request) -> web.Response:
+    status, body = _state(request).service.health()
+    return json_response(body, 503 if status is HealthStatus.UNHEALTHY else 200)
+
+
+async def get_livez(request: web.Request) -> web.Response:
+    return json_response({"status": "alive"})
+
+
+async def get_readyz(request: web.Request) -> web.Response:
+    """Ready once a snapshot is serving; stays ready through later failed reloads."""
+    ready = _state(request).registry.version > 0
+    return json_response({"ready": ready}, 200 if ready else 503)
+
+
+# Registry reads and evaluation
+
+
+async def get_rules(request: web.Request) -> web.Response:
+    snapshot = _state(request).registry.current
+    ruleset_id = request.query.get("ruleset_id")
+    tag = request.query.get("tag")
+
+    def body() -> dict[str, Any]:
+        rules = [
+            rule.to_dict()
+            for rule in snapshot.rules.values()
+            if (ruleset_id is None or rule.ruleset_id == ruleset_id)
+            and (tag is None or tag in rule.tags)
+        ]
+        return {
+            "registry_version": snapshot.version,
+            "revision": snapshot.revision,
+            "count": len(rules),
+            "rules": rules,
+        }
+
+    return _cached(request, snapshot, body)
+
+
+async def get_rule(request: web.Request) -> web.Response:
+    snapshot = _state(request).registry.current
+    rule = snapshot.rules.get(request.match_info["rule_id"])
+    if rule is None:
+        raise NotFoundError("rule", request.match_info["rule_id"])
+    return _cached(request, snapshot, rule.to_dict)
+
+
+async def get_rulesets(request: web.Request) -> web.Response:
+    snapshot = _state(request).registry.current
+
+    def body() -> dict[str, Any]:
+        rulesets = [ruleset.to_dict(with_rules=False) for ruleset in snapshot.rulesets.values()]
+        return {
+            "registry_version": snapshot.version,
+            "revision": snapshot.revision,
+            "count": len(rulesets),
+            "rulesets": rulesets,
+        }
+
+    return _cached(request, snapshot, body)
+
+
+async def get_ruleset(request: web.Request) -> web.Response:
+    snapshot = _state(request).registry.current
+    ruleset = snapshot.rulesets.get(request.match_info["ruleset_id"])
+    if ruleset is None:
+        raise NotFoundError("ruleset", request.match_info["ruleset_id"])
+    return _cached(request, snapshot, ruleset.to_dict)
+
+
+async def post_evaluate(request: web.Request) -> web.Response:
+    """`{"input": {...}}` → one result; `{"inputs": [...]}` → all from one version."""
+    state = _state(request)
+    body = await _json_body(request)
+    ruleset_id = request.match_info["ruleset_id"]
+    if ("input" in body) == ("inputs" in body):
+        raise web.HTTPBadRequest(text='give exactly one of "input" or "inputs"')
+    batch = "inputs" in body
+    documents = body["inputs"] if batch else [body["input"]]
+    if not isinstance(documents, list) or not documents:
+        raise web.HTTPBadRequest(text='"inputs" must be a non-empty list')
+    snapshot = state.registry.current
+    ruleset = snapshot.rulesets.get(ruleset_id)
+    if ruleset is None:
+        raise NotFoundError("ruleset", ruleset_id)
+    started = time.perf_counter()
+    results = []
+    for index, document in enumerate(documents):
+        try:
+            results.append(
+                evaluate_ruleset(
+                    ruleset, document, version=snapshot.version, revision=snapshot.revision
+                )
+            )
+        except InputError as exc:
+            where = f"$.inputs[{index}]" if batch else "$.input"
+            raise InputError(exc.message, path=exc.path.replace("$", where, 1)) from None
+    state.metrics.evaluation_time.observe(time.perf_counter() - started)
+    _count(state, ruleset_id, results)
+    if batch:
+        return json_response(
+            {
+                "registry_version": snapshot.version,
+                "revision": snapshot.revision,
+                "results": [r.to_dict() for r in results],
+            }
+        )
+    return json_response(results[0].to_dict())
+
+
+def _count(state: AppState, ruleset_id: str, results: list[Evaluation]) -> None:
+    state.metrics.evaluations.labels(ruleset=ruleset_id).inc(len(results))
+    errors = sum(len(result.errors) for result in results)
+    if errors:
+        state.metrics.evaluation_errors.labels(ruleset=ruleset_id).inc(errors)
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=_state(request).metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    _require_admin(request)
+    return await _state(request).notifier.handle(request)
+
+
+def _wire_events(state: AppState) -> None:
+    """Reload records and registry changes become WebSocket messages and metrics."""
+
+    def on_reload(record: ReloadRecord) -> None:
+        state.metrics.observe_reload(record)
+        if record.status is ReloadStatus.FAILED:
+            state.notifier.broadcast("reload_failed", record.to_dict())
+        elif record.status is ReloadStatus.SUCCESS:
+            state.notifier.broadcast("rules_reloaded", record.to_dict())
+
+    def on_publish(snapshot: Snapshot, events: Any) -> None:
+        change: ChangeEvent
+        for change in events:
+            state.notifier.broadcast(change.type.value, change.to_dict())
+
+    state.service.add_listener(on_reload)
+    state.registry.subscribe(on_publish)
+
+
+def create_app(state: AppState, *, max_body_bytes: int = 1024 * 1024) -> web.Application:
+    app = web.Application(middlewares=[errors_as_json], client_max_size=max_body_bytes)
+    app[STATE] = state
+    _wire_events(state)
+    routes = [
+        web.get(f"{HOT}/status", get_status),
+        web.post(f"{HOT}/reload", post_reload),
+        web.post(f"{HOT}/reload/rule/{{rule_id}}", post_reload_rule),
+        web.post(f"{HOT}/reload/ruleset/{{ruleset_id}}", post_reload_ruleset),
+        web.post(f"{HOT}/validate", post_validate),
+        web.post(f"{HOT}/monitoring/start", post_monitoring_start),
+        web.post(f"{HOT}/monitoring/stop", post_monitoring_stop),
+        web.get(f"{HOT}/history", get_history),
+        web.post(f"{HOT}/rollback", post_rollback),
+        web.get("/health/hot-reload", get_health),
+        web.get("/livez", get_livez),
+        web.get("/readyz", get_readyz),
+        web.get("/api/v1/rules", get_rules),
+        web.get("/api/v1/rules/{rule_id}", get_rule),
+        web.get("/api/v1/rulesets", get_rulesets),
+        web.get("/api/v1/rulesets/{ruleset_id}", get_ruleset),
+        web.post("/api/v1/rulesets/{ruleset_id}/evaluate", post_evaluate),
+        web.get("/metrics", get_metrics),
+        web.get("/ws/hot-reload", websocket),
+    ]
+    app.add_routes(routes)
+    return app

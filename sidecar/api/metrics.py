@@ -1,0 +1,103 @@
+"""Prometheus metrics, in a registry of their own (no process-global state).
+
+Names follow the seed's metrics (`rule_reloads`, `rule_reload_time`, `rules_reloaded`,
+`monitoring_active`, `registry_version`) under the `rule_sidecar_` prefix, with
+Prometheus' own reload pair: `..._last_reload_successful` and
+`..._last_reload_success_timestamp_seconds` (set on success only).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from sidecar.service import ReloadRecord, ReloadStatus
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+_EVALUATION_BUCKETS = (0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 1.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.reloads = Counter(
+            "rule_sidecar_rule_reloads",
+            "Reload attempts by trigger and outcome.",
+            ["trigger", "outcome"],
+            registry=r,
+        )
+        self.reload_time = Histogram(
+            "rule_sidecar_rule_reload_time_seconds", "Duration of reloads.", registry=r
+        )
+        self.last_success = Gauge(
+            "rule_sidecar_last_reload_successful",
+            "1 if the last reload succeeded, else 0.",
+            registry=r,
+        )
+        self.last_success_time = Gauge(
+            "rule_sidecar_last_reload_success_timestamp_seconds",
+            "When a reload last succeeded.",
+            registry=r,
+        )
+        self.rules = Gauge(
+            "rule_sidecar_rules_reloaded", "Rules in the current snapshot.", registry=r
+        )
+        self.rulesets = Gauge(
+            "rule_sidecar_rulesets_loaded", "Rulesets in the current snapshot.", registry=r
+        )
+        self.version = Gauge(
+            "rule_sidecar_registry_version", "Current registry version.", registry=r
+        )
+        self.revision = Gauge(
+            "rule_sidecar_registry_revision_info",
+            "Content revision of the current snapshot.",
+            ["revision"],
+            registry=r,
+        )
+        self.monitoring = Gauge(
+            "rule_sidecar_monitoring_active", "1 while sources are being watched.", registry=r
+        )
+        self.evaluations = Counter(
+            "rule_sidecar_evaluations", "Inputs evaluated, by ruleset.", ["ruleset"], registry=r
+        )
+        self.evaluation_errors = Counter(
+            "rule_sidecar_evaluation_rule_errors",
+            "Rule conditions that errored on an input.",
+            ["ruleset"],
+            registry=r,
+        )
+        self.evaluation_time = Histogram(
+            "rule_sidecar_evaluation_seconds",
+            "Time to evaluate one request (single input or batch).",
+            buckets=_EVALUATION_BUCKETS,
+            registry=r,
+        )
+        self.websocket_clients = Gauge(
+            "rule_sidecar_websocket_clients", "Connected WebSocket clients.", registry=r
+        )
+        self._revision: str | None = None
+
+    def observe_reload(self, record: ReloadRecord) -> None:
+        self.reloads.labels(trigger=record.trigger, outcome=record.status.value).inc()
+        self.reload_time.observe(record.reload_time_ms / 1000)
+        if record.status is ReloadStatus.FAILED:
+            self.last_success.set(0)
+        else:
+            self.last_success.set(1)
+            self.last_success_time.set(record.timestamp.timestamp())
+        self.rules.set(record.rules_loaded)
+        self.rulesets.set(record.rulesets_loaded)
+        self.version.set(record.version_after)
+        self.set_revision(record.revision)
+
+    def set_revision(self, revision: str) -> None:
+        if revision != self._revision:
+            if self._revision is not None:
+                self.revision.remove(self._revision)
+            self.revision.labels(revision=revision).set(1)
+            self._revision = revision
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,170 @@
+"""`rule-sidecar serve`: wire the parts together and run until SIGTERM.
+
+SIGHUP reloads. SIGTERM (or SIGINT) stops watching, closes WebSockets with 1001, lets
+in-flight requests finish (aiohttp's graceful shutdown) and returns 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+
+from aiohttp import web
+
+try:
+    import uvloop
+except ImportError:  # optional: the `speed` extra
+    uvloop = None  # type: ignore[assignment]
+
+from sidecar.api.app import AppState, RateLimiter, create_app
+from sidecar.api.metrics import CONTENT_TYPE_LATEST, Metrics
+from sidecar.api.websocket import ReloadNotificationManager
+from sidecar.config import Settings
+from sidecar.loader import Loader
+from sidecar.registry import RuleRegistry
+from sidecar.service import HotReloadService, Trigger
+from sidecar.sources import RuleSource
+from sidecar.sources.files import DirectorySource
+from sidecar.state import StateStore
+
+__all__ = ["bundled_rules_dir", "configure_logging", "serve"]
+
+logger = logging.getLogger("sidecar.serve")
+
+
+def bundled_rules_dir() -> Path:
+    """The example rules shipped in the package: what `serve` runs without `--rules-dir`."""
+    return Path(str(resources.files("sidecar").joinpath("examples", "rules")))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _read_token(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    token = path.read_text("utf-8").strip()
+    if not token:
+        raise ValueError(f"the admin token file {path} is empty")
+    return token
+
+
+def build_state(settings: Settings) -> AppState:
+    """Every long-lived part of the sidecar, from settings."""
+    directories = settings.rules_dirs
+    if not directories and settings.database_url is None:
+        directories = (bundled_rules_dir(),)
+        logger.info(
+            "no --rules-dir given: serving the bundled example rules from %s", directories[0]
+        )
+    sources: list[RuleSource] = [
+        DirectorySource(directory, debounce_ms=settings.debounce_ms) for directory in directories
+    ]
+    loader = Loader(run_checks=settings.validation_enabled)
+    registry = RuleRegistry(loader=loader)
+    service = HotReloadService(
+        registry,
+        sources,
+        loader=loader,
+        interval_seconds=settings.interval_seconds,
+        auto_reload=settings.hot_reload_enabled,
+        state=StateStore(settings.state_dir) if settings.state_dir else None,
+        history_limit=settings.history_limit,
+    )
+    metrics = Metrics()
+    notifier = ReloadNotificationManager(service.get_status, on_count=metrics.websocket_clients.set)
+    return AppState(
+        registry=registry,
+        service=service,
+        metrics=metrics,
+        notifier=notifier,
+        admin_token=_read_token(settings.admin_token_file),
+        reload_limiter=RateLimiter(settings.reload_rate_per_minute),
+        max_age_seconds=settings.max_age_seconds,
+    )
+
+
+async def serve(settings: Settings) -> int:
+    state = build_state(settings)
+    app = create_app(state, max_body_bytes=settings.max_body_bytes)
+    await state.service.initial_load()
+    if settings.hot_reload_enabled:
+        state.service.start()
+        state.metrics.monitoring.set(1)
+
+    async def close_websockets(_app: web.Application) -> None:
+        await state.notifier.close_all()
+
+    app.on_shutdown.append(close_websockets)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.host, settings.port, shutdown_timeout=10.0).start()
+    metrics_runner = await _start_metrics(state, settings)
+    logger.info("serving on http://%s:%d", settings.host, settings.port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, state.service.request_reload, Trigger.SIGNAL.value)
+    try:
+        await stop.wait()
+    finally:
+        logger.info("shutting down: draining requests and closing WebSockets")
+        await state.service.stop()
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
+        await runner.cleanup()
+    return 0
+
+
+async def _start_metrics(state: AppState, settings: Settings) -> web.AppRunner | None:
+    """Optionally serve /metrics on its own address, for Prometheus to scrape."""
+    if settings.metrics_port is None:
+        return None
+
+    async def metrics(_request: web.Request) -> web.Response:
+        return web.Response(
+            body=state.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    app = web.Application()
+    app.add_routes([web.get("/metrics", metrics)])
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    host = settings.metrics_host or settings.host
+    await web.TCPSite(runner, host, settings.metrics_port).start()
+    logger.info("metrics on http://%s:%d/metrics", host, settings.metrics_port)
+    return runner
+
+
+def run(settings: Settings) -> int:
+    configure_logging(settings.log_level)
+    if uvloop is None:
+        return asyncio.run(serve(settings))
+    return uvloop.run(serve(settings))

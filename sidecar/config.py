@@ -1,0 +1,118 @@
+"""Settings, parsed once at startup from flags and environment variables.
+
+Every flag of `rule-sidecar serve` has an environment variable (`RULE_SIDECAR_*`), and
+the seed's `HOT_RELOAD_*` variables keep their meaning. A flag wins over its variable.
+No other module reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Final
+
+__all__ = ["DEFAULT_SETTINGS", "ENVIRONMENT", "Settings", "SettingsError", "settings_from"]
+
+
+class SettingsError(ValueError):
+    """A setting with a value that cannot be used; names the variable or flag."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Everything `rule-sidecar serve` can be told. Values are typed and checked."""
+
+    rules_dirs: tuple[Path, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 8000
+    metrics_host: str | None = None
+    metrics_port: int | None = None
+    database_url: str | None = None
+    admin_token_file: Path | None = None
+    state_dir: Path | None = None
+    hot_reload_enabled: bool = True
+    interval_seconds: float = 30.0
+    validation_enabled: bool = True
+    max_age_seconds: float = 300.0
+    debounce_ms: int = 50
+    max_body_bytes: int = 1024 * 1024
+    reload_rate_per_minute: int = 60
+    history_limit: int = 50
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"port {self.port} is not a TCP port")
+        if self.interval_seconds <= 0:
+            raise SettingsError("HOT_RELOAD_INTERVAL_SECONDS must be positive")
+        if self.max_body_bytes < 1024:
+            raise SettingsError("the body size limit must be at least 1024 bytes")
+
+
+DEFAULT_SETTINGS: Final = Settings()
+
+# field name -> environment variable
+ENVIRONMENT: Final[Mapping[str, str]] = {
+    "rules_dirs": "RULE_SIDECAR_RULES_DIR",
+    "host": "RULE_SIDECAR_HOST",
+    "port": "RULE_SIDECAR_PORT",
+    "metrics_host": "RULE_SIDECAR_METRICS_HOST",
+    "metrics_port": "RULE_SIDECAR_METRICS_PORT",
+    "database_url": "RULE_SIDECAR_DATABASE_URL",
+    "admin_token_file": "RULE_SIDECAR_ADMIN_TOKEN_FILE",
+    "state_dir": "RULE_SIDECAR_STATE_DIR",
+    "hot_reload_enabled": "HOT_RELOAD_ENABLED",
+    "interval_seconds": "HOT_RELOAD_INTERVAL_SECONDS",
+    "validation_enabled": "HOT_RELOAD_VALIDATION_ENABLED",
+    "max_age_seconds": "HOT_RELOAD_MAX_AGE_SECONDS",
+    "debounce_ms": "RULE_SIDECAR_DEBOUNCE_MS",
+    "max_body_bytes": "RULE_SIDECAR_MAX_BODY_BYTES",
+    "reload_rate_per_minute": "RULE_SIDECAR_RELOAD_RATE_PER_MINUTE",
+    "history_limit": "RULE_SIDECAR_HISTORY_LIMIT",
+    "log_level": "RULE_SIDECAR_LOG_LEVEL",
+}
+
+_TRUE: Final = {"1", "true", "yes", "on"}
+_FALSE: Final = {"0", "false", "no", "off"}
+
+
+def _convert(name: str, text: str, kind: Any, source: str) -> Any:
+    """Turn one textual value into the field's type, or say which setting is wrong."""
+    text = text.strip()
+    try:
+        if kind in ("bool",):
+            lowered = text.lower()
+            if lowered not in _TRUE | _FALSE:
+                raise ValueError("expected true or false")
+            return lowered in _TRUE
+        if kind in ("int", "int | None"):
+            return int(text)
+        if kind in ("float",):
+            return float(text)
+        if kind in ("Path | None",):
+            return Path(text)
+        if kind in ("tuple[Path, ...]",):
+            return tuple(Path(part) for part in text.split(os.pathsep) if part)
+    except ValueError as exc:
+        raise SettingsError(f"{source}={text!r}: {exc}") from None
+    return text
+
+
+def settings_from(
+    environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None
+) -> Settings:
+    """Settings from environment variables, then explicit overrides (flags) on top.
+
+    An override of None means "not given" and leaves the environment's value.
+    """
+    values: dict[str, Any] = {}
+    for field in fields(Settings):
+        variable = ENVIRONMENT[field.name]
+        if variable in environ and environ[variable].strip():
+            values[field.name] = _convert(field.name, environ[variable], field.type, variable)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    return Settings(**values)
