@@ -12,7 +12,7 @@ from sidecar.engine import Evaluation, evaluate_ruleset
 from sidecar.errors import InputError, Problem
 from sidecar.model import Location, RuleSet, RuleTest, thaw
 
-__all__ = ["CaseResult", "ruleset_problems", "run_tests"]
+__all__ = ["CaseResult", "authoring_problems", "ruleset_problems", "run_tests"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,6 +90,16 @@ def _problem(ruleset: RuleSet, location: Location | None, message: str) -> Probl
 
 def ruleset_problems(ruleset: RuleSet) -> list[Problem]:
     """Authoring mistakes and failing embedded tests, each located."""
+    problems = authoring_problems(ruleset)
+    for case in run_tests(ruleset):
+        if not case.passed:
+            message = f"test {case.name!r} failed: " + "; ".join(case.failures)
+            problems.append(_problem(ruleset, case.location, message))
+    return problems
+
+
+def authoring_problems(ruleset: RuleSet) -> list[Problem]:
+    """Mistakes visible without running anything: unreachable bands, test names."""
     problems: list[Problem] = []
     lowest: tuple[int, str] | None = None
     for band in ruleset.decisions:
@@ -97,7 +107,7 @@ def ruleset_problems(ruleset: RuleSet) -> list[Problem]:
             problems.append(
                 _problem(
                     ruleset,
-                    ruleset.location,
+                    band.location,
                     f"decision band {band.decision!r} (min_points {band.min_points}) can never "
                     f"apply: band {lowest[1]!r} (min_points {lowest[0]}) comes first; "
                     "list bands from the highest min_points down",
@@ -121,15 +131,6 @@ def ruleset_problems(ruleset: RuleSet) -> list[Problem]:
                     ruleset,
                     test.location,
                     f"test {test.name!r} names rules this ruleset does not have: {_names(unknown)}",
-                )
-            )
-    for case in run_tests(ruleset):
-        if not case.passed:
-            problems.append(
-                _problem(
-                    ruleset,
-                    case.location,
-                    f"test {case.name!r} failed: " + "; ".join(case.failures),
                 )
             )
     return problems

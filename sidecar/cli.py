@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from sidecar.checks import CaseResult, run_tests
+from sidecar.checks import CaseResult, authoring_problems, run_tests
 from sidecar.config import ENVIRONMENT, SettingsError, settings_from
 from sidecar.errors import LoadError, Problem
 from sidecar.loader import Loader, LoadResult
@@ -99,7 +99,9 @@ def _test(args: argparse.Namespace, out: TextIO) -> int:
             _print_problems(exc.problems, out)
             print(f"{len(exc.problems)} problem(s) found; no tests ran", file=out)
         return EXIT_INVALID
-    cases = [case for ruleset in result.snapshot.rulesets.values() for case in run_tests(ruleset)]
+    rulesets = result.snapshot.rulesets.values()
+    problems = [problem for ruleset in rulesets for problem in authoring_problems(ruleset)]
+    cases = [case for ruleset in rulesets for case in run_tests(ruleset)]
     failed = [case for case in cases if not case.passed]
     if args.format == "json":
         _dump(
@@ -107,11 +109,12 @@ def _test(args: argparse.Namespace, out: TextIO) -> int:
                 "passed": len(cases) - len(failed),
                 "failed": len(failed),
                 "cases": [_case_dict(case) for case in cases],
-                "problems": [],
+                "problems": [p.to_dict() for p in problems],
             },
             out,
         )
     else:
+        _print_problems(problems, out)
         for case in cases:
             if case.passed and not args.verbose:
                 continue
@@ -120,7 +123,7 @@ def _test(args: argparse.Namespace, out: TextIO) -> int:
             for failure in case.failures:
                 print(f"    {failure}", file=out)
         print(f"{len(cases) - len(failed)} passed, {len(failed)} failed", file=out)
-    return EXIT_INVALID if failed else EXIT_OK
+    return EXIT_INVALID if failed or problems else EXIT_OK
 
 
 def _serve(args: argparse.Namespace, out: TextIO) -> int:

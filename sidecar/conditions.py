@@ -13,6 +13,7 @@ evaluated on its own so that every error is attributed to exactly one rule.
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 from collections.abc import Mapping, Sequence
@@ -70,7 +71,11 @@ DEFAULT_INPUT_LIMITS: Final = InputLimits()
 
 
 def _check_scalar(value: Any, path: str, limits: InputLimits) -> None:
-    if isinstance(value, bool) or value is None or isinstance(value, float):
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InputError("NaN and infinities are not JSON numbers", path=path)
         return
     if isinstance(value, int):
         if not _INT64_MIN <= value <= _INT64_MAX:
@@ -87,7 +92,7 @@ def check_input(document: Any, limits: InputLimits = DEFAULT_INPUT_LIMITS) -> No
     stack: list[tuple[Any, str, int]] = [(document, "$", 1)]
     while stack:
         value, path, depth = stack.pop()
-        if depth > limits.max_depth:
+        if isinstance(value, dict | list) and depth > limits.max_depth:
             raise InputError(f"nested deeper than {limits.max_depth} levels", path=path)
         if isinstance(value, dict):
             if len(value) > limits.max_items:
@@ -95,6 +100,9 @@ def check_input(document: Any, limits: InputLimits = DEFAULT_INPUT_LIMITS) -> No
             for key, item in value.items():
                 if not isinstance(key, str):
                     raise InputError("object keys must be strings", path=path)
+                if len(key) > limits.max_string_length:
+                    message = f"key longer than {limits.max_string_length} characters"
+                    raise InputError(message, path=path)
                 stack.append((item, f"{path}.{key}", depth + 1))
         elif isinstance(value, list):
             if len(value) > limits.max_items:

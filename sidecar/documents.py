@@ -149,7 +149,7 @@ def parse_file(
         ]
     try:
         text = _decode(source)
-        if name.endswith(_JSON_SUFFIXES):
+        if name.lower().endswith(_JSON_SUFFIXES):
             documents = _parse_json(name, text, limits)
         else:
             documents = list(_parse_yaml(name, text, limits))
@@ -167,7 +167,8 @@ def _decode(source: SourceFile) -> str:
     except UnicodeDecodeError as exc:
         before = source.content[: exc.start]
         line = before.count(b"\n") + 1
-        column = exc.start - (before.rfind(b"\n") + 1) + 1
+        line_start = before[before.rfind(b"\n") + 1 :]
+        column = len(line_start.decode("utf-8", errors="replace")) + 1
         raise _FileProblem(
             Problem(
                 file=source.name,
@@ -279,6 +280,9 @@ def _parse_json(name: str, text: str, limits: FileLimits) -> list[Document]:
             )
         ) from None
     except _DuplicateKey as exc:
+        located = _json_node(text)
+        if located is not None:
+            _check_tree(name, located, limits)  # raises the duplicate, with its position
         raise _FileProblem(Problem(file=name, message=f"duplicate key {exc.key!r}")) from None
     except RecursionError:
         raise _FileProblem(Problem(file=name, message="JSON nested too deeply")) from None

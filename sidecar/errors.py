@@ -45,6 +45,16 @@ class Problem:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def to_rule_error(self) -> dict[str, Any]:
+        """The seed's validation error shape (`rule_id`, `error`), located."""
+        return {
+            "rule_id": self.rule_id,
+            "ruleset_id": self.ruleset_id,
+            "error": self.message,
+            "location": f"{self.file}:{self.line}:{self.column}",
+            "path": self.path,
+        }
+
 
 class RuleSidecarError(Exception):
     """Base of every error this package raises on purpose."""

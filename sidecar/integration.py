@@ -41,17 +41,11 @@ def execute_rules_from_registry(
 def validate_registry_rules(registry: RuleRegistry) -> dict[str, Any]:
     """Re-run every ruleset's semantic checks and embedded tests on the current snapshot."""
     snapshot = registry.current
-    errors = []
-    for ruleset in snapshot.rulesets.values():
-        for problem in ruleset_problems(ruleset):
-            errors.append(
-                {
-                    "ruleset_id": ruleset.id,
-                    "rule_id": problem.rule_id,
-                    "error": problem.message,
-                    "location": f"{problem.file}:{problem.line}:{problem.column}",
-                }
-            )
+    errors = [
+        problem.to_rule_error()
+        for ruleset in snapshot.rulesets.values()
+        for problem in ruleset_problems(ruleset)
+    ]
     invalid = {error["rule_id"] or error["ruleset_id"] for error in errors}
     return {
         "valid": not errors,

@@ -167,20 +167,24 @@ class Loader:
         ]
         if problems:
             raise LoadError(problems)
-        rule = _rule(dict(data), ruleset_id, Location(file))
+        return self.check_rule(_rule(dict(data), ruleset_id, Location(file)))
+
+    def check_rule(self, rule: Rule) -> Rule:
+        """The rule, once its condition is known to compile; else `LoadError`."""
         try:
             self.compiler.compile(rule.condition)
         except ConditionError as exc:
-            raise LoadError(
-                [
-                    Problem(
-                        file=file,
-                        path="$.condition",
-                        message=_condition_message(exc),
-                        rule_id=rule.id,
-                    )
-                ]
-            ) from None
+            where = rule.location or Location("<api>")
+            problem = Problem(
+                file=where.file,
+                line=where.line,
+                column=where.column,
+                path="$.condition",
+                message=_condition_message(exc),
+                ruleset_id=rule.ruleset_id,
+                rule_id=rule.id,
+            )
+            raise LoadError([problem]) from None
         return rule
 
     def _load_file(self, source: SourceFile, digest: str, *, run_checks: bool) -> _FileResult:
@@ -285,6 +289,11 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
     return "; ".join(hints) + f"; allowed: {', '.join(sorted(allowed))}"
 
 
+def _integer(value: Any) -> Any:
+    """JSON Schema's "integer" admits 10.0 (and JSON's 1e1): keep integers integers."""
+    return int(value) if isinstance(value, float) else value
+
+
 def _rule(data: dict[str, Any], ruleset_id: str, location: Location) -> Rule:
     rule_id = str(data["id"])
     return Rule(
@@ -293,9 +302,9 @@ def _rule(data: dict[str, Any], ruleset_id: str, location: Location) -> Rule:
         name=data.get("name", rule_id),
         description=data.get("description", ""),
         condition=data["condition"],
-        points=data["points"],
+        points=_integer(data["points"]),
         enabled=data.get("enabled", True),
-        priority=data.get("priority", 0),
+        priority=_integer(data.get("priority", 0)),
         tags=tuple(data.get("tags", ())),
         metadata=freeze(data.get("metadata", {})),
         location=location,
@@ -309,7 +318,7 @@ def _test(data: dict[str, Any], location: Location) -> RuleTest:
         name=data["name"],
         input=freeze(data["input"]),
         expect=Expectation(
-            total_points=expect.get("total_points"),
+            total_points=_integer(expect.get("total_points")),
             matched=None if matched is None else frozenset(str(m) for m in matched),
             decision=expect.get("decision"),
             checks_decision="decision" in expect,
@@ -359,7 +368,12 @@ def _build_ruleset(
         description=metadata.get("description", ""),
         labels=freeze(metadata.get("labels", {})),
         decisions=tuple(
-            DecisionBand(d["decision"], d["min_points"]) for d in spec.get("decisions", ())
+            DecisionBand(
+                d["decision"],
+                _integer(d["min_points"]),
+                location=document.locate(("spec", "decisions", index)),
+            )
+            for index, d in enumerate(spec.get("decisions", ()))
         ),
         default_decision=spec.get("default_decision"),
         rules=tuple(rules),
@@ -394,8 +408,9 @@ def _condition_problem(document: Document, index: int, rule: Rule, exc: Conditio
     path = ("spec", "rules", index, "condition")
     node = document.node_at(path)
     at = document.locate(path)
-    if isinstance(node, yaml.ScalarNode) and node.style in (None, "'", '"') and exc.line == 1:
-        quote = 0 if node.style is None else 1
+    # The C parser gives plain scalars the style "", the Python one None.
+    if isinstance(node, yaml.ScalarNode) and node.style in (None, "", "'", '"') and exc.line == 1:
+        quote = 1 if node.style in ("'", '"') else 0
         at = Location(at.file, at.line, at.column + quote + exc.column - 1)
     elif isinstance(node, yaml.ScalarNode) and node.style == "|":
         at = Location(at.file, at.line + exc.line, at.column)

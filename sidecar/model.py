@@ -113,6 +113,7 @@ class DecisionBand:
 
     decision: str
     min_points: int
+    location: Location | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

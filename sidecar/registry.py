@@ -22,7 +22,7 @@ from enum import StrEnum
 from typing import Any
 
 from sidecar.checks import ruleset_problems
-from sidecar.errors import ConflictError, LoadError, NotFoundError
+from sidecar.errors import ConflictError, LoadError, NotFoundError, Problem
 from sidecar.loader import Loader
 from sidecar.model import Rule, RuleSet
 from sidecar.snapshot import Snapshot
@@ -81,6 +81,13 @@ Subscriber = Callable[[Snapshot, Sequence[ChangeEvent]], None]
 
 
 def _ruleset_header_changed(old: RuleSet, new: RuleSet) -> bool:
+    """Anything but the rules' own content: names, bands, tests, or the rules' order
+    (added and removed rules have events of their own)."""
+    old_ids = [rule.id for rule in old.rules]
+    new_ids = [rule.id for rule in new.rules]
+    kept_old, kept_new = set(old_ids), set(new_ids)
+    if [i for i in old_ids if i in kept_new] != [i for i in new_ids if i in kept_old]:
+        return True
     return (
         old.name,
         old.description,
@@ -297,11 +304,16 @@ class RuleRegistry:
     # Internals; callers hold the write lock.
 
     def _as_rule(self, rule: Rule | Mapping[str, Any], ruleset_id: str | int | None) -> Rule:
+        """A compiled `Rule`; a mapping without a ruleset_id stays in its current ruleset."""
         if isinstance(rule, Rule):
-            return rule
+            return self._loader.check_rule(rule)
         target = ruleset_id if ruleset_id is not None else rule.get("ruleset_id")
         if target is None:
-            raise ValueError("a rule given as a mapping needs a ruleset_id")
+            existing = self._current.rules.get(str(rule.get("id")))
+            if existing is None:
+                problem = Problem(file="<api>", message="ruleset_id is required for a new rule")
+                raise LoadError([problem])
+            target = existing.ruleset_id
         fields = {k: v for k, v in rule.items() if k != "ruleset_id"}
         return self._loader.rule_from_mapping(fields, ruleset_id=str(target), file="<api>")
 

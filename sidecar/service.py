@@ -259,29 +259,27 @@ class HotReloadService:
         return record
 
     async def validate_reload(self) -> dict[str, Any]:
-        """Load every source as a reload would, without publishing anything."""
+        """Load every source as a reload would, without publishing anything.
+
+        Answers in the shape of the seed's `validate_registry_rules`: `valid`,
+        `total_rules`, `invalid_rules`, `errors` (`rule_id`, `error`, location).
+        """
         async with self._lock:
             files, problems = await asyncio.to_thread(self._read_sources)
+            candidate: Snapshot | None = None
             if not problems:
                 try:
-                    result = await asyncio.to_thread(self.loader.load, files)
+                    candidate = (await asyncio.to_thread(self.loader.load, files)).snapshot
                 except LoadError as exc:
                     problems = list(exc.problems)
-                else:
-                    return {
-                        "valid": True,
-                        "errors": [],
-                        "rules": len(result.snapshot.rules),
-                        "rulesets": len(result.snapshot.rulesets),
-                        "revision": result.snapshot.revision,
-                        "current_revision": self.registry.current.revision,
-                    }
+        invalid = {p.rule_id or p.ruleset_id or p.file for p in problems}
         return {
-            "valid": False,
-            "errors": [problem.to_dict() for problem in problems],
-            "rules": 0,
-            "rulesets": 0,
-            "revision": None,
+            "valid": not problems,
+            "total_rules": len(candidate.rules) if candidate else None,
+            "total_rulesets": len(candidate.rulesets) if candidate else None,
+            "invalid_rules": len(invalid),
+            "errors": [problem.to_rule_error() for problem in problems],
+            "revision": candidate.revision if candidate else None,
             "current_revision": self.registry.current.revision,
         }
 

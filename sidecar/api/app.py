@@ -31,10 +31,14 @@ try:
 
     def _dumps(data: Any) -> str:
         return orjson.dumps(data).decode()
+
+    _loads: Callable[[bytes], Any] = orjson.loads
 except ImportError:  # orjson is optional (the `speed` extra)
 
     def _dumps(data: Any) -> str:
         return json.dumps(data, separators=(",", ":"))
+
+    _loads = json.loads
 
 
 HOT = "/api/v1/rules/hot-reload"
@@ -144,7 +148,7 @@ async def _json_body(request: web.Request, *, required: bool = True) -> dict[str
             raise web.HTTPBadRequest(text="a JSON object body is required")
         return {}
     try:
-        body = json.loads(await request.read())
+        body = _loads(await request.read())
     except (ValueError, UnicodeDecodeError) as exc:
         raise web.HTTPBadRequest(text=f"body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):

@@ -26,11 +26,18 @@ __all__ = ["DirectorySource", "is_rule_file", "read_rule_files"]
 
 
 def is_rule_file(path: Path) -> bool:
-    return path.suffix in RULE_FILE_SUFFIXES and not path.name.startswith(".")
+    return path.suffix.lower() in RULE_FILE_SUFFIXES and not path.name.startswith(".")
 
 
 def _walk(root: Path) -> Iterable[Path]:
+    """Rule files below `root`, following directory symlinks but never into a loop."""
+    visited: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        stat = os.stat(dirpath)
+        if (stat.st_dev, stat.st_ino) in visited:
+            dirnames[:] = []
+            continue
+        visited.add((stat.st_dev, stat.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for filename in sorted(filenames):
             path = Path(dirpath, filename)
@@ -50,12 +57,15 @@ def read_rule_files(
         if not root.exists():
             problems.append(Problem(file=str(root), message="no such file or directory"))
             continue
-        candidates = [root] if root.is_file() else list(_walk(root))
-        boundary = (root if root.is_dir() else root.parent).resolve()
+        # A file named explicitly is read wherever its symlink leads; files found by
+        # walking a directory must stay inside it.
+        explicit = root.is_file()
+        candidates = [root] if explicit else list(_walk(root))
+        boundary = root.resolve()
         for path in candidates:
             try:
                 real = path.resolve(strict=True)
-                if not real.is_relative_to(boundary):
+                if not explicit and not real.is_relative_to(boundary):
                     problems.append(
                         Problem(
                             file=str(path), message=f"symlink leads outside {boundary}: refused"

@@ -1,0 +1,294 @@
+"""Benchmark: evaluating one 50-rule ruleset per input, in-process.
+
+What it measures (ruleset and inputs from `bench/_gen.py`: 50 rules, 2 decision bands,
+varied transaction documents of ~30 JSON values each, none of which makes a rule error):
+
+1. Fast path, single input: `sidecar.engine.evaluate(snapshot, ruleset_id, input)`,
+   each call timed on its own; distribution over all calls.    Target: < 30 us per input.
+2. Fast path, batch: `evaluate_many(snapshot, ruleset_id, batch_of_100)`, time per batch
+   divided by 100; distribution over batches.                 Target: < 30 us per input.
+3. Where a fast-path evaluation spends its time, by timing the underlying functions on the
+   same inputs: `check_input` (input limits walk), `ConditionSet.evaluate` (one combined
+   CEL program: input conversion + 50 conditions + `plain_value`), the raw combined
+   program `eval(data=...)` alone, and the rest (matches, totals, `Evaluation`).
+4. Slow path: the same 50 rules with one condition replaced by one that errors on every
+   input (it reads a field the application never sends), so the combined program fails
+   and every condition is evaluated on its own to attribute the error. First call (fills
+   the compiler's single-expression cache) and steady state.
+5. Reference: the same 50 conditions as 50 separately compiled CEL programs, each called
+   with `.eval(data={"input": ...})` (via `cel_expr_python` directly, plain environment),
+   and the same with one shared `Activation`, to show what compiling a ruleset into one
+   program buys.
+6. Input size: the same inputs with an unused 200-item list added, through a program
+   that reads no field, one that reads one field, the combined program, `check_input` and
+   `evaluate()` (shows whether input conversion costs by document size or by use).
+
+Timings are wall-clock `time.perf_counter` in microseconds; medians with p10/p90 and
+min/max; the collector stays on (as in service), `gc.collect()` between phases.
+
+Run (from the repository root):
+
+    /work/venv/bin/python -m bench.evaluate            # default, about 1 minute
+    /work/venv/bin/python -m bench.evaluate --quick    # fewer inputs and rounds, < 20 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from cel_expr_python import cel
+
+from bench._common import describe, environment, fmt_us
+from bench._gen import generate_rules, render_file, ruleset_id, sample_input
+from sidecar.conditions import check_input
+from sidecar.engine import Match, evaluate, evaluate_many
+from sidecar.loader import Loader
+from sidecar.snapshot import Snapshot
+
+TARGET_US = 30.0
+RULES = 50
+BATCH = 100
+ERRORING_RULE = 17  # which rule the slow-path ruleset breaks
+ERRORING_CONDITION = "input.risk.score > 0.5"  # `risk` is never in the input
+RULESET = ruleset_id(0)
+PADDING = 200  # items of the unused list added in section 6
+
+Doc = dict[str, Any]
+
+
+def build_snapshots() -> tuple[Snapshot, Snapshot]:
+    """(fast ruleset, same ruleset with one rule erroring on every input)."""
+    rules = generate_rules(0, RULES)
+    fast = Loader().load([render_file(0, rules)]).snapshot
+    broken = list(rules)
+    broken[ERRORING_RULE] = replace(broken[ERRORING_RULE], condition=ERRORING_CONDITION)
+    slow = Loader().load([render_file(0, broken)]).snapshot
+    return fast, slow
+
+
+def per_call_us(
+    function: Callable[[Doc], Any], documents: Sequence[Doc], rounds: int
+) -> list[float]:
+    """Each call timed on its own, in microseconds."""
+    clock = time.perf_counter
+    samples: list[float] = []
+    gc.collect()
+    for _ in range(rounds):
+        for document in documents:
+            started = clock()
+            function(document)
+            samples.append((clock() - started) * 1e6)
+    return samples
+
+
+def per_round_mean_us(
+    function: Callable[[Doc], Any], documents: Sequence[Doc], rounds: int
+) -> list[float]:
+    """Mean microseconds per input of each pass over all documents."""
+    clock = time.perf_counter
+    means: list[float] = []
+    gc.collect()
+    for _ in range(rounds):
+        started = clock()
+        for document in documents:
+            function(document)
+        means.append((clock() - started) * 1e6 / len(documents))
+    return means
+
+
+def per_batch_us(snapshot: Snapshot, documents: Sequence[Doc], rounds: int) -> list[float]:
+    """`evaluate_many` of BATCH inputs, microseconds per input, one sample per batch."""
+    clock = time.perf_counter
+    batches = [documents[i : i + BATCH] for i in range(0, len(documents) - BATCH + 1, BATCH)]
+    samples: list[float] = []
+    gc.collect()
+    for _ in range(rounds):
+        for batch in batches:
+            started = clock()
+            evaluate_many(snapshot, RULESET, batch)
+            samples.append((clock() - started) * 1e6 / len(batch))
+    return samples
+
+
+def interleaved_medians(
+    functions: dict[str, Callable[[Doc], Any]], documents: Sequence[Doc], rounds: int
+) -> dict[str, float]:
+    """Median us per call of each function, rounds interleaved so drift hits all alike."""
+    samples: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, function in functions.items():
+            samples[name].extend(per_call_us(function, documents, 1))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def print_parts(parts: dict[str, float], total: float) -> None:
+    for name, value in parts.items():
+        print(f"  {name:<52} {value:7.2f} us  {value / total * 100:5.1f}%")
+
+
+def bench_fast(fast: Snapshot, documents: Sequence[Doc], rounds: int) -> float:
+    """Sections 1-3; returns the median single-call time."""
+    print("\n[1] fast path, single input: evaluate(snapshot, id, input)")
+    single = per_call_us(lambda d: evaluate(fast, RULESET, d), documents, rounds)
+    print(f"  per call          {fmt_us(single, TARGET_US)}")
+    means = per_round_mean_us(lambda d: evaluate(fast, RULESET, d), documents, rounds)
+    print(f"  mean per round    {fmt_us(means, TARGET_US)}")
+
+    print(f"\n[2] fast path, batch: evaluate_many of {BATCH} inputs (us per input)")
+    batch = per_batch_us(fast, documents, rounds)
+    print(f"  per input         {fmt_us(batch, TARGET_US)}")
+
+    print("\n[3] where a fast-path evaluation goes (median us per call, parts interleaved)")
+    ruleset = fast.rulesets[RULESET]
+    conditions = ruleset.plan.conditions
+    combined = conditions._combined  # the one CEL program (private; measured for reference)
+    parts = interleaved_medians(
+        {
+            "evaluate() total": lambda d: evaluate(fast, RULESET, d),
+            "check_input (input limits walk)": check_input,
+            "ConditionSet.evaluate (CEL + plain_value)": conditions.evaluate,
+            "  of which raw combined.eval(data=...)": lambda d: combined.eval(data={"input": d}),
+        },
+        documents,
+        rounds,
+    )
+    parts["rest: lookup, matches, totals, Evaluation (difference)"] = (
+        parts["evaluate() total"]
+        - parts["check_input (input limits walk)"]
+        - parts["ConditionSet.evaluate (CEL + plain_value)"]
+    )
+    # One Match object per matched rule, as evaluate_ruleset builds them.
+    rules = ruleset.plan.rules
+    hits = {
+        id(d): [r for r, o in zip(rules, conditions.evaluate(d), strict=True) if o is True]
+        for d in documents
+    }
+    parts["  of which Match objects for the matched rules"] = interleaved_medians(
+        {"match": lambda d: [Match(r.id, r.name, r.points, r.priority) for r in hits[id(d)]]},
+        documents,
+        rounds,
+    )["match"]
+    print_parts(parts, parts["evaluate() total"])
+    return describe(single)["median"]
+
+
+def bench_slow(slow: Snapshot, documents: Sequence[Doc], rounds: int, fast_us: float) -> None:
+    """Section 4."""
+    print(f"\n[4] slow path: rule {ERRORING_RULE} is {ERRORING_CONDITION!r}, errors on every input")
+    started = time.perf_counter()
+    first = evaluate(slow, RULESET, documents[0])
+    first_ms = (time.perf_counter() - started) * 1e3
+    print(
+        f"  first call (compiles the {RULES} conditions one by one): {first_ms:.1f} ms; "
+        f"errors reported: {[e.rule_id for e in first.errors]}"
+    )
+    samples = per_call_us(lambda d: evaluate(slow, RULESET, d), documents, rounds)
+    print(f"  per call          {fmt_us(samples, TARGET_US)}")
+    print(f"  slow / fast path: {describe(samples)['median'] / fast_us:.1f}x")
+    conditions = slow.rulesets[RULESET].plan.conditions
+    combined = conditions._combined
+    parts = interleaved_medians(
+        {
+            "evaluate() total": lambda d: evaluate(slow, RULESET, d),
+            "ConditionSet.evaluate": conditions.evaluate,
+            "  combined.eval(data=...) that gives the error": lambda d: combined.eval(
+                data={"input": d}
+            ),
+            "  _evaluate_each (50 programs, shared Activation)": conditions._evaluate_each,
+        },
+        documents,
+        max(rounds // 3, 1),
+    )
+    print_parts(parts, parts["evaluate() total"])
+
+
+def bench_reference(fast: Snapshot, documents: Sequence[Doc], rounds: int, fast_us: float) -> None:
+    """Section 5."""
+    print(f"\n[5] reference: the {RULES} conditions as {RULES} separately compiled CEL programs")
+    env = cel.NewEnv(variables={"input": cel.Type.DYN})
+    programs = [env.compile(rule.condition) for rule in fast.rulesets[RULESET].plan.rules]
+
+    def each_with_data(document: Doc) -> None:
+        for program in programs:
+            program.eval(data={"input": document})
+
+    def each_with_activation(document: Doc) -> None:
+        activation = env.Activation(data={"input": document})
+        for program in programs:
+            program.eval(activation)
+
+    separate = per_call_us(each_with_data, documents, rounds)
+    shared = per_call_us(each_with_activation, documents, rounds)
+    print(f"  {RULES} x .eval(data=...)        {fmt_us(separate, TARGET_US)}")
+    print(f"  {RULES} x .eval(one Activation)  {fmt_us(shared, TARGET_US)}")
+    print(
+        f"  sidecar evaluate() is {describe(separate)['median'] / fast_us:.1f}x faster than "
+        f"{RULES} x eval(data=) and {describe(shared)['median'] / fast_us:.1f}x faster than "
+        f"{RULES} x eval(Activation)"
+    )
+
+
+def bench_input_size(fast: Snapshot, documents: Sequence[Doc], rounds: int) -> None:
+    """Section 6: what the input document's size costs, used by a rule or not."""
+    print(f"\n[6] input size: the same inputs plus an unused {PADDING}-item list (median us)")
+    padded = [dict(d, unused_history=[f"event-{i}" for i in range(PADDING)]) for d in documents]
+    env = fast.rulesets[RULESET].plan.conditions._compiler._env
+    nothing = env.compile("true")
+    one_field = env.compile("input.amount > 1.0")
+    combined = fast.rulesets[RULESET].plan.conditions._combined
+    functions: dict[str, Callable[[Doc], Any]] = {
+        "program `true` (reads no field), eval(data=)": lambda d: nothing.eval(data={"input": d}),
+        "program `input.amount > 1.0`, eval(data=)": lambda d: one_field.eval(data={"input": d}),
+        "combined 50-rule program, eval(data=)": lambda d: combined.eval(data={"input": d}),
+        "check_input": check_input,
+        "evaluate()": lambda d: evaluate(fast, RULESET, d),
+    }
+    for name, function in functions.items():
+        plain = statistics.median(per_call_us(function, documents, rounds))
+        bigger = statistics.median(per_call_us(function, padded, rounds))
+        print(f"  {name:<48} {plain:7.2f} -> {bigger:7.2f} us  (+{bigger - plain:.2f})")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="fewer inputs and rounds")
+    args = parser.parse_args(argv)
+    inputs, rounds, reference_inputs, reference_rounds = (
+        (500, 3, 100, 2) if args.quick else (2_000, 15, 500, 3)
+    )
+
+    print(f"bench.evaluate — {environment()}")
+    fast, slow = build_snapshots()
+    documents = [sample_input(i) for i in range(inputs)]
+    values = statistics.median(_count_values(d) for d in documents)
+    print(
+        f"ruleset {RULESET}: {len(fast.rulesets[RULESET].plan.rules)} enabled rules; "
+        f"{inputs} distinct inputs (median {values:.0f} JSON values each); {rounds} rounds"
+    )
+    results = [evaluate(fast, RULESET, d) for d in documents]  # warm-up
+    matched = statistics.median(len(r.matched) for r in results)
+    errors = sum(len(r.errors) for r in results)
+    print(f"fast-path sanity: median {matched:.0f} rules matched, {errors} rule errors in total")
+
+    fast_us = bench_fast(fast, documents, rounds)
+    bench_slow(slow, documents[: reference_inputs * 2], rounds, fast_us)
+    bench_reference(fast, documents[:reference_inputs], reference_rounds, fast_us)
+    bench_input_size(fast, documents[: reference_inputs * 2], max(rounds // 3, 1))
+
+
+def _count_values(document: Any) -> int:
+    if isinstance(document, dict):
+        return 1 + sum(_count_values(v) for v in document.values())
+    if isinstance(document, list):
+        return 1 + sum(_count_values(v) for v in document)
+    return 1
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,383 @@
+"""Benchmark: loading rule files into a snapshot (cold, incremental, memory, stages).
+
+What it measures (rule files from `bench/_gen.py`, 100 rules per file, no embedded tests):
+
+1. Cold load: `Loader().load(files)` with a new `Loader` (empty caches, new CEL
+   environment) for 1k and 10k rules: parse YAML, JSON Schema, build rules, compile each
+   ruleset's conditions, checks, `Snapshot.build`.            Target: 10k rules < 3 s.
+2. Incremental reload: a `Loader` already holding 10k rules loads the full file list in
+   which exactly one 100-rule file changed (one rule edited; alternating revisions so every
+   run re-reads it). Also a reload with nothing changed (the fixed per-reload floor).
+                                                              Target: < 50 ms.
+3. Memory per 10k rules, in fresh child processes: tracemalloc peak during the load and
+   Python memory still held afterwards (loader + snapshot, and snapshot alone), and the RSS
+   delta of the process (which also sees the compiled cel-cpp programs, invisible to
+   tracemalloc). No target: reported for capacity planning.
+4. Per-stage breakdown of a cold 10k load, by timing the real loader's underlying
+   functions (wrapped in this process only): YAML parse vs tree checks vs JSON Schema vs
+   CEL compile vs the rest; plus a direct split of YAML time into libyaml compose (C) and
+   PyYAML's Python constructor. Same breakdown for the incremental reload.
+
+Timings are wall-clock `time.perf_counter`, medians over repeated runs with min/max and
+p10/p90, `gc.collect()` between runs (the collector stays on during a run, as in service).
+
+Run (from the repository root):
+
+    /work/venv/bin/python -m bench.load            # default, about 1.5 minutes
+    /work/venv/bin/python -m bench.load --quick    # sizes 1k/2k, a few runs, < 20 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import sidecar.documents
+import sidecar.loader
+from bench._common import describe, environment, fmt_ms, rss_bytes
+from bench._gen import generate_file, generate_files
+from sidecar.documents import SourceFile
+from sidecar.loader import Loader, LoadResult
+from sidecar.snapshot import Snapshot
+
+TARGET_COLD_10K_S = 3.0
+TARGET_INCREMENTAL_S = 0.050
+RULES_PER_FILE = 100
+CHANGED_FILE = 5  # which file the incremental runs edit
+
+# ---------------------------------------------------------------------------- timing
+
+
+def timed_load(loader: Loader, files: Sequence[SourceFile]) -> tuple[float, LoadResult]:
+    gc.collect()
+    started = time.perf_counter()
+    result = loader.load(files)
+    return time.perf_counter() - started, result
+
+
+def warm_process() -> float:
+    """One small load so one-time process costs (schema check, validator) are not counted."""
+    started = time.perf_counter()
+    Loader().load([generate_file(99_999, 10, seed=1)])
+    return time.perf_counter() - started
+
+
+def bench_cold(files: Sequence[SourceFile], runs: int) -> list[float]:
+    return [timed_load(Loader(), files)[0] for _ in range(runs)]
+
+
+def changed_files(files: Sequence[SourceFile], revision: int) -> list[SourceFile]:
+    edited = list(files)
+    edited[CHANGED_FILE] = generate_file(CHANGED_FILE, RULES_PER_FILE, revision=revision)
+    return edited
+
+
+def bench_incremental(
+    files: Sequence[SourceFile], runs: int
+) -> tuple[list[float], list[float], set[int], Loader]:
+    """(one file changed, nothing changed, files_parsed values seen, the warm loader)."""
+    loader = Loader()
+    loader.load(files)
+    variants = [changed_files(files, 1), changed_files(files, 2)]
+    changed, parsed = [], set()
+    for run in range(runs):
+        seconds, result = timed_load(loader, variants[run % 2])
+        changed.append(seconds)
+        parsed.add(result.files_parsed)
+    current = variants[(runs - 1) % 2]
+    unchanged = []
+    for _ in range(runs):
+        seconds, result = timed_load(loader, current)
+        unchanged.append(seconds)
+        parsed.add(result.files_parsed)
+    return changed, unchanged, parsed, loader
+
+
+# ---------------------------------------------------------------------------- stages
+
+
+class StageClock:
+    """Accumulates the wall time spent inside wrapped functions."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def wrap(self, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - started
+                self.calls[name] += 1
+
+        return timed
+
+
+@contextmanager
+def instrumented(loader: Loader) -> Iterator[StageClock]:
+    """Wrap the loader's stage functions (this process only) and restore them after."""
+    clock = StageClock()
+    targets: list[tuple[Any, str]] = [
+        (sidecar.loader, "parse_file"),
+        (sidecar.documents, "_check_tree"),
+        (sidecar.loader, "_schema_problems"),
+        (sidecar.loader, "_build_ruleset"),
+        (sidecar.loader, "ruleset_problems"),
+        (sidecar.loader, "_duplicate_problems"),
+        (loader.compiler, "compile_set"),
+        (loader.compiler, "compile"),
+        (loader.compiler, "forget_unused"),
+    ]
+    saved = [(owner, name, getattr(owner, name)) for owner, name in targets]
+    build = Snapshot.__dict__["build"]
+    try:
+        for owner, name, function in saved:
+            setattr(owner, name, clock.wrap(name, function))
+        wrapped = staticmethod(clock.wrap("Snapshot.build", Snapshot.build))
+        setattr(Snapshot, "build", wrapped)  # noqa: B010
+        yield clock
+    finally:
+        for owner, name, function in saved:
+            if owner is loader.compiler:
+                delattr(owner, name)  # back to the class's method
+            else:
+                setattr(owner, name, function)
+        setattr(Snapshot, "build", build)  # noqa: B010
+
+
+STAGES = (
+    "YAML parse (libyaml compose + PyYAML construct)",
+    "YAML tree checks (aliases, duplicate keys, depth)",
+    "JSON Schema validation (jsonschema)",
+    "CEL compile (one combined program per ruleset)",
+    "build Rule/RuleSet objects (excl. compile)",
+    "semantic checks + embedded tests",
+    "per-file rest (sha256 of content, loop)",
+    "duplicate-id check across files",
+    "Snapshot.build (index + revision digests)",
+    "compiler cache prune (forget_unused)",
+    "rest of Loader.load",
+)
+
+
+def split_stages(clock: StageClock, total: float, files_stage: float) -> dict[str, float]:
+    s = clock.seconds
+    compile_s = s["compile_set"] + s["compile"]
+    per_file = s["parse_file"] + s["_schema_problems"] + s["_build_ruleset"]
+    per_file += s["ruleset_problems"]
+    after = s["_duplicate_problems"] + s["Snapshot.build"] + s["forget_unused"]
+    values = (
+        s["parse_file"] - s["_check_tree"],
+        s["_check_tree"],
+        s["_schema_problems"],
+        compile_s,
+        s["_build_ruleset"] - compile_s,
+        s["ruleset_problems"],
+        files_stage - per_file,
+        s["_duplicate_problems"],
+        s["Snapshot.build"],
+        s["forget_unused"],
+        total - files_stage - after,
+    )
+    return dict(zip(STAGES, values, strict=True))
+
+
+def print_stages(title: str, runs: list[dict[str, float]], totals: list[float]) -> None:
+    total = describe(totals)["median"]
+    print(f"  {title} (median of {len(runs)} instrumented runs, total {total * 1e3:.1f} ms)")
+    for stage in STAGES:
+        values = [run[stage] for run in runs]
+        d = describe(values)
+        share = d["median"] / total * 100 if total else 0.0
+        print(
+            f"    {stage:<52} {d['median'] * 1e3:8.1f} ms  {share:5.1f}%"
+            f"  [min {d['min'] * 1e3:.1f} max {d['max'] * 1e3:.1f}]"
+        )
+
+
+def bench_stages_cold(files: Sequence[SourceFile], runs: int) -> None:
+    breakdowns, totals = [], []
+    for _ in range(runs):
+        loader = Loader()
+        with instrumented(loader) as clock:
+            seconds, result = timed_load(loader, files)
+        breakdowns.append(split_stages(clock, seconds, result.timings["files"]))
+        totals.append(seconds)
+    print_stages(f"cold load, {len(files) * RULES_PER_FILE} rules", breakdowns, totals)
+
+
+def bench_stages_incremental(files: Sequence[SourceFile], runs: int, loader: Loader) -> None:
+    variants = [changed_files(files, 3), changed_files(files, 4)]
+    breakdowns, totals = [], []
+    for run in range(runs):
+        with instrumented(loader) as clock:
+            seconds, result = timed_load(loader, variants[run % 2])
+        breakdowns.append(split_stages(clock, seconds, result.timings["files"]))
+        totals.append(seconds)
+    title = f"incremental reload, 1 of {len(files)} files changed"
+    print_stages(title, breakdowns, totals)
+
+
+def bench_yaml_direct(files: Sequence[SourceFile], runs: int) -> None:
+    """libyaml's compose (C) against PyYAML's constructor (Python) on the same texts."""
+    compose, construct = [], []
+    for _ in range(runs):
+        gc.collect()
+        composing = constructing = 0.0
+        for source in files:
+            text = source.content.decode("utf-8-sig")
+            started = time.perf_counter()
+            parser = yaml.CSafeLoader(text)
+            node = parser.get_single_node()
+            composed = time.perf_counter()
+            parser.construct_document(node)
+            constructing += time.perf_counter() - composed
+            composing += composed - started
+            parser.dispose()
+        compose.append(composing)
+        construct.append(constructing)
+    print(f"  direct YAML split over {len(files)} files ({runs} runs):")
+    print(f"    libyaml compose to nodes (C)       {fmt_ms(compose)}")
+    print(f"    PyYAML construct_document (Python) {fmt_ms(construct)}")
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def memory_child(directory: str, mode: str) -> None:
+    """Runs in a fresh process; prints one JSON line.
+
+    The files are read from `directory` (written by the parent) rather than generated
+    here, so generating them does not raise this process's peak RSS before the load.
+    """
+    files = [
+        SourceFile(f"rules/{path.name}", path.read_bytes())
+        for path in sorted(Path(directory).glob("*.yaml"))
+    ]
+    loader = Loader()
+    loader.load([generate_file(99_999, 10, seed=1)])  # env, validator, caches warm
+    gc.collect()
+    figures: dict[str, float] = {}
+    if mode == "tracemalloc":
+        tracemalloc.start()
+        snapshot = loader.load(files).snapshot
+        gc.collect()
+        current, peak = tracemalloc.get_traced_memory()
+        figures["peak"] = peak
+        figures["held_loader_and_snapshot"] = current
+        del loader
+        gc.collect()
+        figures["held_snapshot_only"] = tracemalloc.get_traced_memory()[0]
+        figures["rules"] = len(snapshot.rules)
+        tracemalloc.stop()
+    else:
+        before = rss_bytes()
+        peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        snapshot = loader.load(files).snapshot
+        gc.collect()
+        figures["rss_delta"] = rss_bytes() - before
+        peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        figures["maxrss_delta"] = peak_after - max(peak_before, before)
+        figures["rules"] = len(snapshot.rules)
+    print(json.dumps(figures))
+
+
+def run_child(directory: str, mode: str) -> dict[str, float]:
+    command = [sys.executable, "-m", "bench.load", "--memory-child", directory, mode]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    figures: dict[str, float] = json.loads(output.strip().splitlines()[-1])
+    return figures
+
+
+def bench_memory(files: Sequence[SourceFile], runs: int) -> None:
+    rules = len(files) * RULES_PER_FILE
+    with tempfile.TemporaryDirectory(prefix="bench-load-") as directory:
+        for source in files:
+            Path(directory, Path(source.name).name).write_bytes(source.content)
+        traced = [run_child(directory, "tracemalloc") for _ in range(runs)]
+        rss = [run_child(directory, "rss") for _ in range(runs)]
+
+    def line(label: str, values: list[float]) -> None:
+        d = describe([v / 2**20 for v in values])
+        per_rule = d["median"] * 2**20 / rules
+        print(
+            f"    {label:<44} median {d['median']:7.1f} MiB  [min {d['min']:.1f} "
+            f"max {d['max']:.1f}]  = {per_rule / 1024:.2f} KiB/rule"
+        )
+
+    print(f"  memory for {rules} rules ({runs} fresh processes per figure):")
+    line("tracemalloc peak during load", [f["peak"] for f in traced])
+    line("tracemalloc held: loader + snapshot", [f["held_loader_and_snapshot"] for f in traced])
+    line("tracemalloc held: snapshot only", [f["held_snapshot_only"] for f in traced])
+    line("RSS delta after load (incl. cel-cpp programs)", [f["rss_delta"] for f in rss])
+    line("peak RSS (ru_maxrss) growth during load", [f["maxrss_delta"] for f in rss])
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="small sizes, few runs")
+    parser.add_argument("--memory-child", nargs=2, metavar=("DIR", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_child:
+        memory_child(args.memory_child[0], args.memory_child[1])
+        return
+
+    small, large = (1_000, 2_000) if args.quick else (1_000, 10_000)
+    cold_small_runs, cold_large_runs = (3, 2) if args.quick else (15, 7)
+    incremental_runs = 10 if args.quick else 40
+    stage_runs, memory_runs = (1, 1) if args.quick else (3, 3)
+    on_target = large == 10_000
+
+    print(f"bench.load — {environment()}")
+    print(f"one-time process warm-up (schema check, CEL env): {warm_process() * 1e3:.1f} ms")
+    started = time.perf_counter()
+    files = generate_files(large, RULES_PER_FILE)
+    size = sum(len(f.content) for f in files)
+    print(
+        f"generated {large} rules in {len(files)} files, {size / 2**20:.2f} MiB of YAML "
+        f"({(time.perf_counter() - started) * 1e3:.0f} ms, not counted)"
+    )
+
+    print("\n[1] cold load (new Loader each run)")
+    small_files = files[: small // RULES_PER_FILE]
+    print(f"  {small:>6} rules: {fmt_ms(bench_cold(small_files, cold_small_runs))}")
+    target = TARGET_COLD_10K_S if on_target else None
+    print(f"  {large:>6} rules: {fmt_ms(bench_cold(files, cold_large_runs), target)}")
+
+    print(f"\n[2] incremental reload in a {large}-rule registry (loader cache warm)")
+    changed, unchanged, parsed, loader = bench_incremental(files, incremental_runs)
+    target = TARGET_INCREMENTAL_S if on_target else None
+    print(f"  1 file of {RULES_PER_FILE} rules changed: {fmt_ms(changed, target)}")
+    print(f"  nothing changed (floor):      {fmt_ms(unchanged)}")
+    print(f"  files_parsed values seen: {sorted(parsed)} (expect [0, 1])")
+
+    print("\n[3] memory")
+    bench_memory(files, memory_runs)
+
+    print("\n[4] where the time goes")
+    bench_stages_cold(files, stage_runs)
+    bench_yaml_direct(files, stage_runs)
+    bench_stages_incremental(files, max(stage_runs * 5, 5), loader)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Tests of `read_rule_files`: directories and Kubernetes ConfigMap mounts on a real disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from conftest import dump_yaml, make_ruleset_doc, write_rules
+
+from sidecar.errors import LoadError, Problem
+from sidecar.loader import Loader
+from sidecar.sources.files import read_rule_files
+
+FIRST_DATA = "..2026_11_26_10_00_00.123"
+
+
+def configmap(mount: Path, files: dict[str, str], data_dir: str = FIRST_DATA) -> Path:
+    """Lay out `files` the way the kubelet mounts a ConfigMap, with real symlinks.
+
+    `mount/<data_dir>/` holds the files, `mount/..data -> <data_dir>` and each visible
+    `mount/<name> -> ..data/<name>`.
+    """
+    mount.mkdir(exist_ok=True)
+    for name, text in files.items():
+        write_rules(mount / data_dir, name, text)
+    (mount / "..data").symlink_to(data_dir)
+    for name in files:
+        (mount / name).symlink_to(Path("..data") / name)
+    return mount
+
+
+def swap_data(mount: Path, files: dict[str, str], data_dir: str) -> None:
+    """Publish a new version the way the kubelet does: one atomic rename of `..data`."""
+    for name, text in files.items():
+        write_rules(mount / data_dir, name, text)
+    (mount / "..data_tmp").symlink_to(data_dir)
+    os.replace(mount / "..data_tmp", mount / "..data")
+
+
+def names(root: Path, paths: list[str]) -> list[str]:
+    """`paths` relative to `root`, as POSIX strings."""
+    return [Path(path).relative_to(root).as_posix() for path in paths]
+
+
+def read_problems(*paths: Path) -> tuple[Problem, ...]:
+    """The problems of a read that must fail."""
+    with pytest.raises(LoadError) as caught:
+        read_rule_files(paths)
+    return caught.value.problems
+
+
+class TestConfigMapMount:
+    """A ConfigMap mount is read once per file, through the visible names."""
+
+    def test_each_file_is_read_once_through_its_visible_name(self, tmp_path: Path):
+        """`..data` and the timestamped directory are skipped; the links are read."""
+        mount = configmap(tmp_path / "rules", {"a.yaml": "a: 1\n", "b.json": '{"b": 2}'})
+
+        files = read_rule_files([mount])
+
+        assert names(mount, [f.name for f in files]) == ["a.yaml", "b.json"]
+        assert [f.content for f in files] == [b"a: 1\n", b'{"b": 2}']
+
+    def test_swapped_data_is_read_from_the_new_directory(self, tmp_path: Path):
+        """After the kubelet swaps `..data`, the same names give the new content."""
+        mount = configmap(tmp_path / "rules", {"a.yaml": "version: 1\n"})
+
+        swap_data(mount, {"a.yaml": "version: 2\n"}, "..2026_11_26_11_00_00.456")
+
+        (file,) = read_rule_files([mount])
+        assert file.content == b"version: 2\n"
+        assert names(mount, [file.name]) == ["a.yaml"]
+
+    def test_configmap_rules_load(self, tmp_path: Path):
+        """Rules mounted as a ConfigMap load, and problems name the visible file."""
+        mount = configmap(
+            tmp_path / "rules",
+            {
+                "one.yaml": dump_yaml(make_ruleset_doc("one")),
+                "two.yaml": dump_yaml(make_ruleset_doc("two")),
+            },
+        )
+
+        result = Loader().load(read_rule_files([mount]))
+
+        assert list(result.snapshot.rulesets) == ["one", "two"]
+        location = result.snapshot.rulesets["one"].location
+        assert location is not None
+        assert location.file == str(mount / "one.yaml")
+
+
+class TestDirectoryWalk:
+    """Directories are walked in order, skipping hidden entries and other suffixes."""
+
+    def test_hidden_files_and_directories_are_skipped(self, rules_dir: Path):
+        """Dot-files and everything under dot-directories are not read."""
+        write_rules(rules_dir, "visible.yaml", "a: 1\n")
+        write_rules(rules_dir, ".hidden.yaml", "b: 1\n")
+        write_rules(rules_dir, ".git/config.yaml", "c: 1\n")
+        write_rules(rules_dir, "sub/.cache/x.yaml", "d: 1\n")
+
+        files = read_rule_files([rules_dir])
+
+        assert names(rules_dir, [f.name for f in files]) == ["visible.yaml"]
+
+    def test_nested_directories_are_read(self, rules_dir: Path):
+        """Files at any depth are read, in sorted order."""
+        for name in ("z.yaml", "a/b/c.yml", "a/a.json", "m/n.yaml"):
+            write_rules(rules_dir, name, "x: 1\n")
+
+        files = read_rule_files([rules_dir])
+
+        assert names(rules_dir, [f.name for f in files]) == [
+            "z.yaml",
+            "a/a.json",
+            "a/b/c.yml",
+            "m/n.yaml",
+        ]
+
+    def test_other_suffixes_are_ignored(self, rules_dir: Path):
+        """Only .yaml, .yml and .json files are rule files."""
+        for name in ("rules.yaml", "rules.yml", "rules.json"):
+            write_rules(rules_dir, name, "x: 1\n")
+        for name in ("README.md", "notes.txt", "rules.yaml.bak", "rules.yaml~", "yaml"):
+            write_rules(rules_dir, name, "not rules")
+
+        files = read_rule_files([rules_dir])
+
+        assert sorted(names(rules_dir, [f.name for f in files])) == [
+            "rules.json",
+            "rules.yaml",
+            "rules.yml",
+        ]
+
+    def test_a_file_path_is_read_as_given(self, rules_dir: Path):
+        """A path naming a file is read even beside files that are not given."""
+        path = write_rules(rules_dir, "one.yaml", "a: 1\n")
+        write_rules(rules_dir, "two.yaml", "b: 1\n")
+
+        (file,) = read_rule_files([path])
+
+        assert (file.name, file.content) == (str(path), b"a: 1\n")
+
+    def test_empty_directory_gives_no_files(self, rules_dir: Path):
+        """An empty directory is not an error: it holds no rules."""
+        assert read_rule_files([rules_dir]) == []
+
+    def test_max_bytes_reads_one_byte_more_than_the_limit(self, rules_dir: Path):
+        """A large file is read only far enough for the loader to see it is too large."""
+        write_rules(rules_dir, "big.yaml", "x" * 1000)
+
+        (file,) = read_rule_files([rules_dir], max_bytes=10)
+
+        assert len(file.content) == 11
+
+    def test_symlink_loop_reads_each_file_once(self, rules_dir: Path):
+        """A directory symlink back to the root does not make files be read again."""
+        write_rules(rules_dir, "rules.yaml", "a: 1\n")
+        (rules_dir / "loop").symlink_to(".")
+
+        files = read_rule_files([rules_dir])
+
+        assert len(files) == 1
+
+
+class TestUnreadableFiles:
+    """Files that cannot or must not be read are reported, and nothing is returned."""
+
+    def test_symlink_outside_the_directory_is_refused(self, tmp_path: Path):
+        """A link to a file outside the directory being read is not followed."""
+        rules = tmp_path / "rules"
+        write_rules(rules, "good.yaml", "a: 1\n")
+        secret = write_rules(tmp_path, "elsewhere/secret.yaml", "password: x\n")
+        (rules / "evil.yaml").symlink_to(secret)
+
+        (problem,) = read_problems(rules)
+
+        assert problem.file == str(rules / "evil.yaml")
+        assert problem.message == f"symlink leads outside {rules.resolve()}: refused"
+
+    def test_relative_symlink_escaping_with_dotdot_is_refused(self, tmp_path: Path):
+        """`../` in a link target cannot escape the directory either."""
+        rules = tmp_path / "rules"
+        write_rules(tmp_path, "outside.yaml", "a: 1\n")
+        rules.mkdir()
+        (rules / "link.yaml").symlink_to(Path("..") / "outside.yaml")
+
+        (problem,) = read_problems(rules)
+
+        assert "symlink leads outside" in problem.message
+
+    def test_dangling_symlink_is_reported(self, rules_dir: Path):
+        """A link to a file that does not exist is a problem naming the link."""
+        write_rules(rules_dir, "good.yaml", "a: 1\n")
+        (rules_dir / "gone.yaml").symlink_to("missing.yaml")
+
+        (problem,) = read_problems(rules_dir)
+
+        assert problem.file == str(rules_dir / "gone.yaml")
+        assert problem.message == "cannot read: No such file or directory"
+
+    @pytest.mark.skipif(
+        hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can read any file"
+    )
+    def test_permission_denied_is_reported(self, rules_dir: Path):
+        """A file the process may not read is a problem naming the file and the reason."""
+        path = write_rules(rules_dir, "secret.yaml", "a: 1\n")
+        path.chmod(0)
+        try:
+            (problem,) = read_problems(rules_dir)
+        finally:
+            path.chmod(0o644)
+
+        assert problem.file == str(path)
+        assert problem.message == "cannot read: Permission denied"
+
+    def test_missing_path_is_reported(self, tmp_path: Path):
+        """A path that does not exist is a problem, not an empty result."""
+        missing = tmp_path / "nope"
+
+        (problem,) = read_problems(missing)
+
+        assert (problem.file, problem.message) == (str(missing), "no such file or directory")
+
+    def test_every_problem_is_reported_together(self, tmp_path: Path):
+        """All unreadable paths of one read are listed in one LoadError."""
+        rules = tmp_path / "rules"
+        rules.mkdir()
+        (rules / "a.yaml").symlink_to("missing.yaml")
+        (rules / "b.yaml").symlink_to(write_rules(tmp_path, "out.yaml", "a: 1\n"))
+
+        problems = read_problems(rules, tmp_path / "nope")
+
+        assert [Path(p.file).name for p in problems] == ["a.yaml", "b.yaml", "nope"]

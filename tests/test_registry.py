@@ -1,0 +1,695 @@
+"""The rule registry: publishing, change events, seed edits, history, rollback, concurrency."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+import yaml
+
+from sidecar.documents import SourceFile
+from sidecar.engine import evaluate
+from sidecar.errors import ConflictError, LoadError, NotFoundError
+from sidecar.loader import Loader
+from sidecar.model import Rule
+from sidecar.registry import ChangeEvent, EventType, RuleRegistry
+from sidecar.snapshot import Snapshot
+
+
+def _rule(rule_id: Any, condition: str = "true", points: int = 1, **extra: Any) -> dict[str, Any]:
+    return {"id": rule_id, "condition": condition, "points": points, **extra}
+
+
+def _doc(ruleset_id: Any, rules: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
+    metadata = spec.pop("metadata", {})
+    return {
+        "apiVersion": "rule-sidecar/v1",
+        "kind": "RuleSet",
+        "metadata": {"id": ruleset_id, **metadata},
+        "spec": {"rules": rules, **spec},
+    }
+
+
+def _load(loader: Loader, *docs: dict[str, Any]) -> Snapshot:
+    text = yaml.safe_dump_all(list(docs), sort_keys=False)
+    return loader.load([SourceFile("rules.yaml", text.encode())]).snapshot
+
+
+def _events(events: list[ChangeEvent]) -> set[tuple[str, str | None, str | None, int]]:
+    return {(e.type.value, e.ruleset_id, e.rule_id, e.registry_version) for e in events}
+
+
+def _two_rulesets() -> list[dict[str, Any]]:
+    return [
+        _doc("alpha", [_rule("a1", "input.x > 1", 5), _rule("a2", "input.x > 2", 3)]),
+        _doc("beta", [_rule("b1", "input.y == 'z'", 2)]),
+    ]
+
+
+@pytest.fixture
+def registry() -> RuleRegistry:
+    registry = RuleRegistry()
+    registry.publish(_load(Loader(), *_two_rulesets()))
+    return registry
+
+
+class TestPublish:
+    """Publishing a candidate makes it current under the next version number."""
+
+    def test_fresh_registry_is_empty_version_zero(self):
+        """A new registry holds the empty snapshot at version 0 and no publish time."""
+        registry = RuleRegistry()
+        assert registry.version == 0
+        assert registry.current.rules == {}
+        assert registry.last_publish is None
+        assert registry.history() == []
+
+    def test_each_publish_bumps_version_by_one(self):
+        """Versions go 1, 2, 3 with each publish, and the returned snapshot is current."""
+        registry = RuleRegistry()
+        loader = Loader()
+        for expected in (1, 2, 3):
+            snapshot, _ = registry.publish(_load(loader, *_two_rulesets()))
+            assert snapshot.version == expected
+            assert registry.version == expected
+            assert registry.current is snapshot
+
+    def test_published_snapshot_keeps_candidate_content(self):
+        """The published snapshot has the candidate's rules and revision; the candidate stays 0."""
+        candidate = _load(Loader(), *_two_rulesets())
+        registry = RuleRegistry()
+        snapshot, _ = registry.publish(candidate)
+        assert candidate.version == 0
+        assert snapshot.revision == candidate.revision
+        assert dict(snapshot.rules) == dict(candidate.rules)
+        assert registry.last_publish == snapshot.created_at
+
+    def test_swap_is_complete_before_subscribers_run(self, registry):
+        """When subscribers run, `current` is already the whole new snapshot."""
+        seen: list[tuple[bool, int]] = []
+
+        def subscriber(snapshot, events):
+            seen.append((registry.current is snapshot, registry.version))
+
+        registry.subscribe(subscriber)
+        new, _ = registry.publish(_load(Loader(), _doc("gamma", [_rule("g1")])))
+        assert seen == [(True, new.version)]
+
+    def test_old_snapshot_is_unchanged_by_publish(self, registry):
+        """A reader's snapshot keeps its version and rules after a newer publish."""
+        held = registry.current
+        rules_before = dict(held.rules)
+        registry.publish(_load(Loader(), _doc("gamma", [_rule("g1")])))
+        assert held.version == 1
+        assert dict(held.rules) == rules_before
+        assert registry.get_rule("a1") is None
+
+
+class TestDiffEvents:
+    """Subscribers are told what changed, with ids and the new version."""
+
+    def test_first_publish_adds_everything(self):
+        """The first publish reports each ruleset and each rule as added."""
+        registry = RuleRegistry()
+        _, events = registry.publish(_load(Loader(), *_two_rulesets()))
+        assert _events(events) == {
+            ("ruleset_added", "alpha", None, 1),
+            ("ruleset_added", "beta", None, 1),
+            ("rule_added", "alpha", "a1", 1),
+            ("rule_added", "alpha", "a2", 1),
+            ("rule_added", "beta", "b1", 1),
+        }
+
+    def test_changed_rule_is_updated_and_unchanged_rules_give_no_event(self, registry):
+        """Changing one rule's points gives one rule_updated event and nothing else."""
+        docs = _two_rulesets()
+        docs[0]["spec"]["rules"][1]["points"] = 30
+        _, events = registry.publish(_load(Loader(), *docs))
+        assert _events(events) == {("rule_updated", "alpha", "a2", 2)}
+
+    def test_identical_content_gives_no_events(self, registry):
+        """Republishing the same content bumps the version but reports no change."""
+        snapshot, events = registry.publish(_load(Loader(), *_two_rulesets()))
+        assert events == []
+        assert snapshot.version == 2
+
+    def test_rule_added_and_removed(self, registry):
+        """A new rule is rule_added; a dropped rule is rule_removed with its old ruleset."""
+        docs = _two_rulesets()
+        docs[0]["spec"]["rules"] = [docs[0]["spec"]["rules"][0], _rule("a3")]
+        _, events = registry.publish(_load(Loader(), *docs))
+        assert _events(events) == {
+            ("rule_added", "alpha", "a3", 2),
+            ("rule_removed", "alpha", "a2", 2),
+        }
+
+    def test_ruleset_header_change_is_ruleset_updated(self, registry):
+        """Changing a ruleset's name or decisions gives ruleset_updated for it alone."""
+        docs = _two_rulesets()
+        docs[1]["metadata"]["name"] = "Beta renamed"
+        docs[1]["spec"]["decisions"] = [{"decision": "deny", "min_points": 1}]
+        _, events = registry.publish(_load(Loader(), *docs))
+        assert _events(events) == {("ruleset_updated", "beta", None, 2)}
+
+    def test_ruleset_removed_with_its_rules(self, registry):
+        """Dropping a ruleset reports it and each of its rules as removed."""
+        _, events = registry.publish(_load(Loader(), _two_rulesets()[0]))
+        assert _events(events) == {
+            ("ruleset_removed", "beta", None, 2),
+            ("rule_removed", "beta", "b1", 2),
+        }
+
+    def test_ruleset_added_alongside_existing(self, registry):
+        """A new ruleset next to unchanged ones reports only the new ruleset and its rules."""
+        docs = [*_two_rulesets(), _doc("gamma", [_rule("g1")])]
+        _, events = registry.publish(_load(Loader(), *docs))
+        assert _events(events) == {
+            ("ruleset_added", "gamma", None, 2),
+            ("rule_added", "gamma", "g1", 2),
+        }
+
+    def test_rule_moved_between_rulesets_is_updated(self, registry):
+        """A rule that moves to another ruleset is one rule_updated naming the new ruleset."""
+        docs = _two_rulesets()
+        moved = docs[0]["spec"]["rules"].pop()
+        docs[1]["spec"]["rules"].append(moved)
+        _, events = registry.publish(_load(Loader(), *docs))
+        assert _events(events) == {("rule_updated", "beta", "a2", 2)}
+
+    def test_emptying_the_registry_is_one_cleared_event(self, registry):
+        """Publishing the empty snapshot over rules gives exactly registry_cleared."""
+        _, events = registry.publish(Snapshot.empty())
+        assert [(e.type, e.registry_version, e.ruleset_id, e.rule_id) for e in events] == [
+            (EventType.REGISTRY_CLEARED, 2, None, None)
+        ]
+
+    def test_clear_method_emits_cleared(self, registry):
+        """clear() publishes an empty snapshot and reports registry_cleared."""
+        received: list[list[ChangeEvent]] = []
+        registry.subscribe(lambda snapshot, events: received.append(list(events)))
+        registry.clear()
+        assert registry.current.rulesets == {}
+        assert [e.type for e in received[0]] == [EventType.REGISTRY_CLEARED]
+
+    def test_empty_to_empty_gives_no_event(self):
+        """Publishing empty over empty reports nothing."""
+        _, events = RuleRegistry().publish(Snapshot.empty())
+        assert events == []
+
+    def test_event_to_dict(self, registry):
+        """ChangeEvent.to_dict spells the type as its string value."""
+        docs = _two_rulesets()
+        docs[1]["spec"]["rules"][0]["points"] = 9
+        _, events = registry.publish(_load(Loader(), *docs))
+        assert [e.to_dict() for e in events] == [
+            {"type": "rule_updated", "registry_version": 2, "ruleset_id": "beta", "rule_id": "b1"}
+        ]
+
+
+class TestSubscribers:
+    """Subscribers are called in order; one failing never affects the publish or the others."""
+
+    def test_subscribers_get_snapshot_and_same_events(self, registry):
+        """A subscriber receives the published snapshot and the returned events."""
+        received = []
+        registry.subscribe(lambda snapshot, events: received.append((snapshot, list(events))))
+        snapshot, events = registry.publish(_load(Loader(), _two_rulesets()[0]))
+        assert received == [(snapshot, events)]
+
+    def test_raising_subscriber_does_not_break_publish_or_others(self, registry, caplog):
+        """A subscriber that raises is logged; publish completes and later subscribers run."""
+        calls: list[str] = []
+
+        def first(snapshot, events):
+            calls.append("first")
+
+        def broken(snapshot, events):
+            calls.append("broken")
+            raise RuntimeError("boom")
+
+        def last(snapshot, events):
+            calls.append("last")
+
+        for subscriber in (first, broken, last):
+            registry.subscribe(subscriber)
+        with caplog.at_level("ERROR", logger="sidecar.registry"):
+            snapshot, _ = registry.publish(_load(Loader(), _two_rulesets()[0]))
+        assert calls == ["first", "broken", "last"]
+        assert registry.current is snapshot
+        assert registry.version == 2
+        assert any("subscriber" in r.getMessage() for r in caplog.records)
+
+    def test_unsubscribe_stops_calls(self, registry):
+        """After unsubscribing, a subscriber is no longer called; others still are."""
+        kept: list[int] = []
+        dropped: list[int] = []
+        registry.subscribe(lambda s, e: kept.append(s.version))
+        unsubscribe = registry.subscribe(lambda s, e: dropped.append(s.version))
+        assert registry.get_stats()["subscriber_count"] == 2
+        registry.publish(Snapshot.empty())
+        unsubscribe()
+        registry.publish(Snapshot.empty())
+        assert dropped == [2]
+        assert kept == [2, 3]
+        assert registry.get_stats()["subscriber_count"] == 1
+
+    def test_failed_write_calls_no_subscriber(self, registry):
+        """A refused edit publishes nothing, so no subscriber is called."""
+        calls: list[int] = []
+        registry.subscribe(lambda s, e: calls.append(s.version))
+        with pytest.raises(ConflictError):
+            registry.add_rule({"id": "a1", "condition": "true", "points": 1}, "alpha")
+        assert calls == []
+
+
+class TestSeedReads:
+    """The seed's read methods on the current snapshot."""
+
+    def test_get_rule(self, registry):
+        """get_rule returns the rule by id, or None when unknown."""
+        rule = registry.get_rule("a1")
+        assert rule is not None
+        assert (rule.id, rule.ruleset_id, rule.points) == ("a1", "alpha", 5)
+        assert registry.get_rule("zzz") is None
+
+    def test_get_rules(self, registry):
+        """get_rules lists a ruleset's rules in order, all rules without an id, [] if unknown."""
+        assert [r.id for r in registry.get_rules("alpha")] == ["a1", "a2"]
+        assert sorted(r.id for r in registry.get_rules()) == ["a1", "a2", "b1"]
+        assert registry.get_rules("nope") == []
+
+    def test_numeric_ids_are_read_as_strings(self):
+        """A numeric ruleset or rule id is stored as its decimal string and found by int."""
+        registry = RuleRegistry()
+        registry.publish(_load(Loader(), _doc(7, [_rule(12)])))
+        assert registry.get_rule(12) is registry.get_rule("12")
+        assert registry.get_rule(12) is not None
+        assert [r.id for r in registry.get_rules(7)] == ["12"]
+        ruleset = registry.get_ruleset(7)
+        assert ruleset is not None
+        assert ruleset.id == "7"
+
+    def test_get_ruleset(self, registry):
+        """get_ruleset returns the ruleset by id, or None when unknown."""
+        ruleset = registry.get_ruleset("beta")
+        assert ruleset is not None
+        assert [r.id for r in ruleset.rules] == ["b1"]
+        assert registry.get_ruleset("nope") is None
+
+    def test_get_stats(self, registry):
+        """get_stats reports counts, version, revision and last publish time."""
+        stats = registry.get_stats()
+        assert stats["rule_count"] == 3
+        assert stats["ruleset_count"] == 2
+        assert stats["version"] == 1
+        assert stats["revision"] == registry.current.revision
+        assert stats["last_reload"] == registry.last_publish.isoformat()
+        assert stats["history_size"] == 0
+
+    def test_get_stats_before_any_publish(self):
+        """Before any publish, stats show zero counts and no last reload."""
+        stats = RuleRegistry().get_stats()
+        assert (stats["rule_count"], stats["ruleset_count"], stats["version"]) == (0, 0, 0)
+        assert stats["last_reload"] is None
+
+
+class TestSeedWrites:
+    """The seed's add/update/remove edits publish a whole new snapshot, or nothing."""
+
+    def test_add_rule_from_rule_object(self, registry):
+        """Adding a Rule publishes a new version in which it matches."""
+        rule = Rule(id="a9", ruleset_id="alpha", name="Nine", condition="input.x == 9", points=9)
+        added = registry.add_rule(rule)
+        assert added == rule
+        assert registry.version == 2
+        assert registry.get_rule("a9") == rule
+        assert [r.id for r in registry.get_rules("alpha")] == ["a1", "a2", "a9"]
+        result = evaluate(registry.current, "alpha", {"x": 9})
+        assert [m.id for m in result.matched] == ["a1", "a2", "a9"]
+        assert result.total_points == 17
+
+    def test_add_rule_from_mapping_with_ruleset_id_key(self, registry):
+        """A mapping naming its ruleset_id is validated, compiled and added there."""
+        received: list[list[ChangeEvent]] = []
+        registry.subscribe(lambda s, e: received.append(list(e)))
+        added = registry.add_rule(
+            {"id": "b2", "ruleset_id": "beta", "condition": "input.y == 'w'", "points": 4}
+        )
+        assert (added.id, added.ruleset_id, added.name, added.points) == ("b2", "beta", "b2", 4)
+        assert registry.get_rule("b2") == added
+        assert _events(received[0]) == {("rule_added", "beta", "b2", 2)}
+
+    def test_add_rule_from_mapping_with_ruleset_argument(self, registry):
+        """The ruleset may be given as an argument, numeric ids are read as strings."""
+        registry.publish(_load(Loader(), *_two_rulesets(), _doc(7, [_rule(70)])))
+        added = registry.add_rule({"id": 71, "condition": "true", "points": 1}, 7)
+        assert (added.id, added.ruleset_id) == ("71", "7")
+        assert [r.id for r in registry.get_rules("7")] == ["70", "71"]
+
+    @pytest.mark.parametrize(
+        "mapping",
+        [
+            {"id": "x1", "condition": "true", "points": "many"},
+            {"id": "x1", "condition": "true"},
+            {"id": "Bad Id", "condition": "true", "points": 1},
+            {"id": "x1", "condition": "input.x >", "points": 1},
+            {"id": "x1", "condition": "1 + 1", "points": 1},
+            {"id": "x1", "condition": "true", "points": 1, "colour": "red"},
+        ],
+    )
+    def test_add_rule_bad_mapping_is_load_error_and_changes_nothing(self, registry, mapping):
+        """A mapping that fails the schema or does not compile raises LoadError; no publish."""
+        revision = registry.current.revision
+        with pytest.raises(LoadError) as info:
+            registry.add_rule(mapping, "alpha")
+        assert info.value.problems
+        assert registry.version == 1
+        assert registry.current.revision == revision
+        assert registry.get_rule("x1") is None
+
+    def test_add_rule_mapping_error_is_located(self, registry):
+        """The LoadError of a bad mapping names the offending field."""
+        with pytest.raises(LoadError) as info:
+            registry.add_rule({"id": "x1", "condition": "true", "points": "many"}, "alpha")
+        assert info.value.problems[0].path == "$.points"
+
+    def test_add_rule_object_with_bad_condition_is_load_error(self, registry):
+        """A Rule object whose condition does not compile is refused with LoadError."""
+        rule = Rule(id="x1", ruleset_id="alpha", name="x1", condition="input.x >", points=1)
+        with pytest.raises(LoadError):
+            registry.add_rule(rule)
+
+    def test_update_rule_object_with_bad_condition_is_load_error(self, registry):
+        """Updating with a Rule object whose condition does not compile raises LoadError."""
+        rule = Rule(id="a1", ruleset_id="alpha", name="a1", condition="input.x >", points=1)
+        with pytest.raises(LoadError):
+            registry.update_rule(rule)
+
+    def test_add_disabled_rule_object_with_bad_condition_is_refused(self, registry):
+        """A disabled Rule object whose condition does not compile is refused, not published."""
+        rule = Rule(
+            id="x1", ruleset_id="alpha", name="x1", condition="input.x >", points=1, enabled=False
+        )
+        with pytest.raises(LoadError):
+            registry.add_rule(rule)
+        assert registry.get_rule("x1") is None
+
+    def test_add_rule_duplicate_id_is_conflict(self, registry):
+        """Adding an id already used anywhere in the registry raises ConflictError."""
+        with pytest.raises(ConflictError):
+            registry.add_rule({"id": "a1", "condition": "true", "points": 1}, "alpha")
+        with pytest.raises(ConflictError):
+            registry.add_rule(
+                Rule(id="b1", ruleset_id="alpha", name="b1", condition="true", points=1)
+            )
+        assert registry.version == 1
+        assert registry.get_rule("b1").ruleset_id == "beta"
+
+    def test_add_rule_to_unknown_ruleset(self, registry):
+        """Adding to a ruleset that does not exist raises NotFoundError."""
+        with pytest.raises(NotFoundError):
+            registry.add_rule({"id": "x1", "condition": "true", "points": 1}, "nope")
+        assert registry.version == 1
+
+    def test_update_rule_in_place(self, registry):
+        """update_rule replaces the rule at its position and reports rule_updated."""
+        received: list[list[ChangeEvent]] = []
+        registry.subscribe(lambda s, e: received.append(list(e)))
+        updated = registry.update_rule(
+            {"id": "a1", "condition": "input.x > 100", "points": 50}, "alpha"
+        )
+        assert registry.get_rule("a1") == updated
+        assert [r.id for r in registry.get_rules("alpha")] == ["a1", "a2"]
+        assert registry.get_rule("a1").points == 50
+        assert _events(received[0]) == {("rule_updated", "alpha", "a1", 2)}
+        assert evaluate(registry.current, "alpha", {"x": 101}).total_points == 53
+
+    def test_update_rule_moves_to_another_ruleset(self, registry):
+        """Updating with another ruleset_id moves the rule there."""
+        moved = registry.update_rule(
+            Rule(id="a2", ruleset_id="beta", name="a2", condition="input.y == 'q'", points=8)
+        )
+        assert moved.ruleset_id == "beta"
+        assert [r.id for r in registry.get_rules("alpha")] == ["a1"]
+        assert [r.id for r in registry.get_rules("beta")] == ["b1", "a2"]
+        assert registry.get_rule("a2").ruleset_id == "beta"
+        assert registry.version == 2
+        result = evaluate(registry.current, "beta", {"y": "q"})
+        assert [m.id for m in result.matched] == ["a2"]
+
+    def test_update_unknown_rule(self, registry):
+        """Updating an id the registry does not have raises NotFoundError."""
+        with pytest.raises(NotFoundError):
+            registry.update_rule({"id": "zz", "condition": "true", "points": 1}, "alpha")
+        assert registry.version == 1
+
+    def test_remove_rule(self, registry):
+        """remove_rule returns the removed rule and publishes without it."""
+        removed = registry.remove_rule("a2")
+        assert removed.id == "a2"
+        assert registry.get_rule("a2") is None
+        assert [r.id for r in registry.get_rules("alpha")] == ["a1"]
+        assert registry.version == 2
+
+    def test_remove_unknown_rule(self, registry):
+        """Removing an unknown id raises NotFoundError and publishes nothing."""
+        with pytest.raises(NotFoundError) as info:
+            registry.remove_rule("zz")
+        assert (info.value.kind, info.value.id) == ("rule", "zz")
+        assert registry.version == 1
+
+
+def _guarded_ruleset() -> dict[str, Any]:
+    return _doc(
+        "guarded",
+        [_rule("g1", "input.a > 0", 5), _rule("g2", "input.a > 10", 1)],
+        tests=[{"name": "small", "input": {"a": 1}, "expect": {"total_points": 5}}],
+    )
+
+
+class TestEmbeddedTestGuard:
+    """An edit that breaks a ruleset's embedded tests is refused and changes nothing."""
+
+    @pytest.fixture
+    def guarded(self) -> RuleRegistry:
+        registry = RuleRegistry()
+        registry.publish(_load(Loader(), _guarded_ruleset()))
+        return registry
+
+    @pytest.mark.parametrize(
+        "edit",
+        [
+            lambda r: r.update_rule(
+                {"id": "g1", "condition": "input.a > 0", "points": 6}, "guarded"
+            ),
+            lambda r: r.add_rule({"id": "g3", "condition": "true", "points": 1}, "guarded"),
+            lambda r: r.remove_rule("g1"),
+        ],
+        ids=["update", "add", "remove"],
+    )
+    def test_breaking_edit_is_refused(self, guarded, edit):
+        """The edit raises LoadError naming the failing test; version and rules are unchanged."""
+        before = guarded.current
+        calls: list[int] = []
+        guarded.subscribe(lambda s, e: calls.append(s.version))
+        with pytest.raises(LoadError) as info:
+            edit(guarded)
+        assert "small" in str(info.value)
+        assert guarded.current is before
+        assert guarded.version == 1
+        assert calls == []
+        assert guarded.history() == []
+
+    def test_compatible_edit_is_accepted(self, guarded):
+        """An edit the embedded tests still pass on is published."""
+        guarded.update_rule({"id": "g2", "condition": "input.a > 20", "points": 1}, "guarded")
+        assert guarded.version == 2
+
+    def test_edit_accepted_when_checks_disabled(self):
+        """With a loader that runs no checks, the same breaking edit is published."""
+        registry = RuleRegistry(loader=Loader(run_checks=False))
+        registry.publish(_load(Loader(), _guarded_ruleset()))
+        registry.remove_rule("g1")
+        assert registry.get_rule("g1") is None
+        assert registry.version == 2
+
+
+class TestHistory:
+    """Per-rule history and snapshot history are kept, and bounded."""
+
+    def test_rule_history_records_changes(self, registry):
+        """A rule's history lists added, updated and removed with their versions."""
+        registry.update_rule({"id": "a1", "condition": "true", "points": 2}, "alpha")
+        registry.remove_rule("a1")
+        history = registry.rule_history("a1")
+        assert [(h.registry_version, h.change) for h in history] == [
+            (1, EventType.RULE_ADDED),
+            (2, EventType.RULE_UPDATED),
+            (3, EventType.RULE_REMOVED),
+        ]
+        assert history[1].rule is not None
+        assert history[1].rule.points == 2
+        assert history[2].rule is None
+
+    def test_rule_history_is_bounded(self):
+        """Only the last rule_history_limit entries of a rule are kept."""
+        registry = RuleRegistry(rule_history_limit=3)
+        registry.publish(_load(Loader(), *_two_rulesets()))
+        for points in range(10, 16):
+            registry.update_rule({"id": "b1", "condition": "true", "points": points}, "beta")
+        history = registry.rule_history("b1")
+        assert [h.registry_version for h in history] == [5, 6, 7]
+        assert [h.rule.points for h in history] == [13, 14, 15]
+
+    def test_clear_records_removal_in_rule_history(self, registry):
+        """Emptying the registry records every rule as removed."""
+        registry.clear()
+        assert registry.rule_history("b1")[-1].change is EventType.RULE_REMOVED
+        assert registry.rule_history("b1")[-1].registry_version == 2
+
+    def test_snapshot_history_is_bounded(self):
+        """history() keeps at most history_limit earlier snapshots, newest first."""
+        registry = RuleRegistry(history_limit=3)
+        loader = Loader()
+        for points in range(1, 9):
+            registry.publish(_load(loader, _doc("rs", [_rule("r", points=points)])))
+        assert registry.version == 8
+        assert [s.version for s in registry.history()] == [7, 6, 5]
+        assert registry.get_stats()["history_size"] == 3
+
+
+class TestRollback:
+    """Rollback republishes earlier content as a new, higher version."""
+
+    @staticmethod
+    def _three_versions() -> tuple[RuleRegistry, list[Snapshot]]:
+        registry = RuleRegistry()
+        loader = Loader()
+        published = []
+        for points in (1, 2, 3):
+            snapshot, _ = registry.publish(_load(loader, _doc("rs", [_rule("r", points=points)])))
+            published.append(snapshot)
+        return registry, published
+
+    def test_rollback_to_previous(self):
+        """rollback() republishes the previous content with its revision, as version n+1."""
+        registry, published = self._three_versions()
+        snapshot, events = registry.rollback()
+        assert snapshot.version == 4
+        assert snapshot.revision == published[1].revision
+        assert registry.get_rule("r").points == 2
+        assert _events(events) == {("rule_updated", "rs", "r", 4)}
+        assert evaluate(registry.current, "rs", {}).registry_version == 4
+
+    def test_rollback_to_version(self):
+        """rollback(v) republishes version v's content with its revision."""
+        registry, published = self._three_versions()
+        snapshot, _ = registry.rollback(1)
+        assert snapshot.version == 4
+        assert snapshot.revision == published[0].revision
+        assert registry.get_rule("r").points == 1
+        assert registry.current.revision != published[2].revision
+
+    def test_rollback_after_clear_restores_rules(self, registry):
+        """Rolling back a clear brings the rulesets back."""
+        revision = registry.current.revision
+        registry.clear()
+        registry.rollback()
+        assert registry.current.revision == revision
+        assert sorted(registry.current.rulesets) == ["alpha", "beta"]
+        assert registry.version == 3
+
+    def test_rollback_to_unknown_version(self):
+        """rollback to a version never published (or the current one) raises NotFoundError."""
+        registry, published = self._three_versions()
+        for version in (99, 0, 3):
+            with pytest.raises(NotFoundError):
+                registry.rollback(version)
+        assert registry.current is published[2]
+
+    def test_rollback_without_history(self, registry):
+        """With only one publish there is nothing to roll back to."""
+        with pytest.raises(NotFoundError):
+            registry.rollback()
+        assert registry.version == 1
+
+    def test_rollback_beyond_bounded_history(self):
+        """A version that fell out of the bounded history cannot be rolled back to."""
+        registry = RuleRegistry(history_limit=2)
+        loader = Loader()
+        for points in (1, 2, 3, 4):
+            registry.publish(_load(loader, _doc("rs", [_rule("r", points=points)])))
+        with pytest.raises(NotFoundError):
+            registry.rollback(1)
+        snapshot, _ = registry.rollback(2)
+        assert snapshot.version == 5
+        assert registry.get_rule("r").points == 2
+
+
+class TestConcurrency:
+    """Readers never see a half-published registry while a writer publishes."""
+
+    RULES = 10
+    PUBLISHES = 200
+    READERS = 4
+
+    def _content(self, points: int) -> Snapshot:
+        rules = [_rule(f"r{i}", "input.x >= 0", points) for i in range(self.RULES)]
+        return _load(Loader(), _doc("rs", rules))
+
+    def test_readers_see_one_content_per_result(self):
+        """Each result is all-1s or all-2s and names a version published with that content."""
+        contents = {1: self._content(1), 2: self._content(2)}
+        revisions = {marker: snap.revision for marker, snap in contents.items()}
+        assert revisions[1] != revisions[2]
+        registry = RuleRegistry()
+        published: dict[int, int] = {}
+        first, _ = registry.publish(contents[1])
+        published[first.version] = 1
+        stop = threading.Event()
+        observations: list[list[tuple[int, str, int, tuple[int, ...]]]] = [
+            [] for _ in range(self.READERS)
+        ]
+        failures: list[BaseException] = []
+
+        def reader(out: list[tuple[int, str, int, tuple[int, ...]]]) -> None:
+            try:
+                while not stop.is_set() or not out:
+                    result = evaluate(registry.current, "rs", {"x": 1})
+                    out.append(
+                        (
+                            result.registry_version,
+                            result.revision,
+                            result.total_points,
+                            tuple(m.points for m in result.matched),
+                        )
+                    )
+                    time.sleep(0)  # let the writer in between evaluations
+            except BaseException as exc:  # reported below, so a reader failure fails the test
+                failures.append(exc)
+
+        threads = [threading.Thread(target=reader, args=(out,)) for out in observations]
+        for thread in threads:
+            thread.start()
+        try:
+            for i in range(self.PUBLISHES):
+                marker = 2 if i % 2 == 0 else 1
+                snapshot, _ = registry.publish(contents[marker])
+                published[snapshot.version] = marker
+                time.sleep(0.0005)  # let readers run against this version
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=30)
+        assert failures == []
+        assert registry.version == self.PUBLISHES + 1
+        assert all(published[v] == (1 if v % 2 else 2) for v in published)
+        seen = [obs for out in observations for obs in out]
+        assert len({obs[0] for obs in seen}) > 2, "readers never overlapped the writer"
+        for version, revision, total, points in seen:
+            marker = published[version]
+            assert points == (marker,) * self.RULES
+            assert total == marker * self.RULES
+            assert revision == revisions[marker]

@@ -1,0 +1,184 @@
+"""Tests of the RuleSet JSON Schema itself: valid, documented, closed, and where editors look."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from sidecar.documents import SourceFile, parse_file
+from sidecar.loader import ruleset_schema
+from sidecar.model import Rule
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE_SCHEMA = REPO / "sidecar" / "schemas" / "ruleset.schema.json"
+TOP_SCHEMA = REPO / "schemas" / "ruleset.schema.json"
+EXAMPLES = sorted((REPO / "examples" / "rules").glob("*.y*ml"))
+MODELINE_RE = re.compile(r"^# yaml-language-server: \$schema=(\S+)\s*$")
+
+# Object schemas that are free-form on purpose: their keys are the author's, not ours.
+FREE_FORM = {
+    "#/properties/metadata/properties/labels",
+    "#/properties/spec/properties/rules/items/properties/metadata",
+    "#/properties/spec/properties/tests/items/properties/input",
+}
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "dependentSchemas")
+_SCHEMA_VALUES = ("items", "additionalProperties", "propertyNames", "contains", "not")
+_SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
+
+
+def subschemas(schema: dict[str, Any], pointer: str = "#") -> Iterator[tuple[str, dict]]:
+    """Every schema nested in `schema` (itself included), with its JSON pointer."""
+    yield pointer, schema
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS:
+            for name, sub in value.items():
+                yield from subschemas(sub, f"{pointer}/{key}/{name}")
+        elif key in _SCHEMA_VALUES and isinstance(value, dict):
+            yield from subschemas(value, f"{pointer}/{key}")
+        elif key in _SCHEMA_LISTS:
+            for index, sub in enumerate(value):
+                yield from subschemas(sub, f"{pointer}/{key}/{index}")
+
+
+@pytest.fixture(scope="module")
+def schema() -> dict[str, Any]:
+    """The schema as shipped in the package."""
+    return json.loads(PACKAGE_SCHEMA.read_text(encoding="utf-8"))
+
+
+class TestSchemaIsValid:
+    """The schema is a valid Draft 2020-12 schema and is what the loader uses."""
+
+    def test_schema_is_valid_draft_2020_12(self, schema: dict[str, Any]):
+        """`check_schema` accepts it and it declares the 2020-12 dialect."""
+        jsonschema.Draft202012Validator.check_schema(schema)
+
+        assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+
+    def test_loader_uses_the_packaged_file(self, schema: dict[str, Any]):
+        """`ruleset_schema()` returns the content of `sidecar/schemas/ruleset.schema.json`."""
+        assert ruleset_schema() == schema
+
+    def test_schema_pins_api_version_and_kind(self, schema: dict[str, Any]):
+        """apiVersion and kind are constants, and both are required."""
+        properties = schema["properties"]
+
+        assert properties["apiVersion"]["const"] == "rule-sidecar/v1"
+        assert properties["kind"]["const"] == "RuleSet"
+        assert {"apiVersion", "kind", "metadata", "spec"} <= set(schema["required"])
+
+    def test_schema_defaults_agree_with_the_model(self, schema: dict[str, Any]):
+        """The documented defaults of `enabled` and `priority` are the ones rules get."""
+        rule = schema["properties"]["spec"]["properties"]["rules"]["items"]["properties"]
+        model = Rule(id="r", ruleset_id="s", name="r", condition="true", points=1)
+
+        assert rule["enabled"]["default"] is model.enabled
+        assert rule["priority"]["default"] == model.priority
+
+
+class TestSchemaIsDocumented:
+    """Every property at every level says what it is for."""
+
+    def test_every_property_has_a_description(self, schema: dict[str, Any]):
+        """Each entry of every `properties` map has a non-empty description."""
+        missing = []
+        checked = 0
+        for pointer, sub in subschemas(schema):
+            for name, prop in sub.get("properties", {}).items():
+                checked += 1
+                description = prop.get("description")
+                if not (isinstance(description, str) and description.strip()):
+                    missing.append(f"{pointer}/properties/{name}")
+
+        assert missing == []
+        assert checked >= 30  # the walk really went through the whole schema
+
+    def test_root_and_list_items_have_descriptions(self, schema: dict[str, Any]):
+        """The root and every list item that is an object are described too."""
+        undocumented = [
+            pointer
+            for pointer, sub in subschemas(schema)
+            if (pointer == "#" or pointer.endswith("/items"))
+            and sub.get("type") == "object"
+            and not sub.get("description")
+        ]
+
+        assert undocumented == []
+
+
+class TestSchemaIsClosed:
+    """Misspelt fields are errors: every structured object refuses unknown keys."""
+
+    def test_objects_with_properties_forbid_additional_ones(self, schema: dict[str, Any]):
+        """Every object schema with `properties` sets `additionalProperties: false`."""
+        open_objects = [
+            pointer
+            for pointer, sub in subschemas(schema)
+            if "properties" in sub and sub.get("additionalProperties") is not False
+        ]
+
+        assert open_objects == []
+
+    def test_only_free_form_objects_accept_any_key(self, schema: dict[str, Any]):
+        """The objects without `additionalProperties: false` are exactly the free-form ones."""
+        free_form = {
+            pointer
+            for pointer, sub in subschemas(schema)
+            if sub.get("type") == "object" and sub.get("additionalProperties") is not False
+        }
+
+        assert free_form == FREE_FORM
+
+    def test_labels_values_are_strings(self, schema: dict[str, Any]):
+        """Labels are free-form keys with string values."""
+        validator = jsonschema.Draft202012Validator(schema)
+        document = {
+            "apiVersion": "rule-sidecar/v1",
+            "kind": "RuleSet",
+            "metadata": {"id": "demo", "labels": {"team": "risk", "tier": 1}},
+            "spec": {"rules": [{"id": "r", "condition": "true", "points": 1}]},
+        }
+
+        errors = list(validator.iter_errors(document))
+
+        assert [list(error.absolute_path) for error in errors] == [["metadata", "labels", "tier"]]
+
+
+class TestSchemaLocation:
+    """Editors find the schema at the repository top and from every example file."""
+
+    def test_top_level_schema_is_the_packaged_file(self):
+        """`schemas/ruleset.schema.json` is the same file as the packaged one."""
+        assert TOP_SCHEMA.exists()
+        assert TOP_SCHEMA.samefile(PACKAGE_SCHEMA)
+
+    @pytest.mark.parametrize("example", EXAMPLES, ids=lambda path: path.name)
+    def test_example_names_the_schema_on_its_first_line(self, example: Path):
+        """The yaml-language-server modeline's relative path resolves to the schema."""
+        first_line = example.read_text(encoding="utf-8").splitlines()[0]
+
+        found = MODELINE_RE.match(first_line)
+
+        assert found, f"{example.name}: first line is {first_line!r}"
+        target = example.parent / found[1]
+        assert not Path(found[1]).is_absolute()
+        assert target.exists()
+        assert target.samefile(PACKAGE_SCHEMA)
+
+    @pytest.mark.parametrize("example", EXAMPLES, ids=lambda path: path.name)
+    def test_example_documents_are_valid(self, example: Path, schema: dict[str, Any]):
+        """Every document of every example file passes the schema."""
+        validator = jsonschema.Draft202012Validator(schema)
+        documents, problems = parse_file(SourceFile(example.name, example.read_bytes()))
+
+        assert problems == []
+        assert documents
+        for document in documents:
+            assert [error.message for error in validator.iter_errors(document.data)] == []
