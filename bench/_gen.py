@@ -98,13 +98,13 @@ Template = Callable[[random.Random], tuple[str, str, Predicate, int]]
 
 
 def _amount_gt(r: random.Random) -> tuple[str, str, Predicate, int]:
-    a = r.choice([500, 1000, 2500, 5000, 10000])
+    a = r.randrange(500, 20_000, 50)
     literal = f"{a}" if r.random() < 0.5 else f"{a}.0"
     return "large_amount", f"input.amount > {literal}", lambda d: d["amount"] > a, 1
 
 
 def _amount_band(r: random.Random) -> tuple[str, str, Predicate, int]:
-    lo = r.choice([100, 200, 900])
+    lo = r.randrange(100, 1_000, 10)
     hi = lo + r.choice([50, 100, 500])
     cel = f"input.amount >= {lo}.0 && input.amount < {hi}.0"
     return "structuring_band", cel, lambda d: lo <= d["amount"] < hi, 1
@@ -117,7 +117,7 @@ def _country_in(r: random.Random) -> tuple[str, str, Predicate, int]:
 
 
 def _country_mismatch(r: random.Random) -> tuple[str, str, Predicate, int]:
-    a = r.choice([0, 50, 200])
+    a = r.randrange(0, 500, 25)
     cel = f"input.country != input.ip_country && input.amount > {a}"
     return (
         "ip_country_mismatch",
@@ -129,7 +129,7 @@ def _country_mismatch(r: random.Random) -> tuple[str, str, Predicate, int]:
 
 def _currency_amount(r: random.Random) -> tuple[str, str, Predicate, int]:
     c = r.choice(CURRENCIES)
-    a = r.choice([300, 1500, 8000])
+    a = r.randrange(300, 10_000, 100)
     cel = f'input.currency == "{c}" && input.amount > {a}'
     return "currency_amount", cel, lambda d: d["currency"] == c and d["amount"] > a, 1
 
@@ -142,8 +142,8 @@ def _channel_attempts(r: random.Random) -> tuple[str, str, Predicate, int]:
 
 
 def _new_account(r: random.Random) -> tuple[str, str, Predicate, int]:
-    days = r.choice([1, 7, 30, 90])
-    a = r.choice([100, 500, 2000])
+    days = r.randint(1, 90)
+    a = r.randrange(100, 2_000, 50)
     cel = f"input.user.account_age_days < {days} && input.amount > {a}.0"
     return (
         "new_account_spend",
@@ -154,7 +154,7 @@ def _new_account(r: random.Random) -> tuple[str, str, Predicate, int]:
 
 
 def _unverified(r: random.Random) -> tuple[str, str, Predicate, int]:
-    a = r.choice([50, 250, 1000])
+    a = r.randrange(50, 1_000, 10)
     cel = f"!input.user.verified && input.amount > {a}"
     return "unverified_user", cel, lambda d: not d["user"]["verified"] and d["amount"] > a, 1
 
@@ -166,7 +166,7 @@ def _mcc_in(r: random.Random) -> tuple[str, str, Predicate, int]:
 
 
 def _merchant_risk(r: random.Random) -> tuple[str, str, Predicate, int]:
-    x = r.choice([0.6, 0.75, 0.9])
+    x = r.randint(50, 95) / 100
     cel = f"input.merchant.risk_score > {x}"
     return "merchant_risk", cel, lambda d: d["merchant"]["risk_score"] > x, 1
 
@@ -217,7 +217,7 @@ def _email_domain(r: random.Random) -> tuple[str, str, Predicate, int]:
 
 def _device_os(r: random.Random) -> tuple[str, str, Predicate, int]:
     os_name = r.choice(OSES)
-    a = r.choice([0, 500])
+    a = r.randrange(0, 1_000, 20)
     cel = f'has(input.device) && input.device.os == "{os_name}" && input.amount > {a}'
     return (
         "device_os",
@@ -250,7 +250,7 @@ def _emulator(r: random.Random) -> tuple[str, str, Predicate, int]:
 
 
 def _promo(r: random.Random) -> tuple[str, str, Predicate, int]:
-    a = r.choice([5, 20, 50])
+    a = r.randint(5, 60)
     cel = f"has(input.promo_code) && input.amount < {a}.0"
     return "promo_abuse", cel, lambda d: "promo_code" in d and d["amount"] < a, 1
 
@@ -293,7 +293,7 @@ def _trusted_segment(r: random.Random) -> tuple[str, str, Predicate, int]:
 
 
 def _old_account(r: random.Random) -> tuple[str, str, Predicate, int]:
-    days = r.choice([365, 730, 1500])
+    days = r.randrange(365, 1_500, 5)
     cel = f"input.user.account_age_days > {days} && input.user.previous_chargebacks == 0"
     return (
         "tenured_customer",

@@ -23,7 +23,7 @@ from typing import Any, Final
 from cel_expr_python import cel
 from cel_expr_python.ext import ext_math, ext_strings
 
-from sidecar.errors import InputError
+from sidecar.errors import InputError, format_path
 
 __all__ = [
     "DEFAULT_INPUT_LIMITS",
@@ -34,6 +34,7 @@ __all__ = [
     "InputLimits",
     "Outcome",
     "check_input",
+    "input_fields",
 ]
 
 # The binding reports errors as "ERROR: <input>:LINE:COL: message" followed by a snippet.
@@ -70,46 +71,80 @@ class InputLimits:
 DEFAULT_INPUT_LIMITS: Final = InputLimits()
 
 
-def _check_scalar(value: Any, path: str, limits: InputLimits) -> None:
-    if isinstance(value, bool) or value is None:
-        return
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise InputError("NaN and infinities are not JSON numbers", path=path)
-        return
-    if isinstance(value, int):
-        if not _INT64_MIN <= value <= _INT64_MAX:
-            raise InputError("integer does not fit in 64 bits", path=path)
-    elif isinstance(value, str):
+class _Violation(Exception):
+    """Raised deep inside the input; the path is collected while it unwinds."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.steps: list[str | int] = []
+
+
+def _check_scalar(value: Any, kind: type, limits: InputLimits) -> None:
+    if kind is str:
         if len(value) > limits.max_string_length:
-            raise InputError(f"string longer than {limits.max_string_length} characters", path=path)
+            raise _Violation(f"string longer than {limits.max_string_length} characters")
+    elif kind is int:
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            raise _Violation("integer does not fit in 64 bits")
+    elif kind is float:
+        if not math.isfinite(value):
+            raise _Violation("NaN and infinities are not JSON numbers")
+    elif kind is not bool and value is not None:
+        raise _Violation(f"{kind.__name__} is not a JSON value")
+
+
+def _check_object(value: dict[Any, Any], depth: int, limits: InputLimits) -> None:
+    if depth > limits.max_depth:
+        raise _Violation(f"nested deeper than {limits.max_depth} levels")
+    if len(value) > limits.max_items:
+        raise _Violation(f"object has more than {limits.max_items} keys")
+    for key, item in value.items():
+        if type(key) is not str:
+            raise _Violation("object keys must be strings")
+        if len(key) > limits.max_string_length:
+            raise _Violation(f"key longer than {limits.max_string_length} characters")
+        try:
+            _check_value(item, depth + 1, limits)
+        except _Violation as violation:
+            violation.steps.append(key)
+            raise
+
+
+def _check_list(value: list[Any], depth: int, limits: InputLimits) -> None:
+    if depth > limits.max_depth:
+        raise _Violation(f"nested deeper than {limits.max_depth} levels")
+    if len(value) > limits.max_items:
+        raise _Violation(f"list has more than {limits.max_items} items")
+    for index, item in enumerate(value):
+        try:
+            _check_value(item, depth + 1, limits)
+        except _Violation as violation:
+            violation.steps.append(index)
+            raise
+
+
+def _check_value(value: Any, depth: int, limits: InputLimits) -> None:
+    kind = type(value)
+    if kind is dict:
+        _check_object(value, depth, limits)
+    elif kind is list:
+        _check_list(value, depth, limits)
     else:
-        raise InputError(f"{type(value).__name__} is not a JSON value", path=path)
+        _check_scalar(value, kind, limits)
 
 
 def check_input(document: Any, limits: InputLimits = DEFAULT_INPUT_LIMITS) -> None:
-    """Reject inputs CEL cannot take or that break the limits, naming the JSON path."""
-    stack: list[tuple[Any, str, int]] = [(document, "$", 1)]
-    while stack:
-        value, path, depth = stack.pop()
-        if isinstance(value, dict | list) and depth > limits.max_depth:
-            raise InputError(f"nested deeper than {limits.max_depth} levels", path=path)
-        if isinstance(value, dict):
-            if len(value) > limits.max_items:
-                raise InputError(f"object has more than {limits.max_items} keys", path=path)
-            for key, item in value.items():
-                if not isinstance(key, str):
-                    raise InputError("object keys must be strings", path=path)
-                if len(key) > limits.max_string_length:
-                    message = f"key longer than {limits.max_string_length} characters"
-                    raise InputError(message, path=path)
-                stack.append((item, f"{path}.{key}", depth + 1))
-        elif isinstance(value, list):
-            if len(value) > limits.max_items:
-                raise InputError(f"list has more than {limits.max_items} items", path=path)
-            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
-        else:
-            _check_scalar(value, path, limits)
+    """Reject inputs CEL cannot take or that break the limits, naming the JSON path.
+
+    Called on every evaluation, so it is written for speed: no path is built unless
+    something is wrong.
+    """
+    try:
+        _check_value(document, 1, limits)
+    except _Violation as violation:
+        path = format_path(list(reversed(violation.steps)))
+        raise InputError(violation.message, path=path) from None
 
 
 def _parse_cel_error(text: str) -> ConditionError:
@@ -169,7 +204,7 @@ class ConditionCompiler:
 
         Raises `ConditionSetError` listing every expression that does not compile.
         """
-        combined = self._compile_combined(expressions)
+        combined = self.compile_combined(expressions)
         if combined is None:
             errors: dict[int, ConditionError] = {}
             for index, expression in enumerate(expressions):
@@ -190,7 +225,8 @@ class ConditionCompiler:
     def activation(self, document: Any) -> Any:
         return self._env.Activation(data={"input": document})
 
-    def _compile_combined(self, expressions: Sequence[str]) -> Any | None:
+    def compile_combined(self, expressions: Sequence[str]) -> Any | None:
+        """One program giving the list of the expressions' outcomes, or None."""
         # `(c) ? true : false` makes a non-boolean condition a compile error here and a
         # runtime error later, so the list is always list(bool).
         if not expressions:
@@ -213,47 +249,134 @@ class ConditionSetError(Exception):
 
 
 class ConditionSet:
-    """The compiled conditions of one ruleset, evaluated together against one input."""
+    """The compiled conditions of one ruleset, evaluated together against one input.
 
-    __slots__ = ("_combined", "_compiler", "expressions")
+    cel-expr-python converts the whole input document as soon as a program reads any
+    field of it, so `project` first keeps only the top-level fields the conditions
+    name (`input.amount`, `has(input.card)`); when a condition uses `input` any other
+    way, the whole document is kept.
+
+    When the program of the whole set fails on an input, the set is split in halves,
+    each with a program of its own (compiled on first need and kept), down to the
+    conditions that failed: k failing conditions of n cost about 2k·log2(n) smaller
+    evaluations instead of n.
+    """
+
+    __slots__ = ("_compiler", "_root", "expressions", "fields")
 
     def __init__(
         self, expressions: tuple[str, ...], combined: Any | None, compiler: ConditionCompiler
     ) -> None:
         self.expressions = expressions
-        self._combined = combined
+        self.fields = input_fields(expressions)
         self._compiler = compiler
+        self._root = _Segment(0, len(expressions), combined)
+
+    def project(self, document: Any) -> Any:
+        """The part of the input the conditions can see (the input itself if unknown)."""
+        if self.fields is None or type(document) is not dict:
+            return document
+        return {name: document[name] for name in self.fields if name in document}
 
     def evaluate(self, document: Any) -> list[Outcome]:
-        """One outcome per expression, in order. The input must have passed `check_input`."""
+        """One outcome per expression, in order, for a `project`ed input that has passed
+        `check_input`."""
         if not self.expressions:
             return []
-        if self._combined is not None:
+        root = self._root.program(self._compiler, self.expressions)
+        if root is not None:
+            # The common case, kept lean: `data=` costs less than building an Activation.
             try:
-                value = self._combined.eval(data={"input": document})
+                value = root.eval(data={"input": document})
             except RuntimeError:
-                value = None  # iteration budget spent by the set as a whole
+                value = None
             if value is not None and value.type() != cel.Type.ERROR:
                 outcomes: list[Outcome] = value.plain_value()
                 return outcomes
-        return self._evaluate_each(document)
-
-    def _evaluate_each(self, document: Any) -> list[Outcome]:
         activation = self._compiler.activation(document)
-        outcomes: list[Outcome] = []
-        for expression in self.expressions:
-            program = self._compiler.compile(expression)
+        if len(self.expressions) == 1:
+            return [self._evaluate_one(0, activation)]
+        outcomes = []
+        for half in self._root.split():
+            self._evaluate(half, activation, outcomes)
+        return outcomes
+
+    def _evaluate(self, segment: _Segment, activation: Any, outcomes: list[Outcome]) -> None:
+        if segment.end - segment.start == 1:
+            outcomes.append(self._evaluate_one(segment.start, activation))
+            return
+        program = segment.program(self._compiler, self.expressions)
+        if program is not None:
             try:
                 value = program.eval(activation)
-            except RuntimeError as exc:
-                outcomes.append(_runtime_error_text(str(exc)))
-                continue
-            if value.type() == cel.Type.ERROR:
-                outcomes.append(_runtime_error_text(str(value)))
-                continue
-            result = value.plain_value()
-            if isinstance(result, bool):
-                outcomes.append(result)
-            else:
-                outcomes.append(f"condition gave {value.type().name().lower()}, not a boolean")
-        return outcomes
+            except RuntimeError:
+                value = None  # the iteration budget, spent by the segment as a whole
+            if value is not None and value.type() != cel.Type.ERROR:
+                outcomes.extend(value.plain_value())
+                return
+        left, right = segment.split()
+        self._evaluate(left, activation, outcomes)
+        self._evaluate(right, activation, outcomes)
+
+    def _evaluate_one(self, index: int, activation: Any) -> Outcome:
+        program = self._compiler.compile(self.expressions[index])
+        try:
+            value = program.eval(activation)
+        except RuntimeError as exc:
+            return _runtime_error_text(str(exc))
+        if value.type() == cel.Type.ERROR:
+            return _runtime_error_text(str(value))
+        result = value.plain_value()
+        if isinstance(result, bool):
+            return result
+        return f"condition gave {value.type().name().lower()}, not a boolean"
+
+
+class _Segment:
+    """A slice of a ruleset's conditions with a program of its own, made on first need."""
+
+    __slots__ = ("_children", "_compiled", "_program", "end", "start")
+
+    def __init__(self, start: int, end: int, program: Any | None = None) -> None:
+        self.start = start
+        self.end = end
+        self._program = program
+        self._compiled = program is not None
+        self._children: tuple[_Segment, _Segment] | None = None
+
+    def program(self, compiler: ConditionCompiler, expressions: Sequence[str]) -> Any | None:
+        # Racing threads may both compile; either result is the same program.
+        if not self._compiled:
+            self._program = compiler.compile_combined(expressions[self.start : self.end])
+            self._compiled = True
+        return self._program
+
+    def split(self) -> tuple[_Segment, _Segment]:
+        if self._children is None:
+            middle = (self.start + self.end) // 2
+            self._children = (_Segment(self.start, middle), _Segment(middle, self.end))
+        return self._children
+
+
+# CEL string literals (raw and bytes prefixes, triple quotes), blanked out before looking
+# for `input`, so that text inside a string is never mistaken for a field reference.
+_STRING_LITERAL: Final = re.compile(
+    r'[rRbB]{0,2}(?:"""[\s\S]*?"""'
+    r"|'''[\s\S]*?'''"
+    r'|"(?:\\.|[^"\\\n])*"'
+    r"|'(?:\\.|[^'\\\n])*')"
+)
+_INPUT_USE: Final = re.compile(r"(?<![\w.])input\b(\s*\.\s*([A-Za-z_]\w*)(\s*\()?)?")
+
+
+def input_fields(expressions: Sequence[str]) -> frozenset[str] | None:
+    """Top-level input fields the expressions read, or None when one uses `input` as a
+    whole (`input.size()`, `input[key]`, `x in input`, a macro variable named input)."""
+    fields: set[str] = set()
+    for expression in expressions:
+        for use in _INPUT_USE.finditer(_STRING_LITERAL.sub('""', expression)):
+            field, call = use.group(2), use.group(3)
+            if field is None or call is not None:
+                return None
+            fields.add(field)
+    return frozenset(fields)

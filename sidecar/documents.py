@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import yaml
 
-from sidecar.errors import Problem
+from sidecar.errors import Problem, format_path
 from sidecar.model import Location
 
 __all__ = [
@@ -24,7 +24,6 @@ __all__ = [
     "Document",
     "FileLimits",
     "SourceFile",
-    "format_path",
     "parse_file",
 ]
 
@@ -121,14 +120,6 @@ def _child(node: yaml.Node, step: str | int) -> yaml.Node | None:
     ):
         return node.value[step]  # type: ignore[no-any-return]
     return None
-
-
-def format_path(path: Sequence[str | int]) -> str:
-    """`("spec", "rules", 3, "condition")` → `$.spec.rules[3].condition`."""
-    text = "$"
-    for step in path:
-        text += f"[{step}]" if isinstance(step, int) else f".{step}"
-    return text
 
 
 class _FileProblem(Exception):

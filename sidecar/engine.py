@@ -13,18 +13,10 @@ from typing import Any
 
 from sidecar.conditions import DEFAULT_INPUT_LIMITS, InputLimits, check_input
 from sidecar.errors import NotFoundError
-from sidecar.model import RuleSet
+from sidecar.model import Rule, RuleSet
 from sidecar.snapshot import Snapshot
 
-__all__ = ["Evaluation", "Match", "RuleError", "evaluate", "evaluate_many", "evaluate_ruleset"]
-
-
-@dataclass(frozen=True, slots=True)
-class Match:
-    id: str
-    name: str
-    points: int
-    priority: int = 0
+__all__ = ["Evaluation", "RuleError", "evaluate", "evaluate_many", "evaluate_ruleset"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,14 +27,15 @@ class RuleError:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Evaluation:
-    """The outcome for one input. `matched` is in evaluation order (priority first)."""
+    """The outcome for one input. `matched` is in evaluation order (priority first);
+    they are the snapshot's own (immutable) rules, so a match costs no allocation."""
 
     ruleset_id: str
     registry_version: int
     revision: str
     total_points: int
     decision: str | None
-    matched: tuple[Match, ...]
+    matched: tuple[Rule, ...]
     errors: tuple[RuleError, ...]
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,14 +62,17 @@ def evaluate_ruleset(
     limits: InputLimits = DEFAULT_INPUT_LIMITS,
 ) -> Evaluation:
     """Evaluate one ruleset; raises `InputError` when the input breaks the limits."""
+    # The whole input is checked, so that what an input may hold does not depend on
+    # which fields a ruleset happens to read; CEL then sees only those fields.
     check_input(document, limits)
     plan = ruleset.plan
-    matched: list[Match] = []
+    view = plan.conditions.project(document)
+    matched: list[Rule] = []
     errors: list[RuleError] = []
     total = 0
-    for rule, outcome in zip(plan.rules, plan.conditions.evaluate(document), strict=True):
+    for rule, outcome in zip(plan.rules, plan.conditions.evaluate(view), strict=True):
         if outcome is True:
-            matched.append(Match(rule.id, rule.name, rule.points, rule.priority))
+            matched.append(rule)
             total += rule.points
         elif outcome is not False:
             errors.append(RuleError(rule.id, outcome))

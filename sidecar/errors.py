@@ -12,7 +12,7 @@ Kept free of imports from the rest of the package so every layer can raise them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,7 +23,13 @@ __all__ = [
     "NotFoundError",
     "Problem",
     "RuleSidecarError",
+    "format_path",
 ]
+
+
+def format_path(path: Sequence[str | int]) -> str:
+    """`("spec", "rules", 3, "condition")` → `$.spec.rules[3].condition`."""
+    return "$" + "".join(f"[{step}]" if isinstance(step, int) else f".{step}" for step in path)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

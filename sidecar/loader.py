@@ -32,10 +32,9 @@ from sidecar.documents import (
     Document,
     FileLimits,
     SourceFile,
-    format_path,
     parse_file,
 )
-from sidecar.errors import LoadError, Problem
+from sidecar.errors import LoadError, Problem, format_path
 from sidecar.model import (
     API_VERSION,
     KIND,

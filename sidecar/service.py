@@ -223,40 +223,46 @@ class HotReloadService:
         trigger: str = Trigger.API,
         force: bool = False,
         validate: bool = True,
-        filtered_by: dict[str, Any] | None = None,
+        ruleset_id: str | None = None,
+        rule_id: str | None = None,
     ) -> ReloadRecord:
         """Read every source and publish the result if it is valid and differs.
 
         `force` re-parses every file and publishes even an unchanged result; `validate`
         False skips embedded tests and semantic checks (never schema or compilation).
+
+        With `ruleset_id` or `rule_id` (the seed's scoped reloads) the whole source is
+        still reloaded: a file is the unit of change, and unchanged files are not
+        re-parsed, so this costs no more than the changed file. The ids are recorded in
+        `filtered_by`; `NotFoundError` when an id exists neither before nor after a
+        reload that did not fail.
         """
+        scoped = ruleset_id is not None or rule_id is not None
+        filtered_by = {"ruleset_id": ruleset_id, "rule_id": rule_id} if scoped else None
         async with self._lock:
-            return await self._reload(
+            known = self._knows(ruleset_id, rule_id)
+            record = await self._reload(
                 trigger, force=force, validate=validate, filtered_by=filtered_by
             )
+        failed = record.status is ReloadStatus.FAILED
+        if not failed and not known and not self._knows(ruleset_id, rule_id):
+            kind, missing = ("rule", rule_id) if rule_id is not None else ("ruleset", ruleset_id)
+            raise NotFoundError(kind, str(missing))
+        return record
 
     async def reload_ruleset(self, ruleset_id: str, *, force: bool = False) -> ReloadRecord:
-        """Reload so that `ruleset_id` is current; 404 when it exists neither before nor after.
-
-        File sources are reloaded whole (a file is the unit of change); unchanged files
-        are not re-parsed, so this costs no more than the one ruleset's file.
-        """
-        known = ruleset_id in self.registry.current.rulesets
-        record = await self.reload_rules(
-            force=force, filtered_by={"ruleset_id": ruleset_id, "rule_id": None}
-        )
-        if not known and ruleset_id not in self.registry.current.rulesets:
-            raise NotFoundError("ruleset", ruleset_id)
-        return record
+        """The seed's scoped reload; see `reload_rules`."""
+        return await self.reload_rules(ruleset_id=ruleset_id, force=force)
 
     async def reload_single_rule(self, rule_id: str, *, force: bool = False) -> ReloadRecord:
-        known = rule_id in self.registry.current.rules
-        record = await self.reload_rules(
-            force=force, filtered_by={"ruleset_id": None, "rule_id": rule_id}
+        """The seed's scoped reload; see `reload_rules`."""
+        return await self.reload_rules(rule_id=rule_id, force=force)
+
+    def _knows(self, ruleset_id: str | None, rule_id: str | None) -> bool:
+        snapshot = self.registry.current
+        return (ruleset_id is None or ruleset_id in snapshot.rulesets) and (
+            rule_id is None or rule_id in snapshot.rules
         )
-        if not known and rule_id not in self.registry.current.rules:
-            raise NotFoundError("rule", rule_id)
-        return record
 
     async def validate_reload(self) -> dict[str, Any]:
         """Load every source as a reload would, without publishing anything.
@@ -315,7 +321,7 @@ class HotReloadService:
             "registry": self.registry.get_stats(),
             "serving_from": "state_dir" if self._serving_from_state else "sources",
             "sources": [status.to_dict() for status in self._source_status.values()],
-            "last_error": [p.to_dict() for p in last.errors] if last and last.errors else None,
+            "last_errors": [p.to_dict() for p in last.errors] if last else [],
         }
 
     def get_reload_history(self, limit: int | None = None) -> list[dict[str, Any]]:
@@ -333,9 +339,12 @@ class HotReloadService:
             "registry_has_rules": bool(self.registry.current.rules),
             "last_reload_successful": last_ok and not self._serving_from_state,
         }
+        # PRODUCT.md: degraded = serving last known good, or monitoring off. An empty
+        # registry shows in `registry_has_rules` but is a valid state, not a degradation.
+        watching = checks["monitoring_active"] or not self.auto_reload
         if not has_snapshot:
             status = HealthStatus.UNHEALTHY
-        elif all(checks.values()) or (not self.auto_reload and checks["last_reload_successful"]):
+        elif checks["last_reload_successful"] and watching:
             status = HealthStatus.HEALTHY
         else:
             status = HealthStatus.DEGRADED

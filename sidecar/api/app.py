@@ -3,12 +3,16 @@
 `AppState` is the one application state object; handlers reach it through the app.
 Errors are JSON `{"error": {"status", "message", ...}}`; 404 for unknown ids, 400 for bad
 bodies, 413 past the body limit, 401 without the admin token, 429 past the reload rate.
+A reload that fails is not an error of the request: it answers 422 with the reload
+record, whose `errors` say what is wrong with the rules (as Prometheus' reload endpoint
+returns the reload's error to its caller).
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,7 +23,7 @@ from aiohttp import web
 from sidecar.api.metrics import CONTENT_TYPE_LATEST, Metrics
 from sidecar.api.websocket import ReloadNotificationManager
 from sidecar.engine import Evaluation, evaluate_ruleset
-from sidecar.errors import InputError, LoadError, NotFoundError, RuleSidecarError
+from sidecar.errors import InputError, NotFoundError
 from sidecar.registry import ChangeEvent, RuleRegistry
 from sidecar.service import HealthStatus, HotReloadService, ReloadRecord, ReloadStatus
 from sidecar.snapshot import Snapshot
@@ -40,6 +44,8 @@ except ImportError:  # orjson is optional (the `speed` extra)
 
     _loads = json.loads
 
+
+logger = logging.getLogger("sidecar.api")
 
 HOT = "/api/v1/rules/hot-reload"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -105,17 +111,18 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return error_response(404, str(exc))
     except InputError as exc:
         return error_response(400, exc.message, path=exc.path)
-    except LoadError as exc:
-        return error_response(422, str(exc), errors=[p.to_dict() for p in exc.problems])
-    except RuleSidecarError as exc:
-        return error_response(409, str(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
-        response = error_response(exc.status, exc.reason if not exc.text else exc.text)
+        kept = ("Allow", "Retry-After", "WWW-Authenticate")
+        headers = {k: v for k, v in exc.headers.items() if k in kept}
+        message = exc.text if exc.text and exc.text != exc.reason else exc.reason
+        response = error_response(exc.status, " ".join(message.split()))
         response.headers.update(headers)
         return response
+    except Exception:
+        logger.exception("unexpected error in %s %s", request.method, request.path)
+        return error_response(500, "internal error; see the sidecar's log")
 
 
 def _state(request: web.Request) -> AppState:
@@ -179,7 +186,11 @@ def _etag(snapshot: Snapshot) -> str:
 def _cached(request: web.Request, snapshot: Snapshot, data: Callable[[], Any]) -> web.Response:
     """Registry reads: ETag is the registry version; If-None-Match answers 304."""
     etag = _etag(snapshot)
-    if etag in {tag.strip() for tag in request.headers.get("If-None-Match", "").split(",")}:
+    given = {
+        tag.strip().removeprefix("W/")
+        for tag in request.headers.get("If-None-Match", "").split(",")
+    }
+    if etag in given or "*" in given:
         return web.Response(status=304, headers={"ETag": etag})
     return json_response(data(), headers={"ETag": etag})
 
@@ -202,32 +213,28 @@ async def post_reload(request: web.Request) -> web.Response:
     body = await _json_body(request, required=False)
     ruleset_id, rule_id = _optional_id(body, "ruleset_id"), _optional_id(body, "rule_id")
     force, validate = _flag(body, "force", False), _flag(body, "validate", True)
-    service = _state(request).service
-    if rule_id is not None:
-        record = await service.reload_single_rule(rule_id, force=force)
-    elif ruleset_id is not None:
-        record = await service.reload_ruleset(ruleset_id, force=force)
-    else:
-        record = await service.reload_rules(force=force, validate=validate)
+    record = await _state(request).service.reload_rules(
+        force=force, validate=validate, ruleset_id=ruleset_id, rule_id=rule_id
+    )
     return _record_response(record)
 
 
 async def post_reload_rule(request: web.Request) -> web.Response:
     _require_admin(request)
     _limit_reloads(request)
-    record = await _state(request).service.reload_single_rule(request.match_info["rule_id"])
+    record = await _state(request).service.reload_rules(rule_id=request.match_info["rule_id"])
     return _record_response(record)
 
 
 async def post_reload_ruleset(request: web.Request) -> web.Response:
     _require_admin(request)
     _limit_reloads(request)
-    record = await _state(request).service.reload_ruleset(request.match_info["ruleset_id"])
+    record = await _state(request).service.reload_rules(ruleset_id=request.match_info["ruleset_id"])
     return _record_response(record)
 
 
 async def post_validate(request: web.Request) -> web.Response:
-    _require_admin(request)
+    """Read-only, so open like the reads; rate-limited, since it reads every source."""
     _limit_reloads(request)
     return json_response(await _state(request).service.validate_reload())
 
@@ -252,13 +259,16 @@ async def get_history(request: web.Request) -> web.Response:
     try:
         limit = int(request.query.get("limit", "50"))
     except ValueError:
-        raise web.HTTPBadRequest(text="limit must be an integer") from None
-    history = _state(request).service.get_reload_history(max(limit, 0))
+        limit = -1
+    if limit < 0:
+        raise web.HTTPBadRequest(text="limit must be a whole number")
+    history = _state(request).service.get_reload_history(limit)
     return json_response({"history": history, "count": len(history)})
 
 
 async def post_rollback(request: web.Request) -> web.Response:
     _require_admin(request)
+    _limit_reloads(request)
     body = await _json_body(request, required=False)
     version = body.get("version")
     if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
@@ -343,18 +353,18 @@ async def get_ruleset(request: web.Request) -> web.Response:
 async def post_evaluate(request: web.Request) -> web.Response:
     """`{"input": {...}}` → one result; `{"inputs": [...]}` → all from one version."""
     state = _state(request)
-    body = await _json_body(request)
     ruleset_id = request.match_info["ruleset_id"]
+    snapshot = state.registry.current
+    ruleset = snapshot.rulesets.get(ruleset_id)
+    if ruleset is None:
+        raise NotFoundError("ruleset", ruleset_id)
+    body = await _json_body(request)
     if ("input" in body) == ("inputs" in body):
         raise web.HTTPBadRequest(text='give exactly one of "input" or "inputs"')
     batch = "inputs" in body
     documents = body["inputs"] if batch else [body["input"]]
     if not isinstance(documents, list) or not documents:
         raise web.HTTPBadRequest(text='"inputs" must be a non-empty list')
-    snapshot = state.registry.current
-    ruleset = snapshot.rulesets.get(ruleset_id)
-    if ruleset is None:
-        raise NotFoundError("ruleset", ruleset_id)
     started = time.perf_counter()
     results = []
     for index, document in enumerate(documents):

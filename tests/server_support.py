@@ -1,0 +1,464 @@
+"""Shared helpers for the server tests: ConfigMap-style rule dirs, a real app, polling.
+
+Import the fixtures with `pytest_plugins = ["server_support"]` in a test module. Nothing
+here is a mock: rule files are real files (swapped the way the kubelet swaps a mounted
+ConfigMap), the application is the real aiohttp app built by `build_state`/`create_app`
+and served by a real server, and WebSockets are real client connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from itertools import count
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from sidecar.api.app import AppState, create_app
+from sidecar.api.run import build_state
+from sidecar.config import Settings
+
+__all__ = [
+    "HOT",
+    "ConfigMapDir",
+    "Sidecar",
+    "ThreadedSidecar",
+    "eventually",
+    "fraud_doc",
+    "free_port",
+    "metric_value",
+    "receive_event",
+    "receive_until",
+    "ruleset_doc",
+    "start_sidecar",
+    "to_yaml",
+]
+
+HOT = "/api/v1/rules/hot-reload"
+WAIT_SECONDS = 5.0
+_T = TypeVar("_T")
+
+
+# Rule documents
+
+
+def ruleset_doc(
+    ruleset_id: str | int,
+    rules: list[dict[str, Any]] | None = None,
+    **spec: Any,
+) -> dict[str, Any]:
+    """A valid RuleSet document; by default one rule `<id>-big` (amount > 100, 10 points)."""
+    if rules is None:
+        rules = [{"id": f"{ruleset_id}-big", "condition": "input.amount > 100", "points": 10}]
+    return {
+        "apiVersion": "rule-sidecar/v1",
+        "kind": "RuleSet",
+        "metadata": {"id": ruleset_id, "name": f"Ruleset {ruleset_id}"},
+        "spec": {"rules": rules, **spec},
+    }
+
+
+def fraud_doc(large_points: int = 40, *, disabled_rule: bool = True) -> dict[str, Any]:
+    """The `fraud` ruleset: decision bands, two scoring rules and (optionally) a disabled one."""
+    rules: list[dict[str, Any]] = [
+        {
+            "id": "large-amount",
+            "name": "Large amount",
+            "condition": "input.amount > 1000",
+            "points": large_points,
+            "priority": 10,
+            "tags": ["amount"],
+        },
+        {
+            "id": "foreign-country",
+            "name": "Foreign country",
+            "condition": "input.country != 'US'",
+            "points": 30,
+        },
+    ]
+    if disabled_rule:
+        rules.append(
+            {
+                "id": "never-on",
+                "name": "Disabled rule",
+                "condition": "true",
+                "points": 99,
+                "enabled": False,
+            }
+        )
+    return ruleset_doc(
+        "fraud",
+        rules,
+        decisions=[
+            {"decision": "deny", "min_points": 70},
+            {"decision": "review", "min_points": 40},
+        ],
+        default_decision="allow",
+    )
+
+
+def to_yaml(*docs: Mapping[str, Any]) -> str:
+    """Documents as YAML text, separated by `---`."""
+    return yaml.safe_dump_all([dict(doc) for doc in docs], sort_keys=False, width=1000)
+
+
+INVALID_RULES = (
+    "apiVersion: rule-sidecar/v1\n"
+    "kind: RuleSet\n"
+    "metadata: {id: fraud}\n"
+    "spec:\n"
+    "  rules:\n"
+    "    - id: large-amount\n"
+    "      condition: input.amount >\n"
+    "      points: 40\n"
+)
+"""A document whose only rule's condition does not compile (line 7)."""
+
+
+class ConfigMapDir:
+    """A directory laid out like a mounted ConfigMap, updated like the kubelet does it.
+
+    `root/name -> ..data/name` for each visible file, `..data -> ..<timestamp>` holding
+    the content; `publish` writes a new timestamped directory, points `..data_tmp` at it
+    and renames that over `..data` (the atomic swap), then fixes the visible symlinks and
+    removes the old timestamped directory.
+    """
+
+    _serial = count(1)
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def data(self) -> Path:
+        return self.root / "..data"
+
+    def publish(self, files: Mapping[str, str]) -> Path:
+        """Atomically replace the whole content with `files`; returns the new data dir."""
+        previous = os.readlink(self.data) if self.data.is_symlink() else None
+        stamp = datetime.now(UTC).strftime("..2026_11_26_%H_%M_%S.") + str(next(self._serial))
+        target = self.root / stamp
+        target.mkdir()
+        for name, text in files.items():
+            (target / name).write_text(text, encoding="utf-8")
+        temporary = self.root / "..data_tmp"
+        os.symlink(stamp, temporary)
+        os.rename(temporary, self.data)
+        for name in files:
+            visible = self.root / name
+            if not visible.is_symlink():
+                os.symlink(f"..data/{name}", visible)
+        for entry in self.root.iterdir():
+            if not entry.name.startswith(".") and entry.is_symlink() and entry.name not in files:
+                entry.unlink()
+        if previous is not None:
+            old = self.root / previous
+            for child in old.iterdir():
+                child.unlink()
+            old.rmdir()
+        return target
+
+
+# Waiting
+
+
+async def eventually(
+    check: Callable[[], _T | Awaitable[_T]],
+    *,
+    timeout: float = WAIT_SECONDS,
+    interval: float = 0.02,
+    message: str = "condition",
+) -> _T:
+    """Poll `check` (plain or async) until it returns something truthy, or fail."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value  # type: ignore[return-value]
+        last = value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{message} not met within {timeout} s (last: {last!r})")
+        await asyncio.sleep(interval)
+
+
+def wait_sync(
+    check: Callable[[], _T], *, timeout: float = WAIT_SECONDS, message: str = "condition"
+) -> _T:
+    """Blocking `eventually`, for tests that drive a server in another thread or process."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{message} not met within {timeout} s (last: {value!r})")
+        time.sleep(0.02)
+
+
+async def receive_event(
+    ws: aiohttp.ClientWebSocketResponse, timeout: float = WAIT_SECONDS
+) -> dict[str, Any]:
+    """The next WebSocket message as JSON; fails on a close or after `timeout`."""
+    message = await ws.receive(timeout=timeout)
+    assert message.type is aiohttp.WSMsgType.TEXT, f"expected a text message, got {message!r}"
+    event: dict[str, Any] = json.loads(message.data)
+    return event
+
+
+async def receive_until(
+    ws: aiohttp.ClientWebSocketResponse,
+    event_type: str,
+    timeout: float = WAIT_SECONDS,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Read until a message of `event_type` arrives: (that message, everything before it)."""
+    deadline = time.monotonic() + timeout
+    seen: list[dict[str, Any]] = []
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            types = [event["event_type"] for event in seen]
+            raise AssertionError(f"no {event_type!r} within {timeout} s; saw {types}")
+        try:
+            event = await receive_event(ws, remaining)
+        except TimeoutError:
+            continue
+        if event["event_type"] == event_type:
+            return event, seen
+        seen.append(event)
+
+
+def metric_value(text: str, name: str, labels: Mapping[str, str] | None = None) -> float | None:
+    """The value of one sample in Prometheus text output, or None when it is absent."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        sample, _, value = line.rpartition(" ")
+        metric, _, label_text = sample.partition("{")
+        if metric != name:
+            continue
+        found = dict(
+            (part.split("=", 1)[0], part.split("=", 1)[1].strip('"'))
+            for part in label_text.rstrip("}").split(",")
+            if "=" in part
+        )
+        if labels is None or all(found.get(k) == v for k, v in labels.items()):
+            return float(value)
+    return None
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+# A real application behind a real server
+
+
+@dataclass
+class Sidecar:
+    """One running application: its test client, its state and its rules directory."""
+
+    client: TestClient
+    state: AppState
+    rules: Path
+    settings: Settings
+
+    @property
+    def service(self) -> Any:
+        return self.state.service
+
+    @property
+    def version(self) -> int:
+        return self.state.registry.version
+
+    async def call(
+        self, method: str, path: str, *, status: int | None = 200, **kwargs: Any
+    ) -> tuple[aiohttp.ClientResponse, Any]:
+        """One request: (response, JSON body or None); asserts the status when given."""
+        response = await self.client.request(method, path, **kwargs)
+        text = await response.text()
+        body = json.loads(text) if text and "json" in response.content_type else None
+        if status is not None:
+            assert response.status == status, f"{method} {path}: {response.status} {text}"
+        return response, body
+
+    async def get(self, path: str, *, status: int | None = 200, **kwargs: Any) -> Any:
+        return (await self.call("GET", path, status=status, **kwargs))[1]
+
+    async def post(self, path: str, *, status: int | None = 200, **kwargs: Any) -> Any:
+        return (await self.call("POST", path, status=status, **kwargs))[1]
+
+    async def evaluate(self, ruleset_id: str, document: Any) -> dict[str, Any]:
+        result: dict[str, Any] = await self.post(
+            f"/api/v1/rulesets/{ruleset_id}/evaluate", json={"input": document}
+        )
+        return result
+
+    async def health(self) -> tuple[int, dict[str, Any]]:
+        response, body = await self.call("GET", "/health/hot-reload", status=None)
+        return response.status, body
+
+
+def _app_for(state: AppState, settings: Settings) -> web.Application:
+    """The application exactly as `serve()` wires it (WebSockets closed at shutdown)."""
+    app = create_app(state, max_body_bytes=settings.max_body_bytes)
+
+    async def close_websockets(_app: web.Application) -> None:
+        await state.notifier.close_all()
+
+    app.on_shutdown.append(close_websockets)
+    return app
+
+
+StartSidecar = Callable[..., Awaitable[Sidecar]]
+
+
+@pytest.fixture
+async def start_sidecar(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+) -> AsyncIterator[StartSidecar]:
+    """Factory: `await start_sidecar(rules_dir, load=True, monitor=False, **settings)`.
+
+    Follows `serve()`: build the state, create the app, load, start watching (only when
+    `monitor`), then serve. `prepare(state)` may replace parts of the state before the
+    app is created. Every service started here is stopped at teardown.
+    """
+    states: list[AppState] = []
+
+    async def start(
+        rules: Path,
+        *,
+        load: bool = True,
+        monitor: bool = False,
+        prepare: Callable[[AppState], None] | None = None,
+        **options: Any,
+    ) -> Sidecar:
+        options.setdefault("debounce_ms", 20)
+        settings = Settings(rules_dirs=(rules,), **options)
+        state = build_state(settings)
+        if prepare is not None:
+            prepare(state)
+        states.append(state)
+        app = _app_for(state, settings)
+        if load:
+            await state.service.initial_load()
+        if monitor:
+            state.service.start()
+            state.metrics.monitoring.set(1)
+        client = await aiohttp_client(app)
+        return Sidecar(client=client, state=state, rules=rules, settings=settings)
+
+    yield start
+    for state in states:
+        await state.service.stop()
+
+
+@pytest.fixture
+def configmap_dir(tmp_path: Path) -> ConfigMapDir:
+    """A ConfigMap-style rules directory holding `rules.yaml` with the `fraud` ruleset."""
+    mount = ConfigMapDir(tmp_path / "configmap")
+    mount.publish({"rules.yaml": to_yaml(fraud_doc())})
+    return mount
+
+
+@pytest.fixture
+def plain_rules(tmp_path: Path) -> Path:
+    """A plain rules directory: `fraud.yaml` and `extra.yaml` (ruleset `extra`)."""
+    directory = tmp_path / "plain-rules"
+    directory.mkdir()
+    (directory / "fraud.yaml").write_text(to_yaml(fraud_doc()), encoding="utf-8")
+    (directory / "extra.yaml").write_text(to_yaml(ruleset_doc("extra")), encoding="utf-8")
+    return directory
+
+
+# A real server in a thread of its own (for the synchronous client)
+
+
+@dataclass
+class ThreadedSidecar:
+    """The real app served on 127.0.0.1 by a `TestServer` on an event loop in a thread."""
+
+    settings: Settings
+    port: int = 0
+    state: AppState | None = None
+    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
+    _thread: threading.Thread | None = None
+    _server: TestServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def run(self, coroutine: Awaitable[_T], timeout: float = WAIT_SECONDS) -> _T:
+        """Run a coroutine on the server's loop and wait for its result."""
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)  # type: ignore[arg-type]
+        return future.result(timeout)
+
+    def start(self) -> ThreadedSidecar:
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.run(self._start())
+        return self
+
+    async def _start(self) -> None:
+        self.state = build_state(self.settings)
+        app = _app_for(self.state, self.settings)
+        await self.state.service.initial_load()
+        self.state.service.start()
+        self._server = TestServer(app, host="127.0.0.1", port=self.port or None)
+        await self._server.start_server()
+        self.port = self._server.port or 0
+
+    async def _stop(self) -> None:
+        assert self.state is not None
+        await self.state.service.stop()
+        if self._server is not None:
+            await self._server.close()
+            self._server = None
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.run(self._stop(), timeout=15)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(5)
+        self._loop.close()
+
+    def __enter__(self) -> ThreadedSidecar:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def threaded_sidecar(settings: Settings) -> Iterator[ThreadedSidecar]:
+    """`with threaded_sidecar(settings) as server: ... server.url ...`"""
+    server = ThreadedSidecar(settings)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

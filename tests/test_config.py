@@ -1,0 +1,257 @@
+"""`sidecar.config`: settings from environment variables and flags, checked once."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.config import (
+    DEFAULT_SETTINGS,
+    ENVIRONMENT,
+    Settings,
+    SettingsError,
+    settings_from,
+)
+
+
+def bug(variable: str, text: str, reason: str) -> Any:
+    """A parameter set that exposes a known bug: strict xfail with its description."""
+    return pytest.param(variable, text, marks=pytest.mark.xfail(reason=reason, strict=True))
+
+
+class TestDefaults:
+    """Without any variable the documented defaults apply."""
+
+    def test_empty_environment_gives_the_defaults(self):
+        """No variables: the seed's defaults and localhost:8000."""
+        settings = settings_from({})
+        assert settings == DEFAULT_SETTINGS == Settings()
+        assert (settings.host, settings.port) == ("127.0.0.1", 8000)
+        assert settings.hot_reload_enabled is True
+        assert settings.interval_seconds == 30.0
+        assert settings.validation_enabled is True
+        assert settings.max_age_seconds == 300.0
+        assert settings.rules_dirs == ()
+
+    def test_every_field_has_a_variable(self):
+        """Each setting has exactly one variable; the seed's four keep their names."""
+        names = {field.name for field in dataclasses.fields(Settings)}
+        assert set(ENVIRONMENT) == names
+        assert len(set(ENVIRONMENT.values())) == len(names)
+        assert all(v.startswith(("RULE_SIDECAR_", "HOT_RELOAD_")) for v in ENVIRONMENT.values())
+        assert {
+            ENVIRONMENT["hot_reload_enabled"],
+            ENVIRONMENT["interval_seconds"],
+            ENVIRONMENT["validation_enabled"],
+            ENVIRONMENT["max_age_seconds"],
+        } == {
+            "HOT_RELOAD_ENABLED",
+            "HOT_RELOAD_INTERVAL_SECONDS",
+            "HOT_RELOAD_VALIDATION_ENABLED",
+            "HOT_RELOAD_MAX_AGE_SECONDS",
+        }
+
+    def test_settings_are_frozen(self):
+        """Settings cannot change after parsing."""
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            DEFAULT_SETTINGS.port = 1  # type: ignore[misc]
+
+    def test_unrelated_variables_are_ignored(self):
+        """Variables that are not settings change nothing."""
+        assert settings_from({"PATH": "/bin", "RULE_SIDECAR_NOPE": "1"}) == DEFAULT_SETTINGS
+
+
+class TestParsing:
+    """Every variable type is parsed into its field's type."""
+
+    @pytest.mark.parametrize(
+        ("variable", "text", "field", "expected"),
+        [
+            ("RULE_SIDECAR_HOST", "0.0.0.0", "host", "0.0.0.0"),
+            ("RULE_SIDECAR_PORT", "9000", "port", 9000),
+            ("RULE_SIDECAR_METRICS_HOST", "0.0.0.0", "metrics_host", "0.0.0.0"),
+            ("RULE_SIDECAR_METRICS_PORT", "9090", "metrics_port", 9090),
+            ("RULE_SIDECAR_DATABASE_URL", "sqlite:///r.db", "database_url", "sqlite:///r.db"),
+            ("RULE_SIDECAR_ADMIN_TOKEN_FILE", "/run/t", "admin_token_file", Path("/run/t")),
+            ("RULE_SIDECAR_STATE_DIR", "/var/lib/s", "state_dir", Path("/var/lib/s")),
+            ("HOT_RELOAD_ENABLED", "false", "hot_reload_enabled", False),
+            ("HOT_RELOAD_INTERVAL_SECONDS", "2.5", "interval_seconds", 2.5),
+            ("HOT_RELOAD_INTERVAL_SECONDS", "10", "interval_seconds", 10.0),
+            ("HOT_RELOAD_VALIDATION_ENABLED", "no", "validation_enabled", False),
+            ("HOT_RELOAD_MAX_AGE_SECONDS", "60", "max_age_seconds", 60.0),
+            ("RULE_SIDECAR_DEBOUNCE_MS", "20", "debounce_ms", 20),
+            ("RULE_SIDECAR_MAX_BODY_BYTES", "4096", "max_body_bytes", 4096),
+            ("RULE_SIDECAR_RELOAD_RATE_PER_MINUTE", "5", "reload_rate_per_minute", 5),
+            ("RULE_SIDECAR_HISTORY_LIMIT", "7", "history_limit", 7),
+            ("RULE_SIDECAR_LOG_LEVEL", "debug", "log_level", "debug"),
+        ],
+    )
+    def test_variable(self, variable: str, text: str, field: str, expected: Any):
+        """The variable's text becomes the field's typed value."""
+        settings = settings_from({variable: text})
+        value = getattr(settings, field)
+        assert value == expected
+        assert type(value) is type(expected)
+
+    def test_rules_dirs_are_path_separated(self):
+        """RULE_SIDECAR_RULES_DIR holds several directories; empty parts are skipped."""
+        text = os.pathsep.join(["/etc/rules", "", "relative/dir"])
+        settings = settings_from({"RULE_SIDECAR_RULES_DIR": text})
+        assert settings.rules_dirs == (Path("/etc/rules"), Path("relative/dir"))
+
+    @pytest.mark.parametrize(
+        ("text", "expected"),
+        [
+            ("1", True),
+            ("true", True),
+            ("YES", True),
+            (" On ", True),
+            ("0", False),
+            ("False", False),
+            ("no", False),
+            ("off", False),
+        ],
+    )
+    def test_booleans(self, text: str, expected: bool):
+        """The usual spellings of true and false, any case, surrounding blanks ignored."""
+        assert settings_from({"HOT_RELOAD_ENABLED": text}).hot_reload_enabled is expected
+
+    def test_blank_values_mean_unset(self):
+        """An empty or blank variable keeps the default."""
+        settings = settings_from({"RULE_SIDECAR_PORT": "  ", "HOT_RELOAD_ENABLED": ""})
+        assert (settings.port, settings.hot_reload_enabled) == (8000, True)
+
+    def test_values_are_stripped(self):
+        """Blanks around a value are ignored."""
+        assert settings_from({"RULE_SIDECAR_PORT": " 8080\n"}).port == 8080
+
+
+class TestOverrides:
+    """Flags (overrides) win over variables; a flag not given leaves the variable."""
+
+    def test_flag_wins_over_variable(self):
+        """An override replaces the environment's value."""
+        settings = settings_from(
+            {"RULE_SIDECAR_PORT": "8001", "RULE_SIDECAR_HOST": "0.0.0.0"}, {"port": 9000}
+        )
+        assert (settings.port, settings.host) == (9000, "0.0.0.0")
+
+    def test_none_means_not_given(self):
+        """An override of None leaves the variable's value."""
+        settings = settings_from(
+            {"RULE_SIDECAR_STATE_DIR": "/var/s"}, {"state_dir": None, "rules_dirs": None}
+        )
+        assert settings.state_dir == Path("/var/s")
+        assert settings.rules_dirs == ()
+
+    def test_flag_rules_dirs_replace_the_variable(self):
+        """`--rules-dir` flags replace RULE_SIDECAR_RULES_DIR entirely."""
+        settings = settings_from(
+            {"RULE_SIDECAR_RULES_DIR": "/from/env"}, {"rules_dirs": (Path("/from/flag"),)}
+        )
+        assert settings.rules_dirs == (Path("/from/flag"),)
+
+    def test_overridden_values_are_checked_too(self):
+        """A bad flag value is refused like a bad variable."""
+        with pytest.raises(SettingsError):
+            settings_from({}, {"port": 70000})
+
+
+class TestErrors:
+    """Values that cannot be used raise SettingsError naming the variable."""
+
+    @pytest.mark.parametrize(
+        ("variable", "text"),
+        [
+            ("RULE_SIDECAR_PORT", "abc"),
+            ("RULE_SIDECAR_PORT", "80.5"),
+            ("RULE_SIDECAR_METRICS_PORT", "metrics"),
+            ("HOT_RELOAD_ENABLED", "maybe"),
+            ("HOT_RELOAD_VALIDATION_ENABLED", "2"),
+            ("HOT_RELOAD_INTERVAL_SECONDS", "soon"),
+            ("HOT_RELOAD_MAX_AGE_SECONDS", "5m"),
+            ("RULE_SIDECAR_DEBOUNCE_MS", "1.5"),
+            ("RULE_SIDECAR_MAX_BODY_BYTES", "1MB"),
+            ("RULE_SIDECAR_RELOAD_RATE_PER_MINUTE", "many"),
+            ("RULE_SIDECAR_HISTORY_LIMIT", "ten"),
+        ],
+    )
+    def test_unparsable_value(self, variable: str, text: str):
+        """A value of the wrong type names the variable and the value."""
+        with pytest.raises(SettingsError) as raised:
+            settings_from({variable: text})
+        assert variable in str(raised.value)
+        assert repr(text) in str(raised.value)
+
+    def test_settings_error_is_a_value_error(self):
+        """Callers that catch ValueError catch SettingsError too."""
+        assert issubclass(SettingsError, ValueError)
+
+    @pytest.mark.parametrize(
+        ("variable", "text"),
+        [
+            ("HOT_RELOAD_INTERVAL_SECONDS", "0"),
+            ("HOT_RELOAD_INTERVAL_SECONDS", "-5"),
+            bug(
+                "RULE_SIDECAR_PORT",
+                "70000",
+                "BUG: Settings.__post_init__ says 'port 70000 is not a TCP port' "
+                "without naming RULE_SIDECAR_PORT",
+            ),
+            bug(
+                "RULE_SIDECAR_MAX_BODY_BYTES",
+                "100",
+                "BUG: Settings.__post_init__ says 'the body size limit must be at "
+                "least 1024 bytes' without naming RULE_SIDECAR_MAX_BODY_BYTES",
+            ),
+        ],
+    )
+    def test_out_of_range_value_names_the_variable(self, variable: str, text: str):
+        """A parsable value outside its range is refused, naming the variable."""
+        with pytest.raises(SettingsError) as raised:
+            settings_from({variable: text})
+        assert variable in str(raised.value)
+
+    @pytest.mark.parametrize(
+        ("variable", "text"),
+        [
+            bug(
+                "RULE_SIDECAR_RELOAD_RATE_PER_MINUTE",
+                "0",
+                "BUG: accepted; app.RateLimiter.acquire then divides by a rate of 0 "
+                "(ZeroDivisionError) and every reload endpoint answers 500",
+            ),
+            bug(
+                "RULE_SIDECAR_HISTORY_LIMIT",
+                "-1",
+                "BUG: accepted; build_state then fails with deque's 'maxlen must be "
+                "non-negative' ValueError (traceback, exit 1 instead of 2)",
+            ),
+            bug(
+                "RULE_SIDECAR_METRICS_PORT",
+                "70000",
+                "BUG: Settings.__post_init__ range-checks port but not metrics_port",
+            ),
+            bug(
+                "HOT_RELOAD_INTERVAL_SECONDS",
+                "nan",
+                "BUG: 'nan <= 0' is False so NaN passes the positivity check, and "
+                "asyncio.sleep(nan) never wakes: the periodic resync silently stops",
+            ),
+            bug(
+                "RULE_SIDECAR_LOG_LEVEL",
+                "verbose",
+                "BUG: log_level is not checked; run.configure_logging raises "
+                "ValueError('Unknown level') at start-up",
+            ),
+        ],
+    )
+    def test_unusable_value_is_refused(self, variable: str, text: str):
+        """A value the sidecar cannot run with is a SettingsError naming the variable."""
+        with pytest.raises(SettingsError) as raised:
+            settings_from({variable: text})
+        assert variable in str(raised.value)

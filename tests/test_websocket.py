@@ -1,0 +1,303 @@
+"""The WebSocket `/ws/hot-reload` on a real server, with real WebSocket clients."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+pytest.register_assert_rewrite("server_support")
+
+from server_support import (  # noqa: E402
+    HOT,
+    Sidecar,
+    eventually,
+    metric_value,
+    receive_event,
+    receive_until,
+)
+
+from sidecar.api.app import AppState  # noqa: E402
+from sidecar.api.websocket import ReloadNotificationManager  # noqa: E402
+
+pytest_plugins = ["server_support"]
+
+WS = "/ws/hot-reload"
+
+
+def own_notifier(**options: Any):
+    """A `prepare` hook that gives the app a notification manager built with `options`."""
+
+    def prepare(state: AppState) -> None:
+        state.notifier = ReloadNotificationManager(
+            state.service.get_status, on_count=state.metrics.websocket_clients.set, **options
+        )
+
+    return prepare
+
+
+@pytest.fixture
+async def sidecar(start_sidecar, plain_rules: Path) -> Sidecar:
+    """The app on `plain_rules`, loaded."""
+    return await start_sidecar(plain_rules)
+
+
+async def force_reload(app: Sidecar) -> None:
+    """Publish a new version (and so broadcast rules_reloaded)."""
+    await app.post(f"{HOT}/reload", json={"force": True})
+
+
+class TestProtocol:
+    """Requests a client may send and what it gets back."""
+
+    async def test_first_message_is_status(self, sidecar: Sidecar):
+        """On connect the server sends the seed's status message."""
+        async with sidecar.client.ws_connect(WS) as ws:
+            hello = await receive_event(ws)
+        assert hello["event_type"] == "status"
+        assert set(hello) == {"event_type", "timestamp", "seq", "data"}
+        datetime.fromisoformat(hello["timestamp"])
+        assert hello["data"]["registry"]["rule_count"] == 4
+        assert hello["data"]["last_reload_status"] == "success"
+
+    async def test_ping_pong(self, sidecar: Sidecar):
+        """`{"type": "ping"}` answers a `pong` message."""
+        async with sidecar.client.ws_connect(WS) as ws:
+            await receive_event(ws)
+            await ws.send_json({"type": "ping"})
+            pong = await receive_event(ws)
+        assert (pong["event_type"], pong["data"]) == ("pong", {})
+
+    async def test_status_on_request(self, sidecar: Sidecar):
+        """`{"type": "status"}` answers the current status."""
+        async with sidecar.client.ws_connect(WS) as ws:
+            await receive_event(ws)
+            await force_reload(sidecar)
+            await receive_until(ws, "rules_reloaded")
+            await ws.send_json({"type": "status"})
+            status, _ = await receive_until(ws, "status")
+        assert status["data"]["registry"]["version"] == 2
+        assert status["data"]["reload_count"] == 2
+
+    @pytest.mark.parametrize("text", ["garbage", "[1, 2]", '{"type": "subscribe"}', "{}"])
+    async def test_unknown_request_is_an_error_and_the_socket_stays(
+        self, sidecar: Sidecar, text: str
+    ):
+        """Garbage gets an `error` message; the connection stays open and usable."""
+        async with sidecar.client.ws_connect(WS) as ws:
+            await receive_event(ws)
+            await ws.send_str(text)
+            error = await receive_event(ws)
+            assert error["event_type"] == "error"
+            assert "ping" in error["data"]["message"]
+            await ws.send_json({"type": "ping"})
+            assert (await receive_event(ws))["event_type"] == "pong"
+            assert not ws.closed
+
+    async def test_binary_frames_are_ignored(self, sidecar: Sidecar):
+        """A binary frame gets no answer and does not close the connection."""
+        async with sidecar.client.ws_connect(WS) as ws:
+            await receive_event(ws)
+            await ws.send_bytes(b"\x00\x01")
+            await ws.send_json({"type": "ping"})
+            assert (await receive_event(ws))["event_type"] == "pong"
+
+    async def test_server_shutdown_closes_with_1001(self, sidecar: Sidecar):
+        """`close_all` (the SIGTERM drain) closes clients with code 1001."""
+        async with sidecar.client.ws_connect(WS) as ws:
+            await receive_event(ws)
+            await sidecar.state.notifier.close_all()
+            message = await ws.receive(timeout=5)
+        assert message.type is aiohttp.WSMsgType.CLOSE
+        assert ws.close_code == 1001
+
+    async def test_too_many_clients_are_turned_away(self, start_sidecar, plain_rules: Path):
+        """Past `max_clients` a new client is closed with 1013 (try again later)."""
+        app = await start_sidecar(plain_rules, prepare=own_notifier(max_clients=1))
+        async with app.client.ws_connect(WS) as first, app.client.ws_connect(WS) as second:
+            assert (await receive_event(first))["event_type"] == "status"
+            message = await second.receive(timeout=5)
+            assert message.type is aiohttp.WSMsgType.CLOSE
+            assert second.close_code == 1013
+
+
+class TestSequence:
+    """`seq` numbers every broadcast; a reconnecting client resumes from `last_seq`."""
+
+    async def test_broadcasts_carry_increasing_seq(self, sidecar: Sidecar):
+        """Each broadcast's seq is one more than the previous; status repeats the latest."""
+        async with sidecar.client.ws_connect(WS) as ws:
+            hello = await receive_event(ws)
+            for _ in range(3):
+                await force_reload(sidecar)
+            seqs = []
+            for _ in range(3):
+                event, before = await receive_until(ws, "rules_reloaded")
+                seqs += [e["seq"] for e in before] + [event["seq"]]
+            assert seqs == list(range(hello["seq"] + 1, hello["seq"] + 1 + len(seqs)))
+            await ws.send_json({"type": "ping"})
+            pong = await receive_event(ws)
+            assert pong["seq"] == seqs[-1]
+
+    async def test_reconnect_replays_exactly_the_missed_messages(self, sidecar: Sidecar):
+        """With `?last_seq=N` the missed broadcasts come first, once each, then status."""
+        async with sidecar.client.ws_connect(WS) as ws:
+            await receive_event(ws)
+            await force_reload(sidecar)
+            seen, _ = await receive_until(ws, "rules_reloaded")
+        last_seq = seen["seq"]
+        await force_reload(sidecar)
+        await force_reload(sidecar)
+        async with sidecar.client.ws_connect(f"{WS}?last_seq={last_seq}") as ws:
+            replayed = []
+            while (event := await receive_event(ws))["event_type"] != "status":
+                replayed.append(event)
+            assert [e["seq"] for e in replayed] == [last_seq + 1, last_seq + 2]
+            assert [e["data"]["version_after"] for e in replayed] == [3, 4]
+            assert event["seq"] == last_seq + 2
+            await ws.send_json({"type": "ping"})
+            assert (await receive_event(ws))["event_type"] == "pong"
+
+    async def test_up_to_date_client_gets_only_status(self, sidecar: Sidecar):
+        """A `last_seq` equal to the current seq replays nothing."""
+        current = sidecar.state.notifier.broadcast("custom", {"n": 1})
+        async with sidecar.client.ws_connect(f"{WS}?last_seq={current}") as ws:
+            assert (await receive_event(ws))["event_type"] == "status"
+
+    async def test_bad_last_seq_is_an_error(self, sidecar: Sidecar):
+        """A `last_seq` that is not an integer gets an error, then status."""
+        async with sidecar.client.ws_connect(f"{WS}?last_seq=yesterday") as ws:
+            error = await receive_event(ws)
+            assert error["event_type"] == "error"
+            assert "last_seq" in error["data"]["message"]
+            assert (await receive_event(ws))["event_type"] == "status"
+
+    async def test_gap_older_than_the_buffer_requires_resync(
+        self, start_sidecar, plain_rules: Path
+    ):
+        """A gap the 5-message buffer no longer holds answers `resync_required`."""
+        app = await start_sidecar(plain_rules, prepare=own_notifier(buffer_size=5))
+        notifier = app.state.notifier
+        current = 0
+        for n in range(10):
+            current = notifier.broadcast("custom", {"n": n})
+        oldest = current - 4
+        async with app.client.ws_connect(f"{WS}?last_seq={oldest - 2}") as ws:
+            resync = await receive_event(ws)
+            assert resync["event_type"] == "resync_required"
+            assert resync["data"] == {
+                "last_seq": oldest - 2,
+                "oldest_available": oldest,
+                "current_seq": current,
+            }
+            assert (await receive_event(ws))["event_type"] == "status"
+
+    async def test_gap_just_inside_the_buffer_is_replayed(self, start_sidecar, plain_rules: Path):
+        """A client that saw the message before the oldest kept one gets all five replayed."""
+        app = await start_sidecar(plain_rules, prepare=own_notifier(buffer_size=5))
+        notifier = app.state.notifier
+        current = 0
+        for n in range(10):
+            current = notifier.broadcast("custom", {"n": n})
+        async with app.client.ws_connect(f"{WS}?last_seq={current - 5}") as ws:
+            replayed = [await receive_event(ws) for _ in range(5)]
+            assert [e["seq"] for e in replayed] == list(range(current - 4, current + 1))
+            assert [e["data"]["n"] for e in replayed] == [5, 6, 7, 8, 9]
+
+    @pytest.mark.xfail(
+        reason="BUG: websocket._replay asks for a resync only when last_seq is older than "
+        "the buffer; a last_seq ahead of the server's seq (the server restarted and counts "
+        "from 0 again) gets neither a replay nor resync_required, so the client silently "
+        "misses everything since the restart",
+        strict=True,
+    )
+    async def test_last_seq_from_before_a_restart_requires_resync(self, sidecar: Sidecar):
+        """A last_seq greater than the server has ever sent answers `resync_required`."""
+        current = sidecar.state.notifier.broadcast("custom", {})
+        async with sidecar.client.ws_connect(f"{WS}?last_seq={current + 100}") as ws:
+            assert (await receive_event(ws))["event_type"] == "resync_required"
+
+
+class TestSlowClients:
+    """A client that stops reading is dropped and never slows reloads or other clients."""
+
+    async def test_stuck_client_is_dropped_without_delaying_anyone(
+        self, start_sidecar, plain_rules: Path
+    ):
+        """A never-reading client is dropped with 1013; broadcasts and the reader keep pace."""
+        app = await start_sidecar(plain_rules, prepare=own_notifier(queue_size=4))
+        notifier = app.state.notifier
+        stuck = await app.client.ws_connect(WS)  # connects, then never reads
+        healthy = await app.client.ws_connect(WS)
+        await receive_event(healthy)
+        assert notifier.client_count == 2
+        blob = "x" * 60_000
+        slowest_broadcast = 0.0
+        slowest_delivery = 0.0
+        sent = 0
+        # Large messages fill the stuck client's socket buffers, then its queue.
+        while notifier.client_count == 2 and sent < 3000:
+            started = time.perf_counter()
+            seq = notifier.broadcast("bulk", {"blob": blob})
+            slowest_broadcast = max(slowest_broadcast, time.perf_counter() - started)
+            event = await receive_event(healthy)
+            slowest_delivery = max(slowest_delivery, time.perf_counter() - started)
+            assert event["seq"] == seq
+            sent += 1
+        assert notifier.client_count == 1, "the stuck client was never dropped"
+        assert slowest_broadcast < 0.05
+        assert slowest_delivery < 1.0
+        text = await (await app.client.get("/metrics")).text()
+        assert metric_value(text, "rule_sidecar_websocket_clients") == 1
+        # The healthy client still gets everything that follows.
+        await app.post(f"{HOT}/reload", json={"force": True})
+        await receive_until(healthy, "rules_reloaded")
+        # Once the stuck client reads again it finds a prefix of the messages, then 1013.
+        received = 0
+        while (message := await stuck.receive(timeout=5)).type is aiohttp.WSMsgType.TEXT:
+            received += 1
+        assert message.type is aiohttp.WSMsgType.CLOSE
+        assert stuck.close_code == 1013
+        assert 0 < received < sent
+        await healthy.close()
+        await stuck.close()
+
+
+class TestAuthentication:
+    """With an admin token the WebSocket needs it too."""
+
+    @pytest.fixture
+    async def guarded(self, start_sidecar, plain_rules: Path, tmp_path: Path) -> Sidecar:
+        """The app with the admin token `s3cret`."""
+        token = tmp_path / "token"
+        token.write_text("s3cret\n", encoding="utf-8")
+        return await start_sidecar(plain_rules, admin_token_file=token)
+
+    @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer nope"}])
+    async def test_without_the_token_is_401(self, guarded: Sidecar, headers: dict[str, str]):
+        """No token or a wrong one: the handshake is refused with 401."""
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await guarded.client.ws_connect(WS, headers=headers)
+        assert refused.value.status == 401
+        assert guarded.state.notifier.client_count == 0
+
+    async def test_with_the_token(self, guarded: Sidecar):
+        """The right bearer token connects and receives status."""
+        headers = {"Authorization": "Bearer s3cret"}
+        async with guarded.client.ws_connect(WS, headers=headers) as ws:
+            assert (await receive_event(ws))["event_type"] == "status"
+
+    async def test_client_count_returns_to_zero(self, sidecar: Sidecar):
+        """A client that leaves is forgotten."""
+        async with sidecar.client.ws_connect(WS) as ws:
+            await receive_event(ws)
+            assert sidecar.state.notifier.client_count == 1
+
+        def gone() -> bool:
+            return sidecar.state.notifier.client_count == 0
+
+        await eventually(gone, message="client forgotten")
