@@ -69,9 +69,13 @@ class AsyncRuleClient:
     async def _request(self, method: str, path: str, body: Any = None) -> Any:
         try:
             async with self._client().request(method, self.base_url + path, json=body) as response:
-                data = await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                text = await response.text()
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise SidecarError(0, f"sidecar at {self.base_url} not reachable: {exc!r}") from exc
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise SidecarError(response.status, f"not a JSON answer: {text[:200]!r}") from None
         if response.status >= 400 and not (response.status == 422 and path.startswith(_HOT)):
             error = data.get("error", {}) if isinstance(data, dict) else {}
             raise SidecarError(response.status, error.get("message", response.reason or ""), data)
@@ -150,8 +154,9 @@ class AsyncRuleClient:
                         if message.type is not aiohttp.WSMsgType.TEXT:
                             break
                         event: dict[str, Any] = json.loads(message.data)
-                        if event.get("event_type") not in ("status", "pong", "error"):
-                            last_seq = event.get("seq", last_seq)
+                        # Every message carries the seq of the last broadcast, so any
+                        # of them (a status too) is a point to resume from.
+                        last_seq = event.get("seq", last_seq)
                         yield event
             except (aiohttp.ClientError, TimeoutError):
                 pass

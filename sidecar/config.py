@@ -7,7 +7,9 @@ No other module reads the environment.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -20,7 +22,21 @@ class SettingsError(ValueError):
     """A setting with a value that cannot be used; names the variable or flag."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+_LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_PASSWORD_IN_URL: Final = re.compile(r"(?<=://)([^:/@]+):([^@]*)@")
+
+
+def _masked(value: Any) -> Any:
+    return _PASSWORD_IN_URL.sub(r"\1:********@", value) if isinstance(value, str) else value
+
+
+def _refuse(name: str, value: Any, reason: str) -> None:
+    """Name the setting both ways the user may have given it."""
+    flag = f"--{name.replace('_', '-')} / " if name in FLAGS else ""
+    raise SettingsError(f"{flag}{ENVIRONMENT[name]}={value!r}: {reason}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class Settings:
     """Everything `rule-sidecar serve` can be told. Values are typed and checked."""
 
@@ -43,12 +59,31 @@ class Settings:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise SettingsError(f"port {self.port} is not a TCP port")
-        if self.interval_seconds <= 0:
-            raise SettingsError("HOT_RELOAD_INTERVAL_SECONDS must be positive")
-        if self.max_body_bytes < 1024:
-            raise SettingsError("the body size limit must be at least 1024 bytes")
+        for name in ("port", "metrics_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 <= port <= 65535:
+                _refuse(name, port, "not a TCP port (0-65535)")
+        for name in ("interval_seconds", "max_age_seconds"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                _refuse(name, getattr(self, name), "must be a positive number of seconds")
+        minimums = {
+            "max_body_bytes": 1024,
+            "reload_rate_per_minute": 1,
+            "history_limit": 1,
+            "debounce_ms": 0,
+        }
+        for name, minimum in minimums.items():
+            if getattr(self, name) < minimum:
+                _refuse(name, getattr(self, name), f"must be at least {minimum}")
+        if self.log_level.upper() not in _LOG_LEVELS:
+            _refuse("log_level", self.log_level, f"must be one of {', '.join(_LOG_LEVELS)}")
+
+    def __repr__(self) -> str:
+        """Like the dataclass repr, with any password in the database URL masked."""
+        shown = ", ".join(
+            f"{field.name}={_masked(getattr(self, field.name))!r}" for field in fields(self)
+        )
+        return f"Settings({shown})"
 
 
 DEFAULT_SETTINGS: Final = Settings()
@@ -73,6 +108,21 @@ ENVIRONMENT: Final[Mapping[str, str]] = {
     "history_limit": "RULE_SIDECAR_HISTORY_LIMIT",
     "log_level": "RULE_SIDECAR_LOG_LEVEL",
 }
+
+# Settings that `rule-sidecar serve` also takes as a flag (--rules-dir, --host, ...).
+FLAGS: Final = frozenset(
+    {
+        "rules_dirs",
+        "host",
+        "port",
+        "metrics_host",
+        "metrics_port",
+        "database_url",
+        "admin_token_file",
+        "state_dir",
+        "log_level",
+    }
+)
 
 _TRUE: Final = {"1", "true", "yes", "on"}
 _FALSE: Final = {"0", "false", "no", "off"}

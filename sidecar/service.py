@@ -47,6 +47,9 @@ class ReloadStatus(StrEnum):
     SUCCESS = "success"
     FAILED = "failed"
     UNCHANGED = "unchanged"
+    # The sources failed at startup and the state dir's copy of the last good snapshot
+    # was published instead: rules serve, but the reload itself did not succeed.
+    RESTORED = "restored"
 
 
 class HealthStatus(StrEnum):
@@ -175,6 +178,9 @@ class HotReloadService:
         self._last_check: datetime | None = None
         self._last_record: ReloadRecord | None = None
         self._serving_from_state = False
+        # The revision the sources held when a rollback went away from it; while they
+        # still hold it, background reloads keep the rollback. None: no rollback holds.
+        self._rolled_back_from: str | None = None
 
     # Lifecycle
 
@@ -237,8 +243,7 @@ class HotReloadService:
         `filtered_by`; `NotFoundError` when an id exists neither before nor after a
         reload that did not fail.
         """
-        scoped = ruleset_id is not None or rule_id is not None
-        filtered_by = {"ruleset_id": ruleset_id, "rule_id": rule_id} if scoped else None
+        filtered_by = {"ruleset_id": ruleset_id, "rule_id": rule_id}
         async with self._lock:
             known = self._knows(ruleset_id, rule_id)
             record = await self._reload(
@@ -290,10 +295,17 @@ class HotReloadService:
         }
 
     async def rollback(self, version: int | None = None) -> ReloadRecord:
-        """Publish an earlier snapshot again (as a new version); raises NotFoundError."""
+        """Publish an earlier snapshot again (as a new version); raises NotFoundError.
+
+        The rollback holds while the sources still hold what was rolled back from: the
+        watcher and the resync do not re-apply it. New content in the sources, or a
+        reload with `force`, ends the rollback.
+        """
         async with self._lock:
             started, before = time.perf_counter(), self.registry.current
             snapshot, events = self.registry.rollback(version)
+            self._rolled_back_from = self._rolled_back_from or before.revision
+            await self._save_state(snapshot)
             return self._record(
                 Trigger.ROLLBACK,
                 ReloadStatus.SUCCESS,
@@ -320,6 +332,7 @@ class HotReloadService:
             "reload_count": self._reload_count,
             "registry": self.registry.get_stats(),
             "serving_from": "state_dir" if self._serving_from_state else "sources",
+            "rollback_active": self._rolled_back_from is not None,
             "sources": [status.to_dict() for status in self._source_status.values()],
             "last_errors": [p.to_dict() for p in last.errors] if last else [],
         }
@@ -450,8 +463,11 @@ class HotReloadService:
                 filtered_by=filtered_by,
             )
         candidate = result.snapshot
+        if force:
+            self._rolled_back_from = None
         unchanged = before.version > 0 and candidate.revision == before.revision
-        if unchanged and not force and not self._serving_from_state:
+        held_back = candidate.revision == self._rolled_back_from
+        if (unchanged or held_back) and not force and not self._serving_from_state:
             if _is_background(trigger):
                 return self._unrecorded(before)
             return self._record(
@@ -465,6 +481,7 @@ class HotReloadService:
             )
         snapshot, events = self.registry.publish(candidate)
         self._serving_from_state = False
+        self._rolled_back_from = None
         await self._save_state(snapshot)
         return self._record(
             trigger,
@@ -501,7 +518,7 @@ class HotReloadService:
         self._serving_from_state = True
         self._record(
             Trigger.STATE_DIR,
-            ReloadStatus.SUCCESS,
+            ReloadStatus.RESTORED,
             started=started,
             before=before,
             after=snapshot,

@@ -216,12 +216,6 @@ class TestEvents:
         finally:
             await events.aclose()
 
-    @pytest.mark.xfail(
-        reason="BUG: client.events() never takes a resume point from the status message "
-        "(it skips status/pong/error when tracking last_seq), so a client disconnected "
-        "before its first broadcast reconnects without last_seq and loses what it missed",
-        strict=True,
-    )
     async def test_resumes_even_before_the_first_broadcast(
         self, sidecar: Sidecar, client: AsyncRuleClient
     ):

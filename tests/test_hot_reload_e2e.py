@@ -290,7 +290,7 @@ class TestStateDir:
         result = await restarted.evaluate("fraud", FOREIGN_LARGE)
         assert result["total_points"] == 70
         triggers = [(r["trigger"], r["status"]) for r in await history(restarted)]
-        assert triggers == [("state_dir", "success"), ("startup", "failed")]
+        assert triggers == [("state_dir", "restored"), ("startup", "failed")]
 
         configmap_dir.publish({"rules.yaml": to_yaml(fraud_doc(45))})
 
@@ -320,12 +320,6 @@ class TestStateDir:
         assert body["status"] == "success"
         assert (await restarted.get(f"{HOT}/status"))["serving_from"] == "sources"
 
-    @pytest.mark.xfail(
-        reason="BUG: service._load_saved records the state-dir fallback as a SUCCESS "
-        "reload, so metrics.observe_reload sets rule_sidecar_last_reload_successful to 1 "
-        "while the sources are broken (health says last_reload_successful false)",
-        strict=True,
-    )
     async def test_state_dir_fallback_is_not_a_successful_reload_metric(
         self, start_sidecar, configmap_dir: ConfigMapDir, tmp_path: Path
     ):

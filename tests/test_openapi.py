@@ -431,7 +431,7 @@ class TestDocument:
                 assert param["in"] != "path" or param["required"] is True
 
     def test_security_matches_the_access_rules(self) -> None:
-        """Hot-reload POSTs that change state and the WebSocket take the token; the rest are open."""
+        """State-changing hot-reload POSTs and the WebSocket take the token; others are open."""
         schemes = DOCUMENT["components"]["securitySchemes"]
         for path, method, operation in operations():
             requirements = operation.get("security", DOCUMENT.get("security", []))

@@ -233,11 +233,6 @@ class TestLifecycle:
         assert "RULE_SIDECAR_PORT" in result.stderr
         assert "abc" in result.stderr
 
-    @pytest.mark.xfail(
-        reason="BUG: config.Settings does not check log_level, so run.configure_logging "
-        "raises ValueError('Unknown level') with a traceback and exit code 1",
-        strict=True,
-    )
     def test_bad_log_level_exits_2_naming_the_variable(self, tmp_path: Path):
         """RULE_SIDECAR_LOG_LEVEL=verbose is a usage error (exit 2) naming the variable."""
         result = subprocess.run(

@@ -208,13 +208,6 @@ class TestSequence:
             assert [e["seq"] for e in replayed] == list(range(current - 4, current + 1))
             assert [e["data"]["n"] for e in replayed] == [5, 6, 7, 8, 9]
 
-    @pytest.mark.xfail(
-        reason="BUG: websocket._replay asks for a resync only when last_seq is older than "
-        "the buffer; a last_seq ahead of the server's seq (the server restarted and counts "
-        "from 0 again) gets neither a replay nor resync_required, so the client silently "
-        "misses everything since the restart",
-        strict=True,
-    )
     async def test_last_seq_from_before_a_restart_requires_resync(self, sidecar: Sidecar):
         """A last_seq greater than the server has ever sent answers `resync_required`."""
         current = sidecar.state.notifier.broadcast("custom", {})

@@ -415,7 +415,7 @@ def _wire_events(state: AppState) -> None:
         state.metrics.observe_reload(record)
         if record.status is ReloadStatus.FAILED:
             state.notifier.broadcast("reload_failed", record.to_dict())
-        elif record.status is ReloadStatus.SUCCESS:
+        elif record.status in (ReloadStatus.SUCCESS, ReloadStatus.RESTORED):
             state.notifier.broadcast("rules_reloaded", record.to_dict())
 
     def on_publish(snapshot: Snapshot, events: Any) -> None:

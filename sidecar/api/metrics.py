@@ -82,7 +82,7 @@ class Metrics:
     def observe_reload(self, record: ReloadRecord) -> None:
         self.reloads.labels(trigger=record.trigger, outcome=record.status.value).inc()
         self.reload_time.observe(record.reload_time_ms / 1000)
-        if record.status is ReloadStatus.FAILED:
+        if record.status in (ReloadStatus.FAILED, ReloadStatus.RESTORED):
             self.last_success.set(0)
         else:
             self.last_success.set(1)

@@ -117,7 +117,7 @@ def _freeze_heap(record: ReloadRecord) -> None:
     walks all of them and stalls requests (the p99). Objects are still freed by
     reference counting when their snapshot is dropped.
     """
-    if record.status is ReloadStatus.SUCCESS:
+    if record.status in (ReloadStatus.SUCCESS, ReloadStatus.RESTORED):
         gc.freeze()
 
 

@@ -28,14 +28,32 @@ logger = logging.getLogger("sidecar.websocket")
 StatusProvider = Callable[[], dict[str, Any]]
 
 
-class _Client:
-    __slots__ = ("closing", "queue", "socket", "writer")
+_KICK_TIMEOUT = 1.0  # seconds a dropped client gets to take its close frame
 
-    def __init__(self, socket: web.WebSocketResponse, queue_size: int) -> None:
+
+class _Client:
+    __slots__ = ("closing", "queue", "socket", "transport", "writer")
+
+    def __init__(
+        self, socket: web.WebSocketResponse, transport: asyncio.Transport | None, queue_size: int
+    ) -> None:
         self.socket = socket
+        self.transport = transport
         self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize=queue_size)
         self.writer: asyncio.Task[None] | None = None
-        self.closing: asyncio.Task[bool] | None = None
+        self.closing: asyncio.Task[None] | None = None
+
+    async def kick(self) -> None:
+        """Close a client that does not keep up; one that does not even take the close
+        frame has its connection cut, so it holds nothing of ours for long."""
+        if self.writer is not None:
+            self.writer.cancel()
+        try:
+            close = self.socket.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too slow")
+            await asyncio.wait_for(close, _KICK_TIMEOUT)
+        except (TimeoutError, ConnectionError, RuntimeError):
+            if self.transport is not None:
+                self.transport.abort()
 
 
 class ReloadNotificationManager:
@@ -76,7 +94,7 @@ class ReloadNotificationManager:
         if len(self._clients) >= self._max_clients:
             await socket.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too many clients")
             return socket
-        client = _Client(socket, self._queue_size)
+        client = _Client(socket, request.transport, self._queue_size)
         self._clients.add(client)
         self._on_count(len(self._clients))
         client.writer = asyncio.create_task(self._write(client))
@@ -118,7 +136,8 @@ class ReloadNotificationManager:
             )
             return
         oldest = self._buffer[0][0] if self._buffer else self._seq + 1
-        if seen + 1 < oldest and seen < self._seq:
+        # Older than the buffer, or ahead of this server (it restarted and counts anew).
+        if (seen + 1 < oldest and seen < self._seq) or seen > self._seq:
             gap = {"last_seq": seen, "oldest_available": oldest, "current_seq": self._seq}
             self._offer(client, self._encode("resync_required", gap, self._seq))
             return
@@ -132,8 +151,7 @@ class ReloadNotificationManager:
         except asyncio.QueueFull:
             logger.warning("dropping a WebSocket client that does not keep up")
             self._drop(client)
-            close = client.socket.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too slow")
-            client.closing = asyncio.ensure_future(close)
+            client.closing = asyncio.ensure_future(client.kick())
 
     def _drop(self, client: _Client) -> None:
         if client in self._clients:
