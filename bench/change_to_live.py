@@ -76,7 +76,7 @@ async def run(swaps: int) -> None:
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
         volume = ConfigMapDir(Path(tmp) / "rules")
-        volume.write({"rules.yaml": RULES.format(points=1)})
+        volume.publish({"rules.yaml": RULES.format(points=1)})
         env = dict(os.environ, HOT_RELOAD_INTERVAL_SECONDS="3600", RULE_SIDECAR_LOG_LEVEL="WARNING")
         server = subprocess.Popen(
             [
@@ -120,7 +120,7 @@ async def measure(
             points = i + 2
             await asyncio.sleep(0.05)  # let the previous reload settle, as real changes would
             started = time.perf_counter()
-            volume.write({"rules.yaml": RULES.format(points=points)})
+            volume.publish({"rules.yaml": RULES.format(points=points)})
             live = asyncio.create_task(poll_live(session, base, points))
             while True:
                 message = await asyncio.wait_for(ws.receive_json(), timeout=10)

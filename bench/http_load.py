@@ -124,7 +124,7 @@ class Reloader(threading.Thread):
     def run(self) -> None:
         while not self.stop.wait(1.0):
             variant = self.variants[self.swaps % 2]
-            self.volume.write({**self.base_files, "big.yaml": variant})
+            self.volume.publish({**self.base_files, "big.yaml": variant})
             self.swaps += 1
 
 
@@ -170,7 +170,7 @@ def main() -> None:
         volume = ConfigMapDir(Path(tmp) / "rules")
         rules = generate_file(0, 50, 0)
         base_files = {"scoring.yaml": rules.content.decode()}
-        volume.write(base_files)
+        volume.publish(base_files)
         url = f"{base}/api/v1/rulesets/{ruleset_id(0)}/evaluate"
         script = Path(tmp) / "post.lua"
         script.write_text(LUA % json.dumps({"input": sample_input(1)}))

@@ -27,7 +27,12 @@ class ConfigMapDir:
         self.root.mkdir(parents=True, exist_ok=True)
         self._serial = itertools.count()
 
-    def write(self, files: Mapping[str, str | bytes]) -> Path:
+    @property
+    def data(self) -> Path:
+        """The `..data` symlink the kubelet swaps."""
+        return self.root / "..data"
+
+    def publish(self, files: Mapping[str, str | bytes]) -> Path:
         """Replace the whole content with `files` (name → text); returns the new data dir."""
         stamp = datetime.now(UTC).strftime("%Y_%m_%d_%H_%M_%S")
         data_dir = self.root / f"..{stamp}.{os.getpid()}{next(self._serial):06d}"

@@ -12,14 +12,11 @@ import asyncio
 import contextlib
 import inspect
 import json
-import os
 import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from itertools import count
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +29,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from sidecar.api.app import AppState, create_app
 from sidecar.api.run import build_state
 from sidecar.config import Settings
+from sidecar.testing import ConfigMapDir
 
 __all__ = [
     "HOT",
@@ -128,51 +126,6 @@ INVALID_RULES = (
     "      points: 40\n"
 )
 """A document whose only rule's condition does not compile (line 7)."""
-
-
-class ConfigMapDir:
-    """A directory laid out like a mounted ConfigMap, updated like the kubelet does it.
-
-    `root/name -> ..data/name` for each visible file, `..data -> ..<timestamp>` holding
-    the content; `publish` writes a new timestamped directory, points `..data_tmp` at it
-    and renames that over `..data` (the atomic swap), then fixes the visible symlinks and
-    removes the old timestamped directory.
-    """
-
-    _serial = count(1)
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def data(self) -> Path:
-        return self.root / "..data"
-
-    def publish(self, files: Mapping[str, str]) -> Path:
-        """Atomically replace the whole content with `files`; returns the new data dir."""
-        previous = os.readlink(self.data) if self.data.is_symlink() else None
-        stamp = datetime.now(UTC).strftime("..2026_11_26_%H_%M_%S.") + str(next(self._serial))
-        target = self.root / stamp
-        target.mkdir()
-        for name, text in files.items():
-            (target / name).write_text(text, encoding="utf-8")
-        temporary = self.root / "..data_tmp"
-        os.symlink(stamp, temporary)
-        os.rename(temporary, self.data)
-        for name in files:
-            visible = self.root / name
-            if not visible.is_symlink():
-                os.symlink(f"..data/{name}", visible)
-        for entry in self.root.iterdir():
-            if not entry.name.startswith(".") and entry.is_symlink() and entry.name not in files:
-                entry.unlink()
-        if previous is not None:
-            old = self.root / previous
-            for child in old.iterdir():
-                child.unlink()
-            old.rmdir()
-        return target
 
 
 # Waiting

@@ -365,3 +365,46 @@ async def _drain(ws: Any, *, seconds: float) -> list[dict[str, Any]]:
             events.append(await receive_event(ws, timeout=seconds))
         except TimeoutError:
             return events
+
+
+class TestRollbackHolds:
+    """A rollback is not undone by the watcher or the resync while the sources still hold
+    what was rolled back from; new content or a forced reload ends it."""
+
+    async def test_resync_keeps_the_rollback_until_the_sources_change(
+        self, start_sidecar, configmap_dir: ConfigMapDir
+    ):
+        """Roll back from 99 points to 40: resyncs keep 40; a new change (7) goes live."""
+        app = await start_sidecar(configmap_dir.root, monitor=True, interval_seconds=0.1)
+        configmap_dir.publish({"rules.yaml": to_yaml(fraud_doc(large_points=99))})
+        await eventually(lambda: app.version == 2)
+        await app.post(f"{HOT}/rollback")
+        assert (await app.evaluate("fraud", FOREIGN_LARGE))["total_points"] == 70
+        status = await app.get(f"{HOT}/status")
+        assert status["rollback_active"] is True
+        checked = status["last_check_time"]
+        await eventually(
+            lambda: app.service.get_status()["last_check_time"] not in (None, checked)
+        )
+        assert (await app.evaluate("fraud", FOREIGN_LARGE))["total_points"] == 70
+        assert app.version == 3
+
+        configmap_dir.publish({"rules.yaml": to_yaml(fraud_doc(large_points=7))})
+        await eventually(lambda: app.version == 4)
+        assert (await app.evaluate("fraud", FOREIGN_LARGE))["total_points"] == 37
+        assert (await app.get(f"{HOT}/status"))["rollback_active"] is False
+
+    async def test_forced_reload_ends_the_rollback(
+        self, start_sidecar, configmap_dir: ConfigMapDir
+    ):
+        """`force: true` re-applies the sources over a rollback."""
+        app = await start_sidecar(configmap_dir.root)
+        configmap_dir.publish({"rules.yaml": to_yaml(fraud_doc(large_points=99))})
+        await app.post(f"{HOT}/reload")
+        await app.post(f"{HOT}/rollback")
+        unchanged = await app.post(f"{HOT}/reload")
+        assert unchanged["status"] == "unchanged"
+        assert (await app.evaluate("fraud", FOREIGN_LARGE))["total_points"] == 70
+        forced = await app.post(f"{HOT}/reload", json={"force": True})
+        assert forced["status"] == "success"
+        assert (await app.evaluate("fraud", FOREIGN_LARGE))["total_points"] == 129
