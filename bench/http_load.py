@@ -116,8 +116,9 @@ class Reloader(threading.Thread):
         super().__init__(daemon=True)
         self.volume = volume
         self.base_files = base_files
-        big = generate_file(1, 3_400, 7).content.decode()  # ~1 MiB of YAML, its own ids
-        self.variants = [big, big.replace("points: ", "points: 1")]
+        # ~1 MiB of YAML each, the same ids, different conditions and points: every
+        # swap is a real change.
+        self.variants = [generate_file(1, 3_400, seed).content.decode() for seed in (7, 8)]
         self.stop = threading.Event()
         self.swaps = 0
 

@@ -79,13 +79,7 @@ def run_tests(ruleset: RuleSet) -> list[CaseResult]:
 
 def _problem(ruleset: RuleSet, location: Location | None, message: str) -> Problem:
     where = location or ruleset.location or Location("<unknown>")
-    return Problem(
-        file=where.file,
-        line=where.line,
-        column=where.column,
-        message=message,
-        ruleset_id=ruleset.id,
-    )
+    return where.problem(message, ruleset_id=ruleset.id)
 
 
 def ruleset_problems(ruleset: RuleSet) -> list[Problem]:

@@ -203,7 +203,18 @@ def _yaml_problem(name: str, exc: yaml.MarkedYAMLError) -> Problem:
     message = "YAML syntax error: " + ", ".join(parts) if parts else "YAML syntax error"
     if mark is None:
         return Problem(file=name, message=message)
-    return Problem(file=name, line=mark.line + 1, column=mark.column + 1, message=message)
+    return _marked(name, mark, (), message)
+
+
+def _marked(name: str, mark: yaml.Mark, path: Sequence[str | int], message: str) -> Problem:
+    """A problem at a YAML mark (0-based) given in 1-based line and column."""
+    return Problem(
+        file=name,
+        line=mark.line + 1,
+        column=mark.column + 1,
+        path=format_path(path),
+        message=message,
+    )
 
 
 def _check_tree(name: str, root: yaml.Node, limits: FileLimits) -> None:
@@ -214,28 +225,13 @@ def _check_tree(name: str, root: yaml.Node, limits: FileLimits) -> None:
         node, path = stack.pop()
         if isinstance(node, yaml.ScalarNode):
             continue
-        where = node.start_mark
         if id(node) in seen:
-            raise _FileProblem(
-                Problem(
-                    file=name,
-                    line=where.line + 1,
-                    column=where.column + 1,
-                    path=format_path(path),
-                    message="an alias may not point at a mapping or a list (its anchor is here)",
-                )
-            )
+            message = "an alias may not point at a mapping or a list (its anchor is here)"
+            raise _FileProblem(_marked(name, node.start_mark, path, message))
         seen.add(id(node))
         if len(path) >= limits.max_depth:
-            raise _FileProblem(
-                Problem(
-                    file=name,
-                    line=where.line + 1,
-                    column=where.column + 1,
-                    path=format_path(path),
-                    message=f"nested deeper than {limits.max_depth} levels",
-                )
-            )
+            message = f"nested deeper than {limits.max_depth} levels"
+            raise _FileProblem(_marked(name, node.start_mark, path, message))
         if isinstance(node, yaml.SequenceNode):
             stack.extend((child, (*path, i)) for i, child in enumerate(node.value))
             continue
@@ -243,15 +239,8 @@ def _check_tree(name: str, root: yaml.Node, limits: FileLimits) -> None:
         for key, value in node.value:
             if isinstance(key, yaml.ScalarNode):
                 if key.value in keys:
-                    raise _FileProblem(
-                        Problem(
-                            file=name,
-                            line=key.start_mark.line + 1,
-                            column=key.start_mark.column + 1,
-                            path=format_path(path),
-                            message=f"duplicate key {key.value!r}",
-                        )
-                    )
+                    message = f"duplicate key {key.value!r}"
+                    raise _FileProblem(_marked(name, key.start_mark, path, message))
                 keys.add(key.value)
             stack.append((key, path))
             stack.append((value, (*path, key.value if isinstance(key, yaml.ScalarNode) else "?")))

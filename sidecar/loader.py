@@ -173,16 +173,8 @@ class Loader:
         try:
             self.compiler.compile(rule.condition)
         except ConditionError as exc:
-            where = rule.location or Location("<api>")
-            problem = Problem(
-                file=where.file,
-                line=where.line,
-                column=where.column,
-                path="$.condition",
-                message=_condition_message(exc),
-                ruleset_id=rule.ruleset_id,
-                rule_id=rule.id,
-            )
+            at = rule.location or Location("<api>")
+            problem = _rule_problem(rule, _condition_message(exc), path="$.condition", at=at)
             raise LoadError([problem]) from None
         return rule
 
@@ -215,27 +207,12 @@ class Loader:
 def _schema_problems(document: Document) -> list[Problem]:
     data = document.data
     if not isinstance(data, dict):
-        where = document.locate(())
-        return [
-            Problem(
-                file=where.file,
-                line=where.line,
-                column=where.column,
-                message=f"a document must be a mapping, not {type(data).__name__}",
-            )
-        ]
+        message = f"a document must be a mapping, not {type(data).__name__}"
+        return [document.locate(()).problem(message)]
     for key, expected in (("apiVersion", API_VERSION), ("kind", KIND)):
         if key in data and data[key] != expected:
-            where = document.locate((key,))
-            return [
-                Problem(
-                    file=where.file,
-                    line=where.line,
-                    column=where.column,
-                    path=f"$.{key}",
-                    message=f"unknown {key} {data[key]!r}: this sidecar reads {key} {expected!r}",
-                )
-            ]
+            message = f"unknown {key} {data[key]!r}: this sidecar reads {key} {expected!r}"
+            return [document.locate((key,)).problem(message, path=f"$.{key}")]
     problems = []
     for error in _validator().iter_errors(data):
         path = list(error.absolute_path)
@@ -243,15 +220,9 @@ def _schema_problems(document: Document) -> list[Problem]:
         unknown = _unknown_fields(error)
         if unknown:
             where = document.locate_key(path, unknown[0])
+        message = _schema_message(error)
         problems.append(
-            Problem(
-                file=where.file,
-                line=where.line,
-                column=where.column,
-                path=format_path(path),
-                message=_schema_message(error),
-                ruleset_id=_metadata_id(data),
-            )
+            where.problem(message, path=format_path(path), ruleset_id=_metadata_id(data))
         )
     return sorted(problems, key=lambda p: (p.line, p.column))
 
@@ -387,15 +358,7 @@ def _rule_problem(
     rule: Rule, message: str, *, path: str = "", at: Location | None = None
 ) -> Problem:
     where = at or rule.location or Location("<unknown>")
-    return Problem(
-        file=where.file,
-        line=where.line,
-        column=where.column,
-        path=path or "$",
-        message=message,
-        ruleset_id=rule.ruleset_id,
-        rule_id=rule.id,
-    )
+    return where.problem(message, path=path or "$", ruleset_id=rule.ruleset_id, rule_id=rule.id)
 
 
 def _condition_message(exc: ConditionError) -> str:
@@ -425,15 +388,8 @@ def _duplicate_problems(rulesets: Iterable[RuleSet]) -> list[Problem]:
         other_set = rulesets_seen.setdefault(ruleset.id, ruleset)
         if other_set is not ruleset:
             where = ruleset.location or Location("<unknown>")
-            problems.append(
-                Problem(
-                    file=where.file,
-                    line=where.line,
-                    column=where.column,
-                    message=f"ruleset id {ruleset.id!r} is also defined at {other_set.location}",
-                    ruleset_id=ruleset.id,
-                )
-            )
+            message = f"ruleset id {ruleset.id!r} is also defined at {other_set.location}"
+            problems.append(where.problem(message, ruleset_id=ruleset.id))
             continue
         for rule in ruleset.rules:
             other = rules_seen.setdefault(rule.id, rule)

@@ -16,6 +16,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from sidecar.conditions import ConditionCompiler, ConditionSet
+from sidecar.errors import Problem
 
 __all__ = [
     "API_VERSION",
@@ -67,6 +68,25 @@ class Location:
 
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.file, "line": self.line, "column": self.column}
+
+    def problem(
+        self,
+        message: str,
+        *,
+        path: str = "$",
+        ruleset_id: str | None = None,
+        rule_id: str | None = None,
+    ) -> Problem:
+        """A problem found here."""
+        return Problem(
+            file=self.file,
+            line=self.line,
+            column=self.column,
+            path=path,
+            message=message,
+            ruleset_id=ruleset_id,
+            rule_id=rule_id,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -14,9 +14,9 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -297,6 +297,27 @@ async def get_readyz(request: web.Request) -> web.Response:
 # Registry reads and evaluation
 
 
+_T = TypeVar("_T")
+
+
+def _find(items: Mapping[str, _T], kind: str, request: web.Request) -> _T:
+    """The item named by the path's `{kind}_id`, or a 404."""
+    item_id = request.match_info[f"{kind}_id"]
+    item = items.get(item_id)
+    if item is None:
+        raise NotFoundError(kind, item_id)
+    return item
+
+
+def _listing(snapshot: Snapshot, key: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "registry_version": snapshot.version,
+        "revision": snapshot.revision,
+        "count": len(items),
+        key: items,
+    }
+
+
 async def get_rules(request: web.Request) -> web.Response:
     snapshot = _state(request).registry.current
     ruleset_id = request.query.get("ruleset_id")
@@ -309,22 +330,14 @@ async def get_rules(request: web.Request) -> web.Response:
             if (ruleset_id is None or rule.ruleset_id == ruleset_id)
             and (tag is None or tag in rule.tags)
         ]
-        return {
-            "registry_version": snapshot.version,
-            "revision": snapshot.revision,
-            "count": len(rules),
-            "rules": rules,
-        }
+        return _listing(snapshot, "rules", rules)
 
     return _cached(request, snapshot, body)
 
 
 async def get_rule(request: web.Request) -> web.Response:
     snapshot = _state(request).registry.current
-    rule = snapshot.rules.get(request.match_info["rule_id"])
-    if rule is None:
-        raise NotFoundError("rule", request.match_info["rule_id"])
-    return _cached(request, snapshot, rule.to_dict)
+    return _cached(request, snapshot, _find(snapshot.rules, "rule", request).to_dict)
 
 
 async def get_rulesets(request: web.Request) -> web.Response:
@@ -332,32 +345,22 @@ async def get_rulesets(request: web.Request) -> web.Response:
 
     def body() -> dict[str, Any]:
         rulesets = [ruleset.to_dict(with_rules=False) for ruleset in snapshot.rulesets.values()]
-        return {
-            "registry_version": snapshot.version,
-            "revision": snapshot.revision,
-            "count": len(rulesets),
-            "rulesets": rulesets,
-        }
+        return _listing(snapshot, "rulesets", rulesets)
 
     return _cached(request, snapshot, body)
 
 
 async def get_ruleset(request: web.Request) -> web.Response:
     snapshot = _state(request).registry.current
-    ruleset = snapshot.rulesets.get(request.match_info["ruleset_id"])
-    if ruleset is None:
-        raise NotFoundError("ruleset", request.match_info["ruleset_id"])
-    return _cached(request, snapshot, ruleset.to_dict)
+    return _cached(request, snapshot, _find(snapshot.rulesets, "ruleset", request).to_dict)
 
 
 async def post_evaluate(request: web.Request) -> web.Response:
     """`{"input": {...}}` → one result; `{"inputs": [...]}` → all from one version."""
     state = _state(request)
-    ruleset_id = request.match_info["ruleset_id"]
     snapshot = state.registry.current
-    ruleset = snapshot.rulesets.get(ruleset_id)
-    if ruleset is None:
-        raise NotFoundError("ruleset", ruleset_id)
+    ruleset = _find(snapshot.rulesets, "ruleset", request)
+    ruleset_id = ruleset.id
     body = await _json_body(request)
     if ("input" in body) == ("inputs" in body):
         raise web.HTTPBadRequest(text='give exactly one of "input" or "inputs"')
