@@ -41,6 +41,8 @@ __all__ = [
 _ERROR_RE: Final = re.compile(r"ERROR: <input>:(-?\d+):(-?\d+): ([^\n]*)")
 _STATUS_PREFIX_RE: Final = re.compile(r"^[A-Z_]+: ")
 _STATUS_SUFFIX_RE: Final = re.compile(r" \[[A-Z_]+\]$")
+_CHUNK_CONDITIONS: Final = 128
+_CHUNK_CHARS: Final = 60_000
 _INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1
 
@@ -200,27 +202,40 @@ class ConditionCompiler:
         return program
 
     def compile_set(self, expressions: Sequence[str]) -> ConditionSet:
-        """Compile the conditions of one ruleset into one program.
+        """Compile the conditions of one ruleset into a few programs (see ConditionSet).
 
         Raises `ConditionSetError` listing every expression that does not compile.
         """
-        combined = self.compile_combined(expressions)
-        if combined is None:
-            errors: dict[int, ConditionError] = {}
-            for index, expression in enumerate(expressions):
-                try:
-                    self.compile(expression)
-                except ConditionError as exc:
-                    errors[index] = exc
-            if errors:
-                raise ConditionSetError(errors)
-        return ConditionSet(tuple(expressions), combined, self)
+        chunks = []
+        errors: dict[int, ConditionError] = {}
+        for start, end in _chunk_bounds(expressions):
+            program = self.compile_combined(expressions[start:end])
+            if program is None:
+                # A bad condition, or a nesting depth only the combined form exceeds:
+                # each expression on its own tells which.
+                for index in range(start, end):
+                    try:
+                        self.compile(expressions[index])
+                    except ConditionError as exc:
+                        errors[index] = exc
+            chunks.append(_Segment(start, end, program, built=True))
+        if errors:
+            raise ConditionSetError(errors)
+        return ConditionSet(tuple(expressions), chunks, self)
 
     def forget_unused(self, keep: set[str]) -> None:
         """Drop cached programs no live ruleset uses, so memory follows the registry."""
         with self._lock:
             for expression in [e for e in self._cache if e not in keep]:
                 del self._cache[expression]
+
+    def outcome(self, expression: str, document: Any) -> Outcome:
+        """One condition evaluated alone: the reference the combined programs must match."""
+        return _evaluate_one(self.compile(expression), self.activation(document))
+
+    def deserialize(self, serialized: bytes) -> Any:
+        """A program compiled (and serialized) by another process's compiler."""
+        return self._env.deserialize(serialized)
 
     def activation(self, document: Any) -> Any:
         return self._env.Activation(data={"input": document})
@@ -235,8 +250,6 @@ class ConditionCompiler:
         try:
             return self._env.compile(source)
         except RuntimeError:
-            # A bad condition, or a nesting depth only the combined form exceeds: the
-            # caller finds out which by compiling each expression on its own.
             return None
 
 
@@ -251,26 +264,56 @@ class ConditionSetError(Exception):
 class ConditionSet:
     """The compiled conditions of one ruleset, evaluated together against one input.
 
-    cel-expr-python converts the whole input document as soon as a program reads any
-    field of it, so `project` first keeps only the top-level fields the conditions
-    name (`input.amount`, `has(input.card)`); when a condition uses `input` any other
-    way, the whole document is kept.
+    The conditions are compiled into a few programs ("chunks", each one CEL list
+    expression under cel-cpp's size limit), so an input is converted and evaluated a
+    few times per ruleset rather than once per rule. cel-expr-python converts the whole
+    input as soon as a program reads any field of it, so `project` first keeps only
+    the top-level fields the conditions name (`input.amount`, `has(input.card)`); when a
+    condition uses `input` any other way, the whole document is kept.
 
-    When the program of the whole set fails on an input, the set is split in halves,
-    each with a program of its own (compiled on first need and kept), down to the
-    conditions that failed: k failing conditions of n cost about 2k·log2(n) smaller
+    When a chunk fails on an input (some condition in it errored), it is split in
+    halves, each with a program of its own (compiled on first need and kept), down to
+    the conditions that failed: k failing conditions of n cost about 2k·log2(n) small
     evaluations instead of n.
     """
 
-    __slots__ = ("_compiler", "_root", "expressions", "fields")
+    __slots__ = ("_chunks", "_compiler", "_serialized", "expressions", "fields")
 
     def __init__(
-        self, expressions: tuple[str, ...], combined: Any | None, compiler: ConditionCompiler
+        self,
+        expressions: tuple[str, ...],
+        chunks: Sequence[_Segment],
+        compiler: ConditionCompiler | None,
+        *,
+        serialized: Sequence[tuple[int, int, bytes | None]] = (),
     ) -> None:
         self.expressions = expressions
         self.fields = input_fields(expressions)
+        self._chunks = tuple(chunks)
         self._compiler = compiler
-        self._root = _Segment(0, len(expressions), combined)
+        self._serialized = tuple(serialized)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as its expressions and its chunks' programs in cel-cpp's serialized
+        form, so a worker process can compile and this process only deserialize (about
+        a tenth of the cost); the receiver calls `bind` before use."""
+        serialized = self._serialized or tuple(
+            (chunk.start, chunk.end, None if chunk.compiled is None else chunk.compiled.serialize())
+            for chunk in self._chunks
+        )
+        return (_unbound_set, (self.expressions, serialized))
+
+    def bind(self, compiler: ConditionCompiler) -> None:
+        """Attach an unpickled set to this process's compiler, restoring its programs."""
+        if not self._serialized:
+            self._compiler = self._compiler or compiler
+            return
+        self._chunks = tuple(
+            _Segment(start, end, None if data is None else compiler.deserialize(data), built=True)
+            for start, end, data in self._serialized
+        )
+        self._serialized = ()
+        self._compiler = compiler
 
     def project(self, document: Any) -> Any:
         """The part of the input the conditions can see (the input itself if unknown)."""
@@ -281,81 +324,110 @@ class ConditionSet:
     def evaluate(self, document: Any) -> list[Outcome]:
         """One outcome per expression, in order, for a `project`ed input that has passed
         `check_input`."""
-        if not self.expressions:
-            return []
-        root = self._root.program(self._compiler, self.expressions)
-        if root is not None:
-            # The common case, kept lean: `data=` costs less than building an Activation.
-            try:
-                value = root.eval(data={"input": document})
-            except RuntimeError:
-                value = None
-            if value is not None and value.type() != cel.Type.ERROR:
-                outcomes: list[Outcome] = value.plain_value()
-                return outcomes
-        activation = self._compiler.activation(document)
-        if len(self.expressions) == 1:
-            return [self._evaluate_one(0, activation)]
-        outcomes = []
-        for half in self._root.split():
-            self._evaluate(half, activation, outcomes)
+        compiler = self._compiler
+        if compiler is None:
+            raise RuntimeError("this ConditionSet came from another process: bind() it first")
+        outcomes: list[Outcome] = []
+        activation = None
+        for chunk in self._chunks:
+            program = chunk.compiled
+            if program is not None:
+                # The common case, kept lean: `data=` costs less than an Activation.
+                try:
+                    value = program.eval(data={"input": document})
+                except RuntimeError:
+                    value = None  # the iteration budget, spent by the chunk as a whole
+                if value is not None and value.type() != cel.Type.ERROR:
+                    outcomes.extend(value.plain_value())
+                    continue
+            if activation is None:
+                activation = compiler.activation(document)
+            self._evaluate_parts(compiler, chunk, activation, outcomes)
         return outcomes
 
-    def _evaluate(self, segment: _Segment, activation: Any, outcomes: list[Outcome]) -> None:
+    def _evaluate_parts(
+        self, compiler: ConditionCompiler, segment: _Segment, activation: Any, out: list[Outcome]
+    ) -> None:
+        """Outcomes of a segment whose own program failed (or cannot be made)."""
         if segment.end - segment.start == 1:
-            outcomes.append(self._evaluate_one(segment.start, activation))
+            out.append(_evaluate_one(compiler.compile(self.expressions[segment.start]), activation))
             return
-        program = segment.program(self._compiler, self.expressions)
-        if program is not None:
-            try:
-                value = program.eval(activation)
-            except RuntimeError:
-                value = None  # the iteration budget, spent by the segment as a whole
-            if value is not None and value.type() != cel.Type.ERROR:
-                outcomes.extend(value.plain_value())
-                return
-        left, right = segment.split()
-        self._evaluate(left, activation, outcomes)
-        self._evaluate(right, activation, outcomes)
+        for half in segment.split():
+            program = half.program(compiler, self.expressions)
+            if program is not None:
+                try:
+                    value = program.eval(activation)
+                except RuntimeError:
+                    value = None
+                if value is not None and value.type() != cel.Type.ERROR:
+                    out.extend(value.plain_value())
+                    continue
+            self._evaluate_parts(compiler, half, activation, out)
 
-    def _evaluate_one(self, index: int, activation: Any) -> Outcome:
-        program = self._compiler.compile(self.expressions[index])
-        try:
-            value = program.eval(activation)
-        except RuntimeError as exc:
-            return _runtime_error_text(str(exc))
-        if value.type() == cel.Type.ERROR:
-            return _runtime_error_text(str(value))
-        result = value.plain_value()
-        if isinstance(result, bool):
-            return result
-        return f"condition gave {value.type().name().lower()}, not a boolean"
+
+def _evaluate_one(program: Any, activation: Any) -> Outcome:
+    """One condition's outcome, its error text, or why it is not a boolean."""
+    try:
+        value = program.eval(activation)
+    except RuntimeError as exc:
+        return _runtime_error_text(str(exc))
+    if value.type() == cel.Type.ERROR:
+        return _runtime_error_text(str(value))
+    result = value.plain_value()
+    if isinstance(result, bool):
+        return result
+    return f"condition gave {value.type().name().lower()}, not a boolean"
+
+
+def _unbound_set(
+    expressions: tuple[str, ...], serialized: tuple[tuple[int, int, bytes | None], ...]
+) -> ConditionSet:
+    return ConditionSet(expressions, (), None, serialized=serialized)
 
 
 class _Segment:
-    """A slice of a ruleset's conditions with a program of its own, made on first need."""
+    """A slice of a ruleset's conditions with one program for the whole slice."""
 
-    __slots__ = ("_children", "_compiled", "_program", "end", "start")
+    __slots__ = ("_built", "_children", "compiled", "end", "start")
 
-    def __init__(self, start: int, end: int, program: Any | None = None) -> None:
+    def __init__(self, start: int, end: int, program: Any | None = None, *, built: bool) -> None:
         self.start = start
         self.end = end
-        self._program = program
-        self._compiled = program is not None
+        self.compiled = program
+        self._built = built  # False: compile on first need (halves made while evaluating)
         self._children: tuple[_Segment, _Segment] | None = None
 
     def program(self, compiler: ConditionCompiler, expressions: Sequence[str]) -> Any | None:
         # Racing threads may both compile; either result is the same program.
-        if not self._compiled:
-            self._program = compiler.compile_combined(expressions[self.start : self.end])
-            self._compiled = True
-        return self._program
+        if not self._built:
+            self.compiled = compiler.compile_combined(expressions[self.start : self.end])
+            self._built = True
+        return self.compiled
 
     def split(self) -> tuple[_Segment, _Segment]:
         if self._children is None:
             middle = (self.start + self.end) // 2
-            self._children = (_Segment(self.start, middle), _Segment(middle, self.end))
+            self._children = (
+                _Segment(self.start, middle, built=False),
+                _Segment(middle, self.end, built=False),
+            )
         return self._children
+
+
+def _chunk_bounds(expressions: Sequence[str]) -> list[tuple[int, int]]:
+    """Consecutive slices within cel-cpp's expression size limit (100,000 code points)
+    and short enough that compiling one holds the interpreter only briefly."""
+    bounds: list[tuple[int, int]] = []
+    start, size = 0, 0
+    for index, expression in enumerate(expressions):
+        cost = len(expression) + 20  # the `((...)) ? true : false,` around each one
+        if index > start and (index - start >= _CHUNK_CONDITIONS or size + cost > _CHUNK_CHARS):
+            bounds.append((start, index))
+            start, size = index, 0
+        size += cost
+    if start < len(expressions):
+        bounds.append((start, len(expressions)))
+    return bounds
 
 
 # CEL string literals (raw and bytes prefixes, triple quotes), blanked out before looking

@@ -57,6 +57,7 @@ class Settings:
     reload_rate_per_minute: int = 60
     history_limit: int = 50
     log_level: str = "INFO"
+    reload_worker: bool = True
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port"):
@@ -107,6 +108,7 @@ ENVIRONMENT: Final[Mapping[str, str]] = {
     "reload_rate_per_minute": "RULE_SIDECAR_RELOAD_RATE_PER_MINUTE",
     "history_limit": "RULE_SIDECAR_HISTORY_LIMIT",
     "log_level": "RULE_SIDECAR_LOG_LEVEL",
+    "reload_worker": "RULE_SIDECAR_RELOAD_WORKER",
 }
 
 # Settings that `rule-sidecar serve` also takes as a flag (--rules-dir, --host, ...).

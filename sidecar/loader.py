@@ -8,6 +8,13 @@ listing every problem, and nothing is returned: the caller keeps what it had.
 The loader remembers each file's result by content digest, so a reload re-parses,
 re-validates and re-compiles only the files that changed (and re-reports the problems
 of unchanged broken files without re-reading them).
+
+Given an executor (the sidecar gives it one worker process), large changes are loaded
+there: parsing a big YAML document and compiling CEL hold the interpreter lock for long
+stretches in C, which in a thread would stall the requests being served. The worker
+sends back finished rulesets with their programs serialized by cel-cpp; binding them
+here costs about a tenth of compiling. Small changes stay in-process: a process hop
+would cost more than it saves.
 """
 
 from __future__ import annotations
@@ -15,8 +22,10 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -49,9 +58,12 @@ from sidecar.model import (
 )
 from sidecar.snapshot import Snapshot
 
-__all__ = ["LoadResult", "Loader", "ruleset_schema"]
+__all__ = ["DEFAULT_OFFLOAD_BYTES", "LoadResult", "Loader", "ruleset_schema"]
+
+logger = logging.getLogger("sidecar.loader")
 
 _SCHEMA_FILE: Final = "ruleset.schema.json"
+DEFAULT_OFFLOAD_BYTES: Final = 256 * 1024
 
 
 @cache
@@ -108,10 +120,14 @@ class Loader:
         compiler: ConditionCompiler | None = None,
         run_checks: bool = True,
         file_limits: FileLimits = DEFAULT_FILE_LIMITS,
+        executor: Executor | None = None,
+        offload_bytes: int = DEFAULT_OFFLOAD_BYTES,
     ) -> None:
         self.compiler = compiler or ConditionCompiler()
         self.run_checks = run_checks
         self.file_limits = file_limits
+        self.executor = executor
+        self.offload_bytes = offload_bytes
         self._files: dict[str, _FileResult] = {}
         self._files_checked = run_checks
 
@@ -127,14 +143,16 @@ class Loader:
             self._files_checked = checks
         started = time.perf_counter()
         results: dict[str, _FileResult] = {}
-        parsed = 0
+        changed: list[tuple[SourceFile, str]] = []
         for source in files:
             digest = hashlib.sha256(source.content).hexdigest()
             cached = self._files.get(source.name)
             if cached is None or cached.digest != digest:
-                cached = self._load_file(source, digest, run_checks=checks)
-                parsed += 1
-            results[source.name] = cached
+                changed.append((source, digest))
+            else:
+                results[source.name] = cached
+        results.update(self._load_changed(changed, run_checks=checks))
+        parsed = len(changed)
         compiled = time.perf_counter()
         self._files = results
         problems = [problem for result in results.values() for problem in result.problems]
@@ -178,6 +196,35 @@ class Loader:
             raise LoadError([problem]) from None
         return rule
 
+    def _load_changed(
+        self, changed: list[tuple[SourceFile, str]], *, run_checks: bool
+    ) -> dict[str, _FileResult]:
+        size = sum(len(source.content) for source, _ in changed)
+        if self.executor is not None and size >= self.offload_bytes:
+            try:
+                return self._load_elsewhere(self.executor, changed, run_checks=run_checks)
+            except Exception:
+                logger.exception("the reload worker failed; loading in-process instead")
+        return {
+            source.name: self._load_file(source, digest, run_checks=run_checks)
+            for source, digest in changed
+        }
+
+    def _load_elsewhere(
+        self, executor: Executor, changed: list[tuple[SourceFile, str]], *, run_checks: bool
+    ) -> dict[str, _FileResult]:
+        futures = [
+            executor.submit(_load_file_in_worker, source, digest, run_checks, self.file_limits)
+            for source, digest in changed
+        ]
+        results = {}
+        for (source, _), future in zip(changed, futures, strict=True):
+            result = future.result()
+            for ruleset in result.rulesets:
+                ruleset.plan.conditions.bind(self.compiler)
+            results[source.name] = result
+        return results
+
     def _load_file(self, source: SourceFile, digest: str, *, run_checks: bool) -> _FileResult:
         documents, problems = parse_file(source, self.file_limits)
         rulesets: list[RuleSet] = []
@@ -202,6 +249,14 @@ class Loader:
             if problems:
                 return None, problems
         return ruleset, []
+
+
+def _load_file_in_worker(
+    source: SourceFile, digest: str, run_checks: bool, file_limits: FileLimits
+) -> _FileResult:
+    """What the worker process runs: the in-process work, with a compiler of its own."""
+    loader = Loader(run_checks=run_checks, file_limits=file_limits)
+    return loader._load_file(source, digest, run_checks=run_checks)
 
 
 def _schema_problems(document: Document) -> list[Problem]:

@@ -12,8 +12,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from sidecar.conditions import ConditionCompiler, ConditionSet
 from sidecar.errors import Problem
@@ -24,6 +23,7 @@ __all__ = [
     "DecisionBand",
     "EvaluationPlan",
     "Expectation",
+    "FrozenDict",
     "Location",
     "Rule",
     "RuleSet",
@@ -34,13 +34,32 @@ __all__ = [
 
 API_VERSION: Final = "rule-sidecar/v1"
 KIND: Final = "RuleSet"
-_EMPTY: Final[Mapping[str, Any]] = MappingProxyType({})
+
+
+class FrozenDict(dict[str, Any]):
+    """A dict that refuses changes: what `freeze` makes of mappings.
+
+    Unlike a mappingproxy it pickles, so rulesets can cross from the reload worker
+    process (see `sidecar.loader`).
+    """
+
+    def _refuse(self, *_args: Any, **_kwargs: Any) -> NoReturn:
+        raise TypeError("frozen rule data cannot be changed")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _refuse
+    __ior__ = _refuse
+
+    def __reduce__(self) -> tuple[type[FrozenDict], tuple[dict[str, Any]]]:
+        return (FrozenDict, (dict(self),))
+
+
+_EMPTY: Final[Mapping[str, Any]] = FrozenDict()
 
 
 def freeze(value: Any) -> Any:
-    """Deep read-only copy of JSON-like data: dicts become mappingproxies, lists tuples."""
+    """Deep read-only copy of JSON-like data: dicts become `FrozenDict`s, lists tuples."""
     if isinstance(value, Mapping):
-        return MappingProxyType({k: freeze(v) for k, v in value.items()})
+        return FrozenDict({k: freeze(v) for k, v in value.items()})
     if isinstance(value, list | tuple):
         return tuple(freeze(v) for v in value)
     return value

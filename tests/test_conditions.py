@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import time
 
 import pytest
@@ -11,7 +12,6 @@ from hypothesis import strategies as st
 from sidecar.conditions import (
     ConditionCompiler,
     ConditionError,
-    ConditionSet,
     ConditionSetError,
     InputLimits,
     check_input,
@@ -26,7 +26,7 @@ def compiler() -> ConditionCompiler:
 
 def _one(compiler: ConditionCompiler, expression: str, document: object) -> bool | str:
     """The outcome of one expression evaluated on its own (no combined program)."""
-    return ConditionSet((expression,), None, compiler).evaluate(document)[0]
+    return compiler.outcome(expression, document)
 
 
 def _set(compiler: ConditionCompiler, expressions: list[str], document: object) -> list:
@@ -498,3 +498,42 @@ class TestCheckInput:
         with pytest.raises(InputError) as info:
             check_input({1, 2})
         assert info.value.path == "$"
+
+
+class TestLargeSetsAndTransfer:
+    """Sets past cel-cpp's expression size limit are chunked; sets survive pickling."""
+
+    def test_set_past_the_size_limit_matches_each_alone(self, compiler):
+        """3,000 conditions (about 150,000 characters) compile and agree with each alone."""
+        expressions = [
+            f"has(input.n) && input.n % {i + 2} == 0 && 'pad-{'x' * 20}-{i}' != input.s"
+            for i in range(3_000)
+        ]
+        assert sum(map(len, expressions)) > 100_000
+        conditions = compiler.compile_set(expressions)
+        document = {"n": 60, "s": "x"}
+        outcomes = conditions.evaluate(document)
+        assert outcomes == [compiler.outcome(e, document) for e in expressions]
+        assert outcomes.count(True) == 11  # divisors of 60 from 2 to 3001
+
+    def test_errors_inside_a_large_set_are_attributed(self, compiler):
+        """In a chunked set, only the conditions that error report errors."""
+        expressions = [f"input.a > {i}" for i in range(300)]
+        expressions[7] = "input.missing > 1"
+        expressions[250] = "input.a / 0 > 1"
+        outcomes = compiler.compile_set(expressions).evaluate({"a": 100})
+        errors = [i for i, o in enumerate(outcomes) if isinstance(o, str)]
+        assert errors == [7, 250]
+        assert outcomes[99] is True
+        assert outcomes[100] is False
+
+    def test_pickled_set_evaluates_the_same_after_bind(self, compiler):
+        """A set compiled here, pickled and bound to another compiler gives the same outcomes."""
+        expressions = [f"input.a > {i} || input.b.startsWith('{i}')" for i in range(200)]
+        original = compiler.compile_set(expressions)
+        copy = pickle.loads(pickle.dumps(original))
+        with pytest.raises(RuntimeError, match="bind"):
+            copy.evaluate({"a": 1, "b": "x"})
+        copy.bind(ConditionCompiler())
+        for document in ({"a": 50, "b": "7"}, {"a": -1, "b": "1x"}, {"a": 3}):
+            assert copy.evaluate(document) == original.evaluate(document)

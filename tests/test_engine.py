@@ -10,7 +10,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.conditions import ConditionCompiler, ConditionSet, InputLimits
+from sidecar.conditions import ConditionCompiler, InputLimits
 from sidecar.documents import SourceFile
 from sidecar.engine import Evaluation, evaluate, evaluate_many, evaluate_ruleset
 from sidecar.errors import InputError, NotFoundError
@@ -374,7 +374,7 @@ class TestEvaluationProperties:
                 assert rule.id not in matched
                 assert rule.id not in errored
                 continue
-            outcome = ConditionSet((rule.condition,), None, self.reference).evaluate(document)[0]
+            outcome = self.reference.outcome(rule.condition, document)
             if outcome is True:
                 assert rule.id in matched
             elif outcome is False:

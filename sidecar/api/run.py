@@ -10,8 +10,10 @@ import asyncio
 import gc
 import json
 import logging
+import multiprocessing
 import signal
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -86,7 +88,14 @@ def build_state(settings: Settings) -> AppState:
     sources: list[RuleSource] = [
         DirectorySource(directory, debounce_ms=settings.debounce_ms) for directory in directories
     ]
-    loader = Loader(run_checks=settings.validation_enabled)
+    # One worker process takes large reloads off the serving process (see sidecar.loader);
+    # forkserver, because forking a process that runs threads is unsafe.
+    executor = (
+        ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("forkserver"))
+        if settings.reload_worker
+        else None
+    )
+    loader = Loader(run_checks=settings.validation_enabled, executor=executor)
     registry = RuleRegistry(loader=loader)
     service = HotReloadService(
         registry,
@@ -153,6 +162,8 @@ async def serve(settings: Settings) -> int:
         if metrics_runner is not None:
             await metrics_runner.cleanup()
         await runner.cleanup()
+        if state.service.loader.executor is not None:
+            state.service.loader.executor.shutdown(cancel_futures=True)
     return 0
 
 

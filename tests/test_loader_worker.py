@@ -1,0 +1,123 @@
+"""Loading in the reload worker process gives exactly what loading in-process gives."""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+import pytest
+import yaml
+from conftest import make_ruleset_doc
+
+from sidecar.documents import SourceFile
+from sidecar.engine import evaluate
+from sidecar.errors import LoadError
+from sidecar.loader import Loader
+
+INPUTS = [{"amount": 5000, "country": "FR"}, {"amount": 10, "country": "US"}, {"amount": 2000}]
+
+
+@pytest.fixture(scope="module")
+def executor() -> Iterator[ProcessPoolExecutor]:
+    """One real worker process, as `rule-sidecar serve` runs it."""
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("forkserver"))
+    yield pool
+    pool.shutdown()
+
+
+class CountingExecutor(ThreadPoolExecutor):
+    """A real (thread) executor that counts what it is given."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=1)
+        self.submitted = 0
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+def dead_pool() -> ProcessPoolExecutor:
+    """An executor that refuses work, as a crashed or shut-down worker pool does."""
+    pool = ProcessPoolExecutor(max_workers=1)
+    pool.shutdown()
+    return pool
+
+
+def files(points: int = 40, count: int = 3) -> list[SourceFile]:
+    """`count` rule files, each a ruleset of 60 rules with tests."""
+    result = []
+    for index in range(count):
+        rules = [
+            {
+                "id": f"r{index}-{n}",
+                "condition": f"has(input.amount) && input.amount > {n * 50}",
+                "points": points if n % 2 else -1,
+                "metadata": {"owner": "risk", "tags": ["a", {"b": n}]},
+            }
+            for n in range(60)
+        ]
+        rules.append({"id": f"r{index}-country", "condition": "input.country != 'US'", "points": 5})
+        document = make_ruleset_doc(f"set-{index}", rules=rules)
+        document["spec"]["tests"] = [
+            {"name": "us", "input": {"amount": 0, "country": "US"}, "expect": {"total_points": 0}}
+        ]
+        result.append(SourceFile(f"set-{index}.yaml", yaml.safe_dump(document).encode()))
+    return result
+
+
+class TestWorkerLoads:
+    """The worker process builds the same snapshot as the serving process would."""
+
+    def test_same_snapshot_and_results_as_in_process(self, executor):
+        """Same revision, same rules, same evaluations; the worker really did the parsing."""
+        here = Loader().load(files())
+        there = Loader(executor=executor, offload_bytes=0).load(files())
+        assert there.snapshot.revision == here.snapshot.revision
+        assert there.files_parsed == 3
+        for ruleset_id in here.snapshot.rulesets:
+            for document in INPUTS:
+                expected = evaluate(here.snapshot, ruleset_id, document).to_dict()
+                assert evaluate(there.snapshot, ruleset_id, document).to_dict() == expected
+
+    def test_problems_come_back_located(self, executor):
+        """A broken file loaded in the worker gives the same located problems."""
+        broken = [
+            *files(count=1),
+            SourceFile("bad.yaml", b"apiVersion: rule-sidecar/v1\nkind: [\n"),
+        ]
+        with pytest.raises(LoadError) as here:
+            Loader().load(broken)
+        with pytest.raises(LoadError) as there:
+            Loader(executor=executor, offload_bytes=0).load(broken)
+        assert there.value.problems == here.value.problems
+
+    def test_unchanged_files_are_reused_after_a_worker_load(self, executor):
+        """The second load of the same files parses nothing and keeps the same objects."""
+        loader = Loader(executor=executor, offload_bytes=0)
+        first = loader.load(files())
+        second = loader.load(files())
+        assert second.files_parsed == 0
+        assert all(
+            second.snapshot.rulesets[key] is ruleset
+            for key, ruleset in first.snapshot.rulesets.items()
+        )
+
+    def test_small_changes_stay_in_process(self):
+        """Under the offload threshold the worker is not used (a broken pool proves it)."""
+        pool = ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("forkserver")
+        )
+        pool.shutdown()  # submitting to it would raise
+        loaded = Loader(executor=pool).load(files(count=1))
+        assert loaded.files_parsed == 1
+
+    def test_a_dead_pool_falls_back_to_in_process(self):
+        """If the worker cannot be used, the load still happens, in-process."""
+        pool = ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("forkserver")
+        )
+        pool.shutdown()
+        loaded = Loader(executor=pool, offload_bytes=0).load(files(count=2))
+        assert len(loaded.snapshot.rulesets) == 2
