@@ -19,6 +19,7 @@ __all__ = [
     "get_registry_info",
     "get_rules_from_registry",
     "is_registry_fresh",
+    "registry_age_seconds",
     "validate_registry_rules",
 ]
 
@@ -62,6 +63,7 @@ def get_registry_info(registry: RuleRegistry) -> dict[str, Any]:
 
 
 def registry_age_seconds(registry: RuleRegistry, *, now: datetime | None = None) -> float | None:
+    """Seconds since the current snapshot was published; None before the first."""
     published = registry.last_publish
     if published is None:
         return None
