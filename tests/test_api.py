@@ -750,6 +750,16 @@ class TestMetrics:
         labels = {"ruleset": "fraud"}
         assert metric_value(text, "rule_sidecar_evaluations_total", labels) == 3
 
+    async def test_removed_ruleset_series_are_dropped(self, sidecar: Sidecar):
+        """A ruleset removed by a reload no longer has evaluation series."""
+        await sidecar.post("/api/v1/rulesets/extra/evaluate", json={"input": {}})
+        text = await self.scrape(sidecar)
+        assert metric_value(text, "rule_sidecar_evaluations_total", {"ruleset": "extra"}) == 1
+        (sidecar.rules / "extra.yaml").unlink()
+        await sidecar.post(f"{HOT}/reload")
+        text = await self.scrape(sidecar)
+        assert metric_value(text, "rule_sidecar_evaluations_total", {"ruleset": "extra"}) is None
+
     async def test_websocket_clients_gauge(self, sidecar: Sidecar):
         """The gauge counts connected WebSocket clients, up and down again."""
         ws = await sidecar.client.ws_connect("/ws/hot-reload")

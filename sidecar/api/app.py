@@ -14,7 +14,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -24,7 +24,7 @@ from sidecar.api.metrics import CONTENT_TYPE_LATEST, Metrics
 from sidecar.api.websocket import ReloadNotificationManager
 from sidecar.engine import Evaluation, evaluate_ruleset
 from sidecar.errors import InputError, NotFoundError
-from sidecar.registry import ChangeEvent, RuleRegistry
+from sidecar.registry import ChangeEvent, EventType, RuleRegistry
 from sidecar.service import HealthStatus, HotReloadService, ReloadRecord, ReloadStatus
 from sidecar.snapshot import Snapshot
 
@@ -421,10 +421,14 @@ def _wire_events(state: AppState) -> None:
         elif record.status in (ReloadStatus.SUCCESS, ReloadStatus.RESTORED):
             state.notifier.broadcast("rules_reloaded", record.to_dict())
 
-    def on_publish(snapshot: Snapshot, events: Any) -> None:
-        change: ChangeEvent
+    def on_publish(snapshot: Snapshot, events: Sequence[ChangeEvent]) -> None:
         for change in events:
             state.notifier.broadcast(change.type.value, change.to_dict())
+            if change.type is EventType.RULESET_REMOVED and change.ruleset_id is not None:
+                state.metrics.forget_ruleset(change.ruleset_id)
+            elif change.type is EventType.REGISTRY_CLEARED:
+                for ruleset_id in state.metrics.evaluated_rulesets():
+                    state.metrics.forget_ruleset(ruleset_id)
 
     state.service.add_listener(on_reload)
     state.registry.subscribe(on_publish)

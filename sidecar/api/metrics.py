@@ -8,6 +8,8 @@ Prometheus' own reload pair: `..._last_reload_successful` and
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -91,6 +93,21 @@ class Metrics:
         self.rulesets.set(record.rulesets_loaded)
         self.version.set(record.version_after)
         self.set_revision(record.revision)
+
+    def evaluated_rulesets(self) -> list[str]:
+        """Rulesets that have an evaluation series."""
+        return [
+            sample.labels["ruleset"]
+            for metric in self.evaluations.collect()
+            for sample in metric.samples
+            if sample.name.endswith("_total")
+        ]
+
+    def forget_ruleset(self, ruleset_id: str) -> None:
+        """Drop a removed ruleset's series, so they do not linger as if still served."""
+        for counter in (self.evaluations, self.evaluation_errors):
+            with contextlib.suppress(KeyError):
+                counter.remove(ruleset_id)
 
     def set_revision(self, revision: str) -> None:
         if revision != self._revision:
