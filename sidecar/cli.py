@@ -10,15 +10,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import psycopg
+
+from sidecar import dbtools
 from sidecar.checks import CaseResult, authoring_problems, run_tests
 from sidecar.config import ENVIRONMENT, SettingsError, settings_from
 from sidecar.errors import LoadError, Problem
 from sidecar.loader import Loader, LoadResult
+from sidecar.sources.database import DatabaseURL
 from sidecar.sources.files import read_rule_files
 
 __all__ = ["main"]
@@ -135,6 +140,7 @@ def _serve(args: argparse.Namespace, out: TextIO) -> int:
         "host",
         "port",
         "database_url",
+        "database_password_file",
         "admin_token_file",
         "state_dir",
         "metrics_host",
@@ -144,12 +150,43 @@ def _serve(args: argparse.Namespace, out: TextIO) -> int:
     overrides = {name: getattr(args, name) for name in names}
     if overrides["rules_dirs"] is not None:
         overrides["rules_dirs"] = tuple(overrides["rules_dirs"])
+    return run(settings_from(os.environ, overrides))
+
+
+def _database(args: argparse.Namespace) -> tuple[str, Path | None]:
+    if not args.database_url:
+        raise SettingsError(f"--database-url (or {ENVIRONMENT['database_url']}) is required")
+    password = Path(args.database_password_file) if args.database_password_file else None
+    return args.database_url, password
+
+
+def _db_init(args: argparse.Namespace, out: TextIO) -> int:
+    url, password = _database(args)
+    version = dbtools.init(url, password_file=password)
+    print(f"OK: {DatabaseURL.parse(url).redacted} is at schema version {version}", file=out)
+    return EXIT_OK
+
+
+def _db_import(args: argparse.Namespace, out: TextIO) -> int:
+    url, password = _database(args)
     try:
-        settings = settings_from(os.environ, overrides)
-    except SettingsError as exc:
-        print(f"rule-sidecar: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    return run(settings)
+        result = dbtools.import_files(args.paths, url, password_file=password)
+    except LoadError as exc:
+        _print_problems(exc.problems, out)
+        print(f"{len(exc.problems)} problem(s) found; nothing was imported", file=out)
+        return EXIT_INVALID
+    print(f"OK: imported {result.rulesets} ruleset(s), {result.rules} rule(s)", file=out)
+    return EXIT_OK
+
+
+def _db_export(args: argparse.Namespace, out: TextIO) -> int:
+    url, password = _database(args)
+    text = dbtools.export_documents(url, password_file=password)
+    if args.output is None:
+        out.write(text)
+    else:
+        args.output.write_text(text, "utf-8")
+    return EXIT_OK
 
 
 def _dump(data: dict[str, Any], out: TextIO) -> None:
@@ -202,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help=f"listen port [{env['port']}; 8000]")
     serve.add_argument("--database-url", help=f"database source [{env['database_url']}]")
     serve.add_argument(
+        "--database-password-file",
+        type=Path,
+        help=f"database password, kept out of the URL [{env['database_password_file']}]",
+    )
+    serve.add_argument(
         "--admin-token-file",
         type=Path,
         help=f"bearer token for admin endpoints and the WebSocket [{env['admin_token_file']}]",
@@ -215,12 +257,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", help=f"[{env['log_level']}; INFO]")
     serve.set_defaults(handler=_serve)
+    _add_db_commands(commands)
     return parser
+
+
+def _add_db_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    database = commands.add_parser(
+        "db",
+        help="Manage rules kept in a database.",
+        description="Manage rules kept in a database.",
+    )
+    actions = database.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        command: argparse.ArgumentParser = actions.add_parser(
+            name, help=help_text, description=help_text
+        )
+        command.add_argument(
+            "--database-url",
+            default=os.environ.get(ENVIRONMENT["database_url"]),
+            help=f"sqlite:///path or postgresql://... [{ENVIRONMENT['database_url']}]",
+        )
+        command.add_argument(
+            "--database-password-file",
+            type=Path,
+            default=os.environ.get(ENVIRONMENT["database_password_file"]),
+            help=f"[{ENVIRONMENT['database_password_file']}]",
+        )
+        return command
+
+    action("init", "Create or upgrade the rule tables (idempotent).").set_defaults(handler=_db_init)
+    load = action("import", "Validate rule files, then write them in one transaction.")
+    load.add_argument("paths", nargs="+", metavar="PATH", help="rule files or directories")
+    load.set_defaults(handler=_db_import)
+    dump = action("export", "Write the database's rulesets as YAML documents.")
+    dump.add_argument("--output", type=Path, help="a file to write (default: standard output)")
+    dump.set_defaults(handler=_db_export)
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code: int = args.handler(args, out or sys.stdout)
+    try:
+        code: int = args.handler(args, out or sys.stdout)
+    except (SettingsError, ValueError) as exc:
+        print(f"rule-sidecar: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (OSError, sqlite3.Error, psycopg.Error) as exc:
+        print(f"rule-sidecar: {type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_INVALID
     return code
 
 

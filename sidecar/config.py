@@ -46,6 +46,7 @@ class Settings:
     metrics_host: str | None = None
     metrics_port: int | None = None
     database_url: str | None = None
+    database_password_file: Path | None = None
     admin_token_file: Path | None = None
     state_dir: Path | None = None
     hot_reload_enabled: bool = True
@@ -97,6 +98,7 @@ ENVIRONMENT: Final[Mapping[str, str]] = {
     "metrics_host": "RULE_SIDECAR_METRICS_HOST",
     "metrics_port": "RULE_SIDECAR_METRICS_PORT",
     "database_url": "RULE_SIDECAR_DATABASE_URL",
+    "database_password_file": "RULE_SIDECAR_DATABASE_PASSWORD_FILE",
     "admin_token_file": "RULE_SIDECAR_ADMIN_TOKEN_FILE",
     "state_dir": "RULE_SIDECAR_STATE_DIR",
     "hot_reload_enabled": "HOT_RELOAD_ENABLED",
@@ -120,6 +122,7 @@ FLAGS: Final = frozenset(
         "metrics_host",
         "metrics_port",
         "database_url",
+        "database_password_file",
         "admin_token_file",
         "state_dir",
         "log_level",

@@ -33,6 +33,7 @@ from sidecar.loader import Loader
 from sidecar.registry import RuleRegistry
 from sidecar.service import HotReloadService, ReloadRecord, ReloadStatus, Trigger
 from sidecar.sources import RuleSource
+from sidecar.sources.database import DatabaseSource
 from sidecar.sources.files import DirectorySource
 from sidecar.state import StateStore
 
@@ -88,6 +89,10 @@ def build_state(settings: Settings) -> AppState:
     sources: list[RuleSource] = [
         DirectorySource(directory, debounce_ms=settings.debounce_ms) for directory in directories
     ]
+    if settings.database_url is not None:
+        sources.append(
+            DatabaseSource(settings.database_url, password_file=settings.database_password_file)
+        )
     # One worker process takes large reloads off the serving process (see sidecar.loader);
     # forkserver, because forking a process that runs threads is unsafe.
     executor = (

@@ -1,0 +1,414 @@
+"""Rules kept in a database: SQLite (a file, the standard library) or PostgreSQL.
+
+Tables (created and upgraded by `rule-sidecar db init`): `rule_sidecar_rulesets` and
+`rule_sidecar_rules` carry every field of a `rule-sidecar/v1` document, with a row
+version and `updated_at`; `rule_sidecar_state` holds one `generation` number that
+triggers bump on every change. Reading the generation is the cheap fingerprint: a read
+whose generation has not moved returns the documents it already built, so the periodic
+resync costs one single-row query however many rules there are. On PostgreSQL the same
+triggers `pg_notify('rule_sidecar', ...)`, and `changes()` listens, so an edit is live
+in milliseconds; after a reconnect it asks for a full resync, because notifications sent
+while disconnected are lost.
+
+Each ruleset becomes one JSON document, handed to the loader like a file, so rows go
+through exactly the validation, compilation, tests and all-or-nothing swap that files do,
+and an unchanged ruleset is not validated or compiled again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import psycopg
+
+from sidecar.documents import SourceFile
+from sidecar.errors import LoadError, Problem
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "DatabaseSource",
+    "DatabaseURL",
+    "connect",
+    "migrate",
+    "placeholder",
+    "read_documents",
+]
+
+logger = logging.getLogger("sidecar.database")
+
+SCHEMA_VERSION: Final = 1
+CHANNEL: Final = "rule_sidecar"
+
+_CONNECT_TIMEOUT_S: Final = 5
+_STATEMENT_TIMEOUT_MS: Final = 10_000
+_MAX_BACKOFF_S: Final = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseURL:
+    """A parsed `sqlite:///path` or `postgresql://user@host:port/db` URL.
+
+    `redacted` is what logs and messages show: never the password.
+    """
+
+    kind: str  # "sqlite" or "postgresql"
+    url: str
+    path: Path | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> DatabaseURL:
+        parts = urlsplit(url)
+        if parts.scheme == "sqlite":
+            # sqlite:///relative/or/absolute (three slashes, then the path as given)
+            path = unquote(parts.path.removeprefix("/")) if parts.netloc == "" else ""
+            if not path:
+                raise ValueError(f"{url!r}: a SQLite URL is sqlite:///path/to/rules.db")
+            return cls("sqlite", url, Path(path))
+        if parts.scheme in ("postgresql", "postgres"):
+            return cls("postgresql", url)
+        raise ValueError(
+            f"unsupported database URL scheme {parts.scheme!r}: use sqlite or postgresql"
+        )
+
+    @property
+    def redacted(self) -> str:
+        parts = urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        netloc = parts.netloc.replace(f":{parts.password}@", ":********@", 1)
+        return urlunsplit(parts._replace(netloc=netloc))
+
+
+# Schema
+
+_JSON = {"sqlite": "TEXT", "postgresql": "JSONB"}
+_NOW = {"sqlite": "CURRENT_TIMESTAMP", "postgresql": "now()"}
+_TIME = {"sqlite": "TEXT", "postgresql": "TIMESTAMPTZ"}
+_TABLES: Final = ("rule_sidecar_rulesets", "rule_sidecar_rules")
+
+
+def _schema(kind: str) -> list[str]:
+    json_type, now, time_type = _JSON[kind], _NOW[kind], _TIME[kind]
+    statements = [
+        "CREATE TABLE IF NOT EXISTS rule_sidecar_schema (version INTEGER NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS rule_sidecar_state ("
+        " id INTEGER PRIMARY KEY CHECK (id = 1), generation BIGINT NOT NULL)",
+        "INSERT INTO rule_sidecar_state (id, generation) VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
+        f"""CREATE TABLE IF NOT EXISTS rule_sidecar_rulesets (
+            id TEXT PRIMARY KEY,
+            name TEXT,
+            description TEXT NOT NULL DEFAULT '',
+            labels {json_type} NOT NULL DEFAULT '{{}}',
+            decisions {json_type} NOT NULL DEFAULT '[]',
+            default_decision TEXT,
+            tests {json_type} NOT NULL DEFAULT '[]',
+            row_version BIGINT NOT NULL DEFAULT 1,
+            updated_at {time_type} NOT NULL DEFAULT {now})""",
+        f"""CREATE TABLE IF NOT EXISTS rule_sidecar_rules (
+            id TEXT PRIMARY KEY,
+            ruleset_id TEXT NOT NULL REFERENCES rule_sidecar_rulesets (id) ON DELETE CASCADE,
+            position INTEGER NOT NULL DEFAULT 0,
+            name TEXT,
+            description TEXT NOT NULL DEFAULT '',
+            condition TEXT NOT NULL,
+            points INTEGER NOT NULL,
+            enabled BOOLEAN NOT NULL DEFAULT TRUE,
+            priority INTEGER NOT NULL DEFAULT 0,
+            tags {json_type} NOT NULL DEFAULT '[]',
+            metadata {json_type} NOT NULL DEFAULT '{{}}',
+            row_version BIGINT NOT NULL DEFAULT 1,
+            updated_at {time_type} NOT NULL DEFAULT {now})""",
+        "CREATE INDEX IF NOT EXISTS rule_sidecar_rules_by_ruleset"
+        " ON rule_sidecar_rules (ruleset_id, position)",
+    ]
+    return statements + (_pg_triggers() if kind == "postgresql" else _sqlite_triggers())
+
+
+def _pg_triggers() -> list[str]:
+    statements = [
+        # One bump and one notification per statement, however many rows it touched.
+        f"""CREATE OR REPLACE FUNCTION rule_sidecar_changed() RETURNS trigger
+            LANGUAGE plpgsql AS $$
+            BEGIN
+                UPDATE rule_sidecar_state SET generation = generation + 1 WHERE id = 1;
+                PERFORM pg_notify('{CHANNEL}', TG_TABLE_NAME);
+                RETURN NULL;
+            END $$""",
+        """CREATE OR REPLACE FUNCTION rule_sidecar_touch() RETURNS trigger
+            LANGUAGE plpgsql AS $$
+            BEGIN
+                NEW.row_version := OLD.row_version + 1;
+                NEW.updated_at := now();
+                RETURN NEW;
+            END $$""",
+    ]
+    for table in _TABLES:
+        statements += [
+            f"DROP TRIGGER IF EXISTS {table}_changed ON {table}",
+            f"CREATE TRIGGER {table}_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE"
+            f" ON {table} FOR EACH STATEMENT EXECUTE FUNCTION rule_sidecar_changed()",
+            f"DROP TRIGGER IF EXISTS {table}_touch ON {table}",
+            f"CREATE TRIGGER {table}_touch BEFORE UPDATE ON {table}"
+            " FOR EACH ROW EXECUTE FUNCTION rule_sidecar_touch()",
+        ]
+    return statements
+
+
+def _sqlite_triggers() -> list[str]:
+    bump = "UPDATE rule_sidecar_state SET generation = generation + 1 WHERE id = 1;"
+    statements = []
+    for table in _TABLES:
+        for event in ("INSERT", "UPDATE", "DELETE"):
+            statements.append(
+                f"CREATE TRIGGER IF NOT EXISTS {table}_{event.lower()} AFTER {event} ON {table}"
+                f" BEGIN {bump} END"
+            )
+        # SQLite has no BEFORE-UPDATE assignment: bump the row after, without recursion
+        # (recursive triggers are off by default).
+        statements.append(
+            f"CREATE TRIGGER IF NOT EXISTS {table}_touch AFTER UPDATE ON {table}"
+            f" WHEN NEW.row_version = OLD.row_version BEGIN"
+            f" UPDATE {table} SET row_version = OLD.row_version + 1,"
+            f" updated_at = CURRENT_TIMESTAMP WHERE id = NEW.id; END"
+        )
+    return statements
+
+
+# Connections
+
+
+def placeholder(url: DatabaseURL) -> str:
+    """The driver's query parameter marker: sqlite3 `?`, psycopg `%s`."""
+    return "?" if url.kind == "sqlite" else "%s"
+
+
+def _password(password_file: Path | None) -> str | None:
+    if password_file is None:
+        return None
+    return password_file.read_text("utf-8").strip()
+
+
+def _credentials(password_file: Path | None) -> dict[str, Any]:
+    """The password from a file (a mounted Secret), kept out of the URL and the logs."""
+    password = _password(password_file)
+    return {"password": password} if password else {}
+
+
+@contextmanager
+def connect(url: DatabaseURL, *, password_file: Path | None = None) -> Iterator[Any]:
+    """A DB-API connection, committed on success and rolled back on error."""
+    if url.kind == "sqlite":
+        assert url.path is not None
+        connection: Any = sqlite3.connect(url.path, timeout=_CONNECT_TIMEOUT_S)
+        connection.execute("PRAGMA foreign_keys = ON")
+    else:
+        extra = _credentials(password_file)
+        connection = psycopg.connect(
+            url.url,
+            connect_timeout=_CONNECT_TIMEOUT_S,
+            options=f"-c statement_timeout={_STATEMENT_TIMEOUT_MS}",
+            **extra,
+        )
+    try:
+        yield connection
+        connection.commit()
+    except BaseException:
+        connection.rollback()
+        raise
+    finally:
+        connection.close()
+
+
+def migrate(url: DatabaseURL, *, password_file: Path | None = None) -> int:
+    """Create or upgrade the tables (idempotent); returns the schema version."""
+    with connect(url, password_file=password_file) as connection:
+        for statement in _schema(url.kind):
+            connection.execute(statement)
+        row = connection.execute("SELECT version FROM rule_sidecar_schema").fetchone()
+        if row is None:
+            connection.execute(
+                f"INSERT INTO rule_sidecar_schema (version) VALUES ({placeholder(url)})",
+                (SCHEMA_VERSION,),
+            )
+        elif row[0] > SCHEMA_VERSION:
+            raise ValueError(
+                f"the database schema is version {row[0]}, newer than this sidecar's"
+                f" {SCHEMA_VERSION}: upgrade rule-sidecar"
+            )
+    return SCHEMA_VERSION
+
+
+# Reading
+
+_RULESET_COLUMNS: Final = "id, name, description, labels, decisions, default_decision, tests"
+_RULE_COLUMNS: Final = (
+    "id, ruleset_id, name, description, condition, points, enabled, priority, tags, metadata"
+)
+
+
+def _json(value: Any) -> Any:
+    """JSONB arrives decoded from PostgreSQL; SQLite keeps JSON as text."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _rule_document(row: tuple[Any, ...]) -> dict[str, Any]:
+    rule_id, _, name, description, condition, points, enabled, priority, tags, metadata = row
+    document: dict[str, Any] = {"id": rule_id}
+    if name is not None:
+        document["name"] = name
+    document.update(
+        description=description,
+        condition=condition,
+        points=points,
+        enabled=bool(enabled),
+        priority=priority,
+        tags=_json(tags),
+        metadata=_json(metadata),
+    )
+    return document
+
+
+def _ruleset_document(row: tuple[Any, ...], rules: list[dict[str, Any]]) -> dict[str, Any]:
+    ruleset_id, name, description, labels, decisions, default_decision, tests = row
+    metadata: dict[str, Any] = {"id": ruleset_id}
+    if name is not None:
+        metadata["name"] = name
+    metadata.update(description=description, labels=_json(labels))
+    spec: dict[str, Any] = {"rules": rules}
+    if decisions := _json(decisions):
+        spec["decisions"] = decisions
+    if default_decision is not None:
+        spec["default_decision"] = default_decision
+    if tests := _json(tests):
+        spec["tests"] = tests
+    return {"apiVersion": "rule-sidecar/v1", "kind": "RuleSet", "metadata": metadata, "spec": spec}
+
+
+def read_documents(connection: Any) -> tuple[int, dict[str, dict[str, Any]]]:
+    """The generation and every ruleset as a `rule-sidecar/v1` document, read together."""
+    generation = connection.execute("SELECT generation FROM rule_sidecar_state").fetchone()[0]
+    rules: dict[str, list[dict[str, Any]]] = {}
+    for row in connection.execute(
+        f"SELECT {_RULE_COLUMNS} FROM rule_sidecar_rules ORDER BY ruleset_id, position, id"
+    ):
+        rules.setdefault(row[1], []).append(_rule_document(row))
+    documents = {
+        row[0]: _ruleset_document(row, rules.get(row[0], []))
+        for row in connection.execute(
+            f"SELECT {_RULESET_COLUMNS} FROM rule_sidecar_rulesets ORDER BY id"
+        )
+    }
+    return int(generation), documents
+
+
+class DatabaseSource:
+    """A `RuleSource` over the rule tables of one database."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        password_file: Path | None = None,
+        listen: bool = True,
+    ) -> None:
+        self.url = DatabaseURL.parse(url)
+        self._password_file = password_file
+        self._listen = listen and self.url.kind == "postgresql"
+        self._generation: int | None = None
+        self._files: list[SourceFile] = []
+        # Bumped by `forget` (from the event loop) so that a read running meanwhile in
+        # a worker thread does not trust the generation it saw.
+        self._epoch = 0
+
+    @property
+    def name(self) -> str:
+        return self.url.redacted
+
+    def read(self) -> list[SourceFile]:
+        """Every ruleset as a JSON document; only the generation is read when it has not
+        moved since the last read. Raises `LoadError` naming the database when it
+        cannot be read."""
+        epoch = self._epoch
+        try:
+            with connect(self.url, password_file=self._password_file) as connection:
+                # One consistent view: the generation and the rows belong together.
+                if self.url.kind == "postgresql":
+                    connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                else:
+                    connection.execute("BEGIN")
+                generation = self._read_generation(connection)
+                if generation is not None and generation == self._generation:
+                    return list(self._files)
+                generation, documents = read_documents(connection)
+        except Exception as exc:  # every driver error means the same: not readable now
+            message = _describe(exc, _password(self._password_file), self.url)
+            raise LoadError([Problem(file=self.name, message=message)]) from None
+        self._files = [
+            SourceFile(
+                f"{self.name}#rulesets/{ruleset_id}.json",
+                json.dumps(document, indent=1, ensure_ascii=False).encode(),
+            )
+            for ruleset_id, document in documents.items()
+        ]
+        self._generation = generation if epoch == self._epoch else None
+        return list(self._files)
+
+    def forget(self) -> None:
+        """Make the next read a full one (after a reconnect, say)."""
+        self._epoch += 1
+        self._generation = None
+
+    def _read_generation(self, connection: Any) -> int | None:
+        row = connection.execute("SELECT generation FROM rule_sidecar_state").fetchone()
+        return None if row is None else int(row[0])
+
+    async def changes(self) -> AsyncIterator[str]:
+        """PostgreSQL: each notification, and a resync after every (re)connect.
+        SQLite has no notifications: the periodic resync polls the generation."""
+        if not self._listen:
+            return
+        backoff = 0.5
+        while True:
+            try:
+                async for reason in self._notifications():
+                    backoff = 0.5
+                    yield reason
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                reason = _describe(exc, _password(self._password_file), self.url)
+                logger.warning("listening on %s failed: %s", self.name, reason)
+            delay = backoff * (0.5 + random.random())
+            backoff = min(backoff * 2, _MAX_BACKOFF_S)
+            await asyncio.sleep(delay)
+
+    async def _notifications(self) -> AsyncIterator[str]:
+        extra = _credentials(self._password_file)
+        async with await psycopg.AsyncConnection.connect(
+            self.url.url, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_S, **extra
+        ) as connection:
+            await connection.execute(f"LISTEN {CHANNEL}")
+            # Whatever changed while we were not listening is unknown: resync in full.
+            self.forget()
+            yield "listening"
+            async for notify in connection.notifies():
+                yield f"notify: {notify.payload}"
+
+
+def _describe(exc: BaseException, password: str | None, url: DatabaseURL) -> str:
+    """A one-line reason that never repeats a password (drivers may quote the DSN)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    for secret in (password, urlsplit(url.url).password):
+        if secret:
+            text = text.replace(secret, "********")
+    return f"database unavailable: {type(exc).__name__}: {text}"[:500]
