@@ -205,11 +205,20 @@ def _credentials(password_file: Path | None) -> dict[str, Any]:
 
 
 @contextmanager
-def connect(url: DatabaseURL, *, password_file: Path | None = None) -> Iterator[Any]:
-    """A DB-API connection, committed on success and rolled back on error."""
+def connect(
+    url: DatabaseURL, *, password_file: Path | None = None, create: bool = False
+) -> Iterator[Any]:
+    """A DB-API connection, committed on success and rolled back on error.
+
+    A SQLite file is created only when asked (`db init`): a reader pointed at a wrong
+    path must fail, not leave an empty database behind.
+    """
     if url.kind == "sqlite":
         assert url.path is not None
-        connection: Any = sqlite3.connect(url.path, timeout=_CONNECT_TIMEOUT_S)
+        mode = "rwc" if create else "rw"
+        connection: Any = sqlite3.connect(
+            f"{url.path.absolute().as_uri()}?mode={mode}", uri=True, timeout=_CONNECT_TIMEOUT_S
+        )
         connection.execute("PRAGMA foreign_keys = ON")
     else:
         extra = _credentials(password_file)
@@ -231,7 +240,7 @@ def connect(url: DatabaseURL, *, password_file: Path | None = None) -> Iterator[
 
 def migrate(url: DatabaseURL, *, password_file: Path | None = None) -> int:
     """Create or upgrade the tables (idempotent); returns the schema version."""
-    with connect(url, password_file=password_file) as connection:
+    with connect(url, password_file=password_file, create=True) as connection:
         for statement in _schema(url.kind):
             connection.execute(statement)
         row = connection.execute("SELECT version FROM rule_sidecar_schema").fetchone()
@@ -411,4 +420,6 @@ def _describe(exc: BaseException, password: str | None, url: DatabaseURL) -> str
     for secret in (password, urlsplit(url.url).password):
         if secret:
             text = text.replace(secret, "********")
+    if "rule_sidecar_" in text and ("does not exist" in text or "no such table" in text):
+        text += " (create the tables with `rule-sidecar db init`)"
     return f"database unavailable: {type(exc).__name__}: {text}"[:500]
