@@ -142,16 +142,21 @@ class Loader:
             self._files = {}
             self._files_checked = checks
         started = time.perf_counter()
-        results: dict[str, _FileResult] = {}
+        known: dict[str, _FileResult] = {}
         changed: list[tuple[SourceFile, str]] = []
+        order: list[str] = []
         for source in files:
+            order.append(source.name)
             digest = hashlib.sha256(source.content).hexdigest()
             cached = self._files.get(source.name)
             if cached is None or cached.digest != digest:
                 changed.append((source, digest))
             else:
-                results[source.name] = cached
-        results.update(self._load_changed(changed, run_checks=checks))
+                known[source.name] = cached
+        known.update(self._load_changed(changed, run_checks=checks))
+        # In the sources' order, so that messages about duplicates do not depend on
+        # which file happened to change.
+        results = {name: known[name] for name in order}
         parsed = len(changed)
         compiled = time.perf_counter()
         self._files = results
