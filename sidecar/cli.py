@@ -23,7 +23,7 @@ from sidecar.checks import CaseResult, authoring_problems, run_tests
 from sidecar.config import ENVIRONMENT, SettingsError, settings_from
 from sidecar.errors import LoadError, Problem
 from sidecar.loader import Loader, LoadResult
-from sidecar.sources.database import DatabaseURL
+from sidecar.sources.database import DatabaseURL, describe_error, password_from
 from sidecar.sources.files import read_rule_files
 
 __all__ = ["main"]
@@ -302,10 +302,24 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except (SettingsError, ValueError) as exc:
         print(f"rule-sidecar: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (OSError, sqlite3.Error, psycopg.Error) as exc:
-        print(f"rule-sidecar: {type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)
+    except (sqlite3.Error, psycopg.Error) as exc:
+        print(f"rule-sidecar: {_database_error(exc, args)}", file=sys.stderr)
+        return EXIT_INVALID
+    except OSError as exc:
+        print(f"rule-sidecar: {exc}", file=sys.stderr)
         return EXIT_INVALID
     return code
+
+
+def _database_error(exc: BaseException, args: argparse.Namespace) -> str:
+    """The driver's message with every password masked (libpq may quote the URL)."""
+    url = getattr(args, "database_url", None) or ""
+    password_file = getattr(args, "database_password_file", None)
+    try:
+        password = password_from(Path(password_file) if password_file else None)
+    except OSError:
+        password = None
+    return describe_error(exc, password, DatabaseURL("postgresql", url))
 
 
 if __name__ == "__main__":

@@ -280,11 +280,26 @@ def _schema_problems(document: Document) -> list[Problem]:
         unknown = _unknown_fields(error)
         if unknown:
             where = document.locate_key(path, unknown[0])
-        message = _schema_message(error)
         problems.append(
-            where.problem(message, path=format_path(path), ruleset_id=_metadata_id(data))
+            where.problem(
+                _schema_message(error),
+                path=format_path(path),
+                ruleset_id=_metadata_id(data),
+                rule_id=_rule_id_at(data, path),
+            )
         )
     return sorted(problems, key=lambda p: (p.line, p.column))
+
+
+def _rule_id_at(data: dict[str, Any], path: list[str | int]) -> str | None:
+    """The id of the rule a problem at `path` is in, when it is in one."""
+    if len(path) < 3 or path[:2] != ["spec", "rules"] or not isinstance(path[2], int):
+        return None
+    try:
+        rule_id = data["spec"]["rules"][path[2]]["id"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return str(rule_id) if isinstance(rule_id, str | int) else None
 
 
 def _metadata_id(data: dict[str, Any]) -> str | None:

@@ -468,7 +468,9 @@ class HotReloadService:
         unchanged = before.version > 0 and candidate.revision == before.revision
         held_back = candidate.revision == self._rolled_back_from
         if (unchanged or held_back) and not force and not self._serving_from_state:
-            if _is_background(trigger):
+            last = self._last_record
+            recovered = last is not None and last.status is ReloadStatus.FAILED
+            if _is_background(trigger) and not recovered:
                 return self._unrecorded(before)
             return self._record(
                 trigger,

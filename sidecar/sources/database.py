@@ -39,7 +39,9 @@ __all__ = [
     "DatabaseSource",
     "DatabaseURL",
     "connect",
+    "describe_error",
     "migrate",
+    "password_from",
     "placeholder",
     "read_documents",
 ]
@@ -192,7 +194,7 @@ def placeholder(url: DatabaseURL) -> str:
     return "?" if url.kind == "sqlite" else "%s"
 
 
-def _password(password_file: Path | None) -> str | None:
+def password_from(password_file: Path | None) -> str | None:
     if password_file is None:
         return None
     return password_file.read_text("utf-8").strip()
@@ -200,7 +202,7 @@ def _password(password_file: Path | None) -> str | None:
 
 def _credentials(password_file: Path | None) -> dict[str, Any]:
     """The password from a file (a mounted Secret), kept out of the URL and the logs."""
-    password = _password(password_file)
+    password = password_from(password_file)
     return {"password": password} if password else {}
 
 
@@ -265,12 +267,25 @@ _RULE_COLUMNS: Final = (
 )
 
 
-def _json(value: Any) -> Any:
-    """JSONB arrives decoded from PostgreSQL; SQLite keeps JSON as text."""
-    return json.loads(value) if isinstance(value, str) else value
+def _json(value: Any, kind: str) -> Any:
+    """JSONB arrives decoded from PostgreSQL; SQLite keeps JSON as text. Text that does
+    not decode is passed on as it is, so the schema reports it at its rule."""
+    if kind != "sqlite" or not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
-def _rule_document(row: tuple[Any, ...]) -> dict[str, Any]:
+def _boolean(value: Any) -> Any:
+    """SQLite stores booleans as 0/1; anything else (`'false'`) goes to the schema."""
+    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+        return bool(value)
+    return value
+
+
+def _rule_document(row: tuple[Any, ...], kind: str) -> dict[str, Any]:
     rule_id, _, name, description, condition, points, enabled, priority, tags, metadata = row
     document: dict[str, Any] = {"id": rule_id}
     if name is not None:
@@ -279,40 +294,43 @@ def _rule_document(row: tuple[Any, ...]) -> dict[str, Any]:
         description=description,
         condition=condition,
         points=points,
-        enabled=bool(enabled),
+        enabled=_boolean(enabled),
         priority=priority,
-        tags=_json(tags),
-        metadata=_json(metadata),
+        tags=_json(tags, kind),
+        metadata=_json(metadata, kind),
     )
     return document
 
 
-def _ruleset_document(row: tuple[Any, ...], rules: list[dict[str, Any]]) -> dict[str, Any]:
+def _ruleset_document(
+    row: tuple[Any, ...], rules: list[dict[str, Any]], kind: str
+) -> dict[str, Any]:
     ruleset_id, name, description, labels, decisions, default_decision, tests = row
     metadata: dict[str, Any] = {"id": ruleset_id}
     if name is not None:
         metadata["name"] = name
-    metadata.update(description=description, labels=_json(labels))
+    metadata.update(description=description, labels=_json(labels, kind))
     spec: dict[str, Any] = {"rules": rules}
-    if decisions := _json(decisions):
+    if decisions := _json(decisions, kind):
         spec["decisions"] = decisions
     if default_decision is not None:
         spec["default_decision"] = default_decision
-    if tests := _json(tests):
+    if tests := _json(tests, kind):
         spec["tests"] = tests
     return {"apiVersion": "rule-sidecar/v1", "kind": "RuleSet", "metadata": metadata, "spec": spec}
 
 
 def read_documents(connection: Any) -> tuple[int, dict[str, dict[str, Any]]]:
     """The generation and every ruleset as a `rule-sidecar/v1` document, read together."""
+    kind = "sqlite" if isinstance(connection, sqlite3.Connection) else "postgresql"
     generation = connection.execute("SELECT generation FROM rule_sidecar_state").fetchone()[0]
     rules: dict[str, list[dict[str, Any]]] = {}
     for row in connection.execute(
         f"SELECT {_RULE_COLUMNS} FROM rule_sidecar_rules ORDER BY ruleset_id, position, id"
     ):
-        rules.setdefault(row[1], []).append(_rule_document(row))
+        rules.setdefault(row[1], []).append(_rule_document(row, kind))
     documents = {
-        row[0]: _ruleset_document(row, rules.get(row[0], []))
+        row[0]: _ruleset_document(row, rules.get(row[0], []), kind)
         for row in connection.execute(
             f"SELECT {_RULESET_COLUMNS} FROM rule_sidecar_rulesets ORDER BY id"
         )
@@ -360,7 +378,8 @@ class DatabaseSource:
                     return list(self._files)
                 generation, documents = read_documents(connection)
         except Exception as exc:  # every driver error means the same: not readable now
-            message = _describe(exc, _password(self._password_file), self.url)
+            reason = describe_error(exc, password_from(self._password_file), self.url)
+            message = f"database unavailable: {reason}"
             raise LoadError([Problem(file=self.name, message=message)]) from None
         self._files = [
             SourceFile(
@@ -395,7 +414,7 @@ class DatabaseSource:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                reason = _describe(exc, _password(self._password_file), self.url)
+                reason = describe_error(exc, password_from(self._password_file), self.url)
                 logger.warning("listening on %s failed: %s", self.name, reason)
             delay = backoff * (0.5 + random.random())
             backoff = min(backoff * 2, _MAX_BACKOFF_S)
@@ -414,7 +433,7 @@ class DatabaseSource:
                 yield f"notify: {notify.payload}"
 
 
-def _describe(exc: BaseException, password: str | None, url: DatabaseURL) -> str:
+def describe_error(exc: BaseException, password: str | None, url: DatabaseURL) -> str:
     """A one-line reason that never repeats a password (drivers may quote the DSN)."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     for secret in (password, urlsplit(url.url).password):
@@ -422,4 +441,4 @@ def _describe(exc: BaseException, password: str | None, url: DatabaseURL) -> str
             text = text.replace(secret, "********")
     if "rule_sidecar_" in text and ("does not exist" in text or "no such table" in text):
         text += " (create the tables with `rule-sidecar db init`)"
-    return f"database unavailable: {type(exc).__name__}: {text}"[:500]
+    return f"{type(exc).__name__}: {text}"[:500]

@@ -1,0 +1,281 @@
+"""Real databases for the database source tests: a fresh one for every test.
+
+Import the fixtures with `pytest_plugins = ["db_support"]`. PostgreSQL is the server on
+127.0.0.1:5432 (trust authentication, user `postgres`): each test gets a database of its
+own, `rs_t_<random hex>`, created from the `postgres` database and dropped at teardown
+(after its connections are terminated). When the server cannot be reached, the
+PostgreSQL tests are skipped with the reason: at collection when they use a PostgreSQL
+fixture or run with the `postgresql` backend parameter, else by `require_postgresql()`;
+CI starts the server, so there they run.
+SQLite databases are real files in the test's `tmp_path`.
+
+`Database` talks to a database with the plain drivers (never through the code under
+test), so what a test sees in the tables is what is really there.
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+
+from sidecar import dbtools
+
+__all__ = [
+    "PG_ADMIN_URL",
+    "Database",
+    "pg_admin",
+    "pg_backends",
+    "pg_terminate",
+    "pg_unavailable_reason",
+    "pg_url_for",
+    "require_postgresql",
+]
+
+PG_HOST = "127.0.0.1"
+PG_PORT = 5432
+PG_ADMIN_URL = f"postgresql://postgres@{PG_HOST}:{PG_PORT}/postgres"
+BACKENDS = ("sqlite", "postgresql")
+
+
+@functools.cache
+def pg_unavailable_reason() -> str | None:
+    """None when the PostgreSQL server answers; otherwise why it does not."""
+    try:
+        with psycopg.connect(PG_ADMIN_URL, connect_timeout=3) as connection:
+            connection.execute("SELECT 1")
+    except psycopg.Error as exc:
+        first_line = " ".join(str(exc).split())[:200]
+        return (
+            f"PostgreSQL is not reachable at {PG_HOST}:{PG_PORT} ({first_line}); "
+            "CI starts it, so these tests run there"
+        )
+    return None
+
+
+def require_postgresql() -> None:
+    """Skip the calling test, with the reason, when PostgreSQL is not reachable."""
+    reason = pg_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def pg_url_for(name: str, *, password: str | None = None, port: int = PG_PORT) -> str:
+    """The URL of database `name` on the test server, optionally with a password in it."""
+    user = f"postgres:{password}" if password else "postgres"
+    return f"postgresql://{user}@{PG_HOST}:{port}/{name}"
+
+
+def pg_admin(sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """Run one statement on the `postgres` database, outside any transaction."""
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as connection:
+        cursor = connection.execute(sql, params)
+        return cursor.fetchall() if cursor.description else []
+
+
+def pg_backends(name: str, *, keep: Sequence[int] = ()) -> list[int]:
+    """Process ids of the server backends connected to database `name`, but `keep`."""
+    rows = pg_admin(
+        "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+        (name,),
+    )
+    return [pid for (pid,) in rows if pid not in keep]
+
+
+def pg_terminate(name: str, *, keep: Sequence[int] = (), timeout: float = 5.0) -> int:
+    """`pg_terminate_backend` every connection to `name` but `keep`; wait until gone."""
+    killed = 0
+    deadline = time.monotonic() + timeout
+    while pids := pg_backends(name, keep=keep):
+        for pid in pids:
+            killed += bool(pg_admin("SELECT pg_terminate_backend(%s)", (pid,))[0][0])
+        if time.monotonic() > deadline:
+            raise AssertionError(f"backends of {name} still there after {timeout} s: {pids}")
+        time.sleep(0.01)
+    return killed
+
+
+@dataclass
+class Database:
+    """One test database: its kind, its URL and plain-driver access to its tables."""
+
+    kind: str  # "sqlite" or "postgresql"
+    url: str
+    name: str  # the PostgreSQL database name, or the SQLite file path
+    workdir: Path
+
+    @property
+    def is_postgresql(self) -> bool:
+        return self.kind == "postgresql"
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """One statement (`%s` markers) in its own committed transaction; its rows."""
+        return self.script([(sql, params)])[0]
+
+    def script(
+        self, statements: Sequence[tuple[str, Sequence[Any]]]
+    ) -> list[list[tuple[Any, ...]]]:
+        """Several statements in one committed transaction; the rows of each."""
+        results: list[list[tuple[Any, ...]]] = []
+        if self.is_postgresql:
+            with psycopg.connect(self.url) as connection:
+                for sql, params in statements:
+                    cursor = connection.execute(sql, params)
+                    results.append(cursor.fetchall() if cursor.description else [])
+            return results
+        connection = sqlite3.connect(self.name)
+        try:
+            connection.execute("PRAGMA foreign_keys = ON")
+            for sql, params in statements:
+                cursor = connection.execute(sql.replace("%s", "?"), params)
+                results.append(cursor.fetchall())
+            connection.commit()
+        finally:
+            connection.close()
+        return results
+
+    def init(self) -> Database:
+        """`db init` through the library; returns self."""
+        dbtools.init(self.url)
+        return self
+
+    def import_docs(self, *docs: Mapping[str, Any]) -> None:
+        """`db import` of these RuleSet documents, written to a YAML file first."""
+        path = self.workdir / f"import-{secrets.token_hex(4)}.yaml"
+        path.write_text(
+            yaml.safe_dump_all([dict(doc) for doc in docs], sort_keys=False), encoding="utf-8"
+        )
+        dbtools.import_files([path], self.url)
+
+    def generation(self) -> int:
+        rows = self.execute("SELECT generation FROM rule_sidecar_state")
+        assert len(rows) == 1, rows
+        return int(rows[0][0])
+
+    def tables(self) -> list[str]:
+        """The names of the user tables, sorted."""
+        if self.is_postgresql:
+            sql = "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+        else:
+            sql = "SELECT name FROM sqlite_master WHERE type = 'table'"
+        return sorted(name for (name,) in self.execute(sql))
+
+    def rules(self) -> dict[str, dict[str, Any]]:
+        """Every rule row by id: ruleset_id, points, condition, row_version, updated_at."""
+        rows = self.execute(
+            "SELECT id, ruleset_id, points, condition, row_version, updated_at"
+            " FROM rule_sidecar_rules ORDER BY id"
+        )
+        keys = ("ruleset_id", "points", "condition", "row_version", "updated_at")
+        return {row[0]: dict(zip(keys, row[1:], strict=True)) for row in rows}
+
+    def dump(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Everything in the rule tables and the fingerprint, for "nothing changed"."""
+        return {
+            table: self.execute(f"SELECT * FROM {table} ORDER BY 1")
+            for table in ("rule_sidecar_rulesets", "rule_sidecar_rules", "rule_sidecar_state")
+        }
+
+    def change_unseen(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """Change rows without moving the generation (triggers off, or the number put back).
+
+        A reader that trusts the fingerprint cannot notice such a change.
+        """
+        if self.is_postgresql:
+            self.script(
+                [
+                    ("ALTER TABLE rule_sidecar_rulesets DISABLE TRIGGER USER", ()),
+                    ("ALTER TABLE rule_sidecar_rules DISABLE TRIGGER USER", ()),
+                    (sql, params),
+                    ("ALTER TABLE rule_sidecar_rulesets ENABLE TRIGGER USER", ()),
+                    ("ALTER TABLE rule_sidecar_rules ENABLE TRIGGER USER", ()),
+                ]
+            )
+        else:
+            generation = self.generation()
+            self.script(
+                [
+                    (sql, params),
+                    ("UPDATE rule_sidecar_state SET generation = %s", (generation,)),
+                ]
+            )
+
+
+def _needs_postgresql(item: pytest.Item) -> bool:
+    """Using a PostgreSQL fixture, or given the `postgresql` backend as a parameter."""
+    if {"pg_database", "pg_url"} & set(getattr(item, "fixturenames", ())):
+        return True
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and "postgresql" in callspec.params.values()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Skip the PostgreSQL tests, with the reason, before any fixture runs."""
+    needing = [item for item in items if _needs_postgresql(item)]
+    reason = pg_unavailable_reason() if needing else None
+    if reason is not None:
+        for item in needing:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def _create_pg_database() -> str:
+    name = f"rs_t_{secrets.token_hex(6)}"
+    pg_admin(f"CREATE DATABASE {name}")
+    return name
+
+
+def _drop_pg_database(name: str) -> None:
+    pg_terminate(name)
+    pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def pg_database(tmp_path: Path) -> Iterator[Database]:
+    """A fresh, empty PostgreSQL database (no tables yet), dropped at teardown."""
+    require_postgresql()
+    name = _create_pg_database()
+    try:
+        yield Database("postgresql", pg_url_for(name), name, tmp_path)
+    finally:
+        _drop_pg_database(name)
+
+
+@pytest.fixture
+def pg_url(pg_database: Database) -> str:
+    """The URL of a fresh, empty PostgreSQL database (run `db init` to migrate it)."""
+    return pg_database.url
+
+
+@pytest.fixture
+def sqlite_database(tmp_path: Path) -> Database:
+    """A SQLite database file in tmp_path that does not exist yet (`db init` creates it)."""
+    path = tmp_path / "rules.db"
+    return Database("sqlite", f"sqlite:///{path.absolute()}", str(path), tmp_path)
+
+
+@pytest.fixture
+def sqlite_url(sqlite_database: Database) -> str:
+    """`sqlite:////abs/path/rules.db` of a file that does not exist yet."""
+    return sqlite_database.url
+
+
+@pytest.fixture(params=BACKENDS)
+def database(request: pytest.FixtureRequest) -> Database:
+    """Each backend in turn, empty: SQLite, then PostgreSQL (skipped when unreachable)."""
+    fixture = "pg_database" if request.param == "postgresql" else "sqlite_database"
+    return request.getfixturevalue(fixture)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def migrated(database: Database) -> Database:
+    """Each backend in turn, with the tables created by `db init`."""
+    return database.init()

@@ -1,0 +1,624 @@
+"""The database rule source on real SQLite files and a real PostgreSQL server.
+
+`DatabaseSource.read()` and its generation fingerprint first, then the source inside a
+real sidecar: NOTIFY and polling, invalid rows, outages, and files and a database
+together.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+pytest.register_assert_rewrite("db_support", "server_support")
+
+from db_support import (  # noqa: E402
+    Database,
+    pg_admin,
+    pg_terminate,
+    pg_url_for,
+    require_postgresql,
+)
+from server_support import (  # noqa: E402
+    HOT,
+    Sidecar,
+    eventually,
+    fraud_doc,
+    receive_event,
+    receive_until,
+    ruleset_doc,
+    to_yaml,
+)
+
+from sidecar import dbtools  # noqa: E402
+from sidecar.api.app import AppState  # noqa: E402
+from sidecar.errors import LoadError, Problem  # noqa: E402
+from sidecar.loader import Loader  # noqa: E402
+from sidecar.sources.database import DatabaseSource  # noqa: E402
+from sidecar.sources.files import read_rule_files  # noqa: E402
+
+pytest_plugins = ["server_support", "db_support"]
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "rules"
+FOREIGN_LARGE = {"amount": 5000, "country": "FR"}  # fraud: large-amount 40 + foreign 30
+URL_SECRET = "url-secret-pw"
+FILE_SECRET = "file-secret-pw"
+WAIT_SECONDS = 5.0
+NOTIFY_SECONDS = 3.0  # NOTIFY must deliver well within this; polling is off (1 h)
+LARGE_AMOUNT_TO_45 = "UPDATE rule_sidecar_rules SET points = 45 WHERE id = 'large-amount'"
+
+
+def set_points(database: Database, points: int, rule_id: str = "large-amount") -> None:
+    database.execute("UPDATE rule_sidecar_rules SET points = %s WHERE id = %s", (points, rule_id))
+
+
+def read_problems(source: DatabaseSource) -> tuple[Problem, ...]:
+    """What reading the source and loading it reports (empty when both succeed)."""
+    try:
+        Loader().load(source.read())
+    except LoadError as exc:
+        return exc.problems
+    return ()
+
+
+def everything_in(problems: tuple[Problem, ...]) -> str:
+    return json.dumps([problem.to_dict() for problem in problems])
+
+
+def listeners(name: str) -> list[int]:
+    """Backends of database `name` that are listening on the sidecar's channel."""
+    rows = pg_admin(
+        "SELECT pid FROM pg_stat_activity WHERE datname = %s AND query ILIKE 'LISTEN %%'",
+        (name,),
+    )
+    return [pid for (pid,) in rows]
+
+
+async def total_points(app: Sidecar) -> int:
+    points: int = (await app.evaluate("fraud", FOREIGN_LARGE))["total_points"]
+    return points
+
+
+async def history(app: Sidecar) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = (await app.get(f"{HOT}/history"))["history"]
+    return records
+
+
+def points_are(app: Sidecar, expected: int) -> Callable[[], Any]:
+    async def check() -> bool:
+        return await total_points(app) == expected
+
+    return check
+
+
+async def failure_naming(ws: Any, text: str) -> dict[str, Any]:
+    """The next `reload_failed` event whose first problem's message contains `text`."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        failed, _ = await receive_until(ws, "reload_failed", deadline - time.monotonic())
+        if text in failed["data"]["errors"][0]["message"]:
+            return failed
+
+
+def healthy(app: Sidecar) -> Callable[[], Any]:
+    async def check() -> bool:
+        code, body = await app.health()
+        return code == 200 and body["status"] == "healthy"
+
+    return check
+
+
+def no_notify(state: AppState) -> None:
+    """Replace the database source by one that does not LISTEN (polling only)."""
+    service = state.service
+    service.sources = tuple(
+        DatabaseSource(source.url.url, listen=False)
+        if isinstance(source, DatabaseSource)
+        else source
+        for source in service.sources
+    )
+
+
+@pytest.fixture
+def seeded(migrated: Database) -> Database:
+    """Each backend, migrated, holding the `fraud` ruleset (large-amount 40 points)."""
+    migrated.import_docs(fraud_doc())
+    return migrated
+
+
+@pytest.fixture
+def empty_rules(tmp_path: Path) -> Path:
+    """An empty rules directory: the database is the only source of rules."""
+    directory = tmp_path / "no-files"
+    directory.mkdir()
+    return directory
+
+
+class TestRead:
+    """`DatabaseSource.read()`: one document per ruleset, and no full read without a change."""
+
+    def test_one_document_per_ruleset_named_by_the_redacted_url(self, migrated: Database):
+        """Each ruleset is `<redacted url>#rulesets/<id>.json`; they load like the files."""
+        dbtools.import_files([EXAMPLES], migrated.url)
+        url = pg_url_for(migrated.name, password=URL_SECRET) if migrated.is_postgresql else None
+        source = DatabaseSource(url or migrated.url)
+        files = source.read()
+        ids = ["content-moderation", "loan-prequalification", "payment-fraud"]
+        assert [file.name for file in files] == [f"{source.name}#rulesets/{i}.json" for i in ids]
+        if migrated.is_postgresql:
+            assert "postgres:********@" in source.name
+            assert all(URL_SECRET not in file.name for file in files)
+        expected = Loader().load(read_rule_files([EXAMPLES])).snapshot.revision
+        assert Loader().load(files).snapshot.revision == expected
+
+    def test_unchanged_generation_returns_the_same_bytes_without_reading_rows(
+        self, seeded: Database
+    ):
+        """A row changed behind the fingerprint is not seen until the generation moves."""
+        source = DatabaseSource(seeded.url)
+        first = source.read()
+        generation = seeded.generation()
+        seeded.change_unseen("UPDATE rule_sidecar_rules SET points = 41 WHERE id = 'large-amount'")
+        assert seeded.rules()["large-amount"]["points"] == 41
+        assert seeded.generation() == generation
+
+        assert source.read() == first  # same bytes: only the generation was read
+
+        set_points(seeded, 30, "foreign-country")  # a real change moves the generation
+        assert seeded.generation() > generation
+        document = json.loads(next(f for f in source.read() if "fraud" in f.name).content)
+        points = {rule["id"]: rule["points"] for rule in document["spec"]["rules"]}
+        assert points["large-amount"] == 41
+
+    @pytest.mark.parametrize(
+        "statement",
+        [
+            "INSERT INTO rule_sidecar_rulesets (id) VALUES ('added')",
+            "UPDATE rule_sidecar_rulesets SET description = 'changed' WHERE id = 'fraud'",
+            "DELETE FROM rule_sidecar_rulesets WHERE id = 'fraud'",
+            "INSERT INTO rule_sidecar_rules (id, ruleset_id, condition, points)"
+            " VALUES ('added-rule', 'fraud', 'true', 1)",
+            "UPDATE rule_sidecar_rules SET points = 41 WHERE id = 'large-amount'",
+            "DELETE FROM rule_sidecar_rules WHERE id = 'never-on'",
+        ],
+        ids=[
+            "insert-ruleset",
+            "update-ruleset",
+            "delete-ruleset",
+            "insert-rule",
+            "update-rule",
+            "delete-rule",
+        ],
+    )
+    def test_every_change_moves_the_generation(self, seeded: Database, statement: str):
+        """Insert, update or delete of a ruleset or rule moves the generation; read sees it."""
+        source = DatabaseSource(seeded.url)
+        before = source.read()
+        generation = seeded.generation()
+        seeded.execute(statement)
+        assert seeded.generation() > generation
+        assert source.read() != before
+
+    def test_truncate_moves_the_generation(self, pg_database: Database):
+        """PostgreSQL: TRUNCATE of the rules (no row triggers) still moves the generation."""
+        pg_database.init().import_docs(fraud_doc())
+        source = DatabaseSource(pg_database.url)
+        before = source.read()
+        generation = pg_database.generation()
+        pg_database.execute("TRUNCATE rule_sidecar_rules")
+        assert pg_database.generation() > generation
+        document = json.loads(source.read()[0].content)
+        assert document["spec"]["rules"] == []
+        assert source.read() != before
+
+    def test_direct_update_bumps_row_version_and_updated_at(self, seeded: Database):
+        """An UPDATE made by any tool gets a new row_version and updated_at from the triggers."""
+        if seeded.is_postgresql:
+            seeded.change_unseen("UPDATE rule_sidecar_rules SET updated_at = '2001-01-01'")
+        else:
+            seeded.execute(
+                "UPDATE rule_sidecar_rules SET updated_at = '2001-01-01 00:00:00',"
+                " row_version = row_version + 1"
+            )
+        before = seeded.rules()
+        set_points(seeded, 41)
+        after = seeded.rules()
+        assert after["large-amount"]["row_version"] == before["large-amount"]["row_version"] + 1
+        assert str(after["large-amount"]["updated_at"]) > str(before["large-amount"]["updated_at"])
+        assert after["foreign-country"] == before["foreign-country"]
+
+    @pytest.mark.parametrize("where", ["closed-port", "wrong-database"])
+    def test_unreachable_database_raises_load_error_without_the_password(
+        self, where: str, tmp_path: Path
+    ):
+        """LoadError names the source (redacted) and never shows either password."""
+        if where == "closed-port":
+            url = pg_url_for("rules", password=URL_SECRET, port=1)
+        else:
+            require_postgresql()
+            url = pg_url_for("rs_t_no_such_database", password=URL_SECRET)
+        password_file = tmp_path / "password"
+        password_file.write_text(f"{FILE_SECRET}\n", encoding="utf-8")
+        source = DatabaseSource(url, password_file=password_file)
+
+        with pytest.raises(LoadError) as caught:
+            source.read()
+        (problem,) = caught.value.problems
+        assert problem.file == source.name
+        assert "postgres:********@" in problem.file
+        assert problem.message.startswith("database unavailable: ")
+        if where == "wrong-database":
+            assert "rs_t_no_such_database" in problem.message
+        text = everything_in(caught.value.problems) + str(caught.value)
+        assert URL_SECRET not in text
+        assert FILE_SECRET not in text
+
+    def test_missing_tables_say_to_run_db_init(self, database: Database):
+        """A database without the tables: LoadError that points at `rule-sidecar db init`."""
+        if not database.is_postgresql:
+            Path(database.name).touch()  # an empty SQLite file: no tables
+        with pytest.raises(LoadError) as caught:
+            DatabaseSource(database.url).read()
+        assert "rule-sidecar db init" in caught.value.problems[0].message
+
+    def test_reading_never_creates_a_sqlite_file(self, sqlite_database: Database):
+        """A SQLite path that does not exist fails to read and is not created."""
+        with pytest.raises(LoadError) as caught:
+            DatabaseSource(sqlite_database.url).read()
+        assert caught.value.problems[0].file == sqlite_database.url
+        assert not Path(sqlite_database.name).exists()
+
+    def test_malformed_json_column_is_reported_with_its_rule(self, seeded: Database):
+        """A rule whose `tags` column is not JSON text is reported with its ruleset and rule."""
+        # SQLite keeps whatever text it is given; PostgreSQL keeps a JSON string as a string.
+        bad = "'\"oops\"'::jsonb" if seeded.is_postgresql else "'oops'"
+        seeded.execute(f"UPDATE rule_sidecar_rules SET tags = {bad} WHERE id = 'large-amount'")
+        problems = read_problems(DatabaseSource(seeded.url))
+        assert problems
+        assert any((p.ruleset_id, p.rule_id) == ("fraud", "large-amount") for p in problems), (
+            problems
+        )
+        assert all("unavailable" not in p.message for p in problems), problems
+
+    def test_sqlite_enabled_written_as_text_false_is_not_live(self, sqlite_database: Database):
+        """SQLite `enabled = 'false'` (text): the rule is disabled or refused, never live."""
+        sqlite_database.init().import_docs(fraud_doc())
+        sqlite_database.execute(
+            "UPDATE rule_sidecar_rules SET enabled = 'false' WHERE id = 'large-amount'"
+        )
+        assert sqlite_database.execute(
+            "SELECT typeof(enabled) FROM rule_sidecar_rules WHERE id = 'large-amount'"
+        ) == [("text",)]
+        source = DatabaseSource(sqlite_database.url)
+        problems = read_problems(source)
+        if problems:
+            assert any(p.rule_id == "large-amount" for p in problems), problems
+            return
+        snapshot = Loader().load(source.read()).snapshot
+        assert snapshot.rules["large-amount"].enabled is False
+
+
+class TestLiveChanges:
+    """A row change reaches the registry: via NOTIFY, or via the periodic resync without it."""
+
+    async def test_notify_reaches_the_registry(
+        self, pg_database: Database, start_sidecar, empty_rules: Path
+    ):
+        """PostgreSQL: an UPDATE of points is live within seconds with polling set to 1 h."""
+        pg_database.init().import_docs(fraud_doc())
+        app = await start_sidecar(
+            empty_rules, database_url=pg_database.url, monitor=True, interval_seconds=3600
+        )
+        assert await total_points(app) == 70
+        await eventually(lambda: listeners(pg_database.name), message="listening")
+        set_points(pg_database, 60)
+        await eventually(points_are(app, 90), timeout=NOTIFY_SECONDS, message="NOTIFY reload")
+        newest = (await history(app))[0]
+        assert (newest["status"], newest["trigger"]) == ("success", "watch")
+
+    @pytest.mark.parametrize("backend", ["sqlite", "postgresql-listen-off"])
+    async def test_polling_reaches_the_registry_without_notify(
+        self, backend: str, request, start_sidecar, empty_rules: Path
+    ):
+        """SQLite, or PostgreSQL with `listen=False`: the periodic resync picks the change up."""
+        if backend != "sqlite":
+            require_postgresql()
+        fixture = "sqlite_database" if backend == "sqlite" else "pg_database"
+        database: Database = request.getfixturevalue(fixture)
+        database.init().import_docs(fraud_doc())
+        app = await start_sidecar(
+            empty_rules,
+            database_url=database.url,
+            monitor=True,
+            interval_seconds=0.2,
+            prepare=no_notify,
+        )
+        assert await total_points(app) == 70
+        set_points(database, 60)
+        await eventually(points_are(app, 90), message="resync reload")
+        newest = (await history(app))[0]
+        assert (newest["status"], newest["trigger"]) == ("success", "resync")
+        if database.is_postgresql:
+            assert listeners(database.name) == []
+
+    @pytest.mark.parametrize(
+        "case",
+        [("condition", "input.amount >", "input.amount >= 1000"), ("points", 5_000_000, 45)],
+        ids=["condition-does-not-compile", "points-beyond-the-schema"],
+    )
+    async def test_invalid_row_changes_nothing_until_fixed(
+        self, seeded: Database, start_sidecar, empty_rules: Path, case: tuple[str, Any, Any]
+    ):
+        """A bad row is refused and located; old rules serve, degraded; a fix makes it healthy."""
+        column, bad, good = case
+        app = await start_sidecar(
+            empty_rules, database_url=seeded.url, monitor=True, interval_seconds=0.2
+        )
+        ws = await app.client.ws_connect("/ws/hot-reload")
+        await receive_event(ws)
+        version = app.version
+        update = f"UPDATE rule_sidecar_rules SET {column} = %s WHERE id = 'large-amount'"
+
+        seeded.execute(update, (bad,))
+        failed, _ = await receive_until(ws, "reload_failed")
+        (error,) = failed["data"]["errors"]
+        assert error["file"] == f"{app.service.sources[-1].name}#rulesets/fraud.json"
+        assert error["ruleset_id"] == "fraud"
+        assert error["path"] == f"$.spec.rules[0].{column}"
+        if column == "condition":
+            assert error["rule_id"] == "large-amount"
+        assert (await total_points(app), app.version) == (70, version)
+        code, health = await app.health()
+        assert (code, health["status"]) == (200, "degraded")
+        status = await app.get(f"{HOT}/status")
+        assert status["last_reload_status"] == "failed"
+        assert status["last_errors"] == [error]
+        newest = (await history(app))[0]
+        assert (newest["status"], newest["errors"]) == ("failed", [error])
+
+        seeded.execute(update, (good,))
+        await receive_until(ws, "rules_reloaded")
+        await eventually(healthy(app), message="healthy again")
+        assert await total_points(app) == (70 if column == "condition" else 75)
+        assert app.version == version + 1
+        await ws.close()
+
+    async def test_row_fixed_back_to_the_served_rules_is_healthy_again(
+        self, sqlite_database: Database, start_sidecar, empty_rules: Path
+    ):
+        """A broken row put back exactly as it was: the sidecar is healthy again."""
+        sqlite_database.init().import_docs(fraud_doc())
+        app = await start_sidecar(
+            empty_rules, database_url=sqlite_database.url, monitor=True, interval_seconds=0.1
+        )
+        update = "UPDATE rule_sidecar_rules SET condition = %s WHERE id = 'large-amount'"
+        sqlite_database.execute(update, ("input.amount >",))
+
+        async def failed() -> bool:
+            return (await history(app))[0]["status"] == "failed"
+
+        await eventually(failed, message="failure recorded")
+        sqlite_database.execute(update, ("input.amount > 1000",))
+        checked = app.service.get_status()["last_check_time"]
+        await eventually(
+            lambda: app.service.get_status()["last_check_time"] != checked, message="resync"
+        )
+        assert await total_points(app) == 70
+        await eventually(healthy(app), timeout=2, message="healthy after the fix")
+
+    async def test_row_refused_by_the_schema_names_its_rule(
+        self, sqlite_database: Database, start_sidecar, empty_rules: Path
+    ):
+        """Points beyond the schema's maximum: the recorded problem names the rule id."""
+        sqlite_database.init().import_docs(fraud_doc())
+        app = await start_sidecar(empty_rules, database_url=sqlite_database.url)
+        set_points(sqlite_database, 5_000_000)
+        record = await app.post(f"{HOT}/reload", status=422)
+        assert record["status"] == "failed"
+        (error,) = record["errors"]
+        assert (error["ruleset_id"], error["rule_id"]) == ("fraud", "large-amount")
+
+
+class TestOutage:
+    """PostgreSQL goes away: the last good rules keep serving and the sidecar recovers alone."""
+
+    async def test_listener_reconnects_and_resyncs_what_it_missed(
+        self, pg_database: Database, start_sidecar, empty_rules: Path, caplog
+    ):
+        """Every connection killed, a change made meanwhile: picked up after reconnecting."""
+        caplog.set_level(logging.WARNING, logger="sidecar.database")
+        pg_database.init().import_docs(fraud_doc())
+        url = pg_url_for(pg_database.name, password=URL_SECRET)
+        app = await start_sidecar(
+            empty_rules, database_url=url, monitor=True, interval_seconds=3600
+        )
+        (first,) = await eventually(lambda: listeners(pg_database.name), message="listening")
+
+        def listen_failures() -> int:
+            return sum("listening on" in r.getMessage() for r in caplog.records)
+
+        with psycopg.connect(pg_database.url, autocommit=True) as writer:
+            pg_admin(f"ALTER DATABASE {pg_database.name} WITH ALLOW_CONNECTIONS false")
+            try:
+                pg_terminate(pg_database.name, keep=[writer.info.backend_pid])
+                # The NOTIFY of this change goes nowhere: nobody is listening.
+                writer.execute(LARGE_AMOUNT_TO_45)
+                # The listener noticed and has also failed to reconnect at least once.
+                await eventually(lambda: listen_failures() >= 2, message="reconnect attempts")
+                assert await total_points(app) == 70
+            finally:
+                pg_admin(f"ALTER DATABASE {pg_database.name} WITH ALLOW_CONNECTIONS true")
+
+        await eventually(points_are(app, 75), timeout=10, message="resync after reconnect")
+        (second,) = await eventually(lambda: listeners(pg_database.name), message="relistening")
+        assert second != first
+        newest = (await history(app))[0]
+        assert (newest["status"], newest["trigger"]) == ("success", "watch")
+        assert all(URL_SECRET not in record.getMessage() for record in caplog.records)
+
+        set_points(pg_database, 50)  # and NOTIFY works again
+        await eventually(points_are(app, 80), timeout=NOTIFY_SECONDS, message="NOTIFY again")
+        code, health = await app.health()
+        assert (code, health["status"]) == (200, "healthy")
+
+    async def test_database_unavailable_degrades_then_recovers(
+        self, pg_database: Database, start_sidecar, empty_rules: Path
+    ):
+        """No connection allowed: degraded (200), reload_failed naming the database; back: ok."""
+        pg_database.init().import_docs(fraud_doc())
+        url = pg_url_for(pg_database.name, password=URL_SECRET)
+        app = await start_sidecar(empty_rules, database_url=url, monitor=True, interval_seconds=0.2)
+        ws = await app.client.ws_connect("/ws/hot-reload")
+        await receive_event(ws)
+        version = app.version
+
+        with psycopg.connect(pg_database.url, autocommit=True) as writer:
+            pg_admin(f"ALTER DATABASE {pg_database.name} WITH ALLOW_CONNECTIONS false")
+            try:
+                pg_terminate(pg_database.name, keep=[writer.info.backend_pid])
+                # (A read cut short by the termination may fail first, with another message.)
+                failed = await failure_naming(ws, pg_database.name)
+                (error,) = failed["data"]["errors"]
+                assert error["file"] == app.service.sources[-1].name
+                assert pg_database.name in error["file"]
+                assert error["message"].startswith("database unavailable: ")
+                assert URL_SECRET not in json.dumps(failed)
+
+                code, health = await app.health()
+                assert (code, health["status"]) == (200, "degraded")
+                assert (await total_points(app), app.version) == (70, version)
+                status = await app.get(f"{HOT}/status")
+                (db_status,) = [s for s in status["sources"] if s["name"] == error["file"]]
+                assert db_status["errors"] == [error]
+                assert (await history(app))[0]["status"] == "failed"
+                writer.execute(LARGE_AMOUNT_TO_45)
+            finally:
+                pg_admin(f"ALTER DATABASE {pg_database.name} WITH ALLOW_CONNECTIONS true")
+
+        reloaded, _ = await receive_until(ws, "rules_reloaded", timeout=10)
+        assert reloaded["data"]["status"] == "success"
+        await eventually(healthy(app), message="healthy again")
+        assert await total_points(app) == 75
+        status = await app.get(f"{HOT}/status")
+        assert all(source["errors"] == [] for source in status["sources"])
+        await ws.close()
+
+    async def test_startup_with_the_database_down(
+        self, pg_database: Database, start_sidecar, empty_rules: Path, tmp_path: Path
+    ):
+        """Down at startup: the state dir's copy serves (degraded), else unhealthy; then it
+        recovers by itself."""
+        pg_database.init().import_docs(fraud_doc())
+        state_dir = tmp_path / "state"
+        await start_sidecar(empty_rules, database_url=pg_database.url, state_dir=state_dir)
+        pg_admin(f"ALTER DATABASE {pg_database.name} WITH ALLOW_CONNECTIONS false")
+        try:
+            pg_terminate(pg_database.name)
+            saved = await start_sidecar(
+                empty_rules,
+                database_url=pg_database.url,
+                state_dir=state_dir,
+                monitor=True,
+                interval_seconds=0.2,
+            )
+            code, health = await saved.health()
+            assert (code, health["status"], health["serving_from"]) == (
+                200,
+                "degraded",
+                "state_dir",
+            )
+            assert await total_points(saved) == 70
+            nothing = await start_sidecar(empty_rules, database_url=pg_database.url)
+            code, health = await nothing.health()
+            assert (code, health["status"]) == (503, "unhealthy")
+        finally:
+            pg_admin(f"ALTER DATABASE {pg_database.name} WITH ALLOW_CONNECTIONS true")
+        set_points(pg_database, 45)
+
+        async def from_sources() -> bool:
+            _, health = await saved.health()
+            return (health["status"], health["serving_from"]) == ("healthy", "sources")
+
+        await eventually(from_sources, message="serving from the database again")
+        assert await total_points(saved) == 75
+
+
+class TestSeveralSources:
+    """A rules directory and a database together make one snapshot; ids stay unique."""
+
+    @pytest.fixture
+    def extra_rules(self, tmp_path: Path) -> Path:
+        """A rules directory with `extra.yaml`: ruleset `extra`, rule `extra-big`."""
+        directory = tmp_path / "files"
+        directory.mkdir()
+        (directory / "extra.yaml").write_text(to_yaml(ruleset_doc("extra")), encoding="utf-8")
+        return directory
+
+    async def test_files_and_database_are_merged(
+        self, seeded: Database, start_sidecar, extra_rules: Path
+    ):
+        """Rulesets from both sources are served and evaluated; each rule knows its source."""
+        app = await start_sidecar(extra_rules, database_url=seeded.url, monitor=True)
+        rulesets = await app.get("/api/v1/rulesets")
+        assert {r["id"] for r in rulesets["rulesets"]} == {"fraud", "extra"}
+        assert await total_points(app) == 70
+        assert (await app.evaluate("extra", {"amount": 500}))["total_points"] == 10
+        database_rule = await app.get("/api/v1/rules/large-amount")
+        assert database_rule["source"]["file"].endswith("#rulesets/fraud.json")
+        file_rule = await app.get("/api/v1/rules/extra-big")
+        assert file_rule["source"]["file"] == str(extra_rules / "extra.yaml")
+        status = await app.get(f"{HOT}/status")
+        assert [s["files"] for s in status["sources"]] == [1, 1]
+
+    @pytest.mark.parametrize("duplicate", ["ruleset", "rule"])
+    async def test_duplicate_id_across_sources_is_refused(
+        self, seeded: Database, start_sidecar, extra_rules: Path, duplicate: str
+    ):
+        """The same ruleset or rule id in a file and in the database: refused, both named."""
+        app = await start_sidecar(
+            extra_rules, database_url=seeded.url, monitor=True, interval_seconds=0.2
+        )
+        ws = await app.client.ws_connect("/ws/hot-reload")
+        await receive_event(ws)
+        version, revision = app.version, app.state.registry.current.revision
+        if duplicate == "ruleset":
+            seeded.script(
+                [
+                    ("INSERT INTO rule_sidecar_rulesets (id) VALUES ('extra')", ()),
+                    (
+                        "INSERT INTO rule_sidecar_rules (id, ruleset_id, condition, points)"
+                        " VALUES ('db-extra', 'extra', 'true', 1)",
+                        (),
+                    ),
+                ]
+            )
+        else:
+            seeded.execute(
+                "INSERT INTO rule_sidecar_rules (id, ruleset_id, position, condition, points)"
+                " VALUES ('extra-big', 'fraud', 9, 'true', 1)"
+            )
+
+        failed, _ = await receive_until(ws, "reload_failed")
+        errors = failed["data"]["errors"]
+        named = [e["file"] + " " + e["message"] for e in errors if "also" in e["message"]]
+        assert named, errors
+        database_place = (
+            "#rulesets/extra.json" if duplicate == "ruleset" else "#rulesets/fraud.json"
+        )
+        assert any(
+            str(extra_rules / "extra.yaml") in text and database_place in text for text in named
+        ), named
+        assert f"{duplicate} id 'extra" in named[0]
+        assert (app.version, app.state.registry.current.revision) == (version, revision)
+        assert "db-extra" not in app.state.registry.current.rules
+        assert (await app.evaluate("extra", {"amount": 500}))["total_points"] == 10
+        code, health = await app.health()
+        assert (code, health["status"]) == (200, "degraded")
+        await ws.close()
