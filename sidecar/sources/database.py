@@ -94,7 +94,7 @@ class DatabaseURL:
 # Schema
 
 _JSON = {"sqlite": "TEXT", "postgresql": "JSONB"}
-_NOW = {"sqlite": "CURRENT_TIMESTAMP", "postgresql": "now()"}
+_NOW = {"sqlite": "(strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))", "postgresql": "now()"}
 _TIME = {"sqlite": "TEXT", "postgresql": "TIMESTAMPTZ"}
 _TABLES: Final = ("rule_sidecar_rulesets", "rule_sidecar_rules")
 
@@ -181,7 +181,7 @@ def _sqlite_triggers() -> list[str]:
             f"CREATE TRIGGER IF NOT EXISTS {table}_touch AFTER UPDATE ON {table}"
             f" WHEN NEW.row_version = OLD.row_version BEGIN"
             f" UPDATE {table} SET row_version = OLD.row_version + 1,"
-            f" updated_at = CURRENT_TIMESTAMP WHERE id = NEW.id; END"
+            f" updated_at = {_NOW['sqlite']} WHERE id = NEW.id; END"
         )
     return statements
 
@@ -423,7 +423,15 @@ class DatabaseSource:
     async def _notifications(self) -> AsyncIterator[str]:
         extra = _credentials(self._password_file)
         async with await psycopg.AsyncConnection.connect(
-            self.url.url, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_S, **extra
+            self.url.url,
+            autocommit=True,
+            connect_timeout=_CONNECT_TIMEOUT_S,
+            # A listener only reads: keepalives find a half-open connection in ~1 min.
+            keepalives=1,
+            keepalives_idle=30,
+            keepalives_interval=10,
+            keepalives_count=3,
+            **extra,
         ) as connection:
             await connection.execute(f"LISTEN {CHANNEL}")
             # Whatever changed while we were not listening is unknown: resync in full.
