@@ -60,10 +60,16 @@ DEFAULT_FILE_LIMITS: Final = FileLimits()
 
 @dataclass(frozen=True, slots=True)
 class SourceFile:
-    """What every source hands the loader: a name for messages and the raw bytes."""
+    """What every source hands the loader: a name for messages and the raw bytes.
+
+    `located` False says the content was generated (a database row rendered as JSON):
+    line and column would mean nothing to anyone, so they are not worked out, and
+    problems are located by JSON path, ruleset and rule id instead.
+    """
 
     name: str
     content: bytes
+    located: bool = True
 
 
 class Document:
@@ -141,7 +147,7 @@ def parse_file(
     try:
         text = _decode(source)
         if name.lower().endswith(_JSON_SUFFIXES):
-            documents = _parse_json(name, text, limits)
+            documents = _parse_json(name, text, limits, located=source.located)
         else:
             documents = list(_parse_yaml(name, text, limits))
     except _FileProblem as exc:
@@ -246,7 +252,7 @@ def _check_tree(name: str, root: yaml.Node, limits: FileLimits) -> None:
             stack.append((value, (*path, key.value if isinstance(key, yaml.ScalarNode) else "?")))
 
 
-def _parse_json(name: str, text: str, limits: FileLimits) -> list[Document]:
+def _parse_json(name: str, text: str, limits: FileLimits, *, located: bool) -> list[Document]:
     """A JSON file holds one document, or a list of documents."""
     try:
         data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
@@ -260,12 +266,16 @@ def _parse_json(name: str, text: str, limits: FileLimits) -> list[Document]:
             )
         ) from None
     except _DuplicateKey as exc:
-        located = _json_node(text)
-        if located is not None:
-            _check_tree(name, located, limits)  # raises the duplicate, with its position
+        tree = _json_node(text) if located else None
+        if tree is not None:
+            _check_tree(name, tree, limits)  # raises the duplicate, with its position
         raise _FileProblem(Problem(file=name, message=f"duplicate key {exc.key!r}")) from None
     except RecursionError:
         raise _FileProblem(Problem(file=name, message="JSON nested too deeply")) from None
+    if not located:
+        _check_depth(name, data, limits)
+        documents = data if isinstance(data, list) else [data]
+        return [Document(item, name, i, None) for i, item in enumerate(documents)]
     root = _json_node(text)
     if root is not None:
         _check_tree(name, root, limits)
@@ -276,6 +286,21 @@ def _parse_json(name: str, text: str, limits: FileLimits) -> list[Document]:
             for i, item in enumerate(data)
         ]
     return [Document(data, name, 0, root)]
+
+
+def _check_depth(name: str, data: Any, limits: FileLimits) -> None:
+    """The depth limit, for data whose text is not located."""
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if depth >= limits.max_depth:
+            raise _FileProblem(
+                Problem(file=name, message=f"nested deeper than {limits.max_depth} levels")
+            )
+        if isinstance(value, dict):
+            stack.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
 
 
 def _json_node(text: str) -> yaml.Node | None:

@@ -130,6 +130,10 @@ class Loader:
         self.offload_bytes = offload_bytes
         self._files: dict[str, _FileResult] = {}
         self._files_checked = run_checks
+        # The SourceFile objects of the last load: a source that hands the same object
+        # again (the database source does, for unchanged rulesets) is not even hashed.
+        self._sources: dict[str, SourceFile] = {}
+        self._last: LoadResult | None = None
 
     def load(self, files: Iterable[SourceFile], *, run_checks: bool | None = None) -> LoadResult:
         """Build a candidate snapshot from the complete set of files, or raise `LoadError`.
@@ -145,14 +149,24 @@ class Loader:
         known: dict[str, _FileResult] = {}
         changed: list[tuple[SourceFile, str]] = []
         order: list[str] = []
+        sources: dict[str, SourceFile] = {}
         for source in files:
             order.append(source.name)
-            digest = hashlib.sha256(source.content).hexdigest()
+            sources[source.name] = source
             cached = self._files.get(source.name)
+            if cached is not None and self._sources.get(source.name) is source:
+                known[source.name] = cached
+                continue
+            digest = hashlib.sha256(source.content).hexdigest()
             if cached is None or cached.digest != digest:
                 changed.append((source, digest))
             else:
                 known[source.name] = cached
+        self._sources = sources
+        last = self._last
+        if not changed and last is not None and list(self._files) == order:
+            # Nothing at all changed: the last candidate stands (no re-check, no re-index).
+            return LoadResult(snapshot=last.snapshot, files=last.files, files_parsed=0)
         known.update(self._load_changed(changed, run_checks=checks))
         # In the sources' order, so that messages about duplicates do not depend on
         # which file happened to change.
@@ -160,6 +174,7 @@ class Loader:
         parsed = len(changed)
         compiled = time.perf_counter()
         self._files = results
+        self._last = None
         problems = [problem for result in results.values() for problem in result.problems]
         rulesets = [ruleset for result in results.values() for ruleset in result.rulesets]
         problems.extend(_duplicate_problems(rulesets))
@@ -167,7 +182,7 @@ class Loader:
             raise LoadError(sorted(problems, key=lambda p: (p.file, p.line, p.column)))
         snapshot = Snapshot.build(rulesets)
         self.compiler.forget_unused({rule.condition for rule in snapshot.rules.values()})
-        return LoadResult(
+        self._last = LoadResult(
             snapshot=snapshot,
             files=len(results),
             files_parsed=parsed,
@@ -176,10 +191,13 @@ class Loader:
                 "snapshot": time.perf_counter() - compiled,
             },
         )
+        return self._last
 
     def forget(self) -> None:
         """Drop every remembered file so the next load re-reads everything."""
         self._files.clear()
+        self._sources.clear()
+        self._last = None
 
     def rule_from_mapping(self, data: Mapping[str, Any], *, ruleset_id: str, file: str) -> Rule:
         """Validate and compile one rule given as a document-style mapping."""

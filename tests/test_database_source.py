@@ -144,6 +144,21 @@ def empty_rules(tmp_path: Path) -> Path:
 class TestRead:
     """`DatabaseSource.read()`: one document per ruleset, and no full read without a change."""
 
+    def test_unchanged_rulesets_keep_their_source_file_objects(self, migrated: Database):
+        """After one ruleset changes, the others are handed over as the very same objects,
+        and a loader re-validates only the changed one."""
+        migrated.import_docs(fraud_doc(), ruleset_doc("extra"))
+        source, loader = DatabaseSource(migrated.url), Loader()
+        first = {file.name: file for file in source.read()}
+        loader.load(first.values())
+        set_points(migrated, 41)
+        second = {file.name: file for file in source.read()}
+        (extra,) = [name for name in second if name.endswith("extra.json")]
+        (fraud,) = [name for name in second if name.endswith("fraud.json")]
+        assert second[extra] is first[extra]
+        assert second[fraud] is not first[fraud]
+        assert loader.load(second.values()).files_parsed == 1
+
     def test_one_document_per_ruleset_named_by_the_redacted_url(self, migrated: Database):
         """Each ruleset is `<redacted url>#rulesets/<id>.json`; they load like the files."""
         dbtools.import_files([EXAMPLES], migrated.url)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURES, dump_yaml, make_ruleset_doc, write_rules
 
-from sidecar.documents import FileLimits
+from sidecar.documents import FileLimits, SourceFile
 from sidecar.errors import LoadError, Problem
 from sidecar.loader import Loader, LoadResult
 from sidecar.model import thaw
@@ -602,3 +602,33 @@ class TestConditionErrorPosition:
 
         assert problem.line == 10
         assert "(expression 2:" in problem.message
+
+
+class TestNothingChanged:
+    """A load whose files did not change reuses everything, down to the snapshot."""
+
+    def test_same_files_give_the_same_snapshot_object(self):
+        """Loading the same files again returns the last candidate itself, parsing nothing."""
+        loader = Loader()
+        files = [SourceFile("a.yaml", dump_yaml(make_ruleset_doc("a")).encode())]
+        first = loader.load(files)
+        again = loader.load([SourceFile("a.yaml", files[0].content)])
+        assert again.files_parsed == 0
+        assert again.snapshot is first.snapshot
+
+    def test_a_removed_file_is_a_change(self):
+        """Dropping a file is noticed even though no remaining file changed."""
+        loader = Loader()
+        a = SourceFile("a.yaml", dump_yaml(make_ruleset_doc("a")).encode())
+        b = SourceFile("b.yaml", dump_yaml(make_ruleset_doc("b")).encode())
+        assert set(loader.load([a, b]).snapshot.rulesets) == {"a", "b"}
+        assert set(loader.load([a]).snapshot.rulesets) == {"a"}
+
+    def test_unlocated_json_problems_name_the_rule(self):
+        """Generated JSON (`located=False`) is not located by line, but by path and rule id."""
+        document = make_ruleset_doc("gen", rules=[{"id": "r1", "condition": "true", "points": "x"}])
+        source = SourceFile("db#rulesets/gen.json", json.dumps(document).encode(), located=False)
+        with pytest.raises(LoadError) as raised:
+            Loader().load([source])
+        (problem,) = raised.value.problems
+        assert (problem.line, problem.path, problem.rule_id) == (1, "$.spec.rules[0].points", "r1")

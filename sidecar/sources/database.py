@@ -18,6 +18,7 @@ and an unchanged ruleset is not validated or compiled again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -206,11 +207,10 @@ def _credentials(password_file: Path | None) -> dict[str, Any]:
     return {"password": password} if password else {}
 
 
-@contextmanager
-def connect(
+def open_connection(
     url: DatabaseURL, *, password_file: Path | None = None, create: bool = False
-) -> Iterator[Any]:
-    """A DB-API connection, committed on success and rolled back on error.
+) -> Any:
+    """A DB-API connection (in a transaction until committed or rolled back).
 
     A SQLite file is created only when asked (`db init`): a reader pointed at a wrong
     path must fail, not leave an empty database behind.
@@ -219,17 +219,30 @@ def connect(
         assert url.path is not None
         mode = "rwc" if create else "rw"
         connection: Any = sqlite3.connect(
-            f"{url.path.absolute().as_uri()}?mode={mode}", uri=True, timeout=_CONNECT_TIMEOUT_S
+            f"{url.path.absolute().as_uri()}?mode={mode}",
+            uri=True,
+            timeout=_CONNECT_TIMEOUT_S,
+            isolation_level=None,  # transactions are begun explicitly
+            check_same_thread=False,  # the reload service reads from one thread at a time
         )
         connection.execute("PRAGMA foreign_keys = ON")
-    else:
-        extra = _credentials(password_file)
-        connection = psycopg.connect(
-            url.url,
-            connect_timeout=_CONNECT_TIMEOUT_S,
-            options=f"-c statement_timeout={_STATEMENT_TIMEOUT_MS}",
-            **extra,
-        )
+        return connection
+    return psycopg.connect(
+        url.url,
+        connect_timeout=_CONNECT_TIMEOUT_S,
+        options=f"-c statement_timeout={_STATEMENT_TIMEOUT_MS}",
+        **_credentials(password_file),
+    )
+
+
+@contextmanager
+def connect(
+    url: DatabaseURL, *, password_file: Path | None = None, create: bool = False
+) -> Iterator[Any]:
+    """A connection for one unit of work: committed on success, rolled back on error."""
+    connection = open_connection(url, password_file=password_file, create=create)
+    if url.kind == "sqlite":
+        connection.execute("BEGIN")
     try:
         yield connection
         connection.commit()
@@ -261,16 +274,22 @@ def migrate(url: DatabaseURL, *, password_file: Path | None = None) -> int:
 
 # Reading
 
-_RULESET_COLUMNS: Final = "id, name, description, labels, decisions, default_decision, tests"
+# JSON columns are read as text on both databases (one decoding path, json's C decoder:
+# much cheaper than the driver's per-value JSONB conversion).
+_RULESET_COLUMNS: Final = (
+    "id, name, description, CAST(labels AS TEXT), CAST(decisions AS TEXT), default_decision,"
+    " CAST(tests AS TEXT)"
+)
 _RULE_COLUMNS: Final = (
-    "id, ruleset_id, name, description, condition, points, enabled, priority, tags, metadata"
+    "id, ruleset_id, name, description, condition, points, enabled, priority,"
+    " CAST(tags AS TEXT), CAST(metadata AS TEXT)"
 )
 
 
-def _json(value: Any, kind: str) -> Any:
-    """JSONB arrives decoded from PostgreSQL; SQLite keeps JSON as text. Text that does
-    not decode is passed on as it is, so the schema reports it at its rule."""
-    if kind != "sqlite" or not isinstance(value, str):
+def _json(value: Any) -> Any:
+    """A JSON column's text, decoded. Text that does not decode (SQLite stores what it is
+    given) is passed on as it is, so the schema reports it at its rule."""
+    if not isinstance(value, str):
         return value
     try:
         return json.loads(value)
@@ -285,7 +304,7 @@ def _boolean(value: Any) -> Any:
     return value
 
 
-def _rule_document(row: tuple[Any, ...], kind: str) -> dict[str, Any]:
+def _rule_document(row: tuple[Any, ...]) -> dict[str, Any]:
     rule_id, _, name, description, condition, points, enabled, priority, tags, metadata = row
     document: dict[str, Any] = {"id": rule_id}
     if name is not None:
@@ -296,41 +315,38 @@ def _rule_document(row: tuple[Any, ...], kind: str) -> dict[str, Any]:
         points=points,
         enabled=_boolean(enabled),
         priority=priority,
-        tags=_json(tags, kind),
-        metadata=_json(metadata, kind),
+        tags=_json(tags),
+        metadata=_json(metadata),
     )
     return document
 
 
-def _ruleset_document(
-    row: tuple[Any, ...], rules: list[dict[str, Any]], kind: str
-) -> dict[str, Any]:
+def _ruleset_document(row: tuple[Any, ...], rules: list[dict[str, Any]]) -> dict[str, Any]:
     ruleset_id, name, description, labels, decisions, default_decision, tests = row
     metadata: dict[str, Any] = {"id": ruleset_id}
     if name is not None:
         metadata["name"] = name
-    metadata.update(description=description, labels=_json(labels, kind))
+    metadata.update(description=description, labels=_json(labels))
     spec: dict[str, Any] = {"rules": rules}
-    if decisions := _json(decisions, kind):
+    if decisions := _json(decisions):
         spec["decisions"] = decisions
     if default_decision is not None:
         spec["default_decision"] = default_decision
-    if tests := _json(tests, kind):
+    if tests := _json(tests):
         spec["tests"] = tests
     return {"apiVersion": "rule-sidecar/v1", "kind": "RuleSet", "metadata": metadata, "spec": spec}
 
 
 def read_documents(connection: Any) -> tuple[int, dict[str, dict[str, Any]]]:
     """The generation and every ruleset as a `rule-sidecar/v1` document, read together."""
-    kind = "sqlite" if isinstance(connection, sqlite3.Connection) else "postgresql"
     generation = connection.execute("SELECT generation FROM rule_sidecar_state").fetchone()[0]
     rules: dict[str, list[dict[str, Any]]] = {}
     for row in connection.execute(
         f"SELECT {_RULE_COLUMNS} FROM rule_sidecar_rules ORDER BY ruleset_id, position, id"
     ):
-        rules.setdefault(row[1], []).append(_rule_document(row, kind))
+        rules.setdefault(row[1], []).append(_rule_document(row))
     documents = {
-        row[0]: _ruleset_document(row, rules.get(row[0], []), kind)
+        row[0]: _ruleset_document(row, rules.get(row[0], []))
         for row in connection.execute(
             f"SELECT {_RULESET_COLUMNS} FROM rule_sidecar_rulesets ORDER BY id"
         )
@@ -356,6 +372,8 @@ class DatabaseSource:
         # Bumped by `forget` (from the event loop) so that a read running meanwhile in
         # a worker thread does not trust the generation it saw.
         self._epoch = 0
+        # Reads are serialised by the reload service, one thread at a time.
+        self._connection: Any = None
 
     @property
     def name(self) -> str:
@@ -367,29 +385,61 @@ class DatabaseSource:
         cannot be read."""
         epoch = self._epoch
         try:
-            with connect(self.url, password_file=self._password_file) as connection:
-                # One consistent view: the generation and the rows belong together.
-                if self.url.kind == "postgresql":
-                    connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                else:
-                    connection.execute("BEGIN")
-                generation = self._read_generation(connection)
-                if generation is not None and generation == self._generation:
-                    return list(self._files)
-                generation, documents = read_documents(connection)
+            try:
+                generation, documents = self._read_changed()
+            except Exception:
+                if self._connection is None:
+                    raise
+                # A kept connection may have died since the last read: one fresh try.
+                self._disconnect()
+                generation, documents = self._read_changed()
         except Exception as exc:  # every driver error means the same: not readable now
+            self._disconnect()
             reason = describe_error(exc, password_from(self._password_file), self.url)
             message = f"database unavailable: {reason}"
             raise LoadError([Problem(file=self.name, message=message)]) from None
-        self._files = [
-            SourceFile(
-                f"{self.name}#rulesets/{ruleset_id}.json",
-                json.dumps(document, indent=1, ensure_ascii=False).encode(),
-            )
-            for ruleset_id, document in documents.items()
-        ]
+        if documents is not None:
+            # Unchanged rulesets keep their SourceFile (and bytes): the loader skips them.
+            previous = {file.name: file for file in self._files}
+            self._files = []
+            for ruleset_id, document in documents.items():
+                name = f"{self.name}#rulesets/{ruleset_id}.json"
+                content = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+                same = previous.get(name)
+                keep = same is not None and same.content == content
+                self._files.append(
+                    same if keep and same else SourceFile(name, content, located=False)
+                )
         self._generation = generation if epoch == self._epoch else None
         return list(self._files)
+
+    def _read_changed(self) -> tuple[int | None, dict[str, dict[str, Any]] | None]:
+        """The generation, and the documents only if the generation moved."""
+        connection = self._connect()
+        # One consistent view: the generation and the rows belong together.
+        if self.url.kind == "postgresql":
+            connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        else:
+            connection.execute("BEGIN")
+        try:
+            generation = self._read_generation(connection)
+            if generation is not None and generation == self._generation:
+                return generation, None
+            return read_documents(connection)
+        finally:
+            connection.rollback()  # read-only: end the transaction, see new rows next time
+
+    def _connect(self) -> Any:
+        """The source's one connection, opened on first need and after a failure."""
+        if self._connection is None:
+            self._connection = open_connection(self.url, password_file=self._password_file)
+        return self._connection
+
+    def _disconnect(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.close()
 
     def forget(self) -> None:
         """Make the next read a full one (after a reconnect, say)."""
