@@ -79,7 +79,13 @@ from bench.load import StageClock, instrumented
 from sidecar import dbtools
 from sidecar.documents import SourceFile
 from sidecar.loader import Loader
-from sidecar.sources.database import DatabaseSource, DatabaseURL, connect, read_documents
+from sidecar.sources.database import (
+    DatabaseSource,
+    DatabaseURL,
+    connect,
+    open_connection,
+    read_documents,
+)
 
 TARGET_LIVE_P99_S = 0.100
 TARGET_POLL_S = 0.005
@@ -437,7 +443,8 @@ def fingerprint_query_open(url: str, polls: int) -> list[float]:
     """The fingerprint's statements on a connection kept open: what a pooled read costs."""
     database = DatabaseURL.parse(url)
     times = []
-    with connect(database) as connection:
+    connection = open_connection(database)
+    try:
         for _ in range(polls):
             started = time.perf_counter()
             if database.kind == "postgresql":
@@ -447,6 +454,8 @@ def fingerprint_query_open(url: str, polls: int) -> list[float]:
             connection.execute("SELECT generation FROM rule_sidecar_state").fetchone()
             connection.commit()
             times.append(time.perf_counter() - started)
+    finally:
+        connection.close()
     return times
 
 

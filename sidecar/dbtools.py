@@ -29,6 +29,9 @@ from sidecar.sources.files import read_rule_files
 
 __all__ = ["ImportResult", "export_documents", "import_files", "init"]
 
+# SQLite takes at most 32,766 parameters per statement; 11 per rule.
+_ROWS_PER_STATEMENT = 1_000
+
 
 @dataclass(frozen=True, slots=True)
 class ImportResult:
@@ -50,7 +53,8 @@ def import_files(
     """
     database = DatabaseURL.parse(url)
     files = read_rule_files(paths)
-    incoming = Loader().load(files).snapshot
+    loader = Loader()  # one loader: the second load below does not re-check these files
+    incoming = loader.load(files).snapshot
     with connect(database, password_file=password_file) as connection:
         _, stored = read_documents(connection)
         kept = [
@@ -60,7 +64,7 @@ def import_files(
             for ruleset_id, document in stored.items()
             if ruleset_id not in incoming.rulesets
         ]
-        Loader().load([*kept, *files])  # the database as it will be, as a whole
+        loader.load([*kept, *files])  # the database as it will be, as a whole
         for ruleset in incoming.rulesets.values():
             _write_ruleset(connection, database, ruleset.to_document())
     return ImportResult(len(incoming.rulesets), len(incoming.rules))
@@ -88,33 +92,41 @@ def _write_ruleset(connection: Any, database: DatabaseURL, document: dict[str, A
             json.dumps(spec.get("tests", [])),
         ),
     )
-    rule_ids = [rule["id"] for rule in spec["rules"]]
-    for position, rule in enumerate(spec["rules"]):
+    rows = [
+        (
+            rule["id"],
+            ruleset_id,
+            position,
+            rule.get("name"),
+            rule.get("description", ""),
+            rule["condition"],
+            rule["points"],
+            rule.get("enabled", True),
+            rule.get("priority", 0),
+            json.dumps(rule.get("tags", [])),
+            json.dumps(rule.get("metadata", {})),
+        )
+        for position, rule in enumerate(spec["rules"])
+    ]
+    # Many rows per statement: PostgreSQL's statement trigger then bumps the generation
+    # once per batch, not once per rule (each bump leaves a row version behind).
+    values = "(" + ", ".join([p] * 11) + ")"
+    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+        batch = rows[start : start + _ROWS_PER_STATEMENT]
         connection.execute(
             f"""INSERT INTO rule_sidecar_rules
                 (id, ruleset_id, position, name, description, condition, points, enabled,
                  priority, tags, metadata)
-                VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})
+                VALUES {", ".join([values] * len(batch))}
                 ON CONFLICT (id) DO UPDATE SET ruleset_id = excluded.ruleset_id,
                     position = excluded.position, name = excluded.name,
                     description = excluded.description, condition = excluded.condition,
                     points = excluded.points, enabled = excluded.enabled,
                     priority = excluded.priority, tags = excluded.tags,
                     metadata = excluded.metadata""",
-            (
-                rule["id"],
-                ruleset_id,
-                position,
-                rule.get("name"),
-                rule.get("description", ""),
-                rule["condition"],
-                rule["points"],
-                rule.get("enabled", True),
-                rule.get("priority", 0),
-                json.dumps(rule.get("tags", [])),
-                json.dumps(rule.get("metadata", {})),
-            ),
+            [value for row in batch for value in row],
         )
+    rule_ids = {row[0] for row in rows}
     stale = connection.execute(
         f"SELECT id FROM rule_sidecar_rules WHERE ruleset_id = {p}", (ruleset_id,)
     ).fetchall()

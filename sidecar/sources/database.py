@@ -42,6 +42,7 @@ __all__ = [
     "connect",
     "describe_error",
     "migrate",
+    "open_connection",
     "password_from",
     "placeholder",
     "read_documents",
