@@ -173,6 +173,35 @@ class TestRead:
         expected = Loader().load(read_rule_files([EXAMPLES])).snapshot.revision
         assert Loader().load(files).snapshot.revision == expected
 
+    def test_after_a_change_only_changed_rulesets_are_read_again(self, migrated: Database):
+        """A change to one ruleset re-reads that ruleset only: a row of another ruleset
+        changed behind every trigger stays unseen."""
+        migrated.import_docs(fraud_doc(), ruleset_doc("extra"))
+        source = DatabaseSource(migrated.url)
+        source.read()
+        hidden = "UPDATE rule_sidecar_rules SET points = 77 WHERE id = 'extra-big'"
+        if migrated.is_postgresql:
+            migrated.change_unseen(hidden)  # no trigger: neither generation nor version
+        else:
+            select = "SELECT row_version FROM rule_sidecar_rulesets WHERE id = 'extra'"
+            version = migrated.script([(select, ())])[0][0][0]
+            migrated.change_unseen(hidden)
+            migrated.script(
+                [
+                    (
+                        "UPDATE rule_sidecar_rulesets SET row_version = %s WHERE id = 'extra'",
+                        (version,),
+                    )
+                ]
+            )
+        set_points(migrated, 41)  # a real change, in the other ruleset
+        documents = {
+            file.name.rsplit("/", 1)[-1]: json.loads(file.content) for file in source.read()
+        }
+        rules = {r["id"]: r for d in documents.values() for r in d["spec"]["rules"]}
+        assert rules["large-amount"]["points"] == 41
+        assert rules["extra-big"]["points"] == 10  # the hidden change was not read
+
     def test_unchanged_generation_returns_the_same_bytes_without_reading_rows(
         self, seeded: Database
     ):

@@ -23,7 +23,7 @@ import json
 import logging
 import random
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +56,7 @@ CHANNEL: Final = "rule_sidecar"
 _CONNECT_TIMEOUT_S: Final = 5
 _STATEMENT_TIMEOUT_MS: Final = 10_000
 _MAX_BACKOFF_S: Final = 30.0
+_IDS_PER_QUERY: Final = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +156,32 @@ def _pg_triggers() -> list[str]:
                 NEW.updated_at := now();
                 RETURN NEW;
             END $$""",
+        # A ruleset's row_version also moves when one of its rules changes, so a reader
+        # can re-read just the rulesets that changed.
+        """CREATE OR REPLACE FUNCTION rule_sidecar_rule_moved() RETURNS trigger
+            LANGUAGE plpgsql AS $$
+            BEGIN
+                IF TG_OP = 'TRUNCATE' THEN
+                    UPDATE rule_sidecar_rulesets SET row_version = row_version;
+                    RETURN NULL;
+                END IF;
+                IF TG_OP <> 'INSERT' THEN
+                    UPDATE rule_sidecar_rulesets SET row_version = row_version
+                        WHERE id = OLD.ruleset_id;
+                END IF;
+                IF TG_OP = 'INSERT' OR (TG_OP = 'UPDATE'
+                        AND NEW.ruleset_id IS DISTINCT FROM OLD.ruleset_id) THEN
+                    UPDATE rule_sidecar_rulesets SET row_version = row_version
+                        WHERE id = NEW.ruleset_id;
+                END IF;
+                RETURN NULL;
+            END $$""",
+        "DROP TRIGGER IF EXISTS rule_sidecar_rules_ruleset ON rule_sidecar_rules",
+        "CREATE TRIGGER rule_sidecar_rules_ruleset AFTER INSERT OR UPDATE OR DELETE"
+        " ON rule_sidecar_rules FOR EACH ROW EXECUTE FUNCTION rule_sidecar_rule_moved()",
+        "DROP TRIGGER IF EXISTS rule_sidecar_rules_truncated ON rule_sidecar_rules",
+        "CREATE TRIGGER rule_sidecar_rules_truncated AFTER TRUNCATE"
+        " ON rule_sidecar_rules FOR EACH STATEMENT EXECUTE FUNCTION rule_sidecar_rule_moved()",
     ]
     for table in _TABLES:
         statements += [
@@ -170,7 +197,20 @@ def _pg_triggers() -> list[str]:
 
 def _sqlite_triggers() -> list[str]:
     bump = "UPDATE rule_sidecar_state SET generation = generation + 1 WHERE id = 1;"
-    statements = []
+    touch_set = (
+        "UPDATE rule_sidecar_rulesets SET row_version = row_version + 1,"
+        f" updated_at = {_NOW['sqlite']} WHERE id"
+    )
+    statements = [
+        # A ruleset's row_version also moves when one of its rules changes.
+        "CREATE TRIGGER IF NOT EXISTS rule_sidecar_rules_ruleset_insert AFTER INSERT"
+        f" ON rule_sidecar_rules BEGIN {touch_set} = NEW.ruleset_id; END",
+        "CREATE TRIGGER IF NOT EXISTS rule_sidecar_rules_ruleset_update AFTER UPDATE"
+        " ON rule_sidecar_rules WHEN NEW.row_version = OLD.row_version"
+        f" BEGIN {touch_set} IN (OLD.ruleset_id, NEW.ruleset_id); END",
+        "CREATE TRIGGER IF NOT EXISTS rule_sidecar_rules_ruleset_delete AFTER DELETE"
+        f" ON rule_sidecar_rules BEGIN {touch_set} = OLD.ruleset_id; END",
+    ]
     for table in _TABLES:
         for event in ("INSERT", "UPDATE", "DELETE"):
             statements.append(
@@ -338,18 +378,30 @@ def _ruleset_document(row: tuple[Any, ...], rules: list[dict[str, Any]]) -> dict
     return {"apiVersion": "rule-sidecar/v1", "kind": "RuleSet", "metadata": metadata, "spec": spec}
 
 
-def read_documents(connection: Any) -> tuple[int, dict[str, dict[str, Any]]]:
-    """The generation and every ruleset as a `rule-sidecar/v1` document, read together."""
+def read_documents(
+    connection: Any, ids: Sequence[str] | None = None
+) -> tuple[int, dict[str, dict[str, Any]]]:
+    """The generation and every ruleset (or those of `ids`) as `rule-sidecar/v1`
+    documents, read in the caller's transaction."""
     generation = connection.execute("SELECT generation FROM rule_sidecar_state").fetchone()[0]
+    rule_filter = ruleset_filter = ""
+    parameters: tuple[Any, ...] = ()
+    if ids is not None:
+        marks = ", ".join(["?" if isinstance(connection, sqlite3.Connection) else "%s"] * len(ids))
+        rule_filter, ruleset_filter = f" WHERE ruleset_id IN ({marks})", f" WHERE id IN ({marks})"
+        parameters = tuple(ids)
     rules: dict[str, list[dict[str, Any]]] = {}
     for row in connection.execute(
-        f"SELECT {_RULE_COLUMNS} FROM rule_sidecar_rules ORDER BY ruleset_id, position, id"
+        f"SELECT {_RULE_COLUMNS} FROM rule_sidecar_rules{rule_filter}"
+        " ORDER BY ruleset_id, position, id",
+        parameters,
     ):
         rules.setdefault(row[1], []).append(_rule_document(row))
     documents = {
         row[0]: _ruleset_document(row, rules.get(row[0], []))
         for row in connection.execute(
-            f"SELECT {_RULESET_COLUMNS} FROM rule_sidecar_rulesets ORDER BY id"
+            f"SELECT {_RULESET_COLUMNS} FROM rule_sidecar_rulesets{ruleset_filter} ORDER BY id",
+            parameters,
         )
     }
     return int(generation), documents
@@ -369,7 +421,8 @@ class DatabaseSource:
         self._password_file = password_file
         self._listen = listen and self.url.kind == "postgresql"
         self._generation: int | None = None
-        self._files: list[SourceFile] = []
+        self._versions: dict[str, int] = {}
+        self._files: dict[str, SourceFile] = {}
         # Bumped by `forget` (from the event loop) so that a read running meanwhile in
         # a worker thread does not trust the generation it saw.
         self._epoch = 0
@@ -381,43 +434,52 @@ class DatabaseSource:
         return self.url.redacted
 
     def read(self) -> list[SourceFile]:
-        """Every ruleset as a JSON document; only the generation is read when it has not
-        moved since the last read. Raises `LoadError` naming the database when it
-        cannot be read."""
+        """Every ruleset as a JSON document. Only the generation is read when it has not
+        moved; when it has, only the rulesets whose `row_version` moved are read again.
+        Raises `LoadError` naming the database when it cannot be read."""
         epoch = self._epoch
         try:
             try:
-                generation, documents = self._read_changed()
+                changes = self._read_changes()
             except Exception:
                 if self._connection is None:
                     raise
                 # A kept connection may have died since the last read: one fresh try.
                 self._disconnect()
-                generation, documents = self._read_changed()
+                changes = self._read_changes()
         except Exception as exc:  # every driver error means the same: not readable now
             self._disconnect()
             reason = describe_error(exc, password_from(self._password_file), self.url)
             message = f"database unavailable: {reason}"
             raise LoadError([Problem(file=self.name, message=message)]) from None
-        if documents is not None:
-            # Unchanged rulesets keep their SourceFile (and bytes): the loader skips them.
-            previous = {file.name: file for file in self._files}
-            self._files = []
-            for ruleset_id, document in documents.items():
-                name = f"{self.name}#rulesets/{ruleset_id}.json"
-                content = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
-                same = previous.get(name)
-                keep = same is not None and same.content == content
-                self._files.append(
-                    same if keep and same else SourceFile(name, content, located=False)
-                )
-        self._generation = generation if epoch == self._epoch else None
-        return list(self._files)
+        if changes is not None:
+            generation, versions, documents = changes
+            self._files = {
+                ruleset_id: self._file(ruleset_id, documents.get(ruleset_id))
+                for ruleset_id in sorted(versions)
+            }
+            current = epoch == self._epoch
+            self._generation = generation if current else None
+            self._versions = versions if current else {}
+        return list(self._files.values())
 
-    def _read_changed(self) -> tuple[int | None, dict[str, dict[str, Any]] | None]:
-        """The generation, and the documents only if the generation moved."""
+    def _file(self, ruleset_id: str, document: dict[str, Any] | None) -> SourceFile:
+        """The ruleset's file: the same object as before when its content did not change,
+        so the loader skips it without even hashing it."""
+        previous = self._files.get(ruleset_id)
+        if document is None and previous is not None:
+            return previous
+        name = f"{self.name}#rulesets/{ruleset_id}.json"
+        content = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+        if previous is not None and previous.content == content:
+            return previous
+        return SourceFile(name, content, located=False)
+
+    def _read_changes(self) -> tuple[int, dict[str, int], dict[str, dict[str, Any]]] | None:
+        """None when the generation has not moved; else the generation, every ruleset's
+        row_version, and the documents of the rulesets that are new or changed."""
         connection = self._connect()
-        # One consistent view: the generation and the rows belong together.
+        # One consistent view: the generation, the versions and the rows belong together.
         if self.url.kind == "postgresql":
             connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         else:
@@ -425,8 +487,24 @@ class DatabaseSource:
         try:
             generation = self._read_generation(connection)
             if generation is not None and generation == self._generation:
-                return generation, None
-            return read_documents(connection)
+                return None
+            versions = {
+                str(ruleset_id): int(version)
+                for ruleset_id, version in connection.execute(
+                    "SELECT id, row_version FROM rule_sidecar_rulesets"
+                )
+            }
+            stale = [i for i, v in versions.items() if self._versions.get(i) != v]
+            documents: dict[str, dict[str, Any]] = {}
+            if len(stale) > len(versions) // 2:
+                generation, documents = read_documents(connection)
+            else:
+                for start in range(0, len(stale), _IDS_PER_QUERY):
+                    generation, part = read_documents(
+                        connection, stale[start : start + _IDS_PER_QUERY]
+                    )
+                    documents.update(part)
+            return int(generation or 0), versions, documents
         finally:
             connection.rollback()  # read-only: end the transaction, see new rows next time
 
@@ -446,6 +524,7 @@ class DatabaseSource:
         """Make the next read a full one (after a reconnect, say)."""
         self._epoch += 1
         self._generation = None
+        self._versions = {}
 
     def _read_generation(self, connection: Any) -> int | None:
         row = connection.execute("SELECT generation FROM rule_sidecar_state").fetchone()
