@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import platform
+import socket
 import statistics
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+
+import aiohttp
 
 __all__ = ["code_digest", "describe", "environment", "fmt_ms", "fmt_us", "quantile", "rss_bytes"]
 
@@ -90,3 +95,23 @@ def environment() -> str:
         f"{os.cpu_count()} CPUs, {load}, sidecar code {code_digest()}, "
         f"argv {' '.join(sys.argv[1:])!r}"
     )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def wait_ready(session: aiohttp.ClientSession, base: str, deadline: float) -> None:
+    """Poll `/readyz` until the sidecar at `base` serves, or fail at `deadline`."""
+    while time.monotonic() < deadline:
+        try:
+            async with session.get(f"{base}/readyz") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.05)
+    raise RuntimeError("the sidecar did not become ready")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench._common import environment, fmt_ms, quantile
+from bench._common import environment, fmt_ms, free_port, quantile, wait_ready
 from sidecar.testing import ConfigMapDir
 
 RULES = """\
@@ -40,24 +39,6 @@ spec:
     - {{id: changing, condition: "input.amount > 10", points: {points}}}
     - {{id: steady, condition: "has(input.country) && input.country == 'FR'", points: 5}}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-async def wait_ready(session: aiohttp.ClientSession, base: str, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        try:
-            async with session.get(f"{base}/readyz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.05)
-    raise RuntimeError("the sidecar did not become ready")
 
 
 async def poll_live(session: aiohttp.ClientSession, base: str, points: int) -> float:

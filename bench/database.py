@@ -47,7 +47,6 @@ import gc
 import itertools
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -65,7 +64,7 @@ import aiohttp
 import psycopg
 
 import sidecar.documents
-from bench._common import environment, fmt_ms, quantile
+from bench._common import environment, fmt_ms, free_port, quantile, wait_ready
 from bench._gen import (
     DEFAULT_DECISION,
     TEAMS,
@@ -291,12 +290,6 @@ def warm_process() -> None:
 # ---------------------------------------------------------------------------- part 1
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @contextmanager
 def sidecar_process(url: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
     env = {
@@ -316,18 +309,6 @@ def sidecar_process(url: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
-
-
-async def wait_ready(session: aiohttp.ClientSession, base: str, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        try:
-            async with session.get(f"{base}/readyz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.05)
-    raise RuntimeError("the sidecar did not become ready")
 
 
 async def poll_live(session: aiohttp.ClientSession, base: str, rule_id: str, points: int) -> float:

@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench._common import environment
+from bench._common import environment, free_port
 from bench._gen import generate_file, ruleset_id, sample_input
 from sidecar.testing import ConfigMapDir
 
@@ -44,12 +43,6 @@ wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.body = [[%s]]
 """
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def post(url: str, body: dict[str, object]) -> dict[str, object]:
