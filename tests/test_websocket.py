@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from datetime import datetime
 from pathlib import Path
@@ -283,6 +284,30 @@ class TestAuthentication:
         headers = {"Authorization": "Bearer s3cret"}
         async with guarded.client.ws_connect(WS, headers=headers) as ws:
             assert (await receive_event(ws))["event_type"] == "status"
+
+    async def test_token_as_a_subprotocol_for_browsers(self, guarded: Sidecar):
+        """The Kubernetes convention for browsers: the token as a base64url subprotocol,
+        which the answer selects."""
+        encoded = base64.urlsafe_b64encode(b"s3cret").decode().rstrip("=")
+        protocol = f"base64url.bearer.authorization.k8s.io.{encoded}"
+        async with guarded.client.ws_connect(WS, protocols=["other", protocol]) as ws:
+            assert ws.protocol == protocol
+            assert (await receive_event(ws))["event_type"] == "status"
+
+    async def test_wrong_token_as_a_subprotocol_is_401(self, guarded: Sidecar):
+        """A wrong token in the subprotocol is refused like a wrong header."""
+        encoded = base64.urlsafe_b64encode(b"nope").decode().rstrip("=")
+        protocol = f"base64url.bearer.authorization.k8s.io.{encoded}"
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await guarded.client.ws_connect(WS, protocols=[protocol])
+        assert refused.value.status == 401
+
+    async def test_subprotocol_token_is_not_accepted_on_http_endpoints(self, guarded: Sidecar):
+        """Only the WebSocket takes the token as a subprotocol; reload needs the header."""
+        encoded = base64.urlsafe_b64encode(b"s3cret").decode().rstrip("=")
+        headers = {"Sec-WebSocket-Protocol": f"base64url.bearer.authorization.k8s.io.{encoded}"}
+        response = await guarded.client.post("/api/v1/rules/hot-reload/reload", headers=headers)
+        assert response.status == 401
 
     async def test_client_count_returns_to_zero(self, sidecar: Sidecar):
         """A client that leaves is forgotten."""

@@ -10,6 +10,7 @@ returns the reload's error to its caller).
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
 import logging
@@ -129,16 +130,44 @@ def _state(request: web.Request) -> AppState:
     return request.app[STATE]
 
 
-def _require_admin(request: web.Request) -> None:
+# Browsers cannot set headers on a WebSocket; Kubernetes' API server takes the token as
+# a subprotocol instead, and so do we: `base64url.bearer.authorization.k8s.io.<token>`,
+# the token base64url-encoded without padding.
+BEARER_PROTOCOL = "base64url.bearer.authorization.k8s.io."
+
+
+def _protocol_token(request: web.Request) -> tuple[str, str] | None:
+    """The subprotocol carrying a bearer token, and the token, if the client offered one."""
+    offered = request.headers.get("Sec-WebSocket-Protocol", "")
+    for protocol in (item.strip() for item in offered.split(",")):
+        if protocol.startswith(BEARER_PROTOCOL):
+            encoded = protocol.removeprefix(BEARER_PROTOCOL)
+            try:
+                token = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+            except (ValueError, UnicodeDecodeError):
+                return None
+            return protocol, token
+    return None
+
+
+def _require_admin(request: web.Request, *, websocket: bool = False) -> str | None:
+    """Refuse the request without the admin token (when one is configured).
+
+    Returns the WebSocket subprotocol that carried the token, which the answer must
+    select for a browser to accept the connection.
+    """
     token = _state(request).admin_token
     if token is None:
-        return
-    header = request.headers.get("Authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
-        raise web.HTTPUnauthorized(
-            text="a bearer token is required", headers={"WWW-Authenticate": "Bearer"}
-        )
+        return None
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), token.encode()):
+        return None
+    carried = _protocol_token(request) if websocket else None
+    if carried is not None and hmac.compare_digest(carried[1].encode(), token.encode()):
+        return carried[0]
+    raise web.HTTPUnauthorized(
+        text="a bearer token is required", headers={"WWW-Authenticate": "Bearer"}
+    )
 
 
 def _limit_reloads(request: web.Request) -> None:
@@ -407,8 +436,8 @@ async def get_metrics(request: web.Request) -> web.Response:
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
-    _require_admin(request)
-    return await _state(request).notifier.handle(request)
+    protocol = _require_admin(request, websocket=True)
+    return await _state(request).notifier.handle(request, protocol=protocol)
 
 
 def _wire_events(state: AppState) -> None:

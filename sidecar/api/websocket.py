@@ -87,9 +87,16 @@ class ReloadNotificationManager:
             self._offer(client, text)
         return self._seq
 
-    async def handle(self, request: web.Request) -> web.WebSocketResponse:
-        """Serve one WebSocket client until it leaves or is dropped."""
-        socket = web.WebSocketResponse(heartbeat=30.0, max_msg_size=64 * 1024)
+    async def handle(
+        self, request: web.Request, *, protocol: str | None = None
+    ) -> web.WebSocketResponse:
+        """Serve one WebSocket client until it leaves or is dropped.
+
+        `protocol`: a subprotocol the client offered that the answer must select.
+        """
+        socket = web.WebSocketResponse(
+            heartbeat=30.0, max_msg_size=64 * 1024, protocols=(protocol,) if protocol else ()
+        )
         await socket.prepare(request)
         if len(self._clients) >= self._max_clients:
             await socket.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too many clients")
