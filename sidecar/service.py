@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from sidecar.documents import SourceFile
 from sidecar.errors import LoadError, NotFoundError, Problem
 from sidecar.loader import Loader
 from sidecar.registry import ChangeEvent, RuleRegistry
@@ -414,8 +415,10 @@ class HotReloadService:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
 
-    def _read_sources(self) -> tuple[list[Any], list[Problem]]:
-        files = []
+    def _read_sources(self) -> tuple[list[SourceFile], list[Problem]]:
+        """Every source's files (run in a worker thread); a source that cannot be read
+        gives its problems instead."""
+        files: list[SourceFile] = []
         problems: list[Problem] = []
         for source in self.sources:
             status = self._source_status[source.name]
@@ -507,7 +510,7 @@ class HotReloadService:
             and last.errors == tuple(problems)
         )
 
-    async def _load_saved(self, saved: Any, failure: ReloadRecord) -> None:
+    async def _load_saved(self, saved: SourceFile, failure: ReloadRecord) -> None:
         started, before = time.perf_counter(), self.registry.current
         try:
             result = await asyncio.to_thread(self.loader.load, [saved], run_checks=False)
