@@ -66,7 +66,11 @@ class AsyncRuleClient:
             self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
         return self._session
 
-    async def _request(self, method: str, path: str, body: Any = None) -> Any:
+    async def _request(
+        self, method: str, path: str, body: Any = None, *, answers: frozenset[int] = frozenset()
+    ) -> Any:
+        """The JSON answer; `answers` are error statuses whose body is the answer itself
+        (a failed reload's record, an unhealthy health report), not an error."""
         try:
             async with self._client().request(method, self.base_url + path, json=body) as response:
                 text = await response.text()
@@ -76,7 +80,7 @@ class AsyncRuleClient:
             data = json.loads(text)
         except ValueError:
             raise SidecarError(response.status, f"not a JSON answer: {text[:200]!r}") from None
-        if response.status >= 400 and not (response.status == 422 and path.startswith(_HOT)):
+        if response.status >= 400 and response.status not in answers:
             error = data.get("error", {}) if isinstance(data, dict) else {}
             raise SidecarError(response.status, error.get("message", response.reason or ""), data)
         return data
@@ -123,17 +127,20 @@ class AsyncRuleClient:
         return result
 
     async def reload(self, *, force: bool = False, validate: bool = True) -> dict[str, Any]:
+        """The reload record; a failed reload (HTTP 422) is a record too, with its errors."""
         result: dict[str, Any] = await self._request(
-            "POST", f"{_HOT}/reload", {"force": force, "validate": validate}
+            "POST",
+            f"{_HOT}/reload",
+            {"force": force, "validate": validate},
+            answers=frozenset({422}),
         )
         return result
 
     async def health(self) -> dict[str, Any]:
-        try:
-            async with self._client().get(self.base_url + "/health/hot-reload") as response:
-                health: dict[str, Any] = await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise SidecarError(0, f"sidecar at {self.base_url} not reachable: {exc!r}") from exc
+        """The health report, also when it says unhealthy (HTTP 503)."""
+        health: dict[str, Any] = await self._request(
+            "GET", "/health/hot-reload", answers=frozenset({503})
+        )
         return health
 
     # Events

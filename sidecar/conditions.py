@@ -330,16 +330,11 @@ class ConditionSet:
         outcomes: list[Outcome] = []
         activation = None
         for chunk in self._chunks:
-            program = chunk.compiled
-            if program is not None:
-                # The common case, kept lean: `data=` costs less than an Activation.
-                try:
-                    value = program.eval(data={"input": document})
-                except RuntimeError:
-                    value = None  # the iteration budget, spent by the chunk as a whole
-                if value is not None and value.type() != cel.Type.ERROR:
-                    outcomes.extend(value.plain_value())
-                    continue
+            # The common case, kept lean: `data=` costs less than building an Activation.
+            listed = _list_outcomes(chunk.compiled, data={"input": document})
+            if listed is not None:
+                outcomes.extend(listed)
+                continue
             if activation is None:
                 activation = compiler.activation(document)
             self._evaluate_parts(compiler, chunk, activation, outcomes)
@@ -353,16 +348,28 @@ class ConditionSet:
             out.append(_evaluate_one(compiler.compile(self.expressions[segment.start]), activation))
             return
         for half in segment.split():
-            program = half.program(compiler, self.expressions)
-            if program is not None:
-                try:
-                    value = program.eval(activation)
-                except RuntimeError:
-                    value = None
-                if value is not None and value.type() != cel.Type.ERROR:
-                    out.extend(value.plain_value())
-                    continue
+            listed = _list_outcomes(half.program(compiler, self.expressions), activation)
+            if listed is not None:
+                out.extend(listed)
+                continue
             self._evaluate_parts(compiler, half, activation, out)
+
+
+def _list_outcomes(
+    program: Any | None, activation: Any = None, *, data: Mapping[str, Any] | None = None
+) -> list[Outcome] | None:
+    """A segment program's outcomes, or None when it cannot say them all: there is no
+    program, a condition in it errored, or it spent the iteration budget as a whole."""
+    if program is None:
+        return None
+    try:
+        value = program.eval(activation) if data is None else program.eval(data=data)
+    except RuntimeError:
+        return None
+    if value.type() == cel.Type.ERROR:
+        return None
+    outcomes: list[Outcome] = value.plain_value()
+    return outcomes
 
 
 def _evaluate_one(program: Any, activation: Any) -> Outcome:

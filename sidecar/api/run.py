@@ -25,8 +25,8 @@ try:
 except ImportError:  # optional: the `speed` extra
     uvloop = None  # type: ignore[assignment]
 
-from sidecar.api.app import AppState, RateLimiter, create_app
-from sidecar.api.metrics import CONTENT_TYPE_LATEST, Metrics
+from sidecar.api.app import STATE, AppState, RateLimiter, create_app, get_metrics
+from sidecar.api.metrics import Metrics
 from sidecar.api.websocket import ReloadNotificationManager
 from sidecar.config import Settings
 from sidecar.loader import Loader
@@ -177,13 +177,9 @@ async def _start_metrics(state: AppState, settings: Settings) -> web.AppRunner |
     if settings.metrics_port is None:
         return None
 
-    async def metrics(_request: web.Request) -> web.Response:
-        return web.Response(
-            body=state.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
-
     app = web.Application()
-    app.add_routes([web.get("/metrics", metrics)])
+    app[STATE] = state
+    app.add_routes([web.get("/metrics", get_metrics)])
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     host = settings.metrics_host or settings.host
