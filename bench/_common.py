@@ -8,9 +8,11 @@ import os
 import platform
 import socket
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import aiohttp
@@ -115,3 +117,28 @@ async def wait_ready(session: aiohttp.ClientSession, base: str, deadline: float)
             pass
         await asyncio.sleep(0.05)
     raise RuntimeError("the sidecar did not become ready")
+
+
+@contextmanager
+def sidecar_process(
+    port: int, *arguments: str, prefix: Sequence[str] = ()
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`rule-sidecar serve --port PORT ARGUMENTS...` as a separate process, quiet and with
+    only the sources given (no periodic resync in the way), stopped at the end."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("RULE_SIDECAR_RULES_DIR", "RULE_SIDECAR_DATABASE_URL")
+    }
+    env.update(HOT_RELOAD_INTERVAL_SECONDS="3600", RULE_SIDECAR_LOG_LEVEL="WARNING")
+    command = [*prefix, sys.executable, "-m", "sidecar.cli", "serve", "--port", str(port)]
+    server = subprocess.Popen([*command, *arguments], env=env)
+    try:
+        yield server
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
 
-from bench._common import environment, fmt_ms, free_port, quantile, wait_ready
+from bench._common import environment, fmt_ms, free_port, quantile, sidecar_process, wait_ready
 from sidecar.testing import ConfigMapDir
 
 RULES = """\
@@ -58,27 +55,10 @@ async def run(swaps: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         volume = ConfigMapDir(Path(tmp) / "rules")
         volume.publish({"rules.yaml": RULES.format(points=1)})
-        env = dict(os.environ, HOT_RELOAD_INTERVAL_SECONDS="3600", RULE_SIDECAR_LOG_LEVEL="WARNING")
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sidecar.cli",
-                "serve",
-                "--port",
-                str(port),
-                "--rules-dir",
-                str(volume.root),
-            ],
-            env=env,
-        )
-        try:
+        with sidecar_process(port, "--rules-dir", str(volume.root)):
             async with aiohttp.ClientSession() as session:
                 await wait_ready(session, base, time.monotonic() + 20)
                 to_event, to_live = await measure(session, base, volume, swaps)
-        finally:
-            server.terminate()
-            server.wait(timeout=10)
     print(environment())
     print(f"swaps: {swaps}")
     for label, values in (

@@ -46,10 +46,7 @@ import asyncio
 import gc
 import itertools
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -64,7 +61,7 @@ import aiohttp
 import psycopg
 
 import sidecar.documents
-from bench._common import environment, fmt_ms, free_port, quantile, wait_ready
+from bench._common import environment, fmt_ms, free_port, quantile, sidecar_process, wait_ready
 from bench._gen import (
     DEFAULT_DECISION,
     TEAMS,
@@ -290,27 +287,6 @@ def warm_process() -> None:
 # ---------------------------------------------------------------------------- part 1
 
 
-@contextmanager
-def sidecar_process(url: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("RULE_SIDECAR_RULES_DIR", "RULE_SIDECAR_DATABASE_URL")
-    }
-    env.update(HOT_RELOAD_INTERVAL_SECONDS="3600", RULE_SIDECAR_LOG_LEVEL="WARNING")
-    command = [sys.executable, "-m", "sidecar.cli", "serve", "--port", str(port)]
-    server = subprocess.Popen([*command, "--database-url", url], env=env)
-    try:
-        yield server
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-
-
 async def poll_live(session: aiohttp.ClientSession, base: str, rule_id: str, points: int) -> float:
     """GET the rule back to back until it shows the new points; returns when it did."""
     while True:
@@ -340,7 +316,7 @@ async def notify_to_live(
     result = LiveResult([], [], [], [])
     rulesets = max(1, rules // RULES_PER_SET)
     with (
-        sidecar_process(url, port),
+        sidecar_process(port, "--database-url", url),
         psycopg.connect(url) as writer,
     ):
         async with aiohttp.ClientSession() as session:

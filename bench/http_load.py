@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import statistics
@@ -34,7 +33,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench._common import environment, free_port
+from bench._common import environment, free_port, sidecar_process
 from bench._gen import generate_file, ruleset_id, sample_input
 from sidecar.testing import ConfigMapDir
 
@@ -200,24 +199,9 @@ def main() -> None:
         url = f"{base}/api/v1/rulesets/{ruleset_id(0)}/evaluate"
         script = Path(tmp) / "post.lua"
         script.write_text(LUA % json.dumps({"input": sample_input(1)}))
-        env = dict(os.environ, RULE_SIDECAR_LOG_LEVEL="WARNING", HOT_RELOAD_INTERVAL_SECONDS="3600")
-        server = subprocess.Popen(
-            [
-                "taskset",
-                "-c",
-                "0",
-                sys.executable,
-                "-m",
-                "sidecar.cli",
-                "serve",
-                "--port",
-                str(port),
-                "--rules-dir",
-                str(volume.root),
-            ],
-            env=env,
-        )
-        try:
+        with sidecar_process(
+            port, "--rules-dir", str(volume.root), prefix=("taskset", "-c", "0")
+        ) as server:
             wait_ready(base)
             run_wrk(url, script, 2)  # warm-up
             idle = [run_wrk(url, script, seconds) for _ in range(runs)]
@@ -229,9 +213,6 @@ def main() -> None:
             reloader.stop.set()
             checker.stop.set()
             checker.join()
-        finally:
-            server.terminate()
-            server.wait(timeout=15)
     print(environment())
     where = "on the server's core" if args.worker_core is None else f"on core {args.worker_core}"
     print(f"server on core 0, wrk on core 1, reload worker {where}")

@@ -133,14 +133,6 @@ def seeded(migrated: Database) -> Database:
     return migrated
 
 
-@pytest.fixture
-def empty_rules(tmp_path: Path) -> Path:
-    """An empty rules directory: the database is the only source of rules."""
-    directory = tmp_path / "no-files"
-    directory.mkdir()
-    return directory
-
-
 class TestRead:
     """`DatabaseSource.read()`: one document per ruleset, and no full read without a change."""
 
@@ -353,12 +345,12 @@ class TestLiveChanges:
     """A row change reaches the registry: via NOTIFY, or via the periodic resync without it."""
 
     async def test_notify_reaches_the_registry(
-        self, pg_database: Database, start_sidecar, empty_rules: Path
+        self, pg_database: Database, start_sidecar, rules_dir: Path
     ):
         """PostgreSQL: an UPDATE of points is live within seconds with polling set to 1 h."""
         pg_database.init().import_docs(fraud_doc())
         app = await start_sidecar(
-            empty_rules, database_url=pg_database.url, monitor=True, interval_seconds=3600
+            rules_dir, database_url=pg_database.url, monitor=True, interval_seconds=3600
         )
         assert await total_points(app) == 70
         await eventually(lambda: listeners(pg_database.name), message="listening")
@@ -369,7 +361,7 @@ class TestLiveChanges:
 
     @pytest.mark.parametrize("backend", ["sqlite", "postgresql-listen-off"])
     async def test_polling_reaches_the_registry_without_notify(
-        self, backend: str, request, start_sidecar, empty_rules: Path
+        self, backend: str, request, start_sidecar, rules_dir: Path
     ):
         """SQLite, or PostgreSQL with `listen=False`: the periodic resync picks the change up."""
         if backend != "sqlite":
@@ -378,7 +370,7 @@ class TestLiveChanges:
         database: Database = request.getfixturevalue(fixture)
         database.init().import_docs(fraud_doc())
         app = await start_sidecar(
-            empty_rules,
+            rules_dir,
             database_url=database.url,
             monitor=True,
             interval_seconds=0.2,
@@ -398,12 +390,12 @@ class TestLiveChanges:
         ids=["condition-does-not-compile", "points-beyond-the-schema"],
     )
     async def test_invalid_row_changes_nothing_until_fixed(
-        self, seeded: Database, start_sidecar, empty_rules: Path, case: tuple[str, Any, Any]
+        self, seeded: Database, start_sidecar, rules_dir: Path, case: tuple[str, Any, Any]
     ):
         """A bad row is refused and located; old rules serve, degraded; a fix makes it healthy."""
         column, bad, good = case
         app = await start_sidecar(
-            empty_rules, database_url=seeded.url, monitor=True, interval_seconds=0.2
+            rules_dir, database_url=seeded.url, monitor=True, interval_seconds=0.2
         )
         ws = await app.client.ws_connect("/ws/hot-reload")
         await receive_event(ws)
@@ -435,12 +427,12 @@ class TestLiveChanges:
         await ws.close()
 
     async def test_row_fixed_back_to_the_served_rules_is_healthy_again(
-        self, sqlite_database: Database, start_sidecar, empty_rules: Path
+        self, sqlite_database: Database, start_sidecar, rules_dir: Path
     ):
         """A broken row put back exactly as it was: the sidecar is healthy again."""
         sqlite_database.init().import_docs(fraud_doc())
         app = await start_sidecar(
-            empty_rules, database_url=sqlite_database.url, monitor=True, interval_seconds=0.1
+            rules_dir, database_url=sqlite_database.url, monitor=True, interval_seconds=0.1
         )
         update = "UPDATE rule_sidecar_rules SET condition = %s WHERE id = 'large-amount'"
         sqlite_database.execute(update, ("input.amount >",))
@@ -458,11 +450,11 @@ class TestLiveChanges:
         await eventually(healthy(app), timeout=2, message="healthy after the fix")
 
     async def test_row_refused_by_the_schema_names_its_rule(
-        self, sqlite_database: Database, start_sidecar, empty_rules: Path
+        self, sqlite_database: Database, start_sidecar, rules_dir: Path
     ):
         """Points beyond the schema's maximum: the recorded problem names the rule id."""
         sqlite_database.init().import_docs(fraud_doc())
-        app = await start_sidecar(empty_rules, database_url=sqlite_database.url)
+        app = await start_sidecar(rules_dir, database_url=sqlite_database.url)
         set_points(sqlite_database, 5_000_000)
         record = await app.post(f"{HOT}/reload", status=422)
         assert record["status"] == "failed"
@@ -474,15 +466,13 @@ class TestOutage:
     """PostgreSQL goes away: the last good rules keep serving and the sidecar recovers alone."""
 
     async def test_listener_reconnects_and_resyncs_what_it_missed(
-        self, pg_database: Database, start_sidecar, empty_rules: Path, caplog
+        self, pg_database: Database, start_sidecar, rules_dir: Path, caplog
     ):
         """Every connection killed, a change made meanwhile: picked up after reconnecting."""
         caplog.set_level(logging.WARNING, logger="sidecar.database")
         pg_database.init().import_docs(fraud_doc())
         url = pg_url_for(pg_database.name, password=URL_SECRET)
-        app = await start_sidecar(
-            empty_rules, database_url=url, monitor=True, interval_seconds=3600
-        )
+        app = await start_sidecar(rules_dir, database_url=url, monitor=True, interval_seconds=3600)
         (first,) = await eventually(lambda: listeners(pg_database.name), message="listening")
 
         def listen_failures() -> int:
@@ -513,12 +503,12 @@ class TestOutage:
         assert (code, health["status"]) == (200, "healthy")
 
     async def test_database_unavailable_degrades_then_recovers(
-        self, pg_database: Database, start_sidecar, empty_rules: Path
+        self, pg_database: Database, start_sidecar, rules_dir: Path
     ):
         """No connection allowed: degraded (200), reload_failed naming the database; back: ok."""
         pg_database.init().import_docs(fraud_doc())
         url = pg_url_for(pg_database.name, password=URL_SECRET)
-        app = await start_sidecar(empty_rules, database_url=url, monitor=True, interval_seconds=0.2)
+        app = await start_sidecar(rules_dir, database_url=url, monitor=True, interval_seconds=0.2)
         ws = await app.client.ws_connect("/ws/hot-reload")
         await receive_event(ws)
         version = app.version
@@ -555,18 +545,18 @@ class TestOutage:
         await ws.close()
 
     async def test_startup_with_the_database_down(
-        self, pg_database: Database, start_sidecar, empty_rules: Path, tmp_path: Path
+        self, pg_database: Database, start_sidecar, rules_dir: Path, tmp_path: Path
     ):
         """Down at startup: the state dir's copy serves (degraded), else unhealthy; then it
         recovers by itself."""
         pg_database.init().import_docs(fraud_doc())
         state_dir = tmp_path / "state"
-        await start_sidecar(empty_rules, database_url=pg_database.url, state_dir=state_dir)
+        await start_sidecar(rules_dir, database_url=pg_database.url, state_dir=state_dir)
         pg_admin(f"ALTER DATABASE {pg_database.name} WITH ALLOW_CONNECTIONS false")
         try:
             pg_terminate(pg_database.name)
             saved = await start_sidecar(
-                empty_rules,
+                rules_dir,
                 database_url=pg_database.url,
                 state_dir=state_dir,
                 monitor=True,
@@ -579,7 +569,7 @@ class TestOutage:
                 "state_dir",
             )
             assert await total_points(saved) == 70
-            nothing = await start_sidecar(empty_rules, database_url=pg_database.url)
+            nothing = await start_sidecar(rules_dir, database_url=pg_database.url)
             code, health = await nothing.health()
             assert (code, health["status"]) == (503, "unhealthy")
         finally:
