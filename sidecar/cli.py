@@ -20,7 +20,7 @@ import psycopg
 
 from sidecar import dbtools
 from sidecar.checks import CaseResult, authoring_problems, run_tests
-from sidecar.config import ENVIRONMENT, SettingsError, settings_from
+from sidecar.config import ENVIRONMENT, FLAGS, SettingsError, settings_from
 from sidecar.errors import LoadError, Problem
 from sidecar.loader import Loader, LoadResult
 from sidecar.sources.database import DatabaseURL, describe_error, password_from
@@ -135,19 +135,7 @@ def _serve(args: argparse.Namespace, out: TextIO) -> int:
     # Imported here so that `validate` and `test` never load the server.
     from sidecar.api.run import run  # noqa: PLC0415
 
-    names = (
-        "rules_dirs",
-        "host",
-        "port",
-        "database_url",
-        "database_password_file",
-        "admin_token_file",
-        "state_dir",
-        "metrics_host",
-        "metrics_port",
-        "log_level",
-    )
-    overrides = {name: getattr(args, name) for name in names}
+    overrides = {name: getattr(args, name) for name in FLAGS}
     if overrides["rules_dirs"] is not None:
         overrides["rules_dirs"] = tuple(overrides["rules_dirs"])
     return run(settings_from(os.environ, overrides))
@@ -242,6 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--database-password-file",
         type=Path,
         help=f"database password, kept out of the URL [{env['database_password_file']}]",
+    )
+    serve.add_argument(
+        "--kubernetes-selector",
+        help="watch ConfigMaps with these labels through the Kubernetes API "
+        f"[{env['kubernetes_selector']}]",
+    )
+    serve.add_argument(
+        "--kubernetes-namespace",
+        help=f"their namespace [{env['kubernetes_namespace']}; the pod's own]",
     )
     serve.add_argument(
         "--admin-token-file",

@@ -47,6 +47,10 @@ class Settings:
     metrics_port: int | None = None
     database_url: str | None = None
     database_password_file: Path | None = None
+    kubernetes_selector: str | None = None
+    kubernetes_namespace: str | None = None
+    kubernetes_events: bool = False
+    kubernetes_watch_timeout_seconds: float = 300.0
     admin_token_file: Path | None = None
     state_dir: Path | None = None
     hot_reload_enabled: bool = True
@@ -65,7 +69,7 @@ class Settings:
             port = getattr(self, name)
             if port is not None and not 0 <= port <= 65535:
                 _refuse(name, port, "not a TCP port (0-65535)")
-        for name in ("interval_seconds", "max_age_seconds"):
+        for name in ("interval_seconds", "max_age_seconds", "kubernetes_watch_timeout_seconds"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 _refuse(name, getattr(self, name), "must be a positive number of seconds")
         minimums = {
@@ -99,6 +103,10 @@ ENVIRONMENT: Final[Mapping[str, str]] = {
     "metrics_port": "RULE_SIDECAR_METRICS_PORT",
     "database_url": "RULE_SIDECAR_DATABASE_URL",
     "database_password_file": "RULE_SIDECAR_DATABASE_PASSWORD_FILE",
+    "kubernetes_selector": "RULE_SIDECAR_KUBERNETES_SELECTOR",
+    "kubernetes_namespace": "RULE_SIDECAR_KUBERNETES_NAMESPACE",
+    "kubernetes_events": "RULE_SIDECAR_KUBERNETES_EVENTS",
+    "kubernetes_watch_timeout_seconds": "RULE_SIDECAR_KUBERNETES_WATCH_TIMEOUT_SECONDS",
     "admin_token_file": "RULE_SIDECAR_ADMIN_TOKEN_FILE",
     "state_dir": "RULE_SIDECAR_STATE_DIR",
     "hot_reload_enabled": "HOT_RELOAD_ENABLED",
@@ -123,6 +131,8 @@ FLAGS: Final = frozenset(
         "metrics_port",
         "database_url",
         "database_password_file",
+        "kubernetes_selector",
+        "kubernetes_namespace",
         "admin_token_file",
         "state_dir",
         "log_level",

@@ -322,6 +322,7 @@ class HotReloadService:
     def get_status(self) -> dict[str, Any]:
         """The seed's status fields, plus sources and the last error."""
         last = self._last_record
+        watching = self._watch_problems()
         return {
             "monitoring_active": self.monitoring_active,
             "auto_reload_enabled": self.auto_reload,
@@ -334,7 +335,11 @@ class HotReloadService:
             "registry": self.registry.get_stats(),
             "serving_from": "state_dir" if self._serving_from_state else "sources",
             "rollback_active": self._rolled_back_from is not None,
-            "sources": [status.to_dict() for status in self._source_status.values()],
+            "sources": [
+                self._source_status[source.name].to_dict()
+                | {"watch_problem": watching.get(source.name)}
+                for source in self.sources
+            ],
             "last_errors": [p.to_dict() for p in last.errors] if last else [],
         }
 
@@ -347,15 +352,18 @@ class HotReloadService:
         """Health for the kubelet: unhealthy only while nothing valid has ever loaded."""
         last = self._last_record
         has_snapshot = self.registry.version > 0
+        watch_problems = self._watch_problems()
         last_ok = last is None or last.status is not ReloadStatus.FAILED
         checks = {
             "monitoring_active": self.monitoring_active,
             "registry_has_rules": bool(self.registry.current.rules),
             "last_reload_successful": last_ok and not self._serving_from_state,
+            "sources_watched": not watch_problems,
         }
-        # PRODUCT.md: degraded = serving last known good, or monitoring off. An empty
-        # registry shows in `registry_has_rules` but is a valid state, not a degradation.
-        watching = checks["monitoring_active"] or not self.auto_reload
+        # PRODUCT.md: degraded = serving last known good, or monitoring off (wholly, or
+        # for one source whose watch is down). An empty registry shows in
+        # `registry_has_rules` but is a valid state, not a degradation.
+        watching = (checks["monitoring_active"] or not self.auto_reload) and not watch_problems
         if not has_snapshot:
             status = HealthStatus.UNHEALTHY
         elif checks["last_reload_successful"] and watching:
@@ -374,7 +382,15 @@ class HotReloadService:
             "revision": stats["revision"],
             "serving_from": "state_dir" if self._serving_from_state else "sources",
             "checks": checks,
+            "watch_problems": watch_problems,
         }
+
+    def _watch_problems(self) -> dict[str, str]:
+        """Sources whose changes may go unnoticed now; none matter while not watching."""
+        if not self.monitoring_active:
+            return {}
+        found = {source.name: source.watch_problem() for source in self.sources}
+        return {name: problem for name, problem in found.items() if problem is not None}
 
     # Internals
 

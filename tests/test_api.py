@@ -276,7 +276,9 @@ class TestMonitoring:
             "monitoring_active": True,
             "registry_has_rules": True,
             "last_reload_successful": True,
+            "sources_watched": True,
         }
+        assert health["watch_problems"] == {}
 
 
 class TestHistory:

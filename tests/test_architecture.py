@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"sidecar.engine"},
     {"sidecar.checks"},
     {"sidecar.loader", "sidecar.sources", "sidecar.sources.files", "sidecar.state"},
-    {"sidecar.sources.database"},
+    {"sidecar.sources.database", "sidecar.sources.kubernetes"},
     {"sidecar.registry"},
     {"sidecar.integration", "sidecar.service", "sidecar.config", "sidecar.dbtools"},
     {"sidecar.api", "sidecar.api.metrics", "sidecar.api.websocket"},

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,92 +18,19 @@ import pytest
 
 pytest.register_assert_rewrite("server_support")
 
-from server_support import fraud_doc, free_port, to_yaml, wait_sync  # noqa: E402
+from server_support import (  # noqa: E402
+    START_SECONDS,
+    Served,
+    clean_environment,
+    command,
+    fraud_doc,
+    free_port,
+    spawn,
+    to_yaml,
+    wait_sync,
+)
 
 HOT = "/api/v1/rules/hot-reload"
-START_SECONDS = 15.0
-
-
-def command() -> list[str]:
-    """The console script next to this interpreter, else `python -m sidecar.cli`."""
-    script = Path(sys.executable).with_name("rule-sidecar")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", "sidecar.cli"]
-
-
-def clean_environment(**extra: str) -> dict[str, str]:
-    """This environment without any sidecar setting, plus `extra`."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("RULE_SIDECAR_", "HOT_RELOAD_"))
-    }
-    env.update(extra)
-    return env
-
-
-@dataclass
-class Served:
-    """A `rule-sidecar serve` process, its port and its stderr log file."""
-
-    process: subprocess.Popen[bytes]
-    port: int
-    log: Path
-    env: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def get(self, path: str) -> tuple[int, Any]:
-        """GET `path`: (status, JSON body)."""
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=5) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
-
-    def wait_ready(self) -> None:
-        """Poll /readyz until it answers 200; fail early if the process died."""
-
-        def ready() -> bool:
-            assert self.process.poll() is None, f"serve exited: {self.log.read_text()}"
-            try:
-                return self.get("/readyz")[0] == 200
-            except (OSError, ValueError):
-                return False
-
-        wait_sync(ready, timeout=START_SECONDS, message="serve ready")
-
-    def log_lines(self) -> list[str]:
-        return [line for line in self.log.read_text("utf-8").splitlines() if line.strip()]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def spawn(
-    tmp_path: Path, *args: str, port: int | None = None, env: dict[str, str] | None = None
-) -> Served:
-    """Start `rule-sidecar serve --port <port> ARGS...` with stderr to a file."""
-    port = port or free_port()
-    log = tmp_path / f"serve-{port}.log"
-    env = env if env is not None else clean_environment()
-    with log.open("wb") as stderr:
-        process = subprocess.Popen(
-            [*command(), "serve", "--port", str(port), *args],
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            env=env,
-        )
-    return Served(process=process, port=port, log=log, env=env)
 
 
 @pytest.fixture(scope="module")

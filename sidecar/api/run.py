@@ -12,7 +12,9 @@ import json
 import logging
 import multiprocessing
 import signal
+import socket
 import sys
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from importlib import resources
@@ -35,6 +37,12 @@ from sidecar.service import HotReloadService, ReloadRecord, ReloadStatus, Trigge
 from sidecar.sources import RuleSource
 from sidecar.sources.database import DatabaseSource
 from sidecar.sources.files import DirectorySource
+from sidecar.sources.kubernetes import (
+    ConfigMapSource,
+    EventRecorder,
+    api_client_from_environment,
+    pod_namespace,
+)
 from sidecar.state import StateStore
 
 __all__ = ["bundled_rules_dir", "configure_logging", "serve"]
@@ -81,7 +89,7 @@ def _read_token(path: Path | None) -> str | None:
 def build_state(settings: Settings) -> AppState:
     """Every long-lived part of the sidecar, from settings."""
     directories = settings.rules_dirs
-    if not directories and settings.database_url is None:
+    if not directories and settings.database_url is None and not settings.kubernetes_selector:
         directories = (bundled_rules_dir(),)
         logger.info(
             "no --rules-dir given: serving the bundled example rules from %s", directories[0]
@@ -93,6 +101,10 @@ def build_state(settings: Settings) -> AppState:
         sources.append(
             DatabaseSource(settings.database_url, password_file=settings.database_password_file)
         )
+    recorder = None
+    if settings.kubernetes_selector:
+        source, recorder = _kubernetes(settings)
+        sources.append(source)
     # One worker process takes large reloads off the serving process (see sidecar.loader);
     # forkserver, because forking a process that runs threads is unsafe.
     executor = (
@@ -111,6 +123,8 @@ def build_state(settings: Settings) -> AppState:
         state=StateStore(settings.state_dir) if settings.state_dir else None,
         history_limit=settings.history_limit,
     )
+    if recorder is not None:
+        service.add_listener(_post_events(recorder))
     metrics = Metrics()
     notifier = ReloadNotificationManager(service.get_status, on_count=metrics.websocket_clients.set)
     return AppState(
@@ -122,6 +136,36 @@ def build_state(settings: Settings) -> AppState:
         reload_limiter=RateLimiter(settings.reload_rate_per_minute),
         max_age_seconds=settings.max_age_seconds,
     )
+
+
+def _kubernetes(settings: Settings) -> tuple[ConfigMapSource, EventRecorder | None]:
+    """The ConfigMap API source and, when asked for, Events on failed reloads."""
+    api = api_client_from_environment()
+    namespace = settings.kubernetes_namespace or pod_namespace()
+    source = ConfigMapSource(
+        api,
+        namespace=namespace,
+        label_selector=settings.kubernetes_selector or "",
+        watch_timeout_seconds=settings.kubernetes_watch_timeout_seconds,
+    )
+    if not settings.kubernetes_events:
+        return source, None
+    return source, EventRecorder(api, namespace=namespace, instance=socket.gethostname())
+
+
+def _post_events(recorder: EventRecorder) -> Callable[[ReloadRecord], None]:
+    """A listener that posts a failed reload's problems as Events, off the event loop."""
+    pending: set[asyncio.Future[None]] = set()
+
+    def on_reload(record: ReloadRecord) -> None:
+        if record.status is ReloadStatus.FAILED:
+            future = asyncio.get_running_loop().run_in_executor(
+                None, recorder.reload_failed, record.errors
+            )
+            pending.add(future)
+            future.add_done_callback(pending.discard)
+
+    return on_reload
 
 
 def _freeze_heap(record: ReloadRecord) -> None:

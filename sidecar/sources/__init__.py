@@ -31,6 +31,10 @@ class RuleSource(Protocol):
         """Yields a short reason each time the source may have changed; ends when closed."""
         ...
 
+    def watch_problem(self) -> str | None:
+        """Why changes may go unnoticed right now (a lost listener, a stalled watch)."""
+        ...
+
 
 class StaticSource:
     """An in-memory source: tests and embedders swap its files with `set_files`.
@@ -53,6 +57,9 @@ class StaticSource:
 
     def read(self) -> list[SourceFile]:
         return list(self._files)
+
+    def watch_problem(self) -> str | None:
+        return None
 
     async def changes(self) -> AsyncIterator[str]:
         while True:

@@ -428,6 +428,7 @@ class DatabaseSource:
         self._epoch = 0
         # Reads are serialised by the reload service, one thread at a time.
         self._connection: Any = None
+        self._watch_problem: str | None = None
 
     @property
     def name(self) -> str:
@@ -520,6 +521,9 @@ class DatabaseSource:
             with contextlib.suppress(Exception):
                 connection.close()
 
+    def watch_problem(self) -> str | None:
+        return self._watch_problem
+
     def forget(self) -> None:
         """Make the next read a full one (after a reconnect, say)."""
         self._epoch += 1
@@ -545,6 +549,7 @@ class DatabaseSource:
                 raise
             except Exception as exc:
                 reason = describe_error(exc, password_from(self._password_file), self.url)
+                self._watch_problem = f"not listening: {reason}"
                 logger.warning("listening on %s failed: %s", self.name, reason)
             delay = backoff * (0.5 + random.random())
             backoff = min(backoff * 2, _MAX_BACKOFF_S)
@@ -566,6 +571,7 @@ class DatabaseSource:
             await connection.execute(f"LISTEN {CHANNEL}")
             # Whatever changed while we were not listening is unknown: resync in full.
             self.forget()
+            self._watch_problem = None
             yield "listening"
             async for notify in connection.notifies():
                 yield f"notify: {notify.payload}"

@@ -133,6 +133,9 @@ class DirectorySource:
             time.sleep(0.02)
         return files
 
+    def watch_problem(self) -> str | None:
+        return None if self.root.is_dir() else f"no such directory: {self.root}"
+
     async def changes(self) -> AsyncIterator[str]:
         while not self.root.exists():
             await asyncio.sleep(1.0)

@@ -1,0 +1,354 @@
+"""Rule files from labelled ConfigMaps, read through the Kubernetes API (list + watch).
+
+A mounted ConfigMap reaches the pod after the kubelet's sync (60-90 s); a watch on the
+API delivers the change in about a second. This is client-go's reflector, kept small:
+list once, then watch from the list's resourceVersion; after a clean end or a dropped
+connection, resume from the last version seen; when the server answers 410 Gone (as an
+HTTP status or as an ERROR event), list again. Both ends time out: the server closes the
+watch after `timeoutSeconds`, and the client gives up when no byte arrives for longer
+than that, so a stalled watch is noticed, retried, and shown in health meanwhile.
+
+The `kubernetes` client is synchronous, so the reflector runs in a thread of its own and
+wakes the event loop when something changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import random
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import urllib3.exceptions
+from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
+
+from sidecar.documents import SourceFile
+from sidecar.errors import LoadError, Problem
+from sidecar.sources.files import is_rule_file
+
+__all__ = [
+    "ConfigMapSource",
+    "EventRecorder",
+    "api_client_from_environment",
+    "describe_error",
+    "pod_namespace",
+]
+
+logger = logging.getLogger("sidecar.sources.kubernetes")
+
+SERVICE_ACCOUNT_NAMESPACE: Final = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+_CONNECT_TIMEOUT_S: Final = 10.0
+_LIST_TIMEOUT_S: Final = 30.0
+_MAX_BACKOFF_S: Final = 30.0
+_STALLED: Final = "stalled"
+
+
+def pod_namespace(path: Path = SERVICE_ACCOUNT_NAMESPACE) -> str:
+    """The namespace of the pod we run in, from its service account (as kubectl does)."""
+    try:
+        return path.read_text("utf-8").strip()
+    except OSError as exc:
+        raise ValueError(
+            f"cannot tell the pod's namespace ({exc.strerror}: {path}); "
+            "set RULE_SIDECAR_KUBERNETES_NAMESPACE"
+        ) from None
+
+
+def api_client_from_environment() -> client.ApiClient:
+    """In a pod, its service account; elsewhere the kubeconfig (`KUBECONFIG`), like kubectl."""
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException:
+        config.load_kube_config(client_configuration=configuration)
+    return client.ApiClient(configuration)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for health and logs: the API's own message, with a hint where one helps."""
+    if isinstance(exc, ApiException):
+        message = exc.reason or ""
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            message = json.loads(exc.body or "")["message"]
+        text = f"HTTP {exc.status}: {message}"
+        if exc.status == 403:
+            text += " (grant get/list/watch on configmaps: the chart's rbac.create)"
+        return text[:500]
+    if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
+        return f"{_STALLED}: no data from the watch within the read timeout"
+    if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
+        exc = exc.reason
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
+
+
+@dataclass(frozen=True, slots=True)
+class _ConfigMap:
+    """What a ConfigMap contributes: its version and its rule files."""
+
+    resource_version: str
+    files: tuple[SourceFile, ...]
+
+    @classmethod
+    def from_object(cls, configmap: client.V1ConfigMap) -> _ConfigMap:
+        metadata = configmap.metadata
+        assert metadata is not None  # the API server always sends it
+        files = tuple(
+            SourceFile(f"configmap/{metadata.name}/{key}", value.encode("utf-8"))
+            for key, value in sorted((configmap.data or {}).items())
+            if is_rule_file(Path(key))
+        )
+        return cls(str(metadata.resource_version), files)
+
+
+class ConfigMapSource:
+    """Every ConfigMap matching a label selector in one namespace; each data key that
+    looks like a rule file (`.yaml`, `.yml`, `.json`) is one file,
+    `configmap/<name>/<key>` in messages.
+    """
+
+    def __init__(
+        self,
+        api: client.ApiClient,
+        *,
+        namespace: str,
+        label_selector: str,
+        watch_timeout_seconds: float = 300.0,
+        stalled_after_seconds: float | None = None,
+        max_backoff_seconds: float = _MAX_BACKOFF_S,
+    ) -> None:
+        self.namespace = namespace
+        self.label_selector = label_selector
+        self._core = client.CoreV1Api(api)
+        self._watch_timeout = max(1, round(watch_timeout_seconds))
+        # Silence for longer than the server's own timeout means the watch is stalled.
+        self._read_timeout = stalled_after_seconds or self._watch_timeout * 1.1 + 5.0
+        self._max_backoff = max_backoff_seconds
+        self._lock = threading.Lock()
+        self._configmaps: dict[str, _ConfigMap] = {}
+        self._resource_version: str | None = None  # None: the next step is a list
+        self._watching = False
+        self._problem: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"configmaps:{self.namespace}/{self.label_selector}"
+
+    def read(self) -> list[SourceFile]:
+        """The watched ConfigMaps; a list straight from the API while no watch is healthy."""
+        with self._lock:
+            current = self._watching and self._problem is None
+        if not current:
+            try:
+                self._relist()
+            except Exception as exc:
+                raise LoadError([Problem(file=self.name, message=describe_error(exc))]) from exc
+        with self._lock:
+            configmaps = [self._configmaps[name] for name in sorted(self._configmaps)]
+        return [file for configmap in configmaps for file in configmap.files]
+
+    def watch_problem(self) -> str | None:
+        with self._lock:
+            return self._problem if self._watching else None
+
+    async def changes(self) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+        stop = threading.Event()
+        current: list[watch.Watch] = []
+        thread = threading.Thread(
+            target=self._reflect,
+            args=(lambda: loop.call_soon_threadsafe(changed.set), stop, current),
+            name=f"watch {self.name}",
+            daemon=True,
+        )
+        with self._lock:
+            self._watching = True
+        thread.start()
+        try:
+            while True:
+                await changed.wait()
+                changed.clear()
+                yield "configmap watch"
+        finally:
+            stop.set()
+            for running in current:
+                running.stop()  # shuts the socket down: the blocked read returns now
+            with self._lock:
+                self._watching = False
+
+    # The reflector (its own thread)
+
+    def _reflect(
+        self, notify: Callable[[], None], stop: threading.Event, current: list[watch.Watch]
+    ) -> None:
+        backoff = 0.5
+        while not stop.is_set():
+            try:
+                if self._resource_version is None and self._relist():
+                    notify()
+                self._watch_once(notify, stop, current)
+                backoff = 0.5
+            except ApiException as exc:
+                if stop.is_set():
+                    return
+                if exc.status == 410:
+                    logger.info("%s: watch expired (410 Gone); listing again", self.name)
+                    self._resource_version = None
+                    continue
+                backoff = self._failed(exc, stop, backoff)
+            except Exception as exc:
+                if stop.is_set():
+                    return  # the failure is our own stop() shutting the socket
+                backoff = self._failed(exc, stop, backoff)
+
+    def _failed(self, exc: Exception, stop: threading.Event, backoff: float) -> float:
+        """Record why the watch is down and wait before the next attempt (jittered)."""
+        reason = describe_error(exc)
+        with self._lock:
+            self._problem = reason
+        logger.warning("%s: watch failed: %s; retrying in about %.1f s", self.name, reason, backoff)
+        stop.wait(backoff * (0.5 + random.random()))
+        return min(backoff * 2, self._max_backoff)
+
+    def _relist(self) -> bool:
+        """Replace the cache with a fresh list; True when anything differs."""
+        listing = self._core.list_namespaced_config_map(
+            self.namespace,
+            label_selector=self.label_selector,
+            _request_timeout=(_CONNECT_TIMEOUT_S, _LIST_TIMEOUT_S),
+        )
+        assert listing.metadata is not None  # the API server always sends it
+        configmaps = {
+            str(item.metadata.name): _ConfigMap.from_object(item)
+            for item in listing.items
+            if item.metadata is not None
+        }
+        with self._lock:
+            changed = configmaps != self._configmaps
+            self._configmaps = configmaps
+            self._resource_version = str(listing.metadata.resource_version)
+            if self._problem is not None and not self._problem.startswith(_STALLED):
+                self._problem = None
+        return changed
+
+    def _watch_once(
+        self, notify: Callable[[], None], stop: threading.Event, current: list[watch.Watch]
+    ) -> None:
+        """One watch request, from the last version seen until the server ends it."""
+        running = watch.Watch()
+        current[:] = [running]
+        if stop.is_set():
+            return
+        for event in running.stream(
+            self._opened(self._core.list_namespaced_config_map),
+            self.namespace,
+            label_selector=self.label_selector,
+            resource_version=self._resource_version,
+            timeout_seconds=self._watch_timeout,
+            allow_watch_bookmarks=True,
+            _request_timeout=(_CONNECT_TIMEOUT_S, self._read_timeout),
+        ):
+            if self._apply(event["type"], event["object"], event["raw_object"]):
+                notify()
+        if not stop.is_set():
+            with self._lock:
+                self._problem = None  # the server ended the watch on time: it is alive
+
+    def _opened(self, request: Callable[..., Any]) -> Callable[..., Any]:
+        """`request`, noting that the API server answered (a stall clears only on data)."""
+
+        @functools.wraps(request)
+        def opened(*args: Any, **kwargs: Any) -> Any:
+            response = request(*args, **kwargs)
+            with self._lock:
+                answered = 200 <= response.status < 300
+                if (
+                    answered
+                    and self._problem is not None
+                    and not self._problem.startswith(_STALLED)
+                ):
+                    self._problem = None
+            return response
+
+        return opened
+
+    def _apply(self, kind: str, configmap: Any, raw: Mapping[str, Any]) -> bool:
+        """Apply one watch event to the cache; True when the rule files changed.
+
+        A BOOKMARK only moves the resourceVersion on (its object is not a whole ConfigMap).
+        """
+        with self._lock:
+            self._resource_version = str(raw["metadata"]["resourceVersion"])
+            self._problem = None
+            if kind == "BOOKMARK":
+                return False
+            name = str(configmap.metadata.name)
+            if kind == "DELETED":
+                return self._configmaps.pop(name, None) is not None
+            self._configmaps[name] = _ConfigMap.from_object(configmap)
+            return True
+
+
+class EventRecorder:
+    """Posts a Warning Event on each ConfigMap whose rules failed to load, so that
+    `kubectl describe configmap` and `kubectl get events` say why a change is not live.
+
+    Blocking (the client is synchronous): call it from a worker thread. It never raises:
+    an Event is a courtesy, and the failure is already in health, metrics and logs.
+    """
+
+    def __init__(self, api: client.ApiClient, *, namespace: str, instance: str) -> None:
+        self.namespace = namespace
+        self.instance = instance
+        self._core = client.CoreV1Api(api)
+
+    def reload_failed(self, problems: Iterable[Problem]) -> None:
+        by_configmap: dict[str, list[Problem]] = {}
+        for problem in problems:
+            parts = problem.file.split("/")
+            if len(parts) == 3 and parts[0] == "configmap":
+                by_configmap.setdefault(parts[1], []).append(problem)
+        for name, found in sorted(by_configmap.items()):
+            try:
+                self._core.create_namespaced_event(
+                    self.namespace,
+                    client.CoreV1Event.model_validate(self._event(name, found)),
+                    _request_timeout=(_CONNECT_TIMEOUT_S, _LIST_TIMEOUT_S),
+                )
+            except Exception as exc:
+                reason = describe_error(exc)
+                logger.warning("cannot post an Event on ConfigMap %s: %s", name, reason)
+
+    def _event(self, configmap: str, problems: list[Problem]) -> dict[str, Any]:
+        now = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        shown = "; ".join(str(problem) for problem in problems[:5])
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        return {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{configmap}.", "namespace": self.namespace},
+            "involvedObject": {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "name": configmap,
+                "namespace": self.namespace,
+            },
+            "type": "Warning",
+            "reason": "RuleReloadFailed",
+            "message": f"rules not applied, the last good rules keep serving: {shown}{more}"[:1024],
+            "source": {"component": "rule-sidecar", "host": self.instance},
+            "reportingComponent": "rule-sidecar",
+            "reportingInstance": self.instance,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }

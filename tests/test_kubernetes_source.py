@@ -1,0 +1,445 @@
+"""The ConfigMap API source, with the real `kubernetes` client against a fake API server
+that speaks the list/watch protocol (tests/k8s_support.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+pytest.register_assert_rewrite("k8s_support", "server_support")
+
+from k8s_support import FakeKubernetes  # noqa: E402
+from kubernetes import client  # noqa: E402
+from server_support import (  # noqa: E402
+    HOT,
+    clean_environment,
+    eventually,
+    fraud_doc,
+    free_port,
+    receive_until,
+    spawn,
+    to_yaml,
+    wait_sync,
+)
+
+from sidecar.errors import LoadError, Problem  # noqa: E402
+from sidecar.loader import Loader  # noqa: E402
+from sidecar.registry import RuleRegistry  # noqa: E402
+from sidecar.service import HealthStatus, HotReloadService  # noqa: E402
+from sidecar.sources.kubernetes import ConfigMapSource, EventRecorder  # noqa: E402
+
+pytest_plugins = ["k8s_support"]
+
+LABELS = {"rule-sidecar/rules": "true"}
+SELECTOR = "rule-sidecar/rules=true"
+
+
+def api_for(url: str) -> client.ApiClient:
+    configuration = client.Configuration()
+    configuration.host = url
+    return client.ApiClient(configuration)
+
+
+def source_for(kube: FakeKubernetes, **options: Any) -> ConfigMapSource:
+    options.setdefault("max_backoff_seconds", 0.3)
+    return ConfigMapSource(
+        api_for(kube.url), namespace="default", label_selector=SELECTOR, **options
+    )
+
+
+def names(source: ConfigMapSource) -> list[str]:
+    return [file.name for file in source.read()]
+
+
+def lists(kube: FakeKubernetes) -> int:
+    return sum(1 for query in kube.requests if query.get("watch") != "true")
+
+
+@contextlib.asynccontextmanager
+async def watching(source: ConfigMapSource) -> AsyncIterator[asyncio.Queue[str]]:
+    """Run `source.changes()` in a task; its reasons arrive on the queue."""
+    reasons: asyncio.Queue[str] = asyncio.Queue()
+
+    async def pump() -> None:
+        async for reason in source.changes():
+            reasons.put_nowait(reason)
+
+    task = asyncio.create_task(pump())
+    try:
+        yield reasons
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def next_change(reasons: asyncio.Queue[str], timeout: float = 5.0) -> str:
+    return await asyncio.wait_for(reasons.get(), timeout)
+
+
+async def watch_connected(kube: FakeKubernetes, count: int = 1) -> None:
+    await eventually(lambda: len(kube.watches()) >= count, message=f"{count} watch request(s)")
+
+
+class TestRead:
+    def test_reads_rule_keys_of_labelled_configmaps_in_the_namespace(self, kube: FakeKubernetes):
+        """Only labelled ConfigMaps of the namespace count, and only their rule-file keys."""
+        kube.apply("b", {"b.yaml": "b: 1", "README.md": "docs", ".hidden.yaml": "x"}, labels=LABELS)
+        kube.apply("a", {"z.json": "{}", "a.yml": "a: 1"}, labels=LABELS)
+        kube.apply("other-label", {"c.yaml": "c: 1"}, labels={"app": "x"})
+        kube.apply("other-namespace", {"d.yaml": "d: 1"}, labels=LABELS, namespace="kube-system")
+        source = source_for(kube)
+        files = source.read()
+        assert [file.name for file in files] == [
+            "configmap/a/a.yml",
+            "configmap/a/z.json",
+            "configmap/b/b.yaml",
+        ]
+        assert files[2].content == b"b: 1"
+        assert kube.requests[0]["labelSelector"] == SELECTOR
+
+    def test_without_a_healthy_watch_every_read_lists(self, kube: FakeKubernetes):
+        """No watch running: a read cannot trust its cache, so it asks the API again."""
+        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
+        source = source_for(kube)
+        source.read()
+        kube.apply("a", {"a.yaml": "a: 2"}, labels=LABELS)
+        assert source.read()[0].content == b"a: 2"
+        assert lists(kube) == 2
+
+    def test_forbidden_names_the_fix(self, kube: FakeKubernetes):
+        """A 403 is a LoadError naming the source, the API's message and the RBAC hint."""
+        kube.forbid()
+        source = source_for(kube)
+        with pytest.raises(LoadError) as caught:
+            source.read()
+        (problem,) = caught.value.problems
+        assert problem.file == "configmaps:default/rule-sidecar/rules=true"
+        assert problem.message.startswith("HTTP 403: configmaps is forbidden")
+        assert "rbac.create" in problem.message
+
+    def test_unreachable_api_server(self):
+        """Nothing listening: a LoadError that says the connection was refused."""
+        source = ConfigMapSource(
+            api_for(f"http://127.0.0.1:{free_port()}"), namespace="default", label_selector=""
+        )
+        with pytest.raises(LoadError, match="Connection refused"):
+            source.read()
+
+
+class TestWatch:
+    async def test_a_change_arrives_through_the_watch(self, kube: FakeKubernetes):
+        """After the first list, changes come from the watch: no second list is needed."""
+        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
+        source = source_for(kube)
+        source.read()
+        async with watching(source) as reasons:
+            await watch_connected(kube)
+            kube.apply("a", {"a.yaml": "a: 2"}, labels=LABELS)
+            kube.apply("b", {"b.yaml": "b: 1"}, labels=LABELS)
+            await next_change(reasons)
+            await eventually(lambda: len(source.read()) == 2, message="both ConfigMaps")
+            assert [file.content for file in source.read()] == [b"a: 2", b"b: 1"]
+            assert source.watch_problem() is None
+        assert lists(kube) == 1
+
+    async def test_unlabelled_and_deleted_configmaps_leave(self, kube: FakeKubernetes):
+        """A ConfigMap that loses its label, or is deleted, takes its files with it."""
+        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
+        kube.apply("b", {"b.yaml": "b: 1"}, labels=LABELS)
+        source = source_for(kube)
+        source.read()
+        async with watching(source) as reasons:
+            await watch_connected(kube)
+            kube.apply("a", {"a.yaml": "a: 1"}, labels={})
+            await next_change(reasons)
+            assert names(source) == ["configmap/b/b.yaml"]
+            kube.delete("b")
+            await next_change(reasons)
+            assert names(source) == []
+
+    async def test_other_configmaps_do_not_wake_the_service(self, kube: FakeKubernetes):
+        """Changes the selector does not match produce no change at all."""
+        source = source_for(kube)
+        source.read()
+        async with watching(source) as reasons:
+            await watch_connected(kube)
+            kube.apply("unrelated", {"a.yaml": "a: 1"}, labels={"app": "web"})
+            kube.apply("mine", {"a.yaml": "a: 1"}, labels=LABELS)
+            await next_change(reasons)
+            assert names(source) == ["configmap/mine/a.yaml"]
+            assert reasons.empty()
+
+    async def test_resumes_from_the_last_resource_version(self, kube: FakeKubernetes):
+        """When the server ends a watch (timeoutSeconds), the next one starts from the
+        last version seen, not from a new list."""
+        source = source_for(kube, watch_timeout_seconds=1)
+        source.read()
+        async with watching(source) as reasons:
+            await watch_connected(kube)
+            version = kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
+            await next_change(reasons)
+            await watch_connected(kube, 2)
+        first, second = kube.watches()[:2]
+        assert first["timeoutSeconds"] == "1"
+        assert first["allowWatchBookmarks"] == "true"
+        assert second["resourceVersion"] == str(version)
+        assert lists(kube) == 1
+
+    async def test_bookmarks_move_the_resource_version_on(self, kube: FakeKubernetes):
+        """A BOOKMARK changes no file but is where the next watch resumes from."""
+        kube.bookmark_interval = 0.2
+        source = source_for(kube, watch_timeout_seconds=1)
+        source.read()
+        async with watching(source) as reasons:
+            await watch_connected(kube)
+            kube.apply("elsewhere", {"a.yaml": "a: 1"}, labels={"app": "web"})
+            await watch_connected(kube, 2)
+            assert reasons.empty()
+        assert kube.watches()[1]["resourceVersion"] == "101"
+
+    @pytest.mark.parametrize("as_event", [True, False], ids=["error-event", "http-status"])
+    async def test_410_gone_lists_again(self, kube: FakeKubernetes, as_event: bool):
+        """A resourceVersion the server no longer has (410 Gone, as an ERROR event or as
+        the HTTP status) makes the source list again and carry on watching from there."""
+        kube.gone_as_event = as_event
+        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
+        source = source_for(kube)
+        source.read()
+        async with watching(source):
+            await watch_connected(kube)
+        # While nobody watched: a change, then compaction of the history.
+        kube.apply("a", {"a.yaml": "a: 2"}, labels=LABELS)
+        kube.compact()
+        async with watching(source) as reasons:
+            await next_change(reasons)
+            assert source.read()[0].content == b"a: 2"
+            await watch_connected(kube, 3)
+            assert source.watch_problem() is None
+        assert lists(kube) == 2
+        resumed_from = [query["resourceVersion"] for query in kube.watches()[:3]]
+        assert resumed_from == ["101", "101", "102"]  # resume, 410, list, watch from the list
+
+    async def test_a_stalled_watch_is_reported_and_recovers(self, kube: FakeKubernetes):
+        """A watch that goes silent past the server's timeout is a problem until data
+        flows again; meanwhile reads list, so the resync still sees changes."""
+        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
+        source = source_for(kube, watch_timeout_seconds=1, stalled_after_seconds=1.5)
+        source.read()
+        async with watching(source) as reasons:
+            await watch_connected(kube)
+            kube.stall()
+            problem = await eventually(source.watch_problem, message="stall reported")
+            assert problem.startswith("stalled")
+            kube.apply("a", {"a.yaml": "a: 2"}, labels=LABELS)
+            assert source.read()[0].content == b"a: 2"
+            assert source.watch_problem() == problem  # a list does not prove the watch
+            kube.stall(False)
+            await eventually(lambda: source.watch_problem() is None, message="recovered")
+            kube.apply("a", {"a.yaml": "a: 3"}, labels=LABELS)
+            await next_change(reasons)
+            assert source.read()[0].content == b"a: 3"
+
+    async def test_a_failing_watch_retries_until_it_works(self, kube: FakeKubernetes):
+        """A 403 on the watch is reported as the watch's problem and retried with
+        backoff; granting access lets it recover by itself."""
+        source = source_for(kube)
+        source.read()
+        kube.forbid()
+        async with watching(source) as reasons:
+            problem = await eventually(source.watch_problem, message="403 reported")
+            assert problem.startswith("HTTP 403")
+            kube.forbid(False)
+            await eventually(lambda: source.watch_problem() is None, message="recovered")
+            kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
+            await next_change(reasons)
+        assert names(source) == ["configmap/a/a.yaml"]
+
+    async def test_no_watch_problem_while_not_watching(self, kube: FakeKubernetes):
+        """Health asks only while monitoring: a source not watched reports nothing."""
+        kube.forbid()
+        source = source_for(kube)
+        async with watching(source):
+            await eventually(source.watch_problem, message="403 reported")
+        assert source.watch_problem() is None
+
+
+def rules_configmap(kube: FakeKubernetes, **doc_options: Any) -> None:
+    kube.apply("fraud-rules", {"fraud.yaml": to_yaml(fraud_doc(**doc_options))}, labels=LABELS)
+
+
+class TestWithTheService:
+    @pytest.fixture
+    async def service(self, kube: FakeKubernetes) -> AsyncIterator[HotReloadService]:
+        loader = Loader()
+        source = source_for(kube, watch_timeout_seconds=1, stalled_after_seconds=1.5)
+        service = HotReloadService(RuleRegistry(loader=loader), [source], loader=loader)
+        yield service
+        await service.stop()
+
+    async def test_a_broken_configmap_is_refused_with_its_location(
+        self, kube: FakeKubernetes, service: HotReloadService
+    ):
+        """A bad rule in a ConfigMap fails the reload at configmap/<name>/<key>:line, and
+        the last good rules keep serving; the fix goes live."""
+        rules_configmap(kube)
+        await service.initial_load()
+        service.start()
+        version = service.registry.version
+        broken = fraud_doc()
+        broken["spec"]["rules"][0]["condition"] = "input.amount >"
+        kube.apply("fraud-rules", {"fraud.yaml": to_yaml(broken)}, labels=LABELS)
+        record = await eventually(
+            lambda: (
+                service.get_reload_history(1)[0]["status"] == "failed"
+                and service.get_reload_history(1)[0]
+            ),
+            message="failed reload",
+        )
+        (error,) = record["errors"]
+        assert error["file"] == "configmap/fraud-rules/fraud.yaml"
+        assert error["line"] > 1
+        assert service.registry.version == version
+        rules_configmap(kube, large_points=55)
+        await eventually(lambda: service.registry.version > version, message="fixed")
+        assert service.health()[0] is HealthStatus.HEALTHY
+
+    async def test_a_stalled_watch_degrades_health(
+        self, kube: FakeKubernetes, service: HotReloadService
+    ):
+        """Health names the stalled watch and says degraded, not unhealthy: the rules
+        still serve. It clears when the watch works again."""
+        rules_configmap(kube)
+        await service.initial_load()
+        service.start()
+        await watch_connected(kube)
+        assert service.health()[0] is HealthStatus.HEALTHY
+        kube.stall()
+        _, body = await eventually(
+            lambda: service.health()[0] is HealthStatus.DEGRADED and service.health(),
+            message="degraded",
+        )
+        assert body["checks"]["sources_watched"] is False
+        (problem,) = body["watch_problems"].values()
+        assert problem.startswith("stalled")
+        (reported,) = service.get_status()["sources"]
+        assert reported["watch_problem"] == problem
+        kube.stall(False)
+        await eventually(
+            lambda: service.health()[0] is HealthStatus.HEALTHY, message="healthy again"
+        )
+
+
+class TestEvents:
+    def test_a_failed_reload_posts_a_warning_on_each_configmap(self, kube: FakeKubernetes):
+        """One Warning Event per ConfigMap named in the problems; other sources' problems
+        are not ConfigMaps and post nothing."""
+        recorder = EventRecorder(api_for(kube.url), namespace="default", instance="pod-1")
+        recorder.reload_failed(
+            [
+                Problem(file="configmap/fraud-rules/fraud.yaml", line=7, message="bad"),
+                Problem(file="configmap/fraud-rules/more.yaml", line=2, message="worse"),
+                Problem(file="configmap/limits/limits.yaml", line=1, message="odd"),
+                Problem(file="/etc/rules/local.yaml", message="not a ConfigMap"),
+            ]
+        )
+        assert [event["involvedObject"]["name"] for event in kube.events] == [
+            "fraud-rules",
+            "limits",
+        ]
+        event = kube.events[0]
+        assert event["type"] == "Warning"
+        assert event["reason"] == "RuleReloadFailed"
+        assert event["involvedObject"]["kind"] == "ConfigMap"
+        assert event["metadata"]["generateName"] == "fraud-rules."
+        assert event["reportingComponent"] == "rule-sidecar"
+        assert "configmap/fraud-rules/fraud.yaml:7:1: bad" in event["message"]
+        assert "more.yaml:2:1: worse" in event["message"]
+
+    def test_posting_never_raises(self, kube: FakeKubernetes, caplog: pytest.LogCaptureFixture):
+        """An API server that cannot take the Event costs a log line, nothing else."""
+        kube.close()
+        recorder = EventRecorder(api_for(kube.url), namespace="default", instance="pod-1")
+        recorder.reload_failed([Problem(file="configmap/a/a.yaml", message="bad")])
+        assert "cannot post an Event on ConfigMap a: NewConnectionError" in caplog.text
+
+
+@pytest.fixture
+def kubeconfig(tmp_path: Path, kube: FakeKubernetes) -> Path:
+    """A kubeconfig for the fake API server, as `kubectl` would use it."""
+    path = tmp_path / "kubeconfig"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "fake", "cluster": {"server": kube.url}}],
+                "users": [{"name": "me", "user": {"token": "not-checked"}}],
+                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "me"}}],
+                "current-context": "fake",
+            }
+        )
+    )
+    return path
+
+
+@pytest.fixture
+def served_from_kubernetes(tmp_path: Path, kube: FakeKubernetes, kubeconfig: Path) -> Iterator[str]:
+    rules_configmap(kube)
+    env = clean_environment(KUBECONFIG=str(kubeconfig), RULE_SIDECAR_KUBERNETES_EVENTS="true")
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    served = spawn(
+        tmp_path, "--kubernetes-selector", SELECTOR, "--kubernetes-namespace", "default", env=env
+    )
+    try:
+        served.wait_ready()
+        yield served.url
+    finally:
+        served.stop()
+
+
+class TestServe:
+    async def test_rule_sidecar_serve_follows_configmaps(
+        self, kube: FakeKubernetes, served_from_kubernetes: str
+    ):
+        """`rule-sidecar serve --kubernetes-selector`: the ConfigMap's rules serve, a
+        change is announced on the WebSocket, a broken one is refused with an Event on
+        the ConfigMap, and the rules keep serving."""
+        url = served_from_kubernetes
+        async with aiohttp.ClientSession(url) as session:
+            async with session.get("/api/v1/rulesets/fraud") as response:
+                assert response.status == 200
+            async with session.ws_connect("/ws/hot-reload") as ws:
+                rules_configmap(kube, large_points=55)
+                reloaded, _ = await receive_until(ws, "rules_reloaded")
+                assert (reloaded["data"]["trigger"], reloaded["data"]["version_after"]) == (
+                    "watch",
+                    2,
+                )
+                broken = fraud_doc()
+                broken["spec"]["rules"][0]["condition"] = "input.amount >"
+                kube.apply("fraud-rules", {"fraud.yaml": to_yaml(broken)}, labels=LABELS)
+                failed, _ = await receive_until(ws, "reload_failed")
+            assert failed["data"]["errors"][0]["file"] == "configmap/fraud-rules/fraud.yaml"
+            async with session.post(
+                "/api/v1/rulesets/fraud/evaluate",
+                json={"input": {"amount": 5000, "country": "US"}},
+            ) as response:
+                assert response.status == 200
+            async with session.get(f"{HOT}/status") as response:
+                status = await response.json()
+        (source,) = status["sources"]
+        assert source["name"] == "configmaps:default/rule-sidecar/rules=true"
+        assert source["watch_problem"] is None
+        event = await asyncio.to_thread(
+            wait_sync, lambda: kube.events and kube.events[0], message="an Event"
+        )
+        assert event["involvedObject"]["name"] == "fraud-rules"
+        assert event["source"]["component"] == "rule-sidecar"
