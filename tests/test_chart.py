@@ -98,7 +98,7 @@ def sidecar_of(spec: dict[str, Any]) -> dict[str, Any]:
 
 def env_of(container: dict[str, Any]) -> dict[str, str]:
     """A container's environment as name -> value."""
-    return {item["name"]: item["value"] for item in container.get("env", [])}
+    return {item["name"]: item.get("value", "") for item in container.get("env", [])}
 
 
 def volume(spec: dict[str, Any], name: str) -> dict[str, Any]:
@@ -129,6 +129,9 @@ def write_rules_data(docs: Iterable[dict[str, Any]], directory: Path) -> Path:
 
 
 all_value_sets = pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
+# The value sets that mount the rules ConfigMap (the others read it through the API).
+API_VALUE_SETS = {"kubernetes-source"}
+mounting_value_sets = pytest.mark.parametrize("value_set", sorted(set(VALUE_SETS) - API_VALUE_SETS))
 
 
 def test_the_value_sets_are_there() -> None:
@@ -139,6 +142,7 @@ def test_the_value_sets_are_there() -> None:
         "with-database-and-token",
         "with-rbac-and-servicemonitor",
         "restart-on-change",
+        "kubernetes-source",
     }
 
 
@@ -158,7 +162,7 @@ class TestLint:
 class TestRulesVolume:
     """The rules ConfigMap is mounted as a directory, so the kubelet's updates reach it."""
 
-    @all_value_sets
+    @mounting_value_sets
     def test_config_map_directory_mount(self, value_set: str) -> None:
         """A configMap volume of the rendered ConfigMap, mounted whole at the rules dir."""
         docs = rendered(value_set)
@@ -258,7 +262,12 @@ class TestEnvironment:
         env = env_of(sidecar_of(pod_spec(rendered(value_set))))
         assert set(env) <= set(ENVIRONMENT.values())
         settings = settings_from(env)
-        assert settings.rules_dirs == (Path(RULES_DIR),)
+        if value_set in API_VALUE_SETS:
+            assert settings.rules_dirs == ()
+            assert settings.kubernetes_selector
+        else:
+            assert settings.rules_dirs == (Path(RULES_DIR),)
+            assert settings.kubernetes_selector is None
         assert settings.port == 8000
 
     def test_defaults(self) -> None:
@@ -400,9 +409,9 @@ class TestOptionalObjects:
 
     @all_value_sets
     def test_rbac_only_when_enabled(self, value_set: str) -> None:
-        """A Role and RoleBinding in the with-rbac value set only."""
+        """A Role and RoleBinding in the value sets that ask for RBAC only."""
         docs = rendered(value_set)
-        enabled = value_set == "with-rbac-and-servicemonitor"
+        enabled = value_set in {"with-rbac-and-servicemonitor", "kubernetes-source"}
         assert len(of_kind(docs, "Role")) == len(of_kind(docs, "RoleBinding")) == int(enabled)
         assert of_kind(docs, "ClusterRole") == of_kind(docs, "ClusterRoleBinding") == []
         assert pod_spec(docs)["automountServiceAccountToken"] is enabled
@@ -474,6 +483,73 @@ class TestOptionalObjects:
         opened = [p["port"] for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])]
         assert api_port not in opened
         assert all(rule.get("ports") for rule in policy["spec"]["ingress"])
+
+
+class TestKubernetesSource:
+    """`sidecar.kubernetesSource`: the rules ConfigMap is watched through the API."""
+
+    def test_environment(self) -> None:
+        """The chart's rules label as selector, the pod's namespace, Events as asked."""
+        spec = pod_spec(rendered("kubernetes-source"))
+        sidecar = sidecar_of(spec)
+        env = env_of(sidecar)
+        assert env[ENVIRONMENT["kubernetes_selector"]] == "rule-sidecar/rules=release-rule-sidecar"
+        assert env[ENVIRONMENT["kubernetes_events"]] == "true"
+        assert env[ENVIRONMENT["kubernetes_watch_timeout_seconds"]] == "240"
+        (namespace,) = [
+            item for item in sidecar["env"] if item["name"] == ENVIRONMENT["kubernetes_namespace"]
+        ]
+        assert namespace["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+        assert ENVIRONMENT["rules_dirs"] not in env
+
+    def test_the_selector_matches_the_rules_config_map(self) -> None:
+        """The default selector selects the chart's own rules ConfigMap, nothing mounts it."""
+        docs = rendered("kubernetes-source")
+        env = env_of(sidecar_of(pod_spec(docs)))
+        key, value = env[ENVIRONMENT["kubernetes_selector"]].split("=")
+        rules = only(of_kind(docs, "ConfigMap"))
+        assert rules["metadata"]["labels"][key] == value
+        spec = pod_spec(docs)
+        assert "rule-sidecar-rules" not in {v["name"] for v in spec["volumes"]}
+        assert RULES_DIR not in {m["mountPath"] for m in sidecar_of(spec)["volumeMounts"]}
+
+    def test_role_and_token(self) -> None:
+        """The pod gets its API token; the Role reads ConfigMaps and creates Events."""
+        docs = rendered("kubernetes-source")
+        assert pod_spec(docs)["automountServiceAccountToken"] is True
+        role = only(of_kind(docs, "Role"))
+        verbs = {
+            resource: rule["verbs"] for rule in role["rules"] for resource in rule["resources"]
+        }
+        assert sorted(verbs["configmaps"]) == ["get", "list", "watch"]
+        assert "create" in verbs["events"]
+
+    def test_a_custom_selector(self) -> None:
+        """A selector of the user's own reaches the sidecar unchanged."""
+        docs = template(
+            "-f",
+            VALUE_SETS["kubernetes-source"],
+            "--set",
+            "sidecar.kubernetesSource.selector=team=risk\\,kind=rules",
+        )
+        env = env_of(sidecar_of(pod_spec(docs)))
+        assert env[ENVIRONMENT["kubernetes_selector"]] == "team=risk,kind=rules"
+
+    @pytest.mark.parametrize(
+        ("values", "message"),
+        [
+            (["rbac.create=false"], "needs the pod's API token"),
+            (["rbac.events=false"], "needs rbac.events"),
+        ],
+    )
+    def test_missing_permissions_fail_the_render(self, values: list[str], message: str) -> None:
+        """Without a token, or without permission for the Events asked for, no render."""
+        sets = [arg for value in values for arg in ("--set", value)]
+        result = helm(
+            "template", "test", CHART, "-f", VALUE_SETS["kubernetes-source"], *sets, check=False
+        )
+        assert result.returncode != 0
+        assert message in result.stderr
 
 
 class TestRules:
@@ -674,6 +750,15 @@ class TestNotes:
         assert "..data" in text
         assert "60-90 s" in text
         assert "adminToken.enabled is false" in text
+
+    def test_kubernetes_source(self, tmp_path: Path) -> None:
+        """With the API source the notes tell of the watch, the Event and its command."""
+        text = self.notes(tmp_path, "-f", str(VALUE_SETS["kubernetes-source"]))
+        assert "rule-sidecar/rules=release-rule-sidecar" in text
+        assert "about a" in text
+        assert "60-90 s" not in text
+        assert "kubectl -n default describe configmap release-rule-sidecar-rules" in text
+        assert "watch_problems" in text
 
     def test_restart_and_warnings(self, tmp_path: Path) -> None:
         """With restartOnRuleChange the notes say the pods roll; a missing policy warns."""

@@ -487,6 +487,12 @@ class TestOutage:
                 # The listener noticed and has also failed to reconnect at least once.
                 await eventually(lambda: listen_failures() >= 2, message="reconnect attempts")
                 assert await total_points(app) == 70
+                # Health says why changes may be missed (before any resync fails).
+                code, health = await app.health()
+                assert (code, health["status"]) == (200, "degraded")
+                (problem,) = health["watch_problems"].values()
+                assert problem.startswith("not listening: ")
+                assert URL_SECRET not in problem
             finally:
                 pg_admin(f"ALTER DATABASE {pg_database.name} WITH ALLOW_CONNECTIONS true")
 
@@ -500,7 +506,7 @@ class TestOutage:
         set_points(pg_database, 50)  # and NOTIFY works again
         await eventually(points_are(app, 80), timeout=NOTIFY_SECONDS, message="NOTIFY again")
         code, health = await app.health()
-        assert (code, health["status"]) == (200, "healthy")
+        assert (code, health["status"], health["watch_problems"]) == (200, "healthy", {})
 
     async def test_database_unavailable_degrades_then_recovers(
         self, pg_database: Database, start_sidecar, rules_dir: Path

@@ -80,6 +80,16 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s-rules" (include "rule-sidecar.fullname" .) -}}
 {{- end -}}
 
+{{/* The label of the rules ConfigMap that the Kubernetes API source selects by default. */}}
+{{- define "rule-sidecar.rulesLabel" -}}
+rule-sidecar/rules: {{ include "rule-sidecar.fullname" . }}
+{{- end -}}
+
+{{/* RULE_SIDECAR_KUBERNETES_SELECTOR: the user's, or the chart's rules label. */}}
+{{- define "rule-sidecar.kubernetesSelector" -}}
+{{- .Values.sidecar.kubernetesSource.selector | default (printf "rule-sidecar/rules=%s" (include "rule-sidecar.fullname" .)) -}}
+{{- end -}}
+
 {{- define "rule-sidecar.adminTokenSecretName" -}}
 {{- default (printf "%s-admin-token" (include "rule-sidecar.fullname" .)) .Values.adminToken.existingSecret -}}
 {{- end -}}
@@ -171,6 +181,13 @@ that appears twice, and on more than the 1 MiB a ConfigMap can hold.
 {{- if regexMatch "://[^/@:]+:[^@/]*@" (toString $sidecar.database.url) -}}
 {{- fail "sidecar.database.url contains a password: keep it in a Secret and name it in sidecar.database.passwordSecret" -}}
 {{- end -}}
+{{- $api := .Values.sidecar.kubernetesSource -}}
+{{- if and $api.enabled (not (or .Values.rbac.create .Values.serviceAccount.automountToken)) -}}
+{{- fail "sidecar.kubernetesSource needs the pod's API token: set rbac.create (or serviceAccount.automountToken with an account that may get, list and watch ConfigMaps)" -}}
+{{- end -}}
+{{- if and $api.enabled $api.events .Values.rbac.create (not .Values.rbac.events) -}}
+{{- fail "sidecar.kubernetesSource.events needs rbac.events (permission to create Events)" -}}
+{{- end -}}
 {{- if and .Values.adminToken.enabled .Values.adminToken.existingSecret .Values.adminToken.value -}}
 {{- fail "adminToken: give either existingSecret or value, not both" -}}
 {{- end -}}
@@ -192,9 +209,25 @@ variables, the names sidecar/config.py reads; the image's entrypoint is `rule-si
     {{- toYaml . | nindent 4 }}
   {{- end }}
   env:
+    {{- if $sidecar.kubernetesSource.enabled }}
+    # The rules ConfigMaps, watched through the API (the chart's own is not mounted).
+    - name: RULE_SIDECAR_KUBERNETES_SELECTOR
+      value: {{ include "rule-sidecar.kubernetesSelector" . | quote }}
+    - name: RULE_SIDECAR_KUBERNETES_NAMESPACE
+      valueFrom:
+        fieldRef:
+          fieldPath: metadata.namespace
+    - name: RULE_SIDECAR_KUBERNETES_EVENTS
+      value: {{ $sidecar.kubernetesSource.events | toString | quote }}
+    {{- with $sidecar.kubernetesSource.watchTimeoutSeconds }}
+    - name: RULE_SIDECAR_KUBERNETES_WATCH_TIMEOUT_SECONDS
+      value: {{ . | int64 | quote }}
+    {{- end }}
+    {{- else }}
     # A directory mount of the rules ConfigMap: the kubelet's atomic ..data swap reaches it.
     - name: RULE_SIDECAR_RULES_DIR
       value: {{ include "rule-sidecar.rulesDir" . | quote }}
+    {{- end }}
     - name: RULE_SIDECAR_HOST
       value: {{ $sidecar.host | toString | quote }}
     - name: RULE_SIDECAR_PORT
@@ -292,10 +325,12 @@ variables, the names sidecar/config.py reads; the image's entrypoint is `rule-si
   securityContext:
     {{- toYaml $sidecar.securityContext | nindent 4 }}
   volumeMounts:
+    {{- if not $sidecar.kubernetesSource.enabled }}
     # The whole directory, never subPath: a subPath mount never sees ConfigMap updates.
     - name: rule-sidecar-rules
       mountPath: {{ include "rule-sidecar.rulesDir" . }}
       readOnly: true
+    {{- end }}
     - name: rule-sidecar-tmp
       mountPath: /tmp
     {{- if .Values.stateDir.enabled }}
@@ -320,9 +355,11 @@ are readable by the sidecar's user whatever fsGroup the pod sets (or not); only 
 containers that mount a volume see it.
 */}}
 {{- define "rule-sidecar.volumes" -}}
+{{- if not .Values.sidecar.kubernetesSource.enabled }}
 - name: rule-sidecar-rules
   configMap:
     name: {{ include "rule-sidecar.rulesConfigMapName" . }}
+{{- end }}
 - name: rule-sidecar-tmp
   emptyDir:
     {{- with .Values.sidecar.tmp.sizeLimit }}
