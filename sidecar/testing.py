@@ -1,22 +1,33 @@
 """Helpers for tests and benchmarks of code that uses rule-sidecar (structlog-style).
 
-`ConfigMapDir` writes a directory exactly the way the kubelet's atomic writer updates a
-ConfigMap volume, so a watcher can be tested against the real sequence of filesystem
-events: files go into a new hidden timestamped directory, a `..data_tmp` symlink to it is
-renamed over `..data` (the one atomic step), visible names are symlinks through `..data`,
-and the previous timestamped directory is removed.
+`FakeKubernetes` is a small Kubernetes API server for the ConfigMap API source where no
+cluster runs (see its docstring). `ConfigMapDir` writes a directory exactly the way the
+kubelet's atomic writer updates a ConfigMap volume, so a watcher can be tested against
+the real sequence of filesystem events: files go into a new hidden timestamped directory,
+a `..data_tmp` symlink to it is renamed over `..data` (the one atomic step), visible names
+are symlinks through `..data`, and the previous timestamped directory is removed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import copy
 import itertools
+import json
 import os
 import shutil
-from collections.abc import Mapping
+import socket
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-__all__ = ["ConfigMapDir"]
+from aiohttp import web
+
+__all__ = ["ConfigMapDir", "FakeKubernetes"]
 
 
 class ConfigMapDir:
@@ -58,3 +69,295 @@ class ConfigMapDir:
         if previous is not None and previous != data_dir.resolve():
             shutil.rmtree(previous, ignore_errors=True)
         return data_dir
+
+
+@dataclass
+class _Change:
+    resource_version: int
+    kind: str  # ADDED, MODIFIED or DELETED
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+
+
+def _selects(selector: str, labels: Mapping[str, str]) -> bool:
+    """Equality-based label selectors: `k=v`, `k==v`, `k!=v`, `k`, `!k`, comma = and."""
+    for requirement in filter(None, (part.strip() for part in selector.split(","))):
+        if "!=" in requirement:
+            key, value = requirement.split("!=", 1)
+            if labels.get(key.strip()) == value.strip():
+                return False
+        elif "=" in requirement:
+            key, value = requirement.replace("==", "=").split("=", 1)
+            if labels.get(key.strip()) != value.strip():
+                return False
+        elif requirement.startswith("!"):
+            if requirement[1:] in labels:
+                return False
+        elif requirement not in labels:
+            return False
+    return True
+
+
+def _status(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+
+
+class FakeKubernetes:
+    """ConfigMaps and Events in memory behind the real list/watch HTTP protocol.
+
+    What the ConfigMap source uses, as a real API server does it: list and watch with
+    label selectors (`?watch=true` answers a chunked stream of JSON events, resumes from
+    `resourceVersion`, ends after `timeoutSeconds`, sends BOOKMARKs when allowed), 410 Gone
+    for a version older than its history (as the ERROR event real servers send on a watch,
+    or as the HTTP status), Status objects for errors, and Event creation. It runs on its
+    own event loop in a thread, so blocking code and other event loops can use it alike.
+    `stall()` makes watches go silent (headers sent, then nothing, the server's timeout
+    ignored): what a hung API server or a dead load balancer looks like to a client.
+    """
+
+    def __init__(self) -> None:
+        self._objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self._history: list[_Change] = []
+        self._resource_version = 100
+        self._oldest = 0  # watches from before this version get 410 Gone
+        self._stalled = False
+        self._forbidden = False
+        self._closing = False
+        self.gone_as_event = True
+        self.bookmark_interval: float | None = None
+        self.events: list[dict[str, Any]] = []
+        self.requests: list[dict[str, str]] = []
+        self._loop = asyncio.new_event_loop()
+        self._changed: asyncio.Condition | None = None
+        self._runner: web.AppRunner | None = None
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    # Lifecycle
+
+    def start(self) -> FakeKubernetes:
+        self._thread.start()
+        self._call(self._start())
+        return self
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._call(self._stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    async def _start(self) -> None:
+        self._changed = asyncio.Condition()
+        app = web.Application()
+        app.router.add_get("/api/v1/namespaces/{namespace}/configmaps", self._configmaps)
+        app.router.add_post("/api/v1/namespaces/{namespace}/events", self._create_event)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.5)
+        await self._runner.setup()
+        await web.SockSite(self._runner, self._socket).start()
+
+    async def _stop(self) -> None:
+        assert self._runner is not None
+        assert self._changed is not None
+        self._closing = True
+        async with self._changed:
+            self._changed.notify_all()
+        await self._runner.cleanup()
+        others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+
+    def _call(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=10)
+
+    # What tests do to the "cluster"
+
+    def apply(
+        self,
+        name: str,
+        data: Mapping[str, str],
+        *,
+        labels: Mapping[str, str] | None = None,
+        namespace: str = "default",
+    ) -> int:
+        """Create or replace a ConfigMap (kubectl apply); returns its resourceVersion."""
+        return int(self._call(self._apply(namespace, name, dict(data), dict(labels or {}))))
+
+    def delete(self, name: str, *, namespace: str = "default") -> None:
+        self._call(self._delete(namespace, name))
+
+    def compact(self) -> None:
+        """Forget the history (etcd compaction): older resourceVersions get 410 Gone."""
+        self._call(self._compact())
+
+    def stall(self, stalled: bool = True) -> None:
+        self._stalled = stalled
+
+    def forbid(self, forbidden: bool = True) -> None:
+        """Answer 403 as the API server does for a service account without RBAC."""
+        self._forbidden = forbidden
+
+    def watches(self) -> list[dict[str, str]]:
+        return [query for query in self.requests if query.get("watch") == "true"]
+
+    async def _apply(
+        self, namespace: str, name: str, data: dict[str, str], labels: dict[str, str]
+    ) -> str:
+        before = self._objects.get((namespace, name))
+        self._resource_version += 1
+        after = {
+            "kind": "ConfigMap",
+            "apiVersion": "v1",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": labels,
+                "uid": f"uid-{namespace}-{name}",
+                "resourceVersion": str(self._resource_version),
+            },
+            "data": data,
+        }
+        self._objects[(namespace, name)] = after
+        kind = "MODIFIED" if before else "ADDED"
+        await self._record(_Change(self._resource_version, kind, before, after))
+        return str(self._resource_version)
+
+    async def _delete(self, namespace: str, name: str) -> None:
+        before = self._objects.pop((namespace, name))
+        self._resource_version += 1
+        gone = copy.deepcopy(before)
+        gone["metadata"]["resourceVersion"] = str(self._resource_version)
+        await self._record(_Change(self._resource_version, "DELETED", before, gone))
+
+    async def _compact(self) -> None:
+        self._history.clear()
+        self._oldest = self._resource_version + 1
+
+    async def _record(self, change: _Change) -> None:
+        assert self._changed is not None
+        self._history.append(change)
+        async with self._changed:
+            self._changed.notify_all()
+
+    # The API
+
+    async def _configmaps(self, request: web.Request) -> web.StreamResponse:
+        query = dict(request.query)
+        self.requests.append(query)
+        namespace = request.match_info["namespace"]
+        if self._forbidden:
+            message = (
+                'configmaps is forbidden: User "system:serviceaccount:default:app" cannot '
+                f'list resource "configmaps" in API group "" in the namespace "{namespace}"'
+            )
+            return web.json_response(_status(403, "Forbidden", message), status=403)
+        selector = query.get("labelSelector", "")
+        if query.get("watch") == "true":
+            return await self._watch(request, namespace, selector, query)
+        items = [
+            obj
+            for (space, _), obj in sorted(self._objects.items())
+            if space == namespace and _selects(selector, obj["metadata"]["labels"])
+        ]
+        return web.json_response(
+            {
+                "kind": "ConfigMapList",
+                "apiVersion": "v1",
+                "metadata": {"resourceVersion": str(self._resource_version)},
+                "items": items,
+            }
+        )
+
+    async def _watch(
+        self, request: web.Request, namespace: str, selector: str, query: Mapping[str, str]
+    ) -> web.StreamResponse:
+        since = int(query.get("resourceVersion") or self._resource_version)
+        if since < self._oldest - 1:
+            gone = _status(410, "Expired", f"too old resource version: {since} ({self._oldest})")
+            if not self.gone_as_event:
+                return web.json_response(gone, status=410)
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        if since < self._oldest - 1:
+            await self._send(response, {"type": "ERROR", "object": gone})
+            return response
+        timeout = float(query.get("timeoutSeconds", "1800"))
+        bookmarks = query.get("allowWatchBookmarks") == "true" and self.bookmark_interval
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        next_bookmark = loop.time() + (self.bookmark_interval or 0)
+        assert self._changed is not None
+        with contextlib.suppress(ConnectionResetError):
+            while not self._closing and (loop.time() < deadline or self._stalled):
+                if self._stalled:
+                    await asyncio.sleep(0.05)
+                    continue
+                for event in self._events_since(since, namespace, selector):
+                    await self._send(response, event)
+                since = self._resource_version
+                if bookmarks and loop.time() >= next_bookmark:
+                    await self._send(response, self._bookmark())
+                    next_bookmark = loop.time() + (self.bookmark_interval or 0)
+                wait = deadline - loop.time()
+                if bookmarks:
+                    wait = min(wait, next_bookmark - loop.time())
+                async with self._changed:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), max(wait, 0.0))
+        return response
+
+    def _events_since(self, since: int, namespace: str, selector: str) -> Iterator[dict[str, Any]]:
+        """What a watcher sees: an object that stops matching is DELETED, one that starts
+        matching is ADDED (as with a real label-selected watch)."""
+        for change in self._history:
+            if change.resource_version <= since:
+                continue
+            was = change.before is not None and self._visible(change.before, namespace, selector)
+            obj = change.after
+            now = change.kind != "DELETED" and self._visible(obj, namespace, selector)
+            if was and not now:
+                yield {"type": "DELETED", "object": obj}
+            elif now:
+                yield {"type": "MODIFIED" if was else "ADDED", "object": obj}
+
+    @staticmethod
+    def _visible(obj: Mapping[str, Any] | None, namespace: str, selector: str) -> bool:
+        return (
+            obj is not None
+            and obj["metadata"]["namespace"] == namespace
+            and _selects(selector, obj["metadata"]["labels"])
+        )
+
+    def _bookmark(self) -> dict[str, Any]:
+        return {
+            "type": "BOOKMARK",
+            "object": {
+                "kind": "ConfigMap",
+                "apiVersion": "v1",
+                "metadata": {"resourceVersion": str(self._resource_version)},
+            },
+        }
+
+    @staticmethod
+    async def _send(response: web.StreamResponse, event: Mapping[str, Any]) -> None:
+        await response.write(json.dumps(event).encode() + b"\n")
+
+    async def _create_event(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if body.get("kind") != "Event" or not body.get("involvedObject"):
+            return web.json_response(_status(422, "Invalid", "not an Event"), status=422)
+        body["metadata"]["namespace"] = request.match_info["namespace"]
+        self.events.append(body)
+        return web.json_response(body, status=201)

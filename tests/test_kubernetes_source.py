@@ -15,7 +15,6 @@ import yaml
 
 pytest.register_assert_rewrite("k8s_support", "server_support")
 
-from k8s_support import FakeKubernetes  # noqa: E402
 from kubernetes import client  # noqa: E402
 from server_support import (  # noqa: E402
     HOT,
@@ -34,6 +33,7 @@ from sidecar.loader import Loader  # noqa: E402
 from sidecar.registry import RuleRegistry  # noqa: E402
 from sidecar.service import HealthStatus, HotReloadService  # noqa: E402
 from sidecar.sources.kubernetes import ConfigMapSource, EventRecorder  # noqa: E402
+from sidecar.testing import FakeKubernetes  # noqa: E402
 
 pytest_plugins = ["k8s_support"]
 
