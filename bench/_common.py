@@ -121,16 +121,17 @@ async def wait_ready(session: aiohttp.ClientSession, base: str, deadline: float)
 
 @contextmanager
 def sidecar_process(
-    port: int, *arguments: str, prefix: Sequence[str] = ()
+    port: int, *arguments: str, prefix: Sequence[str] = (), **extra_env: str
 ) -> Iterator[subprocess.Popen[bytes]]:
     """`rule-sidecar serve --port PORT ARGUMENTS...` as a separate process, quiet and with
     only the sources given (no periodic resync in the way), stopped at the end."""
     env = {
         key: value
         for key, value in os.environ.items()
-        if key not in ("RULE_SIDECAR_RULES_DIR", "RULE_SIDECAR_DATABASE_URL")
+        if key
+        not in ("RULE_SIDECAR_RULES_DIR", "RULE_SIDECAR_DATABASE_URL", "KUBERNETES_SERVICE_HOST")
     }
-    env.update(HOT_RELOAD_INTERVAL_SECONDS="3600", RULE_SIDECAR_LOG_LEVEL="WARNING")
+    env.update(HOT_RELOAD_INTERVAL_SECONDS="3600", RULE_SIDECAR_LOG_LEVEL="WARNING", **extra_env)
     command = [*prefix, sys.executable, "-m", "sidecar.cli", "serve", "--port", str(port)]
     server = subprocess.Popen([*command, *arguments], env=env)
     try:
