@@ -9,7 +9,6 @@ import io
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import zipfile
 from collections.abc import Iterable
@@ -22,7 +21,16 @@ import yaml
 from sidecar.cli import main
 from sidecar.config import ENVIRONMENT, settings_from
 
-REPO = Path(__file__).resolve().parent.parent
+pytest.register_assert_rewrite("kube_support")
+
+from kube_support import (  # noqa: E402
+    KUBERNETES_VALIDATE,
+    REPO,
+    find_tool,
+    kubernetes_versions,
+    validate_strict,
+)
+
 CHART = REPO / "charts" / "rule-sidecar"
 VALUE_SETS = {
     path.name.removesuffix("-values.yaml"): path for path in (CHART / "ci").glob("*.yaml")
@@ -30,22 +38,11 @@ VALUE_SETS = {
 RULES_DIR = "/etc/rule-sidecar/rules"
 SIDECAR = "rule-sidecar"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-OLDEST_KUBERNETES = "1.27"
 HELM_SHA256 = "9e7a767efb3f9e334758ae066b4af355c01539663c7fffb30eed2b6213a4735e"
 KUBECTL_SHA256 = "ab209d0c5134b61486a0486585604a616a5bb2fc07df46d304b3c95817b2d79f"
 
 
-def find_helm() -> str | None:
-    """$HELM, else the repository's .ci/bin/helm, else helm on PATH."""
-    if os.environ.get("HELM"):
-        return os.environ["HELM"]
-    local = REPO / ".ci" / "bin" / "helm"
-    if os.access(local, os.X_OK):
-        return str(local)
-    return shutil.which("helm")
-
-
-HELM = find_helm()
+HELM = find_tool("helm")
 if HELM is None:
     pytest.skip(
         "no helm: run `bash .ci/install-kube-tools` (installs .ci/bin/helm) or set HELM",
@@ -594,28 +591,6 @@ class TestRules:
         assert "not a rule file name" in result.stderr
 
 
-def kubernetes_validate_command() -> list[str] | None:
-    """The kubernetes-validate CLI of this interpreter's environment, or None."""
-    beside = Path(sys.executable).with_name("kubernetes-validate")
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which("kubernetes-validate")
-    return [found] if found else None
-
-
-def kubernetes_versions() -> list[str]:
-    """The oldest version the chart supports and the newest kubernetes-validate knows."""
-    try:
-        from kubernetes_validate import utils
-    except ImportError:
-        return [OLDEST_KUBERNETES]
-    newest = ".".join(utils.latest_version().split(".")[:2])
-    return [OLDEST_KUBERNETES, newest]
-
-
-KUBERNETES_VALIDATE = kubernetes_validate_command()
-
-
 @pytest.mark.skipif(
     KUBERNETES_VALIDATE is None,
     reason="kubernetes-validate is not installed (pip install kubernetes-validate)",
@@ -626,28 +601,8 @@ class TestKubernetesValidate:
     @pytest.mark.parametrize("version", kubernetes_versions())
     def test_strict(self, version: str, tmp_path: Path) -> None:
         """Oldest and newest versions; only the CRD-based ServiceMonitor has no schema."""
-        assert KUBERNETES_VALIDATE is not None
-        files, expected = [], 0
-        for name in sorted(VALUE_SETS):
-            path = tmp_path / f"{name}.yaml"
-            path.write_text(yaml.safe_dump_all(rendered(name)), encoding="utf-8")
-            files.append(str(path))
-            expected += sum(doc["kind"] != "ServiceMonitor" for doc in rendered(name))
-        result = subprocess.run(
-            [*KUBERNETES_VALIDATE, "--strict", "-k", version, *files],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
-        lines = result.stdout.splitlines()
-        passed = [line for line in lines if line.startswith("INFO ")]
-        assert len(passed) == expected, result.stdout
-        assert all(line.endswith(f"against version {version}") for line in passed)
-        for line in set(lines) - set(passed):
-            assert line.startswith("WARN "), line
-            assert "kind ServiceMonitor with api version monitoring.coreos.com/v1" in line
+        documents = [doc for name in sorted(VALUE_SETS) for doc in rendered(name)]
+        validate_strict(documents, version, tmp_path, without_schema="ServiceMonitor")
 
 
 PARENT_TEMPLATE = """\

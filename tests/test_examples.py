@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,10 +15,18 @@ from typing import Any
 import pytest
 import yaml
 
-pytest.register_assert_rewrite("server_support")
+pytest.register_assert_rewrite("server_support", "kube_support")
 
-from server_support import Sidecar, eventually, free_port  # noqa: E402
+from kube_support import (  # noqa: E402
+    KUBERNETES_VALIDATE,
+    find_tool,
+    kubernetes_versions,
+    validate_strict,
+)
+from server_support import Sidecar, command, eventually, free_port  # noqa: E402
 
+from sidecar.cli import main  # noqa: E402
+from sidecar.config import ENVIRONMENT, settings_from  # noqa: E402
 from sidecar.testing import ConfigMapDir  # noqa: E402
 
 pytest_plugins = ["server_support"]
@@ -146,3 +155,120 @@ class TestCheckoutApp:
     async def _failed(cls, app: Any) -> dict[str, Any] | None:
         seen: dict[str, Any] = await cls.seen(app)()
         return seen if seen["failed_reload"] else None
+
+
+K8S = EXAMPLES / "k8s"
+KUBECTL = find_tool("kubectl")
+needs_kubectl = pytest.mark.skipif(
+    KUBECTL is None, reason="no kubectl: run `bash .ci/install-kube-tools` or set KUBECTL"
+)
+
+
+def kustomize(directory: Path) -> list[dict[str, Any]]:
+    """`kubectl kustomize DIR`: what Argo CD or Flux would apply."""
+    assert KUBECTL is not None
+    result = subprocess.run(
+        [KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def one(documents: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    (found,) = [doc for doc in documents if doc["kind"] == kind]
+    return found
+
+
+def sidecar_container(documents: list[dict[str, Any]]) -> dict[str, Any]:
+    spec = one(documents, "Deployment")["spec"]["template"]["spec"]
+    (container,) = [c for c in spec["containers"] if c["name"] == "rule-sidecar"]
+    return container
+
+
+def env_settings(container: dict[str, Any]) -> dict[str, str]:
+    return {item["name"]: item.get("value", "") for item in container["env"]}
+
+
+OVERLAYS = {"base": K8S / "base", "api-source": K8S / "overlays" / "api-source"}
+
+
+class TestKubernetesExample:
+    def test_rules_are_the_bundled_ones(self):
+        """The GitOps copy of payment-fraud is the bundled file (but for its schema path)."""
+        copy = (K8S / "base" / "rules" / "payment-fraud.yaml").read_text("utf-8")
+        assert copy.splitlines()[1:] == FRAUD_RULES.splitlines()[1:]
+        assert (
+            (K8S / "base" / "rules" / copy.split("$schema=")[1].splitlines()[0]).resolve().exists()
+        )
+
+    def test_the_ci_it_prescribes_passes(self):
+        """Every `rule-sidecar` step of ci/rules.yaml passes on the example's rules."""
+        workflow = yaml.safe_load((K8S / "ci" / "rules.yaml").read_text("utf-8"))
+        steps = [step["run"] for step in workflow["jobs"]["check"]["steps"] if "run" in step]
+        checks = [step for step in steps if step.startswith("rule-sidecar ")]
+        assert [check.split()[1] for check in checks] == ["validate", "test"]
+        for check in checks:
+            result = subprocess.run(
+                [*command(), *check.split()[1:]],
+                cwd=K8S,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert result.returncode == 0, result.stdout + result.stderr
+
+    @needs_kubectl
+    def test_stable_config_map_name(self):
+        """disableNameSuffixHash: the ConfigMap keeps its name, so a rule change updates it
+        in place (no new pod template, no rollout), and it carries the API source label."""
+        documents = kustomize(OVERLAYS["base"])
+        rules = one(documents, "ConfigMap")
+        assert rules["metadata"]["name"] == "checkout-rules"
+        assert rules["metadata"]["namespace"] == "checkout"
+        assert rules["metadata"]["labels"] == {"rule-sidecar/rules": "checkout"}
+        assert set(rules["data"]) == {"payment-fraud.yaml"}
+        spec = one(documents, "Deployment")["spec"]["template"]["spec"]
+        (volume,) = [v for v in spec["volumes"] if v["name"] == "rules"]
+        assert volume["configMap"] == {"name": "checkout-rules"}
+        mount = {m["name"]: m for m in sidecar_container(documents)["volumeMounts"]}["rules"]
+        assert "subPath" not in mount
+        settings = settings_from(env_settings(sidecar_container(documents)))
+        assert settings.rules_dirs == (Path(mount["mountPath"]),)
+
+    @needs_kubectl
+    def test_the_config_map_holds_valid_rules(self, tmp_path: Path):
+        """What kustomize puts in the ConfigMap passes `rule-sidecar validate`."""
+        rules = one(kustomize(OVERLAYS["base"]), "ConfigMap")
+        for name, text in rules["data"].items():
+            (tmp_path / name).write_text(text, encoding="utf-8")
+        assert main(["validate", str(tmp_path)]) == 0
+
+    @needs_kubectl
+    def test_api_source_overlay(self):
+        """The overlay reads through the API: its selector matches the ConfigMap, nothing
+        mounts the rules, and the pod runs as an account that may read ConfigMaps."""
+        documents = kustomize(OVERLAYS["api-source"])
+        container = sidecar_container(documents)
+        env = env_settings(container)
+        assert ENVIRONMENT["rules_dirs"] not in env
+        settings = settings_from(env)
+        key, value = (settings.kubernetes_selector or "").split("=")
+        assert one(documents, "ConfigMap")["metadata"]["labels"][key] == value
+        assert settings.kubernetes_events is True
+        assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp"}
+        spec = one(documents, "Deployment")["spec"]["template"]["spec"]
+        assert [v["name"] for v in spec["volumes"]] == ["tmp"]
+        assert spec["serviceAccountName"] == one(documents, "ServiceAccount")["metadata"]["name"]
+        assert spec["automountServiceAccountToken"] is True
+        role = one(documents, "Role")
+        verbs = {r: rule["verbs"] for rule in role["rules"] for r in rule["resources"]}
+        assert sorted(verbs["configmaps"]) == ["get", "list", "watch"]
+        assert verbs["events"] == ["create"]
+
+    @needs_kubectl
+    @pytest.mark.skipif(KUBERNETES_VALIDATE is None, reason="kubernetes-validate not installed")
+    @pytest.mark.parametrize("version", kubernetes_versions())
+    @pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+    def test_manifests_validate(self, overlay: str, version: str, tmp_path: Path):
+        """Both renderings pass `kubernetes-validate --strict` (oldest and newest)."""
+        validate_strict(kustomize(OVERLAYS[overlay]), version, tmp_path)
