@@ -322,7 +322,7 @@ class HotReloadService:
     def get_status(self) -> dict[str, Any]:
         """The seed's status fields, plus sources and the last error."""
         last = self._last_record
-        watching = self._watch_problems()
+        watching = self.watch_problems()
         return {
             "monitoring_active": self.monitoring_active,
             "auto_reload_enabled": self.auto_reload,
@@ -352,7 +352,7 @@ class HotReloadService:
         """Health for the kubelet: unhealthy only while nothing valid has ever loaded."""
         last = self._last_record
         has_snapshot = self.registry.version > 0
-        watch_problems = self._watch_problems()
+        watch_problems = self.watch_problems()
         last_ok = last is None or last.status is not ReloadStatus.FAILED
         checks = {
             "monitoring_active": self.monitoring_active,
@@ -385,7 +385,7 @@ class HotReloadService:
             "watch_problems": watch_problems,
         }
 
-    def _watch_problems(self) -> dict[str, str]:
+    def watch_problems(self) -> dict[str, str]:
         """Sources whose changes may go unnoticed now; none matter while not watching."""
         if not self.monitoring_active:
             return {}

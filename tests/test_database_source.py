@@ -31,6 +31,7 @@ from server_support import (  # noqa: E402
     Sidecar,
     eventually,
     fraud_doc,
+    metric_value,
     receive_event,
     receive_until,
     ruleset_doc,
@@ -462,6 +463,12 @@ class TestLiveChanges:
         assert (error["ruleset_id"], error["rule_id"]) == ("fraud", "large-amount")
 
 
+async def watch_ok(app: Sidecar, source: str) -> float | None:
+    """The `rule_sidecar_source_watch_ok` gauge of one source."""
+    response, _ = await app.call("GET", "/metrics")
+    return metric_value(await response.text(), "rule_sidecar_source_watch_ok", {"source": source})
+
+
 class TestOutage:
     """PostgreSQL goes away: the last good rules keep serving and the sidecar recovers alone."""
 
@@ -490,9 +497,10 @@ class TestOutage:
                 # Health says why changes may be missed (before any resync fails).
                 code, health = await app.health()
                 assert (code, health["status"]) == (200, "degraded")
-                (problem,) = health["watch_problems"].values()
+                ((source, problem),) = health["watch_problems"].items()
                 assert problem.startswith("not listening: ")
                 assert URL_SECRET not in problem
+                assert await watch_ok(app, source) == 0
             finally:
                 pg_admin(f"ALTER DATABASE {pg_database.name} WITH ALLOW_CONNECTIONS true")
 
@@ -507,6 +515,7 @@ class TestOutage:
         await eventually(points_are(app, 80), timeout=NOTIFY_SECONDS, message="NOTIFY again")
         code, health = await app.health()
         assert (code, health["status"], health["watch_problems"]) == (200, "healthy", {})
+        assert await watch_ok(app, source) == 1
 
     async def test_database_unavailable_degrades_then_recovers(
         self, pg_database: Database, start_sidecar, rules_dir: Path

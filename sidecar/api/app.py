@@ -430,9 +430,10 @@ def _count(state: AppState, ruleset_id: str, results: list[Evaluation]) -> None:
 
 
 async def get_metrics(request: web.Request) -> web.Response:
-    return web.Response(
-        body=_state(request).metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
+    state = _state(request)
+    service = state.service
+    state.metrics.observe_watches((s.name for s in service.sources), service.watch_problems())
+    return web.Response(body=state.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:

@@ -9,6 +9,7 @@ Prometheus' own reload pair: `..._last_reload_successful` and
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -76,6 +77,12 @@ class Metrics:
             buckets=_EVALUATION_BUCKETS,
             registry=r,
         )
+        self.source_watching = Gauge(
+            "rule_sidecar_source_watch_ok",
+            "0 while a source's watch is down (a lost LISTEN, a stalled Kubernetes watch).",
+            ["source"],
+            registry=r,
+        )
         self.websocket_clients = Gauge(
             "rule_sidecar_websocket_clients", "Connected WebSocket clients.", registry=r
         )
@@ -93,6 +100,11 @@ class Metrics:
         self.rulesets.set(record.rulesets_loaded)
         self.version.set(record.version_after)
         self.set_revision(record.revision)
+
+    def observe_watches(self, sources: Iterable[str], problems: Mapping[str, str]) -> None:
+        """Set at scrape time: a watch fails on its own schedule, not at a reload."""
+        for source in sources:
+            self.source_watching.labels(source=source).set(0 if source in problems else 1)
 
     def evaluated_rulesets(self) -> list[str]:
         """Rulesets that have an evaluation series."""
