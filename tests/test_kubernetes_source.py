@@ -247,6 +247,28 @@ class TestWatch:
             await next_change(reasons)
             assert source.read()[0].content == b"a: 3"
 
+    async def test_changes_while_stalled_then_recovery(self, kube: FakeKubernetes):
+        """Changes made while the watch is stalled are served by reads (which list); the
+        watch then resumes from the listed version, and nothing goes back to older rules."""
+        kube.bookmark_interval = 0.2  # a quiet watch shows it is alive (a stall clears)
+        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
+        source = source_for(kube, watch_timeout_seconds=30, stalled_after_seconds=1.5)
+        source.read()
+        async with watching(source):
+            await watch_connected(kube)
+            kube.stall()
+            await eventually(source.watch_problem, message="stall reported")
+            kube.apply("a", {"a.yaml": "a: 2"}, labels=LABELS)
+            listed_at = kube.apply("a", {"a.yaml": "a: 3"}, labels=LABELS)
+            assert source.read()[0].content == b"a: 3"
+            kube.stall(False)
+            await eventually(
+                lambda: str(listed_at) in [q["resourceVersion"] for q in kube.watches()],
+                message="a watch from the list's version",
+            )
+            await eventually(lambda: source.watch_problem() is None, message="recovered")
+            assert source.read()[0].content == b"a: 3"
+
     async def test_a_failing_watch_retries_until_it_works(self, kube: FakeKubernetes):
         """A 403 on the watch is reported as the watch's problem and retried with
         backoff; granting access lets it recover by itself."""

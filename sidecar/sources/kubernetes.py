@@ -135,6 +135,9 @@ class ConfigMapSource:
         self._lock = threading.Lock()
         self._configmaps: dict[str, _ConfigMap] = {}
         self._resource_version: str | None = None  # None: the next step is a list
+        # Bumped by every list: a watch opened before it would replay events older than
+        # the list into the cache, so it is abandoned and reopened from the list's version.
+        self._epoch = 0
         self._watching = False
         self._problem: str | None = None
 
@@ -236,9 +239,15 @@ class ConfigMapSource:
             changed = configmaps != self._configmaps
             self._configmaps = configmaps
             self._resource_version = str(listing.metadata.resource_version)
-            if self._problem is not None and not self._problem.startswith(_STALLED):
-                self._problem = None
+            self._epoch += 1
+            self._api_answered()
         return changed
+
+    def _api_answered(self) -> None:
+        """The API server answered: a failure to reach it is over. A stall is over only
+        when the watch itself delivers. Call with the lock held."""
+        if self._problem is not None and not self._problem.startswith(_STALLED):
+            self._problem = None
 
     def _watch_once(
         self, notify: Callable[[], None], stop: threading.Event, current: list[watch.Watch]
@@ -248,16 +257,21 @@ class ConfigMapSource:
         current[:] = [running]
         if stop.is_set():
             return
+        with self._lock:
+            epoch, since = self._epoch, self._resource_version
         for event in running.stream(
             self._opened(self._core.list_namespaced_config_map),
             self.namespace,
             label_selector=self.label_selector,
-            resource_version=self._resource_version,
+            resource_version=since,
             timeout_seconds=self._watch_timeout,
             allow_watch_bookmarks=True,
             _request_timeout=(_CONNECT_TIMEOUT_S, self._read_timeout),
         ):
-            if self._apply(event["type"], event["object"], event["raw_object"]):
+            changed = self._apply(event["type"], event["object"], event["raw_object"], epoch)
+            if changed is None:
+                break  # a read listed meanwhile: resume from its version instead
+            if changed:
                 notify()
         if not stop.is_set():
             with self._lock:
@@ -269,24 +283,22 @@ class ConfigMapSource:
         @functools.wraps(request)
         def opened(*args: Any, **kwargs: Any) -> Any:
             response = request(*args, **kwargs)
-            with self._lock:
-                answered = 200 <= response.status < 300
-                if (
-                    answered
-                    and self._problem is not None
-                    and not self._problem.startswith(_STALLED)
-                ):
-                    self._problem = None
+            if 200 <= response.status < 300:
+                with self._lock:
+                    self._api_answered()
             return response
 
         return opened
 
-    def _apply(self, kind: str, configmap: Any, raw: Mapping[str, Any]) -> bool:
-        """Apply one watch event to the cache; True when the rule files changed.
+    def _apply(self, kind: str, configmap: Any, raw: Mapping[str, Any], epoch: int) -> bool | None:
+        """Apply one watch event to the cache; True when the rule files changed, None when
+        a list since the watch opened makes the event stale.
 
         A BOOKMARK only moves the resourceVersion on (its object is not a whole ConfigMap).
         """
         with self._lock:
+            if epoch != self._epoch:
+                return None
             self._resource_version = str(raw["metadata"]["resourceVersion"])
             self._problem = None
             if kind == "BOOKMARK":
