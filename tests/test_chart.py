@@ -190,7 +190,7 @@ class TestProbes:
 
     @all_value_sets
     def test_paths_and_port(self, value_set: str) -> None:
-        """Each probe is an HTTP GET on the port the sidecar listens on."""
+        """Each probe is an HTTP GET on the separate probe and metrics listener."""
         sidecar = sidecar_of(pod_spec(rendered(value_set)))
         paths = {
             "startupProbe": "/health/hot-reload",
@@ -203,23 +203,26 @@ class TestProbes:
             get = sidecar[probe]["httpGet"]
             assert get["path"] == path
             assert "host" not in get
-            assert ports[get["port"]] == int(env[ENVIRONMENT["port"]])
+            assert ports[get["port"]] == int(env[ENVIRONMENT["metrics_port"]])
 
     @all_value_sets
-    def test_listener_is_reachable_from_the_node(self, value_set: str) -> None:
-        """The kubelet probes the pod IP: the sidecar must not listen on loopback only."""
+    def test_only_the_probe_listener_faces_the_node(self, value_set: str) -> None:
+        """The kubelet probes the pod IP, so the probe listener does not listen on loopback;
+        the API does: only the pod's own containers reach it."""
         env = env_of(sidecar_of(pod_spec(rendered(value_set))))
-        assert env[ENVIRONMENT["host"]] not in LOOPBACK
+        assert env[ENVIRONMENT["metrics_host"]] not in LOOPBACK
+        assert env[ENVIRONMENT["host"]] == "127.0.0.1"
 
-    def test_loopback_host_with_probes_is_refused(self) -> None:
+    def test_loopback_probe_listener_is_refused(self) -> None:
         """The render fails, saying why, rather than ship probes that can never pass."""
-        result = helm("template", CHART, "--set", "sidecar.host=127.0.0.1", check=False)
+        loopback = ("--set", "sidecar.metrics.host=127.0.0.1")
+        result = helm("template", CHART, *loopback, check=False)
         assert result.returncode != 0
         assert "probes" in result.stderr
-        docs = template("--set", "sidecar.host=127.0.0.1", "--set", "sidecar.probes.enabled=false")
+        docs = template("--set", "sidecar.probes.enabled=false")
         sidecar = sidecar_of(pod_spec(docs))
         assert "readinessProbe" not in sidecar
-        assert env_of(sidecar)[ENVIRONMENT["host"]] == "127.0.0.1"
+        assert ENVIRONMENT["metrics_port"] not in env_of(sidecar)
 
 
 class TestSecurityContext:
@@ -273,7 +276,9 @@ class TestEnvironment:
         env = env_of(sidecar_of(pod_spec(rendered("default"))))
         assert env == {
             "RULE_SIDECAR_RULES_DIR": RULES_DIR,
-            "RULE_SIDECAR_HOST": "0.0.0.0",
+            "RULE_SIDECAR_HOST": "127.0.0.1",
+            "RULE_SIDECAR_METRICS_HOST": "0.0.0.0",
+            "RULE_SIDECAR_METRICS_PORT": "9090",
             "RULE_SIDECAR_PORT": "8000",
             "RULE_SIDECAR_LOG_LEVEL": "INFO",
             "HOT_RELOAD_ENABLED": "true",
@@ -416,12 +421,17 @@ class TestOptionalObjects:
 
     @all_value_sets
     def test_service_monitor_only_when_enabled(self, value_set: str) -> None:
-        """A ServiceMonitor (and the metrics listener) in the with-servicemonitor set only."""
+        """A ServiceMonitor, and the metrics port in the Service, in the with-servicemonitor
+        set only (the listener itself runs for the probes in every set)."""
         docs = rendered(value_set)
         enabled = value_set == "with-rbac-and-servicemonitor"
         assert len(of_kind(docs, "ServiceMonitor")) == int(enabled)
+        exposed = [
+            port for service in of_kind(docs, "Service") for port in service["spec"]["ports"]
+        ]
+        assert any(port["name"] == "metrics" for port in exposed) is enabled
         env = env_of(sidecar_of(pod_spec(docs)))
-        assert (ENVIRONMENT["metrics_port"] in env) is enabled
+        assert ENVIRONMENT["metrics_port"] in env
 
     def test_role_reads_config_maps_in_the_namespace(self) -> None:
         """get/list/watch on configmaps, bound to the pods' ServiceAccount."""
@@ -705,7 +715,8 @@ class TestNotes:
         assert "helm upgrade" in text
         assert "..data" in text
         assert "60-90 s" in text
-        assert "adminToken.enabled is false" in text
+        assert "probe and metrics listener on port 9090" in text
+        assert "WARNING" not in text  # the API is on loopback: no token needed by default
 
     def test_kubernetes_source(self, tmp_path: Path) -> None:
         """With the API source the notes tell of the watch, the Event and its command."""
@@ -717,12 +728,16 @@ class TestNotes:
         assert "watch_problems" in text
 
     def test_restart_and_warnings(self, tmp_path: Path) -> None:
-        """With restartOnRuleChange the notes say the pods roll; a missing policy warns."""
+        """With restartOnRuleChange the notes say the pods roll; an API open to the pod IP
+        without a NetworkPolicy or a token warns."""
         text = self.notes(
-            tmp_path, "--set", "restartOnRuleChange=true", "--set", "networkPolicy.enabled=false"
+            tmp_path,
+            *("--set", "restartOnRuleChange=true", "--set", "networkPolicy.enabled=false"),
+            *("--set", "sidecar.host=0.0.0.0"),
         )
         assert "rolls the Deployment" in text
         assert "networkPolicy.enabled is false" in text
+        assert "adminToken.enabled is false" in text
 
 
 class TestInstallHelm:

@@ -45,6 +45,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         HOT_RELOAD_VALIDATION_ENABLED="false",
         RULE_SIDECAR_PORT=str(free_port()),  # the --port flag must win over this
         RULE_SIDECAR_DEBOUNCE_MS="20",
+        RULE_SIDECAR_METRICS_PORT=str(free_port()),
     )
     server = spawn(tmp, "--rules-dir", str(rules), env=env)
     try:
@@ -62,6 +63,30 @@ class TestServing:
         status, body = served.get("/api/v1/rulesets/fraud")
         assert status == 200
         assert body["rule_count"] == 3
+
+    def test_probes_and_metrics_on_their_own_listener(self, served: Served):
+        """The metrics listener also answers the kubelet's probes, and nothing else: the
+        API can stay on loopback while probes and scrapes reach the pod IP."""
+        base = f"http://127.0.0.1:{served.env['RULE_SIDECAR_METRICS_PORT']}"
+
+        def status_of(path: str, method: str = "GET") -> tuple[int, bytes]:
+            request = urllib.request.Request(base + path, method=method)
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    return response.status, response.read()
+            except urllib.error.HTTPError as error:
+                return error.code, error.read()
+
+        assert status_of("/livez")[0] == 200
+        assert status_of("/readyz")[0] == 200
+        code, body = status_of("/health/hot-reload")
+        assert (code, json.loads(body)["status"]) == (200, "healthy")
+        code, body = status_of("/metrics")
+        assert code == 200
+        assert b"rule_sidecar_registry_version 1.0" in body
+        assert status_of("/api/v1/rulesets")[0] == 404
+        assert status_of("/api/v1/rules/hot-reload/reload", "POST")[0] == 404
+        assert status_of("/ws/hot-reload")[0] == 404
 
     def test_flag_wins_over_environment(self, served: Served):
         """`--port` wins over RULE_SIDECAR_PORT: nothing listens on the variable's port."""

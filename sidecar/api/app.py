@@ -29,7 +29,7 @@ from sidecar.registry import ChangeEvent, EventType, RuleRegistry
 from sidecar.service import HealthStatus, HotReloadService, ReloadRecord, ReloadStatus
 from sidecar.snapshot import Snapshot
 
-__all__ = ["AppState", "create_app"]
+__all__ = ["AppState", "create_app", "create_observation_app"]
 
 try:
     import orjson
@@ -464,11 +464,31 @@ def _wire_events(state: AppState) -> None:
     state.registry.subscribe(on_publish)
 
 
+def _observation_routes() -> list[web.RouteDef]:
+    """What the kubelet and Prometheus read: no rules, no admin, nothing that changes."""
+    return [
+        web.get("/health/hot-reload", get_health),
+        web.get("/livez", get_livez),
+        web.get("/readyz", get_readyz),
+        web.get("/metrics", get_metrics),
+    ]
+
+
+def create_observation_app(state: AppState) -> web.Application:
+    """The separate listener for probes and metrics (`--metrics-port`), so that the API
+    can stay on loopback while the kubelet and Prometheus reach the pod IP."""
+    app = web.Application(middlewares=[errors_as_json], client_max_size=1024)
+    app[STATE] = state
+    app.add_routes(_observation_routes())
+    return app
+
+
 def create_app(state: AppState, *, max_body_bytes: int = 1024 * 1024) -> web.Application:
     app = web.Application(middlewares=[errors_as_json], client_max_size=max_body_bytes)
     app[STATE] = state
     _wire_events(state)
     routes = [
+        *_observation_routes(),
         web.get(f"{HOT}/status", get_status),
         web.post(f"{HOT}/reload", post_reload),
         web.post(f"{HOT}/reload/rule/{{rule_id}}", post_reload_rule),
@@ -478,15 +498,11 @@ def create_app(state: AppState, *, max_body_bytes: int = 1024 * 1024) -> web.App
         web.post(f"{HOT}/monitoring/stop", post_monitoring_stop),
         web.get(f"{HOT}/history", get_history),
         web.post(f"{HOT}/rollback", post_rollback),
-        web.get("/health/hot-reload", get_health),
-        web.get("/livez", get_livez),
-        web.get("/readyz", get_readyz),
         web.get("/api/v1/rules", get_rules),
         web.get("/api/v1/rules/{rule_id}", get_rule),
         web.get("/api/v1/rulesets", get_rulesets),
         web.get("/api/v1/rulesets/{ruleset_id}", get_ruleset),
         web.post("/api/v1/rulesets/{ruleset_id}/evaluate", post_evaluate),
-        web.get("/metrics", get_metrics),
         web.get("/ws/hot-reload", websocket),
     ]
     app.add_routes(routes)

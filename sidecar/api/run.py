@@ -27,7 +27,7 @@ try:
 except ImportError:  # optional: the `speed` extra
     uvloop = None  # type: ignore[assignment]
 
-from sidecar.api.app import STATE, AppState, RateLimiter, create_app, get_metrics
+from sidecar.api.app import AppState, RateLimiter, create_app, create_observation_app
 from sidecar.api.metrics import Metrics
 from sidecar.api.websocket import ReloadNotificationManager
 from sidecar.config import Settings
@@ -217,18 +217,14 @@ async def serve(settings: Settings) -> int:
 
 
 async def _start_metrics(state: AppState, settings: Settings) -> web.AppRunner | None:
-    """Optionally serve /metrics on its own address, for Prometheus to scrape."""
+    """Optionally serve metrics and probes on their own address (Prometheus, kubelet)."""
     if settings.metrics_port is None:
         return None
-
-    app = web.Application()
-    app[STATE] = state
-    app.add_routes([web.get("/metrics", get_metrics)])
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = web.AppRunner(create_observation_app(state), handle_signals=False, access_log=None)
     await runner.setup()
     host = settings.metrics_host or settings.host
     await web.TCPSite(runner, host, settings.metrics_port).start()
-    logger.info("metrics on http://%s:%d/metrics", host, settings.metrics_port)
+    logger.info("metrics and probes on http://%s:%d", host, settings.metrics_port)
     return runner
 
 

@@ -22,7 +22,8 @@ what those refer to: the rules ConfigMap, the token Secret, the ServiceAccount a
 objects. For a restart on rule changes (see `restartOnRuleChange`) the parent annotates
 its pod template with `checksum/rules: {{ include "rule-sidecar.rulesChecksum" $rs }}`.
 This chart's NetworkPolicy, Service and ServiceMonitor select its own pods only: the
-parent brings its own (the sidecar's API listens on 0.0.0.0, see `sidecar.host`).
+parent brings its own (the sidecar's API listens on loopback; probes and metrics on
+`sidecar.metrics.port`).
 */}}
 
 {{/* The chart name, or nameOverride. */}}
@@ -112,9 +113,14 @@ sidecar listens on (an IPv6 listener such as "::" does not take IPv4 connections
 {{- printf "http://%s:%d" $host (.Values.sidecar.port | int64) -}}
 {{- end -}}
 
-{{/* "true" when the separate metrics listener is on (asked for, or needed by a ServiceMonitor). */}}
+{{/* "true" when Prometheus scrapes the separate listener (asked for, or a ServiceMonitor). */}}
 {{- define "rule-sidecar.metricsEnabled" -}}
 {{- if or .Values.sidecar.metrics.enabled .Values.serviceMonitor.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* "true" when the separate listener runs: for the probes, or for Prometheus. */}}
+{{- define "rule-sidecar.listenerEnabled" -}}
+{{- if or .Values.sidecar.probes.enabled (include "rule-sidecar.metricsEnabled" .) -}}true{{- end -}}
 {{- end -}}
 
 {{/*
@@ -175,8 +181,8 @@ that appears twice, and on more than the 1 MiB a ConfigMap can hold.
 {{/* Refuse settings that cannot work, with the reason. */}}
 {{- define "rule-sidecar.checkSettings" -}}
 {{- $sidecar := .Values.sidecar -}}
-{{- if and $sidecar.probes.enabled (has (toString $sidecar.host) (list "127.0.0.1" "localhost" "::1")) -}}
-{{- fail (printf "sidecar.host=%s: the kubelet's probes come from the node to the pod IP and cannot reach a loopback listener; keep 0.0.0.0 (the NetworkPolicy keeps the port private) or set sidecar.probes.enabled=false" (toString $sidecar.host)) -}}
+{{- if and $sidecar.probes.enabled (has (toString $sidecar.metrics.host) (list "127.0.0.1" "localhost" "::1")) -}}
+{{- fail (printf "sidecar.metrics.host=%s: the kubelet's probes come from the node to the pod IP and cannot reach a loopback listener; keep 0.0.0.0 or set sidecar.probes.enabled=false" (toString $sidecar.metrics.host)) -}}
 {{- end -}}
 {{- if regexMatch "://[^/@:]+:[^@/]*@" (toString $sidecar.database.url) -}}
 {{- fail "sidecar.database.url contains a password: keep it in a Secret and name it in sidecar.database.passwordSecret" -}}
@@ -200,7 +206,7 @@ variables, the names sidecar/config.py reads; the image's entrypoint is `rule-si
 {{- define "rule-sidecar.container" -}}
 {{- include "rule-sidecar.checkSettings" . -}}
 {{- $sidecar := .Values.sidecar -}}
-{{- $metrics := include "rule-sidecar.metricsEnabled" . -}}
+{{- $metrics := include "rule-sidecar.listenerEnabled" . -}}
 - name: {{ $sidecar.name }}
   image: "{{ $sidecar.image.repository }}:{{ $sidecar.image.tag | default .Chart.AppVersion }}"
   imagePullPolicy: {{ $sidecar.image.pullPolicy }}
@@ -293,11 +299,12 @@ variables, the names sidecar/config.py reads; the image's entrypoint is `rule-si
     {{- end }}
   {{- if $sidecar.probes.enabled }}
   {{- $probes := $sidecar.probes }}
-  # 503 until a first valid snapshot serves.
+  # On the separate listener: the API stays on loopback. 503 until a first valid
+  # snapshot serves.
   startupProbe:
     httpGet:
       path: /health/hot-reload
-      port: sidecar-http
+      port: sidecar-metrics
     periodSeconds: {{ $probes.startup.periodSeconds }}
     timeoutSeconds: {{ $probes.startup.timeoutSeconds }}
     failureThreshold: {{ $probes.startup.failureThreshold }}
@@ -305,7 +312,7 @@ variables, the names sidecar/config.py reads; the image's entrypoint is `rule-si
   readinessProbe:
     httpGet:
       path: /health/hot-reload
-      port: sidecar-http
+      port: sidecar-metrics
     periodSeconds: {{ $probes.readiness.periodSeconds }}
     timeoutSeconds: {{ $probes.readiness.timeoutSeconds }}
     failureThreshold: {{ $probes.readiness.failureThreshold }}
@@ -313,7 +320,7 @@ variables, the names sidecar/config.py reads; the image's entrypoint is `rule-si
   livenessProbe:
     httpGet:
       path: /livez
-      port: sidecar-http
+      port: sidecar-metrics
     periodSeconds: {{ $probes.liveness.periodSeconds }}
     timeoutSeconds: {{ $probes.liveness.timeoutSeconds }}
     failureThreshold: {{ $probes.liveness.failureThreshold }}
