@@ -157,6 +157,8 @@ if found:
 user = pwd.getpwuid(os.getuid())
 print(f"runs as {user.pw_name} {os.getuid()}:{os.getgid()} ({grp.getgrgid(os.getgid()).gr_name}),",
       "python", sys.version.split()[0], "at", os.path.realpath(sys.executable))
+# The ConfigMap API source still imports with kubernetes/aio removed.
+import sidecar.sources.kubernetes
 '
 }
 
