@@ -34,7 +34,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
-import yaml
 
 from bench._common import environment, fmt_ms, free_port, quantile, sidecar_process, wait_ready
 from sidecar.testing import ConfigMapDir, FakeKubernetes
@@ -81,19 +80,7 @@ def kubernetes_source(tmp: Path, port: int) -> Iterator[Publish]:
         return kube.apply("rules", {"rules.yaml": RULES.format(points=points)}, labels=labels)
 
     publish(1)
-    kubeconfig = tmp / "kubeconfig"
-    kubeconfig.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "fake", "cluster": {"server": kube.url}}],
-                "users": [{"name": "bench", "user": {"token": "unused"}}],
-                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "bench"}}],
-                "current-context": "fake",
-            }
-        )
-    )
+    kubeconfig = kube.write_kubeconfig(tmp / "kubeconfig")
     arguments = ("--kubernetes-selector", "rule-sidecar/rules=bench")
     try:
         with sidecar_process(

@@ -208,6 +208,19 @@ class FakeKubernetes:
         """Answer 403 as the API server does for a service account without RBAC."""
         self._forbidden = forbidden
 
+    def write_kubeconfig(self, path: Path) -> Path:
+        """A kubeconfig for this server, as `kubectl` (and `KUBECONFIG`) would use it."""
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "users": [{"name": "fake", "user": {"token": "not-checked"}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+            "current-context": "fake",
+        }
+        path.write_text(json.dumps(config), encoding="utf-8")  # JSON is YAML
+        return path
+
     def watches(self) -> list[dict[str, str]]:
         return [query for query in self.requests if query.get("watch") == "true"]
 

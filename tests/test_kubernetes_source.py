@@ -11,7 +11,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 
 pytest.register_assert_rewrite("k8s_support", "server_support")
 
@@ -395,21 +394,7 @@ class TestEvents:
 
 @pytest.fixture
 def kubeconfig(tmp_path: Path, kube: FakeKubernetes) -> Path:
-    """A kubeconfig for the fake API server, as `kubectl` would use it."""
-    path = tmp_path / "kubeconfig"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "fake", "cluster": {"server": kube.url}}],
-                "users": [{"name": "me", "user": {"token": "not-checked"}}],
-                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "me"}}],
-                "current-context": "fake",
-            }
-        )
-    )
-    return path
+    return kube.write_kubeconfig(tmp_path / "kubeconfig")
 
 
 @pytest.fixture
