@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Final
@@ -52,6 +52,7 @@ class Settings:
     kubernetes_events: bool = False
     kubernetes_watch_timeout_seconds: float = 300.0
     admin_token_file: Path | None = None
+    allowed_hosts: tuple[str, ...] = ()
     state_dir: Path | None = None
     hot_reload_enabled: bool = True
     interval_seconds: float = 30.0
@@ -108,6 +109,7 @@ ENVIRONMENT: Final[Mapping[str, str]] = {
     "kubernetes_events": "RULE_SIDECAR_KUBERNETES_EVENTS",
     "kubernetes_watch_timeout_seconds": "RULE_SIDECAR_KUBERNETES_WATCH_TIMEOUT_SECONDS",
     "admin_token_file": "RULE_SIDECAR_ADMIN_TOKEN_FILE",
+    "allowed_hosts": "RULE_SIDECAR_ALLOWED_HOSTS",
     "state_dir": "RULE_SIDECAR_STATE_DIR",
     "hot_reload_enabled": "HOT_RELOAD_ENABLED",
     "interval_seconds": "HOT_RELOAD_INTERVAL_SECONDS",
@@ -143,26 +145,37 @@ _TRUE: Final = {"1", "true", "yes", "on"}
 _FALSE: Final = {"0", "false", "no", "off"}
 
 
-def _convert(name: str, text: str, kind: Any, source: str) -> Any:
+def _boolean(text: str) -> bool:
+    lowered = text.lower()
+    if lowered not in _TRUE | _FALSE:
+        raise ValueError("expected true or false")
+    return lowered in _TRUE
+
+
+# A field's annotation (text, as `from __future__ import annotations` leaves it) -> parser.
+_PARSERS: Final[Mapping[str, Callable[[str], Any]]] = {
+    "bool": _boolean,
+    "int": int,
+    "int | None": int,
+    "float": float,
+    "Path | None": Path,
+    "tuple[Path, ...]": lambda text: tuple(Path(part) for part in text.split(os.pathsep) if part),
+    "tuple[str, ...]": lambda text: tuple(
+        part.strip().lower() for part in text.split(",") if part.strip()
+    ),
+}
+
+
+def _convert(text: str, kind: Any, source: str) -> Any:
     """Turn one textual value into the field's type, or say which setting is wrong."""
     text = text.strip()
+    parse = _PARSERS.get(kind)
+    if parse is None:
+        return text
     try:
-        if kind in ("bool",):
-            lowered = text.lower()
-            if lowered not in _TRUE | _FALSE:
-                raise ValueError("expected true or false")
-            return lowered in _TRUE
-        if kind in ("int", "int | None"):
-            return int(text)
-        if kind in ("float",):
-            return float(text)
-        if kind in ("Path | None",):
-            return Path(text)
-        if kind in ("tuple[Path, ...]",):
-            return tuple(Path(part) for part in text.split(os.pathsep) if part)
+        return parse(text)
     except ValueError as exc:
         raise SettingsError(f"{source}={text!r}: {exc}") from None
-    return text
 
 
 def settings_from(
@@ -176,7 +189,7 @@ def settings_from(
     for field in fields(Settings):
         variable = ENVIRONMENT[field.name]
         if variable in environ and environ[variable].strip():
-            values[field.name] = _convert(field.name, environ[variable], field.type, variable)
+            values[field.name] = _convert(environ[variable], field.type, variable)
     for name, value in (overrides or {}).items():
         if value is not None:
             values[name] = value

@@ -7,6 +7,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 pytest.register_assert_rewrite("server_support")
@@ -665,6 +666,65 @@ class TestAdminToken:
         """A 401 carries `WWW-Authenticate: Bearer` (RFC 9110 requires a challenge)."""
         response, _ = await guarded.call("POST", f"{HOT}/reload", status=401)
         assert response.headers.get("WWW-Authenticate") == "Bearer"
+
+
+class TestBrowserGuard:
+    """Host and Origin checks: a page of another site, in a browser on the sidecar's
+    machine, can neither rebind its name to the sidecar nor post to it cross-origin."""
+
+    @pytest.mark.parametrize(
+        "host",
+        ["127.0.0.1:8000", "localhost:8000", "[::1]:8000", "10.1.2.3", "app.localhost:8000"],
+    )
+    async def test_addresses_of_this_machine_pass(self, sidecar: Sidecar, host: str):
+        """IP literals and localhost names cannot be an attacker's DNS name."""
+        await sidecar.get("/api/v1/rulesets", headers={"Host": host})
+
+    async def test_a_rebound_name_is_refused(self, sidecar: Sidecar):
+        """A Host that names another site is refused, saying how to allow a real name."""
+        body = await sidecar.get(
+            "/api/v1/rulesets", headers={"Host": "rebind.attacker.example:8000"}, status=403
+        )
+        assert "RULE_SIDECAR_ALLOWED_HOSTS" in body["error"]["message"]
+
+    async def test_an_allowed_name_passes(self, start_sidecar, plain_rules: Path):
+        """RULE_SIDECAR_ALLOWED_HOSTS admits the names the operator gives."""
+        app = await start_sidecar(plain_rules, allowed_hosts=("rules.internal",))
+        await app.get("/api/v1/rulesets", headers={"Host": "rules.internal:8000"})
+        await app.get("/api/v1/rulesets", headers={"Host": "other.internal"}, status=403)
+
+    async def test_cross_origin_post_is_refused(self, sidecar: Sidecar):
+        """A simple cross-origin POST (no preflight) never reaches the reload."""
+        before = len(sidecar.service.get_reload_history())
+        body = await sidecar.post(
+            f"{HOT}/reload",
+            headers={"Origin": "https://attacker.example", "Content-Type": "text/plain"},
+            data="{}",
+            status=403,
+        )
+        assert "cross-origin" in body["error"]["message"]
+        assert len(sidecar.service.get_reload_history()) == before
+
+    async def test_same_origin_post_passes(self, sidecar: Sidecar):
+        """A page the sidecar serves itself (the dashboard) posts same-origin."""
+        url = sidecar.client.make_url("")
+        origin = f"http://{url.host}:{url.port}"
+        await sidecar.post(f"{HOT}/reload", headers={"Origin": origin}, json={})
+
+    async def test_cross_origin_websocket_is_refused(self, sidecar: Sidecar):
+        """Browsers open WebSockets cross-origin without asking: refused at the handshake."""
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await sidecar.client.ws_connect(
+                "/ws/hot-reload", headers={"Origin": "https://attacker.example"}
+            )
+        assert refused.value.status == 403
+
+    async def test_reads_need_no_origin_check(self, sidecar: Sidecar):
+        """A cross-origin GET is harmless (no CORS headers: the page cannot read it)."""
+        response, _ = await sidecar.call(
+            "GET", "/api/v1/rulesets", headers={"Origin": "https://attacker.example"}
+        )
+        assert "Access-Control-Allow-Origin" not in response.headers
 
 
 class TestProbes:

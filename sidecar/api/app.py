@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import base64
 import hmac
+import ipaddress
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -86,6 +88,7 @@ class AppState:
     admin_token: str | None
     reload_limiter: RateLimiter
     max_age_seconds: float = 300.0
+    allowed_hosts: frozenset[str] = frozenset()
 
 
 STATE: web.AppKey[AppState] = web.AppKey("state", AppState)
@@ -128,6 +131,46 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
 
 def _state(request: web.Request) -> AppState:
     return request.app[STATE]
+
+
+def _host_allowed(authority: str, allowed: frozenset[str]) -> bool:
+    """An IP literal or localhost, or a name the operator allowed. DNS rebinding needs a
+    name of the attacker's that resolves to this machine; an IP literal cannot be one."""
+    host = urlsplit(f"//{authority}").hostname or ""
+    if host in allowed or host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@web.middleware
+async def browser_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse what only a browser tricked by another site would send.
+
+    A page on another site can make a browser on the sidecar's machine (a developer's
+    laptop) reach it: by rebinding its own DNS name to 127.0.0.1 (the Host header then
+    names that site), or with a simple cross-origin POST or a WebSocket, which browsers
+    send without asking (the Origin header then names that site). Clients that are not
+    browsers send no Origin and an IP or localhost as Host, and are not affected.
+    """
+    allowed = _state(request).allowed_hosts
+    host = request.headers.get("Host", "")
+    if not _host_allowed(host, allowed):
+        raise web.HTTPForbidden(
+            text=f"Host {host!r} is not an address of this sidecar; "
+            "add its name to RULE_SIDECAR_ALLOWED_HOSTS if it is"
+        )
+    origin = request.headers.get("Origin")
+    changes_state = request.method not in ("GET", "HEAD", "OPTIONS")
+    opens_socket = request.headers.get("Upgrade", "").lower() == "websocket"
+    if origin is not None and (changes_state or opens_socket):
+        origin_host = urlsplit(origin).netloc
+        if origin_host != host and not (origin_host and urlsplit(origin).hostname in allowed):
+            raise web.HTTPForbidden(text=f"cross-origin request from {origin!r} refused")
+    return await handler(request)
 
 
 # Browsers cannot set headers on a WebSocket; Kubernetes' API server takes the token as
@@ -484,7 +527,9 @@ def create_observation_app(state: AppState) -> web.Application:
 
 
 def create_app(state: AppState, *, max_body_bytes: int = 1024 * 1024) -> web.Application:
-    app = web.Application(middlewares=[errors_as_json], client_max_size=max_body_bytes)
+    app = web.Application(
+        middlewares=[errors_as_json, browser_guard], client_max_size=max_body_bytes
+    )
     app[STATE] = state
     _wire_events(state)
     routes = [

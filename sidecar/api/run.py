@@ -133,6 +133,7 @@ def build_state(settings: Settings) -> AppState:
         admin_token=_read_token(settings.admin_token_file),
         reload_limiter=RateLimiter(settings.reload_rate_per_minute),
         max_age_seconds=settings.max_age_seconds,
+        allowed_hosts=frozenset(settings.allowed_hosts),
     )
 
 
