@@ -1,0 +1,138 @@
+"""Faults: a process killed with SIGKILL mid-write or mid-reload, a state directory that
+cannot be written. In every case the last good rules survive and keep serving."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.register_assert_rewrite("server_support")
+
+from server_support import (  # noqa: E402
+    clean_environment,
+    fraud_doc,
+    spawn,
+    to_yaml,
+    wait_sync,
+)
+
+from sidecar.loader import Loader  # noqa: E402
+from sidecar.state import StateStore  # noqa: E402
+
+pytest_plugins = ["server_support"]
+
+# Saves two different large snapshots in turn, forever, printing each revision it saved.
+WRITER = """
+import sys
+from pathlib import Path
+from sidecar.documents import SourceFile
+from sidecar.loader import Loader
+from sidecar.state import StateStore
+sys.path.insert(0, sys.argv[2])
+from conftest import dump_yaml, make_ruleset_doc
+
+def ruleset(points):
+    rules = [{"id": f"r{i}", "condition": f"input.amount > {i}", "points": points}
+             for i in range(2000)]
+    return SourceFile("big.yaml", dump_yaml(make_ruleset_doc("big", rules)).encode())
+
+loader = Loader()
+snapshots = [loader.load([ruleset(points)]).snapshot for points in (1, 2)]
+store = StateStore(Path(sys.argv[1]))
+print("ready", flush=True)
+while True:
+    for snapshot in snapshots:
+        store.save(snapshot)
+        print(snapshot.revision, flush=True)
+"""
+
+
+class TestKill9:
+    def test_during_state_writes_the_copy_is_never_torn(self, tmp_path: Path):
+        """SIGKILL at random moments of a writer saving 2,000-rule snapshots in turn: the
+        saved copy always loads, and is one of the two snapshots, never a mix or a part."""
+        state = tmp_path / "state"
+        tests_dir = str(Path(__file__).parent)
+        revisions: set[str] = set()
+        rng = random.Random(7)
+        for _ in range(6):
+            writer = subprocess.Popen(
+                [sys.executable, "-c", WRITER, str(state), tests_dir],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert writer.stdout is not None
+            assert writer.stdout.readline().strip() == "ready"
+            revisions.add(writer.stdout.readline().strip())  # one save done
+            time.sleep(rng.uniform(0.0, 0.3))
+            writer.send_signal(signal.SIGKILL)
+            revisions.update(line.strip() for line in writer.stdout)
+            writer.wait()
+            saved = StateStore(state).load()
+            assert saved is not None
+            json.loads(saved.content)  # whole JSON, not a torn write
+            assert Loader().load([saved]).snapshot.revision in revisions
+        leftovers = [p.name for p in state.iterdir() if p.name != "last-good.json"]
+        assert all(name.startswith(".last-good.") for name in leftovers)
+
+    def test_during_a_reload_the_restart_serves_the_last_good(self, tmp_path: Path):
+        """A sidecar killed with SIGKILL right after a change (while it reloads, or just
+        before), restarted on broken sources: it serves good rules from its state dir."""
+        rules, state = tmp_path / "rules", tmp_path / "state"
+        rules.mkdir()
+        (rules / "fraud.yaml").write_text(to_yaml(fraud_doc()), encoding="utf-8")
+        env = clean_environment(RULE_SIDECAR_STATE_DIR=str(state))
+        first = spawn(tmp_path, "--rules-dir", str(rules), env=env)
+        try:
+            first.wait_ready()
+            (rules / "fraud.yaml").write_text(to_yaml(fraud_doc(55)), encoding="utf-8")
+            time.sleep(0.01)  # the watcher has seen the change; the reload is under way
+            first.process.send_signal(signal.SIGKILL)
+            first.process.wait()
+        finally:
+            first.stop()
+        (rules / "fraud.yaml").write_text("spec: [broken", encoding="utf-8")
+        second = spawn(tmp_path, "--rules-dir", str(rules), env=env)
+        try:
+            second.wait_ready()
+            _, health = second.get("/health/hot-reload")
+            assert (health["status"], health["serving_from"]) == ("degraded", "state_dir")
+            status, ruleset = second.get("/api/v1/rulesets/fraud")
+            assert (status, ruleset["rule_count"]) == (200, 3)
+        finally:
+            second.stop()
+
+
+class TestStateDirectory:
+    def test_an_unwritable_state_dir_costs_a_warning_only(self, tmp_path: Path):
+        """A state dir that cannot be created (a file is in the way): reloads still
+        succeed and serve; the failure to save is logged with the path."""
+        blocker = tmp_path / "state"
+        blocker.write_text("not a directory", encoding="utf-8")
+        rules = tmp_path / "rules"
+        rules.mkdir()
+        (rules / "fraud.yaml").write_text(to_yaml(fraud_doc()), encoding="utf-8")
+        env = clean_environment(RULE_SIDECAR_STATE_DIR=str(blocker / "nested"))
+        served = spawn(tmp_path, "--rules-dir", str(rules), env=env)
+        try:
+            served.wait_ready()
+            _, health = served.get("/health/hot-reload")
+            assert health["status"] == "healthy"
+            wait_sync(
+                lambda: any(
+                    "could not save the last good snapshot" in line for line in served.log_lines()
+                ),
+                message="a warning about the state dir",
+            )
+            assert str(blocker) in "\n".join(served.log_lines())
+        finally:
+            served.stop()
+        assert os.path.isfile(blocker)
