@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from datetime import datetime
@@ -84,7 +85,18 @@ class TestProtocol:
         assert status["data"]["registry"]["version"] == 2
         assert status["data"]["reload_count"] == 2
 
-    @pytest.mark.parametrize("text", ["garbage", "[1, 2]", '{"type": "subscribe"}', "{}"])
+    @pytest.mark.parametrize(
+        "text",
+        [
+            "garbage",
+            "[1, 2]",
+            '{"type": "subscribe"}',
+            "{}",
+            '{"type": ["ping"]}',
+            "[" * 60_000,  # nests deeper than the JSON parser's recursion limit
+        ],
+        ids=["text", "list", "unknown", "empty", "type-not-a-string", "deep"],
+    )
     async def test_unknown_request_is_an_error_and_the_socket_stays(
         self, sidecar: Sidecar, text: str
     ):
@@ -98,6 +110,32 @@ class TestProtocol:
             await ws.send_json({"type": "ping"})
             assert (await receive_event(ws))["event_type"] == "pong"
             assert not ws.closed
+
+    async def test_an_oversized_frame_closes_only_that_client(self, sidecar: Sidecar):
+        """A frame over 64 KiB closes its sender with 1009; others are not disturbed."""
+        async with sidecar.client.ws_connect(WS) as big, sidecar.client.ws_connect(WS) as other:
+            await receive_event(big)
+            await receive_event(other)
+            await big.send_str(" " * (65 * 1024))
+            message = await big.receive(timeout=5)
+            assert message.type is aiohttp.WSMsgType.CLOSE
+            assert big.close_code == 1009
+            await other.send_json({"type": "ping"})
+            assert (await receive_event(other))["event_type"] == "pong"
+
+    async def test_a_flood_of_connections_is_bounded(self, start_sidecar, plain_rules: Path):
+        """80 connections at once against a limit of 20: 20 served, the rest refused with
+        1013, and the count goes back to zero when they leave. (80: the test client's
+        connection pool holds 100.)"""
+        app = await start_sidecar(plain_rules, prepare=own_notifier(max_clients=20))
+        connecting = asyncio.gather(*(app.client.ws_connect(WS) for _ in range(80)))
+        sockets = await asyncio.wait_for(connecting, timeout=10)
+        first = await asyncio.gather(*(ws.receive(timeout=5) for ws in sockets))
+        served = [m for m in first if m.type is aiohttp.WSMsgType.TEXT]
+        refused = [ws for ws in sockets if ws.close_code == 1013]
+        assert (len(served), len(refused)) == (20, 60)
+        await asyncio.gather(*(ws.close() for ws in sockets))
+        await eventually(lambda: app.state.notifier.client_count == 0, message="all gone")
 
     async def test_binary_frames_are_ignored(self, sidecar: Sidecar):
         """A binary frame gets no answer and does not close the connection."""

@@ -228,7 +228,7 @@ async def _json_body(request: web.Request, *, required: bool = True) -> dict[str
         return {}
     try:
         body = _loads(await request.read())
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: json nests too deep
         raise web.HTTPBadRequest(text=f"body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise web.HTTPBadRequest(text="body must be a JSON object")

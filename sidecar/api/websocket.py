@@ -181,7 +181,7 @@ class ReloadNotificationManager:
             try:
                 request = json.loads(message.data)
                 kind = request.get("type") if isinstance(request, dict) else None
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested too deep
                 kind = None
             if kind == "ping":
                 self._offer(client, self._encode("pong", {}, self._seq))
