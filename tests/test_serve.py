@@ -155,6 +155,31 @@ class TestLifecycle:
         finally:
             server.stop()
 
+    async def test_the_admin_token_never_leaves(self, tmp_path: Path):
+        """Neither the logs (DEBUG included) nor any answer repeat the admin token, also
+        when a wrong one is sent."""
+        token = "tok-" + "s3cr3t" * 6
+        token_file = tmp_path / "token"
+        token_file.write_text(token + "\n", encoding="utf-8")
+        env = clean_environment(RULE_SIDECAR_LOG_LEVEL="DEBUG")
+        server = spawn(tmp_path, "--admin-token-file", str(token_file), env=env)
+        answers: list[str] = []
+        try:
+            await _wait_ready_async(server)
+            async with aiohttp.ClientSession(server.url) as session:
+                for given in (token, token[:-1], token + "x"):
+                    headers = {"Authorization": f"Bearer {given}"}
+                    async with session.post(f"{HOT}/reload", headers=headers, json={}) as r:
+                        answers.append(await r.text())
+                    async with session.get(f"{HOT}/status", headers=headers) as r:
+                        answers.append(await r.text())
+            assert '"status":"unchanged"' in answers[0].replace(" ", "")
+            assert "a bearer token is required" in answers[2]
+        finally:
+            server.stop()
+        for text in [*answers, server.log.read_text("utf-8")]:
+            assert "s3cr3t" not in text
+
     def test_without_rules_dir_serves_the_bundled_examples(self, tmp_path: Path):
         """No --rules-dir: the example rulesets, payment-fraud among them."""
         server = spawn(tmp_path)
