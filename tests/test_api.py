@@ -362,6 +362,12 @@ class TestRollback:
         """A version that is not an integer: 400."""
         await sidecar.post(f"{HOT}/rollback", json={"version": version}, status=400)
 
+    async def test_a_whole_float_is_an_integer(self, sidecar: Sidecar):
+        """JSON has one number type: 1.0 is version 1 (as JSON Schema says too)."""
+        await sidecar.post(f"{HOT}/reload", json={"force": True})
+        record = await sidecar.post(f"{HOT}/rollback", json={"version": 1.0})
+        assert (record["status"], record["filtered_by"]) == ("success", {"version": 1})
+
 
 class TestRegistryReads:
     """Rules and rulesets, with ETag = registry version and 304 on If-None-Match."""

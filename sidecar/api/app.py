@@ -235,13 +235,26 @@ async def _json_body(request: web.Request, *, required: bool = True) -> dict[str
     return body
 
 
+def _whole_number(value: Any) -> int | None:
+    """`value` as an int if it is a whole JSON number. JSON has one number type: 7.0 is
+    the integer 7, and so is 2^64, which a parser may hand over as a float."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
 def _optional_id(body: dict[str, Any], key: str) -> str | None:
     value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise web.HTTPBadRequest(text=f"{key} must be a string or a number")
-    return str(value)
+    if value is None or isinstance(value, str):
+        return value
+    number = _whole_number(value)
+    if number is None:
+        raise web.HTTPBadRequest(text=f"{key} must be a string or a whole number")
+    return str(number)
 
 
 def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
@@ -343,8 +356,10 @@ async def post_rollback(request: web.Request) -> web.Response:
     _limit_reloads(request)
     body = await _json_body(request, required=False)
     version = body.get("version")
-    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-        raise web.HTTPBadRequest(text="version must be an integer")
+    if version is not None:
+        version = _whole_number(version)
+        if version is None:
+            raise web.HTTPBadRequest(text="version must be an integer")
     return _record_response(await _state(request).service.rollback(version))
 
 
