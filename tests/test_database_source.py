@@ -7,6 +7,7 @@ together.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -557,6 +558,43 @@ class TestOutage:
         assert await total_points(app) == 75
         status = await app.get(f"{HOT}/status")
         assert all(source["errors"] == [] for source in status["sources"])
+        await ws.close()
+
+    async def test_a_hanging_database_does_not_hang_the_sidecar(
+        self, pg_database: Database, start_sidecar, rules_dir: Path
+    ):
+        """Reads blocked by a lock (a database that hangs): evaluations keep answering at
+        once, the read gives up at the statement timeout (10 s) with a clear error, the
+        last good rules serve, and the sidecar catches up alone when the lock goes."""
+        pg_database.init().import_docs(fraud_doc())
+        app = await start_sidecar(
+            rules_dir, database_url=pg_database.url, monitor=True, interval_seconds=0.2
+        )
+        ws = await app.client.ws_connect("/ws/hot-reload")
+        await receive_event(ws)
+        with psycopg.connect(pg_database.url) as locker:  # holds the lock until it ends
+            locker.execute(LARGE_AMOUNT_TO_45)
+            locker.execute("LOCK TABLE rule_sidecar_state IN ACCESS EXCLUSIVE MODE")
+            slowest = 0.0
+            deadline = time.monotonic() + 15
+            failed: dict[str, Any] | None = None
+            while failed is None and time.monotonic() < deadline:
+                started = time.monotonic()
+                assert await total_points(app) == 70
+                slowest = max(slowest, time.monotonic() - started)
+                with contextlib.suppress(TimeoutError):
+                    message = await ws.receive_json(timeout=0.05)
+                    if message["event_type"] == "reload_failed":
+                        failed = message
+            assert failed is not None, "the blocked read never gave up"
+            (error,) = failed["data"]["errors"]
+            assert "statement timeout" in error["message"]
+            assert slowest < 1.0
+            code, health = await app.health()
+            assert (code, health["status"]) == (200, "degraded")
+            locker.commit()
+        await eventually(points_are(app, 75), timeout=10, message="caught up after the lock")
+        await eventually(healthy(app), message="healthy again")
         await ws.close()
 
     async def test_startup_with_the_database_down(

@@ -443,9 +443,10 @@ class DatabaseSource:
             try:
                 changes = self._read_changes()
             except Exception:
-                if self._connection is None:
+                # A kept connection may have died since the last read: one fresh try. Not
+                # after a statement timeout on a live one: that would double the wait.
+                if self._connection is None or not getattr(self._connection, "broken", True):
                     raise
-                # A kept connection may have died since the last read: one fresh try.
                 self._disconnect()
                 changes = self._read_changes()
         except Exception as exc:  # every driver error means the same: not readable now
