@@ -131,7 +131,8 @@ def sidecar_process(
         if key
         not in ("RULE_SIDECAR_RULES_DIR", "RULE_SIDECAR_DATABASE_URL", "KUBERNETES_SERVICE_HOST")
     }
-    env.update(HOT_RELOAD_INTERVAL_SECONDS="3600", RULE_SIDECAR_LOG_LEVEL="WARNING", **extra_env)
+    env.update(HOT_RELOAD_INTERVAL_SECONDS="3600", RULE_SIDECAR_LOG_LEVEL="WARNING")
+    env.update(extra_env)
     command = [*prefix, sys.executable, "-m", "sidecar.cli", "serve", "--port", str(port)]
     server = subprocess.Popen([*command, *arguments], env=env)
     try:
