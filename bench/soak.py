@@ -76,6 +76,7 @@ class Tally:
         self.went_back = 0
         self.announced: list[list[int]] = []
         self.failed_events = 0
+        self.rss_samples: list[float] = []
 
 
 async def evaluator(session: aiohttp.ClientSession, url: str, until: float, tally: Tally) -> None:
@@ -113,6 +114,13 @@ async def listener(session: aiohttp.ClientSession, url: str, until: float, tally
                 tally.failed_events += 1
 
 
+async def sampler(pid: int, until: float, every: float, samples: list[float]) -> None:
+    """The server's RSS (MiB) at regular times: growth that flattens is not a leak."""
+    while time.monotonic() < until:
+        await asyncio.sleep(every)
+        samples.append(process_resources(pid)[0] / 1024)
+
+
 async def changer(volume: ConfigMapDir, until: float) -> int:
     serial = 1
     while time.monotonic() < until:
@@ -144,6 +152,7 @@ async def run(seconds: float) -> None:
                 socket_url = base.replace("http", "ws") + "/ws/hot-reload"
                 tasks = [evaluator(session, evaluate_url, until, tally) for _ in range(EVALUATORS)]
                 tasks += [listener(session, socket_url, until, tally) for _ in range(LISTENERS)]
+                tasks.append(sampler(server.pid, until, seconds / 6, tally.rss_samples))
                 started = time.monotonic()
                 changes, *_ = await asyncio.gather(changer(volume, until), *tasks)
                 elapsed = time.monotonic() - started
@@ -215,6 +224,8 @@ def report(
         f"({(rss[1] - rss[0]) / 1024:+.1f}); open fds: {fds[0]} -> {fds[1]} "
         f"({fds[1] - fds[0]:+d}); WebSocket clients after: {clients}"
     )
+    samples = " ".join(f"{sample:.1f}" for sample in tally.rss_samples)
+    print(f"server RSS every sixth of the run (MiB): {samples}")
 
 
 def main() -> None:

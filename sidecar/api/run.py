@@ -179,10 +179,14 @@ def _freeze_heap(record: ReloadRecord) -> None:
     """Move the new snapshot's objects out of the collector's sight.
 
     A snapshot holds many long-lived objects; without this, every full collection
-    walks all of them and stalls requests (the p99). Objects are still freed by
-    reference counting when their snapshot is dropped.
+    walks all of them and stalls requests (the p99). Frozen objects are still freed by
+    reference counting, but a frozen reference cycle never is: so what the last freeze
+    kept is unfrozen and collected first (the previous snapshot's cycles die here), once
+    per reload instead of at random moments between requests.
     """
     if record.status in (ReloadStatus.SUCCESS, ReloadStatus.RESTORED):
+        gc.unfreeze()
+        gc.collect()
         gc.freeze()
 
 
