@@ -10,10 +10,12 @@ import asyncio
 import gc
 import json
 import logging
+import math
 import multiprocessing
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
@@ -175,25 +177,36 @@ def _post_events(recorder: EventRecorder) -> Callable[[ReloadRecord], None]:
     return on_reload
 
 
-def _freeze_heap(record: ReloadRecord) -> None:
-    """Move the new snapshot's objects out of the collector's sight.
+class HeapFreezer:
+    """After each good reload, move the new snapshot's objects out of the collector's sight.
 
-    A snapshot holds many long-lived objects; without this, every full collection
-    walks all of them and stalls requests (the p99). Frozen objects are still freed by
-    reference counting, but a frozen reference cycle never is: so what the last freeze
-    kept is unfrozen and collected first (the previous snapshot's cycles die here), once
-    per reload instead of at random moments between requests.
+    A snapshot holds many long-lived objects; without this, every full collection walks
+    all of them and stalls requests (the p99). Frozen objects are still freed by
+    reference counting, but a frozen reference cycle (a failed reload's traceback, say)
+    never is: so at most every `collect_every` seconds, what was frozen is unfrozen and
+    collected first. That full collection costs about 28 ms at 10k rules; doing it at
+    every reload would cost a third of the throughput at ten reloads a second.
     """
-    if record.status in (ReloadStatus.SUCCESS, ReloadStatus.RESTORED):
-        gc.unfreeze()
-        gc.collect()
+
+    def __init__(self, collect_every: float = 5.0) -> None:
+        self.collect_every = collect_every
+        self._collected = -math.inf
+
+    def __call__(self, record: ReloadRecord) -> None:
+        if record.status not in (ReloadStatus.SUCCESS, ReloadStatus.RESTORED):
+            return
+        now = time.monotonic()
+        if now - self._collected >= self.collect_every:
+            gc.unfreeze()
+            gc.collect()
+            self._collected = now
         gc.freeze()
 
 
 async def serve(settings: Settings) -> int:
     state = build_state(settings)
     app = create_app(state, max_body_bytes=settings.max_body_bytes)
-    state.service.add_listener(_freeze_heap)
+    state.service.add_listener(HeapFreezer())
     await state.service.initial_load()
     if settings.hot_reload_enabled:
         state.service.start()
