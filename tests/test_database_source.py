@@ -597,6 +597,45 @@ class TestOutage:
         await eventually(healthy(app), message="healthy again")
         await ws.close()
 
+    async def test_a_dropped_database_then_recreated(
+        self, pg_database: Database, start_sidecar, rules_dir: Path
+    ):
+        """The database is dropped under a running sidecar: the reload fails naming it,
+        the last good rules serve; once it is created and filled again, the sidecar
+        serves its rules without being told."""
+        pg_database.init().import_docs(fraud_doc())
+        app = await start_sidecar(
+            rules_dir, database_url=pg_database.url, monitor=True, interval_seconds=0.2
+        )
+        ws = await app.client.ws_connect("/ws/hot-reload")
+        await receive_event(ws)
+        pg_admin(f"DROP DATABASE {pg_database.name} WITH (FORCE)")
+        failed = await failure_naming(ws, "does not exist")
+        assert pg_database.name in failed["data"]["errors"][0]["message"]
+        code, health = await app.health()
+        assert (code, health["status"], await total_points(app)) == (200, "degraded", 70)
+        pg_admin(f"CREATE DATABASE {pg_database.name}")
+        pg_database.init().import_docs(fraud_doc(55))
+        await eventually(points_are(app, 85), timeout=10, message="the new database's rules")
+        await eventually(healthy(app), message="healthy again")
+        await ws.close()
+
+    async def test_an_unknown_user_is_named_and_nothing_loads(
+        self, pg_database: Database, start_sidecar, rules_dir: Path
+    ):
+        """Wrong credentials (a role the server does not know; this server trusts every
+        password): nothing loads (all or nothing across sources), and the status names
+        the server's reason."""
+        pg_database.init().import_docs(fraud_doc())
+        url = pg_url_for(pg_database.name).replace("postgres@", "nobody_here@")
+        app = await start_sidecar(rules_dir, database_url=url)
+        code, health = await app.health()
+        assert (code, health["status"]) == (503, "unhealthy")
+        status = await app.get(f"{HOT}/status")
+        (db_status,) = [s for s in status["sources"] if "nobody_here" in s["name"]]
+        (error,) = db_status["errors"]
+        assert 'role "nobody_here" does not exist' in error["message"]
+
     async def test_startup_with_the_database_down(
         self, pg_database: Database, start_sidecar, rules_dir: Path, tmp_path: Path
     ):
