@@ -322,7 +322,7 @@ class HotReloadService:
     def get_status(self) -> dict[str, Any]:
         """The seed's status fields, plus sources and the last error."""
         last = self._last_record
-        watching = self.watch_problems()
+        watch_problems = self.watch_problems()
         return {
             "monitoring_active": self.monitoring_active,
             "auto_reload_enabled": self.auto_reload,
@@ -337,7 +337,7 @@ class HotReloadService:
             "rollback_active": self._rolled_back_from is not None,
             "sources": [
                 self._source_status[source.name].to_dict()
-                | {"watch_problem": watching.get(source.name)}
+                | {"watch_problem": watch_problems.get(source.name)}
                 for source in self.sources
             ],
             "last_errors": [p.to_dict() for p in last.errors] if last else [],

@@ -167,8 +167,8 @@ async def browser_guard(request: web.Request, handler: Handler) -> web.StreamRes
     changes_state = request.method not in ("GET", "HEAD", "OPTIONS")
     opens_socket = request.headers.get("Upgrade", "").lower() == "websocket"
     if origin is not None and (changes_state or opens_socket):
-        origin_host = urlsplit(origin).netloc
-        if origin_host != host and not (origin_host and urlsplit(origin).hostname in allowed):
+        source = urlsplit(origin)
+        if source.netloc != host and not (source.netloc and source.hostname in allowed):
             raise web.HTTPForbidden(text=f"cross-origin request from {origin!r} refused")
     return await handler(request)
 

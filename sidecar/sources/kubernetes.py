@@ -50,6 +50,7 @@ _CONNECT_TIMEOUT_S: Final = 10.0
 _LIST_TIMEOUT_S: Final = 30.0
 _MAX_BACKOFF_S: Final = 30.0
 _STALLED: Final = "stalled"
+_FILE_PREFIX: Final = "configmap/"
 
 
 def pod_namespace(path: Path = SERVICE_ACCOUNT_NAMESPACE) -> str:
@@ -90,6 +91,17 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
 
 
+def _file_name(configmap: str, key: str) -> str:
+    """How a ConfigMap key is named in every message: `configmap/<name>/<key>`."""
+    return f"{_FILE_PREFIX}{configmap}/{key}"
+
+
+def _configmap_of(file: str) -> str | None:
+    """The ConfigMap a file name of `_file_name` came from; None for any other file."""
+    name, slash, key = file.removeprefix(_FILE_PREFIX).partition("/")
+    return name if file.startswith(_FILE_PREFIX) and slash and key else None
+
+
 @dataclass(frozen=True, slots=True)
 class _ConfigMap:
     """What a ConfigMap contributes: its version and its rule files."""
@@ -102,7 +114,7 @@ class _ConfigMap:
         metadata = configmap.metadata
         assert metadata is not None  # the API server always sends it
         files = tuple(
-            SourceFile(f"configmap/{metadata.name}/{key}", value.encode("utf-8"))
+            SourceFile(_file_name(str(metadata.name), key), value.encode("utf-8"))
             for key, value in sorted((configmap.data or {}).items())
             if is_rule_file(Path(key))
         )
@@ -196,21 +208,20 @@ class ConfigMapSource:
         backoff = 0.5
         while not stop.is_set():
             try:
-                if self._resource_version is None and self._relist():
+                with self._lock:
+                    must_list = self._resource_version is None
+                if must_list and self._relist():
                     notify()
                 self._watch_once(notify, stop, current)
                 backoff = 0.5
-            except ApiException as exc:
-                if stop.is_set():
-                    return
-                if exc.status == 410:
-                    logger.info("%s: watch expired (410 Gone); listing again", self.name)
-                    self._resource_version = None
-                    continue
-                backoff = self._failed(exc, stop, backoff)
             except Exception as exc:
                 if stop.is_set():
                     return  # the failure is our own stop() shutting the socket
+                if isinstance(exc, ApiException) and exc.status == 410:
+                    logger.info("%s: watch expired (410 Gone); listing again", self.name)
+                    with self._lock:
+                        self._resource_version = None
+                    continue
                 backoff = self._failed(exc, stop, backoff)
 
     def _failed(self, exc: Exception, stop: threading.Event, backoff: float) -> float:
@@ -326,9 +337,9 @@ class EventRecorder:
     def reload_failed(self, problems: Iterable[Problem]) -> None:
         by_configmap: dict[str, list[Problem]] = {}
         for problem in problems:
-            parts = problem.file.split("/")
-            if len(parts) == 3 and parts[0] == "configmap":
-                by_configmap.setdefault(parts[1], []).append(problem)
+            configmap = _configmap_of(problem.file)
+            if configmap is not None:
+                by_configmap.setdefault(configmap, []).append(problem)
         for name, found in sorted(by_configmap.items()):
             try:
                 self._core.create_namespaced_event(
