@@ -11,6 +11,7 @@ returns the reload's error to its caller).
 from __future__ import annotations
 
 import base64
+import functools
 import hmac
 import ipaddress
 import json
@@ -133,6 +134,7 @@ def _state(request: web.Request) -> AppState:
     return request.app[STATE]
 
 
+@functools.lru_cache(maxsize=256)  # every request asks; the Host values are few
 def _host_allowed(authority: str, allowed: frozenset[str]) -> bool:
     """An IP literal or localhost, or a name the operator allowed. DNS rebinding needs a
     name of the attacker's that resolves to this machine; an IP literal cannot be one."""
