@@ -842,6 +842,32 @@ class TestMetrics:
 
         await eventually(back_to_zero, message="websocket gauge back to 0")
 
+    async def test_asyncio_tasks_gauge(self, sidecar: Sidecar):
+        """The gauge counts the event loop's tasks; clients that come and go leave it where
+        it was (a count that keeps growing is a leak)."""
+        clients = 5
+
+        async def tasks() -> float | None:
+            return metric_value(await self.scrape(sidecar), "rule_sidecar_asyncio_tasks")
+
+        before = await tasks()
+        assert before is not None
+        assert before >= 1
+        assert before == int(before)
+        sockets = [await sidecar.client.ws_connect("/ws/hot-reload") for _ in range(clients)]
+        for ws in sockets:
+            await ws.receive_json()  # the status message: the handler and its writer run
+        during = await tasks()
+        assert during is not None
+        assert during >= before + clients
+        for ws in sockets:
+            await ws.close()
+
+        async def back_where_it_was() -> bool:
+            return await tasks() == before
+
+        await eventually(back_where_it_was, message=f"asyncio tasks back to {before}")
+
     async def test_metrics_are_per_app(self, sidecar: Sidecar, start_sidecar, plain_rules):
         """Two apps in one process keep separate metrics (no global registry)."""
         other = await start_sidecar(plain_rules)

@@ -10,6 +10,7 @@ returns the reload's error to its caller).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import hmac
@@ -493,6 +494,7 @@ async def get_metrics(request: web.Request) -> web.Response:
     state = _state(request)
     service = state.service
     state.metrics.observe_watches((s.name for s in service.sources), service.watch_problems())
+    state.metrics.asyncio_tasks.set(len(asyncio.all_tasks()))
     return web.Response(body=state.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -86,6 +86,12 @@ class Metrics:
         self.websocket_clients = Gauge(
             "rule_sidecar_websocket_clients", "Connected WebSocket clients.", registry=r
         )
+        self.asyncio_tasks = Gauge(
+            "rule_sidecar_asyncio_tasks",
+            "asyncio tasks alive in the server's event loop; like go_goroutines, a count "
+            "that keeps growing is a leak.",
+            registry=r,
+        )
         self._revision: str | None = None
 
     def observe_reload(self, record: ReloadRecord) -> None:
