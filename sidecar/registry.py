@@ -171,6 +171,8 @@ class RuleRegistry:
         self._current = Snapshot.empty()
         self._write_lock = threading.Lock()
         self._subscribers: list[Subscriber] = []
+        if history_limit < 1:
+            raise ValueError("history_limit must be at least 1: the last change is diffed")
         self._history: deque[Snapshot] = deque(maxlen=history_limit)
         self._rule_history: OrderedDict[str, deque[RuleRevision]] = OrderedDict()
         self._rule_history_limit = rule_history_limit
@@ -215,6 +217,14 @@ class RuleRegistry:
     def history(self) -> list[Snapshot]:
         """Earlier snapshots that `rollback` can return to, newest first."""
         return list(reversed(self._history))
+
+    def last_change(self) -> tuple[Snapshot, Snapshot]:
+        """The snapshot the current one replaced (empty after the first publish) and the
+        current one, read together so that a publish in between cannot mismatch them."""
+        with self._write_lock:
+            current = self._current
+            previous = self._history[-1] if current.version > 1 else Snapshot.empty()
+            return previous, current
 
     def rule_history(self, rule_id: str | int) -> list[RuleRevision]:
         return list(self._rule_history.get(str(rule_id), ()))

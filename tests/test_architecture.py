@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
     {"sidecar.sources.database", "sidecar.sources.kubernetes"},
     {"sidecar.registry"},
     {"sidecar.integration", "sidecar.service", "sidecar.config", "sidecar.dbtools"},
-    {"sidecar.api", "sidecar.api.metrics", "sidecar.api.websocket"},
+    {"sidecar.api", "sidecar.api.metrics", "sidecar.api.websocket", "sidecar.api.ui"},
     {"sidecar.api.app"},
     {"sidecar.api.run"},
     {"sidecar.cli", "sidecar"},

@@ -545,6 +545,74 @@ class TestHotReloadEndpoints:
         await api.call("GET", "/api/v1/rules/large-amount", 200)
 
 
+class TestChanges:
+    """What the current version changed, each item before and after."""
+
+    async def test_first_load_then_an_update(self, api: Api) -> None:
+        """The first load adds everything; a reload's diff holds old and new items."""
+        first = await api.call("GET", f"{HOT}/changes", 200)
+        assert (first["from_version"], first["to_version"], first["count"]) == (0, 1, 4)
+        assert {c["type"] for c in first["changes"]} == {"ruleset_added", "rule_added"}
+        assert all(c["before"] is None for c in first["changes"])
+
+        api.write(UPDATED)
+        await api.call("POST", f"{HOT}/reload", 200)
+        second = await api.call("GET", f"{HOT}/changes", 200)
+        assert (second["from_version"], second["to_version"]) == (1, 2)
+        by_type = {change["type"]: change for change in second["changes"]}
+        assert set(by_type) == {"ruleset_updated", "rule_removed", "rule_updated"}
+        removed, updated = by_type["rule_removed"], by_type["rule_updated"]
+        assert (removed["rule_id"], removed["before"]["points"], removed["after"]) == (
+            "legacy",
+            5,
+            None,
+        )
+        assert updated["rule_id"] == "foreign-country"
+        assert (updated["before"]["points"], updated["after"]["points"]) == (30, 35)
+        renamed = by_type["ruleset_updated"]
+        assert (renamed["before"]["name"], renamed["after"]["name"]) == (
+            "Payments",
+            "Card payments",
+        )
+
+    async def test_etag(self, api: Api) -> None:
+        """Cached by the registry version like the other registry reads."""
+        response = await api.client.get(f"{HOT}/changes")
+        etag = response.headers["ETag"]
+        await api.call("GET", f"{HOT}/changes", 304, headers={"If-None-Match": etag})
+
+
+class TestDashboardFiles:
+    """The page and its files: typed, locked down by CSP, cacheable by ETag."""
+
+    async def test_page_and_assets(self, api: Api) -> None:
+        """/ui/ and every file it links answer 200 with their type and the CSP."""
+        response = await api.client.get("/ui/")
+        page = await api.call("GET", "/ui/", 200)
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        policy = response.headers["Content-Security-Policy"]
+        assert "script-src 'self'" in policy
+        assert "frame-ancestors 'none'" in policy
+        linked = re.findall(r'(?:src|href)="([a-z]+\.(?:js|css))"', page)
+        assert sorted(linked) == ["dashboard.css", "dashboard.js"]
+        for name, media in (("dashboard.js", "text/javascript"), ("dashboard.css", "text/css")):
+            asset = await api.client.get(f"/ui/{name}")
+            assert (asset.status, asset.content_type) == (200, media)
+            await api.call(
+                "GET", f"/ui/{name}", 304, headers={"If-None-Match": asset.headers["ETag"]}
+            )
+
+    async def test_redirect_and_unknown_files(self, api: Api) -> None:
+        """/ui goes to /ui/; a file the dashboard does not ship is a 404, paths included."""
+        response = await api.call("GET", "/ui", 301, allow_redirects=False)
+        redirect = await api.client.get("/ui", allow_redirects=False)
+        assert redirect.headers["Location"] == "/ui/"
+        assert response is None
+        await api.call("GET", "/ui/app.py", 404)
+        escape = await api.client.get("/ui/%2E%2E%2Fapp.py")
+        assert escape.status == 404
+
+
 class TestHealth:
     """Probes answer as documented while serving and before anything valid loaded."""
 
@@ -697,7 +765,11 @@ class TestLimits:
     async def test_method_not_allowed(self, api: Api) -> None:
         """Every path answers 405 with Allow to a method it does not have."""
         for template, item in DOCUMENT["paths"].items():
-            path = template.replace("{rule_id}", "large-amount").replace("{ruleset_id}", "payments")
+            path = (
+                template.replace("{rule_id}", "large-amount")
+                .replace("{ruleset_id}", "payments")
+                .replace("{asset}", "dashboard.js")
+            )
             method = "DELETE" if "get" in item else "GET"
             await api.call(method, path, 405)
             await api.call("PUT", path, 405)

@@ -26,10 +26,11 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from sidecar.api.metrics import CONTENT_TYPE_LATEST, Metrics
+from sidecar.api.ui import ui_routes
 from sidecar.api.websocket import ReloadNotificationManager
 from sidecar.engine import Evaluation, evaluate_ruleset
 from sidecar.errors import InputError, NotFoundError
-from sidecar.registry import ChangeEvent, EventType, RuleRegistry
+from sidecar.registry import ChangeEvent, EventType, RuleRegistry, diff_snapshots
 from sidecar.service import HealthStatus, HotReloadService, ReloadRecord, ReloadStatus
 from sidecar.snapshot import Snapshot
 
@@ -430,6 +431,42 @@ async def get_rule(request: web.Request) -> web.Response:
     return _cached(request, snapshot, _find(snapshot.rules, "rule", request).to_dict)
 
 
+async def get_changes(request: web.Request) -> web.Response:
+    """What the current version changed, each change with the rule or ruleset before and
+    after it: the diff a person checks after a rollout."""
+    old, new = _state(request).registry.last_change()
+
+    def body() -> dict[str, Any]:
+        changes = [_change_view(change, old, new) for change in diff_snapshots(old, new)]
+        return {
+            "from_version": old.version,
+            "to_version": new.version,
+            "revision": new.revision,
+            "count": len(changes),
+            "changes": changes,
+        }
+
+    return _cached(request, new, body)
+
+
+def _change_view(change: ChangeEvent, old: Snapshot, new: Snapshot) -> dict[str, Any]:
+    view = change.to_dict()
+    if change.rule_id is not None:
+        before_rule, after_rule = old.rules.get(change.rule_id), new.rules.get(change.rule_id)
+        view["before"] = before_rule.to_dict() if before_rule else None
+        view["after"] = after_rule.to_dict() if after_rule else None
+    elif change.ruleset_id is not None:
+        before_set, after_set = (
+            old.rulesets.get(change.ruleset_id),
+            new.rulesets.get(change.ruleset_id),
+        )
+        view["before"] = before_set.to_dict(with_rules=False) if before_set else None
+        view["after"] = after_set.to_dict(with_rules=False) if after_set else None
+    else:
+        view["before"] = view["after"] = None
+    return view
+
+
 async def get_rulesets(request: web.Request) -> web.Response:
     snapshot = _state(request).registry.current
 
@@ -561,6 +598,7 @@ def create_app(state: AppState, *, max_body_bytes: int = 1024 * 1024) -> web.App
         web.post(f"{HOT}/monitoring/start", post_monitoring_start),
         web.post(f"{HOT}/monitoring/stop", post_monitoring_stop),
         web.get(f"{HOT}/history", get_history),
+        web.get(f"{HOT}/changes", get_changes),
         web.post(f"{HOT}/rollback", post_rollback),
         web.get("/api/v1/rules", get_rules),
         web.get("/api/v1/rules/{rule_id}", get_rule),
@@ -568,6 +606,7 @@ def create_app(state: AppState, *, max_body_bytes: int = 1024 * 1024) -> web.App
         web.get("/api/v1/rulesets/{ruleset_id}", get_ruleset),
         web.post("/api/v1/rulesets/{ruleset_id}/evaluate", post_evaluate),
         web.get("/ws/hot-reload", websocket),
+        *ui_routes(),
     ]
     app.add_routes(routes)
     return app

@@ -1,0 +1,334 @@
+"""The dashboard at /ui/, end to end in a real headless Chromium (Debian's `chromium` and
+`chromium-driver`) against a real sidecar watching a ConfigMap-style directory.
+
+Each test saves a screenshot of every state it reaches under its own output folder
+(pytest's `tmp_path`, kept for the last three runs: /tmp/pytest-of-<user>/). Without
+Chromium the browser tests skip, unless RULE_SIDECAR_REQUIRE_BROWSER is set (CI sets
+it), in which case they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+pytest.register_assert_rewrite("server_support")
+
+from server_support import (  # noqa: E402
+    ConfigMapDir,
+    ThreadedSidecar,
+    fraud_doc,
+    ruleset_doc,
+    threaded_sidecar,
+    to_yaml,
+)
+
+from sidecar.config import Settings  # noqa: E402
+
+pytest_plugins = ["server_support"]
+
+WAIT_SECONDS = 10.0
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[WebDriver]:
+    """One headless Chromium for the module; each test opens its own page."""
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        reason = "needs Debian's chromium and chromium-driver (apt-get install ...)"
+        if os.environ.get("RULE_SIDECAR_REQUIRE_BROWSER"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    options.add_argument("--window-size=1280,1800")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+Shoot = Callable[[str], Path]
+
+
+@pytest.fixture
+def shoot(browser: WebDriver, tmp_path: Path) -> Shoot:
+    """`shoot("name")` saves the page as tmp_path/screenshots/NN-name.png."""
+    folder = tmp_path / "screenshots"
+    folder.mkdir()
+    taken: list[Path] = []
+
+    def take(name: str) -> Path:
+        path = folder / f"{len(taken) + 1:02d}-{name}.png"
+        assert browser.save_screenshot(str(path)), f"no screenshot at {path}"
+        taken.append(path)
+        return path
+
+    return take
+
+
+@pytest.fixture
+def mount(tmp_path: Path) -> ConfigMapDir:
+    volume = ConfigMapDir(tmp_path / "configmap")
+    volume.publish({"fraud.yaml": to_yaml(fraud_doc())})
+    return volume
+
+
+@pytest.fixture
+def sidecar(mount: ConfigMapDir) -> Iterator[ThreadedSidecar]:
+    with threaded_sidecar(Settings(rules_dirs=(mount.root,), debounce_ms=20)) as server:
+        yield server
+
+
+def wait(browser: WebDriver, condition: Callable[[WebDriver], Any], what: str) -> Any:
+    try:
+        return WebDriverWait(browser, WAIT_SECONDS, poll_frequency=0.05).until(condition)
+    except TimeoutException:
+        raise AssertionError(f"the page never showed {what}") from None
+
+
+def text(browser: WebDriver, element_id: str) -> str:
+    return str(browser.find_element(By.ID, element_id).text)
+
+
+def open_dashboard(browser: WebDriver, server: ThreadedSidecar) -> None:
+    """Load /ui/ and wait for the first read and the live feed."""
+    browser.get(f"{server.url}/ui/")
+    wait(browser, lambda b: text(b, "version") == "1", "version 1")
+    wait(browser, lambda b: text(b, "feed-state") == "connected", "the live feed connected")
+    browser.execute_script("window.notReloaded = true")
+
+
+def still_same_page(browser: WebDriver) -> bool:
+    return bool(browser.execute_script("return window.notReloaded === true"))
+
+
+def events(browser: WebDriver, event_type: str) -> list[WebElement]:
+    return list(browser.find_elements(By.CSS_SELECTOR, f'#events li[data-event="{event_type}"]'))
+
+
+def console_errors(browser: WebDriver) -> list[str]:
+    """Errors the page logged: a script error or a Content-Security-Policy refusal."""
+    return [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def broken_fraud() -> str:
+    """fraud.yaml with a CEL syntax error in the second rule's condition."""
+    document = fraud_doc()
+    document["spec"]["rules"][1]["condition"] = "input.country !="
+    return to_yaml(document)
+
+
+class TestLiveUpdates:
+    """The page follows the sidecar without being reloaded."""
+
+    def test_swap_shows_event_version_and_diff(
+        self, browser: WebDriver, sidecar: ThreadedSidecar, mount: ConfigMapDir, shoot: Shoot
+    ) -> None:
+        """A ..data swap: event, new version and the changed field appear in place."""
+        open_dashboard(browser, sidecar)
+        assert text(browser, "health") == "healthy"
+        assert text(browser, "monitoring") == "on"
+        assert "First load, version 1: 4 changes" in text(browser, "changes-summary")
+        rows = browser.find_elements(By.CSS_SELECTOR, '#rulesets tr[data-rule="large-amount"]')
+        assert len(rows) == 1
+        assert "input.amount > 1000" in rows[0].text
+        assert "fraud.yaml:" in rows[0].text  # the rule's source file:line
+        shoot("loaded")
+
+        mount.publish({"fraud.yaml": to_yaml(fraud_doc(60))})
+
+        wait(browser, lambda b: text(b, "version") == "2", "version 2")
+        reloaded = wait(browser, lambda b: events(b, "rules_reloaded"), "a rules_reloaded event")
+        assert "version 1 → 2" in reloaded[0].text
+        assert events(browser, "rule_updated")
+        wait(
+            browser,
+            lambda b: "Version 1 → 2: 1 change." in text(b, "changes-summary"),
+            "the diff of version 2",
+        )
+        change = browser.find_element(By.CSS_SELECTOR, '#changes li[data-change="rule_updated"]')
+        assert "rule large-amount (fraud)" in change.text
+        assert "points: 40 → 60" in change.text
+        first_row = browser.find_element(By.CSS_SELECTOR, "#history tr")
+        assert first_row.get_attribute("data-status") == "success"
+        assert "1 → 2" in first_row.text
+        assert still_same_page(browser)
+        shoot("after-swap")
+        assert console_errors(browser) == []
+
+    def test_broken_rule_banner_until_fixed(
+        self, browser: WebDriver, sidecar: ThreadedSidecar, mount: ConfigMapDir, shoot: Shoot
+    ) -> None:
+        """A broken swap raises a banner with file:line; a good swap clears it."""
+        open_dashboard(browser, sidecar)
+        assert not browser.find_element(By.ID, "banner").is_displayed()
+
+        mount.publish({"fraud.yaml": broken_fraud()})
+
+        banner = wait(
+            browser,
+            lambda b: (
+                b.find_element(By.ID, "banner")
+                if b.find_element(By.ID, "banner").is_displayed()
+                else None
+            ),
+            "the failed-reload banner",
+        )
+        assert "Last reload failed: still serving version 1" in banner.text
+        locations = [e.text for e in banner.find_elements(By.CSS_SELECTOR, ".location")]
+        assert any(re.search(r"/fraud\.yaml:\d+:\d+$", place) for place in locations), locations
+        assert text(browser, "version") == "1"
+        assert text(browser, "health") == "degraded"
+        failed = browser.find_element(By.CSS_SELECTOR, '#history tr[data-status="failed"]')
+        failed.find_element(By.TAG_NAME, "summary").click()
+        assert "fraud.yaml:" in failed.find_element(By.CSS_SELECTOR, ".problems").text
+        assert events(browser, "reload_failed")
+        shoot("broken")
+
+        mount.publish({"fraud.yaml": to_yaml(fraud_doc(55))})
+
+        wait(browser, lambda b: text(b, "version") == "2", "version 2 after the fix")
+        wait(browser, lambda b: not b.find_element(By.ID, "banner").is_displayed(), "no banner")
+        assert text(browser, "health") == "healthy"
+        assert still_same_page(browser)
+        shoot("fixed")
+        assert console_errors(browser) == []
+
+    def test_feed_reconnects_and_resumes(
+        self, browser: WebDriver, sidecar: ThreadedSidecar, mount: ConfigMapDir
+    ) -> None:
+        """Dropped by the server, the feed comes back and replays what it missed."""
+        open_dashboard(browser, sidecar)
+        assert sidecar.state is not None
+        notifier = sidecar.state.notifier
+        sidecar.run(notifier.close_all())
+        wait(browser, lambda b: text(b, "feed-state") != "connected", "the feed dropped")
+        mount.publish({"fraud.yaml": to_yaml(fraud_doc(70))})
+        wait(browser, lambda b: text(b, "feed-state") == "connected", "the feed back")
+        wait(browser, lambda b: text(b, "version") == "2", "version 2")
+        assert len(events(browser, "rules_reloaded")) == 1
+        assert still_same_page(browser)
+
+
+class TestPanels:
+    """What a person does on the page: filter, try, act."""
+
+    def test_try_it_evaluates_pasted_json(
+        self, browser: WebDriver, sidecar: ThreadedSidecar, shoot: Shoot
+    ) -> None:
+        """Paste an input, see the decision, the total and the matched rules."""
+        open_dashboard(browser, sidecar)
+        Select(browser.find_element(By.ID, "try-ruleset")).select_by_value("fraud")
+        field = browser.find_element(By.ID, "try-input")
+        field.clear()
+        field.send_keys(json.dumps({"amount": 5000, "country": "FR"}))
+        browser.find_element(By.CSS_SELECTOR, "#try button[type=submit]").click()
+        wait(browser, lambda b: b.find_elements(By.ID, "try-total"), "the evaluation")
+        assert text(browser, "try-total") == "70"
+        assert text(browser, "try-decision") == "deny"
+        matched = text(browser, "try-matched")
+        assert "large-amount" in matched
+        assert "foreign-country" in matched
+        assert "never-on" not in matched
+        shoot("try-it")
+
+        field.clear()
+        field.send_keys("{not json")
+        browser.find_element(By.CSS_SELECTOR, "#try button[type=submit]").click()
+        wait(
+            browser,
+            lambda b: "not JSON" in text(b, "try-result"),
+            "the JSON error",
+        )
+        assert browser.find_element(By.ID, "try-result").get_attribute("data-outcome") == "error"
+
+    def test_filter_narrows_the_rules(
+        self, browser: WebDriver, sidecar: ThreadedSidecar, mount: ConfigMapDir, shoot: Shoot
+    ) -> None:
+        """Typing in the filter keeps only the rules that match, across rulesets."""
+        mount.publish(
+            {"fraud.yaml": to_yaml(fraud_doc()), "extra.yaml": to_yaml(ruleset_doc("extra"))}
+        )
+        browser.get(f"{sidecar.url}/ui/")
+        wait(browser, lambda b: text(b, "version") == "2", "version 2")
+        browser.find_element(By.ID, "filter").send_keys("country")
+        shown = [
+            row.get_attribute("data-rule")
+            for row in browser.find_elements(By.CSS_SELECTOR, "#rulesets tr[data-rule]")
+        ]
+        assert shown == ["foreign-country"]
+        assert text(browser, "rules-summary") == "1 of 4 rules match."
+        disabled = browser.find_element(By.ID, "filter")
+        disabled.clear()
+        disabled.send_keys("never-on")
+        row = browser.find_element(By.CSS_SELECTOR, 'tr[data-rule="never-on"]')
+        assert row.get_attribute("data-enabled") == "false"
+        shoot("filtered")
+
+    def test_validate_reload_and_rollback_buttons(
+        self, browser: WebDriver, sidecar: ThreadedSidecar, mount: ConfigMapDir
+    ) -> None:
+        """The buttons call the API and say what happened."""
+        open_dashboard(browser, sidecar)
+        browser.find_element(By.ID, "validate").click()
+        wait(browser, lambda b: "Valid: 3 rules" in text(b, "action-result"), "validate")
+        mount.publish({"fraud.yaml": to_yaml(fraud_doc(45))})
+        wait(browser, lambda b: text(b, "version") == "2", "version 2")
+        browser.find_element(By.ID, "rollback").click()
+        browser.switch_to.alert.accept()
+        wait(browser, lambda b: "Rollback: success, version 3" in text(b, "action-result"), "rb")
+        wait(browser, lambda b: text(b, "version") == "3", "version 3")
+        browser.find_element(By.ID, "reload").click()
+        wait(browser, lambda b: "Reload: unchanged" in text(b, "action-result"), "reload")
+
+
+class TestAdminToken:
+    """With an admin token, reads stay open and the page asks for it where needed."""
+
+    def test_page_asks_for_the_token(
+        self, browser: WebDriver, mount: ConfigMapDir, tmp_path: Path, shoot: Shoot
+    ) -> None:
+        """The live feed and the reload button work once the token is given."""
+        token_file = tmp_path / "token"
+        token_file.write_text("s3cret-token\n")
+        settings = Settings(rules_dirs=(mount.root,), admin_token_file=token_file)
+        with threaded_sidecar(settings) as server:
+            browser.get(f"{server.url}/ui/")
+            wait(browser, lambda b: text(b, "version") == "1", "version 1 (reads are open)")
+            dialog = wait(
+                browser,
+                lambda b: (
+                    b.find_element(By.ID, "token-dialog")
+                    if b.find_element(By.ID, "token-dialog").is_displayed()
+                    else None
+                ),
+                "the token dialog",
+            )
+            assert text(browser, "feed-state") == "needs the admin token"
+            shoot("token-dialog")
+            dialog.find_element(By.ID, "token").send_keys("s3cret-token")
+            dialog.find_element(By.CSS_SELECTOR, 'button[value="ok"]').click()
+            wait(browser, lambda b: text(b, "feed-state") == "connected", "the feed connected")
+            browser.find_element(By.ID, "reload").click()
+            wait(browser, lambda b: "Reload: unchanged" in text(b, "action-result"), "reload")
+            browser.execute_script("sessionStorage.clear()")
