@@ -203,6 +203,8 @@ run_image() {
     log "/health/hot-reload: $status $(head -c 300 "$WORK_DIR/health.json")"
     curl -sf "http://127.0.0.1:$PORT/api/v1/rulesets/big-probe" >/dev/null \
         || die "the large ruleset is not served"
+    curl -sf "http://127.0.0.1:$PORT/ui/dashboard.js" >/dev/null \
+        || die "the dashboard's files are not in the image"
     if podman logs "$CONTAINER" 2>&1 | grep -q 'reload worker failed'; then
         podman logs "$CONTAINER" >&2
         die "the reload worker failed in the read-only container"

@@ -44,16 +44,27 @@ pytest_plugins = ["server_support"]
 WAIT_SECONDS = 10.0
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
+# axe-core, Deque's accessibility rules engine (npm; .ci/run installs it here).
+AXE = Path(
+    os.environ.get(
+        "AXE_CORE_JS",
+        Path(__file__).parents[1] / ".ci/node/node_modules/axe-core/axe.min.js",
+    )
+)
+
+
+def missing(reason: str) -> None:
+    """Skip for a developer without the tool; fail in CI, which installs it."""
+    if os.environ.get("RULE_SIDECAR_REQUIRE_BROWSER"):
+        pytest.fail(reason)
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[WebDriver]:
     """One headless Chromium for the module; each test opens its own page."""
     if CHROMIUM is None or CHROMEDRIVER is None:
-        reason = "needs Debian's chromium and chromium-driver (apt-get install ...)"
-        if os.environ.get("RULE_SIDECAR_REQUIRE_BROWSER"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        missing("needs Debian's chromium and chromium-driver (apt-get install ...)")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
@@ -199,8 +210,8 @@ class TestLiveUpdates:
         assert any(re.search(r"/fraud\.yaml:\d+:\d+$", place) for place in locations), locations
         assert text(browser, "version") == "1"
         assert text(browser, "health") == "degraded"
+        assert browser.title == "Reload failed · rule-sidecar"
         failed = browser.find_element(By.CSS_SELECTOR, '#history tr[data-status="failed"]')
-        failed.find_element(By.TAG_NAME, "summary").click()
         assert "fraud.yaml:" in failed.find_element(By.CSS_SELECTOR, ".problems").text
         assert events(browser, "reload_failed")
         shoot("broken")
@@ -210,6 +221,7 @@ class TestLiveUpdates:
         wait(browser, lambda b: text(b, "version") == "2", "version 2 after the fix")
         wait(browser, lambda b: not b.find_element(By.ID, "banner").is_displayed(), "no banner")
         assert text(browser, "health") == "healthy"
+        assert browser.title == "rule-sidecar"
         assert still_same_page(browser)
         shoot("fixed")
         assert console_errors(browser) == []
@@ -301,6 +313,26 @@ class TestPanels:
         browser.find_element(By.ID, "reload").click()
         wait(browser, lambda b: "Reload: unchanged" in text(b, "action-result"), "reload")
 
+    def test_markup_in_rules_stays_text(
+        self, browser: WebDriver, sidecar: ThreadedSidecar, mount: ConfigMapDir
+    ) -> None:
+        """A rule whose name and condition hold HTML shows it as text and runs nothing."""
+        markup = "<img src=x onerror=window.pwned=1>"
+        rules = [
+            {"id": "html", "name": markup, "condition": "input.note == '<b>x</b>'", "points": 1}
+        ]
+        mount.publish(
+            {"fraud.yaml": to_yaml(fraud_doc()), "x.yaml": to_yaml(ruleset_doc("x", rules))}
+        )
+        browser.get(f"{sidecar.url}/ui/")
+        wait(browser, lambda b: text(b, "version") == "2", "version 2")
+        row = browser.find_element(By.CSS_SELECTOR, 'tr[data-rule="html"]')
+        assert markup in row.text
+        assert "input.note == '<b>x</b>'" in row.text
+        assert row.find_elements(By.CSS_SELECTOR, "img, b") == []
+        assert browser.execute_script("return window.pwned") is None
+        assert console_errors(browser) == []
+
 
 class TestAdminToken:
     """With an admin token, reads stay open and the page asks for it where needed."""
@@ -332,3 +364,36 @@ class TestAdminToken:
             browser.find_element(By.ID, "reload").click()
             wait(browser, lambda b: "Reload: unchanged" in text(b, "action-result"), "reload")
             browser.execute_script("sessionStorage.clear()")
+
+
+class TestAccessibility:
+    """axe-core's WCAG 2 A and AA rules find nothing, in the calm and the alarmed state."""
+
+    def audit(self, browser: WebDriver) -> list[str]:
+        browser.execute_script(AXE.read_text("utf-8"))
+        result = browser.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "axe.run(document, {runOnly: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa']})"
+            ".then((r) => done(r.violations), (e) => done([{id: 'axe failed', help: String(e),"
+            " nodes: []}]));"
+        )
+        return [
+            f"{v['id']}: {v['help']} at {[n['target'] for n in v['nodes']][:3]}" for v in result
+        ]
+
+    def test_no_violations(
+        self, browser: WebDriver, sidecar: ThreadedSidecar, mount: ConfigMapDir
+    ) -> None:
+        """Healthy, then with the failed-reload banner and the try-it answer shown."""
+        if not AXE.is_file():
+            missing(f"needs axe-core at {AXE} (npm install --prefix .ci/node axe-core)")
+        open_dashboard(browser, sidecar)
+        assert self.audit(browser) == []
+        mount.publish({"fraud.yaml": broken_fraud()})
+        wait(browser, lambda b: b.find_element(By.ID, "banner").is_displayed(), "the banner")
+        browser.find_element(By.CSS_SELECTOR, "#try button[type=submit]").click()
+        wait(browser, lambda b: b.find_elements(By.ID, "try-total"), "the evaluation")
+        assert self.audit(browser) == []
+        # The audit does look: an image without a text alternative is found.
+        browser.execute_script("document.querySelector('main').append(new Image(8, 8))")
+        assert [found.split(":")[0] for found in self.audit(browser)] == ["image-alt"]

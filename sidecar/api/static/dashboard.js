@@ -222,6 +222,9 @@ function renderBanner() {
   const content = bannerContent();
   const banner = $("banner");
   banner.hidden = content === null;
+  // The tab says it too, for a page left open behind others.
+  document.title = content === null ? "rule-sidecar"
+    : `${content.level === "error" ? "Reload failed" : "Degraded"} · rule-sidecar`;
   if (content === null) return;
   banner.dataset.level = content.level;
   $("banner-title").textContent = content.title;
@@ -320,8 +323,9 @@ function renderChanges() {
 }
 
 function renderHistory() {
-  fill($("history"), view.history.map((record) => {
-    const errors = record.errors.length ? el("details", {},
+  fill($("history"), view.history.map((record, index) => {
+    // The newest record's errors are open: that is the failure being looked at.
+    const errors = record.errors.length ? el("details", { open: index === 0 },
       el("summary", {}, plural(record.errors.length, "error")),
       el("ul", { className: "problems" }, record.errors.map(problemItem))) : null;
     return el("tr", { dataset: { record: record.id, status: record.status } },
