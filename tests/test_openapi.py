@@ -569,6 +569,9 @@ class TestChanges:
         )
         assert updated["rule_id"] == "foreign-country"
         assert (updated["before"]["points"], updated["after"]["points"]) == (30, 35)
+        limited = await api.call("GET", f"{HOT}/changes?limit=1", 200)
+        assert (limited["count"], len(limited["changes"])) == (3, 1)
+        await api.call("GET", f"{HOT}/changes?limit=all", 400)
         renamed = by_type["ruleset_updated"]
         assert (renamed["before"]["name"], renamed["after"]["name"]) == (
             "Payments",

@@ -344,14 +344,18 @@ async def post_monitoring_stop(request: web.Request) -> web.Response:
     return json_response({"monitoring_active": False})
 
 
-async def get_history(request: web.Request) -> web.Response:
+def _query_limit(request: web.Request, default: int) -> int:
     try:
-        limit = int(request.query.get("limit", "50"))
+        limit = int(request.query.get("limit", str(default)))
     except ValueError:
         limit = -1
     if limit < 0:
         raise web.HTTPBadRequest(text="limit must be a whole number")
-    history = _state(request).service.get_reload_history(limit)
+    return limit
+
+
+async def get_history(request: web.Request) -> web.Response:
+    history = _state(request).service.get_reload_history(_query_limit(request, 50))
     return json_response({"history": history, "count": len(history)})
 
 
@@ -434,16 +438,17 @@ async def get_rule(request: web.Request) -> web.Response:
 async def get_changes(request: web.Request) -> web.Response:
     """What the current version changed, each change with the rule or ruleset before and
     after it: the diff a person checks after a rollout."""
+    limit = _query_limit(request, 1000)
     old, new = _state(request).registry.last_change()
 
     def body() -> dict[str, Any]:
-        changes = [_change_view(change, old, new) for change in diff_snapshots(old, new)]
+        changes = diff_snapshots(old, new)
         return {
             "from_version": old.version,
             "to_version": new.version,
             "revision": new.revision,
             "count": len(changes),
-            "changes": changes,
+            "changes": [_change_view(change, old, new) for change in changes[:limit]],
         }
 
     return _cached(request, new, body)

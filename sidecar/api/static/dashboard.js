@@ -156,7 +156,7 @@ function refresh() {
 async function readAll() {
   const [health, status, rulesets, rules, history, changes] = await Promise.all([
     api("/health/hot-reload"), api(`${HOT}/status`), api("/api/v1/rulesets"),
-    api("/api/v1/rules"), api(`${HOT}/history?limit=25`), api(`${HOT}/changes`),
+    api("/api/v1/rules"), api(`${HOT}/history?limit=25`), api(`${HOT}/changes?limit=${MAX_CHANGES}`),
   ]);
   view.health = health.data;
   view.status = status.data;
@@ -319,7 +319,7 @@ function renderChanges() {
     : `Version ${changes.from_version} → ${changes.to_version}`;
   $("changes-summary").textContent = `${head}: ${plural(changes.count, "change")}` +
     (changes.count > MAX_CHANGES ? ` (the first ${MAX_CHANGES} shown)` : "") + ".";
-  fill($("changes"), changes.changes.slice(0, MAX_CHANGES).map(changeItem));
+  fill($("changes"), changes.changes.map(changeItem));
 }
 
 function renderHistory() {
@@ -378,6 +378,20 @@ function setFeedState(state, text) {
   node.textContent = text;
 }
 
+/** A reload record from the feed, shown at once; the reads that follow fill in the rest
+ *  (rule events come with every reload, so they need no reads of their own). */
+function showRecord(record) {
+  const { status } = view;
+  if (!status || !view.health) return;
+  status.last_reload_status = record.status;
+  status.last_reload_time = record.timestamp;
+  status.last_errors = record.errors;
+  status.registry.version = record.version_after;
+  status.registry.revision = record.revision;
+  renderHeader();
+  renderBanner();
+}
+
 /** Follow /ws/hot-reload; reconnect with backoff and resume from the last seq seen. */
 function connect() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
@@ -396,7 +410,12 @@ function connect() {
     if (message.event_type === "pong") return;
     if (typeof message.seq === "number") feed.lastSeq = message.seq;
     addEvent(message);
-    if (message.event_type !== "status") refresh();
+    if (message.event_type === "rules_reloaded" || message.event_type === "reload_failed") {
+      showRecord(message.data);
+      refresh();
+    } else if (message.event_type === "resync_required") {
+      refresh();
+    }
   };
   socket.onclose = async () => {
     setFeedState("closed", "reconnecting…");
