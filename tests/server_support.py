@@ -493,9 +493,15 @@ class Served:
 
 
 def spawn(
-    tmp_path: Path, *args: str, port: int | None = None, env: dict[str, str] | None = None
+    tmp_path: Path,
+    *args: str,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    before_exec: Callable[[], None] | None = None,
 ) -> Served:
-    """Start `rule-sidecar serve --port <port> ARGS...` with stderr to a file."""
+    """Start `rule-sidecar serve --port <port> ARGS...` with stderr to a file.
+
+    `before_exec` runs in the child before the sidecar starts (to set resource limits)."""
     port = port or free_port()
     log = tmp_path / f"serve-{port}.log"
     env = env if env is not None else clean_environment()
@@ -505,5 +511,6 @@ def spawn(
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             env=env,
+            preexec_fn=before_exec,  # noqa: PLW1509 (only sets limits, no locks taken)
         )
     return Served(process=process, port=port, log=log, env=env)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ pytest.register_assert_rewrite("server_support")
 from server_support import (  # noqa: E402
     clean_environment,
     fraud_doc,
+    ruleset_doc,
     spawn,
     to_yaml,
     wait_sync,
@@ -139,6 +141,64 @@ class TestStateDirectory:
         finally:
             served.stop()
         assert os.path.isfile(blocker)
+
+
+FULL_AT = 256 * 1024  # bytes: the state file of `big_rules()` does not fit, fraud's does
+
+
+def disk_full_at_256k() -> None:
+    """In the child: files cannot grow past FULL_AT (write fails with EFBIG, as a full disk
+    fails with ENOSPC: a short write, then an OSError)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FULL_AT, resource.RLIM_INFINITY))
+
+
+def big_rules() -> str:
+    rules = [
+        {"id": f"big-{i}", "condition": f"input.amount > {i}", "points": 1, "description": "x" * 80}
+        for i in range(2500)
+    ]
+    return to_yaml(ruleset_doc("big", rules))
+
+
+class TestStateDirectoryFull:
+    def test_a_full_disk_keeps_the_old_copy_and_recovers(self, tmp_path: Path):
+        """A save that runs out of space fails with a warning: the rules still go live, the
+        saved copy is the previous one, whole, and no temporary file is left; once there
+        is room again the next change is saved."""
+        rules, state = tmp_path / "rules", tmp_path / "state"
+        rules.mkdir()
+        (rules / "fraud.yaml").write_text(to_yaml(fraud_doc()), encoding="utf-8")
+        env = clean_environment(RULE_SIDECAR_STATE_DIR=str(state))
+        served = spawn(tmp_path, "--rules-dir", str(rules), env=env, before_exec=disk_full_at_256k)
+        saved = state / "last-good.json"
+        try:
+            served.wait_ready()
+            wait_sync(saved.is_file, message="the first copy saved")
+            first_copy = saved.read_bytes()
+
+            (rules / "big.yaml").write_text(big_rules(), encoding="utf-8")
+            wait_sync(
+                lambda: any(
+                    "could not save the last good snapshot" in line for line in served.log_lines()
+                ),
+                timeout=30,
+                message="a warning about the full disk",
+            )
+            assert served.get("/api/v1/rulesets/big")[0] == 200
+            assert saved.read_bytes() == first_copy
+            assert [p.name for p in state.iterdir()] == ["last-good.json"]
+            _, health = served.get("/health/hot-reload")
+            assert health["status"] == "healthy"  # serving the new rules; only the copy is old
+
+            # Room again; the next change is saved whole.
+            resource.prlimit(served.process.pid, resource.RLIMIT_FSIZE, (-1, -1))
+            (rules / "fraud.yaml").write_text(to_yaml(fraud_doc(55)), encoding="utf-8")
+            wait_sync(lambda: saved.read_bytes() != first_copy, timeout=30, message="a new copy")
+            copy = json.loads(saved.read_bytes())
+            assert {document["metadata"]["id"] for document in copy} == {"big", "fraud"}
+        finally:
+            served.stop()
 
 
 class TestManyFiles:
