@@ -98,10 +98,9 @@ def shoot(browser: WebDriver, tmp_path: Path) -> Shoot:
 
 
 @pytest.fixture
-def mount(tmp_path: Path) -> ConfigMapDir:
-    volume = ConfigMapDir(tmp_path / "configmap")
-    volume.publish({"fraud.yaml": to_yaml(fraud_doc())})
-    return volume
+def mount(configmap_dir: ConfigMapDir) -> ConfigMapDir:
+    """The ConfigMap volume: `rules.yaml` holds the `fraud` ruleset."""
+    return configmap_dir
 
 
 @pytest.fixture
@@ -115,6 +114,12 @@ def wait(browser: WebDriver, condition: Callable[[WebDriver], Any], what: str) -
         return WebDriverWait(browser, WAIT_SECONDS, poll_frequency=0.05).until(condition)
     except TimeoutException:
         raise AssertionError(f"the page never showed {what}") from None
+
+
+def shown(browser: WebDriver, element_id: str) -> WebElement | None:
+    """The element while it is displayed, else None (a `wait` condition)."""
+    element = browser.find_element(By.ID, element_id)
+    return element if element.is_displayed() else None
 
 
 def text(browser: WebDriver, element_id: str) -> str:
@@ -143,7 +148,7 @@ def console_errors(browser: WebDriver) -> list[str]:
 
 
 def broken_fraud() -> str:
-    """fraud.yaml with a CEL syntax error in the second rule's condition."""
+    """The fraud ruleset with a CEL syntax error in the second rule's condition."""
     document = fraud_doc()
     document["spec"]["rules"][1]["condition"] = "input.country !="
     return to_yaml(document)
@@ -163,10 +168,10 @@ class TestLiveUpdates:
         rows = browser.find_elements(By.CSS_SELECTOR, '#rulesets tr[data-rule="large-amount"]')
         assert len(rows) == 1
         assert "input.amount > 1000" in rows[0].text
-        assert "fraud.yaml:" in rows[0].text  # the rule's source file:line
+        assert "rules.yaml:" in rows[0].text  # the rule's source file:line
         shoot("loaded")
 
-        mount.publish({"fraud.yaml": to_yaml(fraud_doc(60))})
+        mount.publish({"rules.yaml": to_yaml(fraud_doc(60))})
 
         wait(browser, lambda b: text(b, "version") == "2", "version 2")
         reloaded = wait(browser, lambda b: events(b, "rules_reloaded"), "a rules_reloaded event")
@@ -192,34 +197,26 @@ class TestLiveUpdates:
     ) -> None:
         """A broken swap raises a banner with file:line; a good swap clears it."""
         open_dashboard(browser, sidecar)
-        assert not browser.find_element(By.ID, "banner").is_displayed()
+        assert shown(browser, "banner") is None
 
-        mount.publish({"fraud.yaml": broken_fraud()})
+        mount.publish({"rules.yaml": broken_fraud()})
 
-        banner = wait(
-            browser,
-            lambda b: (
-                b.find_element(By.ID, "banner")
-                if b.find_element(By.ID, "banner").is_displayed()
-                else None
-            ),
-            "the failed-reload banner",
-        )
+        banner = wait(browser, lambda b: shown(b, "banner"), "the failed-reload banner")
         assert "Last reload failed: still serving version 1" in banner.text
         locations = [e.text for e in banner.find_elements(By.CSS_SELECTOR, ".location")]
-        assert any(re.search(r"/fraud\.yaml:\d+:\d+$", place) for place in locations), locations
+        assert any(re.search(r"/rules\.yaml:\d+:\d+$", place) for place in locations), locations
         assert text(browser, "version") == "1"
         assert text(browser, "health") == "degraded"
         assert browser.title == "Reload failed · rule-sidecar"
         failed = browser.find_element(By.CSS_SELECTOR, '#history tr[data-status="failed"]')
-        assert "fraud.yaml:" in failed.find_element(By.CSS_SELECTOR, ".problems").text
+        assert "rules.yaml:" in failed.find_element(By.CSS_SELECTOR, ".problems").text
         assert events(browser, "reload_failed")
         shoot("broken")
 
-        mount.publish({"fraud.yaml": to_yaml(fraud_doc(55))})
+        mount.publish({"rules.yaml": to_yaml(fraud_doc(55))})
 
         wait(browser, lambda b: text(b, "version") == "2", "version 2 after the fix")
-        wait(browser, lambda b: not b.find_element(By.ID, "banner").is_displayed(), "no banner")
+        wait(browser, lambda b: shown(b, "banner") is None, "no banner")
         assert text(browser, "health") == "healthy"
         assert browser.title == "rule-sidecar"
         assert still_same_page(browser)
@@ -235,7 +232,7 @@ class TestLiveUpdates:
         notifier = sidecar.state.notifier
         sidecar.run(notifier.close_all())
         wait(browser, lambda b: text(b, "feed-state") != "connected", "the feed dropped")
-        mount.publish({"fraud.yaml": to_yaml(fraud_doc(70))})
+        mount.publish({"rules.yaml": to_yaml(fraud_doc(70))})
         wait(browser, lambda b: text(b, "feed-state") == "connected", "the feed back")
         wait(browser, lambda b: text(b, "version") == "2", "version 2")
         assert len(events(browser, "rules_reloaded")) == 1
@@ -279,7 +276,7 @@ class TestPanels:
     ) -> None:
         """Typing in the filter keeps only the rules that match, across rulesets."""
         mount.publish(
-            {"fraud.yaml": to_yaml(fraud_doc()), "extra.yaml": to_yaml(ruleset_doc("extra"))}
+            {"rules.yaml": to_yaml(fraud_doc()), "extra.yaml": to_yaml(ruleset_doc("extra"))}
         )
         browser.get(f"{sidecar.url}/ui/")
         wait(browser, lambda b: text(b, "version") == "2", "version 2")
@@ -304,7 +301,7 @@ class TestPanels:
         open_dashboard(browser, sidecar)
         browser.find_element(By.ID, "validate").click()
         wait(browser, lambda b: "Valid: 3 rules" in text(b, "action-result"), "validate")
-        mount.publish({"fraud.yaml": to_yaml(fraud_doc(45))})
+        mount.publish({"rules.yaml": to_yaml(fraud_doc(45))})
         wait(browser, lambda b: text(b, "version") == "2", "version 2")
         browser.find_element(By.ID, "rollback").click()
         browser.switch_to.alert.accept()
@@ -322,7 +319,7 @@ class TestPanels:
             {"id": "html", "name": markup, "condition": "input.note == '<b>x</b>'", "points": 1}
         ]
         mount.publish(
-            {"fraud.yaml": to_yaml(fraud_doc()), "x.yaml": to_yaml(ruleset_doc("x", rules))}
+            {"rules.yaml": to_yaml(fraud_doc()), "x.yaml": to_yaml(ruleset_doc("x", rules))}
         )
         browser.get(f"{sidecar.url}/ui/")
         wait(browser, lambda b: text(b, "version") == "2", "version 2")
@@ -347,15 +344,7 @@ class TestAdminToken:
         with threaded_sidecar(settings) as server:
             browser.get(f"{server.url}/ui/")
             wait(browser, lambda b: text(b, "version") == "1", "version 1 (reads are open)")
-            dialog = wait(
-                browser,
-                lambda b: (
-                    b.find_element(By.ID, "token-dialog")
-                    if b.find_element(By.ID, "token-dialog").is_displayed()
-                    else None
-                ),
-                "the token dialog",
-            )
+            dialog = wait(browser, lambda b: shown(b, "token-dialog"), "the token dialog")
             assert text(browser, "feed-state") == "needs the admin token"
             shoot("token-dialog")
             dialog.find_element(By.ID, "token").send_keys("s3cret-token")
@@ -389,8 +378,8 @@ class TestAccessibility:
             missing(f"needs axe-core at {AXE} (npm install --prefix .ci/node axe-core)")
         open_dashboard(browser, sidecar)
         assert self.audit(browser) == []
-        mount.publish({"fraud.yaml": broken_fraud()})
-        wait(browser, lambda b: b.find_element(By.ID, "banner").is_displayed(), "the banner")
+        mount.publish({"rules.yaml": broken_fraud()})
+        wait(browser, lambda b: shown(b, "banner"), "the banner")
         browser.find_element(By.CSS_SELECTOR, "#try button[type=submit]").click()
         wait(browser, lambda b: b.find_elements(By.ID, "try-total"), "the evaluation")
         assert self.audit(browser) == []
