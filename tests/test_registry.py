@@ -549,6 +549,25 @@ class TestHistory:
         assert registry.rule_history("b1")[-1].change is EventType.RULE_REMOVED
         assert registry.rule_history("b1")[-1].registry_version == 2
 
+    def test_last_change_pairs_the_replaced_and_the_current_snapshot(self):
+        """After the first publish the pair starts from empty; then from the one before,
+        also when the history keeps a single snapshot."""
+        registry = RuleRegistry(history_limit=1)
+        loader = Loader()
+        registry.publish(_load(loader, _doc("rs", [_rule("r", points=1)])))
+        old, new = registry.last_change()
+        assert (old.version, old.rules, new.version) == (0, {}, 1)
+        for points in (2, 3):
+            registry.publish(_load(loader, _doc("rs", [_rule("r", points=points)])))
+        old, new = registry.last_change()
+        assert (old.version, new.version) == (2, 3)
+        assert (old.rules["r"].points, new.rules["r"].points) == (2, 3)
+
+    def test_history_cannot_be_off(self):
+        """The last change needs the snapshot it replaced: a history of 0 is refused."""
+        with pytest.raises(ValueError, match="history_limit"):
+            RuleRegistry(history_limit=0)
+
     def test_snapshot_history_is_bounded(self):
         """history() keeps at most history_limit earlier snapshots, newest first."""
         registry = RuleRegistry(history_limit=3)

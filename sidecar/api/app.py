@@ -455,21 +455,18 @@ async def get_changes(request: web.Request) -> web.Response:
 
 
 def _change_view(change: ChangeEvent, old: Snapshot, new: Snapshot) -> dict[str, Any]:
-    view = change.to_dict()
+    return {**change.to_dict(), "before": _changed(old, change), "after": _changed(new, change)}
+
+
+def _changed(snapshot: Snapshot, change: ChangeEvent) -> dict[str, Any] | None:
+    """The changed rule, or ruleset without its rules, as `snapshot` holds it."""
     if change.rule_id is not None:
-        before_rule, after_rule = old.rules.get(change.rule_id), new.rules.get(change.rule_id)
-        view["before"] = before_rule.to_dict() if before_rule else None
-        view["after"] = after_rule.to_dict() if after_rule else None
-    elif change.ruleset_id is not None:
-        before_set, after_set = (
-            old.rulesets.get(change.ruleset_id),
-            new.rulesets.get(change.ruleset_id),
-        )
-        view["before"] = before_set.to_dict(with_rules=False) if before_set else None
-        view["after"] = after_set.to_dict(with_rules=False) if after_set else None
-    else:
-        view["before"] = view["after"] = None
-    return view
+        rule = snapshot.rules.get(change.rule_id)
+        return rule.to_dict() if rule else None
+    if change.ruleset_id is not None:
+        ruleset = snapshot.rulesets.get(change.ruleset_id)
+        return ruleset.to_dict(with_rules=False) if ruleset else None
+    return None
 
 
 async def get_rulesets(request: web.Request) -> web.Response:
