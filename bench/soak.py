@@ -40,11 +40,13 @@ import os
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import psycopg
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench._common import environment, free_port, sidecar_process, wait_ready
 from bench.database import ADMIN_URL, scratch_database
@@ -106,14 +108,14 @@ def process_resources(pid: int) -> tuple[int, int]:
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def metric_samples(metrics: str, name: str) -> list[tuple[str, float]]:
-    """(label text, value) of every sample of `name` in Prometheus text output."""
-    found = []
-    for line in metrics.splitlines():
-        if line.startswith((f"{name} ", f"{name}{{")):
-            sample, _, value = line.rpartition(" ")
-            found.append((sample.removeprefix(name), float(value)))
-    return found
+def metric_samples(metrics: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of every sample named `name` in Prometheus text output."""
+    return [
+        (sample.labels, sample.value)
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == name
+    ]
 
 
 @dataclass(frozen=True)
@@ -205,32 +207,36 @@ async def sampler(pid: int, until: float, every: float, samples: list[float]) ->
         samples.append(process_resources(pid)[0] / 1024)
 
 
-async def file_changer(volume: ConfigMapDir, until: float) -> int:
+async def changer(change: Callable[[int], Awaitable[None]], until: float) -> int:
+    """`change(serial)` every 100 ms, serials 2, 3, ...; returns how many were made."""
     serial = 1
     while True:
         await asyncio.sleep(CHANGE_EVERY_S)
         if time.monotonic() >= until:
-            break
+            return serial - 1
         serial += 1
+        await change(serial)
+
+
+async def file_changer(volume: ConfigMapDir, until: float) -> int:
+    async def swap(serial: int) -> None:
         volume.publish({"rules.yaml": rules(serial)})
-    return serial - 1
+
+    return await changer(swap, until)
 
 
 async def database_changer(url: str, until: float) -> int:
-    """UPDATE the changing rule every 100 ms, each change committed on its own."""
-    serial = 1
+    """UPDATE the changing rule; each change committed on its own."""
     async with await psycopg.AsyncConnection.connect(url) as connection:
-        while True:
-            await asyncio.sleep(CHANGE_EVERY_S)
-            if time.monotonic() >= until:
-                break
-            serial += 1
+
+        async def update(serial: int) -> None:
             await connection.execute(
                 "UPDATE rule_sidecar_rules SET condition = %s, points = %s WHERE id = %s",
                 (condition(serial), serial, DATABASE_CHANGING),
             )
             await connection.commit()
-    return serial - 1
+
+        return await changer(update, until)
 
 
 async def run(seconds: float, admin_url: str | None) -> None:
@@ -310,8 +316,7 @@ async def warm_up(session: aiohttp.ClientSession, base: str, rulesets: list[str]
 def reloads_by_outcome(metrics: str) -> dict[str, int]:
     counts: dict[str, int] = defaultdict(int)
     for labels, value in metric_samples(metrics, "rule_sidecar_rule_reloads_total"):
-        outcome = labels.partition('outcome="')[2].partition('"')[0]
-        counts[outcome] += int(value)
+        counts[labels["outcome"]] += int(value)
     return dict(sorted(counts.items()))
 
 

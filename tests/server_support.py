@@ -30,6 +30,7 @@ import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.api.app import AppState, create_app
 from sidecar.api.run import build_state
@@ -206,20 +207,11 @@ async def receive_until(
 
 def metric_value(text: str, name: str, labels: Mapping[str, str] | None = None) -> float | None:
     """The value of one sample in Prometheus text output, or None when it is absent."""
-    for line in text.splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        sample, _, value = line.rpartition(" ")
-        metric, _, label_text = sample.partition("{")
-        if metric != name:
-            continue
-        found = dict(
-            (part.split("=", 1)[0], part.split("=", 1)[1].strip('"'))
-            for part in label_text.rstrip("}").split(",")
-            if "=" in part
-        )
-        if labels is None or all(found.get(k) == v for k, v in labels.items()):
-            return float(value)
+    wanted = labels or {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in wanted.items()):
+                return float(sample.value)
     return None
 
 
