@@ -218,8 +218,15 @@ function bannerContent() {
     problems: [] };
 }
 
+let bannerShown = "null";
+
+/** Called every second (staleness is a matter of time): the banner is rebuilt only when
+ *  what it says changes, so that screen readers announce the alert once. */
 function renderBanner() {
   const content = bannerContent();
+  const key = JSON.stringify(content);  // its time element serializes as {}: it ticks alone
+  if (key === bannerShown) return;
+  bannerShown = key;
   const banner = $("banner");
   banner.hidden = content === null;
   // The tab says it too, for a page left open behind others.
