@@ -122,6 +122,7 @@ def build_state(settings: Settings) -> AppState:
         auto_reload=settings.hot_reload_enabled,
         state=StateStore(settings.state_dir) if settings.state_dir else None,
         history_limit=settings.history_limit,
+        max_age_seconds=settings.max_age_seconds,
     )
     if recorder is not None:
         service.add_listener(_post_events(recorder))
@@ -134,7 +135,6 @@ def build_state(settings: Settings) -> AppState:
         notifier=notifier,
         admin_token=_read_token(settings.admin_token_file),
         reload_limiter=RateLimiter(settings.reload_rate_per_minute),
-        max_age_seconds=settings.max_age_seconds,
         allowed_hosts=frozenset(settings.allowed_hosts),
     )
 
