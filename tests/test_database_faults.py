@@ -189,6 +189,27 @@ class TestRead:
             locker.wait(GUARD_SECONDS)
         assert len(guarded(source.read)) == 1
 
+    def test_a_sqlite_read_that_does_not_finish_is_interrupted(self, sqlite_database: Database):
+        """SQLite has no server to time a statement out: a read that runs on (here a view
+        counting to 200 million in place of the generation table, about a minute) is
+        interrupted at the read timeout."""
+        sqlite_database.init().import_docs(fraud_doc())
+        sqlite_database.script(
+            [
+                ("DROP TABLE rule_sidecar_state", ()),
+                (
+                    "CREATE VIEW rule_sidecar_state AS WITH RECURSIVE n(x) AS"
+                    " (SELECT 1 UNION ALL SELECT x + 1 FROM n LIMIT 200000000)"
+                    " SELECT max(x) AS generation FROM n",
+                    (),
+                ),
+            ]
+        )
+        source = DatabaseSource(sqlite_database.url, timeouts=TIMEOUTS)
+        assert read_error(source) == (
+            f"database unavailable: no answer from {sqlite_database.name} within 1 s while reading"
+        )
+
 
 async def failure_naming(ws: Any, text: str) -> dict[str, Any]:
     """The next `reload_failed` event whose first problem's message contains `text`."""
