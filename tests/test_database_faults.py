@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import os
 import subprocess
 import sys
 import time
@@ -156,6 +157,16 @@ class TestRead:
             assert read_error(source) == (
                 f"database unavailable: no answer from 127.0.0.1:{port} within 2 s while connecting"
             )
+
+    def test_a_password_file_that_is_a_fifo(self, seeded_pg: Database, tmp_path: Path):
+        """Opening a FIFO waits for a writer forever: the password file must be a regular
+        file, and anything else fails the read with the reason."""
+        fifo = tmp_path / "password"
+        os.mkfifo(fifo)
+        source = DatabaseSource(seeded_pg.url, password_file=fifo, timeouts=TIMEOUTS)
+        assert read_error(source) == (
+            f"database unavailable: OSError: the password file {fifo} is not a regular file"
+        )
 
     def test_a_sqlite_file_locked_by_another_process(self, sqlite_database: Database):
         """Another process holds an exclusive lock: the read waits no longer than the

@@ -31,6 +31,7 @@ import os
 import random
 import socket
 import sqlite3
+import stat
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -68,6 +69,7 @@ CHANNEL: Final = "rule_sidecar"
 
 _MAX_BACKOFF_S: Final = 30.0
 _IDS_PER_QUERY: Final = 500
+_MAX_PASSWORD_BYTES: Final = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,9 +274,15 @@ def placeholder(url: DatabaseURL) -> str:
 
 
 def password_from(password_file: Path | None) -> str | None:
+    """The password in a file (a mounted Secret). Only a regular file is read: opening a
+    FIFO would wait for a writer forever, on every connect."""
     if password_file is None:
         return None
-    return password_file.read_text("utf-8").strip()
+    descriptor = os.open(password_file, os.O_RDONLY | os.O_NONBLOCK)
+    with open(descriptor, "rb") as file:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(f"the password file {password_file} is not a regular file")
+        return file.read(_MAX_PASSWORD_BYTES).decode("utf-8").strip()
 
 
 def _credentials(password_file: Path | None) -> dict[str, Any]:
@@ -575,7 +583,7 @@ class DatabaseSource:
                 changes = self._read_changes()
         except Exception as exc:  # every driver error means the same: not readable now
             self._disconnect()
-            reason = describe_error(exc, password_from(self._password_file), self.url)
+            reason = describe_error(exc, self._password(), self.url)
             message = f"database unavailable: {reason}"
             raise LoadError([Problem(file=self.name, message=message)]) from None
         if changes is not None:
@@ -657,6 +665,12 @@ class DatabaseSource:
     def watch_problem(self) -> str | None:
         return self._watch_problem
 
+    def _password(self) -> str | None:
+        """The password to keep out of messages; none when its file cannot be read."""
+        with contextlib.suppress(OSError, ValueError):
+            return password_from(self._password_file)
+        return None
+
     def forget(self) -> None:
         """Make the next read a full one (after a reconnect, say)."""
         self._epoch += 1
@@ -681,7 +695,7 @@ class DatabaseSource:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                reason = describe_error(exc, password_from(self._password_file), self.url)
+                reason = describe_error(exc, self._password(), self.url)
                 self._watch_problem = f"not listening: {reason}"
                 logger.warning("listening on %s failed: %s", self.name, reason)
             delay = backoff * (0.5 + random.random())
