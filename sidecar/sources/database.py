@@ -295,7 +295,10 @@ def _location(url: DatabaseURL) -> str:
     """Where the database is, for messages: `host:port`, or the SQLite file."""
     if url.kind == "sqlite":
         return str(url.path)
-    parameters = conninfo_to_dict(url.url)
+    try:
+        parameters = conninfo_to_dict(url.url)
+    except psycopg.Error:  # connecting will say what is wrong with it
+        return url.redacted
     return f"{parameters.get('host') or 'localhost'}:{parameters.get('port') or 5432}"
 
 
