@@ -9,15 +9,22 @@ fixture or run with the `postgresql` backend parameter, else by `require_postgre
 CI starts the server, so there they run.
 SQLite databases are real files in the test's `tmp_path`.
 
+`FreezableProxy` puts a real TCP forwarder between a test and the server, to freeze it
+(a proxy or host that stops answering without closing anything); `black_hole()` is a
+port that accepts connections and never answers.
+
 `Database` talks to a database with the plain drivers (never through the code under
 test), so what a test sees in the tables is what is really there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import secrets
+import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +40,8 @@ from sidecar import dbtools
 __all__ = [
     "PG_ADMIN_URL",
     "Database",
+    "FreezableProxy",
+    "black_hole",
     "pg_admin",
     "pg_backends",
     "pg_terminate",
@@ -102,6 +111,71 @@ def pg_terminate(name: str, *, keep: Sequence[int] = (), timeout: float = 5.0) -
             raise AssertionError(f"backends of {name} still there after {timeout} s: {pids}")
         time.sleep(0.01)
     return killed
+
+
+class FreezableProxy:
+    """A TCP forwarder on 127.0.0.1 to the test server, one thread per direction.
+
+    `freeze()` stops moving bytes both ways while every connection stays open and the
+    kernel keeps acknowledging them: what a peer sees of a proxy stopped with
+    `kill -STOP`, or of a hung host. `thaw()` lets the held bytes through again.
+    """
+
+    def __init__(self, target: tuple[str, int] = (PG_HOST, PG_PORT)) -> None:
+        self._target = target
+        self._listener = socket.create_server((PG_HOST, 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._sockets: list[socket.socket] = []
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, name: str) -> str:
+        """The URL of database `name` through this proxy."""
+        return pg_url_for(name, port=self.port)
+
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
+
+    def close(self) -> None:
+        """End every connection (frozen or not) and stop listening."""
+        self._closed = True
+        self._flowing.set()
+        for sock in [self._listener, *self._sockets]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+                server = socket.create_connection(self._target)
+            except OSError:
+                return
+            self._sockets += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                self._flowing.wait()  # frozen: what was read is held, nothing moves on
+                if self._closed:
+                    return
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+
+
+@contextlib.contextmanager
+def black_hole() -> Iterator[int]:
+    """A port whose connections are accepted (by the kernel) and never answered."""
+    with socket.create_server((PG_HOST, 0), backlog=64) as listener:
+        yield listener.getsockname()[1]
 
 
 @dataclass
@@ -253,6 +327,16 @@ def pg_database(tmp_path: Path) -> Iterator[Database]:
 def pg_url(pg_database: Database) -> str:
     """The URL of a fresh, empty PostgreSQL database (run `db init` to migrate it)."""
     return pg_database.url
+
+
+@pytest.fixture
+def pg_proxy() -> Iterator[FreezableProxy]:
+    """A `FreezableProxy` to the test server, closed (thawed first) at teardown."""
+    proxy = FreezableProxy()
+    try:
+        yield proxy
+    finally:
+        proxy.close()
 
 
 @pytest.fixture

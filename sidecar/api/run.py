@@ -99,7 +99,11 @@ def build_state(settings: Settings) -> AppState:
     ]
     if settings.database_url is not None:
         sources.append(
-            DatabaseSource(settings.database_url, password_file=settings.database_password_file)
+            DatabaseSource(
+                settings.database_url,
+                password_file=settings.database_password_file,
+                timeouts=settings.database_timeouts,
+            )
         )
     recorder = None
     if settings.kubernetes_selector:
