@@ -102,6 +102,19 @@ class World:
         self.good = {f"t{team}-rule": points for team, points in self.points.items()}
 
 
+def make_special(path: Path, kind: str) -> None:
+    """A FIFO, a socket or a 1 GiB sparse file at `path`."""
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "socket":
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(path))
+        listener.close()
+    else:
+        with path.open("wb") as handle:
+            handle.truncate(1 << 30)
+
+
 def fault_steps(world: World, rng: random.Random) -> dict[str, Callable[[], None]]:
     """Each step changes the directory; a fault sets `broken` and how to undo it."""
 
@@ -132,15 +145,7 @@ def fault_steps(world: World, rng: random.Random) -> dict[str, Callable[[], None
     def special() -> None:
         path = world.file(present()).with_name("special.yaml")
         kind = rng.choice(["fifo", "socket", "sparse"])
-        if kind == "fifo":
-            os.mkfifo(path)
-        elif kind == "socket":
-            listener = socket.socket(socket.AF_UNIX)
-            listener.bind(str(path))
-            listener.close()
-        else:
-            with path.open("wb") as handle:
-                handle.truncate(1 << 30)
+        make_special(path, kind)
         world.broken = f"{kind} named {path.name}"
         world.undo = path.unlink
 
