@@ -17,12 +17,16 @@ Steps: a good change (atomic rename), a change rewritten in place (truncate, the
 a broken change (YAML or CEL), a team directory made unlistable (chmod 000), a FIFO, a
 socket or a 1 GiB sparse file named `*.yaml`, a ruleset file deleted, the whole
 directory deleted and made again, and hostile requests (a 300,000-item batch, a slow
-client that sends its headers a byte at a time, 200 idle connections). Each fault is
-repaired by the next step. Figures print at the end; the exit status is 1 if any
-invariant broke.
+client that sends its headers a byte at a time, 200 idle connections). With PostgreSQL
+(a scratch database behind `sidecar.testing.TcpProxy`, read timeouts of 2 s): a rule
+changed by UPDATE, a broken condition written to the database, and the database frozen
+(the proxy stops moving bytes, connections stay open) while a reload is asked for. Each
+fault is repaired by the next step. Figures print at the end; the exit status is 1 if
+any invariant broke.
 
-    python -m bench.chaos                # 60 s
+    python -m bench.chaos                # 60 s, files and PostgreSQL
     python -m bench.chaos --seconds 300 --seed 7
+    python -m bench.chaos --no-database  # files only
 """
 
 from __future__ import annotations
@@ -46,9 +50,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psycopg
 import yaml
 
 from bench._common import environment, free_port, quantile, wait_ready
+from bench.database import ADMIN_URL, scratch_database
+from sidecar import dbtools
+from sidecar.testing import TcpProxy
 
 TEAMS = 8
 HOT = "/api/v1/rules/hot-reload"
@@ -80,8 +88,15 @@ class World:
     root: Path
     points: dict[int, int] = field(default_factory=dict)  # team -> points in its file
     good: dict[str, int] = field(default_factory=dict)  # rule id -> points that must serve
-    broken: str | None = None  # what is wrong with the directory now, if anything
+    broken: str | None = None  # what is wrong with the sources now, if anything
     undo: Callable[[], None] | None = None
+    database_points: int | None = None  # the database rule's points; None: no database
+    reload_after: bool = False  # nothing watches this fault: ask for a reload
+
+    def settle_good(self) -> None:
+        self.good = {f"t{team}-rule": points for team, points in self.points.items()}
+        if self.database_points is not None:
+            self.good[DATABASE_RULE] = self.database_points
 
     def file(self, team: int) -> Path:
         return self.root / f"team-{team}" / "rules.yaml"
@@ -97,9 +112,6 @@ class World:
             temporary.write_text(ruleset(team, points), encoding="utf-8")
             os.replace(temporary, path)
         self.points[team] = points
-
-    def settle_good(self) -> None:
-        self.good = {f"t{team}-rule": points for team, points in self.points.items()}
 
 
 def make_special(path: Path, kind: str) -> None:
@@ -177,6 +189,50 @@ def fault_steps(world: World, rng: random.Random) -> dict[str, Callable[[], None
         "restore a ruleset": restore_deleted,
         "re-create the directory": recreate,
     }
+
+
+DATABASE_RULE = "db-rule"
+
+
+def seed_database(url: str) -> None:
+    dbtools.init(url)
+    with psycopg.connect(url) as connection:
+        connection.execute("INSERT INTO rule_sidecar_rulesets (id) VALUES ('db')")
+        connection.execute(
+            "INSERT INTO rule_sidecar_rules (id, ruleset_id, position, condition, points)"
+            " VALUES (%s, 'db', 0, 'input.amount > 5', 1)",
+            (DATABASE_RULE,),
+        )
+
+
+def database_steps(
+    world: World, rng: random.Random, url: str, proxy: TcpProxy
+) -> dict[str, Callable[[], None]]:
+    """UPDATEs good and broken, and the database frozen behind its proxy."""
+
+    def update(condition: str, points: int) -> None:
+        with psycopg.connect(url) as connection:
+            connection.execute(
+                "UPDATE rule_sidecar_rules SET condition = %s, points = %s WHERE id = %s",
+                (condition, points, DATABASE_RULE),
+            )
+
+    def good_update() -> None:
+        points = rng.randrange(1, 1000)
+        update("input.amount > 5", points)
+        world.database_points = points
+
+    def broken_update() -> None:
+        points = world.database_points or 1
+        update("input.amount >", points)
+        world.broken = "a condition that does not compile in the database"
+        world.undo = lambda: update("input.amount > 5", points)
+
+    def freeze() -> None:
+        proxy.freeze()
+        world.broken, world.undo, world.reload_after = "the database frozen", proxy.thaw, True
+
+    return {"database change": good_update, "database broken": broken_update, "freeze": freeze}
 
 
 async def hostile(kind: str, base: str, session: aiohttp.ClientSession, port: int) -> None:
@@ -265,26 +321,41 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-async def run(seconds: float, seed: int, *, verbose: bool = False) -> Tally:
+async def run(seconds: float, seed: int, *, database: str | None, verbose: bool) -> Tally:
+    """The chaos run, on files alone or with the scratch database `database`."""
     rng, tally = random.Random(seed), Tally()
     workdir = Path(tempfile.mkdtemp(prefix="rs-chaos-"))
     world = World(workdir / "rules")
     for team in range(TEAMS):
         world.write(team, 10 + team)
+    steps = fault_steps(world, rng)
+    arguments = ["--rules-dir", str(world.root)]
+    proxy = None
+    if database is not None:
+        seed_database(database)
+        world.database_points = 1
+        proxy = TcpProxy(("127.0.0.1", 5432))
+        path = database.rsplit("/", 1)[1]
+        arguments += ["--database-url", f"postgresql://postgres@127.0.0.1:{proxy.port}/{path}"]
+        steps |= database_steps(world, rng, database, proxy)
     world.settle_good()
     port, probe_port = free_port(), free_port()
     wrapper = NO_DAC if shutil.which("setpriv") else []
     script = Path(sys.executable).with_name("rule-sidecar")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "sidecar.cli"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RULE_SIDECAR_", "HOT_"))}
+    env |= {
+        "RULE_SIDECAR_DATABASE_CONNECT_TIMEOUT_SECONDS": "2",
+        "RULE_SIDECAR_DATABASE_STATEMENT_TIMEOUT_SECONDS": "1",
+        "RULE_SIDECAR_DATABASE_READ_TIMEOUT_SECONDS": "2",
+    }
     log = (workdir / "serve.log").open("wb")
     server = subprocess.Popen(
         [
             *wrapper,
             *command,
             "serve",
-            "--rules-dir",
-            str(world.root),
+            *arguments,
             "--port",
             str(port),
             "--metrics-port",
@@ -297,7 +368,6 @@ async def run(seconds: float, seed: int, *, verbose: bool = False) -> Tally:
         stderr=log,
     )
     base = f"http://127.0.0.1:{port}"
-    steps = fault_steps(world, rng)
     try:
         async with aiohttp.ClientSession() as session:
             await wait_ready(session, base, time.monotonic() + 30)
@@ -316,8 +386,10 @@ async def run(seconds: float, seed: int, *, verbose: bool = False) -> Tally:
                 task.cancel()
     finally:
         server.terminate()
-        server.wait(10)
+        server.wait(30)
         log.close()
+        if proxy is not None:
+            proxy.close()
         for path in [world.root, *world.root.rglob("*")]:
             with contextlib.suppress(OSError):
                 if path.is_dir() and not path.is_symlink():
@@ -360,6 +432,10 @@ async def step(driver: Driver) -> None:
         name = rng.choice(sorted(steps))
         steps[name]()
     tally.steps[name] += 1
+    if world.reload_after:
+        world.reload_after = False
+        async with session.post(f"{base}{HOT}/reload", json={}) as response:
+            await response.read()
     if driver.verbose:
         print(f"{time.strftime('%H:%M:%S')} {name} {world.broken or ''}", flush=True)
     if world.broken is not None:
@@ -416,8 +492,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--verbose", action="store_true", help="print each step, keep the files")
+    parser.add_argument("--no-database", action="store_true", help="files only")
+    parser.add_argument("--admin-url", default=ADMIN_URL, help=f"[{ADMIN_URL}]")
     args = parser.parse_args()
-    tally = asyncio.run(run(args.seconds, args.seed, verbose=args.verbose))
+    if args.no_database:
+        tally = asyncio.run(run(args.seconds, args.seed, database=None, verbose=args.verbose))
+    else:
+        with scratch_database(args.admin_url) as url:
+            tally = asyncio.run(run(args.seconds, args.seed, database=url, verbose=args.verbose))
     report(tally, args.seconds)
     slow = [ms for ms in tally.livez_ms if ms > 100]
     sys.exit(1 if tally.violations or slow or tally.livez_failures else 0)

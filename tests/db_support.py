@@ -24,7 +24,6 @@ import functools
 import secrets
 import socket
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import pytest
 import yaml
 
 from sidecar import dbtools
+from sidecar.testing import TcpProxy
 
 __all__ = [
     "PG_ADMIN_URL",
@@ -113,62 +113,15 @@ def pg_terminate(name: str, *, keep: Sequence[int] = (), timeout: float = 5.0) -
     return killed
 
 
-class FreezableProxy:
-    """A TCP forwarder on 127.0.0.1 to the test server, one thread per direction.
+class FreezableProxy(TcpProxy):
+    """`sidecar.testing.TcpProxy` in front of the test server."""
 
-    `freeze()` stops moving bytes both ways while every connection stays open and the
-    kernel keeps acknowledging them: what a peer sees of a proxy stopped with
-    `kill -STOP`, or of a hung host. `thaw()` lets the held bytes through again.
-    """
-
-    def __init__(self, target: tuple[str, int] = (PG_HOST, PG_PORT)) -> None:
-        self._target = target
-        self._listener = socket.create_server((PG_HOST, 0))
-        self.port: int = self._listener.getsockname()[1]
-        self._flowing = threading.Event()
-        self._flowing.set()
-        self._sockets: list[socket.socket] = []
-        self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
+    def __init__(self) -> None:
+        super().__init__((PG_HOST, PG_PORT))
 
     def url(self, name: str) -> str:
         """The URL of database `name` through this proxy."""
         return pg_url_for(name, port=self.port)
-
-    def freeze(self) -> None:
-        self._flowing.clear()
-
-    def thaw(self) -> None:
-        self._flowing.set()
-
-    def close(self) -> None:
-        """End every connection (frozen or not) and stop listening."""
-        self._closed = True
-        self._flowing.set()
-        for sock in [self._listener, *self._sockets]:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-                server = socket.create_connection(self._target)
-            except OSError:
-                return
-            self._sockets += [client, server]
-            for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                self._flowing.wait()  # frozen: what was read is held, nothing moves on
-                if self._closed:
-                    return
-                sink.sendall(data)
-            sink.shutdown(socket.SHUT_WR)
 
 
 @contextlib.contextmanager
