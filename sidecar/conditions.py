@@ -229,6 +229,7 @@ class ConditionCompiler:
             extensions=[ext_strings.ExtStrings(), ext_math.ExtMath()],
         )
         self._cache: dict[str, Any] = {}
+        self._priced: set[str] = set()  # expressions whose cost is known to be within limit
         self._lock = threading.Lock()
 
     def compile(self, expression: str) -> Any:
@@ -245,12 +246,14 @@ class ConditionCompiler:
         if result_type not in (cel.Type.BOOL, cel.Type.DYN):
             kind = result_type.name().lower()
             raise ConditionError(f"a condition must be a boolean expression, this one gives {kind}")
-        try:
-            estimate(program.serialize(), self._bounds, self._cost_limit)
-        except CostError as exc:
-            raise _cost_error(expression, exc) from None
+        if expression not in self._priced:
+            try:
+                estimate(program.serialize(), self._bounds, self._cost_limit)
+            except CostError as exc:
+                raise _cost_error(expression, exc) from None
         with self._lock:
             self._cache.setdefault(expression, program)
+            self._priced.add(expression)
         return program
 
     def compile_set(self, expressions: Sequence[str]) -> ConditionSet:
@@ -267,12 +270,7 @@ class ConditionCompiler:
                 # each expression on its own tells which.
                 suspects: Sequence[int] = range(start, end)
             else:
-                costs = estimate_items(program.serialize(), self._bounds, self._cost_limit)
-                suspects = (
-                    range(start, end)
-                    if costs is None
-                    else [start + offset for offset, cost in enumerate(costs) if cost is None]
-                )
+                suspects = self._overpriced(program, expressions, start, end)
             for index in suspects:
                 try:
                     self.compile(expressions[index])
@@ -283,11 +281,29 @@ class ConditionCompiler:
             raise ConditionSetError(errors)
         return ConditionSet(tuple(expressions), chunks, self)
 
+    def _overpriced(
+        self, program: Any, expressions: Sequence[str], start: int, end: int
+    ) -> list[int]:
+        """Indexes of the chunk's expressions over the cost limit, priced from the chunk's
+        program (one decode for the chunk); each is then compiled alone for its error."""
+        with self._lock:
+            if all(e in self._priced for e in expressions[start:end]):
+                return []
+        costs = estimate_items(program.serialize(), self._bounds, self._cost_limit)
+        if costs is None or len(costs) != end - start:
+            return list(range(start, end))
+        with self._lock:
+            self._priced.update(
+                e for e, c in zip(expressions[start:end], costs, strict=True) if c is not None
+            )
+        return [start + offset for offset, cost in enumerate(costs) if cost is None]
+
     def forget_unused(self, keep: set[str]) -> None:
         """Drop cached programs no live ruleset uses, so memory follows the registry."""
         with self._lock:
             for expression in [e for e in self._cache if e not in keep]:
                 del self._cache[expression]
+            self._priced &= keep
 
     def outcome(self, expression: str, document: Any) -> Outcome:
         """One condition evaluated alone: the reference the combined programs must match."""

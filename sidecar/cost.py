@@ -28,11 +28,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from sidecar.celwire import Node, checked_expression
+from sidecar.celwire import CheckedExpression, Node, checked_expression
 
 __all__ = [
     "DEFAULT_COST_LIMIT",
     "ITERATION_BUDGET",
+    "MAX_VALUE_SIZE",
     "CostError",
     "SizeBounds",
     "estimate",
@@ -44,6 +45,9 @@ __all__ = [
 ITERATION_BUDGET: Final = 10_000
 # The largest worst-case cost accepted: about 100 ms of cel-cpp on the worst input.
 DEFAULT_COST_LIMIT: Final = 100_000_000
+
+# The largest string (characters) or list (items) one call may build: memory, not time.
+MAX_VALUE_SIZE: Final = 16 * 1024 * 1024
 
 # Unit costs in nanoseconds of cel-cpp, rounded up from measurements on a 2-core VM
 # (the input's conversion into CEL values is not counted: it is paid once per input).
@@ -57,7 +61,6 @@ _ITEM: Final = 35.0  # one list item copied, compared or hashed
 _PART: Final = 60.0  # one string made by split()
 _HIT: Final = 40.0  # one replacement made by replace()
 _REPLACED: Final = 5.0  # one character written by replace()
-_FORMAT: Final = 5.0  # one character written by format()
 _DFA: Final = 5.0  # one character through RE2's DFA
 _NFA_CHAR: Final = 500.0  # one character through RE2's NFA (its fallback) ...
 _NFA_INSTRUCTION: Final = 6.0  # ... plus this per program instruction
@@ -152,6 +155,7 @@ class Shape:
     content: Form
     element: Shape | None = None
     text: str | None = None
+    raw: bool = False  # a part of the input as it is: all of them share `max_total`
 
 
 _SCALAR: Final = Shape(ZERO, ZERO, _const(1))
@@ -240,8 +244,8 @@ class _Estimator:
         items = _const(min(total, self.bounds.max_items))
         chars = _const(min(total, self.bounds.max_string_length))
         if content.terms:
-            return Shape(content, content, content)
-        return Shape(items, chars, _const(total))
+            return Shape(content, content, content, raw=True)
+        return Shape(items, chars, _const(total), raw=True)
 
     def element(self, shape: Shape) -> Shape:
         return shape.element if shape.element is not None else self.from_input(shape.content)
@@ -283,12 +287,17 @@ class _Estimator:
         count = len(node.children) if node.kind == "list" else len(node.children) // 2
         cost = _fixed(_NODE * (1 + len(node.children)))
         content = _const(1 + count)
+        from_input = 0.0  # parts of the input, together at most all of it
         element: Shape | None = None
         for child in node.children:
             shape, child_cost = self.visit(child, scope)
             cost = cost + child_cost
-            content = content + shape.content
+            if shape.raw and not shape.content.terms:
+                from_input += shape.content.const
+            else:
+                content = content + shape.content
             element = shape if element is None else _join(element, shape)
+        content = content + _const(min(from_input, self.bounds.max_total))
         return Shape(_const(count), ZERO, content, element or _SCALAR), cost
 
     def comprehension(self, node: Node, scope: Mapping[str, Shape]) -> tuple[Shape, _Cost]:
@@ -408,8 +417,10 @@ class _Estimator:
         what = _display(node.name)
         made = self.bound(shape.chars)
         if made:
-            given = sum(self.bound(s.chars) + self.bound(s.items) for s in shapes)
-            what += f", which builds up to {made:,.0f} characters from {given:,.0f}"
+            given = max(self.bound(s.chars) for s in shapes)
+            what += f", which builds a string of up to {made:,.0f} characters from {given:,.0f}"
+        if made > MAX_VALUE_SIZE or self.bound(shape.items) > MAX_VALUE_SIZE:
+            raise _Refused(f"{what}: over the limit of {MAX_VALUE_SIZE:,} for one value", node)
         self.accuse(work, node, what)
         return shape, cost + _Cost(work, work)
 
@@ -566,7 +577,7 @@ def _format(e: _Estimator, node: Node, args: list[Shape]) -> tuple[Shape, Form]:
     directives = template.chars.scale(0.5)
     printed = directives.scale(_FORMAT_MAX_NUMBER) + values.content.scale(_ESCAPED)
     chars = template.chars + printed
-    return _string(chars), chars.scale(_FORMAT) + _deep(values)
+    return _string(chars), chars.scale(_COPY) + _deep(values)
 
 
 def _quote(e: _Estimator, node: Node, args: list[Shape]) -> tuple[Shape, Form]:
@@ -755,16 +766,16 @@ _PRICES: Final[dict[str, Price]] = {
 def estimate(serialized: bytes, bounds: SizeBounds, limit: float = DEFAULT_COST_LIMIT) -> float:
     """The worst-case cost of one evaluation of `serialized` (a compiled program's
     `serialize()`); `CostError` when it exceeds `limit` or cannot be bounded."""
-    root, positions = checked_expression(serialized)
-    return _worst(root, positions, bounds, limit)
+    checked = checked_expression(serialized)
+    return _worst(checked.root, checked, bounds, limit)
 
 
-def _worst(root: Node, positions: Mapping[int, int], bounds: SizeBounds, limit: float) -> float:
+def _worst(root: Node, checked: CheckedExpression, bounds: SizeBounds, limit: float) -> float:
     estimator = _Estimator(bounds)
     try:
         _, cost = estimator.visit(root, {})
     except _Refused as refused:
-        raise CostError(refused.message, offset=positions.get(refused.node.id, 0)) from None
+        raise CostError(refused.message, offset=checked.offset(refused.node.id)) from None
     structural = estimator.bound(cost.full)
     by_budget = estimator.bound(cost.flat) + ITERATION_BUDGET * estimator.worst_step
     worst = min(structural, by_budget)
@@ -776,7 +787,7 @@ def _worst(root: Node, positions: Mapping[int, int], bounds: SizeBounds, limit: 
         raise CostError(message, offset=0)
     raise CostError(
         f"{message}; the costliest part is {blame.what}: {_ms(blame.cost)}",
-        offset=positions.get(blame.node.id, 0),
+        offset=checked.offset(blame.node.id),
     )
 
 
@@ -789,13 +800,13 @@ def estimate_items(
 ) -> list[float | None] | None:
     """For a program that is a list of conditions (a ruleset's combined program), each
     one's worst-case cost, None for those refused; None if it is not such a list."""
-    root, _ = checked_expression(serialized)
-    if root.kind != "list":
+    checked = checked_expression(serialized)
+    if checked.root.kind != "list":
         return None
     costs: list[float | None] = []
-    for item in root.children:
+    for item in checked.root.children:
         try:
-            costs.append(_worst(item, {}, bounds, limit))
+            costs.append(_worst(item, checked, bounds, limit))
         except CostError:
             costs.append(None)
     return costs
