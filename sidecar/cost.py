@@ -106,12 +106,18 @@ class Form:
     terms: tuple[tuple[str, float], ...] = ()
 
     def __add__(self, other: Form) -> Form:
+        if not other.terms:  # the common case, kept cheap: rules are priced at every load
+            return Form(self.const + other.const, self.terms)
+        if not self.terms:
+            return Form(self.const + other.const, other.terms)
         terms = dict(self.terms)
         for name, k in other.terms:
             terms[name] = terms.get(name, 0.0) + k
         return Form(self.const + other.const, tuple(sorted(terms.items())))
 
     def scale(self, k: float) -> Form:
+        if not self.terms:
+            return Form(self.const * k)
         return Form(self.const * k, tuple((name, c * k) for name, c in self.terms))
 
     def join(self, other: Form) -> Form:
