@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["CheckedExpression", "Node", "checked_expression"]
 
@@ -17,9 +18,10 @@ _Buffer = memoryview
 _Fields = dict[int, list[int | _Buffer]]
 
 
-@dataclass(frozen=True, slots=True)
-class Node:
-    """One expression node, as far as a cost estimate needs it.
+class Node(NamedTuple):
+    """One expression node, as far as a cost estimate needs it (a named tuple rather
+    than a frozen dataclass: a ruleset decodes tens of thousands, and this is 3x faster
+    to build).
 
     kind: const, ident, select, call, list, map or comprehension. `children`: a select's
     operand; a call's target (if any) then arguments; a list's items; a map's keys and

@@ -23,6 +23,7 @@ conditions), so a limit reads as time.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -198,6 +199,7 @@ def _fixed(units: float) -> _Cost:
 
 
 _FREE: Final = _fixed(0.0)
+_NODE_COST: Final = _fixed(_NODE)
 
 
 class _Refused(Exception):
@@ -246,12 +248,9 @@ class _Estimator:
 
     def from_input(self, content: Form) -> Shape:
         """A value taken from the input whose content is at most `content`."""
-        total = min(self.bound(content), self.bounds.max_total)
-        items = _const(min(total, self.bounds.max_items))
-        chars = _const(min(total, self.bounds.max_string_length))
         if content.terms:
             return Shape(content, content, content, raw=True)
-        return Shape(items, chars, _const(total), raw=True)
+        return _input_value(self.bounds, min(content.const, self.bounds.max_total))
 
     def element(self, shape: Shape) -> Shape:
         return shape.element if shape.element is not None else self.from_input(shape.content)
@@ -273,7 +272,7 @@ class _Estimator:
         if node.kind == "select":
             shape, cost = self.visit(node.children[0], scope)
             selected = _SCALAR if node.test_only else self.element(shape)
-            return selected, cost + _fixed(_NODE)
+            return selected, cost + _NODE_COST
         if node.kind in ("list", "map"):
             return self.literal(node, scope)
         if node.kind == "comprehension":
@@ -406,7 +405,7 @@ class _Estimator:
 
     def call(self, node: Node, scope: Mapping[str, Shape]) -> tuple[Shape, _Cost]:
         visited = [self.visit(child, scope) for child in node.children]
-        cost = _fixed(_NODE)
+        cost = _NODE_COST
         for _, child_cost in visited:
             cost = cost + child_cost
         shapes = [shape for shape, _ in visited]
@@ -429,6 +428,13 @@ class _Estimator:
             raise _Refused(f"{what}: over the limit of {MAX_VALUE_SIZE:,} for one value", node)
         self.accuse(work, node, what)
         return shape, cost + _Cost(work, work)
+
+
+@functools.lru_cache(maxsize=1024)
+def _input_value(bounds: SizeBounds, total: float) -> Shape:
+    items = _const(min(total, bounds.max_items))
+    chars = _const(min(total, bounds.max_string_length))
+    return Shape(items, chars, _const(total), raw=True)
 
 
 @dataclass(frozen=True, slots=True)
