@@ -15,7 +15,11 @@ from pathlib import Path
 import pytest
 from conftest import dump_yaml, make_ruleset_doc, write_rules
 
-from sidecar.conditions import (
+pytest.register_assert_rewrite("server_support")
+
+from server_support import HOT, Sidecar, fraud_doc, to_yaml  # noqa: E402
+
+from sidecar.conditions import (  # noqa: E402
     DEFAULT_INPUT_LIMITS,
     ConditionCompiler,
     ConditionError,
@@ -23,7 +27,9 @@ from sidecar.conditions import (
     InputLimits,
     check_input,
 )
-from sidecar.errors import InputError
+from sidecar.errors import InputError  # noqa: E402
+
+pytest_plugins = ["server_support"]
 
 # The chain from the report: 17 s and 2.1 GB for one evaluation before the limit.
 REPLACE_CHAIN = "input.s" + ".replace('a', 'aaaaaaaaaa')" * 8 + ".size() > 0"
@@ -179,6 +185,32 @@ class TestRuleFiles:
         assert column == len(prefix) + in_expression
         assert REPLACE_CHAIN[: in_expression - 1].endswith(".replace")
         assert "replace()" in result.stdout
+
+
+class TestServedRules:
+    """Through the running app: a costly rule never goes live; the last good rules serve."""
+
+    async def test_reload_with_the_reported_chain_keeps_the_last_good_rules(
+        self, start_sidecar, plain_rules: Path
+    ):
+        """The reload fails naming the rule and its location; evaluation is unchanged."""
+        sidecar: Sidecar = await start_sidecar(plain_rules)
+        before = await sidecar.evaluate("fraud", {"amount": 5000, "country": "FR"})
+        doc = fraud_doc()
+        doc["spec"]["rules"][1]["condition"] = REPLACE_CHAIN.replace("input.s", "input.country")
+        (plain_rules / "fraud.yaml").write_text(to_yaml(doc), encoding="utf-8")
+
+        body = await sidecar.post(f"{HOT}/validate")
+
+        assert body["valid"] is False
+        (error,) = body["errors"]
+        assert error["rule_id"] == "foreign-country"
+        assert "condition is too costly" in error["error"]
+        assert "replace()" in error["error"]
+        await sidecar.post(f"{HOT}/reload", json={"force": True}, status=None)
+        assert sidecar.version == 1
+        after = await sidecar.evaluate("fraud", {"amount": 5000, "country": "FR"})
+        assert after["total_points"] == before["total_points"] == 70
 
 
 class TestInputTotalSize:
