@@ -229,7 +229,7 @@ class ConditionCompiler:
             extensions=[ext_strings.ExtStrings(), ext_math.ExtMath()],
         )
         self._cache: dict[str, Any] = {}
-        self._priced: set[str] = set()  # expressions whose cost is known to be within limit
+        self._costs: dict[str, float] = {}  # worst-case cost of each accepted expression
         self._lock = threading.Lock()
 
     def compile(self, expression: str) -> Any:
@@ -246,14 +246,15 @@ class ConditionCompiler:
         if result_type not in (cel.Type.BOOL, cel.Type.DYN):
             kind = result_type.name().lower()
             raise ConditionError(f"a condition must be a boolean expression, this one gives {kind}")
-        if expression not in self._priced:
+        cost = self._costs.get(expression)
+        if cost is None:
             try:
-                estimate(program.serialize(), self._bounds, self._cost_limit)
+                cost = estimate(program.serialize(), self._bounds, self._cost_limit)
             except CostError as exc:
                 raise _cost_error(expression, exc) from None
         with self._lock:
             self._cache.setdefault(expression, program)
-            self._priced.add(expression)
+            self._costs[expression] = cost
         return program
 
     def compile_set(self, expressions: Sequence[str]) -> ConditionSet:
@@ -279,7 +280,9 @@ class ConditionCompiler:
             chunks.append(_Segment(start, end, program, built=True))
         if errors:
             raise ConditionSetError(errors)
-        return ConditionSet(tuple(expressions), chunks, self)
+        with self._lock:
+            worst = sum(self._costs[expression] for expression in expressions)
+        return ConditionSet(tuple(expressions), chunks, self, worst_cost=worst)
 
     def _overpriced(
         self, program: Any, expressions: Sequence[str], start: int, end: int
@@ -287,15 +290,15 @@ class ConditionCompiler:
         """Indexes of the chunk's expressions over the cost limit, priced from the chunk's
         program (one decode for the chunk); each is then compiled alone for its error."""
         with self._lock:
-            if all(e in self._priced for e in expressions[start:end]):
+            if all(e in self._costs for e in expressions[start:end]):
                 return []
         costs = estimate_items(program.serialize(), self._bounds, self._cost_limit)
         if costs is None or len(costs) != end - start:
             return list(range(start, end))
         with self._lock:
-            self._priced.update(
-                e for e, c in zip(expressions[start:end], costs, strict=True) if c is not None
-            )
+            for expression, cost in zip(expressions[start:end], costs, strict=True):
+                if cost is not None:
+                    self._costs[expression] = cost
         return [start + offset for offset, cost in enumerate(costs) if cost is None]
 
     def forget_unused(self, keep: set[str]) -> None:
@@ -303,7 +306,8 @@ class ConditionCompiler:
         with self._lock:
             for expression in [e for e in self._cache if e not in keep]:
                 del self._cache[expression]
-            self._priced &= keep
+            for expression in [e for e in self._costs if e not in keep]:
+                del self._costs[expression]
 
     def outcome(self, expression: str, document: Any) -> Outcome:
         """One condition evaluated alone: the reference the combined programs must match."""
@@ -351,9 +355,13 @@ class ConditionSet:
     halves, each with a program of its own (compiled on first need and kept), down to
     the conditions that failed: k failing conditions of n cost about 2k·log2(n) small
     evaluations instead of n.
+
+    `worst_cost` is the sum of the conditions' worst-case costs (`sidecar.cost` units,
+    about a nanosecond each): what one evaluation can take, for a caller that budgets
+    event-loop time across inputs and rulesets.
     """
 
-    __slots__ = ("_chunks", "_compiler", "_serialized", "expressions", "fields")
+    __slots__ = ("_chunks", "_compiler", "_serialized", "expressions", "fields", "worst_cost")
 
     def __init__(
         self,
@@ -362,8 +370,10 @@ class ConditionSet:
         compiler: ConditionCompiler | None,
         *,
         serialized: Sequence[tuple[int, int, bytes | None]] = (),
+        worst_cost: float = 0.0,
     ) -> None:
         self.expressions = expressions
+        self.worst_cost = worst_cost
         self.fields = input_fields(expressions)
         self._chunks = tuple(chunks)
         self._compiler = compiler
@@ -377,7 +387,7 @@ class ConditionSet:
             (chunk.start, chunk.end, None if chunk.compiled is None else chunk.compiled.serialize())
             for chunk in self._chunks
         )
-        return (_unbound_set, (self.expressions, serialized))
+        return (_unbound_set, (self.expressions, serialized, self.worst_cost))
 
     def bind(self, compiler: ConditionCompiler) -> None:
         """Attach an unpickled set to this process's compiler, restoring its programs."""
@@ -463,9 +473,11 @@ def _evaluate_one(program: Any, activation: Any) -> Outcome:
 
 
 def _unbound_set(
-    expressions: tuple[str, ...], serialized: tuple[tuple[int, int, bytes | None], ...]
+    expressions: tuple[str, ...],
+    serialized: tuple[tuple[int, int, bytes | None], ...],
+    worst_cost: float,
 ) -> ConditionSet:
-    return ConditionSet(expressions, (), None, serialized=serialized)
+    return ConditionSet(expressions, (), None, serialized=serialized, worst_cost=worst_cost)
 
 
 class _Segment:

@@ -63,8 +63,8 @@ _PART: Final = 60.0  # one string made by split()
 _HIT: Final = 40.0  # one replacement made by replace()
 _REPLACED: Final = 5.0  # one character written by replace()
 _DFA: Final = 5.0  # one character through RE2's DFA
-_NFA_CHAR: Final = 500.0  # one character through RE2's NFA (its fallback) ...
-_NFA_INSTRUCTION: Final = 6.0  # ... plus this per program instruction
+_NFA_CHAR: Final = 700.0  # one character through RE2's NFA (its fallback) ...
+_NFA_INSTRUCTION: Final = 8.0  # ... plus this per program instruction
 # RE2's DFA caches about 2,500 states in its default 8 MiB before falling back to its
 # NFA; a program of at most 11 instructions has at most 2**11 states, so never does.
 _DFA_SAFE_PROGRAM: Final = 11

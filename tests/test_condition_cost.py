@@ -7,6 +7,7 @@ accepted conditions on their worst inputs.
 
 from __future__ import annotations
 
+import pickle
 import re
 import subprocess
 import sys
@@ -143,6 +144,18 @@ class TestCostLimit:
             compiler.compile_set(expressions)
         assert list(caught.value.errors) == [1]
         assert caught.value.errors[1].reason == "condition is too costly"
+
+    def test_a_ruleset_knows_its_worst_case(self, compiler):
+        """A set's worst cost is its conditions' sum, and survives pickling (the worker)."""
+        cheap, costly = "input.a > 1", "input.l.map(x, x * 2).size() > 0"
+        alone = [
+            ConditionCompiler().compile_set([expression]).worst_cost
+            for expression in (cheap, costly)
+        ]
+        together = compiler.compile_set([cheap, costly])
+        assert together.worst_cost == pytest.approx(sum(alone), rel=1e-3)
+        assert alone[1] > 1_000 * alone[0] > 0
+        assert pickle.loads(pickle.dumps(together)).worst_cost == together.worst_cost
 
     def test_a_lower_limit_refuses_more(self):
         """The limit is the compiler's: a stricter one refuses what the default accepts."""
