@@ -74,6 +74,7 @@ _DFA_SAFE_PROGRAM: Final = 11
 _FORMAT_MAX_NUMBER: Final = 1400.0
 _ESCAPED: Final = 6.0
 _MAX_NESTING: Final = 6
+_MAX_VISITS: Final = 50_000  # about 0.3 s of pricing
 _DEEP: Final = 30.0  # one nested item (or character) compared, hashed or printed
 
 
@@ -226,6 +227,7 @@ class _Estimator:
     worst_step: float = 0.0  # largest flat cost of one comprehension step
     blame: _Blame | None = None  # the single costliest part seen
     depth: int = 0  # comprehensions being visited
+    visits: int = 0  # nodes visited so far
 
     def bound(self, form: Form) -> float:
         return form.const + sum(k * self.maxima.get(name, 0.0) for name, k in form.terms)
@@ -267,6 +269,14 @@ class _Estimator:
     # -- nodes ------------------------------------------------------------------------
 
     def visit(self, node: Node, scope: Mapping[str, Shape]) -> tuple[Shape, _Cost]:
+        self.visits += 1
+        if self.visits > _MAX_VISITS:
+            # Growing comprehensions are visited twice per level: bound the pricing too.
+            raise _Refused(
+                f"too large to price: over {_MAX_VISITS:,} parts visited (split the condition,"
+                " or nest fewer map() and filter())",
+                node,
+            )
         if node.kind in ("const", "ident"):
             return self.leaf(node, scope), _FREE
         if node.kind == "select":
@@ -330,15 +340,18 @@ class _Estimator:
         # The accumulator's final size, from how one step grows it from a symbolic start.
         accu = f"a{node.id}"
         inner[node.accu_var] = self.symbolic(accu, init_shape)
-        grown, _ = self.visit(step, inner)
-        final, _ = self.grow(node, init_shape, grown, accu, loop)
-        # Again with the accumulator bounded by that: a step whose growth depends on
-        # the accumulator's size would grow it further, faster than linearly.
-        inner[node.accu_var] = self.symbolic(accu, final)
         grown, step_cost = self.visit(step, inner)
-        final_again, average = self.grow(node, init_shape, grown, accu, loop)
-        if self.bound(final_again.content) > self.bound(final.content) * 1.000001 + 1:
-            raise _Refused("a comprehension whose result grows faster than its steps", node)
+        final, average = self.grow(node, init_shape, grown, accu, loop)
+        if self.bound(final.content) > self.bound(init_shape.content):
+            # Again with the accumulator bounded by its final size: a step whose growth
+            # depends on the accumulator's size would grow it further, faster than
+            # linearly. (all() and exists() keep a boolean: one visit is enough, which
+            # keeps nested ones cheap to price.)
+            inner[node.accu_var] = self.symbolic(accu, final)
+            grown, step_cost = self.visit(step, inner)
+            final_again, average = self.grow(node, init_shape, grown, accu, loop)
+            if self.bound(final_again.content) > self.bound(final.content) * 1.000001 + 1:
+                raise _Refused("a comprehension whose result grows faster than its steps", node)
         _, condition_cost = self.visit(condition, inner)
         body = condition_cost + step_cost + _fixed(_STEP)
         body_full, body_flat = body.full, body.flat
@@ -358,10 +371,20 @@ class _Estimator:
     ) -> tuple[Shape, Shape]:
         """The accumulator after the loop, and its mean size over the loop's steps.
 
-        Each measure grows by what a step adds to it; one that depends on another is
-        bounded by the content. A step that adds a constant (map() and filter() add at
-        most one item) makes the sizes a series, whose mean is half the growth."""
+        A step that does not read the accumulator's size replaces it (all(), exists()
+        keep a boolean): the final size is the larger of the start and one step's.
+        Otherwise each measure grows by what a step adds to it; one that depends on
+        another is bounded by the content. A step that adds a constant (map() and
+        filter() add at most one item) makes the sizes a series, whose mean is half the
+        growth."""
         names = [f"{accu}.{measure}" for measure in _MEASURES]
+        if not any(form.coefficient(n) for form in _sizes(after_step) for n in names):
+            items, chars, content = (
+                begin.join(_const(self.bound(after)))
+                for begin, after in zip(_sizes(start), _sizes(after_step), strict=True)
+            )
+            replaced = Shape(items, chars, content, _element_of(after_step, start))
+            return replaced, replaced
         if sum(after_step.content.coefficient(name) for name in names) > 1.0:
             raise _Refused("a comprehension whose result at least doubles at each step", node)
         added = after_step.content

@@ -45,6 +45,16 @@ def _tree(leaf: str, count: int) -> str:
     return f"({half} + {half})"
 
 
+def _nested(macro: str, body: str) -> str:
+    """`body` inside six nested comprehensions (`map` ones are priced twice per level)."""
+    for variable in "fedcba":
+        body = f"[1].{macro}({variable}, {body})"
+    return body
+
+
+_BIG_BODY = " || ".join(f"input.x{i} == {i}" for i in range(1500))
+
+
 # Every way found for one evaluation to grow or spin without a loop running away, with
 # constants and with values taken from the input; beside each, a cheaper neighbour that
 # stays accepted (the estimate is not a blanket refusal).
@@ -98,6 +108,7 @@ COSTLY = {
         "input.s.matches('a[ab]{9}c')",
     ),
     "comprehensions nested 7 deep": (SEVEN_DEEP, SIX_DEEP),
+    "too large to price": (_nested("map", _BIG_BODY) + ".size() > 0", _nested("all", _BIG_BODY)),
 }
 
 
