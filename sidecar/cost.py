@@ -156,13 +156,14 @@ class Shape:
     map, the characters if it is a string or bytes, and `content`: every character
     and item inside, nested ones included (at least 1). `element` is the shape of the
     items (of keys and values for a map), None when it is "like an input value within
-    `content`". `text` is the value of a constant string."""
+    `content`". `texts` are the constant strings it can be (empty: not known), so a
+    loop over a list of patterns is priced by its costliest one."""
 
     items: Form
     chars: Form
     content: Form
     element: Shape | None = None
-    text: str | None = None
+    texts: frozenset[str] = frozenset()
     raw: bool = False  # a part of the input as it is: all of them share `max_total`
 
 
@@ -177,9 +178,9 @@ def _join(a: Shape, b: Shape) -> Shape:
     element = a.element or b.element
     if a.element is not None and b.element is not None:
         element = _join(a.element, b.element)
-    text = a.text if a.text == b.text else None
+    texts = a.texts | b.texts if a.texts and b.texts else frozenset()
     return Shape(
-        a.items.join(b.items), a.chars.join(b.chars), a.content.join(b.content), element, text
+        a.items.join(b.items), a.chars.join(b.chars), a.content.join(b.content), element, texts
     )
 
 
@@ -264,7 +265,7 @@ class _Estimator:
             symbol = f"{name}.{measure}"
             self.maxima[symbol] = self.bound(form)
             sizes[measure] = _symbol(symbol)
-        return Shape(sizes["items"], sizes["chars"], sizes["content"], like.element, like.text)
+        return Shape(sizes["items"], sizes["chars"], sizes["content"], like.element, like.texts)
 
     # -- nodes ------------------------------------------------------------------------
 
@@ -296,7 +297,7 @@ class _Estimator:
         if node.text is None:
             return _SCALAR
         size = _const(len(node.text))
-        return Shape(ZERO, size, size, text=node.text)
+        return Shape(ZERO, size, size, texts=frozenset((node.text,)))
 
     def literal(self, node: Node, scope: Mapping[str, Shape]) -> tuple[Shape, _Cost]:
         count = len(node.children) if node.kind == "list" else len(node.children) // 2
@@ -586,7 +587,7 @@ def _concatenation(e: _Estimator, node: Node, args: list[Shape]) -> tuple[Shape,
 
 def _replace(e: _Estimator, node: Node, args: list[Shape]) -> tuple[Shape, Form]:
     subject, old, new = args[0].chars, args[1], args[2].chars
-    shortest = len(old.text) if old.text is not None else 0
+    shortest = min((len(text) for text in old.texts), default=0)
     # An empty (or unknown) pattern matches between every two characters.
     hits = subject + _const(1) if shortest == 0 else subject.scale(1.0 / shortest)
     chars = subject + e.mul(hits, new)
@@ -640,14 +641,14 @@ def _over_items(e: _Estimator, node: Node, args: list[Shape]) -> tuple[Shape, Fo
 
 def _matches(e: _Estimator, node: Node, args: list[Shape]) -> tuple[Shape, Form]:
     subject, pattern = args
-    if pattern.text is None:
+    if not pattern.texts:
         raise _Refused(
             "matches() with a pattern that is not a constant string: RE2's time grows with "
             "the pattern's size times the text's, and a pattern from the input can take "
             "seconds",
             node,
         )
-    program = regex_program_size(pattern.text)
+    program = max(regex_program_size(text) for text in pattern.texts)
     dfa_only = program <= _DFA_SAFE_PROGRAM
     per_char = _DFA if dfa_only else _NFA_CHAR + _NFA_INSTRUCTION * program
     return _SCALAR, subject.chars.scale(per_char) + _const(program * _ITEM)

@@ -107,6 +107,10 @@ COSTLY = {
         "input.s.matches('a[ab]{999}c')",
         "input.s.matches('a[ab]{9}c')",
     ),
+    "regex from a list of patterns": (
+        "['a[ab]{999}c', 'x'].exists(p, input.s.matches(p))",
+        "['^a', '^b'].exists(p, input.s.matches(p))",
+    ),
     "comprehensions nested 7 deep": (SEVEN_DEEP, SIX_DEEP),
     "too large to price": (_nested("map", _BIG_BODY) + ".size() > 0", _nested("all", _BIG_BODY)),
 }
