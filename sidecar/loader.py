@@ -456,7 +456,7 @@ def _rule_problem(
 
 
 def _condition_message(exc: ConditionError) -> str:
-    return f"condition does not compile (expression {exc.line}:{exc.column}): {exc.message}"
+    return f"{exc.reason} (expression {exc.line}:{exc.column}): {exc.message}"
 
 
 def _condition_problem(document: Document, index: int, rule: Rule, exc: ConditionError) -> Problem:
