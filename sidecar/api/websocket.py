@@ -90,6 +90,8 @@ class ReloadNotificationManager:
         `queue_size`: replies a client that does not read may have waiting.
         `changes_per_version`: change events sent one by one per registry version (at
         most a quarter of the buffer, so that one publish never floods it)."""
+        if buffer_size < 1 or queue_size < 1:
+            raise ValueError("buffer_size and queue_size must be at least 1")
         self._status = status
         self._buffer: deque[tuple[int, str]] = deque(maxlen=buffer_size)
         self._queue_size = queue_size
