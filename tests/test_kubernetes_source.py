@@ -246,9 +246,11 @@ class TestWatch:
 
         @functools.wraps(request)  # the watch finds the type of the objects in its doc
         def slow_first_watch(*args: Any, **kwargs: Any) -> Any:
-            response = request(*args, **kwargs)
-            if kwargs.get("watch") and not held:
+            first = kwargs.get("watch") and not held
+            if first:  # noted before the server sees the request, which the test waits for
                 held.append(threading.current_thread())
+            response = request(*args, **kwargs)
+            if first:
                 answered.wait(timeout=10)
             return response
 
