@@ -8,14 +8,22 @@ builds a complete new snapshot first, so a failed write changes nothing.
 Subscribers are called after each publish, in publish order, with the new snapshot and
 the change events computed by diffing it against the previous one. A subscriber that
 raises is logged and skipped; it never breaks a publish or the other subscribers.
+
+Subscribers run after the write lock is released, so one may unsubscribe, read
+`last_change`, or publish again without deadlocking. Deliveries never overlap: a publish
+made while one is under way (by a subscriber, or by another thread) is queued and handed
+on by the delivery in progress once the current publish has reached every subscriber.
+So every subscriber sees every publish once, in version order, and a nested publish
+returns before its own subscribers have run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -171,6 +179,11 @@ class RuleRegistry:
         self._current = Snapshot.empty()
         self._write_lock = threading.Lock()
         self._subscribers: list[Subscriber] = []
+        # Publishes not yet handed to the subscribers, in version order; one caller at a
+        # time (`_delivering`) empties it, outside the write lock.
+        self._delivery_lock = threading.Lock()
+        self._deliveries: deque[tuple[Snapshot, list[ChangeEvent]]] = deque()
+        self._delivering = False
         if history_limit < 1:
             raise ValueError("history_limit must be at least 1: the last change is diffed")
         self._history: deque[Snapshot] = deque(maxlen=history_limit)
@@ -244,7 +257,7 @@ class RuleRegistry:
 
     def publish(self, candidate: Snapshot) -> tuple[Snapshot, list[ChangeEvent]]:
         """Make a loader's candidate the current snapshot, with the next version number."""
-        with self._write_lock:
+        with self._writing():
             return self._publish(lambda _: candidate)
 
     def rollback(self, version: int | None = None) -> tuple[Snapshot, list[ChangeEvent]]:
@@ -252,13 +265,13 @@ class RuleRegistry:
 
         Without a version, goes back to the one before the current snapshot.
         """
-        with self._write_lock:
+        with self._writing():
             target = self._find_history(version)
             return self._publish(lambda _: target)
 
     def add_rule(self, rule: Rule | Mapping[str, Any], ruleset_id: str | int | None = None) -> Rule:
         """Add a rule to an existing ruleset; its id must be new to the registry."""
-        with self._write_lock:
+        with self._writing():
             new_rule = self._as_rule(rule, ruleset_id)
             if new_rule.id in self._current.rules:
                 raise ConflictError(f"rule {new_rule.id!r} already exists; use update_rule")
@@ -269,7 +282,7 @@ class RuleRegistry:
         self, rule: Rule | Mapping[str, Any], ruleset_id: str | int | None = None
     ) -> Rule:
         """Replace an existing rule (same id); it may move to another ruleset."""
-        with self._write_lock:
+        with self._writing():
             new_rule = self._as_rule(rule, ruleset_id)
             old = self._current.rules.get(new_rule.id)
             if old is None:
@@ -283,7 +296,7 @@ class RuleRegistry:
             return new_rule
 
     def remove_rule(self, rule_id: str | int) -> Rule:
-        with self._write_lock:
+        with self._writing():
             old = self._current.rules.get(str(rule_id))
             if old is None:
                 raise NotFoundError("rule", str(rule_id))
@@ -291,14 +304,14 @@ class RuleRegistry:
             return old
 
     def add_ruleset(self, ruleset: RuleSet) -> None:
-        with self._write_lock:
+        with self._writing():
             if ruleset.id in self._current.rulesets:
                 raise ConflictError(f"ruleset {ruleset.id!r} already exists")
             self._check(ruleset)
             self._publish(lambda s: Snapshot.build([*s.rulesets.values(), ruleset]))
 
     def remove_ruleset(self, ruleset_id: str | int) -> RuleSet:
-        with self._write_lock:
+        with self._writing():
             old = self._current.rulesets.get(str(ruleset_id))
             if old is None:
                 raise NotFoundError("ruleset", str(ruleset_id))
@@ -308,10 +321,50 @@ class RuleRegistry:
             return old
 
     def clear(self) -> None:
-        with self._write_lock:
+        with self._writing():
             self._publish(lambda _: Snapshot.empty())
 
-    # Internals; callers hold the write lock.
+    # Internals; callers hold the write lock unless said otherwise.
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the write lock for one write, then deliver what it published (unlocked)."""
+        try:
+            with self._write_lock:
+                yield
+        finally:
+            self._deliver()
+
+    def _deliver(self) -> None:
+        """Hand queued publishes to the subscribers, unless a delivery is under way (it
+        hands them on). Called without the write lock."""
+        with self._delivery_lock:
+            if self._delivering:
+                return
+            self._delivering = True
+        try:
+            while (delivery := self._next_delivery()) is not None:
+                snapshot, events = delivery
+                subscribers = self._subscribers
+                for subscriber in subscribers:
+                    if not any(s is subscriber for s in self._subscribers):
+                        continue  # unsubscribed by an earlier subscriber of this delivery
+                    try:
+                        subscriber(snapshot, events)
+                    except Exception:
+                        logger.exception("registry subscriber %r failed", subscriber)
+        except BaseException:
+            with self._delivery_lock:
+                self._delivering = False
+            raise
+
+    def _next_delivery(self) -> tuple[Snapshot, list[ChangeEvent]] | None:
+        """The oldest undelivered publish; None (and the delivery over) when none is left."""
+        with self._delivery_lock:
+            if self._deliveries:
+                return self._deliveries.popleft()
+            self._delivering = False
+            return None
 
     def _as_rule(self, rule: Rule | Mapping[str, Any], ruleset_id: str | int | None) -> Rule:
         """A compiled `Rule`; a mapping without a ruleset_id stays in its current ruleset."""
@@ -383,11 +436,8 @@ class RuleRegistry:
         self._current = new
         self._last_publish = new.created_at
         self._record_rule_history(old, new, events)
-        for subscriber in self._subscribers:
-            try:
-                subscriber(new, events)
-            except Exception:
-                logger.exception("registry subscriber %r failed", subscriber)
+        with self._delivery_lock:
+            self._deliveries.append((new, events))
         return new, events
 
     def _record_rule_history(

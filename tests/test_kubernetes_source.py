@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -225,6 +227,43 @@ class TestWatch:
         assert lists(kube) == 2
         resumed_from = [query["resourceVersion"] for query in kube.watches()[:3]]
         assert resumed_from == ["101", "101", "102"]  # resume, 410, list, watch from the list
+
+    async def test_a_watch_stopped_in_flight_does_not_swallow_later_changes(
+        self, kube: FakeKubernetes
+    ):
+        """The race behind `test_410_gone_lists_again`'s timeouts: a watch stopped while
+        its request is still being answered (the API server slow to start the response)
+        reads on, and used to apply what arrived after the stop. The cache then jumped
+        to a version whose change nobody was told of, and the next watch resumed after
+        it: the change was never announced. Here the first watch's answer is held until
+        the change is made, then let through."""
+        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
+        source = source_for(kube)
+        source.read()
+        answered = threading.Event()
+        held: list[threading.Thread] = []
+        request = source._core.list_namespaced_config_map
+
+        @functools.wraps(request)  # the watch finds the type of the objects in its doc
+        def slow_first_watch(*args: Any, **kwargs: Any) -> Any:
+            first = kwargs.get("watch") and not held
+            if first:  # noted before the server sees the request, which the test waits for
+                held.append(threading.current_thread())
+            response = request(*args, **kwargs)
+            if first:
+                answered.wait(timeout=10)
+            return response
+
+        source._core.list_namespaced_config_map = slow_first_watch  # type: ignore[method-assign]
+        async with watching(source):
+            await watch_connected(kube)
+        kube.apply("a", {"a.yaml": "a: 2"}, labels=LABELS)
+        answered.set()
+        await asyncio.to_thread(held[0].join, 10)
+        assert not held[0].is_alive()
+        async with watching(source) as reasons:
+            await next_change(reasons)
+            assert source.read()[0].content == b"a: 2"
 
     async def test_a_stalled_watch_is_reported_and_recovers(self, kube: FakeKubernetes):
         """A watch that goes silent past the server's timeout is a problem until data

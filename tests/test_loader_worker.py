@@ -105,13 +105,18 @@ class TestWorkerLoads:
         )
 
     def test_small_changes_stay_in_process(self):
-        """Under the offload threshold the worker is not used (a broken pool proves it)."""
-        pool = ProcessPoolExecutor(
-            max_workers=1, mp_context=multiprocessing.get_context("forkserver")
-        )
-        pool.shutdown()  # submitting to it would raise
-        loaded = Loader(executor=pool).load(files(count=1))
-        assert loaded.files_parsed == 1
+        """Under the offload threshold nothing is given to the executor; at the threshold
+        everything is. (A broken pool cannot tell: the fallback would hide its use.)"""
+        small = files(count=1)
+        size = len(small[0].content)
+        below = CountingExecutor()
+        loaded = Loader(executor=below, offload_bytes=size + 1).load(small)
+        assert (below.submitted, loaded.files_parsed) == (0, 1)
+        at = CountingExecutor()
+        loaded = Loader(executor=at, offload_bytes=size).load(files(count=1))
+        assert (at.submitted, loaded.files_parsed) == (1, 1)
+        below.shutdown()
+        at.shutdown()
 
     def test_a_dead_pool_falls_back_to_in_process(self):
         """If the worker cannot be used, the load still happens, in-process."""

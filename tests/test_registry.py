@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -46,6 +47,23 @@ def _two_rulesets() -> list[dict[str, Any]]:
         _doc("alpha", [_rule("a1", "input.x > 1", 5), _rule("a2", "input.x > 2", 3)]),
         _doc("beta", [_rule("b1", "input.y == 'z'", 2)]),
     ]
+
+
+def _without_deadlock(write: Callable[[], object]) -> None:
+    """Run `write` in a thread; fail (instead of hanging the suite) if it never returns."""
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            write()
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "the write deadlocked"
+    assert failures == []
 
 
 @pytest.fixture
@@ -254,6 +272,69 @@ class TestSubscribers:
         assert dropped == [2]
         assert kept == [2, 3]
         assert registry.get_stats()["subscriber_count"] == 1
+
+    def test_subscriber_may_unsubscribe_itself(self, registry):
+        """A subscriber that unsubscribes from inside its call does not deadlock the
+        publish (the lock is not held while subscribers run) and is not called again."""
+        calls: list[int] = []
+
+        def once(snapshot, events):
+            calls.append(snapshot.version)
+            unsubscribe()
+
+        unsubscribe = registry.subscribe(once)
+        _without_deadlock(lambda: registry.publish(Snapshot.empty()))
+        _without_deadlock(lambda: registry.publish(Snapshot.empty()))
+        assert calls == [2]
+        assert registry.get_stats()["subscriber_count"] == 0
+
+    def test_subscriber_may_read_the_last_change(self, registry):
+        """`last_change` takes the write lock too: a subscriber may call it."""
+        seen: list[tuple[int, int]] = []
+        registry.subscribe(
+            lambda s, e: seen.append(tuple(x.version for x in registry.last_change()))
+        )
+        _without_deadlock(lambda: registry.publish(Snapshot.empty()))
+        assert seen == [(1, 2)]
+
+    def test_subscriber_may_publish_again(self, registry):
+        """A subscriber that publishes does not deadlock. The nested publish returns at
+        once; its events reach every subscriber after the current publish has reached
+        them all, so each subscriber sees the versions in order."""
+        seen: list[tuple[str, int]] = []
+        nested: list[int] = []
+
+        def first(snapshot, events):
+            seen.append(("first", snapshot.version))
+            if snapshot.version == 2:
+                published, _ = registry.publish(_load(Loader(), _doc("gamma", [_rule("g1")])))
+                nested.append(published.version)
+                assert ("second", 3) not in seen  # delivered later, not from inside this call
+
+        def second(snapshot, events):
+            seen.append(("second", snapshot.version))
+
+        registry.subscribe(first)
+        registry.subscribe(second)
+        _without_deadlock(lambda: registry.publish(Snapshot.empty()))
+        assert nested == [3]
+        assert seen == [("first", 2), ("second", 2), ("first", 3), ("second", 3)]
+        assert registry.version == 3
+        assert registry.get_rule("g1") is not None
+
+    def test_subscriber_may_unsubscribe_a_later_one(self, registry):
+        """Once `unsubscribe` returns, that subscriber is not called, not even for the
+        publish being delivered."""
+        calls: list[str] = []
+
+        def first(snapshot, events):
+            calls.append("first")
+            unsubscribe_later()
+
+        registry.subscribe(first)
+        unsubscribe_later = registry.subscribe(lambda s, e: calls.append("later"))
+        _without_deadlock(lambda: registry.publish(Snapshot.empty()))
+        assert calls == ["first"]
 
     def test_failed_write_calls_no_subscriber(self, registry):
         """A refused edit publishes nothing, so no subscriber is called."""
@@ -657,6 +738,35 @@ class TestConcurrency:
     def _content(self, points: int) -> Snapshot:
         rules = [_rule(f"r{i}", "input.x >= 0", points) for i in range(self.RULES)]
         return _load(Loader(), _doc("rs", rules))
+
+    def test_writers_on_threads_deliver_every_version_once_in_order(self):
+        """Four threads publishing at once: subscribers see each version once, in order,
+        and never two deliveries at the same time."""
+        registry = RuleRegistry()
+        seen: list[int] = []
+        inside = threading.Lock()
+
+        def subscriber(snapshot, events):
+            assert inside.acquire(blocking=False), "two deliveries overlapped"
+            try:
+                seen.append(snapshot.version)
+                time.sleep(0)
+            finally:
+                inside.release()
+
+        registry.subscribe(subscriber)
+        content = self._content(1)
+
+        def writer() -> None:
+            for _ in range(50):
+                registry.publish(content)
+
+        threads = [threading.Thread(target=writer) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert seen == list(range(1, 201))
 
     def test_readers_see_one_content_per_result(self):
         """Each result is all-1s or all-2s and names a version published with that content."""

@@ -21,6 +21,8 @@ from server_support import (  # noqa: E402
     metric_value,
     receive_event,
     receive_until,
+    ruleset_doc,
+    to_yaml,
 )
 
 from sidecar.api.app import AppState  # noqa: E402
@@ -296,6 +298,141 @@ class TestSlowClients:
         assert stuck.close_code == 1013
         assert 0 < received < sent
         await healthy.close()
+        await stuck.close()
+
+
+def write_many_rules(rules: Path, count: int) -> None:
+    """`count` new rules (100 per ruleset) in one more file of the rules directory."""
+    docs = [
+        ruleset_doc(
+            f"bulk-{start}",
+            [
+                {"id": f"bulk-{n}", "condition": f"input.amount > {n}", "points": 1}
+                for n in range(start, min(start + 100, count))
+            ],
+        )
+        for start in range(0, count, 100)
+    ]
+    (rules / "bulk.yaml").write_text(to_yaml(*docs), encoding="utf-8")
+
+
+async def read_until_reloaded(
+    ws: aiohttp.ClientWebSocketResponse,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Read promptly up to `rules_reloaded`; fails if the server closes the socket."""
+    return await receive_until(ws, "rules_reloaded", timeout=60)
+
+
+class TestLargeChanges:
+    """A reload that changes thousands of rules: a prompt reader keeps up with it."""
+
+    RULES = 5000
+
+    async def test_prompt_reader_survives_a_change_of_5000_rules(self, sidecar: Sidecar):
+        """The first 100 change events go out one by one, then one `changes_omitted`
+        stands for the rest; the reader stays connected, seq has no gap, and it ends up
+        knowing the new version."""
+        async with sidecar.client.ws_connect(WS) as ws:
+            hello = await receive_event(ws)
+            write_many_rules(sidecar.rules, self.RULES)
+            await force_reload(sidecar)
+            reloaded, before = await read_until_reloaded(ws)
+            version = sidecar.state.registry.version
+            assert len(sidecar.state.registry.current.rules) == 4 + self.RULES
+            changes = [e for e in before if e["event_type"] in ("rule_added", "ruleset_added")]
+            omitted = [e for e in before if e["event_type"] == "changes_omitted"]
+            assert len(changes) == 100
+            assert [e["data"] for e in omitted] == [{"registry_version": version, "sent": 100}]
+            seqs = [e["seq"] for e in [*before, reloaded]]
+            assert seqs == list(range(hello["seq"] + 1, hello["seq"] + 1 + len(seqs)))
+            assert reloaded["data"]["version_after"] == version
+            await ws.send_json({"type": "status"})
+            status, _ = await receive_until(ws, "status")
+            assert status["data"]["registry"]["version"] == version
+            assert sidecar.state.notifier.client_count == 1
+
+    async def test_resuming_after_a_change_of_5000_rules_replays_it(self, sidecar: Sidecar):
+        """A client that was away during the change resumes with `last_seq`: it gets the
+        whole (bounded) replay, then status, and stays connected."""
+        async with sidecar.client.ws_connect(WS) as ws:
+            hello = await receive_event(ws)
+        write_many_rules(sidecar.rules, self.RULES)
+        await force_reload(sidecar)
+        version = sidecar.state.registry.version
+        async with sidecar.client.ws_connect(f"{WS}?last_seq={hello['seq']}") as ws:
+            status, replayed = await receive_until(ws, "status", timeout=60)
+            assert replayed[-1]["event_type"] == "rules_reloaded"
+            assert replayed[-1]["data"]["version_after"] == version
+            assert [e["seq"] for e in replayed] == list(range(hello["seq"] + 1, status["seq"] + 1))
+            assert status["data"]["registry"]["version"] == version
+            await ws.send_json({"type": "ping"})
+            assert (await receive_event(ws))["event_type"] == "pong"
+
+    async def test_reader_that_never_reads_is_dropped_once_with_one_log_line(
+        self, start_sidecar, plain_rules: Path, caplog: pytest.LogCaptureFixture
+    ):
+        """Beside a prompt reader, a client that never reads: a 5000-rule change, then
+        big broadcasts until the buffer (50) no longer holds what it has not taken. It
+        alone is dropped (1013), with one log line, however much follows; the prompt
+        reader keeps its connection."""
+        app = await start_sidecar(plain_rules, prepare=own_notifier(buffer_size=50))
+        notifier = app.state.notifier
+        stuck = await app.client.ws_connect(WS)  # connects, then never reads
+        prompt = await app.client.ws_connect(WS)
+        await receive_event(prompt)
+        with caplog.at_level("WARNING", logger="sidecar.websocket"):
+            write_many_rules(plain_rules, self.RULES)
+            await force_reload(app)
+            await read_until_reloaded(prompt)
+            blob = "x" * 60_000
+            sent = 0
+            while notifier.client_count == 2 and sent < 3000:
+                seq = notifier.broadcast("bulk", {"blob": blob})
+                assert (await receive_event(prompt))["seq"] == seq
+                sent += 1
+            assert notifier.client_count == 1, "the stuck client was never dropped"
+            for _ in range(200):
+                seq = notifier.broadcast("bulk", {"n": 1})
+                assert (await receive_event(prompt))["seq"] == seq
+            await force_reload(app)
+            reloaded, _ = await read_until_reloaded(prompt)
+            assert reloaded["data"]["version_after"] == app.state.registry.version
+        drops = [r for r in caplog.records if "does not keep up" in r.getMessage()]
+        assert len(drops) == 1
+        while (message := await stuck.receive(timeout=5)).type is aiohttp.WSMsgType.TEXT:
+            pass
+        assert message.type is aiohttp.WSMsgType.CLOSE
+        assert stuck.close_code == 1013
+        assert not prompt.closed
+        await prompt.close()
+        await stuck.close()
+
+    async def test_resuming_reader_that_never_reads_is_dropped_once_with_one_log_line(
+        self, start_sidecar, plain_rules: Path, caplog: pytest.LogCaptureFixture
+    ):
+        """A client resumes from `last_seq` with 300 big broadcasts to replay, and never
+        reads: it is dropped once the buffer moves past it, with one log line, not one
+        per message it could not take."""
+        app = await start_sidecar(plain_rules, prepare=own_notifier(buffer_size=300))
+        notifier = app.state.notifier
+        blob = "x" * 60_000
+        first = notifier.broadcast("bulk", {"blob": blob})
+        for _ in range(299):
+            notifier.broadcast("bulk", {"blob": blob})
+        with caplog.at_level("WARNING", logger="sidecar.websocket"):
+            stuck = await app.client.ws_connect(f"{WS}?last_seq={first - 1}")
+            await eventually(lambda: notifier.client_count == 1, message="connected")
+            sent = 0
+            while notifier.client_count == 1 and sent < 3000:
+                notifier.broadcast("bulk", {"blob": blob})
+                await asyncio.sleep(0)
+                sent += 1
+            assert notifier.client_count == 0, "the stuck client was never dropped"
+            for _ in range(100):
+                notifier.broadcast("bulk", {"n": 1})
+            await asyncio.sleep(0.1)
+        drops = [r for r in caplog.records if "does not keep up" in r.getMessage()]
+        assert len(drops) == 1
         await stuck.close()
 
 

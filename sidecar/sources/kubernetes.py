@@ -210,7 +210,7 @@ class ConfigMapSource:
             try:
                 with self._lock:
                     must_list = self._resource_version is None
-                if must_list and self._relist():
+                if must_list and self._relist(stop):
                     notify()
                 self._watch_once(notify, stop, current)
                 backoff = 0.5
@@ -233,8 +233,10 @@ class ConfigMapSource:
         stop.wait(backoff * (0.5 + random.random()))
         return min(backoff * 2, self._max_backoff)
 
-    def _relist(self) -> bool:
-        """Replace the cache with a fresh list; True when anything differs."""
+    def _relist(self, stop: threading.Event | None = None) -> bool:
+        """Replace the cache with a fresh list; True when anything differs. A reflector's
+        list (`stop` given) that ends after its watch was stopped is dropped: nobody would
+        be told of what it changed."""
         listing = self._core.list_namespaced_config_map(
             self.namespace,
             label_selector=self.label_selector,
@@ -247,6 +249,8 @@ class ConfigMapSource:
             if item.metadata is not None
         }
         with self._lock:
+            if stop is not None and stop.is_set():
+                return False
             changed = configmaps != self._configmaps
             self._configmaps = configmaps
             self._resource_version = str(listing.metadata.resource_version)
@@ -279,9 +283,9 @@ class ConfigMapSource:
             allow_watch_bookmarks=True,
             _request_timeout=(_CONNECT_TIMEOUT_S, self._read_timeout),
         ):
-            changed = self._apply(event["type"], event["object"], event["raw_object"], epoch)
+            changed = self._apply(event, epoch, stop)
             if changed is None:
-                break  # a read listed meanwhile: resume from its version instead
+                break  # stopped, or a read listed meanwhile: resume from its version
             if changed:
                 notify()
         if not stop.is_set():
@@ -301,14 +305,24 @@ class ConfigMapSource:
 
         return opened
 
-    def _apply(self, kind: str, configmap: Any, raw: Mapping[str, Any], epoch: int) -> bool | None:
+    def _apply(self, event: Mapping[str, Any], epoch: int, stop: threading.Event) -> bool | None:
         """Apply one watch event to the cache; True when the rule files changed, None when
-        a list since the watch opened makes the event stale.
+        the event is stale: a list since the watch opened, or the watch was stopped.
+
+        A stopped watch can still deliver: `Watch.stop()` only shuts the socket down once
+        the response has started, so a watch stopped while its request was in flight
+        reads on. Applied, its events would move the resourceVersion past changes that no
+        one was told of, and the next watch would resume after them (never announcing
+        them, and never getting the 410 that would make it list). `changes()` sets `stop`
+        before it takes the lock to end, so no event is applied after it has ended.
 
         A BOOKMARK only moves the resourceVersion on (its object is not a whole ConfigMap).
         """
+        kind: str = event["type"]
+        configmap: Any = event["object"]
+        raw: Mapping[str, Any] = event["raw_object"]
         with self._lock:
-            if epoch != self._epoch:
+            if stop.is_set() or epoch != self._epoch:
                 return None
             self._resource_version = str(raw["metadata"]["resourceVersion"])
             self._problem = None

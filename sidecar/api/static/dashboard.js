@@ -360,6 +360,8 @@ function eventSummary(message) {
       return `connected; serving version ${data.registry ? data.registry.version : "?"}`;
     case "resync_required":
       return "missed too much while away; reading everything again";
+    case "changes_omitted":
+      return `version ${data.registry_version}: more changes than the ${data.sent} shown one by one`;
     default:
       return [data.ruleset_id, data.rule_id].filter(Boolean).join(" / ");
   }
