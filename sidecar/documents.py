@@ -2,17 +2,26 @@
 
 YAML goes through PyYAML's C parser to a node tree; the tree is checked (no mapping or
 list reachable twice, so an alias bomb cannot explode later; no duplicate keys; bounded
-depth) and kept so that an error found later, by the schema or the CEL compiler, can be
-pointed at its file, line and column. JSON is parsed by `json` (YAML 1.1 would read
+depth; bounded expanded text, every scalar counted each time an alias reaches it, so a
+small file of aliases to one big string cannot become gigabytes in every answer that
+serializes it) and kept so that an error found later, by the schema or the CEL compiler,
+can be pointed at its file, line and column. JSON is parsed by `json` (YAML 1.1 would read
 `1e3` as a string) and located through the same node tree.
+
+Values are JSON's, whatever the syntax: a rule file is served, digested and saved as
+JSON, so YAML's other types (`!!binary`, `!!set`, `!!omap`, `!!pairs`, an explicit
+`!!timestamp`), non-finite numbers and numbers too long to convert are refused where they
+are written, and mapping keys become strings (`1: a` is `"1": a`, as Kubernetes reads it).
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import yaml
 
@@ -38,18 +47,63 @@ except AttributeError:  # PyYAML built without libyaml
 
 
 class _Loader(_Base):  # type: ignore[valid-type,misc]
-    """Safe loading, with timestamps left as strings, as Kubernetes' YAML-to-JSON does:
-    a rule's input is JSON, and `2024-03-10T03:12:00Z` must reach CEL as a string."""
+    """Safe loading of JSON values only, with timestamps left as strings, as Kubernetes'
+    YAML-to-JSON does: a rule's input is JSON, and `2024-03-10T03:12:00Z` must reach CEL
+    as a string."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[str, Any]:
+        """JSON objects: string keys, each once (after `1` became `"1"`)."""
+        if not isinstance(node, yaml.MappingNode):
+            raise _not_json(node, f"expected a mapping, found {node.id}")
+        self.flatten_mapping(node)
+        mapping: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str):
+                if not isinstance(key, bool | int | float | None):
+                    raise _not_json(key_node, "a mapping key must be a string or a number")
+                key = json.dumps(key)
+            if key in mapping:
+                raise _not_json(key_node, f"duplicate key {key!r}")
+            mapping[key] = self.construct_object(value_node, deep=deep)
+        return mapping
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            return super().construct_yaml_int(node)  # type: ignore[no-any-return]
+        except ValueError as exc:  # more digits than Python converts (sys.int_info)
+            raise _not_json(node, f"number not readable: {exc}") from None
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        value: float = super().construct_yaml_float(node)
+        if not math.isfinite(value):
+            raise _not_json(node, f"{node.value!r} is not a JSON number (not finite)")
+        return value
+
+    def construct_not_json(self, node: yaml.Node) -> None:
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        raise _not_json(node, f"the tag {tag} is not allowed: rule files hold JSON values")
+
+
+def _not_json(node: yaml.Node, problem: str) -> yaml.constructor.ConstructorError:
+    return yaml.constructor.ConstructorError(None, None, problem, node.start_mark)
 
 
 _Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
     for first, resolvers in _Base.yaml_implicit_resolvers.items()
 }
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+_Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_yaml_float)
+for _tag in ("binary", "set", "omap", "pairs", "timestamp"):
+    _Loader.add_constructor(f"tag:yaml.org,2002:{_tag}", _Loader.construct_not_json)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FileLimits:
+    """Per file. `max_bytes` bounds the text too once aliases are expanded: a file may
+    not hold, through aliases, more scalar text than it could hold written out."""
+
     max_bytes: int = 4 * 1024 * 1024
     max_documents: int = 1_000
     max_depth: int = 64
@@ -158,7 +212,21 @@ def parse_file(
     return documents, []
 
 
+_OTHER_ENCODINGS: Final = {
+    codecs.BOM_UTF32_LE: "UTF-32",
+    codecs.BOM_UTF32_BE: "UTF-32",
+    codecs.BOM_UTF16_LE: "UTF-16",
+    codecs.BOM_UTF16_BE: "UTF-16",
+}
+
+
 def _decode(source: SourceFile) -> str:
+    for bom, encoding in _OTHER_ENCODINGS.items():  # UTF-32 LE first: it starts like UTF-16 LE
+        if source.content.startswith(bom):
+            message = (
+                f"the file is {encoding} (it starts with a byte order mark): rule files are UTF-8"
+            )
+            raise _FileProblem(Problem(file=source.name, line=1, column=1, message=message))
     try:
         return source.content.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -178,13 +246,17 @@ def _decode(source: SourceFile) -> str:
 
 def _parse_yaml(name: str, text: str, limits: FileLimits) -> Iterator[Document]:
     loader = _Loader(text)
+    budget = _TextBudget(limits.max_bytes)
     try:
         index = 0
         while loader.check_node():
             node = loader.get_node()
             if node is None:
                 continue
-            _check_tree(name, node, limits)
+            try:
+                _check_tree(name, node, limits, budget)
+            except _Expanded:
+                raise _FileProblem(_expansion_problem(name, text, limits)) from None
             if index >= limits.max_documents:
                 raise _FileProblem(
                     Problem(
@@ -197,6 +269,11 @@ def _parse_yaml(name: str, text: str, limits: FileLimits) -> Iterator[Document]:
             index += 1
     except yaml.MarkedYAMLError as exc:
         raise _FileProblem(_yaml_problem(name, exc)) from None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow, e.g. NUL
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        message = f"character U+{exc.character:04X} is not allowed in YAML"
+        raise _FileProblem(Problem(file=name, line=line, column=column, message=message)) from None
     except yaml.YAMLError as exc:
         raise _FileProblem(Problem(file=name, message=f"YAML error: {exc}")) from None
     finally:
@@ -206,13 +283,25 @@ def _parse_yaml(name: str, text: str, limits: FileLimits) -> Iterator[Document]:
 def _yaml_problem(name: str, exc: yaml.MarkedYAMLError) -> Problem:
     mark = exc.problem_mark or exc.context_mark
     parts = [part for part in (exc.context, exc.problem) if part]
-    message = "YAML syntax error: " + ", ".join(parts) if parts else "YAML syntax error"
+    kind = (
+        "not a JSON value"
+        if isinstance(exc, yaml.constructor.ConstructorError)
+        else ("YAML syntax error")
+    )
+    message = f"{kind}: " + ", ".join(parts) if parts else kind
     if mark is None:
         return Problem(file=name, message=message)
     return _marked(name, mark, (), message)
 
 
-def _marked(name: str, mark: yaml.Mark, path: Sequence[str | int], message: str) -> Problem:
+class _Mark(Protocol):
+    """A position of PyYAML's Python parser or of its C one (two unrelated classes)."""
+
+    line: int
+    column: int
+
+
+def _marked(name: str, mark: _Mark, path: Sequence[str | int], message: str) -> Problem:
     """A problem at a YAML mark (0-based) given in 1-based line and column."""
     return Problem(
         file=name,
@@ -223,13 +312,36 @@ def _marked(name: str, mark: yaml.Mark, path: Sequence[str | int], message: str)
     )
 
 
-def _check_tree(name: str, root: yaml.Node, limits: FileLimits) -> None:
-    """Refuse shared collections (alias bombs), duplicate keys and excessive depth."""
+class _Expanded(Exception):
+    """The expanded text went over the budget (located afterwards, from the events)."""
+
+
+class _TextBudget:
+    """Scalar text left for one file, every alias counting its anchor's text again."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def spend(self, size: int) -> None:
+        self.left -= size
+        if self.left < 0:
+            raise _Expanded
+
+
+def _check_tree(
+    name: str, root: yaml.Node, limits: FileLimits, budget: _TextBudget | None = None
+) -> None:
+    """Refuse shared collections (alias bombs), duplicate keys, excessive depth and (with
+    a budget) more expanded text than the file may hold."""
     seen: set[int] = set()
     stack: list[tuple[yaml.Node, tuple[str | int, ...]]] = [(root, ())]
     while stack:
         node, path = stack.pop()
         if isinstance(node, yaml.ScalarNode):
+            if budget is not None:
+                budget.spend(len(node.value))
             continue
         if id(node) in seen:
             message = "an alias may not point at a mapping or a list (its anchor is here)"
@@ -252,10 +364,43 @@ def _check_tree(name: str, root: yaml.Node, limits: FileLimits) -> None:
             stack.append((value, (*path, key.value if isinstance(key, yaml.ScalarNode) else "?")))
 
 
+def _expansion_problem(name: str, text: str, limits: FileLimits) -> Problem:
+    """Where the expanded text first passes the limit: the alias, read from the events
+    (a composed alias is its anchor's node and has lost its own position)."""
+    message = (
+        f"aliases expand the file past {limits.max_bytes} characters of text"
+        " (each alias counts its anchor's text again)"
+    )
+    sizes: dict[str, int] = {}
+    open_anchors: list[tuple[str | None, int]] = []
+    total = 0
+    loader = _Loader(text)
+    try:
+        while loader.check_event():
+            event = loader.get_event()
+            if isinstance(event, yaml.ScalarEvent):
+                total += len(event.value)
+                if event.anchor is not None:
+                    sizes[event.anchor] = len(event.value)
+            elif isinstance(event, yaml.AliasEvent) and event.anchor is not None:
+                total += sizes.get(event.anchor, 0)
+                if total > limits.max_bytes and event.start_mark is not None:
+                    return _marked(name, event.start_mark, (), f"{message}: *{event.anchor}")
+            elif isinstance(event, yaml.CollectionStartEvent):
+                open_anchors.append((event.anchor, total))
+            elif isinstance(event, yaml.CollectionEndEvent):
+                anchor, start = open_anchors.pop()
+                if anchor is not None:
+                    sizes[anchor] = total - start
+    finally:
+        loader.dispose()
+    return Problem(file=name, message=message)
+
+
 def _parse_json(name: str, text: str, limits: FileLimits, *, located: bool) -> list[Document]:
     """A JSON file holds one document, or a list of documents."""
     try:
-        data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        data = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise _FileProblem(
             Problem(
@@ -272,6 +417,8 @@ def _parse_json(name: str, text: str, limits: FileLimits, *, located: bool) -> l
         raise _FileProblem(Problem(file=name, message=f"duplicate key {exc.key!r}")) from None
     except RecursionError:
         raise _FileProblem(Problem(file=name, message="JSON nested too deeply")) from None
+    except ValueError as exc:  # NaN, Infinity; an integer longer than Python converts
+        raise _FileProblem(Problem(file=name, message=f"not a JSON number: {exc}")) from None
     if not located:
         _check_depth(name, data, limits)
         documents = data if isinstance(data, list) else [data]
@@ -324,3 +471,8 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise _DuplicateKey(key)
         result[key] = value
     return result
+
+
+def _no_constant(name: str) -> float:
+    """`json` reads NaN and Infinity, which JSON itself does not have."""
+    raise ValueError(f"{name} is not a number in JSON")
