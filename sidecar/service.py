@@ -27,7 +27,7 @@ from sidecar.loader import Loader
 from sidecar.registry import ChangeEvent, RuleRegistry
 from sidecar.snapshot import Snapshot
 from sidecar.sources import RuleSource
-from sidecar.state import StateStore
+from sidecar.state import StateError, StateStore
 
 __all__ = ["HealthStatus", "HotReloadService", "ReloadRecord", "ReloadStatus", "Trigger"]
 
@@ -219,9 +219,7 @@ class HotReloadService:
         """First load; when the sources are broken, fall back to the state dir's copy."""
         record = await self.reload_rules(trigger=Trigger.STARTUP)
         if record.status is ReloadStatus.FAILED and self.state is not None:
-            saved = await asyncio.to_thread(self.state.load)
-            if saved is not None:
-                await self._load_saved(saved, record)
+            await self._load_saved(self.state, record)
         return record
 
     async def reload_rules(
@@ -526,10 +524,17 @@ class HotReloadService:
             and last.errors == tuple(problems)
         )
 
-    async def _load_saved(self, saved: SourceFile, failure: ReloadRecord) -> None:
+    async def _load_saved(self, state: StateStore, failure: ReloadRecord) -> None:
         started, before = time.perf_counter(), self.registry.current
         try:
-            result = await asyncio.to_thread(self.loader.load, [saved], run_checks=False)
+            saved = await asyncio.to_thread(state.load)
+        except LoadError as exc:
+            logger.error("the saved snapshot in the state dir is not valid: %s", exc)
+            return
+        if saved is None:
+            return
+        try:
+            result = await asyncio.to_thread(self.loader.load, saved, run_checks=False)
         except LoadError as exc:
             logger.error("the saved snapshot in the state dir is not valid: %s", exc)
             return
@@ -552,7 +557,7 @@ class HotReloadService:
             return
         try:
             await asyncio.to_thread(self.state.save, snapshot)
-        except OSError as exc:
+        except (OSError, StateError) as exc:
             logger.warning(
                 "could not save the last good snapshot to %s: %s", self.state.directory, exc
             )
