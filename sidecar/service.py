@@ -339,6 +339,7 @@ class HotReloadService:
                 for source in self.sources
             ],
             "last_errors": [p.to_dict() for p in last.errors] if last else [],
+            "state_dir": self.state.status().to_dict() if self.state else None,
         }
 
     def get_reload_history(self, limit: int | None = None) -> list[dict[str, Any]]:

@@ -204,6 +204,34 @@ class TestSaveFailsLoudly:
         finally:
             served.stop()
 
+    def test_the_status_names_the_failed_save(self, tmp_path: Path):
+        """`GET .../status`: `state_dir` says the last save failed, why, and which copy
+        is on disk; after a restorable change it says the save succeeded."""
+        state, rules = tmp_path / "state", tmp_path / "rules"
+        rules.mkdir()
+        self.unrestorable(rules)
+        env = clean_environment(RULE_SIDECAR_STATE_DIR=str(state))
+        served = spawn(tmp_path, "--rules-dir", str(rules), env=env)
+        try:
+            wait_served(served)
+
+            def saved() -> dict:
+                return served.get("/api/v1/rules/hot-reload/status")[1]["state_dir"]
+
+            wait_sync(lambda: saved()["last_save_successful"] is False, message="failure")
+            status = saved()
+            assert "ruleset 'wide'" in status["last_error"]
+            assert (status["saved_revision"], status["files"]) == (None, 0)
+            assert status["failed_revision"] == served.get("/health/hot-reload")[1]["revision"]
+
+            (rules / "wide.yaml").write_text(to_yaml(make_ruleset_doc("narrow")), encoding="utf-8")
+            wait_sync(lambda: saved()["last_save_successful"] is True, message="a good save")
+            status = saved()
+            assert (status["last_error"], status["failed_revision"]) == (None, None)
+            assert status["saved_revision"] == served.get("/health/hot-reload")[1]["revision"]
+        finally:
+            served.stop()
+
 
 # Saves two 600-ruleset snapshots in turn, forever, printing each revision it saved.
 WRITER = """
