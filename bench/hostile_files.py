@@ -82,6 +82,12 @@ def _huge_description() -> str:
     return HEAD + f"    description: {'x' * (4 * 1024 * 1024 - 200)}\n"
 
 
+def _many_values() -> str:
+    """4 MiB of one-character values: no alias, no depth, just nodes."""
+    count = (4 * 1024 * 1024 - 300) // 2
+    return HEAD + "    metadata: {v: [" + "1," * (count - 1) + "1]}\n"
+
+
 def _many_documents() -> str:
     return "---\n".join(
         HEAD.replace("hostile", f"s{i}").replace("id: r", f"id: r{i}") for i in range(1000)
@@ -118,6 +124,7 @@ FILES: dict[str, tuple[str, Callable[[], str | bytes]]] = {
     "aliases: billion laughs (lists)": ("laughs.yaml", _billion_laughs),
     "huge scalar (4 MiB string)": ("huge.yaml", _huge_scalar),
     "huge description (4 MiB)": ("description.yaml", _huge_description),
+    "4 MiB of tiny values (2 million)": ("values.yaml", _many_values),
     "1,000 documents in one file": ("docs.yaml", _many_documents),
     "deep nesting (60, within limit)": ("deep.yaml", _deep_nesting),
     "nesting 1,000,000 deep (YAML)": ("deeper.yaml", _deeper_than_libyaml),

@@ -17,6 +17,7 @@ is built by the real loader, then:
 Run (from the repository root):
 
     python -m bench.state_dir                      # 10k rulesets / 100k rules, ~1-2 min
+    python -m bench.state_dir --quick              # 1k rulesets / 10k rules
     python -m bench.state_dir --rulesets 2000 --rules-each 10
 """
 
@@ -96,7 +97,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rulesets", type=int, default=10_000)
     parser.add_argument("--rules-each", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="1,000 rulesets of 10 rules")
     args = parser.parse_args()
+    if args.quick:
+        args.rulesets = 1000
     docs = documents(args.rulesets, args.rules_each)
     loader = Loader(run_checks=False)
     started = time.perf_counter()

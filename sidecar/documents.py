@@ -107,6 +107,10 @@ class FileLimits:
     max_bytes: int = 4 * 1024 * 1024
     max_documents: int = 1_000
     max_depth: int = 64
+    # Values (scalars, aliases, lists, mappings) of one file: a composed node costs about
+    # 500 bytes, so 4 MiB of `[1,1,1,...]` would be a gigabyte before any check. Rule
+    # files average 25-40 bytes a value: 400,000 is about what 4 MiB of rules holds.
+    max_values: int = 400_000
 
 
 DEFAULT_FILE_LIMITS: Final = FileLimits()
@@ -245,6 +249,7 @@ def _decode(source: SourceFile) -> str:
 
 
 def _parse_yaml(name: str, text: str, limits: FileLimits) -> Iterator[Document]:
+    _check_values(name, text, limits)
     loader = _Loader(text)
     budget = _TextBudget(limits.max_bytes)
     try:
@@ -276,6 +281,33 @@ def _parse_yaml(name: str, text: str, limits: FileLimits) -> Iterator[Document]:
         raise _FileProblem(Problem(file=name, line=line, column=column, message=message)) from None
     except yaml.YAMLError as exc:
         raise _FileProblem(Problem(file=name, message=f"YAML error: {exc}")) from None
+    finally:
+        loader.dispose()
+
+
+# Every value but a document's root is preceded by one of these (a flow separator, a
+# block entry, a key or value indicator, an opening bracket); one mark can introduce two
+# values (`key:` and its null). Counting them bounds the values from above, in C.
+_VALUE_MARKS: Final = (",", ":", "-", "[", "{", "?")
+
+
+def _check_values(name: str, text: str, limits: FileLimits) -> None:
+    """Refuse a file of more values than `max_values` before composing any node: counted
+    exactly from the parser's events (constant memory) when the text could hold that many."""
+    if 2 * sum(text.count(mark) for mark in _VALUE_MARKS) + 2 <= limits.max_values:
+        return
+    loader = _Loader(text)
+    values = 0
+    try:
+        while loader.check_event():
+            event = loader.get_event()
+            if isinstance(event, yaml.NodeEvent):
+                values += 1
+                if values > limits.max_values and event.start_mark is not None:
+                    message = f"more than {limits.max_values} values in one file"
+                    raise _FileProblem(_marked(name, event.start_mark, (), message))
+    except yaml.YAMLError:
+        return  # the parse proper reports it, located
     finally:
         loader.dispose()
 
@@ -399,6 +431,8 @@ def _expansion_problem(name: str, text: str, limits: FileLimits) -> Problem:
 
 def _parse_json(name: str, text: str, limits: FileLimits, *, located: bool) -> list[Document]:
     """A JSON file holds one document, or a list of documents."""
+    if located:  # its positions come from a composed node tree
+        _check_values(name, text, limits)
     try:
         data = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:

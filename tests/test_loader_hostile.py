@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import write_rules
 
+from sidecar.documents import SourceFile, parse_file
 from sidecar.errors import LoadError, Problem
 from sidecar.loader import Loader
 from sidecar.sources.files import read_rule_files
@@ -216,3 +217,53 @@ class TestHugeScalars:
         """The same string in rule metadata (free-form) loads, once."""
         text = HEAD + f"    metadata: {{v: {'x' * (4 * 1024 * 1024 - 200)}}}\n"
         assert len(loaded_metadata(write_rules(rules_dir, "m.yaml", text))["v"]) > 4_000_000
+
+
+class TestManySmallValues:
+    """Values are bounded per file (400,000) before any node is composed: a composed value
+    costs about 500 bytes, and 4 MiB of `1,` was a gigabyte and 20 s."""
+
+    @pytest.mark.parametrize("suffix", ["yaml", "json"])
+    def test_a_file_of_450000_values_is_refused_at_the_first_too_many(
+        self, rules_dir: Path, suffix: str
+    ):
+        """The problem points at the 400,001st value."""
+        values = "[" + "1," * 449_999 + "1]"
+        text = HEAD + f"    metadata: {{v: {values}}}\n" if suffix == "yaml" else JSON_HEAD % values
+        problem = problem_of(write_rules(rules_dir, f"many.{suffix}", text))
+        assert problem.message == "more than 400000 values in one file"
+        line = text.splitlines()[problem.line - 1]
+        assert line[problem.column - 1] == "1"
+        assert problem.column > 790_000  # well into the list, not at its start
+
+    def test_marks_inside_strings_do_not_count(self, rules_dir: Path):
+        """200,000 commas and colons inside one string are one value: the file loads."""
+        text = HEAD + f"    metadata: {{v: '{', :' * 100_000}'}}\n"
+        assert len(loaded_metadata(write_rules(rules_dir, "commas.yaml", text))["v"]) == 300_000
+
+    def test_the_largest_ruleset_the_schema_allows_is_within_the_bound(self):
+        """10,000 rules (the schema's maximum), each with a name, description, two tags
+        and two metadata fields, in one file: parsed without a problem."""
+        rules = [
+            {
+                "id": f"r{i}",
+                "name": f"Rule {i}",
+                "description": "why",
+                "condition": f"input.amount > {i}",
+                "points": 1,
+                "tags": ["a", "b"],
+                "metadata": {"owner": "risk", "ticket": i},
+            }
+            for i in range(10_000)
+        ]
+        text = json.dumps(
+            {
+                "apiVersion": "rule-sidecar/v1",
+                "kind": "RuleSet",
+                "metadata": {"id": "big"},
+                "spec": {"rules": rules},
+            }
+        )
+        for name in ("big.json", "big.yaml"):
+            documents, problems = parse_file(SourceFile(name, text.encode()))
+            assert (len(documents), problems) == (1, [])
