@@ -55,16 +55,21 @@ class _Loader(_Base):  # type: ignore[valid-type,misc]
         """JSON objects: string keys, each once (after `1` became `"1"`)."""
         if not isinstance(node, yaml.MappingNode):
             raise _not_json(node, f"expected a mapping, found {node.id}")
-        self.flatten_mapping(node)
+        own = sum(1 for key, _ in node.value if key.tag != "tag:yaml.org,2002:merge")
+        self.flatten_mapping(node)  # `<<` merges go first; the mapping's own keys win
+        merged = len(node.value) - own
         mapping: dict[str, Any] = {}
-        for key_node, value_node in node.value:
+        written: set[str] = set()
+        for index, (key_node, value_node) in enumerate(node.value):
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, str):
                 if not isinstance(key, bool | int | float | None):
                     raise _not_json(key_node, "a mapping key must be a string or a number")
                 key = json.dumps(key)
-            if key in mapping:
-                raise _not_json(key_node, f"duplicate key {key!r}")
+            if index >= merged:
+                if key in written:
+                    raise _not_json(key_node, f"duplicate key {key!r}")
+                written.add(key)
             mapping[key] = self.construct_object(value_node, deep=deep)
         return mapping
 

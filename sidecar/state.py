@@ -28,9 +28,11 @@ in a file) is refused when it is written, with `StateError`: the previous copy s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import zlib
 from collections.abc import Iterable, Sequence
@@ -198,21 +200,39 @@ class StateStore:
 
     def _remove_unlisted(self, listed: set[str]) -> None:
         """Files the manifest no longer names, temporary files of a crashed save, and
-        the single file of the old format."""
-        for path in (self.directory / _RULESETS).iterdir():
-            if f"{_RULESETS}/{path.name}" not in listed:
-                path.unlink(missing_ok=True)
-        for path in self.directory.iterdir():
-            if path.name.startswith(_TEMPORARY) or path.name == _LEGACY:
+        the single file of the old format. Best effort: the new copy is already whole,
+        and whatever stays is tried again at the next save."""
+        unlisted = [
+            path
+            for path in _entries(self.directory / _RULESETS)
+            if f"{_RULESETS}/{path.name}" not in listed
+        ]
+        unlisted += [
+            path
+            for path in _entries(self.directory)
+            if path.name.startswith(_TEMPORARY) or path.name == _LEGACY
+        ]
+        for path in unlisted:
+            with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
 
     # Reading
 
     def _read(self, path: Path) -> bytes:
-        """A file of the copy, refused (not read whole) when over the loader's limit."""
-        with path.open("rb") as file:
-            content = file.read(self.limits.max_bytes + 1)
-        if len(content) > self.limits.max_bytes:
+        """A file of the copy: a regular file (a FIFO would block the restart, a device
+        never end), refused by its size before it is read."""
+        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            info = os.fstat(handle)
+            if not stat.S_ISREG(info.st_mode):
+                raise LoadError([_damaged(path, "not a regular file")])
+            if info.st_size > self.limits.max_bytes:
+                raise LoadError([_damaged(path, f"more than {self.limits.max_bytes} bytes")])
+            with open(handle, "rb", closefd=False) as file:
+                content = file.read(self.limits.max_bytes + 1)
+        finally:
+            os.close(handle)
+        if len(content) > self.limits.max_bytes:  # grew since the fstat
             raise LoadError([_damaged(path, f"more than {self.limits.max_bytes} bytes")])
         return content
 
@@ -238,6 +258,13 @@ class StateStore:
             raise LoadError([_damaged(path, "its content does not match its digest")])
         # Generated text: positions would mean nothing (problems name ruleset and rule).
         return SourceFile(str(path), content, located=False)
+
+
+def _entries(directory: Path) -> list[Path]:
+    try:
+        return list(directory.iterdir())
+    except OSError:
+        return []
 
 
 def _dump(ruleset: RuleSet) -> bytes:

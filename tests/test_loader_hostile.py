@@ -168,6 +168,15 @@ class TestJsonValuesOnly:
         problem = problem_of(write_rules(rules_dir, "d.yaml", text))
         assert (problem.line, problem.message) == (9, "not a JSON value: duplicate key '16'")
 
+    def test_merge_keys_keep_their_meaning(self, rules_dir: Path):
+        """An inline `<<` merge: the mapping's own keys win over merged ones (YAML's
+        rule), and are not taken for duplicates; two own keys still are."""
+        text = HEAD + "    metadata: {<<: [{a: 1, b: 1}, {a: 5, c: 3}], a: 2}\n"
+        metadata = loaded_metadata(write_rules(rules_dir, "m.yaml", text))
+        assert metadata == {"a": 2, "b": 1, "c": 3}
+        twice = HEAD + "    metadata: {<<: {a: 1}, a: 2, a: 3}\n"
+        assert "duplicate key 'a'" in problem_of(write_rules(rules_dir, "t.yaml", twice)).message
+
     def test_a_collection_as_key_is_refused(self, rules_dir: Path):
         """A mapping key must be a string (or a number, made a string)."""
         text = HEAD + "    metadata: {[1]: a}\n"

@@ -5,6 +5,7 @@ it is written, loudly; it is never torn, never mixed, and a damaged copy is neve
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -365,4 +366,55 @@ class TestEarlierFormat:
         StateStore(tmp_path).save(snapshot)
 
         assert sorted(path.name for path in tmp_path.iterdir()) == ["manifest.json", "rulesets"]
+        assert restored(tmp_path).revision == snapshot.revision
+
+
+class TestSpecialFiles:
+    """A FIFO, a device or a directory where the copy's files should be: refused at once,
+    never read (a FIFO would block the restart forever, /dev/zero never end)."""
+
+    @pytest.mark.parametrize("name", ["manifest.json", "last-good.json"])
+    def test_a_fifo_in_place_of_the_copy_does_not_block_the_restart(
+        self, tmp_path: Path, name: str
+    ):
+        """`serve` over broken sources with a FIFO for the copy: it answers (503, nothing
+        valid to serve) instead of hanging in `open()`."""
+        rules, state = tmp_path / "rules", tmp_path / "state"
+        rules.mkdir()
+        state.mkdir()
+        (rules / "broken.yaml").write_text("spec: [broken", encoding="utf-8")
+        os.mkfifo(state / name)
+        env = clean_environment(RULE_SIDECAR_STATE_DIR=str(state))
+        served = spawn(tmp_path, "--rules-dir", str(rules), env=env)
+        try:
+            health = wait_served(served)
+            assert (health["status"], health["serving_from"]) == ("unhealthy", "sources")
+            assert any("not a regular file" in line for line in served.log_lines())
+        finally:
+            served.stop()
+
+    @pytest.mark.parametrize("target", ["/dev/zero", "directory"])
+    def test_a_file_of_the_copy_that_is_not_a_regular_file_is_refused(
+        self, tmp_path: Path, target: str
+    ):
+        """A listed file replaced by a symlink to a device, or by a directory."""
+        StateStore(tmp_path).save(snapshot_of(registry_docs(3, 1)))
+        path = tmp_path / listed_files(tmp_path)[0]
+        path.unlink()
+        if target == "directory":
+            path.mkdir()
+        else:
+            path.symlink_to(target)
+        with pytest.raises(LoadError, match="the saved copy is damaged: not a regular file"):
+            StateStore(tmp_path).load()
+
+    def test_garbage_that_cannot_be_removed_does_not_fail_the_save(self, tmp_path: Path):
+        """A directory among the copy's files (not removable with unlink): the save
+        succeeds, the copy restores."""
+        store = StateStore(tmp_path)
+        store.save(snapshot_of(registry_docs(3, 1)))
+        (tmp_path / "rulesets" / "stray").mkdir()
+        snapshot = snapshot_of(registry_docs(3, 1, points=2))
+        store.save(snapshot)
+        assert store.status().ok is True
         assert restored(tmp_path).revision == snapshot.revision
