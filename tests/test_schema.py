@@ -12,6 +12,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+import yaml
 
 from sidecar.documents import SourceFile, parse_file
 from sidecar.errors import LoadError, format_path
@@ -226,6 +227,21 @@ NAME_LOOKALIKES = [
 ]
 
 
+def _example_for(pattern: str) -> str:
+    """A value each pattern of the schemas accepts (checked by the test that uses it)."""
+    examples = {
+        "{22}==": "A" * 22 + "==",
+        '"[0-9]+"': '"3"',
+        "{16}": "0123456789abcdef",
+        "{64}": "0" * 64,
+        "[a-z_]+": "resync+watch",
+        "[a-z0-9._-]": "base",
+    }
+    value = next((v for k, v in examples.items() if k in pattern), "deny")
+    assert re.search(pattern, value), (pattern, value)
+    return value
+
+
 def _document_with(path: tuple[str | int, ...], value: str) -> dict[str, Any]:
     document: dict[str, Any] = {
         "apiVersion": "rule-sidecar/v1",
@@ -281,6 +297,29 @@ class TestIdsAreExact:
         value = "base-1.x_y" if field in ID_FIELDS else "manual review"
         text = json.dumps(_document_with(path, value)).encode()
         assert Loader().load([SourceFile("ok.json", text)]).snapshot.rulesets
+
+    def test_no_pattern_in_either_schema_lets_a_final_newline_through(self, schema: dict[str, Any]):
+        """Every anchored pattern of the ruleset schema and of the OpenAPI document ends
+        in `$(?!\\n)`: Python's `$` alone also matches before a final newline."""
+        openapi = yaml.safe_load((PACKAGE_SCHEMA.parent / "openapi.yaml").read_text("utf-8"))
+        found: list[str] = []
+
+        def walk(node: Any) -> None:
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    if key == "pattern" and isinstance(value, str):
+                        found.append(value)
+                    else:
+                        walk(value)
+            elif isinstance(node, list):
+                for value in node:
+                    walk(value)
+
+        walk(schema)
+        walk(openapi)
+        assert len(found) >= 11
+        assert [p for p in found if "$" in p and not p.endswith("$(?!\\n)")] == []
+        assert [p for p in found if re.search(p, _example_for(p) + "\n")] == []
 
     @pytest.mark.skipif(shutil.which("node") is None, reason="needs node for ECMA 262 regexes")
     def test_every_pattern_means_the_same_in_ecma_262(self, schema: dict[str, Any]):
