@@ -114,6 +114,14 @@ def _tags() -> str:
     return HEAD + "    metadata: {v: !!binary " + "QUFB" * 1_000_000 + "}\n"
 
 
+def _lone_surrogate() -> str:
+    return (
+        '{"apiVersion": "rule-sidecar/v1", "kind": "RuleSet", "metadata": {"id": "hostile"},'
+        ' "spec": {"rules": [{"id": "r", "condition": "true", "points": 1,'
+        ' "description": "\\ud800"}]}}'
+    )
+
+
 def _big_int() -> str:
     return HEAD + "    metadata: {v: " + "9" * 1_000_000 + "}\n"
 
@@ -135,6 +143,7 @@ FILES: dict[str, tuple[str, Callable[[], str | bytes]]] = {
     "UTF-16 with BOM": ("utf16.yaml", lambda: HEAD.encode("utf-16")),
     "invalid UTF-8": ("bad-utf8.yaml", lambda: HEAD.encode() + b"\xff\xfe" * 1000),
     "NUL character": ("nul.yaml", lambda: HEAD.replace("hostile", "host\0ile")),
+    "lone surrogate escape (JSON)": ("surrogate.json", _lone_surrogate),
     "UTF-8 BOM (accepted)": ("bom.yaml", lambda: codecs.BOM_UTF8 + HEAD.encode()),
 }
 

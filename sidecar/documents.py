@@ -19,6 +19,7 @@ from __future__ import annotations
 import codecs
 import json
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -458,6 +459,8 @@ def _parse_json(name: str, text: str, limits: FileLimits, *, located: bool) -> l
         raise _FileProblem(Problem(file=name, message="JSON nested too deeply")) from None
     except ValueError as exc:  # NaN, Infinity; an integer longer than Python converts
         raise _FileProblem(Problem(file=name, message=f"not a JSON number: {exc}")) from None
+    if _SURROGATE_ESCAPE.search(text):
+        _check_surrogates(name, data)
     if not located:
         _check_depth(name, data, limits)
         documents = data if isinstance(data, list) else [data]
@@ -472,6 +475,33 @@ def _parse_json(name: str, text: str, limits: FileLimits, *, located: bool) -> l
             for i, item in enumerate(data)
         ]
     return [Document(data, name, 0, root)]
+
+
+# Valid UTF-8 text holds no surrogate; JSON's `\ud800` escape can still make one, which
+# no UTF-8 answer, digest or saved copy could then encode.
+_SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_surrogates(name: str, data: Any) -> None:
+    """Refuse a string (or key) holding a lone surrogate, naming its path."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((key, path))
+                stack.append((item, (*path, key)))
+        elif isinstance(value, list):
+            stack.extend((item, (*path, index)) for index, item in enumerate(value))
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                code = ord(value[exc.start])
+                message = f"\\u{code:04x} is half of a surrogate pair, not a character"
+                raise _FileProblem(
+                    Problem(file=name, path=format_path(path), message=message)
+                ) from None
 
 
 def _check_depth(name: str, data: Any, limits: FileLimits) -> None:

@@ -199,6 +199,21 @@ class TestEncodings:
         family = "UTF-32" if "32" in encoding else "UTF-16"
         assert problem.message.startswith(f"the file is {family}")
 
+    @pytest.mark.parametrize("escape", ["\\ud800", "\\uDC00", "x\\udbff"])
+    def test_a_lone_surrogate_escape_is_refused_with_its_path(self, rules_dir: Path, escape: str):
+        """JSON's `\\ud800` makes a string no UTF-8 answer, digest or copy can encode: it
+        used to crash the reload (UnicodeEncodeError); it is a problem at its path."""
+        text = JSON_HEAD % f'"{escape}"'
+        problem = problem_of(write_rules(rules_dir, "s.json", text))
+        assert problem.path == "$.spec.rules[0].metadata.v"
+        assert problem.message.endswith("is half of a surrogate pair, not a character")
+
+    def test_a_surrogate_pair_escape_is_a_character(self, rules_dir: Path):
+        """`\\ud83d\\ude00` is one emoji, and an escaped backslash is no escape."""
+        text = JSON_HEAD % '["\\ud83d\\ude00", "\\\\ud800"]'
+        metadata = loaded_metadata(write_rules(rules_dir, "p.json", text))
+        assert metadata == {"v": ["\U0001f600", "\\ud800"]}
+
     def test_a_nul_character_is_located(self, rules_dir: Path):
         """NUL is not allowed in YAML: the problem gives its line and column."""
         text = HEAD.replace("id: hostile", "id: host\0ile")
