@@ -10,10 +10,13 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.register_assert_rewrite("server_support")
 
@@ -418,3 +421,61 @@ class TestSpecialFiles:
         store.save(snapshot)
         assert store.status().ok is True
         assert restored(tmp_path).revision == snapshot.revision
+
+
+TEXT = st.text(max_size=20)  # any characters but surrogates: controls, NUL, emoji, RTL
+
+
+@st.composite
+def registries(draw: st.DrawFn) -> list[dict]:
+    """1-40 rulesets with any text in names, descriptions, labels and rule metadata."""
+    count = draw(st.integers(min_value=1, max_value=40))
+    return [
+        {
+            "apiVersion": "rule-sidecar/v1",
+            "kind": "RuleSet",
+            "metadata": {
+                "id": f"s{i}",
+                "name": draw(TEXT.filter(bool)),
+                "description": draw(TEXT),
+                "labels": draw(st.dictionaries(st.text(max_size=8), TEXT, max_size=2)),
+            },
+            "spec": {
+                "rules": [
+                    {
+                        "id": f"s{i}-r{j}",
+                        "condition": "input.amount > 1",
+                        "points": draw(st.integers(-1000, 1000)),
+                        "description": draw(TEXT),
+                        "metadata": draw(
+                            st.dictionaries(
+                                st.text(max_size=8),
+                                st.one_of(
+                                    TEXT,
+                                    st.integers(),
+                                    st.floats(allow_nan=False, allow_infinity=False),
+                                    st.none(),
+                                ),
+                                max_size=3,
+                            )
+                        ),
+                    }
+                    for j in range(draw(st.integers(min_value=1, max_value=3)))
+                ]
+            },
+        }
+        for i in range(count)
+    ]
+
+
+class TestRoundTrip:
+    """Whatever was served is what a restart restores: the same revision."""
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(docs=registries())
+    def test_any_served_registry_restores_to_the_same_revision(self, docs: list[dict]):
+        """Any text (controls, NUL, emoji, right-to-left), any JSON number in metadata."""
+        snapshot = snapshot_of(docs)
+        with tempfile.TemporaryDirectory() as directory:
+            StateStore(Path(directory)).save(snapshot)
+            assert restored(Path(directory)).revision == snapshot.revision
