@@ -220,8 +220,14 @@ class StateStore:
 
     def _read(self, path: Path) -> bytes:
         """A file of the copy: a regular file (a FIFO would block the restart, a device
-        never end), refused by its size before it is read."""
-        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        never end), refused by its size before it is read. Not there: FileNotFoundError;
+        not readable (EACCES, EIO, ...): `LoadError`, like any other bad copy."""
+        try:
+            handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise LoadError([_damaged(path, f"cannot be read ({exc.strerror})")]) from None
         try:
             info = os.fstat(handle)
             if not stat.S_ISREG(info.st_mode):
@@ -230,6 +236,8 @@ class StateStore:
                 raise LoadError([_damaged(path, f"more than {self.limits.max_bytes} bytes")])
             with open(handle, "rb", closefd=False) as file:
                 content = file.read(self.limits.max_bytes + 1)
+        except OSError as exc:
+            raise LoadError([_damaged(path, f"cannot be read ({exc.strerror})")]) from None
         finally:
             os.close(handle)
         if len(content) > self.limits.max_bytes:  # grew since the fstat

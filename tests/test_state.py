@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -479,3 +480,48 @@ class TestRoundTrip:
         with tempfile.TemporaryDirectory() as directory:
             StateStore(Path(directory)).save(snapshot)
             assert restored(Path(directory)).revision == snapshot.revision
+
+
+LOAD_AS_UNPRIVILEGED = """
+import sys
+from pathlib import Path
+from sidecar.errors import LoadError
+from sidecar.state import StateStore
+try:
+    StateStore(Path(sys.argv[1])).load()
+    print("read")
+except LoadError as exc:
+    print(exc.problems[0].message)
+"""
+
+
+class TestUnreadableCopy:
+    """A copy the process may not read (EACCES) is a bad copy, reported, never a crash of
+    the restart. Run without CAP_DAC_OVERRIDE: as root everything is readable."""
+
+    @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv")
+    @pytest.mark.parametrize("name", ["manifest.json", "last-good.json"])
+    def test_an_unreadable_copy_is_a_load_error(self, tmp_path: Path, name: str):
+        StateStore(tmp_path).save(snapshot_of(registry_docs(3, 1)))
+        if name == "last-good.json":  # the earlier format
+            (tmp_path / "manifest.json").unlink()
+            (tmp_path / name).write_text(json.dumps(registry_docs(3, 1)), encoding="utf-8")
+        (tmp_path / name).chmod(0)
+        child = subprocess.run(
+            [
+                "setpriv",
+                "--bounding-set",
+                "-dac_override,-dac_read_search",
+                sys.executable,
+                "-c",
+                LOAD_AS_UNPRIVILEGED,
+                str(tmp_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert (
+            child.stdout.strip() == "the saved copy is damaged: cannot be read (Permission denied)"
+        )
