@@ -6,12 +6,14 @@ depth; bounded expanded text, every scalar counted each time an alias reaches it
 small file of aliases to one big string cannot become gigabytes in every answer that
 serializes it) and kept so that an error found later, by the schema or the CEL compiler,
 can be pointed at its file, line and column. JSON is parsed by `json` (YAML 1.1 would read
-`1e3` as a string) and located through the same node tree.
+`1e3` as a string) and located through the same node tree. Before any tree is composed,
+the number of values is bounded (a composed node costs about 500 bytes).
 
 Values are JSON's, whatever the syntax: a rule file is served, digested and saved as
 JSON, so YAML's other types (`!!binary`, `!!set`, `!!omap`, `!!pairs`, an explicit
-`!!timestamp`), non-finite numbers and numbers too long to convert are refused where they
-are written, and mapping keys become strings (`1: a` is `"1": a`, as Kubernetes reads it).
+`!!timestamp`), non-finite numbers, numbers too long to convert and JSON escapes of lone
+surrogates are refused where they are written, and mapping keys become strings (`1: a` is
+`"1": a`, as Kubernetes reads it).
 """
 
 from __future__ import annotations
@@ -321,11 +323,8 @@ def _check_values(name: str, text: str, limits: FileLimits) -> None:
 def _yaml_problem(name: str, exc: yaml.MarkedYAMLError) -> Problem:
     mark = exc.problem_mark or exc.context_mark
     parts = [part for part in (exc.context, exc.problem) if part]
-    kind = (
-        "not a JSON value"
-        if isinstance(exc, yaml.constructor.ConstructorError)
-        else ("YAML syntax error")
-    )
+    constructing = isinstance(exc, yaml.constructor.ConstructorError)
+    kind = "not a JSON value" if constructing else "YAML syntax error"
     message = f"{kind}: " + ", ".join(parts) if parts else kind
     if mark is None:
         return Problem(file=name, message=message)
