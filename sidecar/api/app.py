@@ -90,7 +90,6 @@ class AppState:
     notifier: ReloadNotificationManager
     admin_token: str | None
     reload_limiter: RateLimiter
-    max_age_seconds: float = 300.0
     allowed_hosts: frozenset[str] = frozenset()
 
 
