@@ -2,17 +2,29 @@
 
 YAML goes through PyYAML's C parser to a node tree; the tree is checked (no mapping or
 list reachable twice, so an alias bomb cannot explode later; no duplicate keys; bounded
-depth) and kept so that an error found later, by the schema or the CEL compiler, can be
-pointed at its file, line and column. JSON is parsed by `json` (YAML 1.1 would read
-`1e3` as a string) and located through the same node tree.
+depth; bounded expanded text, every scalar counted each time an alias reaches it, so a
+small file of aliases to one big string cannot become gigabytes in every answer that
+serializes it) and kept so that an error found later, by the schema or the CEL compiler,
+can be pointed at its file, line and column. JSON is parsed by `json` (YAML 1.1 would read
+`1e3` as a string) and located through the same node tree. Before any tree is composed,
+the number of values is bounded (a composed node costs about 500 bytes).
+
+Values are JSON's, whatever the syntax: a rule file is served, digested and saved as
+JSON, so YAML's other types (`!!binary`, `!!set`, `!!omap`, `!!pairs`, an explicit
+`!!timestamp`), non-finite numbers, numbers too long to convert and JSON escapes of lone
+surrogates are refused where they are written, and mapping keys become strings (`1: a` is
+`"1": a`, as Kubernetes reads it).
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import yaml
 
@@ -38,21 +50,75 @@ except AttributeError:  # PyYAML built without libyaml
 
 
 class _Loader(_Base):  # type: ignore[valid-type,misc]
-    """Safe loading, with timestamps left as strings, as Kubernetes' YAML-to-JSON does:
-    a rule's input is JSON, and `2024-03-10T03:12:00Z` must reach CEL as a string."""
+    """Safe loading of JSON values only, with timestamps left as strings, as Kubernetes'
+    YAML-to-JSON does: a rule's input is JSON, and `2024-03-10T03:12:00Z` must reach CEL
+    as a string."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[str, Any]:
+        """JSON objects: string keys, each once (after `1` became `"1"`)."""
+        if not isinstance(node, yaml.MappingNode):
+            raise _not_json(node, f"expected a mapping, found {node.id}")
+        own = sum(1 for key, _ in node.value if key.tag != "tag:yaml.org,2002:merge")
+        self.flatten_mapping(node)  # `<<` merges go first; the mapping's own keys win
+        merged = len(node.value) - own
+        mapping: dict[str, Any] = {}
+        written: set[str] = set()
+        for index, (key_node, value_node) in enumerate(node.value):
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str):
+                if not isinstance(key, bool | int | float | None):
+                    raise _not_json(key_node, "a mapping key must be a string or a number")
+                key = json.dumps(key)
+            if index >= merged:
+                if key in written:
+                    raise _not_json(key_node, f"duplicate key {key!r}")
+                written.add(key)
+            mapping[key] = self.construct_object(value_node, deep=deep)
+        return mapping
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            return super().construct_yaml_int(node)  # type: ignore[no-any-return]
+        except ValueError as exc:  # more digits than Python converts (sys.int_info)
+            raise _not_json(node, f"number not readable: {exc}") from None
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        value: float = super().construct_yaml_float(node)
+        if not math.isfinite(value):
+            raise _not_json(node, f"{node.value!r} is not a JSON number (not finite)")
+        return value
+
+    def construct_not_json(self, node: yaml.Node) -> None:
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        raise _not_json(node, f"the tag {tag} is not allowed: rule files hold JSON values")
+
+
+def _not_json(node: yaml.Node, problem: str) -> yaml.constructor.ConstructorError:
+    return yaml.constructor.ConstructorError(None, None, problem, node.start_mark)
 
 
 _Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
     for first, resolvers in _Base.yaml_implicit_resolvers.items()
 }
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+_Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_yaml_float)
+for _tag in ("binary", "set", "omap", "pairs", "timestamp"):
+    _Loader.add_constructor(f"tag:yaml.org,2002:{_tag}", _Loader.construct_not_json)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FileLimits:
+    """Per file. `max_bytes` bounds the text too once aliases are expanded: a file may
+    not hold, through aliases, more scalar text than it could hold written out."""
+
     max_bytes: int = 4 * 1024 * 1024
     max_documents: int = 1_000
     max_depth: int = 64
+    # Values (scalars, aliases, lists, mappings) of one file: a composed node costs about
+    # 500 bytes, so 4 MiB of `[1,1,1,...]` would be a gigabyte before any check. Rule
+    # files average 25-40 bytes a value: 400,000 is about what 4 MiB of rules holds.
+    max_values: int = 400_000
 
 
 DEFAULT_FILE_LIMITS: Final = FileLimits()
@@ -158,7 +224,21 @@ def parse_file(
     return documents, []
 
 
+_OTHER_ENCODINGS: Final = {
+    codecs.BOM_UTF32_LE: "UTF-32",
+    codecs.BOM_UTF32_BE: "UTF-32",
+    codecs.BOM_UTF16_LE: "UTF-16",
+    codecs.BOM_UTF16_BE: "UTF-16",
+}
+
+
 def _decode(source: SourceFile) -> str:
+    for bom, encoding in _OTHER_ENCODINGS.items():  # UTF-32 LE first: it starts like UTF-16 LE
+        if source.content.startswith(bom):
+            message = (
+                f"the file is {encoding} (it starts with a byte order mark): rule files are UTF-8"
+            )
+            raise _FileProblem(Problem(file=source.name, line=1, column=1, message=message))
     try:
         return source.content.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -177,14 +257,19 @@ def _decode(source: SourceFile) -> str:
 
 
 def _parse_yaml(name: str, text: str, limits: FileLimits) -> Iterator[Document]:
+    _check_values(name, text, limits)
     loader = _Loader(text)
+    budget = _TextBudget(limits.max_bytes)
     try:
         index = 0
         while loader.check_node():
             node = loader.get_node()
             if node is None:
                 continue
-            _check_tree(name, node, limits)
+            try:
+                _check_tree(name, node, limits, budget)
+            except _Expanded:
+                raise _FileProblem(_expansion_problem(name, text, limits)) from None
             if index >= limits.max_documents:
                 raise _FileProblem(
                     Problem(
@@ -197,8 +282,40 @@ def _parse_yaml(name: str, text: str, limits: FileLimits) -> Iterator[Document]:
             index += 1
     except yaml.MarkedYAMLError as exc:
         raise _FileProblem(_yaml_problem(name, exc)) from None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow, e.g. NUL
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        message = f"character U+{exc.character:04X} is not allowed in YAML"
+        raise _FileProblem(Problem(file=name, line=line, column=column, message=message)) from None
     except yaml.YAMLError as exc:
         raise _FileProblem(Problem(file=name, message=f"YAML error: {exc}")) from None
+    finally:
+        loader.dispose()
+
+
+# Every value but a document's root is preceded by one of these (a flow separator, a
+# block entry, a key or value indicator, an opening bracket); one mark can introduce two
+# values (`key:` and its null). Counting them bounds the values from above, in C.
+_VALUE_MARKS: Final = (",", ":", "-", "[", "{", "?")
+
+
+def _check_values(name: str, text: str, limits: FileLimits) -> None:
+    """Refuse a file of more values than `max_values` before composing any node: counted
+    exactly from the parser's events (constant memory) when the text could hold that many."""
+    if 2 * sum(text.count(mark) for mark in _VALUE_MARKS) + 2 <= limits.max_values:
+        return
+    loader = _Loader(text)
+    values = 0
+    try:
+        while loader.check_event():
+            event = loader.get_event()
+            if isinstance(event, yaml.NodeEvent):
+                values += 1
+                if values > limits.max_values and event.start_mark is not None:
+                    message = f"more than {limits.max_values} values in one file"
+                    raise _FileProblem(_marked(name, event.start_mark, (), message))
+    except yaml.YAMLError:
+        return  # the parse proper reports it, located
     finally:
         loader.dispose()
 
@@ -206,13 +323,22 @@ def _parse_yaml(name: str, text: str, limits: FileLimits) -> Iterator[Document]:
 def _yaml_problem(name: str, exc: yaml.MarkedYAMLError) -> Problem:
     mark = exc.problem_mark or exc.context_mark
     parts = [part for part in (exc.context, exc.problem) if part]
-    message = "YAML syntax error: " + ", ".join(parts) if parts else "YAML syntax error"
+    constructing = isinstance(exc, yaml.constructor.ConstructorError)
+    kind = "not a JSON value" if constructing else "YAML syntax error"
+    message = f"{kind}: " + ", ".join(parts) if parts else kind
     if mark is None:
         return Problem(file=name, message=message)
     return _marked(name, mark, (), message)
 
 
-def _marked(name: str, mark: yaml.Mark, path: Sequence[str | int], message: str) -> Problem:
+class _Mark(Protocol):
+    """A position of PyYAML's Python parser or of its C one (two unrelated classes)."""
+
+    line: int
+    column: int
+
+
+def _marked(name: str, mark: _Mark, path: Sequence[str | int], message: str) -> Problem:
     """A problem at a YAML mark (0-based) given in 1-based line and column."""
     return Problem(
         file=name,
@@ -223,13 +349,36 @@ def _marked(name: str, mark: yaml.Mark, path: Sequence[str | int], message: str)
     )
 
 
-def _check_tree(name: str, root: yaml.Node, limits: FileLimits) -> None:
-    """Refuse shared collections (alias bombs), duplicate keys and excessive depth."""
+class _Expanded(Exception):
+    """The expanded text went over the budget (located afterwards, from the events)."""
+
+
+class _TextBudget:
+    """Scalar text left for one file, every alias counting its anchor's text again."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def spend(self, size: int) -> None:
+        self.left -= size
+        if self.left < 0:
+            raise _Expanded
+
+
+def _check_tree(
+    name: str, root: yaml.Node, limits: FileLimits, budget: _TextBudget | None = None
+) -> None:
+    """Refuse shared collections (alias bombs), duplicate keys, excessive depth and (with
+    a budget) more expanded text than the file may hold."""
     seen: set[int] = set()
     stack: list[tuple[yaml.Node, tuple[str | int, ...]]] = [(root, ())]
     while stack:
         node, path = stack.pop()
         if isinstance(node, yaml.ScalarNode):
+            if budget is not None:
+                budget.spend(len(node.value))
             continue
         if id(node) in seen:
             message = "an alias may not point at a mapping or a list (its anchor is here)"
@@ -252,10 +401,45 @@ def _check_tree(name: str, root: yaml.Node, limits: FileLimits) -> None:
             stack.append((value, (*path, key.value if isinstance(key, yaml.ScalarNode) else "?")))
 
 
+def _expansion_problem(name: str, text: str, limits: FileLimits) -> Problem:
+    """Where the expanded text first passes the limit: the alias, read from the events
+    (a composed alias is its anchor's node and has lost its own position)."""
+    message = (
+        f"aliases expand the file past {limits.max_bytes} characters of text"
+        " (each alias counts its anchor's text again)"
+    )
+    sizes: dict[str, int] = {}
+    open_anchors: list[tuple[str | None, int]] = []
+    total = 0
+    loader = _Loader(text)
+    try:
+        while loader.check_event():
+            event = loader.get_event()
+            if isinstance(event, yaml.ScalarEvent):
+                total += len(event.value)
+                if event.anchor is not None:
+                    sizes[event.anchor] = len(event.value)
+            elif isinstance(event, yaml.AliasEvent) and event.anchor is not None:
+                total += sizes.get(event.anchor, 0)
+                if total > limits.max_bytes and event.start_mark is not None:
+                    return _marked(name, event.start_mark, (), f"{message}: *{event.anchor}")
+            elif isinstance(event, yaml.CollectionStartEvent):
+                open_anchors.append((event.anchor, total))
+            elif isinstance(event, yaml.CollectionEndEvent):
+                anchor, start = open_anchors.pop()
+                if anchor is not None:
+                    sizes[anchor] = total - start
+    finally:
+        loader.dispose()
+    return Problem(file=name, message=message)
+
+
 def _parse_json(name: str, text: str, limits: FileLimits, *, located: bool) -> list[Document]:
     """A JSON file holds one document, or a list of documents."""
+    if located:  # its positions come from a composed node tree
+        _check_values(name, text, limits)
     try:
-        data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        data = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise _FileProblem(
             Problem(
@@ -272,6 +456,10 @@ def _parse_json(name: str, text: str, limits: FileLimits, *, located: bool) -> l
         raise _FileProblem(Problem(file=name, message=f"duplicate key {exc.key!r}")) from None
     except RecursionError:
         raise _FileProblem(Problem(file=name, message="JSON nested too deeply")) from None
+    except ValueError as exc:  # NaN, Infinity; an integer longer than Python converts
+        raise _FileProblem(Problem(file=name, message=f"not a JSON number: {exc}")) from None
+    if _SURROGATE_ESCAPE.search(text):
+        _check_surrogates(name, data)
     if not located:
         _check_depth(name, data, limits)
         documents = data if isinstance(data, list) else [data]
@@ -286,6 +474,33 @@ def _parse_json(name: str, text: str, limits: FileLimits, *, located: bool) -> l
             for i, item in enumerate(data)
         ]
     return [Document(data, name, 0, root)]
+
+
+# Valid UTF-8 text holds no surrogate; JSON's `\ud800` escape can still make one, which
+# no UTF-8 answer, digest or saved copy could then encode.
+_SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_surrogates(name: str, data: Any) -> None:
+    """Refuse a string (or key) holding a lone surrogate, naming its path."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((key, path))
+                stack.append((item, (*path, key)))
+        elif isinstance(value, list):
+            stack.extend((item, (*path, index)) for index, item in enumerate(value))
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                code = ord(value[exc.start])
+                message = f"\\u{code:04x} is half of a surrogate pair, not a character"
+                raise _FileProblem(
+                    Problem(file=name, path=format_path(path), message=message)
+                ) from None
 
 
 def _check_depth(name: str, data: Any, limits: FileLimits) -> None:
@@ -324,3 +539,8 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise _DuplicateKey(key)
         result[key] = value
     return result
+
+
+def _no_constant(name: str) -> float:
+    """`json` reads NaN and Infinity, which JSON itself does not have."""
+    raise ValueError(f"{name} is not a number in JSON")

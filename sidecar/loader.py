@@ -64,6 +64,7 @@ logger = logging.getLogger("sidecar.loader")
 
 _SCHEMA_FILE: Final = "ruleset.schema.json"
 DEFAULT_OFFLOAD_BYTES: Final = 256 * 1024
+_MAX_MESSAGE: Final = 400  # characters of a schema message, the value it quotes clipped
 
 
 @cache
@@ -343,7 +344,7 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
     """jsonschema's message, plus a "did you mean" for misspelt field names."""
     unknown = _unknown_fields(error)
     if not unknown:
-        return error.message
+        return _clipped(error.message)
     allowed = _allowed_fields(error)
     hints = []
     for key in unknown:
@@ -351,6 +352,15 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         hints.append(f"unknown field {key!r}{hint}")
     return "; ".join(hints) + f"; allowed: {', '.join(sorted(allowed))}"
+
+
+def _clipped(message: str) -> str:
+    """jsonschema quotes the whole value ("'xxx…' is too long"): a 4 MiB string must
+    not become a 4 MiB message in the status, the history and every WebSocket client."""
+    if len(message) <= _MAX_MESSAGE:
+        return message
+    half = _MAX_MESSAGE // 2
+    return f"{message[: half - 1]}…{message[-half:]}"
 
 
 def _integer(value: Any) -> Any:

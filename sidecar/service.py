@@ -37,7 +37,7 @@ from sidecar.reloads import (
 )
 from sidecar.snapshot import Snapshot
 from sidecar.sources import RuleSource
-from sidecar.state import StateStore
+from sidecar.state import StateError, StateStore
 
 __all__ = ["HealthStatus", "HotReloadService", "ReloadRecord", "ReloadStatus", "Trigger"]
 
@@ -174,9 +174,7 @@ class HotReloadService:
         """First load; when the sources are broken, fall back to the state dir's copy."""
         record = await self.reload_rules(trigger=Trigger.STARTUP)
         if record.status is ReloadStatus.FAILED and self.state is not None:
-            saved = await asyncio.to_thread(self.state.load)
-            if saved is not None:
-                await self._load_saved(saved, record)
+            await self._load_saved(self.state, record)
         return record
 
     async def reload_rules(
@@ -305,6 +303,7 @@ class HotReloadService:
                 for source in self.sources
             ],
             "last_errors": [p.to_dict() for p in last.errors] if last else [],
+            "state_dir": self.state.status().to_dict() if self.state else None,
         }
 
     def get_reload_history(self, limit: int | None = None) -> list[dict[str, Any]]:
@@ -537,10 +536,17 @@ class HotReloadService:
         await self._save_state(snapshot)
         return replace(loaded, status=ReloadStatus.SUCCESS, after=snapshot, changes=events)
 
-    async def _load_saved(self, saved: SourceFile, failure: ReloadRecord) -> None:
+    async def _load_saved(self, state: StateStore, failure: ReloadRecord) -> None:
         started, before = time.perf_counter(), self.registry.current
         try:
-            result = await asyncio.to_thread(self.loader.load, [saved], run_checks=False)
+            saved = await asyncio.to_thread(state.load)
+        except LoadError as exc:
+            logger.error("the saved snapshot in the state dir is not valid: %s", exc)
+            return
+        if saved is None:
+            return
+        try:
+            result = await asyncio.to_thread(self.loader.load, saved, run_checks=False)
         except LoadError as exc:
             logger.error("the saved snapshot in the state dir is not valid: %s", exc)
             return
@@ -563,7 +569,7 @@ class HotReloadService:
             return
         try:
             await asyncio.to_thread(self.state.save, snapshot)
-        except OSError as exc:
+        except (OSError, StateError) as exc:
             logger.warning(
                 "could not save the last good snapshot to %s: %s", self.state.directory, exc
             )

@@ -83,10 +83,11 @@ class TestKill9:
             writer.wait()
             saved = StateStore(state).load()
             assert saved is not None
-            json.loads(saved.content)  # whole JSON, not a torn write
-            assert Loader().load([saved]).snapshot.revision in revisions
-        leftovers = [p.name for p in state.iterdir() if p.name != "last-good.json"]
-        assert all(name.startswith(".last-good.") for name in leftovers)
+            for file in saved:
+                json.loads(file.content)  # whole JSON, not a torn write
+            assert Loader().load(saved).snapshot.revision in revisions
+        leftovers = [p.name for p in state.iterdir() if p.name not in ("manifest.json", "rulesets")]
+        assert all(name.startswith(".tmp.") for name in leftovers)
 
     def test_during_a_reload_the_restart_serves_the_last_good(self, tmp_path: Path):
         """A sidecar killed with SIGKILL right after a change (while it reloads, or just
@@ -143,7 +144,7 @@ class TestStateDirectory:
         assert os.path.isfile(blocker)
 
 
-FULL_AT = 256 * 1024  # bytes: the state file of `big_rules()` does not fit, fraud's does
+FULL_AT = 256 * 1024  # bytes: the state files of `big_rules()` do not fit, fraud's do
 
 
 def disk_full_at_256k() -> None:
@@ -171,11 +172,12 @@ class TestStateDirectoryFull:
         (rules / "fraud.yaml").write_text(to_yaml(fraud_doc()), encoding="utf-8")
         env = clean_environment(RULE_SIDECAR_STATE_DIR=str(state))
         served = spawn(tmp_path, "--rules-dir", str(rules), env=env, before_exec=disk_full_at_256k)
-        saved = state / "last-good.json"
+        saved = state / "manifest.json"
         try:
             served.wait_ready()
             wait_sync(saved.is_file, message="the first copy saved")
             first_copy = saved.read_bytes()
+            first_files = sorted(p.name for p in (state / "rulesets").iterdir())
 
             (rules / "big.yaml").write_text(big_rules(), encoding="utf-8")
             wait_sync(
@@ -187,7 +189,8 @@ class TestStateDirectoryFull:
             )
             assert served.get("/api/v1/rulesets/big")[0] == 200
             assert saved.read_bytes() == first_copy
-            assert [p.name for p in state.iterdir()] == ["last-good.json"]
+            assert sorted(p.name for p in state.iterdir()) == ["manifest.json", "rulesets"]
+            assert sorted(p.name for p in (state / "rulesets").iterdir()) == first_files
             _, health = served.get("/health/hot-reload")
             assert health["status"] == "healthy"  # serving the new rules; only the copy is old
 
@@ -195,7 +198,9 @@ class TestStateDirectoryFull:
             resource.prlimit(served.process.pid, resource.RLIMIT_FSIZE, (-1, -1))
             (rules / "fraud.yaml").write_text(to_yaml(fraud_doc(55)), encoding="utf-8")
             wait_sync(lambda: saved.read_bytes() != first_copy, timeout=30, message="a new copy")
-            copy = json.loads(saved.read_bytes())
+            copy = [
+                doc for file in StateStore(state).load() or [] for doc in json.loads(file.content)
+            ]
             assert {document["metadata"]["id"] for document in copy} == {"big", "fraud"}
         finally:
             served.stop()

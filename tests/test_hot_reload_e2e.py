@@ -26,6 +26,8 @@ from server_support import (  # noqa: E402
     to_yaml,
 )
 
+from sidecar.state import StateStore  # noqa: E402
+
 pytest_plugins = ["server_support"]
 
 FOREIGN_LARGE = {"amount": 5000, "country": "FR"}
@@ -259,16 +261,25 @@ class TestBackgroundReloads:
         assert (await history(app))[0]["trigger"] == "signal"
 
 
+def saved_documents(state_dir: Path) -> list[dict[str, Any]]:
+    """The ruleset documents of the state dir's copy, read back as a restart reads them."""
+    files = StateStore(state_dir).load() or []
+    return sorted(
+        (document for file in files for document in json.loads(file.content)),
+        key=lambda document: document["metadata"]["id"],
+    )
+
+
 class TestStateDir:
     """`--state-dir`: the last good snapshot on disk carries a restart over broken sources."""
 
     async def test_good_load_writes_the_state_file(
         self, start_sidecar, configmap_dir: ConfigMapDir, tmp_path: Path
     ):
-        """After a good load `last-good.json` holds the served rulesets."""
+        """After a good load the state dir's copy holds the served rulesets."""
         state_dir = tmp_path / "state"
         await start_sidecar(configmap_dir.root, state_dir=state_dir)
-        saved = json.loads((state_dir / "last-good.json").read_text("utf-8"))
+        saved = saved_documents(state_dir)
         assert [doc["metadata"]["id"] for doc in saved] == ["fraud"]
         points = {rule["id"]: rule["points"] for rule in saved[0]["spec"]["rules"]}
         assert points["large-amount"] == 40
@@ -302,7 +313,7 @@ class TestStateDir:
         assert (await restarted.evaluate("fraud", FOREIGN_LARGE))["total_points"] == 75
 
         def saved_points() -> bool:
-            saved = json.loads((state_dir / "last-good.json").read_text("utf-8"))
+            saved = saved_documents(state_dir)
             return saved[0]["spec"]["rules"][0]["points"] == 45
 
         await eventually(saved_points, message="state copy updated")
@@ -342,7 +353,7 @@ class TestStateDir:
         assert (code, health["status"], health["serving_from"]) == (503, "unhealthy", "sources")
         await app.get("/readyz", status=503)
         await app.post("/api/v1/rulesets/fraud/evaluate", json={"input": {}}, status=404)
-        assert not (state_dir / "last-good.json").exists()
+        assert StateStore(state_dir).load() is None
 
     async def test_corrupt_state_copy_is_not_served(
         self, start_sidecar, configmap_dir: ConfigMapDir, tmp_path: Path

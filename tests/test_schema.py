@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
+import yaml
 
 from sidecar.documents import SourceFile, parse_file
-from sidecar.loader import ruleset_schema
+from sidecar.errors import LoadError, format_path
+from sidecar.loader import Loader, ruleset_schema
 from sidecar.model import Rule
 
 REPO = Path(__file__).resolve().parent.parent
@@ -182,3 +186,159 @@ class TestSchemaLocation:
         assert documents
         for document in documents:
             assert [error.message for error in validator.iter_errors(document.data)] == []
+
+
+def _pattern_walk(schema: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every (pointer, pattern) of the schema."""
+    return [(pointer, sub["pattern"]) for pointer, sub in subschemas(schema) if "pattern" in sub]
+
+
+ID_FIELDS = {
+    "ruleset id": ("metadata", "id"),
+    "rule id": ("spec", "rules", 0, "id"),
+}
+NAME_FIELDS = {
+    "decision": ("spec", "decisions", 0, "decision"),
+    "default decision": ("spec", "default_decision"),
+    "tag": ("spec", "rules", 0, "tags", 0),
+}
+# Look-alikes of a good value: a final newline ($ in Python's `re` matches before it),
+# other whitespace, another case, a Cyrillic a (U+0430), a zero-width space.
+ID_LOOKALIKES = [
+    "base\n",
+    "base\r\n",
+    "base\r",
+    " base",
+    "base ",
+    "base\t",
+    "Base",
+    "b\u0430se",
+    "ba\u200bse",
+]
+NAME_LOOKALIKES = [
+    "deny\n",
+    "deny\r\n",
+    " deny",
+    "deny ",
+    "de\nny",
+    "deny\u2028",
+    "\u00a0deny",
+    "de\x00ny",
+]
+
+
+def _example_for(pattern: str) -> str:
+    """A value each pattern of the schemas accepts (checked by the test that uses it)."""
+    examples = {
+        "{22}==": "A" * 22 + "==",
+        '"[0-9]+"': '"3"',
+        "{16}": "0123456789abcdef",
+        "{64}": "0" * 64,
+        "[a-z_]+": "resync+watch",
+        "[a-z0-9._-]": "base",
+    }
+    value = next((v for k, v in examples.items() if k in pattern), "deny")
+    assert re.search(pattern, value), (pattern, value)
+    return value
+
+
+def _document_with(path: tuple[str | int, ...], value: str) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "apiVersion": "rule-sidecar/v1",
+        "kind": "RuleSet",
+        "metadata": {"id": "base"},
+        "spec": {
+            "decisions": [{"decision": "deny", "min_points": 1}],
+            "default_decision": "allow",
+            "rules": [{"id": "r", "condition": "true", "points": 1, "tags": ["t"]}],
+        },
+    }
+    target: Any = document
+    for step in path[:-1]:
+        target = target[step]
+    target[path[-1]] = value
+    return document
+
+
+class TestIdsAreExact:
+    """Ids, decisions and tags are exactly what they look like: a trailing newline, other
+    whitespace or a look-alike character is refused, by the loader and by an ECMA 262
+    engine (editors) alike, so `"base\\n"` can never stand beside `"base"`."""
+
+    @pytest.mark.parametrize("value", ID_LOOKALIKES, ids=repr)
+    @pytest.mark.parametrize("field", list(ID_FIELDS))
+    def test_an_id_that_only_looks_right_is_refused(self, field: str, value: str, tmp_path: Path):
+        """The loader refuses the file and names the field."""
+        path = ID_FIELDS[field]
+        document = _document_with(path, value)
+        rules = tmp_path / "rules.json"
+        rules.write_text(json.dumps(document), encoding="utf-8")
+        with pytest.raises(LoadError) as caught:
+            Loader().load([SourceFile(str(rules), rules.read_bytes())])
+        assert [problem.path for problem in caught.value.problems] == [format_path(path)]
+
+    @pytest.mark.parametrize("value", NAME_LOOKALIKES, ids=repr)
+    @pytest.mark.parametrize("field", list(NAME_FIELDS))
+    def test_a_name_with_edge_whitespace_or_controls_is_refused(
+        self, field: str, value: str, tmp_path: Path
+    ):
+        """Decisions and tags: printable, no whitespace at either end."""
+        path = NAME_FIELDS[field]
+        rules = tmp_path / "rules.yaml"
+        rules.write_text(json.dumps(_document_with(path, value)), encoding="utf-8")
+        with pytest.raises(LoadError) as caught:
+            Loader().load([SourceFile(str(rules), rules.read_bytes())])
+        assert [problem.path for problem in caught.value.problems] == [format_path(path)]
+
+    @pytest.mark.parametrize("field", list(ID_FIELDS) + list(NAME_FIELDS))
+    def test_the_good_values_still_load(self, field: str):
+        """The same documents with ordinary values load (inner spaces in names too)."""
+        path = {**ID_FIELDS, **NAME_FIELDS}[field]
+        value = "base-1.x_y" if field in ID_FIELDS else "manual review"
+        text = json.dumps(_document_with(path, value)).encode()
+        assert Loader().load([SourceFile("ok.json", text)]).snapshot.rulesets
+
+    def test_no_pattern_in_either_schema_lets_a_final_newline_through(self, schema: dict[str, Any]):
+        """Every anchored pattern of the ruleset schema and of the OpenAPI document ends
+        in `$(?!\\n)`: Python's `$` alone also matches before a final newline."""
+        openapi = yaml.safe_load((PACKAGE_SCHEMA.parent / "openapi.yaml").read_text("utf-8"))
+        found: list[str] = []
+
+        def walk(node: Any) -> None:
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    if key == "pattern" and isinstance(value, str):
+                        found.append(value)
+                    else:
+                        walk(value)
+            elif isinstance(node, list):
+                for value in node:
+                    walk(value)
+
+        walk(schema)
+        walk(openapi)
+        assert len(found) >= 11
+        assert [p for p in found if "$" in p and not p.endswith("$(?!\\n)")] == []
+        assert [p for p in found if re.search(p, _example_for(p) + "\n")] == []
+
+    @pytest.mark.skipif(shutil.which("node") is None, reason="needs node for ECMA 262 regexes")
+    def test_every_pattern_means_the_same_in_ecma_262(self, schema: dict[str, Any]):
+        """Editors validate with ECMA 262 regexes: each pattern gives there the verdict
+        Python's `re` gives, on the good values and on every look-alike."""
+        samples = ["base", "manual review", "deny", *ID_LOOKALIKES, *NAME_LOOKALIKES]
+        cases = [(pattern, sample) for _, pattern in _pattern_walk(schema) for sample in samples]
+        script = (
+            "const cases = JSON.parse(require('fs').readFileSync(0, 'utf8'));"
+            "console.log(JSON.stringify(cases.map(([p, s]) => new RegExp(p, 'u').test(s))));"
+        )
+        ecma = subprocess.run(
+            ["node", "-e", script],
+            input=json.dumps(cases),
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        python = [re.search(pattern, sample) is not None for pattern, sample in cases]
+        assert json.loads(ecma.stdout) == python
+        assert len(_pattern_walk(schema)) == 5
