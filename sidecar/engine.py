@@ -7,16 +7,29 @@ match and is reported in `errors`; it never fails the evaluation as a whole.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import time
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from sidecar.conditions import DEFAULT_INPUT_LIMITS, InputLimits, check_input
-from sidecar.errors import NotFoundError
+from sidecar.errors import InputError, NotFoundError
 from sidecar.model import Rule, RuleSet
 from sidecar.snapshot import Snapshot
 
-__all__ = ["Evaluation", "RuleError", "evaluate", "evaluate_many", "evaluate_ruleset"]
+__all__ = [
+    "SLICE_SECONDS",
+    "Evaluation",
+    "RuleError",
+    "evaluate",
+    "evaluate_in_slices",
+    "evaluate_many",
+    "evaluate_ruleset",
+]
+
+SLICE_SECONDS: Final = 0.005
+"""How long a batch evaluates before it lets the event loop run other work."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,3 +139,41 @@ def evaluate_many(
         )
         for document in documents
     ]
+
+
+async def evaluate_in_slices(
+    ruleset: RuleSet,
+    documents: Sequence[Any],
+    *,
+    version: int = 0,
+    revision: str = "",
+    limits: InputLimits = DEFAULT_INPUT_LIMITS,
+    slice_seconds: float = SLICE_SECONDS,
+) -> AsyncGenerator[list[Evaluation], None]:
+    """Evaluate a batch on the event loop, a slice of about `slice_seconds` at a time.
+
+    Between slices the loop runs other work (probes, other requests), so a batch of any
+    size never holds it longer than one slice plus one evaluation. The caller holds the
+    ruleset of one snapshot, so every slice answers from the same version however many
+    reloads happen meanwhile. An input that breaks the limits raises `InputError` with a
+    path relative to the batch (`$[3].a`); the consumer may stop early (a budget), and
+    nothing is evaluated past where it stopped.
+    """
+    index = 0
+    while index < len(documents):
+        began = time.perf_counter()
+        part: list[Evaluation] = []
+        while index < len(documents) and (not part or time.perf_counter() - began < slice_seconds):
+            try:
+                part.append(
+                    evaluate_ruleset(
+                        ruleset, documents[index], version=version, revision=revision, limits=limits
+                    )
+                )
+            except InputError as exc:
+                path = exc.path.replace("$", f"$[{index}]", 1)
+                raise InputError(exc.message, path=path) from None
+            index += 1
+        yield part
+        if index < len(documents):
+            await asyncio.sleep(0)

@@ -2,7 +2,10 @@
 
 `AppState` is the one application state object; handlers reach it through the app.
 Errors are JSON `{"error": {"status", "message", ...}}`; 404 for unknown ids, 400 for bad
-bodies, 413 past the body limit, 401 without the admin token, 429 past the reload rate.
+bodies, 401 without the admin token. A request past one of its limits (`RequestLimits`,
+the rate budgets) is refused with the setting named in `limit`: 413 past the body size,
+the batch size or the answer size, 408 for a body that does not arrive in time, 503 for
+an evaluation that runs out of time, 429 past a rate budget.
 A reload that fails is not an error of the request: it answers 422 with the reload
 record, whose `errors` say what is wrong with the rules (as Prometheus' reload endpoint
 returns the reload's error to its caller).
@@ -20,6 +23,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -28,27 +32,37 @@ from aiohttp import web
 from sidecar.api.metrics import CONTENT_TYPE_LATEST, Metrics
 from sidecar.api.ui import ui_routes
 from sidecar.api.websocket import ReloadNotificationManager
-from sidecar.engine import Evaluation, evaluate_ruleset
+from sidecar.config import DEFAULT_SETTINGS, ENVIRONMENT, Settings
+from sidecar.engine import Evaluation, evaluate_in_slices, evaluate_ruleset
 from sidecar.errors import InputError, NotFoundError
+from sidecar.model import RuleSet
 from sidecar.registry import ChangeEvent, EventType, RuleRegistry, diff_snapshots
 from sidecar.service import HealthStatus, HotReloadService, ReloadRecord, ReloadStatus
 from sidecar.snapshot import Snapshot
 
-__all__ = ["AppState", "create_app", "create_observation_app"]
+__all__ = [
+    "AppState",
+    "RateBudgets",
+    "RequestLimits",
+    "create_app",
+    "create_observation_app",
+]
 
 try:
     import orjson
 
-    def _dumps(data: Any) -> str:
-        return orjson.dumps(data).decode()
-
+    _dumpb: Callable[[Any], bytes] = orjson.dumps
     _loads: Callable[[bytes], Any] = orjson.loads
 except ImportError:  # orjson is optional (the `speed` extra)
 
-    def _dumps(data: Any) -> str:
-        return json.dumps(data, separators=(",", ":"))
+    def _dumpb(data: Any) -> bytes:
+        return json.dumps(data, separators=(",", ":")).encode()
 
     _loads = json.loads
+
+
+def _dumps(data: Any) -> str:
+    return _dumpb(data).decode()
 
 
 logger = logging.getLogger("sidecar.api")
@@ -59,7 +73,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @dataclass(slots=True)
 class RateLimiter:
-    """Token bucket for reload endpoints: `per_minute` requests, bursts up to that."""
+    """A token bucket: `per_minute` requests, bursts up to that."""
 
     per_minute: int
     tokens: float = 0.0
@@ -80,6 +94,81 @@ class RateLimiter:
         return (1 - self.tokens) / rate
 
 
+class Caller(StrEnum):
+    """Who asks, as far as the sidecar can tell: the admin token is the only identity."""
+
+    ADMIN = "admin"  # presented the admin token
+    ANONYMOUS = "anonymous"  # everyone else, and everyone when no token is configured
+
+
+class Action(StrEnum):
+    """What a rate budget pays for."""
+
+    RELOAD = "reload"  # reload, reload of a rule or ruleset, rollback: they publish
+    VALIDATE = "validate"  # reads every source, publishes nothing
+
+
+_RATE_SETTINGS: dict[Action, str] = {
+    Action.RELOAD: "reload_rate_per_minute",
+    Action.VALIDATE: "validate_rate_per_minute",
+}
+
+
+@dataclass(slots=True)
+class RateBudgets:
+    """One token bucket per caller class and action.
+
+    A single shared bucket let 70 anonymous validations lock the admin out of reload and
+    rollback. Here anonymous callers spend only their own budget, and validations never
+    the reloads'. Without an admin token every caller is anonymous: reloads and
+    validations still have separate budgets, but one caller can spend another's.
+    """
+
+    per_minute: Mapping[Action, int]
+    _buckets: dict[tuple[Caller, Action], RateLimiter] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RateBudgets:
+        return cls({action: getattr(settings, name) for action, name in _RATE_SETTINGS.items()})
+
+    def acquire(self, caller: Caller, action: Action) -> float:
+        """0 when allowed, else seconds until this caller class may do this again."""
+        bucket = self._buckets.get((caller, action))
+        if bucket is None:
+            bucket = self._buckets[caller, action] = RateLimiter(self.per_minute[action])
+        return bucket.acquire()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestLimits:
+    """What one request may cost: the batch evaluated, its time, its answer, its body."""
+
+    max_batch_items: int
+    max_evaluation_seconds: float
+    max_response_bytes: int
+    body_timeout_seconds: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RequestLimits:
+        return cls(
+            max_batch_items=settings.max_batch_items,
+            max_evaluation_seconds=settings.max_evaluation_seconds,
+            max_response_bytes=settings.max_response_bytes,
+            body_timeout_seconds=settings.body_timeout_seconds,
+        )
+
+
+class LimitExceeded(Exception):
+    """A request refused by one of its limits; the answer names the setting to change."""
+
+    def __init__(self, status: int, message: str, *, setting: str, retry_after: int = 0):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.limit = ENVIRONMENT[setting]
+        self.retry_after = retry_after
+
+
 @dataclass(slots=True, kw_only=True)
 class AppState:
     """Everything the handlers share; one per application."""
@@ -89,7 +178,12 @@ class AppState:
     metrics: Metrics
     notifier: ReloadNotificationManager
     admin_token: str | None
-    reload_limiter: RateLimiter
+    budgets: RateBudgets = field(
+        default_factory=lambda: RateBudgets.from_settings(DEFAULT_SETTINGS)
+    )
+    limits: RequestLimits = field(
+        default_factory=lambda: RequestLimits.from_settings(DEFAULT_SETTINGS)
+    )
     max_age_seconds: float = 300.0
     allowed_hosts: frozenset[str] = frozenset()
 
@@ -118,6 +212,13 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return error_response(404, str(exc))
     except InputError as exc:
         return error_response(400, exc.message, path=exc.path)
+    except LimitExceeded as exc:
+        response = error_response(exc.status, exc.message, limit=exc.limit)
+        if exc.retry_after:
+            response.headers["Retry-After"] = str(exc.retry_after)
+        if exc.status == 408:  # the rest of the body may never come: not kept alive
+            response.force_close()
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -197,6 +298,18 @@ def _protocol_token(request: web.Request) -> tuple[str, str] | None:
     return None
 
 
+def _bearer_is_admin(request: web.Request, token: str) -> bool:
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), token.encode())
+
+
+def _caller(request: web.Request) -> Caller:
+    token = _state(request).admin_token
+    if token is not None and _bearer_is_admin(request, token):
+        return Caller.ADMIN
+    return Caller.ANONYMOUS
+
+
 def _require_admin(request: web.Request, *, websocket: bool = False) -> str | None:
     """Refuse the request without the admin token (when one is configured).
 
@@ -204,10 +317,7 @@ def _require_admin(request: web.Request, *, websocket: bool = False) -> str | No
     select for a browser to accept the connection.
     """
     token = _state(request).admin_token
-    if token is None:
-        return None
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), token.encode()):
+    if token is None or _bearer_is_admin(request, token):
         return None
     carried = _protocol_token(request) if websocket else None
     if carried is not None and hmac.compare_digest(carried[1].encode(), token.encode()):
@@ -217,12 +327,38 @@ def _require_admin(request: web.Request, *, websocket: bool = False) -> str | No
     )
 
 
-def _limit_reloads(request: web.Request) -> None:
-    wait = _state(request).reload_limiter.acquire()
+def _limit_rate(request: web.Request, action: Action) -> None:
+    """Spend one request of the caller class's budget for `action`, or answer 429."""
+    caller = _caller(request)
+    wait = _state(request).budgets.acquire(caller, action)
     if wait > 0:
-        raise web.HTTPTooManyRequests(
-            text="too many reload requests", headers={"Retry-After": str(max(1, round(wait)))}
+        raise LimitExceeded(
+            429,
+            f"too many {action.value} requests from {caller.value} callers",
+            setting=_RATE_SETTINGS[action],
+            retry_after=max(1, round(wait)),
         )
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """The body, or 408 when it does not arrive in time: aiohttp bounds a request's head
+    (the idle timeout) but not its body, which a slow client could hold open forever."""
+    seconds = _state(request).limits.body_timeout_seconds
+    try:
+        async with asyncio.timeout(seconds):
+            return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise LimitExceeded(
+            413,
+            f"the body is larger than {request.client_max_size} bytes",
+            setting="max_body_bytes",
+        ) from None
+    except TimeoutError:
+        raise LimitExceeded(
+            408,
+            f"the request body did not arrive within {seconds:g} s",
+            setting="body_timeout_seconds",
+        ) from None
 
 
 async def _json_body(request: web.Request, *, required: bool = True) -> dict[str, Any]:
@@ -230,8 +366,9 @@ async def _json_body(request: web.Request, *, required: bool = True) -> dict[str
         if required:
             raise web.HTTPBadRequest(text="a JSON object body is required")
         return {}
+    raw = await _read_body(request)
     try:
-        body = _loads(await request.read())
+        body = _loads(raw)
     except (ValueError, RecursionError) as exc:  # RecursionError: json nests too deep
         raise web.HTTPBadRequest(text=f"body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -298,7 +435,7 @@ async def get_status(request: web.Request) -> web.Response:
 
 async def post_reload(request: web.Request) -> web.Response:
     _require_admin(request)
-    _limit_reloads(request)
+    _limit_rate(request, Action.RELOAD)
     body = await _json_body(request, required=False)
     ruleset_id, rule_id = _optional_id(body, "ruleset_id"), _optional_id(body, "rule_id")
     force, validate = _flag(body, "force", False), _flag(body, "validate", True)
@@ -310,21 +447,22 @@ async def post_reload(request: web.Request) -> web.Response:
 
 async def post_reload_rule(request: web.Request) -> web.Response:
     _require_admin(request)
-    _limit_reloads(request)
+    _limit_rate(request, Action.RELOAD)
     record = await _state(request).service.reload_rules(rule_id=request.match_info["rule_id"])
     return _record_response(record)
 
 
 async def post_reload_ruleset(request: web.Request) -> web.Response:
     _require_admin(request)
-    _limit_reloads(request)
+    _limit_rate(request, Action.RELOAD)
     record = await _state(request).service.reload_rules(ruleset_id=request.match_info["ruleset_id"])
     return _record_response(record)
 
 
 async def post_validate(request: web.Request) -> web.Response:
-    """Read-only, so open like the reads; rate-limited, since it reads every source."""
-    _limit_reloads(request)
+    """Read-only, so open like the reads; rate-limited (its own budget, per caller class),
+    since it reads every source and waits for the reload lock."""
+    _limit_rate(request, Action.VALIDATE)
     return json_response(await _state(request).service.validate_reload())
 
 
@@ -361,7 +499,7 @@ async def get_history(request: web.Request) -> web.Response:
 
 async def post_rollback(request: web.Request) -> web.Response:
     _require_admin(request)
-    _limit_reloads(request)
+    _limit_rate(request, Action.RELOAD)
     body = await _json_body(request, required=False)
     version = body.get("version")
     if version is not None:
@@ -489,40 +627,86 @@ async def post_evaluate(request: web.Request) -> web.Response:
     state = _state(request)
     snapshot = state.registry.current
     ruleset = _find(snapshot.rulesets, "ruleset", request)
-    ruleset_id = ruleset.id
     body = await _json_body(request)
     if ("input" in body) == ("inputs" in body):
         raise web.HTTPBadRequest(text='give exactly one of "input" or "inputs"')
-    batch = "inputs" in body
-    documents = body["inputs"] if batch else [body["input"]]
+    if "inputs" in body:
+        return await _evaluate_batch(state, snapshot, ruleset, body["inputs"])
+    started = time.perf_counter()
+    try:
+        result = evaluate_ruleset(
+            ruleset, body["input"], version=snapshot.version, revision=snapshot.revision
+        )
+    except InputError as exc:
+        raise InputError(exc.message, path=exc.path.replace("$", "$.input", 1)) from None
+    state.metrics.evaluation_time.observe(time.perf_counter() - started)
+    _count(state, ruleset.id, [result])
+    return json_response(result.to_dict())
+
+
+async def _evaluate_batch(
+    state: AppState, snapshot: Snapshot, ruleset: RuleSet, documents: Any
+) -> web.Response:
+    """Evaluate a batch in slices, within the request's limits.
+
+    The batch is bounded three ways, each refusal naming its setting: its size up front
+    (413), the wall-clock time it may take (503: a loop shared with other batches can
+    make any batch slow), and the size of its answer (413), serialized slice by slice so
+    that neither the results nor their JSON exist twice. Between slices the event loop
+    serves other requests and the probes.
+    """
+    limits = state.limits
     if not isinstance(documents, list) or not documents:
         raise web.HTTPBadRequest(text='"inputs" must be a non-empty list')
-    started = time.perf_counter()
-    results = []
-    for index, document in enumerate(documents):
-        try:
-            results.append(
-                evaluate_ruleset(
-                    ruleset, document, version=snapshot.version, revision=snapshot.revision
-                )
-            )
-        except InputError as exc:
-            where = f"$.inputs[{index}]" if batch else "$.input"
-            raise InputError(exc.message, path=exc.path.replace("$", where, 1)) from None
-    state.metrics.evaluation_time.observe(time.perf_counter() - started)
-    _count(state, ruleset_id, results)
-    if batch:
-        return json_response(
-            {
-                "registry_version": snapshot.version,
-                "revision": snapshot.revision,
-                "results": [r.to_dict() for r in results],
-            }
+    if len(documents) > limits.max_batch_items:
+        raise LimitExceeded(
+            413,
+            f'"inputs" holds {len(documents)} items; at most {limits.max_batch_items} '
+            "are evaluated per request: split the batch",
+            setting="max_batch_items",
         )
-    return json_response(results[0].to_dict())
+    started = time.perf_counter()
+    deadline = started + limits.max_evaluation_seconds
+    head = _dumpb({"registry_version": snapshot.version, "revision": snapshot.revision})
+    parts = [head[:-1], b',"results":[']
+    size = sum(map(len, parts)) + 2
+    done = 0
+    slices = evaluate_in_slices(
+        ruleset, documents, version=snapshot.version, revision=snapshot.revision
+    )
+    try:
+        async for part in slices:
+            if done:
+                parts.append(b",")
+            parts.append(_dumpb([result.to_dict() for result in part])[1:-1])
+            size += len(parts[-1]) + 1
+            done += len(part)
+            _count(state, ruleset.id, part)
+            if size > limits.max_response_bytes:
+                raise LimitExceeded(
+                    413,
+                    f"the answer would exceed {limits.max_response_bytes} bytes "
+                    f"({done} of {len(documents)} inputs gave {size}): split the batch",
+                    setting="max_response_bytes",
+                )
+            if time.perf_counter() > deadline and done < len(documents):
+                raise LimitExceeded(
+                    503,
+                    f"the batch ran out of time ({limits.max_evaluation_seconds:g} s) "
+                    f"after {done} of {len(documents)} inputs: split it, or retry later",
+                    setting="max_evaluation_seconds",
+                    retry_after=1,
+                )
+    except InputError as exc:
+        raise InputError(exc.message, path=exc.path.replace("$", "$.inputs", 1)) from None
+    finally:
+        await slices.aclose()
+    state.metrics.evaluation_time.observe(time.perf_counter() - started)
+    parts.append(b"]}")
+    return web.Response(body=b"".join(parts), content_type="application/json")
 
 
-def _count(state: AppState, ruleset_id: str, results: list[Evaluation]) -> None:
+def _count(state: AppState, ruleset_id: str, results: Sequence[Evaluation]) -> None:
     state.metrics.evaluations.labels(ruleset=ruleset_id).inc(len(results))
     errors = sum(len(result.errors) for result in results)
     if errors:
