@@ -22,7 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 from aiohttp import web
 from aiohttp.web_server import Server
@@ -233,9 +233,49 @@ class _Refused(asyncio.Protocol):
             "RULE_SIDECAR_MAX_CONNECTIONS / RULE_SIDECAR_METRICS_MAX_CONNECTIONS"
         )
         body = json.dumps({"error": {"status": 503, "message": message}}).encode()
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(_REFUSAL % (len(body), body))
-        transport.close()
+        writer = cast(asyncio.WriteTransport, transport)
+        writer.write(_REFUSAL % (len(body), body))
+        writer.close()
+
+
+class _Counted(asyncio.Protocol):
+    """aiohttp's handler for one connection, counted by the cap from accept to close."""
+
+    def __init__(self, handler: asyncio.Protocol, cap: ConnectionCap) -> None:
+        self.handler = handler
+        self.cap = cap
+        self.made = False
+        self.counted = True
+
+    def release(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.cap.open -= 1
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.made = True
+        self.handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.handler.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.handler.eof_received()
+
+    def pause_writing(self) -> None:
+        self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.release()
+        self.handler.connection_lost(exc)
+
+    def forget_unless_made(self) -> None:
+        """An accepted socket whose transport could not be built never calls back."""
+        if not self.made:
+            self.release()
 
 
 class ConnectionCap:
@@ -244,21 +284,19 @@ class ConnectionCap:
 
     aiohttp has no connection limit, and every open connection holds a descriptor: 1,100
     idle ones used up `ulimit -n 1024`, after which the rules directory could no longer
-    be listed. aiohttp's server registers a connection in `connection_made`, which the
-    loop runs one callback after this factory; connections accepted in the same loop
-    iteration are counted as `_accepting` until then (two hops of `call_soon`, so that
-    the second runs after `connection_made`).
+    be listed. A connection counts from its accept to its close (aiohttp's own registry
+    of connections starts a loop iteration later, which lets a burst of accepts through).
     """
 
     def __init__(self, server: Server, limit: int, name: str) -> None:
         self.server = server
         self.limit = limit
         self.name = name
-        self._accepting = 0
+        self.open = 0
         self._full = False
 
     def __call__(self) -> asyncio.BaseProtocol:
-        if len(self.server.connections) + self._accepting >= self.limit:
+        if self.open >= self.limit:
             if not self._full:
                 logger.warning(
                     "the %s listener holds %d connections, its limit: refusing more",
@@ -268,13 +306,10 @@ class ConnectionCap:
             self._full = True
             return _Refused(self.limit)
         self._full = False
-        self._accepting += 1
-        loop = asyncio.get_running_loop()
-        loop.call_soon(loop.call_soon, self._accepted)
-        return self.server()
-
-    def _accepted(self) -> None:
-        self._accepting -= 1
+        self.open += 1
+        counted = _Counted(self.server(), self)
+        asyncio.get_running_loop().call_later(1.0, counted.forget_unless_made)
+        return counted
 
 
 async def _listen(
