@@ -22,6 +22,8 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import http.client
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -30,6 +32,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event
 from pathlib import Path
 
 import aiohttp
@@ -121,29 +125,37 @@ async def ready(session: aiohttp.ClientSession, probe: int) -> None:
     raise RuntimeError("the sidecar did not become ready")
 
 
+def poll_livez(probe: int, started: Event, stop: Event, results: Connection) -> None:
+    """In a process of its own (the attackers' parsing must not delay the measurement):
+    GET /livez every 10 ms on one kept-alive connection, send back the latencies."""
+    latencies: list[float] = []
+    connection = http.client.HTTPConnection("127.0.0.1", probe, timeout=120)
+    while not stop.is_set():
+        began = time.perf_counter()
+        connection.request("GET", "/livez")
+        connection.getresponse().read()
+        latencies.append(time.perf_counter() - began)
+        started.set()
+        time.sleep(0.01)
+    results.send(latencies)
+
+
 async def measure(
     pid: int, probe: int, attack: Callable[[], Awaitable[str]]
 ) -> tuple[str, list[float], int]:
     """Run `attack` while polling /livez: (what the attack saw, latencies, peak RSS)."""
-    latencies: list[float] = []
-    done = asyncio.Event()
-    timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-
-        async def poll() -> None:
-            while not done.is_set():
-                began = time.perf_counter()
-                async with session.get(f"http://127.0.0.1:{probe}/livez") as response:
-                    await response.read()
-                latencies.append(time.perf_counter() - began)
-                await asyncio.sleep(0.01)
-
-        poller = asyncio.create_task(poll())
-        with RssSampler(pid) as rss:
-            await asyncio.sleep(0.3)
-            outcome = await attack()
-            done.set()
-            await poller
+    context = multiprocessing.get_context("spawn")
+    started, stop = context.Event(), context.Event()
+    receiver, sender = context.Pipe(duplex=False)
+    poller = context.Process(target=poll_livez, args=(probe, started, stop, sender))
+    poller.start()
+    await asyncio.to_thread(started.wait, 60)
+    with RssSampler(pid) as rss:
+        await asyncio.sleep(0.3)
+        outcome = await attack()
+        stop.set()
+        latencies: list[float] = await asyncio.to_thread(receiver.recv)
+    poller.join()
     return outcome, latencies, rss.peak
 
 
