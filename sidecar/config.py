@@ -65,7 +65,7 @@ class Settings:
     max_batch_items: int = 1000
     max_evaluation_seconds: float = 5.0
     max_response_bytes: int = 8 * 1024 * 1024
-    idle_timeout_seconds: float = 15.0
+    idle_timeout_seconds: float = 30.0
     body_timeout_seconds: float = 10.0
     max_connections: int = 256
     metrics_max_connections: int = 32

@@ -298,6 +298,36 @@ class TestConnections:
         assert head.startswith(b"HTTP/1.1 408"), answer[:300]
         assert json.loads(body)["error"]["limit"] == "RULE_SIDECAR_BODY_TIMEOUT_SECONDS"
 
+    def test_a_client_that_never_reads_its_answer_is_dropped(self, served):
+        """A client that does not take its answer within body_timeout_seconds has its
+        connection aborted (it held a slot of the cap and the answer's memory forever)."""
+        server = served(
+            body_timeout_seconds="1",
+            max_batch_items="40000",
+            max_evaluation_seconds="600",
+            max_response_bytes=str(64 * 1024 * 1024),
+        )
+        body = batch(40_000)
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(10)
+            sock.connect(("127.0.0.1", server.port))
+            sock.sendall(
+                f"POST {EVALUATE} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            wait_sync(
+                lambda: any("did not take its answer" in line for line in server.log_lines()),
+                timeout=60,
+                message="the sidecar gave up on the answer",
+            )
+            answer = read_until_closed(sock)
+        head, _, received = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        assert len(received) < length
+
     def test_connections_past_the_cap_are_refused_and_probes_answer(self, served):
         """Past max_connections a new connection gets 503 and is closed; the probe
         listener, with its own cap, keeps answering; freed slots are served again."""

@@ -234,6 +234,31 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return error_response(500, "internal error; see the sidecar's log")
 
 
+@web.middleware
+async def answer_in_time(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Send the answer here, within `body_timeout_seconds`, instead of after the handler.
+
+    aiohttp waits forever for a client that does not read its answer, holding the
+    connection (a slot of the connection cap, a descriptor) and the answer's memory. A
+    client that has not taken its answer in time has its connection aborted. WebSockets
+    are answered by their handler and are not affected.
+    """
+    response = await handler(request)
+    if response.prepared:
+        return response
+    try:
+        async with asyncio.timeout(_state(request).limits.body_timeout_seconds):
+            await response.prepare(request)
+            await response.write_eof()
+    except TimeoutError:
+        logger.warning(
+            "%s %s: the client did not take its answer in time", request.method, request.path
+        )
+        if request.transport is not None:
+            request.transport.abort()
+    return response
+
+
 def _state(request: web.Request) -> AppState:
     return request.app[STATE]
 
@@ -785,7 +810,7 @@ def _observation_routes() -> list[web.RouteDef]:
 def create_observation_app(state: AppState) -> web.Application:
     """The separate listener for probes and metrics (`--metrics-port`), so that the API
     can stay on loopback while the kubelet and Prometheus reach the pod IP."""
-    app = web.Application(middlewares=[errors_as_json], client_max_size=1024)
+    app = web.Application(middlewares=[answer_in_time, errors_as_json], client_max_size=1024)
     app[STATE] = state
     app.add_routes(_observation_routes())
     return app
@@ -793,7 +818,8 @@ def create_observation_app(state: AppState) -> web.Application:
 
 def create_app(state: AppState, *, max_body_bytes: int = 1024 * 1024) -> web.Application:
     app = web.Application(
-        middlewares=[errors_as_json, browser_guard], client_max_size=max_body_bytes
+        middlewares=[answer_in_time, errors_as_json, browser_guard],
+        client_max_size=max_body_bytes,
     )
     app[STATE] = state
     _wire_events(state)
