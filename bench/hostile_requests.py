@@ -10,10 +10,12 @@ and samples the server's RSS every 10 ms. The attacks:
 3. eight clients sending the largest batch the defaults allow (1,000 inputs), 5 s;
 4. a flood of 400 idle connections on the API listener (cap 256 by default).
 
-`--code DIR` runs another checkout's `sidecar` (e.g. an export of main) for comparison.
+`--code DIR` runs another checkout's `sidecar` (e.g. an export of main) for comparison;
+`--quick` leaves out the second attack and runs the third for 2 s.
 
-    python -m bench.hostile_requests
-    python -m bench.hostile_requests --code /tmp/oldcode
+    python -m bench.hostile_requests [--quick]
+    git archive main sidecar | tar -x -C /tmp/main
+    python -m bench.hostile_requests --code /tmp/main
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import hashlib
 import http.client
 import multiprocessing
 import os
@@ -174,9 +177,9 @@ async def huge_batch(port: int) -> str:
     return f"{response.status}, {len(body):,} bytes in {time.perf_counter() - began:.2f} s"
 
 
-async def largest_batches(port: int) -> str:
+async def largest_batches(port: int, seconds: float) -> str:
     answered: dict[int, int] = {}
-    stop = time.monotonic() + 5
+    stop = time.monotonic() + seconds
 
     async def client() -> None:
         async with aiohttp.ClientSession() as session:
@@ -190,7 +193,7 @@ async def largest_batches(port: int) -> str:
                     answered[response.status] = answered.get(response.status, 0) + 1
 
     await asyncio.gather(*(client() for _ in range(8)))
-    return f"answers {answered} in 5 s"
+    return f"answers {answered} in {seconds:g} s"
 
 
 async def idle_flood(port: int) -> str:
@@ -221,9 +224,18 @@ def report(name: str, outcome: str, latencies: list[float], peak: int) -> None:
     )
 
 
-async def main(code: Path) -> None:
+def digest(code: Path) -> str:
+    """The digest `environment()` prints, of the code under test."""
+    hashed = hashlib.sha256()
+    for path in sorted((code / "sidecar").rglob("*.py")):
+        hashed.update(path.relative_to(code / "sidecar").as_posix().encode())
+        hashed.update(path.read_bytes())
+    return hashed.hexdigest()[:12]
+
+
+async def main(code: Path, quick: bool) -> None:
     print(environment())
-    print(f"code under test: {code}")
+    print(f"code under test: {code} (digest {digest(code)})")
     with tempfile.TemporaryDirectory() as tmp:
         rules = Path(tmp) / "rules"
         rules.mkdir()
@@ -233,12 +245,19 @@ async def main(code: Path) -> None:
             "max_evaluation_seconds": "600",
             "max_response_bytes": str(1 << 30),
         }
+        seconds = 2.0 if quick else 5.0
         attacks: list[tuple[str, dict[str, str], Callable[[int], Awaitable[str]]]] = [
             ("1. 300k-input batch, default limits", {}, huge_batch),
             ("2. 300k-input batch, batch limits raised", raised, huge_batch),
-            ("3. 8 clients x 1,000-input batches, 5 s", {}, largest_batches),
+            (
+                f"3. 8 clients x 1,000-input batches, {seconds:g} s",
+                {},
+                functools.partial(largest_batches, seconds=seconds),
+            ),
             ("4. 400 idle connections on the API listener", {}, idle_flood),
         ]
+        if quick:
+            del attacks[1]
         for name, settings, attack in attacks:
             with sidecar(code, rules, **settings) as (pid, port, probe):
                 async with aiohttp.ClientSession() as session:
@@ -254,4 +273,6 @@ if __name__ == "__main__":
         default=Path(__file__).resolve().parent.parent,
         help="the directory holding the `sidecar` package to run",
     )
-    asyncio.run(main(parser.parse_args().code.resolve()))
+    parser.add_argument("--quick", action="store_true", help="a shorter run")
+    arguments = parser.parse_args()
+    asyncio.run(main(arguments.code.resolve(), arguments.quick))
