@@ -63,6 +63,7 @@ class Settings:
     reload_rate_per_minute: int = 60
     validate_rate_per_minute: int = 30
     max_batch_items: int = 1000
+    max_queued_batches: int = 8
     max_evaluation_seconds: float = 5.0
     max_response_bytes: int = 8 * 1024 * 1024
     idle_timeout_seconds: float = 30.0
@@ -93,6 +94,7 @@ class Settings:
             "reload_rate_per_minute": 1,
             "validate_rate_per_minute": 1,
             "max_batch_items": 1,
+            "max_queued_batches": 0,
             "max_response_bytes": 1024,
             "max_connections": 1,
             "metrics_max_connections": 1,
@@ -140,6 +142,7 @@ ENVIRONMENT: Final[Mapping[str, str]] = {
     "reload_rate_per_minute": "RULE_SIDECAR_RELOAD_RATE_PER_MINUTE",
     "validate_rate_per_minute": "RULE_SIDECAR_VALIDATE_RATE_PER_MINUTE",
     "max_batch_items": "RULE_SIDECAR_MAX_BATCH_ITEMS",
+    "max_queued_batches": "RULE_SIDECAR_MAX_QUEUED_BATCHES",
     "max_evaluation_seconds": "RULE_SIDECAR_MAX_EVALUATION_SECONDS",
     "max_response_bytes": "RULE_SIDECAR_MAX_RESPONSE_BYTES",
     "idle_timeout_seconds": "RULE_SIDECAR_IDLE_TIMEOUT_SECONDS",

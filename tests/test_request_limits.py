@@ -209,6 +209,29 @@ class TestBatches:
         assert "of 50000 inputs" in body["error"]["message"]
         assert int(response.headers["Retry-After"]) >= 1
 
+    async def test_batches_wait_their_turn_in_a_bounded_queue(self, start_sidecar, rules: Path):
+        """One batch evaluates at a time; past max_queued_batches waiting, a batch is
+        refused at once (503) instead of holding its parsed inputs in memory."""
+        app: Sidecar = await start_sidecar(
+            rules,
+            max_batch_items=40_000,
+            max_evaluation_seconds=600,
+            max_response_bytes=64 * 1024 * 1024,
+            max_queued_batches=1,
+        )
+        body = batch(40_000)
+
+        async def send() -> tuple[int, dict[str, Any]]:
+            response = await app.client.post(
+                EVALUATE, data=body, headers={"Content-Type": "application/json"}
+            )
+            return response.status, await response.json()
+
+        answers = await asyncio.gather(send(), send(), send())
+        assert sorted(status for status, _ in answers) == [200, 200, 503]
+        refused = next(answer for status, answer in answers if status == 503)
+        assert refused["error"]["limit"] == "RULE_SIDECAR_MAX_QUEUED_BATCHES"
+
     async def test_an_answer_past_its_size_is_413_naming_the_limit(
         self, start_sidecar, rules: Path
     ):

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import hmac
 import ipaddress
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -42,6 +43,7 @@ from sidecar.snapshot import Snapshot
 
 __all__ = [
     "AppState",
+    "BatchTurns",
     "RateBudgets",
     "RequestLimits",
     "create_app",
@@ -158,6 +160,42 @@ class RequestLimits:
         )
 
 
+@dataclass(slots=True)
+class BatchTurns:
+    """One batch evaluates at a time; the others wait, at most `max_queued` of them.
+
+    One at a time keeps the loop's batch work between two other events to one slice.
+    A waiting batch holds its parsed inputs (up to about 25 MB for a 1 MiB body of tiny
+    inputs), so the queue is bounded too: past it, a batch is refused at once (503).
+    """
+
+    max_queued: int = DEFAULT_SETTINGS.max_queued_batches
+    queued: int = 0
+    turn: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @contextlib.asynccontextmanager
+    async def wait(self, seconds: float) -> AsyncIterator[None]:
+        """Hold the turn; raises `TimeoutError` after `seconds`, `LimitExceeded` when the
+        queue is full."""
+        if self.turn.locked() and self.queued >= self.max_queued:
+            raise LimitExceeded(
+                503,
+                f"{self.queued} batches are already waiting for their turn: retry later",
+                setting="max_queued_batches",
+                retry_after=1,
+            )
+        self.queued += 1
+        try:
+            async with asyncio.timeout(seconds):
+                await self.turn.acquire()
+        finally:
+            self.queued -= 1
+        try:
+            yield
+        finally:
+            self.turn.release()
+
+
 class LimitExceeded(Exception):
     """A request refused by one of its limits; the answer names the setting to change."""
 
@@ -186,7 +224,7 @@ class AppState:
     )
     max_age_seconds: float = 300.0
     allowed_hosts: frozenset[str] = frozenset()
-    batch_turn: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
+    batches: BatchTurns = field(default_factory=BatchTurns)
 
 
 STATE: web.AppKey[AppState] = web.AppKey("state", AppState)
@@ -695,14 +733,10 @@ async def _evaluate_batch(
         )
     started = time.perf_counter()
     try:
-        async with asyncio.timeout(limits.max_evaluation_seconds):
-            await state.batch_turn.acquire()
+        async with state.batches.wait(limits.max_evaluation_seconds):
+            body = await _render_batch(state, snapshot, ruleset, documents, started)
     except TimeoutError:
         raise _out_of_time(limits, 0, len(documents)) from None
-    try:
-        body = await _render_batch(state, snapshot, ruleset, documents, started)
-    finally:
-        state.batch_turn.release()
     state.metrics.evaluation_time.observe(time.perf_counter() - started)
     return web.Response(body=body, content_type="application/json")
 

@@ -34,6 +34,7 @@ except ImportError:  # optional: the `speed` extra
 
 from sidecar.api.app import (
     AppState,
+    BatchTurns,
     RateBudgets,
     RequestLimits,
     create_app,
@@ -143,6 +144,7 @@ def build_state(settings: Settings) -> AppState:
         admin_token=_read_token(settings.admin_token_file),
         budgets=RateBudgets.from_settings(settings),
         limits=RequestLimits.from_settings(settings),
+        batches=BatchTurns(settings.max_queued_batches),
         max_age_seconds=settings.max_age_seconds,
         allowed_hosts=frozenset(settings.allowed_hosts),
     )
