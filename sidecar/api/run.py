@@ -32,14 +32,8 @@ try:
 except ImportError:  # optional: the `speed` extra
     uvloop = None  # type: ignore[assignment]
 
-from sidecar.api.app import (
-    AppState,
-    BatchTurns,
-    RateBudgets,
-    RequestLimits,
-    create_app,
-    create_observation_app,
-)
+from sidecar.api.app import AppState, create_app, create_observation_app
+from sidecar.api.limits import BatchTurns, RateBudgets, RequestLimits
 from sidecar.api.metrics import Metrics
 from sidecar.api.websocket import ReloadNotificationManager
 from sidecar.config import Settings
@@ -295,19 +289,21 @@ class ConnectionCap:
         self.limit = limit
         self.name = name
         self.open = 0
-        self._full = False
+        self.refused = 0
+        self._warned = -math.inf
 
     def __call__(self) -> asyncio.BaseProtocol:
         if self.open >= self.limit:
-            if not self._full:
+            self.refused += 1
+            if time.monotonic() - self._warned >= 10.0:  # one line per flood, not per socket
+                self._warned = time.monotonic()
                 logger.warning(
-                    "the %s listener holds %d connections, its limit: refusing more",
+                    "the %s listener holds %d connections, its limit: %d refused so far",
                     self.name,
                     self.limit,
+                    self.refused,
                 )
-            self._full = True
             return _Refused(self.limit)
-        self._full = False
         self.open += 1
         counted = _Counted(self.server(), self)
         asyncio.get_running_loop().call_later(1.0, counted.forget_unless_made)
