@@ -161,6 +161,8 @@ async def answer_in_time(request: web.Request, handler: Handler) -> web.StreamRe
         )
         if request.transport is not None:
             request.transport.abort()
+    except ConnectionError:
+        pass  # the client left: aiohttp's own writing of the answer notes it quietly
     return response
 
 
