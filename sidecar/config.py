@@ -64,7 +64,7 @@ class Settings:
     validate_rate_per_minute: int = 30
     max_batch_items: int = 1000
     max_queued_batches: int = 8
-    max_evaluation_seconds: float = 5.0
+    max_evaluation_seconds: float = 3.0
     max_response_bytes: int = 8 * 1024 * 1024
     idle_timeout_seconds: float = 30.0
     body_timeout_seconds: float = 10.0
