@@ -29,6 +29,7 @@ from server_support import (  # noqa: E402
     Served,
     Sidecar,
     clean_environment,
+    eventually,
     fraud_doc,
     free_port,
     spawn,
@@ -180,7 +181,7 @@ class TestBatches:
                 EVALUATE, data=batch(40_000), headers={"Content-Type": "application/json"}
             )
         )
-        await asyncio.sleep(0.05)
+        await eventually(lambda: app.state.batches.turn.locked(), message="the batch started")
         (rules / "fraud.yaml").write_text(to_yaml(fraud_doc(large_points=70)), encoding="utf-8")
         reload = await app.post(f"{HOT}/reload")
         assert reload["status"] == "success"
