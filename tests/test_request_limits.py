@@ -181,7 +181,7 @@ class TestBatches:
                 EVALUATE, data=batch(40_000), headers={"Content-Type": "application/json"}
             )
         )
-        await eventually(lambda: app.state.batches.turn.locked(), message="the batch started")
+        await eventually(app.state.batches.turn.locked, message="the batch started")
         (rules / "fraud.yaml").write_text(to_yaml(fraud_doc(large_points=70)), encoding="utf-8")
         reload = await app.post(f"{HOT}/reload")
         assert reload["status"] == "success"
