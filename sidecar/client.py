@@ -114,8 +114,10 @@ class AsyncRuleClient:
         return info
 
     async def is_registry_fresh(self, max_age_seconds: float = 300) -> bool:
-        """Whether the sidecar published rules within `max_age_seconds`."""
-        last = (await self.get_registry_info()).get("last_reload")
+        """Whether the sidecar read every source successfully, and confirmed what it
+        serves, within `max_age_seconds` (whether or not the rules changed)."""
+        status = await self._request("GET", f"{_HOT}/status")
+        last = status.get("last_successful_check_time")
         if not last:
             return False
         age = datetime.now(UTC) - datetime.fromisoformat(last)

@@ -2,7 +2,10 @@
 
 The expression language is CEL through `cel-expr-python` (cel-cpp): it type-checks at
 compile time, reports errors with line:column, and stops runaway comprehensions with an
-iteration budget, so no rule and no input can freeze the sidecar.
+iteration budget. Everything else a condition does (building strings and lists, regexes,
+conversions) is priced before it is accepted (`sidecar.cost`): a condition whose
+worst-case cost over inputs within `InputLimits` exceeds the limit is refused, so no rule
+and no input can freeze the sidecar.
 
 Why a ruleset is compiled into one program: converting the input document and crossing
 into C++ costs more than evaluating a typical condition, so the enabled conditions of a
@@ -23,6 +26,7 @@ from typing import Any, Final
 from cel_expr_python import cel
 from cel_expr_python.ext import ext_math, ext_strings
 
+from sidecar.cost import DEFAULT_COST_LIMIT, CostError, SizeBounds, estimate, estimate_items
 from sidecar.errors import InputError, format_path
 
 __all__ = [
@@ -48,26 +52,46 @@ _INT64_MAX: Final = 2**63 - 1
 
 
 class ConditionError(Exception):
-    """A condition that does not compile: message plus position inside the expression."""
+    """A condition refused at load: why (`reason`: it does not compile, or it could cost
+    too much), the message, and the position inside the expression."""
 
-    def __init__(self, message: str, *, line: int = 1, column: int = 1) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        line: int = 1,
+        column: int = 1,
+        reason: str = "condition does not compile",
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.line = line
         self.column = column
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class InputLimits:
     """Bounds on an evaluation input, checked before CEL sees it.
 
-    cel-cpp builds `map()`/`filter()` results in quadratic time, so list size is what
-    bounds the cost of a rule over user-supplied lists (1,000 items: ~20 ms worst case).
+    They are also the sizes the cost estimate assumes (`sidecar.cost`): cel-cpp builds
+    `map()`/`filter()` results in quadratic time, so list size bounds the cost of a rule
+    over user-supplied lists (1,000 items: ~15 ms), and `max_total_size` (all characters
+    of strings and keys plus all items, at most the 1 MiB request body by default) lets a
+    loop over a list be priced by its total rather than by its longest element.
     """
 
     max_depth: int = 32
     max_items: int = 1_000
     max_string_length: int = 65_536
+    max_total_size: int = 1_048_576
+
+    def size_bounds(self) -> SizeBounds:
+        return SizeBounds(
+            max_items=self.max_items,
+            max_string_length=self.max_string_length,
+            max_total=self.max_total_size,
+        )
 
 
 DEFAULT_INPUT_LIMITS: Final = InputLimits()
@@ -82,11 +106,12 @@ class _Violation(Exception):
         self.steps: list[str | int] = []
 
 
-def _check_scalar(value: Any, kind: type, limits: InputLimits) -> None:
+def _check_scalar(value: Any, kind: type, limits: InputLimits) -> int:
     if kind is str:
         if len(value) > limits.max_string_length:
             raise _Violation(f"string longer than {limits.max_string_length} characters")
-    elif kind is int:
+        return len(value)
+    if kind is int:
         if not _INT64_MIN <= value <= _INT64_MAX:
             raise _Violation("integer does not fit in 64 bits")
     elif kind is float:
@@ -94,46 +119,51 @@ def _check_scalar(value: Any, kind: type, limits: InputLimits) -> None:
             raise _Violation("NaN and infinities are not JSON numbers")
     elif kind is not bool and value is not None:
         raise _Violation(f"{kind.__name__} is not a JSON value")
+    return 0
 
 
-def _check_object(value: dict[Any, Any], depth: int, limits: InputLimits) -> None:
+def _check_object(value: dict[Any, Any], depth: int, limits: InputLimits) -> int:
     if depth > limits.max_depth:
         raise _Violation(f"nested deeper than {limits.max_depth} levels")
     if len(value) > limits.max_items:
         raise _Violation(f"object has more than {limits.max_items} keys")
+    size = len(value)
     for key, item in value.items():
         if type(key) is not str:
             raise _Violation("object keys must be strings")
         if len(key) > limits.max_string_length:
             raise _Violation(f"key longer than {limits.max_string_length} characters")
         try:
-            _check_value(item, depth + 1, limits)
+            size += len(key) + _check_value(item, depth + 1, limits)
         except _Violation as violation:
             violation.steps.append(key)
             raise
+    return size
 
 
-def _check_list(value: list[Any], depth: int, limits: InputLimits) -> None:
+def _check_list(value: list[Any], depth: int, limits: InputLimits) -> int:
     if depth > limits.max_depth:
         raise _Violation(f"nested deeper than {limits.max_depth} levels")
     if len(value) > limits.max_items:
         raise _Violation(f"list has more than {limits.max_items} items")
+    size = len(value)
     for index, item in enumerate(value):
         try:
-            _check_value(item, depth + 1, limits)
+            size += _check_value(item, depth + 1, limits)
         except _Violation as violation:
             violation.steps.append(index)
             raise
+    return size
 
 
-def _check_value(value: Any, depth: int, limits: InputLimits) -> None:
+def _check_value(value: Any, depth: int, limits: InputLimits) -> int:
+    """The value's size as the cost estimate counts it: characters plus items."""
     kind = type(value)
     if kind is dict:
-        _check_object(value, depth, limits)
-    elif kind is list:
-        _check_list(value, depth, limits)
-    else:
-        _check_scalar(value, kind, limits)
+        return _check_object(value, depth, limits)
+    if kind is list:
+        return _check_list(value, depth, limits)
+    return _check_scalar(value, kind, limits)
 
 
 def check_input(document: Any, limits: InputLimits = DEFAULT_INPUT_LIMITS) -> None:
@@ -143,10 +173,13 @@ def check_input(document: Any, limits: InputLimits = DEFAULT_INPUT_LIMITS) -> No
     something is wrong.
     """
     try:
-        _check_value(document, 1, limits)
+        size = _check_value(document, 1, limits)
     except _Violation as violation:
         path = format_path(list(reversed(violation.steps)))
         raise InputError(violation.message, path=path) from None
+    if size > limits.max_total_size:
+        message = f"input holds more than {limits.max_total_size} characters and items in all"
+        raise InputError(message, path=format_path([]))
 
 
 def _parse_cel_error(text: str) -> ConditionError:
@@ -157,6 +190,14 @@ def _parse_cel_error(text: str) -> ConditionError:
         return ConditionError(message)
     line, column = int(found.group(1)), int(found.group(2))
     return ConditionError(found.group(3).strip(), line=max(line, 1), column=max(column, 1))
+
+
+def _cost_error(expression: str, exc: CostError) -> ConditionError:
+    """A cost refusal placed at the call it blames (offsets count code points)."""
+    before = expression[: exc.offset]
+    line = before.count("\n") + 1
+    column = exc.offset - (before.rfind("\n") + 1) + 1
+    return ConditionError(exc.message, line=line, column=column, reason="condition is too costly")
 
 
 def _runtime_error_text(text: str) -> str:
@@ -175,12 +216,20 @@ class ConditionCompiler:
     lock, and compiled programs are immutable.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        limits: InputLimits = DEFAULT_INPUT_LIMITS,
+        cost_limit: float = DEFAULT_COST_LIMIT,
+    ) -> None:
+        self._bounds = limits.size_bounds()
+        self._cost_limit = cost_limit
         self._env = cel.NewEnv(
             variables={"input": cel.Type.DYN},
             extensions=[ext_strings.ExtStrings(), ext_math.ExtMath()],
         )
         self._cache: dict[str, Any] = {}
+        self._costs: dict[str, float] = {}  # worst-case cost of each accepted expression
         self._lock = threading.Lock()
 
     def compile(self, expression: str) -> Any:
@@ -197,8 +246,15 @@ class ConditionCompiler:
         if result_type not in (cel.Type.BOOL, cel.Type.DYN):
             kind = result_type.name().lower()
             raise ConditionError(f"a condition must be a boolean expression, this one gives {kind}")
+        cost = self._costs.get(expression)
+        if cost is None:
+            try:
+                cost = estimate(program.serialize(), self._bounds, self._cost_limit)
+            except CostError as exc:
+                raise _cost_error(expression, exc) from None
         with self._lock:
             self._cache.setdefault(expression, program)
+            self._costs[expression] = cost
         return program
 
     def compile_set(self, expressions: Sequence[str]) -> ConditionSet:
@@ -213,21 +269,45 @@ class ConditionCompiler:
             if program is None:
                 # A bad condition, or a nesting depth only the combined form exceeds:
                 # each expression on its own tells which.
-                for index in range(start, end):
-                    try:
-                        self.compile(expressions[index])
-                    except ConditionError as exc:
-                        errors[index] = exc
+                suspects: Sequence[int] = range(start, end)
+            else:
+                suspects = self._overpriced(program, expressions, start, end)
+            for index in suspects:
+                try:
+                    self.compile(expressions[index])
+                except ConditionError as exc:
+                    errors[index] = exc
             chunks.append(_Segment(start, end, program, built=True))
         if errors:
             raise ConditionSetError(errors)
-        return ConditionSet(tuple(expressions), chunks, self)
+        with self._lock:
+            worst = sum(self._costs[expression] for expression in expressions)
+        return ConditionSet(tuple(expressions), chunks, self, worst_cost=worst)
+
+    def _overpriced(
+        self, program: Any, expressions: Sequence[str], start: int, end: int
+    ) -> list[int]:
+        """Indexes of the chunk's expressions over the cost limit, priced from the chunk's
+        program (one decode for the chunk); each is then compiled alone for its error."""
+        with self._lock:
+            if all(e in self._costs for e in expressions[start:end]):
+                return []
+        costs = estimate_items(program.serialize(), self._bounds, self._cost_limit)
+        if costs is None or len(costs) != end - start:
+            return list(range(start, end))
+        with self._lock:
+            for expression, cost in zip(expressions[start:end], costs, strict=True):
+                if cost is not None:
+                    self._costs[expression] = cost
+        return [start + offset for offset, cost in enumerate(costs) if cost is None]
 
     def forget_unused(self, keep: set[str]) -> None:
         """Drop cached programs no live ruleset uses, so memory follows the registry."""
         with self._lock:
             for expression in [e for e in self._cache if e not in keep]:
                 del self._cache[expression]
+            for expression in [e for e in self._costs if e not in keep]:
+                del self._costs[expression]
 
     def outcome(self, expression: str, document: Any) -> Outcome:
         """One condition evaluated alone: the reference the combined programs must match."""
@@ -275,9 +355,13 @@ class ConditionSet:
     halves, each with a program of its own (compiled on first need and kept), down to
     the conditions that failed: k failing conditions of n cost about 2k·log2(n) small
     evaluations instead of n.
+
+    `worst_cost` is the sum of the conditions' worst-case costs (`sidecar.cost` units,
+    about a nanosecond each): what one evaluation can take, for a caller that budgets
+    event-loop time across inputs and rulesets.
     """
 
-    __slots__ = ("_chunks", "_compiler", "_serialized", "expressions", "fields")
+    __slots__ = ("_chunks", "_compiler", "_serialized", "expressions", "fields", "worst_cost")
 
     def __init__(
         self,
@@ -286,8 +370,10 @@ class ConditionSet:
         compiler: ConditionCompiler | None,
         *,
         serialized: Sequence[tuple[int, int, bytes | None]] = (),
+        worst_cost: float = 0.0,
     ) -> None:
         self.expressions = expressions
+        self.worst_cost = worst_cost
         self.fields = input_fields(expressions)
         self._chunks = tuple(chunks)
         self._compiler = compiler
@@ -301,7 +387,7 @@ class ConditionSet:
             (chunk.start, chunk.end, None if chunk.compiled is None else chunk.compiled.serialize())
             for chunk in self._chunks
         )
-        return (_unbound_set, (self.expressions, serialized))
+        return (_unbound_set, (self.expressions, serialized, self.worst_cost))
 
     def bind(self, compiler: ConditionCompiler) -> None:
         """Attach an unpickled set to this process's compiler, restoring its programs."""
@@ -387,9 +473,11 @@ def _evaluate_one(program: Any, activation: Any) -> Outcome:
 
 
 def _unbound_set(
-    expressions: tuple[str, ...], serialized: tuple[tuple[int, int, bytes | None], ...]
+    expressions: tuple[str, ...],
+    serialized: tuple[tuple[int, int, bytes | None], ...],
+    worst_cost: float,
 ) -> ConditionSet:
-    return ConditionSet(expressions, (), None, serialized=serialized)
+    return ConditionSet(expressions, (), None, serialized=serialized, worst_cost=worst_cost)
 
 
 class _Segment:

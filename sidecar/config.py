@@ -15,6 +15,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Final
 
+from sidecar.sources.database import DatabaseTimeouts
+
 __all__ = ["DEFAULT_SETTINGS", "ENVIRONMENT", "Settings", "SettingsError", "settings_from"]
 
 
@@ -23,6 +25,7 @@ class SettingsError(ValueError):
 
 
 _LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_DATABASE: Final = DatabaseTimeouts()
 _PASSWORD_IN_URL: Final = re.compile(r"(?<=://)([^:/@]+):([^@]*)@")
 
 
@@ -47,6 +50,9 @@ class Settings:
     metrics_port: int | None = None
     database_url: str | None = None
     database_password_file: Path | None = None
+    database_connect_timeout_seconds: int = _DATABASE.connect
+    database_statement_timeout_seconds: float = _DATABASE.statement
+    database_read_timeout_seconds: float = _DATABASE.read
     kubernetes_selector: str | None = None
     kubernetes_namespace: str | None = None
     kubernetes_events: bool = False
@@ -83,6 +89,8 @@ class Settings:
             "interval_seconds",
             "max_age_seconds",
             "kubernetes_watch_timeout_seconds",
+            "database_statement_timeout_seconds",
+            "database_read_timeout_seconds",
             "max_evaluation_seconds",
             "idle_timeout_seconds",
             "body_timeout_seconds",
@@ -100,12 +108,21 @@ class Settings:
             "metrics_max_connections": 1,
             "history_limit": 1,
             "debounce_ms": 0,
+            "database_connect_timeout_seconds": 2,  # libpq's minimum
         }
         for name, minimum in minimums.items():
             if getattr(self, name) < minimum:
                 _refuse(name, getattr(self, name), f"must be at least {minimum}")
         if self.log_level.upper() not in _LOG_LEVELS:
             _refuse("log_level", self.log_level, f"must be one of {', '.join(_LOG_LEVELS)}")
+
+    @property
+    def database_timeouts(self) -> DatabaseTimeouts:
+        return DatabaseTimeouts(
+            connect=self.database_connect_timeout_seconds,
+            statement=self.database_statement_timeout_seconds,
+            read=self.database_read_timeout_seconds,
+        )
 
     def __repr__(self) -> str:
         """Like the dataclass repr, with any password in the database URL masked."""
@@ -126,6 +143,9 @@ ENVIRONMENT: Final[Mapping[str, str]] = {
     "metrics_port": "RULE_SIDECAR_METRICS_PORT",
     "database_url": "RULE_SIDECAR_DATABASE_URL",
     "database_password_file": "RULE_SIDECAR_DATABASE_PASSWORD_FILE",
+    "database_connect_timeout_seconds": "RULE_SIDECAR_DATABASE_CONNECT_TIMEOUT_SECONDS",
+    "database_statement_timeout_seconds": "RULE_SIDECAR_DATABASE_STATEMENT_TIMEOUT_SECONDS",
+    "database_read_timeout_seconds": "RULE_SIDECAR_DATABASE_READ_TIMEOUT_SECONDS",
     "kubernetes_selector": "RULE_SIDECAR_KUBERNETES_SELECTOR",
     "kubernetes_namespace": "RULE_SIDECAR_KUBERNETES_NAMESPACE",
     "kubernetes_events": "RULE_SIDECAR_KUBERNETES_EVENTS",

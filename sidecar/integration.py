@@ -13,6 +13,7 @@ from typing import Any
 from sidecar.checks import ruleset_problems
 from sidecar.engine import evaluate
 from sidecar.registry import RuleRegistry
+from sidecar.service import HotReloadService
 
 __all__ = [
     "execute_rules_from_registry",
@@ -71,8 +72,9 @@ def registry_age_seconds(registry: RuleRegistry, *, now: datetime | None = None)
 
 
 def is_registry_fresh(
-    registry: RuleRegistry, max_age_seconds: float = 300, *, now: datetime | None = None
+    service: HotReloadService, max_age_seconds: float = 300, *, now: datetime | None = None
 ) -> bool:
-    """Whether the registry was (re)published within `max_age_seconds`."""
-    age = registry_age_seconds(registry, now=now)
-    return age is not None and age <= max_age_seconds
+    """Whether every source was read successfully, and what serves confirmed, within
+    `max_age_seconds`. Stable rules stay fresh: the age of the content is not the
+    question (that is `registry_age_seconds`), the age of the last good check is."""
+    return service.is_fresh(max_age_seconds, at=now)

@@ -142,8 +142,9 @@ class Loader:
         """
         checks = self.run_checks if run_checks is None else run_checks
         if checks != self._files_checked:
-            # Remembered results were built with the other setting: none can be reused.
-            self._files = {}
+            # Remembered results were built with the other setting: none can be reused,
+            # not even the last candidate (it would outlive files deleted since).
+            self.forget()
             self._files_checked = checks
         started = time.perf_counter()
         known: dict[str, _FileResult] = {}
@@ -455,7 +456,7 @@ def _rule_problem(
 
 
 def _condition_message(exc: ConditionError) -> str:
-    return f"condition does not compile (expression {exc.line}:{exc.column}): {exc.message}"
+    return f"{exc.reason} (expression {exc.line}:{exc.column}): {exc.message}"
 
 
 def _condition_problem(document: Document, index: int, rule: Rule, exc: ConditionError) -> Problem:

@@ -14,17 +14,27 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Final
 
+from sidecar.decision import Attempt, Memory, Verdict, decide
 from sidecar.documents import SourceFile
 from sidecar.errors import LoadError, NotFoundError, Problem
-from sidecar.loader import Loader
-from sidecar.registry import ChangeEvent, RuleRegistry
+from sidecar.loader import Loader, LoadResult
+from sidecar.registry import RuleRegistry
+from sidecar.reloads import (
+    Outcome,
+    ReloadListener,
+    ReloadLog,
+    ReloadRecord,
+    ReloadStatus,
+    Trigger,
+    Triggers,
+    now,
+)
 from sidecar.snapshot import Snapshot
 from sidecar.sources import RuleSource
 from sidecar.state import StateStore
@@ -33,24 +43,10 @@ __all__ = ["HealthStatus", "HotReloadService", "ReloadRecord", "ReloadStatus", "
 
 logger = logging.getLogger("sidecar.service")
 
-
-class Trigger(StrEnum):
-    STARTUP = "startup"
-    WATCH = "watch"
-    RESYNC = "resync"
-    API = "api"
-    SIGNAL = "signal"
-    ROLLBACK = "rollback"
-    STATE_DIR = "state_dir"
-
-
-class ReloadStatus(StrEnum):
-    SUCCESS = "success"
-    FAILED = "failed"
-    UNCHANGED = "unchanged"
-    # The sources failed at startup and the state dir's copy of the last good snapshot
-    # was published instead: rules serve, but the reload itself did not succeed.
-    RESTORED = "restored"
+# How long an emptied source must stay empty before every rule is taken away.
+_CONFIRM_EMPTY_SECONDS: Final = 1.0
+# The first retry after a failed reload; each next one waits twice as long.
+_FIRST_RETRY_SECONDS: Final = 1.0
 
 
 class HealthStatus(StrEnum):
@@ -59,63 +55,8 @@ class HealthStatus(StrEnum):
     UNHEALTHY = "unhealthy"  # nothing valid was ever loaded
 
 
-_BACKGROUND = frozenset({Trigger.WATCH.value, Trigger.RESYNC.value})
-
-
-def _is_background(trigger: str) -> bool:
-    """Watch and resync triggers (alone or coalesced, e.g. "resync+watch")."""
-    return set(str(trigger).split("+")) <= _BACKGROUND
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment else None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ReloadRecord:
-    """One reload attempt, as history, the API and the WebSocket report it."""
-
-    id: int
-    trigger: str
-    status: ReloadStatus
-    timestamp: datetime
-    reload_time_ms: float
-    rules_loaded: int
-    rulesets_loaded: int
-    reload_count: int
-    version_before: int
-    version_after: int
-    revision: str
-    files_parsed: int = 0
-    files: int = 0
-    errors: tuple[Problem, ...] = ()
-    changes: tuple[ChangeEvent, ...] = field(default=(), repr=False)
-    filtered_by: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The seed's reload response fields, plus version, revision and errors."""
-        return {
-            "id": self.id,
-            "status": self.status.value,
-            "trigger": self.trigger,
-            "timestamp": self.timestamp.isoformat(),
-            "reload_time_ms": round(self.reload_time_ms, 3),
-            "rules_loaded": self.rules_loaded,
-            "rulesets_loaded": self.rulesets_loaded,
-            "reload_count": self.reload_count,
-            "version_before": self.version_before,
-            "version_after": self.version_after,
-            "revision": self.revision,
-            "files": self.files,
-            "files_parsed": self.files_parsed,
-            "changes": len(self.changes),
-            "errors": [problem.to_dict() for problem in self.errors],
-            "filtered_by": self.filtered_by,
-        }
 
 
 @dataclass(slots=True)
@@ -144,11 +85,21 @@ class SourceStatus:
         }
 
 
-ReloadListener = Callable[[ReloadRecord], None]
+_Trigger = Trigger | str | Triggers
+
+
+def _triggers(trigger: _Trigger) -> Triggers:
+    if isinstance(trigger, frozenset):
+        return trigger
+    return frozenset({Trigger(trigger)})
 
 
 class HotReloadService:
-    """The seed's HotReloadService over any set of `RuleSource`s."""
+    """The seed's HotReloadService over any set of `RuleSource`s.
+
+    It reads and compiles (in worker threads), asks `decision.decide` what the result
+    means, and carries that out: publish, record, save the state copy.
+    """
 
     def __init__(
         self,
@@ -160,6 +111,8 @@ class HotReloadService:
         auto_reload: bool = True,
         state: StateStore | None = None,
         history_limit: int = 50,
+        max_age_seconds: float = 300.0,
+        confirm_empty_seconds: float = _CONFIRM_EMPTY_SECONDS,
     ) -> None:
         self.registry = registry
         self.sources = tuple(sources)
@@ -167,17 +120,19 @@ class HotReloadService:
         self.interval_seconds = interval_seconds
         self.auto_reload = auto_reload
         self.state = state
+        self.max_age_seconds = max_age_seconds
+        self.confirm_empty_seconds = confirm_empty_seconds
+        self.log = ReloadLog(history_limit)
         self._source_status = {source.name: SourceStatus(source.name) for source in self.sources}
-        self._history: deque[ReloadRecord] = deque(maxlen=history_limit)
-        self._listeners: list[ReloadListener] = []
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
-        self._wake_reasons: set[str] = set()
+        self._wake_reasons: set[Trigger] = set()
+        self._failed = asyncio.Event()  # set at each recorded failure: retry soon
         self._tasks: list[asyncio.Task[None]] = []
-        self._records = 0
-        self._reload_count = 0
         self._last_check: datetime | None = None
-        self._last_record: ReloadRecord | None = None
+        # When a read of every source last succeeded and what serves was known to be
+        # right: freshness is measured from here, not from the last content change.
+        self._last_verified: datetime | None = None
         self._serving_from_state = False
         # The revision the sources held when a rollback went away from it; while they
         # still hold it, background reloads keep the rollback. None: no rollback holds.
@@ -211,7 +166,7 @@ class HotReloadService:
 
     def add_listener(self, listener: ReloadListener) -> None:
         """Called on the event loop after every recorded reload (success or failure)."""
-        self._listeners.append(listener)
+        self.log.add_listener(listener)
 
     # Reloads
 
@@ -227,7 +182,7 @@ class HotReloadService:
     async def reload_rules(
         self,
         *,
-        trigger: str = Trigger.API,
+        trigger: _Trigger = Trigger.API,
         force: bool = False,
         validate: bool = True,
         ruleset_id: str | None = None,
@@ -248,7 +203,7 @@ class HotReloadService:
         async with self._lock:
             known = self._knows(ruleset_id, rule_id)
             record = await self._reload(
-                trigger, force=force, validate=validate, filtered_by=filtered_by
+                _triggers(trigger), force=force, validate=validate, filtered_by=filtered_by
             )
         failed = record.status is ReloadStatus.FAILED
         if not failed and not known and not self._knows(ruleset_id, rule_id):
@@ -277,13 +232,10 @@ class HotReloadService:
         `total_rules`, `invalid_rules`, `errors` (`rule_id`, `error`, location).
         """
         async with self._lock:
-            files, problems = await asyncio.to_thread(self._read_sources)
-            candidate: Snapshot | None = None
-            if not problems:
-                try:
-                    candidate = (await asyncio.to_thread(self.loader.load, files)).snapshot
-                except LoadError as exc:
-                    problems = list(exc.problems)
+            attempt, _ = await self._attempt(
+                frozenset({Trigger.API}), self.registry.current, validate=True
+            )
+        problems, candidate = attempt.problems, attempt.candidate
         invalid = {p.rule_id or p.ruleset_id or p.file for p in problems}
         return {
             "valid": not problems,
@@ -307,21 +259,30 @@ class HotReloadService:
             snapshot, events = self.registry.rollback(version)
             self._rolled_back_from = self._rolled_back_from or before.revision
             await self._save_state(snapshot)
-            return self._record(
-                Trigger.ROLLBACK,
-                ReloadStatus.SUCCESS,
-                started=started,
+            outcome = Outcome(
+                triggers=frozenset({Trigger.ROLLBACK}),
+                status=ReloadStatus.SUCCESS,
                 before=before,
                 after=snapshot,
                 changes=events,
                 filtered_by={"version": version},
             )
+            return self.log.record(outcome, elapsed_ms=_elapsed_ms(started))
 
     # Status
 
+    def is_fresh(self, max_age_seconds: float | None = None, *, at: datetime | None = None) -> bool:
+        """Whether every source was read successfully, and what serves confirmed, within
+        the window (`HOT_RELOAD_MAX_AGE_SECONDS` by default), changed or not."""
+        verified = self._last_verified
+        if verified is None:
+            return False
+        window = self.max_age_seconds if max_age_seconds is None else max_age_seconds
+        return ((at or now()) - verified).total_seconds() <= window
+
     def get_status(self) -> dict[str, Any]:
-        """The seed's status fields, plus sources and the last error."""
-        last = self._last_record
+        """The seed's status fields, plus sources, freshness and the last error."""
+        last = self.log.last
         watch_problems = self.watch_problems()
         return {
             "monitoring_active": self.monitoring_active,
@@ -329,9 +290,12 @@ class HotReloadService:
             "reload_interval_seconds": self.interval_seconds,
             "validation_enabled": self.loader.run_checks,
             "last_check_time": _iso(self._last_check),
+            "last_successful_check_time": _iso(self._last_verified),
+            "fresh": self.is_fresh(),
+            "max_age_seconds": self.max_age_seconds,
             "last_reload_time": _iso(last.timestamp) if last else None,
             "last_reload_status": last.status.value if last else None,
-            "reload_count": self._reload_count,
+            "reload_count": self.log.successes,
             "registry": self.registry.get_stats(),
             "serving_from": "state_dir" if self._serving_from_state else "sources",
             "rollback_active": self._rolled_back_from is not None,
@@ -345,12 +309,11 @@ class HotReloadService:
 
     def get_reload_history(self, limit: int | None = None) -> list[dict[str, Any]]:
         """Recorded reloads, newest first."""
-        records = list(reversed(self._history))
-        return [record.to_dict() for record in records[:limit]]
+        return [record.to_dict() for record in self.log.newest(limit)]
 
     def health(self) -> tuple[HealthStatus, dict[str, Any]]:
         """Health for the kubelet: unhealthy only while nothing valid has ever loaded."""
-        last = self._last_record
+        last = self.log.last
         has_snapshot = self.registry.version > 0
         watch_problems = self.watch_problems()
         last_ok = last is None or last.status is not ReloadStatus.FAILED
@@ -359,14 +322,17 @@ class HotReloadService:
             "registry_has_rules": bool(self.registry.current.rules),
             "last_reload_successful": last_ok and not self._serving_from_state,
             "sources_watched": not watch_problems,
+            "fresh": self.is_fresh(),
         }
         # PRODUCT.md: degraded = serving last known good, or monitoring off (wholly, or
-        # for one source whose watch is down). An empty registry shows in
-        # `registry_has_rules` but is a valid state, not a degradation.
+        # for one source whose watch is down), or the sources not confirmed within the
+        # freshness window. An empty registry shows in `registry_has_rules` but is a
+        # valid state, not a degradation.
         watching = (checks["monitoring_active"] or not self.auto_reload) and not watch_problems
+        fresh_enough = checks["fresh"] or not self.auto_reload
         if not has_snapshot:
             status = HealthStatus.UNHEALTHY
-        elif checks["last_reload_successful"] and watching:
+        elif checks["last_reload_successful"] and watching and fresh_enough:
             status = HealthStatus.HEALTHY
         else:
             status = HealthStatus.DEGRADED
@@ -376,7 +342,8 @@ class HotReloadService:
             "monitoring_active": self.monitoring_active,
             "auto_reload_enabled": self.auto_reload,
             "last_reload": stats["last_reload"],
-            "reload_count": self._reload_count,
+            "last_successful_check_time": _iso(self._last_verified),
+            "reload_count": self.log.successes,
             "last_reload_status": last.status.value if last else None,
             "registry": stats,
             "revision": stats["revision"],
@@ -394,9 +361,9 @@ class HotReloadService:
 
     # Internals
 
-    def request_reload(self, reason: str) -> None:
+    def request_reload(self, reason: Trigger | str) -> None:
         """Ask for a background reload; requests made while one runs become one more."""
-        self._wake_reasons.add(reason)
+        self._wake_reasons.add(Trigger(reason))
         self._wake.set()
 
     async def _coalescing_worker(self) -> None:
@@ -404,17 +371,29 @@ class HotReloadService:
             await self._wake.wait()
             self._wake.clear()
             reasons, self._wake_reasons = self._wake_reasons, set()
-            trigger = "+".join(sorted(reasons)) or Trigger.WATCH
             try:
-                await self.reload_rules(trigger=trigger)
+                await self.reload_rules(trigger=frozenset(reasons) or frozenset({Trigger.WATCH}))
             except Exception:
                 logger.exception("background reload crashed")
 
     async def _resync_loop(self) -> None:
-        """Safety net for anything a watcher missed; the poll of sources without a watch."""
+        """Safety net for anything a watcher missed; the poll of sources without a watch.
+
+        While the last reload failed, it comes sooner (1 s, doubling up to the interval):
+        a repair that makes no change event (a permission put back, a database back up)
+        is then seen in seconds, like OPA's bundle downloads retry with backoff."""
+        retry = _FIRST_RETRY_SECONDS
         while True:
-            await asyncio.sleep(self.interval_seconds)
-            self.request_reload(Trigger.RESYNC)
+            failing = self.log.last is not None and self.log.last.status is ReloadStatus.FAILED
+            self._failed.clear()
+            try:
+                delay = min(retry, self.interval_seconds) if failing else self.interval_seconds
+                await asyncio.wait_for(self._failed.wait(), timeout=delay)
+            except TimeoutError:
+                retry = min(retry * 2, self.interval_seconds) if failing else _FIRST_RETRY_SECONDS
+                self.request_reload(Trigger.RESYNC)
+            else:
+                retry = _FIRST_RETRY_SECONDS  # a new failure: its retries start again
 
     async def _watch(self, source: RuleSource) -> None:
         backoff = 1.0
@@ -432,99 +411,131 @@ class HotReloadService:
                 backoff = min(backoff * 2, 30.0)
 
     def _read_sources(self) -> tuple[list[SourceFile], list[Problem]]:
-        """Every source's files (run in a worker thread); a source that cannot be read
-        gives its problems instead."""
+        """Every source's files (run in a worker thread). A source that cannot be read
+        completely, for whatever reason, gives its problems instead: never fewer files."""
         files: list[SourceFile] = []
         problems: list[Problem] = []
         for source in self.sources:
             status = self._source_status[source.name]
-            status.last_request = _now()
+            status.last_request = now()
             try:
                 source_files = source.read()
             except LoadError as exc:
                 status.set_error(exc.problems)
                 problems.extend(exc.problems)
                 continue
-            except OSError as exc:
-                problem = Problem(file=source.name, message=f"cannot read source: {exc}")
+            except Exception as exc:
+                if not isinstance(exc, OSError):
+                    logger.exception("reading %s failed unexpectedly", source.name)
+                reason = f"{type(exc).__name__}: {exc}"
+                problem = Problem(file=source.name, message=f"cannot read source: {reason}")
                 status.set_error([problem])
                 problems.append(problem)
                 continue
-            status.last_successful_read = _now()
+            status.last_successful_read = now()
             status.files = len(source_files)
             status.set_error(None)
             files.extend(source_files)
         return files, problems
 
-    async def _reload(
-        self, trigger: str, *, force: bool, validate: bool, filtered_by: dict[str, Any] | None
-    ) -> ReloadRecord:
-        started, before = time.perf_counter(), self.registry.current
-        self._last_check = _now()
-        if force:
-            self.loader.forget()
+    async def _attempt(
+        self,
+        triggers: Triggers,
+        serving: Snapshot,
+        *,
+        force: bool = False,
+        validate: bool,
+        confirmed: bool = False,
+    ) -> tuple[Attempt, LoadResult | None]:
+        """Read every source and compile the result, off the event loop."""
         files, problems = await asyncio.to_thread(self._read_sources)
+        result: LoadResult | None = None
         if not problems:
+            checks = validate and self.loader.run_checks
             try:
-                checks = validate and self.loader.run_checks
                 result = await asyncio.to_thread(self.loader.load, files, run_checks=checks)
             except LoadError as exc:
                 problems = list(exc.problems)
-        if problems:
-            if self._repeats_last_failure(trigger, problems):
-                return self._unrecorded(before)
-            return self._record(
-                trigger,
-                ReloadStatus.FAILED,
-                started=started,
-                before=before,
-                errors=problems,
-                filtered_by=filtered_by,
-            )
-        candidate = result.snapshot
+            except Exception as exc:
+                logger.exception("loading the rules failed unexpectedly")
+                message = f"internal error while loading: {type(exc).__name__}: {exc}"
+                problems = [Problem(file="<loader>", message=message)]
+        attempt = Attempt(
+            triggers=triggers,
+            serving=serving,
+            candidate=result.snapshot if result else None,
+            problems=tuple(problems),
+            force=force,
+            confirmed=confirmed,
+        )
+        return attempt, result
+
+    def _memory(self) -> Memory:
+        return Memory(
+            last=self.log.last,
+            serving_from_state=self._serving_from_state,
+            rolled_back_from=self._rolled_back_from,
+        )
+
+    async def _reload(
+        self,
+        triggers: Triggers,
+        *,
+        force: bool,
+        validate: bool,
+        filtered_by: dict[str, Any] | None,
+    ) -> ReloadRecord:
+        started, before = time.perf_counter(), self.registry.current
+        self._last_check = now()
         if force:
+            self.loader.forget()
             self._rolled_back_from = None
-        unchanged = before.version > 0 and candidate.revision == before.revision
-        held_back = candidate.revision == self._rolled_back_from
-        if (unchanged or held_back) and not force and not self._serving_from_state:
-            last = self._last_record
-            recovered = last is not None and last.status is ReloadStatus.FAILED
-            if _is_background(trigger) and not recovered:
-                return self._unrecorded(before)
-            return self._record(
-                trigger,
-                ReloadStatus.UNCHANGED,
-                started=started,
-                before=before,
-                after=before,
-                files=result.files,
-                filtered_by=filtered_by,
+        attempt, result = await self._attempt(triggers, before, force=force, validate=validate)
+        verdict = decide(attempt, self._memory())
+        if verdict is Verdict.CONFIRM:
+            # Every rule gone at once is more often a source in flux (a directory being
+            # re-created, a database between `db init` and `db import`) than a decision.
+            await asyncio.sleep(self.confirm_empty_seconds)
+            attempt, result = await self._attempt(
+                triggers, before, force=force, validate=validate, confirmed=True
             )
-        snapshot, events = self.registry.publish(candidate)
+            verdict = decide(attempt, self._memory())
+        if attempt.candidate is not None:
+            self._last_verified = now()
+        if verdict is Verdict.QUIET:
+            return self._unrecorded(before, triggers)
+        outcome = await self._carry_out(verdict, attempt, result, filtered_by)
+        if outcome.status is ReloadStatus.FAILED:
+            self._failed.set()
+        return self.log.record(outcome, elapsed_ms=_elapsed_ms(started))
+
+    async def _carry_out(
+        self,
+        verdict: Verdict,
+        attempt: Attempt,
+        result: LoadResult | None,
+        filtered_by: dict[str, Any] | None,
+    ) -> Outcome:
+        failed = Outcome(
+            triggers=attempt.triggers,
+            status=ReloadStatus.FAILED,
+            before=attempt.serving,
+            after=attempt.serving,
+            errors=attempt.problems,
+            filtered_by=filtered_by,
+        )
+        if verdict is Verdict.FAILED or result is None:
+            return failed
+        loaded = replace(failed, errors=(), files=result.files, files_parsed=result.files_parsed)
+        if verdict is Verdict.RECOVERED:
+            return replace(loaded, status=ReloadStatus.SUCCESS)
+        if verdict is not Verdict.PUBLISH:
+            return replace(loaded, status=ReloadStatus.UNCHANGED)
+        snapshot, events = self.registry.publish(result.snapshot)
         self._serving_from_state = False
         self._rolled_back_from = None
         await self._save_state(snapshot)
-        return self._record(
-            trigger,
-            ReloadStatus.SUCCESS,
-            started=started,
-            before=before,
-            after=snapshot,
-            changes=events,
-            files=result.files,
-            files_parsed=result.files_parsed,
-            filtered_by=filtered_by,
-        )
-
-    def _repeats_last_failure(self, trigger: str, problems: Sequence[Problem]) -> bool:
-        """A background check that meets the failure already reported is not news."""
-        last = self._last_record
-        return (
-            _is_background(trigger)
-            and last is not None
-            and last.status is ReloadStatus.FAILED
-            and last.errors == tuple(problems)
-        )
+        return replace(loaded, status=ReloadStatus.SUCCESS, after=snapshot, changes=events)
 
     async def _load_saved(self, saved: SourceFile, failure: ReloadRecord) -> None:
         started, before = time.perf_counter(), self.registry.current
@@ -537,15 +548,15 @@ class HotReloadService:
             self.loader.forget()  # the next reload must read the live sources in full
         snapshot, events = self.registry.publish(result.snapshot)
         self._serving_from_state = True
-        self._record(
-            Trigger.STATE_DIR,
-            ReloadStatus.RESTORED,
-            started=started,
+        outcome = Outcome(
+            triggers=frozenset({Trigger.STATE_DIR}),
+            status=ReloadStatus.RESTORED,
             before=before,
             after=snapshot,
             changes=events,
             errors=failure.errors,
         )
+        self.log.record(outcome, elapsed_ms=_elapsed_ms(started))
 
     async def _save_state(self, snapshot: Snapshot) -> None:
         if self.state is None:
@@ -557,74 +568,22 @@ class HotReloadService:
                 "could not save the last good snapshot to %s: %s", self.state.directory, exc
             )
 
-    def _unrecorded(self, current: Snapshot) -> ReloadRecord:
+    def _unrecorded(self, current: Snapshot, triggers: Triggers) -> ReloadRecord:
         """A background check that found nothing new: not worth a history entry."""
         return ReloadRecord(
             id=0,
-            trigger=Trigger.RESYNC,
+            triggers=triggers,
             status=ReloadStatus.UNCHANGED,
-            timestamp=_now(),
+            timestamp=now(),
             reload_time_ms=0.0,
             rules_loaded=len(current.rules),
             rulesets_loaded=len(current.rulesets),
-            reload_count=self._reload_count,
+            reload_count=self.log.successes,
             version_before=current.version,
             version_after=current.version,
             revision=current.revision,
         )
 
-    def _record(
-        self,
-        trigger: str,
-        status: ReloadStatus,
-        *,
-        started: float,
-        before: Snapshot,
-        after: Snapshot | None = None,
-        errors: Sequence[Problem] = (),
-        changes: Sequence[ChangeEvent] = (),
-        files: int = 0,
-        files_parsed: int = 0,
-        filtered_by: dict[str, Any] | None = None,
-    ) -> ReloadRecord:
-        current = after or self.registry.current
-        if status is ReloadStatus.SUCCESS:
-            self._reload_count += 1
-        self._records += 1
-        record = ReloadRecord(
-            id=self._records,
-            trigger=str(trigger),
-            status=status,
-            timestamp=_now(),
-            reload_time_ms=(time.perf_counter() - started) * 1000,
-            rules_loaded=len(current.rules),
-            rulesets_loaded=len(current.rulesets),
-            reload_count=self._reload_count,
-            version_before=before.version,
-            version_after=current.version,
-            revision=current.revision,
-            files=files,
-            files_parsed=files_parsed,
-            errors=tuple(errors),
-            changes=tuple(changes),
-            filtered_by=filtered_by,
-        )
-        self._history.append(record)
-        self._last_record = record
-        log = logger.warning if status is ReloadStatus.FAILED else logger.info
-        log(
-            "reload %s: trigger=%s version=%d->%d revision=%s errors=%d in %.1f ms",
-            status.value,
-            trigger,
-            before.version,
-            current.version,
-            current.revision,
-            len(errors),
-            record.reload_time_ms,
-        )
-        for listener in self._listeners:
-            try:
-                listener(record)
-            except Exception:
-                logger.exception("reload listener %r failed", listener)
-        return record
+
+def _elapsed_ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000

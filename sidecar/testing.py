@@ -1,5 +1,7 @@
 """Helpers for tests and benchmarks of code that uses rule-sidecar (structlog-style).
 
+`TcpProxy` stands between a client and a server (a database) and can freeze: a peer
+that stops answering without closing anything, as a proxy stopped with `kill -STOP`.
 `FakeKubernetes` is a small Kubernetes API server for the ConfigMap API source where no
 cluster runs (see its docstring). `ConfigMapDir` writes a directory exactly the way the
 kubelet's atomic writer updates a ConfigMap volume, so a watcher can be tested against
@@ -27,7 +29,7 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["ConfigMapDir", "FakeKubernetes"]
+__all__ = ["ConfigMapDir", "FakeKubernetes", "TcpProxy"]
 
 
 class ConfigMapDir:
@@ -374,3 +376,57 @@ class FakeKubernetes:
         body["metadata"]["namespace"] = request.match_info["namespace"]
         self.events.append(body)
         return web.json_response(body, status=201)
+
+
+class TcpProxy:
+    """A TCP forwarder on 127.0.0.1 to `target`, one thread per direction.
+
+    `freeze()` stops moving bytes both ways while every connection stays open and the
+    kernel keeps acknowledging them: what a peer sees of a proxy stopped with
+    `kill -STOP`, or of a hung host. `thaw()` lets the held bytes through again.
+    """
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self._target = target
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._sockets: list[socket.socket] = []
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
+
+    def close(self) -> None:
+        """End every connection (frozen or not) and stop listening."""
+        self._closed = True
+        self._flowing.set()
+        for sock in [self._listener, *self._sockets]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+                server = socket.create_connection(self._target)
+            except OSError:
+                return
+            self._sockets += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                self._flowing.wait()  # frozen: what was read is held, nothing moves on
+                if self._closed:
+                    return
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)

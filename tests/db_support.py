@@ -9,14 +9,20 @@ fixture or run with the `postgresql` backend parameter, else by `require_postgre
 CI starts the server, so there they run.
 SQLite databases are real files in the test's `tmp_path`.
 
+`FreezableProxy` puts a real TCP forwarder between a test and the server, to freeze it
+(a proxy or host that stops answering without closing anything); `black_hole()` is a
+port that accepts connections and never answers.
+
 `Database` talks to a database with the plain drivers (never through the code under
 test), so what a test sees in the tables is what is really there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import secrets
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,10 +35,13 @@ import pytest
 import yaml
 
 from sidecar import dbtools
+from sidecar.testing import TcpProxy
 
 __all__ = [
     "PG_ADMIN_URL",
     "Database",
+    "FreezableProxy",
+    "black_hole",
     "pg_admin",
     "pg_backends",
     "pg_terminate",
@@ -102,6 +111,24 @@ def pg_terminate(name: str, *, keep: Sequence[int] = (), timeout: float = 5.0) -
             raise AssertionError(f"backends of {name} still there after {timeout} s: {pids}")
         time.sleep(0.01)
     return killed
+
+
+class FreezableProxy(TcpProxy):
+    """`sidecar.testing.TcpProxy` in front of the test server."""
+
+    def __init__(self) -> None:
+        super().__init__((PG_HOST, PG_PORT))
+
+    def url(self, name: str) -> str:
+        """The URL of database `name` through this proxy."""
+        return pg_url_for(name, port=self.port)
+
+
+@contextlib.contextmanager
+def black_hole() -> Iterator[int]:
+    """A port whose connections are accepted (by the kernel) and never answered."""
+    with socket.create_server((PG_HOST, 0), backlog=64) as listener:
+        yield listener.getsockname()[1]
 
 
 @dataclass
@@ -253,6 +280,16 @@ def pg_database(tmp_path: Path) -> Iterator[Database]:
 def pg_url(pg_database: Database) -> str:
     """The URL of a fresh, empty PostgreSQL database (run `db init` to migrate it)."""
     return pg_database.url
+
+
+@pytest.fixture
+def pg_proxy() -> Iterator[FreezableProxy]:
+    """A `FreezableProxy` to the test server, closed (thawed first) at teardown."""
+    proxy = FreezableProxy()
+    try:
+        yield proxy
+    finally:
+        proxy.close()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -490,16 +490,18 @@ def spawn(
     port: int | None = None,
     env: dict[str, str] | None = None,
     before_exec: Callable[[], None] | None = None,
+    wrapper: Sequence[str] = (),
 ) -> Served:
     """Start `rule-sidecar serve --port <port> ARGS...` with stderr to a file.
 
-    `before_exec` runs in the child before the sidecar starts (to set resource limits)."""
+    `before_exec` runs in the child before the sidecar starts (to set resource limits);
+    `wrapper` is a command line the sidecar runs under (`setpriv ... --`)."""
     port = port or free_port()
     log = tmp_path / f"serve-{port}.log"
     env = env if env is not None else clean_environment()
     with log.open("wb") as stderr:
         process = subprocess.Popen(
-            [*command(), "serve", "--port", str(port), *args],
+            [*wrapper, *command(), "serve", "--port", str(port), *args],
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             env=env,

@@ -278,6 +278,7 @@ class TestMonitoring:
             "registry_has_rules": True,
             "last_reload_successful": True,
             "sources_watched": True,
+            "fresh": True,
         }
         assert health["watch_problems"] == {}
 

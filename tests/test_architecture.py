@@ -14,7 +14,8 @@ PACKAGE = Path(sidecar.__file__).parent
 
 # Lowest first. A module may import only from modules in earlier layers (or its own).
 LAYERS: list[set[str]] = [
-    {"sidecar.errors", "sidecar.testing", "sidecar.client"},
+    {"sidecar.errors", "sidecar.testing", "sidecar.client", "sidecar.celwire"},
+    {"sidecar.cost"},
     {"sidecar.conditions"},
     {"sidecar.model"},
     {"sidecar.snapshot", "sidecar.documents"},
@@ -23,7 +24,10 @@ LAYERS: list[set[str]] = [
     {"sidecar.loader", "sidecar.sources", "sidecar.sources.files", "sidecar.state"},
     {"sidecar.sources.database", "sidecar.sources.kubernetes"},
     {"sidecar.registry"},
-    {"sidecar.integration", "sidecar.service", "sidecar.config", "sidecar.dbtools"},
+    {"sidecar.reloads"},
+    {"sidecar.decision"},
+    {"sidecar.service", "sidecar.config", "sidecar.dbtools"},
+    {"sidecar.integration"},
     {
         "sidecar.api",
         "sidecar.api.limits",

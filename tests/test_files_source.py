@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from conftest import dump_yaml, make_ruleset_doc, write_rules
 
 from sidecar.errors import LoadError, Problem
 from sidecar.loader import Loader
-from sidecar.sources.files import read_rule_files
+from sidecar.sources.files import DirectorySource, read_rule_files
 
 FIRST_DATA = "..2026_11_26_10_00_00.123"
 
@@ -146,13 +148,15 @@ class TestDirectoryWalk:
         """An empty directory is not an error: it holds no rules."""
         assert read_rule_files([rules_dir]) == []
 
-    def test_max_bytes_reads_one_byte_more_than_the_limit(self, rules_dir: Path):
-        """A large file is read only far enough for the loader to see it is too large."""
-        write_rules(rules_dir, "big.yaml", "x" * 1000)
+    def test_a_file_over_the_limit_is_refused_unread(self, rules_dir: Path):
+        """A 1 GiB sparse file is refused by its size: not a byte of it is read."""
+        with (rules_dir / "huge.yaml").open("wb") as handle:
+            handle.truncate(1 << 30)
 
-        (file,) = read_rule_files([rules_dir], max_bytes=10)
+        (problem,) = read_problems(rules_dir)
 
-        assert len(file.content) == 11
+        assert problem.file.endswith("huge.yaml")
+        assert problem.message == f"file is {1 << 30} bytes, the limit is {4 << 20}: not read"
 
     def test_symlink_loop_reads_each_file_once(self, rules_dir: Path):
         """A directory symlink back to the root does not make files be read again."""
@@ -233,3 +237,34 @@ class TestUnreadableFiles:
         problems = read_problems(rules, tmp_path / "nope")
 
         assert [Path(p.file).name for p in problems] == ["a.yaml", "b.yaml", "nope"]
+
+
+class TestEmptiedFiles:
+    """A file that had content and is empty now is believed only once it stays so."""
+
+    def test_a_file_emptied_for_good_is_read_empty(self, rules_dir: Path):
+        path = write_rules(rules_dir, "a.yaml", dump_yaml(make_ruleset_doc("a")))
+        source = DirectorySource(rules_dir)
+        source.read()
+        path.write_text("", encoding="utf-8")
+        os.utime(path, (time.time() - 1, time.time() - 1))  # settled
+
+        (file,) = source.read()
+
+        assert file.content == b""
+
+    def test_a_file_written_after_its_truncate_is_read_whole(self, rules_dir: Path):
+        """Truncated, then written 200 ms later (far past the debounce window)."""
+        text = dump_yaml(make_ruleset_doc("a"))
+        path = write_rules(rules_dir, "a.yaml", text)
+        source = DirectorySource(rules_dir)
+        source.read()
+        path.write_text("", encoding="utf-8")
+        os.utime(path, (time.time() - 1, time.time() - 1))
+        writer = threading.Timer(0.2, path.write_text, (text + "# again\n",))
+        writer.start()
+
+        (file,) = source.read()
+        writer.join()
+
+        assert file.content.decode() == text + "# again\n"

@@ -14,7 +14,6 @@ from sidecar.integration import (
     execute_rules_from_registry,
     get_registry_info,
     get_rules_from_registry,
-    is_registry_fresh,
     registry_age_seconds,
     validate_registry_rules,
 )
@@ -144,33 +143,14 @@ class TestRegistryInfo:
         assert (info["version"], info["rule_count"]) == (2, 5)
 
 
-class TestFreshness:
-    """is_registry_fresh tells whether the registry was published recently enough."""
+class TestRegistryAge:
+    """registry_age_seconds: how long the current content has served (freshness, which
+    is about the last successful check of the sources, is tested in test_service.py)."""
 
-    def test_not_fresh_before_any_publish(self):
-        """A registry that never published is not fresh, and has no age."""
-        registry = RuleRegistry()
-        assert is_registry_fresh(registry) is False
-        assert is_registry_fresh(registry, max_age_seconds=10**9) is False
-        assert registry_age_seconds(registry) is None
+    def test_no_age_before_any_publish(self):
+        assert registry_age_seconds(RuleRegistry()) is None
 
-    def test_fresh_right_after_publish(self, registry):
-        """Right after a publish the registry is fresh."""
-        assert is_registry_fresh(registry, max_age_seconds=60) is True
-
-    def test_not_fresh_far_in_the_future(self, registry):
-        """Evaluated at a time far after the publish, the registry is stale."""
-        later = registry.last_publish + timedelta(days=1)
-        assert is_registry_fresh(registry, max_age_seconds=300, now=later) is False
-        assert is_registry_fresh(registry, max_age_seconds=2 * 86_400, now=later) is True
-
-    def test_boundary_is_inclusive(self, registry):
-        """An age equal to max_age_seconds still counts as fresh; one second more does not."""
-        published = registry.last_publish
-        assert is_registry_fresh(registry, 300, now=published + timedelta(seconds=300)) is True
-        assert is_registry_fresh(registry, 300, now=published + timedelta(seconds=301)) is False
-
-    def test_republish_makes_fresh_again(self, registry):
+    def test_republish_resets_the_age(self, registry):
         """A new publish resets the age."""
         first = registry.last_publish
         registry.publish(registry.current)

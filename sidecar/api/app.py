@@ -89,7 +89,6 @@ class AppState:
     limits: RequestLimits = field(
         default_factory=lambda: RequestLimits.from_settings(DEFAULT_SETTINGS)
     )
-    max_age_seconds: float = 300.0
     allowed_hosts: frozenset[str] = frozenset()
     batches: BatchTurns = field(default_factory=BatchTurns)
 

@@ -102,7 +102,11 @@ def build_state(settings: Settings) -> AppState:
     ]
     if settings.database_url is not None:
         sources.append(
-            DatabaseSource(settings.database_url, password_file=settings.database_password_file)
+            DatabaseSource(
+                settings.database_url,
+                password_file=settings.database_password_file,
+                timeouts=settings.database_timeouts,
+            )
         )
     recorder = None
     if settings.kubernetes_selector:
@@ -125,6 +129,7 @@ def build_state(settings: Settings) -> AppState:
         auto_reload=settings.hot_reload_enabled,
         state=StateStore(settings.state_dir) if settings.state_dir else None,
         history_limit=settings.history_limit,
+        max_age_seconds=settings.max_age_seconds,
     )
     if recorder is not None:
         service.add_listener(_post_events(recorder))
@@ -139,7 +144,6 @@ def build_state(settings: Settings) -> AppState:
         budgets=RateBudgets.from_settings(settings),
         limits=RequestLimits.from_settings(settings),
         batches=BatchTurns(settings.max_queued_batches),
-        max_age_seconds=settings.max_age_seconds,
         allowed_hosts=frozenset(settings.allowed_hosts),
     )
 

@@ -10,6 +10,11 @@ triggers `pg_notify('rule_sidecar', ...)`, and `changes()` listens, so an edit i
 in milliseconds; after a reconnect it asks for a full resync, because notifications sent
 while disconnected are lost.
 
+No wait on the database is unbounded (`DatabaseTimeouts`): connecting, each statement
+(server side), each read as a whole and each heartbeat of the listener (client side, by
+cutting the connection off: a frozen proxy or a hung host never answers, while its kernel
+still acknowledges every byte, so neither the server's timeout nor TCP keepalives fire).
+
 Each ruleset becomes one JSON document, handed to the loader like a file, so rows go
 through exactly the validation, compilation, tests and all-or-nothing swap that files do,
 and an unchanged ruleset is not validated or compiled again.
@@ -21,16 +26,23 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import os
 import random
+import socket
 import sqlite3
-from collections.abc import AsyncIterator, Iterator, Sequence
+import stat
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Final
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from sidecar.documents import SourceFile
 from sidecar.errors import LoadError, Problem
@@ -38,7 +50,9 @@ from sidecar.errors import LoadError, Problem
 __all__ = [
     "SCHEMA_VERSION",
     "DatabaseSource",
+    "DatabaseTimeouts",
     "DatabaseURL",
+    "NoAnswer",
     "connect",
     "describe_error",
     "migrate",
@@ -53,10 +67,9 @@ logger = logging.getLogger("sidecar.database")
 SCHEMA_VERSION: Final = 1
 CHANNEL: Final = "rule_sidecar"
 
-_CONNECT_TIMEOUT_S: Final = 5
-_STATEMENT_TIMEOUT_MS: Final = 10_000
 _MAX_BACKOFF_S: Final = 30.0
 _IDS_PER_QUERY: Final = 500
+_MAX_PASSWORD_BYTES: Final = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +105,30 @@ class DatabaseURL:
             return self.url
         netloc = parts.netloc.replace(f":{parts.password}@", ":********@", 1)
         return urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DatabaseTimeouts:
+    """How long the sidecar waits on a database, in seconds. `serve` takes them from its
+    settings (`RULE_SIDECAR_DATABASE_*_TIMEOUT_SECONDS`); these defaults serve the rest.
+
+    `connect`: connecting and logging in (libpq's `connect_timeout`, whole seconds, at
+    least 2). `statement`: each statement, enforced by the server (`statement_timeout`;
+    SQLite: how long to wait for a lock). `read`: one read as a whole, and the listener's
+    heartbeat, enforced by the sidecar: a server that does not answer within it is cut
+    off. Keep it above `statement`, so that a live but slow server says why itself.
+    """
+
+    connect: int = 5
+    statement: float = 10.0
+    read: float = 15.0
+
+
+class NoAnswer(TimeoutError):
+    """The database did not answer within a deadline; the message says where and when."""
+
+    def __init__(self, where: str, seconds: float, doing: str) -> None:
+        super().__init__(f"no answer from {where} within {seconds:g} s {doing}")
 
 
 # Schema
@@ -237,9 +274,15 @@ def placeholder(url: DatabaseURL) -> str:
 
 
 def password_from(password_file: Path | None) -> str | None:
+    """The password in a file (a mounted Secret). Only a regular file is read: opening a
+    FIFO would wait for a writer forever, on every connect."""
     if password_file is None:
         return None
-    return password_file.read_text("utf-8").strip()
+    descriptor = os.open(password_file, os.O_RDONLY | os.O_NONBLOCK)
+    with open(descriptor, "rb") as file:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(f"the password file {password_file} is not a regular file")
+        return file.read(_MAX_PASSWORD_BYTES).decode("utf-8").strip()
 
 
 def _credentials(password_file: Path | None) -> dict[str, Any]:
@@ -248,13 +291,42 @@ def _credentials(password_file: Path | None) -> dict[str, Any]:
     return {"password": password} if password else {}
 
 
+def _location(url: DatabaseURL) -> str:
+    """Where the database is, for messages: `host:port`, or the SQLite file."""
+    if url.kind == "sqlite":
+        return str(url.path)
+    try:
+        parameters = conninfo_to_dict(url.url)
+    except psycopg.Error:  # connecting will say what is wrong with it
+        return url.redacted
+    return f"{parameters.get('host') or 'localhost'}:{parameters.get('port') or 5432}"
+
+
+def _pg_parameters(timeouts: DatabaseTimeouts) -> dict[str, Any]:
+    """libpq's limits on every wait the kernel can see: connecting, unacknowledged data
+    (`tcp_user_timeout`) and a silent idle peer (keepalives)."""
+    return {
+        "connect_timeout": timeouts.connect,
+        "keepalives": 1,
+        "keepalives_idle": math.ceil(timeouts.read),
+        "keepalives_interval": math.ceil(timeouts.read / 3),
+        "keepalives_count": 3,
+        "tcp_user_timeout": math.ceil(timeouts.read * 1000),
+    }
+
+
 def open_connection(
-    url: DatabaseURL, *, password_file: Path | None = None, create: bool = False
+    url: DatabaseURL,
+    *,
+    password_file: Path | None = None,
+    create: bool = False,
+    timeouts: DatabaseTimeouts = DatabaseTimeouts(),
 ) -> Any:
     """A DB-API connection (in a transaction until committed or rolled back).
 
     A SQLite file is created only when asked (`db init`): a reader pointed at a wrong
-    path must fail, not leave an empty database behind.
+    path must fail, not leave an empty database behind. Raises `NoAnswer` when the
+    server does not complete the login in time.
     """
     if url.kind == "sqlite":
         assert url.path is not None
@@ -262,18 +334,77 @@ def open_connection(
         connection: Any = sqlite3.connect(
             f"{url.path.absolute().as_uri()}?mode={mode}",
             uri=True,
-            timeout=_CONNECT_TIMEOUT_S,
+            timeout=timeouts.statement,  # the wait for another process's lock
             isolation_level=None,  # transactions are begun explicitly
             check_same_thread=False,  # the reload service reads from one thread at a time
         )
         connection.execute("PRAGMA foreign_keys = ON")
         return connection
-    return psycopg.connect(
-        url.url,
-        connect_timeout=_CONNECT_TIMEOUT_S,
-        options=f"-c statement_timeout={_STATEMENT_TIMEOUT_MS}",
-        **_credentials(password_file),
-    )
+    try:
+        return psycopg.connect(
+            url.url,
+            options=f"-c statement_timeout={math.ceil(timeouts.statement * 1000)}",
+            **_pg_parameters(timeouts),
+            **_credentials(password_file),
+        )
+    except psycopg.errors.ConnectionTimeout:
+        raise NoAnswer(_location(url), timeouts.connect, "while connecting") from None
+
+
+class _Deadline:
+    """Cuts a connection off when the block it guards outlives `seconds`, and then
+    raises `NoAnswer`. A read waits on the server in libpq or SQLite, which no timer
+    can interrupt from the outside, but shutting the socket down (or
+    `sqlite3.Connection.interrupt`) makes that wait return at once, with an error."""
+
+    def __init__(self, connection: Any, seconds: float, where: str, doing: str) -> None:
+        self._cut = _cutter(connection)
+        self._error = NoAnswer(where, seconds, doing)
+        self._lock = threading.Lock()
+        self._armed = True
+        self._fired = False
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._timer.cancel()
+        with self._lock:  # from here on, the connection is never cut (it may be closed)
+            self._armed = False
+        if self._fired:
+            raise self._error
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._armed:
+                self._fired = True
+                self._cut()
+
+
+def _cutter(connection: Any) -> Callable[[], None]:
+    """What ends any wait on `connection` from another thread."""
+    if isinstance(connection, sqlite3.Connection):
+        return connection.interrupt
+    try:
+        descriptor = connection.pgconn.socket
+    except psycopg.Error:  # already lost: there is no wait to end
+        return lambda: None
+
+    def shut_down() -> None:
+        # The connection's own descriptor stays open (its owner closes it); only the
+        # TCP stream is ended, which wakes whoever waits on it.
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(descriptor)) as stream:
+            stream.shutdown(socket.SHUT_RDWR)
+
+    return shut_down
 
 
 @contextmanager
@@ -416,9 +547,12 @@ class DatabaseSource:
         *,
         password_file: Path | None = None,
         listen: bool = True,
+        timeouts: DatabaseTimeouts = DatabaseTimeouts(),
     ) -> None:
         self.url = DatabaseURL.parse(url)
         self._password_file = password_file
+        self._timeouts = timeouts
+        self._address = _location(self.url)
         self._listen = listen and self.url.kind == "postgresql"
         self._generation: int | None = None
         self._versions: dict[str, int] = {}
@@ -442,16 +576,17 @@ class DatabaseSource:
         try:
             try:
                 changes = self._read_changes()
-            except Exception:
+            except Exception as exc:
                 # A kept connection may have died since the last read: one fresh try. Not
-                # after a statement timeout on a live one: that would double the wait.
-                if self._connection is None or not getattr(self._connection, "broken", True):
+                # after a timeout on a live one, or a cut-off one: that would double the wait.
+                kept = self._connection
+                if isinstance(exc, NoAnswer) or kept is None or not getattr(kept, "broken", True):
                     raise
                 self._disconnect()
                 changes = self._read_changes()
         except Exception as exc:  # every driver error means the same: not readable now
             self._disconnect()
-            reason = describe_error(exc, password_from(self._password_file), self.url)
+            reason = describe_error(exc, self._password(), self.url)
             message = f"database unavailable: {reason}"
             raise LoadError([Problem(file=self.name, message=message)]) from None
         if changes is not None:
@@ -481,6 +616,12 @@ class DatabaseSource:
         """None when the generation has not moved; else the generation, every ruleset's
         row_version, and the documents of the rulesets that are new or changed."""
         connection = self._connect()
+        with _Deadline(connection, self._timeouts.read, self._address, "while reading"):
+            return self._read_in_transaction(connection)
+
+    def _read_in_transaction(
+        self, connection: Any
+    ) -> tuple[int, dict[str, int], dict[str, dict[str, Any]]] | None:
         # One consistent view: the generation, the versions and the rows belong together.
         if self.url.kind == "postgresql":
             connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
@@ -513,7 +654,9 @@ class DatabaseSource:
     def _connect(self) -> Any:
         """The source's one connection, opened on first need and after a failure."""
         if self._connection is None:
-            self._connection = open_connection(self.url, password_file=self._password_file)
+            self._connection = open_connection(
+                self.url, password_file=self._password_file, timeouts=self._timeouts
+            )
         return self._connection
 
     def _disconnect(self) -> None:
@@ -524,6 +667,12 @@ class DatabaseSource:
 
     def watch_problem(self) -> str | None:
         return self._watch_problem
+
+    def _password(self) -> str | None:
+        """The password to keep out of messages; none when its file cannot be read."""
+        with contextlib.suppress(OSError, ValueError):
+            return password_from(self._password_file)
+        return None
 
     def forget(self) -> None:
         """Make the next read a full one (after a reconnect, say)."""
@@ -549,7 +698,7 @@ class DatabaseSource:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                reason = describe_error(exc, password_from(self._password_file), self.url)
+                reason = describe_error(exc, self._password(), self.url)
                 self._watch_problem = f"not listening: {reason}"
                 logger.warning("listening on %s failed: %s", self.name, reason)
             delay = backoff * (0.5 + random.random())
@@ -557,29 +706,38 @@ class DatabaseSource:
             await asyncio.sleep(delay)
 
     async def _notifications(self) -> AsyncIterator[str]:
-        extra = _credentials(self._password_file)
-        async with await psycopg.AsyncConnection.connect(
-            self.url.url,
-            autocommit=True,
-            connect_timeout=_CONNECT_TIMEOUT_S,
-            # A listener only reads: keepalives find a half-open connection in ~1 min.
-            keepalives=1,
-            keepalives_idle=30,
-            keepalives_interval=10,
-            keepalives_count=3,
-            **extra,
-        ) as connection:
-            await connection.execute(f"LISTEN {CHANNEL}")
+        """Notifications on one connection. A listener only waits, and silence is also
+        what a dead or frozen server sends: after `read` seconds of it, `SELECT 1` must
+        be answered within `read` seconds, or the connection is given up."""
+        seconds = self._timeouts.read
+        try:
+            connection = await psycopg.AsyncConnection.connect(
+                self.url.url,
+                autocommit=True,
+                **_pg_parameters(self._timeouts),
+                **_credentials(self._password_file),
+            )
+        except psycopg.errors.ConnectionTimeout:
+            raise NoAnswer(self._address, self._timeouts.connect, "while connecting") from None
+        async with connection:
+            with _Deadline(connection, seconds, self._address, "to LISTEN"):
+                await connection.execute(f"LISTEN {CHANNEL}")
             # Whatever changed while we were not listening is unknown: resync in full.
             self.forget()
             self._watch_problem = None
             yield "listening"
-            async for notify in connection.notifies():
-                yield f"notify: {notify.payload}"
+            while True:
+                async for notify in connection.notifies(timeout=seconds):
+                    yield f"notify: {notify.payload}"
+                # Notifications that arrive meanwhile wait in psycopg's backlog.
+                with _Deadline(connection, seconds, self._address, "to a heartbeat"):
+                    await connection.execute("SELECT 1")
 
 
 def describe_error(exc: BaseException, password: str | None, url: DatabaseURL) -> str:
     """A one-line reason that never repeats a password (drivers may quote the DSN)."""
+    if isinstance(exc, NoAnswer):
+        return str(exc)
     text = " ".join(str(exc).split()) or type(exc).__name__
     for secret in (password, urlsplit(url.url).password):
         if secret:

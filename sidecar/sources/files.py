@@ -5,39 +5,81 @@ symlink to a hidden timestamped directory that the kubelet swaps atomically. Hid
 entries are skipped and visible names are read through their symlinks, so each file is
 read once, from the current `..data`. A symlink that leads outside the directory being
 read is refused rather than followed.
+
+A read is complete or it fails. A directory that cannot be listed (permissions, no file
+descriptors left, an I/O error) is an error, never an empty directory: only a listing
+that succeeded may make a file's rules disappear. Only regular files are read (a FIFO
+would block the reader forever, a device never ends), and a file's size is checked
+before a byte of it is read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 import watchfiles
 from watchfiles import Change
 
-from sidecar.documents import RULE_FILE_SUFFIXES, SourceFile
+from sidecar.documents import DEFAULT_FILE_LIMITS, RULE_FILE_SUFFIXES, SourceFile
 from sidecar.errors import LoadError, Problem
 
 __all__ = ["DirectorySource", "is_rule_file", "read_rule_files"]
+
+# Opened without blocking (a FIFO swapped in between the check and the open would block
+# in open() itself) and without handing the descriptor to child processes.
+_OPEN_FLAGS: Final = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+_KINDS: Final = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+class _Unreadable(Exception):
+    """One path that cannot be read completely; collected into a `LoadError`."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.problem = Problem(file=path, message=message)
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
 
 
 def is_rule_file(path: Path) -> bool:
     return path.suffix.lower() in RULE_FILE_SUFFIXES and not path.name.startswith(".")
 
 
-def _walk(root: Path) -> Iterable[Path]:
-    """Rule files below `root`, following directory symlinks but never into a loop."""
+def _walk(root: Path) -> Iterator[Path]:
+    """Rule files below `root`, following directory symlinks but never into a loop.
+
+    Raises `_Unreadable` for the first directory that cannot be listed: a skipped
+    directory would look like deleted rules.
+    """
+
+    def fail(exc: OSError) -> None:
+        raise _Unreadable(str(exc.filename or root), f"cannot list: {_reason(exc)}")
+
     visited: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        stat = os.stat(dirpath)
-        if (stat.st_dev, stat.st_ino) in visited:
+    for dirpath, dirnames, filenames in os.walk(root, onerror=fail, followlinks=True):
+        try:
+            info = os.stat(dirpath)
+        except OSError as exc:
+            fail(exc)
+        if (info.st_dev, info.st_ino) in visited:
             dirnames[:] = []
             continue
-        visited.add((stat.st_dev, stat.st_ino))
+        visited.add((info.st_dev, info.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for filename in sorted(filenames):
             path = Path(dirpath, filename)
@@ -45,38 +87,76 @@ def _walk(root: Path) -> Iterable[Path]:
                 yield path
 
 
+def _check_regular(path: Path, info: os.stat_result, max_bytes: int | None) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        kind = _KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
+        raise _Unreadable(str(path), f"cannot read: {kind}, not a regular file")
+    if max_bytes is not None and info.st_size > max_bytes:
+        message = f"file is {info.st_size} bytes, the limit is {max_bytes}: not read"
+        raise _Unreadable(str(path), message)
+
+
+def _read_regular(path: Path, real: Path, max_bytes: int | None) -> SourceFile:
+    """The file's bytes, if it is a regular file within the size limit. Checked before
+    opening (opening a device can have effects of its own) and again on the open
+    descriptor (the name may have been swapped in between)."""
+    try:
+        _check_regular(path, os.stat(real), max_bytes)
+        fd = os.open(real, _OPEN_FLAGS)
+    except OSError as exc:
+        raise _Unreadable(str(path), f"cannot read: {_reason(exc)}") from None
+    with os.fdopen(fd, "rb") as handle:
+        _check_regular(path, os.fstat(fd), max_bytes)
+        try:
+            content = handle.read(-1 if max_bytes is None else max_bytes + 1)
+        except OSError as exc:
+            raise _Unreadable(str(path), f"cannot read: {_reason(exc)}") from None
+    if max_bytes is not None and len(content) > max_bytes:  # it grew while being read
+        raise _Unreadable(str(path), f"file grew past the limit of {max_bytes} bytes")
+    return SourceFile(str(path), content)
+
+
+def _candidates(root: Path) -> tuple[bool, list[Path]]:
+    """Whether `root` was named as a file, and the files to read under it."""
+    try:
+        info = root.stat()
+    except FileNotFoundError:
+        raise _Unreadable(str(root), "no such file or directory") from None
+    except (OSError, RuntimeError) as exc:
+        message = _reason(exc) if isinstance(exc, OSError) else str(exc)
+        raise _Unreadable(str(root), f"cannot read: {message}") from None
+    if stat.S_ISDIR(info.st_mode):
+        return False, list(_walk(root))
+    return True, [root]
+
+
 def read_rule_files(
-    paths: Iterable[str | Path], *, max_bytes: int | None = None
+    paths: Iterable[str | Path], *, max_bytes: int | None = DEFAULT_FILE_LIMITS.max_bytes
 ) -> list[SourceFile]:
     """Every rule file under `paths` (files or directories), or `LoadError` naming each
-    path that cannot be read."""
+    path that cannot be read completely."""
     files: list[SourceFile] = []
     problems: list[Problem] = []
     for given in paths:
         root = Path(given)
-        if not root.exists():
-            problems.append(Problem(file=str(root), message="no such file or directory"))
+        try:
+            explicit, candidates = _candidates(root)
+        except _Unreadable as exc:
+            problems.append(exc.problem)
             continue
         # A file named explicitly is read wherever its symlink leads; files found by
         # walking a directory must stay inside it.
-        explicit = root.is_file()
-        candidates = [root] if explicit else list(_walk(root))
         boundary = root.resolve()
         for path in candidates:
             try:
                 real = path.resolve(strict=True)
                 if not explicit and not real.is_relative_to(boundary):
-                    problems.append(
-                        Problem(
-                            file=str(path), message=f"symlink leads outside {boundary}: refused"
-                        )
-                    )
-                    continue
-                with open(real, "rb") as handle:
-                    limit = -1 if max_bytes is None else max_bytes + 1
-                    files.append(SourceFile(str(path), handle.read(limit)))
+                    raise _Unreadable(str(path), f"symlink leads outside {boundary}: refused")
+                files.append(_read_regular(path, real, max_bytes))
+            except _Unreadable as exc:
+                problems.append(exc.problem)
             except (OSError, RuntimeError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                reason = _reason(exc) if isinstance(exc, OSError) else str(exc)
                 problems.append(Problem(file=str(path), message=f"cannot read: {reason}"))
     if problems:
         raise LoadError(problems)
@@ -85,6 +165,7 @@ def read_rule_files(
 
 _EDITOR_DEBRIS: Final = (".swp", ".swx", "~", ".tmp")
 _STABLE_READ_ATTEMPTS: Final = 5
+_EMPTIED_CONFIRM_SECONDS: Final = 0.5
 
 
 def _relevant(change: Change, path: str) -> bool:
@@ -93,58 +174,153 @@ def _relevant(change: Change, path: str) -> bool:
     return not (name.endswith(_EDITOR_DEBRIS) or name == "4913")
 
 
-def _fingerprint(paths: Iterable[str]) -> dict[str, tuple[int, int] | None]:
-    stamps: dict[str, tuple[int, int] | None] = {}
-    for path in paths:
+@dataclass(frozen=True, slots=True)
+class _Stamp:
+    mtime_ns: int
+    size: int
+
+
+def _fingerprint(root: Path) -> dict[str, _Stamp | None]:
+    """Every rule file's modification time and size; raises `_Unreadable`."""
+    stamps: dict[str, _Stamp | None] = {}
+    for path in _walk(root):
         try:
-            stat = os.stat(path)
-            stamps[path] = (stat.st_mtime_ns, stat.st_size)
+            info = os.stat(path)
+            stamps[str(path)] = _Stamp(info.st_mtime_ns, info.st_size)
         except OSError:
-            stamps[path] = None
+            stamps[str(path)] = None
     return stamps
+
+
+def _identity(root: Path) -> tuple[int, int] | None:
+    try:
+        info = root.stat()
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 class DirectorySource:
     """A rules directory, such as a ConfigMap mount, watched for changes.
 
     The directory is watched, never the files: a watch on a file dies at the first
-    ConfigMap swap. A file being written while it is read is read again (its size or
-    mtime moved during the read), so half a file is never handed to the loader.
+    ConfigMap swap. A file is handed to the loader only once it has settled: a file
+    whose size or mtime moves during the read, or that was modified within the debounce
+    window, is read again; a file that was not empty at the last read and is empty now
+    must still be empty half a second later. So the gap between an in-place rewrite's
+    truncate and its write is not read as "this ruleset was deleted", even on a loaded
+    machine. A directory that keeps changing fails the read (the next change event
+    reads it again).
     """
 
     def __init__(
-        self, root: Path, *, debounce_ms: int = 50, force_polling: bool | None = None
+        self,
+        root: Path,
+        *,
+        debounce_ms: int = 50,
+        force_polling: bool | None = None,
+        max_bytes: int = DEFAULT_FILE_LIMITS.max_bytes,
     ) -> None:
         self.root = root
         self._debounce_ms = debounce_ms
+        self._settle_ns = max(debounce_ms, 50) * 1_000_000
         self._force_polling = force_polling
+        self._max_bytes = max_bytes
+        self._replaced = False
+        self._nonempty: set[str] = set()  # files that had content at the last read
 
     @property
     def name(self) -> str:
         return f"files:{self.root}"
 
     def read(self) -> list[SourceFile]:
-        files: list[SourceFile] = []
+        emptied_seen: dict[str, _Stamp | None] = {}
         for _ in range(_STABLE_READ_ATTEMPTS):
-            before = _fingerprint(str(path) for path in _walk(self.root))
-            files = read_rule_files([self.root])
-            if _fingerprint(before) == before:
-                return files
-            time.sleep(0.02)
-        return files
+            try:
+                before = _fingerprint(self.root)
+            except _Unreadable as exc:
+                raise LoadError([exc.problem]) from None
+            unsettled = self._unsettled(before)
+            if unsettled:
+                time.sleep(unsettled / 1e9)
+                continue
+            files = read_rule_files([self.root], max_bytes=self._max_bytes)
+            try:
+                if _fingerprint(self.root) != before:
+                    time.sleep(self._settle_ns / 1e9)
+                    continue
+            except _Unreadable as exc:
+                raise LoadError([exc.problem]) from None
+            emptied = {
+                f.name: before.get(f.name)
+                for f in files
+                if not f.content and f.name in self._nonempty
+            }
+            if emptied and emptied != emptied_seen:
+                # Empty now, not at the last read: the gap between an in-place rewrite's
+                # truncate and its write, unless it stays empty and untouched a moment.
+                emptied_seen = emptied
+                time.sleep(_EMPTIED_CONFIRM_SECONDS)
+                continue
+            self._nonempty = {f.name for f in files if f.content}
+            return files
+        problem = Problem(
+            file=str(self.root),
+            message=f"files kept changing during {_STABLE_READ_ATTEMPTS} reads; "
+            "read again at the next change",
+        )
+        raise LoadError([problem])
+
+    def _unsettled(self, stamps: dict[str, _Stamp | None]) -> int:
+        """Nanoseconds until the most recently modified file has settled (0: all have).
+
+        An mtime in the future (a clock step, an archive's stamps) says nothing about a
+        write in progress and is not waited for."""
+        now = time.time_ns()
+        recent = [
+            s.mtime_ns
+            for s in stamps.values()
+            if s is not None and now - self._settle_ns < s.mtime_ns <= now
+        ]
+        return max(recent, default=now - self._settle_ns) + self._settle_ns - now
 
     def watch_problem(self) -> str | None:
-        return None if self.root.is_dir() else f"no such directory: {self.root}"
+        if not self.root.is_dir():
+            return f"no such directory: {self.root}"
+        if self._replaced:
+            return f"{self.root} was replaced; watching the new directory"
+        return None
 
     async def changes(self) -> AsyncIterator[str]:
-        while not self.root.exists():
-            await asyncio.sleep(1.0)
-        async for batch in watchfiles.awatch(
-            self.root,
-            watch_filter=_relevant,
-            debounce=self._debounce_ms,
-            step=10,
-            force_polling=self._force_polling,
-            recursive=True,
-        ):
-            yield f"watch: {len(batch)} change(s)"
+        """Change events; the watch follows the directory when it is deleted and made
+        again (an inotify watch stays on the old, deleted directory). The directory's
+        deletion event says so: a new directory can reuse the old one's inode number."""
+        root = os.path.abspath(self.root)
+        while True:
+            while _identity(self.root) is None:
+                await asyncio.sleep(0.5)
+            watched = _identity(self.root)
+            rewatched, self._replaced = self._replaced, False
+            async for batch in watchfiles.awatch(
+                self.root,
+                watch_filter=_relevant,
+                debounce=self._debounce_ms,
+                step=10,
+                rust_timeout=1_000,
+                yield_on_timeout=True,
+                force_polling=self._force_polling,
+                recursive=True,
+            ):
+                gone = any(
+                    change is Change.deleted and os.path.abspath(path) == root
+                    for change, path in batch
+                )
+                if gone or _identity(self.root) != watched:
+                    self._replaced = True
+                    yield "the directory was replaced"
+                    break
+                if batch or rewatched:
+                    # After a re-watch, the first batch (or the first quiet second)
+                    # also covers what changed before the new watch was in place.
+                    rewatched = False
+                    yield f"watch: {len(batch)} change(s)"

@@ -1,0 +1,71 @@
+"""What to do with the result of reading the sources: a pure function, tested alone.
+
+The reload coordinator reads and compiles; this module decides whether that result is
+published, recorded, announced, read once more, or dropped as no news. Every rule of
+"never a wrong state, never a success that was not one" that depends on what happened
+before lives here, with no I/O, so that each case is one line of a table test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from sidecar.errors import Problem
+from sidecar.reloads import ReloadRecord, ReloadStatus, Triggers, is_background
+from sidecar.snapshot import Snapshot
+
+__all__ = ["Attempt", "Memory", "Verdict", "decide"]
+
+
+class Verdict(StrEnum):
+    PUBLISH = "publish"  # new content goes live: a success, announced
+    RECOVERED = "recovered"  # what serves is right again after a failure: a success, announced
+    UNCHANGED = "unchanged"  # someone asked and nothing differs: recorded, not announced
+    FAILED = "failed"  # recorded and announced; the last good rules keep serving
+    QUIET = "quiet"  # a background check found no news: not recorded
+    CONFIRM = "confirm"  # the sources emptied a non-empty registry: read again first
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Attempt:
+    """One read of every source, and what was serving when it started."""
+
+    triggers: Triggers
+    serving: Snapshot
+    candidate: Snapshot | None
+    problems: tuple[Problem, ...] = ()
+    force: bool = False
+    confirmed: bool = False  # this is the second read of an emptied source
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Memory:
+    """What the coordinator remembers between reloads."""
+
+    last: ReloadRecord | None = None
+    serving_from_state: bool = False
+    rolled_back_from: str | None = None  # the revision a rollback holds back
+
+
+def decide(attempt: Attempt, memory: Memory) -> Verdict:
+    """The verdict for one attempt; see `Verdict` for what each one does."""
+    last = memory.last
+    after_failure = last is not None and last.status is ReloadStatus.FAILED
+    background = is_background(attempt.triggers)
+    candidate = attempt.candidate
+    if attempt.problems or candidate is None:
+        repeated = after_failure and last is not None and last.errors == attempt.problems
+        return Verdict.QUIET if background and repeated else Verdict.FAILED
+    if candidate.revision == attempt.serving.revision and attempt.serving.version > 0:
+        same = True
+    else:
+        same = candidate.revision == memory.rolled_back_from
+    emptied = not candidate.rulesets and bool(attempt.serving.rulesets)
+    if emptied and not same and not attempt.confirmed:
+        return Verdict.CONFIRM
+    if attempt.force or memory.serving_from_state or not same:
+        return Verdict.PUBLISH
+    if after_failure:
+        return Verdict.RECOVERED
+    return Verdict.QUIET if background else Verdict.UNCHANGED

@@ -1,0 +1,112 @@
+"""`decide`, case by case: what a read means given what happened before."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import dump_yaml, make_ruleset_doc
+
+from sidecar.decision import Attempt, Memory, Verdict, decide
+from sidecar.documents import SourceFile
+from sidecar.errors import Problem
+from sidecar.loader import Loader
+from sidecar.reloads import ReloadRecord, ReloadStatus, Trigger
+from sidecar.snapshot import Snapshot
+
+WATCH = frozenset({Trigger.WATCH})
+API = frozenset({Trigger.API})
+PROBLEM = (Problem(file="a.yaml", line=1, column=1, message="broken"),)
+BAD = {"candidate": None, "problems": PROBLEM}
+
+
+def snapshot(*ids: str, version: int = 1) -> Snapshot:
+    files = [SourceFile(f"{i}.yaml", dump_yaml(make_ruleset_doc(i)).encode()) for i in ids]
+    return Loader().load(files).snapshot.published_as(version)
+
+
+A, B, EMPTY = snapshot("a"), snapshot("a", "b"), snapshot(version=0)
+
+
+def last(status: ReloadStatus, errors: tuple[Problem, ...] = ()) -> ReloadRecord:
+    return ReloadRecord(
+        id=1,
+        triggers=WATCH,
+        status=status,
+        timestamp=A.created_at,
+        reload_time_ms=1.0,
+        rules_loaded=1,
+        rulesets_loaded=1,
+        reload_count=1,
+        version_before=0,
+        version_after=1,
+        revision=A.revision,
+        errors=errors,
+    )
+
+
+FAILED = Memory(last=last(ReloadStatus.FAILED, PROBLEM))
+OK = Memory(last=last(ReloadStatus.SUCCESS))
+FROM_STATE = Memory(serving_from_state=True)
+HOLDS_B = Memory(rolled_back_from=B.revision)
+
+
+@pytest.mark.parametrize(
+    ("attempt", "memory", "verdict"),
+    [
+        (Attempt(triggers=WATCH, serving=A, candidate=B), OK, Verdict.PUBLISH),
+        (Attempt(triggers=WATCH, serving=A, candidate=A), OK, Verdict.QUIET),
+        (Attempt(triggers=API, serving=A, candidate=A), OK, Verdict.UNCHANGED),
+        (Attempt(triggers=API, serving=A, candidate=A, force=True), OK, Verdict.PUBLISH),
+        (Attempt(triggers=WATCH, serving=A, candidate=A), FAILED, Verdict.RECOVERED),
+        (Attempt(triggers=WATCH, serving=A, candidate=B), FAILED, Verdict.PUBLISH),
+        (Attempt(triggers=WATCH, serving=A, **BAD), OK, Verdict.FAILED),
+        (
+            Attempt(triggers=WATCH, serving=A, **BAD),
+            FAILED,
+            Verdict.QUIET,
+        ),
+        (
+            Attempt(triggers=API, serving=A, **BAD),
+            FAILED,
+            Verdict.FAILED,
+        ),
+        (Attempt(triggers=WATCH, serving=A, candidate=EMPTY), OK, Verdict.CONFIRM),
+        (Attempt(triggers=API, serving=A, candidate=EMPTY, force=True), OK, Verdict.CONFIRM),
+        (Attempt(triggers=WATCH, serving=A, candidate=EMPTY, confirmed=True), OK, Verdict.PUBLISH),
+        (Attempt(triggers=WATCH, serving=EMPTY, candidate=A), Memory(), Verdict.PUBLISH),
+        (
+            Attempt(triggers=WATCH, serving=A, candidate=A),
+            Memory(serving_from_state=True),
+            Verdict.PUBLISH,
+        ),
+        (
+            Attempt(triggers=WATCH, serving=A, candidate=B),
+            Memory(rolled_back_from=B.revision),
+            Verdict.QUIET,
+        ),
+        (
+            Attempt(triggers=API, serving=A, candidate=B),
+            Memory(rolled_back_from=B.revision),
+            Verdict.UNCHANGED,
+        ),
+    ],
+    ids=[
+        "new-content",
+        "background-unchanged",
+        "asked-unchanged",
+        "forced",
+        "recovery-same-content",
+        "recovery-new-content",
+        "failure",
+        "failure-repeated-in-background",
+        "failure-repeated-when-asked",
+        "emptied",
+        "emptied-even-forced",
+        "emptied-confirmed",
+        "first-load",
+        "from-state-dir",
+        "rollback-holds",
+        "rollback-holds-when-asked",
+    ],
+)
+def test_decide(attempt: Attempt, memory: Memory, verdict: Verdict):
+    assert decide(attempt, memory) is verdict
