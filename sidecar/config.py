@@ -67,6 +67,15 @@ class Settings:
     debounce_ms: int = 50
     max_body_bytes: int = 1024 * 1024
     reload_rate_per_minute: int = 60
+    validate_rate_per_minute: int = 30
+    max_batch_items: int = 1000
+    max_queued_batches: int = 8
+    max_evaluation_seconds: float = 3.0
+    max_response_bytes: int = 8 * 1024 * 1024
+    idle_timeout_seconds: float = 30.0
+    body_timeout_seconds: float = 10.0
+    max_connections: int = 256
+    metrics_max_connections: int = 32
     history_limit: int = 50
     log_level: str = "INFO"
     reload_worker: bool = True
@@ -82,12 +91,21 @@ class Settings:
             "kubernetes_watch_timeout_seconds",
             "database_statement_timeout_seconds",
             "database_read_timeout_seconds",
+            "max_evaluation_seconds",
+            "idle_timeout_seconds",
+            "body_timeout_seconds",
         ):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 _refuse(name, getattr(self, name), "must be a positive number of seconds")
         minimums = {
             "max_body_bytes": 1024,
             "reload_rate_per_minute": 1,
+            "validate_rate_per_minute": 1,
+            "max_batch_items": 1,
+            "max_queued_batches": 0,
+            "max_response_bytes": 1024,
+            "max_connections": 1,
+            "metrics_max_connections": 1,
             "history_limit": 1,
             "debounce_ms": 0,
             "database_connect_timeout_seconds": 2,  # libpq's minimum
@@ -142,6 +160,15 @@ ENVIRONMENT: Final[Mapping[str, str]] = {
     "debounce_ms": "RULE_SIDECAR_DEBOUNCE_MS",
     "max_body_bytes": "RULE_SIDECAR_MAX_BODY_BYTES",
     "reload_rate_per_minute": "RULE_SIDECAR_RELOAD_RATE_PER_MINUTE",
+    "validate_rate_per_minute": "RULE_SIDECAR_VALIDATE_RATE_PER_MINUTE",
+    "max_batch_items": "RULE_SIDECAR_MAX_BATCH_ITEMS",
+    "max_queued_batches": "RULE_SIDECAR_MAX_QUEUED_BATCHES",
+    "max_evaluation_seconds": "RULE_SIDECAR_MAX_EVALUATION_SECONDS",
+    "max_response_bytes": "RULE_SIDECAR_MAX_RESPONSE_BYTES",
+    "idle_timeout_seconds": "RULE_SIDECAR_IDLE_TIMEOUT_SECONDS",
+    "body_timeout_seconds": "RULE_SIDECAR_BODY_TIMEOUT_SECONDS",
+    "max_connections": "RULE_SIDECAR_MAX_CONNECTIONS",
+    "metrics_max_connections": "RULE_SIDECAR_METRICS_MAX_CONNECTIONS",
     "history_limit": "RULE_SIDECAR_HISTORY_LIMIT",
     "log_level": "RULE_SIDECAR_LOG_LEVEL",
     "reload_worker": "RULE_SIDECAR_RELOAD_WORKER",

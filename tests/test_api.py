@@ -591,15 +591,19 @@ class TestErrors:
         assert small["total_points"] == 70
 
     async def test_reload_rate_limit_is_429(self, start_sidecar, plain_rules: Path):
-        """Past `reload_rate_per_minute`, reloads answer 429 with Retry-After."""
-        app = await start_sidecar(plain_rules, reload_rate_per_minute=2)
+        """Past `reload_rate_per_minute`, reloads and rollbacks answer 429 with Retry-After
+        and the setting named; validations have a budget of their own."""
+        app = await start_sidecar(plain_rules, reload_rate_per_minute=2, validate_rate_per_minute=1)
         await app.post(f"{HOT}/reload")
         await app.post(f"{HOT}/reload")
         response, body = await app.call("POST", f"{HOT}/reload", status=429)
         assert 1 <= int(response.headers["Retry-After"]) <= 30
         assert body["error"]["status"] == 429
-        await app.post(f"{HOT}/validate", status=429)
+        assert body["error"]["limit"] == "RULE_SIDECAR_RELOAD_RATE_PER_MINUTE"
         await app.post(f"{HOT}/rollback", status=429)
+        await app.post(f"{HOT}/validate")
+        body = await app.post(f"{HOT}/validate", status=429)
+        assert body["error"]["limit"] == "RULE_SIDECAR_VALIDATE_RATE_PER_MINUTE"
         assert len((await app.get(f"{HOT}/history"))["history"]) == 3
 
 

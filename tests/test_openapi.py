@@ -756,14 +756,16 @@ class TestLimits:
         await api.call("POST", "/api/v1/rulesets/payments/evaluate", 200, json={"input": {}})
 
     async def test_rate_limit(self, start: Start) -> None:
-        """Past reload_rate_per_minute, reloads, validate and rollback are 429s with Retry-After."""
-        api = await start(reload_rate_per_minute=1)
+        """Past reload_rate_per_minute, reloads and rollback are 429s with Retry-After; past
+        validate_rate_per_minute, validate is."""
+        api = await start(reload_rate_per_minute=1, validate_rate_per_minute=1)
         await api.call("POST", f"{HOT}/reload", 200)
         await api.call("POST", f"{HOT}/reload", 429)
         await api.call("POST", f"{HOT}/reload/rule/large-amount", 429)
         await api.call("POST", f"{HOT}/reload/ruleset/payments", 429)
-        await api.call("POST", f"{HOT}/validate", 429)
         await api.call("POST", f"{HOT}/rollback", 429)
+        await api.call("POST", f"{HOT}/validate", 200)
+        await api.call("POST", f"{HOT}/validate", 429)
 
     async def test_method_not_allowed(self, api: Api) -> None:
         """Every path answers 405 with Allow to a method it does not have."""

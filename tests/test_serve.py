@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import resource
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -224,6 +226,58 @@ class TestLifecycle:
         )
         assert result.returncode == 2
         assert "RULE_SIDECAR_LOG_LEVEL" in result.stderr
+
+
+class TestDescriptors:
+    """Connections cannot use up the descriptors the sources need."""
+
+    def test_a_connection_flood_leaves_descriptors_for_a_reload(self, tmp_path: Path):
+        """Under `ulimit -n 256`, 300 connections to the API stop at the cap (128), and a
+        reload (SIGHUP) during the flood still lists and reads the rules: the change goes
+        live (the watcher may see it first: either way the directory is read during the
+        flood). Unbounded, the flood took every descriptor and the listing failed."""
+        rules = tmp_path / "rules"
+        rules.mkdir()
+        (rules / "fraud.yaml").write_text(to_yaml(fraud_doc()), encoding="utf-8")
+        probe_port = free_port()
+        env = clean_environment(
+            HOT_RELOAD_INTERVAL_SECONDS="3600",
+            RULE_SIDECAR_MAX_CONNECTIONS="128",
+            RULE_SIDECAR_IDLE_TIMEOUT_SECONDS="120",
+            RULE_SIDECAR_METRICS_PORT=str(probe_port),
+        )
+
+        def limit_descriptors() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+        server = spawn(tmp_path, "--rules-dir", str(rules), env=env, before_exec=limit_descriptors)
+        flood: list[socket.socket] = []
+        try:
+            server.wait_ready()
+            health = f"http://127.0.0.1:{probe_port}/health/hot-reload"
+            with urllib.request.urlopen(health, timeout=5) as response:
+                before = json.loads(response.read())
+            for _ in range(300):
+                flood.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as extra:
+                refused = extra.recv(64)
+            (rules / "fraud.yaml").write_text(to_yaml(fraud_doc(70)), encoding="utf-8")
+            server.process.send_signal(signal.SIGHUP)
+
+            def reloaded() -> dict[str, Any] | None:
+                with urllib.request.urlopen(health, timeout=5) as response:
+                    body: dict[str, Any] = json.loads(response.read())
+                return body if body["reload_count"] > before["reload_count"] else None
+
+            after = wait_sync(reloaded, message="the SIGHUP reload during the flood")
+            assert after["last_reload_status"] == "success", after
+            assert after["revision"] != before["revision"]
+            assert any("descriptor limit (256)" in line for line in server.log_lines())
+            assert refused.startswith(b"HTTP/1.1 503")
+        finally:
+            for sock in flood:
+                sock.close()
+            server.stop()
 
 
 async def _wait_ready_async(server: Served) -> None:

@@ -2,7 +2,11 @@
 
 `AppState` is the one application state object; handlers reach it through the app.
 Errors are JSON `{"error": {"status", "message", ...}}`; 404 for unknown ids, 400 for bad
-bodies, 413 past the body limit, 401 without the admin token, 429 past the reload rate.
+bodies, 401 without the admin token. A request past one of its limits (`RequestLimits`,
+the rate budgets; `sidecar.api.limits`) is refused with the setting named in `limit`: 413
+past the body size, the batch size or the answer size, 408 for a body that does not
+arrive in time, 503 for a batch that runs out of time or finds the queue full, 429 past
+a rate budget.
 A reload that fails is not an error of the request: it answers 422 with the reload
 record, whose `errors` say what is wrong with the rules (as Prometheus' reload endpoint
 returns the reload's error to its caller).
@@ -25,11 +29,22 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from sidecar.api.limits import (
+    RATE_SETTINGS,
+    Action,
+    BatchTurns,
+    Caller,
+    LimitExceeded,
+    RateBudgets,
+    RequestLimits,
+)
 from sidecar.api.metrics import CONTENT_TYPE_LATEST, Metrics
 from sidecar.api.ui import ui_routes
 from sidecar.api.websocket import ReloadNotificationManager
-from sidecar.engine import Evaluation, evaluate_ruleset
+from sidecar.config import DEFAULT_SETTINGS
+from sidecar.engine import Evaluation, evaluate_in_slices, evaluate_ruleset
 from sidecar.errors import InputError, NotFoundError
+from sidecar.model import RuleSet
 from sidecar.registry import ChangeEvent, EventType, RuleRegistry, diff_snapshots
 from sidecar.service import HealthStatus, HotReloadService, ReloadRecord, ReloadStatus
 from sidecar.snapshot import Snapshot
@@ -39,45 +54,24 @@ __all__ = ["AppState", "create_app", "create_observation_app"]
 try:
     import orjson
 
-    def _dumps(data: Any) -> str:
-        return orjson.dumps(data).decode()
-
+    _dumpb: Callable[[Any], bytes] = orjson.dumps
     _loads: Callable[[bytes], Any] = orjson.loads
 except ImportError:  # orjson is optional (the `speed` extra)
 
-    def _dumps(data: Any) -> str:
-        return json.dumps(data, separators=(",", ":"))
+    def _dumpb(data: Any) -> bytes:
+        return json.dumps(data, separators=(",", ":")).encode()
 
     _loads = json.loads
+
+
+def _dumps(data: Any) -> str:
+    return _dumpb(data).decode()
 
 
 logger = logging.getLogger("sidecar.api")
 
 HOT = "/api/v1/rules/hot-reload"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass(slots=True)
-class RateLimiter:
-    """Token bucket for reload endpoints: `per_minute` requests, bursts up to that."""
-
-    per_minute: int
-    tokens: float = 0.0
-    updated: float = field(default_factory=time.monotonic)
-
-    def __post_init__(self) -> None:
-        self.tokens = float(self.per_minute)
-
-    def acquire(self) -> float:
-        """0 when allowed, else seconds until the next request would be."""
-        now = time.monotonic()
-        rate = self.per_minute / 60.0
-        self.tokens = min(float(self.per_minute), self.tokens + (now - self.updated) * rate)
-        self.updated = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / rate
 
 
 @dataclass(slots=True, kw_only=True)
@@ -89,8 +83,14 @@ class AppState:
     metrics: Metrics
     notifier: ReloadNotificationManager
     admin_token: str | None
-    reload_limiter: RateLimiter
+    budgets: RateBudgets = field(
+        default_factory=lambda: RateBudgets.from_settings(DEFAULT_SETTINGS)
+    )
+    limits: RequestLimits = field(
+        default_factory=lambda: RequestLimits.from_settings(DEFAULT_SETTINGS)
+    )
     allowed_hosts: frozenset[str] = frozenset()
+    batches: BatchTurns = field(default_factory=BatchTurns)
 
 
 STATE: web.AppKey[AppState] = web.AppKey("state", AppState)
@@ -117,6 +117,13 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return error_response(404, str(exc))
     except InputError as exc:
         return error_response(400, exc.message, path=exc.path)
+    except LimitExceeded as exc:
+        response = error_response(exc.status, exc.message, limit=exc.limit)
+        if exc.retry_after:
+            response.headers["Retry-After"] = str(exc.retry_after)
+        if exc.status == 408:  # the rest of the body may never come: not kept alive
+            response.force_close()
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -129,6 +136,33 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     except Exception:
         logger.exception("unexpected error in %s %s", request.method, request.path)
         return error_response(500, "internal error; see the sidecar's log")
+
+
+@web.middleware
+async def answer_in_time(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Send the answer here, within `body_timeout_seconds`, instead of after the handler.
+
+    aiohttp waits forever for a client that does not read its answer, holding the
+    connection (a slot of the connection cap, a descriptor) and the answer's memory. A
+    client that has not taken its answer in time has its connection aborted. WebSockets
+    are answered by their handler and are not affected.
+    """
+    response = await handler(request)
+    if response.prepared:
+        return response
+    try:
+        async with asyncio.timeout(_state(request).limits.body_timeout_seconds):
+            await response.prepare(request)
+            await response.write_eof()
+    except TimeoutError:
+        logger.warning(
+            "%s %s: the client did not take its answer in time", request.method, request.path
+        )
+        if request.transport is not None:
+            request.transport.abort()
+    except ConnectionError:
+        pass  # the client left: aiohttp's own writing of the answer notes it quietly
+    return response
 
 
 def _state(request: web.Request) -> AppState:
@@ -196,6 +230,18 @@ def _protocol_token(request: web.Request) -> tuple[str, str] | None:
     return None
 
 
+def _bearer_is_admin(request: web.Request, token: str) -> bool:
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), token.encode())
+
+
+def _caller(request: web.Request) -> Caller:
+    token = _state(request).admin_token
+    if token is not None and _bearer_is_admin(request, token):
+        return Caller.ADMIN
+    return Caller.ANONYMOUS
+
+
 def _require_admin(request: web.Request, *, websocket: bool = False) -> str | None:
     """Refuse the request without the admin token (when one is configured).
 
@@ -203,10 +249,7 @@ def _require_admin(request: web.Request, *, websocket: bool = False) -> str | No
     select for a browser to accept the connection.
     """
     token = _state(request).admin_token
-    if token is None:
-        return None
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), token.encode()):
+    if token is None or _bearer_is_admin(request, token):
         return None
     carried = _protocol_token(request) if websocket else None
     if carried is not None and hmac.compare_digest(carried[1].encode(), token.encode()):
@@ -216,12 +259,38 @@ def _require_admin(request: web.Request, *, websocket: bool = False) -> str | No
     )
 
 
-def _limit_reloads(request: web.Request) -> None:
-    wait = _state(request).reload_limiter.acquire()
+def _limit_rate(request: web.Request, action: Action) -> None:
+    """Spend one request of the caller class's budget for `action`, or answer 429."""
+    caller = _caller(request)
+    wait = _state(request).budgets.acquire(caller, action)
     if wait > 0:
-        raise web.HTTPTooManyRequests(
-            text="too many reload requests", headers={"Retry-After": str(max(1, round(wait)))}
+        raise LimitExceeded(
+            429,
+            f"too many {action.value} requests from {caller.value} callers",
+            setting=RATE_SETTINGS[action],
+            retry_after=max(1, round(wait)),
         )
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """The body, or 408 when it does not arrive in time: aiohttp bounds a request's head
+    (the idle timeout) but not its body, which a slow client could hold open forever."""
+    seconds = _state(request).limits.body_timeout_seconds
+    try:
+        async with asyncio.timeout(seconds):
+            return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise LimitExceeded(
+            413,
+            f"the body is larger than {request.client_max_size} bytes",
+            setting="max_body_bytes",
+        ) from None
+    except TimeoutError:
+        raise LimitExceeded(
+            408,
+            f"the request body did not arrive within {seconds:g} s",
+            setting="body_timeout_seconds",
+        ) from None
 
 
 async def _json_body(request: web.Request, *, required: bool = True) -> dict[str, Any]:
@@ -229,8 +298,9 @@ async def _json_body(request: web.Request, *, required: bool = True) -> dict[str
         if required:
             raise web.HTTPBadRequest(text="a JSON object body is required")
         return {}
+    raw = await _read_body(request)
     try:
-        body = _loads(await request.read())
+        body = _loads(raw)
     except (ValueError, RecursionError) as exc:  # RecursionError: json nests too deep
         raise web.HTTPBadRequest(text=f"body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -297,7 +367,7 @@ async def get_status(request: web.Request) -> web.Response:
 
 async def post_reload(request: web.Request) -> web.Response:
     _require_admin(request)
-    _limit_reloads(request)
+    _limit_rate(request, Action.RELOAD)
     body = await _json_body(request, required=False)
     ruleset_id, rule_id = _optional_id(body, "ruleset_id"), _optional_id(body, "rule_id")
     force, validate = _flag(body, "force", False), _flag(body, "validate", True)
@@ -309,21 +379,22 @@ async def post_reload(request: web.Request) -> web.Response:
 
 async def post_reload_rule(request: web.Request) -> web.Response:
     _require_admin(request)
-    _limit_reloads(request)
+    _limit_rate(request, Action.RELOAD)
     record = await _state(request).service.reload_rules(rule_id=request.match_info["rule_id"])
     return _record_response(record)
 
 
 async def post_reload_ruleset(request: web.Request) -> web.Response:
     _require_admin(request)
-    _limit_reloads(request)
+    _limit_rate(request, Action.RELOAD)
     record = await _state(request).service.reload_rules(ruleset_id=request.match_info["ruleset_id"])
     return _record_response(record)
 
 
 async def post_validate(request: web.Request) -> web.Response:
-    """Read-only, so open like the reads; rate-limited, since it reads every source."""
-    _limit_reloads(request)
+    """Read-only, so open like the reads; rate-limited (its own budget, per caller class),
+    since it reads every source and waits for the reload lock."""
+    _limit_rate(request, Action.VALIDATE)
     return json_response(await _state(request).service.validate_reload())
 
 
@@ -360,7 +431,7 @@ async def get_history(request: web.Request) -> web.Response:
 
 async def post_rollback(request: web.Request) -> web.Response:
     _require_admin(request)
-    _limit_reloads(request)
+    _limit_rate(request, Action.RELOAD)
     body = await _json_body(request, required=False)
     version = body.get("version")
     if version is not None:
@@ -488,42 +559,106 @@ async def post_evaluate(request: web.Request) -> web.Response:
     state = _state(request)
     snapshot = state.registry.current
     ruleset = _find(snapshot.rulesets, "ruleset", request)
-    ruleset_id = ruleset.id
     body = await _json_body(request)
     if ("input" in body) == ("inputs" in body):
         raise web.HTTPBadRequest(text='give exactly one of "input" or "inputs"')
-    batch = "inputs" in body
-    documents = body["inputs"] if batch else [body["input"]]
+    if "inputs" in body:
+        return await _evaluate_batch(state, snapshot, ruleset, body["inputs"])
+    started = time.perf_counter()
+    try:
+        result = evaluate_ruleset(
+            ruleset, body["input"], version=snapshot.version, revision=snapshot.revision
+        )
+    except InputError as exc:
+        raise InputError(exc.message, path=exc.path.replace("$", "$.input", 1)) from None
+    state.metrics.evaluation_time.observe(time.perf_counter() - started)
+    _count(state, ruleset.id, 1, len(result.errors))
+    return json_response(result.to_dict())
+
+
+async def _evaluate_batch(
+    state: AppState, snapshot: Snapshot, ruleset: RuleSet, documents: Any
+) -> web.Response:
+    """Evaluate a batch in slices, within the request's limits.
+
+    The batch is bounded three ways, each refusal naming its setting: its size up front
+    (413), the wall-clock time it may take, waiting for its turn included (503), and the
+    size of its answer (413), serialized slice by slice so that neither the results nor
+    their JSON exist twice. One batch evaluates at a time, the others wait their turn:
+    the loop then holds at most one slice of batch work between two other events, so
+    probes and single evaluations wait one slice, not one per batch in flight (eight
+    batches at once made /livez wait 50-200 ms); the total work is the same either way.
+    """
+    limits = state.limits
     if not isinstance(documents, list) or not documents:
         raise web.HTTPBadRequest(text='"inputs" must be a non-empty list')
-    started = time.perf_counter()
-    results = []
-    for index, document in enumerate(documents):
-        try:
-            results.append(
-                evaluate_ruleset(
-                    ruleset, document, version=snapshot.version, revision=snapshot.revision
-                )
-            )
-        except InputError as exc:
-            where = f"$.inputs[{index}]" if batch else "$.input"
-            raise InputError(exc.message, path=exc.path.replace("$", where, 1)) from None
-    state.metrics.evaluation_time.observe(time.perf_counter() - started)
-    _count(state, ruleset_id, results)
-    if batch:
-        return json_response(
-            {
-                "registry_version": snapshot.version,
-                "revision": snapshot.revision,
-                "results": [r.to_dict() for r in results],
-            }
+    if len(documents) > limits.max_batch_items:
+        raise LimitExceeded(
+            413,
+            f'"inputs" holds {len(documents)} items; at most {limits.max_batch_items} '
+            "are evaluated per request: split the batch",
+            setting="max_batch_items",
         )
-    return json_response(results[0].to_dict())
+    started = time.perf_counter()
+    try:
+        async with state.batches.wait(limits.max_evaluation_seconds):
+            body = await _render_batch(state, snapshot, ruleset, documents, started)
+    except TimeoutError:
+        raise _out_of_time(limits, 0, len(documents)) from None
+    state.metrics.evaluation_time.observe(time.perf_counter() - started)
+    return web.Response(body=body, content_type="application/json")
 
 
-def _count(state: AppState, ruleset_id: str, results: list[Evaluation]) -> None:
-    state.metrics.evaluations.labels(ruleset=ruleset_id).inc(len(results))
-    errors = sum(len(result.errors) for result in results)
+def _out_of_time(limits: RequestLimits, done: int, total: int) -> LimitExceeded:
+    return LimitExceeded(
+        503,
+        f"the batch ran out of time ({limits.max_evaluation_seconds:g} s) "
+        f"after {done} of {total} inputs: split it, or retry later",
+        setting="max_evaluation_seconds",
+        retry_after=1,
+    )
+
+
+async def _render_batch(
+    state: AppState, snapshot: Snapshot, ruleset: RuleSet, documents: list[Any], started: float
+) -> bytes:
+    """The answer's JSON, built slice by slice within the time and size limits."""
+    limits = state.limits
+    deadline = started + limits.max_evaluation_seconds
+    head = _dumpb({"registry_version": snapshot.version, "revision": snapshot.revision})
+    parts = [head[:-1], b',"results":[']
+    size = sum(map(len, parts)) + 2
+    done = 0
+    slices = evaluate_in_slices(
+        ruleset, documents, Evaluation.to_dict, version=snapshot.version, revision=snapshot.revision
+    )
+    try:
+        async for part in slices:
+            if done:
+                parts.append(b",")
+            parts.append(_dumpb(part)[1:-1])
+            size += len(parts[-1]) + 1
+            done += len(part)
+            _count(state, ruleset.id, len(part), sum(len(r["errors"]) for r in part))
+            if size > limits.max_response_bytes:
+                raise LimitExceeded(
+                    413,
+                    f"the answer would exceed {limits.max_response_bytes} bytes "
+                    f"({done} of {len(documents)} inputs gave {size}): split the batch",
+                    setting="max_response_bytes",
+                )
+            if time.perf_counter() > deadline and done < len(documents):
+                raise _out_of_time(limits, done, len(documents))
+    except InputError as exc:
+        raise InputError(exc.message, path=exc.path.replace("$", "$.inputs", 1)) from None
+    finally:
+        await slices.aclose()
+    parts.append(b"]}")
+    return b"".join(parts)
+
+
+def _count(state: AppState, ruleset_id: str, evaluated: int, errors: int) -> None:
+    state.metrics.evaluations.labels(ruleset=ruleset_id).inc(evaluated)
     if errors:
         state.metrics.evaluation_errors.labels(ruleset=ruleset_id).inc(errors)
 
@@ -577,7 +712,7 @@ def _observation_routes() -> list[web.RouteDef]:
 def create_observation_app(state: AppState) -> web.Application:
     """The separate listener for probes and metrics (`--metrics-port`), so that the API
     can stay on loopback while the kubelet and Prometheus reach the pod IP."""
-    app = web.Application(middlewares=[errors_as_json], client_max_size=1024)
+    app = web.Application(middlewares=[answer_in_time, errors_as_json], client_max_size=1024)
     app[STATE] = state
     app.add_routes(_observation_routes())
     return app
@@ -585,7 +720,8 @@ def create_observation_app(state: AppState) -> web.Application:
 
 def create_app(state: AppState, *, max_body_bytes: int = 1024 * 1024) -> web.Application:
     app = web.Application(
-        middlewares=[errors_as_json, browser_guard], client_max_size=max_body_bytes
+        middlewares=[answer_in_time, errors_as_json, browser_guard],
+        client_max_size=max_body_bytes,
     )
     app[STATE] = state
     _wire_events(state)

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import multiprocessing
+import resource
 import signal
 import socket
 import sys
@@ -21,16 +22,18 @@ from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final, cast
 
 from aiohttp import web
+from aiohttp.web_server import Server
 
 try:
     import uvloop
 except ImportError:  # optional: the `speed` extra
     uvloop = None  # type: ignore[assignment]
 
-from sidecar.api.app import AppState, RateLimiter, create_app, create_observation_app
+from sidecar.api.app import AppState, create_app, create_observation_app
+from sidecar.api.limits import BatchTurns, RateBudgets, RequestLimits
 from sidecar.api.metrics import Metrics
 from sidecar.api.websocket import ReloadNotificationManager
 from sidecar.config import Settings
@@ -138,7 +141,9 @@ def build_state(settings: Settings) -> AppState:
         metrics=metrics,
         notifier=notifier,
         admin_token=_read_token(settings.admin_token_file),
-        reload_limiter=RateLimiter(settings.reload_rate_per_minute),
+        budgets=RateBudgets.from_settings(settings),
+        limits=RequestLimits.from_settings(settings),
+        batches=BatchTurns(settings.max_queued_batches),
         allowed_hosts=frozenset(settings.allowed_hosts),
     )
 
@@ -207,6 +212,151 @@ class HeapFreezer:
         gc.freeze()
 
 
+_REFUSAL: Final = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: application/json\r\n"
+    b"Retry-After: 1\r\n"
+    b"Connection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s"
+)
+
+
+class _Refused(asyncio.Protocol):
+    """A connection past the cap: one 503, then closed, before any of it is read."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        message = (
+            f"more than {self.limit} open connections: "
+            "RULE_SIDECAR_MAX_CONNECTIONS / RULE_SIDECAR_METRICS_MAX_CONNECTIONS"
+        )
+        body = json.dumps({"error": {"status": 503, "message": message}}).encode()
+        writer = cast(asyncio.WriteTransport, transport)
+        writer.write(_REFUSAL % (len(body), body))
+        writer.close()
+
+
+class _Counted(asyncio.Protocol):
+    """aiohttp's handler for one connection, counted by the cap from accept to close."""
+
+    def __init__(self, handler: asyncio.Protocol, cap: ConnectionCap) -> None:
+        self.handler = handler
+        self.cap = cap
+        self.made = False
+        self.counted = True
+
+    def release(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.cap.open -= 1
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.made = True
+        self.handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.handler.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.handler.eof_received()
+
+    def pause_writing(self) -> None:
+        self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.release()
+        self.handler.connection_lost(exc)
+
+    def forget_unless_made(self) -> None:
+        """An accepted socket whose transport could not be built never calls back."""
+        if not self.made:
+            self.release()
+
+
+class ConnectionCap:
+    """The listener's protocol factory: aiohttp's handler while fewer than `limit`
+    connections are open, past that a 503 and a close.
+
+    aiohttp has no connection limit, and every open connection holds a descriptor: 1,100
+    idle ones used up `ulimit -n 1024`, after which the rules directory could no longer
+    be listed. A connection counts from its accept to its close (aiohttp's own registry
+    of connections starts a loop iteration later, which lets a burst of accepts through).
+    """
+
+    def __init__(self, server: Server, limit: int, name: str) -> None:
+        self.server = server
+        self.limit = limit
+        self.name = name
+        self.open = 0
+        self.refused = 0
+        self._warned = -math.inf
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        if self.open >= self.limit:
+            self.refused += 1
+            if time.monotonic() - self._warned >= 10.0:  # one line per flood, not per socket
+                self._warned = time.monotonic()
+                logger.warning(
+                    "the %s listener holds %d connections, its limit: %d refused so far",
+                    self.name,
+                    self.limit,
+                    self.refused,
+                )
+            return _Refused(self.limit)
+        self.open += 1
+        counted = _Counted(self.server(), self)
+        asyncio.get_running_loop().call_later(1.0, counted.forget_unless_made)
+        return counted
+
+
+async def _listen(
+    runner: web.AppRunner, host: str, port: int, limit: int, name: str
+) -> asyncio.Server:
+    """Listen with a connection cap; the runner still drains connections at shutdown."""
+    assert runner.server is not None, "call runner.setup() first"
+    return await asyncio.get_running_loop().create_server(
+        ConnectionCap(runner.server, limit, name), host, port, reuse_address=True
+    )
+
+
+def _runner(app: web.Application, settings: Settings) -> web.AppRunner:
+    """An aiohttp runner with the connection timeouts.
+
+    aiohttp's keep-alive timer runs from a connection's start and after each answer, and
+    closes a connection that has not sent a complete request head by then: it bounds
+    idle connections and slow heads (slowloris) alike. Heads are also bounded in size
+    (aiohttp's defaults: 8190 bytes a line or header, 128 headers); bodies in time by
+    `body_timeout_seconds` (sidecar.api.app) and in size by `max_body_bytes`.
+    """
+    return web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=10.0,
+        keepalive_timeout=settings.idle_timeout_seconds,
+        lingering_time=min(10.0, settings.body_timeout_seconds),
+    )
+
+
+def _check_descriptors(settings: Settings) -> None:
+    """Warn when the connection caps leave too few descriptors for the sources."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = settings.max_connections + settings.metrics_max_connections + 128
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        logger.warning(
+            "the descriptor limit (%d) leaves little room beside %d + %d connections; "
+            "lower RULE_SIDECAR_MAX_CONNECTIONS or raise `ulimit -n`",
+            soft,
+            settings.max_connections,
+            settings.metrics_max_connections,
+        )
+
+
 async def serve(settings: Settings) -> int:
     state = build_state(settings)
     app = create_app(state, max_body_bytes=settings.max_body_bytes)
@@ -220,10 +370,13 @@ async def serve(settings: Settings) -> int:
         await state.notifier.close_all()
 
     app.on_shutdown.append(close_websockets)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    _check_descriptors(settings)
+    runner = _runner(app, settings)
     await runner.setup()
-    await web.TCPSite(runner, settings.host, settings.port, shutdown_timeout=10.0).start()
-    metrics_runner = await _start_metrics(state, settings)
+    listeners = [
+        await _listen(runner, settings.host, settings.port, settings.max_connections, "API")
+    ]
+    metrics_runner = await _start_metrics(state, settings, listeners)
     logger.info("serving on http://%s:%d", settings.host, settings.port)
 
     stop = asyncio.Event()
@@ -236,6 +389,8 @@ async def serve(settings: Settings) -> int:
     finally:
         logger.info("shutting down: draining requests and closing WebSockets")
         await state.service.stop()
+        for listener in listeners:
+            listener.close()
         if metrics_runner is not None:
             await metrics_runner.cleanup()
         await runner.cleanup()
@@ -244,14 +399,18 @@ async def serve(settings: Settings) -> int:
     return 0
 
 
-async def _start_metrics(state: AppState, settings: Settings) -> web.AppRunner | None:
-    """Optionally serve metrics and probes on their own address (Prometheus, kubelet)."""
+async def _start_metrics(
+    state: AppState, settings: Settings, listeners: list[asyncio.Server]
+) -> web.AppRunner | None:
+    """Optionally serve metrics and probes on their own address (Prometheus, kubelet),
+    with a connection cap of their own: a flood of the API leaves the probes answering."""
     if settings.metrics_port is None:
         return None
-    runner = web.AppRunner(create_observation_app(state), handle_signals=False, access_log=None)
+    runner = _runner(create_observation_app(state), settings)
     await runner.setup()
     host = settings.metrics_host or settings.host
-    await web.TCPSite(runner, host, settings.metrics_port).start()
+    limit = settings.metrics_max_connections
+    listeners.append(await _listen(runner, host, settings.metrics_port, limit, "metrics"))
     logger.info("metrics and probes on http://%s:%d", host, settings.metrics_port)
     return runner
 

@@ -1,0 +1,450 @@
+"""Hostile requests against a real sidecar: huge batches, slow and idle connections,
+connection floods, anonymous callers spending the admin's rate budget.
+
+Each test attacks one limit and checks what the sidecar serves meanwhile (`/livez` on the
+probe listener), what it answers (the limit named) and that it recovers. Timings appear
+only as "it must not hang" guards; the figures are in `python -m bench.hostile_requests`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+pytest.register_assert_rewrite("server_support")
+
+from server_support import (  # noqa: E402
+    HOT,
+    Served,
+    Sidecar,
+    clean_environment,
+    eventually,
+    fraud_doc,
+    free_port,
+    spawn,
+    to_yaml,
+    wait_sync,
+)
+
+pytest_plugins = ["server_support"]
+
+EVALUATE = "/api/v1/rulesets/fraud/evaluate"
+GUARD_SECONDS = 1.0
+"""A /livez answer slower than this means the event loop was held: "did not hang"."""
+
+
+@pytest.fixture
+def rules(tmp_path: Path) -> Path:
+    directory = tmp_path / "rules"
+    directory.mkdir()
+    (directory / "fraud.yaml").write_text(to_yaml(fraud_doc()), encoding="utf-8")
+    return directory
+
+
+def serve(tmp_path: Path, rules: Path, **settings: str) -> Served:
+    """`rule-sidecar serve` with a probe listener and `RULE_SIDECAR_<NAME>` settings."""
+    env = clean_environment(
+        RULE_SIDECAR_METRICS_PORT=str(free_port()),
+        **{f"RULE_SIDECAR_{name.upper()}": value for name, value in settings.items()},
+    )
+    server = spawn(tmp_path, "--rules-dir", str(rules), env=env)
+    server.wait_ready()
+    return server
+
+
+@pytest.fixture
+def served(tmp_path: Path, rules: Path) -> Iterator[Any]:
+    """Factory: `served(**settings)` starts a process, stopped at teardown."""
+    started: list[Served] = []
+
+    def start(**settings: str) -> Served:
+        server = serve(tmp_path, rules, **settings)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def probe_port(server: Served) -> int:
+    return int(server.env["RULE_SIDECAR_METRICS_PORT"])
+
+
+class LivezPoller:
+    """Polls `/livez` on the probe listener from a thread, each answer within the guard."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}/livez"
+        self.answers = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with urllib.request.urlopen(self.url, timeout=GUARD_SECONDS) as response:
+                    assert response.status == 200
+                self.answers += 1
+            except (OSError, AssertionError) as exc:
+                self.failures.append(repr(exc))
+            time.sleep(0.02)
+
+    def __enter__(self) -> LivezPoller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def post_json(url: str, body: bytes, timeout: float = 120) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def batch(count: int) -> bytes:
+    """`{"inputs": [...]}` of `count` inputs, every third one matching both scoring rules."""
+    items = ['{"amount":5000,"country":"FR"}' if i % 3 == 0 else "{}" for i in range(count)]
+    return ('{"inputs":[' + ",".join(items) + "]}").encode()
+
+
+class TestBatches:
+    """One batch never stalls the sidecar, and its size, time and answer are bounded."""
+
+    def test_the_300k_item_batch_is_refused_and_probes_keep_answering(self, served):
+        """The issue's batch (300,000 tiny inputs, 600 KB: 15-43 s on the loop, 700 MB)
+        is refused at once with the limit named, and /livez answers throughout."""
+        server = served()
+        with LivezPoller(probe_port(server)) as poller:
+            status, body = post_json(
+                server.url + EVALUATE, b'{"inputs":[' + b",".join([b"{}"] * 300_000) + b"]}"
+            )
+            time.sleep(0.2)
+        assert status == 413, body
+        assert body["error"]["limit"] == "RULE_SIDECAR_MAX_BATCH_ITEMS"
+        assert "300000" in body["error"]["message"]
+        assert poller.failures == []
+        assert poller.answers > 0
+
+    def test_a_long_batch_is_evaluated_in_slices(self, served):
+        """With the item limit raised, a batch that takes seconds is evaluated while
+        /livez keeps answering on the probe listener, every answer within the guard."""
+        server = served(
+            max_batch_items="60000",
+            max_evaluation_seconds="600",
+            max_response_bytes=str(64 * 1024 * 1024),
+        )
+        with LivezPoller(probe_port(server)) as poller:
+            status, body = post_json(server.url + EVALUATE, batch(60_000))
+        assert status == 200, body
+        assert len(body["results"]) == 60_000
+        assert {r["registry_version"] for r in body["results"]} == {body["registry_version"]}
+        assert body["results"][0]["decision"] == "deny"
+        assert body["results"][1]["decision"] == "allow"
+        assert poller.failures == []
+        assert poller.answers > 0
+
+    async def test_a_batch_answers_from_one_version_while_a_reload_publishes(
+        self, start_sidecar, rules: Path
+    ):
+        """A reload published while a batch runs (the loop is free between slices) does not
+        reach the batch: every result names the version the batch started with."""
+        app: Sidecar = await start_sidecar(
+            rules,
+            max_batch_items=40_000,
+            max_evaluation_seconds=600,
+            max_response_bytes=64 * 1024 * 1024,
+        )
+        before = app.version
+        evaluation = asyncio.ensure_future(
+            app.client.post(
+                EVALUATE, data=batch(40_000), headers={"Content-Type": "application/json"}
+            )
+        )
+        await eventually(app.state.batches.turn.locked, message="the batch started")
+        (rules / "fraud.yaml").write_text(to_yaml(fraud_doc(large_points=70)), encoding="utf-8")
+        reload = await app.post(f"{HOT}/reload")
+        assert reload["status"] == "success"
+        assert not evaluation.done(), "the reload waited for the batch: the loop was held"
+        response = await evaluation
+        body = await response.json()
+        assert response.status == 200, body
+        assert app.version > before
+        assert {r["registry_version"] for r in body["results"]} == {before}
+        assert body["registry_version"] == before
+        assert body["results"][0]["decision"] == "deny"
+
+    async def test_a_batch_out_of_time_is_503_naming_the_limit(self, start_sidecar, rules: Path):
+        """Past max_evaluation_seconds the batch stops (503, Retry-After, the limit named)."""
+        app: Sidecar = await start_sidecar(
+            rules, max_batch_items=50_000, max_evaluation_seconds=0.01
+        )
+        response, body = await app.call(
+            "POST",
+            EVALUATE,
+            status=503,
+            data=batch(50_000),
+            headers={"Content-Type": "application/json"},
+        )
+        assert body["error"]["limit"] == "RULE_SIDECAR_MAX_EVALUATION_SECONDS"
+        assert "of 50000 inputs" in body["error"]["message"]
+        assert int(response.headers["Retry-After"]) >= 1
+
+    async def test_batches_wait_their_turn_in_a_bounded_queue(self, start_sidecar, rules: Path):
+        """One batch evaluates at a time; past max_queued_batches waiting, a batch is
+        refused at once (503) instead of holding its parsed inputs in memory."""
+        app: Sidecar = await start_sidecar(
+            rules,
+            max_batch_items=40_000,
+            max_evaluation_seconds=600,
+            max_response_bytes=64 * 1024 * 1024,
+            max_queued_batches=1,
+        )
+        body = batch(40_000)
+
+        async def send() -> tuple[int, dict[str, Any]]:
+            response = await app.client.post(
+                EVALUATE, data=body, headers={"Content-Type": "application/json"}
+            )
+            return response.status, await response.json()
+
+        answers = await asyncio.gather(send(), send(), send())
+        assert sorted(status for status, _ in answers) == [200, 200, 503]
+        refused = next(answer for status, answer in answers if status == 503)
+        assert refused["error"]["limit"] == "RULE_SIDECAR_MAX_QUEUED_BATCHES"
+
+    async def test_an_answer_past_its_size_is_413_naming_the_limit(
+        self, start_sidecar, rules: Path
+    ):
+        """An answer that would exceed max_response_bytes is refused, not built."""
+        app: Sidecar = await start_sidecar(rules, max_response_bytes=4096)
+        body = await app.post(
+            EVALUATE, status=413, data=batch(200), headers={"Content-Type": "application/json"}
+        )
+        assert body["error"]["limit"] == "RULE_SIDECAR_MAX_RESPONSE_BYTES"
+        small = await app.post(EVALUATE, json={"inputs": [{}, {"amount": 5000, "country": "FR"}]})
+        assert [r["decision"] for r in small["results"]] == ["allow", "deny"]
+
+    async def test_a_body_past_its_size_names_the_limit(self, start_sidecar, rules: Path):
+        """The body limit's 413 names its setting like every other limit."""
+        app: Sidecar = await start_sidecar(rules, max_body_bytes=1024)
+        body = await app.post(EVALUATE, status=413, json={"input": {"s": "x" * 2000}})
+        assert body["error"]["limit"] == "RULE_SIDECAR_MAX_BODY_BYTES"
+
+
+def connect(port: int, timeout: float = 10.0) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.settimeout(timeout)
+    return sock
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes; raises TimeoutError if it never does."""
+    received = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return received
+        if not chunk:
+            return received
+        received += chunk
+
+
+class TestConnections:
+    """Idle, slow and surplus connections are closed; the probe listener keeps answering."""
+
+    def test_an_idle_connection_is_closed(self, served):
+        """A connection that never sends a request is closed after the idle timeout."""
+        server = served(idle_timeout_seconds="1")
+        with connect(server.port) as sock:
+            assert read_until_closed(sock) == b""
+
+    def test_an_idle_keep_alive_connection_is_closed(self, served):
+        """After an answer, a kept-alive connection that sends nothing more is closed."""
+        server = served(idle_timeout_seconds="1")
+        with connect(server.port) as sock:
+            sock.sendall(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answer = read_until_closed(sock)
+        assert answer.startswith(b"HTTP/1.1 200")
+
+    def test_slow_headers_are_cut_off(self, served):
+        """Slowloris: a head sent a byte at a time is cut off at the idle timeout, even
+        though bytes keep arriving."""
+        server = served(idle_timeout_seconds="1")
+        with connect(server.port) as sock:
+            sock.sendall(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            deadline = time.monotonic() + 10
+            closed = False
+            while time.monotonic() < deadline and not closed:
+                try:
+                    sock.sendall(b"X")
+                    sock.settimeout(0.2)
+                    closed = sock.recv(1024) == b""
+                except TimeoutError:
+                    continue
+                except (BrokenPipeError, ConnectionResetError):
+                    closed = True
+        assert closed, "a head still arriving byte by byte was held for 10 s"
+
+    def test_a_slow_body_is_408_naming_the_limit(self, served):
+        """A body that does not arrive within body_timeout_seconds is answered 408 (limit
+        named) and the connection is closed."""
+        server = served(body_timeout_seconds="1")
+        with connect(server.port) as sock:
+            sock.sendall(
+                f"POST {EVALUATE} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+                '{"input": {'.encode()
+            )
+            answer = read_until_closed(sock)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), answer[:300]
+        assert json.loads(body)["error"]["limit"] == "RULE_SIDECAR_BODY_TIMEOUT_SECONDS"
+
+    def test_a_client_that_never_reads_its_answer_is_dropped(self, served):
+        """A client that does not take its answer within body_timeout_seconds has its
+        connection aborted (it held a slot of the cap and the answer's memory forever)."""
+        server = served(
+            body_timeout_seconds="1",
+            max_batch_items="40000",
+            max_evaluation_seconds="600",
+            max_response_bytes=str(64 * 1024 * 1024),
+        )
+        body = batch(40_000)
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(10)
+            sock.connect(("127.0.0.1", server.port))
+            sock.sendall(
+                f"POST {EVALUATE} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            wait_sync(
+                lambda: any("did not take its answer" in line for line in server.log_lines()),
+                timeout=60,
+                message="the sidecar gave up on the answer",
+            )
+            answer = read_until_closed(sock)
+        head, _, received = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        assert len(received) < length
+
+    def test_connections_past_the_cap_are_refused_and_probes_answer(self, served):
+        """Past max_connections a new connection gets 503 and is closed; the probe
+        listener, with its own cap, keeps answering; freed slots are served again."""
+        server = served(max_connections="8", idle_timeout_seconds="60")
+        held = [connect(server.port) for _ in range(8)]
+        try:
+            for sock in held:  # each one is served, so each one counts
+                sock.sendall(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            for _ in range(5):
+                with connect(server.port) as extra:
+                    answer = read_until_closed(extra)
+                assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
+                assert b"RULE_SIDECAR_MAX_CONNECTIONS" in answer
+            status, _ = probe(probe_port(server))
+            assert status == 200
+        finally:
+            for sock in held:
+                sock.close()
+
+        def served_again() -> bool:
+            with contextlib.suppress(OSError):
+                return server.get("/livez")[0] == 200
+            return False
+
+        wait_sync(served_again, message="a freed slot is served")
+
+    def test_the_probe_listener_has_its_own_cap(self, served):
+        """A flood of the probe listener is bounded too, and leaves the API answering."""
+        server = served(metrics_max_connections="4", idle_timeout_seconds="60")
+        held = [connect(probe_port(server)) for _ in range(4)]
+        try:
+            for sock in held:
+                sock.sendall(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            with connect(probe_port(server)) as extra:
+                assert read_until_closed(extra).startswith(b"HTTP/1.1 503")
+            assert server.get("/livez")[0] == 200
+        finally:
+            for sock in held:
+                sock.close()
+
+
+def probe(port: int) -> tuple[int, bytes]:
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{port}/livez", timeout=GUARD_SECONDS
+    ) as response:
+        return response.status, response.read()
+
+
+class TestRateBudgets:
+    """Anonymous callers spend only their own budget; the admin's reload stays possible."""
+
+    @pytest.fixture
+    async def guarded(self, start_sidecar, rules: Path, tmp_path: Path) -> Sidecar:
+        token = tmp_path / "token"
+        token.write_text("s3cret\n", encoding="utf-8")
+        app: Sidecar = await start_sidecar(rules, admin_token_file=token)
+        return app
+
+    ADMIN: ClassVar[dict[str, str]] = {"Authorization": "Bearer s3cret"}
+
+    async def test_anonymous_validations_leave_the_admin_reload_and_rollback(
+        self, guarded: Sidecar
+    ):
+        """The issue's attack: 70 anonymous validations (default budgets) run out of their
+        budget, and the admin still reloads, rolls back and validates."""
+        statuses = [
+            (await guarded.call("POST", f"{HOT}/validate", status=None))[0].status
+            for _ in range(70)
+        ]
+        assert 429 in statuses
+        assert set(statuses) == {200, 429}
+        (guarded.rules / "fraud.yaml").write_text(
+            to_yaml(fraud_doc(large_points=70)), encoding="utf-8"
+        )
+        reload = await guarded.post(f"{HOT}/reload", headers=self.ADMIN)
+        assert reload["status"] == "success"
+        await guarded.post(f"{HOT}/rollback", headers=self.ADMIN)
+        assert (await guarded.post(f"{HOT}/validate", headers=self.ADMIN))["valid"] is True
+        body = await guarded.post(f"{HOT}/validate", status=429)
+        assert body["error"]["limit"] == "RULE_SIDECAR_VALIDATE_RATE_PER_MINUTE"
+
+    async def test_without_a_token_validations_cannot_spend_the_reloads(
+        self, start_sidecar, rules: Path
+    ):
+        """Without an admin token every caller is anonymous, yet validate and reload keep
+        separate budgets: a validation flood leaves reloads possible."""
+        app: Sidecar = await start_sidecar(rules, reload_rate_per_minute=2)
+        statuses = [
+            (await app.call("POST", f"{HOT}/validate", status=None))[0].status for _ in range(40)
+        ]
+        assert 429 in statuses
+        await app.post(f"{HOT}/reload")
+        await app.post(f"{HOT}/reload")
+        await app.post(f"{HOT}/reload", status=429)
