@@ -125,8 +125,8 @@ class HotReloadService:
         self.log = ReloadLog(history_limit)
         self._source_status = {source.name: SourceStatus(source.name) for source in self.sources}
         self._lock = asyncio.Lock()
-        self._wake = asyncio.Event()
         self._wake_reasons: set[Trigger] = set()
+        self._requested: asyncio.Task[None] | None = None
         self._failed = asyncio.Event()  # set at each recorded failure: retry soon
         self._tasks: list[asyncio.Task[None]] = []
         self._last_check: datetime | None = None
@@ -148,16 +148,18 @@ class HotReloadService:
         """Start watching every source and the periodic resync (idempotent)."""
         if self.monitoring_active:
             return
-        self._tasks = [asyncio.create_task(self._coalescing_worker(), name="reload-worker")]
-        self._tasks.append(asyncio.create_task(self._resync_loop(), name="resync"))
+        self._tasks = [asyncio.create_task(self._resync_loop(), name="resync")]
         for source in self.sources:
             self._tasks.append(
                 asyncio.create_task(self._watch(source), name=f"watch {source.name}")
             )
 
     async def stop(self) -> None:
-        """Stop watching; the registry keeps serving what it has."""
+        """Stop watching (and any requested reload); the registry keeps serving."""
         tasks, self._tasks = self._tasks, []
+        if self._requested is not None:
+            tasks.append(self._requested)
+            self._requested = None
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -361,17 +363,18 @@ class HotReloadService:
     # Internals
 
     def request_reload(self, reason: Trigger | str) -> None:
-        """Ask for a background reload; requests made while one runs become one more."""
-        self._wake_reasons.add(Trigger(reason))
-        self._wake.set()
+        """Ask for a background reload; requests made while one runs become one more.
 
-    async def _coalescing_worker(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
+        Watching or not: SIGHUP reloads even with HOT_RELOAD_ENABLED=false."""
+        self._wake_reasons.add(Trigger(reason))
+        if self._requested is None or self._requested.done():
+            self._requested = asyncio.create_task(self._run_requested(), name="reload")
+
+    async def _run_requested(self) -> None:
+        while self._wake_reasons:
             reasons, self._wake_reasons = self._wake_reasons, set()
             try:
-                await self.reload_rules(trigger=frozenset(reasons) or frozenset({Trigger.WATCH}))
+                await self.reload_rules(trigger=frozenset(reasons))
             except Exception:
                 logger.exception("background reload crashed")
 

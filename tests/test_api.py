@@ -240,11 +240,11 @@ class TestMonitoring:
         assert health["checks"]["monitoring_active"] is False
 
     async def test_start_is_idempotent(self, sidecar: Sidecar):
-        """Starting twice keeps one reload worker running."""
+        """Starting twice keeps one resync loop running."""
         await sidecar.post(f"{HOT}/monitoring/start")
         await sidecar.post(f"{HOT}/monitoring/start")
-        workers = [t for t in asyncio.all_tasks() if t.get_name() == "reload-worker"]
-        assert len(workers) == 1
+        loops = [t for t in asyncio.all_tasks() if t.get_name() == "resync"]
+        assert len(loops) == 1
 
     async def test_monitoring_gauge(self, sidecar: Sidecar):
         """`rule_sidecar_monitoring_active` follows start and stop."""

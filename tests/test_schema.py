@@ -236,6 +236,7 @@ def _example_for(pattern: str) -> str:
         "{64}": "0" * 64,
         "[a-z_]+": "resync+watch",
         "[a-z0-9._-]": "base",
+        "RULE_SIDECAR_": "RULE_SIDECAR_MAX_BATCH_ITEMS",
     }
     value = next((v for k, v in examples.items() if k in pattern), "deny")
     assert re.search(pattern, value), (pattern, value)

@@ -238,3 +238,14 @@ class TestRetry:
             assert sorted(service.registry.current.rulesets) == ["a", "b"]
         finally:
             await service.stop()
+
+    async def test_a_requested_reload_runs_without_monitoring(self, heard):
+        """SIGHUP's path reloads even with HOT_RELOAD_ENABLED=false (never started)."""
+        source = StaticSource(rules("a"))
+        service = await started(source, heard)
+        source.set_files(rules("a", "b"))
+        service.request_reload(Trigger.SIGNAL)
+        service.request_reload(Trigger.API)  # made meanwhile: the same reload
+        await wait_for(lambda: heard[-1].triggers == {Trigger.SIGNAL, Trigger.API})
+        assert sorted(service.registry.current.rulesets) == ["a", "b"]
+        await service.stop()
