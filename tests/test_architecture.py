@@ -34,6 +34,7 @@ LAYERS: list[set[str]] = [
         "sidecar.api.metrics",
         "sidecar.api.websocket",
         "sidecar.api.ui",
+        "sidecar.api.renders",
     },
     {"sidecar.api.app"},
     {"sidecar.api.run"},

@@ -39,6 +39,7 @@ from sidecar.api.limits import (
     RequestLimits,
 )
 from sidecar.api.metrics import CONTENT_TYPE_LATEST, Metrics
+from sidecar.api.renders import RenderCache
 from sidecar.api.ui import ui_routes
 from sidecar.api.websocket import ReloadNotificationManager
 from sidecar.config import DEFAULT_SETTINGS
@@ -91,6 +92,7 @@ class AppState:
     )
     allowed_hosts: frozenset[str] = frozenset()
     batches: BatchTurns = field(default_factory=BatchTurns)
+    renders: RenderCache = field(default_factory=RenderCache)
 
 
 STATE: web.AppKey[AppState] = web.AppKey("state", AppState)
@@ -341,8 +343,11 @@ def _etag(snapshot: Snapshot) -> str:
     return f'"{snapshot.version}"'
 
 
-def _cached(request: web.Request, snapshot: Snapshot, data: Callable[[], Any]) -> web.Response:
-    """Registry reads: ETag is the registry version; If-None-Match answers 304."""
+async def _cached(
+    request: web.Request, snapshot: Snapshot, data: Callable[[], Any]
+) -> web.Response:
+    """Registry reads: ETag is the registry version; If-None-Match answers 304; a large
+    registry's answer is rendered once per version, off the event loop (`RenderCache`)."""
     etag = _etag(snapshot)
     given = {
         tag.strip().removeprefix("W/")
@@ -350,7 +355,10 @@ def _cached(request: web.Request, snapshot: Snapshot, data: Callable[[], Any]) -
     }
     if etag in given or "*" in given:
         return web.Response(status=304, headers={"ETag": etag})
-    return json_response(data(), headers={"ETag": etag})
+    body = await _state(request).renders.get(
+        snapshot.version, request.path_qs, len(snapshot.rules), lambda: _dumpb(data())
+    )
+    return web.Response(body=body, content_type="application/json", headers={"ETag": etag})
 
 
 def _record_response(record: ReloadRecord) -> web.Response:
@@ -497,12 +505,12 @@ async def get_rules(request: web.Request) -> web.Response:
         ]
         return _listing(snapshot, "rules", rules)
 
-    return _cached(request, snapshot, body)
+    return await _cached(request, snapshot, body)
 
 
 async def get_rule(request: web.Request) -> web.Response:
     snapshot = _state(request).registry.current
-    return _cached(request, snapshot, _find(snapshot.rules, "rule", request).to_dict)
+    return await _cached(request, snapshot, _find(snapshot.rules, "rule", request).to_dict)
 
 
 async def get_changes(request: web.Request) -> web.Response:
@@ -521,7 +529,7 @@ async def get_changes(request: web.Request) -> web.Response:
             "changes": [_change_view(change, old, new) for change in changes[:limit]],
         }
 
-    return _cached(request, new, body)
+    return await _cached(request, new, body)
 
 
 def _change_view(change: ChangeEvent, old: Snapshot, new: Snapshot) -> dict[str, Any]:
@@ -546,12 +554,12 @@ async def get_rulesets(request: web.Request) -> web.Response:
         rulesets = [ruleset.to_dict(with_rules=False) for ruleset in snapshot.rulesets.values()]
         return _listing(snapshot, "rulesets", rulesets)
 
-    return _cached(request, snapshot, body)
+    return await _cached(request, snapshot, body)
 
 
 async def get_ruleset(request: web.Request) -> web.Response:
     snapshot = _state(request).registry.current
-    return _cached(request, snapshot, _find(snapshot.rulesets, "ruleset", request).to_dict)
+    return await _cached(request, snapshot, _find(snapshot.rulesets, "ruleset", request).to_dict)
 
 
 async def post_evaluate(request: web.Request) -> web.Response:
