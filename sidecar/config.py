@@ -64,6 +64,7 @@ class Settings:
     interval_seconds: float = 30.0
     validation_enabled: bool = True
     max_age_seconds: float = 300.0
+    allow_empty: bool = False
     debounce_ms: int = 50
     max_body_bytes: int = 1024 * 1024
     reload_rate_per_minute: int = 60
@@ -157,6 +158,7 @@ ENVIRONMENT: Final[Mapping[str, str]] = {
     "interval_seconds": "HOT_RELOAD_INTERVAL_SECONDS",
     "validation_enabled": "HOT_RELOAD_VALIDATION_ENABLED",
     "max_age_seconds": "HOT_RELOAD_MAX_AGE_SECONDS",
+    "allow_empty": "RULE_SIDECAR_ALLOW_EMPTY",
     "debounce_ms": "RULE_SIDECAR_DEBOUNCE_MS",
     "max_body_bytes": "RULE_SIDECAR_MAX_BODY_BYTES",
     "reload_rate_per_minute": "RULE_SIDECAR_RELOAD_RATE_PER_MINUTE",

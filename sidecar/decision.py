@@ -10,12 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Final
 
 from sidecar.errors import Problem
 from sidecar.reloads import ReloadRecord, ReloadStatus, Triggers, is_background
 from sidecar.snapshot import Snapshot
 
-__all__ = ["Attempt", "Memory", "Verdict", "decide"]
+__all__ = ["EMPTIED", "Attempt", "Memory", "Verdict", "decide"]
+
+EMPTIED: Final = Problem(
+    file="<sources>",
+    message="the sources hold no ruleset any more: refused, the last good rules keep "
+    "serving (set RULE_SIDECAR_ALLOW_EMPTY=true to allow an empty registry)",
+)
 
 
 class Verdict(StrEnum):
@@ -25,6 +32,7 @@ class Verdict(StrEnum):
     FAILED = "failed"  # recorded and announced; the last good rules keep serving
     QUIET = "quiet"  # a background check found no news: not recorded
     CONFIRM = "confirm"  # the sources emptied a non-empty registry: read again first
+    EMPTY_REFUSED = "empty_refused"  # ... and still do: a failure (`EMPTIED`) unless allowed
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,8 +56,11 @@ class Memory:
     rolled_back_from: str | None = None  # the revision a rollback holds back
 
 
-def decide(attempt: Attempt, memory: Memory) -> Verdict:
-    """The verdict for one attempt; see `Verdict` for what each one does."""
+def decide(attempt: Attempt, memory: Memory, *, allow_empty: bool = False) -> Verdict:
+    """The verdict for one attempt; see `Verdict` for what each one does.
+
+    A registry that had rules is never emptied by accident (every file deleted, a Helm
+    value that renders nothing): that takes two reads agreeing and `allow_empty`."""
     last = memory.last
     after_failure = last is not None and last.status is ReloadStatus.FAILED
     background = is_background(attempt.triggers)
@@ -62,8 +73,12 @@ def decide(attempt: Attempt, memory: Memory) -> Verdict:
     else:
         same = candidate.revision == memory.rolled_back_from
     emptied = not candidate.rulesets and bool(attempt.serving.rulesets)
-    if emptied and not same and not attempt.confirmed:
-        return Verdict.CONFIRM
+    if emptied and not same:
+        if not attempt.confirmed:
+            return Verdict.CONFIRM
+        if not allow_empty:
+            repeated = after_failure and last is not None and last.errors == (EMPTIED,)
+            return Verdict.QUIET if background and repeated else Verdict.EMPTY_REFUSED
     if attempt.force or memory.serving_from_state or not same:
         return Verdict.PUBLISH
     if after_failure:

@@ -20,7 +20,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Final
 
-from sidecar.decision import Attempt, Memory, Verdict, decide
+from sidecar.decision import EMPTIED, Attempt, Memory, Verdict, decide
 from sidecar.documents import SourceFile
 from sidecar.errors import LoadError, NotFoundError, Problem
 from sidecar.loader import Loader, LoadResult
@@ -112,6 +112,7 @@ class HotReloadService:
         state: StateStore | None = None,
         history_limit: int = 50,
         max_age_seconds: float = 300.0,
+        allow_empty: bool = False,
         confirm_empty_seconds: float = _CONFIRM_EMPTY_SECONDS,
     ) -> None:
         self.registry = registry
@@ -121,6 +122,7 @@ class HotReloadService:
         self.auto_reload = auto_reload
         self.state = state
         self.max_age_seconds = max_age_seconds
+        self.allow_empty = allow_empty
         self.confirm_empty_seconds = confirm_empty_seconds
         self.log = ReloadLog(history_limit)
         self._source_status = {source.name: SourceStatus(source.name) for source in self.sources}
@@ -493,7 +495,7 @@ class HotReloadService:
             self.loader.forget()
             self._rolled_back_from = None
         attempt, result = await self._attempt(triggers, before, force=force, validate=validate)
-        verdict = decide(attempt, self._memory())
+        verdict = decide(attempt, self._memory(), allow_empty=self.allow_empty)
         if verdict is Verdict.CONFIRM:
             # Every rule gone at once is more often a source in flux (a directory being
             # re-created, a database between `db init` and `db import`) than a decision.
@@ -501,8 +503,8 @@ class HotReloadService:
             attempt, result = await self._attempt(
                 triggers, before, force=force, validate=validate, confirmed=True
             )
-            verdict = decide(attempt, self._memory())
-        if attempt.candidate is not None:
+            verdict = decide(attempt, self._memory(), allow_empty=self.allow_empty)
+        if attempt.candidate is not None and verdict is not Verdict.EMPTY_REFUSED:
             self._last_verified = now()
         if verdict is Verdict.QUIET:
             return self._unrecorded(before, triggers)
@@ -526,6 +528,8 @@ class HotReloadService:
             errors=attempt.problems,
             filtered_by=filtered_by,
         )
+        if verdict is Verdict.EMPTY_REFUSED:
+            return replace(failed, errors=(EMPTIED,))
         if verdict is Verdict.FAILED or result is None:
             return failed
         loaded = replace(failed, errors=(), files=result.files, files_parsed=result.files_parsed)

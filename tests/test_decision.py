@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import dump_yaml, make_ruleset_doc
 
-from sidecar.decision import Attempt, Memory, Verdict, decide
+from sidecar.decision import EMPTIED, Attempt, Memory, Verdict, decide
 from sidecar.documents import SourceFile
 from sidecar.errors import Problem
 from sidecar.loader import Loader
@@ -46,6 +46,7 @@ def last(status: ReloadStatus, errors: tuple[Problem, ...] = ()) -> ReloadRecord
 FAILED = Memory(last=last(ReloadStatus.FAILED, PROBLEM))
 OK = Memory(last=last(ReloadStatus.SUCCESS))
 FROM_STATE = Memory(serving_from_state=True)
+REFUSED = Verdict.EMPTY_REFUSED
 HOLDS_B = Memory(rolled_back_from=B.revision)
 
 
@@ -71,7 +72,11 @@ HOLDS_B = Memory(rolled_back_from=B.revision)
         ),
         (Attempt(triggers=WATCH, serving=A, candidate=EMPTY), OK, Verdict.CONFIRM),
         (Attempt(triggers=API, serving=A, candidate=EMPTY, force=True), OK, Verdict.CONFIRM),
-        (Attempt(triggers=WATCH, serving=A, candidate=EMPTY, confirmed=True), OK, Verdict.PUBLISH),
+        (
+            Attempt(triggers=WATCH, serving=A, candidate=EMPTY, confirmed=True),
+            OK,
+            Verdict.EMPTY_REFUSED,
+        ),
         (Attempt(triggers=WATCH, serving=EMPTY, candidate=A), Memory(), Verdict.PUBLISH),
         (
             Attempt(triggers=WATCH, serving=A, candidate=A),
@@ -101,7 +106,7 @@ HOLDS_B = Memory(rolled_back_from=B.revision)
         "failure-repeated-when-asked",
         "emptied",
         "emptied-even-forced",
-        "emptied-confirmed",
+        "emptied-confirmed-refused",
         "first-load",
         "from-state-dir",
         "rollback-holds",
@@ -110,3 +115,14 @@ HOLDS_B = Memory(rolled_back_from=B.revision)
 )
 def test_decide(attempt: Attempt, memory: Memory, verdict: Verdict):
     assert decide(attempt, memory) is verdict
+
+
+def test_an_allowed_empty_registry_is_published():
+    attempt = Attempt(triggers=WATCH, serving=A, candidate=EMPTY, confirmed=True)
+    assert decide(attempt, OK, allow_empty=True) is Verdict.PUBLISH
+
+
+def test_a_repeated_refusal_in_the_background_is_quiet():
+    attempt = Attempt(triggers=WATCH, serving=A, candidate=EMPTY, confirmed=True)
+    refused = Memory(last=last(ReloadStatus.FAILED, (EMPTIED,)))
+    assert decide(attempt, refused) is Verdict.QUIET

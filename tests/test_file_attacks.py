@@ -282,3 +282,29 @@ class TestDescriptors:
         assert_no_success_lost_rules(sidecar, 2)
         post(sidecar, f"{HOT}/reload", {})
         assert sidecar.get("/api/v1/rules/a-big")[1]["points"] == 66
+
+
+class TestNeverEmptyByAccident:
+    def test_deleting_every_file_is_refused(self, sidecar: Served, tmp_path: Path):
+        """Every rule file deleted: refused (the setting named), every ruleset serves."""
+        for path in (tmp_path / "rules").rglob("*.yaml"):
+            path.unlink()
+
+        failure = newest_failure(sidecar)
+
+        assert "RULE_SIDECAR_ALLOW_EMPTY" in failure["errors"][0]["message"]
+        assert served_rulesets(sidecar) == ["a", "b"]
+        assert sidecar.get("/health/hot-reload")[1]["status"] == "degraded"
+
+    def test_allowed_the_registry_empties(self, tmp_path: Path):
+        rules = teams(tmp_path / "rules")
+        env = clean_environment(RULE_SIDECAR_ALLOW_EMPTY="true")
+        served = spawn(tmp_path, "--rules-dir", str(rules), env=env)
+        try:
+            served.wait_ready()
+            for path in rules.rglob("*.yaml"):
+                path.unlink()
+            wait_sync(lambda: served_rulesets(served) == [], timeout=15, message="emptied")
+            assert history(served)[0]["status"] == "success"
+        finally:
+            served.stop()

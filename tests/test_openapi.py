@@ -851,8 +851,10 @@ class TestWebSocket:
         response.close()
         await api.call("GET", "/ws/hot-reload", 400)
 
-    async def test_broadcasts(self, api: Api) -> None:
-        """Reloads, failures and every kind of registry change reach subscribers."""
+    async def test_broadcasts(self, start: Start) -> None:
+        """Reloads, failures and every kind of registry change reach subscribers (the
+        registry emptied too, which takes RULE_SIDECAR_ALLOW_EMPTY)."""
+        api = await start(allow_empty=True)
         ws = await api.connect()
         seen = [await receive(ws)]
         api.write(UPDATED)

@@ -15,6 +15,7 @@ from datetime import timedelta
 import pytest
 from conftest import dump_yaml, make_ruleset_doc
 
+from sidecar.decision import EMPTIED
 from sidecar.documents import SourceFile
 from sidecar.errors import LoadError, Problem
 from sidecar.integration import is_registry_fresh
@@ -164,9 +165,25 @@ class TestEmptied:
         assert sorted(service.registry.current.rulesets) == ["a", "b", "c"]
         assert all(r.rules_loaded > 0 for r in heard)
 
-    async def test_an_emptied_source_that_stays_empty_is_published(self, heard):
+    async def test_an_emptied_source_is_refused_by_default(self, heard):
+        """Every file deleted: a recorded failure naming the setting; rules keep serving."""
         source = StaticSource(rules("a"))
         service = await started(source, heard, confirm_empty_seconds=0.01)
+        verified = service.get_status()["last_successful_check_time"]
+        source.set_files([])
+        record = await service.reload_rules(trigger=Trigger.WATCH)
+        assert (record.status, record.errors) == (ReloadStatus.FAILED, (EMPTIED,))
+        assert "RULE_SIDECAR_ALLOW_EMPTY" in record.errors[0].message
+        assert list(service.registry.current.rulesets) == ["a"]
+        assert heard[-1] is record
+        # What serves is not what the sources hold: not a successful check.
+        assert service.get_status()["last_successful_check_time"] == verified
+        # The resync meeting the same refusal is not news.
+        assert (await service.reload_rules(trigger=Trigger.RESYNC)).id == 0
+
+    async def test_an_emptied_source_that_stays_empty_is_published_if_allowed(self, heard):
+        source = StaticSource(rules("a"))
+        service = await started(source, heard, confirm_empty_seconds=0.01, allow_empty=True)
         source.set_files([])
         record = await service.reload_rules(trigger=Trigger.WATCH)
         assert (record.status, record.rulesets_loaded) == (ReloadStatus.SUCCESS, 0)
@@ -175,7 +192,7 @@ class TestEmptied:
     async def test_unchecked_then_deleted_rules_are_removed(self, heard):
         """A reload without checks, then every file deleted: nothing may keep serving."""
         source = StaticSource(rules("a", "b"))
-        service = await started(source, heard, confirm_empty_seconds=0.01)
+        service = await started(source, heard, confirm_empty_seconds=0.01, allow_empty=True)
         await service.reload_rules(validate=False, force=True)
         source.set_files([])
         record = await service.reload_rules(trigger=Trigger.WATCH)

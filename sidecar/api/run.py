@@ -130,6 +130,7 @@ def build_state(settings: Settings) -> AppState:
         state=StateStore(settings.state_dir) if settings.state_dir else None,
         history_limit=settings.history_limit,
         max_age_seconds=settings.max_age_seconds,
+        allow_empty=settings.allow_empty,
     )
     if recorder is not None:
         service.add_listener(_post_events(recorder))
