@@ -5,15 +5,19 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import http.server
 import io
 import os
+import re
 import shutil
 import subprocess
 import tarfile
+import threading
+import urllib.parse
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import yaml
@@ -67,9 +71,11 @@ def template(*args: str | Path, chart: Path = CHART) -> list[dict[str, Any]]:
 
 
 @functools.cache
-def rendered(value_set: str) -> tuple[dict[str, Any], ...]:
-    """The documents of one value set (rendered once)."""
-    return tuple(template("-f", VALUE_SETS[value_set]))
+def rendered(value_set: str, kube_version: str | None = None) -> tuple[dict[str, Any], ...]:
+    """The documents of one value set (rendered once), for Helm's default Kubernetes
+    version or the one given (`--kube-version`, as under Argo CD)."""
+    version = ("--kube-version", kube_version) if kube_version else ()
+    return tuple(template("-f", VALUE_SETS[value_set], *version))
 
 
 def of_kind(docs: Iterable[dict[str, Any]], kind: str) -> list[Any]:
@@ -89,9 +95,15 @@ def pod_spec(docs: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return spec
 
 
+def containers_of(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every container of a pod spec: init containers (native sidecars) and the others."""
+    containers: list[dict[str, Any]] = spec.get("initContainers", []) + spec["containers"]
+    return containers
+
+
 def sidecar_of(spec: dict[str, Any]) -> dict[str, Any]:
-    """The rule-sidecar container of a pod spec."""
-    return only([c for c in spec["containers"] if c["name"] == SIDECAR])
+    """The rule-sidecar container of a pod spec (a native sidecar or a classic one)."""
+    return only([c for c in containers_of(spec) if c["name"] == SIDECAR])
 
 
 def env_of(container: dict[str, Any]) -> dict[str, str]:
@@ -128,7 +140,7 @@ def write_rules_data(docs: Iterable[dict[str, Any]], directory: Path) -> Path:
 
 all_value_sets = pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
 # The value sets that mount the rules ConfigMap (the others read it through the API).
-API_VALUE_SETS = {"kubernetes-source"}
+API_VALUE_SETS = {"kubernetes-source", "native-sidecar", "classic-sidecar"}
 mounting_value_sets = pytest.mark.parametrize("value_set", sorted(set(VALUE_SETS) - API_VALUE_SETS))
 
 
@@ -141,6 +153,8 @@ def test_the_value_sets_are_there() -> None:
         "with-rbac-and-servicemonitor",
         "restart-on-change",
         "kubernetes-source",
+        "native-sidecar",
+        "classic-sidecar",
     }
 
 
@@ -179,7 +193,7 @@ class TestRulesVolume:
     @all_value_sets
     def test_no_sub_path_anywhere(self, value_set: str) -> None:
         """No container mounts anything with subPath (such mounts never update)."""
-        for container in pod_spec(rendered(value_set))["containers"]:
+        for container in containers_of(pod_spec(rendered(value_set))):
             for volume_mount in container.get("volumeMounts", []):
                 assert "subPath" not in volume_mount
                 assert "subPathExpr" not in volume_mount
@@ -307,9 +321,11 @@ class TestEnvironment:
         assert env_of(app)["RULE_SIDECAR_URL"] == "http://127.0.0.1:8000"
 
     def test_sidecar_only_has_no_application(self) -> None:
-        """With app.enabled false the pod runs the sidecar alone."""
-        containers = pod_spec(rendered("sidecar-only"))["containers"]
-        assert [c["name"] for c in containers] == [SIDECAR]
+        """With app.enabled false the pod runs the sidecar alone, as a classic container
+        (a pod needs one that is not an init container)."""
+        spec = pod_spec(rendered("sidecar-only"))
+        assert [c["name"] for c in spec["containers"]] == [SIDECAR]
+        assert "initContainers" not in spec
 
     def test_database_password_comes_from_a_mounted_secret(self) -> None:
         """The URL carries no password; the password file lies in the Secret's volume."""
@@ -357,12 +373,14 @@ class TestAdminToken:
         assert of_kind(docs, "Secret") == []
         self.check_mounted(docs, "rule-sidecar-admin", "admin-token")
 
-    def test_generated_token(self) -> None:
-        """Without a value, a random token is generated (kept across upgrades by lookup)."""
-        docs = template("--set", "adminToken.enabled=true")
-        token = base64.b64decode(only(of_kind(docs, "Secret"))["data"]["token"])
-        assert len(token) == 48
-        assert token.isalnum()
+    def test_no_token_is_generated(self) -> None:
+        """Without a Secret or a value there is no render, rather than a random token that
+        `helm template` (Argo CD) would make anew on every sync: the message names both."""
+        result = helm("template", CHART, "--set", "adminToken.enabled=true", check=False)
+        assert result.returncode != 0
+        assert "adminToken.existingSecret" in result.stderr
+        assert "adminToken.value" in result.stderr
+        assert "helm template" in result.stderr
 
     def test_no_token_by_default(self) -> None:
         """Off by default: no Secret, no volume, no variable."""
@@ -414,10 +432,10 @@ class TestOptionalObjects:
     def test_rbac_only_when_enabled(self, value_set: str) -> None:
         """A Role and RoleBinding in the value sets that ask for RBAC only."""
         docs = rendered(value_set)
-        enabled = value_set in {"with-rbac-and-servicemonitor", "kubernetes-source"}
+        enabled = value_set in {"with-rbac-and-servicemonitor"} | API_VALUE_SETS
         assert len(of_kind(docs, "Role")) == len(of_kind(docs, "RoleBinding")) == int(enabled)
         assert of_kind(docs, "ClusterRole") == of_kind(docs, "ClusterRoleBinding") == []
-        assert pod_spec(docs)["automountServiceAccountToken"] is enabled
+        assert pod_spec(docs)["automountServiceAccountToken"] is False
 
     @all_value_sets
     def test_service_monitor_only_when_enabled(self, value_set: str) -> None:
@@ -522,15 +540,16 @@ class TestKubernetesSource:
         assert RULES_DIR not in {m["mountPath"] for m in sidecar_of(spec)["volumeMounts"]}
 
     def test_role_and_token(self) -> None:
-        """The pod gets its API token; the Role reads ConfigMaps and creates Events."""
+        """The sidecar gets its API token (the pod does not automount one); the Role reads
+        ConfigMaps and creates core Events, nothing more."""
         docs = rendered("kubernetes-source")
-        assert pod_spec(docs)["automountServiceAccountToken"] is True
+        assert pod_spec(docs)["automountServiceAccountToken"] is False
+        assert mount(sidecar_of(pod_spec(docs)), "rule-sidecar-kube-api-access")
         role = only(of_kind(docs, "Role"))
-        verbs = {
-            resource: rule["verbs"] for rule in role["rules"] for resource in rule["resources"]
-        }
-        assert sorted(verbs["configmaps"]) == ["get", "list", "watch"]
-        assert "create" in verbs["events"]
+        assert role["rules"] == [
+            {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+        ]
 
     def test_a_custom_selector(self) -> None:
         """A selector of the user's own reaches the sidecar unchanged."""
@@ -547,6 +566,7 @@ class TestKubernetesSource:
         ("values", "message"),
         [
             (["rbac.create=false"], "needs the pod's API token"),
+            (["rbac.create=false", "serviceAccount.automountToken=true"], "rbac.create"),
             (["rbac.events=false"], "needs rbac.events"),
         ],
     )
@@ -601,6 +621,423 @@ class TestRules:
         assert "not a rule file name" in result.stderr
 
 
+def values_file(directory: Path, values: dict[str, Any]) -> Path:
+    """A values file of `values` (lists survive whole, unlike `--set` of one index)."""
+    path = directory / "values.yaml"
+    path.write_text(yaml.safe_dump(values), encoding="utf-8")
+    return path
+
+
+def refused(*args: str | Path) -> str:
+    """`helm template` with these arguments fails: its error output."""
+    result = helm("template", "release", CHART, *args, check=False)
+    assert result.returncode != 0, result.stdout
+    return result.stderr
+
+
+# Template functions whose result depends on the cluster, the clock or chance.
+UNSTABLE = re.compile(
+    r"\b(lookup|rand[A-Z]\w*|randInt|uuidv4|now|date\w*|htmlDate\w*|ago|gen[A-Z]\w*|shuffle)\b"
+)
+# String literals of a template action ("..." with escapes, or `raw`).
+LITERAL = re.compile(r'"(?:[^"\\]|\\.)*"|`[^`]*`')
+
+
+class TestDeterministicRender:
+    """`helm template` (how Argo CD and Flux render: no cluster to read, `lookup` answers
+    nothing) gives the same bytes every time: a sync never finds drift nobody made."""
+
+    CASES: ClassVar[dict[str, tuple[str, ...]]] = {
+        **{name: ("-f", str(path)) for name, path in VALUE_SETS.items()},
+        "admin-token-without-source": ("--set", "adminToken.enabled=true"),
+    }
+
+    @pytest.mark.parametrize("case", sorted(CASES))
+    def test_twice_byte_for_byte(self, case: str) -> None:
+        """Two renders of the same values are identical, token Secret included; a token
+        with neither a Secret nor a value is refused (the same way twice)."""
+        args = ("template", "release", CHART, "--namespace", "shop", *self.CASES[case])
+        first, second = helm(*args, check=False), helm(*args, check=False)
+        assert first.returncode == (1 if case == "admin-token-without-source" else 0)
+        assert (first.returncode, first.stdout, first.stderr) == (
+            second.returncode,
+            second.stdout,
+            second.stderr,
+        )
+
+    def test_no_template_reads_the_cluster_or_chance(self) -> None:
+        """No template action calls lookup, a random, clock or key generator function."""
+        for path in sorted((CHART / "templates").iterdir()):
+            text = re.sub(r"\{\{-?\s*/\*.*?\*/\s*-?\}\}", "", path.read_text("utf-8"), flags=re.S)
+            for action in re.findall(r"\{\{(.*?)\}\}", text, flags=re.S):
+                code = LITERAL.sub('""', action)
+                assert not UNSTABLE.search(code), f"{path.name}: {{{{{action}}}}}"
+
+
+def native_and_classic(spec: dict[str, Any], *, native: bool) -> dict[str, Any]:
+    """Check where the sidecar runs: the single init container with restartPolicy Always
+    (native) or a container beside the application (classic); return it."""
+    sidecar = sidecar_of(spec)
+    names = [c["name"] for c in spec["containers"]]
+    if native:
+        assert spec["initContainers"] == [sidecar]
+        assert sidecar["restartPolicy"] == "Always"
+        assert names == ["app"]
+    else:
+        assert "initContainers" not in spec
+        assert "restartPolicy" not in sidecar
+        assert names == ["app", SIDECAR]
+    for container in spec["containers"]:
+        assert "restartPolicy" not in container
+    return sidecar
+
+
+class TestNativeSidecar:
+    """`sidecar.native`: a native sidecar where Kubernetes has them (1.29+), else classic."""
+
+    @pytest.mark.parametrize("version", [None, "1.29.0", "1.32.4", "1.37.0"])
+    def test_native_from_1_29(self, version: str | None) -> None:
+        """The default ("auto") for 1.29 and later, Helm's default version (1.32) included:
+        the sidecar starts first, and its startup probe (a first valid set of rules serves)
+        gates the application's start."""
+        docs = template(*(("--kube-version", version) if version else ()))
+        sidecar = native_and_classic(pod_spec(docs), native=True)
+        assert sidecar["startupProbe"]["httpGet"]["path"] == "/health/hot-reload"
+        assert sidecar["readinessProbe"]["httpGet"]["path"] == "/health/hot-reload"
+        assert sidecar["livenessProbe"]["httpGet"]["path"] == "/livez"
+
+    @pytest.mark.parametrize("version", ["1.27.0", "1.28.9"])
+    def test_classic_before_1_29(self, version: str) -> None:
+        """Older versions get the classic container, probes unchanged."""
+        sidecar = native_and_classic(pod_spec(template("--kube-version", version)), native=False)
+        assert sidecar["startupProbe"]["httpGet"]["path"] == "/health/hot-reload"
+
+    @pytest.mark.parametrize(
+        ("mode", "version", "native"),
+        [
+            ("false", "1.32.0", False),
+            ("true", "1.28.0", True),
+            ("auto", "1.28.0", False),
+            ("true", "1.37.0", True),
+        ],
+    )
+    def test_forced(self, mode: str, version: str, native: bool) -> None:
+        """true or false wins over the version (1.28 has them behind a feature gate)."""
+        docs = template("--set", f"sidecar.native={mode}", "--kube-version", version)
+        native_and_classic(pod_spec(docs), native=native)
+
+    def test_value_sets(self) -> None:
+        """The CI value sets that force each shape."""
+        native_and_classic(pod_spec(rendered("native-sidecar", "1.28")), native=True)
+        native_and_classic(pod_spec(rendered("classic-sidecar")), native=False)
+
+    def test_forced_native_needs_1_28(self) -> None:
+        """On 1.27 the field would be dropped: an init container that never ends, an
+        application that never starts. The render says so and how to choose."""
+        message = refused("--set", "sidecar.native=true", "--kube-version", "1.27.3")
+        assert "needs Kubernetes 1.29" in message
+        assert "--kube-version" in message
+        message = refused("-f", VALUE_SETS["native-sidecar"], "--kube-version", "1.27")
+        assert "needs Kubernetes 1.29" in message
+
+    def test_forced_native_needs_an_application(self) -> None:
+        """A pod needs a regular container; "auto" keeps the sidecar classic alone."""
+        message = refused("--set", "sidecar.native=true", "--set", "app.enabled=false")
+        assert "needs app.enabled" in message
+
+    def test_notes_say_which(self, tmp_path: Path) -> None:
+        """NOTES.txt tells which shape the pod has and what it means."""
+        notes = TestNotes().notes
+        assert "native sidecar" in notes(tmp_path / "a")
+        classic = notes(tmp_path / "b", "--kube-version", "1.28.0")
+        assert "classic container" in classic
+        assert "v1.28.0" in classic
+
+
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+class TestApiToken:
+    """The API token is mounted into the sidecar only, never into the application."""
+
+    @pytest.mark.parametrize("version", ["1.28", None])
+    @pytest.mark.parametrize("value_set", sorted(API_VALUE_SETS))
+    def test_only_the_sidecar_mounts_it(self, value_set: str, version: str | None) -> None:
+        """No automount for the pod or the account; the sidecar alone mounts a projected
+        token, the cluster CA and the namespace, read-only, where clients look for them."""
+        docs = rendered(value_set, version)
+        spec = pod_spec(docs)
+        assert spec["automountServiceAccountToken"] is False
+        assert only(of_kind(docs, "ServiceAccount"))["automountServiceAccountToken"] is False
+        sidecar = sidecar_of(spec)
+        token = mount(sidecar, "rule-sidecar-kube-api-access")
+        assert token == {
+            "name": "rule-sidecar-kube-api-access",
+            "mountPath": SERVICE_ACCOUNT_DIR,
+            "readOnly": True,
+        }
+        for container in containers_of(spec):
+            if container is not sidecar:
+                paths = [m["mountPath"] for m in container.get("volumeMounts", [])]
+                assert not any(p.startswith("/var/run/secrets") for p in paths), container
+                assert "rule-sidecar-kube-api-access" not in {
+                    m["name"] for m in container.get("volumeMounts", [])
+                }
+
+    def test_the_client_finds_it_there(self) -> None:
+        """The projected files are the paths the Kubernetes client and the sidecar read."""
+        from kubernetes.config import incluster_config
+
+        from sidecar.sources.kubernetes import SERVICE_ACCOUNT_NAMESPACE
+
+        spec = pod_spec(rendered("kubernetes-source"))
+        projected = volume(spec, "rule-sidecar-kube-api-access")["projected"]
+        root = Path(mount(sidecar_of(spec), "rule-sidecar-kube-api-access")["mountPath"])
+        files: dict[Path, dict[str, Any]] = {}
+        for source in projected["sources"]:
+            (kind, body), *rest = source.items()
+            assert rest == []
+            if kind == "serviceAccountToken":
+                files[root / body["path"]] = {"token": body.get("audience", "api")}
+                assert 600 <= body["expirationSeconds"] <= 3600
+            elif kind == "configMap":
+                for item in body["items"]:
+                    files[root / item["path"]] = {"configMap": body["name"], "key": item["key"]}
+            else:
+                assert kind == "downwardAPI"
+                for item in body["items"]:
+                    files[root / item["path"]] = item["fieldRef"]
+        assert files == {
+            Path(incluster_config.SERVICE_TOKEN_FILENAME): {"token": "api"},
+            Path(incluster_config.SERVICE_CERT_FILENAME): {
+                "configMap": "kube-root-ca.crt",
+                "key": "ca.crt",
+            },
+            SERVICE_ACCOUNT_NAMESPACE: {"apiVersion": "v1", "fieldPath": "metadata.namespace"},
+        }
+
+    @all_value_sets
+    def test_no_token_without_the_api_source(self, value_set: str) -> None:
+        """Without the API source no container gets a token, RBAC or not."""
+        spec = pod_spec(rendered(value_set))
+        assert spec["automountServiceAccountToken"] is False
+        has_token = "rule-sidecar-kube-api-access" in {v["name"] for v in spec["volumes"]}
+        assert has_token is (value_set in API_VALUE_SETS)
+
+    def test_the_account_token_for_every_container_only_when_asked(self) -> None:
+        """serviceAccount.automountToken is the way to give the application a token too."""
+        docs = template("--set", "serviceAccount.automountToken=true")
+        assert pod_spec(docs)["automountServiceAccountToken"] is True
+        assert only(of_kind(docs, "ServiceAccount"))["automountServiceAccountToken"] is True
+
+    def test_a_parent_chart_gets_the_same(self) -> None:
+        """The named templates carry the token volume and mount: a parent's pod needs no
+        automount (TestNamedTemplates renders the whole of it)."""
+        docs = template("-f", VALUE_SETS["kubernetes-source"], "--set", "deployment.enabled=false")
+        assert of_kind(docs, "Deployment") == []
+        assert only(of_kind(docs, "ServiceAccount"))["automountServiceAccountToken"] is False
+
+
+class RecordingApi(http.server.BaseHTTPRequestHandler):
+    """An API server that accepts every request and records what RBAC would check:
+    (apiGroup, resource, verb)."""
+
+    calls: ClassVar[list[tuple[str, str, str]]] = []
+
+    def _record(self) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        parts = url.path.strip("/").split("/")
+        group = "" if parts[0] == "api" else parts[1]
+        rest = parts[2:] if parts[0] == "api" else parts[3:]
+        assert rest[0] == "namespaces", self.path
+        resource, named = rest[2], len(rest) > 3
+        verbs = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+        if self.command == "GET":
+            watch = "watch=true" in url.query
+            verb = "get" if named else "watch" if watch else "list"
+        else:
+            verb = verbs[self.command]
+        self.calls.append((group, resource, verb))
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}"
+        self.send_response(201)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _record
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet."""
+
+
+class TestRoleMatchesTheSidecar:
+    """The Role grants on Events exactly what the sidecar's Event recorder calls."""
+
+    def test_events(self) -> None:
+        """Every call of the recorder is granted, and nothing is granted it never calls."""
+        from kubernetes import client
+
+        from sidecar.errors import Problem
+        from sidecar.sources.kubernetes import EventRecorder
+
+        role = only(of_kind(rendered("kubernetes-source"), "Role"))
+        granted = {
+            (group, resource, verb)
+            for rule in role["rules"]
+            for group in rule["apiGroups"]
+            for resource in rule["resources"]
+            for verb in rule["verbs"]
+            if resource == "events"
+        }
+        RecordingApi.calls = []
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RecordingApi)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            configuration = client.Configuration()
+            configuration.host = f"http://127.0.0.1:{server.server_address[1]}"
+            recorder = EventRecorder(
+                client.ApiClient(configuration), namespace="shop", instance="p"
+            )
+            problems = [
+                Problem(file="configmap/a/a.yaml", line=1, message="bad"),
+                Problem(file="configmap/b/b.yaml", line=2, message="worse"),
+            ]
+            recorder.reload_failed(problems)
+            recorder.reload_failed(problems)  # the same failure again: still a create
+        finally:
+            server.shutdown()
+            thread.join(timeout=10)
+        assert len(RecordingApi.calls) == 4
+        assert set(RecordingApi.calls) == granted == {("", "events", "create")}
+
+
+class TestPorts:
+    """Two listeners on one port, or a Service port twice, fail the render (lint and
+    kubernetes-validate pass them; the pod or the API server fails later)."""
+
+    @pytest.mark.parametrize(
+        ("values", "message"),
+        [
+            (
+                {"sidecar": {"metrics": {"port": 8000}}},
+                "sidecar.port and sidecar.metrics.port are both port 8000/TCP",
+            ),
+            (
+                {"sidecar": {"port": 9090, "metrics": {"enabled": True}}},
+                "sidecar.port and sidecar.metrics.port are both port 9090/TCP",
+            ),
+            (
+                {"serviceMonitor": {"enabled": True}, "app": {"ports": [{"containerPort": 9090}]}},
+                "sidecar.metrics.port and app.ports[0] are both port 9090/TCP",
+            ),
+            (
+                {"app": {"ports": [{"name": "http", "containerPort": 8000}]}},
+                "sidecar.port and app.ports[0] are both port 8000/TCP",
+            ),
+            (
+                {"app": {"ports": [{"containerPort": 8080}, {"containerPort": 8080}]}},
+                "app.ports[0] and app.ports[1] are both port 8080/TCP",
+            ),
+            (
+                {
+                    "sidecar": {"metrics": {"enabled": True}},
+                    "app": {"ports": [{"name": "metrics", "containerPort": 8080}]},
+                },
+                'two ports named "metrics"',
+            ),
+            (
+                {"app": {"ports": [{"name": "web", "containerPort": 80}] * 2}},
+                "app.ports[0] and app.ports[1] are both port 80/TCP",
+            ),
+            (
+                {
+                    "app": {
+                        "ports": [
+                            {"name": "web", "containerPort": 80},
+                            {"name": "web", "containerPort": 81},
+                        ]
+                    }
+                },
+                'two ports named "web"',
+            ),
+        ],
+    )
+    def test_refused(self, values: dict[str, Any], message: str, tmp_path: Path) -> None:
+        """The render names both settings and the port."""
+        assert message in refused("-f", values_file(tmp_path, values))
+
+    def test_other_protocols_and_an_unused_listener(self, tmp_path: Path) -> None:
+        """The same number over UDP is another port; without probes and metrics the
+        listener does not run, so its port collides with nothing."""
+        udp = {"app": {"ports": [{"name": "dns", "containerPort": 8000, "protocol": "UDP"}]}}
+        template("-f", values_file(tmp_path, udp))
+        quiet = ("--set", "sidecar.probes.enabled=false", "--set", "sidecar.metrics.port=8000")
+        sidecar = sidecar_of(pod_spec(template(*quiet)))
+        assert ENVIRONMENT["metrics_port"] not in env_of(sidecar)
+
+
+ALLOW_EMPTY = "RULE_SIDECAR_ALLOW_EMPTY"
+
+
+class TestEmptyRules:
+    """An empty rules ConfigMap as the only source is refused unless asked for."""
+
+    @pytest.mark.parametrize(
+        "rules",
+        [
+            {},
+            {"a.yaml": "# only a comment\n"},
+            {"a.yaml": "---\n"},
+            {"a.yaml": "  # indented\n---\n...\n\n", "b.yml": ""},
+            {"a.json": []},
+            {"a.yaml": []},
+            {"a.yaml": {}},
+        ],
+    )
+    def test_refused(self, rules: dict[str, Any], tmp_path: Path) -> None:
+        """`rules: {}` with `rulesFiles: []`, and files that hold no document."""
+        message = refused("-f", values_file(tmp_path, {"rules": rules, "rulesFiles": []}))
+        assert "would hold no rules" in message
+        assert "sidecar.allowEmpty=true" in message
+
+    def test_a_glob_that_matches_nothing(self) -> None:
+        """A rulesFiles pattern that finds no file is the same mistake."""
+        assert "would hold no rules" in refused("--set", "rulesFiles[0]=rules/*.yml")
+
+    def test_allowed_when_asked(self, tmp_path: Path) -> None:
+        """sidecar.allowEmpty=true renders it and tells the sidecar (RULE_SIDECAR_ALLOW_EMPTY)."""
+        path = values_file(
+            tmp_path, {"rules": {}, "rulesFiles": [], "sidecar": {"allowEmpty": True}}
+        )
+        docs = template("-f", path)
+        assert only(of_kind(docs, "ConfigMap")).get("data") in (None, {})
+        assert env_of(sidecar_of(pod_spec(docs)))[ALLOW_EMPTY] == "true"
+        assert (
+            env_of(sidecar_of(pod_spec(template("--set", "sidecar.allowEmpty=false"))))[ALLOW_EMPTY]
+            == "false"
+        )
+        assert ALLOW_EMPTY not in env_of(sidecar_of(pod_spec(rendered("default"))))
+
+    @pytest.mark.parametrize(
+        "values",
+        [
+            {"sidecar": {"database": {"url": "postgresql://rules@db/rules"}}},
+            {
+                "sidecar": {"kubernetesSource": {"enabled": True, "selector": "team=risk"}},
+                "rbac": {"create": True},
+            },
+            {"sidecar": {"extraEnv": [{"name": "RULE_SIDECAR_RULES_DIR", "value": "/rules"}]}},
+        ],
+    )
+    def test_other_sources(self, values: dict[str, Any], tmp_path: Path) -> None:
+        """With another source the ConfigMap may be empty: the sidecar judges the whole."""
+        path = values_file(tmp_path, {"rules": {}, "rulesFiles": [], **values})
+        docs = template("-f", path)
+        assert ALLOW_EMPTY not in env_of(sidecar_of(pod_spec(docs)))
+
+
 @pytest.mark.skipif(
     KUBERNETES_VALIDATE is None,
     reason="kubernetes-validate is not installed (pip install kubernetes-validate)",
@@ -610,8 +1047,14 @@ class TestKubernetesValidate:
 
     @pytest.mark.parametrize("version", kubernetes_versions())
     def test_strict(self, version: str, tmp_path: Path) -> None:
-        """Oldest and newest versions; only the CRD-based ServiceMonitor has no schema."""
-        documents = [doc for name in sorted(VALUE_SETS) for doc in rendered(name)]
+        """Oldest and newest versions, each rendered for its version (`--kube-version`:
+        a native sidecar on the newest, a classic one on the oldest); only the CRD-based
+        ServiceMonitor has no schema. The value set that forces a native sidecar does not
+        render for 1.27 (TestNativeSidecar::test_forced_native_needs_1_28)."""
+        names = sorted(VALUE_SETS)
+        if version == "1.27":
+            names.remove("native-sidecar")
+        documents = [doc for name in names for doc in rendered(name, version)]
         validate_strict(documents, version, tmp_path, without_schema="ServiceMonitor")
 
 
@@ -680,7 +1123,7 @@ class TestNamedTemplates:
             "--set",
             "adminToken.existingSecret=shop-admin",
         )
-        own = template(*token, "--set", "restartOnRuleChange=true")
+        own = template(*token, "--set", "restartOnRuleChange=true", "--set", "sidecar.native=false")
         assert sidecar_of(spec) == sidecar_of(pod_spec(own))
         assert spec["volumes"] == pod_spec(own)["volumes"]
         config_map = only(of_kind(docs, "ConfigMap"))

@@ -17,6 +17,11 @@ own pod template with
     volumes:
       {{- include "rule-sidecar.volumes" $rs | nindent 6 }}
 
+or, on Kubernetes 1.29 and later, as a native sidecar that starts before the application
+and stops after it: `initContainers:` with `include "rule-sidecar.initContainer" $rs`
+instead of the item in `containers`. With the API source the volumes carry the sidecar's
+own API token: leave the pod's automountServiceAccountToken false.
+
 and sets `rule-sidecar: {deployment: {enabled: false}}`, so that this chart renders only
 what those refer to: the rules ConfigMap, the token Secret, the ServiceAccount and RBAC
 objects. For a restart on rule changes (see `restartOnRuleChange`) the parent annotates
@@ -104,6 +109,11 @@ rule-sidecar/rules: {{ include "rule-sidecar.fullname" . }}
 /etc/rule-sidecar/database
 {{- end -}}
 
+{{/* Where in-cluster Kubernetes clients read the API token, CA and namespace. */}}
+{{- define "rule-sidecar.serviceAccountDir" -}}
+/var/run/secrets/kubernetes.io/serviceaccount
+{{- end -}}
+
 {{/*
 The sidecar's URL for a container of the same pod: loopback, in the address family the
 sidecar listens on (an IPv6 listener such as "::" does not take IPv4 connections).
@@ -188,8 +198,8 @@ that appears twice, and on more than the 1 MiB a ConfigMap can hold.
 {{- fail "sidecar.database.url contains a password: keep it in a Secret and name it in sidecar.database.passwordSecret" -}}
 {{- end -}}
 {{- $api := .Values.sidecar.kubernetesSource -}}
-{{- if and $api.enabled (not (or .Values.rbac.create .Values.serviceAccount.automountToken)) -}}
-{{- fail "sidecar.kubernetesSource needs the pod's API token: set rbac.create (or serviceAccount.automountToken with an account that may get, list and watch ConfigMaps)" -}}
+{{- if and $api.enabled (not .Values.rbac.create) .Values.serviceAccount.create -}}
+{{- fail "sidecar.kubernetesSource needs the pod's API token to be allowed to get, list and watch ConfigMaps: set rbac.create, or run the pods as an existing account that may (serviceAccount.create=false and serviceAccount.name)" -}}
 {{- end -}}
 {{- if and $api.enabled $api.events .Values.rbac.create (not .Values.rbac.events) -}}
 {{- fail "sidecar.kubernetesSource.events needs rbac.events (permission to create Events)" -}}
@@ -197,18 +207,127 @@ that appears twice, and on more than the 1 MiB a ConfigMap can hold.
 {{- if and .Values.adminToken.enabled .Values.adminToken.existingSecret .Values.adminToken.value -}}
 {{- fail "adminToken: give either existingSecret or value, not both" -}}
 {{- end -}}
+{{- include "rule-sidecar.checkPorts" . -}}
 {{- end -}}
 
 {{/*
-The sidecar container (one list item of a pod's `containers`). Settings are environment
-variables, the names sidecar/config.py reads; the image's entrypoint is `rule-sidecar serve`.
+Refuse two listeners on one port, and a Service that would list a port or a name twice.
+The containers of a pod share its network: of two listeners on one port the second cannot
+bind it. `helm lint` and schema validation pass such a Service; the API server or the
+application fails later, so the render fails now.
+*/}}
+{{- define "rule-sidecar.checkPorts" -}}
+{{- $ports := list (dict "origin" "sidecar.port" "port" .Values.sidecar.port "protocol" "TCP") -}}
+{{- if include "rule-sidecar.listenerEnabled" . -}}
+{{- $ports = append $ports (dict "origin" "sidecar.metrics.port" "port" .Values.sidecar.metrics.port "protocol" "TCP") -}}
+{{- end -}}
+{{- $names := dict -}}
+{{- if include "rule-sidecar.metricsEnabled" . -}}
+{{- $_ := set $names "metrics" "the metrics port" -}}
+{{- end -}}
+{{- $app := list -}}
+{{- if and .Values.deployment.enabled .Values.app.enabled -}}
+{{- range $i, $port := .Values.app.ports -}}
+{{- $app = append $app (dict "origin" (printf "app.ports[%d]" $i) "port" $port.containerPort "protocol" (default "TCP" $port.protocol) "name" (default (printf "app-%d" ($port.containerPort | int64)) $port.name)) -}}
+{{- end -}}
+{{- end -}}
+{{- $seen := dict -}}
+{{- range concat $ports $app -}}
+{{- $key := printf "%d/%s" (.port | int64) .protocol -}}
+{{- if hasKey $seen $key -}}
+{{- fail (printf "%s and %s are both port %s: the containers of a pod share one network, so the second listener could not bind it (and the Service would list the port twice); give each its own port" (get $seen $key) .origin $key) -}}
+{{- end -}}
+{{- $_ := set $seen $key .origin -}}
+{{- end -}}
+{{- range $app -}}
+{{- if hasKey $names .name -}}
+{{- fail (printf "%s: the Service would have two ports named %q (%s and %s): give each port its own name" .origin .name (get $names .name) .origin) -}}
+{{- end -}}
+{{- $_ := set $names .name .origin -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+"true" when this chart's Deployment runs the sidecar as a native sidecar (an init
+container with restartPolicy Always). `sidecar.native`: "auto" where the Kubernetes version
+(`.Capabilities.KubeVersion`: the cluster's under helm install/upgrade, `--kube-version` or
+Helm's default under helm template) is 1.29 or later and the pod has an application
+container; true or false to force it. Forcing it fails the render on a version that would
+silently run it as a plain init container (older than 1.28) and in a pod without an
+application (a pod needs one regular container).
+*/}}
+{{- define "rule-sidecar.native" -}}
+{{- $mode := .Values.sidecar.native -}}
+{{- $version := .Capabilities.KubeVersion.Version -}}
+{{- if eq (toString $mode) "auto" -}}
+{{- if and .Values.app.enabled (semverCompare ">=1.29.0-0" $version) }}true{{ end -}}
+{{- else if $mode -}}
+{{- if not .Values.app.enabled -}}
+{{- fail "sidecar.native=true needs app.enabled: a pod needs a regular container besides its native sidecar (set sidecar.native to auto or false)" -}}
+{{- end -}}
+{{- if not (semverCompare ">=1.28.0-0" $version) -}}
+{{- fail (printf "sidecar.native=true needs Kubernetes 1.29 or later (1.28 with the SidecarContainers feature gate); this render is for %s, which would run the sidecar as an init container that never ends and never start the application (set sidecar.native to auto or false, or render with --kube-version)" $version) -}}
+{{- end -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/*
+"true" when the chart's rules ConfigMap is the sidecar's only source (no database, no
+selector of other ConfigMaps, no extra directory) and holds no rule document: every file
+is blank, comments, document markers or an empty list/mapping. Such a sidecar serves
+nothing and answers 404 to every evaluation, which is seldom meant (a values mistake such
+as `rules: {}` with `rulesFiles: []`).
+*/}}
+{{- define "rule-sidecar.rulesEmpty" -}}
+{{- $sidecar := .Values.sidecar -}}
+{{- $others := list "RULE_SIDECAR_DATABASE_URL" "RULE_SIDECAR_KUBERNETES_SELECTOR" "RULE_SIDECAR_RULES_DIR" -}}
+{{- $other := or $sidecar.database.url (and $sidecar.kubernetesSource.enabled $sidecar.kubernetesSource.selector) -}}
+{{- range $sidecar.extraEnv -}}
+{{- if has .name $others }}{{ $other = true }}{{ end -}}
+{{- end -}}
+{{- $found := false -}}
+{{- range $key, $text := include "rule-sidecar.rulesData" . | fromYaml -}}
+{{- $body := regexReplaceAll `(?m)^([ \t]*(#.*)?|(---|\.\.\.)[ \t]*(#.*)?)$` (toString $text) "" | trim -}}
+{{- if not (has $body (list "" "[]" "{}" "null" "~")) }}{{ $found = true }}{{ end -}}
+{{- end -}}
+{{- if not (or $other $found) }}true{{ end -}}
+{{- end -}}
+
+{{/*
+The sidecar as a classic container: one list item of a pod's `containers`. It starts
+beside the application, not before it, and gets SIGTERM at the same time.
 */}}
 {{- define "rule-sidecar.container" -}}
+- name: {{ .Values.sidecar.name }}
+{{ include "rule-sidecar.containerFields" . }}
+{{- end -}}
+
+{{/*
+The sidecar as a Kubernetes native sidecar (1.29 and later; 1.28 with the
+SidecarContainers feature gate): one list item of a pod's `initContainers`, with
+`restartPolicy: Always`. The kubelet starts it before the application containers and
+starts those only once its startup probe passes (a first valid set of rules serves); it
+stops it after them, so the application can still ask it while draining. A cluster older
+than that drops the field and waits forever for the "init container" to finish: choose
+with `rule-sidecar.native` (or the version you know).
+*/}}
+{{- define "rule-sidecar.initContainer" -}}
+- name: {{ .Values.sidecar.name }}
+  restartPolicy: Always
+{{ include "rule-sidecar.containerFields" . }}
+{{- end -}}
+
+{{/*
+The sidecar container's fields but its name, indented as items of a list. Settings are
+environment variables, the names sidecar/config.py reads; the image's entrypoint is
+`rule-sidecar serve`.
+*/}}
+{{- define "rule-sidecar.containerFields" -}}
 {{- include "rule-sidecar.checkSettings" . -}}
 {{- $sidecar := .Values.sidecar -}}
 {{- $metrics := include "rule-sidecar.listenerEnabled" . -}}
-- name: {{ $sidecar.name }}
-  image: "{{ $sidecar.image.repository }}:{{ $sidecar.image.tag | default .Chart.AppVersion }}"
+{{- "  " -}}image: "{{ $sidecar.image.repository }}:{{ $sidecar.image.tag | default .Chart.AppVersion }}"
   imagePullPolicy: {{ $sidecar.image.pullPolicy }}
   {{- with $sidecar.extraArgs }}
   args:
@@ -263,6 +382,10 @@ variables, the names sidecar/config.py reads; the image's entrypoint is `rule-si
     - name: RULE_SIDECAR_RELOAD_WORKER
       value: {{ $sidecar.reloadWorker | toString | quote }}
     {{- end }}
+    {{- if not (kindIs "invalid" $sidecar.allowEmpty) }}
+    - name: RULE_SIDECAR_ALLOW_EMPTY
+      value: {{ $sidecar.allowEmpty | toString | quote }}
+    {{- end }}
     {{- if .Values.stateDir.enabled }}
     - name: RULE_SIDECAR_STATE_DIR
       value: {{ .Values.stateDir.mountPath | quote }}
@@ -300,7 +423,7 @@ variables, the names sidecar/config.py reads; the image's entrypoint is `rule-si
   {{- if $sidecar.probes.enabled }}
   {{- $probes := $sidecar.probes }}
   # On the separate listener: the API stays on loopback. 503 until a first valid
-  # snapshot serves.
+  # snapshot serves; as a native sidecar, the application starts only after it passed.
   startupProbe:
     httpGet:
       path: /health/hot-reload
@@ -354,6 +477,13 @@ variables, the names sidecar/config.py reads; the image's entrypoint is `rule-si
       mountPath: {{ include "rule-sidecar.databasePasswordDir" . }}
       readOnly: true
     {{- end }}
+    {{- if $sidecar.kubernetesSource.enabled }}
+    # The API token, CA and namespace where the Kubernetes client looks for them, in this
+    # container only: the pod does not automount the token into the application.
+    - name: rule-sidecar-kube-api-access
+      mountPath: {{ include "rule-sidecar.serviceAccountDir" . }}
+      readOnly: true
+    {{- end }}
 {{- end -}}
 
 {{/*
@@ -401,5 +531,27 @@ containers that mount a volume see it.
       - key: {{ .key }}
         path: {{ .key }}
 {{- end }}
+{{- end }}
+{{- if .Values.sidecar.kubernetesSource.enabled }}
+{{- /* What the kubelet would automount for every container, for the sidecar alone: a
+bound token it rotates (the client re-reads it), the cluster's CA and the namespace. */}}
+- name: rule-sidecar-kube-api-access
+  projected:
+    defaultMode: 0444
+    sources:
+      - serviceAccountToken:
+          path: token
+          expirationSeconds: 3600
+      - configMap:
+          name: kube-root-ca.crt
+          items:
+            - key: ca.crt
+              path: ca.crt
+      - downwardAPI:
+          items:
+            - path: namespace
+              fieldRef:
+                apiVersion: v1
+                fieldPath: metadata.namespace
 {{- end }}
 {{- end -}}
