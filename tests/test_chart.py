@@ -1133,6 +1133,30 @@ class TestNamedTemplates:
         assert checksum == TestRestartOnRuleChange.checksum(own)
         assert of_kind(docs, "NetworkPolicy") == of_kind(docs, "Service") == []
 
+    def test_parent_chart_native_sidecar(self, parent: Path) -> None:
+        """`rule-sidecar.initContainer` in the parent's initContainers is the chart's own
+        native sidecar; with the API source the volumes bring the sidecar's own token."""
+        native = PARENT_TEMPLATE.replace(
+            "      containers:\n",
+            "      initContainers:\n"
+            '        {{- include "rule-sidecar.initContainer" $rs | nindent 8 }}\n'
+            "      containers:\n",
+        ).replace('        {{- include "rule-sidecar.container" $rs | nindent 8 }}\n', "")
+        (parent / "templates" / "deployment.yaml").write_text(native, encoding="utf-8")
+        api = ("--set", "rule-sidecar.sidecar.kubernetesSource.enabled=true")
+        rbac = ("--set", "rule-sidecar.rbac.create=true")
+        docs = template(*api, *rbac, chart=parent)
+        spec = only(of_kind(docs, "Deployment"))["spec"]["template"]["spec"]
+        assert [c["name"] for c in spec["containers"]] == ["shop"]
+        assert "automountServiceAccountToken" not in spec
+        own = template(
+            *("--set", "adminToken.enabled=true", "--set", "adminToken.existingSecret=shop-admin"),
+            *("--set", "sidecar.kubernetesSource.enabled=true", "--set", "rbac.create=true"),
+        )
+        assert spec["initContainers"] == pod_spec(own)["initContainers"]
+        assert spec["volumes"] == pod_spec(own)["volumes"]
+        assert only(of_kind(docs, "ServiceAccount"))["automountServiceAccountToken"] is False
+
 
 NOTES_TEMPLATE = 'notes: |\n{{ tpl (.Files.Get "notes.txt") . | indent 2 }}\n'
 

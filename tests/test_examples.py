@@ -27,6 +27,7 @@ from server_support import Sidecar, command, eventually, free_port  # noqa: E402
 
 from sidecar.cli import main  # noqa: E402
 from sidecar.config import ENVIRONMENT, settings_from  # noqa: E402
+from sidecar.sources.kubernetes import SERVICE_ACCOUNT_NAMESPACE  # noqa: E402
 from sidecar.testing import ConfigMapDir  # noqa: E402
 
 pytest_plugins = ["server_support"]
@@ -246,7 +247,8 @@ class TestKubernetesExample:
     @needs_kubectl
     def test_api_source_overlay(self):
         """The overlay reads through the API: its selector matches the ConfigMap, nothing
-        mounts the rules, and the pod runs as an account that may read ConfigMaps."""
+        mounts the rules, and the pod runs as an account that may read ConfigMaps, whose
+        token only the sidecar mounts (the pod automounts none into the application)."""
         documents = kustomize(OVERLAYS["api-source"])
         container = sidecar_container(documents)
         env = env_settings(container)
@@ -255,11 +257,22 @@ class TestKubernetesExample:
         key, value = (settings.kubernetes_selector or "").split("=")
         assert one(documents, "ConfigMap")["metadata"]["labels"][key] == value
         assert settings.kubernetes_events is True
-        assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp"}
+        token_dir = str(SERVICE_ACCOUNT_NAMESPACE.parent)
+        assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp", token_dir}
         spec = one(documents, "Deployment")["spec"]["template"]["spec"]
-        assert [v["name"] for v in spec["volumes"]] == ["tmp"]
+        assert sorted(v["name"] for v in spec["volumes"]) == ["kube-api-access", "tmp"]
+        (access,) = [v["projected"] for v in spec["volumes"] if v["name"] == "kube-api-access"]
+        assert [next(iter(source)) for source in access["sources"]] == [
+            "serviceAccountToken",
+            "configMap",
+            "downwardAPI",
+        ]
         assert spec["serviceAccountName"] == one(documents, "ServiceAccount")["metadata"]["name"]
-        assert spec["automountServiceAccountToken"] is True
+        assert spec["automountServiceAccountToken"] is False
+        assert one(documents, "ServiceAccount")["automountServiceAccountToken"] is False
+        for other in spec["containers"]:
+            if other is not container:
+                assert token_dir not in {m["mountPath"] for m in other.get("volumeMounts", [])}
         role = one(documents, "Role")
         verbs = {r: rule["verbs"] for rule in role["rules"] for r in rule["resources"]}
         assert sorted(verbs["configmaps"]) == ["get", "list", "watch"]
