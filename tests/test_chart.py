@@ -978,7 +978,7 @@ class TestPorts:
         assert ENVIRONMENT["metrics_port"] not in env_of(sidecar)
 
 
-ALLOW_EMPTY = "RULE_SIDECAR_ALLOW_EMPTY"
+ALLOW_EMPTY = ENVIRONMENT["allow_empty"]
 
 
 class TestEmptyRules:
@@ -1013,11 +1013,12 @@ class TestEmptyRules:
         )
         docs = template("-f", path)
         assert only(of_kind(docs, "ConfigMap")).get("data") in (None, {})
-        assert env_of(sidecar_of(pod_spec(docs)))[ALLOW_EMPTY] == "true"
-        assert (
-            env_of(sidecar_of(pod_spec(template("--set", "sidecar.allowEmpty=false"))))[ALLOW_EMPTY]
-            == "false"
-        )
+        env = env_of(sidecar_of(pod_spec(docs)))
+        assert env[ALLOW_EMPTY] == "true"
+        assert settings_from(env).allow_empty is True
+        refusing = env_of(sidecar_of(pod_spec(template("--set", "sidecar.allowEmpty=false"))))
+        assert refusing[ALLOW_EMPTY] == "false"
+        assert settings_from(refusing).allow_empty is False
         assert ALLOW_EMPTY not in env_of(sidecar_of(pod_spec(rendered("default"))))
 
     @pytest.mark.parametrize(
