@@ -16,12 +16,11 @@ from sidecar.errors import Problem
 from sidecar.reloads import ReloadRecord, ReloadStatus, Triggers, is_background
 from sidecar.snapshot import Snapshot
 
-__all__ = ["EMPTIED", "Attempt", "Memory", "Verdict", "decide"]
+__all__ = ["Attempt", "Memory", "Verdict", "decide", "refusal"]
 
-EMPTIED: Final = Problem(
-    file="<sources>",
-    message="the sources hold no ruleset any more: refused, the last good rules keep "
-    "serving (set RULE_SIDECAR_ALLOW_EMPTY=true to allow an empty registry)",
+_REFUSED: Final = (
+    "refused, the last good rules keep serving (set RULE_SIDECAR_ALLOW_EMPTY=true to "
+    "allow a source or the registry to be emptied)"
 )
 
 
@@ -45,6 +44,7 @@ class Attempt:
     problems: tuple[Problem, ...] = ()
     force: bool = False
     confirmed: bool = False  # this is the second read of an emptied source
+    emptied: tuple[str, ...] = ()  # sources that had files with content and have none
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -72,15 +72,29 @@ def decide(attempt: Attempt, memory: Memory, *, allow_empty: bool = False) -> Ve
         same = True
     else:
         same = candidate.revision == memory.rolled_back_from
-    emptied = not candidate.rulesets and bool(attempt.serving.rulesets)
-    if emptied and not same:
+    if refusal(attempt) and not same:
         if not attempt.confirmed:
             return Verdict.CONFIRM
         if not allow_empty:
-            repeated = after_failure and last is not None and last.errors == (EMPTIED,)
+            repeated = after_failure and last is not None and last.errors == refusal(attempt)
             return Verdict.QUIET if background and repeated else Verdict.EMPTY_REFUSED
     if attempt.force or memory.serving_from_state or not same:
         return Verdict.PUBLISH
     if after_failure:
         return Verdict.RECOVERED
     return Verdict.QUIET if background else Verdict.UNCHANGED
+
+
+def refusal(attempt: Attempt) -> tuple[Problem, ...]:
+    """Why this attempt would empty what served: each emptied source, or the registry
+    (a source can keep files that hold no ruleset any more). Empty: nothing emptied."""
+    if attempt.emptied:
+        return tuple(
+            Problem(file=name, message=f"the source holds no rule file any more: {_REFUSED}")
+            for name in attempt.emptied
+        )
+    candidate = attempt.candidate
+    if candidate is not None and not candidate.rulesets and attempt.serving.rulesets:
+        message = f"the sources hold no ruleset any more: {_REFUSED}"
+        return (Problem(file="<sources>", message=message),)
+    return ()

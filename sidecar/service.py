@@ -20,7 +20,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Final
 
-from sidecar.decision import EMPTIED, Attempt, Memory, Verdict, decide
+from sidecar.decision import Attempt, Memory, Verdict, decide, refusal
 from sidecar.documents import SourceFile
 from sidecar.errors import LoadError, NotFoundError, Problem
 from sidecar.loader import Loader, LoadResult
@@ -135,6 +135,10 @@ class HotReloadService:
         # When a read of every source last succeeded and what serves was known to be
         # right: freshness is measured from here, not from the last content change.
         self._last_verified: datetime | None = None
+        # Files with content per source, at the last read and at the last verified one:
+        # a source that had some and now has none has been emptied.
+        self._counts: dict[str, int] = {}
+        self._held: dict[str, int] = {}
         self._serving_from_state = False
         # The revision the sources held when a rollback went away from it; while they
         # still hold it, background reloads keep the rollback. None: no rollback holds.
@@ -237,6 +241,7 @@ class HotReloadService:
             attempt, _ = await self._attempt(
                 frozenset({Trigger.API}), self.registry.current, validate=True
             )
+            self._counts = self._held
         problems, candidate = attempt.problems, attempt.candidate
         invalid = {p.rule_id or p.ruleset_id or p.file for p in problems}
         return {
@@ -414,11 +419,13 @@ class HotReloadService:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
 
-    def _read_sources(self) -> tuple[list[SourceFile], list[Problem]]:
+    def _read_sources(self) -> tuple[list[SourceFile], list[Problem], dict[str, int]]:
         """Every source's files (run in a worker thread). A source that cannot be read
-        completely, for whatever reason, gives its problems instead: never fewer files."""
+        completely, for whatever reason, gives its problems instead: never fewer files.
+        Also: how many files with content each source gave."""
         files: list[SourceFile] = []
         problems: list[Problem] = []
+        counts: dict[str, int] = {}
         for source in self.sources:
             status = self._source_status[source.name]
             status.last_request = now()
@@ -440,7 +447,8 @@ class HotReloadService:
             status.files = len(source_files)
             status.set_error(None)
             files.extend(source_files)
-        return files, problems
+            counts[source.name] = sum(1 for file in source_files if file.content.strip())
+        return files, problems, counts
 
     async def _attempt(
         self,
@@ -452,7 +460,8 @@ class HotReloadService:
         confirmed: bool = False,
     ) -> tuple[Attempt, LoadResult | None]:
         """Read every source and compile the result, off the event loop."""
-        files, problems = await asyncio.to_thread(self._read_sources)
+        files, problems, counts = await asyncio.to_thread(self._read_sources)
+        self._counts = counts
         result: LoadResult | None = None
         if not problems:
             checks = validate and self.loader.run_checks
@@ -471,6 +480,9 @@ class HotReloadService:
             problems=tuple(problems),
             force=force,
             confirmed=confirmed,
+            emptied=tuple(
+                name for name, count in counts.items() if not count and self._held.get(name)
+            ),
         )
         return attempt, result
 
@@ -506,6 +518,7 @@ class HotReloadService:
             verdict = decide(attempt, self._memory(), allow_empty=self.allow_empty)
         if attempt.candidate is not None and verdict is not Verdict.EMPTY_REFUSED:
             self._last_verified = now()
+            self._held = self._counts
         if verdict is Verdict.QUIET:
             return self._unrecorded(before, triggers)
         outcome = await self._carry_out(verdict, attempt, result, filtered_by)
@@ -529,7 +542,7 @@ class HotReloadService:
             filtered_by=filtered_by,
         )
         if verdict is Verdict.EMPTY_REFUSED:
-            return replace(failed, errors=(EMPTIED,))
+            return replace(failed, errors=refusal(attempt))
         if verdict is Verdict.FAILED or result is None:
             return failed
         loaded = replace(failed, errors=(), files=result.files, files_parsed=result.files_parsed)

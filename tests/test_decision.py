@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import dump_yaml, make_ruleset_doc
 
-from sidecar.decision import EMPTIED, Attempt, Memory, Verdict, decide
+from sidecar.decision import Attempt, Memory, Verdict, decide, refusal
 from sidecar.documents import SourceFile
 from sidecar.errors import Problem
 from sidecar.loader import Loader
@@ -124,5 +124,19 @@ def test_an_allowed_empty_registry_is_published():
 
 def test_a_repeated_refusal_in_the_background_is_quiet():
     attempt = Attempt(triggers=WATCH, serving=A, candidate=EMPTY, confirmed=True)
-    refused = Memory(last=last(ReloadStatus.FAILED, (EMPTIED,)))
+    refused = Memory(last=last(ReloadStatus.FAILED, refusal(attempt)))
     assert decide(attempt, refused) is Verdict.QUIET
+
+
+@pytest.mark.parametrize("confirmed", [False, True])
+def test_one_emptied_source_among_several_is_held_then_refused(confirmed: bool):
+    """A database between `db init` and `db import` beside a rules directory: the
+    registry keeps rules, yet a whole source went empty."""
+    attempt = Attempt(
+        triggers=WATCH, serving=B, candidate=A, emptied=("postgresql://db",), confirmed=confirmed
+    )
+    assert decide(attempt, OK) is (REFUSED if confirmed else Verdict.CONFIRM)
+    assert decide(attempt, OK, allow_empty=True) is (
+        Verdict.PUBLISH if confirmed else Verdict.CONFIRM
+    )
+    assert [p.file for p in refusal(attempt)] == ["postgresql://db"]

@@ -15,7 +15,6 @@ from datetime import timedelta
 import pytest
 from conftest import dump_yaml, make_ruleset_doc
 
-from sidecar.decision import EMPTIED
 from sidecar.documents import SourceFile
 from sidecar.errors import LoadError, Problem
 from sidecar.integration import is_registry_fresh
@@ -172,8 +171,10 @@ class TestEmptied:
         verified = service.get_status()["last_successful_check_time"]
         source.set_files([])
         record = await service.reload_rules(trigger=Trigger.WATCH)
-        assert (record.status, record.errors) == (ReloadStatus.FAILED, (EMPTIED,))
-        assert "RULE_SIDECAR_ALLOW_EMPTY" in record.errors[0].message
+        assert record.status is ReloadStatus.FAILED
+        (problem,) = record.errors
+        assert problem.file == "static"
+        assert "RULE_SIDECAR_ALLOW_EMPTY" in problem.message
         assert list(service.registry.current.rulesets) == ["a"]
         assert heard[-1] is record
         # What serves is not what the sources hold: not a successful check.
@@ -198,6 +199,28 @@ class TestEmptied:
         record = await service.reload_rules(trigger=Trigger.WATCH)
         assert (record.status, record.rules_loaded) == (ReloadStatus.SUCCESS, 0)
         assert not service.registry.current.rules
+
+    async def test_one_source_emptied_beside_another_is_refused(self, heard):
+        """Files beside a database that is re-created: the registry keeps the files'
+        rulesets, but the database's all went at once."""
+        files, database = StaticSource(rules("a"), name="files"), StaticSource(rules("b"))
+        service = HotReloadService(
+            RuleRegistry(),
+            [files, database],
+            loader=Loader(),
+            auto_reload=False,
+            confirm_empty_seconds=0.01,
+        )
+        service.add_listener(heard.append)
+        await service.initial_load()
+        database.set_files([])
+        record = await service.reload_rules(trigger=Trigger.WATCH)
+        assert [p.file for p in record.errors] == ["static"]
+        assert sorted(service.registry.current.rulesets) == ["a", "b"]
+        database.set_files(rules("b", "c"))  # `db import` done
+        record = await service.reload_rules(trigger=Trigger.WATCH)
+        assert record.status is ReloadStatus.SUCCESS
+        assert sorted(service.registry.current.rulesets) == ["a", "b", "c"]
 
 
 class TestFreshness:
