@@ -49,6 +49,7 @@ __all__ = [
     "receive_event",
     "receive_until",
     "ruleset_doc",
+    "serving",
     "start_sidecar",
     "to_yaml",
 ]
@@ -508,3 +509,15 @@ def spawn(
             preexec_fn=before_exec,  # noqa: PLW1509 (only sets limits, no locks taken)
         )
     return Served(process=process, port=port, log=log, env=env)
+
+
+@contextlib.contextmanager
+def serving(tmp_path: Path, rules: Path, *, port: int | None = None) -> Iterator[Served]:
+    """`rule-sidecar serve --rules-dir RULES`, ready; stopped (SIGTERM) on exit. The same
+    `port` twice is a restart as a client sees it."""
+    served = spawn(tmp_path, "--rules-dir", str(rules), port=port)
+    try:
+        served.wait_ready()
+        yield served
+    finally:
+        served.stop()

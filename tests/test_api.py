@@ -18,8 +18,10 @@ from server_support import (  # noqa: E402
     Sidecar,
     eventually,
     fraud_doc,
+    free_port,
     metric_value,
     ruleset_doc,
+    serving,
     to_yaml,
 )
 
@@ -370,8 +372,14 @@ class TestRollback:
         assert (record["status"], record["filtered_by"]) == ("success", {"version": 1})
 
 
+def etag_of(app: Sidecar) -> str:
+    """The ETag the current snapshot's reads carry: revision, version and instance."""
+    current = app.state.registry.current
+    return f'"{current.revision}-{current.version}-{app.state.notifier.instance}"'
+
+
 class TestRegistryReads:
-    """Rules and rulesets, with ETag = registry version and 304 on If-None-Match."""
+    """Rules and rulesets, with an ETag per snapshot and instance and 304 on If-None-Match."""
 
     async def test_rules_list(self, sidecar: Sidecar):
         """Every rule (disabled ones too), with the registry version and revision."""
@@ -419,21 +427,43 @@ class TestRegistryReads:
         ],
     )
     async def test_etag_and_if_none_match(self, sidecar: Sidecar, path: str):
-        """ETag is the registry version; sending it back answers 304 until a publish."""
+        """ETag names the revision, the version and the instance; sending it back answers
+        304 until a publish."""
+        first = etag_of(sidecar)
         response, _ = await sidecar.call("GET", path)
-        assert response.headers["ETag"] == '"1"'
+        assert response.headers["ETag"] == first
         response, body = await sidecar.call(
-            "GET", path, headers={"If-None-Match": '"1"'}, status=304
+            "GET", path, headers={"If-None-Match": first}, status=304
         )
         assert body is None
-        assert response.headers["ETag"] == '"1"'
+        assert response.headers["ETag"] == first
         await sidecar.post(f"{HOT}/reload", json={"force": True})
-        response, _ = await sidecar.call("GET", path, headers={"If-None-Match": '"1"'})
-        assert response.headers["ETag"] == '"2"'
+        response, _ = await sidecar.call("GET", path, headers={"If-None-Match": first})
+        assert response.headers["ETag"] == etag_of(sidecar) != first
+
+    @pytest.mark.parametrize("old", ['"1"', 'W/"1"'])
+    async def test_a_bare_version_is_not_current(self, sidecar: Sidecar, old: str):
+        """The version alone (the tag sidecars gave before; every restart repeats it) is
+        not a tag of the current version 1: 200."""
+        assert sidecar.state.registry.version == 1
+        await sidecar.call("GET", "/api/v1/rules", headers={"If-None-Match": old}, status=200)
+
+    async def test_same_rules_in_another_instance_is_another_etag(
+        self, start_sidecar, plain_rules: Path
+    ):
+        """Two instances that loaded the same rules (same revision, same version) give
+        different tags: a read also shows what the revision leaves out (source
+        locations, the version a change came from), which may differ between them."""
+        first, second = await start_sidecar(plain_rules), await start_sidecar(plain_rules)
+        assert first.state.registry.current.revision == second.state.registry.current.revision
+        response, _ = await first.call("GET", "/api/v1/rules")
+        etag = response.headers["ETag"]
+        await second.call("GET", "/api/v1/rules", headers={"If-None-Match": etag}, status=200)
 
     async def test_if_none_match_weak_tag(self, sidecar: Sidecar):
-        """A weak validator W/"1" matches the current ETag "1" (weak comparison)."""
-        await sidecar.call("GET", "/api/v1/rules", headers={"If-None-Match": 'W/"1"'}, status=304)
+        """A weak validator W/"<etag>" matches the current ETag (weak comparison)."""
+        weak = f"W/{etag_of(sidecar)}"
+        await sidecar.call("GET", "/api/v1/rules", headers={"If-None-Match": weak}, status=304)
 
     async def test_if_none_match_star(self, sidecar: Sidecar):
         """`If-None-Match: *` matches any current representation."""
@@ -443,9 +473,8 @@ class TestRegistryReads:
 
     async def test_if_none_match_list(self, sidecar: Sidecar):
         """A list of tags in If-None-Match matches when one of them is current."""
-        await sidecar.call(
-            "GET", "/api/v1/rulesets", headers={"If-None-Match": '"0", "1"'}, status=304
-        )
+        tags = f'"0", {etag_of(sidecar)}'
+        await sidecar.call("GET", "/api/v1/rulesets", headers={"If-None-Match": tags}, status=304)
 
     @pytest.mark.parametrize(
         ("path", "kind"), [("/api/v1/rules/nope", "rule"), ("/api/v1/rulesets/nope", "ruleset")]
@@ -455,6 +484,69 @@ class TestRegistryReads:
         response, body = await sidecar.call("GET", path, status=404)
         assert response.content_type == "application/json"
         assert body["error"] == {"status": 404, "message": f"{kind} 'nope' not found"}
+
+
+READS = (
+    "/api/v1/rules",
+    "/api/v1/rules/large-amount",
+    "/api/v1/rulesets",
+    "/api/v1/rulesets/fraud",
+    f"{HOT}/changes",
+)
+
+
+async def conditional_reads(
+    url: str, etags: dict[str, str] | None = None
+) -> dict[str, tuple[int, str, Any]]:
+    """GET every registry read, with `If-None-Match` its tag in `etags` when given:
+    path -> (status, ETag, body or None)."""
+    answers = {}
+    async with aiohttp.ClientSession() as session:
+        for path in READS:
+            headers = {"If-None-Match": etags[path]} if etags else {}
+            async with session.get(url + path, headers=headers) as response:
+                body = await response.json() if response.status == 200 else None
+                answers[path] = (response.status, response.headers["ETag"], body)
+    return answers
+
+
+class TestEtagAcrossRestart:
+    """A real `serve` process stopped and started again on the same port: a tag the
+    first one gave never makes the second answer 304 for what it does not serve."""
+
+    async def test_changed_rules_answer_200_to_the_old_etag(self, tmp_path: Path):
+        """`large-amount` worth 40, then restarted worth 55 (both at registry version 1):
+        every read answers the old tag with 200 and the new rules."""
+        rules = tmp_path / "rules"
+        rules.mkdir()
+        change_points(rules, 40)
+        port = free_port()
+        with serving(tmp_path, rules, port=port) as first:
+            before = await conditional_reads(first.url)
+        change_points(rules, 55)
+        with serving(tmp_path, rules, port=port) as second:
+            after = await conditional_reads(second.url, {p: a[1] for p, a in before.items()})
+        assert {path: answer[0] for path, answer in after.items()} == dict.fromkeys(READS, 200)
+        assert after["/api/v1/rules/large-amount"][2]["points"] == 55
+        assert after["/api/v1/rulesets/fraud"][2]["rules"][0]["points"] == 55
+        assert all(after[path][1] != before[path][1] for path in READS)
+
+    async def test_same_rules_from_another_file_answer_200_to_the_old_etag(self, tmp_path: Path):
+        """The same rules moved to another file (the same revision, and again version 1):
+        the old tag answers 200, with the source the second instance read them from."""
+        rules = tmp_path / "rules"
+        rules.mkdir()
+        change_points(rules, 40)
+        port = free_port()
+        with serving(tmp_path, rules, port=port) as first:
+            before = await conditional_reads(first.url)
+        (rules / "fraud.yaml").rename(rules / "payments.yaml")
+        with serving(tmp_path, rules, port=port) as second:
+            after = await conditional_reads(second.url, {p: a[1] for p, a in before.items()})
+        assert after["/api/v1/rules"][2]["revision"] == before["/api/v1/rules"][2]["revision"]
+        assert {path: answer[0] for path, answer in after.items()} == dict.fromkeys(READS, 200)
+        rule = after["/api/v1/rules/large-amount"][2]
+        assert rule["source"]["file"].endswith("payments.yaml")
 
 
 class TestEvaluate:

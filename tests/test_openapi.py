@@ -256,6 +256,15 @@ class Api:
         )
         return ws
 
+    def after(self, last_seq: int) -> str:
+        """The WebSocket query resuming after `last_seq` of this instance."""
+        return f"?instance={self.state.notifier.instance}&last_seq={last_seq}"
+
+    def etag(self) -> str:
+        """The documented ETag of the snapshot serving now."""
+        current = self.state.registry.current
+        return f'"{current.revision}-{current.version}-{self.state.notifier.instance}"'
+
 
 Start = Callable[..., Awaitable[Api]]
 
@@ -650,7 +659,7 @@ class TestHealth:
         assert status["last_errors"]
         history = await api.call("GET", f"{HOT}/history", 200)
         assert [record["trigger"] for record in history["history"]] == ["state_dir", "startup"]
-        ws = await api.connect("?last_seq=0")
+        ws = await api.connect(api.after(0))
         replayed = await receive_until(ws, "status")
         await ws.close()
         fallback = [m["data"] for m in replayed if m["event_type"] == "rules_reloaded"]
@@ -673,7 +682,7 @@ class TestRegistryReads:
         response = await api.client.get("/api/v1/rules")
         body = await conform(response, "GET")
         assert body["count"] == 3
-        assert response.headers["ETag"] == f'"{body["registry_version"]}"'
+        assert response.headers["ETag"] == api.etag()
         tagged = await api.call("GET", "/api/v1/rules?tag=amount&ruleset_id=payments", 200)
         assert [rule["id"] for rule in tagged["rules"]] == ["large-amount"]
         assert (await api.call("GET", "/api/v1/rules?ruleset_id=nope", 200))["count"] == 0
@@ -687,7 +696,8 @@ class TestRegistryReads:
         """One rule, not modified, and an unknown id."""
         body = await api.call("GET", "/api/v1/rules/large-amount", 200)
         assert body["metadata"] == {"owner": "risk", "ticket": "RISK-1"}
-        await api.call("GET", "/api/v1/rules/large-amount", 304, headers={"If-None-Match": '"1"'})
+        etag = api.etag()
+        await api.call("GET", "/api/v1/rules/large-amount", 304, headers={"If-None-Match": etag})
         await api.call("GET", "/api/v1/rules/nope", 404)
         await api.call("GET", "/api/v1/rules/7", 404)
 
@@ -695,13 +705,14 @@ class TestRegistryReads:
         """The ruleset list, without rules, and not modified."""
         body = await api.call("GET", "/api/v1/rulesets", 200)
         assert body["rulesets"][0]["enabled_rule_count"] == 2
-        await api.call("GET", "/api/v1/rulesets", 304, headers={"If-None-Match": '"1"'})
+        await api.call("GET", "/api/v1/rulesets", 304, headers={"If-None-Match": api.etag()})
 
     async def test_ruleset(self, api: Api) -> None:
         """One ruleset with its rules, not modified, and an unknown id."""
         body = await api.call("GET", "/api/v1/rulesets/payments", 200)
         assert len(body["rules"]) == body["rule_count"] == 3
-        await api.call("GET", "/api/v1/rulesets/payments", 304, headers={"If-None-Match": '"1"'})
+        etag = api.etag()
+        await api.call("GET", "/api/v1/rulesets/payments", 304, headers={"If-None-Match": etag})
         await api.call("GET", "/api/v1/rulesets/nope", 404)
 
 
@@ -891,7 +902,7 @@ class TestWebSocket:
     async def test_replies(self, start: Start) -> None:
         """Replay, status, pong, error and resync_required answers."""
         api = await start(replay_buffer=2)
-        ws = await api.connect("?last_seq=0")
+        ws = await api.connect(api.after(0))
         replies = await receive_until(ws, "status")
         await ws.send_json({"type": "ping"})
         replies.append(await receive(ws))
@@ -903,7 +914,17 @@ class TestWebSocket:
         ws = await api.connect("?last_seq=soon")
         replies += await receive_until(ws, "status")
         await ws.close()
-        ws = await api.connect(f"?last_seq={replies[-1]['seq'] - 1}")
+        current = replies[-1]["seq"]
+        resyncs = []
+        for query in (
+            f"?last_seq={current}",
+            f"?instance=0000000000000000&last_seq={current}",
+            api.after(current + 1),
+        ):
+            ws = await api.connect(query)
+            resyncs += await receive_until(ws, "status")
+            await ws.close()
+        ws = await api.connect(api.after(current - 1))
         replayed = await receive_until(ws, "status")
         await ws.close()
         assert [m["event_type"] for m in replies] == [
@@ -915,4 +936,7 @@ class TestWebSocket:
             "error",
             "status",
         ]
+        assert replies[0]["data"]["reason"] == "too_old"
+        reasons = [m["data"]["reason"] for m in resyncs if m["event_type"] == "resync_required"]
+        assert reasons == ["no_instance", "other_instance", "never_sent"]
         assert [m["event_type"] for m in replayed] == ["rules_reloaded", "status"]

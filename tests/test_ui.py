@@ -239,6 +239,36 @@ class TestLiveUpdates:
         assert still_same_page(browser)
 
 
+class TestRestart:
+    """The sidecar stopped and started again on the same port, the page left open."""
+
+    def test_the_page_reads_everything_again_after_a_restart(
+        self, browser: WebDriver, mount: ConfigMapDir, shoot: Shoot
+    ) -> None:
+        """Restarted with other rules (again at version 1): the feed says
+        `resync_required`, and the rules shown are the new ones, not the old instance's
+        answer revalidated by a tag that repeats."""
+        settings = Settings(rules_dirs=(mount.root,), debounce_ms=20)
+        with threaded_sidecar(settings) as first:
+            open_dashboard(browser, first)
+            port = first.port
+            assert browser.find_elements(By.CSS_SELECTOR, 'tr[data-rule="large-amount"]')
+        mount.publish({"rules.yaml": to_yaml(ruleset_doc("extra"))})
+        with ThreadedSidecar(settings, port=port) as second:
+            wait(browser, lambda b: events(b, "resync_required"), "a resync_required event")
+            wait(
+                browser,
+                lambda b: b.find_elements(By.CSS_SELECTOR, 'tr[data-rule="extra-big"]'),
+                "the restarted sidecar's rule",
+            )
+            assert not browser.find_elements(By.CSS_SELECTOR, 'tr[data-rule="large-amount"]')
+            assert text(browser, "version") == "1"
+            assert "restarted" in events(browser, "resync_required")[0].text
+            assert second.port == port
+            assert still_same_page(browser)
+            shoot("after-restart")
+
+
 class TestPanels:
     """What a person does on the page: filter, try, act."""
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import inspect
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import pytest
@@ -18,10 +20,12 @@ from server_support import (  # noqa: E402
     HOT,
     Sidecar,
     eventually,
+    free_port,
     metric_value,
     receive_event,
     receive_until,
     ruleset_doc,
+    serving,
     to_yaml,
 )
 
@@ -50,6 +54,16 @@ async def sidecar(start_sidecar, plain_rules: Path) -> Sidecar:
     return await start_sidecar(plain_rules)
 
 
+def resume(instance: str, last_seq: int) -> str:
+    """The WebSocket path resuming after `last_seq` of `instance`."""
+    return f"{WS}?{urlencode({'instance': instance, 'last_seq': last_seq})}"
+
+
+def resume_after(message: dict[str, Any]) -> str:
+    """The WebSocket path resuming after `message`, as a client that kept it would."""
+    return resume(message["instance"], message["seq"])
+
+
 async def force_reload(app: Sidecar) -> None:
     """Publish a new version (and so broadcast rules_reloaded)."""
     await app.post(f"{HOT}/reload", json={"force": True})
@@ -63,8 +77,10 @@ class TestProtocol:
         async with sidecar.client.ws_connect(WS) as ws:
             hello = await receive_event(ws)
         assert hello["event_type"] == "status"
-        assert set(hello) == {"event_type", "timestamp", "seq", "data"}
+        assert set(hello) == {"event_type", "timestamp", "instance", "seq", "data"}
         datetime.fromisoformat(hello["timestamp"])
+        assert hello["instance"] == sidecar.state.notifier.instance
+        assert re.fullmatch(r"[0-9a-f]{16}", hello["instance"])
         assert hello["data"]["registry"]["rule_count"] == 4
         assert hello["data"]["last_reload_status"] == "success"
 
@@ -167,7 +183,8 @@ class TestProtocol:
 
 
 class TestSequence:
-    """`seq` numbers every broadcast; a reconnecting client resumes from `last_seq`."""
+    """`seq` numbers every broadcast of an instance; a reconnecting client resumes from
+    `instance` and `last_seq`."""
 
     async def test_broadcasts_carry_increasing_seq(self, sidecar: Sidecar):
         """Each broadcast's seq is one more than the previous; status repeats the latest."""
@@ -185,7 +202,8 @@ class TestSequence:
             assert pong["seq"] == seqs[-1]
 
     async def test_reconnect_replays_exactly_the_missed_messages(self, sidecar: Sidecar):
-        """With `?last_seq=N` the missed broadcasts come first, once each, then status."""
+        """With `?instance=I&last_seq=N` the missed broadcasts come first, once each, then
+        status."""
         async with sidecar.client.ws_connect(WS) as ws:
             await receive_event(ws)
             await force_reload(sidecar)
@@ -193,7 +211,7 @@ class TestSequence:
         last_seq = seen["seq"]
         await force_reload(sidecar)
         await force_reload(sidecar)
-        async with sidecar.client.ws_connect(f"{WS}?last_seq={last_seq}") as ws:
+        async with sidecar.client.ws_connect(resume_after(seen)) as ws:
             replayed = []
             while (event := await receive_event(ws))["event_type"] != "status":
                 replayed.append(event)
@@ -205,13 +223,23 @@ class TestSequence:
 
     async def test_up_to_date_client_gets_only_status(self, sidecar: Sidecar):
         """A `last_seq` equal to the current seq replays nothing."""
-        current = sidecar.state.notifier.broadcast("custom", {"n": 1})
-        async with sidecar.client.ws_connect(f"{WS}?last_seq={current}") as ws:
+        notifier = sidecar.state.notifier
+        current = notifier.broadcast("custom", {"n": 1})
+        async with sidecar.client.ws_connect(resume(notifier.instance, current)) as ws:
             assert (await receive_event(ws))["event_type"] == "status"
 
     async def test_bad_last_seq_is_an_error(self, sidecar: Sidecar):
         """A `last_seq` that is not an integer gets an error, then status."""
-        async with sidecar.client.ws_connect(f"{WS}?last_seq=yesterday") as ws:
+        instance = sidecar.state.notifier.instance
+        async with sidecar.client.ws_connect(f"{WS}?instance={instance}&last_seq=yesterday") as ws:
+            error = await receive_event(ws)
+            assert error["event_type"] == "error"
+            assert "last_seq" in error["data"]["message"]
+            assert (await receive_event(ws))["event_type"] == "status"
+
+    async def test_instance_without_last_seq_is_an_error(self, sidecar: Sidecar):
+        """An `instance` alone names no position: an error, then status."""
+        async with sidecar.client.ws_connect(f"{WS}?instance=0123456789abcdef") as ws:
             error = await receive_event(ws)
             assert error["event_type"] == "error"
             assert "last_seq" in error["data"]["message"]
@@ -227,10 +255,11 @@ class TestSequence:
         for n in range(10):
             current = notifier.broadcast("custom", {"n": n})
         oldest = current - 4
-        async with app.client.ws_connect(f"{WS}?last_seq={oldest - 2}") as ws:
+        async with app.client.ws_connect(resume(notifier.instance, oldest - 2)) as ws:
             resync = await receive_event(ws)
             assert resync["event_type"] == "resync_required"
             assert resync["data"] == {
+                "reason": "too_old",
                 "last_seq": oldest - 2,
                 "oldest_available": oldest,
                 "current_seq": current,
@@ -244,16 +273,111 @@ class TestSequence:
         current = 0
         for n in range(10):
             current = notifier.broadcast("custom", {"n": n})
-        async with app.client.ws_connect(f"{WS}?last_seq={current - 5}") as ws:
+        async with app.client.ws_connect(resume(notifier.instance, current - 5)) as ws:
             replayed = [await receive_event(ws) for _ in range(5)]
             assert [e["seq"] for e in replayed] == list(range(current - 4, current + 1))
             assert [e["data"]["n"] for e in replayed] == [5, 6, 7, 8, 9]
 
-    async def test_last_seq_from_before_a_restart_requires_resync(self, sidecar: Sidecar):
-        """A last_seq greater than the server has ever sent answers `resync_required`."""
-        current = sidecar.state.notifier.broadcast("custom", {})
-        async with sidecar.client.ws_connect(f"{WS}?last_seq={current + 100}") as ws:
-            assert (await receive_event(ws))["event_type"] == "resync_required"
+    async def test_last_seq_never_sent_requires_resync(self, sidecar: Sidecar):
+        """A last_seq greater than this instance has ever sent answers `resync_required`."""
+        notifier = sidecar.state.notifier
+        current = notifier.broadcast("custom", {})
+        async with sidecar.client.ws_connect(resume(notifier.instance, current + 100)) as ws:
+            resync = await receive_event(ws)
+            assert (resync["event_type"], resync["data"]["reason"]) == (
+                "resync_required",
+                "never_sent",
+            )
+
+    async def test_a_position_of_another_instance_requires_resync(
+        self, start_sidecar, plain_rules: Path, tmp_path: Path
+    ):
+        """A position taken from one instance, given to another that has sent more than
+        that (a restart, another replica): `resync_required`, and nothing of the second
+        instance's stream is replayed as if it were what the client missed."""
+        first = await start_sidecar(plain_rules)
+        async with first.client.ws_connect(WS) as ws:
+            hello = await receive_event(ws)
+        other_rules = tmp_path / "other"
+        other_rules.mkdir()
+        write_many_rules(other_rules, 10)
+        second = await start_sidecar(other_rules)
+        assert second.state.notifier.instance != hello["instance"]
+        await force_reload(second)
+        async with second.client.ws_connect(resume_after(hello)) as ws:
+            resync = await receive_event(ws)
+            assert resync["event_type"] == "resync_required"
+            assert resync["data"]["reason"] == "other_instance"
+            assert resync["instance"] == second.state.notifier.instance
+            status = await receive_event(ws)
+            assert status["event_type"] == "status"
+            assert resync["seq"] == status["seq"] > hello["seq"]
+
+    async def test_a_bare_last_seq_requires_resync(self, sidecar: Sidecar):
+        """`?last_seq=N` without its instance cannot be told from a number of an earlier
+        instance: `resync_required` (the old clients' resume), even when N is current."""
+        async with sidecar.client.ws_connect(WS) as ws:
+            hello = await receive_event(ws)
+        await force_reload(sidecar)
+        async with sidecar.client.ws_connect(f"{WS}?last_seq={hello['seq']}") as ws:
+            resync = await receive_event(ws)
+            assert (resync["event_type"], resync["data"]["reason"]) == (
+                "resync_required",
+                "no_instance",
+            )
+            assert (await receive_event(ws))["event_type"] == "status"
+
+
+def write_ruleset(rules: Path, ruleset_id: str, count: int) -> None:
+    """The rules directory holds only `<ruleset_id>.yaml`, with `count` rules."""
+    for old in rules.glob("*.yaml"):
+        old.unlink()
+    conditions = [
+        {"id": f"{ruleset_id}-{n}", "condition": f"input.amount > {n}", "points": 1}
+        for n in range(count)
+    ]
+    doc = ruleset_doc(ruleset_id, conditions)
+    (rules / f"{ruleset_id}.yaml").write_text(to_yaml(doc), encoding="utf-8")
+
+
+async def first_messages(url: str, count: int) -> list[dict[str, Any]]:
+    """The first `count` messages of a new WebSocket connection to `url`."""
+    async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+        return [await receive_event(ws) for _ in range(count)]
+
+
+class TestRestart:
+    """A real `serve` process stopped and started again on the same port with other
+    rules: a position from before the restart is never resumed from."""
+
+    @pytest.mark.parametrize(
+        ("query", "reason"),
+        [(resume_after, "other_instance"), (lambda m: f"{WS}?last_seq={m['seq']}", "no_instance")],
+        ids=["with-instance", "bare-last-seq"],
+    )
+    async def test_resuming_across_a_restart_requires_resync(
+        self, tmp_path: Path, query: Any, reason: str
+    ):
+        """Ruleset `alpha` (6 rules) restarted as `beta` (9 rules): the new instance has
+        sent more than the old position, yet the client gets `resync_required` first,
+        then the new instance's status; none of beta's change events pass for what the
+        client missed."""
+        rules = tmp_path / "rules"
+        rules.mkdir()
+        write_ruleset(rules, "alpha", 6)
+        port = free_port()
+        with serving(tmp_path, rules, port=port) as first:
+            [hello] = await first_messages(first.url + WS, 1)
+        write_ruleset(rules, "beta", 9)
+        with serving(tmp_path, rules, port=port) as second:
+            _, health = second.get("/health/hot-reload")
+            resync, status = await first_messages(second.url + query(hello), 2)
+        assert resync["event_type"] == "resync_required", resync
+        assert resync["data"]["reason"] == reason
+        assert resync["data"]["current_seq"] > hello["seq"]
+        assert status["event_type"] == "status"
+        assert status["instance"] == resync["instance"] != hello["instance"]
+        assert status["data"]["registry"]["revision"] == health["revision"]
 
 
 class TestSlowClients:
@@ -355,7 +479,7 @@ class TestLargeChanges:
         write_many_rules(sidecar.rules, self.RULES)
         await force_reload(sidecar)
         version = sidecar.state.registry.version
-        async with sidecar.client.ws_connect(f"{WS}?last_seq={hello['seq']}") as ws:
+        async with sidecar.client.ws_connect(resume_after(hello)) as ws:
             status, replayed = await receive_until(ws, "status", timeout=60)
             assert replayed[-1]["event_type"] == "rules_reloaded"
             assert replayed[-1]["data"]["version_after"] == version
@@ -416,7 +540,7 @@ class TestLargeChanges:
         for _ in range(299):
             notifier.broadcast("bulk", {"blob": blob})
         with caplog.at_level("WARNING", logger="sidecar.websocket"):
-            stuck = await app.client.ws_connect(f"{WS}?last_seq={first - 1}")
+            stuck = await app.client.ws_connect(resume(notifier.instance, first - 1))
             await eventually(lambda: notifier.client_count == 1, message="connected")
             sent = 0
             while notifier.client_count == 1 and sent < 3000:

@@ -339,23 +339,29 @@ def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
     return value
 
 
-def _etag(snapshot: Snapshot) -> str:
-    return f'"{snapshot.version}"'
+def _etag(snapshot: Snapshot, instance: str) -> str:
+    """`"<revision>-<version>-<instance>"`. The version alone repeats after a restart, and
+    the revision alone leaves out what a read shows besides the rules' content (the
+    version, source locations, the version a change came from); within one instance a
+    version is one immutable snapshot, so the instance id makes the tag name one body."""
+    return f'"{snapshot.revision}-{snapshot.version}-{instance}"'
 
 
 async def _cached(
     request: web.Request, snapshot: Snapshot, data: Callable[[], Any]
 ) -> web.Response:
-    """Registry reads: ETag is the registry version; If-None-Match answers 304; a large
-    registry's answer is rendered once per version, off the event loop (`RenderCache`)."""
-    etag = _etag(snapshot)
+    """Registry reads: ETag names the snapshot in this instance (`_etag`); If-None-Match
+    answers 304; a large registry's answer is rendered once per version, off the event
+    loop (`RenderCache`)."""
+    state = _state(request)
+    etag = _etag(snapshot, state.notifier.instance)
     given = {
         tag.strip().removeprefix("W/")
         for tag in request.headers.get("If-None-Match", "").split(",")
     }
     if etag in given or "*" in given:
         return web.Response(status=304, headers={"ETag": etag})
-    body = await _state(request).renders.get(
+    body = await state.renders.get(
         snapshot.version, request.path_qs, len(snapshot.rules), lambda: _dumpb(data())
     )
     return web.Response(body=body, content_type="application/json", headers={"ETag": etag})

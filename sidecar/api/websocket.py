@@ -1,9 +1,13 @@
 """WebSocket fan-out of reload events (the seed's ReloadNotificationManager).
 
 Every message has the seed's shape `{"event_type", "timestamp", "data"}` plus `seq`, a
-number that grows by one per broadcast. A client that reconnects with `?last_seq=N`
-gets what it missed from a bounded buffer, or a `resync_required` message when the gap
-is older than the buffer.
+number that grows by one per broadcast, and `instance`, a random id drawn when this
+manager (so this server process) starts. `seq` counts anew from 0 in every instance, so
+a number means nothing without the instance it counts in: a client that reconnects with
+`?instance=I&last_seq=N` gets what it missed from a bounded buffer, or one
+`resync_required` message when it cannot: the gap is older than the buffer, `I` is
+another instance (the server restarted, or this is another replica), or no instance was
+given (a bare `last_seq` from before a restart looks exactly like one from now).
 
 Clients read from that one shared buffer: each has only a cursor (the last `seq` handed
 to it) and a small queue of replies (status, pong, error), drained by its own task. So
@@ -26,16 +30,18 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, Final
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from sidecar.registry import EventType
 
-__all__ = ["ReloadNotificationManager"]
+__all__ = ["ReloadNotificationManager", "ResyncReason"]
 
 logger = logging.getLogger("sidecar.websocket")
 
@@ -45,6 +51,15 @@ StatusProvider = Callable[[], dict[str, Any]]
 _KICK_TIMEOUT: Final = 1.0  # seconds a dropped client gets to take its close frame
 _CHANGE_EVENTS: Final = frozenset(event.value for event in EventType)
 CHANGES_OMITTED: Final = "changes_omitted"
+
+
+class ResyncReason(StrEnum):
+    """Why a client's position cannot be resumed from (`resync_required`'s `reason`)."""
+
+    TOO_OLD = "too_old"  # the buffer no longer holds what follows it
+    OTHER_INSTANCE = "other_instance"  # it counts in another instance: a restart, a replica
+    NO_INSTANCE = "no_instance"  # a bare last_seq: which instance it counts in is unknown
+    NEVER_SENT = "never_sent"  # ahead of anything this instance has sent
 
 
 class _Client:
@@ -98,6 +113,7 @@ class ReloadNotificationManager:
         self._max_clients = max_clients
         self._changes_per_version = max(1, min(changes_per_version, buffer_size // 4))
         self._clients: set[_Client] = set()
+        self._instance = secrets.token_hex(8)
         self._seq = 0
         self._change_version: object = None
         self._changes_seen = 0
@@ -106,6 +122,11 @@ class ReloadNotificationManager:
     @property
     def client_count(self) -> int:
         return len(self._clients)
+
+    @property
+    def instance(self) -> str:
+        """This instance's id: what `seq` counts in (also part of the registry reads' ETag)."""
+        return self._instance
 
     def broadcast(self, event_type: str, data: dict[str, Any]) -> int:
         """Send a message to every client; returns the latest seq (a change event past
@@ -141,7 +162,7 @@ class ReloadNotificationManager:
         self._on_count(len(self._clients))
         client.writer = asyncio.create_task(self._write(client))
         try:
-            self._resume(client, request.query.get("last_seq"))
+            self._resume(client, request.query)
             self._reply(client, "status", self._status())
             await self._read(client)
         finally:
@@ -176,28 +197,53 @@ class ReloadNotificationManager:
         message = {
             "event_type": event_type,
             "timestamp": datetime.now(UTC).isoformat(),
+            "instance": self._instance,
             "seq": seq,
             "data": data,
         }
         return json.dumps(message, default=str)
 
-    def _resume(self, client: _Client, last_seq: str | None) -> None:
-        """Start the client's cursor at `last_seq` when the buffer still holds what follows
-        it (the writer replays from there); otherwise say why and start at the latest."""
+    def _resume(self, client: _Client, query: Mapping[str, str]) -> None:
+        """Start the client's cursor at `last_seq` when it counts in this instance and the
+        buffer still holds what follows it (the writer replays from there); otherwise say
+        why and start at the latest."""
+        last_seq, instance = query.get("last_seq"), query.get("instance")
         if last_seq is None:
+            if instance is not None:
+                self._reply(client, "error", {"message": "instance needs last_seq"})
             return
         try:
             seen = int(last_seq)
         except ValueError:
             self._reply(client, "error", {"message": "last_seq must be an integer"})
             return
-        oldest = self._buffer[0][0] if self._buffer else self._seq + 1
-        # Older than the buffer, or ahead of this server (it restarted and counts anew).
-        if (seen + 1 < oldest and seen < self._seq) or seen > self._seq:
-            gap = {"last_seq": seen, "oldest_available": oldest, "current_seq": self._seq}
+        reason = self._unresumable(seen, instance)
+        if reason is not None:
+            gap = {
+                "reason": reason.value,
+                "last_seq": seen,
+                "oldest_available": self._oldest(),
+                "current_seq": self._seq,
+            }
             self._reply(client, "resync_required", gap)
             return
         client.cursor = seen
+
+    def _unresumable(self, seen: int, instance: str | None) -> ResyncReason | None:
+        """Why the client cannot resume after `seen` of `instance`; None when it can."""
+        if instance is None:
+            return ResyncReason.NO_INSTANCE
+        if instance != self._instance:
+            return ResyncReason.OTHER_INSTANCE
+        if seen > self._seq:
+            return ResyncReason.NEVER_SENT
+        if seen + 1 < self._oldest():
+            return ResyncReason.TOO_OLD
+        return None
+
+    def _oldest(self) -> int:
+        """The oldest seq the buffer holds (the next one while it is empty)."""
+        return self._buffer[0][0] if self._buffer else self._seq + 1
 
     def _reply(self, client: _Client, event_type: str, data: dict[str, Any]) -> None:
         """A message for this client only, sent after the broadcasts made before it."""

@@ -11,7 +11,7 @@ const MAX_CHANGES = 100;
 
 const $ = (id) => document.getElementById(id);
 const view = { status: null, health: null, rulesets: [], rules: [], history: [], changes: null };
-const feed = { socket: null, lastSeq: null, retryMs: 1000 };
+const feed = { socket: null, instance: null, lastSeq: null, retryMs: 1000 };
 
 // ------------------------------------------------------------------------- helpers
 
@@ -359,7 +359,8 @@ function eventSummary(message) {
     case "status":
       return `connected; serving version ${data.registry ? data.registry.version : "?"}`;
     case "resync_required":
-      return "missed too much while away; reading everything again";
+      return data.reason === "too_old" ? "missed too much while away; reading everything again"
+        : "the sidecar restarted while away; reading everything again";
     case "changes_omitted":
       return `version ${data.registry_version}: more changes than the ${data.sent} shown one by one`;
     default:
@@ -401,10 +402,13 @@ function showRecord(record) {
   renderBanner();
 }
 
-/** Follow /ws/hot-reload; reconnect with backoff and resume from the last seq seen. */
+/** Follow /ws/hot-reload; reconnect with backoff and resume from the last message seen:
+ *  its seq counts in its instance, so both go back (a restarted sidecar answers
+ *  resync_required, and the page reads everything again). */
 function connect() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
-  const resume = feed.lastSeq === null ? "" : `?last_seq=${feed.lastSeq}`;
+  const resume = feed.lastSeq === null ? ""
+    : `?${new URLSearchParams({ instance: feed.instance, last_seq: feed.lastSeq })}`;
   const protocols = token() ? [BEARER_PROTOCOL + base64url(token())] : [];
   const socket = new WebSocket(`${scheme}://${location.host}/ws/hot-reload${resume}`, protocols);
   let opened = false;
@@ -417,7 +421,9 @@ function connect() {
   socket.onmessage = (event) => {
     const message = JSON.parse(event.data);
     if (message.event_type === "pong") return;
-    if (typeof message.seq === "number") feed.lastSeq = message.seq;
+    if (typeof message.seq === "number" && typeof message.instance === "string") {
+      [feed.instance, feed.lastSeq] = [message.instance, message.seq];
+    }
     addEvent(message);
     if (message.event_type === "rules_reloaded" || message.event_type === "reload_failed") {
       showRecord(message.data);
