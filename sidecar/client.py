@@ -148,13 +148,16 @@ class AsyncRuleClient:
     # Events
 
     async def events(
-        self, *, last_seq: int | None = None, max_backoff: float = 10.0
+        self, *, instance: str | None = None, last_seq: int | None = None, max_backoff: float = 10.0
     ) -> AsyncIterator[dict[str, Any]]:
         """Every WebSocket message, forever: reconnects with jittered backoff and resumes
-        from the last `seq` seen (a `resync_required` message says when that was too old)."""
+        from the last position seen (`instance` and `seq`: a `resync_required` message says
+        when that is too old or from before a restart; re-read the registry then)."""
         backoff = 0.1
         while True:
-            query = f"?last_seq={last_seq}" if last_seq is not None else ""
+            query = ""
+            if instance is not None and last_seq is not None:
+                query = f"?instance={instance}&last_seq={last_seq}"
             url = self.base_url.replace("http", "ws", 1) + "/ws/hot-reload" + query
             try:
                 async with self._client().ws_connect(url, heartbeat=30.0) as socket:
@@ -166,6 +169,7 @@ class AsyncRuleClient:
                         # Every message carries the seq of the last broadcast, so any
                         # of them (a status too) is a point to resume from.
                         last_seq = event.get("seq", last_seq)
+                        instance = event.get("instance", instance)
                         yield event
             except (aiohttp.ClientError, TimeoutError):
                 pass
