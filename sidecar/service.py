@@ -519,6 +519,8 @@ class HotReloadService:
         if attempt.candidate is not None and verdict is not Verdict.EMPTY_REFUSED:
             self._last_verified = now()
             self._held = self._counts
+        if self._save_pending(verdict, attempt):
+            await self._save_state(before)  # the last save failed: try again
         if verdict is Verdict.QUIET:
             return self._unrecorded(before, triggers)
         outcome = await self._carry_out(verdict, attempt, result, filtered_by)
@@ -583,6 +585,17 @@ class HotReloadService:
             errors=failure.errors,
         )
         self.log.record(outcome, elapsed_ms=_elapsed_ms(started))
+
+    def _save_pending(self, verdict: Verdict, attempt: Attempt) -> bool:
+        """The copy's last save failed, and what serves is what the sources hold."""
+        unchanged = verdict in (Verdict.QUIET, Verdict.UNCHANGED, Verdict.RECOVERED)
+        return (
+            self.state is not None
+            and self.state.status().ok is False
+            and unchanged
+            and attempt.candidate is not None
+            and not self._serving_from_state
+        )
 
     async def _save_state(self, snapshot: Snapshot) -> None:
         if self.state is None:

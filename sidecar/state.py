@@ -96,6 +96,8 @@ class StateStore:
         self._status = SaveStatus()
         # Serialized documents by ruleset digest: an unchanged ruleset is not dumped again.
         self._dumped: dict[str, bytes] = {}
+        # Files of the copy as this store last wrote or checked them (see `_intact`).
+        self._known: dict[Path, tuple[int, int, int, int]] = {}
 
     @property
     def manifest(self) -> Path:
@@ -180,12 +182,10 @@ class StateStore:
         try:
             for name, content in files.items():
                 path = self.directory / name
-                try:
-                    if path.stat().st_size == len(content):
-                        continue  # content-addressed: the same name is the same content
-                except FileNotFoundError:
-                    pass
+                if self._intact(path, content):
+                    continue
                 _write_atomically(rulesets_dir, path, content)
+                self._remember(path)
                 created.append(path)
             if created:
                 _fsync_directory(rulesets_dir)
@@ -197,6 +197,24 @@ class StateStore:
             raise
         _fsync_directory(self.directory)
         self._remove_unlisted(set(files))
+
+    def _intact(self, path: Path, content: bytes) -> bool:
+        """Whether `path` holds `content`. The name is the content's digest, but a file
+        edited, damaged or made unreadable since keeps its name: unless it is exactly as
+        this store last wrote or checked it, it is read and compared."""
+        try:
+            if self._known.get(path) == _stamp(os.stat(path)):
+                return True
+            if self._read(path) != content:
+                return False
+        except (OSError, LoadError):
+            return False
+        self._remember(path)
+        return True
+
+    def _remember(self, path: Path) -> None:
+        with contextlib.suppress(OSError):
+            self._known[path] = _stamp(os.stat(path))
 
     def _remove_unlisted(self, listed: set[str]) -> None:
         """Files the manifest no longer names, temporary files of a crashed save, and
@@ -327,6 +345,11 @@ def _is_file_name(name: str) -> bool:
 
 def _damaged(path: Path, why: str) -> Problem:
     return Problem(file=str(path), message=f"the saved copy is damaged: {why}")
+
+
+def _stamp(info: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes when a file is edited, replaced or has its permissions changed."""
+    return info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
 
 def _write_atomically(directory: Path, path: Path, content: bytes) -> None:

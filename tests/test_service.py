@@ -23,6 +23,7 @@ from sidecar.registry import RuleRegistry
 from sidecar.reloads import ReloadRecord, ReloadStatus, Trigger
 from sidecar.service import HealthStatus, HotReloadService
 from sidecar.sources import StaticSource
+from sidecar.state import StateStore
 
 
 async def wait_for(check: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -289,3 +290,20 @@ class TestRetry:
         await wait_for(lambda: heard[-1].triggers == {Trigger.SIGNAL, Trigger.API})
         assert sorted(service.registry.current.rulesets) == ["a", "b"]
         await service.stop()
+
+
+class TestStateCopy:
+    async def test_a_failed_save_is_tried_again_by_the_next_check(self, heard, tmp_path):
+        """The copy could not be saved (a file where its directory goes): the next check
+        that finds the sources unchanged saves it, without waiting for a new change."""
+        blocker = tmp_path / "state"
+        blocker.write_text("in the way", encoding="utf-8")
+        service = await started(StaticSource(rules("a")), heard, state=StateStore(blocker))
+        assert service.state is not None
+        assert service.state.status().ok is False
+        blocker.unlink()
+
+        await service.reload_rules(trigger=Trigger.RESYNC)  # unchanged: not even recorded
+
+        assert service.state.status().ok is True
+        assert service.state.status().revision == service.registry.current.revision

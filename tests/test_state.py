@@ -310,6 +310,28 @@ class TestIncremental:
             )
         assert restored(tmp_path).revision == changed.revision
 
+    @pytest.mark.parametrize("fresh_store", [False, True], ids=["same-store", "after-restart"])
+    def test_a_file_damaged_since_is_written_again(self, tmp_path: Path, fresh_store: bool):
+        """A file of the copy edited in place, same size, then another ruleset changes:
+        the next save writes the damaged file again (its name alone says nothing), so
+        the copy restores what serves."""
+        docs = registry_docs(300, 1)
+        store = StateStore(tmp_path)
+        store.save(snapshot_of(docs))
+        changing = docs[0]["metadata"]["id"]
+        path = next(  # a file that the change leaves listed
+            tmp_path / name
+            for name in listed_files(tmp_path)
+            if f'"{changing}"'.encode() not in (tmp_path / name).read_bytes()
+        )
+        path.write_bytes(path.read_bytes().replace(b'"points":1', b'"points":2', 1))
+        docs[0]["spec"]["rules"][0]["points"] = 9
+        changed = snapshot_of(docs)
+
+        (StateStore(tmp_path) if fresh_store else store).save(changed)
+
+        assert restored(tmp_path).revision == changed.revision
+
 
 class TestDamagedCopy:
     """A copy damaged on disk is refused, naming the file: never served in part."""

@@ -682,6 +682,9 @@ async def get_metrics(request: web.Request) -> web.Response:
     service = state.service
     state.metrics.observe_watches((s.name for s in service.sources), service.watch_problems())
     state.metrics.asyncio_tasks.set(len(asyncio.all_tasks()))
+    saved = service.state.status().ok if service.state is not None else None
+    if saved is not None:
+        state.metrics.state_saved.set(saved)
     return web.Response(body=state.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

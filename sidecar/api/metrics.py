@@ -92,6 +92,12 @@ class Metrics:
             "that keeps growing is a leak.",
             registry=r,
         )
+        self.state_saved = Gauge(
+            "rule_sidecar_state_save_ok",
+            "1 when the last save of the state dir's copy succeeded (the copy can restore "
+            "what serves), 0 when it failed; absent without --state-dir.",
+            registry=r,
+        )
         self._revision: str | None = None
 
     def observe_reload(self, record: ReloadRecord) -> None:
