@@ -268,3 +268,32 @@ class TestEmptiedFiles:
         writer.join()
 
         assert file.content.decode() == text + "# again\n"
+
+
+class TestDirectorySymlinks:
+    def test_a_directory_symlink_out_of_the_directory_is_refused_unwalked(self, rules_dir: Path):
+        """`ln -s /sys rules/sys`: refused by name at once, never walked."""
+        write_rules(rules_dir, "a.yaml", dump_yaml(make_ruleset_doc("a")))
+        (rules_dir / "sys").symlink_to("/sys")
+
+        (problem,) = read_problems(rules_dir)
+
+        assert problem.file == str(rules_dir / "sys")
+        assert "symlink leads outside" in problem.message
+
+    def test_a_directory_symlink_inside_is_followed(self, rules_dir: Path):
+        write_rules(rules_dir / "real", "a.yaml", dump_yaml(make_ruleset_doc("a")))
+        (rules_dir / "alias").symlink_to("real")
+        assert [Path(f.name).name for f in read_rule_files([rules_dir])] == ["a.yaml"]
+
+    def test_a_tree_too_deep_to_walk_is_a_located_problem(self, rules_dir: Path):
+        """1,100 levels (past the interpreter's recursion limit in os.walk)."""
+        deep = rules_dir
+        for _ in range(1100):
+            deep = deep / "d"
+            deep.mkdir()
+        (problem,) = read_problems(rules_dir)
+        assert (problem.file, problem.message) == (
+            str(rules_dir),
+            "cannot list: the directory tree is too deep",
+        )

@@ -19,7 +19,7 @@ import asyncio
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -63,13 +63,21 @@ def is_rule_file(path: Path) -> bool:
 def _walk(root: Path) -> Iterator[Path]:
     """Rule files below `root`, following directory symlinks but never into a loop.
 
-    Raises `_Unreadable` for the first directory that cannot be listed: a skipped
-    directory would look like deleted rules.
+    Raises `_Unreadable` for the first directory that cannot be listed (a skipped
+    directory would look like deleted rules) or that a symlink leads out of `root` to.
     """
 
     def fail(exc: OSError) -> None:
         raise _Unreadable(str(exc.filename or root), f"cannot list: {_reason(exc)}")
 
+    boundary = root.resolve()
+    try:
+        yield from _walk_below(root, boundary, fail)
+    except RecursionError:
+        raise _Unreadable(str(root), "cannot list: the directory tree is too deep") from None
+
+
+def _walk_below(root: Path, boundary: Path, fail: Callable[[OSError], None]) -> Iterator[Path]:
     visited: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, onerror=fail, followlinks=True):
         try:
@@ -81,6 +89,8 @@ def _walk(root: Path) -> Iterator[Path]:
             continue
         visited.add((info.st_dev, info.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in dirnames:
+            _refuse_outside(Path(dirpath, name), boundary)
         for filename in sorted(filenames):
             path = Path(dirpath, filename)
             if is_rule_file(path):
@@ -94,6 +104,13 @@ def _check_regular(path: Path, info: os.stat_result, max_bytes: int | None) -> N
     if max_bytes is not None and info.st_size > max_bytes:
         message = f"file is {info.st_size} bytes, the limit is {max_bytes}: not read"
         raise _Unreadable(str(path), message)
+
+
+def _refuse_outside(path: Path, boundary: Path) -> None:
+    """A directory symlink out of the rules directory is refused, not walked: it could
+    lead anywhere (`/sys` took seconds per read) and its files would be refused anyway."""
+    if path.is_symlink() and not path.resolve().is_relative_to(boundary):
+        raise _Unreadable(str(path), f"symlink leads outside {boundary}: refused")
 
 
 def _read_regular(path: Path, real: Path, max_bytes: int | None) -> SourceFile:
