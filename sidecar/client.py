@@ -42,6 +42,7 @@ import asyncio
 import functools
 import json
 import random
+import re
 import threading
 import types
 from collections.abc import AsyncIterator, Coroutine
@@ -93,6 +94,8 @@ DEFAULT_MAX_ANSWER_BYTES: Final = 32 * 1024 * 1024
 _DECODE_IN_THREAD_BYTES: Final = 1024 * 1024
 _HOT: Final = ("api", "v1", "rules", "hot-reload")
 _RESYNC: Final = "resync_required"
+# What a sidecar's instance id may be (it draws 16 hex digits): it goes back into the URL.
+_INSTANCE: Final = re.compile(r"[0-9A-Za-z_-]{1,64}")
 _T = TypeVar("_T")
 
 
@@ -207,11 +210,15 @@ class _ErrorAnswer(TypedDict):
     error: _ErrorDetail
 
 
-class _Envelope(TypedDict):
+class _EnvelopeFields(TypedDict):
     event_type: str
     seq: int
     timestamp: str
     data: dict[str, Any]
+
+
+class _Envelope(_EnvelopeFields, total=False):
+    instance: str  # sidecars before instances did not send it
 
 
 @functools.cache
@@ -233,9 +240,10 @@ def _check(value: object, expected: Any, where: str) -> None:
         if not isinstance(value, dict):
             raise MalformedAnswer(0, f"{where}: expected an object, got {_type_name(value)}")
         for key, field_type in _fields(expected).items() if is_typeddict(expected) else ():
-            if key not in value:
+            if key in value:
+                _check(value[key], field_type, f"{where}.{key}")
+            elif key in expected.__required_keys__:
                 raise MalformedAnswer(0, f"{where}: the field {key!r} is missing")
-            _check(value[key], field_type, f"{where}.{key}")
     elif origin is list:
         if not isinstance(value, list):
             raise MalformedAnswer(0, f"{where}: expected a list, got {_type_name(value)}")
@@ -314,31 +322,63 @@ def _ruleset_id(value: object) -> str:
 @dataclass(frozen=True, slots=True)
 class Event:
     """One WebSocket message; `event_type` decides the shape of `data`
-    (`WebSocketMessage` in schemas/openapi.yaml)."""
+    (`WebSocketMessage` in schemas/openapi.yaml). `seq` counts in `instance` (the
+    sidecar's, drawn at each start; None from sidecars that do not send it): together
+    they are the position to resume from."""
 
     event_type: str
     seq: int
     timestamp: str
     data: dict[str, Any]
+    instance: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ResyncRequired(Event):
-    """The stream cannot give what was missed (the gap is older than the sidecar's replay
-    buffer, or the sequence number is from an earlier sidecar instance): re-read what you
-    keep (the registry, its version) now. Events go on from `seq`.
+    """The stream cannot give what was missed: re-read what you keep (the registry, its
+    version) now; events go on from here.
 
-    `data` is the sidecar's (`last_seq`, `oldest_available`, `current_seq`), or, when the
-    client saw the sequence go back without being told, `last_seq`, `current_seq` and
-    `detected_by: "client"`."""
+    `data` is the sidecar's (`reason`: `too_old`, the gap is older than its replay buffer;
+    `other_instance`, it restarted, or another replica answers; `no_instance`, a bare
+    `last_seq`; with `last_seq`, `oldest_available`, `current_seq`), or the client's own
+    when the sidecar did not say so but its messages cannot follow the last one seen
+    (`reason` `other_instance` or `seq_went_back`, `last_seq`, `current_seq`,
+    `detected_by: "client"`)."""
 
 
 def _event(text: str, where: str) -> Event:
     envelope: _Envelope = _decode(text.encode(), _Envelope, where)
-    kind = ResyncRequired if envelope["event_type"] == _RESYNC else Event
     if envelope["seq"] < 0:
         raise MalformedAnswer(0, f"{where}.seq: negative ({envelope['seq']})")
-    return kind(envelope["event_type"], envelope["seq"], envelope["timestamp"], envelope["data"])
+    instance = envelope.get("instance")
+    if instance is not None and not _INSTANCE.fullmatch(instance):
+        raise MalformedAnswer(0, f"{where}.instance: not an instance id: {instance[:80]!r}")
+    kind = ResyncRequired if envelope["event_type"] == _RESYNC else Event
+    return kind(
+        envelope["event_type"], envelope["seq"], envelope["timestamp"], envelope["data"], instance
+    )
+
+
+def _unannounced_gap(
+    instance: str | None, last_seq: int | None, event: Event
+) -> dict[str, Any] | None:
+    """Why `event` cannot follow the message seen last (`instance`, `last_seq`) although
+    the sidecar did not say `resync_required` (a sidecar that counts anew after a restart
+    without knowing instances); None when it can."""
+    if last_seq is None or isinstance(event, ResyncRequired):
+        return None
+    if instance is not None and event.instance != instance:
+        reason = "other_instance"
+    elif event.seq < last_seq:
+        reason = "seq_went_back"
+    else:
+        return None
+    return {
+        "reason": reason,
+        "last_seq": last_seq,
+        "current_seq": event.seq,
+        "detected_by": "client",
+    }
 
 
 class AsyncRuleClient:
@@ -525,11 +565,15 @@ class AsyncRuleClient:
     # Events
 
     async def events(
-        self, *, last_seq: int | None = None, max_backoff: float = 10.0
+        self,
+        *,
+        last_seq: int | None = None,
+        instance: str | None = None,
+        max_backoff: float = 10.0,
     ) -> AsyncIterator[Event]:
         """Every WebSocket message as an `Event`, forever: reconnects with jittered backoff
-        and resumes after the last `seq` seen (or `last_seq`, to resume a stream of an
-        earlier call).
+        and resumes after the last message seen (its `instance` and `seq`; or those given,
+        to resume the stream of an earlier call).
 
         A `ResyncRequired` event says that what was missed cannot be told (the gap is
         older than the sidecar's buffer, or the sidecar restarted and counts anew): re-read
@@ -539,12 +583,14 @@ class AsyncRuleClient:
         """
         if last_seq is not None and (isinstance(last_seq, bool) or last_seq < 0):
             raise ValueError(f"last_seq must be a whole number, not {last_seq!r}")
+        if instance is not None and (last_seq is None or not _INSTANCE.fullmatch(instance)):
+            raise ValueError(f"instance {instance!r} needs last_seq and must be an instance id")
         backoff = 0.1
         while True:
             try:
-                async for event in self._subscription(last_seq):
+                async for event in self._subscription(instance, last_seq):
                     backoff = 0.1
-                    last_seq = event.seq
+                    instance, last_seq = event.instance, event.seq
                     yield event
             except aiohttp.WSServerHandshakeError as exc:
                 refusal = _handshake_refusal(exc)
@@ -555,12 +601,16 @@ class AsyncRuleClient:
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, max_backoff)
 
-    async def _subscription(self, last_seq: int | None) -> AsyncIterator[Event]:
-        """One connection's events, until it closes; a `ResyncRequired` first when the
-        sidecar's sequence went back without its saying so (it restarted: counts anew)."""
-        url = self._url(
-            "ws", "hot-reload", **({} if last_seq is None else {"last_seq": str(last_seq)})
-        )
+    async def _subscription(
+        self, instance: str | None, last_seq: int | None
+    ) -> AsyncIterator[Event]:
+        """One connection's events, from after (`instance`, `last_seq`), until it closes;
+        a `ResyncRequired` first when a message cannot follow the last one seen although
+        the sidecar did not say so."""
+        query = {} if last_seq is None else {"last_seq": str(last_seq)}
+        if instance is not None:
+            query["instance"] = instance
+        url = self._url("ws", "hot-reload", **query)
         url = url.with_scheme("wss" if url.scheme == "https" else "ws")
         where = f"WebSocket {url.path}"
         async with self._client().ws_connect(
@@ -576,10 +626,10 @@ class AsyncRuleClient:
                 if message.type is not aiohttp.WSMsgType.TEXT:
                     raise MalformedAnswer(0, f"{where}: a {message.type.name} message, not text")
                 event = _event(message.data, where)
-                if last_seq is not None and event.seq < last_seq and event.event_type != _RESYNC:
-                    gap = {"last_seq": last_seq, "current_seq": event.seq, "detected_by": "client"}
-                    yield ResyncRequired(_RESYNC, event.seq, event.timestamp, gap)
-                last_seq = event.seq
+                gap = _unannounced_gap(instance, last_seq, event)
+                if gap is not None:
+                    yield ResyncRequired(_RESYNC, event.seq, event.timestamp, gap, event.instance)
+                instance, last_seq = event.instance, event.seq
                 yield event
 
 

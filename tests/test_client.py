@@ -322,6 +322,7 @@ class TestSyncClient:
 
 MIB = 1024 * 1024
 REVISION = "0123456789abcdef"
+INSTANCE, OTHER_INSTANCE = "9d41c0aa57e2b316", "3f2a9c0d1b7e4a55"
 EVALUATION = {
     "ruleset_id": "fraud",
     "registry_version": 1,
@@ -352,10 +353,14 @@ VALID_ANSWERS: dict[str, Any] = {
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def envelope(event_type: str, seq: int, data: dict[str, Any] | None = None) -> str:
-    """A WebSocket message as the sidecar frames it."""
+def envelope(
+    event_type: str, seq: int, data: dict[str, Any] | None = None, *, instance: str | None = None
+) -> str:
+    """A WebSocket message as the sidecar frames it (`instance` only when given)."""
     message = {"event_type": event_type, "timestamp": "2026-11-30T10:00:00+00:00", "seq": seq}
-    return json.dumps(message | {"data": data or {}})
+    return json.dumps(
+        message | ({} if instance is None else {"instance": instance}) | {"data": data or {}}
+    )
 
 
 async def valid_answer(request: web.Request) -> web.StreamResponse:
@@ -752,6 +757,8 @@ class TestHostileEvents:
             (envelope("status", 2).replace('"seq": 2', '"seq": -2'), "seq: negative"),
             (envelope("status", 2).replace('"data": {}', '"data": []'), "data: expected an object"),
             (b"\x00binary", "BINARY"),
+            (envelope("status", 2, instance="../x"), "instance: not an instance id"),
+            (envelope("status", 2, instance="a" * 10_000), "instance: not an instance id"),
         ],
     )
     async def test_a_malformed_frame_is_malformed_answer(
@@ -860,20 +867,38 @@ class TestResync:
             finally:
                 await events.aclose()
 
-    async def test_a_sequence_going_back_unannounced(self, fake: FakeSidecar):
-        """A server that counts anew without saying so: the client resumes with the last
-        seq it saw, notices the sequence went back, and says ResyncRequired itself."""
-        connections: list[str | None] = []
+    @pytest.mark.parametrize(
+        ("before", "after", "seq_after", "reason"),
+        [
+            (INSTANCE, INSTANCE, 11, None),
+            (INSTANCE, OTHER_INSTANCE, 30, "other_instance"),
+            (None, None, 3, "seq_went_back"),
+        ],
+        ids=["same-instance", "other-instance-unannounced", "seq-went-back-unannounced"],
+    )
+    async def test_it_resumes_from_the_instance_and_seq_it_saw(
+        self,
+        fake: FakeSidecar,
+        before: str | None,
+        after: str | None,
+        seq_after: int,
+        reason: str | None,
+    ):
+        """Reconnecting, the client gives back the instance and seq of the last message
+        (the sidecar's resume position). A server whose next message cannot follow it
+        (another instance, or a sequence that went back) without its saying so gets a
+        ResyncRequired from the client itself."""
+        connections: list[tuple[str | None, str | None]] = []
 
         async def handle(request: web.Request) -> web.StreamResponse:
-            connections.append(request.query.get("last_seq"))
+            connections.append((request.query.get("last_seq"), request.query.get("instance")))
             socket = web.WebSocketResponse()
             await socket.prepare(request)
             if len(connections) == 1:
-                await socket.send_str(envelope("status", 10))
+                await socket.send_str(envelope("status", 10, instance=before))
                 await socket.close(code=WSCloseCode.GOING_AWAY)
                 return socket
-            await socket.send_str(envelope("status", 3))
+            await socket.send_str(envelope("status", seq_after, instance=after))
             async for _message in socket:
                 pass
             return socket
@@ -882,12 +907,19 @@ class TestResync:
         async with AsyncRuleClient(fake.url) as client:
             events = client.events()
             try:
-                assert (await next_event(events)).seq == 10
-                resync = await next_event(events)
-                assert isinstance(resync, ResyncRequired)
-                assert resync.data == {"last_seq": 10, "current_seq": 3, "detected_by": "client"}
+                first = await next_event(events)
+                assert (first.seq, first.instance) == (10, before)
+                if reason is not None:
+                    resync = await next_event(events)
+                    assert isinstance(resync, ResyncRequired)
+                    assert resync.data == {
+                        "reason": reason,
+                        "last_seq": 10,
+                        "current_seq": seq_after,
+                        "detected_by": "client",
+                    }
                 status = await next_event(events)
-                assert (status.event_type, status.seq) == ("status", 3)
+                assert (type(status), status.seq, status.instance) == (Event, seq_after, after)
             finally:
                 await events.aclose()
-        assert connections == [None, "10"]
+        assert connections == [(None, None), ("10", before)]
