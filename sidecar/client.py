@@ -339,11 +339,16 @@ def _id_validator() -> Any:
     return jsonschema.Draft202012Validator(schema)
 
 
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
 def _ruleset_id(value: object) -> str:
     """`value` as the sidecar spells the id; InvalidId when no ruleset can have it."""
     if not _id_validator().is_valid(value):
         raise InvalidId(
-            f"{value!r} is not a ruleset id (1-63 of a-z 0-9 . _ -, starting with a letter "
+            f"{_short(value)} is not a ruleset id (1-63 of a-z 0-9 . _ -, starting with a letter "
             "or digit, or a whole number): no ruleset has it, so nothing was sent"
         )
     return str(value)
@@ -432,6 +437,9 @@ class AsyncRuleClient:
         url = URL(base_url)
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(f"base_url must be an http(s) URL, not {base_url!r}")
+        if url.user is not None or url.password is not None or url.query_string or url.fragment:
+            # credentials there would go with every call; a query or fragment, nowhere sane
+            raise ValueError("base_url takes no user, password, query or fragment")
         if max_answer_bytes < 1:
             raise ValueError("max_answer_bytes must be at least 1")
         self.base_url = str(url).rstrip("/")
@@ -459,6 +467,7 @@ class AsyncRuleClient:
                 timeout=self._timeout,
                 auto_decompress=False,
                 headers={"Accept-Encoding": "identity"},
+                cookie_jar=aiohttp.DummyCookieJar(),  # nothing an answer says is sent back
             )
         return self._session
 
@@ -617,7 +626,7 @@ class AsyncRuleClient:
         if last_seq is not None and (isinstance(last_seq, bool) or last_seq < 0):
             raise ValueError(f"last_seq must be a whole number, not {last_seq!r}")
         if instance is not None and (last_seq is None or not _INSTANCE.fullmatch(instance)):
-            raise ValueError(f"instance {instance!r} needs last_seq and must be an instance id")
+            raise ValueError(f"instance {_short(instance)} needs last_seq, and is an instance id")
         backoff = 0.1
         while True:
             try:

@@ -394,6 +394,7 @@ class Seen:
     method: str
     path_qs: str
     authorization: str | None
+    cookie: str | None = None
 
 
 @dataclass
@@ -409,8 +410,10 @@ class FakeSidecar:
         @web.middleware
         async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
             del handler  # every request goes to `self.handler`
-            authorization = request.headers.get("Authorization")
-            self.seen.append(Seen(request.method, request.path_qs, authorization))
+            headers = request.headers
+            seen = Seen(request.method, request.path_qs, headers.get("Authorization"))
+            seen.cookie = headers.get("Cookie")
+            self.seen.append(seen)
             return await self.handler(request)
 
         app = web.Application(middlewares=[record])
@@ -569,6 +572,30 @@ class TestAdminToken:
             (f"{HOT}/reload", "Bearer s3cret"),
             ("/ws/hot-reload", "Bearer s3cret"),
         ]
+
+    async def test_nothing_an_answer_sets_is_sent_back(self, fake: FakeSidecar):
+        """A cookie an answer sets goes with no later call (by name: aiohttp keeps no
+        cookies of IP addresses anyway)."""
+
+        async def set_cookie(request: web.Request) -> web.StreamResponse:
+            response = await valid_answer(request)
+            response.set_cookie("session", "planted")
+            return response
+
+        fake.handler = set_cookie
+        async with AsyncRuleClient(fake.url.replace("127.0.0.1", "localhost")) as client:
+            await client.get_registry_info()
+            await client.health()
+        assert [seen.cookie for seen in fake.seen] == [None, None]
+
+    @pytest.mark.parametrize(
+        "base", ["http://admin:s3cret@127.0.0.1:8000", "http://127.0.0.1:8000/?a=1", "ftp://h"]
+    )
+    def test_the_base_url_carries_nothing_but_the_address(self, base: str):
+        """Credentials in the base URL would go with every call: refused, like a query,
+        a fragment or another scheme."""
+        with pytest.raises(ValueError, match="base_url"):
+            AsyncRuleClient(base)
 
     async def test_a_redirect_is_not_followed(self, fake: FakeSidecar):
         """A 307 towards an admin endpoint is a malformed answer, not a second request
@@ -808,6 +835,18 @@ class TestHostileEvents:
 
 class TestResync:
     """A stream that cannot say what was missed surfaces `ResyncRequired`, and goes on."""
+
+    @pytest.mark.parametrize(
+        "position",
+        [{"last_seq": -1}, {"last_seq": True}, {"instance": "9d41c0aa57e2b316"}],
+        ids=["negative", "bool", "instance-alone"],
+    )
+    async def test_a_resume_position_is_checked(
+        self, client: AsyncRuleClient, position: dict[str, Any]
+    ):
+        """A position the sidecar could never have given is a ValueError, not a request."""
+        with pytest.raises(ValueError, match="last_seq"):
+            await asyncio.wait_for(anext(client.events(**position)), 10)
 
     async def test_a_gap_older_than_the_buffer(self, sidecar: Sidecar, client: AsyncRuleClient):
         """Away while 1,005 messages went out (the buffer holds 1,000): ResyncRequired
