@@ -61,6 +61,7 @@ from typing import (
 )
 
 import aiohttp
+import jsonschema
 from yarl import URL
 
 __all__ = [
@@ -332,8 +333,6 @@ def _decode(raw: bytes, shape: Any, where: str) -> Any:
 @functools.cache
 def _id_validator() -> Any:
     """The ruleset schema's own rule for `metadata.id` (the id every API path uses)."""
-    import jsonschema  # noqa: PLC0415  (only when an id is first checked)
-
     text = resources.files("sidecar").joinpath("schemas/ruleset.schema.json").read_text("utf-8")
     schema = json.loads(text)["properties"]["metadata"]["properties"]["id"]
     return jsonschema.Draft202012Validator(schema)
