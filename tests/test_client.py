@@ -391,38 +391,38 @@ def answer(body: bytes, status: int = 200, **headers: str) -> Handler:
 
 @dataclass
 class Seen:
+    """One request the fake sidecar got."""
+
     method: str
     path_qs: str
     authorization: str | None
-    cookie: str | None = None
+    cookie: str | None
 
 
 @dataclass
 class FakeSidecar:
     """A real aiohttp server on localhost: `handler` answers everything (valid answers by
-    default), `seen` records every request with its Authorization header."""
+    default), `seen` records every request with its Authorization and Cookie headers."""
 
     url: str = ""
     handler: Handler = valid_answer
     seen: list[Seen] = field(default_factory=list)
 
     def app(self) -> web.Application:
-        @web.middleware
-        async def record(request: web.Request, handler: Handler) -> web.StreamResponse:
-            del handler  # every request goes to `self.handler`
+        async def record(request: web.Request) -> web.StreamResponse:
             headers = request.headers
-            seen = Seen(request.method, request.path_qs, headers.get("Authorization"))
-            seen.cookie = headers.get("Cookie")
-            self.seen.append(seen)
+            authorization, cookie = headers.get("Authorization"), headers.get("Cookie")
+            self.seen.append(Seen(request.method, request.path_qs, authorization, cookie))
             return await self.handler(request)
 
-        app = web.Application(middlewares=[record])
-        app.router.add_route("*", "/{tail:.*}", valid_answer)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", record)
         return app
 
 
 @pytest.fixture
 async def fake(aiohttp_server) -> FakeSidecar:
+    """A `FakeSidecar` listening on 127.0.0.1, valid until the test sets its handler."""
     fake = FakeSidecar()
     server = await aiohttp_server(fake.app())
     fake.url = f"http://127.0.0.1:{server.port}"

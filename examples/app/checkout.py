@@ -138,11 +138,12 @@ async def follow_events(app: web.Application) -> AsyncIterator[None]:
 
     async def listen() -> None:
         client, seen = app[CLIENT], app[SEEN]
-        last_seq: int | None = None
+        last_seq: int | None = None  # with `instance`: where to resume after an error
+        instance: str | None = None
         while True:
             try:
-                async for event in client.events(last_seq=last_seq):
-                    last_seq = event.seq
+                async for event in client.events(last_seq=last_seq, instance=instance):
+                    last_seq, instance = event.seq, event.instance
                     if isinstance(event, ResyncRequired):
                         await seen.reread(client)
                     else:
