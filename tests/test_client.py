@@ -868,39 +868,52 @@ class TestResync:
         finally:
             await events.aclose()
 
-    async def test_a_restarted_sidecar(self, tmp_path: Path):
-        """The sidecar restarts on the same address and counts anew: the client, which
-        resumes with its last seq from the earlier instance, gets ResyncRequired first."""
+    @pytest.mark.parametrize(
+        "sent_since", [0, 60], ids=["new-instance-behind", "new-instance-ahead"]
+    )
+    async def test_a_restarted_sidecar(self, tmp_path: Path, sent_since: int):
+        """The sidecar restarts on the same address and counts anew, whether or not its
+        new count has passed the client's position by the time the client is back: the
+        client resumes with the earlier instance's position and gets ResyncRequired first
+        (on main a new instance ahead replayed its own messages as if they were missed)."""
         rules = tmp_path / "rules"
         rules.mkdir()
         (rules / "fraud.yaml").write_text(to_yaml(fraud_doc()), encoding="utf-8")
         settings = Settings(rules_dirs=(rules,), debounce_ms=20)
         port = free_port()
+
+        def broadcast(server: ThreadedSidecar, count: int) -> int:
+            async def burst() -> int:
+                assert server.state is not None
+                for _ in range(count):
+                    server.state.notifier.broadcast("custom", {})
+                return server.state.notifier.broadcast("custom", {})
+
+            return server.run(burst())
+
         first = await asyncio.to_thread(ThreadedSidecar(settings, port=port).start)
-
-        async def burst() -> int:
-            assert first.state is not None
-            for _ in range(30):
-                seq = first.state.notifier.broadcast("custom", {})
-            return seq
-
         async with AsyncRuleClient(first.url) as client:
             events = client.events()
             try:
                 await next_event(events)
-                last = await asyncio.to_thread(first.run, burst())
+                last = await asyncio.to_thread(broadcast, first, 20)
                 while (await next_event(events)).seq < last:
                     pass
+                # The client is paused at its last event: it reconnects only when asked
+                # for the next one, so the new instance sends `sent_since` before that.
                 await asyncio.to_thread(first.stop)
                 second = await asyncio.to_thread(ThreadedSidecar(settings, port=port).start)
                 try:
+                    current = await asyncio.to_thread(broadcast, second, sent_since)
+                    assert (current > last) is bool(sent_since)
                     resync = await next_event(events)
                     assert isinstance(resync, ResyncRequired)
-                    assert resync.data["last_seq"] == last
-                    assert resync.seq < last
+                    assert second.state is not None
+                    assert resync.instance == second.state.notifier.instance
+                    assert (resync.seq, resync.data["last_seq"]) == (current, last)
+                    assert resync.data["reason"] == "other_instance"
                     status = await next_event(events)
-                    assert status.event_type == "status"
-                    assert status.seq == resync.seq
+                    assert (status.event_type, status.seq) == ("status", current)
                 finally:
                     await asyncio.to_thread(second.stop)
             finally:
