@@ -6,7 +6,9 @@ payment, over localhost, with `sidecar.client`.
   registry version and revision that decided, so every decision can be traced to rules.
 - It follows the sidecar's WebSocket (`AsyncRuleClient.events`, which reconnects and
   resumes by itself): it logs each reload, keeps the version it last heard of, and keeps
-  a failed reload's errors until a good reload clears them (`GET /status`).
+  a failed reload's errors until a good reload clears them (`GET /status`). When the
+  stream cannot say what was missed (`ResyncRequired`: the sidecar restarted, or the app
+  was away too long), it re-reads the version instead of trusting what it kept.
 - `GET /healthz` is ready while the sidecar serves rules (healthy or degraded).
 - When the sidecar cannot answer, the payment is held for review: a fraud check fails
   closed. (A feature flag would fail open; choose per use.)
@@ -30,11 +32,10 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
-from sidecar.client import AsyncRuleClient, SidecarError
+from sidecar.client import AsyncRuleClient, Event, ResyncRequired, SidecarError
 
 RULESET = "payment-fraud"
 OUTCOMES = {
@@ -55,8 +56,8 @@ class RulesSeen:
     reloads: int = 0
     failed_reload: list[str] = field(default_factory=list)
 
-    def follow(self, event: dict[str, Any]) -> None:
-        kind, data = event["event_type"], event["data"]
+    def follow(self, event: Event) -> None:
+        kind, data = event.event_type, event.data
         if kind == "status":
             self.version = data["registry"]["version"]
             self.revision = data["registry"]["revision"]
@@ -70,6 +71,12 @@ class RulesSeen:
                 f"{error['file']}:{error['line']}: {error['message']}" for error in data["errors"]
             ]
             logger.warning("a rule change was refused; still on version %s", self.version)
+
+    async def reread(self, client: AsyncRuleClient) -> None:
+        """Events were missed and cannot be told: ask for what serves now."""
+        info = await client.get_registry_info()
+        self.version, self.revision = info["version"], info["revision"]
+        logger.warning("rule events were missed; re-read: version %s", self.version)
 
 
 CLIENT = web.AppKey("client", AsyncRuleClient)
@@ -130,8 +137,20 @@ async def follow_events(app: web.Application) -> AsyncIterator[None]:
     """Listen to the sidecar's reload events for the app's whole life."""
 
     async def listen() -> None:
-        async for event in app[CLIENT].events():
-            app[SEEN].follow(event)
+        client, seen = app[CLIENT], app[SEEN]
+        last_seq: int | None = None  # with `instance`: where to resume after an error
+        instance: str | None = None
+        while True:
+            try:
+                async for event in client.events(last_seq=last_seq, instance=instance):
+                    last_seq, instance = event.seq, event.instance
+                    if isinstance(event, ResyncRequired):
+                        await seen.reread(client)
+                    else:
+                        seen.follow(event)
+            except SidecarError as exc:  # refused, or an answer that is not the sidecar's
+                logger.error("rule events unavailable (%s); subscribing again", exc)
+                await asyncio.sleep(5)
 
     task = asyncio.create_task(listen())
     yield
