@@ -288,11 +288,15 @@ class TestDirectorySymlinks:
 
     def test_a_tree_too_deep_to_walk_is_a_located_problem(self, rules_dir: Path):
         """1,100 levels (past the interpreter's recursion limit in os.walk)."""
-        deep = rules_dir
+        levels = [rules_dir]
         for _ in range(1100):
-            deep = deep / "d"
-            deep.mkdir()
-        (problem,) = read_problems(rules_dir)
+            levels.append(levels[-1] / "d")
+            levels[-1].mkdir()
+        try:
+            (problem,) = read_problems(rules_dir)
+        finally:  # from the bottom up: shutil.rmtree (pytest's clean-up) recurses too
+            for level in reversed(levels[1:]):
+                level.rmdir()
         assert (problem.file, problem.message) == (
             str(rules_dir),
             "cannot list: the directory tree is too deep",
