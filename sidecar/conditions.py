@@ -533,7 +533,9 @@ _STRING_LITERAL: Final = re.compile(
     r'|"(?:\\.|[^"\\\n])*"'
     r"|'(?:\\.|[^'\\\n])*')"
 )
-_INPUT_USE: Final = re.compile(r"(?<![\w.])input\b(\s*\.\s*([A-Za-z_]\w*)(\s*\()?)?")
+# Any `input` not inside a longer name: `.input.amount` (root-scoped) reads the input
+# too, and a `x.input` that is not the input only makes the projection keep more.
+_INPUT_USE: Final = re.compile(r"(?<!\w)input\b(\s*\.\s*([A-Za-z_]\w*)(\s*\()?)?")
 
 
 def input_fields(expressions: Sequence[str]) -> frozenset[str] | None:

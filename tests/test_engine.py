@@ -384,3 +384,22 @@ class TestEvaluationProperties:
                 assert rule.id in errored
         unmatched = enabled - set(matched) - set(errored)
         assert set(matched) | set(errored) | unmatched == enabled
+
+
+class TestInputReads:
+    """Every way a condition can name the input reaches the input it reads."""
+
+    @pytest.mark.parametrize(
+        "condition",
+        [
+            "input.amount > 1000",
+            ".input.amount > 1000",  # root-scoped name
+            "has(input.a) && .input.amount > 1000",
+            "(.input).amount > 1000",
+            "input['amount'] > 1000",
+        ],
+    )
+    def test_the_condition_sees_the_fields_it_names(self, condition: str):
+        snapshot = _snapshot(_doc("s", [_rule("r", condition, 50)]))
+        result = evaluate(snapshot, "s", {"a": 1, "amount": 2000, "other": "x"})
+        assert (_ids(result), result.errors) == (["r"], ())
