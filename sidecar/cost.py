@@ -692,7 +692,10 @@ class _PatternSize:
         return _CLASS if char == "." else 1
 
     def group(self) -> int:
-        if self.text.startswith("?", self.at):  # (?:...), (?P<name>...), (?i) flags
+        if self.text.startswith(("?P<", "?<"), self.at):  # a named group: its body counts
+            end = self.text.find(">", self.at)
+            self.at = len(self.text) if end < 0 else end + 1
+        elif self.text.startswith("?", self.at):  # (?:...), (?i) and (?i:...) flags
             end = self.at
             while end < len(self.text) and self.text[end] not in ":)":
                 end += 1

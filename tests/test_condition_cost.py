@@ -107,6 +107,14 @@ COSTLY = {
         "input.s.matches('a[ab]{999}c')",
         "input.s.matches('a[ab]{9}c')",
     ),
+    "regex with a large repetition in a named group": (
+        "input.s.matches('(?P<x>a[ab]{999}c)')",
+        "input.s.matches('(?P<x>a[ab]{9}c)')",
+    ),
+    "regex with a large repetition in a group named the other way": (
+        "input.s.matches('(?<x>a[ab]{999}c)')",
+        "input.s.matches('(?i:a[ab]{9}c)')",
+    ),
     "regex from a list of patterns": (
         "['a[ab]{999}c', 'x'].exists(p, input.s.matches(p))",
         "['^a', '^b'].exists(p, input.s.matches(p))",
