@@ -35,6 +35,7 @@ __all__ = [
     "DEFAULT_COST_LIMIT",
     "ITERATION_BUDGET",
     "MAX_VALUE_SIZE",
+    "RULESET_COST_LIMIT",
     "CostError",
     "SizeBounds",
     "estimate",
@@ -46,6 +47,9 @@ __all__ = [
 ITERATION_BUDGET: Final = 10_000
 # The largest worst-case cost accepted: about 100 ms of cel-cpp on the worst input.
 DEFAULT_COST_LIMIT: Final = 100_000_000
+# ... and for all the conditions of one ruleset together, which one evaluation runs on
+# the event loop in one go (the bundled examples' costliest: about 112 ms).
+RULESET_COST_LIMIT: Final = 250_000_000
 
 # The largest string (characters) or list (items) one call may build: memory, not time.
 MAX_VALUE_SIZE: Final = 16 * 1024 * 1024

@@ -36,6 +36,7 @@ import yaml
 
 from sidecar.checks import ruleset_problems
 from sidecar.conditions import ConditionCompiler, ConditionError, ConditionSetError
+from sidecar.cost import RULESET_COST_LIMIT
 from sidecar.documents import (
     DEFAULT_FILE_LIMITS,
     Document,
@@ -434,6 +435,18 @@ def _build_ruleset(
             compiler.compile(rule.condition)
         except ConditionError as exc:
             problems.append(_condition_problem(document, index, rule, exc))
+    if plan is not None and plan.conditions.worst_cost > RULESET_COST_LIMIT:
+        message = (
+            f"the ruleset's conditions together may take up to "
+            f"{plan.conditions.worst_cost / 1e6:.0f} ms on the worst input, over the limit "
+            f"of {RULESET_COST_LIMIT / 1e6:.0f} ms for one evaluation: split the ruleset "
+            "or make its costliest conditions cheaper"
+        )
+        problems.append(
+            document.locate(("spec", "rules")).problem(
+                message, path="$.spec.rules", ruleset_id=ruleset_id
+            )
+        )
     if problems or plan is None:
         return None, problems
     ruleset = RuleSet(

@@ -28,7 +28,10 @@ from sidecar.conditions import (  # noqa: E402
     InputLimits,
     check_input,
 )
-from sidecar.errors import InputError  # noqa: E402
+from sidecar.documents import SourceFile  # noqa: E402
+from sidecar.errors import InputError, LoadError  # noqa: E402
+from sidecar.loader import Loader  # noqa: E402
+from sidecar.sources.files import read_rule_files  # noqa: E402
 
 pytest_plugins = ["server_support"]
 
@@ -268,3 +271,22 @@ class TestInputTotalSize:
         check_input({"ab": [1, 2, 3]}, limits)  # 1 key + 2 characters + 3 items = 6
         with pytest.raises(InputError):
             check_input({"abcd": [1, 2, 3, 4, 5, 6]}, limits)  # 1 + 4 + 6 = 11
+
+
+class TestRulesetCost:
+    """Conditions each within the limit can still add up: one evaluation runs them all."""
+
+    def test_a_ruleset_whose_conditions_add_up_past_the_limit_is_refused(self):
+        rules = [
+            {"id": f"slow-{i}", "condition": "input.h.lastIndexOf(input.n) >= 0", "points": 1}
+            for i in range(40)
+        ]
+        text = dump_yaml(make_ruleset_doc("slow", rules))
+        with pytest.raises(LoadError) as caught:
+            Loader().load([SourceFile("slow.yaml", text.encode())])
+        (problem,) = caught.value.problems
+        assert (problem.ruleset_id, problem.path) == ("slow", "$.spec.rules")
+        assert "over the limit of 250 ms for one evaluation" in problem.message
+
+    def test_the_bundled_examples_are_within_it(self):
+        Loader().load(read_rule_files([Path(__file__).parent.parent / "examples" / "rules"]))
