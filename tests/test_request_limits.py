@@ -261,6 +261,17 @@ def connect(port: int, timeout: float = 10.0) -> socket.socket:
     return sock
 
 
+def closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server closed (or reset) `sock`; waits half a second to see."""
+    sock.settimeout(0.5)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
 def read_until_closed(sock: socket.socket) -> bytes:
     """Everything the server sends until it closes; raises TimeoutError if it never does."""
     received = b""
@@ -356,14 +367,18 @@ class TestConnections:
         assert len(received) < length
 
     def test_connections_past_the_cap_are_refused_and_probes_answer(self, served):
-        """Past max_connections a new connection gets 503 and is closed; the probe
-        listener, with its own cap, keeps answering; freed slots are served again."""
+        """Past max_connections, while every connection is busy with a request, a new
+        connection gets 503 and is closed; the probe listener, with its own cap, keeps
+        answering; freed slots are served again."""
         server = served(max_connections="8", idle_timeout_seconds="60")
         held = [connect(server.port) for _ in range(8)]
         try:
-            for sock in held:  # each one is served, so each one counts
-                sock.sendall(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-                assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            for sock in held:  # each one is in the middle of sending a body: busy
+                sock.sendall(
+                    b"POST /api/v1/rulesets/fraud/evaluate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+                )
+            time.sleep(0.2)
             for _ in range(5):
                 with connect(server.port) as extra:
                     answer = read_until_closed(extra)
@@ -383,16 +398,41 @@ class TestConnections:
         wait_sync(served_again, message="a freed slot is served")
 
     def test_the_probe_listener_has_its_own_cap(self, served):
-        """A flood of the probe listener is bounded too, and leaves the API answering."""
+        """A flood of the probe listener is bounded too: at the cap the longest-idle
+        connection makes room (so a new probe is answered), never a connection that is
+        being answered; and the API keeps answering."""
         server = served(metrics_max_connections="4", idle_timeout_seconds="60")
         held = [connect(probe_port(server)) for _ in range(4)]
         try:
             for sock in held:
                 sock.sendall(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
                 assert sock.recv(65536).startswith(b"HTTP/1.1 200")
-            with connect(probe_port(server)) as extra:
-                assert read_until_closed(extra).startswith(b"HTTP/1.1 503")
+            time.sleep(0.1)
+            assert probe(probe_port(server))[0] == 200
+            closed = [sock for sock in held if closed_by_server(sock)]
+            assert closed == held[:1], "the longest-idle connection, and only it, was closed"
             assert server.get("/livez")[0] == 200
+        finally:
+            for sock in held:
+                sock.close()
+
+    @pytest.mark.parametrize("kind", ["silent", "trickling"])
+    def test_sockets_held_open_never_lock_the_probes_out(self, served, kind):
+        """The outside attack: fill the probe listener's cap with sockets that never send
+        a request (or send one a byte at a time) and keep it filled: /livez answers."""
+        server = served(metrics_max_connections="8", idle_timeout_seconds="60")
+        held = [connect(probe_port(server)) for _ in range(8)]
+        try:
+            answers = []
+            for round_ in range(5):
+                if kind == "trickling":
+                    for sock in held:
+                        with contextlib.suppress(OSError):
+                            sock.sendall(b"GET /livez HTTP/1.1\r\nX-%d: " % round_)
+                time.sleep(0.1)
+                answers.append(probe(probe_port(server))[0])
+                held = [*held[1:], connect(probe_port(server))]  # refill what was freed
+            assert answers == [200] * 5
         finally:
             for sock in held:
                 sock.close()

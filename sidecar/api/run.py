@@ -222,6 +222,10 @@ _REFUSAL: Final = (
 )
 
 
+# A connection silent for less than this is not evicted: it may be sending a request.
+_EVICT_AFTER: Final = 0.05
+
+
 class _Refused(asyncio.Protocol):
     """A connection past the cap: one 503, then closed, before any of it is read."""
 
@@ -247,17 +251,33 @@ class _Counted(asyncio.Protocol):
         self.cap = cap
         self.made = False
         self.counted = True
+        self.transport: asyncio.BaseTransport | None = None
+        self.last_data = time.monotonic()
+
+    @property
+    def busy(self) -> bool:
+        """A request is being answered on it (unknown: busy, never evicted)."""
+        return bool(getattr(self.handler, "_request_in_progress", True))
 
     def release(self) -> None:
         if self.counted:
             self.counted = False
             self.cap.open -= 1
+            self.cap.live.pop(self, None)
+
+    def evict(self) -> None:
+        """Make room for a new connection: this one is idle, or only trickling a head."""
+        self.release()
+        if self.transport is not None:
+            cast(asyncio.WriteTransport, self.transport).abort()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.made = True
+        self.transport = transport
         self.handler.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        self.last_data = time.monotonic()
         self.handler.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -281,7 +301,10 @@ class _Counted(asyncio.Protocol):
 
 class ConnectionCap:
     """The listener's protocol factory: aiohttp's handler while fewer than `limit`
-    connections are open, past that a 503 and a close.
+    connections are open. At the limit, the connection that has been silent longest and
+    is not being answered makes room (as nginx drops idle keep-alive connections), so
+    idle or trickling sockets cannot lock the kubelet's probes out; only when every
+    connection is busy answering is a new one refused with a 503.
 
     aiohttp has no connection limit, and every open connection holds a descriptor: 1,100
     idle ones used up `ulimit -n 1024`, after which the rules directory could no longer
@@ -295,10 +318,19 @@ class ConnectionCap:
         self.name = name
         self.open = 0
         self.refused = 0
+        self.live: dict[_Counted, None] = {}
         self._warned = -math.inf
 
+    def _make_room(self) -> bool:
+        idle = (c for c in self.live if c.made and not c.busy)
+        victim = min(idle, key=lambda c: c.last_data, default=None)
+        if victim is None or time.monotonic() - victim.last_data < _EVICT_AFTER:
+            return False
+        victim.evict()
+        return True
+
     def __call__(self) -> asyncio.BaseProtocol:
-        if self.open >= self.limit:
+        if self.open >= self.limit and not self._make_room():
             self.refused += 1
             if time.monotonic() - self._warned >= 10.0:  # one line per flood, not per socket
                 self._warned = time.monotonic()
@@ -311,6 +343,7 @@ class ConnectionCap:
             return _Refused(self.limit)
         self.open += 1
         counted = _Counted(self.server(), self)
+        self.live[counted] = None
         asyncio.get_running_loop().call_later(1.0, counted.forget_unless_made)
         return counted
 
