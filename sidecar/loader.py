@@ -24,8 +24,8 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
-from concurrent.futures import Executor
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import BrokenExecutor, Executor
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -123,12 +123,17 @@ class Loader:
         run_checks: bool = True,
         file_limits: FileLimits = DEFAULT_FILE_LIMITS,
         executor: Executor | None = None,
+        new_executor: Callable[[], Executor] | None = None,
         offload_bytes: int = DEFAULT_OFFLOAD_BYTES,
     ) -> None:
         self.compiler = compiler or ConditionCompiler()
         self.run_checks = run_checks
         self.file_limits = file_limits
         self.executor = executor
+        # Makes a new executor when the current one broke (its worker process was
+        # killed, e.g. by the OOM killer): without it every later large load would run
+        # in-process, stalling requests, for good.
+        self.new_executor = new_executor
         self.offload_bytes = offload_bytes
         self._files: dict[str, _FileResult] = {}
         self._files_checked = run_checks
@@ -229,12 +234,22 @@ class Loader:
         if self.executor is not None and size >= self.offload_bytes:
             try:
                 return self._load_elsewhere(self.executor, changed, run_checks=run_checks)
+            except BrokenExecutor:
+                logger.error("the reload worker died; loading in-process, and starting anew")
+                self._replace_executor()
             except Exception:
                 logger.exception("the reload worker failed; loading in-process instead")
         return {
             source.name: self._load_file(source, digest, run_checks=run_checks)
             for source, digest in changed
         }
+
+    def _replace_executor(self) -> None:
+        broken, self.executor = self.executor, None
+        if broken is not None:
+            broken.shutdown(wait=False, cancel_futures=True)
+        if self.new_executor is not None:
+            self.executor = self.new_executor()
 
     def _load_elsewhere(
         self, executor: Executor, changed: list[tuple[SourceFile, str]], *, run_checks: bool

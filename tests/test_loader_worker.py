@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
@@ -126,3 +128,37 @@ class TestWorkerLoads:
         pool.shutdown()
         loaded = Loader(executor=pool, offload_bytes=0).load(files(count=2))
         assert len(loaded.snapshot.rulesets) == 2
+
+
+def _forkserver_pool() -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("forkserver"))
+
+
+class TestWorkerDeath:
+    def test_a_killed_worker_is_replaced(self):
+        """The worker process killed (an OOM kill): that load runs in-process, a new worker
+        is started, and the next large load runs there again, not in-process for good."""
+        pool = _forkserver_pool()
+        pool.submit(int).result()  # the worker process is running
+        made: list[ProcessPoolExecutor] = []
+
+        def new_pool() -> ProcessPoolExecutor:
+            made.append(_forkserver_pool())
+            return made[-1]
+
+        loader = Loader(executor=pool, new_executor=new_pool, offload_bytes=0)
+        try:
+            for process in list(pool._processes.values()):
+                os.kill(process.pid, signal.SIGKILL)
+                process.join()
+            first = loader.load(files(count=2))
+            assert len(first.snapshot.rulesets) == 2
+            assert (len(made), loader.executor) == (1, made[0])
+
+            second = loader.load(files(points=41, count=2))
+            assert len(second.snapshot.rulesets) == 2
+            assert loader.executor is made[0]
+            assert list(made[0]._processes)
+        finally:
+            for executor in [pool, *made]:
+                executor.shutdown(cancel_futures=True)

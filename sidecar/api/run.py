@@ -114,12 +114,16 @@ def build_state(settings: Settings) -> AppState:
         sources.append(source)
     # One worker process takes large reloads off the serving process (see sidecar.loader);
     # forkserver, because forking a process that runs threads is unsafe.
-    executor = (
-        ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("forkserver"))
-        if settings.reload_worker
-        else None
+    def worker() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("forkserver")
+        )
+
+    loader = Loader(
+        run_checks=settings.validation_enabled,
+        executor=worker() if settings.reload_worker else None,
+        new_executor=worker if settings.reload_worker else None,
     )
-    loader = Loader(run_checks=settings.validation_enabled, executor=executor)
     registry = RuleRegistry(loader=loader)
     service = HotReloadService(
         registry,
