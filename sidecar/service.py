@@ -574,6 +574,15 @@ class HotReloadService:
             return
         finally:
             self.loader.forget()  # the next reload must read the live sources in full
+        expected = await asyncio.to_thread(state.saved_revision)
+        if expected is not None and result.snapshot.revision != expected:
+            logger.error(
+                "the state dir's copy restores revision %s, not the %s it was saved as "
+                "(a file of it was removed or edited): not served",
+                result.snapshot.revision,
+                expected,
+            )
+            return
         snapshot, events = self.registry.publish(result.snapshot)
         self._serving_from_state = True
         outcome = Outcome(

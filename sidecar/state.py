@@ -144,6 +144,16 @@ class StateStore:
                 return None
         return [self._saved_file(name) for name in self._listed(manifest)]
 
+    def saved_revision(self) -> str | None:
+        """The revision the manifest says the copy holds (None: no manifest, or the
+        earlier single-file format): a restore that gives another one is not served."""
+        try:
+            data = json.loads(self._read(self.manifest))
+        except (FileNotFoundError, LoadError, ValueError):
+            return None
+        revision = data.get("revision") if isinstance(data, dict) else None
+        return revision if isinstance(revision, str) else None
+
     # Writing
 
     def _files(self, rulesets: Iterable[RuleSet]) -> dict[str, bytes]:

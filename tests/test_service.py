@@ -9,6 +9,7 @@ test_faults.py.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
@@ -307,3 +308,19 @@ class TestStateCopy:
 
         assert service.state.status().ok is True
         assert service.state.status().revision == service.registry.current.revision
+
+    async def test_a_copy_missing_a_listed_file_is_not_served(self, heard, tmp_path):
+        """A file dropped from the manifest by hand: the copy still loads, but not as the
+        revision it was saved as, so a restart over broken sources does not serve it."""
+        saved = await started(StaticSource(rules(*"abcdefgh")), heard, state=StateStore(tmp_path))
+        manifest = tmp_path / "manifest.json"
+        data = json.loads(manifest.read_bytes())
+        assert len(data["files"]) > 1
+        data["files"] = data["files"][1:]
+        manifest.write_text(json.dumps(data), encoding="utf-8")
+
+        restarted = await started(StaticSource(BROKEN), [], state=StateStore(tmp_path))
+
+        assert saved.registry.version == 1
+        assert restarted.registry.version == 0
+        assert restarted.health()[0] is HealthStatus.UNHEALTHY
