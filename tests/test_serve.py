@@ -33,7 +33,8 @@ from server_support import (  # noqa: E402
     wait_sync,
 )
 
-from sidecar.api.run import HeapFreezer  # noqa: E402
+from sidecar.api.run import HeapFreezer, connection_caps  # noqa: E402
+from sidecar.config import Settings  # noqa: E402
 
 pytest_plugins = ["server_support"]
 
@@ -229,6 +230,16 @@ class TestLifecycle:
 
 
 class TestDescriptors:
+    @pytest.mark.parametrize("soft_limit", [40, 200, 400, 1 << 20])
+    def test_the_connection_caps_fit_the_descriptor_limit(self, soft_limit: int):
+        """Caps above `ulimit -n` would not keep descriptors from running out."""
+        api, probes = connection_caps(Settings(), soft_limit=soft_limit)
+        assert api >= 1
+        assert probes >= 1
+        assert api + probes <= max(2, soft_limit - 128)
+        if soft_limit == 1 << 20:
+            assert (api, probes) == (Settings().max_connections, Settings().metrics_max_connections)
+
     """Connections cannot use up the descriptors the sources need."""
 
     def test_a_connection_flood_leaves_descriptors_for_a_reload(self, tmp_path: Path):
@@ -259,8 +270,11 @@ class TestDescriptors:
                 before = json.loads(response.read())
             for _ in range(300):
                 flood.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+            time.sleep(0.2)  # the flood's sockets have been silent long enough to give way
             with socket.create_connection(("127.0.0.1", server.port), timeout=10) as extra:
-                refused = extra.recv(64)
+                # A silent socket of the flood made room: the newcomer is answered.
+                extra.sendall(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                answered = extra.recv(64)
             (rules / "fraud.yaml").write_text(to_yaml(fraud_doc(70)), encoding="utf-8")
             server.process.send_signal(signal.SIGHUP)
 
@@ -273,7 +287,17 @@ class TestDescriptors:
             assert after["last_reload_status"] == "success", after
             assert after["revision"] != before["revision"]
             assert any("descriptor limit (256)" in line for line in server.log_lines())
-            assert refused.startswith(b"HTTP/1.1 503")
+            assert answered.startswith(b"HTTP/1.1 200")
+            held = 0  # the server neither answered (503), reset nor closed them
+            for sock in flood:
+                sock.settimeout(0.01)
+                try:
+                    sock.recv(1)
+                except TimeoutError:
+                    held += 1
+                except ConnectionResetError:
+                    pass
+            assert held <= 128, "more connections held open than the cap allows"
         finally:
             for sock in flood:
                 sock.close()

@@ -112,6 +112,7 @@ def build_state(settings: Settings) -> AppState:
     if settings.kubernetes_selector:
         source, recorder = _kubernetes(settings)
         sources.append(source)
+
     # One worker process takes large reloads off the serving process (see sidecar.loader);
     # forkserver, because forking a process that runs threads is unsafe.
     def worker() -> ProcessPoolExecutor:
@@ -381,18 +382,36 @@ def _runner(app: web.Application, settings: Settings) -> web.AppRunner:
     )
 
 
-def _check_descriptors(settings: Settings) -> None:
-    """Warn when the connection caps leave too few descriptors for the sources."""
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = settings.max_connections + settings.metrics_max_connections + 128
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        logger.warning(
-            "the descriptor limit (%d) leaves little room beside %d + %d connections; "
-            "lower RULE_SIDECAR_MAX_CONNECTIONS or raise `ulimit -n`",
-            soft,
-            settings.max_connections,
-            settings.metrics_max_connections,
-        )
+# Descriptors kept for everything but connections: sources, watches, the worker, logs.
+_RESERVED_DESCRIPTORS: Final = 128
+
+
+def connection_caps(settings: Settings, soft_limit: int | None = None) -> tuple[int, int]:
+    """The API's and the probe listener's connection caps, lowered to fit the process's
+    descriptor limit (`ulimit -n`): the caps exist so that descriptors never run out,
+    which a cap above the limit would not do (under `ulimit -n 40`, 60 idle connections
+    left `/livez` unanswered)."""
+    if soft_limit is None:
+        soft_limit, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    api, probes = settings.max_connections, settings.metrics_max_connections
+    if soft_limit == resource.RLIM_INFINITY:
+        return api, probes
+    room = max(2, soft_limit - _RESERVED_DESCRIPTORS)
+    if api + probes <= room:
+        return api, probes
+    probes_fitted = max(1, min(probes, room // 4))
+    fitted = probes_fitted, max(1, min(api, room - probes_fitted))
+    logger.warning(
+        "the descriptor limit (%d) leaves room for %d connections, not %d + %d: the caps "
+        "are lowered to %d (API) and %d (probes); raise `ulimit -n` for more",
+        soft_limit,
+        room,
+        api,
+        probes,
+        fitted[1],
+        fitted[0],
+    )
+    return fitted[1], fitted[0]
 
 
 async def serve(settings: Settings) -> int:
@@ -408,13 +427,11 @@ async def serve(settings: Settings) -> int:
         await state.notifier.close_all()
 
     app.on_shutdown.append(close_websockets)
-    _check_descriptors(settings)
+    api_cap, probe_cap = connection_caps(settings)
     runner = _runner(app, settings)
     await runner.setup()
-    listeners = [
-        await _listen(runner, settings.host, settings.port, settings.max_connections, "API")
-    ]
-    metrics_runner = await _start_metrics(state, settings, listeners)
+    listeners = [await _listen(runner, settings.host, settings.port, api_cap, "API")]
+    metrics_runner = await _start_metrics(state, settings, listeners, probe_cap)
     logger.info("serving on http://%s:%d", settings.host, settings.port)
 
     stop = asyncio.Event()
@@ -438,7 +455,7 @@ async def serve(settings: Settings) -> int:
 
 
 async def _start_metrics(
-    state: AppState, settings: Settings, listeners: list[asyncio.Server]
+    state: AppState, settings: Settings, listeners: list[asyncio.Server], limit: int
 ) -> web.AppRunner | None:
     """Optionally serve metrics and probes on their own address (Prometheus, kubelet),
     with a connection cap of their own: a flood of the API leaves the probes answering."""
@@ -447,7 +464,6 @@ async def _start_metrics(
     runner = _runner(create_observation_app(state), settings)
     await runner.setup()
     host = settings.metrics_host or settings.host
-    limit = settings.metrics_max_connections
     listeners.append(await _listen(runner, host, settings.metrics_port, limit, "metrics"))
     logger.info("metrics and probes on http://%s:%d", host, settings.metrics_port)
     return runner
