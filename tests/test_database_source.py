@@ -325,6 +325,20 @@ class TestRead:
         )
         assert all("unavailable" not in p.message for p in problems), problems
 
+    @pytest.mark.parametrize("column", ["decisions", "tests"])
+    @pytest.mark.parametrize("value", ["null", "{}", "false", "0", '""'])
+    def test_a_json_column_that_is_not_a_list_is_refused(
+        self, seeded: Database, column: str, value: str
+    ):
+        """`decisions` or `tests` set to JSON that is not a list: refused at its field,
+        never read as "none" (which took every decision band away as a success)."""
+        cast = "::jsonb" if seeded.is_postgresql else ""
+        seeded.execute(
+            f"UPDATE rule_sidecar_rulesets SET {column} = '{value}'{cast} WHERE id = 'fraud'"
+        )
+        problems = read_problems(DatabaseSource(seeded.url))
+        assert [(p.ruleset_id, p.path) for p in problems] == [("fraud", f"$.spec.{column}")]
+
     def test_sqlite_enabled_written_as_text_false_is_not_live(self, sqlite_database: Database):
         """SQLite `enabled = 'false'` (text): the load is refused, with the rule and the
         field located, as `enabled: "false"` in a file is. SQLite's own 0/1 are booleans;

@@ -500,11 +500,14 @@ def _ruleset_document(row: tuple[Any, ...], rules: list[dict[str, Any]]) -> dict
         metadata["name"] = name
     metadata.update(description=description, labels=_json(labels))
     spec: dict[str, Any] = {"rules": rules}
-    if decisions := _json(decisions):
+    # Only the columns' default, an empty list, means "none": anything else that is not
+    # a list (`null`, `{}`, `false`, `0`) goes to the schema, which refuses it by name,
+    # instead of silently taking away every decision band or embedded test.
+    if (decisions := _json(decisions)) != []:
         spec["decisions"] = decisions
     if default_decision is not None:
         spec["default_decision"] = default_decision
-    if tests := _json(tests):
+    if (tests := _json(tests)) != []:
         spec["tests"] = tests
     return {"apiVersion": "rule-sidecar/v1", "kind": "RuleSet", "metadata": metadata, "spec": spec}
 
