@@ -369,11 +369,18 @@ def _declared(document: Document) -> _Declared:
     )
 
 
+_NOT_A_RULESET: Final = frozenset(
+    {ProblemCode.SCHEMA_NOT_MAPPING, ProblemCode.SCHEMA_API_VERSION, ProblemCode.SCHEMA_KIND}
+)
+
+
 def _conditions_beside(
     document: Document, schema: list[Problem], compiler: ConditionCompiler
 ) -> list[Problem]:
     """Compile errors of the conditions the schema problems do not touch: one pass
     reports both kinds, not the second only once the first is fixed."""
+    if any(problem.code in _NOT_A_RULESET for problem in schema):
+        return []  # another kind of document: its fields mean something else
     data = document.data
     spec = data.get("spec") if isinstance(data, dict) else None
     rules = spec.get("rules") if isinstance(spec, dict) else None

@@ -193,6 +193,14 @@ def _read_named(given: str | Path, max_bytes: int | None) -> SourceFile:
         os.close(fd)
 
 
+def _is_directory(path: Path) -> bool:
+    """False also when it cannot be told: opening the path then says why."""
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _candidates(root: Path) -> tuple[bool, list[Path]]:
     """Whether `root` was named as a file, and the files to read under it."""
     try:
@@ -239,7 +247,7 @@ def collect_rule_files(
     for given in paths:
         root = Path(given)
         try:
-            if read_streams and (str(given) == STDIN or not root.is_dir()):
+            if read_streams and (str(given) == STDIN or not _is_directory(root)):
                 files.append(_read_named(given, max_bytes))
                 continue
             explicit, candidates = _candidates(root)
