@@ -186,21 +186,28 @@ def write_json(report: Report, out: TextIO, *, cases_as_problems: bool) -> None:
 
 
 def write_human(report: Report, out: TextIO, *, cases: bool, verbose: bool = False) -> None:
-    """`file:line:col: message` lines; with `cases`, a PASS/FAIL line per case."""
+    """`file:line:col: message` lines, then a summary; with `cases` (the `test` command)
+    a FAIL line per failing case (`verbose`: a PASS line per passing case too)."""
     problems = list(report.problems) if cases else report.all_problems()
     for problem in problems:
         print(problem, file=out)
-    if not cases:
-        if problems:
-            print(f"{len(problems)} problem(s) found", file=out)
-            return
+    if cases:
+        _write_cases(report, out, verbose=verbose)
+    if problems:
+        ran = "; no tests ran" if cases and not report.cases else ""
+        print(f"{len(problems)} problem(s) found{ran}", file=out)
+    if cases and (report.cases or not problems):
+        print(f"{report.passed} passed, {len(report.failed_cases)} failed", file=out)
+    elif not cases and not problems:
         counts = _counts(report)
         print(
             f"OK: {counts['rulesets']} ruleset(s), {counts['rules']} rule(s) in "
             f"{report.files} file(s); revision {counts['revision']}",
             file=out,
         )
-        return
+
+
+def _write_cases(report: Report, out: TextIO, *, verbose: bool) -> None:
     for case in report.cases:
         if case.passed and not verbose:
             continue
@@ -208,13 +215,6 @@ def write_human(report: Report, out: TextIO, *, cases: bool, verbose: bool = Fal
         print(f"{status} {case.location}: {case.ruleset_id}: {case.name}", file=out)
         for failure in case.failures:
             print(f"    {failure}", file=out)
-    if problems and not report.cases:
-        print(f"{len(problems)} problem(s) found; no tests ran", file=out)
-        return
-    summary = f"{report.passed} passed, {len(report.failed_cases)} failed"
-    if problems:
-        print(f"{len(problems)} problem(s) found", file=out)
-    print(summary, file=out)
 
 
 # Characters XML 1.0 cannot hold, even escaped (a test name may be any YAML string).
