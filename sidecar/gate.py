@@ -227,8 +227,12 @@ def _xml(text: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _Failure:
-    line: str
+    message: str  # file:line:col: what
     code: str
+
+    @property
+    def line(self) -> str:
+        return f"{self.message} [{self.code}]"
 
 
 @dataclass(slots=True)
@@ -256,8 +260,7 @@ def write_junit(report: Report, out: TextIO, *, command: str) -> None:
         case(file, file, ruleset.id)
     for problem in report.problems:
         name = problem.ruleset_id if problem.ruleset_id is not None else _LOAD_CASE
-        line = f"{problem} [{problem.code}]"
-        case(problem.file, problem.file, name).failures.append(_Failure(line, problem.code))
+        case(problem.file, problem.file, name).failures.append(_Failure(str(problem), problem.code))
     for result in report.cases:
         file = result.location.file if result.location else "<unknown>"
         entry = case(file, f"{file}:{result.ruleset_id}", result.name)
@@ -282,7 +285,7 @@ def write_junit(report: Report, out: TextIO, *, command: str) -> None:
             )
             if entry.failures:
                 first = entry.failures[0]
-                failure = ET.SubElement(element, "failure", message=_xml(first.line))
+                failure = ET.SubElement(element, "failure", message=_xml(first.message))
                 failure.set("type", first.code)
                 failure.text = _xml("\n".join(f.line for f in entry.failures))
         total += len(cases)
