@@ -92,6 +92,10 @@ def _db_import(args: argparse.Namespace, out: TextIO) -> int:
             print(problem, file=out)
         print(f"{len(exc.problems)} problem(s) found; nothing was imported", file=out)
         return EXIT_INVALID
+    if not result.rulesets and not args.allow_empty:
+        shown = " ".join(args.paths)
+        print(f"no ruleset in {shown}: nothing was imported (--allow-empty accepts it)", file=out)
+        return EXIT_INVALID
     print(f"OK: imported {result.rulesets} ruleset(s), {result.rules} rule(s)", file=out)
     return EXIT_OK
 
@@ -232,6 +236,11 @@ def _add_db_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
     action("init", "Create or upgrade the rule tables (idempotent).").set_defaults(handler=_db_init)
     load = action("import", "Validate rule files, then write them in one transaction.")
     load.add_argument("paths", nargs="+", metavar="PATH", help="rule files or directories")
+    load.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="exit 0 when the paths hold no ruleset (as validate, an error by default)",
+    )
     load.set_defaults(handler=_db_import)
     dump = action("export", "Write the database's rulesets as YAML documents.")
     dump.add_argument("--output", type=Path, help="a file to write (default: standard output)")

@@ -734,3 +734,21 @@ class TestJunit:
         assert root.get("failures") == "0"
         names = {case.get("name") for case in root.iter("testcase")}
         assert names == {"demo", 'odd \ufffd <name> & "quotes"'}
+
+
+class TestDatabaseImport:
+    """`db import` of nothing is not "OK: imported 0 ruleset(s)"."""
+
+    def test_importing_nothing_fails(self, rules_dir: Path, tmp_path: Path):
+        """An empty directory imports nothing and exits 1; `--allow-empty` accepts it."""
+        url = f"sqlite:///{tmp_path / 'rules.db'}"
+        assert run_process("db", "init", "--database-url", url).returncode == 0
+
+        refused = run_process("db", "import", "--database-url", url, str(rules_dir))
+        allowed = run_process(
+            "db", "import", "--database-url", url, "--allow-empty", str(rules_dir)
+        )
+
+        assert refused.returncode == 1
+        assert f"no ruleset in {rules_dir}: nothing was imported" in refused.stdout
+        assert allowed.returncode == 0
