@@ -348,6 +348,8 @@ class TestNamedStreams:
         writer = threading.Thread(target=feed, daemon=True)
         writer.start()
         process = run_process("validate", str(fifo))
+        if writer.is_alive():  # the command never opened it: release the writer
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
         writer.join(timeout=60)
 
         assert process.returncode == 1
