@@ -112,6 +112,7 @@ def build_state(settings: Settings) -> AppState:
     if settings.kubernetes_selector:
         source, recorder = _kubernetes(settings)
         sources.append(source)
+
     # One worker process takes large reloads off the serving process (see sidecar.loader);
     # forkserver, because forking a process that runs threads is unsafe.
     def worker() -> ProcessPoolExecutor:

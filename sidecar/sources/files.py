@@ -91,7 +91,8 @@ def _walk(root: Path) -> Iterator[Path]:
     try:
         yield from _walk_below(root, boundary, fail)
     except RecursionError:
-        raise _Unreadable(str(root), "cannot list: the directory tree is too deep") from None
+        message = "cannot list: the directory tree is too deep"
+        raise _Unreadable(str(root), message, ProblemCode.LIMIT_DEPTH) from None
 
 
 def _walk_below(root: Path, boundary: Path, fail: Callable[[OSError], None]) -> Iterator[Path]:
@@ -128,7 +129,8 @@ def _refuse_outside(path: Path, boundary: Path) -> None:
     """A directory symlink out of the rules directory is refused, not walked: it could
     lead anywhere (`/sys` took seconds per read) and its files would be refused anyway."""
     if path.is_symlink() and not path.resolve().is_relative_to(boundary):
-        raise _Unreadable(str(path), f"symlink leads outside {boundary}: refused")
+        message = f"symlink leads outside {boundary}: refused"
+        raise _Unreadable(str(path), message, ProblemCode.READ_OUTSIDE_ROOT)
 
 
 def _read_regular(path: Path, real: Path, max_bytes: int | None) -> SourceFile:
