@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sidecar.engine import Evaluation, evaluate_ruleset
-from sidecar.errors import InputError, Problem
+from sidecar.errors import InputError, Problem, ProblemCode
 from sidecar.model import Location, RuleSet, RuleTest, thaw
 
-__all__ = ["CaseResult", "authoring_problems", "ruleset_problems", "run_tests"]
+__all__ = ["CaseResult", "authoring_problems", "case_problem", "ruleset_problems", "run_tests"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,18 +77,23 @@ def run_tests(ruleset: RuleSet) -> list[CaseResult]:
     return results
 
 
-def _problem(ruleset: RuleSet, location: Location | None, message: str) -> Problem:
+def _problem(
+    ruleset: RuleSet, location: Location | None, message: str, code: ProblemCode
+) -> Problem:
     where = location or ruleset.location or Location("<unknown>")
-    return where.problem(message, ruleset_id=ruleset.id)
+    return where.problem(message, ruleset_id=ruleset.id, code=code)
+
+
+def case_problem(ruleset: RuleSet, case: CaseResult) -> Problem:
+    """A failing case as the problem that keeps its ruleset from going live."""
+    message = f"test {case.name!r} failed: " + "; ".join(case.failures)
+    return _problem(ruleset, case.location, message, ProblemCode.TEST_FAILED)
 
 
 def ruleset_problems(ruleset: RuleSet) -> list[Problem]:
     """Authoring mistakes and failing embedded tests, each located."""
     problems = authoring_problems(ruleset)
-    for case in run_tests(ruleset):
-        if not case.passed:
-            message = f"test {case.name!r} failed: " + "; ".join(case.failures)
-            problems.append(_problem(ruleset, case.location, message))
+    problems.extend(case_problem(ruleset, case) for case in run_tests(ruleset) if not case.passed)
     return problems
 
 
@@ -105,6 +110,7 @@ def authoring_problems(ruleset: RuleSet) -> list[Problem]:
                     f"decision band {band.decision!r} (min_points {band.min_points}) can never "
                     f"apply: band {lowest[1]!r} (min_points {lowest[0]}) comes first; "
                     "list bands from the highest min_points down",
+                    ProblemCode.CHECK_UNREACHABLE_BAND,
                 )
             )
         if lowest is None or band.min_points < lowest[0]:
@@ -114,7 +120,12 @@ def authoring_problems(ruleset: RuleSet) -> list[Problem]:
     for test in ruleset.tests:
         if test.name in seen_names:
             problems.append(
-                _problem(ruleset, test.location, f"test name {test.name!r} is used twice")
+                _problem(
+                    ruleset,
+                    test.location,
+                    f"test name {test.name!r} is used twice",
+                    ProblemCode.CHECK_TEST_NAME,
+                )
             )
         seen_names.add(test.name)
         named = (test.expect.matched or frozenset()) | test.expect.errors
@@ -125,6 +136,7 @@ def authoring_problems(ruleset: RuleSet) -> list[Problem]:
                     ruleset,
                     test.location,
                     f"test {test.name!r} names rules this ruleset does not have: {_names(unknown)}",
+                    ProblemCode.CHECK_UNKNOWN_RULE,
                 )
             )
     return problems

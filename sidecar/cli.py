@@ -1,8 +1,9 @@
 """The `rule-sidecar` command.
 
 `validate` and `test` are for a GitOps repository's CI: they accept exactly what the
-sidecar would accept, print `file:line:col: message` (or JSON with `--format json`) and
-exit 0 when everything is good, 1 when something is not, 2 on a usage error.
+sidecar would accept (and, unless told otherwise, no path that yields no ruleset), report
+every problem in one pass as `file:line:col: message` (or JSON, or JUnit XML) and exit 0
+when everything is good, 1 when something is not, 2 on a usage error.
 """
 
 from __future__ import annotations
@@ -19,12 +20,10 @@ from typing import Any, TextIO
 import psycopg
 
 from sidecar import dbtools
-from sidecar.checks import CaseResult, authoring_problems, run_tests
 from sidecar.config import ENVIRONMENT, FLAGS, SettingsError, settings_from
-from sidecar.errors import LoadError, Problem
-from sidecar.loader import Loader, LoadResult
+from sidecar.errors import LoadError
+from sidecar.gate import Gate, Report, examine, write_human, write_json, write_junit
 from sidecar.sources.database import DatabaseURL, describe_error, password_from
-from sidecar.sources.files import read_rule_files
 
 __all__ = ["main"]
 
@@ -33,102 +32,31 @@ EXIT_INVALID = 1
 EXIT_USAGE = 2
 
 
-def _load(paths: Sequence[str], *, run_checks: bool) -> LoadResult:
-    return Loader(run_checks=run_checks).load(read_rule_files(paths))
+def _gate(args: argparse.Namespace, *, run_checks: bool) -> Gate:
+    return Gate(
+        run_checks=run_checks, allow_empty=args.allow_empty, require_tests=args.require_tests
+    )
 
 
-def _print_problems(problems: Sequence[Problem], out: TextIO) -> None:
-    for problem in problems:
-        print(problem, file=out)
+def _report(report: Report, args: argparse.Namespace, out: TextIO, *, tests: bool) -> int:
+    """Print the report as asked; `tests` reports failing cases as cases, not problems."""
+    if args.format == "json":
+        write_json(report, out, cases_as_problems=not tests)
+    elif args.format == "junit":
+        write_junit(report, out, command=args.command)
+    else:
+        write_human(report, out, cases=tests, verbose=getattr(args, "verbose", False))
+    return EXIT_OK if report.valid else EXIT_INVALID
 
 
 def _validate(args: argparse.Namespace, out: TextIO) -> int:
-    try:
-        result = _load(args.paths, run_checks=not args.no_checks)
-    except LoadError as exc:
-        if args.format == "json":
-            _dump({"valid": False, "problems": [p.to_dict() for p in exc.problems]}, out)
-        else:
-            _print_problems(exc.problems, out)
-            print(f"{len(exc.problems)} problem(s) found", file=out)
-        return EXIT_INVALID
-    stats = result.snapshot.stats()
-    if args.format == "json":
-        _dump({"valid": True, "problems": [], **_counts(result)}, out)
-    else:
-        print(
-            f"OK: {stats['ruleset_count']} ruleset(s), {stats['rule_count']} rule(s) in "
-            f"{result.files} file(s); revision {stats['revision']}",
-            file=out,
-        )
-    return EXIT_OK
-
-
-def _counts(result: LoadResult) -> dict[str, Any]:
-    stats = result.snapshot.stats()
-    return {
-        "files": result.files,
-        "rulesets": stats["ruleset_count"],
-        "rules": stats["rule_count"],
-        "revision": stats["revision"],
-    }
-
-
-def _case_dict(case: CaseResult) -> dict[str, Any]:
-    return {
-        "ruleset_id": case.ruleset_id,
-        "name": case.name,
-        "location": str(case.location) if case.location else None,
-        "passed": case.passed,
-        "failures": list(case.failures),
-        "result": case.evaluation.to_dict() if case.evaluation else None,
-    }
+    report = examine(args.paths, _gate(args, run_checks=not args.no_checks))
+    return _report(report, args, out, tests=False)
 
 
 def _test(args: argparse.Namespace, out: TextIO) -> int:
-    # Tests are run and reported here one by one, so the loader does not run them.
-    try:
-        result = _load(args.paths, run_checks=False)
-    except LoadError as exc:
-        if args.format == "json":
-            _dump(
-                {
-                    "passed": 0,
-                    "failed": 0,
-                    "cases": [],
-                    "problems": [p.to_dict() for p in exc.problems],
-                },
-                out,
-            )
-        else:
-            _print_problems(exc.problems, out)
-            print(f"{len(exc.problems)} problem(s) found; no tests ran", file=out)
-        return EXIT_INVALID
-    rulesets = result.snapshot.rulesets.values()
-    problems = [problem for ruleset in rulesets for problem in authoring_problems(ruleset)]
-    cases = [case for ruleset in rulesets for case in run_tests(ruleset)]
-    failed = [case for case in cases if not case.passed]
-    if args.format == "json":
-        _dump(
-            {
-                "passed": len(cases) - len(failed),
-                "failed": len(failed),
-                "cases": [_case_dict(case) for case in cases],
-                "problems": [p.to_dict() for p in problems],
-            },
-            out,
-        )
-    else:
-        _print_problems(problems, out)
-        for case in cases:
-            if case.passed and not args.verbose:
-                continue
-            status = "PASS" if case.passed else "FAIL"
-            print(f"{status} {case.location}: {case.ruleset_id}: {case.name}", file=out)
-            for failure in case.failures:
-                print(f"    {failure}", file=out)
-        print(f"{len(cases) - len(failed)} passed, {len(failed)} failed", file=out)
-    return EXIT_INVALID if failed or problems else EXIT_OK
+    report = examine(args.paths, _gate(args, run_checks=True))
+    return _report(report, args, out, tests=True)
 
 
 def _serve(args: argparse.Namespace, out: TextIO) -> int:
@@ -160,8 +88,13 @@ def _db_import(args: argparse.Namespace, out: TextIO) -> int:
     try:
         result = dbtools.import_files(args.paths, url, password_file=password)
     except LoadError as exc:
-        _print_problems(exc.problems, out)
+        for problem in exc.problems:
+            print(problem, file=out)
         print(f"{len(exc.problems)} problem(s) found; nothing was imported", file=out)
+        return EXIT_INVALID
+    if not result.rulesets and not args.allow_empty:
+        shown = " ".join(args.paths)
+        print(f"no ruleset in {shown}: nothing was imported (--allow-empty accepts it)", file=out)
         return EXIT_INVALID
     print(f"OK: imported {result.rulesets} ruleset(s), {result.rules} rule(s)", file=out)
     return EXIT_OK
@@ -190,8 +123,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_paths(name: str, help_text: str) -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text, description=help_text)
-        command.add_argument("paths", nargs="+", metavar="PATH", help="rule files or directories")
-        command.add_argument("--format", choices=("human", "json"), default="human")
+        command.add_argument(
+            "paths",
+            nargs="+",
+            metavar="PATH",
+            help="rule files or directories; '-' is standard input, and a FIFO, /dev/stdin "
+            "or <(...) named here is read",
+        )
+        command.add_argument("--format", choices=("human", "json", "junit"), default="human")
+        command.add_argument(
+            "--allow-empty",
+            action="store_true",
+            help="accept a PATH that yields no ruleset (refused by default: an empty "
+            "directory or a template that rendered nothing is never what CI means)",
+        )
+        command.add_argument(
+            "--require-tests",
+            action="store_true",
+            help="refuse a ruleset without embedded tests (spec.tests)",
+        )
         return command
 
     validate = with_paths(
@@ -286,6 +236,11 @@ def _add_db_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
     action("init", "Create or upgrade the rule tables (idempotent).").set_defaults(handler=_db_init)
     load = action("import", "Validate rule files, then write them in one transaction.")
     load.add_argument("paths", nargs="+", metavar="PATH", help="rule files or directories")
+    load.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="exit 0 when the paths hold no ruleset (as validate, an error by default)",
+    )
     load.set_defaults(handler=_db_import)
     dump = action("export", "Write the database's rulesets as YAML documents.")
     dump.add_argument("--output", type=Path, help="a file to write (default: standard output)")

@@ -28,7 +28,7 @@ from typing import Any, Final, Protocol
 
 import yaml
 
-from sidecar.errors import Problem, format_path
+from sidecar.errors import Problem, ProblemCode, format_path
 from sidecar.model import Location
 
 __all__ = [
@@ -71,7 +71,9 @@ class _Loader(_Base):  # type: ignore[valid-type,misc]
                 key = json.dumps(key)
             if index >= merged:
                 if key in written:
-                    raise _not_json(key_node, f"duplicate key {key!r}")
+                    raise _not_json(
+                        key_node, f"duplicate key {key!r}", code=ProblemCode.DUPLICATE_KEY
+                    )
                 written.add(key)
             mapping[key] = self.construct_object(value_node, deep=deep)
         return mapping
@@ -93,8 +95,18 @@ class _Loader(_Base):  # type: ignore[valid-type,misc]
         raise _not_json(node, f"the tag {tag} is not allowed: rule files hold JSON values")
 
 
-def _not_json(node: yaml.Node, problem: str) -> yaml.constructor.ConstructorError:
-    return yaml.constructor.ConstructorError(None, None, problem, node.start_mark)
+class _NotJson(yaml.constructor.ConstructorError):
+    """A value JSON does not have, or a duplicate key once keys are strings."""
+
+    def __init__(self, node: yaml.Node, problem: str, code: ProblemCode) -> None:
+        super().__init__(None, None, problem, node.start_mark)
+        self.code = code
+
+
+def _not_json(
+    node: yaml.Node, problem: str, *, code: ProblemCode = ProblemCode.NOT_JSON
+) -> _NotJson:
+    return _NotJson(node, problem, code)
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -208,7 +220,11 @@ def parse_file(
     if len(source.content) > limits.max_bytes:
         size = len(source.content)
         return [], [
-            Problem(file=name, message=f"file is {size} bytes, the limit is {limits.max_bytes}")
+            Problem(
+                file=name,
+                message=f"file is {size} bytes, the limit is {limits.max_bytes}",
+                code=ProblemCode.READ_TOO_LARGE,
+            )
         ]
     try:
         text = _decode(source)
@@ -220,7 +236,7 @@ def parse_file(
         return [], [exc.problem]
     if len(documents) > limits.max_documents:
         message = f"file has more than {limits.max_documents} documents"
-        return [], [Problem(file=name, message=message)]
+        return [], [Problem(file=name, message=message, code=ProblemCode.LIMIT_DOCUMENTS)]
     return documents, []
 
 
@@ -238,7 +254,9 @@ def _decode(source: SourceFile) -> str:
             message = (
                 f"the file is {encoding} (it starts with a byte order mark): rule files are UTF-8"
             )
-            raise _FileProblem(Problem(file=source.name, line=1, column=1, message=message))
+            raise _FileProblem(
+                Problem(file=source.name, message=message, code=ProblemCode.ENCODING)
+            )
     try:
         return source.content.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -252,6 +270,7 @@ def _decode(source: SourceFile) -> str:
                 line=line,
                 column=column,
                 message=f"not valid UTF-8 (byte 0x{source.content[exc.start]:02x})",
+                code=ProblemCode.ENCODING,
             )
         ) from None
 
@@ -273,7 +292,9 @@ def _parse_yaml(name: str, text: str, limits: FileLimits) -> Iterator[Document]:
             if index >= limits.max_documents:
                 raise _FileProblem(
                     Problem(
-                        file=name, message=f"file has more than {limits.max_documents} documents"
+                        file=name,
+                        message=f"file has more than {limits.max_documents} documents",
+                        code=ProblemCode.LIMIT_DOCUMENTS,
                     )
                 )
             data = loader.construct_document(node)
@@ -286,9 +307,20 @@ def _parse_yaml(name: str, text: str, limits: FileLimits) -> Iterator[Document]:
         line = text.count("\n", 0, exc.position) + 1
         column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
         message = f"character U+{exc.character:04X} is not allowed in YAML"
-        raise _FileProblem(Problem(file=name, line=line, column=column, message=message)) from None
+        raise _FileProblem(
+            Problem(
+                file=name,
+                line=line,
+                column=column,
+                message=message,
+                code=ProblemCode.YAML_SYNTAX,
+            )
+        ) from None
     except yaml.YAMLError as exc:
-        raise _FileProblem(Problem(file=name, message=f"YAML error: {exc}")) from None
+        message = f"YAML error: {exc}"
+        raise _FileProblem(
+            Problem(file=name, message=message, code=ProblemCode.YAML_SYNTAX)
+        ) from None
     finally:
         loader.dispose()
 
@@ -313,7 +345,9 @@ def _check_values(name: str, text: str, limits: FileLimits) -> None:
                 values += 1
                 if values > limits.max_values and event.start_mark is not None:
                     message = f"more than {limits.max_values} values in one file"
-                    raise _FileProblem(_marked(name, event.start_mark, (), message))
+                    raise _FileProblem(
+                        _marked(name, event.start_mark, (), message, ProblemCode.LIMIT_VALUES)
+                    )
     except yaml.YAMLError:
         return  # the parse proper reports it, located
     finally:
@@ -326,9 +360,13 @@ def _yaml_problem(name: str, exc: yaml.MarkedYAMLError) -> Problem:
     constructing = isinstance(exc, yaml.constructor.ConstructorError)
     kind = "not a JSON value" if constructing else "YAML syntax error"
     message = f"{kind}: " + ", ".join(parts) if parts else kind
+    if isinstance(exc, _NotJson):
+        code = exc.code
+    else:
+        code = ProblemCode.NOT_JSON if constructing else ProblemCode.YAML_SYNTAX
     if mark is None:
-        return Problem(file=name, message=message)
-    return _marked(name, mark, (), message)
+        return Problem(file=name, message=message, code=code)
+    return _marked(name, mark, (), message, code)
 
 
 class _Mark(Protocol):
@@ -338,7 +376,9 @@ class _Mark(Protocol):
     column: int
 
 
-def _marked(name: str, mark: _Mark, path: Sequence[str | int], message: str) -> Problem:
+def _marked(
+    name: str, mark: _Mark, path: Sequence[str | int], message: str, code: ProblemCode
+) -> Problem:
     """A problem at a YAML mark (0-based) given in 1-based line and column."""
     return Problem(
         file=name,
@@ -346,6 +386,7 @@ def _marked(name: str, mark: _Mark, path: Sequence[str | int], message: str) -> 
         column=mark.column + 1,
         path=format_path(path),
         message=message,
+        code=code,
     )
 
 
@@ -382,11 +423,15 @@ def _check_tree(
             continue
         if id(node) in seen:
             message = "an alias may not point at a mapping or a list (its anchor is here)"
-            raise _FileProblem(_marked(name, node.start_mark, path, message))
+            raise _FileProblem(
+                _marked(name, node.start_mark, path, message, ProblemCode.SHARED_ALIAS)
+            )
         seen.add(id(node))
         if len(path) >= limits.max_depth:
             message = f"nested deeper than {limits.max_depth} levels"
-            raise _FileProblem(_marked(name, node.start_mark, path, message))
+            raise _FileProblem(
+                _marked(name, node.start_mark, path, message, ProblemCode.LIMIT_DEPTH)
+            )
         if isinstance(node, yaml.SequenceNode):
             stack.extend((child, (*path, i)) for i, child in enumerate(node.value))
             continue
@@ -395,7 +440,9 @@ def _check_tree(
             if isinstance(key, yaml.ScalarNode):
                 if key.value in keys:
                     message = f"duplicate key {key.value!r}"
-                    raise _FileProblem(_marked(name, key.start_mark, path, message))
+                    raise _FileProblem(
+                        _marked(name, key.start_mark, path, message, ProblemCode.DUPLICATE_KEY)
+                    )
                 keys.add(key.value)
             stack.append((key, path))
             stack.append((value, (*path, key.value if isinstance(key, yaml.ScalarNode) else "?")))
@@ -422,7 +469,13 @@ def _expansion_problem(name: str, text: str, limits: FileLimits) -> Problem:
             elif isinstance(event, yaml.AliasEvent) and event.anchor is not None:
                 total += sizes.get(event.anchor, 0)
                 if total > limits.max_bytes and event.start_mark is not None:
-                    return _marked(name, event.start_mark, (), f"{message}: *{event.anchor}")
+                    return _marked(
+                        name,
+                        event.start_mark,
+                        (),
+                        f"{message}: *{event.anchor}",
+                        ProblemCode.LIMIT_EXPANSION,
+                    )
             elif isinstance(event, yaml.CollectionStartEvent):
                 open_anchors.append((event.anchor, total))
             elif isinstance(event, yaml.CollectionEndEvent):
@@ -431,7 +484,7 @@ def _expansion_problem(name: str, text: str, limits: FileLimits) -> Problem:
                     sizes[anchor] = total - start
     finally:
         loader.dispose()
-    return Problem(file=name, message=message)
+    return Problem(file=name, message=message, code=ProblemCode.LIMIT_EXPANSION)
 
 
 def _parse_json(name: str, text: str, limits: FileLimits, *, located: bool) -> list[Document]:
@@ -447,17 +500,25 @@ def _parse_json(name: str, text: str, limits: FileLimits, *, located: bool) -> l
                 line=exc.lineno,
                 column=exc.colno,
                 message=f"JSON syntax error: {exc.msg}",
+                code=ProblemCode.JSON_SYNTAX,
             )
         ) from None
     except _DuplicateKey as exc:
         tree = _json_node(text) if located else None
         if tree is not None:
             _check_tree(name, tree, limits)  # raises the duplicate, with its position
-        raise _FileProblem(Problem(file=name, message=f"duplicate key {exc.key!r}")) from None
+        message = f"duplicate key {exc.key!r}"
+        raise _FileProblem(
+            Problem(file=name, message=message, code=ProblemCode.DUPLICATE_KEY)
+        ) from None
     except RecursionError:
-        raise _FileProblem(Problem(file=name, message="JSON nested too deeply")) from None
+        message = "JSON nested too deeply"
+        raise _FileProblem(
+            Problem(file=name, message=message, code=ProblemCode.LIMIT_DEPTH)
+        ) from None
     except ValueError as exc:  # NaN, Infinity; an integer longer than Python converts
-        raise _FileProblem(Problem(file=name, message=f"not a JSON number: {exc}")) from None
+        message = f"not a JSON number: {exc}"
+        raise _FileProblem(Problem(file=name, message=message, code=ProblemCode.NOT_JSON)) from None
     if _SURROGATE_ESCAPE.search(text):
         _check_surrogates(name, data)
     if not located:
@@ -499,7 +560,12 @@ def _check_surrogates(name: str, data: Any) -> None:
                 code = ord(value[exc.start])
                 message = f"\\u{code:04x} is half of a surrogate pair, not a character"
                 raise _FileProblem(
-                    Problem(file=name, path=format_path(path), message=message)
+                    Problem(
+                        file=name,
+                        path=format_path(path),
+                        message=message,
+                        code=ProblemCode.NOT_JSON,
+                    )
                 ) from None
 
 
@@ -510,7 +576,11 @@ def _check_depth(name: str, data: Any, limits: FileLimits) -> None:
         value, depth = stack.pop()
         if depth >= limits.max_depth:
             raise _FileProblem(
-                Problem(file=name, message=f"nested deeper than {limits.max_depth} levels")
+                Problem(
+                    file=name,
+                    message=f"nested deeper than {limits.max_depth} levels",
+                    code=ProblemCode.LIMIT_DEPTH,
+                )
             )
         if isinstance(value, dict):
             stack.extend((item, depth + 1) for item in value.values())

@@ -7,6 +7,9 @@
      ├── NotFoundError    an unknown rule or ruleset id (.kind, .id); also a KeyError
      └── ConflictError    a registry write that would break an invariant (duplicate id)
 
+Every `Problem` carries a `ProblemCode`: a stable name for the kind of problem, for CI
+and tools to act on (the message is for people and may change).
+
 Kept free of imports from the rest of the package so every layer can raise them.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import Any
 
 __all__ = [
@@ -22,6 +26,7 @@ __all__ = [
     "LoadError",
     "NotFoundError",
     "Problem",
+    "ProblemCode",
     "RuleSidecarError",
     "format_path",
 ]
@@ -30,6 +35,64 @@ __all__ = [
 def format_path(path: Sequence[str | int]) -> str:
     """`("spec", "rules", 3, "condition")` → `$.spec.rules[3].condition`."""
     return "$" + "".join(f"[{step}]" if isinstance(step, int) else f".{step}" for step in path)
+
+
+class ProblemCode(StrEnum):
+    """What kind of problem: stable values, documented in README and schemas/openapi.yaml.
+
+    New codes may be added; a value never changes meaning. Consumers should treat an
+    unknown code like `unclassified`.
+    """
+
+    # Reading files and sources
+    READ_NOT_FOUND = "read.not_found"
+    READ_NOT_REGULAR = "read.not_regular"
+    READ_TOO_LARGE = "read.too_large"
+    READ_OUTSIDE_ROOT = "read.outside_root"
+    READ_FAILED = "read.failed"
+    READ_UNSTABLE = "read.unstable"
+    SOURCE_UNAVAILABLE = "source.unavailable"
+    STATE_DAMAGED = "state.damaged"
+    # Turning bytes into JSON values
+    ENCODING = "file.encoding"
+    YAML_SYNTAX = "yaml.syntax"
+    JSON_SYNTAX = "json.syntax"
+    DUPLICATE_KEY = "document.duplicate_key"
+    NOT_JSON = "document.not_json"
+    SHARED_ALIAS = "document.shared_alias"
+    LIMIT_DOCUMENTS = "limit.documents"
+    LIMIT_DEPTH = "limit.depth"
+    LIMIT_VALUES = "limit.values"
+    LIMIT_EXPANSION = "limit.expansion"
+    # The RuleSet document
+    SCHEMA_NOT_MAPPING = "schema.not_mapping"
+    SCHEMA_API_VERSION = "schema.api_version"
+    SCHEMA_KIND = "schema.kind"
+    SCHEMA_ADDITIONAL_PROPERTY = "schema.additional_property"
+    SCHEMA_REQUIRED = "schema.required"
+    SCHEMA_TYPE = "schema.type"
+    SCHEMA_PATTERN = "schema.pattern"
+    SCHEMA_LENGTH = "schema.length"
+    SCHEMA_RANGE = "schema.range"
+    SCHEMA_SIZE = "schema.size"
+    SCHEMA_UNIQUE = "schema.unique"
+    SCHEMA_CONST = "schema.const"
+    SCHEMA_INVALID = "schema.invalid"
+    # Conditions, ids and checks
+    CEL_COMPILE = "cel.compile"
+    CEL_TOO_COSTLY = "cel.too_costly"
+    ID_DUPLICATE = "id.duplicate"
+    CHECK_UNREACHABLE_BAND = "check.unreachable_band"
+    CHECK_TEST_NAME = "check.test_name"
+    CHECK_UNKNOWN_RULE = "check.unknown_rule"
+    TEST_FAILED = "test.failed"
+    # What a CI gate asks for (`rule-sidecar validate`/`test`)
+    RULES_EMPTY = "rules.empty"
+    TESTS_MISSING = "tests.missing"
+    # Anything else: an unexpected error, or a producer that names no kind yet
+    REQUEST_INVALID = "request.invalid"
+    INTERNAL = "internal.error"
+    UNCLASSIFIED = "unclassified"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -43,13 +106,14 @@ class Problem:
     message: str
     ruleset_id: str | None = None
     rule_id: str | None = None
+    code: ProblemCode = ProblemCode.UNCLASSIFIED
 
     def __str__(self) -> str:
         where = f" (at {self.path})" if self.path != "$" else ""
         return f"{self.file}:{self.line}:{self.column}: {self.message}{where}"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "code": self.code.value}
 
     def to_rule_error(self) -> dict[str, Any]:
         """The seed's validation error shape (`rule_id`, `error`), located."""

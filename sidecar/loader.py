@@ -5,6 +5,12 @@ build rules and compile every condition → semantic checks and embedded tests. 
 across files: duplicate ruleset and rule ids. Any problem anywhere raises one `LoadError`
 listing every problem, and nothing is returned: the caller keeps what it had.
 
+A stage's problems do not hide the next stage's where it can still run, so one pass
+reports everything: conditions are compiled in a document that breaks the schema
+elsewhere, and the ids of a ruleset whose conditions do not compile still count as
+duplicates. `Loader.examine` gives every problem and every ruleset that loads, without
+raising (what `rule-sidecar validate` reports).
+
 The loader remembers each file's result by content digest, so a reload re-parses,
 re-validates and re-compiles only the files that changed (and re-reports the problems
 of unchanged broken files without re-reading them).
@@ -44,7 +50,7 @@ from sidecar.documents import (
     SourceFile,
     parse_file,
 )
-from sidecar.errors import LoadError, Problem, format_path
+from sidecar.errors import LoadError, Problem, ProblemCode, format_path
 from sidecar.model import (
     API_VERSION,
     KIND,
@@ -59,7 +65,7 @@ from sidecar.model import (
 )
 from sidecar.snapshot import Snapshot
 
-__all__ = ["DEFAULT_OFFLOAD_BYTES", "LoadResult", "Loader", "ruleset_schema"]
+__all__ = ["DEFAULT_OFFLOAD_BYTES", "Examination", "LoadResult", "Loader", "ruleset_schema"]
 
 logger = logging.getLogger("sidecar.loader")
 
@@ -103,11 +109,31 @@ class LoadResult:
         return self.files - self.files_parsed
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Examination:
+    """Every problem of a set of files and the rulesets that loaded despite them."""
+
+    files: int
+    rulesets: tuple[RuleSet, ...]
+    problems: tuple[Problem, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Declared:
+    """The ids a document declares and where, checked for duplicates across files even
+    when its conditions do not compile."""
+
+    ruleset_id: str
+    location: Location
+    rules: tuple[tuple[str, Location], ...]
+
+
 @dataclass(frozen=True, slots=True)
 class _FileResult:
     digest: str
     rulesets: tuple[RuleSet, ...]
     problems: tuple[Problem, ...]
+    declared: tuple[_Declared, ...] = ()
 
 
 class Loader:
@@ -185,7 +211,7 @@ class Loader:
         self._last = None
         problems = [problem for result in results.values() for problem in result.problems]
         rulesets = [ruleset for result in results.values() for ruleset in result.rulesets]
-        problems.extend(_duplicate_problems(rulesets))
+        problems.extend(_duplicate_problems(results.values()))
         if problems:
             raise LoadError(sorted(problems, key=lambda p: (p.file, p.line, p.column)))
         snapshot = Snapshot.build(rulesets)
@@ -201,6 +227,23 @@ class Loader:
         )
         return self._last
 
+    def examine(self, files: Iterable[SourceFile]) -> Examination:
+        """Every problem of `files` and every ruleset that loads, without raising and
+        without touching what `load` remembers (files named twice are read once)."""
+        sources = {source.name: source for source in files}
+        changed = [
+            (source, hashlib.sha256(source.content).hexdigest()) for source in sources.values()
+        ]
+        results = self._load_changed(changed, run_checks=self.run_checks)
+        ordered = [results[name] for name in sources]
+        problems = [problem for result in ordered for problem in result.problems]
+        problems.extend(_duplicate_problems(ordered))
+        return Examination(
+            files=len(sources),
+            rulesets=tuple(ruleset for result in ordered for ruleset in result.rulesets),
+            problems=tuple(sorted(problems, key=lambda p: (p.file, p.line, p.column))),
+        )
+
     def forget(self) -> None:
         """Drop every remembered file so the next load re-reads everything."""
         self._files.clear()
@@ -210,7 +253,12 @@ class Loader:
     def rule_from_mapping(self, data: Mapping[str, Any], *, ruleset_id: str, file: str) -> Rule:
         """Validate and compile one rule given as a document-style mapping."""
         problems = [
-            Problem(file=file, path=format_path(list(error.absolute_path)), message=error.message)
+            Problem(
+                file=file,
+                path=format_path(list(error.absolute_path)),
+                message=error.message,
+                code=_schema_code(error),
+            )
             for error in _rule_validator().iter_errors(data)
         ]
         if problems:
@@ -223,7 +271,13 @@ class Loader:
             self.compiler.compile(rule.condition)
         except ConditionError as exc:
             at = rule.location or Location("<api>")
-            problem = _rule_problem(rule, _condition_message(exc), path="$.condition", at=at)
+            problem = _rule_problem(
+                rule,
+                _condition_message(exc),
+                path="$.condition",
+                at=at,
+                code=_condition_code(exc),
+            )
             raise LoadError([problem]) from None
         return rule
 
@@ -269,19 +323,22 @@ class Loader:
     def _load_file(self, source: SourceFile, digest: str, *, run_checks: bool) -> _FileResult:
         documents, problems = parse_file(source, self.file_limits)
         rulesets: list[RuleSet] = []
+        declared: list[_Declared] = []
         for document in documents:
             ruleset, document_problems = self._load_document(document, run_checks=run_checks)
             problems.extend(document_problems)
             if ruleset is not None:
                 rulesets.append(ruleset)
-        return _FileResult(digest, tuple(rulesets), tuple(problems))
+            if not any(p.code.startswith("schema.") for p in document_problems):
+                declared.append(_declared(document))
+        return _FileResult(digest, tuple(rulesets), tuple(problems), tuple(declared))
 
     def _load_document(
         self, document: Document, *, run_checks: bool
     ) -> tuple[RuleSet | None, list[Problem]]:
         problems = _schema_problems(document)
         if problems:
-            return None, problems
+            return None, problems + _conditions_beside(document, problems, self.compiler)
         ruleset, problems = _build_ruleset(document, self.compiler)
         if ruleset is None or problems:
             return None, problems
@@ -300,15 +357,94 @@ def _load_file_in_worker(
     return loader._load_file(source, digest, run_checks=run_checks)
 
 
+def _declared(document: Document) -> _Declared:
+    """The ids of a document that passed the schema; a rule id used twice inside it is
+    reported by `_build_ruleset`, so only its first use is kept."""
+    spec = document.data["spec"]
+    rules: dict[str, Location] = {}
+    for index, rule in enumerate(spec["rules"]):
+        rules.setdefault(str(rule["id"]), document.locate(("spec", "rules", index)))
+    return _Declared(
+        str(document.data["metadata"]["id"]), document.locate(()), tuple(rules.items())
+    )
+
+
+_NOT_A_RULESET: Final = frozenset(
+    {ProblemCode.SCHEMA_NOT_MAPPING, ProblemCode.SCHEMA_API_VERSION, ProblemCode.SCHEMA_KIND}
+)
+
+
+def _conditions_beside(
+    document: Document, schema: list[Problem], compiler: ConditionCompiler
+) -> list[Problem]:
+    """Compile errors of the conditions the schema problems do not touch: one pass
+    reports both kinds, not the second only once the first is fixed."""
+    if any(problem.code in _NOT_A_RULESET for problem in schema):
+        return []  # another kind of document: its fields mean something else
+    data = document.data
+    spec = data.get("spec") if isinstance(data, dict) else None
+    rules = spec.get("rules") if isinstance(spec, dict) else None
+    if not isinstance(rules, list):
+        return []
+    problems: list[Problem] = []
+    for index, rule in enumerate(rules):
+        condition = rule.get("condition") if isinstance(rule, dict) else None
+        where = format_path(("spec", "rules", index, "condition"))
+        if not isinstance(condition, str) or any(p.path.startswith(where) for p in schema):
+            continue
+        try:
+            compiler.compile(condition)
+        except ConditionError as exc:
+            rule_id = rule.get("id")
+            problems.append(
+                _condition_problem(
+                    document,
+                    index,
+                    exc,
+                    ruleset_id=_metadata_id(data),
+                    rule_id=str(rule_id) if isinstance(rule_id, str | int) else None,
+                )
+            )
+    return problems
+
+
+_SCHEMA_CODES: Final = {
+    "additionalProperties": ProblemCode.SCHEMA_ADDITIONAL_PROPERTY,
+    "required": ProblemCode.SCHEMA_REQUIRED,
+    "type": ProblemCode.SCHEMA_TYPE,
+    "pattern": ProblemCode.SCHEMA_PATTERN,
+    "minLength": ProblemCode.SCHEMA_LENGTH,
+    "maxLength": ProblemCode.SCHEMA_LENGTH,
+    "minimum": ProblemCode.SCHEMA_RANGE,
+    "maximum": ProblemCode.SCHEMA_RANGE,
+    "exclusiveMinimum": ProblemCode.SCHEMA_RANGE,
+    "exclusiveMaximum": ProblemCode.SCHEMA_RANGE,
+    "minItems": ProblemCode.SCHEMA_SIZE,
+    "maxItems": ProblemCode.SCHEMA_SIZE,
+    "minProperties": ProblemCode.SCHEMA_SIZE,
+    "maxProperties": ProblemCode.SCHEMA_SIZE,
+    "uniqueItems": ProblemCode.SCHEMA_UNIQUE,
+    "const": ProblemCode.SCHEMA_CONST,
+    "enum": ProblemCode.SCHEMA_CONST,
+}
+
+
+def _schema_code(error: jsonschema.ValidationError) -> ProblemCode:
+    return _SCHEMA_CODES.get(str(error.validator), ProblemCode.SCHEMA_INVALID)
+
+
 def _schema_problems(document: Document) -> list[Problem]:
     data = document.data
     if not isinstance(data, dict):
         message = f"a document must be a mapping, not {type(data).__name__}"
-        return [document.locate(()).problem(message)]
-    for key, expected in (("apiVersion", API_VERSION), ("kind", KIND)):
+        return [document.locate(()).problem(message, code=ProblemCode.SCHEMA_NOT_MAPPING)]
+    for key, expected, code in (
+        ("apiVersion", API_VERSION, ProblemCode.SCHEMA_API_VERSION),
+        ("kind", KIND, ProblemCode.SCHEMA_KIND),
+    ):
         if key in data and data[key] != expected:
             message = f"unknown {key} {data[key]!r}: this sidecar reads {key} {expected!r}"
-            return [document.locate((key,)).problem(message, path=f"$.{key}")]
+            return [document.locate((key,)).problem(message, path=f"$.{key}", code=code)]
     problems = []
     for error in _validator().iter_errors(data):
         path = list(error.absolute_path)
@@ -322,6 +458,7 @@ def _schema_problems(document: Document) -> list[Problem]:
                 path=format_path(path),
                 ruleset_id=_metadata_id(data),
                 rule_id=_rule_id_at(data, path),
+                code=_schema_code(error),
             )
         )
     return sorted(problems, key=lambda p: (p.line, p.column))
@@ -430,7 +567,11 @@ def _build_ruleset(
         rule = _rule(data, ruleset_id, document.locate(("spec", "rules", index)))
         if rule.id in first_seen:
             problems.append(
-                _rule_problem(rule, f"rule id {rule.id!r} is also used at {first_seen[rule.id]}")
+                _rule_problem(
+                    rule,
+                    f"rule id {rule.id!r} is also used at {first_seen[rule.id]}",
+                    code=ProblemCode.ID_DUPLICATE,
+                )
             )
         first_seen.setdefault(rule.id, rule.location or Location(document.file))
         rules.append(rule)
@@ -449,7 +590,9 @@ def _build_ruleset(
         try:
             compiler.compile(rule.condition)
         except ConditionError as exc:
-            problems.append(_condition_problem(document, index, rule, exc))
+            problems.append(
+                _condition_problem(document, index, exc, ruleset_id=ruleset_id, rule_id=rule.id)
+            )
     if plan is not None and plan.conditions.worst_cost > RULESET_COST_LIMIT:
         message = (
             f"the ruleset's conditions together may take up to "
@@ -459,7 +602,10 @@ def _build_ruleset(
         )
         problems.append(
             document.locate(("spec", "rules")).problem(
-                message, path="$.spec.rules", ruleset_id=ruleset_id
+                message,
+                path="$.spec.rules",
+                ruleset_id=ruleset_id,
+                code=ProblemCode.CEL_TOO_COSTLY,
             )
         )
     if problems or plan is None:
@@ -487,17 +633,36 @@ def _build_ruleset(
 
 
 def _rule_problem(
-    rule: Rule, message: str, *, path: str = "", at: Location | None = None
+    rule: Rule,
+    message: str,
+    *,
+    code: ProblemCode,
+    path: str = "",
+    at: Location | None = None,
 ) -> Problem:
     where = at or rule.location or Location("<unknown>")
-    return where.problem(message, path=path or "$", ruleset_id=rule.ruleset_id, rule_id=rule.id)
+    return where.problem(
+        message, path=path or "$", ruleset_id=rule.ruleset_id, rule_id=rule.id, code=code
+    )
 
 
 def _condition_message(exc: ConditionError) -> str:
     return f"{exc.reason} (expression {exc.line}:{exc.column}): {exc.message}"
 
 
-def _condition_problem(document: Document, index: int, rule: Rule, exc: ConditionError) -> Problem:
+def _condition_code(exc: ConditionError) -> ProblemCode:
+    # `reason` is one of two phrases (sidecar.conditions): priced too high, or not compiling.
+    return ProblemCode.CEL_TOO_COSTLY if "costly" in exc.reason else ProblemCode.CEL_COMPILE
+
+
+def _condition_problem(
+    document: Document,
+    index: int,
+    exc: ConditionError,
+    *,
+    ruleset_id: str | None,
+    rule_id: str | None,
+) -> Problem:
     """Point at the failing character when the expression sits on one line in the file."""
     path = ("spec", "rules", index, "condition")
     node = document.node_at(path)
@@ -508,29 +673,46 @@ def _condition_problem(document: Document, index: int, rule: Rule, exc: Conditio
         at = Location(at.file, at.line, at.column + quote + exc.column - 1)
     elif isinstance(node, yaml.ScalarNode) and node.style == "|":
         at = Location(at.file, at.line + exc.line, at.column)
-    return _rule_problem(rule, _condition_message(exc), path=format_path(path), at=at)
+    return at.problem(
+        _condition_message(exc),
+        path=format_path(path),
+        ruleset_id=ruleset_id,
+        rule_id=rule_id,
+        code=_condition_code(exc),
+    )
 
 
-def _duplicate_problems(rulesets: Iterable[RuleSet]) -> list[Problem]:
-    """Ruleset and rule ids must be unique across every file (and every source)."""
+def _duplicate_problems(results: Iterable[_FileResult]) -> list[Problem]:
+    """Ruleset and rule ids must be unique across every file (and every source),
+    whether or not the documents that declare them compiled."""
     problems: list[Problem] = []
-    rulesets_seen: dict[str, RuleSet] = {}
-    rules_seen: dict[str, Rule] = {}
-    for ruleset in rulesets:
-        other_set = rulesets_seen.setdefault(ruleset.id, ruleset)
-        if other_set is not ruleset:
-            where = ruleset.location or Location("<unknown>")
-            message = f"ruleset id {ruleset.id!r} is also defined at {other_set.location}"
-            problems.append(where.problem(message, ruleset_id=ruleset.id))
+    rulesets_seen: dict[str, Location] = {}
+    rules_seen: dict[str, tuple[str, Location]] = {}
+    for declared in (declared for result in results for declared in result.declared):
+        ruleset_id = declared.ruleset_id
+        if ruleset_id in rulesets_seen:
+            message = f"ruleset id {ruleset_id!r} is also defined at {rulesets_seen[ruleset_id]}"
+            problems.append(
+                declared.location.problem(
+                    message, ruleset_id=ruleset_id, code=ProblemCode.ID_DUPLICATE
+                )
+            )
             continue
-        for rule in ruleset.rules:
-            other = rules_seen.setdefault(rule.id, rule)
-            if other is not rule:
+        rulesets_seen[ruleset_id] = declared.location
+        for rule_id, location in declared.rules:
+            if rule_id not in rules_seen:
+                rules_seen[rule_id] = (ruleset_id, location)
+            else:
+                other_ruleset, other = rules_seen[rule_id]
+                message = (
+                    f"rule id {rule_id!r} is also used by ruleset {other_ruleset!r} at {other}"
+                )
                 problems.append(
-                    _rule_problem(
-                        rule,
-                        f"rule id {rule.id!r} is also used by ruleset {other.ruleset_id!r} "
-                        f"at {other.location}",
+                    location.problem(
+                        message,
+                        ruleset_id=ruleset_id,
+                        rule_id=rule_id,
+                        code=ProblemCode.ID_DUPLICATE,
                     )
                 )
     return problems

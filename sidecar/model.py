@@ -15,7 +15,7 @@ from functools import cached_property
 from typing import Any, Final, NoReturn
 
 from sidecar.conditions import ConditionCompiler, ConditionSet
-from sidecar.errors import Problem
+from sidecar.errors import Problem, ProblemCode
 
 __all__ = [
     "API_VERSION",
@@ -95,9 +95,11 @@ class Location:
         path: str = "$",
         ruleset_id: str | None = None,
         rule_id: str | None = None,
+        code: ProblemCode = ProblemCode.UNCLASSIFIED,
     ) -> Problem:
         """A problem found here."""
         return Problem(
+            code=code,
             file=self.file,
             line=self.line,
             column=self.column,

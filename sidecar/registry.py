@@ -30,7 +30,7 @@ from enum import StrEnum
 from typing import Any
 
 from sidecar.checks import ruleset_problems
-from sidecar.errors import ConflictError, LoadError, NotFoundError, Problem
+from sidecar.errors import ConflictError, LoadError, NotFoundError, Problem, ProblemCode
 from sidecar.loader import Loader
 from sidecar.model import Rule, RuleSet
 from sidecar.snapshot import Snapshot
@@ -374,7 +374,11 @@ class RuleRegistry:
         if target is None:
             existing = self._current.rules.get(str(rule.get("id")))
             if existing is None:
-                problem = Problem(file="<api>", message="ruleset_id is required for a new rule")
+                problem = Problem(
+                    file="<api>",
+                    message="ruleset_id is required for a new rule",
+                    code=ProblemCode.REQUEST_INVALID,
+                )
                 raise LoadError([problem])
             target = existing.ruleset_id
         fields = {k: v for k, v in rule.items() if k != "ruleset_id"}

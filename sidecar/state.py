@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from sidecar.documents import DEFAULT_FILE_LIMITS, FileLimits, SourceFile, parse_file
-from sidecar.errors import LoadError, Problem
+from sidecar.errors import LoadError, Problem, ProblemCode
 from sidecar.model import RuleSet
 from sidecar.snapshot import Snapshot
 
@@ -354,7 +354,11 @@ def _is_file_name(name: str) -> bool:
 
 
 def _damaged(path: Path, why: str) -> Problem:
-    return Problem(file=str(path), message=f"the saved copy is damaged: {why}")
+    return Problem(
+        file=str(path),
+        message=f"the saved copy is damaged: {why}",
+        code=ProblemCode.STATE_DAMAGED,
+    )
 
 
 def _stamp(info: os.stat_result) -> tuple[int, int, int, int]:

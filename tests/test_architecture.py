@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"sidecar.registry"},
     {"sidecar.reloads"},
     {"sidecar.decision"},
-    {"sidecar.service", "sidecar.config", "sidecar.dbtools"},
+    {"sidecar.service", "sidecar.config", "sidecar.dbtools", "sidecar.gate"},
     {"sidecar.integration"},
     {
         "sidecar.api",

@@ -45,7 +45,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from sidecar.documents import SourceFile
-from sidecar.errors import LoadError, Problem
+from sidecar.errors import LoadError, Problem, ProblemCode
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -591,7 +591,8 @@ class DatabaseSource:
             self._disconnect()
             reason = describe_error(exc, self._password(), self.url)
             message = f"database unavailable: {reason}"
-            raise LoadError([Problem(file=self.name, message=message)]) from None
+            problem = Problem(file=self.name, message=message, code=ProblemCode.SOURCE_UNAVAILABLE)
+            raise LoadError([problem]) from None
         if changes is not None:
             generation, versions, documents = changes
             self._files = {

@@ -11,6 +11,11 @@ descriptors left, an I/O error) is an error, never an empty directory: only a li
 that succeeded may make a file's rules disappear. Only regular files are read (a FIFO
 would block the reader forever, a device never ends), and a file's size is checked
 before a byte of it is read.
+
+A command line is different: a path it names is what its user means to be read, even a
+FIFO, `/dev/stdin` or a process substitution's `/dev/fd/N`, and `-` is standard input.
+`read_streams=True` reads those, bounded by the same size limit; directories named on
+a command line are still walked for regular files only.
 """
 
 from __future__ import annotations
@@ -28,9 +33,14 @@ import watchfiles
 from watchfiles import Change
 
 from sidecar.documents import DEFAULT_FILE_LIMITS, RULE_FILE_SUFFIXES, SourceFile
-from sidecar.errors import LoadError, Problem
+from sidecar.errors import LoadError, Problem, ProblemCode
 
-__all__ = ["DirectorySource", "is_rule_file", "read_rule_files"]
+__all__ = ["STDIN", "DirectorySource", "collect_rule_files", "is_rule_file", "read_rule_files"]
+
+STDIN: Final = "-"
+_STDIN_NAME: Final = "<stdin>"
+_STDIN_FD: Final = 0
+_CHUNK: Final = 64 * 1024
 
 # Opened without blocking (a FIFO swapped in between the check and the open would block
 # in open() itself) and without handing the descriptor to child processes.
@@ -47,13 +57,19 @@ _KINDS: Final = {
 class _Unreadable(Exception):
     """One path that cannot be read completely; collected into a `LoadError`."""
 
-    def __init__(self, path: str, message: str) -> None:
+    def __init__(self, path: str, message: str, code: ProblemCode) -> None:
         super().__init__(message)
-        self.problem = Problem(file=path, message=message)
+        self.problem = Problem(file=path, message=message, code=code)
 
 
 def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
+
+
+def _failure(path: str | Path, exc: OSError) -> _Unreadable:
+    missing = isinstance(exc, FileNotFoundError)
+    code = ProblemCode.READ_NOT_FOUND if missing else ProblemCode.READ_FAILED
+    return _Unreadable(str(path), f"cannot read: {_reason(exc)}", code)
 
 
 def is_rule_file(path: Path) -> bool:
@@ -68,13 +84,15 @@ def _walk(root: Path) -> Iterator[Path]:
     """
 
     def fail(exc: OSError) -> None:
-        raise _Unreadable(str(exc.filename or root), f"cannot list: {_reason(exc)}")
+        where = str(exc.filename or root)
+        raise _Unreadable(where, f"cannot list: {_reason(exc)}", ProblemCode.READ_FAILED)
 
     boundary = root.resolve()
     try:
         yield from _walk_below(root, boundary, fail)
     except RecursionError:
-        raise _Unreadable(str(root), "cannot list: the directory tree is too deep") from None
+        message = "cannot list: the directory tree is too deep"
+        raise _Unreadable(str(root), message, ProblemCode.LIMIT_DEPTH) from None
 
 
 def _walk_below(root: Path, boundary: Path, fail: Callable[[OSError], None]) -> Iterator[Path]:
@@ -100,17 +118,19 @@ def _walk_below(root: Path, boundary: Path, fail: Callable[[OSError], None]) -> 
 def _check_regular(path: Path, info: os.stat_result, max_bytes: int | None) -> None:
     if not stat.S_ISREG(info.st_mode):
         kind = _KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
-        raise _Unreadable(str(path), f"cannot read: {kind}, not a regular file")
+        message = f"cannot read: {kind}, not a regular file"
+        raise _Unreadable(str(path), message, ProblemCode.READ_NOT_REGULAR)
     if max_bytes is not None and info.st_size > max_bytes:
         message = f"file is {info.st_size} bytes, the limit is {max_bytes}: not read"
-        raise _Unreadable(str(path), message)
+        raise _Unreadable(str(path), message, ProblemCode.READ_TOO_LARGE)
 
 
 def _refuse_outside(path: Path, boundary: Path) -> None:
     """A directory symlink out of the rules directory is refused, not walked: it could
     lead anywhere (`/sys` took seconds per read) and its files would be refused anyway."""
     if path.is_symlink() and not path.resolve().is_relative_to(boundary):
-        raise _Unreadable(str(path), f"symlink leads outside {boundary}: refused")
+        message = f"symlink leads outside {boundary}: refused"
+        raise _Unreadable(str(path), message, ProblemCode.READ_OUTSIDE_ROOT)
 
 
 def _read_regular(path: Path, real: Path, max_bytes: int | None) -> SourceFile:
@@ -121,16 +141,66 @@ def _read_regular(path: Path, real: Path, max_bytes: int | None) -> SourceFile:
         _check_regular(path, os.stat(real), max_bytes)
         fd = os.open(real, _OPEN_FLAGS)
     except OSError as exc:
-        raise _Unreadable(str(path), f"cannot read: {_reason(exc)}") from None
+        raise _failure(path, exc) from None
     with os.fdopen(fd, "rb") as handle:
         _check_regular(path, os.fstat(fd), max_bytes)
         try:
             content = handle.read(-1 if max_bytes is None else max_bytes + 1)
         except OSError as exc:
-            raise _Unreadable(str(path), f"cannot read: {_reason(exc)}") from None
+            raise _failure(path, exc) from None
     if max_bytes is not None and len(content) > max_bytes:  # it grew while being read
-        raise _Unreadable(str(path), f"file grew past the limit of {max_bytes} bytes")
+        message = f"file grew past the limit of {max_bytes} bytes"
+        raise _Unreadable(str(path), message, ProblemCode.READ_TOO_LARGE)
     return SourceFile(str(path), content)
+
+
+def _read_stream(name: str, fd: int, max_bytes: int | None) -> bytes:
+    """Everything `fd` gives until its end, refused past `max_bytes` (a device such as
+    /dev/zero never ends: it is read up to the limit, not further)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            chunk = os.read(fd, _CHUNK)
+        except OSError as exc:
+            raise _failure(name, exc) from None
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if max_bytes is not None and size > max_bytes:
+            message = f"more than {max_bytes} bytes, the limit: not read"
+            raise _Unreadable(name, message, ProblemCode.READ_TOO_LARGE)
+        chunks.append(chunk)
+
+
+def _read_named(given: str | Path, max_bytes: int | None) -> SourceFile:
+    """A path named on a command line, whatever it is but a directory; `-` is standard
+    input. Opened blocking: a FIFO waits for its writer, as `cat` would."""
+    if str(given) == STDIN:
+        return SourceFile(_STDIN_NAME, _read_stream(_STDIN_NAME, _STDIN_FD, max_bytes))
+    name = str(given)
+    try:
+        fd = os.open(given, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        message = "no such file or directory"
+        raise _Unreadable(name, message, ProblemCode.READ_NOT_FOUND) from None
+    except OSError as exc:
+        raise _failure(name, exc) from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode):
+            _check_regular(Path(name), info, max_bytes)
+        return SourceFile(name, _read_stream(name, fd, max_bytes))
+    finally:
+        os.close(fd)
+
+
+def _is_directory(path: Path) -> bool:
+    """False also when it cannot be told: opening the path then says why."""
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _candidates(root: Path) -> tuple[bool, list[Path]]:
@@ -138,25 +208,50 @@ def _candidates(root: Path) -> tuple[bool, list[Path]]:
     try:
         info = root.stat()
     except FileNotFoundError:
-        raise _Unreadable(str(root), "no such file or directory") from None
+        message = "no such file or directory"
+        raise _Unreadable(str(root), message, ProblemCode.READ_NOT_FOUND) from None
     except (OSError, RuntimeError) as exc:
         message = _reason(exc) if isinstance(exc, OSError) else str(exc)
-        raise _Unreadable(str(root), f"cannot read: {message}") from None
+        raise _Unreadable(str(root), f"cannot read: {message}", ProblemCode.READ_FAILED) from None
     if stat.S_ISDIR(info.st_mode):
         return False, list(_walk(root))
     return True, [root]
 
 
 def read_rule_files(
-    paths: Iterable[str | Path], *, max_bytes: int | None = DEFAULT_FILE_LIMITS.max_bytes
+    paths: Iterable[str | Path],
+    *,
+    max_bytes: int | None = DEFAULT_FILE_LIMITS.max_bytes,
+    read_streams: bool = False,
 ) -> list[SourceFile]:
     """Every rule file under `paths` (files or directories), or `LoadError` naming each
     path that cannot be read completely."""
+    files, problems = collect_rule_files(paths, max_bytes=max_bytes, read_streams=read_streams)
+    if problems:
+        raise LoadError(problems)
+    return files
+
+
+def collect_rule_files(
+    paths: Iterable[str | Path],
+    *,
+    max_bytes: int | None = DEFAULT_FILE_LIMITS.max_bytes,
+    read_streams: bool = False,
+) -> tuple[list[SourceFile], list[Problem]]:
+    """The rule files under `paths` that could be read, and a problem for each path that
+    could not be read completely (a caller that serves rules must use neither half alone).
+
+    `read_streams`: the paths were named on a command line, so `-` and any path that is
+    not a directory (a FIFO, `/dev/stdin`, `/dev/fd/N`) are read as given.
+    """
     files: list[SourceFile] = []
     problems: list[Problem] = []
     for given in paths:
         root = Path(given)
         try:
+            if read_streams and (str(given) == STDIN or not _is_directory(root)):
+                files.append(_read_named(given, max_bytes))
+                continue
             explicit, candidates = _candidates(root)
         except _Unreadable as exc:
             problems.append(exc.problem)
@@ -168,16 +263,19 @@ def read_rule_files(
             try:
                 real = path.resolve(strict=True)
                 if not explicit and not real.is_relative_to(boundary):
-                    raise _Unreadable(str(path), f"symlink leads outside {boundary}: refused")
+                    message = f"symlink leads outside {boundary}: refused"
+                    raise _Unreadable(str(path), message, ProblemCode.READ_OUTSIDE_ROOT)
                 files.append(_read_regular(path, real, max_bytes))
             except _Unreadable as exc:
                 problems.append(exc.problem)
-            except (OSError, RuntimeError) as exc:
-                reason = _reason(exc) if isinstance(exc, OSError) else str(exc)
-                problems.append(Problem(file=str(path), message=f"cannot read: {reason}"))
-    if problems:
-        raise LoadError(problems)
-    return files
+            except OSError as exc:
+                problems.append(_failure(path, exc).problem)
+            except RuntimeError as exc:
+                message = f"cannot read: {exc}"
+                problems.append(
+                    Problem(file=str(path), message=message, code=ProblemCode.READ_FAILED)
+                )
+    return files, problems
 
 
 _EDITOR_DEBRIS: Final = (".swp", ".swx", "~", ".tmp")
@@ -285,6 +383,7 @@ class DirectorySource:
             file=str(self.root),
             message=f"files kept changing during {_STABLE_READ_ATTEMPTS} reads; "
             "read again at the next change",
+            code=ProblemCode.READ_UNSTABLE,
         )
         raise LoadError([problem])
 

@@ -32,7 +32,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from sidecar.documents import SourceFile
-from sidecar.errors import LoadError, Problem
+from sidecar.errors import LoadError, Problem, ProblemCode
 from sidecar.sources.files import is_rule_file
 
 __all__ = [
@@ -165,7 +165,12 @@ class ConfigMapSource:
             try:
                 self._relist()
             except Exception as exc:
-                raise LoadError([Problem(file=self.name, message=describe_error(exc))]) from exc
+                problem = Problem(
+                    file=self.name,
+                    message=describe_error(exc),
+                    code=ProblemCode.SOURCE_UNAVAILABLE,
+                )
+                raise LoadError([problem]) from exc
         with self._lock:
             configmaps = [self._configmaps[name] for name in sorted(self._configmaps)]
         return [file for configmap in configmaps for file in configmap.files]
