@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
-from sidecar.errors import Problem
+from sidecar.errors import Problem, ProblemCode
 from sidecar.reloads import ReloadRecord, ReloadStatus, Triggers, is_background
 from sidecar.snapshot import Snapshot
 
@@ -90,11 +90,15 @@ def refusal(attempt: Attempt) -> tuple[Problem, ...]:
     (a source can keep files that hold no ruleset any more). Empty: nothing emptied."""
     if attempt.emptied:
         return tuple(
-            Problem(file=name, message=f"the source holds no rule file any more: {_REFUSED}")
+            Problem(
+                file=name,
+                message=f"the source holds no rule file any more: {_REFUSED}",
+                code=ProblemCode.RULES_EMPTY,
+            )
             for name in attempt.emptied
         )
     candidate = attempt.candidate
     if candidate is not None and not candidate.rulesets and attempt.serving.rulesets:
         message = f"the sources hold no ruleset any more: {_REFUSED}"
-        return (Problem(file="<sources>", message=message),)
+        return (Problem(file="<sources>", message=message, code=ProblemCode.RULES_EMPTY),)
     return ()

@@ -22,7 +22,7 @@ from typing import Any, Final
 
 from sidecar.decision import Attempt, Memory, Verdict, decide, refusal
 from sidecar.documents import SourceFile
-from sidecar.errors import LoadError, NotFoundError, Problem
+from sidecar.errors import LoadError, NotFoundError, Problem, ProblemCode
 from sidecar.loader import Loader, LoadResult
 from sidecar.registry import RuleRegistry
 from sidecar.reloads import (
@@ -439,7 +439,11 @@ class HotReloadService:
                 if not isinstance(exc, OSError):
                     logger.exception("reading %s failed unexpectedly", source.name)
                 reason = f"{type(exc).__name__}: {exc}"
-                problem = Problem(file=source.name, message=f"cannot read source: {reason}")
+                problem = Problem(
+                    file=source.name,
+                    message=f"cannot read source: {reason}",
+                    code=ProblemCode.SOURCE_UNAVAILABLE,
+                )
                 status.set_error([problem])
                 problems.append(problem)
                 continue
@@ -472,7 +476,7 @@ class HotReloadService:
             except Exception as exc:
                 logger.exception("loading the rules failed unexpectedly")
                 message = f"internal error while loading: {type(exc).__name__}: {exc}"
-                problems = [Problem(file="<loader>", message=message)]
+                problems = [Problem(file="<loader>", message=message, code=ProblemCode.INTERNAL)]
         attempt = Attempt(
             triggers=triggers,
             serving=serving,
