@@ -230,6 +230,7 @@ NAME_LOOKALIKES = [
 def _example_for(pattern: str) -> str:
     """A value each pattern of the schemas accepts (checked by the test that uses it)."""
     examples = {
+        "-[0-9]+-": '"0123456789abcdef-1-0123456789abcdef"',
         "{22}==": "A" * 22 + "==",
         '"[0-9]+"': '"3"',
         "{16}": "0123456789abcdef",

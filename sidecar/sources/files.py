@@ -416,7 +416,9 @@ class DirectorySource:
             while _identity(self.root) is None:
                 await asyncio.sleep(0.5)
             watched = _identity(self.root)
-            rewatched, self._replaced = self._replaced, False
+            # What changed before this watch was in place (since the startup's read, or
+            # while a replaced directory was followed) is covered by one more reload.
+            catch_up, self._replaced = True, False
             async for batch in watchfiles.awatch(
                 self.root,
                 watch_filter=_relevant,
@@ -435,8 +437,6 @@ class DirectorySource:
                     self._replaced = True
                     yield "the directory was replaced"
                     break
-                if batch or rewatched:
-                    # After a re-watch, the first batch (or the first quiet second)
-                    # also covers what changed before the new watch was in place.
-                    rewatched = False
+                if batch or catch_up:
+                    catch_up = False
                     yield f"watch: {len(batch)} change(s)"

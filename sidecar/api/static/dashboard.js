@@ -11,7 +11,7 @@ const MAX_CHANGES = 100;
 
 const $ = (id) => document.getElementById(id);
 const view = { status: null, health: null, rulesets: [], rules: [], history: [], changes: null };
-const feed = { socket: null, instance: null, lastSeq: null, retryMs: 1000 };
+const feed = { socket: null, instance: null, lastSeq: null, serving: null, retryMs: 1000 };
 
 // ------------------------------------------------------------------------- helpers
 
@@ -137,10 +137,11 @@ function refresh() {
   }
   refreshing = (async () => {
     try {
+      let catchUp = 3;  // bounded: a restarted sidecar counts versions from 1 again
       do {
         refreshAgain = false;
         await readAll();
-      } while (refreshAgain);
+      } while (refreshAgain || (behind() && catchUp-- > 0));
     } catch (error) {
       const pill = $("health");
       pill.dataset.state = "unhealthy";
@@ -402,6 +403,12 @@ function showRecord(record) {
   renderBanner();
 }
 
+/** Whether the page shows an older version than the feed last said serves. */
+function behind() {
+  const shown = view.status && view.status.registry;
+  return Boolean(shown && feed.serving !== null && shown.version < feed.serving);
+}
+
 /** Follow /ws/hot-reload; reconnect with backoff and resume from the last message seen:
  *  its seq counts in its instance, so both go back (a restarted sidecar answers
  *  resync_required, and the page reads everything again). */
@@ -430,6 +437,12 @@ function connect() {
       refresh();
     } else if (message.event_type === "resync_required") {
       refresh();
+    } else if (message.event_type === "status" && message.data && message.data.registry) {
+      // A reload that finished between the page's reads and this connection was not
+      // announced to it: the status sent on connect names the version, and the page
+      // reads again if what it shows (or is reading) is older.
+      feed.serving = message.data.registry.version;
+      if (behind()) refresh();
     }
   };
   socket.onclose = async () => {
