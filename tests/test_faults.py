@@ -1,16 +1,14 @@
-"""Faults: a process killed with SIGKILL mid-write or mid-reload, a state directory that
-cannot be written, ten thousand files with one broken. In every case the last good rules
-survive and keep serving, and the error names its place."""
+"""Faults: a sidecar killed with SIGKILL mid-reload (SIGKILL mid-save of the state copy is
+in test_state.py), a state directory that cannot be written, ten thousand files with one
+broken. In every case the last good rules survive and keep serving, and the error names
+its place."""
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import resource
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +16,6 @@ import pytest
 
 pytest.register_assert_rewrite("server_support")
 
-from conftest import dump_yaml, make_ruleset_doc  # noqa: E402
 from server_support import (  # noqa: E402
     clean_environment,
     fraud_doc,
@@ -28,7 +25,6 @@ from server_support import (  # noqa: E402
     wait_sync,
 )
 
-from sidecar.documents import SourceFile  # noqa: E402
 from sidecar.errors import LoadError  # noqa: E402
 from sidecar.loader import Loader  # noqa: E402
 from sidecar.sources.files import DirectorySource  # noqa: E402
@@ -36,69 +32,8 @@ from sidecar.state import StateStore  # noqa: E402
 
 pytest_plugins = ["server_support"]
 
-# Saves two different large snapshots in turn, forever, printing each revision it saved.
-WRITER = """
-import sys
-from pathlib import Path
-from sidecar.documents import SourceFile
-from sidecar.loader import Loader
-from sidecar.state import StateStore
-sys.path.insert(0, sys.argv[2])
-from conftest import dump_yaml, make_ruleset_doc
-
-def ruleset(points):
-    rules = [{"id": f"r{i}", "condition": f"input.amount > {i}", "points": points}
-             for i in range(2000)]
-    return SourceFile("big.yaml", dump_yaml(make_ruleset_doc("big", rules)).encode())
-
-loader = Loader()
-snapshots = [loader.load([ruleset(points)]).snapshot for points in (1, 2)]
-store = StateStore(Path(sys.argv[1]))
-print("ready", flush=True)
-while True:
-    for snapshot in snapshots:
-        store.save(snapshot)
-        print(snapshot.revision, flush=True)
-"""
-
-
-def writer_ruleset(points: int) -> SourceFile:
-    """The WRITER's rule file, built the same way here."""
-    rules = [
-        {"id": f"r{i}", "condition": f"input.amount > {i}", "points": points} for i in range(2000)
-    ]
-    return SourceFile("big.yaml", dump_yaml(make_ruleset_doc("big", rules)).encode())
-
 
 class TestKill9:
-    def test_during_state_writes_the_copy_is_never_torn(self, tmp_path: Path):
-        """SIGKILL at random moments of a writer saving 2,000-rule snapshots in turn: the
-        saved copy always loads, and is one of the two snapshots, never a mix or a part."""
-        state = tmp_path / "state"
-        tests_dir = str(Path(__file__).parent)
-        # The writer's two snapshots (a save can complete just before the kill, unprinted).
-        revisions = {Loader().load([writer_ruleset(points)]).snapshot.revision for points in (1, 2)}
-        rng = random.Random(7)
-        for _ in range(6):
-            writer = subprocess.Popen(
-                [sys.executable, "-c", WRITER, str(state), tests_dir],
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            assert writer.stdout is not None
-            assert writer.stdout.readline().strip() == "ready"
-            assert writer.stdout.readline().strip() in revisions  # one save done
-            time.sleep(rng.uniform(0.0, 0.3))
-            writer.send_signal(signal.SIGKILL)
-            writer.wait()
-            saved = StateStore(state).load()
-            assert saved is not None
-            for file in saved:
-                json.loads(file.content)  # whole JSON, not a torn write
-            assert Loader().load(saved).snapshot.revision in revisions
-        leftovers = [p.name for p in state.iterdir() if p.name not in ("manifest.json", "rulesets")]
-        assert all(name.startswith(".tmp.") for name in leftovers)
-
     def test_during_a_reload_the_restart_serves_the_last_good(self, tmp_path: Path):
         """A sidecar killed with SIGKILL right after a change (while it reloads, or just
         before), restarted on broken sources: it serves good rules from its state dir."""
