@@ -418,24 +418,38 @@ class TestConnections:
 
     @pytest.mark.parametrize("kind", ["silent", "trickling"])
     def test_sockets_held_open_never_lock_the_probes_out(self, served, kind):
-        """The outside attack: fill the probe listener's cap with sockets that never send
-        a request (or send one a byte at a time) and keep it filled: /livez answers."""
+        """The outside attack: keep the probe listener's cap full of sockets that never
+        send a request (or send its head a byte every 20 ms), reopening every one the
+        server closes, while the kubelet probes: /livez answers every time."""
         server = served(metrics_max_connections="8", idle_timeout_seconds="60")
-        held = [connect(probe_port(server)) for _ in range(8)]
-        try:
-            answers = []
-            for round_ in range(5):
-                if kind == "trickling":
-                    for sock in held:
-                        with contextlib.suppress(OSError):
-                            sock.sendall(b"GET /livez HTTP/1.1\r\nX-%d: " % round_)
-                time.sleep(0.1)
-                answers.append(probe(probe_port(server))[0])
-                held = [*held[1:], connect(probe_port(server))]  # refill what was freed
-            assert answers == [200] * 5
-        finally:
+        port, stop = probe_port(server), threading.Event()
+
+        def attack() -> None:
+            held = [connect(port) for _ in range(12)]
+            while not stop.is_set():
+                for index, sock in enumerate(held):
+                    try:
+                        if kind == "trickling":
+                            sock.sendall(b"G")
+                    except OSError:
+                        sock.close()
+                        held[index] = connect(port)
+                time.sleep(0.02)
             for sock in held:
                 sock.close()
+
+        attacker = threading.Thread(target=attack)
+        attacker.start()
+        try:
+            time.sleep(0.3)
+            answers = []
+            for _ in range(10):
+                answers.append(probe(port)[0])
+                time.sleep(0.1)
+        finally:
+            stop.set()
+            attacker.join()
+        assert answers == [200] * 10
 
 
 def probe(port: int) -> tuple[int, bytes]:

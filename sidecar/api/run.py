@@ -227,10 +227,6 @@ _REFUSAL: Final = (
 )
 
 
-# A connection silent for less than this is not evicted: it may be sending a request.
-_EVICT_AFTER: Final = 0.05
-
-
 class _Refused(asyncio.Protocol):
     """A connection past the cap: one 503, then closed, before any of it is read."""
 
@@ -257,7 +253,7 @@ class _Counted(asyncio.Protocol):
         self.made = False
         self.counted = True
         self.transport: asyncio.BaseTransport | None = None
-        self.last_data = time.monotonic()
+        self.accepted = time.monotonic()
 
     @property
     def busy(self) -> bool:
@@ -282,7 +278,6 @@ class _Counted(asyncio.Protocol):
         self.handler.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        self.last_data = time.monotonic()
         self.handler.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -306,10 +301,10 @@ class _Counted(asyncio.Protocol):
 
 class ConnectionCap:
     """The listener's protocol factory: aiohttp's handler while fewer than `limit`
-    connections are open. At the limit, the connection that has been silent longest and
-    is not being answered makes room (as nginx drops idle keep-alive connections), so
-    idle or trickling sockets cannot lock the kubelet's probes out; only when every
-    connection is busy answering is a new one refused with a 503.
+    connections are open. At the limit, the oldest connection that is not being answered
+    makes room (as nginx drops idle keep-alive connections), so idle or trickling
+    sockets cannot lock the kubelet's probes out; only when every connection is busy
+    answering is a new one refused with a 503.
 
     aiohttp has no connection limit, and every open connection holds a descriptor: 1,100
     idle ones used up `ulimit -n 1024`, after which the rules directory could no longer
@@ -327,9 +322,12 @@ class ConnectionCap:
         self._warned = -math.inf
 
     def _make_room(self) -> bool:
-        idle = (c for c in self.live if c.made and not c.busy)
-        victim = min(idle, key=lambda c: c.last_data, default=None)
-        if victim is None or time.monotonic() - victim.last_data < _EVICT_AFTER:
+        """Close the oldest connection that is not being answered, if there is one: a
+        client sends its request head as it connects, so one still without a complete
+        head (idle, or trickling bytes) is the one to go."""
+        waiting = (c for c in self.live if c.made and not c.busy)
+        victim = min(waiting, key=lambda c: c.accepted, default=None)
+        if victim is None:
             return False
         victim.evict()
         return True
