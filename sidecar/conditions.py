@@ -543,6 +543,10 @@ def input_fields(expressions: Sequence[str]) -> frozenset[str] | None:
     whole (`input.size()`, `input[key]`, `x in input`, a macro variable named input)."""
     fields: set[str] = set()
     for expression in expressions:
+        if "//" in expression:
+            # A comment can hold quotes that the string pattern pairs across lines (three
+            # single quotes after `//`), hiding a field read: keep the whole input.
+            return None
         for use in _INPUT_USE.finditer(_STRING_LITERAL.sub('""', expression)):
             field, call = use.group(2), use.group(3)
             if field is None or call is not None:

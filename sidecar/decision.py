@@ -44,7 +44,7 @@ class Attempt:
     problems: tuple[Problem, ...] = ()
     force: bool = False
     confirmed: bool = False  # this is the second read of an emptied source
-    emptied: tuple[str, ...] = ()  # sources that had files with content and have none
+    emptied: tuple[str, ...] = ()  # sources that had rulesets and have none
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -92,7 +92,7 @@ def refusal(attempt: Attempt) -> tuple[Problem, ...]:
         return tuple(
             Problem(
                 file=name,
-                message=f"the source holds no rule file any more: {_REFUSED}",
+                message=f"the source holds no ruleset any more: {_REFUSED}",
                 code=ProblemCode.RULES_EMPTY,
             )
             for name in attempt.emptied

@@ -135,8 +135,8 @@ class HotReloadService:
         # When a read of every source last succeeded and what serves was known to be
         # right: freshness is measured from here, not from the last content change.
         self._last_verified: datetime | None = None
-        # Files with content per source, at the last read and at the last verified one:
-        # a source that had some and now has none has been emptied.
+        # Rulesets per source, in the last read and in the last verified one: a source
+        # that had some and now has none has been emptied.
         self._counts: dict[str, int] = {}
         self._held: dict[str, int] = {}
         self._serving_from_state = False
@@ -419,13 +419,13 @@ class HotReloadService:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
 
-    def _read_sources(self) -> tuple[list[SourceFile], list[Problem], dict[str, int]]:
+    def _read_sources(self) -> tuple[list[SourceFile], list[Problem], dict[str, str]]:
         """Every source's files (run in a worker thread). A source that cannot be read
         completely, for whatever reason, gives its problems instead: never fewer files.
-        Also: how many files with content each source gave."""
+        Also: which source gave each file, by file name."""
         files: list[SourceFile] = []
         problems: list[Problem] = []
-        counts: dict[str, int] = {}
+        owners: dict[str, str] = {}
         for source in self.sources:
             status = self._source_status[source.name]
             status.last_request = now()
@@ -451,8 +451,8 @@ class HotReloadService:
             status.files = len(source_files)
             status.set_error(None)
             files.extend(source_files)
-            counts[source.name] = sum(1 for file in source_files if file.content.strip())
-        return files, problems, counts
+            owners.update((file.name, source.name) for file in source_files)
+        return files, problems, owners
 
     async def _attempt(
         self,
@@ -464,8 +464,7 @@ class HotReloadService:
         confirmed: bool = False,
     ) -> tuple[Attempt, LoadResult | None]:
         """Read every source and compile the result, off the event loop."""
-        files, problems, counts = await asyncio.to_thread(self._read_sources)
-        self._counts = counts
+        files, problems, owners = await asyncio.to_thread(self._read_sources)
         result: LoadResult | None = None
         if not problems:
             checks = validate and self.loader.run_checks
@@ -477,6 +476,12 @@ class HotReloadService:
                 logger.exception("loading the rules failed unexpectedly")
                 message = f"internal error while loading: {type(exc).__name__}: {exc}"
                 problems = [Problem(file="<loader>", message=message, code=ProblemCode.INTERNAL)]
+        counts = {source.name: 0 for source in self.sources}
+        for ruleset in result.snapshot.rulesets.values() if result else ():
+            owner = owners.get(ruleset.location.file if ruleset.location else "")
+            if owner is not None:
+                counts[owner] += 1
+        self._counts = counts
         attempt = Attempt(
             triggers=triggers,
             serving=serving,

@@ -403,3 +403,11 @@ class TestInputReads:
         snapshot = _snapshot(_doc("s", [_rule("r", condition, 50)]))
         result = evaluate(snapshot, "s", {"a": 1, "amount": 2000, "other": "x"})
         assert (_ids(result), result.errors) == (["r"], ())
+
+    def test_quotes_in_comments_hide_no_field(self):
+        """The re-attack: `'''` inside `//` comments was read as a string spanning lines,
+        and the field between them was projected away."""
+        condition = "input.amount > 0 // '''\n  && input.other == 'y' // '''"
+        snapshot = _snapshot(_doc("s", [_rule("r", condition, 2)]))
+        result = evaluate(snapshot, "s", {"amount": 1, "other": "y"})
+        assert (_ids(result), result.errors) == (["r"], ())

@@ -224,6 +224,27 @@ class TestEmptied:
         assert record.status is ReloadStatus.SUCCESS
         assert sorted(service.registry.current.rulesets) == ["a", "b", "c"]
 
+    @pytest.mark.parametrize("leftover", [b"# nothing\n", b"---\n", b"---\n...\n", b"null\n"])
+    async def test_a_source_left_holding_no_ruleset_beside_another_is_refused(
+        self, heard, leftover: bytes
+    ):
+        """The re-attack: the directory's files replaced by one that holds no ruleset,
+        beside a database that keeps its rules: the source was emptied all the same."""
+        files, database = StaticSource(rules("a"), name="files"), StaticSource(rules("b"))
+        service = HotReloadService(
+            RuleRegistry(),
+            [files, database],
+            loader=Loader(),
+            auto_reload=False,
+            confirm_empty_seconds=0.01,
+        )
+        service.add_listener(heard.append)
+        await service.initial_load()
+        files.set_files([SourceFile("empty.yaml", leftover)])
+        record = await service.reload_rules(trigger=Trigger.WATCH)
+        assert [p.file for p in record.errors] == ["files"]
+        assert sorted(service.registry.current.rulesets) == ["a", "b"]
+
 
 class TestFreshness:
     """Fresh means the sources were checked successfully within the window."""
