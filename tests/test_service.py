@@ -206,15 +206,7 @@ class TestEmptied:
         """Files beside a database that is re-created: the registry keeps the files'
         rulesets, but the database's all went at once."""
         files, database = StaticSource(rules("a"), name="files"), StaticSource(rules("b"))
-        service = HotReloadService(
-            RuleRegistry(),
-            [files, database],
-            loader=Loader(),
-            auto_reload=False,
-            confirm_empty_seconds=0.01,
-        )
-        service.add_listener(heard.append)
-        await service.initial_load()
+        service = await two_sources(files, database, heard)
         database.set_files([])
         record = await service.reload_rules(trigger=Trigger.WATCH)
         assert [p.file for p in record.errors] == ["static"]
@@ -231,19 +223,27 @@ class TestEmptied:
         """The re-attack: the directory's files replaced by one that holds no ruleset,
         beside a database that keeps its rules: the source was emptied all the same."""
         files, database = StaticSource(rules("a"), name="files"), StaticSource(rules("b"))
-        service = HotReloadService(
-            RuleRegistry(),
-            [files, database],
-            loader=Loader(),
-            auto_reload=False,
-            confirm_empty_seconds=0.01,
-        )
-        service.add_listener(heard.append)
-        await service.initial_load()
+        service = await two_sources(files, database, heard)
         files.set_files([SourceFile("empty.yaml", leftover)])
         record = await service.reload_rules(trigger=Trigger.WATCH)
         assert [p.file for p in record.errors] == ["files"]
         assert sorted(service.registry.current.rulesets) == ["a", "b"]
+
+
+async def two_sources(
+    files: StaticSource, database: StaticSource, heard: list[ReloadRecord]
+) -> HotReloadService:
+    """A started service on a rules directory and a database (both in memory)."""
+    service = HotReloadService(
+        RuleRegistry(),
+        [files, database],
+        loader=Loader(),
+        auto_reload=False,
+        confirm_empty_seconds=0.01,
+    )
+    service.add_listener(heard.append)
+    await service.initial_load()
+    return service
 
 
 class TestFreshness:
