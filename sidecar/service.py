@@ -583,13 +583,16 @@ class HotReloadService:
             return
         finally:
             self.loader.forget()  # the next reload must read the live sources in full
-        expected = await asyncio.to_thread(state.saved_revision)
-        if expected is not None and result.snapshot.revision != expected:
+        expected = await asyncio.to_thread(state.saved_summary)
+        restored = (result.snapshot.revision, len(result.snapshot.rulesets))
+        if expected is not None and restored != expected:
             logger.error(
-                "the state dir's copy restores revision %s, not the %s it was saved as "
-                "(a file of it was removed or edited): not served",
-                result.snapshot.revision,
-                expected,
+                "the state dir's copy restores %d rulesets of revision %s, not the %d of "
+                "%s it was saved with (a file of it was removed or edited): not served",
+                restored[1],
+                restored[0],
+                expected[1],
+                expected[0],
             )
             return
         snapshot, events = self.registry.publish(result.snapshot)

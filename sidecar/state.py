@@ -144,15 +144,20 @@ class StateStore:
                 return None
         return [self._saved_file(name) for name in self._listed(manifest)]
 
-    def saved_revision(self) -> str | None:
-        """The revision the manifest says the copy holds (None: no manifest, or the
-        earlier single-file format): a restore that gives another one is not served."""
+    def saved_summary(self) -> tuple[str, int] | None:
+        """The revision and the number of rulesets the manifest says the copy holds
+        (None: no manifest, or the earlier single-file format): a restore that gives
+        anything else is not served."""
         try:
             data = json.loads(self._read(self.manifest))
         except (FileNotFoundError, LoadError, ValueError):
             return None
-        revision = data.get("revision") if isinstance(data, dict) else None
-        return revision if isinstance(revision, str) else None
+        if not isinstance(data, dict):
+            return None
+        revision, rulesets = data.get("revision"), data.get("rulesets")
+        if not isinstance(revision, str) or not isinstance(rulesets, int):
+            return None
+        return revision, rulesets
 
     # Writing
 

@@ -345,3 +345,20 @@ class TestStateCopy:
         assert saved.registry.version == 1
         assert restarted.registry.version == 0
         assert restarted.health()[0] is HealthStatus.UNHEALTHY
+
+    async def test_a_forged_manifest_revision_does_not_pass_for_the_copy(self, heard, tmp_path):
+        """The re-attack: a file dropped and the manifest's revision set to what the rest
+        restores to; the ruleset count it was saved with still tells."""
+        await started(StaticSource(rules(*"abcdefgh")), heard, state=StateStore(tmp_path))
+        manifest = tmp_path / "manifest.json"
+        data = json.loads(manifest.read_bytes())
+        data["files"] = data["files"][1:]
+        manifest.write_text(json.dumps(data), encoding="utf-8")
+        kept = StateStore(tmp_path).load()
+        assert kept is not None
+        data["revision"] = Loader(run_checks=False).load(kept).snapshot.revision
+        manifest.write_text(json.dumps(data), encoding="utf-8")
+
+        restarted = await started(StaticSource(BROKEN), [], state=StateStore(tmp_path))
+
+        assert restarted.registry.version == 0
