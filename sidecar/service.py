@@ -135,9 +135,8 @@ class HotReloadService:
         # When a read of every source last succeeded and what serves was known to be
         # right: freshness is measured from here, not from the last content change.
         self._last_verified: datetime | None = None
-        # Rulesets per source, in the last read and in the last verified one: a source
-        # that had some and now has none has been emptied.
-        self._counts: dict[str, int] = {}
+        # Rulesets per source when what serves was last verified: a source that had some
+        # and now has none has been emptied.
         self._held: dict[str, int] = {}
         self._serving_from_state = False
         # The revision the sources held when a rollback went away from it; while they
@@ -238,10 +237,9 @@ class HotReloadService:
         `total_rules`, `invalid_rules`, `errors` (`rule_id`, `error`, location).
         """
         async with self._lock:
-            attempt, _ = await self._attempt(
+            attempt, _, _ = await self._attempt(
                 frozenset({Trigger.API}), self.registry.current, validate=True
             )
-            self._counts = self._held
         problems, candidate = attempt.problems, attempt.candidate
         invalid = {p.rule_id or p.ruleset_id or p.file for p in problems}
         return {
@@ -462,8 +460,9 @@ class HotReloadService:
         force: bool = False,
         validate: bool,
         confirmed: bool = False,
-    ) -> tuple[Attempt, LoadResult | None]:
-        """Read every source and compile the result, off the event loop."""
+    ) -> tuple[Attempt, LoadResult | None, dict[str, int]]:
+        """Read every source and compile the result, off the event loop; also how many
+        rulesets each source gave."""
         files, problems, owners = await asyncio.to_thread(self._read_sources)
         result: LoadResult | None = None
         if not problems:
@@ -481,7 +480,6 @@ class HotReloadService:
             owner = owners.get(ruleset.location.file if ruleset.location else "")
             if owner is not None:
                 counts[owner] += 1
-        self._counts = counts
         attempt = Attempt(
             triggers=triggers,
             serving=serving,
@@ -493,7 +491,7 @@ class HotReloadService:
                 name for name, count in counts.items() if not count and self._held.get(name)
             ),
         )
-        return attempt, result
+        return attempt, result, counts
 
     def _memory(self) -> Memory:
         return Memory(
@@ -515,19 +513,21 @@ class HotReloadService:
         if force:
             self.loader.forget()
             self._rolled_back_from = None
-        attempt, result = await self._attempt(triggers, before, force=force, validate=validate)
+        attempt, result, counts = await self._attempt(
+            triggers, before, force=force, validate=validate
+        )
         verdict = decide(attempt, self._memory(), allow_empty=self.allow_empty)
         if verdict is Verdict.CONFIRM:
             # Every rule gone at once is more often a source in flux (a directory being
             # re-created, a database between `db init` and `db import`) than a decision.
             await asyncio.sleep(self.confirm_empty_seconds)
-            attempt, result = await self._attempt(
+            attempt, result, counts = await self._attempt(
                 triggers, before, force=force, validate=validate, confirmed=True
             )
             verdict = decide(attempt, self._memory(), allow_empty=self.allow_empty)
         if attempt.candidate is not None and verdict is not Verdict.EMPTY_REFUSED:
             self._last_verified = now()
-            self._held = self._counts
+            self._held = counts
         if self._save_pending(verdict, attempt):
             await self._save_state(before)  # the last save failed: try again
         if verdict is Verdict.QUIET:
