@@ -56,18 +56,10 @@ import yaml
 from bench._common import environment, free_port, quantile, wait_ready
 from bench.database import ADMIN_URL, scratch_database
 from sidecar import dbtools
-from sidecar.testing import TcpProxy
+from sidecar.testing import WITHOUT_DAC, TcpProxy
 
 TEAMS = 8
 HOT = "/api/v1/rules/hot-reload"
-NO_DAC = [
-    "setpriv",
-    "--bounding-set",
-    "-dac_override,-dac_read_search",
-    "--inh-caps",
-    "-dac_override,-dac_read_search",
-    "--",
-]
 
 
 def ruleset(team: int, points: int, *, broken: bool = False) -> str:
@@ -340,7 +332,7 @@ async def run(seconds: float, seed: int, *, database: str | None, verbose: bool)
         steps |= database_steps(world, rng, database, proxy)
     world.settle_good()
     port, probe_port = free_port(), free_port()
-    wrapper = NO_DAC if shutil.which("setpriv") else []
+    wrapper = list(WITHOUT_DAC) if shutil.which("setpriv") else []
     script = Path(sys.executable).with_name("rule-sidecar")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "sidecar.cli"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RULE_SIDECAR_", "HOT_"))}

@@ -29,7 +29,18 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["ConfigMapDir", "FakeKubernetes", "TcpProxy"]
+__all__ = ["WITHOUT_DAC", "ConfigMapDir", "FakeKubernetes", "TcpProxy"]
+
+# A command line prefix that runs a command without the capabilities that let root read
+# any file (setpriv, util-linux): file permissions then count as in a non-root container.
+WITHOUT_DAC: tuple[str, ...] = (
+    "setpriv",
+    "--bounding-set",
+    "-dac_override,-dac_read_search",
+    "--inh-caps",
+    "-dac_override,-dac_read_search",
+    "--",
+)
 
 
 class ConfigMapDir:

@@ -38,15 +38,7 @@ from server_support import (  # noqa: E402
 )
 
 from sidecar.state import StateStore  # noqa: E402
-
-NO_DAC = (
-    "setpriv",
-    "--bounding-set",
-    "-dac_override,-dac_read_search",
-    "--inh-caps",
-    "-dac_override,-dac_read_search",
-    "--",
-)
+from sidecar.testing import WITHOUT_DAC  # noqa: E402
 
 needs_setpriv = pytest.mark.skipif(shutil.which("setpriv") is None, reason="no setpriv")
 
@@ -88,7 +80,7 @@ def sidecar(tmp_path: Path) -> Iterator[Served]:
     env = clean_environment(
         HOT_RELOAD_INTERVAL_SECONDS="3600", RULE_SIDECAR_STATE_DIR=str(tmp_path / "state")
     )
-    served = spawn(tmp_path, "--rules-dir", str(rules), env=env, wrapper=NO_DAC)
+    served = spawn(tmp_path, "--rules-dir", str(rules), env=env, wrapper=WITHOUT_DAC)
     try:
         served.wait_ready()
         yield served

@@ -35,6 +35,7 @@ from sidecar.errors import LoadError  # noqa: E402
 from sidecar.loader import Loader  # noqa: E402
 from sidecar.snapshot import Snapshot  # noqa: E402
 from sidecar.state import StateError, StateStore  # noqa: E402
+from sidecar.testing import WITHOUT_DAC  # noqa: E402
 
 pytest_plugins = ["server_support"]
 
@@ -531,9 +532,7 @@ class TestUnreadableCopy:
         (tmp_path / name).chmod(0)
         child = subprocess.run(
             [
-                "setpriv",
-                "--bounding-set",
-                "-dac_override,-dac_read_search",
+                *WITHOUT_DAC,
                 sys.executable,
                 "-c",
                 LOAD_AS_UNPRIVILEGED,
