@@ -66,10 +66,12 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def _failure(path: str | Path, exc: OSError) -> _Unreadable:
+def _failure(path: str | Path, exc: OSError | RuntimeError) -> _Unreadable:
+    """A failed open, stat or read (RuntimeError: a symlink loop met by `resolve`)."""
     missing = isinstance(exc, FileNotFoundError)
     code = ProblemCode.READ_NOT_FOUND if missing else ProblemCode.READ_FAILED
-    return _Unreadable(str(path), f"cannot read: {_reason(exc)}", code)
+    reason = _reason(exc) if isinstance(exc, OSError) else str(exc)
+    return _Unreadable(str(path), f"cannot read: {reason}", code)
 
 
 def is_rule_file(path: Path) -> bool:
@@ -211,8 +213,7 @@ def _candidates(root: Path) -> tuple[bool, list[Path]]:
         message = "no such file or directory"
         raise _Unreadable(str(root), message, ProblemCode.READ_NOT_FOUND) from None
     except (OSError, RuntimeError) as exc:
-        message = _reason(exc) if isinstance(exc, OSError) else str(exc)
-        raise _Unreadable(str(root), f"cannot read: {message}", ProblemCode.READ_FAILED) from None
+        raise _failure(root, exc) from None
     if stat.S_ISDIR(info.st_mode):
         return False, list(_walk(root))
     return True, [root]
@@ -268,13 +269,8 @@ def collect_rule_files(
                 files.append(_read_regular(path, real, max_bytes))
             except _Unreadable as exc:
                 problems.append(exc.problem)
-            except OSError as exc:
+            except (OSError, RuntimeError) as exc:
                 problems.append(_failure(path, exc).problem)
-            except RuntimeError as exc:
-                message = f"cannot read: {exc}"
-                problems.append(
-                    Problem(file=str(path), message=message, code=ProblemCode.READ_FAILED)
-                )
     return files, problems
 
 
