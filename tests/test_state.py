@@ -4,6 +4,7 @@ it is written, loudly; it is never torn, never mixed, and a damaged copy is neve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -187,8 +189,9 @@ class TestSaveFailsLoudly:
         )
         assert "could not be restored" in (status.error or "")
 
-    def test_the_served_sidecar_warns_and_keeps_serving(self, tmp_path: Path):
-        """In `serve`: the rules go live, the warning names the state dir and the reason."""
+    @contextlib.contextmanager
+    def serving_unrestorable(self, tmp_path: Path) -> Iterator[tuple[Served, Path, Path]]:
+        """`serve` on rules whose copy cannot be saved: (served, state dir, rules dir)."""
         state, rules = tmp_path / "state", tmp_path / "rules"
         rules.mkdir()
         self.unrestorable(rules)
@@ -196,6 +199,13 @@ class TestSaveFailsLoudly:
         served = spawn(tmp_path, "--rules-dir", str(rules), env=env)
         try:
             wait_served(served)
+            yield served, state, rules
+        finally:
+            served.stop()
+
+    def test_the_served_sidecar_warns_and_keeps_serving(self, tmp_path: Path):
+        """In `serve`: the rules go live, the warning names the state dir and the reason."""
+        with self.serving_unrestorable(tmp_path) as (served, state, _rules):
             wait_sync(
                 lambda: any(
                     "could not save the last good snapshot" in line for line in served.log_lines()
@@ -207,19 +217,11 @@ class TestSaveFailsLoudly:
             assert "ruleset 'wide'" in warning
             assert served.get("/api/v1/rulesets/wide")[0] == 200
             assert not (state / "manifest.json").exists()
-        finally:
-            served.stop()
 
     def test_the_status_names_the_failed_save(self, tmp_path: Path):
         """`GET .../status`: `state_dir` says the last save failed, why, and which copy
         is on disk; after a restorable change it says the save succeeded."""
-        state, rules = tmp_path / "state", tmp_path / "rules"
-        rules.mkdir()
-        self.unrestorable(rules)
-        env = clean_environment(RULE_SIDECAR_STATE_DIR=str(state))
-        served = spawn(tmp_path, "--rules-dir", str(rules), env=env)
-        try:
-            wait_served(served)
+        with self.serving_unrestorable(tmp_path) as (served, _state, rules):
 
             def saved() -> dict:
                 return served.get("/api/v1/rules/hot-reload/status")[1]["state_dir"]
@@ -235,13 +237,12 @@ class TestSaveFailsLoudly:
             status = saved()
             assert (status["last_error"], status["failed_revision"]) == (None, None)
             assert status["saved_revision"] == served.get("/health/hot-reload")[1]["revision"]
-        finally:
-            served.stop()
 
 
 # Saves two 600-ruleset snapshots in turn, forever, printing each revision it saved.
 WRITER = """
 import json, sys
+from collections.abc import Iterator
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from test_state import registry_docs, snapshot_of
@@ -507,6 +508,7 @@ class TestRoundTrip:
 
 LOAD_AS_UNPRIVILEGED = """
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from sidecar.errors import LoadError
 from sidecar.state import StateStore
