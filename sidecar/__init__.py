@@ -4,6 +4,7 @@ Data flows one way: sources produce files → `loader` validates and compiles th
 immutable `Snapshot` → `RuleRegistry` publishes snapshots → `engine` evaluates them.
 """
 
+from sidecar.editing import RegistryEditor
 from sidecar.engine import Evaluation, evaluate, evaluate_many
 from sidecar.errors import (
     ConflictError,
@@ -31,6 +32,7 @@ __all__ = [
     "Loader",
     "NotFoundError",
     "Problem",
+    "RegistryEditor",
     "Rule",
     "RuleRegistry",
     "RuleSet",

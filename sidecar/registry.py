@@ -2,8 +2,9 @@
 
 Readers call `current` (or the seed's getters) and get an immutable snapshot without
 taking any lock: publishing is one reference assignment. Writers are serialised by a
-lock; every write (a reload, a rollback, or one of the seed's `add_rule`-style edits)
-builds a complete new snapshot first, so a failed write changes nothing.
+lock; every write (a reload, a rollback, an edit of `sidecar.editing`) is a complete
+snapshot built beforehand, so a failed write changes nothing. The registry never
+compiles or validates: it publishes what the loader (or an editor) built.
 
 Subscribers are called after each publish, in publish order, with the new snapshot and
 the change events computed by diffing it against the previous one. A subscriber that
@@ -23,15 +24,13 @@ import contextlib
 import logging
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sidecar.checks import ruleset_problems
-from sidecar.errors import ConflictError, LoadError, NotFoundError, Problem, ProblemCode
-from sidecar.loader import Loader
+from sidecar.errors import ConflictError, NotFoundError
 from sidecar.model import Rule, RuleSet
 from sidecar.snapshot import Snapshot
 
@@ -170,12 +169,10 @@ class RuleRegistry:
     def __init__(
         self,
         *,
-        loader: Loader | None = None,
         history_limit: int = 10,
         rule_history_limit: int = 20,
         rule_history_ids: int = 100_000,
     ) -> None:
-        self._loader = loader or Loader()
         self._current = Snapshot.empty()
         self._write_lock = threading.Lock()
         self._subscribers: list[Subscriber] = []
@@ -253,11 +250,21 @@ class RuleRegistry:
 
         return unsubscribe
 
-    # Writes: each builds a whole snapshot, then publishes it.
+    # Writes: each publishes a whole snapshot.
 
-    def publish(self, candidate: Snapshot) -> tuple[Snapshot, list[ChangeEvent]]:
-        """Make a loader's candidate the current snapshot, with the next version number."""
+    def publish(
+        self, candidate: Snapshot, *, expected_version: int | None = None
+    ) -> tuple[Snapshot, list[ChangeEvent]]:
+        """Make a loader's candidate the current snapshot, with the next version number.
+
+        With `expected_version`, only if that is still the current version (else
+        `ConflictError`): a candidate built from what served is not published over a
+        newer publish it never saw."""
         with self._writing():
+            if expected_version is not None and expected_version != self._current.version:
+                raise ConflictError(
+                    f"the registry is at version {self._current.version}, not {expected_version}"
+                )
             return self._publish(lambda _: candidate)
 
     def rollback(self, version: int | None = None) -> tuple[Snapshot, list[ChangeEvent]]:
@@ -268,61 +275,6 @@ class RuleRegistry:
         with self._writing():
             target = self._find_history(version)
             return self._publish(lambda _: target)
-
-    def add_rule(self, rule: Rule | Mapping[str, Any], ruleset_id: str | int | None = None) -> Rule:
-        """Add a rule to an existing ruleset; its id must be new to the registry."""
-        with self._writing():
-            new_rule = self._as_rule(rule, ruleset_id)
-            if new_rule.id in self._current.rules:
-                raise ConflictError(f"rule {new_rule.id!r} already exists; use update_rule")
-            self._replace_rules(new_rule.ruleset_id, lambda rules: [*rules, new_rule])
-            return new_rule
-
-    def update_rule(
-        self, rule: Rule | Mapping[str, Any], ruleset_id: str | int | None = None
-    ) -> Rule:
-        """Replace an existing rule (same id); it may move to another ruleset."""
-        with self._writing():
-            new_rule = self._as_rule(rule, ruleset_id)
-            old = self._current.rules.get(new_rule.id)
-            if old is None:
-                raise NotFoundError("rule", new_rule.id)
-            if old.ruleset_id == new_rule.ruleset_id:
-                self._replace_rules(
-                    old.ruleset_id, lambda rules: [new_rule if r.id == old.id else r for r in rules]
-                )
-            else:
-                self._move_rule(old, new_rule)
-            return new_rule
-
-    def remove_rule(self, rule_id: str | int) -> Rule:
-        with self._writing():
-            old = self._current.rules.get(str(rule_id))
-            if old is None:
-                raise NotFoundError("rule", str(rule_id))
-            self._replace_rules(old.ruleset_id, lambda rules: [r for r in rules if r.id != old.id])
-            return old
-
-    def add_ruleset(self, ruleset: RuleSet) -> None:
-        with self._writing():
-            if ruleset.id in self._current.rulesets:
-                raise ConflictError(f"ruleset {ruleset.id!r} already exists")
-            self._check(ruleset)
-            self._publish(lambda s: Snapshot.build([*s.rulesets.values(), ruleset]))
-
-    def remove_ruleset(self, ruleset_id: str | int) -> RuleSet:
-        with self._writing():
-            old = self._current.rulesets.get(str(ruleset_id))
-            if old is None:
-                raise NotFoundError("ruleset", str(ruleset_id))
-            self._publish(
-                lambda s: Snapshot.build(r for r in s.rulesets.values() if r.id != old.id)
-            )
-            return old
-
-    def clear(self) -> None:
-        with self._writing():
-            self._publish(lambda _: Snapshot.empty())
 
     # Internals; callers hold the write lock unless said otherwise.
 
@@ -365,61 +317,6 @@ class RuleRegistry:
                 return self._deliveries.popleft()
             self._delivering = False
             return None
-
-    def _as_rule(self, rule: Rule | Mapping[str, Any], ruleset_id: str | int | None) -> Rule:
-        """A compiled `Rule`; a mapping without a ruleset_id stays in its current ruleset."""
-        if isinstance(rule, Rule):
-            return self._loader.check_rule(rule)
-        target = ruleset_id if ruleset_id is not None else rule.get("ruleset_id")
-        if target is None:
-            existing = self._current.rules.get(str(rule.get("id")))
-            if existing is None:
-                problem = Problem(
-                    file="<api>",
-                    message="ruleset_id is required for a new rule",
-                    code=ProblemCode.REQUEST_INVALID,
-                )
-                raise LoadError([problem])
-            target = existing.ruleset_id
-        fields = {k: v for k, v in rule.items() if k != "ruleset_id"}
-        return self._loader.rule_from_mapping(fields, ruleset_id=str(target), file="<api>")
-
-    def _ruleset(self, ruleset_id: str) -> RuleSet:
-        ruleset = self._current.rulesets.get(ruleset_id)
-        if ruleset is None:
-            raise NotFoundError("ruleset", ruleset_id)
-        return ruleset
-
-    def _replace_rules(
-        self, ruleset_id: str, change: Callable[[tuple[Rule, ...]], list[Rule]]
-    ) -> None:
-        ruleset = self._ruleset(ruleset_id)
-        updated = ruleset.with_rules(change(ruleset.rules), self._loader.compiler)
-        self._check(updated)
-        self._publish(
-            lambda s: Snapshot.build(
-                updated if r.id == ruleset_id else r for r in s.rulesets.values()
-            )
-        )
-
-    def _move_rule(self, old: Rule, new: Rule) -> None:
-        compiler = self._loader.compiler
-        source = self._ruleset(old.ruleset_id)
-        target = self._ruleset(new.ruleset_id)
-        replaced = {
-            source.id: source.with_rules([r for r in source.rules if r.id != old.id], compiler),
-            target.id: target.with_rules([*target.rules, new], compiler),
-        }
-        for ruleset in replaced.values():
-            self._check(ruleset)
-        self._publish(lambda s: Snapshot.build(replaced.get(r.id, r) for r in s.rulesets.values()))
-
-    def _check(self, ruleset: RuleSet) -> None:
-        """An edit that breaks the ruleset's own tests is refused, like a bad reload."""
-        if self._loader.run_checks:
-            problems = ruleset_problems(ruleset)
-            if problems:
-                raise LoadError(problems)
 
     def _find_history(self, version: int | None) -> Snapshot:
         if not self._history:

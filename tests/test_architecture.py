@@ -24,6 +24,7 @@ LAYERS: list[set[str]] = [
     {"sidecar.loader", "sidecar.sources", "sidecar.sources.files", "sidecar.state"},
     {"sidecar.sources.database", "sidecar.sources.kubernetes"},
     {"sidecar.registry"},
+    {"sidecar.editing"},
     {"sidecar.reloads"},
     {"sidecar.decision"},
     {"sidecar.service", "sidecar.config", "sidecar.dbtools", "sidecar.gate"},

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from sidecar.documents import SourceFile
+from sidecar.editing import RegistryEditor
 from sidecar.errors import InputError, NotFoundError
 from sidecar.integration import (
     execute_rules_from_registry,
@@ -99,7 +100,8 @@ class TestExecuteRules:
 
     def test_follows_new_publishes(self, registry):
         """After a publish the helper evaluates the new version."""
-        registry.update_rule({"id": "o1", "condition": "true", "points": 26}, "other")
+        edit = {"id": "o1", "condition": "true", "points": 26}
+        RegistryEditor(registry).update_rule(edit, "other")
         result = execute_rules_from_registry(registry, {}, "other")
         assert result["total_points"] == 26
         assert result["registry_version"] == 2
@@ -138,7 +140,7 @@ class TestRegistryInfo:
 
     def test_info_tracks_publishes(self, registry):
         """After an edit the version and counts follow."""
-        registry.remove_rule("o1")
+        RegistryEditor(registry).remove_rule("o1")
         info = get_registry_info(registry)
         assert (info["version"], info["rule_count"]) == (2, 5)
 

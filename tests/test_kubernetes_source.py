@@ -340,7 +340,7 @@ class TestWithTheService:
     async def service(self, kube: FakeKubernetes) -> AsyncIterator[HotReloadService]:
         loader = Loader()
         source = source_for(kube, watch_timeout_seconds=1, stalled_after_seconds=1.5)
-        service = HotReloadService(RuleRegistry(loader=loader), [source], loader=loader)
+        service = HotReloadService(RuleRegistry(), [source], loader=loader)
         yield service
         await service.stop()
 

@@ -125,7 +125,7 @@ def build_state(settings: Settings) -> AppState:
         executor=worker() if settings.reload_worker else None,
         new_executor=worker if settings.reload_worker else None,
     )
-    registry = RuleRegistry(loader=loader)
+    registry = RuleRegistry()
     service = HotReloadService(
         registry,
         sources,
