@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import resource
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -33,7 +33,7 @@ from server_support import (  # noqa: E402
     wait_sync,
 )
 
-from sidecar.api.run import HeapFreezer, connection_caps  # noqa: E402
+from sidecar.api.run import connection_caps  # noqa: E402
 from sidecar.config import Settings  # noqa: E402
 
 pytest_plugins = ["server_support"]
@@ -312,25 +312,59 @@ async def _wait_exit(server: Served, seconds: float) -> int:
     return await asyncio.to_thread(server.process.wait, seconds)
 
 
+# The heap test's child: the app as `serve()` wires it, reloaded 120 times (every fourth
+# a condition that does not compile); prints the freeze count after reloads 40 and 120.
+_HEAP_CHILD = """
+import asyncio, gc, sys
+from pathlib import Path
+from sidecar.api.app import create_app
+from sidecar.api.run import HeapFreezer, build_state
+from sidecar.config import Settings
+from sidecar.testing import ConfigMapDir
+
+RULES = (
+    "apiVersion: rule-sidecar/v1\\nkind: RuleSet\\nmetadata: {{id: payment-fraud}}\\n"
+    "spec:\\n  rules:\\n    - id: big\\n      condition: {}\\n      points: {}\\n"
+)
+
+async def main(root: Path) -> None:
+    volume = ConfigMapDir(root)
+    volume.publish({"rules.yaml": RULES.format("input.amount > 100", 40)})
+    state = build_state(Settings(rules_dirs=(root,), debounce_ms=20))
+    create_app(state)
+    await state.service.initial_load()
+    state.service.add_listener(HeapFreezer(collect_every=0.05))
+    frozen = []
+    for serial in range(1, 121):
+        condition = "input.amount >" if serial % 4 == 0 else "input.amount > 100"
+        volume.publish({"rules.yaml": RULES.format(condition, 40 + serial)})
+        await state.service.reload_rules(trigger="api")
+        if serial in (40, 120):
+            frozen.append(gc.get_freeze_count())
+    print(*frozen)
+
+asyncio.run(main(Path(sys.argv[1])))
+"""
+
+
 class TestHeap:
     """What `serve` does to the garbage collector after each reload."""
 
-    async def test_reloads_do_not_pile_up_frozen_garbage(self, start_sidecar, configmap_dir):
+    def test_reloads_do_not_pile_up_frozen_garbage(self, tmp_path: Path):
         """Frozen objects stay level over many reloads, failed ones among them: the
         cycles a reload leaves behind (a failure's traceback, say) are collected, not
-        kept forever in the permanent generation (here at most every 50 ms)."""
-        app = await start_sidecar(configmap_dir.root)
-        app.service.add_listener(HeapFreezer(collect_every=0.05))
-        frozen = []
-        try:
-            for serial in range(1, 121):
-                doc = fraud_doc(40 + serial)
-                if serial % 4 == 0:  # a condition that does not compile
-                    doc["spec"]["rules"][0]["condition"] = "input.amount >"
-                configmap_dir.publish({"rules.yaml": to_yaml(doc)})
-                await app.service.reload_rules(trigger="api")
-                if serial in (40, 120):
-                    frozen.append(gc.get_freeze_count())
-        finally:
-            gc.unfreeze()
+        kept forever in the permanent generation (here at most every 50 ms). In a child
+        process: the freezer collects the whole heap, and pytest's would make each
+        collection take a second."""
+        child = subprocess.run(
+            [sys.executable, "-c", _HEAP_CHILD, str(tmp_path / "rules")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert child.returncode == 0, child.stderr
+        frozen = [int(count) for count in child.stdout.split()]
+        assert len(frozen) == 2, child.stdout
+        assert frozen[0] > 0, child.stdout
         assert frozen[1] - frozen[0] < 80 * 5, frozen  # under 5 objects per reload
