@@ -97,6 +97,14 @@ def shoot(browser: WebDriver, tmp_path: Path) -> Shoot:
     return take
 
 
+@pytest.fixture(autouse=True)
+def blank_page(browser: WebDriver) -> None:
+    """Each test starts on a blank page with the browser's log read: the page of the test
+    before keeps asking its stopped sidecar for health until it is left."""
+    browser.get("about:blank")
+    browser.get_log("browser")
+
+
 @pytest.fixture
 def mount(configmap_dir: ConfigMapDir) -> ConfigMapDir:
     """The ConfigMap volume: `rules.yaml` holds the `fraud` ruleset."""
@@ -134,6 +142,35 @@ def open_dashboard(browser: WebDriver, server: ThreadedSidecar) -> None:
     browser.execute_script("window.notReloaded = true")
 
 
+def expand(browser: WebDriver, ruleset_id: str) -> list[WebElement]:
+    """Open a ruleset (collapsed by default) and wait for its rules' rows."""
+    block = f'#rulesets details[data-ruleset="{ruleset_id}"]'
+    wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, block), f"ruleset {ruleset_id}")
+    browser.find_element(By.CSS_SELECTOR, f"{block} > summary").click()
+    rows: list[WebElement] = wait(
+        browser,
+        lambda b: b.find_elements(By.CSS_SELECTOR, f"{block} tr[data-rule]"),
+        f"the rules of {ruleset_id}",
+    )
+    return rows
+
+
+def filter_rules(browser: WebDriver, needle: str) -> list[str]:
+    """Type `needle` into the filter; the ids of the rules shown once the answer is in."""
+    field = browser.find_element(By.ID, "filter")
+    field.clear()
+    field.send_keys(needle)
+    wait(
+        browser,
+        lambda b: b.find_element(By.ID, "rulesets").get_attribute("data-filter") == needle,
+        f"the rules matching {needle}",
+    )
+    return [
+        str(row.get_attribute("data-rule"))
+        for row in browser.find_elements(By.CSS_SELECTOR, "#rulesets tr[data-rule]")
+    ]
+
+
 def still_same_page(browser: WebDriver) -> bool:
     return bool(browser.execute_script("return window.notReloaded === true"))
 
@@ -165,6 +202,7 @@ class TestLiveUpdates:
         assert text(browser, "health") == "healthy"
         assert text(browser, "monitoring") == "on"
         assert "First load, version 1: 4 changes" in text(browser, "changes-summary")
+        expand(browser, "fraud")
         rows = browser.find_elements(By.CSS_SELECTOR, '#rulesets tr[data-rule="large-amount"]')
         assert len(rows) == 1
         assert "input.amount > 1000" in rows[0].text
@@ -252,16 +290,20 @@ class TestRestart:
         with threaded_sidecar(settings) as first:
             open_dashboard(browser, first)
             port = first.port
+            expand(browser, "fraud")
             assert browser.find_elements(By.CSS_SELECTOR, 'tr[data-rule="large-amount"]')
         mount.publish({"rules.yaml": to_yaml(ruleset_doc("extra"))})
         with ThreadedSidecar(settings, port=port) as second:
             wait(browser, lambda b: events(b, "resync_required"), "a resync_required event")
             wait(
                 browser,
-                lambda b: b.find_elements(By.CSS_SELECTOR, 'tr[data-rule="extra-big"]'),
-                "the restarted sidecar's rule",
+                lambda b: b.find_elements(By.CSS_SELECTOR, '[data-ruleset="extra"]'),
+                "the restarted sidecar's ruleset",
             )
+            assert not browser.find_elements(By.CSS_SELECTOR, '[data-ruleset="fraud"]')
             assert not browser.find_elements(By.CSS_SELECTOR, 'tr[data-rule="large-amount"]')
+            expand(browser, "extra")
+            assert browser.find_elements(By.CSS_SELECTOR, 'tr[data-rule="extra-big"]')
             assert text(browser, "version") == "1"
             assert "restarted" in events(browser, "resync_required")[0].text
             assert second.port == port
@@ -310,16 +352,9 @@ class TestPanels:
         )
         browser.get(f"{sidecar.url}/ui/")
         wait(browser, lambda b: text(b, "version") == "2", "version 2")
-        browser.find_element(By.ID, "filter").send_keys("country")
-        shown = [
-            row.get_attribute("data-rule")
-            for row in browser.find_elements(By.CSS_SELECTOR, "#rulesets tr[data-rule]")
-        ]
-        assert shown == ["foreign-country"]
+        assert filter_rules(browser, "country") == ["foreign-country"]
         assert text(browser, "rules-summary") == "1 of 4 rules match."
-        disabled = browser.find_element(By.ID, "filter")
-        disabled.clear()
-        disabled.send_keys("never-on")
+        assert filter_rules(browser, "never-on") == ["never-on"]
         row = browser.find_element(By.CSS_SELECTOR, 'tr[data-rule="never-on"]')
         assert row.get_attribute("data-enabled") == "false"
         shoot("filtered")
@@ -353,6 +388,7 @@ class TestPanels:
         )
         browser.get(f"{sidecar.url}/ui/")
         wait(browser, lambda b: text(b, "version") == "2", "version 2")
+        expand(browser, "x")
         row = browser.find_element(By.CSS_SELECTOR, 'tr[data-rule="html"]')
         assert markup in row.text
         assert "input.note == '<b>x</b>'" in row.text
