@@ -416,7 +416,7 @@ function bannerContent() {
     return {
       level: "error",
       title: `Cannot reach the sidecar since ${clock(link.downSince)}`,
-      text: [`${link.why}. Everything below is what the page last knew`,
+      text: [`${link.why[0].toUpperCase()}${link.why.slice(1)}. Everything below is what the page last knew`,
         link.knownAt === null ? "" : ` (${age(new Date(link.knownAt).toISOString())})`,
         ": it may serve other rules now, or none. Trying again every few seconds."],
       problems: [],
@@ -510,6 +510,7 @@ function rulesetBlock(ruleset) {
     el("summary", {}, `${ruleset.id}: ${ruleset.name} (${ruleset.enabled_rule_count} of ${ruleset.rule_count} rules enabled)`),
     el("div", { className: "ruleset-body" }, opened ? rulesetBody(known || ruleset) : null));
   block.addEventListener("toggle", () => {
+    if (block.open && list.opened.has(ruleset.id)) return;  // rendered open: readList reads it
     if (block.open) {
       list.opened.add(ruleset.id);
       const body = block.querySelector(".ruleset-body");
@@ -559,7 +560,7 @@ function renderPages(total, offset, count, noun) {
   next.disabled = offset + count >= total;
   const pages = Math.ceil(total / PAGE_SIZE);
   $("page-position").textContent =
-    `Page ${Math.floor(offset / PAGE_SIZE) + 1} of ${pages}: ${noun} ${offset + 1}–${offset + count} of ${total}`;
+    `Page ${Math.floor(offset / PAGE_SIZE) + 1} of ${pages}: ${noun} ${offset + 1} to ${offset + count} of ${total}`;
   if (focused === previous && previous.disabled) next.focus();
   if (focused === next && next.disabled) previous.focus();
 }
