@@ -122,9 +122,14 @@ def sidecar(mount: ConfigMapDir) -> Iterator[ThreadedSidecar]:
         yield server
 
 
-def wait(browser: WebDriver, condition: Callable[[WebDriver], Any], what: str) -> Any:
+def wait(
+    browser: WebDriver,
+    condition: Callable[[WebDriver], Any],
+    what: str,
+    seconds: float = WAIT_SECONDS,
+) -> Any:
     try:
-        return WebDriverWait(browser, WAIT_SECONDS, poll_frequency=0.05).until(condition)
+        return WebDriverWait(browser, seconds, poll_frequency=0.05).until(condition)
     except TimeoutException:
         raise AssertionError(f"the page never showed {what}") from None
 
@@ -373,6 +378,35 @@ class TestUnreachable:
             browser.find_element(By.ID, "validate").click()
             wait(browser, lambda b: "Valid: 1 rules" in text(b, "action-result"), "validate")
             shoot("back")
+
+    def test_a_sidecar_that_answers_nothing(
+        self, browser: WebDriver, mount: ConfigMapDir, tmp_path: Path, shoot: Shoot
+    ) -> None:
+        """Frozen (SIGSTOP), the sidecar still accepts connections and answers nothing:
+        the page's reads time out (8 s) and it says so though the feed never closed; a
+        button pressed meanwhile stays busy only until the sidecar answers it."""
+        with serving(tmp_path, mount.root) as server:
+            open_dashboard(browser, server)
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                wait(
+                    browser,
+                    lambda b: UNREACHABLE.fullmatch(text(b, "health")),
+                    "unreachable after the reads timed out",
+                    seconds=30,
+                )
+                assert "No answer within 8 s" in text(browser, "banner")
+                assert text(browser, "feed-state") != "connected"
+                browser.find_element(By.ID, "validate").click()
+                assert busy(browser, "validate")
+                shoot("frozen")
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            wait(browser, lambda b: "Valid: 3 rules" in text(b, "action-result"), "validated")
+            assert not busy(browser, "validate")
+            wait(browser, lambda b: text(b, "health") == "healthy", "healthy again", seconds=15)
+            wait(browser, lambda b: shown(b, "banner") is None, "no banner")
+            assert text(browser, "feed-state") == "connected"
 
 
 def many_rulesets(count: int) -> dict[str, str]:

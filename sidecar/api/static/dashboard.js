@@ -18,7 +18,7 @@ const view = { status: null, health: null, history: [], changes: null, list: nul
 const feed = { socket: null, instance: null, lastSeq: null, serving: null, retryMs: 1000, timer: null };
 /** What the page knows about reaching the sidecar: when it last read health from it, and
  *  since when nothing it asks is answered. */
-const link = { knownAt: null, downSince: null, why: "", readError: null };
+const link = { knownAt: null, answeredAt: 0, downSince: null, why: "", readError: null };
 /** The list of rulesets: the page shown, the filter, the rulesets opened and their rules
  *  as last read, and which of those the feed said changed since. */
 const list = { offset: 0, needle: "", opened: new Set(), rules: new Map(), changed: new Set(),
@@ -122,6 +122,7 @@ async function api(path, { method = "GET", body, timeoutMs = READ_TIMEOUT_MS, si
     const headers = { Accept: "application/json" };
     if (body !== undefined) headers["Content-Type"] = "application/json";
     if (token()) headers.Authorization = `Bearer ${token()}`;
+    const sent = Date.now();
     const controller = new AbortController();
     const timer = setTimeout(() => controller.abort(new Unreachable(`no answer within ${timeoutMs / 1000} s`)), timeoutMs);
     const abandon = () => controller.abort(signal.reason);
@@ -140,7 +141,7 @@ async function api(path, { method = "GET", body, timeoutMs = READ_TIMEOUT_MS, si
     } catch (error) {
       if (signal && signal.aborted) throw error;  // superseded by a newer request: not a failure
       const why = controller.signal.aborted ? controller.signal.reason.message : "the connection failed";
-      linkDown(why);
+      linkDown(why, sent);
       throw new Unreachable(`could not reach the sidecar (${why})`);
     } finally {
       clearTimeout(timer);
@@ -167,9 +168,10 @@ function errorText(result) {
   return error ? `${result.status}: ${error.message}` : `HTTP ${result.status}`;
 }
 
-/** Nothing answers: from now on the page says so, and what it shows is what it last knew. */
-function linkDown(why) {
-  if (link.downSince === null) link.downSince = Date.now();
+/** Nothing answers a request sent at `sent`: from then on, the page says, nothing is
+ *  known, and what it shows is what it last knew. */
+function linkDown(why, sent) {
+  if (link.downSince === null) link.downSince = Math.max(sent, link.answeredAt);
   link.why = why;
   renderHeader();
   renderBanner();
@@ -178,6 +180,7 @@ function linkDown(why) {
 /** An answer after a time without: every part of the page is read again (what it knew
  *  may be wrong now), and the feed reconnects without waiting for its backoff. */
 function linkUp() {
+  link.answeredAt = Date.now();
   if (link.downSince === null) return;
   link.downSince = null;
   list.allChanged = true;
@@ -394,6 +397,11 @@ function renderHeader() {
     pill.title = failing.length ? `failing checks: ${failing.join(", ")}` : "every check passes";
   }
   renderAge();
+  const socketOpen = feed.socket !== null && feed.socket.readyState === WebSocket.OPEN;
+  if (socketOpen) {  // an open socket to a sidecar that answers nothing is no live feed
+    setFeedState(link.downSince === null ? "open" : "closed",
+      link.downSince === null ? "connected" : "silent");
+  }
   if (!status) return;
   $("version").textContent = status.registry.version;
   $("revision").textContent = status.registry.revision;
@@ -417,7 +425,7 @@ function bannerContent() {
       level: "error",
       title: `Cannot reach the sidecar since ${clock(link.downSince)}`,
       text: [`${link.why[0].toUpperCase()}${link.why.slice(1)}. Everything below is what the page last knew`,
-        link.knownAt === null ? "" : ` (${age(new Date(link.knownAt).toISOString())})`,
+        link.knownAt === null ? "" : [" (", since(new Date(link.knownAt).toISOString()), ")"],
         ": it may serve other rules now, or none. Trying again every few seconds."],
       problems: [],
     };
@@ -459,10 +467,7 @@ let bannerShown = "null";
  *  what it says changes, so that screen readers announce the alert once. */
 function renderBanner() {
   const content = bannerContent();
-  // Its time element serializes as {}: it ticks alone; the age of an unreachable page
-  // is in the text, which is left out of the key so that the alert is announced once.
-  const key = JSON.stringify(content && link.downSince !== null ? content.title : content);
-  if (content && key === bannerShown) fill($("banner-text"), content.text);
+  const key = JSON.stringify(content);  // its time element serializes as {}: it ticks alone
   if (key === bannerShown) return;
   bannerShown = key;
   const banner = $("banner");
@@ -540,7 +545,13 @@ function renderList() {
   const shown = view.list;
   if (!shown) return;
   const { total, items, offset } = shown;
+  // Rebuilt after a reload: a keyboard user's focus on a ruleset stays on it.
+  const focused = document.activeElement.closest("#rulesets [data-ruleset]");
   fill($("rulesets"), shown.needle ? matchBlocks(items) : items.map(rulesetBlock));
+  if (focused) {
+    const again = $("rulesets").querySelector(`[data-ruleset="${CSS.escape(focused.dataset.ruleset)}"] > summary`);
+    if (again) again.focus();
+  }
   $("rulesets").dataset.filter = shown.needle;  // what the list shows, for its tests
   const rules = view.status ? view.status.registry.rule_count : null;
   $("rules-summary").textContent = shown.needle
