@@ -183,7 +183,9 @@ async def main() -> None:
     parser.add_argument("--code", type=Path, help="run the sidecar from this checkout")
     args = parser.parse_args()
     print(environment())
+    # `python -m` puts its working directory first on the path: run it in the checkout.
     extra = {"PYTHONPATH": str(args.code.resolve())} if args.code else {}
+    prefix = ["env", f"--chdir={args.code.resolve()}"] if args.code else []
     code = args.code or "this checkout"
     print(f"sidecar code: {code}; {RULESETS:,} rulesets of {RULES_PER_SET} rules")
     with tempfile.TemporaryDirectory() as tmp:
@@ -192,7 +194,12 @@ async def main() -> None:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         with sidecar_process(
-            port, "--rules-dir", str(volume.root), RULE_SIDECAR_LOG_LEVEL="ERROR", **extra
+            port,
+            "--rules-dir",
+            str(volume.root),
+            prefix=prefix,
+            RULE_SIDECAR_LOG_LEVEL="ERROR",
+            **extra,
         ):
             async with aiohttp.ClientSession() as session:
                 await wait_ready(session, base, time.monotonic() + 300)
