@@ -1,5 +1,7 @@
 """The dashboard at /ui/, end to end in a real headless Chromium (Debian's `chromium` and
-`chromium-driver`) against a real sidecar watching a ConfigMap-style directory.
+`chromium-driver`) against a real sidecar watching a ConfigMap-style directory: in a
+thread of the test, or a real `rule-sidecar serve` process where it is stopped (SIGTERM)
+or frozen (SIGSTOP). What the page asked for is read from the browser's Resource Timing.
 
 Each test saves a screenshot of every state it reaches under its own output folder
 (pytest's `tmp_path`, kept for the last three runs: /tmp/pytest-of-<user>/). Without

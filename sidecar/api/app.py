@@ -499,7 +499,7 @@ class _Page:
     @classmethod
     def of(cls, request: web.Request) -> _Page:
         offset = _query_limit(request, 0, "offset")
-        limit = _query_limit(request, -1, "limit") if "limit" in request.query else None
+        limit = _query_limit(request, 0, "limit") if "limit" in request.query else None
         return cls(offset, limit)
 
     def cut(self, items: Sequence[_T]) -> Sequence[_T]:
