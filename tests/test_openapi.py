@@ -707,6 +707,35 @@ class TestRegistryReads:
         assert body["rulesets"][0]["enabled_rule_count"] == 2
         await api.call("GET", "/api/v1/rulesets", 304, headers={"If-None-Match": api.etag()})
 
+    async def test_pages_and_search(self, start: Start) -> None:
+        """`offset`/`limit` page both listings in id order, `total` counting them all; `q`
+        finds rules by any field the dashboard shows; a bad page is a 400."""
+        extra = [
+            {
+                "apiVersion": "rule-sidecar/v1",
+                "kind": "RuleSet",
+                "metadata": {"id": f"set-{n}"},
+                "spec": {"rules": [{"id": f"r-{n}", "condition": "true", "points": n}]},
+            }
+            for n in range(5)
+        ]
+        api = await start(RULES + "---\n" + yaml.safe_dump_all(extra))
+        page = await api.call("GET", "/api/v1/rulesets?offset=2&limit=3", 200)
+        assert [r["id"] for r in page["rulesets"]] == ["set-1", "set-2", "set-3"]
+        assert (page["count"], page["total"]) == (3, 6)
+        tail = await api.call("GET", "/api/v1/rulesets?offset=5&limit=3", 200)
+        assert [r["id"] for r in tail["rulesets"]] == ["set-4"]
+        assert (await api.call("GET", "/api/v1/rulesets?offset=9", 200))["rulesets"] == []
+        found = await api.call("GET", "/api/v1/rules?q=COUNTRY", 200)
+        assert [r["id"] for r in found["rules"]] == ["foreign-country"]
+        by_file = await api.call("GET", "/api/v1/rules?q=payments.yaml&limit=2", 200)
+        assert (by_file["count"], by_file["total"]) == (2, 8)
+        by_ruleset = await api.call("GET", "/api/v1/rules?q=set-3&offset=0&limit=9", 200)
+        assert [r["id"] for r in by_ruleset["rules"]] == ["r-3"]
+        for bad in ("limit=-1", "offset=x", "offset=-2", "limit=1.5"):
+            await api.call("GET", f"/api/v1/rulesets?{bad}", 400)
+            await api.call("GET", f"/api/v1/rules?{bad}", 400)
+
     async def test_ruleset(self, api: Api) -> None:
         """One ruleset with its rules, not modified, and an unknown id."""
         body = await api.call("GET", "/api/v1/rulesets/payments", 200)

@@ -1,5 +1,7 @@
 """The dashboard at /ui/, end to end in a real headless Chromium (Debian's `chromium` and
-`chromium-driver`) against a real sidecar watching a ConfigMap-style directory.
+`chromium-driver`) against a real sidecar watching a ConfigMap-style directory: in a
+thread of the test, or a real `rule-sidecar serve` process where it is stopped (SIGTERM)
+or frozen (SIGSTOP). What the page asked for is read from the browser's Resource Timing.
 
 Each test saves a screenshot of every state it reaches under its own output folder
 (pytest's `tmp_path`, kept for the last three runs: /tmp/pytest-of-<user>/). Without
@@ -13,15 +15,19 @@ import json
 import os
 import re
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -33,6 +39,7 @@ from server_support import (  # noqa: E402
     ThreadedSidecar,
     fraud_doc,
     ruleset_doc,
+    serving,
     threaded_sidecar,
     to_yaml,
 )
@@ -97,6 +104,14 @@ def shoot(browser: WebDriver, tmp_path: Path) -> Shoot:
     return take
 
 
+@pytest.fixture(autouse=True)
+def blank_page(browser: WebDriver) -> None:
+    """Each test starts on a blank page with the browser's log read: the page of the test
+    before keeps asking its stopped sidecar for health until it is left."""
+    browser.get("about:blank")
+    browser.get_log("browser")
+
+
 @pytest.fixture
 def mount(configmap_dir: ConfigMapDir) -> ConfigMapDir:
     """The ConfigMap volume: `rules.yaml` holds the `fraud` ruleset."""
@@ -109,9 +124,14 @@ def sidecar(mount: ConfigMapDir) -> Iterator[ThreadedSidecar]:
         yield server
 
 
-def wait(browser: WebDriver, condition: Callable[[WebDriver], Any], what: str) -> Any:
+def wait(
+    browser: WebDriver,
+    condition: Callable[[WebDriver], Any],
+    what: str,
+    seconds: float = WAIT_SECONDS,
+) -> Any:
     try:
-        return WebDriverWait(browser, WAIT_SECONDS, poll_frequency=0.05).until(condition)
+        return WebDriverWait(browser, seconds, poll_frequency=0.05).until(condition)
     except TimeoutException:
         raise AssertionError(f"the page never showed {what}") from None
 
@@ -132,6 +152,35 @@ def open_dashboard(browser: WebDriver, server: ThreadedSidecar) -> None:
     wait(browser, lambda b: text(b, "version") == "1", "version 1")
     wait(browser, lambda b: text(b, "feed-state") == "connected", "the live feed connected")
     browser.execute_script("window.notReloaded = true")
+
+
+def expand(browser: WebDriver, ruleset_id: str) -> list[WebElement]:
+    """Open a ruleset (collapsed by default) and wait for its rules' rows."""
+    block = f'#rulesets details[data-ruleset="{ruleset_id}"]'
+    wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, block), f"ruleset {ruleset_id}")
+    browser.find_element(By.CSS_SELECTOR, f"{block} > summary").click()
+    rows: list[WebElement] = wait(
+        browser,
+        lambda b: b.find_elements(By.CSS_SELECTOR, f"{block} tr[data-rule]"),
+        f"the rules of {ruleset_id}",
+    )
+    return rows
+
+
+def filter_rules(browser: WebDriver, needle: str) -> list[str]:
+    """Type `needle` into the filter; the ids of the rules shown once the answer is in."""
+    field = browser.find_element(By.ID, "filter")
+    field.clear()
+    field.send_keys(needle)
+    wait(
+        browser,
+        lambda b: b.find_element(By.ID, "rulesets").get_attribute("data-filter") == needle,
+        f"the rules matching {needle}",
+    )
+    return [
+        str(row.get_attribute("data-rule"))
+        for row in browser.find_elements(By.CSS_SELECTOR, "#rulesets tr[data-rule]")
+    ]
 
 
 def still_same_page(browser: WebDriver) -> bool:
@@ -165,6 +214,7 @@ class TestLiveUpdates:
         assert text(browser, "health") == "healthy"
         assert text(browser, "monitoring") == "on"
         assert "First load, version 1: 4 changes" in text(browser, "changes-summary")
+        expand(browser, "fraud")
         rows = browser.find_elements(By.CSS_SELECTOR, '#rulesets tr[data-rule="large-amount"]')
         assert len(rows) == 1
         assert "input.amount > 1000" in rows[0].text
@@ -252,21 +302,264 @@ class TestRestart:
         with threaded_sidecar(settings) as first:
             open_dashboard(browser, first)
             port = first.port
+            expand(browser, "fraud")
             assert browser.find_elements(By.CSS_SELECTOR, 'tr[data-rule="large-amount"]')
         mount.publish({"rules.yaml": to_yaml(ruleset_doc("extra"))})
         with ThreadedSidecar(settings, port=port) as second:
             wait(browser, lambda b: events(b, "resync_required"), "a resync_required event")
             wait(
                 browser,
-                lambda b: b.find_elements(By.CSS_SELECTOR, 'tr[data-rule="extra-big"]'),
-                "the restarted sidecar's rule",
+                lambda b: b.find_elements(By.CSS_SELECTOR, '[data-ruleset="extra"]'),
+                "the restarted sidecar's ruleset",
             )
+            assert not browser.find_elements(By.CSS_SELECTOR, '[data-ruleset="fraud"]')
             assert not browser.find_elements(By.CSS_SELECTOR, 'tr[data-rule="large-amount"]')
+            expand(browser, "extra")
+            assert browser.find_elements(By.CSS_SELECTOR, 'tr[data-rule="extra-big"]')
             assert text(browser, "version") == "1"
             assert "restarted" in events(browser, "resync_required")[0].text
             assert second.port == port
             assert still_same_page(browser)
             shoot("after-restart")
+
+
+UNREACHABLE = re.compile(r"unreachable since \d\d:\d\d:\d\d")
+
+
+def busy(browser: WebDriver, element_id: str) -> bool:
+    return browser.find_element(By.ID, element_id).get_attribute("aria-disabled") == "true"
+
+
+class TestUnreachable:
+    """A real `rule-sidecar serve` process stopped with SIGTERM and started again on the
+    same port, the page left open: it says what it cannot know, then recovers whole."""
+
+    def test_stopped_then_started_again(
+        self, browser: WebDriver, mount: ConfigMapDir, tmp_path: Path, shoot: Shoot
+    ) -> None:
+        with serving(tmp_path, mount.root) as first:
+            open_dashboard(browser, first)
+            assert text(browser, "health") == "healthy"
+            assert re.fullmatch(r"\d+ s ago", text(browser, "health-age"))
+            first.process.send_signal(signal.SIGTERM)
+            assert first.process.wait(10) == 0
+
+            wait(browser, lambda b: UNREACHABLE.fullmatch(text(b, "health")), "unreachable")
+            banner = wait(browser, lambda b: shown(b, "banner"), "the unreachable banner")
+            assert "Cannot reach the sidecar since" in banner.text
+            assert "what the page last knew" in banner.text
+            assert re.search(r"last known healthy, \d+ s ago", text(browser, "health-age"))
+            assert text(browser, "feed-state") != "connected"
+            assert audit(browser) == []
+            for button, says in (
+                ("validate", "Validate: could not reach"),
+                ("reload", "Reload: could not reach"),
+            ):
+                browser.find_element(By.ID, button).click()
+                wait(browser, lambda b, s=says: s in text(b, "action-result"), says)
+                assert not busy(browser, button)
+                out = browser.find_element(By.ID, "action-result")
+                assert out.get_attribute("data-outcome") == "error"
+            browser.find_element(By.CSS_SELECTOR, "#try button[type=submit]").click()
+            wait(browser, lambda b: "could not reach" in text(b, "try-result"), "try-it error")
+            shoot("unreachable")
+
+        mount.publish({"rules.yaml": to_yaml(ruleset_doc("extra"))})
+        with serving(tmp_path, mount.root, port=first.port):
+            wait(browser, lambda b: text(b, "health") == "healthy", "healthy again")
+            wait(browser, lambda b: shown(b, "banner") is None, "no banner")
+            wait(browser, lambda b: text(b, "feed-state") == "connected", "the feed again")
+            wait(
+                browser,
+                lambda b: b.find_elements(By.CSS_SELECTOR, '[data-ruleset="extra"]'),
+                "the restarted sidecar's rules",
+            )
+            assert not browser.find_elements(By.CSS_SELECTOR, '[data-ruleset="fraud"]')
+            assert text(browser, "version") == "1"
+            assert still_same_page(browser)
+            browser.find_element(By.ID, "validate").click()
+            wait(browser, lambda b: "Valid: 1 rules" in text(b, "action-result"), "validate")
+            shoot("back")
+
+    def test_a_sidecar_that_answers_nothing(
+        self, browser: WebDriver, mount: ConfigMapDir, tmp_path: Path, shoot: Shoot
+    ) -> None:
+        """Frozen (SIGSTOP), the sidecar still accepts connections and answers nothing:
+        the page's reads time out (8 s) and it says so though the feed never closed; a
+        button pressed meanwhile stays busy only until the sidecar answers it."""
+        with serving(tmp_path, mount.root) as server:
+            open_dashboard(browser, server)
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                wait(
+                    browser,
+                    lambda b: UNREACHABLE.fullmatch(text(b, "health")),
+                    "unreachable after the reads timed out",
+                    seconds=30,
+                )
+                assert "No answer within 8 s" in text(browser, "banner")
+                assert text(browser, "feed-state") != "connected"
+                browser.find_element(By.ID, "validate").click()
+                assert busy(browser, "validate")
+                shoot("frozen")
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            wait(browser, lambda b: "Valid: 3 rules" in text(b, "action-result"), "validated")
+            assert not busy(browser, "validate")
+            wait(browser, lambda b: text(b, "health") == "healthy", "healthy again", seconds=15)
+            wait(browser, lambda b: shown(b, "banner") is None, "no banner")
+            assert text(browser, "feed-state") == "connected"
+
+
+def many_rulesets(count: int) -> dict[str, str]:
+    """`count` files of one ruleset each, `rs-000`, `rs-001`...: two rules each."""
+    return {
+        f"rs-{n:03d}.yaml": to_yaml(
+            ruleset_doc(
+                f"rs-{n:03d}",
+                [
+                    {"id": f"r{n:03d}-a", "condition": "input.amount > 100", "points": 10},
+                    {"id": f"r{n:03d}-b", "condition": "input.amount > 500", "points": 20},
+                ],
+            )
+        )
+        for n in range(count)
+    }
+
+
+def reads(browser: WebDriver) -> list[str]:
+    """The path and query of every request the page made since `forget_reads`."""
+    names = browser.execute_script(
+        "return performance.getEntriesByType('resource').map((e) => e.name)"
+    )
+    return [
+        urlsplit(name).path + (f"?{urlsplit(name).query}" if "?" in name else "") for name in names
+    ]
+
+
+def forget_reads(browser: WebDriver) -> None:
+    browser.execute_script(
+        "performance.setResourceTimingBufferSize(100000); performance.clearResourceTimings()"
+    )
+
+
+def first_ruleset(browser: WebDriver) -> str:
+    """The id of the first ruleset listed (read in one step: the list is rebuilt as a
+    whole when the page turns)."""
+    return str(
+        browser.execute_script(
+            "const block = document.querySelector('#rulesets details');"
+            "return block ? block.dataset.ruleset : null"
+        )
+    )
+
+
+class TestScale:
+    """Many rulesets: the page holds one page of them, collapsed, and reads what changed."""
+
+    def test_collapsed_paged_and_bounded(
+        self, browser: WebDriver, sidecar: ThreadedSidecar, mount: ConfigMapDir
+    ) -> None:
+        """The list's size does not grow with the registry: 120 or 480 rulesets, the same
+        50 collapsed rulesets and no table until one is opened; never an empty table."""
+        sizes = []
+        for version, count in ((2, 120), (3, 480)):
+            mount.publish(many_rulesets(count))
+            browser.get(f"{sidecar.url}/ui/")
+            wait(browser, lambda b, v=version: text(b, "version") == str(v), f"version {version}")
+            wait(browser, lambda b, c=count: f"in {c} rulesets" in text(b, "rules-summary"), "list")
+            blocks = browser.find_elements(By.CSS_SELECTOR, "#rulesets details")
+            assert len(blocks) == 50
+            assert not any(block.get_attribute("open") for block in blocks)
+            assert browser.find_elements(By.CSS_SELECTOR, "#rulesets table") == []
+            assert (
+                text(browser, "page-position")
+                == f"Page 1 of {-(-count // 50)}: rulesets 1 to 50 of {count}"
+            )
+            sizes.append(
+                browser.execute_script(
+                    "return [document.querySelectorAll('#rulesets *').length,"
+                    " document.querySelectorAll('*').length]"
+                )
+            )
+        assert sizes[0][0] == sizes[1][0]
+        assert sizes[1][1] < 2000, sizes  # the page of 5,000 rulesets had 74,298 elements
+        rows = expand(browser, "rs-007")
+        assert [row.get_attribute("data-rule") for row in rows] == ["r007-a", "r007-b"]
+        for table in browser.find_elements(By.CSS_SELECTOR, "#rulesets table"):
+            assert table.find_elements(By.CSS_SELECTOR, "tbody tr")
+        assert filter_rules(browser, "r300-") == ["r300-a", "r300-b"]
+        assert filter_rules(browser, "nothing-has-this") == []
+        assert browser.find_elements(By.CSS_SELECTOR, "#rulesets table") == []
+        assert text(browser, "rules-summary") == "0 of 960 rules match."
+
+    def test_only_changed_rulesets_are_read_again(
+        self, browser: WebDriver, sidecar: ThreadedSidecar, mount: ConfigMapDir
+    ) -> None:
+        """Two rulesets opened; a reload that changes one reads that one again, not the
+        other, and never the whole list of rules."""
+        files = many_rulesets(120)
+        mount.publish(files)
+        browser.get(f"{sidecar.url}/ui/")
+        wait(browser, lambda b: text(b, "version") == "2", "version 2")
+        wait(browser, lambda b: text(b, "feed-state") == "connected", "the live feed")
+        expand(browser, "rs-001")
+        expand(browser, "rs-002")
+        forget_reads(browser)
+
+        files["rs-001.yaml"] = files["rs-001.yaml"].replace("points: 20", "points: 25")
+        mount.publish(files)
+
+        wait(browser, lambda b: text(b, "version") == "3", "version 3")
+        row = '[data-ruleset="rs-001"] tr[data-rule="r001-b"]'
+        wait(browser, lambda b: "25" in b.find_element(By.CSS_SELECTOR, row).text, "25 points")
+        wait(browser, lambda b: "/api/v1/rulesets/rs-001" in reads(b), "rs-001 read again")
+        made = reads(browser)
+        assert made.count("/api/v1/rulesets/rs-001") == 1
+        assert "/api/v1/rulesets/rs-002" not in made
+        assert not [
+            path for path in made if path.startswith("/api/v1/rules?") or path == "/api/v1/rules"
+        ]
+        assert (
+            "20"
+            in browser.find_element(
+                By.CSS_SELECTOR, '[data-ruleset="rs-002"] tr[data-rule="r002-b"]'
+            ).text
+        )
+
+    def test_pages_by_keyboard(
+        self, browser: WebDriver, sidecar: ThreadedSidecar, mount: ConfigMapDir
+    ) -> None:
+        """Tab from the filter reaches the pages; Enter turns them; the focus never falls
+        off a disabled button; a ruleset opens from the keyboard; axe finds nothing."""
+        mount.publish(many_rulesets(120))
+        browser.get(f"{sidecar.url}/ui/")
+        wait(browser, lambda b: text(b, "version") == "2", "version 2")
+        wait(browser, lambda b: shown(b, "pages"), "the pages")
+        assert browser.find_element(By.ID, "page-previous").get_attribute("disabled")
+        browser.find_element(By.ID, "filter").click()
+        keys = ActionChains(browser)
+
+        def focused() -> str:
+            return str(browser.switch_to.active_element.get_attribute("id"))
+
+        keys.send_keys(Keys.TAB).perform()
+        assert focused() == "page-next"
+        keys.send_keys(Keys.ENTER).perform()
+        wait(browser, lambda b: first_ruleset(b) == "rs-050", "page 2")
+        assert text(browser, "page-position") == "Page 2 of 3: rulesets 51 to 100 of 120"
+        keys.send_keys(Keys.ENTER).perform()
+        wait(browser, lambda b: first_ruleset(b) == "rs-100", "page 3")
+        assert browser.find_element(By.ID, "page-next").get_attribute("disabled")
+        assert focused() == "page-previous"
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#rulesets details")) == 20
+        keys.send_keys(Keys.ENTER).perform()
+        wait(browser, lambda b: first_ruleset(b) == "rs-050", "page 2 again")
+        keys.send_keys(Keys.TAB, Keys.TAB).perform()
+        assert browser.switch_to.active_element.text.startswith("rs-050:")
+        keys.send_keys(Keys.ENTER).perform()
+        wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, 'tr[data-rule="r050-a"]'), "rows")
+        assert audit(browser) == []
 
 
 class TestPanels:
@@ -310,16 +603,9 @@ class TestPanels:
         )
         browser.get(f"{sidecar.url}/ui/")
         wait(browser, lambda b: text(b, "version") == "2", "version 2")
-        browser.find_element(By.ID, "filter").send_keys("country")
-        shown = [
-            row.get_attribute("data-rule")
-            for row in browser.find_elements(By.CSS_SELECTOR, "#rulesets tr[data-rule]")
-        ]
-        assert shown == ["foreign-country"]
+        assert filter_rules(browser, "country") == ["foreign-country"]
         assert text(browser, "rules-summary") == "1 of 4 rules match."
-        disabled = browser.find_element(By.ID, "filter")
-        disabled.clear()
-        disabled.send_keys("never-on")
+        assert filter_rules(browser, "never-on") == ["never-on"]
         row = browser.find_element(By.CSS_SELECTOR, 'tr[data-rule="never-on"]')
         assert row.get_attribute("data-enabled") == "false"
         shoot("filtered")
@@ -353,6 +639,7 @@ class TestPanels:
         )
         browser.get(f"{sidecar.url}/ui/")
         wait(browser, lambda b: text(b, "version") == "2", "version 2")
+        expand(browser, "x")
         row = browser.find_element(By.CSS_SELECTOR, 'tr[data-rule="html"]')
         assert markup in row.text
         assert "input.note == '<b>x</b>'" in row.text
@@ -385,27 +672,30 @@ class TestAdminToken:
             browser.execute_script("sessionStorage.clear()")
 
 
+def audit(browser: WebDriver) -> list[str]:
+    """axe-core's WCAG 2 A and AA violations on the page as it is now."""
+    if not AXE.is_file():
+        missing(f"needs axe-core at {AXE} (npm install --prefix .ci/node axe-core)")
+    browser.execute_script(AXE.read_text("utf-8"))
+    result = browser.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "axe.run(document, {runOnly: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa']})"
+        ".then((r) => done(r.violations), (e) => done([{id: 'axe failed', help: String(e),"
+        " nodes: []}]));"
+    )
+    return [f"{v['id']}: {v['help']} at {[n['target'] for n in v['nodes']][:3]}" for v in result]
+
+
 class TestAccessibility:
     """axe-core's WCAG 2 A and AA rules find nothing, in the calm and the alarmed state."""
 
     def audit(self, browser: WebDriver) -> list[str]:
-        browser.execute_script(AXE.read_text("utf-8"))
-        result = browser.execute_async_script(
-            "const done = arguments[arguments.length - 1];"
-            "axe.run(document, {runOnly: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa']})"
-            ".then((r) => done(r.violations), (e) => done([{id: 'axe failed', help: String(e),"
-            " nodes: []}]));"
-        )
-        return [
-            f"{v['id']}: {v['help']} at {[n['target'] for n in v['nodes']][:3]}" for v in result
-        ]
+        return audit(browser)
 
     def test_no_violations(
         self, browser: WebDriver, sidecar: ThreadedSidecar, mount: ConfigMapDir
     ) -> None:
         """Healthy, then with the failed-reload banner and the try-it answer shown."""
-        if not AXE.is_file():
-            missing(f"needs axe-core at {AXE} (npm install --prefix .ci/node axe-core)")
         open_dashboard(browser, sidecar)
         assert self.audit(browser) == []
         mount.publish({"rules.yaml": broken_fraud()})

@@ -45,7 +45,7 @@ from sidecar.api.websocket import ReloadNotificationManager
 from sidecar.config import DEFAULT_SETTINGS
 from sidecar.engine import Evaluation, evaluate_in_slices, evaluate_ruleset
 from sidecar.errors import InputError, NotFoundError
-from sidecar.model import RuleSet
+from sidecar.model import Rule, RuleSet
 from sidecar.registry import ChangeEvent, EventType, RuleRegistry, diff_snapshots
 from sidecar.service import HealthStatus, HotReloadService, ReloadRecord, ReloadStatus
 from sidecar.snapshot import Snapshot
@@ -428,13 +428,13 @@ async def post_monitoring_stop(request: web.Request) -> web.Response:
     return json_response({"monitoring_active": False})
 
 
-def _query_limit(request: web.Request, default: int) -> int:
+def _query_limit(request: web.Request, default: int, name: str = "limit") -> int:
     try:
-        limit = int(request.query.get("limit", str(default)))
+        limit = int(request.query.get(name, str(default)))
     except ValueError:
         limit = -1
     if limit < 0:
-        raise web.HTTPBadRequest(text="limit must be a whole number")
+        raise web.HTTPBadRequest(text=f"{name} must be a whole number")
     return limit
 
 
@@ -488,28 +488,66 @@ def _find(items: Mapping[str, _T], kind: str, request: web.Request) -> _T:
     return item
 
 
-def _listing(snapshot: Snapshot, key: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class _Page:
+    """`offset` and `limit` of a listing: a dashboard of 5,000 rulesets reads 50 at a time
+    instead of every one on every reload. Without them a listing answers everything."""
+
+    offset: int
+    limit: int | None
+
+    @classmethod
+    def of(cls, request: web.Request) -> _Page:
+        offset = _query_limit(request, 0, "offset")
+        limit = _query_limit(request, 0, "limit") if "limit" in request.query else None
+        return cls(offset, limit)
+
+    def cut(self, items: Sequence[_T]) -> Sequence[_T]:
+        end = None if self.limit is None else self.offset + self.limit
+        return items[self.offset : end]
+
+
+def _listing(
+    snapshot: Snapshot,
+    key: str,
+    items: Sequence[_T],
+    page: _Page,
+    view: Callable[[_T], dict[str, Any]],
+) -> dict[str, Any]:
+    """The page of `items` asked for, each as `view` shows it; `total` counts them all."""
+    shown = [view(item) for item in page.cut(items)]
     return {
         "registry_version": snapshot.version,
         "revision": snapshot.revision,
-        "count": len(items),
-        key: items,
+        "count": len(shown),
+        "total": len(items),
+        key: shown,
     }
+
+
+def _rule_mentions(rule: Rule, needle: str) -> bool:
+    """Whether `needle` (case-folded) is in what the dashboard's filter searches."""
+    where = rule.location.file if rule.location else ""
+    fields = (rule.id, rule.name, rule.condition, rule.ruleset_id, *rule.tags, where)
+    return any(needle in field.casefold() for field in fields)
 
 
 async def get_rules(request: web.Request) -> web.Response:
     snapshot = _state(request).registry.current
     ruleset_id = request.query.get("ruleset_id")
     tag = request.query.get("tag")
+    needle = request.query.get("q", "").casefold()
+    page = _Page.of(request)
 
     def body() -> dict[str, Any]:
         rules = [
-            rule.to_dict()
+            rule
             for rule in snapshot.rules.values()
             if (ruleset_id is None or rule.ruleset_id == ruleset_id)
             and (tag is None or tag in rule.tags)
+            and (not needle or _rule_mentions(rule, needle))
         ]
-        return _listing(snapshot, "rules", rules)
+        return _listing(snapshot, "rules", rules, page, Rule.to_dict)
 
     return await _cached(request, snapshot, body)
 
@@ -553,12 +591,18 @@ def _changed(snapshot: Snapshot, change: ChangeEvent) -> dict[str, Any] | None:
     return None
 
 
+def _summary(ruleset: RuleSet) -> dict[str, Any]:
+    return ruleset.to_dict(with_rules=False)
+
+
 async def get_rulesets(request: web.Request) -> web.Response:
     snapshot = _state(request).registry.current
 
+    page = _Page.of(request)
+
     def body() -> dict[str, Any]:
-        rulesets = [ruleset.to_dict(with_rules=False) for ruleset in snapshot.rulesets.values()]
-        return _listing(snapshot, "rulesets", rulesets)
+        rulesets = list(snapshot.rulesets.values())
+        return _listing(snapshot, "rulesets", rulesets, page, _summary)
 
     return await _cached(request, snapshot, body)
 

@@ -6,12 +6,23 @@ const HOT = "/api/v1/rules/hot-reload";
 const BEARER_PROTOCOL = "base64url.bearer.authorization.k8s.io.";
 const TOKEN_KEY = "rule-sidecar-token";
 const MAX_EVENTS = 200;
-const MAX_RULE_ROWS = 500;
 const MAX_CHANGES = 100;
+const PAGE_SIZE = 50;           // rulesets (or matching rules) on one page of the list
+const READ_TIMEOUT_MS = 8000;   // a read that takes longer counts as the sidecar unreachable
+const ACTION_TIMEOUT_MS = 60000;  // reloads and validations read every source
+const PROBE_MS = 5000;          // how often health is read while the sidecar answers
+const PROBE_DOWN_MS = 2000;     // and while it does not
 
 const $ = (id) => document.getElementById(id);
-const view = { status: null, health: null, rulesets: [], rules: [], history: [], changes: null };
-const feed = { socket: null, instance: null, lastSeq: null, serving: null, retryMs: 1000 };
+const view = { status: null, health: null, history: [], changes: null, list: null };
+const feed = { socket: null, instance: null, lastSeq: null, serving: null, retryMs: 1000, timer: null };
+/** What the page knows about reaching the sidecar: when it last read health from it, and
+ *  since when nothing it asks is answered. */
+const link = { knownAt: null, answeredAt: 0, downSince: null, why: "", readError: null };
+/** The list of rulesets: the page shown, the filter, the rulesets opened and their rules
+ *  as last read, and which of those the feed said changed since. */
+const list = { offset: 0, needle: "", opened: new Set(), rules: new Map(), changed: new Set(),
+  allChanged: false, pageChanged: true };
 
 // ------------------------------------------------------------------------- helpers
 
@@ -54,6 +65,7 @@ function tick() {
   for (const node of document.querySelectorAll("[data-since]")) {
     node.textContent = age(node.dataset.since);
   }
+  renderAge();
   renderBanner();
 }
 
@@ -100,28 +112,82 @@ function askToken() {
   });
 }
 
-/** fetch() with JSON in and out; a 401 asks for the token once and tries again. */
-async function api(path, { method = "GET", body } = {}) {
+/** Thrown when the sidecar does not answer at all (refused, reset, or not in time). */
+class Unreachable extends Error {}
+
+/** fetch() with JSON in and out, within `timeoutMs`; a 401 asks for the token once and
+ *  tries again. No answer marks the sidecar unreachable; any answer marks it reachable. */
+async function api(path, { method = "GET", body, timeoutMs = READ_TIMEOUT_MS, signal } = {}) {
   for (let attempt = 0; ; attempt += 1) {
     const headers = { Accept: "application/json" };
     if (body !== undefined) headers["Content-Type"] = "application/json";
     if (token()) headers.Authorization = `Bearer ${token()}`;
-    const response = await fetch(path, {
-      method, headers, cache: "no-cache",
-      body: body === undefined ? undefined : JSON.stringify(body),
-    });
+    const sent = Date.now();
+    const controller = new AbortController();
+    const timer = setTimeout(() => controller.abort(new Unreachable(`no answer within ${timeoutMs / 1000} s`)), timeoutMs);
+    const abandon = () => controller.abort(signal.reason);
+    if (signal) signal.addEventListener("abort", abandon, { once: true });
+    let response;
+    let data;
+    try {
+      response = await fetch(path, {
+        method, headers, cache: "no-cache", signal: controller.signal,
+        body: body === undefined ? undefined : JSON.stringify(body),
+      });
+      data = await response.json().catch((error) => {
+        if (controller.signal.aborted) throw error;
+        return {};
+      });
+    } catch (error) {
+      if (signal && signal.aborted) throw error;  // superseded by a newer request: not a failure
+      const why = controller.signal.aborted ? controller.signal.reason.message : "the connection failed";
+      linkDown(why, sent);
+      throw new Unreachable(`could not reach the sidecar (${why})`);
+    } finally {
+      clearTimeout(timer);
+      if (signal) signal.removeEventListener("abort", abandon);
+    }
+    linkUp();
     if (response.status === 401 && attempt === 0) {
       sessionStorage.removeItem(TOKEN_KEY);
       if (await askToken()) continue;
     }
-    const data = await response.json().catch(() => ({}));
     return { status: response.status, data, headers: response.headers };
   }
+}
+
+/** The data of a read that must succeed, else an error naming what failed. */
+function answered(result, path) {
+  if (result.status >= 200 && result.status < 300) return result.data;
+  if (path === "/health/hot-reload" && result.status === 503 && result.data.status) return result.data;
+  throw new Error(`${path}: ${errorText(result)}`);
 }
 
 function errorText(result) {
   const error = result.data && result.data.error;
   return error ? `${result.status}: ${error.message}` : `HTTP ${result.status}`;
+}
+
+/** Nothing answers a request sent at `sent`: from then on, the page says, nothing is
+ *  known, and what it shows is what it last knew. */
+function linkDown(why, sent) {
+  if (link.downSince === null) link.downSince = Math.max(sent, link.answeredAt);
+  link.why = why;
+  renderHeader();
+  renderBanner();
+}
+
+/** An answer after a time without: every part of the page is read again (what it knew
+ *  may be wrong now), and the feed reconnects without waiting for its backoff. */
+function linkUp() {
+  link.answeredAt = Date.now();
+  if (link.downSince === null) return;
+  link.downSince = null;
+  list.allChanged = true;
+  renderHeader();
+  renderBanner();
+  refresh();
+  if (!feed.socket) reconnectNow();
 }
 
 // ------------------------------------------------------------------------- refresh
@@ -142,46 +208,201 @@ function refresh() {
         refreshAgain = false;
         await readAll();
       } while (refreshAgain || (behind() && catchUp-- > 0));
+      link.readError = null;
     } catch (error) {
-      const pill = $("health");
-      pill.dataset.state = "unhealthy";
-      pill.textContent = "unreachable";
-      pill.title = String(error);
+      // Unreachable is shown by linkDown(); anything else is an answer the page cannot use.
+      if (!(error instanceof Unreachable)) link.readError = error.message;
     } finally {
       refreshing = null;
+      renderBanner();
     }
   })();
   return refreshing;
 }
 
+async function readHealth() {
+  const [health, status] = await Promise.all([api("/health/hot-reload"), api(`${HOT}/status`)]);
+  view.health = answered(health, "/health/hot-reload");
+  view.status = answered(status, `${HOT}/status`);
+  link.knownAt = Date.now();
+}
+
 async function readAll() {
-  const [health, status, rulesets, rules, history, changes] = await Promise.all([
-    api("/health/hot-reload"), api(`${HOT}/status`), api("/api/v1/rulesets"),
-    api("/api/v1/rules"), api(`${HOT}/history?limit=25`), api(`${HOT}/changes?limit=${MAX_CHANGES}`),
+  const [, history, changes] = await Promise.all([
+    readHealth(), api(`${HOT}/history?limit=25`), api(`${HOT}/changes?limit=${MAX_CHANGES}`),
+    readList(),
   ]);
-  view.health = health.data;
-  view.status = status.data;
-  view.rulesets = rulesets.data.rulesets || [];
-  view.rules = rules.data.rules || [];
-  view.history = history.data.history || [];
-  view.changes = changes.data;
+  view.history = answered(history, "history").history || [];
+  view.changes = answered(changes, "changes");
   renderHeader();
   renderBanner();
-  renderRules();
+  renderList();
   renderTryRulesets();
   renderChanges();
   renderHistory();
 }
 
+/** Between reloads the page reads health alone, so that what it shows has an age, and
+ *  a sidecar that stops answering is seen within seconds, with or without the feed. */
+async function probe() {
+  clearTimeout(probe.timer);
+  try {
+    await readHealth();
+    renderHeader();
+    renderBanner();
+  } catch {
+    // linkDown() has said it; a bad answer waits for the next full read.
+  } finally {
+    probe.timer = setTimeout(probe, link.downSince === null ? PROBE_MS : PROBE_DOWN_MS);
+  }
+}
+
+// ------------------------------------------------------------------------- the list
+
+/** The page of the list shown: rulesets, or with a filter the rules that match. Only
+ *  what changed is read again: the page when the feed named one of its rulesets (or
+ *  rulesets came or went), and the rules of an opened ruleset when it changed. */
+async function readList({ force = false, signal } = {}) {
+  const needle = list.needle;
+  const everything = list.allChanged;
+  const changed = new Set(list.changed);
+  list.allChanged = false;
+  list.changed.clear();
+  try {
+    const shown = view.list && view.list.needle === needle && view.list.offset === list.offset;
+    const onPage = shown && (view.list.items || []).some((item) => changed.has(item.ruleset_id ?? item.id));
+    if (force || needle || everything || !shown || list.pageChanged || onPage) {
+      list.pageChanged = false;
+      const query = new URLSearchParams({ offset: list.offset, limit: PAGE_SIZE });
+      if (needle) query.set("q", needle);
+      const path = needle ? "/api/v1/rules" : "/api/v1/rulesets";
+      const data = answered(await api(`${path}?${query}`, { signal }), path);
+      view.list = { needle, offset: list.offset, total: data.total,
+        items: needle ? data.rules : data.rulesets };
+      if (list.offset > 0 && list.offset >= data.total) {  // the list got shorter
+        list.offset = Math.max(0, Math.floor((data.total - 1) / PAGE_SIZE) * PAGE_SIZE);
+        return readList({ force: true, signal });
+      }
+    }
+    for (const id of list.rules.keys()) {
+      if (everything || changed.has(id) || !list.opened.has(id)) list.rules.delete(id);
+    }
+    renderList();
+    await Promise.all([...list.opened].filter((id) => shownIds().includes(id) && !list.rules.has(id))
+      .map((id) => readRuleset(id)));
+  } catch (error) {
+    // Not read: read it again next time.
+    if (everything) list.allChanged = true;
+    for (const id of changed) list.changed.add(id);
+    throw error;
+  }
+}
+
+function shownIds() {
+  if (!view.list || view.list.needle) return [];
+  return view.list.items.map((r) => r.id);
+}
+
+/** The rules of one opened ruleset, read when it is opened or when it changed. */
+async function readRuleset(id) {
+  const result = await api(`/api/v1/rulesets/${encodeURIComponent(id)}`);
+  if (result.status === 404) {
+    list.rules.delete(id);
+    list.pageChanged = true;
+    return;
+  }
+  list.rules.set(id, answered(result, `ruleset ${id}`));
+  const block = document.querySelector(`#rulesets details[data-ruleset="${CSS.escape(id)}"]`);
+  if (block && block.open) fill(block.querySelector(".ruleset-body"), rulesetBody(list.rules.get(id)));
+}
+
+/** What happened to the registry, from the feed: which rulesets to read again. */
+function noteChange(message) {
+  const data = message.data || {};
+  switch (message.event_type) {
+    case "rule_added": case "rule_updated": case "rule_removed": case "ruleset_updated":
+      if (data.ruleset_id) list.changed.add(data.ruleset_id);
+      return;
+    case "ruleset_added": case "ruleset_removed":
+      if (data.ruleset_id) list.changed.add(data.ruleset_id);
+      list.pageChanged = true;  // the pages after it move
+      return;
+    case "registry_cleared": case "changes_omitted": case "resync_required":
+      list.allChanged = true;
+      list.pageChanged = true;
+      return;
+    default:
+  }
+}
+
+let filterRead = null;
+let filterTimer = null;
+
+/** The filter asks the sidecar (`q`): the page never holds every rule. Keystrokes within
+ *  200 ms make one read, and a newer read abandons the one before it. */
+function filterChanged() {
+  clearTimeout(filterTimer);
+  filterTimer = setTimeout(() => {
+    list.needle = $("filter").value.trim();
+    list.offset = 0;
+    readListNow();
+  }, 200);
+}
+
+async function readListNow() {
+  if (filterRead) filterRead.abort();
+  const controller = new AbortController();
+  filterRead = controller;
+  try {
+    await readList({ force: true, signal: controller.signal });
+  } catch (error) {
+    if (!controller.signal.aborted && !(error instanceof Unreachable)) {
+      link.readError = error.message;
+      renderBanner();
+    }
+  } finally {
+    if (filterRead === controller) filterRead = null;
+  }
+}
+
+/** Previous and next page; the focus stays on a pagination button for keyboard users
+ *  (on the other one when the pressed one is disabled at the first or last page). */
+function turnPage(step) {
+  if (!view.list) return;
+  const offset = list.offset + step * PAGE_SIZE;
+  if (offset < 0 || offset >= view.list.total) return;
+  list.offset = offset;
+  readListNow();
+}
+
 // ------------------------------------------------------------------------- rendering
 
+function clock(ms) {
+  return new Date(ms).toLocaleTimeString([], { hour12: false });
+}
+
+/** The pill says what the page last knew and how old that is; when nothing answers, it
+ *  says since when, and the last thing known stays beside it as what it is: old news. */
 function renderHeader() {
   const { health, status } = view;
-  const pill = $("health");
-  pill.dataset.state = health.status;
-  pill.textContent = health.status;
-  const failing = Object.entries(health.checks || {}).filter(([, ok]) => !ok).map(([k]) => k);
-  pill.title = failing.length ? `failing checks: ${failing.join(", ")}` : "every check passes";
+  const pill = $("health-pill");
+  if (link.downSince !== null) {
+    pill.dataset.state = "unreachable";
+    $("health").textContent = `unreachable since ${clock(link.downSince)}`;
+    pill.title = link.why;
+  } else if (health) {
+    pill.dataset.state = health.status;
+    $("health").textContent = health.status;
+    const failing = Object.entries(health.checks || {}).filter(([, ok]) => !ok).map(([k]) => k);
+    pill.title = failing.length ? `failing checks: ${failing.join(", ")}` : "every check passes";
+  }
+  renderAge();
+  const socketOpen = feed.socket !== null && feed.socket.readyState === WebSocket.OPEN;
+  if (socketOpen) {  // an open socket to a sidecar that answers nothing is no live feed
+    setFeedState(link.downSince === null ? "open" : "closed",
+      link.downSince === null ? "connected" : "silent");
+  }
+  if (!status) return;
   $("version").textContent = status.registry.version;
   $("revision").textContent = status.registry.revision;
   fill($("last-reload"),
@@ -189,9 +410,30 @@ function renderHeader() {
   $("monitoring").textContent = status.monitoring_active ? "on" : "off";
 }
 
+function renderAge() {
+  if (link.knownAt === null) return;
+  const known = age(new Date(link.knownAt).toISOString());
+  $("health-age").textContent = link.downSince === null ? known
+    : `last known ${view.health ? view.health.status : "nothing"}, ${known}`;
+}
+
 /** Why the page must shout: a failed reload until a good one, else what degrades health. */
 function bannerContent() {
   const { health, status } = view;
+  if (link.downSince !== null) {
+    return {
+      level: "error",
+      title: `Cannot reach the sidecar since ${clock(link.downSince)}`,
+      text: [`${link.why[0].toUpperCase()}${link.why.slice(1)}. Everything below is what the page last knew`,
+        link.knownAt === null ? "" : [" (", since(new Date(link.knownAt).toISOString()), ")"],
+        ": it may serve other rules now, or none. Trying again every few seconds."],
+      problems: [],
+    };
+  }
+  if (link.readError) {
+    return { level: "error", title: "The sidecar's answer could not be shown",
+      text: [link.readError, ". What is shown may be out of date."], problems: [] };
+  }
   if (!status) return null;
   if (status.last_reload_status === "failed") {
     return {
@@ -240,13 +482,6 @@ function renderBanner() {
   fill($("banner-errors"), content.problems.map(problemItem));
 }
 
-function ruleMatches(rule, needle) {
-  if (!needle) return true;
-  const haystack = [rule.id, rule.name, rule.condition, rule.ruleset_id, ...(rule.tags || []),
-    rule.source ? rule.source.file : ""].join("\n").toLowerCase();
-  return haystack.includes(needle);
-}
-
 function ruleRow(rule) {
   return el("tr", { dataset: { rule: rule.id, enabled: String(rule.enabled) } },
     el("td", {}, el("code", {}, rule.id), rule.name !== rule.id ? el("div", {}, rule.name) : null),
@@ -256,43 +491,99 @@ function ruleRow(rule) {
     el("td", { title: rule.source ? rule.source.file : "" }, sourceText(rule.source)));
 }
 
-function renderRules() {
-  const needle = $("filter").value.trim().toLowerCase();
-  const byRuleset = new Map(view.rulesets.map((r) => [r.id, []]));
-  let shown = 0;
-  let matching = 0;
-  for (const rule of view.rules) {
-    if (!ruleMatches(rule, needle)) continue;
-    matching += 1;
-    if (shown < MAX_RULE_ROWS && byRuleset.has(rule.ruleset_id)) {
-      byRuleset.get(rule.ruleset_id).push(rule);
-      shown += 1;
-    }
-  }
-  const blocks = view.rulesets.filter((r) => byRuleset.get(r.id).length || !needle).map((r) => {
-    const bands = r.decisions.map((d) => `${d.decision} ≥ ${d.min_points}`).join(", ");
-    const fallback = r.default_decision ? `, otherwise ${r.default_decision}` : "";
-    return el("details", { className: "ruleset", open: true, dataset: { ruleset: r.id } },
-      el("summary", {}, `${r.id}: ${r.name} (${r.enabled_rule_count} of ${r.rule_count} rules enabled)`),
-      el("p", { className: "muted" }, `${bands || "no decision bands"}${fallback}. `,
-        sourceText(r.source)),
-      el("div", { className: "table-scroll" }, el("table", {},
-        el("thead", {}, el("tr", {}, ["Rule", "Points", "Enabled", "Condition", "Source"]
-          .map((h) => el("th", { scope: "col" }, h)))),
-        el("tbody", {}, byRuleset.get(r.id).map(ruleRow)))));
-  });
-  fill($("rulesets"), blocks);
-  const total = view.rules.length;
-  let summary = needle ? `${matching} of ${total} rules match.` : `${total} rules in ${view.rulesets.length} rulesets.`;
-  if (matching > shown) summary += ` Showing the first ${shown}; filter to narrow.`;
-  $("rules-summary").textContent = summary;
+/** A table of rules; never an empty one. */
+function rulesTable(rules) {
+  if (!rules.length) return el("p", { className: "muted" }, "No rules.");
+  return el("div", { className: "table-scroll" }, el("table", {},
+    el("thead", {}, el("tr", {}, ["Rule", "Points", "Enabled", "Condition", "Source"]
+      .map((h) => el("th", { scope: "col" }, h)))),
+    el("tbody", {}, rules.map(ruleRow))));
 }
 
+function rulesetBody(ruleset) {
+  const bands = ruleset.decisions.map((d) => `${d.decision} ≥ ${d.min_points}`).join(", ");
+  const fallback = ruleset.default_decision ? `, otherwise ${ruleset.default_decision}` : "";
+  return [el("p", { className: "muted" }, `${bands || "no decision bands"}${fallback}. `,
+    sourceText(ruleset.source)), ruleset.rules ? rulesTable(ruleset.rules) : el("p", {}, "Reading…")];
+}
+
+/** A ruleset, collapsed unless opened: its rules are read when it is opened. */
+function rulesetBlock(ruleset) {
+  const opened = list.opened.has(ruleset.id);
+  const known = list.rules.get(ruleset.id);
+  const block = el("details", { className: "ruleset", open: opened, dataset: { ruleset: ruleset.id } },
+    el("summary", {}, `${ruleset.id}: ${ruleset.name} (${ruleset.enabled_rule_count} of ${ruleset.rule_count} rules enabled)`),
+    el("div", { className: "ruleset-body" }, opened ? rulesetBody(known || ruleset) : null));
+  block.addEventListener("toggle", () => {
+    if (block.open && list.opened.has(ruleset.id)) return;  // rendered open: readList reads it
+    if (block.open) {
+      list.opened.add(ruleset.id);
+      const body = block.querySelector(".ruleset-body");
+      fill(body, rulesetBody(list.rules.get(ruleset.id) || ruleset));
+      if (!list.rules.has(ruleset.id)) readRuleset(ruleset.id).catch(() => {});
+    } else {
+      list.opened.delete(ruleset.id);
+      list.rules.delete(ruleset.id);
+      fill(block.querySelector(".ruleset-body"));
+    }
+  });
+  return block;
+}
+
+/** Matching rules, grouped by ruleset and shown open: they are what was asked for. */
+function matchBlocks(rules) {
+  const groups = new Map();
+  for (const rule of rules) {
+    if (!groups.has(rule.ruleset_id)) groups.set(rule.ruleset_id, []);
+    groups.get(rule.ruleset_id).push(rule);
+  }
+  return [...groups].map(([id, matched]) => el("details", { className: "ruleset", open: true, dataset: { ruleset: id } },
+    el("summary", {}, `${id}: ${plural(matched.length, "matching rule")}`), rulesTable(matched)));
+}
+
+function renderList() {
+  const shown = view.list;
+  if (!shown) return;
+  const { total, items, offset } = shown;
+  // Rebuilt after a reload: a keyboard user's focus on a ruleset stays on it.
+  const focused = document.activeElement.closest("#rulesets [data-ruleset]");
+  fill($("rulesets"), shown.needle ? matchBlocks(items) : items.map(rulesetBlock));
+  if (focused) {
+    const again = $("rulesets").querySelector(`[data-ruleset="${CSS.escape(focused.dataset.ruleset)}"] > summary`);
+    if (again) again.focus();
+  }
+  $("rulesets").dataset.filter = shown.needle;  // what the list shows, for its tests
+  const rules = view.status ? view.status.registry.rule_count : null;
+  $("rules-summary").textContent = shown.needle
+    ? `${total} of ${rules ?? "?"} rules match.`
+    : `${rules ?? "?"} rules in ${plural(total, "ruleset")}.`;
+  renderPages(total, offset, items.length, shown.needle ? "rules" : "rulesets");
+}
+
+function renderPages(total, offset, count, noun) {
+  const nav = $("pages");
+  nav.hidden = total <= PAGE_SIZE;
+  if (nav.hidden) return;
+  const previous = $("page-previous");
+  const next = $("page-next");
+  const focused = document.activeElement;
+  previous.disabled = offset === 0;
+  next.disabled = offset + count >= total;
+  const pages = Math.ceil(total / PAGE_SIZE);
+  $("page-position").textContent =
+    `Page ${Math.floor(offset / PAGE_SIZE) + 1} of ${pages}: ${noun} ${offset + 1} to ${offset + count} of ${total}`;
+  if (focused === previous && previous.disabled) next.focus();
+  if (focused === next && next.disabled) previous.focus();
+}
+
+/** The rulesets of the page shown (a select of 5,000 options is no use to anyone). */
 function renderTryRulesets() {
   const select = $("try-ruleset");
   const chosen = select.value;
-  fill(select, view.rulesets.map((r) => el("option", { value: r.id }, r.id)));
-  if (view.rulesets.some((r) => r.id === chosen)) select.value = chosen;
+  const ids = new Set(chosen ? [chosen] : []);
+  if (view.list) for (const item of view.list.items) ids.add(item.ruleset_id ?? item.id);
+  fill(select, [...ids].sort().map((id) => el("option", { value: id }, id)));
+  if (chosen) select.value = chosen;
 }
 
 /** The fields of an updated rule or ruleset that differ, as `field: before → after`. */
@@ -413,6 +704,8 @@ function behind() {
  *  its seq counts in its instance, so both go back (a restarted sidecar answers
  *  resync_required, and the page reads everything again). */
 function connect() {
+  clearTimeout(feed.timer);
+  feed.timer = null;
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const resume = feed.lastSeq === null ? ""
     : `?${new URLSearchParams({ instance: feed.instance, last_seq: feed.lastSeq })}`;
@@ -424,14 +717,21 @@ function connect() {
     opened = true;
     feed.retryMs = 1000;
     setFeedState("open", "connected");
+    linkUp();
   };
   socket.onmessage = (event) => {
-    const message = JSON.parse(event.data);
+    let message;
+    try {
+      message = JSON.parse(event.data);
+    } catch {
+      return;
+    }
     if (message.event_type === "pong") return;
     if (typeof message.seq === "number" && typeof message.instance === "string") {
       [feed.instance, feed.lastSeq] = [message.instance, message.seq];
     }
     addEvent(message);
+    noteChange(message);
     if (message.event_type === "rules_reloaded" || message.event_type === "reload_failed") {
       showRecord(message.data);
       refresh();
@@ -446,14 +746,25 @@ function connect() {
     }
   };
   socket.onclose = async () => {
+    if (feed.socket !== socket) return;
+    feed.socket = null;
     setFeedState("closed", "reconnecting…");
+    probe();  // a closed feed is often a stopped sidecar: find out now, not at the next probe
     if (!opened && (await socketNeedsToken())) {
       setFeedState("closed", "needs the admin token");
       if (!(await askToken())) return;
     }
-    setTimeout(connect, feed.retryMs);
+    if (feed.socket || feed.timer) return;  // reconnected meanwhile (linkUp)
+    feed.timer = setTimeout(connect, feed.retryMs);
     feed.retryMs = Math.min(feed.retryMs * 2, 15000);
   };
+}
+
+/** The sidecar answers again: connect at once instead of at the end of the backoff. */
+function reconnectNow() {
+  if (feed.socket || feed.timer === null) return;
+  feed.retryMs = 1000;
+  connect();
 }
 
 /** A browser does not tell why a WebSocket handshake failed; a plain GET of the same path
@@ -461,7 +772,8 @@ function connect() {
 async function socketNeedsToken() {
   try {
     const headers = token() ? { Authorization: `Bearer ${token()}` } : {};
-    const response = await fetch("/ws/hot-reload", { headers, cache: "no-store" });
+    const response = await fetch("/ws/hot-reload",
+      { headers, cache: "no-store", signal: AbortSignal.timeout(READ_TIMEOUT_MS) });
     if (response.status === 401) sessionStorage.removeItem(TOKEN_KEY);
     return response.status === 401;
   } catch {
@@ -476,36 +788,56 @@ function showResult(node, outcome, ...children) {
   fill(node, children);
 }
 
-async function runAction(path, label) {
-  const out = $("action-result");
+/** Run `work` with `button` busy; whatever happens, the button is free again after, and
+ *  a failure to reach the sidecar is said, not left as "Validating…" forever. */
+async function busy(button, label, work) {
+  if (button.getAttribute("aria-disabled") === "true") return;
+  const out = button.form ? $("try-result") : $("action-result");
+  button.setAttribute("aria-disabled", "true");
   showResult(out, "busy", `${label}…`);
-  const result = await api(path, { method: "POST", body: {} });
-  const record = result.data;
-  if (result.status === 200 && record.status) {
-    showResult(out, "ok", `${label}: ${record.status}, version ${record.version_after}.`);
-  } else if (result.status === 422 && record.errors) {
-    showResult(out, "error", `${label} failed; nothing changed:`,
-      el("ul", { className: "problems" }, record.errors.map(problemItem)));
-  } else {
-    const retry = result.headers.get("Retry-After");
-    showResult(out, "error", `${label}: ${errorText(result)}${retry ? ` (retry in ${retry} s)` : ""}`);
+  try {
+    await work(out);
+  } catch (error) {
+    showResult(out, "error", `${label}: ${error.message}`);
+  } finally {
+    button.removeAttribute("aria-disabled");
   }
-  refresh();
+}
+
+async function runAction(button, path, label) {
+  await busy(button, label, async (out) => {
+    try {
+      const result = await api(path, { method: "POST", body: {}, timeoutMs: ACTION_TIMEOUT_MS });
+      const record = result.data;
+      if (result.status === 200 && record.status) {
+        showResult(out, "ok", `${label}: ${record.status}, version ${record.version_after}.`);
+      } else if (result.status === 422 && record.errors) {
+        showResult(out, "error", `${label} failed; nothing changed:`,
+          el("ul", { className: "problems" }, record.errors.map(problemItem)));
+      } else {
+        const retry = result.headers.get("Retry-After");
+        showResult(out, "error", `${label}: ${errorText(result)}${retry ? ` (retry in ${retry} s)` : ""}`);
+      }
+    } finally {
+      refresh();
+    }
+  });
 }
 
 async function validate() {
-  const out = $("action-result");
-  showResult(out, "busy", "Validating…");
-  const result = await api(`${HOT}/validate`, { method: "POST", body: {} });
-  const report = result.data;
-  if (result.status !== 200) {
-    showResult(out, "error", `Validate: ${errorText(result)}`);
-  } else if (report.valid) {
-    showResult(out, "ok", `Valid: ${report.total_rules} rules in ${report.total_rulesets} rulesets.`);
-  } else {
-    showResult(out, "error", `Not valid: ${plural(report.errors.length, "problem")}.`,
-      el("ul", { className: "problems" }, report.errors.map(problemItem)));
-  }
+  await busy($("validate"), "Validate", async (out) => {
+    showResult(out, "busy", "Validating…");
+    const result = await api(`${HOT}/validate`, { method: "POST", body: {}, timeoutMs: ACTION_TIMEOUT_MS });
+    const report = result.data;
+    if (result.status !== 200) {
+      showResult(out, "error", `Validate: ${errorText(result)}`);
+    } else if (report.valid) {
+      showResult(out, "ok", `Valid: ${report.total_rules} rules in ${report.total_rulesets} rulesets.`);
+    } else {
+      showResult(out, "error", `Not valid: ${plural(report.errors.length, "problem")}.`,
+        el("ul", { className: "problems" }, report.errors.map(problemItem)));
+    }
+  });
 }
 
 async function tryIt(event) {
@@ -519,38 +851,43 @@ async function tryIt(event) {
     return;
   }
   const id = $("try-ruleset").value;
-  const result = await api(`/api/v1/rulesets/${encodeURIComponent(id)}/evaluate`,
-    { method: "POST", body: { input } });
-  if (result.status !== 200) {
-    showResult(out, "error", errorText(result));
-    return;
-  }
-  const answer = result.data;
-  showResult(out, "ok",
-    el("p", {}, "Decision ", el("strong", { id: "try-decision" }, answer.decision ?? "none"),
-      ", total ", el("strong", { id: "try-total" }, answer.total_points), " points (version ",
-      answer.registry_version, ")."),
-    el("p", {}, `Matched ${plural(answer.matched.length, "rule")}:`),
-    el("ul", { id: "try-matched" }, answer.matched.map((m) =>
-      el("li", {}, el("code", {}, m.id), ` ${m.name}: ${m.points} points`))),
-    answer.errors.length ? el("details", {}, el("summary", {}, `${plural(answer.errors.length, "rule")} errored`),
-      el("ul", {}, answer.errors.map((e) => el("li", {}, el("code", {}, e.rule_id), `: ${e.error}`))))
-      : null);
+  await busy(event.submitter || $("try").querySelector("button"), "Evaluate", async () => {
+    const result = await api(`/api/v1/rulesets/${encodeURIComponent(id)}/evaluate`,
+      { method: "POST", body: { input }, timeoutMs: ACTION_TIMEOUT_MS });
+    if (result.status !== 200) {
+      showResult(out, "error", errorText(result));
+      return;
+    }
+    const answer = result.data;
+    showResult(out, "ok",
+      el("p", {}, "Decision ", el("strong", { id: "try-decision" }, answer.decision ?? "none"),
+        ", total ", el("strong", { id: "try-total" }, answer.total_points), " points (version ",
+        answer.registry_version, ")."),
+      el("p", {}, `Matched ${plural(answer.matched.length, "rule")}:`),
+      el("ul", { id: "try-matched" }, answer.matched.map((m) =>
+        el("li", {}, el("code", {}, m.id), ` ${m.name}: ${m.points} points`))),
+      answer.errors.length ? el("details", {}, el("summary", {}, `${plural(answer.errors.length, "rule")} errored`),
+        el("ul", {}, answer.errors.map((e) => el("li", {}, el("code", {}, e.rule_id), `: ${e.error}`))))
+        : null);
+  });
 }
 
 // ------------------------------------------------------------------------- start
 
 document.addEventListener("DOMContentLoaded", () => {
-  $("reload").addEventListener("click", () => runAction(`${HOT}/reload`, "Reload"));
+  $("reload").addEventListener("click", () => runAction($("reload"), `${HOT}/reload`, "Reload"));
   $("validate").addEventListener("click", validate);
   $("rollback").addEventListener("click", () => {
     if (confirm("Publish the previous version's rules again, as a new version?")) {
-      runAction(`${HOT}/rollback`, "Rollback");
+      runAction($("rollback"), `${HOT}/rollback`, "Rollback");
     }
   });
-  $("filter").addEventListener("input", renderRules);
+  $("filter").addEventListener("input", filterChanged);
+  $("page-previous").addEventListener("click", () => turnPage(-1));
+  $("page-next").addEventListener("click", () => turnPage(1));
   $("try").addEventListener("submit", tryIt);
   refresh();
   connect();
+  probe.timer = setTimeout(probe, PROBE_MS);
   setInterval(tick, 1000);
 });
