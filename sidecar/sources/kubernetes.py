@@ -164,6 +164,15 @@ def _configmap_of(file: str) -> str | None:
     return file.removeprefix(_FILE_PREFIX).partition("/")[0] or None
 
 
+def _version_of(obj: Mapping[str, object], what: str) -> str:
+    """The resourceVersion of a list or a BOOKMARK (neither is a whole ConfigMap)."""
+    metadata = obj.get("metadata")
+    version = metadata.get("resourceVersion") if isinstance(metadata, dict) else None
+    if not isinstance(version, str) or not version:
+        raise _Fault(f"{what} has no metadata.resourceVersion")
+    return version
+
+
 def _identity(obj: Mapping[str, object], what: str) -> tuple[str, str]:
     """(name, resourceVersion) of an object from the API; `what` names it in messages."""
     metadata = obj.get("metadata")
@@ -258,14 +267,6 @@ class _Event:
         if not isinstance(obj, dict):
             raise _Fault(f"the watch sent a {kind} event whose object is {_kind(obj)}")
         return cls(kind, obj)
-
-    def version(self) -> str:
-        """A BOOKMARK's resourceVersion (its object is not a whole ConfigMap)."""
-        metadata = self.object.get("metadata")
-        version = metadata.get("resourceVersion") if isinstance(metadata, dict) else None
-        if not isinstance(version, str) or not version:
-            raise _Fault(f"the watch sent a {self.type} event without metadata.resourceVersion")
-        return version
 
     def error(self) -> ApiException:
         """An ERROR event's Status, as the exception the same Status as an HTTP answer gives."""
@@ -514,7 +515,7 @@ class ConfigMapSource:
             ) from None
         if not isinstance(listing, dict):
             raise _Fault(f"the list answer is {_kind(listing)}, not a ConfigMapList")
-        version = _Event("list", listing).version()
+        version = _version_of(listing, "the list answer")
         items = listing.get("items") or []
         if not isinstance(items, list):
             raise _Fault(f"the list answer's items are {_kind(items)}, not a list")
@@ -639,7 +640,7 @@ class ConfigMapSource:
         name: str | None = None
         configmap: _ConfigMap | None = None
         if event.type == "BOOKMARK":
-            version = event.version()
+            version = _version_of(event.object, "a BOOKMARK event")
         else:
             name, version = _identity(event.object, f"a {event.type} event")
             if event.type != "DELETED":
