@@ -144,7 +144,7 @@ class FakeKubernetes:
     Faults a watch or a list can bring, one call each: `drop_next_event()` (a change made
     but never delivered), `send_stale()` (an older state of a ConfigMap delivered out of
     order), `send_line()` (a line that is not a proper event), `trickle_lists()` (list
-    answers a few bytes at a time), `break_next_list()` (the connection closed halfway
+    answers a few bytes at a time, or late), `break_next_list()` (the connection closed halfway
     through an answer) and `answer_next_list()` (any body as the next list's answer).
     """
 
@@ -160,6 +160,7 @@ class FakeKubernetes:
         self._drop_events = 0
         self._trickle: float | None = None
         self._trickle_chunk = 64
+        self._headers_after = 0.0
         self._list_answers: list[bytes | None] = []  # None: break the answer halfway
         self.bookmark_interval: float | None = None
         self.events: list[dict[str, Any]] = []
@@ -253,11 +254,15 @@ class FakeKubernetes:
         """Send watches `line` as it is, where an event belongs."""
         self._call(self._send_raw(line))
 
-    def trickle_lists(self, seconds_per_chunk: float | None, *, chunk: int = 64) -> None:
+    def trickle_lists(
+        self, seconds_per_chunk: float | None, *, chunk: int = 64, headers_after: float = 0.0
+    ) -> None:
         """Answer lists `chunk` bytes at a time, `seconds_per_chunk` apart (None: at once):
-        each read gets data soon, the whole answer takes long."""
+        each read gets data soon, the whole answer takes long. `headers_after`: send
+        nothing at all for that long first."""
         self._trickle = seconds_per_chunk
         self._trickle_chunk = chunk
+        self._headers_after = headers_after
 
     def break_next_list(self) -> None:
         """The next list answer announces its full length, sends half and closes."""
@@ -384,6 +389,7 @@ class FakeKubernetes:
         self, request: web.Request, body: bytes, *, broken: bool
     ) -> web.StreamResponse:
         """`body` at once, trickled, or (`broken`) cut off halfway."""
+        await asyncio.sleep(self._headers_after)
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         response.content_length = len(body)
         await response.prepare(request)

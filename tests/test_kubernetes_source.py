@@ -697,6 +697,18 @@ class TestListDeadline:
         kube.trickle_lists(None)
         assert names(source) == ["configmap/a/a.yaml", "configmap/a/b.yaml"]
 
+    def test_a_list_answered_late_fails_at_the_deadline(self, kube: FakeKubernetes):
+        """Headers that do not come within the deadline fail the read once, at the
+        deadline: urllib3 does not send the list again (three times more, before)."""
+        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
+        kube.trickle_lists(None, headers_after=3)
+        source = source_for(kube, list_deadline_seconds=0.5)
+        with pytest.raises(LoadError) as caught:
+            source.read()
+        (problem,) = caught.value.problems
+        assert problem.message.startswith("the list of ConfigMaps was not complete within 0.5 s")
+        assert lists(kube) == 1
+
     def test_a_trickled_list_within_the_deadline_is_read(self, kube: FakeKubernetes):
         kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
         kube.trickle_lists(0.01, chunk=32)

@@ -28,6 +28,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -96,6 +97,22 @@ def api_client_from_environment() -> client.ApiClient:
 class _Fault(Exception):
     """The API server sent something the protocol does not allow, or too slowly: the
     message says what, in words, for health, logs and the failed reload."""
+
+
+def _too_slow(seconds: float) -> _Fault:
+    return _Fault(
+        f"the list of ConfigMaps was not complete within {seconds:g} s "
+        "(a slow or overloaded API server)"
+    )
+
+
+def _without_retries(api: client.ApiClient) -> client.ApiClient:
+    """A client like `api` that never repeats a request by itself: urllib3 would send a
+    list whose answer timed out three more times, far past its deadline. The reflector
+    and the reload service retry on their own, with backoff, and report each failure."""
+    configuration = copy.deepcopy(api.configuration)
+    configuration.retries = False
+    return client.ApiClient(configuration)
 
 
 def describe_error(exc: BaseException) -> str:
@@ -310,10 +327,7 @@ def _read_within(response: urllib3.HTTPResponse, deadline: float, seconds: float
         return response.read()
     except Exception:
         if expired.is_set():
-            raise _Fault(
-                f"the list of ConfigMaps was not complete within {seconds:g} s "
-                "(a slow or overloaded API server)"
-            ) from None
+            raise _too_slow(seconds) from None
         raise
     finally:
         timer.cancel()
@@ -341,7 +355,7 @@ class ConfigMapSource:
     ) -> None:
         self.namespace = namespace
         self.label_selector = label_selector
-        self._core = client.CoreV1Api(api)
+        self._core = client.CoreV1Api(_without_retries(api))
         self._watch_timeout = max(1, round(watch_timeout_seconds))
         # Silence for longer than the server's own timeout means the watch is stalled.
         self._read_timeout = stalled_after_seconds or self._watch_timeout * 1.1 + 5.0
@@ -500,12 +514,12 @@ class ConfigMapSource:
     def _list(self) -> _Listing:
         """One list, complete within the list deadline, checked item by item."""
         deadline = time.monotonic() + self._list_deadline
-        response = self._request(
-            _request_timeout=(
-                min(_CONNECT_TIMEOUT_S, self._list_deadline),
-                min(_LIST_TIMEOUT_S, self._list_deadline),
-            ),
-        )
+        try:  # connecting and the headers: within the deadline (urllib3's total)
+            response = self._request(_request_timeout=self._list_deadline)
+        except urllib3.exceptions.TimeoutError as exc:
+            if isinstance(exc, urllib3.exceptions.NewConnectionError):
+                raise  # a refused connection, which urllib3 counts as a timeout
+            raise _too_slow(self._list_deadline) from None
         body = _read_within(response, deadline, self._list_deadline)
         try:
             listing = json.loads(body)
