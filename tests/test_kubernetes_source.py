@@ -645,8 +645,21 @@ class TestMalformedWatch:
                 "a MODIFIED event has no metadata.name",
             ),
             (b'{"type": "ADDED", "object": {"metadata": []}}', "has no metadata (found a list)"),
+            (
+                b'{"type": "ERROR", "object": {"reason": "Expired"}}',
+                'an ERROR event without a status code: \'{"reason": "Expired"}\'',
+            ),
         ],
-        ids=["html", "no-type", "no-object", "not-an-object", "unknown-type", "no-name", "meta"],
+        ids=[
+            "html",
+            "no-type",
+            "no-object",
+            "not-an-object",
+            "unknown-type",
+            "no-name",
+            "meta",
+            "error-without-code",
+        ],
     )
     async def test_a_malformed_line_is_named_and_the_watch_lists_again(
         self, kube: FakeKubernetes, caplog: pytest.LogCaptureFixture, line: bytes, cause: str

@@ -289,7 +289,8 @@ class _Event:
         """An ERROR event's Status, as the exception the same Status as an HTTP answer gives."""
         code = self.object.get("code")
         if not isinstance(code, int):
-            raise _Fault(f"the watch sent an ERROR event without a status code: {self.object!r}")
+            shown = _excerpt(json.dumps(self.object))
+            raise _Fault(f"the watch sent an ERROR event without a status code: {shown}")
         reason = f"{self.object.get('reason')}: {self.object.get('message')}"
         return ApiException(status=code, reason=reason[:500])
 
