@@ -567,6 +567,20 @@ class TestLostEvents:
             await next_change(reasons)
             assert names(source) == ["configmap/b/b.yaml"]
 
+    async def test_versions_too_long_for_int_are_compared(self, kube: FakeKubernetes):
+        """resourceVersions are compared as numbers without `int()`, which refuses more
+        than 4,300 digits: such an event is newer, not a crash of the watch."""
+        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
+        source = source_for(kube)
+        source.read()
+        huge = {"name": "a", "resourceVersion": "1" + "0" * 5000}
+        event = {"type": "MODIFIED", "object": {"metadata": huge, "data": {"a.yaml": "a: 2"}}}
+        async with watching(source) as reasons:
+            await watch_connected(kube)
+            kube.send_line(json.dumps(event).encode())
+            await next_change(reasons)
+            assert contents(source) == [b"a: 2"]
+
     async def test_the_reflector_lists_again_on_its_own(self, kube: FakeKubernetes):
         """Without any `forget()`, the periodic list finds the lost change, serves it and
         announces it."""

@@ -163,9 +163,15 @@ def _json_error(exc: ValueError) -> str:
 def _not_newer(version: str, than: str | None) -> bool:
     """Whether `version` is no newer than `than`. resourceVersions are opaque to clients,
     but etcd's are increasing integers; a version that is not one is never judged."""
-    if than is None or not (version.isascii() and version.isdigit()):
+    if than is None or not (_is_number(version) and _is_number(than)):
         return False
-    return than.isascii() and than.isdigit() and int(version) <= int(than)
+    # Compared as digit strings: int() refuses more than 4,300 digits.
+    version, than = version.lstrip("0"), than.lstrip("0")
+    return (len(version), version) <= (len(than), than)
+
+
+def _is_number(version: str) -> bool:
+    return version.isascii() and version.isdigit()
 
 
 def _file_name(configmap: str, key: str) -> str:
