@@ -143,7 +143,8 @@ class FakeKubernetes:
 
     Faults a watch or a list can bring, one call each: `drop_next_event()` (a change made
     but never delivered), `send_stale()` (an older state of a ConfigMap delivered out of
-    order), `send_line()` (a line that is not a proper event), `trickle_lists()` (list
+    order), `send_line()` (a line that is not a proper event), `end_watches()` (each
+    watch ended at once), `trickle_lists()` (list
     answers a few bytes at a time, or late), `break_next_list()` (the connection closed halfway
     through an answer) and `answer_next_list()` (any body as the next list's answer).
     """
@@ -158,6 +159,7 @@ class FakeKubernetes:
         self._closing = False
         self.gone_as_event = True
         self._drop_events = 0
+        self._end_watches = False
         self._trickle: float | None = None
         self._trickle_chunk = 64
         self._headers_after = 0.0
@@ -249,6 +251,10 @@ class FakeKubernetes:
         """Deliver to watches, out of order, the state a ConfigMap had before its last
         change (with that state's older resourceVersion) as a MODIFIED event."""
         self._call(self._send_stale(namespace, name))
+
+    def end_watches(self, ending: bool = True) -> None:
+        """End every watch at once, with nothing sent (a proxy that closes streams)."""
+        self._end_watches = ending
 
     def send_line(self, line: bytes) -> None:
         """Send watches `line` as it is, where an event belongs."""
@@ -420,6 +426,8 @@ class FakeKubernetes:
         await response.prepare(request)
         if since < self._oldest - 1:
             await self._send(response, {"type": "ERROR", "object": gone})
+            return response
+        if self._end_watches:
             return response
         timeout = float(query.get("timeoutSeconds", "1800"))
         bookmarks = query.get("allowWatchBookmarks") == "true" and self.bookmark_interval

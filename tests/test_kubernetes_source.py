@@ -694,6 +694,30 @@ class TestMalformedWatch:
         assert warning.endswith("listing again in about 0.5 s")
         assert "Error" not in caplog.text  # no TypeError, KeyError, JSONDecodeError
 
+    async def test_a_watch_ended_at_once_is_a_problem_retried_with_backoff(
+        self, kube: FakeKubernetes
+    ):
+        """A server (or proxy) that ends every watch at once, sending nothing, is the
+        watch's problem, retried after a backoff from the same version (not listed, not
+        hammered); watches that last clear it."""
+        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
+        source = source_for(kube)
+        source.read()
+        kube.end_watches()
+        async with watching(source) as reasons:
+            problem = await eventually(source.watch_problem, message="problem reported")
+            assert (
+                problem
+                == "the API server ended the watch at once, sending nothing (asked for 300 s)"
+            )
+            kube.end_watches(False)
+            await eventually(lambda: source.watch_problem() is None, message="recovered")
+            kube.apply("a", {"a.yaml": "a: 2"}, labels=LABELS)
+            await next_change(reasons)
+            assert contents(source) == [b"a: 2"]
+        assert lists(kube) == 1
+        assert {query["resourceVersion"] for query in kube.watches()} == {"101"}
+
     async def test_an_error_event_is_reported_with_its_status(self, kube: FakeKubernetes):
         """An ERROR event other than 410 is the watch's problem, as its HTTP status would be."""
         source = source_for(kube, max_backoff_seconds=30)

@@ -99,6 +99,10 @@ class _Fault(Exception):
     message says what, in words, for health, logs and the failed reload."""
 
 
+class _ShortWatch(_Fault):
+    """A watch the server ended at once: retried after a backoff, from where it was."""
+
+
 def _too_slow(seconds: float) -> _Fault:
     return _Fault(
         f"the list of ConfigMaps was not complete within {seconds:g} s "
@@ -485,12 +489,12 @@ class ConfigMapSource:
     def _failed(self, exc: Exception, stop: threading.Event, backoff: float) -> float:
         """Record why the watch is down and wait before the next attempt (jittered).
 
-        A server that could not be reached, or refused, is tried again from the last
-        version seen. After anything else (a line that is not an event, an error nobody
-        foresaw) what is held is in doubt, so the next attempt lists.
+        A server that could not be reached, refused, or ended the watch at once is tried
+        again from the last version seen. After anything else (a line that is not an
+        event, an error nobody foresaw) what is held is in doubt, so the next attempt lists.
         """
         reason = describe_error(exc)
-        transport = (ApiException, urllib3.exceptions.HTTPError, OSError)
+        transport = (ApiException, urllib3.exceptions.HTTPError, OSError, _ShortWatch)
         relist = not isinstance(exc, transport)
         with self._lock:
             self._problem = reason
@@ -608,7 +612,8 @@ class ConfigMapSource:
         current: list[urllib3.HTTPResponse],
     ) -> None:
         """One watch request, from the last version seen until the server ends it (at the
-        latest when the next periodic list is due)."""
+        latest when the next periodic list is due). One that ends at once with nothing
+        sent is a failure, as in client-go: retried at once, it would hammer the server."""
         with self._lock:
             epoch, since = self._epoch, self._resource_version
             until_list = self._next_list() - time.monotonic()
@@ -623,12 +628,14 @@ class ConfigMapSource:
             _request_timeout=(_CONNECT_TIMEOUT_S, self._read_timeout),
         )
         current[:] = [response]
+        opened, delivered = time.monotonic(), False
         try:
             with self._lock:
                 self._api_answered()
             if stop.is_set():
                 return
             for line in _lines(response):
+                delivered = True
                 changed = self._apply(_Event.parse(line), epoch, stop)
                 if changed is None:
                     break  # stopped, or a read listed meanwhile: resume from its version
@@ -637,9 +644,14 @@ class ConfigMapSource:
         finally:
             response.close()
             response.release_conn()
-        if not stop.is_set():
-            with self._lock:
-                self._problem = None  # the server ended the watch on time: it is alive
+        if stop.is_set():
+            return
+        if not delivered and time.monotonic() - opened < min(1.0, timeout / 2):
+            raise _ShortWatch(
+                f"the API server ended the watch at once, sending nothing (asked for {timeout} s)"
+            )
+        with self._lock:
+            self._problem = None  # the server ended the watch on time: it is alive
 
     def _apply(self, event: _Event, epoch: int, stop: threading.Event) -> bool | None:
         """Apply one watch event to the cache; True when the rule files changed, None when
