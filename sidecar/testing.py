@@ -91,7 +91,7 @@ class _Change:
     made, but never delivered to a watch; `raw`: a line sent as it is, not an event."""
 
     resource_version: int
-    kind: str  # ADDED, MODIFIED or DELETED
+    kind: str  # ADDED, MODIFIED, DELETED, or RAW (a line of `raw`)
     before: dict[str, Any] | None
     after: dict[str, Any] | None
     hidden: bool = False
@@ -144,9 +144,9 @@ class FakeKubernetes:
     Faults a watch or a list can bring, one call each: `drop_next_event()` (a change made
     but never delivered), `send_stale()` (an older state of a ConfigMap delivered out of
     order), `send_line()` (a line that is not a proper event), `end_watches()` (each
-    watch ended at once), `trickle_lists()` (list
-    answers a few bytes at a time, or late), `break_next_list()` (the connection closed halfway
-    through an answer) and `answer_next_list()` (any body as the next list's answer).
+    watch ended at once), `trickle_lists()` (list answers a few bytes at a time, or
+    late), `break_next_list()` (the connection closed halfway through an answer) and
+    `answer_next_list()` (any body as the next list's answer).
     """
 
     def __init__(self) -> None:
@@ -328,13 +328,13 @@ class FakeKubernetes:
         await self._record(_Change(self._resource_version, "DELETED", before, gone))
 
     async def _send_stale(self, namespace: str, name: str) -> None:
-        def names(obj: Mapping[str, Any] | None) -> bool:
+        def is_it(obj: Mapping[str, Any] | None) -> bool:
             return obj is not None and (
                 obj["metadata"]["namespace"],
                 obj["metadata"]["name"],
             ) == (namespace, name)
 
-        last = next(c for c in reversed(self._history) if names(c.after) or names(c.before))
+        last = next(c for c in reversed(self._history) if is_it(c.after) or is_it(c.before))
         if last.before is None:
             raise ValueError(f"ConfigMap {name} has no state before its last change")
         self._resource_version += 1
