@@ -13,6 +13,7 @@ are symlinks through `..data`, and the previous timestamped directory is removed
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import itertools
@@ -86,10 +87,15 @@ class ConfigMapDir:
 
 @dataclass
 class _Change:
+    """One entry of the watch history, at its position (`resource_version`). `hidden`:
+    made, but never delivered to a watch; `raw`: a line sent as it is, not an event."""
+
     resource_version: int
-    kind: str  # ADDED, MODIFIED or DELETED
+    kind: str  # ADDED, MODIFIED, DELETED, or RAW (a line of `raw`)
     before: dict[str, Any] | None
     after: dict[str, Any] | None
+    hidden: bool = False
+    raw: bytes | None = None
 
 
 def _selects(selector: str, labels: Mapping[str, str]) -> bool:
@@ -134,6 +140,13 @@ class FakeKubernetes:
     own event loop in a thread, so blocking code and other event loops can use it alike.
     `stall()` makes watches go silent (headers sent, then nothing, the server's timeout
     ignored): what a hung API server or a dead load balancer looks like to a client.
+
+    Faults a watch or a list can bring, one call each: `drop_next_event()` (a change made
+    but never delivered), `send_stale()` (an older state of a ConfigMap delivered out of
+    order), `send_line()` (a line that is not a proper event), `end_watches()` (each
+    watch ended at once), `trickle_lists()` (list answers a few bytes at a time, or
+    late), `break_next_list()` (the connection closed halfway through an answer) and
+    `answer_next_list()` (any body as the next list's answer).
     """
 
     def __init__(self) -> None:
@@ -145,6 +158,12 @@ class FakeKubernetes:
         self._forbidden = False
         self._closing = False
         self.gone_as_event = True
+        self._drop_events = 0
+        self._end_watches = False
+        self._trickle: float | None = None
+        self._trickle_chunk = 64
+        self._headers_after = 0.0
+        self._list_answers: list[bytes | None] = []  # None: break the answer halfway
         self.bookmark_interval: float | None = None
         self.events: list[dict[str, Any]] = []
         self.requests: list[dict[str, str]] = []
@@ -203,9 +222,16 @@ class FakeKubernetes:
         *,
         labels: Mapping[str, str] | None = None,
         namespace: str = "default",
+        binary_data: Mapping[str, bytes] | None = None,
     ) -> int:
-        """Create or replace a ConfigMap (kubectl apply); returns its resourceVersion."""
-        return int(self._call(self._apply(namespace, name, dict(data), dict(labels or {}))))
+        """Create or replace a ConfigMap (kubectl apply); returns its resourceVersion.
+        `binary_data` goes to `binaryData`, base64-encoded as the API server sends it."""
+        content: dict[str, Any] = {"data": dict(data)}
+        if binary_data is not None:
+            content["binaryData"] = {
+                key: base64.b64encode(value).decode("ascii") for key, value in binary_data.items()
+            }
+        return int(self._call(self._apply(namespace, name, content, dict(labels or {}))))
 
     def delete(self, name: str, *, namespace: str = "default") -> None:
         self._call(self._delete(namespace, name))
@@ -216,6 +242,41 @@ class FakeKubernetes:
 
     def stall(self, stalled: bool = True) -> None:
         self._stalled = stalled
+
+    def drop_next_event(self) -> None:
+        """The next change is made (lists show it) but no watch ever delivers it."""
+        self._drop_events += 1
+
+    def send_stale(self, name: str, *, namespace: str = "default") -> None:
+        """Deliver to watches, out of order, the state a ConfigMap had before its last
+        change (with that state's older resourceVersion) as a MODIFIED event."""
+        self._call(self._send_stale(namespace, name))
+
+    def end_watches(self, ending: bool = True) -> None:
+        """End every watch at once, with nothing sent (a proxy that closes streams)."""
+        self._end_watches = ending
+
+    def send_line(self, line: bytes) -> None:
+        """Send watches `line` as it is, where an event belongs."""
+        self._call(self._send_raw(line))
+
+    def trickle_lists(
+        self, seconds_per_chunk: float | None, *, chunk: int = 64, headers_after: float = 0.0
+    ) -> None:
+        """Answer lists `chunk` bytes at a time, `seconds_per_chunk` apart (None: at once):
+        each read gets data soon, the whole answer takes long. `headers_after`: send
+        nothing at all for that long first."""
+        self._trickle = seconds_per_chunk
+        self._trickle_chunk = chunk
+        self._headers_after = headers_after
+
+    def break_next_list(self) -> None:
+        """The next list answer announces its full length, sends half and closes."""
+        self._list_answers.append(None)
+
+    def answer_next_list(self, body: bytes) -> None:
+        """The next list is answered with `body` (200, JSON), whatever it holds."""
+        self._list_answers.append(body)
 
     def forbid(self, forbidden: bool = True) -> None:
         """Answer 403 as the API server does for a service account without RBAC."""
@@ -238,7 +299,7 @@ class FakeKubernetes:
         return [query for query in self.requests if query.get("watch") == "true"]
 
     async def _apply(
-        self, namespace: str, name: str, data: dict[str, str], labels: dict[str, str]
+        self, namespace: str, name: str, content: dict[str, Any], labels: dict[str, str]
     ) -> str:
         before = self._objects.get((namespace, name))
         self._resource_version += 1
@@ -252,7 +313,7 @@ class FakeKubernetes:
                 "uid": f"uid-{namespace}-{name}",
                 "resourceVersion": str(self._resource_version),
             },
-            "data": data,
+            **content,
         }
         self._objects[(namespace, name)] = after
         kind = "MODIFIED" if before else "ADDED"
@@ -266,12 +327,32 @@ class FakeKubernetes:
         gone["metadata"]["resourceVersion"] = str(self._resource_version)
         await self._record(_Change(self._resource_version, "DELETED", before, gone))
 
+    async def _send_stale(self, namespace: str, name: str) -> None:
+        def is_it(obj: Mapping[str, Any] | None) -> bool:
+            return obj is not None and (
+                obj["metadata"]["namespace"],
+                obj["metadata"]["name"],
+            ) == (namespace, name)
+
+        last = next(c for c in reversed(self._history) if is_it(c.after) or is_it(c.before))
+        if last.before is None:
+            raise ValueError(f"ConfigMap {name} has no state before its last change")
+        self._resource_version += 1
+        await self._record(_Change(self._resource_version, "MODIFIED", last.before, last.before))
+
+    async def _send_raw(self, line: bytes) -> None:
+        self._resource_version += 1
+        await self._record(_Change(self._resource_version, "RAW", None, None, raw=line))
+
     async def _compact(self) -> None:
         self._history.clear()
         self._oldest = self._resource_version + 1
 
     async def _record(self, change: _Change) -> None:
         assert self._changed is not None
+        if self._drop_events and change.raw is None:
+            self._drop_events -= 1
+            change.hidden = True
         self._history.append(change)
         async with self._changed:
             self._changed.notify_all()
@@ -296,14 +377,41 @@ class FakeKubernetes:
             for (space, _), obj in sorted(self._objects.items())
             if space == namespace and _selects(selector, obj["metadata"]["labels"])
         ]
-        return web.json_response(
-            {
-                "kind": "ConfigMapList",
-                "apiVersion": "v1",
-                "metadata": {"resourceVersion": str(self._resource_version)},
-                "items": items,
-            }
-        )
+        listing = {
+            "kind": "ConfigMapList",
+            "apiVersion": "v1",
+            "metadata": {"resourceVersion": str(self._resource_version)},
+            "items": items,
+        }
+        body = json.dumps(listing).encode()
+        broken = False
+        if self._list_answers:
+            answer = self._list_answers.pop(0)
+            broken = answer is None
+            body = body if answer is None else answer
+        return await self._answer_list(request, body, broken=broken)
+
+    async def _answer_list(
+        self, request: web.Request, body: bytes, *, broken: bool
+    ) -> web.StreamResponse:
+        """`body` at once, trickled, or (`broken`) cut off halfway."""
+        await asyncio.sleep(self._headers_after)
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = len(body)
+        await response.prepare(request)
+        if broken:
+            await response.write(body[: len(body) // 2])
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        step = self._trickle_chunk if self._trickle else len(body)
+        with contextlib.suppress(ConnectionResetError):
+            for start in range(0, len(body), step):
+                await response.write(body[start : start + step])
+                if self._trickle and start + step < len(body):
+                    await asyncio.sleep(self._trickle)
+            await response.write_eof()
+        return response
 
     async def _watch(
         self, request: web.Request, namespace: str, selector: str, query: Mapping[str, str]
@@ -318,6 +426,8 @@ class FakeKubernetes:
         await response.prepare(request)
         if since < self._oldest - 1:
             await self._send(response, {"type": "ERROR", "object": gone})
+            return response
+        if self._end_watches:
             return response
         timeout = float(query.get("timeoutSeconds", "1800"))
         bookmarks = query.get("allowWatchBookmarks") == "true" and self.bookmark_interval
@@ -344,11 +454,16 @@ class FakeKubernetes:
                         await asyncio.wait_for(self._changed.wait(), max(wait, 0.0))
         return response
 
-    def _events_since(self, since: int, namespace: str, selector: str) -> Iterator[dict[str, Any]]:
+    def _events_since(
+        self, since: int, namespace: str, selector: str
+    ) -> Iterator[dict[str, Any] | bytes]:
         """What a watcher sees: an object that stops matching is DELETED, one that starts
         matching is ADDED (as with a real label-selected watch)."""
         for change in self._history:
-            if change.resource_version <= since:
+            if change.resource_version <= since or change.hidden:
+                continue
+            if change.raw is not None:
+                yield change.raw
                 continue
             was = change.before is not None and self._visible(change.before, namespace, selector)
             obj = change.after
@@ -377,8 +492,9 @@ class FakeKubernetes:
         }
 
     @staticmethod
-    async def _send(response: web.StreamResponse, event: Mapping[str, Any]) -> None:
-        await response.write(json.dumps(event).encode() + b"\n")
+    async def _send(response: web.StreamResponse, event: Mapping[str, Any] | bytes) -> None:
+        line = event if isinstance(event, bytes) else json.dumps(event).encode()
+        await response.write(line + b"\n")
 
     async def _create_event(self, request: web.Request) -> web.Response:
         body = await request.json()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
+import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import urllib3
 
 pytest.register_assert_rewrite("k8s_support", "server_support")
 
@@ -29,7 +32,7 @@ from server_support import (  # noqa: E402
     wait_sync,
 )
 
-from sidecar.errors import LoadError, Problem  # noqa: E402
+from sidecar.errors import LoadError, Problem, ProblemCode  # noqa: E402
 from sidecar.loader import Loader  # noqa: E402
 from sidecar.registry import RuleRegistry  # noqa: E402
 from sidecar.service import HealthStatus, HotReloadService  # noqa: E402
@@ -57,6 +60,10 @@ def source_for(kube: FakeKubernetes, **options: Any) -> ConfigMapSource:
 
 def names(source: ConfigMapSource) -> list[str]:
     return [file.name for file in source.read()]
+
+
+def contents(source: ConfigMapSource) -> list[bytes]:
+    return [file.content for file in source.read()]
 
 
 def lists(kube: FakeKubernetes) -> int:
@@ -489,3 +496,419 @@ class TestServe:
         )
         assert event["involvedObject"]["name"] == "fraud-rules"
         assert event["source"]["component"] == "rule-sidecar"
+
+
+SOURCE = "configmaps:default/rule-sidecar/rules=true"
+
+
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+class TestLostEvents:
+    """A watch is an optimisation, never the only truth: a lost or reordered event is
+    found by a list, and an event older than what is held changes nothing."""
+
+    async def test_a_dropped_event_is_read_after_forget(
+        self, kube: FakeKubernetes, caplog: pytest.LogCaptureFixture
+    ):
+        """One change the watch never delivers leaves the cache stale while the watch
+        looks healthy; after `forget()` the next read lists and serves it, and the log
+        says a change was never delivered."""
+        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
+        source = source_for(kube)
+        source.read()
+        async with watching(source) as reasons:
+            await watch_connected(kube)
+            kube.drop_next_event()
+            kube.apply("a", {"a.yaml": "a: 2"}, labels=LABELS)
+            kube.apply("b", {"b.yaml": "b: 1"}, labels=LABELS)
+            await next_change(reasons)
+            assert contents(source) == [b"a: 1", b"b: 1"]  # lost, and the watch is healthy
+            assert source.watch_problem() is None
+            source.forget()
+            assert contents(source) == [b"a: 2", b"b: 1"]
+            assert contents(source) == [b"a: 2", b"b: 1"]  # one list per forget()
+        assert lists(kube) == 2
+        (warning,) = warnings(caplog)
+        assert "the list found changes the watch never delivered" in warning
+        assert warning.endswith(": a")
+
+    async def test_a_stale_modified_does_not_overwrite_newer_content(self, kube: FakeKubernetes):
+        """A MODIFIED delivered out of order, with an older resourceVersion than the one
+        held, is ignored: the newer content keeps serving."""
+        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
+        source = source_for(kube)
+        source.read()
+        async with watching(source) as reasons:
+            await watch_connected(kube)
+            kube.apply("a", {"a.yaml": "a: 2"}, labels=LABELS)
+            await next_change(reasons)
+            kube.send_stale("a")  # "a: 1" again, at its old resourceVersion
+            kube.apply("b", {"b.yaml": "b: 1"}, labels=LABELS)
+            await next_change(reasons)
+            assert contents(source) == [b"a: 2", b"b: 1"]
+            assert reasons.empty()
+
+    async def test_a_stale_event_does_not_bring_a_deleted_configmap_back(
+        self, kube: FakeKubernetes
+    ):
+        """A MODIFIED from before a deletion, delivered after it, leaves it deleted."""
+        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
+        kube.apply("a", {"a.yaml": "a: 2"}, labels=LABELS)
+        source = source_for(kube)
+        source.read()
+        async with watching(source) as reasons:
+            await watch_connected(kube)
+            kube.delete("a")
+            await next_change(reasons)
+            kube.send_stale("a")  # "a: 2", older than the deletion
+            kube.apply("b", {"b.yaml": "b: 1"}, labels=LABELS)
+            await next_change(reasons)
+            assert names(source) == ["configmap/b/b.yaml"]
+
+    async def test_versions_too_long_for_int_are_compared(self, kube: FakeKubernetes):
+        """resourceVersions are compared as numbers without `int()`, which refuses more
+        than 4,300 digits: such an event is newer, not a crash of the watch."""
+        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
+        source = source_for(kube)
+        source.read()
+        huge = {"name": "a", "resourceVersion": "1" + "0" * 5000}
+        event = {"type": "MODIFIED", "object": {"metadata": huge, "data": {"a.yaml": "a: 2"}}}
+        async with watching(source) as reasons:
+            await watch_connected(kube)
+            kube.send_line(json.dumps(event).encode())
+            await next_change(reasons)
+            assert contents(source) == [b"a: 2"]
+
+    async def test_the_reflector_lists_again_on_its_own(self, kube: FakeKubernetes):
+        """Without any `forget()`, the periodic list finds the lost change, serves it and
+        announces it."""
+        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
+        source = source_for(kube, relist_interval_seconds=1)
+        source.read()
+        async with watching(source) as reasons:
+            await watch_connected(kube)
+            kube.drop_next_event()
+            kube.apply("a", {"a.yaml": "a: 2"}, labels=LABELS)
+            await next_change(reasons)
+            assert contents(source) == [b"a: 2"]
+        assert lists(kube) >= 2
+        assert kube.watches()[0]["timeoutSeconds"] == "1"  # ends when the list is due
+
+
+class TestBinaryData:
+    """`binaryData` keys that look like rule files are rule files, read like files on
+    disk: bytes that are not UTF-8 are a problem at their line and column."""
+
+    def test_binary_rule_keys_are_read(self, kube: FakeKubernetes):
+        rules = to_yaml(fraud_doc()).encode()
+        kube.apply(
+            "a",
+            {"a.yaml": "a: 1"},
+            binary_data={"b.yaml": rules, "logo.png": b"\x89PNG\r\n"},
+            labels=LABELS,
+        )
+        files = source_for(kube).read()
+        assert [(file.name, file.content) for file in files] == [
+            ("configmap/a/a.yaml", b"a: 1"),
+            ("configmap/a/b.yaml", rules),
+        ]
+
+    async def test_a_ruleset_in_binary_data_goes_live_through_the_watch(self, kube: FakeKubernetes):
+        source = source_for(kube)
+        source.read()
+        async with watching(source) as reasons:
+            await watch_connected(kube)
+            rules = to_yaml(fraud_doc()).encode()
+            kube.apply("fraud-rules", {}, binary_data={"fraud.yaml": rules}, labels=LABELS)
+            await next_change(reasons)
+            result = Loader().load(source.read())
+        assert list(result.snapshot.rulesets) == ["fraud"]
+
+    def test_bytes_that_are_not_utf8_are_a_located_problem(self, kube: FakeKubernetes):
+        text = to_yaml(fraud_doc())
+        line = text.splitlines().index(next(x for x in text.splitlines() if "Large" in x)) + 1
+        content = text.replace("Large", "Gro\xdf").encode("latin-1")
+        kube.apply("fraud-rules", {}, binary_data={"fraud.yaml": content}, labels=LABELS)
+        with pytest.raises(LoadError) as caught:
+            Loader().load(source_for(kube).read())
+        (problem,) = caught.value.problems
+        assert (problem.file, problem.line, problem.code) == (
+            "configmap/fraud-rules/fraud.yaml",
+            line,
+            ProblemCode.ENCODING,
+        )
+        assert problem.message == "not valid UTF-8 (byte 0xdf)"
+
+
+class TestMalformedWatch:
+    """A line of the watch that is not an event is named in words (never a raw
+    TypeError), and the watch recovers by listing again."""
+
+    @pytest.mark.parametrize(
+        ("line", "cause"),
+        [
+            (b"<html>502 Bad Gateway</html>", "a line that is not JSON (Expecting value"),
+            (b'{"object": {"kind": "ConfigMap"}}', "an event without a type"),
+            (b'{"type": "MODIFIED"}', "a MODIFIED event whose object is null"),
+            (b'["MODIFIED"]', "a list instead of an event"),
+            (b'{"type": "PATCHED", "object": {}}', "an event of unknown type 'PATCHED'"),
+            (
+                b'{"type": "MODIFIED", "object": {"metadata": {"resourceVersion": "1"}}}',
+                "a MODIFIED event has no metadata.name",
+            ),
+            (b'{"type": "ADDED", "object": {"metadata": []}}', "has no metadata (found a list)"),
+            (
+                b'{"type": "ERROR", "object": {"reason": "Expired"}}',
+                'an ERROR event without a status code: \'{"reason": "Expired"}\'',
+            ),
+        ],
+        ids=[
+            "html",
+            "no-type",
+            "no-object",
+            "not-an-object",
+            "unknown-type",
+            "no-name",
+            "meta",
+            "error-without-code",
+        ],
+    )
+    async def test_a_malformed_line_is_named_and_the_watch_lists_again(
+        self, kube: FakeKubernetes, caplog: pytest.LogCaptureFixture, line: bytes, cause: str
+    ):
+        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
+        source = source_for(kube)
+        source.read()
+        async with watching(source) as reasons:
+            await watch_connected(kube)
+            kube.send_line(line)
+            kube.apply("a", {"a.yaml": "a: 2"}, labels=LABELS)
+            await next_change(reasons)
+            assert contents(source) == [b"a: 2"]
+            await eventually(lambda: source.watch_problem() is None, message="recovered")
+        assert lists(kube) == 2
+        (warning,) = warnings(caplog)
+        assert cause in warning
+        assert warning.endswith("listing again in about 0.5 s")
+        assert "Error" not in caplog.text  # no TypeError, KeyError, JSONDecodeError
+
+    async def test_a_watch_ended_at_once_is_a_problem_retried_with_backoff(
+        self, kube: FakeKubernetes
+    ):
+        """A server (or proxy) that ends every watch at once, sending nothing, is the
+        watch's problem, retried after a backoff from the same version (not listed, not
+        hammered); watches that last clear it."""
+        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
+        source = source_for(kube)
+        source.read()
+        kube.end_watches()
+        async with watching(source) as reasons:
+            problem = await eventually(source.watch_problem, message="problem reported")
+            assert (
+                problem
+                == "the API server ended the watch at once, sending nothing (asked for 300 s)"
+            )
+            kube.end_watches(False)
+            await eventually(lambda: source.watch_problem() is None, message="recovered")
+            kube.apply("a", {"a.yaml": "a: 2"}, labels=LABELS)
+            await next_change(reasons)
+            assert contents(source) == [b"a: 2"]
+        assert lists(kube) == 1
+        assert {query["resourceVersion"] for query in kube.watches()} == {"101"}
+
+    async def test_an_error_event_is_reported_with_its_status(self, kube: FakeKubernetes):
+        """An ERROR event other than 410 is the watch's problem, as its HTTP status would be."""
+        source = source_for(kube, max_backoff_seconds=30)
+        source.read()
+        status = {"kind": "Status", "code": 500, "reason": "InternalError", "message": "etcd"}
+        async with watching(source):
+            await watch_connected(kube)
+            kube.send_line(json.dumps({"type": "ERROR", "object": status}).encode())
+            problem = await eventually(source.watch_problem, message="problem reported")
+        assert problem == "HTTP 500: InternalError: etcd"
+
+
+class TestListDeadline:
+    """A list has a total deadline: a server that trickles its answer (each read gets a
+    few bytes, so no read timeout ever fires) fails the read at the deadline."""
+
+    def test_a_trickled_list_fails_at_the_deadline(self, kube: FakeKubernetes):
+        kube.apply("a", {"a.yaml": "a: 1", "b.yaml": "#" * 4000}, labels=LABELS)
+        kube.trickle_lists(0.05)  # about 4 s for the whole answer
+        source = source_for(kube, list_deadline_seconds=0.5)
+        with pytest.raises(LoadError) as caught:
+            source.read()
+        (problem,) = caught.value.problems
+        assert (problem.file, problem.code) == (SOURCE, ProblemCode.SOURCE_UNAVAILABLE)
+        assert problem.message == (
+            "the list of ConfigMaps was not complete within 0.5 s (a slow or overloaded API server)"
+        )
+        kube.trickle_lists(None)
+        assert names(source) == ["configmap/a/a.yaml", "configmap/a/b.yaml"]
+
+    def test_a_list_answered_late_fails_at_the_deadline(self, kube: FakeKubernetes):
+        """Headers that do not come within the deadline fail the read once, at the
+        deadline: urllib3 does not send the list again (three times more, before)."""
+        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
+        kube.trickle_lists(None, headers_after=3)
+        source = source_for(kube, list_deadline_seconds=0.5)
+        with pytest.raises(LoadError) as caught:
+            source.read()
+        (problem,) = caught.value.problems
+        assert problem.message.startswith("the list of ConfigMaps was not complete within 0.5 s")
+        assert lists(kube) == 1
+
+    def test_a_trickled_list_within_the_deadline_is_read(self, kube: FakeKubernetes):
+        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
+        kube.trickle_lists(0.01, chunk=32)
+        assert names(source_for(kube)) == ["configmap/a/a.yaml"]
+
+
+def item(data: object, **extra: object) -> dict[str, object]:
+    return {"metadata": {"name": "a", "resourceVersion": "7"}, "data": data, **extra}
+
+
+def listing(*items: object) -> bytes:
+    return json.dumps({"metadata": {"resourceVersion": "9"}, "items": list(items)}).encode()
+
+
+class TestFaultsBecomeLoadErrors:
+    """Whatever the API server answers, a read either gives every rule file or raises a
+    `LoadError` whose problem names the ConfigMap (or the source: namespace and
+    selector) and the cause in words; the next good answer reads normally."""
+
+    @pytest.mark.parametrize(
+        ("answer", "file", "message"),
+        [
+            (
+                b"<html>oops</html>",
+                SOURCE,
+                "the list answer is not JSON (Expecting value at line 1 column 1): "
+                "'<html>oops</html>'",
+            ),
+            (b"[]", SOURCE, "the list answer is a list, not a ConfigMapList"),
+            (b'{"items": []}', SOURCE, "the list answer has no metadata.resourceVersion"),
+            (
+                b'{"metadata": {"resourceVersion": "9"}, "items": 7}',
+                SOURCE,
+                "the list answer's items are a number, not a list",
+            ),
+            (listing("a"), SOURCE, "item 0 of the list is a string, not a ConfigMap"),
+            (listing({"data": {}}), SOURCE, "item 0 of the list has no metadata (found null)"),
+            (
+                listing(item({"a.yaml": 5})),
+                "configmap/a/a.yaml",
+                "ConfigMap a in namespace default: data.a.yaml is a number, not a string",
+            ),
+            (
+                listing(item(["a.yaml"])),
+                "configmap/a",
+                "ConfigMap a in namespace default: data is a list, not a map of strings",
+            ),
+            (
+                listing(item({}, binaryData={"b.yaml": "!!not base64"})),
+                "configmap/a/b.yaml",
+                "ConfigMap a in namespace default: binaryData.b.yaml is not base64: '!!not base64'",
+            ),
+            (
+                listing(item({"a.yaml": "a: 1"}, binaryData={"a.yaml": "YTogMg=="})),
+                "configmap/a/a.yaml",
+                "ConfigMap a in namespace default: the key a.yaml is in both data and binaryData",
+            ),
+        ],
+        ids=[
+            "not-json",
+            "not-an-object",
+            "no-version",
+            "items",
+            "item",
+            "no-metadata",
+            "value",
+            "data",
+            "base64",
+            "both",
+        ],
+    )
+    def test_a_malformed_list_answer_is_named(
+        self, kube: FakeKubernetes, answer: bytes, file: str, message: str
+    ):
+        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
+        kube.answer_next_list(answer)
+        source = source_for(kube)
+        with pytest.raises(LoadError) as caught:
+            source.read()
+        (problem,) = caught.value.problems
+        assert (problem.file, problem.message) == (file, message)
+        assert problem.code is ProblemCode.SOURCE_UNAVAILABLE
+        assert contents(source) == [b"a: 1"]
+
+    def test_an_answer_cut_off_halfway(self, kube: FakeKubernetes):
+        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
+        kube.break_next_list()
+        source = source_for(kube)
+        with pytest.raises(LoadError) as caught:
+            source.read()
+        (problem,) = caught.value.problems
+        assert problem.file == SOURCE
+        assert problem.message.startswith(
+            "the connection broke off in the middle of an answer (Connection broken: "
+            "IncompleteRead("
+        )
+        assert contents(source) == [b"a: 1"]
+
+    @pytest.mark.parametrize(
+        "error",
+        [
+            ValueError("no such value"),
+            KeyError("metadata"),
+            urllib3.exceptions.ProtocolError("Connection broken: reset by peer"),
+            RuntimeError("anything else"),
+        ],
+        ids=["value-error", "key-error", "urllib3", "runtime-error"],
+    )
+    def test_any_exception_in_a_read_is_a_load_error(
+        self, kube: FakeKubernetes, monkeypatch: pytest.MonkeyPatch, error: Exception
+    ):
+        source = source_for(kube)
+
+        def failing(*args: Any, **kwargs: Any) -> Any:
+            raise error
+
+        monkeypatch.setattr(source._core, "list_namespaced_config_map", failing)
+        with pytest.raises(LoadError) as caught:
+            source.read()
+        (problem,) = caught.value.problems
+        assert (problem.file, problem.code) == (SOURCE, ProblemCode.SOURCE_UNAVAILABLE)
+        assert str(error).strip("'") in problem.message
+
+    async def test_a_broken_configmap_from_the_watch_fails_the_reload_at_its_name(
+        self, kube: FakeKubernetes
+    ):
+        """A ConfigMap whose value is not a string, delivered by the watch, fails the
+        reload at `configmap/<name>/<key>`; the last good rules keep serving."""
+        loader = Loader()
+        source = source_for(kube)
+        service = HotReloadService(RuleRegistry(loader=loader), [source], loader=loader)
+        try:
+            rules_configmap(kube)
+            await service.initial_load()
+            service.start()
+            await watch_connected(kube)
+            version = service.registry.version
+            kube.apply("fraud-rules", {"fraud.yaml": 5}, labels=LABELS)  # type: ignore[dict-item]
+            record = await eventually(
+                lambda: (
+                    service.get_reload_history(1)[0]["status"] == "failed"
+                    and service.get_reload_history(1)[0]
+                ),
+                message="failed reload",
+            )
+            (error,) = record["errors"]
+            assert error["file"] == "configmap/fraud-rules/fraud.yaml"
+            assert error["message"].endswith("data.fraud.yaml is a number, not a string")
+            assert service.registry.version == version
+            assert source.watch_problem() is None
+        finally:
+            await service.stop()

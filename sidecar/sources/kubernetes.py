@@ -8,6 +8,16 @@ HTTP status or as an ERROR event), list again. Both ends time out: the server cl
 watch after `timeoutSeconds`, and the client gives up when no byte arrives for longer
 than that, so a stalled watch is noticed, retried, and shown in health meanwhile.
 
+A watch is an optimisation, never the only truth: one lost or reordered event would
+otherwise serve stale rules as healthy for as long as the watch lives. So the reflector
+lists again every `relist_interval_seconds`, `forget()` makes the next `read()` list,
+an event older than what is held is ignored, and anything the server sends that breaks
+the protocol (a line that is not an event) is reported in words and answered by a list.
+
+Lists and watches are read as raw JSON and checked here (not through the client's
+models): every fault is then a message that says what was wrong and where, and a list
+has a total deadline, not only a per-read timeout that a trickling server never trips.
+
 The `kubernetes` client is synchronous, so the reflector runs in a thread of its own and
 wakes the event loop when something changed.
 """
@@ -15,20 +25,25 @@ wakes the event loop when something changed.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
-import functools
+import copy
 import json
 import logging
+import math
 import random
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
+import urllib3
 import urllib3.exceptions
-from kubernetes import client, config, watch
+from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from sidecar.documents import SourceFile
@@ -48,9 +63,14 @@ logger = logging.getLogger("sidecar.sources.kubernetes")
 SERVICE_ACCOUNT_NAMESPACE: Final = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 _CONNECT_TIMEOUT_S: Final = 10.0
 _LIST_TIMEOUT_S: Final = 30.0
+_LIST_DEADLINE_S: Final = 30.0
+_RELIST_INTERVAL_S: Final = 600.0
 _MAX_BACKOFF_S: Final = 30.0
+_MAX_EVENT_BYTES: Final = 8 * 1024 * 1024  # a ConfigMap holds at most 1 MiB
+_EXCERPT_CHARS: Final = 120
 _STALLED: Final = "stalled"
 _FILE_PREFIX: Final = "configmap/"
+_EVENT_TYPES: Final = frozenset({"ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR"})
 
 
 def pod_namespace(path: Path = SERVICE_ACCOUNT_NAMESPACE) -> str:
@@ -74,8 +94,35 @@ def api_client_from_environment() -> client.ApiClient:
     return client.ApiClient(configuration)
 
 
+class _Fault(Exception):
+    """The API server sent something the protocol does not allow, or too slowly: the
+    message says what, in words, for health, logs and the failed reload."""
+
+
+class _ShortWatch(_Fault):
+    """A watch the server ended at once: retried after a backoff, from where it was."""
+
+
+def _too_slow(seconds: float) -> _Fault:
+    return _Fault(
+        f"the list of ConfigMaps was not complete within {seconds:g} s "
+        "(a slow or overloaded API server)"
+    )
+
+
+def _without_retries(api: client.ApiClient) -> client.ApiClient:
+    """A client like `api` that never repeats a request by itself: urllib3 would send a
+    list whose answer timed out three more times, far past its deadline. The reflector
+    and the reload service retry on their own, with backoff, and report each failure."""
+    configuration = copy.deepcopy(api.configuration)
+    configuration.retries = False
+    return client.ApiClient(configuration)
+
+
 def describe_error(exc: BaseException) -> str:
     """One line for health and logs: the API's own message, with a hint where one helps."""
+    if isinstance(exc, _Fault):
+        return str(exc)[:500]
     if isinstance(exc, ApiException):
         message = exc.reason or ""
         with contextlib.suppress(ValueError, KeyError, TypeError):
@@ -88,7 +135,47 @@ def describe_error(exc: BaseException) -> str:
         return f"{_STALLED}: no data from the watch within the read timeout"
     if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
         exc = exc.reason
+    if isinstance(exc, urllib3.exceptions.ProtocolError):
+        cause = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+        return f"the connection broke off in the middle of an answer ({cause})"[:500]
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
+
+
+def _excerpt(data: bytes | str) -> str:
+    """A bounded, one-line quote of what the server sent."""
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    text = " ".join(text.split())
+    return repr(text if len(text) <= _EXCERPT_CHARS else text[:_EXCERPT_CHARS] + "...")
+
+
+def _kind(value: object) -> str:
+    """A JSON value's type, as messages name it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    names = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _json_error(exc: ValueError) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+    return "not UTF-8" if isinstance(exc, UnicodeDecodeError) else str(exc)
+
+
+def _not_newer(version: str, than: str | None) -> bool:
+    """Whether `version` is no newer than `than`. resourceVersions are opaque to clients,
+    but etcd's are increasing integers; a version that is not one is never judged."""
+    if than is None or not (_is_number(version) and _is_number(than)):
+        return False
+    # Compared as digit strings: int() refuses more than 4,300 digits.
+    version, than = version.lstrip("0"), than.lstrip("0")
+    return (len(version), version) <= (len(than), than)
+
+
+def _is_number(version: str) -> bool:
+    return version.isascii() and version.isdigit()
 
 
 def _file_name(configmap: str, key: str) -> str:
@@ -97,33 +184,171 @@ def _file_name(configmap: str, key: str) -> str:
 
 
 def _configmap_of(file: str) -> str | None:
-    """The ConfigMap a file name of `_file_name` came from; None for any other file."""
-    name, slash, key = file.removeprefix(_FILE_PREFIX).partition("/")
-    return name if file.startswith(_FILE_PREFIX) and slash and key else None
+    """The ConfigMap a problem's file names (`configmap/<name>[/<key>]`); None for any
+    other file."""
+    if not file.startswith(_FILE_PREFIX):
+        return None
+    return file.removeprefix(_FILE_PREFIX).partition("/")[0] or None
+
+
+def _version_of(obj: Mapping[str, object], what: str) -> str:
+    """The resourceVersion of a list or a BOOKMARK (neither is a whole ConfigMap)."""
+    metadata = obj.get("metadata")
+    version = metadata.get("resourceVersion") if isinstance(metadata, dict) else None
+    if not isinstance(version, str) or not version:
+        raise _Fault(f"{what} has no metadata.resourceVersion")
+    return version
+
+
+def _identity(obj: Mapping[str, object], what: str) -> tuple[str, str]:
+    """(name, resourceVersion) of an object from the API; `what` names it in messages."""
+    metadata = obj.get("metadata")
+    if not isinstance(metadata, dict):
+        raise _Fault(f"{what} has no metadata (found {_kind(metadata)})")
+    name, version = metadata.get("name"), metadata.get("resourceVersion")
+    if not isinstance(name, str) or not name:
+        raise _Fault(f"{what} has no metadata.name")
+    if not isinstance(version, str) or not version:
+        raise _Fault(f"{what} (ConfigMap {name}) has no metadata.resourceVersion")
+    return name, version
 
 
 @dataclass(frozen=True, slots=True)
 class _ConfigMap:
-    """What a ConfigMap contributes: its version and its rule files."""
+    """What a ConfigMap contributes: its version, its rule files, and what is wrong with
+    it (a value that is not a string, binaryData that is not base64). A broken ConfigMap
+    fails the read at its own name; the watch carries on."""
 
     resource_version: str
     files: tuple[SourceFile, ...]
+    problems: tuple[Problem, ...]
 
     @classmethod
-    def from_object(cls, configmap: client.V1ConfigMap) -> _ConfigMap:
-        metadata = configmap.metadata
-        assert metadata is not None  # the API server always sends it
-        files = tuple(
-            SourceFile(_file_name(str(metadata.name), key), value.encode("utf-8"))
-            for key, value in sorted((configmap.data or {}).items())
-            if is_rule_file(Path(key))
-        )
-        return cls(str(metadata.resource_version), files)
+    def from_wire(
+        cls, obj: Mapping[str, object], name: str, version: str, namespace: str
+    ) -> _ConfigMap:
+        """Rule-file keys of `data` (text) and of `binaryData` (base64 of the file's bytes:
+        `kubectl create configmap --from-file` puts a file there when it is not UTF-8, so
+        the loader reports it as such, at its line and column, like a file on disk)."""
+        files: dict[str, SourceFile] = {}
+        problems: list[Problem] = []
+
+        def refuse(file: str, message: str) -> None:
+            text = f"ConfigMap {name} in namespace {namespace}: {message}"
+            problems.append(Problem(file=file, message=text, code=ProblemCode.SOURCE_UNAVAILABLE))
+
+        for field in ("data", "binaryData"):
+            section = obj.get(field) or {}
+            if not isinstance(section, dict):
+                refuse(
+                    f"{_FILE_PREFIX}{name}", f"{field} is {_kind(section)}, not a map of strings"
+                )
+                continue
+            for key, value in section.items():
+                if not is_rule_file(Path(key)):
+                    continue
+                file = _file_name(name, key)
+                if not isinstance(value, str):
+                    refuse(file, f"{field}.{key} is {_kind(value)}, not a string")
+                elif file in files:
+                    refuse(file, f"the key {key} is in both data and binaryData")
+                elif field == "data":  # a lone surrogate becomes bytes the loader refuses
+                    files[file] = SourceFile(file, value.encode("utf-8", "surrogatepass"))
+                else:
+                    try:
+                        files[file] = SourceFile(file, base64.b64decode(value, validate=True))
+                    except binascii.Error:
+                        refuse(file, f"binaryData.{key} is not base64: {_excerpt(value)}")
+        return cls(version, tuple(files[file] for file in sorted(files)), tuple(problems))
+
+
+@dataclass(frozen=True, slots=True)
+class _Listing:
+    """A whole list: the version a watch resumes from and every ConfigMap by name."""
+
+    resource_version: str
+    configmaps: Mapping[str, _ConfigMap]
+
+
+@dataclass(frozen=True, slots=True)
+class _Event:
+    """One line of a watch, checked: its type and its object."""
+
+    type: str
+    object: Mapping[str, object]
+
+    @classmethod
+    def parse(cls, line: bytes) -> _Event:
+        try:
+            event = json.loads(line)
+        except ValueError as exc:
+            raise _Fault(
+                f"the watch sent a line that is not JSON ({_json_error(exc)}): {_excerpt(line)}"
+            ) from None
+        if not isinstance(event, dict):
+            raise _Fault(f"the watch sent {_kind(event)} instead of an event: {_excerpt(line)}")
+        kind, obj = event.get("type"), event.get("object")
+        if not isinstance(kind, str) or kind not in _EVENT_TYPES:
+            which = "without a type" if kind is None else f"of unknown type {_excerpt(str(kind))}"
+            raise _Fault(f"the watch sent an event {which}: {_excerpt(line)}")
+        if not isinstance(obj, dict):
+            raise _Fault(f"the watch sent a {kind} event whose object is {_kind(obj)}")
+        return cls(kind, obj)
+
+    def error(self) -> ApiException:
+        """An ERROR event's Status, as the exception the same Status as an HTTP answer gives."""
+        code = self.object.get("code")
+        if not isinstance(code, int):
+            shown = _excerpt(json.dumps(self.object))
+            raise _Fault(f"the watch sent an ERROR event without a status code: {shown}")
+        reason = f"{self.object.get('reason')}: {self.object.get('message')}"
+        return ApiException(status=code, reason=reason[:500])
+
+
+def _lines(response: urllib3.HTTPResponse) -> Iterator[bytes]:
+    """The non-empty lines of a streamed answer, each as soon as it is complete."""
+    buffer = bytearray()
+    while chunk := response.read1(65536):
+        buffer += chunk
+        while (end := buffer.find(b"\n")) >= 0:
+            line = bytes(buffer[:end])
+            del buffer[: end + 1]
+            if line.strip():
+                yield line
+        if len(buffer) > _MAX_EVENT_BYTES:
+            raise _Fault(f"the watch sent {len(buffer)} bytes without ending a line")
+    if buffer.strip():
+        yield bytes(buffer)
+
+
+def _read_within(response: urllib3.HTTPResponse, deadline: float, seconds: float) -> bytes:
+    """The whole body, or a `_Fault` at the `deadline` (monotonic): a per-read timeout
+    never fires while a server trickles a byte at a time, so the socket is shut down then."""
+    expired = threading.Event()
+
+    def cut() -> None:
+        expired.set()
+        with contextlib.suppress(Exception):  # finished and handed back: nothing to cut
+            response.shutdown()
+
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), cut)
+    timer.daemon = True
+    timer.start()
+    try:
+        return response.read()
+    except Exception:
+        if expired.is_set():
+            raise _too_slow(seconds) from None
+        raise
+    finally:
+        timer.cancel()
+        response.close()
+        response.release_conn()
 
 
 class ConfigMapSource:
-    """Every ConfigMap matching a label selector in one namespace; each data key that
-    looks like a rule file (`.yaml`, `.yml`, `.json`) is one file,
+    """Every ConfigMap matching a label selector in one namespace; each `data` or
+    `binaryData` key that looks like a rule file (`.yaml`, `.yml`, `.json`) is one file,
     `configmap/<name>/<key>` in messages.
     """
 
@@ -136,20 +361,30 @@ class ConfigMapSource:
         watch_timeout_seconds: float = 300.0,
         stalled_after_seconds: float | None = None,
         max_backoff_seconds: float = _MAX_BACKOFF_S,
+        list_deadline_seconds: float = _LIST_DEADLINE_S,
+        relist_interval_seconds: float | None = _RELIST_INTERVAL_S,
     ) -> None:
         self.namespace = namespace
         self.label_selector = label_selector
-        self._core = client.CoreV1Api(api)
+        self._core = client.CoreV1Api(_without_retries(api))
         self._watch_timeout = max(1, round(watch_timeout_seconds))
         # Silence for longer than the server's own timeout means the watch is stalled.
         self._read_timeout = stalled_after_seconds or self._watch_timeout * 1.1 + 5.0
         self._max_backoff = max_backoff_seconds
+        self._list_deadline = list_deadline_seconds
+        self._relist_interval = relist_interval_seconds
         self._lock = threading.Lock()
         self._configmaps: dict[str, _ConfigMap] = {}
+        # Deletions the watch delivered since the last list, by name: a stale event from
+        # before a deletion must not bring the ConfigMap back.
+        self._deleted: dict[str, str] = {}
         self._resource_version: str | None = None  # None: the next step is a list
+        self._listed_at = -math.inf  # monotonic time of the last list
         # Bumped by every list: a watch opened before it would replay events older than
         # the list into the cache, so it is abandoned and reopened from the list's version.
         self._epoch = 0
+        self._forgotten = 0  # `forget()` calls; a read lists until one has listed after them
+        self._listed_forgotten = 0
         self._watching = False
         self._problem: str | None = None
 
@@ -157,22 +392,33 @@ class ConfigMapSource:
     def name(self) -> str:
         return f"configmaps:{self.namespace}/{self.label_selector}"
 
+    def forget(self) -> None:
+        """Trust nothing held: the next `read()` lists (a forced reload, a verification).
+        The watch carries on; the list moves it on to the list's version."""
+        with self._lock:
+            self._forgotten += 1
+
     def read(self) -> list[SourceFile]:
-        """The watched ConfigMaps; a list straight from the API while no watch is healthy."""
-        with self._lock:
-            current = self._watching and self._problem is None
-        if not current:
-            try:
-                self._relist()
-            except Exception as exc:
-                problem = Problem(
-                    file=self.name,
-                    message=describe_error(exc),
-                    code=ProblemCode.SOURCE_UNAVAILABLE,
+        """The watched ConfigMaps; a list straight from the API after `forget()` or while
+        no watch is healthy. Every failure is a `LoadError` that says why."""
+        try:
+            with self._lock:
+                forgotten = self._forgotten
+                current = (
+                    self._watching and self._problem is None and self._listed_forgotten == forgotten
                 )
-                raise LoadError([problem]) from exc
-        with self._lock:
-            configmaps = [self._configmaps[name] for name in sorted(self._configmaps)]
+            if not current:
+                self._relist(forgotten=forgotten)
+            with self._lock:
+                configmaps = [self._configmaps[name] for name in sorted(self._configmaps)]
+        except Exception as exc:
+            problem = Problem(
+                file=self.name, message=describe_error(exc), code=ProblemCode.SOURCE_UNAVAILABLE
+            )
+            raise LoadError([problem]) from exc
+        problems = [problem for configmap in configmaps for problem in configmap.problems]
+        if problems:
+            raise LoadError(problems)
         return [file for configmap in configmaps for file in configmap.files]
 
     def watch_problem(self) -> str | None:
@@ -183,7 +429,7 @@ class ConfigMapSource:
         loop = asyncio.get_running_loop()
         changed = asyncio.Event()
         stop = threading.Event()
-        current: list[watch.Watch] = []
+        current: list[urllib3.HTTPResponse] = []
         thread = threading.Thread(
             target=self._reflect,
             args=(lambda: loop.call_soon_threadsafe(changed.set), stop, current),
@@ -201,21 +447,23 @@ class ConfigMapSource:
         finally:
             stop.set()
             for running in current:
-                running.stop()  # shuts the socket down: the blocked read returns now
+                with contextlib.suppress(Exception):  # already finished: nothing to shut
+                    running.shutdown()  # the blocked read returns now
             with self._lock:
                 self._watching = False
 
     # The reflector (its own thread)
 
     def _reflect(
-        self, notify: Callable[[], None], stop: threading.Event, current: list[watch.Watch]
+        self,
+        notify: Callable[[], None],
+        stop: threading.Event,
+        current: list[urllib3.HTTPResponse],
     ) -> None:
         backoff = 0.5
         while not stop.is_set():
             try:
-                with self._lock:
-                    must_list = self._resource_version is None
-                if must_list and self._relist(stop):
+                if self._list_due() and self._relist(stop):
                     notify()
                 self._watch_once(notify, stop, current)
                 backoff = 0.5
@@ -229,39 +477,127 @@ class ConfigMapSource:
                     continue
                 backoff = self._failed(exc, stop, backoff)
 
+    def _list_due(self) -> bool:
+        with self._lock:
+            return self._resource_version is None or time.monotonic() >= self._next_list()
+
+    def _next_list(self) -> float:
+        """When the periodic list is due (monotonic). Call with the lock held."""
+        interval = self._relist_interval
+        return self._listed_at + interval if interval else math.inf
+
     def _failed(self, exc: Exception, stop: threading.Event, backoff: float) -> float:
-        """Record why the watch is down and wait before the next attempt (jittered)."""
+        """Record why the watch is down and wait before the next attempt (jittered).
+
+        A server that could not be reached, refused, or ended the watch at once is tried
+        again from the last version seen. After anything else (a line that is not an
+        event, an error nobody foresaw) what is held is in doubt, so the next attempt lists.
+        """
         reason = describe_error(exc)
+        transport = (ApiException, urllib3.exceptions.HTTPError, OSError, _ShortWatch)
+        relist = not isinstance(exc, transport)
         with self._lock:
             self._problem = reason
-        logger.warning("%s: watch failed: %s; retrying in about %.1f s", self.name, reason, backoff)
+            if relist:
+                self._resource_version = None
+        logger.warning(
+            "%s: watch failed: %s; %s in about %.1f s",
+            self.name,
+            reason,
+            "listing again" if relist else "retrying",
+            backoff,
+            exc_info=relist and not isinstance(exc, _Fault),
+        )
         stop.wait(backoff * (0.5 + random.random()))
         return min(backoff * 2, self._max_backoff)
 
-    def _relist(self, stop: threading.Event | None = None) -> bool:
-        """Replace the cache with a fresh list; True when anything differs. A reflector's
-        list (`stop` given) that ends after its watch was stopped is dropped: nobody would
-        be told of what it changed."""
-        listing = self._core.list_namespaced_config_map(
+    def _request(self, **options: Any) -> urllib3.HTTPResponse:
+        """A list or watch request whose answer is read here, raw (a non-2xx status is an
+        `ApiException`, as with the client's own reading)."""
+        response = self._core.list_namespaced_config_map(
             self.namespace,
             label_selector=self.label_selector,
-            _request_timeout=(_CONNECT_TIMEOUT_S, _LIST_TIMEOUT_S),
+            _preload_content=False,
+            **options,
         )
-        assert listing.metadata is not None  # the API server always sends it
-        configmaps = {
-            str(item.metadata.name): _ConfigMap.from_object(item)
-            for item in listing.items
-            if item.metadata is not None
-        }
+        return cast(urllib3.HTTPResponse, response)
+
+    def _list(self) -> _Listing:
+        """One list, complete within the list deadline, checked item by item."""
+        deadline = time.monotonic() + self._list_deadline
+        try:  # connecting and the headers: within the deadline (urllib3's total)
+            response = self._request(_request_timeout=self._list_deadline)
+        except urllib3.exceptions.TimeoutError as exc:
+            if isinstance(exc, urllib3.exceptions.NewConnectionError):
+                raise  # a refused connection, which urllib3 counts as a timeout
+            raise _too_slow(self._list_deadline) from None
+        body = _read_within(response, deadline, self._list_deadline)
+        try:
+            listing = json.loads(body)
+        except ValueError as exc:
+            raise _Fault(
+                f"the list answer is not JSON ({_json_error(exc)}): {_excerpt(body)}"
+            ) from None
+        if not isinstance(listing, dict):
+            raise _Fault(f"the list answer is {_kind(listing)}, not a ConfigMapList")
+        version = _version_of(listing, "the list answer")
+        items = listing.get("items") or []
+        if not isinstance(items, list):
+            raise _Fault(f"the list answer's items are {_kind(items)}, not a list")
+        configmaps: dict[str, _ConfigMap] = {}
+        for index, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise _Fault(f"item {index} of the list is {_kind(item)}, not a ConfigMap")
+            name, item_version = _identity(item, f"item {index} of the list")
+            configmaps[name] = _ConfigMap.from_wire(item, name, item_version, self.namespace)
+        return _Listing(version, configmaps)
+
+    def _relist(self, stop: threading.Event | None = None, *, forgotten: int | None = None) -> bool:
+        """Replace the cache with a fresh list; True when anything differs. A reflector's
+        list (`stop` given) that ends after its watch was stopped is dropped: nobody would
+        be told of what it changed. A read's list (`forgotten`: the `forget()` count it
+        started under) satisfies the forgets before it."""
+        listing = self._list()
         with self._lock:
             if stop is not None and stop.is_set():
                 return False
-            changed = configmaps != self._configmaps
-            self._configmaps = configmaps
-            self._resource_version = str(listing.metadata.resource_version)
+            missed = self._missed(listing)
+            if missed:
+                logger.warning(
+                    "%s: the list found changes the watch never delivered (a lost or "
+                    "reordered event), now read: %s",
+                    self.name,
+                    ", ".join(missed[:10])
+                    + (f" and {len(missed) - 10} more" if missed[10:] else ""),
+                )
+            changed = listing.configmaps != self._configmaps
+            self._configmaps = dict(listing.configmaps)
+            self._deleted.clear()
+            self._resource_version = listing.resource_version
+            self._listed_at = time.monotonic()
             self._epoch += 1
+            if forgotten is not None:
+                self._listed_forgotten = max(self._listed_forgotten, forgotten)
             self._api_answered()
         return changed
+
+    def _missed(self, listing: _Listing) -> list[str]:
+        """ConfigMaps listed at a version the watch had already passed, yet held older or
+        not at all: the watch lost (or reordered) their event. Call with the lock held."""
+        position = self._resource_version
+        if not self._watching or position is None:
+            return []
+
+        def lost(name: str, version: str) -> bool:
+            held = self._configmaps.get(name)
+            newer = held is None or not _not_newer(version, held.resource_version)
+            return newer and _not_newer(version, position)
+
+        return [
+            name
+            for name, configmap in sorted(listing.configmaps.items())
+            if lost(name, configmap.resource_version)
+        ]
 
     def _api_answered(self) -> None:
         """The API server answered: a failure to reach it is over. A stall is over only
@@ -270,73 +606,101 @@ class ConfigMapSource:
             self._problem = None
 
     def _watch_once(
-        self, notify: Callable[[], None], stop: threading.Event, current: list[watch.Watch]
+        self,
+        notify: Callable[[], None],
+        stop: threading.Event,
+        current: list[urllib3.HTTPResponse],
     ) -> None:
-        """One watch request, from the last version seen until the server ends it."""
-        running = watch.Watch()
-        current[:] = [running]
-        if stop.is_set():
-            return
+        """One watch request, from the last version seen until the server ends it (at the
+        latest when the next periodic list is due). One that ends at once with nothing
+        sent is a failure, as in client-go: retried at once, it would hammer the server."""
         with self._lock:
             epoch, since = self._epoch, self._resource_version
-        for event in running.stream(
-            self._opened(self._core.list_namespaced_config_map),
-            self.namespace,
-            label_selector=self.label_selector,
+            until_list = self._next_list() - time.monotonic()
+        timeout = self._watch_timeout
+        if until_list < timeout:
+            timeout = max(1, math.ceil(until_list))
+        response = self._request(
+            watch=True,
             resource_version=since,
-            timeout_seconds=self._watch_timeout,
+            timeout_seconds=timeout,
             allow_watch_bookmarks=True,
             _request_timeout=(_CONNECT_TIMEOUT_S, self._read_timeout),
-        ):
-            changed = self._apply(event, epoch, stop)
-            if changed is None:
-                break  # stopped, or a read listed meanwhile: resume from its version
-            if changed:
-                notify()
-        if not stop.is_set():
+        )
+        current[:] = [response]
+        opened, delivered = time.monotonic(), False
+        try:
             with self._lock:
-                self._problem = None  # the server ended the watch on time: it is alive
+                self._api_answered()
+            if stop.is_set():
+                return
+            for line in _lines(response):
+                delivered = True
+                changed = self._apply(_Event.parse(line), epoch, stop)
+                if changed is None:
+                    break  # stopped, or a read listed meanwhile: resume from its version
+                if changed:
+                    notify()
+        finally:
+            response.close()
+            response.release_conn()
+        if stop.is_set():
+            return
+        if not delivered and time.monotonic() - opened < min(1.0, timeout / 2):
+            raise _ShortWatch(
+                f"the API server ended the watch at once, sending nothing (asked for {timeout} s)"
+            )
+        with self._lock:
+            self._problem = None  # the server ended the watch on time: it is alive
 
-    def _opened(self, request: Callable[..., Any]) -> Callable[..., Any]:
-        """`request`, noting that the API server answered (a stall clears only on data)."""
-
-        @functools.wraps(request)
-        def opened(*args: Any, **kwargs: Any) -> Any:
-            response = request(*args, **kwargs)
-            if 200 <= response.status < 300:
-                with self._lock:
-                    self._api_answered()
-            return response
-
-        return opened
-
-    def _apply(self, event: Mapping[str, Any], epoch: int, stop: threading.Event) -> bool | None:
+    def _apply(self, event: _Event, epoch: int, stop: threading.Event) -> bool | None:
         """Apply one watch event to the cache; True when the rule files changed, None when
         the event is stale: a list since the watch opened, or the watch was stopped.
 
-        A stopped watch can still deliver: `Watch.stop()` only shuts the socket down once
-        the response has started, so a watch stopped while its request was in flight
-        reads on. Applied, its events would move the resourceVersion past changes that no
-        one was told of, and the next watch would resume after them (never announcing
-        them, and never getting the 410 that would make it list). `changes()` sets `stop`
+        A stopped watch can still deliver: shutting the socket down only works once the
+        response has started, so a watch stopped while its request was in flight reads
+        on. Applied, its events would move the resourceVersion past changes that no one
+        was told of, and the next watch would resume after them (never announcing them,
+        and never getting the 410 that would make it list). `changes()` sets `stop`
         before it takes the lock to end, so no event is applied after it has ended.
 
-        A BOOKMARK only moves the resourceVersion on (its object is not a whole ConfigMap).
+        An event no newer than what is held of its ConfigMap (a MODIFIED delivered out of
+        order, one from before a deletion) is ignored: it must not overwrite newer content.
+        A BOOKMARK only moves the resourceVersion on.
         """
-        kind: str = event["type"]
-        configmap: Any = event["object"]
-        raw: Mapping[str, Any] = event["raw_object"]
+        if event.type == "ERROR":
+            raise event.error()
+        name: str | None = None
+        configmap: _ConfigMap | None = None
+        if event.type == "BOOKMARK":
+            version = _version_of(event.object, "a BOOKMARK event")
+        else:
+            name, version = _identity(event.object, f"a {event.type} event")
+            if event.type != "DELETED":
+                configmap = _ConfigMap.from_wire(event.object, name, version, self.namespace)
         with self._lock:
             if stop.is_set() or epoch != self._epoch:
                 return None
-            self._resource_version = str(raw["metadata"]["resourceVersion"])
             self._problem = None
-            if kind == "BOOKMARK":
+            if not _not_newer(version, self._resource_version):
+                self._resource_version = version  # never back: a watch resumes from here
+            if name is None:
                 return False
-            name = str(configmap.metadata.name)
-            if kind == "DELETED":
+            held = self._configmaps.get(name)
+            if _not_newer(version, held.resource_version if held else self._deleted.get(name)):
+                logger.info(
+                    "%s: ignored a %s of ConfigMap %s at resourceVersion %s, older than held",
+                    self.name,
+                    event.type,
+                    name,
+                    version,
+                )
+                return False
+            if configmap is None:
+                self._deleted[name] = version
                 return self._configmaps.pop(name, None) is not None
-            self._configmaps[name] = _ConfigMap.from_object(configmap)
+            self._deleted.pop(name, None)
+            self._configmaps[name] = configmap
             return True
 
 
