@@ -213,9 +213,10 @@ class Database:
         }
 
     def change_unseen(self, sql: str, params: Sequence[Any] = ()) -> None:
-        """Change rows without moving the generation (triggers off, or the number put back).
-
-        A reader that trusts the fingerprint cannot notice such a change.
+        """Change rows behind every trigger: neither the generation nor any change_id
+        moves (PostgreSQL: triggers disabled; SQLite: dropped and created again, in the
+        same transaction). What `SET session_replication_role = replica` or
+        `pg_restore --disable-triggers` do; only a full read can notice it.
         """
         if self.is_postgresql:
             self.script(
@@ -228,11 +229,12 @@ class Database:
                 ]
             )
         else:
-            generation = self.generation()
+            triggers = self.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")
             self.script(
                 [
+                    *((f"DROP TRIGGER {name}", ()) for name, _ in triggers),
                     (sql, params),
-                    ("UPDATE rule_sidecar_state SET generation = %s", (generation,)),
+                    *((create, ()) for _, create in triggers),
                 ]
             )
 
