@@ -5,10 +5,19 @@ Tables (created and upgraded by `rule-sidecar db init`): `rule_sidecar_rulesets`
 version and `updated_at`; `rule_sidecar_state` holds one `generation` number that
 triggers bump on every change. Reading the generation is the cheap fingerprint: a read
 whose generation has not moved returns the documents it already built, so the periodic
-resync costs one single-row query however many rules there are. On PostgreSQL the same
-triggers `pg_notify('rule_sidecar', ...)`, and `changes()` listens, so an edit is live
-in milliseconds; after a reconnect it asks for a full resync, because notifications sent
-while disconnected are lost.
+resync costs one single-row query however many rules there are. When it has moved, only
+the rulesets whose `change_id` moved are read again: triggers give a ruleset a number
+never given before on every write to it or its rules (not `row_version`, which a ruleset
+deleted and inserted again repeats). Triggers can be bypassed (replica mode, a restore
+without them): `forget()` makes the next read read every row, whatever the numbers say.
+On PostgreSQL the same triggers `pg_notify('rule_sidecar', ...)`, and `changes()`
+listens, so an edit is live in milliseconds; after a reconnect it asks for a full resync,
+because notifications sent while disconnected are lost. A hot standby refuses LISTEN:
+there the periodic resync polls.
+
+A read never fetches a ruleset larger than a rule file may be (its size is measured by
+the database first), and every value no document can hold is reported with its ruleset,
+column and cause, never raised as whatever the encoder throws.
 
 No wait on the database is unbounded (`DatabaseTimeouts`): connecting, each statement
 (server side), each read as a whole and each heartbeat of the listener (client side, by
