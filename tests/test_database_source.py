@@ -951,6 +951,40 @@ class TestFaultsReported:
             assert problem.path == "$.metadata.description"
             assert "ruleset 'fraud' holds a BLOB of 8 bytes" in problem.message
 
+    def test_text_that_is_not_utf8(self, sqlite_database: Database):
+        """SQLite text holding other bytes (a C client): the driver failed the whole
+        query, "database unavailable", naming no rule; now the rule and column are named.
+        A ruleset id that is such text is named by its row."""
+        sqlite_database.init().import_docs(fraud_doc(), ruleset_doc("extra"))
+        source = DatabaseSource(sqlite_database.url)
+        source.read()
+        sqlite_database.execute(
+            "UPDATE rule_sidecar_rules SET condition = CAST(X'ff3e31' AS TEXT)"
+            " WHERE id = 'large-amount'"
+        )
+        problem = refusal(source)
+        assert (problem.ruleset_id, problem.rule_id, problem.path) == (
+            "fraud",
+            "large-amount",
+            "$.spec.rules[0].condition",
+        )
+        assert problem.message == (
+            "the condition column of rule 'large-amount' holds 3 bytes of text that is not UTF-8"
+        )
+        sqlite_database.execute(
+            "UPDATE rule_sidecar_rules SET condition = 'true' WHERE id = 'large-amount'"
+        )
+        assert len(source.read()) == 2
+        sqlite_database.execute(
+            "INSERT INTO rule_sidecar_rulesets (id) VALUES (CAST(X'ff41' AS TEXT))"
+        )
+        problem = refusal(source)
+        assert problem.file == source.name
+        assert problem.message.endswith(
+            "has no usable id: its id is text that is not UTF-8 of 2 bytes"
+            " (an id is text of at most 63 characters)"
+        )
+
     def test_the_generation_row_deleted(self, seeded: Database):
         """No `TypeError: 'NoneType' object is not subscriptable`: the cause, in words."""
         source = DatabaseSource(seeded.url)

@@ -599,10 +599,25 @@ class _Fault(Exception):
         self.cause = cause
 
 
+class _NotUtf8(bytes):
+    """SQLite text that does not decode as UTF-8 (C clients write any bytes as text)."""
+
+
+def _text_or_not(data: bytes) -> str | _NotUtf8:
+    """A SQLite text value, or what it holds when that is not UTF-8: the driver's own
+    decoding fails the whole query, naming neither the ruleset nor the rule."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return _NotUtf8(data)
+
+
 def _text_only(columns: Sequence[str], row: tuple[Any, ...]) -> None:
     """SQLite keeps whatever a client binds: Python `bytes` become a BLOB, which no JSON
-    document holds."""
+    document holds, and text may be any bytes."""
     for column, value in zip(columns, row, strict=True):
+        if isinstance(value, _NotUtf8):
+            raise _Fault(column, f"holds {len(value):,} bytes of text that is not UTF-8")
         if isinstance(value, bytes):
             raise _Fault(column, f"holds a BLOB of {len(value):,} bytes where text is expected")
 
@@ -704,7 +719,8 @@ def _too_large(
             f" FROM rule_sidecar_rulesets{where}",
             tuple(part or ()),
         ):
-            sizes[ruleset_id] = int(size), int(rules_size)
+            if isinstance(ruleset_id, str):  # else reported by its id (_read_stamps)
+                sizes[ruleset_id] = int(size), int(rules_size)
     return {
         ruleset_id: Problem(
             file=_ruleset_file(name, ruleset_id),
@@ -743,6 +759,8 @@ def _read_rulesets(
             + " ORDER BY ruleset_id, position, id",
             tuple(part or ()),
         ):
+            if not isinstance(row[1], str):
+                continue  # a rule of no ruleset read
             listed = rules.setdefault(row[1], [])
             try:
                 listed.append(_rule_document(row))
@@ -754,6 +772,8 @@ def _read_rulesets(
             + " ORDER BY id",
             tuple(part or ()),
         ):
+            if not isinstance(row[0], str):
+                continue  # reported by its id (_read_stamps)
             try:
                 document = _ruleset_document(row, rules.get(row[0], []))
             except _Fault as fault:
@@ -765,7 +785,8 @@ def _read_rulesets(
 
 
 def _all_ids(connection: Any) -> list[str]:
-    return [i for (i,) in connection.execute("SELECT id FROM rule_sidecar_rulesets ORDER BY id")]
+    rows = connection.execute("SELECT id FROM rule_sidecar_rulesets ORDER BY id")
+    return [i for (i,) in rows if isinstance(i, str)]
 
 
 def _rule_problem(name: str, row: tuple[Any, ...], index: int, fault: _Fault) -> Problem:
@@ -959,16 +980,29 @@ class DatabaseSource:
             generation = _generation(connection)
             if generation == self._generation:
                 return None
-            stamps, refused = self._read_stamps(connection)
-            stale = [i for i, s in stamps.items() if self._stamps.get(i) != s]
-            whole = len(stale) > len(stamps) // 2
-            rulesets = _read_rulesets(
-                connection, self.name, None if whole else stale, self._max_bytes
-            )
-            refused.update(rulesets.refused)
-            return _Changes(generation, stamps, rulesets.documents, refused)
+            try:
+                return self._read_rows(connection, generation)
+            except sqlite3.OperationalError as exc:
+                if "decode to UTF-8" not in str(exc):
+                    raise
+            # Read again, slower, in the same transaction: each text value is decoded
+            # here, so that the one that is not UTF-8 is reported at its rule.
+            connection.text_factory = _text_or_not
+            try:
+                return self._read_rows(connection, generation)
+            finally:
+                connection.text_factory = str
         finally:
             connection.rollback()  # read-only: end the transaction, see new rows next time
+
+    def _read_rows(self, connection: Any, generation: int) -> _Changes:
+        """What changed since the last read (all of it after `forget`)."""
+        stamps, refused = self._read_stamps(connection)
+        stale = [i for i, s in stamps.items() if self._stamps.get(i) != s]
+        whole = len(stale) > len(stamps) // 2
+        rulesets = _read_rulesets(connection, self.name, None if whole else stale, self._max_bytes)
+        refused.update(rulesets.refused)
+        return _Changes(generation, stamps, rulesets.documents, refused)
 
     def _read_stamps(self, connection: Any) -> tuple[dict[str, object], dict[str, Problem]]:
         """Every ruleset's change_id. A SQLite id that is not text, or is far too long to
@@ -983,17 +1017,18 @@ class DatabaseSource:
             " THEN id END, change_id, typeof(id), length(CAST(id AS BLOB)), rowid"
             " FROM rule_sidecar_rulesets"
         ):
-            if ruleset_id is None:
-                key = f"\0rowid {rowid}"
-                stamps[key] = stamp
-                refused[key] = Problem(
-                    file=self.name,
-                    message=f"the ruleset in row {rowid} has an id that is not an id:"
-                    f" {kind} of {size or 0:,} bytes",
-                    code=ProblemCode.READ_FAILED,
-                )
-            else:
+            if isinstance(ruleset_id, str):
                 stamps[ruleset_id] = stamp
+                continue
+            key = f"\0rowid {rowid}"
+            stamps[key] = stamp
+            what = "text that is not UTF-8" if ruleset_id is not None else f"{kind}"
+            refused[key] = Problem(
+                file=self.name,
+                message=f"the ruleset in row {rowid} has no usable id: its id is {what}"
+                f" of {size or 0:,} bytes (an id is text of at most 63 characters)",
+                code=ProblemCode.READ_FAILED,
+            )
         return stamps, refused
 
     def _connect(self) -> Any:
