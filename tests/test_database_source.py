@@ -1065,6 +1065,20 @@ class TestSizes:
         seeded.execute(f"UPDATE {table} SET description = ''")
         assert points_read(source) == 40
 
+    def test_rows_each_within_the_limit_but_over_it_together(self, seeded: Database):
+        """Three rules of 2,000 bytes each, the limit 5,000: refused by their sum; the
+        other ruleset is not."""
+        seeded.import_docs(ruleset_doc("extra"))
+        source = DatabaseSource(seeded.url, max_bytes=5_000)
+        assert len(source.read()) == 2
+        seeded.execute(
+            "UPDATE rule_sidecar_rules SET description = %s WHERE ruleset_id = 'fraud'",
+            ("d" * 2_000,),
+        )
+        problem = refusal(source)
+        assert problem.ruleset_id == "fraud"
+        assert "its rules 6," in problem.message
+
     def test_the_default_limit_is_the_rule_file_limit(self, sqlite_database: Database):
         """5 MiB of description: over the 4 MiB a rule file may hold."""
         sqlite_database.init().import_docs(fraud_doc())

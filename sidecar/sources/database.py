@@ -709,18 +709,32 @@ def _too_large(
     sqlite = isinstance(connection, sqlite3.Connection)
     own = " + ".join(_size(c, sqlite=sqlite) for c in _RULESET_COLUMNS[1:])
     rules = " + ".join(_size(c, sqlite=sqlite) for c in _RULE_COLUMNS)
+    # SQLite measures text by loading it: rows too large for that are measured apart.
+    big_rulesets = _oversized_rows(connection, "rule_sidecar_rulesets", max_bytes)
+    big_rules = _oversized_rows(connection, "rule_sidecar_rules", max_bytes)
+    if big_rulesets:
+        own = f"CASE WHEN rowid IN ({', '.join(map(str, big_rulesets))}) THEN 0 ELSE {own} END"
+    skip = f" AND rowid NOT IN ({', '.join(map(str, big_rules))})" if big_rules else ""
     sizes: dict[str, tuple[int, int]] = {}
     for part in [None] if ids is None else _chunks(ids):
         where = "" if part is None else f" WHERE id IN ({_marks(connection, len(part))})"
-        for ruleset_id, size, rules_size in connection.execute(
+        for ruleset_id, size, rules_size, rowid in connection.execute(
             f"SELECT id, {own},"
             f" (SELECT coalesce(sum({rules}), 0) FROM rule_sidecar_rules"
-            "  WHERE ruleset_id = rule_sidecar_rulesets.id)"
+            f"  WHERE ruleset_id = rule_sidecar_rulesets.id{skip}),"
+            f" {'rowid' if sqlite else '0'}"
             f" FROM rule_sidecar_rulesets{where}",
             tuple(part or ()),
         ):
             if isinstance(ruleset_id, str):  # else reported by its id (_read_stamps)
-                sizes[ruleset_id] = int(size), int(rules_size)
+                sizes[ruleset_id] = int(size) + big_rulesets.get(rowid, 0), int(rules_size)
+    for rowid, size in big_rules.items():
+        row = connection.execute(
+            "SELECT ruleset_id FROM rule_sidecar_rules WHERE rowid = ?", (rowid,)
+        ).fetchone()
+        if row is not None and row[0] in sizes:
+            own_size, rules_size = sizes[row[0]]
+            sizes[row[0]] = own_size, rules_size + size
     return {
         ruleset_id: Problem(
             file=_ruleset_file(name, ruleset_id),
@@ -735,6 +749,61 @@ def _too_large(
         for ruleset_id, (own_size, rules_size) in sizes.items()
         if own_size + rules_size > max_bytes
     }
+
+
+def _oversized_rows(connection: Any, table: str, max_bytes: int) -> dict[int, int]:
+    """SQLite: the rows of `table` larger than `max_bytes`, by rowid, with their size,
+    found without loading a value (`length()` of a 200 MB text holds all of it).
+
+    `dbstat` gives each leaf page's largest cell; the rows of a page holding one too
+    large are measured with incremental BLOB I/O, which reads sizes, not values. A leaf
+    page holds consecutive rows: the rows before it are the cells of the leaves before.
+    Without `dbstat` (a SQLite built without it), `length()` measures everything.
+    """
+    if not isinstance(connection, sqlite3.Connection):
+        return {}
+    (pages,) = connection.execute("PRAGMA page_count").fetchone()
+    (page_size,) = connection.execute("PRAGMA page_size").fetchone()
+    if pages * page_size <= max_bytes:
+        return {}
+    try:
+        leaves = connection.execute(
+            "SELECT ncell, mx_payload FROM dbstat WHERE name = ? AND pagetype = 'leaf'"
+            " ORDER BY path",
+            (table,),
+        ).fetchall()
+    except sqlite3.OperationalError:  # no dbstat
+        return {}
+    # The columns _too_large measures in SQL (a ruleset's id is bounded by _read_stamps).
+    columns = _RULESET_COLUMNS[1:] if table == "rule_sidecar_rulesets" else _RULE_COLUMNS
+    types = ", ".join(f"typeof({c})" for c in columns)
+    sizes: dict[int, int] = {}
+    start = 0
+    for cells, largest in leaves:
+        if largest > max_bytes:
+            for (rowid,) in connection.execute(
+                f"SELECT rowid FROM {table} ORDER BY rowid LIMIT ? OFFSET ?", (cells, start)
+            ):
+                size = _row_bytes(connection, table, columns, types, rowid)
+                if size > max_bytes:
+                    sizes[rowid] = size
+        start += cells
+    return sizes
+
+
+def _row_bytes(
+    connection: sqlite3.Connection, table: str, columns: Sequence[str], types: str, rowid: int
+) -> int:
+    """The bytes of one row's text and BLOB values (8 for a number), none of them read."""
+    row = connection.execute(f"SELECT {types} FROM {table} WHERE rowid = ?", (rowid,)).fetchone()
+    size = 0
+    for column, kind in zip(columns, row or (), strict=False):
+        if kind in ("text", "blob"):
+            with connection.blobopen(table, column, rowid, readonly=True) as blob:
+                size += len(blob)
+        elif kind != "null":
+            size += 8
+    return size
 
 
 def _read_rulesets(
