@@ -585,7 +585,7 @@ def _excerpt(text: str) -> str:
     return f"{text[:_EXCERPT_CHARS]!r}… ({len(text):,} characters in all)"
 
 
-class Unreadable(Exception):
+class Unreadable(ValueError):
     """The database holds what no document can be made of, or the SQLite file is gone;
     the message says what, in words (it is reported as it is)."""
 
@@ -807,12 +807,12 @@ def _row_bytes(
 
 
 def _read_rulesets(
-    connection: Any, name: str, ids: Sequence[str] | None, max_bytes: int
+    connection: Any, name: str, ids: Sequence[str] | None, max_bytes: int | None
 ) -> _Rulesets:
     """The rulesets of `ids` (or all) as documents, in the caller's transaction. One
     that cannot be made a document is refused with a problem naming it, its column and
     why: it is never left out silently, nor does it fail the others' reading."""
-    refused = _too_large(connection, name, ids, max_bytes)
+    refused = {} if max_bytes is None else _too_large(connection, name, ids, max_bytes)
     if ids is None and not refused:
         parts: list[Sequence[str] | None] = [None]
     else:
@@ -896,11 +896,12 @@ def read_documents(
     ids: Sequence[str] | None = None,
     *,
     name: str = "database",
-    max_bytes: int = DEFAULT_FILE_LIMITS.max_bytes,
+    max_bytes: int | None = None,
 ) -> tuple[int, dict[str, dict[str, Any]]]:
     """The generation and every ruleset (or those of `ids`) as `rule-sidecar/v1`
     documents, read in the caller's transaction. Raises `LoadError` naming each
-    ruleset that cannot be read (`name` is the database in its file names)."""
+    ruleset that cannot be read, or is over `max_bytes` when given (`name` is the
+    database in its file names); `Unreadable` when the generation row is gone."""
     generation = _generation(connection)
     rulesets = _read_rulesets(connection, name, ids, max_bytes)
     if rulesets.refused:
@@ -1167,7 +1168,7 @@ class DatabaseSource:
             return
         backoff = 0.5
         while True:
-            delay = backoff * (0.5 + random.random())
+            delay: float | None = None
             try:
                 async for reason in self._notifications():
                     backoff = 0.5
@@ -1189,9 +1190,9 @@ class DatabaseSource:
                 reason = describe_error(exc, self._password(), self.url)
                 self._watch_problem = f"not listening: {reason}"
                 logger.warning("listening on %s failed: %s", self.name, reason)
-            else:
-                continue  # the listener ended without an error (it never does)
-            backoff = min(backoff * 2, _MAX_BACKOFF_S)
+            if delay is None:
+                delay = backoff * (0.5 + random.random())
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
             await asyncio.sleep(delay)
 
     async def _notifications(self) -> AsyncIterator[str]:
