@@ -843,6 +843,38 @@ class TestEveryChangeSeen:
         source.forget()
         assert points_read(source) == 45
 
+    def test_a_dropped_or_disabled_trigger_is_a_watch_problem(self, seeded: Database):
+        """Without its triggers nothing moves the numbers: a full read (the first, and
+        each after `forget()`) checks them, and health reports any missing or disabled
+        (a watch problem: degraded) until `db init` puts them back."""
+        source = DatabaseSource(seeded.url)
+        source.read()
+        assert source.watch_problem() is None
+        if seeded.is_postgresql:
+            seeded.script(
+                [
+                    ("DROP TRIGGER rule_sidecar_rulesets_stamp ON rule_sidecar_rulesets", ()),
+                    (
+                        "ALTER TABLE rule_sidecar_rules DISABLE TRIGGER rule_sidecar_rules_ruleset",
+                        (),
+                    ),
+                ]
+            )
+            gone = "rule_sidecar_rules_ruleset, rule_sidecar_rulesets_stamp"
+        else:
+            seeded.execute("DROP TRIGGER rule_sidecar_rulesets_update")
+            gone = "rule_sidecar_rulesets_update"
+        source.forget()
+        source.read()
+        assert source.watch_problem() == (
+            f"triggers missing or disabled ({gone}): changes may go unseen until a forced"
+            " reload; `rule-sidecar db init` puts them back"
+        )
+        seeded.init()
+        source.forget()
+        source.read()
+        assert source.watch_problem() is None
+
     def test_replication_role_replica_is_seen_after_forget(self, pg_database: Database):
         """PostgreSQL: `SET LOCAL session_replication_role = replica` (logical replication
         applying, `pg_restore --disable-triggers`) runs no trigger at all."""

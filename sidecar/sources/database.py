@@ -38,6 +38,7 @@ import logging
 import math
 import os
 import random
+import re
 import socket
 import sqlite3
 import stat
@@ -920,6 +921,30 @@ class _Changes:
     refused: dict[str, Problem]
 
 
+_TRIGGERS: Final = {
+    kind: frozenset(re.findall(r"CREATE TRIGGER (\w+)", " ".join(_triggers(kind))))
+    for kind in ("sqlite", "postgresql")
+}
+
+
+def _trigger_problem(connection: Any, kind: str) -> str | None:
+    """Which of the source's triggers are missing or disabled, in words; None if none."""
+    if kind == "postgresql":
+        rows = connection.execute(
+            "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal AND tgenabled <> 'D'"
+            " AND tgrelid IN ('rule_sidecar_rulesets'::regclass, 'rule_sidecar_rules'::regclass)"
+        )
+    else:
+        rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+    missing = sorted(_TRIGGERS[kind] - {name for (name,) in rows})
+    if not missing:
+        return None
+    return (
+        f"triggers missing or disabled ({', '.join(missing)}): changes may go unseen until"
+        " a forced reload; `rule-sidecar db init` puts them back"
+    )
+
+
 def _identity(path: Path) -> tuple[int, int]:
     """Which file a path names now; raises `Unreadable` when none."""
     try:
@@ -958,6 +983,7 @@ class DatabaseSource:
         self._connection: Any = None
         self._file_identity: tuple[int, int] | None = None  # SQLite: the file it reads
         self._watch_problem: str | None = None
+        self._trigger_problem: str | None = None
         self._on_standby = False
 
     @property
@@ -1050,6 +1076,8 @@ class DatabaseSource:
             generation = _generation(connection)
             if generation == self._generation:
                 return None
+            if self._generation is None:  # a full read: check what the numbers rely on
+                self._trigger_problem = _trigger_problem(connection, self.url.kind)
             try:
                 return self._read_rows(connection, generation)
             except sqlite3.OperationalError as exc:
@@ -1142,7 +1170,9 @@ class DatabaseSource:
                 connection.close()
 
     def watch_problem(self) -> str | None:
-        return self._watch_problem
+        """The listener's problem, or triggers found missing or disabled by the last
+        full read (then changes may move no number, and go unseen until a full read)."""
+        return self._watch_problem or self._trigger_problem
 
     def _password(self) -> str | None:
         """The password to keep out of messages; none when its file cannot be read."""
