@@ -13,6 +13,9 @@ SQLite databases are real files in the test's `tmp_path`.
 (a proxy or host that stops answering without closing anything); `black_hole()` is a
 port that accepts connections and never answers.
 
+`pg_standby` builds a real primary and hot standby pair (initdb, pg_basebackup, streaming
+replication) in a temporary directory, on two free ports, as the `postgres` user.
+
 `Database` talks to a database with the plain drivers (never through the code under
 test), so what a test sees in the tables is what is really there.
 """
@@ -21,9 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import secrets
+import shutil
 import socket
 import sqlite3
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +48,7 @@ __all__ = [
     "PG_ADMIN_URL",
     "Database",
     "FreezableProxy",
+    "StandbyPair",
     "black_hole",
     "pg_admin",
     "pg_backends",
@@ -213,9 +221,10 @@ class Database:
         }
 
     def change_unseen(self, sql: str, params: Sequence[Any] = ()) -> None:
-        """Change rows without moving the generation (triggers off, or the number put back).
-
-        A reader that trusts the fingerprint cannot notice such a change.
+        """Change rows behind every trigger: neither the generation nor any change_id
+        moves (PostgreSQL: triggers disabled; SQLite: dropped and created again, in the
+        same transaction). What `SET session_replication_role = replica` or
+        `pg_restore --disable-triggers` do; only a full read can notice it.
         """
         if self.is_postgresql:
             self.script(
@@ -228,11 +237,12 @@ class Database:
                 ]
             )
         else:
-            generation = self.generation()
+            triggers = self.execute("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")
             self.script(
                 [
+                    *((f"DROP TRIGGER {name}", ()) for name, _ in triggers),
                     (sql, params),
-                    ("UPDATE rule_sidecar_state SET generation = %s", (generation,)),
+                    *((create, ()) for _, create in triggers),
                 ]
             )
 
@@ -316,3 +326,127 @@ def database(request: pytest.FixtureRequest) -> Database:
 def migrated(database: Database) -> Database:
     """Each backend in turn, with the tables created by `db init`."""
     return database.init()
+
+
+@dataclass
+class StandbyPair:
+    """A primary and its hot standby (streaming replication), each on its own port."""
+
+    primary_port: int
+    standby_port: int
+
+    def url(self, name: str, *, standby: bool = False) -> str:
+        return pg_url_for(name, port=self.standby_port if standby else self.primary_port)
+
+    def create_database(self) -> str:
+        """A fresh database on the primary (replicated to the standby)."""
+        name = f"rs_t_{secrets.token_hex(6)}"
+        with psycopg.connect(self.url("postgres"), autocommit=True) as connection:
+            connection.execute(f"CREATE DATABASE {name}")
+        return name
+
+    def wait_replayed(self, timeout: float = 30.0) -> None:
+        """Until the standby has replayed everything the primary has written so far."""
+        with psycopg.connect(self.url("postgres"), autocommit=True) as primary:
+            (target,) = primary.execute("SELECT pg_current_wal_lsn()::text").fetchone() or ("",)
+        deadline = time.monotonic() + timeout
+        with psycopg.connect(self.url("postgres", standby=True), autocommit=True) as standby:
+            while True:
+                row = standby.execute(
+                    "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (target,)
+                ).fetchone()
+                if row is not None and row[0]:
+                    return
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the standby has not replayed {target} in {timeout} s")
+                time.sleep(0.02)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((PG_HOST, 0))
+        return int(probe.getsockname()[1])
+
+
+def _pg_bin() -> Path | None:
+    """The server's binaries (initdb, pg_ctl, pg_basebackup), when installed."""
+    pg_config = shutil.which("pg_config")
+    if pg_config is None:
+        return None
+    found = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=False)
+    directory = Path(found.stdout.strip())
+    return directory if (directory / "initdb").exists() else None
+
+
+@pytest.fixture(scope="module")
+def pg_standby() -> Iterator[StandbyPair]:
+    """A real primary and hot standby, built for this module and stopped after it (about
+    10 s). Skipped, with the reason, where the server's binaries or the `postgres` user
+    are missing."""
+    binaries = _pg_bin()
+    if binaries is None or shutil.which("runuser") is None or os.geteuid() != 0:
+        pytest.skip("a standby needs the PostgreSQL binaries, runuser and root (to be postgres)")
+    workdir = Path(tempfile.mkdtemp(prefix="rs-standby-"))
+    shutil.chown(workdir, "postgres")
+    pair = StandbyPair(_free_port(), _free_port())
+
+    def run(*command: str) -> None:
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", *command],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+    def start(directory: str, port: int) -> None:
+        options = f"-p {port} -k {workdir} -c listen_addresses={PG_HOST} -c fsync=off"
+        log = f"{workdir}/{directory}.log"
+        run(
+            str(binaries / "pg_ctl"),
+            "-D",
+            f"{workdir}/{directory}",
+            "-o",
+            options,
+            "-l",
+            log,
+            "-w",
+            "start",
+        )
+
+    started: list[str] = []
+    try:
+        run(
+            str(binaries / "initdb"),
+            "-D",
+            f"{workdir}/primary",
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+        )
+        with open(workdir / "primary" / "pg_hba.conf", "a", encoding="utf-8") as hba:
+            hba.write(f"host replication all {PG_HOST}/32 trust\n")
+        start("primary", pair.primary_port)
+        started.append("primary")
+        run(
+            str(binaries / "pg_basebackup"),
+            "-h",
+            PG_HOST,
+            "-p",
+            str(pair.primary_port),
+            "-U",
+            "postgres",
+            "-D",
+            f"{workdir}/standby",
+            "-R",
+            "-X",
+            "stream",
+        )
+        start("standby", pair.standby_port)
+        started.append("standby")
+        yield pair
+    finally:
+        for directory in reversed(started):
+            run(str(binaries / "pg_ctl"), "-D", f"{workdir}/{directory}", "-m", "immediate", "stop")
+        shutil.rmtree(workdir, ignore_errors=True)

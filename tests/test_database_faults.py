@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -22,11 +23,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psycopg
 import pytest
 
 pytest.register_assert_rewrite("db_support", "server_support")
 
-from db_support import Database, FreezableProxy, black_hole, pg_url_for  # noqa: E402
+from db_support import (  # noqa: E402
+    Database,
+    FreezableProxy,
+    StandbyPair,
+    black_hole,
+    pg_url_for,
+)
 from server_support import (  # noqa: E402
     HOT,
     Served,
@@ -41,7 +49,11 @@ from server_support import (  # noqa: E402
 
 from sidecar.config import SettingsError, settings_from  # noqa: E402
 from sidecar.errors import LoadError  # noqa: E402
-from sidecar.sources.database import DatabaseSource, DatabaseTimeouts  # noqa: E402
+from sidecar.sources.database import (  # noqa: E402
+    DatabaseSource,
+    DatabaseTimeouts,
+    in_recovery,
+)
 
 pytest_plugins = ["server_support", "db_support"]
 
@@ -322,6 +334,45 @@ class TestInTheSidecar:
             assert error["message"] == (
                 f"database unavailable: no answer from 127.0.0.1:{port} within 2 s while connecting"
             )
+
+
+class TestHotStandby:
+    """A real hot standby (streaming replication from a primary built for the test)
+    refuses LISTEN ("cannot execute LISTEN during recovery"): the source polls it."""
+
+    async def test_a_standby_is_polled_and_not_degraded(
+        self, pg_standby: StandbyPair, start_sidecar, rules_dir: Path, tmp_path: Path, caplog
+    ):
+        """Noticed and said once in the log; health stays healthy with no watch problem
+        (it was degraded forever); a change on the primary is served from the standby
+        by the periodic resync."""
+        caplog.set_level(logging.WARNING, logger="sidecar.database")
+        name = pg_standby.create_database()
+        primary = Database("postgresql", pg_standby.url(name), name, tmp_path)
+        primary.init().import_docs(fraud_doc())
+        pg_standby.wait_replayed()
+        standby_url = pg_standby.url(name, standby=True)
+        async with await psycopg.AsyncConnection.connect(standby_url) as connection:
+            assert await in_recovery(connection)
+        async with await psycopg.AsyncConnection.connect(primary.url) as connection:
+            assert not await in_recovery(connection)
+
+        app = await start_sidecar(
+            rules_dir, database_url=standby_url, monitor=True, interval_seconds=0.2
+        )
+
+        def said() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "hot standby" in r.getMessage()]
+
+        (line,) = await eventually(said, message="the standby noticed")
+        assert "periodic resync" in line
+        code, health = await app.health()
+        assert (code, health["status"], health["watch_problems"]) == (200, "healthy", {})
+        primary.execute(LARGE_AMOUNT_TO_45)
+        await eventually(points_are(app, 75), message="the change, polled from the standby")
+        code, health = await app.health()
+        assert (code, health["status"], health["watch_problems"]) == (200, "healthy", {})
+        assert len(said()) == 1
 
 
 def request(served: Served, method: str, path: str, body: Any = None) -> tuple[int, Any]:

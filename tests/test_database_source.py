@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import shutil
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,14 +44,16 @@ from server_support import (  # noqa: E402
 
 from sidecar import dbtools  # noqa: E402
 from sidecar.api.app import AppState  # noqa: E402
+from sidecar.documents import DEFAULT_FILE_LIMITS  # noqa: E402
 from sidecar.errors import LoadError, Problem  # noqa: E402
 from sidecar.loader import Loader  # noqa: E402
-from sidecar.sources.database import DatabaseSource  # noqa: E402
+from sidecar.sources.database import SCHEMA_VERSION, DatabaseSource  # noqa: E402
 from sidecar.sources.files import read_rule_files  # noqa: E402
 
 pytest_plugins = ["server_support", "db_support"]
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "rules"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "database"
 FOREIGN_LARGE = {"amount": 5000, "country": "FR"}  # fraud: large-amount 40 + foreign 30
 URL_SECRET = "url-secret-pw"
 FILE_SECRET = "file-secret-pw"
@@ -173,21 +178,8 @@ class TestRead:
         migrated.import_docs(fraud_doc(), ruleset_doc("extra"))
         source = DatabaseSource(migrated.url)
         source.read()
-        hidden = "UPDATE rule_sidecar_rules SET points = 77 WHERE id = 'extra-big'"
-        if migrated.is_postgresql:
-            migrated.change_unseen(hidden)  # no trigger: neither generation nor version
-        else:
-            select = "SELECT row_version FROM rule_sidecar_rulesets WHERE id = 'extra'"
-            version = migrated.script([(select, ())])[0][0][0]
-            migrated.change_unseen(hidden)
-            migrated.script(
-                [
-                    (
-                        "UPDATE rule_sidecar_rulesets SET row_version = %s WHERE id = 'extra'",
-                        (version,),
-                    )
-                ]
-            )
+        # No trigger: neither the generation nor the ruleset's change_id moves.
+        migrated.change_unseen("UPDATE rule_sidecar_rules SET points = 77 WHERE id = 'extra-big'")
         set_points(migrated, 41)  # a real change, in the other ruleset
         documents = {
             file.name.rsplit("/", 1)[-1]: json.loads(file.content) for file in source.read()
@@ -762,3 +754,368 @@ class TestSeveralSources:
         code, health = await app.health()
         assert (code, health["status"]) == (200, "degraded")
         await ws.close()
+
+
+def points_read(source: DatabaseSource, rule_id: str = "large-amount") -> int:
+    """The points of `rule_id` in what `source.read()` hands over now."""
+    for file in source.read():
+        for rule in json.loads(file.content)["spec"]["rules"]:
+            if rule["id"] == rule_id:
+                return int(rule["points"])
+    raise AssertionError(f"{rule_id} not read")
+
+
+def refusal(source: DatabaseSource) -> Problem:
+    """The one problem `source.read()` raises (fails if it raises none, or another error)."""
+    with pytest.raises(LoadError) as caught:
+        source.read()
+    (problem,) = caught.value.problems
+    return problem
+
+
+FRAUD_AGAIN = [
+    ("DELETE FROM rule_sidecar_rulesets WHERE id = 'fraud'", ()),
+    ("INSERT INTO rule_sidecar_rulesets (id) VALUES ('fraud')", ()),
+    (
+        "INSERT INTO rule_sidecar_rules (id, ruleset_id, position, condition, points) VALUES"
+        " ('large-amount', 'fraud', 0, 'input.amount > 1000', 45),"
+        " ('foreign-country', 'fraud', 1, 'input.country != \"US\"', 30),"
+        " ('never-on', 'fraud', 2, 'false', 1)",
+        (),
+    ),
+]
+
+
+class TestEveryChangeSeen:
+    """A change that repeats a version number, or goes behind every trigger, is read."""
+
+    def test_a_ruleset_deleted_and_inserted_again_in_one_transaction(self, seeded: Database):
+        """Deleted and inserted again with its three rules in one transaction: its
+        row_version comes out as it was (1, and one per rule), yet the change is read."""
+        source = DatabaseSource(seeded.url)
+        assert points_read(source) == 40
+        select = "SELECT row_version FROM rule_sidecar_rulesets WHERE id = 'fraud'"
+        before = seeded.execute(select)
+        seeded.script(FRAUD_AGAIN)
+        assert seeded.execute(select) == before  # the number the reader used to trust
+        assert points_read(source) == 45
+
+    def test_a_writer_that_moves_row_version_itself(self, seeded: Database):
+        """Optimistic locking (`SET ..., row_version = row_version + 1`): SQLite's
+        triggers skipped the ruleset then, and the change was never read."""
+        source = DatabaseSource(seeded.url)
+        assert points_read(source) == 40
+        seeded.execute(
+            "UPDATE rule_sidecar_rules SET points = 45, row_version = row_version + 1"
+            " WHERE id = 'large-amount'"
+        )
+        assert points_read(source) == 45
+        seeded.execute(
+            "UPDATE rule_sidecar_rulesets SET description = 'X', row_version = row_version + 1"
+        )
+        document = json.loads(source.read()[0].content)
+        assert document["metadata"]["description"] == "X"
+
+    def test_a_change_id_written_back_by_the_writer_is_not_trusted(self, seeded: Database):
+        """A tool that copies rows back with their old change_id (a restore, a sync job)
+        still gets a new one: the reader's marker is never the writer's to set."""
+        source = DatabaseSource(seeded.url)
+        source.read()
+        (stamp,) = seeded.execute("SELECT change_id FROM rule_sidecar_rulesets")[0]
+        seeded.script(
+            [
+                *FRAUD_AGAIN[:2],
+                ("UPDATE rule_sidecar_rulesets SET change_id = %s", (stamp,)),
+                *FRAUD_AGAIN[2:],
+                ("UPDATE rule_sidecar_rulesets SET change_id = %s", (stamp,)),
+            ]
+        )
+        assert seeded.execute("SELECT change_id FROM rule_sidecar_rulesets")[0] != (stamp,)
+        assert points_read(source) == 45
+
+    def test_forget_then_read_reads_every_row_behind_the_triggers(self, seeded: Database):
+        """A change behind every trigger (disabled, or dropped and put back) moves no
+        number: an ordinary read cannot see it, a read after `forget()` must."""
+        source = DatabaseSource(seeded.url)
+        assert points_read(source) == 40
+        seeded.change_unseen("UPDATE rule_sidecar_rules SET points = 45 WHERE id = 'large-amount'")
+        assert points_read(source) == 40  # the fingerprint cannot know
+        source.forget()
+        assert points_read(source) == 45
+
+    def test_a_dropped_or_disabled_trigger_is_a_watch_problem(self, seeded: Database):
+        """Without its triggers nothing moves the numbers: a full read (the first, and
+        each after `forget()`) checks them, and health reports any missing or disabled
+        (a watch problem: degraded) until `db init` puts them back."""
+        source = DatabaseSource(seeded.url)
+        source.read()
+        assert source.watch_problem() is None
+        if seeded.is_postgresql:
+            seeded.script(
+                [
+                    ("DROP TRIGGER rule_sidecar_rulesets_stamp ON rule_sidecar_rulesets", ()),
+                    (
+                        "ALTER TABLE rule_sidecar_rules DISABLE TRIGGER rule_sidecar_rules_ruleset",
+                        (),
+                    ),
+                ]
+            )
+            gone = "rule_sidecar_rules_ruleset, rule_sidecar_rulesets_stamp"
+        else:
+            seeded.execute("DROP TRIGGER rule_sidecar_rulesets_update")
+            gone = "rule_sidecar_rulesets_update"
+        source.forget()
+        source.read()
+        assert source.watch_problem() == (
+            f"triggers missing or disabled ({gone}): changes may go unseen until a forced"
+            " reload; `rule-sidecar db init` puts them back"
+        )
+        seeded.init()
+        source.forget()
+        source.read()
+        assert source.watch_problem() is None
+
+    def test_replication_role_replica_is_seen_after_forget(self, pg_database: Database):
+        """PostgreSQL: `SET LOCAL session_replication_role = replica` (logical replication
+        applying, `pg_restore --disable-triggers`) runs no trigger at all."""
+        pg_database.init().import_docs(fraud_doc())
+        source = DatabaseSource(pg_database.url)
+        assert points_read(source) == 40
+        generation = pg_database.generation()
+        pg_database.script(
+            [("SET LOCAL session_replication_role = replica", ()), (LARGE_AMOUNT_TO_45, ())]
+        )
+        assert pg_database.generation() == generation
+        assert points_read(source) == 40
+        source.forget()
+        assert points_read(source) == 45
+
+
+class TestSchemaUpgrade:
+    """`db init` upgrades a database made by the schema-1 sidecar, keeping its rows."""
+
+    def test_schema_1_database_is_upgraded_and_then_reads_every_change(self, database: Database):
+        dump = (FIXTURES / f"schema-1.{database.kind}.sql").read_text(encoding="utf-8")
+        if database.is_postgresql:
+            with psycopg.connect(database.url, autocommit=True) as connection:
+                connection.execute(dump.encode())
+        else:
+            connection = sqlite3.connect(database.name)
+            connection.executescript(dump)
+            connection.close()
+        assert database.execute("SELECT version FROM rule_sidecar_schema") == [(1,)]
+        with pytest.raises(LoadError) as caught:
+            DatabaseSource(database.url).read()
+        assert "upgrade the tables with `rule-sidecar db init`" in str(caught.value)
+
+        database.init()
+        assert database.execute("SELECT version FROM rule_sidecar_schema") == [(SCHEMA_VERSION,)]
+        source = DatabaseSource(database.url)
+        assert points_read(source) == 40
+        database.script(FRAUD_AGAIN)
+        assert points_read(source) == 45
+        database.init()  # idempotent on the upgraded schema
+        assert points_read(source) == 45
+
+
+class TestSqliteFileSwapped:
+    """The open connection keeps the file it opened: a path given another file is seen."""
+
+    def test_a_file_replaced_by_mv_is_read_in_full(self, sqlite_database: Database):
+        """The new file has the very same generation (a copy, changed behind the
+        triggers): only noticing that the path names another file can tell."""
+        sqlite_database.init().import_docs(fraud_doc())
+        source = DatabaseSource(sqlite_database.url)
+        assert points_read(source) == 40
+        path = Path(sqlite_database.name)
+        copy = Database("sqlite", "", str(path.with_name("new.db")), path.parent)
+        shutil.copyfile(path, copy.name)
+        copy.change_unseen("UPDATE rule_sidecar_rules SET points = 45 WHERE id = 'large-amount'")
+        assert copy.generation() == sqlite_database.generation()
+        os.replace(copy.name, path)
+        assert points_read(source) == 45
+
+    def test_a_deleted_file_fails_the_read_naming_it(self, sqlite_database: Database):
+        sqlite_database.init().import_docs(fraud_doc())
+        source = DatabaseSource(sqlite_database.url)
+        source.read()
+        os.unlink(sqlite_database.name)
+        problem = refusal(source)
+        assert problem.file == source.name
+        assert problem.message == (
+            f"database unavailable: the SQLite file {sqlite_database.name} does not exist"
+            " (deleted or moved away)"
+        )
+
+
+class TestFaultsReported:
+    """A value no document can hold is a `LoadError` naming its ruleset, column and why."""
+
+    @pytest.mark.parametrize("table", ["rule", "ruleset"])
+    def test_a_blob_in_a_text_column(self, sqlite_database: Database, table: str):
+        """Any tool binding Python `bytes` writes a BLOB; json.dumps raised TypeError
+        from inside the read, and every reload crashed."""
+        sqlite_database.init().import_docs(fraud_doc())
+        source = DatabaseSource(sqlite_database.url)
+        source.read()
+        if table == "rule":
+            sqlite_database.execute(
+                "UPDATE rule_sidecar_rules SET description = %s WHERE id = 'large-amount'",
+                (b"\x00\xffbinary",),
+            )
+        else:
+            sqlite_database.execute(
+                "UPDATE rule_sidecar_rulesets SET description = %s", (b"\x00\xffbinary",)
+            )
+        problem = refusal(source)
+        assert problem.file == f"{source.name}#rulesets/fraud.json"
+        assert problem.ruleset_id == "fraud"
+        if table == "rule":
+            assert (problem.rule_id, problem.path) == (
+                "large-amount",
+                "$.spec.rules[0].description",
+            )
+            assert problem.message == (
+                "the description column of rule 'large-amount' holds a BLOB of 8 bytes"
+                " where text is expected"
+            )
+        else:
+            assert problem.path == "$.metadata.description"
+            assert "ruleset 'fraud' holds a BLOB of 8 bytes" in problem.message
+
+    def test_text_that_is_not_utf8(self, sqlite_database: Database):
+        """SQLite text holding other bytes (a C client): the driver failed the whole
+        query, "database unavailable", naming no rule; now the rule and column are named.
+        A ruleset id that is such text is named by its row."""
+        sqlite_database.init().import_docs(fraud_doc(), ruleset_doc("extra"))
+        source = DatabaseSource(sqlite_database.url)
+        source.read()
+        sqlite_database.execute(
+            "UPDATE rule_sidecar_rules SET condition = CAST(X'ff3e31' AS TEXT)"
+            " WHERE id = 'large-amount'"
+        )
+        problem = refusal(source)
+        assert (problem.ruleset_id, problem.rule_id, problem.path) == (
+            "fraud",
+            "large-amount",
+            "$.spec.rules[0].condition",
+        )
+        assert problem.message == (
+            "the condition column of rule 'large-amount' holds 3 bytes of text that is not UTF-8"
+        )
+        sqlite_database.execute(
+            "UPDATE rule_sidecar_rules SET condition = 'true' WHERE id = 'large-amount'"
+        )
+        assert len(source.read()) == 2
+        sqlite_database.execute(
+            "INSERT INTO rule_sidecar_rulesets (id) VALUES (CAST(X'ff41' AS TEXT))"
+        )
+        problem = refusal(source)
+        assert problem.file == source.name
+        assert problem.message.endswith(
+            "has no usable id: its id is text that is not UTF-8 of 2 bytes"
+            " (an id is text of at most 63 characters)"
+        )
+
+    def test_the_generation_row_deleted(self, seeded: Database):
+        """No `TypeError: 'NoneType' object is not subscriptable`: the cause, in words."""
+        source = DatabaseSource(seeded.url)
+        seeded.execute("DELETE FROM rule_sidecar_state")
+        problem = refusal(source)
+        assert problem.message == (
+            "database unavailable: the table rule_sidecar_state has lost its row (id 1, the"
+            " generation): `rule-sidecar db init` puts it back"
+        )
+        seeded.init()
+        assert points_read(source) == 40
+
+    def test_json_nested_too_deep_is_located(self, sqlite_database: Database):
+        """100,000 nested lists in a JSON column: located at its rule, not "database
+        unavailable: RecursionError"."""
+        sqlite_database.init().import_docs(fraud_doc())
+        deep = "[" * 100_000 + "]" * 100_000
+        sqlite_database.execute(
+            "UPDATE rule_sidecar_rules SET tags = %s WHERE id = 'large-amount'", (deep,)
+        )
+        problem = refusal(DatabaseSource(sqlite_database.url))
+        assert (problem.ruleset_id, problem.rule_id, problem.path) == (
+            "fraud",
+            "large-amount",
+            "$.spec.rules[0].tags",
+        )
+        assert "nests JSON deeper than can be read" in problem.message
+
+    def test_a_message_quotes_a_bounded_excerpt_of_the_value(self, sqlite_database: Database):
+        """3 MB of text in a JSON column: the message shows its start and its size, not
+        3 MB (which went to every WebSocket client and into history)."""
+        sqlite_database.init().import_docs(fraud_doc())
+        sqlite_database.execute(
+            "UPDATE rule_sidecar_rules SET tags = %s WHERE id = 'large-amount'", ("x" * 3_000_000,)
+        )
+        problems = read_problems(DatabaseSource(sqlite_database.url))
+        assert [(p.ruleset_id, p.rule_id) for p in problems] == [("fraud", "large-amount")]
+        message = problems[0].message
+        assert len(message) < 500, len(message)
+        assert "3,000,000 characters" in message
+
+    async def test_a_blob_fails_the_reload_instead_of_crashing_it(
+        self, sqlite_database: Database, start_sidecar, rules_dir: Path
+    ):
+        """In the sidecar: a failed reload (422) naming the rule, recorded in history; the
+        last good rules serve."""
+        sqlite_database.init().import_docs(fraud_doc())
+        app = await start_sidecar(rules_dir, database_url=sqlite_database.url)
+        sqlite_database.execute(
+            "UPDATE rule_sidecar_rules SET name = %s WHERE id = 'large-amount'", (b"x",)
+        )
+        record = await app.post(f"{HOT}/reload", status=422)
+        (error,) = record["errors"]
+        assert (error["ruleset_id"], error["rule_id"]) == ("fraud", "large-amount")
+        assert "BLOB" in error["message"]
+        assert (await history(app))[0]["status"] == "failed"
+        assert await total_points(app) == 70
+
+
+class TestSizes:
+    """A ruleset larger than a rule file may be is refused before it is fetched."""
+
+    @pytest.mark.parametrize("where", ["ruleset", "rule"])
+    def test_a_row_over_the_limit_is_refused_by_its_size(self, seeded: Database, where: str):
+        source = DatabaseSource(seeded.url, max_bytes=100_000)
+        assert points_read(source) == 40
+        table = "rule_sidecar_rulesets" if where == "ruleset" else "rule_sidecar_rules"
+        seeded.execute(f"UPDATE {table} SET description = %s", ("d" * 200_000,))
+        problem = refusal(source)
+        assert (problem.file, problem.ruleset_id, problem.code) == (
+            f"{source.name}#rulesets/fraud.json",
+            "fraud",
+            "read.too_large",
+        )
+        assert "more than the 100,000 bytes a rule file may hold: not read" in problem.message
+        assert len(problem.message) < 300
+        assert refusal(source) == problem  # still refused while nothing changed
+        seeded.execute(f"UPDATE {table} SET description = ''")
+        assert points_read(source) == 40
+
+    def test_rows_each_within_the_limit_but_over_it_together(self, seeded: Database):
+        """Three rules of 2,000 bytes each, the limit 5,000: refused by their sum; the
+        other ruleset is not."""
+        seeded.import_docs(ruleset_doc("extra"))
+        source = DatabaseSource(seeded.url, max_bytes=5_000)
+        assert len(source.read()) == 2
+        seeded.execute(
+            "UPDATE rule_sidecar_rules SET description = %s WHERE ruleset_id = 'fraud'",
+            ("d" * 2_000,),
+        )
+        problem = refusal(source)
+        assert problem.ruleset_id == "fraud"
+        assert "its rules 6," in problem.message
+
+    def test_the_default_limit_is_the_rule_file_limit(self, sqlite_database: Database):
+        """5 MiB of description: over the 4 MiB a rule file may hold."""
+        sqlite_database.init().import_docs(fraud_doc())
+        sqlite_database.execute(
+            "UPDATE rule_sidecar_rulesets SET description = %s", ("d" * (5 << 20),)
+        )
+        problem = refusal(DatabaseSource(sqlite_database.url))
+        assert f"more than the {DEFAULT_FILE_LIMITS.max_bytes:,} bytes" in problem.message

@@ -17,6 +17,7 @@ from db_support import Database, pg_url_for, require_postgresql  # noqa: E402
 from server_support import fraud_doc, ruleset_doc, to_yaml  # noqa: E402
 
 from sidecar.loader import Loader  # noqa: E402
+from sidecar.sources.database import SCHEMA_VERSION  # noqa: E402
 from sidecar.sources.files import read_rule_files  # noqa: E402
 
 pytest_plugins = ["db_support"]
@@ -69,7 +70,7 @@ class TestInit:
         """Two runs exit 0, leave the same tables, one schema row and one generation row."""
         first = db("init", "--database-url", database.url)
         assert first.returncode == 0, first.stderr
-        assert "schema version 1" in first.stdout
+        assert f"schema version {SCHEMA_VERSION}" in first.stdout
         tables = database.tables()
         assert {"rule_sidecar_rules", "rule_sidecar_rulesets", "rule_sidecar_schema"} <= set(tables)
         generation = database.generation()
@@ -77,7 +78,7 @@ class TestInit:
         second = db("init", "--database-url", database.url)
         assert second.returncode == 0, second.stderr
         assert database.tables() == tables
-        assert database.execute("SELECT version FROM rule_sidecar_schema") == [(1,)]
+        assert database.execute("SELECT version FROM rule_sidecar_schema") == [(SCHEMA_VERSION,)]
         assert database.generation() == generation
 
     def test_init_keeps_existing_rules(self, migrated: Database):

@@ -5,10 +5,19 @@ Tables (created and upgraded by `rule-sidecar db init`): `rule_sidecar_rulesets`
 version and `updated_at`; `rule_sidecar_state` holds one `generation` number that
 triggers bump on every change. Reading the generation is the cheap fingerprint: a read
 whose generation has not moved returns the documents it already built, so the periodic
-resync costs one single-row query however many rules there are. On PostgreSQL the same
-triggers `pg_notify('rule_sidecar', ...)`, and `changes()` listens, so an edit is live
-in milliseconds; after a reconnect it asks for a full resync, because notifications sent
-while disconnected are lost.
+resync costs one single-row query however many rules there are. When it has moved, only
+the rulesets whose `change_id` moved are read again: triggers give a ruleset a number
+never given before on every write to it or its rules (not `row_version`, which a ruleset
+deleted and inserted again repeats). Triggers can be bypassed (replica mode, a restore
+without them): `forget()` makes the next read read every row, whatever the numbers say.
+On PostgreSQL the same triggers `pg_notify('rule_sidecar', ...)`, and `changes()`
+listens, so an edit is live in milliseconds; after a reconnect it asks for a full resync,
+because notifications sent while disconnected are lost. A hot standby refuses LISTEN:
+there the periodic resync polls.
+
+A read never fetches a ruleset larger than a rule file may be (its size is measured by
+the database first), and every value no document can hold is reported with its ruleset,
+column and cause, never raised as whatever the encoder throws.
 
 No wait on the database is unbounded (`DatabaseTimeouts`): connecting, each statement
 (server side), each read as a whole and each heartbeat of the listener (client side, by
@@ -29,6 +38,7 @@ import logging
 import math
 import os
 import random
+import re
 import socket
 import sqlite3
 import stat
@@ -44,7 +54,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from sidecar.documents import SourceFile
+from sidecar.documents import DEFAULT_FILE_LIMITS, SourceFile
 from sidecar.errors import LoadError, Problem, ProblemCode
 
 __all__ = [
@@ -53,8 +63,10 @@ __all__ = [
     "DatabaseTimeouts",
     "DatabaseURL",
     "NoAnswer",
+    "Unreadable",
     "connect",
     "describe_error",
+    "in_recovery",
     "migrate",
     "open_connection",
     "password_from",
@@ -64,7 +76,7 @@ __all__ = [
 
 logger = logging.getLogger("sidecar.database")
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 CHANNEL: Final = "rule_sidecar"
 
 _MAX_BACKOFF_S: Final = 30.0
@@ -155,7 +167,8 @@ def _schema(kind: str) -> list[str]:
             default_decision TEXT,
             tests {json_type} NOT NULL DEFAULT '[]',
             row_version BIGINT NOT NULL DEFAULT 1,
-            updated_at {time_type} NOT NULL DEFAULT {now})""",
+            updated_at {time_type} NOT NULL DEFAULT {now},
+            change_id BIGINT NOT NULL DEFAULT 0)""",
         f"""CREATE TABLE IF NOT EXISTS rule_sidecar_rules (
             id TEXT PRIMARY KEY,
             ruleset_id TEXT NOT NULL REFERENCES rule_sidecar_rulesets (id) ON DELETE CASCADE,
@@ -173,11 +186,23 @@ def _schema(kind: str) -> list[str]:
         "CREATE INDEX IF NOT EXISTS rule_sidecar_rules_by_ruleset"
         " ON rule_sidecar_rules (ruleset_id, position)",
     ]
-    return statements + (_pg_triggers() if kind == "postgresql" else _sqlite_triggers())
+    if kind == "postgresql":
+        # Schema 1 had no change_id (it trusted row_version, which a ruleset deleted and
+        # inserted again repeats): its rows start at 0, and every write stamps anew.
+        statements.append(
+            "ALTER TABLE rule_sidecar_rulesets"
+            " ADD COLUMN IF NOT EXISTS change_id BIGINT NOT NULL DEFAULT 0"
+        )
+    return statements
+
+
+def _triggers(kind: str) -> list[str]:
+    return _pg_triggers() if kind == "postgresql" else _sqlite_triggers()
 
 
 def _pg_triggers() -> list[str]:
     statements = [
+        "CREATE SEQUENCE IF NOT EXISTS rule_sidecar_changes",
         # One bump and one notification per statement, however many rows it touched.
         f"""CREATE OR REPLACE FUNCTION rule_sidecar_changed() RETURNS trigger
             LANGUAGE plpgsql AS $$
@@ -193,8 +218,19 @@ def _pg_triggers() -> list[str]:
                 NEW.updated_at := now();
                 RETURN NEW;
             END $$""",
-        # A ruleset's row_version also moves when one of its rules changes, so a reader
-        # can re-read just the rulesets that changed.
+        # Every insert or update of a ruleset (its rules' changes update it too) takes a
+        # number never given before, whatever the writer put there: the reader re-reads
+        # a ruleset whose change_id is not the one it last read.
+        """CREATE OR REPLACE FUNCTION rule_sidecar_stamp() RETURNS trigger
+            LANGUAGE plpgsql AS $$
+            BEGIN
+                NEW.change_id := nextval('rule_sidecar_changes');
+                RETURN NEW;
+            END $$""",
+        "DROP TRIGGER IF EXISTS rule_sidecar_rulesets_stamp ON rule_sidecar_rulesets",
+        "CREATE TRIGGER rule_sidecar_rulesets_stamp BEFORE INSERT OR UPDATE"
+        " ON rule_sidecar_rulesets FOR EACH ROW EXECUTE FUNCTION rule_sidecar_stamp()",
+        # A ruleset is updated when one of its rules changes, so that its change_id moves.
         """CREATE OR REPLACE FUNCTION rule_sidecar_rule_moved() RETURNS trigger
             LANGUAGE plpgsql AS $$
             BEGIN
@@ -232,37 +268,67 @@ def _pg_triggers() -> list[str]:
     return statements
 
 
+# SQLite: the generation is bumped by every row change and never goes back, so its value
+# right after a bump is a number never given before: that is a ruleset's change_id.
+_SQLITE_BUMP: Final = "UPDATE rule_sidecar_state SET generation = generation + 1 WHERE id = 1;"
+_SQLITE_STAMP: Final = "(SELECT generation FROM rule_sidecar_state WHERE id = 1)"
+# The trigger's own stamping update (change_id set to the generation) fires no trigger.
+_SQLITE_NOT_STAMPING: Final = (
+    f"NOT (NEW.change_id IS NOT OLD.change_id AND NEW.change_id = {_SQLITE_STAMP})"
+)
+
+
 def _sqlite_triggers() -> list[str]:
-    bump = "UPDATE rule_sidecar_state SET generation = generation + 1 WHERE id = 1;"
-    touch_set = (
-        "UPDATE rule_sidecar_rulesets SET row_version = row_version + 1,"
-        f" updated_at = {_NOW['sqlite']} WHERE id"
+    now = _NOW["sqlite"]
+    # A rule's change updates its ruleset (whose change_id then moves) once: either the
+    # writer moved row_version, or the rule's touch trigger does, in its own update.
+    touch_ruleset = (
+        f"UPDATE rule_sidecar_rulesets SET row_version = row_version + 1, updated_at = {now}"
+        " WHERE id"
     )
-    statements = [
-        # A ruleset's row_version also moves when one of its rules changes.
-        "CREATE TRIGGER IF NOT EXISTS rule_sidecar_rules_ruleset_insert AFTER INSERT"
-        f" ON rule_sidecar_rules BEGIN {touch_set} = NEW.ruleset_id; END",
-        "CREATE TRIGGER IF NOT EXISTS rule_sidecar_rules_ruleset_update AFTER UPDATE"
-        " ON rule_sidecar_rules WHEN NEW.row_version = OLD.row_version"
-        f" BEGIN {touch_set} IN (OLD.ruleset_id, NEW.ruleset_id); END",
-        "CREATE TRIGGER IF NOT EXISTS rule_sidecar_rules_ruleset_delete AFTER DELETE"
-        f" ON rule_sidecar_rules BEGIN {touch_set} = OLD.ruleset_id; END",
-    ]
-    for table in _TABLES:
-        for event in ("INSERT", "UPDATE", "DELETE"):
-            statements.append(
-                f"CREATE TRIGGER IF NOT EXISTS {table}_{event.lower()} AFTER {event} ON {table}"
-                f" BEGIN {bump} END"
+    # SQLite has no BEFORE-UPDATE assignment: the row is updated after, which fires no
+    # trigger again (recursive triggers are off by default). A writer that moves
+    # row_version itself (optimistic locking) keeps its own value and time.
+    touch = (
+        "row_version = CASE WHEN NEW.row_version = OLD.row_version"
+        " THEN OLD.row_version + 1 ELSE NEW.row_version END,"
+        f" updated_at = CASE WHEN NEW.row_version = OLD.row_version THEN {now}"
+        " ELSE NEW.updated_at END"
+    )
+    return [
+        # Schema 1's triggers trusted row_version (and are all replaced): drop every one.
+        *(
+            f"DROP TRIGGER IF EXISTS {name}"
+            for name in (
+                "rule_sidecar_rules_ruleset_insert",
+                "rule_sidecar_rules_ruleset_update",
+                "rule_sidecar_rules_ruleset_delete",
+                *(f"{t}_{e}" for t in _TABLES for e in ("insert", "update", "delete", "touch")),
             )
-        # SQLite has no BEFORE-UPDATE assignment: bump the row after, without recursion
-        # (recursive triggers are off by default).
-        statements.append(
-            f"CREATE TRIGGER IF NOT EXISTS {table}_touch AFTER UPDATE ON {table}"
-            f" WHEN NEW.row_version = OLD.row_version BEGIN"
-            f" UPDATE {table} SET row_version = OLD.row_version + 1,"
-            f" updated_at = {_NOW['sqlite']} WHERE id = NEW.id; END"
-        )
-    return statements
+        ),
+        "CREATE TRIGGER rule_sidecar_rulesets_insert AFTER INSERT ON rule_sidecar_rulesets"
+        f" BEGIN {_SQLITE_BUMP} UPDATE rule_sidecar_rulesets SET change_id = {_SQLITE_STAMP}"
+        " WHERE id = NEW.id; END",
+        "CREATE TRIGGER rule_sidecar_rulesets_update AFTER UPDATE ON rule_sidecar_rulesets"
+        f" WHEN {_SQLITE_NOT_STAMPING} BEGIN {_SQLITE_BUMP}"
+        f" UPDATE rule_sidecar_rulesets SET change_id = {_SQLITE_STAMP}, {touch}"
+        " WHERE id = NEW.id; END",
+        "CREATE TRIGGER rule_sidecar_rulesets_delete AFTER DELETE ON rule_sidecar_rulesets"
+        f" BEGIN {_SQLITE_BUMP} END",
+        "CREATE TRIGGER rule_sidecar_rules_insert AFTER INSERT ON rule_sidecar_rules"
+        f" BEGIN {_SQLITE_BUMP} {touch_ruleset} = NEW.ruleset_id; END",
+        "CREATE TRIGGER rule_sidecar_rules_update AFTER UPDATE ON rule_sidecar_rules"
+        f" BEGIN {_SQLITE_BUMP} END",
+        "CREATE TRIGGER rule_sidecar_rules_touch AFTER UPDATE ON rule_sidecar_rules"
+        " WHEN NEW.row_version = OLD.row_version BEGIN"
+        f" UPDATE rule_sidecar_rules SET row_version = OLD.row_version + 1, updated_at = {now}"
+        " WHERE id = NEW.id; END",
+        "CREATE TRIGGER rule_sidecar_rules_ruleset_update AFTER UPDATE ON rule_sidecar_rules"
+        " WHEN NEW.row_version IS NOT OLD.row_version"
+        f" BEGIN {touch_ruleset} IN (OLD.ruleset_id, NEW.ruleset_id); END",
+        "CREATE TRIGGER rule_sidecar_rules_delete AFTER DELETE ON rule_sidecar_rules"
+        f" BEGIN {_SQLITE_BUMP} {touch_ruleset} = OLD.ruleset_id; END",
+    ]
 
 
 # Connections
@@ -426,20 +492,34 @@ def connect(
 
 
 def migrate(url: DatabaseURL, *, password_file: Path | None = None) -> int:
-    """Create or upgrade the tables (idempotent); returns the schema version."""
+    """Create or upgrade the tables and triggers (idempotent, in one transaction);
+    returns the schema version."""
     with connect(url, password_file=password_file, create=True) as connection:
         for statement in _schema(url.kind):
             connection.execute(statement)
         row = connection.execute("SELECT version FROM rule_sidecar_schema").fetchone()
-        if row is None:
-            connection.execute(
-                f"INSERT INTO rule_sidecar_schema (version) VALUES ({placeholder(url)})",
-                (SCHEMA_VERSION,),
-            )
-        elif row[0] > SCHEMA_VERSION:
+        if row is not None and row[0] > SCHEMA_VERSION:
             raise ValueError(
                 f"the database schema is version {row[0]}, newer than this sidecar's"
                 f" {SCHEMA_VERSION}: upgrade rule-sidecar"
+            )
+        if url.kind == "sqlite":
+            columns = {c[1] for c in connection.execute("PRAGMA table_info(rule_sidecar_rulesets)")}
+            if "change_id" not in columns:  # schema 1 (see _schema)
+                connection.execute(
+                    "ALTER TABLE rule_sidecar_rulesets"
+                    " ADD COLUMN change_id BIGINT NOT NULL DEFAULT 0"
+                )
+        for statement in _triggers(url.kind):
+            connection.execute(statement)
+        mark = placeholder(url)
+        if row is None:
+            connection.execute(
+                f"INSERT INTO rule_sidecar_schema (version) VALUES ({mark})", (SCHEMA_VERSION,)
+            )
+        elif row[0] < SCHEMA_VERSION:
+            connection.execute(
+                f"UPDATE rule_sidecar_schema SET version = {mark}", (SCHEMA_VERSION,)
             )
     return SCHEMA_VERSION
 
@@ -449,24 +529,110 @@ def migrate(url: DatabaseURL, *, password_file: Path | None = None) -> int:
 # JSON columns are read as text on both databases (one decoding path, json's C decoder:
 # much cheaper than the driver's per-value JSONB conversion).
 _RULESET_COLUMNS: Final = (
-    "id, name, description, CAST(labels AS TEXT), CAST(decisions AS TEXT), default_decision,"
-    " CAST(tests AS TEXT)"
+    "id",
+    "name",
+    "description",
+    "labels",
+    "decisions",
+    "default_decision",
+    "tests",
 )
 _RULE_COLUMNS: Final = (
-    "id, ruleset_id, name, description, condition, points, enabled, priority,"
-    " CAST(tags AS TEXT), CAST(metadata AS TEXT)"
+    "id",
+    "ruleset_id",
+    "name",
+    "description",
+    "condition",
+    "points",
+    "enabled",
+    "priority",
+    "tags",
+    "metadata",
 )
+_JSON_COLUMNS: Final = frozenset({"labels", "decisions", "tests", "tags", "metadata"})
+# Where each column's value goes in the ruleset's document (a rule's under its index).
+_RULESET_PATHS: Final = {
+    "id": "$.metadata.id",
+    "name": "$.metadata.name",
+    "description": "$.metadata.description",
+    "labels": "$.metadata.labels",
+    "decisions": "$.spec.decisions",
+    "default_decision": "$.spec.default_decision",
+    "tests": "$.spec.tests",
+}
+_EXCERPT_CHARS: Final = 200
+# The schema allows 63 characters; a longer SQLite id is never fetched whole.
+_MAX_ID_BYTES: Final = 1024
 
 
-def _json(value: Any) -> Any:
-    """A JSON column's text, decoded. Text that does not decode (SQLite stores what it is
-    given) is passed on as it is, so the schema reports it at its rule."""
+def _select(columns: Sequence[str]) -> str:
+    return ", ".join(f"CAST({c} AS TEXT)" if c in _JSON_COLUMNS else c for c in columns)
+
+
+def _size(column: str, *, sqlite: bool) -> str:
+    """SQL for the bytes a column's value takes, computed by the database: the value
+    itself is not sent (PostgreSQL), or not handed to Python (SQLite)."""
+    if sqlite:
+        return f"coalesce(length(CAST({column} AS BLOB)), 0)"
+    return f"coalesce(octet_length(CAST({column} AS TEXT)), 0)"
+
+
+def _excerpt(text: str) -> str:
+    """A value for a message: whole when short, else its first 200 characters and its
+    size. A message is sent to every WebSocket client and kept in history: never
+    megabytes of somebody's column."""
+    if len(text) <= _EXCERPT_CHARS:
+        return repr(text)
+    return f"{text[:_EXCERPT_CHARS]!r}… ({len(text):,} characters in all)"
+
+
+class Unreadable(ValueError):
+    """The database holds what no document can be made of, or the SQLite file is gone;
+    the message says what, in words (it is reported as it is)."""
+
+
+class _Fault(Exception):
+    """A value no document can hold: its column and the cause, in words."""
+
+    def __init__(self, column: str, cause: str) -> None:
+        super().__init__(cause)
+        self.column = column
+        self.cause = cause
+
+
+class _NotUtf8(bytes):
+    """SQLite text that does not decode as UTF-8 (C clients write any bytes as text)."""
+
+
+def _text_or_not(data: bytes) -> str | _NotUtf8:
+    """A SQLite text value, or what it holds when that is not UTF-8: the driver's own
+    decoding fails the whole query, naming neither the ruleset nor the rule."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return _NotUtf8(data)
+
+
+def _text_only(columns: Sequence[str], row: tuple[Any, ...]) -> None:
+    """SQLite keeps whatever a client binds: Python `bytes` become a BLOB, which no JSON
+    document holds, and text may be any bytes."""
+    for column, value in zip(columns, row, strict=True):
+        if isinstance(value, _NotUtf8):
+            raise _Fault(column, f"holds {len(value):,} bytes of text that is not UTF-8")
+        if isinstance(value, bytes):
+            raise _Fault(column, f"holds a BLOB of {len(value):,} bytes where text is expected")
+
+
+def _json(column: str, value: Any) -> Any:
+    """A JSON column's text, decoded."""
     if not isinstance(value, str):
         return value
     try:
         return json.loads(value)
-    except ValueError:
-        return value
+    except ValueError as exc:
+        raise _Fault(column, f"is not JSON ({exc}): it holds {_excerpt(value)}") from None
+    except RecursionError:
+        raise _Fault(column, "nests JSON deeper than can be read") from None
 
 
 def _boolean(value: Any) -> Any:
@@ -477,6 +643,7 @@ def _boolean(value: Any) -> Any:
 
 
 def _rule_document(row: tuple[Any, ...]) -> dict[str, Any]:
+    _text_only(_RULE_COLUMNS, row)
     rule_id, _, name, description, condition, points, enabled, priority, tags, metadata = row
     document: dict[str, Any] = {"id": rule_id}
     if name is not None:
@@ -487,58 +654,304 @@ def _rule_document(row: tuple[Any, ...]) -> dict[str, Any]:
         points=points,
         enabled=_boolean(enabled),
         priority=priority,
-        tags=_json(tags),
-        metadata=_json(metadata),
+        tags=_json("tags", tags),
+        metadata=_json("metadata", metadata),
     )
     return document
 
 
 def _ruleset_document(row: tuple[Any, ...], rules: list[dict[str, Any]]) -> dict[str, Any]:
+    _text_only(_RULESET_COLUMNS, row)
     ruleset_id, name, description, labels, decisions, default_decision, tests = row
     metadata: dict[str, Any] = {"id": ruleset_id}
     if name is not None:
         metadata["name"] = name
-    metadata.update(description=description, labels=_json(labels))
+    metadata.update(description=description, labels=_json("labels", labels))
     spec: dict[str, Any] = {"rules": rules}
     # Only the columns' default, an empty list, means "none": anything else that is not
     # a list (`null`, `{}`, `false`, `0`) goes to the schema, which refuses it by name,
     # instead of silently taking away every decision band or embedded test.
-    if (decisions := _json(decisions)) != []:
+    if (decisions := _json("decisions", decisions)) != []:
         spec["decisions"] = decisions
     if default_decision is not None:
         spec["default_decision"] = default_decision
-    if (tests := _json(tests)) != []:
+    if (tests := _json("tests", tests)) != []:
         spec["tests"] = tests
     return {"apiVersion": "rule-sidecar/v1", "kind": "RuleSet", "metadata": metadata, "spec": spec}
 
 
+def _ruleset_file(name: str, ruleset_id: str) -> str:
+    return f"{name}#rulesets/{ruleset_id}.json"
+
+
+@dataclass(frozen=True, slots=True)
+class _Rulesets:
+    """Rulesets read: the documents, and the problems of those that could not be."""
+
+    documents: dict[str, dict[str, Any]]
+    refused: dict[str, Problem]
+
+
+def _marks(connection: Any, count: int) -> str:
+    return ", ".join(["?" if isinstance(connection, sqlite3.Connection) else "%s"] * count)
+
+
+def _chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(ids), _IDS_PER_QUERY):
+        yield ids[start : start + _IDS_PER_QUERY]
+
+
+def _too_large(
+    connection: Any, name: str, ids: Sequence[str] | None, max_bytes: int
+) -> dict[str, Problem]:
+    """The rulesets (of `ids`, or all) whose columns hold more bytes than a rule file
+    may: measured by the database, so that such a row is never fetched (a 200 MB
+    description would be fetched, decoded and encoded again before any check)."""
+    sqlite = isinstance(connection, sqlite3.Connection)
+    own = " + ".join(_size(c, sqlite=sqlite) for c in _RULESET_COLUMNS[1:])
+    rules = " + ".join(_size(c, sqlite=sqlite) for c in _RULE_COLUMNS)
+    # SQLite measures text by loading it: rows too large for that are measured apart.
+    big_rulesets = _oversized_rows(connection, "rule_sidecar_rulesets", max_bytes)
+    big_rules = _oversized_rows(connection, "rule_sidecar_rules", max_bytes)
+    if big_rulesets:
+        own = f"CASE WHEN rowid IN ({', '.join(map(str, big_rulesets))}) THEN 0 ELSE {own} END"
+    skip = f" AND rowid NOT IN ({', '.join(map(str, big_rules))})" if big_rules else ""
+    sizes: dict[str, tuple[int, int]] = {}
+    for part in [None] if ids is None else _chunks(ids):
+        where = "" if part is None else f" WHERE id IN ({_marks(connection, len(part))})"
+        for ruleset_id, size, rules_size, rowid in connection.execute(
+            f"SELECT id, {own},"
+            f" (SELECT coalesce(sum({rules}), 0) FROM rule_sidecar_rules"
+            f"  WHERE ruleset_id = rule_sidecar_rulesets.id{skip}),"
+            f" {'rowid' if sqlite else '0'}"
+            f" FROM rule_sidecar_rulesets{where}",
+            tuple(part or ()),
+        ):
+            if isinstance(ruleset_id, str):  # else reported by its id (_read_stamps)
+                sizes[ruleset_id] = int(size) + big_rulesets.get(rowid, 0), int(rules_size)
+    for rowid, size in big_rules.items():
+        row = connection.execute(
+            "SELECT ruleset_id FROM rule_sidecar_rules WHERE rowid = ?", (rowid,)
+        ).fetchone()
+        if row is not None and row[0] in sizes:
+            own_size, rules_size = sizes[row[0]]
+            sizes[row[0]] = own_size, rules_size + size
+    return {
+        ruleset_id: Problem(
+            file=_ruleset_file(name, ruleset_id),
+            message=(
+                f"ruleset {ruleset_id!r} holds {own_size + rules_size:,} bytes in the"
+                f" database (its own columns {own_size:,}, its rules {rules_size:,}), more"
+                f" than the {max_bytes:,} bytes a rule file may hold: not read"
+            ),
+            ruleset_id=ruleset_id,
+            code=ProblemCode.READ_TOO_LARGE,
+        )
+        for ruleset_id, (own_size, rules_size) in sizes.items()
+        if own_size + rules_size > max_bytes
+    }
+
+
+def _oversized_rows(connection: Any, table: str, max_bytes: int) -> dict[int, int]:
+    """SQLite: the rows of `table` larger than `max_bytes`, by rowid, with their size,
+    found without loading a value (`length()` of a 200 MB text holds all of it).
+
+    `dbstat` gives each leaf page's largest cell; the rows of a page holding one too
+    large are measured with incremental BLOB I/O, which reads sizes, not values. A leaf
+    page holds consecutive rows: the rows before it are the cells of the leaves before.
+    Without `dbstat` (a SQLite built without it), `length()` measures everything.
+    """
+    if not isinstance(connection, sqlite3.Connection):
+        return {}
+    (pages,) = connection.execute("PRAGMA page_count").fetchone()
+    (page_size,) = connection.execute("PRAGMA page_size").fetchone()
+    if pages * page_size <= max_bytes:
+        return {}
+    try:
+        leaves = connection.execute(
+            "SELECT ncell, mx_payload FROM dbstat WHERE name = ? AND pagetype = 'leaf'"
+            " ORDER BY path",
+            (table,),
+        ).fetchall()
+    except sqlite3.OperationalError:  # no dbstat
+        return {}
+    # The columns _too_large measures in SQL (a ruleset's id is bounded by _read_stamps).
+    columns = _RULESET_COLUMNS[1:] if table == "rule_sidecar_rulesets" else _RULE_COLUMNS
+    types = ", ".join(f"typeof({c})" for c in columns)
+    sizes: dict[int, int] = {}
+    start = 0
+    for cells, largest in leaves:
+        if largest > max_bytes:
+            for (rowid,) in connection.execute(
+                f"SELECT rowid FROM {table} ORDER BY rowid LIMIT ? OFFSET ?", (cells, start)
+            ):
+                size = _row_bytes(connection, table, columns, types, rowid)
+                if size > max_bytes:
+                    sizes[rowid] = size
+        start += cells
+    return sizes
+
+
+def _row_bytes(
+    connection: sqlite3.Connection, table: str, columns: Sequence[str], types: str, rowid: int
+) -> int:
+    """The bytes of one row's text and BLOB values (8 for a number), none of them read."""
+    row = connection.execute(f"SELECT {types} FROM {table} WHERE rowid = ?", (rowid,)).fetchone()
+    size = 0
+    for column, kind in zip(columns, row or (), strict=False):
+        if kind in ("text", "blob"):
+            with connection.blobopen(table, column, rowid, readonly=True) as blob:
+                size += len(blob)
+        elif kind != "null":
+            size += 8
+    return size
+
+
+def _read_rulesets(
+    connection: Any, name: str, ids: Sequence[str] | None, max_bytes: int | None
+) -> _Rulesets:
+    """The rulesets of `ids` (or all) as documents, in the caller's transaction. One
+    that cannot be made a document is refused with a problem naming it, its column and
+    why: it is never left out silently, nor does it fail the others' reading."""
+    refused = {} if max_bytes is None else _too_large(connection, name, ids, max_bytes)
+    if ids is None and not refused:
+        parts: list[Sequence[str] | None] = [None]
+    else:
+        wanted = [i for i in (ids if ids is not None else _all_ids(connection)) if i not in refused]
+        parts = list(_chunks(wanted))
+    rules: dict[str, list[dict[str, Any]]] = {}
+    documents: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        marks = "" if part is None else _marks(connection, len(part))
+        for row in connection.execute(
+            f"SELECT {_select(_RULE_COLUMNS)} FROM rule_sidecar_rules"
+            + ("" if part is None else f" WHERE ruleset_id IN ({marks})")
+            + " ORDER BY ruleset_id, position, id",
+            tuple(part or ()),
+        ):
+            if not isinstance(row[1], str):
+                continue  # a rule of no ruleset read
+            listed = rules.setdefault(row[1], [])
+            try:
+                listed.append(_rule_document(row))
+            except _Fault as fault:
+                refused.setdefault(row[1], _rule_problem(name, row, len(listed), fault))
+        for row in connection.execute(
+            f"SELECT {_select(_RULESET_COLUMNS)} FROM rule_sidecar_rulesets"
+            + ("" if part is None else f" WHERE id IN ({marks})")
+            + " ORDER BY id",
+            tuple(part or ()),
+        ):
+            if not isinstance(row[0], str):
+                continue  # reported by its id (_read_stamps)
+            try:
+                document = _ruleset_document(row, rules.get(row[0], []))
+            except _Fault as fault:
+                refused.setdefault(row[0], _ruleset_problem(name, row[0], fault))
+                continue
+            if row[0] not in refused:
+                documents[row[0]] = document
+    return _Rulesets(documents, refused)
+
+
+def _all_ids(connection: Any) -> list[str]:
+    rows = connection.execute("SELECT id FROM rule_sidecar_rulesets ORDER BY id")
+    return [i for (i,) in rows if isinstance(i, str)]
+
+
+def _rule_problem(name: str, row: tuple[Any, ...], index: int, fault: _Fault) -> Problem:
+    rule_id, ruleset_id = row[0], row[1]
+    shown = _excerpt(rule_id) if isinstance(rule_id, str) else "(its id is not text)"
+    return Problem(
+        file=_ruleset_file(name, ruleset_id),
+        path=f"$.spec.rules[{index}].{fault.column}",
+        message=f"the {fault.column} column of rule {shown} {fault.cause}",
+        ruleset_id=ruleset_id,
+        rule_id=rule_id if isinstance(rule_id, str) else None,
+        code=ProblemCode.READ_FAILED,
+    )
+
+
+def _ruleset_problem(name: str, ruleset_id: str, fault: _Fault) -> Problem:
+    return Problem(
+        file=_ruleset_file(name, ruleset_id),
+        path=_RULESET_PATHS[fault.column],
+        message=f"the {fault.column} column of ruleset {ruleset_id!r} {fault.cause}",
+        ruleset_id=ruleset_id,
+        code=ProblemCode.READ_FAILED,
+    )
+
+
+def _generation(connection: Any) -> int:
+    row = connection.execute("SELECT generation FROM rule_sidecar_state").fetchone()
+    if row is None:
+        raise Unreadable(
+            "the table rule_sidecar_state has lost its row (id 1, the generation):"
+            " `rule-sidecar db init` puts it back"
+        )
+    return int(row[0])
+
+
 def read_documents(
-    connection: Any, ids: Sequence[str] | None = None
+    connection: Any,
+    ids: Sequence[str] | None = None,
+    *,
+    name: str = "database",
+    max_bytes: int | None = None,
 ) -> tuple[int, dict[str, dict[str, Any]]]:
     """The generation and every ruleset (or those of `ids`) as `rule-sidecar/v1`
-    documents, read in the caller's transaction."""
-    generation = connection.execute("SELECT generation FROM rule_sidecar_state").fetchone()[0]
-    rule_filter = ruleset_filter = ""
-    parameters: tuple[Any, ...] = ()
-    if ids is not None:
-        marks = ", ".join(["?" if isinstance(connection, sqlite3.Connection) else "%s"] * len(ids))
-        rule_filter, ruleset_filter = f" WHERE ruleset_id IN ({marks})", f" WHERE id IN ({marks})"
-        parameters = tuple(ids)
-    rules: dict[str, list[dict[str, Any]]] = {}
-    for row in connection.execute(
-        f"SELECT {_RULE_COLUMNS} FROM rule_sidecar_rules{rule_filter}"
-        " ORDER BY ruleset_id, position, id",
-        parameters,
-    ):
-        rules.setdefault(row[1], []).append(_rule_document(row))
-    documents = {
-        row[0]: _ruleset_document(row, rules.get(row[0], []))
-        for row in connection.execute(
-            f"SELECT {_RULESET_COLUMNS} FROM rule_sidecar_rulesets{ruleset_filter} ORDER BY id",
-            parameters,
+    documents, read in the caller's transaction. Raises `LoadError` naming each
+    ruleset that cannot be read, or is over `max_bytes` when given (`name` is the
+    database in its file names); `Unreadable` when the generation row is gone."""
+    generation = _generation(connection)
+    rulesets = _read_rulesets(connection, name, ids, max_bytes)
+    if rulesets.refused:
+        raise LoadError(rulesets.refused.values())
+    return generation, rulesets.documents
+
+
+@dataclass(frozen=True, slots=True)
+class _Changes:
+    """What a read found: the generation, every ruleset's change_id, the rulesets read
+    again (new or changed), and those refused."""
+
+    generation: int
+    stamps: dict[str, object]
+    documents: dict[str, dict[str, Any]]
+    refused: dict[str, Problem]
+
+
+_TRIGGERS: Final = {
+    kind: frozenset(re.findall(r"CREATE TRIGGER (\w+)", " ".join(_triggers(kind))))
+    for kind in ("sqlite", "postgresql")
+}
+
+
+def _trigger_problem(connection: Any, kind: str) -> str | None:
+    """Which of the source's triggers are missing or disabled, in words; None if none."""
+    if kind == "postgresql":
+        rows = connection.execute(
+            "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal AND tgenabled <> 'D'"
+            " AND tgrelid IN ('rule_sidecar_rulesets'::regclass, 'rule_sidecar_rules'::regclass)"
         )
-    }
-    return int(generation), documents
+    else:
+        rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+    missing = sorted(_TRIGGERS[kind] - {name for (name,) in rows})
+    if not missing:
+        return None
+    return (
+        f"triggers missing or disabled ({', '.join(missing)}): changes may go unseen until"
+        " a forced reload; `rule-sidecar db init` puts them back"
+    )
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    """Which file a path names now; raises `Unreadable` when none."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise Unreadable(f"the SQLite file {path} does not exist (deleted or moved away)") from None
+    return info.st_dev, info.st_ino
 
 
 class DatabaseSource:
@@ -551,21 +964,27 @@ class DatabaseSource:
         password_file: Path | None = None,
         listen: bool = True,
         timeouts: DatabaseTimeouts = DatabaseTimeouts(),
+        max_bytes: int = DEFAULT_FILE_LIMITS.max_bytes,
     ) -> None:
         self.url = DatabaseURL.parse(url)
         self._password_file = password_file
         self._timeouts = timeouts
+        self._max_bytes = max_bytes
         self._address = _location(self.url)
         self._listen = listen and self.url.kind == "postgresql"
         self._generation: int | None = None
-        self._versions: dict[str, int] = {}
+        self._stamps: dict[str, object] = {}
         self._files: dict[str, SourceFile] = {}
+        self._refused: tuple[Problem, ...] = ()
         # Bumped by `forget` (from the event loop) so that a read running meanwhile in
         # a worker thread does not trust the generation it saw.
         self._epoch = 0
         # Reads are serialised by the reload service, one thread at a time.
         self._connection: Any = None
+        self._file_identity: tuple[int, int] | None = None  # SQLite: the file it reads
         self._watch_problem: str | None = None
+        self._trigger_problem: str | None = None
+        self._on_standby = False
 
     @property
     def name(self) -> str:
@@ -573,17 +992,23 @@ class DatabaseSource:
 
     def read(self) -> list[SourceFile]:
         """Every ruleset as a JSON document. Only the generation is read when it has not
-        moved; when it has, only the rulesets whose `row_version` moved are read again.
-        Raises `LoadError` naming the database when it cannot be read."""
+        moved; when it has, only the rulesets whose `change_id` moved are read again.
+        Raises `LoadError` naming the database when it cannot be read, or each ruleset
+        that cannot be made a document (too large, a BLOB, JSON that is not)."""
         epoch = self._epoch
         try:
             try:
                 changes = self._read_changes()
             except Exception as exc:
                 # A kept connection may have died since the last read: one fresh try. Not
-                # after a timeout on a live one, or a cut-off one: that would double the wait.
+                # after a timeout on a live one, or a cut-off one: that would double the
+                # wait; nor when the content is at fault: it would say the same again.
                 kept = self._connection
-                if isinstance(exc, NoAnswer) or kept is None or not getattr(kept, "broken", True):
+                if (
+                    isinstance(exc, NoAnswer | Unreadable)
+                    or kept is None
+                    or not getattr(kept, "broken", True)
+                ):
                     raise
                 self._disconnect()
                 changes = self._read_changes()
@@ -594,15 +1019,35 @@ class DatabaseSource:
             problem = Problem(file=self.name, message=message, code=ProblemCode.SOURCE_UNAVAILABLE)
             raise LoadError([problem]) from None
         if changes is not None:
-            generation, versions, documents = changes
-            self._files = {
-                ruleset_id: self._file(ruleset_id, documents.get(ruleset_id))
-                for ruleset_id in sorted(versions)
-            }
-            current = epoch == self._epoch
-            self._generation = generation if current else None
-            self._versions = versions if current else {}
+            self._take(changes, current=epoch == self._epoch)
+        if self._refused:
+            raise LoadError(self._refused)
         return list(self._files.values())
+
+    def _take(self, changes: _Changes, *, current: bool) -> None:
+        """Keep what a read found. A refused ruleset keeps no change_id, so it is read
+        again (and refused again, or taken) on every read until it is fixed."""
+        refused = dict(changes.refused)
+        files: dict[str, SourceFile] = {}
+        for ruleset_id in sorted(changes.stamps):
+            if ruleset_id in refused:
+                continue
+            try:
+                files[ruleset_id] = self._file(ruleset_id, changes.documents.get(ruleset_id))
+            except Exception as exc:  # whatever it is, it names its ruleset
+                refused[ruleset_id] = Problem(
+                    file=_ruleset_file(self.name, ruleset_id),
+                    message=f"ruleset {ruleset_id!r} could not be encoded as JSON:"
+                    f" {type(exc).__name__}: {_excerpt(str(exc))}",
+                    ruleset_id=ruleset_id,
+                    code=ProblemCode.READ_FAILED,
+                )
+        self._files = files
+        self._refused = tuple(refused.values())
+        self._generation = changes.generation if current else None
+        self._stamps = (
+            {i: s for i, s in changes.stamps.items() if i not in refused} if current else {}
+        )
 
     def _file(self, ruleset_id: str, document: dict[str, Any] | None) -> SourceFile:
         """The ruleset's file: the same object as before when its content did not change,
@@ -610,58 +1055,113 @@ class DatabaseSource:
         previous = self._files.get(ruleset_id)
         if document is None and previous is not None:
             return previous
-        name = f"{self.name}#rulesets/{ruleset_id}.json"
         content = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
         if previous is not None and previous.content == content:
             return previous
-        return SourceFile(name, content, located=False)
+        return SourceFile(_ruleset_file(self.name, ruleset_id), content, located=False)
 
-    def _read_changes(self) -> tuple[int, dict[str, int], dict[str, dict[str, Any]]] | None:
-        """None when the generation has not moved; else the generation, every ruleset's
-        row_version, and the documents of the rulesets that are new or changed."""
+    def _read_changes(self) -> _Changes | None:
+        """None when the generation has not moved; else what changed."""
         connection = self._connect()
         with _Deadline(connection, self._timeouts.read, self._address, "while reading"):
             return self._read_in_transaction(connection)
 
-    def _read_in_transaction(
-        self, connection: Any
-    ) -> tuple[int, dict[str, int], dict[str, dict[str, Any]]] | None:
-        # One consistent view: the generation, the versions and the rows belong together.
+    def _read_in_transaction(self, connection: Any) -> _Changes | None:
+        # One consistent view: the generation, the change_ids and the rows belong together.
         if self.url.kind == "postgresql":
             connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         else:
             connection.execute("BEGIN")
         try:
-            generation = self._read_generation(connection)
-            if generation is not None and generation == self._generation:
+            generation = _generation(connection)
+            if generation == self._generation:
                 return None
-            versions = {
-                str(ruleset_id): int(version)
-                for ruleset_id, version in connection.execute(
-                    "SELECT id, row_version FROM rule_sidecar_rulesets"
-                )
-            }
-            stale = [i for i, v in versions.items() if self._versions.get(i) != v]
-            documents: dict[str, dict[str, Any]] = {}
-            if len(stale) > len(versions) // 2:
-                generation, documents = read_documents(connection)
-            else:
-                for start in range(0, len(stale), _IDS_PER_QUERY):
-                    generation, part = read_documents(
-                        connection, stale[start : start + _IDS_PER_QUERY]
-                    )
-                    documents.update(part)
-            return int(generation or 0), versions, documents
+            if self._generation is None:  # a full read: check what the numbers rely on
+                self._trigger_problem = _trigger_problem(connection, self.url.kind)
+            try:
+                return self._read_rows(connection, generation)
+            except sqlite3.OperationalError as exc:
+                if "decode to UTF-8" not in str(exc):
+                    raise
+            # Read again, slower, in the same transaction: each text value is decoded
+            # here, so that the one that is not UTF-8 is reported at its rule.
+            connection.text_factory = _text_or_not
+            try:
+                return self._read_rows(connection, generation)
+            finally:
+                connection.text_factory = str
         finally:
             connection.rollback()  # read-only: end the transaction, see new rows next time
 
+    def _read_rows(self, connection: Any, generation: int) -> _Changes:
+        """What changed since the last read (all of it after `forget`)."""
+        stamps, refused = self._read_stamps(connection)
+        stale = [i for i, s in stamps.items() if self._stamps.get(i) != s]
+        whole = len(stale) > len(stamps) // 2
+        rulesets = _read_rulesets(connection, self.name, None if whole else stale, self._max_bytes)
+        refused.update(rulesets.refused)
+        return _Changes(generation, stamps, rulesets.documents, refused)
+
+    def _read_stamps(self, connection: Any) -> tuple[dict[str, object], dict[str, Problem]]:
+        """Every ruleset's change_id. A SQLite id that is not text, or is far too long to
+        be one, is reported (never fetched whole): a ruleset cannot be left out unseen."""
+        if self.url.kind == "postgresql":  # text, and bounded by its index
+            rows = connection.execute("SELECT id, change_id FROM rule_sidecar_rulesets")
+            return {str(i): stamp for i, stamp in rows}, {}
+        stamps: dict[str, object] = {}
+        refused: dict[str, Problem] = {}
+        for ruleset_id, stamp, kind, size, rowid in connection.execute(
+            f"SELECT CASE WHEN typeof(id) = 'text' AND length(CAST(id AS BLOB)) <= {_MAX_ID_BYTES}"
+            " THEN id END, change_id, typeof(id), length(CAST(id AS BLOB)), rowid"
+            " FROM rule_sidecar_rulesets"
+        ):
+            if isinstance(ruleset_id, str):
+                stamps[ruleset_id] = stamp
+                continue
+            key = f"\0rowid {rowid}"
+            stamps[key] = stamp
+            what = "text that is not UTF-8" if ruleset_id is not None else f"{kind}"
+            refused[key] = Problem(
+                file=self.name,
+                message=f"the ruleset in row {rowid} has no usable id: its id is {what}"
+                f" of {size or 0:,} bytes (an id is text of at most 63 characters)",
+                code=ProblemCode.READ_FAILED,
+            )
+        return stamps, refused
+
     def _connect(self) -> Any:
-        """The source's one connection, opened on first need and after a failure."""
+        """The source's one connection, opened on first need and after a failure. A
+        SQLite file deleted or replaced (`mv`) under it is noticed: an open connection
+        would go on reading the old file, unseen."""
+        if self.url.kind == "sqlite":
+            assert self.url.path is not None
+            identity = _identity(self.url.path)
+            if self._connection is not None and identity != self._file_identity:
+                logger.warning(
+                    "the SQLite file %s was replaced: reading the new one in full", self.url.path
+                )
+                self._disconnect()
+                self._generation, self._stamps = None, {}
         if self._connection is None:
-            self._connection = open_connection(
+            self._connection = self._open()
+        return self._connection
+
+    def _open(self) -> Any:
+        if self.url.kind == "postgresql":
+            return open_connection(
                 self.url, password_file=self._password_file, timeouts=self._timeouts
             )
-        return self._connection
+        assert self.url.path is not None
+        # The file the connection opened is the one the path named before and after
+        # opening it (else it was replaced meanwhile: open again).
+        for _ in range(3):
+            before = _identity(self.url.path)
+            connection = open_connection(self.url, timeouts=self._timeouts)
+            if _identity(self.url.path) == before:
+                self._file_identity = before
+                return connection
+            connection.close()
+        raise Unreadable(f"the SQLite file {self.url.path} is being replaced over and over")
 
     def _disconnect(self) -> None:
         connection, self._connection = self._connection, None
@@ -670,7 +1170,9 @@ class DatabaseSource:
                 connection.close()
 
     def watch_problem(self) -> str | None:
-        return self._watch_problem
+        """The listener's problem, or triggers found missing or disabled by the last
+        full read (then changes may move no number, and go unseen until a full read)."""
+        return self._watch_problem or self._trigger_problem
 
     def _password(self) -> str | None:
         """The password to keep out of messages; none when its file cannot be read."""
@@ -679,40 +1181,55 @@ class DatabaseSource:
         return None
 
     def forget(self) -> None:
-        """Make the next read a full one (after a reconnect, say)."""
+        """Drop every fingerprint: the next read reads every row (a forced reload, the
+        periodic verification, a reconnect). Triggers can be bypassed (`SET
+        session_replication_role = replica`, `pg_restore --disable-triggers`, a dropped
+        trigger): then neither the generation nor a change_id moves, and only this sees
+        the change."""
         self._epoch += 1
         self._generation = None
-        self._versions = {}
-
-    def _read_generation(self, connection: Any) -> int | None:
-        row = connection.execute("SELECT generation FROM rule_sidecar_state").fetchone()
-        return None if row is None else int(row[0])
+        self._stamps = {}
 
     async def changes(self) -> AsyncIterator[str]:
         """PostgreSQL: each notification, and a resync after every (re)connect.
-        SQLite has no notifications: the periodic resync polls the generation."""
+        SQLite has no notifications, nor has a hot standby (LISTEN is refused during
+        recovery): there the periodic resync polls the generation."""
         if not self._listen:
             return
         backoff = 0.5
         while True:
+            delay: float | None = None
             try:
                 async for reason in self._notifications():
                     backoff = 0.5
                     yield reason
             except asyncio.CancelledError:
                 raise
+            except _OnStandby:
+                if not self._on_standby:
+                    logger.warning(
+                        "%s is a hot standby (in recovery), where LISTEN is refused: its"
+                        " changes are seen by the periodic resync (HOT_RELOAD_INTERVAL_SECONDS)"
+                        " instead; checking every %g s whether it was promoted",
+                        self.name,
+                        _MAX_BACKOFF_S,
+                    )
+                self._on_standby, self._watch_problem = True, None
+                delay = _MAX_BACKOFF_S
             except Exception as exc:
                 reason = describe_error(exc, self._password(), self.url)
                 self._watch_problem = f"not listening: {reason}"
                 logger.warning("listening on %s failed: %s", self.name, reason)
-            delay = backoff * (0.5 + random.random())
-            backoff = min(backoff * 2, _MAX_BACKOFF_S)
+            if delay is None:
+                delay = backoff * (0.5 + random.random())
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
             await asyncio.sleep(delay)
 
     async def _notifications(self) -> AsyncIterator[str]:
         """Notifications on one connection. A listener only waits, and silence is also
         what a dead or frozen server sends: after `read` seconds of it, `SELECT 1` must
-        be answered within `read` seconds, or the connection is given up."""
+        be answered within `read` seconds, or the connection is given up. Raises
+        `_OnStandby` on a hot standby."""
         seconds = self._timeouts.read
         try:
             connection = await psycopg.AsyncConnection.connect(
@@ -725,7 +1242,12 @@ class DatabaseSource:
             raise NoAnswer(self._address, self._timeouts.connect, "while connecting") from None
         async with connection:
             with _Deadline(connection, seconds, self._address, "to LISTEN"):
+                if await in_recovery(connection):
+                    raise _OnStandby
                 await connection.execute(f"LISTEN {CHANNEL}")
+            if self._on_standby:
+                logger.warning("%s was promoted: listening for changes again", self.name)
+                self._on_standby = False
             # Whatever changed while we were not listening is unknown: resync in full.
             self.forget()
             self._watch_problem = None
@@ -738,14 +1260,27 @@ class DatabaseSource:
                     await connection.execute("SELECT 1")
 
 
+class _OnStandby(Exception):
+    """The server is a hot standby: LISTEN would fail there until it is promoted."""
+
+
+async def in_recovery(connection: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether the server is a hot standby (replaying a primary's changes)."""
+    cursor = await connection.execute("SELECT pg_is_in_recovery()")
+    row = await cursor.fetchone()
+    return bool(row is not None and row[0])
+
+
 def describe_error(exc: BaseException, password: str | None, url: DatabaseURL) -> str:
     """A one-line reason that never repeats a password (drivers may quote the DSN)."""
-    if isinstance(exc, NoAnswer):
+    if isinstance(exc, NoAnswer | Unreadable):
         return str(exc)
     text = " ".join(str(exc).split()) or type(exc).__name__
     for secret in (password, urlsplit(url.url).password):
         if secret:
             text = text.replace(secret, "********")
-    if "rule_sidecar_" in text and ("does not exist" in text or "no such table" in text):
+    if "change_id" in text:  # tables of schema 1
+        text += " (upgrade the tables with `rule-sidecar db init`)"
+    elif "rule_sidecar_" in text and ("does not exist" in text or "no such table" in text):
         text += " (create the tables with `rule-sidecar db init`)"
     return f"{type(exc).__name__}: {text}"[:500]
