@@ -488,6 +488,22 @@ def _find(items: Mapping[str, _T], kind: str, request: web.Request) -> _T:
     return item
 
 
+def _serving(request: web.Request) -> Snapshot:
+    """What serves, for a registry read; 503 while the first load runs (the listeners
+    open before it): an empty answer would say there are no rules. After a first load
+    that failed, reads answer what serves (nothing), as health and /readyz say."""
+    state = _state(request)
+    snapshot = state.registry.current
+    starting = state.service.starting() if snapshot.version == 0 else None
+    if starting is None:
+        return snapshot
+    message = (
+        f"the rules are not loaded yet: the first load is waiting for "
+        f"{starting['waiting_for']} ({starting['seconds']} s so far)"
+    )
+    raise web.HTTPServiceUnavailable(text=message, headers={"Retry-After": "1"})
+
+
 def _listing(snapshot: Snapshot, key: str, items: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "registry_version": snapshot.version,
@@ -498,7 +514,7 @@ def _listing(snapshot: Snapshot, key: str, items: list[dict[str, Any]]) -> dict[
 
 
 async def get_rules(request: web.Request) -> web.Response:
-    snapshot = _state(request).registry.current
+    snapshot = _serving(request)
     ruleset_id = request.query.get("ruleset_id")
     tag = request.query.get("tag")
 
@@ -515,7 +531,7 @@ async def get_rules(request: web.Request) -> web.Response:
 
 
 async def get_rule(request: web.Request) -> web.Response:
-    snapshot = _state(request).registry.current
+    snapshot = _serving(request)
     return await _cached(request, snapshot, _find(snapshot.rules, "rule", request).to_dict)
 
 
@@ -523,6 +539,7 @@ async def get_changes(request: web.Request) -> web.Response:
     """What the current version changed, each change with the rule or ruleset before and
     after it: the diff a person checks after a rollout."""
     limit = _query_limit(request, 1000)
+    _serving(request)
     old, new = _state(request).registry.last_change()
 
     def body() -> dict[str, Any]:
@@ -554,7 +571,7 @@ def _changed(snapshot: Snapshot, change: ChangeEvent) -> dict[str, Any] | None:
 
 
 async def get_rulesets(request: web.Request) -> web.Response:
-    snapshot = _state(request).registry.current
+    snapshot = _serving(request)
 
     def body() -> dict[str, Any]:
         rulesets = [ruleset.to_dict(with_rules=False) for ruleset in snapshot.rulesets.values()]
@@ -564,14 +581,14 @@ async def get_rulesets(request: web.Request) -> web.Response:
 
 
 async def get_ruleset(request: web.Request) -> web.Response:
-    snapshot = _state(request).registry.current
+    snapshot = _serving(request)
     return await _cached(request, snapshot, _find(snapshot.rulesets, "ruleset", request).to_dict)
 
 
 async def post_evaluate(request: web.Request) -> web.Response:
     """`{"input": {...}}` → one result; `{"inputs": [...]}` → all from one version."""
     state = _state(request)
-    snapshot = state.registry.current
+    snapshot = _serving(request)
     ruleset = _find(snapshot.rulesets, "ruleset", request)
     body = await _json_body(request)
     if ("input" in body) == ("inputs" in body):
@@ -681,6 +698,7 @@ async def get_metrics(request: web.Request) -> web.Response:
     state = _state(request)
     service = state.service
     state.metrics.observe_watches((s.name for s in service.sources), service.watch_problems())
+    state.metrics.observe_drift(service.drift)
     state.metrics.asyncio_tasks.set(len(asyncio.all_tasks()))
     saved = service.state.status().ok if service.state is not None else None
     if saved is not None:
