@@ -21,7 +21,7 @@ import pytest
 
 pytest.register_assert_rewrite("db_support", "server_support")
 
-from db_support import Database, FreezableProxy  # noqa: E402
+from db_support import Database, FreezableProxy, pg_backends  # noqa: E402
 from server_support import (  # noqa: E402
     START_SECONDS,
     Served,
@@ -451,3 +451,58 @@ class TestBoundedShutdown:
             assert served.process.wait(EXIT_GUARD_SECONDS) == 0
         finally:
             served.stop()
+
+
+class TestSighup:
+    def test_sighup_reads_past_the_database_fingerprint(self, seeded_pg: Database, tmp_path: Path):
+        """A change made with the triggers disabled moves no generation and sends no
+        NOTIFY: only a read from scratch sees it, which SIGHUP now is."""
+        served = spawn(
+            tmp_path,
+            "--database-url",
+            seeded_pg.url,
+            env=clean_environment(
+                HOT_RELOAD_INTERVAL_SECONDS="3600", RULE_SIDECAR_VERIFY_INTERVAL_SECONDS="0"
+            ),
+        )
+        evaluate = "/api/v1/rulesets/fraud/evaluate"
+        try:
+            served.wait_ready()
+            # The listener, once connected, makes the next read a full one: wait for it.
+            wait_sync(lambda: len(pg_backends(seeded_pg.name)) == 2, message="listening")
+            for _ in range(2):
+                since = served.get(f"{HOT}/status")[1]["sources"][0]["last_successful_read"]
+                served.process.send_signal(signal.SIGHUP)
+
+                def read_again(since: str = since) -> bool:
+                    status = served.get(f"{HOT}/status")[1]
+                    return bool(status["sources"][0]["last_successful_read"] != since)
+
+                wait_sync(read_again, message="a read after the listener's")
+            assert post(served, evaluate, {"input": FOREIGN_LARGE})["total_points"] == 70
+            seeded_pg.change_unseen(
+                "UPDATE rule_sidecar_rules SET points = 45 WHERE id = 'large-amount'"
+            )
+
+            served.process.send_signal(signal.SIGHUP)
+
+            wait_sync(
+                lambda: post(served, evaluate, {"input": FOREIGN_LARGE})["total_points"] == 75,
+                message="the unseen change served after SIGHUP",
+            )
+        finally:
+            served.stop()
+
+
+FOREIGN_LARGE = {"amount": 5000, "country": "FR"}  # fraud: large-amount 40 + foreign 30
+
+
+def post(served: Served, path: str, body: Any) -> Any:
+    call = urllib.request.Request(
+        served.url + path,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(call, timeout=5) as response:
+        return json.loads(response.read())
