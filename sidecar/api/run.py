@@ -14,7 +14,6 @@ a daemon thread, see `sidecar.service`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import gc
 import json
@@ -460,13 +459,20 @@ async def serve(settings: Settings) -> int:
         signal.SIGHUP, functools.partial(state.service.request_reload, Trigger.SIGNAL, fresh=True)
     )
     starting = asyncio.create_task(_load_and_watch(state, settings), name="first load")
+
+    # A first load that crashed (not one that failed: that is recorded and served around)
+    # ends the process, as it did when it ran before the listeners (raised below).
+    def crashed(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            stop.set()
+
+    starting.add_done_callback(crashed)
     try:
         await stop.wait()
     finally:
         logger.info("shutting down: draining requests and closing WebSockets")
         starting.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await starting
+        await asyncio.wait([starting])
         await state.service.stop()
         for listener in listeners:
             listener.close()
@@ -475,6 +481,8 @@ async def serve(settings: Settings) -> int:
         await runner.cleanup()
         if state.service.loader.executor is not None:
             state.service.loader.executor.shutdown(cancel_futures=True)
+    if not starting.cancelled() and (crash := starting.exception()) is not None:
+        raise crash
     return 0
 
 
