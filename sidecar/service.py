@@ -439,9 +439,13 @@ class HotReloadService:
         return [record.to_dict() for record in self.log.newest(limit)]
 
     def health(self) -> tuple[HealthStatus, dict[str, Any]]:
-        """Health for the kubelet: unhealthy only while nothing valid has ever loaded."""
+        """Health for the kubelet: unhealthy only while nothing valid has ever loaded, or
+        the first load has not ended."""
         last = self.log.last
-        has_snapshot = self.registry.version > 0
+        # Not before the first load has ended: it publishes, then saves the state copy,
+        # and only then does watching start (serve() answers probes all along).
+        starting = self.starting()
+        has_snapshot = self.registry.version > 0 and starting is None
         watch_problems = self.watch_problems()
         last_ok = last is None or last.status is not ReloadStatus.FAILED
         checks = {
@@ -477,19 +481,27 @@ class HotReloadService:
             "serving_from": "state_dir" if self._serving_from_state else "sources",
             "checks": checks,
             "watch_problems": watch_problems,
-            "starting": self.starting(),
+            "starting": starting,
         }
 
     def starting(self) -> dict[str, Any] | None:
         """While the first load has not ended: what it waits for, and how long it has.
-        None once the first load ended, well or not (or any reload was recorded)."""
-        if self.log.last is not None and not self._in_initial_load:
+        None once the first load ended, well or not (or any reload was recorded, or a
+        snapshot published otherwise)."""
+        never_loaded = self.log.last is None and self.registry.version == 0
+        if not (self._in_initial_load or never_loaded):
             return None
         activity = self._activity
         if activity is None:
             return {"waiting_for": "the first load to begin", "seconds": 0.0}
         doing, since = activity
         return {"waiting_for": doing, "seconds": round(time.monotonic() - since, 1)}
+
+    @property
+    def ready(self) -> bool:
+        """A snapshot serves and the first load has ended; stays true through later
+        failed reloads."""
+        return self.registry.version > 0 and self.starting() is None
 
     @property
     def drift(self) -> dict[str, int]:

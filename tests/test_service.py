@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import timedelta
 
@@ -617,3 +618,44 @@ class TestSourceFaults:
             await wait_for(lambda: rulesets_of(service) == ["a", "b", "c"])
         finally:
             await service.stop()
+
+
+class TestStarting:
+    """While the first load runs, health says what it waits for and nothing is ready."""
+
+    async def test_not_ready_until_the_first_load_has_ended(self):
+        """The first load publishes, then records (and saves the state copy); watching
+        starts only after it: a probe in between must not see a watchless `degraded`."""
+        service = make_service(StaticSource(rules("a")), auto_reload=True)
+        seen: list[tuple[bool, HealthStatus]] = []
+        service.add_listener(lambda _record: seen.append((service.ready, service.health()[0])))
+
+        await service.initial_load()
+
+        assert seen == [(False, HealthStatus.UNHEALTHY)]
+        assert (service.ready, service.starting()) == (True, None)
+
+    async def test_health_names_the_source_a_first_load_waits_for(self):
+        release = threading.Event()
+
+        class Blocking(StaticSource):
+            def read(self) -> list[SourceFile]:
+                release.wait(10)
+                return super().read()
+
+        service = make_service(Blocking(rules("a"), name="slow"))
+        assert service.starting() == {"waiting_for": "the first load to begin", "seconds": 0.0}
+        loading = asyncio.create_task(service.initial_load())
+        try:
+            await wait_for(lambda: (service.starting() or {}).get("waiting_for") == "reading slow")
+            status, body = service.health()
+            assert (status, body["starting"]["waiting_for"]) == (
+                HealthStatus.UNHEALTHY,
+                "reading slow",
+            )
+            assert not service.ready
+        finally:
+            release.set()
+            await loading
+        assert service.health()[0] is HealthStatus.HEALTHY
+        assert service.health()[1]["starting"] is None

@@ -468,8 +468,9 @@ async def get_livez(request: web.Request) -> web.Response:
 
 
 async def get_readyz(request: web.Request) -> web.Response:
-    """Ready once a snapshot is serving; stays ready through later failed reloads."""
-    ready = _state(request).registry.version > 0
+    """Ready once a snapshot is serving and the first load has ended; stays ready
+    through later failed reloads."""
+    ready = _state(request).service.ready
     return json_response({"ready": ready}, 200 if ready else 503)
 
 
