@@ -17,6 +17,7 @@ from datetime import timedelta
 import pytest
 from conftest import dump_yaml, make_ruleset_doc
 
+from sidecar.config import SettingsError, settings_from
 from sidecar.documents import SourceFile
 from sidecar.errors import LoadError, Problem
 from sidecar.integration import is_registry_fresh
@@ -659,3 +660,15 @@ class TestStarting:
             await loading
         assert service.health()[0] is HealthStatus.HEALTHY
         assert service.health()[1]["starting"] is None
+
+
+class TestVerifySetting:
+    def test_zero_turns_it_off_and_a_negative_interval_is_refused(self):
+        assert (
+            settings_from({"RULE_SIDECAR_VERIFY_INTERVAL_SECONDS": "0"}).verify_interval_seconds
+            == 0
+        )
+        assert settings_from({}).verify_interval_seconds == 300
+        for bad in ("-1", "nan", "inf"):
+            with pytest.raises(SettingsError, match="RULE_SIDECAR_VERIFY_INTERVAL_SECONDS"):
+                settings_from({"RULE_SIDECAR_VERIFY_INTERVAL_SECONDS": bad})
