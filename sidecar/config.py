@@ -62,6 +62,7 @@ class Settings:
     state_dir: Path | None = None
     hot_reload_enabled: bool = True
     interval_seconds: float = 30.0
+    verify_interval_seconds: float = 300.0
     validation_enabled: bool = True
     max_age_seconds: float = 300.0
     allow_empty: bool = False
@@ -98,6 +99,9 @@ class Settings:
         ):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 _refuse(name, getattr(self, name), "must be a positive number of seconds")
+        verify = self.verify_interval_seconds
+        if not (math.isfinite(verify) and verify >= 0):
+            _refuse("verify_interval_seconds", verify, "must be 0 (never) or a number of seconds")
         minimums = {
             "max_body_bytes": 1024,
             "reload_rate_per_minute": 1,
@@ -156,6 +160,7 @@ ENVIRONMENT: Final[Mapping[str, str]] = {
     "state_dir": "RULE_SIDECAR_STATE_DIR",
     "hot_reload_enabled": "HOT_RELOAD_ENABLED",
     "interval_seconds": "HOT_RELOAD_INTERVAL_SECONDS",
+    "verify_interval_seconds": "RULE_SIDECAR_VERIFY_INTERVAL_SECONDS",
     "validation_enabled": "HOT_RELOAD_VALIDATION_ENABLED",
     "max_age_seconds": "HOT_RELOAD_MAX_AGE_SECONDS",
     "allow_empty": "RULE_SIDECAR_ALLOW_EMPTY",

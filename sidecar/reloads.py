@@ -42,14 +42,18 @@ class Trigger(StrEnum):
     SIGNAL = "signal"
     ROLLBACK = "rollback"
     STATE_DIR = "state_dir"
+    # The periodic verification: every source forgotten and read in full, compared with
+    # what its ordinary (cached, fingerprinted) read gave.
+    VERIFY = "verify"
 
 
 Triggers = frozenset[Trigger]
-_BACKGROUND: Triggers = frozenset({Trigger.WATCH, Trigger.RESYNC})
+_BACKGROUND: Triggers = frozenset({Trigger.WATCH, Trigger.RESYNC, Trigger.VERIFY})
 
 
 def is_background(triggers: Triggers) -> bool:
-    """Only watchers and the resync asked: nobody waits for this reload's answer."""
+    """Only watchers, the resync and the verification asked: nobody waits for this
+    reload's answer."""
     return bool(triggers) and triggers <= _BACKGROUND
 
 

@@ -6,19 +6,28 @@ into a single reload after it. The heavy part (reading, parsing, validating, com
 runs in a worker thread so requests keep being served; the publish itself is one
 reference swap on the event loop. A failed reload changes nothing: the last good
 snapshot keeps serving and the failure is recorded with every problem's location.
+
+What a source says about its changes (a watch, a fingerprint, row versions) is an
+optimisation, never the only truth: a forced reload and SIGHUP `forget` every source
+before reading it, and the periodic verification reads each source twice, as usual and
+after `forget`; content the usual read missed is loaded like any change and counted as
+drift. Whatever a source's code raises, in any of its methods, is a failed reload or a
+watch problem naming the source, never a crash.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from sidecar.decision import Attempt, Memory, Verdict, decide, refusal
 from sidecar.documents import SourceFile
@@ -47,6 +56,18 @@ logger = logging.getLogger("sidecar.service")
 _CONFIRM_EMPTY_SECONDS: Final = 1.0
 # The first retry after a failed reload; each next one waits twice as long.
 _FIRST_RETRY_SECONDS: Final = 1.0
+# A message quoting what a source's code raised is cut to this many characters.
+_MAX_REASON: Final = 500
+# A drift warning names this many files at most.
+_NAMED_FILES: Final = 5
+
+
+class _Read(StrEnum):
+    """How the sources are read for one reload."""
+
+    USUAL = "usual"  # with whatever each source keeps between reads
+    FRESH = "fresh"  # each source forgets first: a forced reload, SIGHUP
+    VERIFY = "verify"  # usual, then fresh; a difference between the two is drift
 
 
 class HealthStatus(StrEnum):
@@ -69,6 +90,8 @@ class SourceStatus:
     files: int = 0
     message: str | None = None
     errors: tuple[Problem, ...] = ()
+    drift: int = 0  # verifications that found what the usual read missed
+    last_drift: str | None = None
 
     def set_error(self, problems: Sequence[Problem] | None) -> None:
         self.errors = tuple(problems or ())
@@ -82,10 +105,80 @@ class SourceStatus:
             "files": self.files,
             "message": self.message,
             "errors": [problem.to_dict() for problem in self.errors],
+            "drift": self.drift,
+            "last_drift": self.last_drift,
         }
 
 
+def _reason(exc: BaseException) -> str:
+    """What a source's code raised, in one bounded line."""
+    text = " ".join(str(exc).split())
+    if len(text) > _MAX_REASON:
+        text = text[: _MAX_REASON - 1] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _rule_files(source: RuleSource, files: object) -> list[SourceFile]:
+    """`read()`'s answer, checked: a source's bug is its own failure, not the loader's."""
+    if not isinstance(files, list | tuple):
+        raise TypeError(f"read() returned {type(files).__name__}, not a list of rule files")
+    for item in files:
+        if not isinstance(item, SourceFile):
+            raise TypeError(f"read() returned a {type(item).__name__} among its rule files")
+    return list(files)
+
+
+def _difference(usual: Sequence[SourceFile], full: Sequence[SourceFile]) -> str | None:
+    """Which files a full read gives otherwise than the usual one; None: the same."""
+    before = {file.name: file.content for file in usual}
+    after = {file.name: file.content for file in full}
+    changed = sorted(
+        [
+            f"{name} (changed)"
+            for name in before.keys() & after.keys()
+            if before[name] != after[name]
+        ]
+        + [f"{name} (missed)" for name in after.keys() - before.keys()]
+        + [f"{name} (gone)" for name in before.keys() - after.keys()]
+    )
+    if not changed:
+        return None
+    named = ", ".join(changed[:_NAMED_FILES])
+    more = f" and {len(changed) - _NAMED_FILES} more" if len(changed) > _NAMED_FILES else ""
+    return f"{len(changed)} file(s) differ from the usual read: {named}{more}"
+
+
 _Trigger = Trigger | str | Triggers
+_T = TypeVar("_T")
+
+
+async def _in_daemon_thread(call: Callable[[], _T]) -> _T:
+    """`call()` in a daemon thread of its own, awaited.
+
+    Source reads wait on other systems (a frozen database waits until the read's own
+    deadline). `asyncio.to_thread` would run them in the loop's executor, whose threads
+    are joined when the loop closes and again at interpreter exit: SIGTERM during such
+    a read waited for the whole read timeout. Nothing waits for a daemon thread."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not future.done():
+            outcome()
+
+    def run() -> None:
+        outcome: Callable[[], None]
+        try:
+            result = call()
+        except BaseException as exc:  # handed to the awaiting task, which decides
+            outcome = functools.partial(future.set_exception, exc)
+        else:
+            outcome = functools.partial(future.set_result, result)
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody awaits it
+            loop.call_soon_threadsafe(settle, outcome)
+
+    threading.Thread(target=run, name="source read", daemon=True).start()
+    return await future
 
 
 def _triggers(trigger: _Trigger) -> Triggers:
@@ -114,6 +207,7 @@ class HotReloadService:
         max_age_seconds: float = 300.0,
         allow_empty: bool = False,
         confirm_empty_seconds: float = _CONFIRM_EMPTY_SECONDS,
+        verify_interval_seconds: float = 300.0,
     ) -> None:
         self.registry = registry
         self.sources = tuple(sources)
@@ -124,10 +218,21 @@ class HotReloadService:
         self.max_age_seconds = max_age_seconds
         self.allow_empty = allow_empty
         self.confirm_empty_seconds = confirm_empty_seconds
+        self.verify_interval_seconds = verify_interval_seconds  # 0: never
         self.log = ReloadLog(history_limit)
         self._source_status = {source.name: SourceStatus(source.name) for source in self.sources}
         self._lock = asyncio.Lock()
         self._wake_reasons: set[Trigger] = set()
+        self._fresh_requested = False  # a requested reload reads every source afresh
+        # Why a watch is down because the source's own code raised (by source name).
+        self._watch_failures: dict[str, str] = {}
+        # What the service waits for now, and since when (monotonic): for health while
+        # the first load runs. Set from the reading thread too (one assignment).
+        self._activity: tuple[str, float] | None = None
+        self._in_initial_load = False
+        # One read of the sources at a time, also when the reload that started one was
+        # cancelled (monitoring stopped, shutdown) while its thread still reads.
+        self._reading = threading.Lock()
         self._requested: asyncio.Task[None] | None = None
         self._failed = asyncio.Event()  # set at each recorded failure: retry soon
         self._tasks: list[asyncio.Task[None]] = []
@@ -154,6 +259,8 @@ class HotReloadService:
         if self.monitoring_active:
             return
         self._tasks = [asyncio.create_task(self._resync_loop(), name="resync")]
+        if self.verify_interval_seconds > 0:
+            self._tasks.append(asyncio.create_task(self._verify_loop(), name="verify"))
         for source in self.sources:
             self._tasks.append(
                 asyncio.create_task(self._watch(source), name=f"watch {source.name}")
@@ -179,10 +286,16 @@ class HotReloadService:
 
     async def initial_load(self) -> ReloadRecord:
         """First load; when the sources are broken, fall back to the state dir's copy."""
-        record = await self.reload_rules(trigger=Trigger.STARTUP)
-        if record.status is ReloadStatus.FAILED and self.state is not None:
-            await self._load_saved(self.state, record)
-        return record
+        self._in_initial_load = True
+        try:
+            record = await self.reload_rules(trigger=Trigger.STARTUP)
+            if record.status is ReloadStatus.FAILED and self.state is not None:
+                self._activity = ("restoring the state dir's copy", time.monotonic())
+                await self._load_saved(self.state, record)
+            return record
+        finally:
+            self._in_initial_load = False
+            self._activity = None
 
     async def reload_rules(
         self,
@@ -195,8 +308,10 @@ class HotReloadService:
     ) -> ReloadRecord:
         """Read every source and publish the result if it is valid and differs.
 
-        `force` re-parses every file and publishes even an unchanged result; `validate`
-        False skips embedded tests and semantic checks (never schema or compilation).
+        `force` makes every source forget what it kept (fingerprints, versions, caches)
+        and read everything from scratch, re-parses every file and publishes even an
+        unchanged result; `validate` False skips embedded tests and semantic checks
+        (never schema or compilation).
 
         With `ruleset_id` or `rule_id` (the seed's scoped reloads) the whole source is
         still reloaded: a file is the unit of change, and unchanged files are not
@@ -208,7 +323,11 @@ class HotReloadService:
         async with self._lock:
             known = self._knows(ruleset_id, rule_id)
             record = await self._reload(
-                _triggers(trigger), force=force, validate=validate, filtered_by=filtered_by
+                _triggers(trigger),
+                force=force,
+                validate=validate,
+                filtered_by=filtered_by,
+                read=_Read.FRESH if force else _Read.USUAL,
             )
         failed = record.status is ReloadStatus.FAILED
         if not failed and not known and not self._knows(ruleset_id, rule_id):
@@ -293,6 +412,7 @@ class HotReloadService:
             "monitoring_active": self.monitoring_active,
             "auto_reload_enabled": self.auto_reload,
             "reload_interval_seconds": self.interval_seconds,
+            "verify_interval_seconds": self.verify_interval_seconds,
             "validation_enabled": self.loader.run_checks,
             "last_check_time": _iso(self._last_check),
             "last_successful_check_time": _iso(self._last_verified),
@@ -311,6 +431,7 @@ class HotReloadService:
             ],
             "last_errors": [p.to_dict() for p in last.errors] if last else [],
             "state_dir": self.state.status().to_dict() if self.state else None,
+            "starting": self.starting(),
         }
 
     def get_reload_history(self, limit: int | None = None) -> list[dict[str, Any]]:
@@ -318,9 +439,13 @@ class HotReloadService:
         return [record.to_dict() for record in self.log.newest(limit)]
 
     def health(self) -> tuple[HealthStatus, dict[str, Any]]:
-        """Health for the kubelet: unhealthy only while nothing valid has ever loaded."""
+        """Health for the kubelet: unhealthy only while nothing valid has ever loaded, or
+        the first load has not ended."""
         last = self.log.last
-        has_snapshot = self.registry.version > 0
+        # Not before the first load has ended: it publishes, then saves the state copy,
+        # and only then does watching start (serve() answers probes all along).
+        starting = self.starting()
+        has_snapshot = self.registry.version > 0 and starting is None
         watch_problems = self.watch_problems()
         last_ok = last is None or last.status is not ReloadStatus.FAILED
         checks = {
@@ -356,32 +481,88 @@ class HotReloadService:
             "serving_from": "state_dir" if self._serving_from_state else "sources",
             "checks": checks,
             "watch_problems": watch_problems,
+            "starting": starting,
         }
 
+    def starting(self) -> dict[str, Any] | None:
+        """While the first load has not ended: what it waits for, and how long it has.
+        None once the first load ended, well or not (or any reload was recorded, or a
+        snapshot published otherwise)."""
+        never_loaded = self.log.last is None and self.registry.version == 0
+        if not (self._in_initial_load or never_loaded):
+            return None
+        activity = self._activity
+        if activity is None:
+            return {"waiting_for": "the first load to begin", "seconds": 0.0}
+        doing, since = activity
+        return {"waiting_for": doing, "seconds": round(time.monotonic() - since, 1)}
+
+    @property
+    def ready(self) -> bool:
+        """A snapshot serves and the first load has ended; stays true through later
+        failed reloads."""
+        return self.registry.version > 0 and self.starting() is None
+
+    @property
+    def drift(self) -> dict[str, int]:
+        """Per source, how many verifications found what its usual read missed."""
+        return {name: status.drift for name, status in self._source_status.items()}
+
     def watch_problems(self) -> dict[str, str]:
-        """Sources whose changes may go unnoticed now; none matter while not watching."""
+        """Sources whose changes may go unnoticed now; none matter while not watching.
+        A watch that raised, or a `watch_problem()` that raises, is a problem too."""
         if not self.monitoring_active:
             return {}
-        found = {source.name: source.watch_problem() for source in self.sources}
-        return {name: problem for name, problem in found.items() if problem is not None}
+        found: dict[str, str] = {}
+        for source in self.sources:
+            try:
+                problem = source.watch_problem()
+            except Exception as exc:
+                problem = f"watch_problem() raised {_reason(exc)}"
+            problem = problem or self._watch_failures.get(source.name)
+            if problem is not None:
+                found[source.name] = str(problem)
+        return found
 
     # Internals
 
-    def request_reload(self, reason: Trigger | str) -> None:
+    def request_reload(self, reason: Trigger | str, *, fresh: bool = False) -> None:
         """Ask for a background reload; requests made while one runs become one more.
 
-        Watching or not: SIGHUP reloads even with HOT_RELOAD_ENABLED=false."""
+        `fresh`: every source forgets what it kept and is read from scratch (SIGHUP, like
+        Prometheus' SIGHUP re-reads everything). Watching or not: SIGHUP reloads even
+        with HOT_RELOAD_ENABLED=false."""
         self._wake_reasons.add(Trigger(reason))
+        self._fresh_requested = self._fresh_requested or fresh
         if self._requested is None or self._requested.done():
             self._requested = asyncio.create_task(self._run_requested(), name="reload")
 
     async def _run_requested(self) -> None:
         while self._wake_reasons:
-            reasons, self._wake_reasons = self._wake_reasons, set()
+            reasons, self._wake_reasons = frozenset(self._wake_reasons), set()
+            fresh, self._fresh_requested = self._fresh_requested, False
+            read = _Read.VERIFY if Trigger.VERIFY in reasons else _Read.USUAL
             try:
-                await self.reload_rules(trigger=frozenset(reasons))
+                async with self._lock:
+                    await self._reload(
+                        reasons,
+                        force=False,
+                        validate=True,
+                        filtered_by=None,
+                        read=_Read.FRESH if fresh else read,
+                    )
             except Exception:
                 logger.exception("background reload crashed")
+
+    async def _verify_loop(self) -> None:
+        """Every `verify_interval_seconds`: read every source as usual and from scratch.
+
+        A watch can lose an event and a fingerprint can miss a change (a row deleted and
+        inserted again under the same version, triggers bypassed); only a full read
+        shows it. What it finds goes live like any change and is counted as drift."""
+        while True:
+            await asyncio.sleep(self.verify_interval_seconds)
+            self.request_reload(Trigger.VERIFY)
 
     async def _resync_loop(self) -> None:
         """Safety net for anything a watcher missed; the poll of sources without a watch.
@@ -403,54 +584,80 @@ class HotReloadService:
                 retry = _FIRST_RETRY_SECONDS  # a new failure: its retries start again
 
     async def _watch(self, source: RuleSource) -> None:
+        """Ask for a reload at each change; a watch whose code raises is a watch problem
+        (health `degraded`) until it yields again, and its restart reads the sources
+        (whatever changed meanwhile went unseen)."""
         backoff = 1.0
         while True:
             try:
-                async for _reason in source.changes():
+                async for _change in source.changes():
+                    self._watch_failures.pop(source.name, None)
                     self.request_reload(Trigger.WATCH)
                     backoff = 1.0
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 logger.exception("watching %s failed; retrying in %.0f s", source.name, backoff)
+                self._watch_failures[source.name] = (
+                    f"the watch raised {_reason(exc)}; retrying in {backoff:.0f} s"
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
+                self.request_reload(Trigger.WATCH)
 
-    def _read_sources(self) -> tuple[list[SourceFile], list[Problem], dict[str, str]]:
+    def _read_sources(
+        self, read: _Read
+    ) -> tuple[list[SourceFile], list[Problem], dict[str, str], dict[str, str]]:
         """Every source's files (run in a worker thread). A source that cannot be read
         completely, for whatever reason, gives its problems instead: never fewer files.
-        Also: which source gave each file, by file name."""
+        Also: which source gave each file, by file name; and (verifying) what each
+        source's usual read missed."""
         files: list[SourceFile] = []
         problems: list[Problem] = []
         owners: dict[str, str] = {}
-        for source in self.sources:
-            status = self._source_status[source.name]
-            status.last_request = now()
-            try:
-                source_files = source.read()
-            except LoadError as exc:
-                status.set_error(exc.problems)
-                problems.extend(exc.problems)
-                continue
-            except Exception as exc:
-                if not isinstance(exc, OSError):
-                    logger.exception("reading %s failed unexpectedly", source.name)
-                reason = f"{type(exc).__name__}: {exc}"
-                problem = Problem(
-                    file=source.name,
-                    message=f"cannot read source: {reason}",
-                    code=ProblemCode.SOURCE_UNAVAILABLE,
-                )
-                status.set_error([problem])
-                problems.append(problem)
-                continue
-            status.last_successful_read = now()
-            status.files = len(source_files)
-            status.set_error(None)
-            files.extend(source_files)
-            owners.update((file.name, source.name) for file in source_files)
-        return files, problems, owners
+        drifted: dict[str, str] = {}
+        with self._reading:
+            for source in self.sources:
+                status = self._source_status[source.name]
+                status.last_request = now()
+                self._activity = (f"reading {source.name}", time.monotonic())
+                try:
+                    source_files, drift = self._read_source(source, read)
+                except LoadError as exc:
+                    status.set_error(exc.problems)
+                    problems.extend(exc.problems)
+                    continue
+                except Exception as exc:
+                    if not isinstance(exc, OSError):
+                        logger.exception("reading %s failed unexpectedly", source.name)
+                    problem = Problem(
+                        file=source.name,
+                        message=f"cannot read source: {_reason(exc)}",
+                        code=ProblemCode.SOURCE_UNAVAILABLE,
+                    )
+                    status.set_error([problem])
+                    problems.append(problem)
+                    continue
+                if drift is not None:
+                    drifted[source.name] = drift
+                status.last_successful_read = now()
+                status.files = len(source_files)
+                status.set_error(None)
+                files.extend(source_files)
+                owners.update((file.name, source.name) for file in source_files)
+        return files, problems, owners, drifted
+
+    @staticmethod
+    def _read_source(source: RuleSource, read: _Read) -> tuple[list[SourceFile], str | None]:
+        """One source's files, and (verifying) how its usual read differed from a full one."""
+        usual: list[SourceFile] | None = None
+        if read is _Read.VERIFY:
+            usual = _rule_files(source, source.read())
+        if read is not _Read.USUAL:
+            source.forget()
+        files = _rule_files(source, source.read())
+        return files, None if usual is None else _difference(usual, files)
 
     async def _attempt(
         self,
@@ -460,12 +667,17 @@ class HotReloadService:
         force: bool = False,
         validate: bool,
         confirmed: bool = False,
+        read: _Read = _Read.USUAL,
     ) -> tuple[Attempt, LoadResult | None, dict[str, int]]:
         """Read every source and compile the result, off the event loop; also how many
         rulesets each source gave."""
-        files, problems, owners = await asyncio.to_thread(self._read_sources)
+        files, problems, owners, drifted = await _in_daemon_thread(
+            functools.partial(self._read_sources, read)
+        )
+        self._record_drift(drifted)
         result: LoadResult | None = None
         if not problems:
+            self._activity = (f"compiling {len(files)} rule file(s)", time.monotonic())
             checks = validate and self.loader.run_checks
             try:
                 result = await asyncio.to_thread(self.loader.load, files, run_checks=checks)
@@ -493,6 +705,18 @@ class HotReloadService:
         )
         return attempt, result, counts
 
+    def _record_drift(self, drifted: dict[str, str]) -> None:
+        for name, difference in drifted.items():
+            status = self._source_status[name]
+            status.drift += 1
+            status.last_drift = difference
+            logger.warning(
+                "verification: %s held other content than its usual read gave, so a change "
+                "signal was lost; loading what the full read found. %s",
+                name,
+                difference,
+            )
+
     def _memory(self) -> Memory:
         return Memory(
             last=self.log.last,
@@ -507,14 +731,32 @@ class HotReloadService:
         force: bool,
         validate: bool,
         filtered_by: dict[str, Any] | None,
+        read: _Read,
+    ) -> ReloadRecord:
+        try:
+            return await self._reload_once(
+                triggers, force=force, validate=validate, filtered_by=filtered_by, read=read
+            )
+        finally:
+            self._activity = None
+
+    async def _reload_once(
+        self,
+        triggers: Triggers,
+        *,
+        force: bool,
+        validate: bool,
+        filtered_by: dict[str, Any] | None,
+        read: _Read,
     ) -> ReloadRecord:
         started, before = time.perf_counter(), self.registry.current
         self._last_check = now()
-        if force:
+        if read is _Read.FRESH:
             self.loader.forget()
+        if force:
             self._rolled_back_from = None
         attempt, result, counts = await self._attempt(
-            triggers, before, force=force, validate=validate
+            triggers, before, force=force, validate=validate, read=read
         )
         verdict = decide(attempt, self._memory(), allow_empty=self.allow_empty)
         if verdict is Verdict.CONFIRM:
@@ -522,7 +764,12 @@ class HotReloadService:
             # re-created, a database between `db init` and `db import`) than a decision.
             await asyncio.sleep(self.confirm_empty_seconds)
             attempt, result, counts = await self._attempt(
-                triggers, before, force=force, validate=validate, confirmed=True
+                triggers,
+                before,
+                force=force,
+                validate=validate,
+                confirmed=True,
+                read=_Read.USUAL if read is _Read.USUAL else _Read.FRESH,
             )
             verdict = decide(attempt, self._memory(), allow_empty=self.allow_empty)
         if attempt.candidate is not None and verdict is not Verdict.EMPTY_REFUSED:

@@ -1,7 +1,7 @@
 """Faults: a sidecar killed with SIGKILL mid-reload (SIGKILL mid-save of the state copy is
 in test_state.py), a state directory that cannot be written, ten thousand files with one
-broken. In every case the last good rules survive and keep serving, and the error names
-its place."""
+broken, a source whose code answers garbage or raises. In every case the last good rules
+survive and keep serving, and the error names its place."""
 
 from __future__ import annotations
 
@@ -11,13 +11,16 @@ import resource
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 pytest.register_assert_rewrite("server_support")
 
 from server_support import (  # noqa: E402
+    HOT,
     clean_environment,
+    eventually,
     fraud_doc,
     ruleset_doc,
     spawn,
@@ -25,8 +28,11 @@ from server_support import (  # noqa: E402
     wait_sync,
 )
 
+from sidecar.documents import SourceFile  # noqa: E402
 from sidecar.errors import LoadError  # noqa: E402
 from sidecar.loader import Loader  # noqa: E402
+from sidecar.service import SourceStatus  # noqa: E402
+from sidecar.sources import StaticSource  # noqa: E402
 from sidecar.sources.files import DirectorySource  # noqa: E402
 from sidecar.state import StateStore  # noqa: E402
 
@@ -174,3 +180,78 @@ class TestManyFiles:
         result = loader.load(source.read())
         assert len(result.snapshot.rulesets) == 10_000
         assert result.files_parsed == 1
+
+
+class Hostile(StaticSource):
+    """A source beside a real rules directory whose code misbehaves as the test says."""
+
+    def __init__(self) -> None:
+        super().__init__([], name="hostile")
+        self.answer: object = []
+        self.watch_error: Exception | None = None
+
+    def read(self) -> list[SourceFile]:
+        return self.answer  # type: ignore[return-value]
+
+    def watch_problem(self) -> str | None:
+        if self.watch_error is not None:
+            raise self.watch_error
+        return None
+
+
+class TestHostileSource:
+    """Whatever a source's code does, the API answers with it, located, never a 500."""
+
+    async def test_garbage_from_read_is_a_failed_reload_not_a_500(self, start_sidecar, rules_dir):
+        (rules_dir / "fraud.yaml").write_text(to_yaml(fraud_doc()), encoding="utf-8")
+        hostile = Hostile()
+
+        def add(state: Any) -> None:
+            state.service.sources = (*state.service.sources, hostile)
+            state.service._source_status["hostile"] = SourceStatus("hostile")
+
+        app = await start_sidecar(rules_dir, prepare=add)
+        hostile.answer = {"fraud.yaml": "not a list"}
+
+        response, record = await app.call("POST", f"{HOT}/reload", status=None, json={})
+
+        assert (response.status, record["status"]) == (422, "failed")
+        assert [(e["file"], e["message"]) for e in record["errors"]] == [
+            (
+                "hostile",
+                "cannot read source: TypeError: read() returned dict, not a list of rule files",
+            )
+        ]
+        newest = (await app.get(f"{HOT}/history"))["history"][0]
+        assert (newest["status"], newest["errors"][0]["file"]) == ("failed", "hostile")
+        assert (await app.health())[1]["status"] == "degraded"
+        assert (await app.evaluate("fraud", {"amount": 5000, "country": "FR"}))[
+            "total_points"
+        ] == 70
+
+    async def test_a_watch_problem_that_raises_is_reported_not_a_500(
+        self, start_sidecar, rules_dir
+    ):
+        (rules_dir / "fraud.yaml").write_text(to_yaml(fraud_doc()), encoding="utf-8")
+        hostile = Hostile()
+
+        def add(state: Any) -> None:
+            state.service.sources = (*state.service.sources, hostile)
+            state.service._source_status["hostile"] = SourceStatus("hostile")
+
+        app = await start_sidecar(rules_dir, prepare=add, monitor=True)
+        hostile.watch_error = KeyError("resourceVersion")
+
+        code, health = await app.health()
+        assert (code, health["status"]) == (200, "degraded")
+        assert health["watch_problems"] == {
+            "hostile": "watch_problem() raised KeyError: 'resourceVersion'"
+        }
+        metrics = await (await app.client.get("/metrics")).text()
+        assert 'rule_sidecar_source_watch_ok{source="hostile"} 0.0' in metrics
+        (rules_dir / "extra.yaml").write_text(to_yaml(ruleset_doc("extra")), encoding="utf-8")
+
+        async def extra_served() -> bool:
+            return "extra" in app.state.registry.current.rulesets
+
+        await eventually(extra_served, message="the other source's change live")

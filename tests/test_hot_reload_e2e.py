@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-pytest.register_assert_rewrite("server_support")
+pytest.register_assert_rewrite("db_support", "server_support")
 
+from db_support import Database, pg_backends  # noqa: E402
 from server_support import (  # noqa: E402
     HOT,
     INVALID_RULES,
@@ -26,9 +28,10 @@ from server_support import (  # noqa: E402
     to_yaml,
 )
 
+from sidecar.sources.files import DirectorySource  # noqa: E402
 from sidecar.state import StateStore  # noqa: E402
 
-pytest_plugins = ["server_support"]
+pytest_plugins = ["server_support", "db_support"]
 
 FOREIGN_LARGE = {"amount": 5000, "country": "FR"}
 
@@ -417,3 +420,98 @@ class TestRollbackHolds:
         forced = await app.post(f"{HOT}/reload", json={"force": True})
         assert forced["status"] == "success"
         assert (await app.evaluate("fraud", FOREIGN_LARGE))["total_points"] == 129
+
+
+@pytest.fixture
+def seeded_pg(pg_database: Database) -> Database:
+    """A migrated PostgreSQL database holding the `fraud` ruleset (large-amount 40)."""
+    pg_database.init().import_docs(fraud_doc())
+    return pg_database
+
+
+class TestVerification:
+    """The periodic verification (`RULE_SIDECAR_VERIFY_INTERVAL_SECONDS`) against real
+    sources whose change signal is lost; the resync is an hour away throughout."""
+
+    async def test_a_file_change_no_watch_saw_goes_live(self, start_sidecar, plain_rules: Path):
+        """A polling watcher is blind to a rewrite that keeps the size and puts the mtime
+        back (as is a watch that lost an event)."""
+
+        def blind(state: Any) -> None:
+            state.service.sources = (
+                DirectorySource(plain_rules, debounce_ms=20, force_polling=True),
+            )
+
+        app = await start_sidecar(
+            plain_rules,
+            monitor=True,
+            interval_seconds=3600,
+            verify_interval_seconds=0.3,
+            prepare=blind,
+        )
+        path = plain_rules / "extra.yaml"
+        before = os.stat(path)
+        text = path.read_text("utf-8")
+        assert "points: 10" in text
+        path.write_text(text.replace("points: 10", "points: 20"), encoding="utf-8")
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (
+            before.st_size,
+            before.st_mtime_ns,
+        )
+
+        async def points() -> bool:
+            return (await app.evaluate("extra", {"amount": 500}))["total_points"] == 20
+
+        await eventually(points, message="the hidden change served")
+        newest = (await history(app))[0]
+        assert (newest["trigger"], newest["status"]) == ("verify", "success")
+
+    async def test_a_database_change_that_bypassed_the_triggers_goes_live_and_counts(
+        self, start_sidecar, rules_dir: Path, seeded_pg: Database
+    ):
+        """Triggers disabled (as `session_replication_role=replica` or a restore with
+        --disable-triggers does): no NOTIFY, no generation bump. The verification finds
+        it, serves it and counts it in `rule_sidecar_source_drift_total`."""
+        app = await start_sidecar(
+            rules_dir,
+            database_url=seeded_pg.url,
+            monitor=True,
+            interval_seconds=3600,
+            verify_interval_seconds=0.3,
+        )
+        assert (await app.evaluate("fraud", FOREIGN_LARGE))["total_points"] == 70
+        name = (await app.get(f"{HOT}/status"))["sources"][-1]["name"]
+        # The listener, once connected, makes the next read a full one (what changed
+        # before it listened is unknown): wait until a read after that has ended.
+        await eventually(lambda: len(pg_backends(seeded_pg.name)) == 2, message="listening")
+        for _ in range(2):
+            since = datetime.now(UTC).isoformat()
+
+            async def read_since(since: str = since) -> bool:
+                status = await app.get(f"{HOT}/status")
+                return bool(status["sources"][-1]["last_successful_read"] > since)
+
+            await eventually(read_since, message="a read after the listener's")
+        metrics = await app.client.get("/metrics")
+        assert (
+            metric_value(await metrics.text(), "rule_sidecar_source_drift_total", {"source": name})
+            == 0
+        )
+
+        seeded_pg.change_unseen(
+            "UPDATE rule_sidecar_rules SET points = 45 WHERE id = 'large-amount'"
+        )
+
+        async def points() -> bool:
+            return (await app.evaluate("fraud", FOREIGN_LARGE))["total_points"] == 75
+
+        await eventually(points, message="the unseen change served")
+        metrics = await app.client.get("/metrics")
+        text = await metrics.text()
+        assert metric_value(text, "rule_sidecar_source_drift_total", {"source": name}) == 1
+        (source,) = [s for s in (await app.get(f"{HOT}/status"))["sources"] if s["name"] == name]
+        assert source["drift"] == 1
+        assert "fraud.json (changed)" in source["last_drift"]
+        assert (await history(app))[0]["trigger"] == "verify"
+        assert (await app.health())[1]["status"] == "healthy"

@@ -19,8 +19,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-pytest.register_assert_rewrite("server_support")
+pytest.register_assert_rewrite("db_support", "server_support")
 
+from db_support import Database, FreezableProxy, pg_backends  # noqa: E402
 from server_support import (  # noqa: E402
     START_SECONDS,
     Served,
@@ -36,7 +37,7 @@ from server_support import (  # noqa: E402
 from sidecar.api.run import connection_caps  # noqa: E402
 from sidecar.config import Settings  # noqa: E402
 
-pytest_plugins = ["server_support"]
+pytest_plugins = ["server_support", "db_support"]
 
 HOT = "/api/v1/rules/hot-reload"
 
@@ -368,3 +369,174 @@ class TestHeap:
         assert len(frozen) == 2, child.stdout
         assert frozen[0] > 0, child.stdout
         assert frozen[1] - frozen[0] < 80 * 5, frozen  # under 5 objects per reload
+
+
+@pytest.fixture
+def seeded_pg(pg_database: Database) -> Database:
+    """A migrated PostgreSQL database holding the `fraud` ruleset."""
+    pg_database.init().import_docs(fraud_doc())
+    return pg_database
+
+
+# Deadlines far beyond anything these tests wait for: a read of the frozen database
+# waits until the test thaws it (or the process stops), never until a deadline.
+FROZEN_ENV = {
+    "RULE_SIDECAR_DATABASE_CONNECT_TIMEOUT_SECONDS": "300",
+    "RULE_SIDECAR_DATABASE_READ_TIMEOUT_SECONDS": "300",
+    "RULE_SIDECAR_DATABASE_STATEMENT_TIMEOUT_SECONDS": "300",
+}
+# Waiting for an exit: the drain of in-flight requests is 10 s; the read timeout 300 s.
+EXIT_GUARD_SECONDS = 20.0
+
+
+def spawn_over(proxy: FreezableProxy, database: Database, tmp_path: Path) -> Served:
+    """`serve` with only the database source, reached through `proxy`."""
+    return spawn(
+        tmp_path, "--database-url", proxy.url(database.name), env=clean_environment(**FROZEN_ENV)
+    )
+
+
+def answers(served: Served, path: str) -> tuple[int, Any] | None:
+    """GET `path`, or None while nothing listens yet."""
+    assert served.process.poll() is None, f"serve exited: {served.log.read_text()}"
+    try:
+        return served.get(path)
+    except (OSError, ValueError):
+        return None
+
+
+class TestListensAtOnce:
+    """The listeners open before the first load: probes and health answer meanwhile."""
+
+    def test_probes_answer_while_the_first_load_waits(
+        self, seeded_pg: Database, tmp_path: Path, pg_proxy: FreezableProxy
+    ):
+        """A database that does not answer at startup (a slow Kubernetes list alike): the
+        port is open, `/livez` 200, `/readyz` and health 503 saying what the load waits
+        for, registry reads 503; once it answers, the rules serve as usual."""
+        pg_proxy.freeze()
+        served = spawn_over(pg_proxy, seeded_pg, tmp_path)
+        try:
+
+            def waiting() -> dict[str, Any] | None:
+                answer = answers(served, "/health/hot-reload")
+                if answer is None or answer[1]["starting"] is None:
+                    return None
+                starting: dict[str, Any] = answer[1]["starting"]
+                return starting if starting["waiting_for"].startswith("reading ") else None
+
+            starting = wait_sync(waiting, timeout=START_SECONDS, message="health while loading")
+            assert seeded_pg.name in starting["waiting_for"]
+            code, health = served.get("/health/hot-reload")
+            assert (code, health["status"]) == (503, "unhealthy")
+            assert served.get("/livez") == (200, {"status": "alive"})
+            assert served.get("/readyz") == (503, {"ready": False})
+            for path in ("/api/v1/rules", "/api/v1/rulesets", "/api/v1/rulesets/fraud"):
+                code, body = served.get(path)
+                assert code == 503, path
+                message = body["error"]["message"]
+                assert message.startswith("the rules are not loaded yet: the first load is")
+                assert seeded_pg.name in message
+
+            pg_proxy.thaw()
+
+            served.wait_ready()
+            code, health = served.get("/health/hot-reload")
+            assert (code, health["status"], health["starting"]) == (200, "healthy", None)
+            assert served.get("/api/v1/rulesets")[1]["count"] == 1
+        finally:
+            served.stop()
+
+    def test_sigterm_while_the_first_load_waits_exits_0_at_once(
+        self, seeded_pg: Database, tmp_path: Path, pg_proxy: FreezableProxy
+    ):
+        pg_proxy.freeze()
+        served = spawn_over(pg_proxy, seeded_pg, tmp_path)
+        try:
+            wait_sync(lambda: answers(served, "/livez"), timeout=START_SECONDS, message="livez")
+            served.process.send_signal(signal.SIGTERM)
+            assert served.process.wait(EXIT_GUARD_SECONDS) == 0
+        finally:
+            served.stop()
+
+
+class TestBoundedShutdown:
+    def test_sigterm_does_not_wait_for_a_read_of_a_frozen_database(
+        self, seeded_pg: Database, tmp_path: Path, pg_proxy: FreezableProxy
+    ):
+        """SIGTERM while a reload waits on a frozen server: the read runs on in a daemon
+        thread the process does not wait for, so it exits 0 long before the read's own
+        deadline (before: the loop's executor joined that thread, for the whole read
+        timeout, past Kubernetes' grace period and into a SIGKILL)."""
+        served = spawn_over(pg_proxy, seeded_pg, tmp_path)
+        try:
+            served.wait_ready()
+            before = served.get(f"{HOT}/status")[1]["last_check_time"]
+            pg_proxy.freeze()
+            served.process.send_signal(signal.SIGHUP)
+
+            def reading() -> bool:
+                status = served.get(f"{HOT}/status")[1]
+                return bool(status["last_check_time"] != before)
+
+            wait_sync(reading, message="the SIGHUP reload reading the frozen database")
+            served.process.send_signal(signal.SIGTERM)
+
+            assert served.process.wait(EXIT_GUARD_SECONDS) == 0
+        finally:
+            served.stop()
+
+
+class TestSighup:
+    def test_sighup_reads_past_the_database_fingerprint(self, seeded_pg: Database, tmp_path: Path):
+        """A change made with the triggers disabled moves no generation and sends no
+        NOTIFY: only a read from scratch sees it, which SIGHUP now is."""
+        served = spawn(
+            tmp_path,
+            "--database-url",
+            seeded_pg.url,
+            env=clean_environment(
+                HOT_RELOAD_INTERVAL_SECONDS="3600", RULE_SIDECAR_VERIFY_INTERVAL_SECONDS="0"
+            ),
+        )
+        evaluate = "/api/v1/rulesets/fraud/evaluate"
+        try:
+            served.wait_ready()
+            # The listener, once connected, makes the next read a full one: wait for it.
+            wait_sync(lambda: len(pg_backends(seeded_pg.name)) == 2, message="listening")
+            for _ in range(2):
+                since = served.get(f"{HOT}/status")[1]["sources"][0]["last_successful_read"]
+                served.process.send_signal(signal.SIGHUP)
+
+                def read_again(since: str = since) -> bool:
+                    status = served.get(f"{HOT}/status")[1]
+                    return bool(status["sources"][0]["last_successful_read"] != since)
+
+                wait_sync(read_again, message="a read after the listener's")
+            assert post(served, evaluate, {"input": FOREIGN_LARGE})["total_points"] == 70
+            seeded_pg.change_unseen(
+                "UPDATE rule_sidecar_rules SET points = 45 WHERE id = 'large-amount'"
+            )
+
+            served.process.send_signal(signal.SIGHUP)
+
+            wait_sync(
+                lambda: post(served, evaluate, {"input": FOREIGN_LARGE})["total_points"] == 75,
+                message="the unseen change served after SIGHUP",
+            )
+        finally:
+            served.stop()
+
+
+FOREIGN_LARGE = {"amount": 5000, "country": "FR"}  # fraud: large-amount 40 + foreign 30
+
+
+def post(served: Served, path: str, body: Any) -> Any:
+    call = urllib.request.Request(
+        served.url + path,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(call, timeout=5) as response:
+        return json.loads(response.read())

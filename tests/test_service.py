@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import timedelta
 
 import pytest
 from conftest import dump_yaml, make_ruleset_doc
 
+from sidecar.config import SettingsError, settings_from
 from sidecar.documents import SourceFile
 from sidecar.errors import LoadError, Problem
 from sidecar.integration import is_registry_fresh
@@ -362,3 +364,311 @@ class TestStateCopy:
         restarted = await started(StaticSource(BROKEN), [], state=StateStore(tmp_path))
 
         assert restarted.registry.version == 0
+
+
+class CachingSource(StaticSource):
+    """A source with a fingerprint, as the database has its generation and row versions:
+    `read` hands back what it read last while the fingerprint has not moved, and
+    `forget` drops that. `changes()` never fires. `change_unseen` changes the content
+    under the same fingerprint: a row deleted and inserted again under the same version,
+    a trigger bypassed, a lost NOTIFY."""
+
+    def __init__(self, files: Sequence[SourceFile], *, name: str = "caching") -> None:
+        super().__init__(files, name=name)
+        self.fingerprint = 0
+        self._kept: tuple[int, list[SourceFile]] | None = None
+
+    def read(self) -> list[SourceFile]:
+        if self._kept is not None and self._kept[0] == self.fingerprint:
+            return list(self._kept[1])
+        files = super().read()
+        self._kept = (self.fingerprint, files)
+        return list(files)
+
+    def forget(self) -> None:
+        self._kept = None
+
+    def change_unseen(self, files: Sequence[SourceFile]) -> None:
+        self._files = list(files)
+
+    async def changes(self) -> AsyncIterator[str]:
+        await asyncio.Event().wait()
+        yield "never"
+
+
+def rulesets_of(service: HotReloadService) -> list[str]:
+    return sorted(service.registry.current.rulesets)
+
+
+class TestForget:
+    """A forced reload and SIGHUP read every source from scratch: no fingerprint, version
+    or cache of a source is the only truth."""
+
+    async def test_a_forced_reload_reads_past_a_fingerprint(self, heard):
+        source = CachingSource(rules("a"))
+        service = await started(source, heard)
+        source.change_unseen(rules("a", "b"))
+        assert (await service.reload_rules()).status is ReloadStatus.UNCHANGED  # blind
+
+        record = await service.reload_rules(force=True)
+
+        assert (record.status, rulesets_of(service)) == (ReloadStatus.SUCCESS, ["a", "b"])
+
+    async def test_sighup_reads_every_source_from_scratch(self, heard):
+        source = CachingSource(rules("a"))
+        service = await started(source, heard)
+        source.change_unseen(rules("a", "b"))
+
+        service.request_reload(Trigger.SIGNAL, fresh=True)
+
+        await wait_for(lambda: rulesets_of(service) == ["a", "b"])
+        assert heard[-1].triggers == {Trigger.SIGNAL}
+        await service.stop()
+
+
+async def verifying(source: StaticSource, heard: list[ReloadRecord]) -> HotReloadService:
+    """A started, watching service that verifies every 20 ms and never resyncs."""
+    service = await started(
+        source, heard, auto_reload=True, interval_seconds=3600, verify_interval_seconds=0.02
+    )
+    service.start()
+    return service
+
+
+class TestVerification:
+    """The periodic verification finds what a source's usual read missed, loads it like
+    any change and counts it as drift."""
+
+    async def test_a_change_the_fingerprint_hid_goes_live_and_counts(self, heard, caplog):
+        source = CachingSource(rules("a"))
+        service = await verifying(source, heard)
+        try:
+            source.change_unseen(rules("a", "b"))
+
+            await wait_for(lambda: rulesets_of(service) == ["a", "b"])
+
+            assert (heard[-1].triggers, heard[-1].status) == (
+                {Trigger.VERIFY},
+                ReloadStatus.SUCCESS,
+            )
+            assert service.drift == {"caching": 1}
+            (status,) = service.get_status()["sources"]
+            assert status["drift"] == 1
+            assert status["last_drift"] == "1 file(s) differ from the usual read: b.yaml (missed)"
+            assert any(
+                "caching held other content" in r.message and "b.yaml (missed)" in r.message
+                for r in caplog.records
+                if r.levelname == "WARNING"
+            )
+            assert service.health()[0] is HealthStatus.HEALTHY
+            # A second hidden change is a second drift; what is live stays live.
+            source.change_unseen(rules("b"))
+            await wait_for(lambda: rulesets_of(service) == ["b"])
+            assert service.drift == {"caching": 2}
+        finally:
+            await service.stop()
+
+    async def test_a_change_whose_event_was_lost_goes_live_without_drift(self, heard):
+        """A source with no fast path (every read is a full one, as for a rules
+        directory): what its watch missed is found by the verification's usual read, so
+        no fingerprint lied and nothing counts as drift."""
+        source = StaticSource(rules("a"))
+        service = await verifying(source, heard)
+        try:
+            source._files = rules("a", "b")  # no set_files: no change event
+
+            await wait_for(lambda: rulesets_of(service) == ["a", "b"])
+
+            assert heard[-1].triggers == {Trigger.VERIFY}
+            assert service.drift == {"static": 0}
+        finally:
+            await service.stop()
+
+    async def test_a_verification_that_finds_nothing_is_not_recorded(self, heard):
+        source = CachingSource(rules("a"))
+        service = await verifying(source, heard)
+        try:
+            checked = service.get_status()["last_check_time"]
+            await wait_for(lambda: service.get_status()["last_check_time"] != checked)
+            assert [record.triggers for record in heard] == [{Trigger.STARTUP}]
+        finally:
+            await service.stop()
+
+
+_UNSET = object()
+
+
+class Faulty(CachingSource):
+    """A source whose methods raise what the test says, or whose `read` answers garbage:
+    whatever its code does, the service reports it against the source and goes on."""
+
+    def __init__(self, files: Sequence[SourceFile]) -> None:
+        super().__init__(files, name="faulty")
+        self.fault: dict[str, BaseException] = {}
+        self.answer: object = _UNSET  # read() returns this instead, when set
+
+    def _maybe(self, method: str) -> None:
+        if method in self.fault:
+            raise self.fault[method]
+
+    def read(self) -> list[SourceFile]:
+        self._maybe("read")
+        if self.answer is not _UNSET:
+            return self.answer  # type: ignore[return-value]
+        return super().read()
+
+    def forget(self) -> None:
+        self._maybe("forget")
+        super().forget()
+
+    def watch_problem(self) -> str | None:
+        self._maybe("watch_problem")
+        return None
+
+    async def changes(self) -> AsyncIterator[str]:
+        self._maybe("changes")
+        await asyncio.Event().wait()
+        yield "never"
+
+
+FAULTS = [
+    TypeError("Object of type bytes is not JSON serializable"),
+    KeyError("generation"),
+    RecursionError("maximum recursion depth exceeded"),
+    MemoryError(),
+    ValueError("x" * 1_000_000),  # a message as long as an offending value
+]
+FAULT_IDS = ["type-error", "key-error", "recursion", "memory", "huge-message"]
+
+
+class TestSourceFaults:
+    """Every exception from a source's code is a located failure or a watch problem,
+    never a crash: history, status and health say so, and the rest goes on."""
+
+    @pytest.mark.parametrize("method", ["read", "forget"])
+    @pytest.mark.parametrize("error", FAULTS, ids=FAULT_IDS)
+    async def test_a_read_or_forget_that_raises_is_a_located_failure(self, heard, method, error):
+        files = StaticSource(rules("a"), name="files")
+        source = Faulty(rules("b"))
+        service = HotReloadService(
+            RuleRegistry(), [files, source], loader=Loader(), auto_reload=False
+        )
+        service.add_listener(heard.append)
+        await service.initial_load()
+        source.fault[method] = error
+        files.set_files(rules("a", "c"))
+
+        record = await service.reload_rules(force=True)
+
+        assert record.status is ReloadStatus.FAILED
+        (problem,) = record.errors
+        assert problem.file == "faulty"
+        assert problem.message.startswith(f"cannot read source: {type(error).__name__}")
+        assert len(problem.message) < 600
+        assert heard[-1] is record
+        assert service.health()[0] is HealthStatus.DEGRADED
+        assert service.get_status()["sources"][1]["errors"][0]["file"] == "faulty"
+        assert rulesets_of(service) == ["a", "b"]  # all or nothing: the last good rules
+        del source.fault[method]
+        assert (await service.reload_rules(force=True)).status is ReloadStatus.SUCCESS
+        assert rulesets_of(service) == ["a", "b", "c"]
+
+    @pytest.mark.parametrize(
+        ("answer", "message"),
+        [
+            (None, "read() returned NoneType, not a list of rule files"),
+            ("b.yaml", "read() returned str, not a list of rule files"),
+            (["b.yaml"], "read() returned a str among its rule files"),
+            ({"b.yaml": b""}, "read() returned dict, not a list of rule files"),
+        ],
+        ids=["none", "str", "list-of-str", "dict"],
+    )
+    async def test_a_read_that_answers_garbage_is_a_located_failure(self, heard, answer, message):
+        source = Faulty(rules("b"))
+        service = await started(source, heard)
+        source.answer = answer
+        record = await service.reload_rules()
+        assert record.status is ReloadStatus.FAILED
+        assert [(p.file, p.message) for p in record.errors] == [
+            ("faulty", f"cannot read source: TypeError: {message}")
+        ]
+
+    @pytest.mark.parametrize("method", ["changes", "watch_problem"])
+    @pytest.mark.parametrize("error", FAULTS[:3], ids=FAULT_IDS[:3])
+    async def test_a_watch_that_raises_is_a_watch_problem(self, heard, method, error):
+        """The watch of one source breaking leaves the other source's changes going live."""
+        files = StaticSource(rules("a"), name="files")
+        source = Faulty(rules("b"))
+        source.fault[method] = error
+        service = HotReloadService(
+            RuleRegistry(), [files, source], loader=Loader(), interval_seconds=3600
+        )
+        service.add_listener(heard.append)
+        await service.initial_load()
+        service.start()
+        try:
+            await wait_for(lambda: "faulty" in service.watch_problems())
+            problem = service.watch_problems()["faulty"]
+            assert type(error).__name__ in problem
+            status, body = service.health()
+            assert (status, body["watch_problems"]) == (HealthStatus.DEGRADED, {"faulty": problem})
+            assert service.get_status()["sources"][1]["watch_problem"] == problem
+
+            files.set_files(rules("a", "c"))
+
+            await wait_for(lambda: rulesets_of(service) == ["a", "b", "c"])
+        finally:
+            await service.stop()
+
+
+class TestStarting:
+    """While the first load runs, health says what it waits for and nothing is ready."""
+
+    async def test_not_ready_until_the_first_load_has_ended(self):
+        """The first load publishes, then records (and saves the state copy); watching
+        starts only after it: a probe in between must not see a watchless `degraded`."""
+        service = make_service(StaticSource(rules("a")), auto_reload=True)
+        seen: list[tuple[bool, HealthStatus]] = []
+        service.add_listener(lambda _record: seen.append((service.ready, service.health()[0])))
+
+        await service.initial_load()
+
+        assert seen == [(False, HealthStatus.UNHEALTHY)]
+        assert (service.ready, service.starting()) == (True, None)
+
+    async def test_health_names_the_source_a_first_load_waits_for(self):
+        release = threading.Event()
+
+        class Blocking(StaticSource):
+            def read(self) -> list[SourceFile]:
+                release.wait(10)
+                return super().read()
+
+        service = make_service(Blocking(rules("a"), name="slow"))
+        assert service.starting() == {"waiting_for": "the first load to begin", "seconds": 0.0}
+        loading = asyncio.create_task(service.initial_load())
+        try:
+            await wait_for(lambda: (service.starting() or {}).get("waiting_for") == "reading slow")
+            status, body = service.health()
+            assert (status, body["starting"]["waiting_for"]) == (
+                HealthStatus.UNHEALTHY,
+                "reading slow",
+            )
+            assert not service.ready
+        finally:
+            release.set()
+            await loading
+        assert service.health()[0] is HealthStatus.HEALTHY
+        assert service.health()[1]["starting"] is None
+
+
+class TestVerifySetting:
+    def test_zero_turns_it_off_and_a_negative_interval_is_refused(self):
+        assert (
+            settings_from({"RULE_SIDECAR_VERIFY_INTERVAL_SECONDS": "0"}).verify_interval_seconds
+            == 0
+        )
+        assert settings_from({}).verify_interval_seconds == 300
+        for bad in ("-1", "nan", "inf"):
+            with pytest.raises(SettingsError, match="RULE_SIDECAR_VERIFY_INTERVAL_SECONDS"):
+                settings_from({"RULE_SIDECAR_VERIFY_INTERVAL_SECONDS": bad})

@@ -88,14 +88,16 @@ def files_on_disk(state: Path) -> list[str]:
 
 
 def wait_served(served: Served) -> dict:
-    """Wait (generously) until `serve` answers its health; the health body."""
+    """Wait (generously) until `serve` answers its health with its first load ended (it
+    listens before that load); the health body."""
 
     def up() -> bool:
         assert served.process.poll() is None, f"serve exited: {served.log.read_text()}"
         try:
-            return served.get("/health/hot-reload")[0] in (200, 503)
+            code, health = served.get("/health/hot-reload")
         except (OSError, ValueError):
             return False
+        return code in (200, 503) and health["starting"] is None
 
     wait_sync(up, timeout=RESTART_SECONDS, message="serve answering")
     return served.get("/health/hot-reload")[1]

@@ -468,8 +468,9 @@ async def get_livez(request: web.Request) -> web.Response:
 
 
 async def get_readyz(request: web.Request) -> web.Response:
-    """Ready once a snapshot is serving; stays ready through later failed reloads."""
-    ready = _state(request).registry.version > 0
+    """Ready once a snapshot is serving and the first load has ended; stays ready
+    through later failed reloads."""
+    ready = _state(request).service.ready
     return json_response({"ready": ready}, 200 if ready else 503)
 
 
@@ -486,6 +487,22 @@ def _find(items: Mapping[str, _T], kind: str, request: web.Request) -> _T:
     if item is None:
         raise NotFoundError(kind, item_id)
     return item
+
+
+def _serving(request: web.Request) -> Snapshot:
+    """What serves, for a registry read; 503 while the first load runs (the listeners
+    open before it): an empty answer would say there are no rules. After a first load
+    that failed, reads answer what serves (nothing), as health and /readyz say."""
+    state = _state(request)
+    snapshot = state.registry.current
+    starting = state.service.starting() if snapshot.version == 0 else None
+    if starting is None:
+        return snapshot
+    message = (
+        f"the rules are not loaded yet: the first load is waiting for "
+        f"{starting['waiting_for']} ({starting['seconds']} s so far)"
+    )
+    raise web.HTTPServiceUnavailable(text=message, headers={"Retry-After": "1"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -533,7 +550,7 @@ def _rule_mentions(rule: Rule, needle: str) -> bool:
 
 
 async def get_rules(request: web.Request) -> web.Response:
-    snapshot = _state(request).registry.current
+    snapshot = _serving(request)
     ruleset_id = request.query.get("ruleset_id")
     tag = request.query.get("tag")
     needle = request.query.get("q", "").casefold()
@@ -553,7 +570,7 @@ async def get_rules(request: web.Request) -> web.Response:
 
 
 async def get_rule(request: web.Request) -> web.Response:
-    snapshot = _state(request).registry.current
+    snapshot = _serving(request)
     return await _cached(request, snapshot, _find(snapshot.rules, "rule", request).to_dict)
 
 
@@ -561,6 +578,7 @@ async def get_changes(request: web.Request) -> web.Response:
     """What the current version changed, each change with the rule or ruleset before and
     after it: the diff a person checks after a rollout."""
     limit = _query_limit(request, 1000)
+    _serving(request)
     old, new = _state(request).registry.last_change()
 
     def body() -> dict[str, Any]:
@@ -596,7 +614,7 @@ def _summary(ruleset: RuleSet) -> dict[str, Any]:
 
 
 async def get_rulesets(request: web.Request) -> web.Response:
-    snapshot = _state(request).registry.current
+    snapshot = _serving(request)
 
     page = _Page.of(request)
 
@@ -608,14 +626,14 @@ async def get_rulesets(request: web.Request) -> web.Response:
 
 
 async def get_ruleset(request: web.Request) -> web.Response:
-    snapshot = _state(request).registry.current
+    snapshot = _serving(request)
     return await _cached(request, snapshot, _find(snapshot.rulesets, "ruleset", request).to_dict)
 
 
 async def post_evaluate(request: web.Request) -> web.Response:
     """`{"input": {...}}` → one result; `{"inputs": [...]}` → all from one version."""
     state = _state(request)
-    snapshot = state.registry.current
+    snapshot = _serving(request)
     ruleset = _find(snapshot.rulesets, "ruleset", request)
     body = await _json_body(request)
     if ("input" in body) == ("inputs" in body):
@@ -725,6 +743,7 @@ async def get_metrics(request: web.Request) -> web.Response:
     state = _state(request)
     service = state.service
     state.metrics.observe_watches((s.name for s in service.sources), service.watch_problems())
+    state.metrics.observe_drift(service.drift)
     state.metrics.asyncio_tasks.set(len(asyncio.all_tasks()))
     saved = service.state.status().ok if service.state is not None else None
     if saved is not None:

@@ -83,6 +83,13 @@ class Metrics:
             ["source"],
             registry=r,
         )
+        self.source_drift = Counter(
+            "rule_sidecar_source_drift",
+            "Verifications that found content a source's usual read missed (a lost change "
+            "signal: a NOTIFY or watch event, a version that did not move); it went live.",
+            ["source"],
+            registry=r,
+        )
         self.websocket_clients = Gauge(
             "rule_sidecar_websocket_clients", "Connected WebSocket clients.", registry=r
         )
@@ -99,6 +106,7 @@ class Metrics:
             registry=r,
         )
         self._revision: str | None = None
+        self._drift: dict[str, int] = {}
 
     def observe_reload(self, record: ReloadRecord) -> None:
         self.reloads.labels(trigger=record.trigger, outcome=record.status.value).inc()
@@ -117,6 +125,15 @@ class Metrics:
         """Set at scrape time: a watch fails on its own schedule, not at a reload."""
         for source in sources:
             self.source_watching.labels(source=source).set(0 if source in problems else 1)
+
+    def observe_drift(self, counts: Mapping[str, int]) -> None:
+        """Set at scrape time from the service's counts (a verification that found nothing
+        new is not recorded as a reload, so no reload record carries them)."""
+        for source, count in counts.items():
+            series = self.source_drift.labels(source=source)
+            if count > self._drift.get(source, -1):
+                series.inc(count - self._drift.get(source, 0))
+                self._drift[source] = count
 
     def evaluated_rulesets(self) -> list[str]:
         """Rulesets that have an evaluation series."""

@@ -1,12 +1,20 @@
 """`rule-sidecar serve`: wire the parts together and run until SIGTERM.
 
-SIGHUP reloads. SIGTERM (or SIGINT) stops watching, closes WebSockets with 1001, lets
-in-flight requests finish (aiohttp's graceful shutdown) and returns 0.
+The listeners open first and the rules load behind them: a first load can take long (a
+slow Kubernetes list, a database that does not answer), and meanwhile `/livez` answers,
+`/readyz` and health answer 503 saying what the load waits for, and registry reads 503.
+
+SIGHUP reloads with every source read from scratch (their caches and fingerprints
+forgotten). SIGTERM (or SIGINT) stops watching, closes WebSockets with 1001, lets
+in-flight requests finish (aiohttp's graceful shutdown, at most `_DRAIN_SECONDS`) and
+returns 0; a source read still waiting on a frozen server is not waited for (it runs in
+a daemon thread, see `sidecar.service`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import json
 import logging
@@ -136,6 +144,7 @@ def build_state(settings: Settings) -> AppState:
         history_limit=settings.history_limit,
         max_age_seconds=settings.max_age_seconds,
         allow_empty=settings.allow_empty,
+        verify_interval_seconds=settings.verify_interval_seconds,
     )
     if recorder is not None:
         service.add_listener(_post_events(recorder))
@@ -361,6 +370,12 @@ async def _listen(
     )
 
 
+# How long SIGTERM lets in-flight requests finish (a POST /reload waiting on a frozen
+# database among them) before they are cancelled: well inside Kubernetes' default
+# 30 s grace period.
+_DRAIN_SECONDS: Final = 10.0
+
+
 def _runner(app: web.Application, settings: Settings) -> web.AppRunner:
     """An aiohttp runner with the connection timeouts.
 
@@ -374,7 +389,7 @@ def _runner(app: web.Application, settings: Settings) -> web.AppRunner:
         app,
         handle_signals=False,
         access_log=None,
-        shutdown_timeout=10.0,
+        shutdown_timeout=_DRAIN_SECONDS,
         keepalive_timeout=settings.idle_timeout_seconds,
         lingering_time=min(10.0, settings.body_timeout_seconds),
     )
@@ -412,14 +427,18 @@ def connection_caps(settings: Settings, soft_limit: int | None = None) -> tuple[
     return fitted[1], fitted[0]
 
 
-async def serve(settings: Settings) -> int:
-    state = build_state(settings)
-    app = create_app(state, max_body_bytes=settings.max_body_bytes)
-    state.service.add_listener(HeapFreezer())
+async def _load_and_watch(state: AppState, settings: Settings) -> None:
+    """The first load, then watching: behind listeners that already answer."""
     await state.service.initial_load()
     if settings.hot_reload_enabled:
         state.service.start()
         state.metrics.monitoring.set(1)
+
+
+async def serve(settings: Settings) -> int:
+    state = build_state(settings)
+    app = create_app(state, max_body_bytes=settings.max_body_bytes)
+    state.service.add_listener(HeapFreezer())
 
     async def close_websockets(_app: web.Application) -> None:
         await state.notifier.close_all()
@@ -436,11 +455,24 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, state.service.request_reload, Trigger.SIGNAL.value)
+    loop.add_signal_handler(
+        signal.SIGHUP, functools.partial(state.service.request_reload, Trigger.SIGNAL, fresh=True)
+    )
+    starting = asyncio.create_task(_load_and_watch(state, settings), name="first load")
+
+    # A first load that crashed (not one that failed: that is recorded and served around)
+    # ends the process, as it did when it ran before the listeners (raised below).
+    def crashed(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            stop.set()
+
+    starting.add_done_callback(crashed)
     try:
         await stop.wait()
     finally:
         logger.info("shutting down: draining requests and closing WebSockets")
+        starting.cancel()
+        await asyncio.wait([starting])
         await state.service.stop()
         for listener in listeners:
             listener.close()
@@ -449,6 +481,8 @@ async def serve(settings: Settings) -> int:
         await runner.cleanup()
         if state.service.loader.executor is not None:
             state.service.loader.executor.shutdown(cancel_futures=True)
+    if not starting.cancelled() and (crash := starting.exception()) is not None:
+        raise crash
     return 0
 
 

@@ -3,6 +3,10 @@
 A source never validates anything: it reads (`read`, blocking, run in a worker thread)
 and says when it may have changed (`changes`). The reload service does the rest, the same
 way for every source.
+
+A source may keep what it read to make the next read cheap (a fingerprint, row versions,
+a watch-fed cache). Those are optimisations, never the only truth: `forget` drops them,
+and a forced reload, SIGHUP and the periodic verification call it before reading.
 """
 
 from __future__ import annotations
@@ -35,6 +39,11 @@ class RuleSource(Protocol):
         """Why changes may go unnoticed right now (a lost listener, a stalled watch)."""
         ...
 
+    def forget(self) -> None:
+        """Drop every cache and fingerprint: the next `read()` reads everything from
+        scratch (called in the reading thread, never during a read)."""
+        ...
+
 
 class StaticSource:
     """An in-memory source: tests and embedders swap its files with `set_files`.
@@ -60,6 +69,9 @@ class StaticSource:
 
     def watch_problem(self) -> str | None:
         return None
+
+    def forget(self) -> None:
+        """Nothing is cached: every read is a full one."""
 
     async def changes(self) -> AsyncIterator[str]:
         while True:

@@ -396,6 +396,12 @@ class DirectorySource:
         ]
         return max(recent, default=now - self._settle_ns) + self._settle_ns - now
 
+    def forget(self) -> None:
+        """Nothing to drop: every read reads every file in full (the stamps taken during
+        a read only tell whether files settled, and are not kept). What was seen non-empty
+        is kept: forgetting it would let a forced read take the gap of an in-place
+        rewrite for a deleted ruleset."""
+
     def watch_problem(self) -> str | None:
         if not self.root.is_dir():
             return f"no such directory: {self.root}"
