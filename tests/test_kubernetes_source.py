@@ -890,7 +890,7 @@ class TestFaultsBecomeLoadErrors:
         reload at `configmap/<name>/<key>`; the last good rules keep serving."""
         loader = Loader()
         source = source_for(kube)
-        service = HotReloadService(RuleRegistry(loader=loader), [source], loader=loader)
+        service = HotReloadService(RuleRegistry(), [source], loader=loader)
         try:
             rules_configmap(kube)
             await service.initial_load()
