@@ -13,14 +13,22 @@ import json
 import os
 import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import psycopg
 
 from sidecar import dbtools
-from sidecar.config import ENVIRONMENT, FLAGS, SettingsError, settings_from
+from sidecar.config import (
+    DEFAULT_SETTINGS,
+    ENVIRONMENT,
+    FLAGS,
+    Settings,
+    SettingsError,
+    declaration,
+    settings_from,
+)
 from sidecar.errors import LoadError
 from sidecar.gate import Gate, Report, examine, write_human, write_json, write_junit
 from sidecar.sources.database import DatabaseURL, describe_error, password_from
@@ -63,10 +71,16 @@ def _serve(args: argparse.Namespace, out: TextIO) -> int:
     # Imported here so that `validate` and `test` never load the server.
     from sidecar.api.run import run  # noqa: PLC0415
 
+    return run(flag_settings(args, os.environ))
+
+
+def flag_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    """The settings of `serve`: its flags over the environment's variables."""
     overrides = {name: getattr(args, name) for name in FLAGS}
-    if overrides["rules_dirs"] is not None:
-        overrides["rules_dirs"] = tuple(overrides["rules_dirs"])
-    return run(settings_from(os.environ, overrides))
+    for name, given in overrides.items():
+        if isinstance(given, list):  # a repeatable flag: each value is a tuple already
+            overrides[name] = tuple(item for value in given for item in value)
+    return settings_from(environ, overrides)
 
 
 def _database(args: argparse.Namespace) -> tuple[str, Path | None]:
@@ -164,48 +178,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the sidecar: load, watch and serve rules over HTTP. Every flag "
         "also has an environment variable (shown in brackets); a flag wins.",
     )
-    env = ENVIRONMENT
-    serve.add_argument(
-        "--rules-dir",
-        dest="rules_dirs",
-        action="append",
-        type=Path,
-        help=f"rules directory, repeatable [{env['rules_dirs']}, ':'-separated]; "
-        "default: the bundled example rules",
-    )
-    serve.add_argument("--host", help=f"listen address [{env['host']}; 127.0.0.1]")
-    serve.add_argument("--port", type=int, help=f"listen port [{env['port']}; 8000]")
-    serve.add_argument("--database-url", help=f"database source [{env['database_url']}]")
-    serve.add_argument(
-        "--database-password-file",
-        type=Path,
-        help=f"database password, kept out of the URL [{env['database_password_file']}]",
-    )
-    serve.add_argument(
-        "--kubernetes-selector",
-        help="watch ConfigMaps with these labels through the Kubernetes API "
-        f"[{env['kubernetes_selector']}]",
-    )
-    serve.add_argument(
-        "--kubernetes-namespace",
-        help=f"their namespace [{env['kubernetes_namespace']}; the pod's own]",
-    )
-    serve.add_argument(
-        "--admin-token-file",
-        type=Path,
-        help=f"bearer token for admin endpoints and the WebSocket [{env['admin_token_file']}]",
-    )
-    serve.add_argument(
-        "--state-dir", type=Path, help=f"keep the last good snapshot here [{env['state_dir']}]"
-    )
-    serve.add_argument("--metrics-host", help=f"separate metrics address [{env['metrics_host']}]")
-    serve.add_argument(
-        "--metrics-port", type=int, help=f"separate metrics port [{env['metrics_port']}]"
-    )
-    serve.add_argument("--log-level", help=f"[{env['log_level']}; INFO]")
+    _add_setting_flags(serve)
     serve.set_defaults(handler=_serve)
     _add_db_commands(commands)
     return parser
+
+
+def _add_setting_flags(serve: argparse.ArgumentParser) -> None:
+    """One flag per setting declared with one (`sidecar.config`), its help from there."""
+    for name in sorted(FLAGS, key=list(ENVIRONMENT).index):
+        spec = declaration(name)
+        assert spec.flag is not None
+        default = getattr(DEFAULT_SETTINGS, name)
+        shown = f"; default {default}" if default not in (None, ()) else ""
+        serve.add_argument(
+            spec.flag,
+            dest=name,
+            type=spec.parse,
+            action="append" if isinstance(default, tuple) else "store",
+            metavar=spec.flag.removeprefix("--").replace("-", "_").upper(),
+            help=f"{spec.help} [{spec.variable}{shown}]",
+        )
 
 
 def _add_db_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

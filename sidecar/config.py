@@ -1,8 +1,11 @@
 """Settings, parsed once at startup from flags and environment variables.
 
-Every flag of `rule-sidecar serve` has an environment variable (`RULE_SIDECAR_*`), and
-the seed's `HOT_RELOAD_*` variables keep their meaning. A flag wins over its variable.
-No other module reads the environment.
+Each setting is declared once, as a field of `Settings`: its default, its environment
+variable (`RULE_SIDECAR_*`; the seed's `HOT_RELOAD_*` variables keep their meaning), its
+`serve` flag if it has one, how its text is parsed, what values it accepts and a short
+help. The variable table (`ENVIRONMENT`), the flags of `rule-sidecar serve` and the
+checks are derived from those declarations; a test holds the README's table to them.
+A flag wins over its variable. No other module reads the environment.
 """
 
 from __future__ import annotations
@@ -11,13 +14,22 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
 from sidecar.sources.database import DatabaseTimeouts
 
-__all__ = ["DEFAULT_SETTINGS", "ENVIRONMENT", "Settings", "SettingsError", "settings_from"]
+__all__ = [
+    "DEFAULT_SETTINGS",
+    "ENVIRONMENT",
+    "FLAGS",
+    "Declaration",
+    "Settings",
+    "SettingsError",
+    "declaration",
+    "settings_from",
+]
 
 
 class SettingsError(ValueError):
@@ -27,99 +39,327 @@ class SettingsError(ValueError):
 _LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _DATABASE: Final = DatabaseTimeouts()
 _PASSWORD_IN_URL: Final = re.compile(r"(?<=://)([^:/@]+):([^@]*)@")
+_TRUE: Final = {"1", "true", "yes", "on"}
+_FALSE: Final = {"0", "false", "no", "off"}
+
+# Parsers: a variable's text -> the field's value (ValueError when it is not one).
 
 
-def _masked(value: Any) -> Any:
-    return _PASSWORD_IN_URL.sub(r"\1:********@", value) if isinstance(value, str) else value
+def _boolean(text: str) -> bool:
+    lowered = text.lower()
+    if lowered not in _TRUE | _FALSE:
+        raise ValueError("expected true or false")
+    return lowered in _TRUE
 
 
-def _refuse(name: str, value: Any, reason: str) -> None:
-    """Name the setting both ways the user may have given it."""
-    flag = f"--{name.replace('_', '-')} / " if name in FLAGS else ""
-    raise SettingsError(f"{flag}{ENVIRONMENT[name]}={value!r}: {reason}")
+def _paths(text: str) -> tuple[Path, ...]:
+    return tuple(Path(part) for part in text.split(os.pathsep) if part)
+
+
+def _hosts(text: str) -> tuple[str, ...]:
+    return tuple(part.strip().lower() for part in text.split(",") if part.strip())
+
+
+# Checks: a value -> why it cannot be used, or None.
+
+
+def _port(value: int | None) -> str | None:
+    return None if value is None or 0 <= value <= 65535 else "not a TCP port (0-65535)"
+
+
+def _seconds(value: float) -> str | None:
+    good = math.isfinite(value) and value > 0
+    return None if good else "must be a positive number of seconds"
+
+
+def _seconds_or_never(value: float) -> str | None:
+    good = math.isfinite(value) and value >= 0
+    return None if good else "must be 0 (never) or a number of seconds"
+
+
+def _at_least(minimum: int) -> Callable[[int], str | None]:
+    def check(value: int) -> str | None:
+        return None if value >= minimum else f"must be at least {minimum}"
+
+    return check
+
+
+def _log_level(value: str) -> str | None:
+    return None if value.upper() in _LOG_LEVELS else f"must be one of {', '.join(_LOG_LEVELS)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Declaration:
+    """Everything about one setting but its name, type and default."""
+
+    variable: str
+    help: str
+    parse: Callable[[str], Any] = str
+    check: Callable[[Any], str | None] | None = None
+    flag: str | None = None  # the `serve` flag, when the setting has one
+
+
+def _setting(
+    default: Any,
+    variable: str,
+    help: str,
+    *,
+    parse: Callable[[str], Any] = str,
+    check: Callable[[Any], str | None] | None = None,
+    flag: str | None = None,
+) -> Any:
+    """A `Settings` field declared with its variable, parser, check, flag and help."""
+    spec = Declaration(variable, help, parse, check, flag)
+    return field(default=default, metadata={"setting": spec})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, repr=False)
 class Settings:
     """Everything `rule-sidecar serve` can be told. Values are typed and checked."""
 
-    rules_dirs: tuple[Path, ...] = ()
-    host: str = "127.0.0.1"
-    port: int = 8000
-    metrics_host: str | None = None
-    metrics_port: int | None = None
-    database_url: str | None = None
-    database_password_file: Path | None = None
-    database_connect_timeout_seconds: int = _DATABASE.connect
-    database_statement_timeout_seconds: float = _DATABASE.statement
-    database_read_timeout_seconds: float = _DATABASE.read
-    kubernetes_selector: str | None = None
-    kubernetes_namespace: str | None = None
-    kubernetes_events: bool = False
-    kubernetes_watch_timeout_seconds: float = 300.0
-    admin_token_file: Path | None = None
-    allowed_hosts: tuple[str, ...] = ()
-    state_dir: Path | None = None
-    hot_reload_enabled: bool = True
-    interval_seconds: float = 30.0
-    verify_interval_seconds: float = 300.0
-    validation_enabled: bool = True
-    max_age_seconds: float = 300.0
-    allow_empty: bool = False
-    debounce_ms: int = 50
-    max_body_bytes: int = 1024 * 1024
-    reload_rate_per_minute: int = 60
-    validate_rate_per_minute: int = 30
-    max_batch_items: int = 1000
-    max_queued_batches: int = 8
-    max_evaluation_seconds: float = 3.0
-    max_response_bytes: int = 8 * 1024 * 1024
-    idle_timeout_seconds: float = 30.0
-    body_timeout_seconds: float = 10.0
-    max_connections: int = 256
-    metrics_max_connections: int = 32
-    history_limit: int = 50
-    log_level: str = "INFO"
-    reload_worker: bool = True
+    rules_dirs: tuple[Path, ...] = _setting(
+        (),
+        "RULE_SIDECAR_RULES_DIR",
+        "rules directory, repeatable (the variable: ':'-separated); default: the bundled "
+        "example rules",
+        parse=_paths,
+        flag="--rules-dir",
+    )
+    host: str = _setting("127.0.0.1", "RULE_SIDECAR_HOST", "listen address", flag="--host")
+    port: int = _setting(
+        8000, "RULE_SIDECAR_PORT", "listen port", parse=int, check=_port, flag="--port"
+    )
+    metrics_host: str | None = _setting(
+        None,
+        "RULE_SIDECAR_METRICS_HOST",
+        "address of a separate listener for probes and metrics",
+        flag="--metrics-host",
+    )
+    metrics_port: int | None = _setting(
+        None,
+        "RULE_SIDECAR_METRICS_PORT",
+        "port of a separate listener for probes and metrics",
+        parse=int,
+        check=_port,
+        flag="--metrics-port",
+    )
+    database_url: str | None = _setting(
+        None,
+        "RULE_SIDECAR_DATABASE_URL",
+        "database source: sqlite:///path or postgresql://...",
+        flag="--database-url",
+    )
+    database_password_file: Path | None = _setting(
+        None,
+        "RULE_SIDECAR_DATABASE_PASSWORD_FILE",
+        "database password, kept out of the URL",
+        parse=Path,
+        flag="--database-password-file",
+    )
+    database_connect_timeout_seconds: int = _setting(
+        _DATABASE.connect,
+        "RULE_SIDECAR_DATABASE_CONNECT_TIMEOUT_SECONDS",
+        "connecting to PostgreSQL (whole seconds, libpq's minimum is 2)",
+        parse=int,
+        check=_at_least(2),
+    )
+    database_statement_timeout_seconds: float = _setting(
+        _DATABASE.statement,
+        "RULE_SIDECAR_DATABASE_STATEMENT_TIMEOUT_SECONDS",
+        "each database statement",
+        parse=float,
+        check=_seconds,
+    )
+    database_read_timeout_seconds: float = _setting(
+        _DATABASE.read,
+        "RULE_SIDECAR_DATABASE_READ_TIMEOUT_SECONDS",
+        "one read of the database as a whole",
+        parse=float,
+        check=_seconds,
+    )
+    kubernetes_selector: str | None = _setting(
+        None,
+        "RULE_SIDECAR_KUBERNETES_SELECTOR",
+        "watch ConfigMaps with these labels through the Kubernetes API",
+        flag="--kubernetes-selector",
+    )
+    kubernetes_namespace: str | None = _setting(
+        None,
+        "RULE_SIDECAR_KUBERNETES_NAMESPACE",
+        "their namespace (default: the pod's own)",
+        flag="--kubernetes-namespace",
+    )
+    kubernetes_events: bool = _setting(
+        False,
+        "RULE_SIDECAR_KUBERNETES_EVENTS",
+        "post a Warning Event on a ConfigMap whose rules were refused",
+        parse=_boolean,
+    )
+    kubernetes_watch_timeout_seconds: float = _setting(
+        300.0,
+        "RULE_SIDECAR_KUBERNETES_WATCH_TIMEOUT_SECONDS",
+        "the server ends each watch after this",
+        parse=float,
+        check=_seconds,
+    )
+    kubernetes_list_deadline_seconds: float = _setting(
+        30.0,
+        "RULE_SIDECAR_KUBERNETES_LIST_DEADLINE_SECONDS",
+        "a list of the ConfigMaps must be complete within this",
+        parse=float,
+        check=_seconds,
+    )
+    admin_token_file: Path | None = _setting(
+        None,
+        "RULE_SIDECAR_ADMIN_TOKEN_FILE",
+        "bearer token for admin endpoints and the WebSocket",
+        parse=Path,
+        flag="--admin-token-file",
+    )
+    allowed_hosts: tuple[str, ...] = _setting(
+        (),
+        "RULE_SIDECAR_ALLOWED_HOSTS",
+        "host names the API answers to besides IP addresses and localhost (','-separated)",
+        parse=_hosts,
+    )
+    state_dir: Path | None = _setting(
+        None,
+        "RULE_SIDECAR_STATE_DIR",
+        "keep the last good snapshot here",
+        parse=Path,
+        flag="--state-dir",
+    )
+    hot_reload_enabled: bool = _setting(
+        True, "HOT_RELOAD_ENABLED", "watch the sources and resync periodically", parse=_boolean
+    )
+    interval_seconds: float = _setting(
+        30.0,
+        "HOT_RELOAD_INTERVAL_SECONDS",
+        "periodic resync, the safety net behind the watchers",
+        parse=float,
+        check=_seconds,
+    )
+    verify_interval_seconds: float = _setting(
+        300.0,
+        "RULE_SIDECAR_VERIFY_INTERVAL_SECONDS",
+        "periodic read of every source from scratch (0: never)",
+        parse=float,
+        check=_seconds_or_never,
+    )
+    validation_enabled: bool = _setting(
+        True,
+        "HOT_RELOAD_VALIDATION_ENABLED",
+        "run embedded tests and semantic checks before a swap",
+        parse=_boolean,
+    )
+    max_age_seconds: float = _setting(
+        300.0, "HOT_RELOAD_MAX_AGE_SECONDS", "freshness window", parse=float, check=_seconds
+    )
+    allow_empty: bool = _setting(
+        False,
+        "RULE_SIDECAR_ALLOW_EMPTY",
+        "allow a change that takes every rule away",
+        parse=_boolean,
+    )
+    debounce_ms: int = _setting(
+        50, "RULE_SIDECAR_DEBOUNCE_MS", "watcher debounce", parse=int, check=_at_least(0)
+    )
+    max_body_bytes: int = _setting(
+        1024 * 1024,
+        "RULE_SIDECAR_MAX_BODY_BYTES",
+        "request body limit",
+        parse=int,
+        check=_at_least(1024),
+    )
+    reload_rate_per_minute: int = _setting(
+        60,
+        "RULE_SIDECAR_RELOAD_RATE_PER_MINUTE",
+        "reloads and rollbacks per minute, per caller class",
+        parse=int,
+        check=_at_least(1),
+    )
+    validate_rate_per_minute: int = _setting(
+        30,
+        "RULE_SIDECAR_VALIDATE_RATE_PER_MINUTE",
+        "validations per minute, per caller class",
+        parse=int,
+        check=_at_least(1),
+    )
+    max_batch_items: int = _setting(
+        1000,
+        "RULE_SIDECAR_MAX_BATCH_ITEMS",
+        "inputs per evaluation batch",
+        parse=int,
+        check=_at_least(1),
+    )
+    max_queued_batches: int = _setting(
+        8,
+        "RULE_SIDECAR_MAX_QUEUED_BATCHES",
+        "batches waiting behind the one evaluating",
+        parse=int,
+        check=_at_least(0),
+    )
+    max_evaluation_seconds: float = _setting(
+        3.0,
+        "RULE_SIDECAR_MAX_EVALUATION_SECONDS",
+        "wall-clock budget of one batch",
+        parse=float,
+        check=_seconds,
+    )
+    max_response_bytes: int = _setting(
+        8 * 1024 * 1024,
+        "RULE_SIDECAR_MAX_RESPONSE_BYTES",
+        "size of a batch's answer",
+        parse=int,
+        check=_at_least(1024),
+    )
+    idle_timeout_seconds: float = _setting(
+        30.0,
+        "RULE_SIDECAR_IDLE_TIMEOUT_SECONDS",
+        "a connection without a complete request head within this is closed",
+        parse=float,
+        check=_seconds,
+    )
+    body_timeout_seconds: float = _setting(
+        10.0,
+        "RULE_SIDECAR_BODY_TIMEOUT_SECONDS",
+        "a request body must arrive, and an answer be taken, within this",
+        parse=float,
+        check=_seconds,
+    )
+    max_connections: int = _setting(
+        256,
+        "RULE_SIDECAR_MAX_CONNECTIONS",
+        "open connections on the API listener",
+        parse=int,
+        check=_at_least(1),
+    )
+    metrics_max_connections: int = _setting(
+        32,
+        "RULE_SIDECAR_METRICS_MAX_CONNECTIONS",
+        "open connections on the probe and metrics listener",
+        parse=int,
+        check=_at_least(1),
+    )
+    history_limit: int = _setting(
+        50, "RULE_SIDECAR_HISTORY_LIMIT", "reloads kept in history", parse=int, check=_at_least(1)
+    )
+    log_level: str = _setting(
+        "INFO", "RULE_SIDECAR_LOG_LEVEL", "log level", check=_log_level, flag="--log-level"
+    )
+    reload_worker: bool = _setting(
+        True,
+        "RULE_SIDECAR_RELOAD_WORKER",
+        "load large changes in a worker process",
+        parse=_boolean,
+    )
 
     def __post_init__(self) -> None:
-        for name in ("port", "metrics_port"):
-            port = getattr(self, name)
-            if port is not None and not 0 <= port <= 65535:
-                _refuse(name, port, "not a TCP port (0-65535)")
-        for name in (
-            "interval_seconds",
-            "max_age_seconds",
-            "kubernetes_watch_timeout_seconds",
-            "database_statement_timeout_seconds",
-            "database_read_timeout_seconds",
-            "max_evaluation_seconds",
-            "idle_timeout_seconds",
-            "body_timeout_seconds",
-        ):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                _refuse(name, getattr(self, name), "must be a positive number of seconds")
-        verify = self.verify_interval_seconds
-        if not (math.isfinite(verify) and verify >= 0):
-            _refuse("verify_interval_seconds", verify, "must be 0 (never) or a number of seconds")
-        minimums = {
-            "max_body_bytes": 1024,
-            "reload_rate_per_minute": 1,
-            "validate_rate_per_minute": 1,
-            "max_batch_items": 1,
-            "max_queued_batches": 0,
-            "max_response_bytes": 1024,
-            "max_connections": 1,
-            "metrics_max_connections": 1,
-            "history_limit": 1,
-            "debounce_ms": 0,
-            "database_connect_timeout_seconds": 2,  # libpq's minimum
-        }
-        for name, minimum in minimums.items():
-            if getattr(self, name) < minimum:
-                _refuse(name, getattr(self, name), f"must be at least {minimum}")
-        if self.log_level.upper() not in _LOG_LEVELS:
-            _refuse("log_level", self.log_level, f"must be one of {', '.join(_LOG_LEVELS)}")
+        for item in fields(self):
+            check = declaration(item.name).check
+            reason = check(getattr(self, item.name)) if check else None
+            if reason is not None:
+                _refuse(item.name, getattr(self, item.name), reason)
 
     @property
     def database_timeouts(self) -> DatabaseTimeouts:
@@ -132,108 +372,37 @@ class Settings:
     def __repr__(self) -> str:
         """Like the dataclass repr, with any password in the database URL masked."""
         shown = ", ".join(
-            f"{field.name}={_masked(getattr(self, field.name))!r}" for field in fields(self)
+            f"{item.name}={_masked(getattr(self, item.name))!r}" for item in fields(self)
         )
         return f"Settings({shown})"
+
+
+def declaration(name: str) -> Declaration:
+    """How the setting `name` is given, parsed and checked."""
+    spec: Declaration = Settings.__dataclass_fields__[name].metadata["setting"]
+    return spec
 
 
 DEFAULT_SETTINGS: Final = Settings()
 
 # field name -> environment variable
 ENVIRONMENT: Final[Mapping[str, str]] = {
-    "rules_dirs": "RULE_SIDECAR_RULES_DIR",
-    "host": "RULE_SIDECAR_HOST",
-    "port": "RULE_SIDECAR_PORT",
-    "metrics_host": "RULE_SIDECAR_METRICS_HOST",
-    "metrics_port": "RULE_SIDECAR_METRICS_PORT",
-    "database_url": "RULE_SIDECAR_DATABASE_URL",
-    "database_password_file": "RULE_SIDECAR_DATABASE_PASSWORD_FILE",
-    "database_connect_timeout_seconds": "RULE_SIDECAR_DATABASE_CONNECT_TIMEOUT_SECONDS",
-    "database_statement_timeout_seconds": "RULE_SIDECAR_DATABASE_STATEMENT_TIMEOUT_SECONDS",
-    "database_read_timeout_seconds": "RULE_SIDECAR_DATABASE_READ_TIMEOUT_SECONDS",
-    "kubernetes_selector": "RULE_SIDECAR_KUBERNETES_SELECTOR",
-    "kubernetes_namespace": "RULE_SIDECAR_KUBERNETES_NAMESPACE",
-    "kubernetes_events": "RULE_SIDECAR_KUBERNETES_EVENTS",
-    "kubernetes_watch_timeout_seconds": "RULE_SIDECAR_KUBERNETES_WATCH_TIMEOUT_SECONDS",
-    "admin_token_file": "RULE_SIDECAR_ADMIN_TOKEN_FILE",
-    "allowed_hosts": "RULE_SIDECAR_ALLOWED_HOSTS",
-    "state_dir": "RULE_SIDECAR_STATE_DIR",
-    "hot_reload_enabled": "HOT_RELOAD_ENABLED",
-    "interval_seconds": "HOT_RELOAD_INTERVAL_SECONDS",
-    "verify_interval_seconds": "RULE_SIDECAR_VERIFY_INTERVAL_SECONDS",
-    "validation_enabled": "HOT_RELOAD_VALIDATION_ENABLED",
-    "max_age_seconds": "HOT_RELOAD_MAX_AGE_SECONDS",
-    "allow_empty": "RULE_SIDECAR_ALLOW_EMPTY",
-    "debounce_ms": "RULE_SIDECAR_DEBOUNCE_MS",
-    "max_body_bytes": "RULE_SIDECAR_MAX_BODY_BYTES",
-    "reload_rate_per_minute": "RULE_SIDECAR_RELOAD_RATE_PER_MINUTE",
-    "validate_rate_per_minute": "RULE_SIDECAR_VALIDATE_RATE_PER_MINUTE",
-    "max_batch_items": "RULE_SIDECAR_MAX_BATCH_ITEMS",
-    "max_queued_batches": "RULE_SIDECAR_MAX_QUEUED_BATCHES",
-    "max_evaluation_seconds": "RULE_SIDECAR_MAX_EVALUATION_SECONDS",
-    "max_response_bytes": "RULE_SIDECAR_MAX_RESPONSE_BYTES",
-    "idle_timeout_seconds": "RULE_SIDECAR_IDLE_TIMEOUT_SECONDS",
-    "body_timeout_seconds": "RULE_SIDECAR_BODY_TIMEOUT_SECONDS",
-    "max_connections": "RULE_SIDECAR_MAX_CONNECTIONS",
-    "metrics_max_connections": "RULE_SIDECAR_METRICS_MAX_CONNECTIONS",
-    "history_limit": "RULE_SIDECAR_HISTORY_LIMIT",
-    "log_level": "RULE_SIDECAR_LOG_LEVEL",
-    "reload_worker": "RULE_SIDECAR_RELOAD_WORKER",
+    item.name: declaration(item.name).variable for item in fields(Settings)
 }
 
 # Settings that `rule-sidecar serve` also takes as a flag (--rules-dir, --host, ...).
-FLAGS: Final = frozenset(
-    {
-        "rules_dirs",
-        "host",
-        "port",
-        "metrics_host",
-        "metrics_port",
-        "database_url",
-        "database_password_file",
-        "kubernetes_selector",
-        "kubernetes_namespace",
-        "admin_token_file",
-        "state_dir",
-        "log_level",
-    }
-)
-
-_TRUE: Final = {"1", "true", "yes", "on"}
-_FALSE: Final = {"0", "false", "no", "off"}
+FLAGS: Final = frozenset(item.name for item in fields(Settings) if declaration(item.name).flag)
 
 
-def _boolean(text: str) -> bool:
-    lowered = text.lower()
-    if lowered not in _TRUE | _FALSE:
-        raise ValueError("expected true or false")
-    return lowered in _TRUE
+def _masked(value: Any) -> Any:
+    return _PASSWORD_IN_URL.sub(r"\1:********@", value) if isinstance(value, str) else value
 
 
-# A field's annotation (text, as `from __future__ import annotations` leaves it) -> parser.
-_PARSERS: Final[Mapping[str, Callable[[str], Any]]] = {
-    "bool": _boolean,
-    "int": int,
-    "int | None": int,
-    "float": float,
-    "Path | None": Path,
-    "tuple[Path, ...]": lambda text: tuple(Path(part) for part in text.split(os.pathsep) if part),
-    "tuple[str, ...]": lambda text: tuple(
-        part.strip().lower() for part in text.split(",") if part.strip()
-    ),
-}
-
-
-def _convert(text: str, kind: Any, source: str) -> Any:
-    """Turn one textual value into the field's type, or say which setting is wrong."""
-    text = text.strip()
-    parse = _PARSERS.get(kind)
-    if parse is None:
-        return text
-    try:
-        return parse(text)
-    except ValueError as exc:
-        raise SettingsError(f"{source}={text!r}: {exc}") from None
+def _refuse(name: str, value: Any, reason: str) -> None:
+    """Name the setting both ways the user may have given it."""
+    spec = declaration(name)
+    flag = f"{spec.flag} / " if spec.flag else ""
+    raise SettingsError(f"{flag}{spec.variable}={value!r}: {reason}")
 
 
 def settings_from(
@@ -244,11 +413,14 @@ def settings_from(
     An override of None means "not given" and leaves the environment's value.
     """
     values: dict[str, Any] = {}
-    for field in fields(Settings):
-        variable = ENVIRONMENT[field.name]
-        if variable in environ and environ[variable].strip():
-            values[field.name] = _convert(environ[variable], field.type, variable)
-    for name, value in (overrides or {}).items():
-        if value is not None:
-            values[name] = value
+    for item in fields(Settings):
+        spec = declaration(item.name)
+        text = environ.get(spec.variable, "").strip()
+        if not text:
+            continue
+        try:
+            values[item.name] = spec.parse(text)
+        except ValueError as exc:
+            raise SettingsError(f"{spec.variable}={text!r}: {exc}") from None
+    values.update((name, value) for name, value in (overrides or {}).items() if value is not None)
     return Settings(**values)

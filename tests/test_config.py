@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sidecar.cli import build_parser, flag_settings
 from sidecar.config import (
     DEFAULT_SETTINGS,
     ENVIRONMENT,
+    FLAGS,
     Settings,
     SettingsError,
+    declaration,
     settings_from,
 )
 
@@ -216,3 +222,92 @@ class TestErrors:
         with pytest.raises(SettingsError) as raised:
             settings_from({variable: text})
         assert variable in str(raised.value)
+
+
+README = Path(__file__).parent.parent / "README.md"
+# A row of the README's settings table: "| `--flag` / `VARIABLE` ... | default | meaning |"
+ROW = re.compile(r"^\| (?P<names>[^|]*`[A-Z_]+[^|]*) \| (?P<default>[^|]*) \| [^|]*\|$", re.M)
+
+
+def _readme_rows() -> dict[str, tuple[str, str]]:
+    """Each variable the README's table names -> (the row's names cell, its default)."""
+    rows: dict[str, tuple[str, str]] = {}
+    for row in ROW.finditer(README.read_text("utf-8")):
+        for variable in re.findall(r"`((?:RULE_SIDECAR|HOT_RELOAD)_[A-Z_]*)`", row["names"]):
+            rows[variable] = (row["names"], row["default"].strip())
+    return rows
+
+
+def _shown(value: Any) -> str | None:
+    """How the README shows a default; None where it describes it in words."""
+    if value is None or value == ():
+        return None
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, float) and value.is_integer():
+        return f"`{int(value)}`"
+    return f"`{value}`"
+
+
+class TestDeclarations:
+    """Each setting is declared once; the variables, the flags, `--help` and the README's
+    table all follow from the declarations."""
+
+    @pytest.mark.parametrize("name", [field.name for field in dataclasses.fields(Settings)])
+    def test_the_readme_table_gives_every_setting_with_its_flag_and_default(self, name: str):
+        """A setting added or changed in `config.py` and not in the README fails here."""
+        spec = declaration(name)
+        rows = _readme_rows()
+        assert spec.variable in rows, f"{spec.variable} is not in the README's settings table"
+        names, default = rows[spec.variable]
+        if spec.flag is not None:
+            assert f"`{spec.flag}" in names, f"the README does not give {spec.flag}"
+        shown = _shown(getattr(DEFAULT_SETTINGS, name))
+        if shown is not None:
+            assert default == shown, f"{spec.variable}: README says {default}, code {shown}"
+
+    def test_the_readme_table_names_no_setting_that_does_not_exist(self):
+        """A row left behind by a removed or renamed setting fails here."""
+        assert set(_readme_rows()) - set(ENVIRONMENT.values()) == set()
+
+    def test_serve_takes_a_flag_for_each_setting_declared_with_one(self):
+        """`rule-sidecar serve --help` lists each flag with its variable and default."""
+        shown = subprocess.run(
+            [sys.executable, "-m", "sidecar.cli", "serve", "--help"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "COLUMNS": "400"},
+        ).stdout
+        options = {
+            block.split()[0]: " ".join(block.split())
+            for block in re.split(r"\n(?=  -)", shown.split("options:", 1)[1])
+            if block.strip()
+        }
+        assert FLAGS
+        for name in FLAGS:
+            spec = declaration(name)
+            assert spec.flag is not None
+            line = options[spec.flag]
+            assert f"[{spec.variable}" in line
+            default = getattr(DEFAULT_SETTINGS, name)
+            if default not in (None, ()):
+                assert f"default {default}]" in line
+
+    def test_a_repeated_flag_adds_to_the_list(self, tmp_path: Path):
+        """`--rules-dir` may be given several times, each a ':'-separated list like the
+        variable; together they replace the variable."""
+        args = build_parser().parse_args(
+            ["serve", "--rules-dir", "/a", "--rules-dir", f"/b{os.pathsep}/c"]
+        )
+        assert flag_settings(args, {"RULE_SIDECAR_RULES_DIR": "/env"}).rules_dirs == (
+            Path("/a"),
+            Path("/b"),
+            Path("/c"),
+        )
+
+    def test_a_refusal_names_the_flag_and_the_variable(self):
+        """The message says both ways the value may have been given."""
+        with pytest.raises(SettingsError) as raised:
+            settings_from({}, {"rules_dirs": (), "port": -1})
+        assert str(raised.value).startswith("--port / RULE_SIDECAR_PORT=-1")

@@ -180,6 +180,7 @@ def _kubernetes(settings: Settings) -> tuple[ConfigMapSource, EventRecorder | No
         namespace=namespace,
         label_selector=settings.kubernetes_selector or "",
         watch_timeout_seconds=settings.kubernetes_watch_timeout_seconds,
+        list_deadline_seconds=settings.kubernetes_list_deadline_seconds,
     )
     if not settings.kubernetes_events:
         return source, None
