@@ -1,6 +1,6 @@
 """A small client for applications that query the sidecar over localhost.
 
-It mirrors the seed's integration helpers (`execute_rules_from_registry`,
+It mirrors the hot-reload contract's integration helpers (`execute_rules_from_registry`,
 `get_rules_from_registry`, `validate_registry_rules`, `get_registry_info`,
 `is_registry_fresh`) over HTTP, and subscribes to reload events over the WebSocket,
 reconnecting by itself and resuming from the last sequence number it saw.
@@ -534,7 +534,7 @@ class AsyncRuleClient:
             return SidecarError(status, reason)
         return SidecarError(status, body["error"]["message"], body)
 
-    # The seed's helpers
+    # The hot-reload contract's helpers
 
     async def execute_rules_from_registry(self, data: Any, ruleset_id: str | int) -> Evaluation:
         """Evaluate one input: matched, total_points, decision, registry_version, errors."""

@@ -1,9 +1,9 @@
 """Settings, parsed once at startup from flags and environment variables.
 
 Each setting is declared once, as a field of `Settings`: its default, its environment
-variable (`RULE_SIDECAR_*`; the seed's `HOT_RELOAD_*` variables keep their meaning), its
-`serve` flag if it has one, how its text is parsed, what values it accepts and a short
-help. The variable table (`ENVIRONMENT`), the flags of `rule-sidecar serve` and the
+variable (`RULE_SIDECAR_*`; the hot-reload contract's `HOT_RELOAD_*` variables keep their
+meaning), its `serve` flag if it has one, how its text is parsed, what values it accepts
+and a short help. The variable table (`ENVIRONMENT`), the flags of `rule-sidecar serve` and the
 checks are derived from those declarations; a test holds the README's table to them.
 A flag wins over its variable. No other module reads the environment.
 """

@@ -1,4 +1,4 @@
-"""In-process edits of the registry: the seed's `add_rule` ... `clear`.
+"""In-process edits of the registry: the hot-reload contract's `add_rule` ... `clear`.
 
 An edit never changes a snapshot: it builds a complete candidate from what serves,
 compiles the rules it brings and runs the edited rulesets' embedded tests as a reload

@@ -1,8 +1,9 @@
-"""The seed's integration helpers, for applications that embed the registry in-process.
+"""The hot-reload contract's integration helpers, for applications that embed the registry
+in-process.
 
-Each takes the registry explicitly (the seed reached for a global singleton); the field
-names of what they return are the seed's. `sidecar.client` offers the same helpers over
-HTTP for applications in another container of the pod.
+Each takes the registry explicitly (the module it replaces reached for a global singleton);
+the field names of what they return are the contract's. `sidecar.client` offers the same
+helpers over HTTP for applications in another container of the pod.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The registry: publishes snapshots, tells subscribers what changed, keeps history.
 
-Readers call `current` (or the seed's getters) and get an immutable snapshot without
+Readers call `current` (or the contract's getters) and get an immutable snapshot without
 taking any lock: publishing is one reference assignment. Writers are serialised by a
 lock; every write (a reload, a rollback, an edit of `sidecar.editing`) is a complete
 snapshot built beforehand, so a failed write changes nothing. The registry never
@@ -47,7 +47,7 @@ logger = logging.getLogger("sidecar.registry")
 
 
 class EventType(StrEnum):
-    """The seed's change event types (plus `ruleset_updated`)."""
+    """The hot-reload contract's change event types (plus `ruleset_updated`)."""
 
     RULE_ADDED = "rule_added"
     RULE_UPDATED = "rule_updated"

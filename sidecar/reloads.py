@@ -101,7 +101,7 @@ class ReloadRecord:
         return _wire(self.triggers)
 
     def to_dict(self) -> dict[str, Any]:
-        """The seed's reload response fields, plus version, revision and errors."""
+        """The hot-reload contract's reload fields, plus version, revision and errors."""
         return {
             "id": self.id,
             "status": self.status.value,

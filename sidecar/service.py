@@ -188,7 +188,7 @@ def _triggers(trigger: _Trigger) -> Triggers:
 
 
 class HotReloadService:
-    """The seed's HotReloadService over any set of `RuleSource`s.
+    """The hot-reload contract's HotReloadService over any set of `RuleSource`s.
 
     It reads and compiles (in worker threads), asks `decision.decide` what the result
     means, and carries that out: publish, record, save the state copy.
@@ -313,7 +313,7 @@ class HotReloadService:
         unchanged result; `validate` False skips embedded tests and semantic checks
         (never schema or compilation).
 
-        With `ruleset_id` or `rule_id` (the seed's scoped reloads) the whole source is
+        With `ruleset_id` or `rule_id` (the contract's scoped reloads) the whole source is
         still reloaded: a file is the unit of change, and unchanged files are not
         re-parsed, so this costs no more than the changed file. The ids are recorded in
         `filtered_by`; `NotFoundError` when an id exists neither before nor after a
@@ -336,11 +336,11 @@ class HotReloadService:
         return record
 
     async def reload_ruleset(self, ruleset_id: str, *, force: bool = False) -> ReloadRecord:
-        """The seed's scoped reload; see `reload_rules`."""
+        """A scoped reload of the hot-reload contract; see `reload_rules`."""
         return await self.reload_rules(ruleset_id=ruleset_id, force=force)
 
     async def reload_single_rule(self, rule_id: str, *, force: bool = False) -> ReloadRecord:
-        """The seed's scoped reload; see `reload_rules`."""
+        """A scoped reload of the hot-reload contract; see `reload_rules`."""
         return await self.reload_rules(rule_id=rule_id, force=force)
 
     def _knows(self, ruleset_id: str | None, rule_id: str | None) -> bool:
@@ -352,7 +352,7 @@ class HotReloadService:
     async def validate_reload(self) -> dict[str, Any]:
         """Load every source as a reload would, without publishing anything.
 
-        Answers in the shape of the seed's `validate_registry_rules`: `valid`,
+        Answers in the shape of the contract's `validate_registry_rules`: `valid`,
         `total_rules`, `invalid_rules`, `errors` (`rule_id`, `error`, location).
         """
         async with self._lock:
@@ -405,7 +405,7 @@ class HotReloadService:
         return ((at or now()) - verified).total_seconds() <= window
 
     def get_status(self) -> dict[str, Any]:
-        """The seed's status fields, plus sources, freshness and the last error."""
+        """The hot-reload contract's status fields, plus sources, freshness and the last error."""
         last = self.log.last
         watch_problems = self.watch_problems()
         return {
@@ -455,7 +455,7 @@ class HotReloadService:
             "sources_watched": not watch_problems,
             "fresh": self.is_fresh(),
         }
-        # PRODUCT.md: degraded = serving last known good, or monitoring off (wholly, or
+        # README, "Probes": degraded = serving last known good, or monitoring off (wholly, or
         # for one source whose watch is down), or the sources not confirmed within the
         # freshness window. An empty registry shows in `registry_has_rules` but is a
         # valid state, not a degradation.

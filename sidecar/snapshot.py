@@ -75,7 +75,7 @@ class Snapshot:
         return replace(self, version=version, created_at=_now())
 
     def stats(self) -> dict[str, Any]:
-        """The seed's registry block: counts, version and when it was published."""
+        """The hot-reload contract's registry block: counts, version and when it was published."""
         return {
             "rule_count": len(self.rules),
             "ruleset_count": len(self.rulesets),

@@ -1,4 +1,4 @@
-"""The aiohttp application: the seed's endpoints plus registry reads and evaluation.
+"""The aiohttp application: the hot-reload contract's endpoints plus registry reads and evaluation.
 
 `AppState` is the one application state object; handlers reach it through the app.
 Errors are JSON `{"error": {"status", "message", ...}}`; 404 for unknown ids, 400 for bad
@@ -372,7 +372,7 @@ def _record_response(record: ReloadRecord) -> web.Response:
     return json_response(record.to_dict(), status)
 
 
-# Hot-reload endpoints (the seed's)
+# Hot-reload endpoints (the hot-reload contract's)
 
 
 async def get_status(request: web.Request) -> web.Response:

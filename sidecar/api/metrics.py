@@ -1,7 +1,7 @@
 """Prometheus metrics, in a registry of their own (no process-global state).
 
-Names follow the seed's metrics (`rule_reloads`, `rule_reload_time`, `rules_reloaded`,
-`monitoring_active`, `registry_version`) under the `rule_sidecar_` prefix, with
+Names follow the hot-reload contract's metrics (`rule_reloads`, `rule_reload_time`,
+`rules_reloaded`, `monitoring_active`, `registry_version`) under the `rule_sidecar_` prefix, with
 Prometheus' own reload pair: `..._last_reload_successful` and
 `..._last_reload_success_timestamp_seconds` (set on success only).
 """

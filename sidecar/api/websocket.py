@@ -1,6 +1,6 @@
-"""WebSocket fan-out of reload events (the seed's ReloadNotificationManager).
+"""WebSocket fan-out of reload events (the hot-reload contract's ReloadNotificationManager).
 
-Every message has the seed's shape `{"event_type", "timestamp", "data"}` plus `seq`, a
+Every message has the contract's shape `{"event_type", "timestamp", "data"}` plus `seq`, a
 number that grows by one per broadcast, and `instance`, a random id drawn when this
 manager (so this server process) starts. `seq` counts anew from 0 in every instance, so
 a number means nothing without the instance it counts in: a client that reconnects with
