@@ -34,8 +34,9 @@ COPY scripts/trim-venv.py ./
 # --only-binary: every dependency comes as a manylinux wheel, so nothing is compiled and
 # no compiler is needed, not even here (the project's own wheel is pure Python).
 # pip and setuptools are removed from the runtime venv: nothing installs at run time.
-# trim-venv.py removes what nothing imports (kubernetes/aio, the unused CEL extensions,
-# tests) and compiles byte code where it pays, with unchecked hashes, so it is valid
+# trim-venv.py removes what nothing imports (kubernetes/aio, the Kubernetes API modules
+# other than CoreV1Api, the unused CEL extensions, tests) and compiles byte code where
+# it is loaded, with unchecked hashes, so it is valid
 # whatever the files' modification times after COPY and Python never needs to write a
 # .pyc (see the script for what gets none). Only python and /bin/sh run here: the
 # script's own base (scripts/build-image.sh) has no coreutils.
