@@ -36,10 +36,10 @@ COPY scripts/trim-venv.py ./
 # pip and setuptools are removed from the runtime venv: nothing installs at run time.
 # trim-venv.py removes what nothing imports (kubernetes/aio, the Kubernetes API modules
 # other than CoreV1Api, the unused CEL extensions, tests) and compiles byte code where
-# it is loaded, with unchecked hashes, so it is valid
-# whatever the files' modification times after COPY and Python never needs to write a
-# .pyc (see the script for what gets none). Only python and /bin/sh run here: the
-# script's own base (scripts/build-image.sh) has no coreutils.
+# it is loaded, with unchecked hashes, so it is valid whatever the files' modification
+# times after COPY and Python never needs to write a .pyc (see the script for what gets
+# none). Only python and /bin/sh run here: the base scripts/build-image.sh makes has no
+# coreutils.
 RUN "${PYTHON}" -m venv /opt/rule-sidecar \
  && /opt/rule-sidecar/bin/python -m pip wheel --no-cache-dir --only-binary=:all: \
         ".[speed]" --wheel-dir /wheels \
