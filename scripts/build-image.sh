@@ -184,7 +184,8 @@ print(f"runs as {user.pw_name} {os.getuid()}:{os.getgid()} ({grp.getgrgid(os.get
 '
     # Every shared object (the base'"'"'s and the wheels'"'"') finds the libraries it links.
     podman run --rm --network=none --entrypoint python3 "$IMAGE" -c '
-import os, subprocess, sys
+import glob, os, subprocess, sys
+loader = min(glob.glob("/lib*/ld-linux*.so.[0-9]"))
 missing, count = [], 0
 for top in ("/usr/lib", "/usr/bin", "/usr/sbin", "/opt/rule-sidecar"):
     for parent, _, names in os.walk(top):
@@ -196,7 +197,7 @@ for top in ("/usr/lib", "/usr/bin", "/usr/sbin", "/opt/rule-sidecar"):
                 if handle.read(4) != b"\x7fELF":
                     continue
             count += 1
-            listed = subprocess.run(["/lib64/ld-linux-x86-64.so.2", "--list", path],
+            listed = subprocess.run([loader, "--list", path],
                                     capture_output=True, text=True)
             missing += [f"{path}: {line.strip()}" for line in listed.stdout.splitlines()
                         if "not found" in line]

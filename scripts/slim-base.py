@@ -13,6 +13,7 @@ the copied packages, so an image scanner sees what is there. Standard library on
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
@@ -38,7 +39,8 @@ GENERATED = (
     "/etc/ssl/certs",
 )
 DPKG = Path("/var/lib/dpkg")
-LOADER = "/lib64/ld-linux-x86-64.so.2"
+# The dynamic loader, at its ABI's path: /lib64/ld-linux-x86-64.so.2, /lib/ld-linux-aarch64.so.1...
+LOADER = min(glob.glob("/lib*/ld-linux*.so.[0-9]"), default="/lib64/ld-linux-x86-64.so.2")
 LIBRARY = re.compile(r"=>\s+(\S+)\s+\(")
 
 
