@@ -1,4 +1,5 @@
-"""The container image's recipe: hadolint, then what the Dockerfile and .dockerignore promise."""
+"""The container image's recipe: hadolint, what the Dockerfile and .dockerignore promise, and
+the scripts that build it (mirror detection, the base's package closure, the venv's trimming)."""
 
 from __future__ import annotations
 
