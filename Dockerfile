@@ -26,25 +26,27 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 # hatchling reads pyproject.toml and README.md (the long description); the wheel holds
 # the sidecar package only (its schemas and example rules are package data).
+# scripts/trim-venv.py trims the venv afterwards; it is not part of the wheel.
 COPY pyproject.toml README.md ./
 COPY sidecar ./sidecar
+COPY scripts/trim-venv.py ./
 
 # --only-binary: every dependency comes as a manylinux wheel, so nothing is compiled and
 # no compiler is needed, not even here (the project's own wheel is pure Python).
 # pip and setuptools are removed from the runtime venv: nothing installs at run time.
-# kubernetes/aio, the client's asyncio twin, is removed too: nothing imports it (the
-# ConfigMap source uses the synchronous client) and it is 70 MB with its byte code.
-# The byte code is compiled once with unchecked hashes, so it is valid whatever the
-# files' modification times after COPY and Python never needs to write a .pyc.
+# trim-venv.py removes what nothing imports (kubernetes/aio, the Kubernetes API modules
+# other than CoreV1Api, the unused CEL extensions, tests) and compiles byte code where
+# it is loaded, with unchecked hashes, so it is valid whatever the files' modification
+# times after COPY and Python never needs to write a .pyc (see the script for what gets
+# none). Only python and /bin/sh run here: the base scripts/build-image.sh makes has no
+# coreutils.
 RUN "${PYTHON}" -m venv /opt/rule-sidecar \
  && /opt/rule-sidecar/bin/python -m pip wheel --no-cache-dir --only-binary=:all: \
         ".[speed]" --wheel-dir /wheels \
- && /opt/rule-sidecar/bin/python -m pip install --no-cache-dir --no-index \
+ && /opt/rule-sidecar/bin/python -m pip install --no-cache-dir --no-compile --no-index \
         --find-links /wheels /wheels/*.whl \
  && /opt/rule-sidecar/bin/python -m pip uninstall --yes pip setuptools \
- && rm -rf /opt/rule-sidecar/lib/python3*/site-packages/kubernetes/aio \
- && /opt/rule-sidecar/bin/python -m compileall -q -f -j 0 \
-        --invalidation-mode unchecked-hash /opt/rule-sidecar/lib \
+ && /opt/rule-sidecar/bin/python trim-venv.py /opt/rule-sidecar \
  && /opt/rule-sidecar/bin/rule-sidecar validate /opt/rule-sidecar/lib/python3*/site-packages/sidecar/examples/rules
 
 # ---------------------------------------------------------------------------------------

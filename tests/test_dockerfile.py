@@ -1,7 +1,9 @@
-"""The container image's recipe: hadolint, then what the Dockerfile and .dockerignore promise."""
+"""The container image's recipe: hadolint, what the Dockerfile and .dockerignore promise, and
+the scripts that build it (mirror detection, the base's package closure, the venv's trimming)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -9,16 +11,31 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
+import kubernetes
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 BUILD_SCRIPT = ROOT / "scripts" / "build-image.sh"
+TRIM_SCRIPT = ROOT / "scripts" / "trim-venv.py"
+SLIM_SCRIPT = ROOT / "scripts" / "slim-base.py"
 VENV = "/opt/rule-sidecar"
+
+
+def load_script(path: Path) -> ModuleType:
+    """A script of scripts/ (its name has a hyphen) as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem.replace("-", "_"), path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @dataclass(frozen=True)
@@ -339,6 +356,8 @@ class TestDockerignore:
             ".pytest_cache",
             ".mypy_cache/x",
             "sidecar/__pycache__/cli.cpython-311.pyc",
+            "scripts/build-image.sh",
+            "scripts/slim-base.py",
         ],
     )
     def test_excluded(self, path):
@@ -355,10 +374,11 @@ class TestDockerignore:
             "sidecar/api/run.py",
             "sidecar/schemas/ruleset.schema.json",
             "sidecar/examples/rules/payment-fraud.yaml",
+            "scripts/trim-venv.py",
         ],
     )
     def test_included(self, path):
-        """The project metadata, its README and the package go in."""
+        """The project metadata, its README, the package and the venv's trimmer go in."""
         assert not ignored(path, DOCKERIGNORE.read_text("utf-8"))
 
     def test_every_package_file_is_in_the_context(self):
@@ -390,3 +410,298 @@ class TestBuildScript:
             [shellcheck, str(BUILD_SCRIPT)], capture_output=True, text=True, check=False
         )
         assert result.returncode == 0, result.stdout
+
+    def test_builder_runs_the_trimmer_it_copies(self, builder):
+        """The builder copies scripts/trim-venv.py and runs it on the venv, after pip."""
+        copied = [ins.text for ins in builder if ins.keyword == "COPY"]
+        assert any("scripts/trim-venv.py" in text for text in copied), copied
+        runs = " ".join(ins.text for ins in builder if ins.keyword == "RUN")
+        assert re.search(r"pip install\b.*--no-compile", runs), "pip compiles what is trimmed"
+        assert re.search(r"pip uninstall.*trim-venv\.py /opt/rule-sidecar.*validate", runs)
+
+
+def mirror(
+    tmp_path: Path,
+    *,
+    sources: str = "",
+    parts: dict[str, str] | None = None,
+    lists: dict[str, str] | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """`build-image.sh --debian-mirror` with apt reading only the given sources and lists."""
+    etc = tmp_path / "apt"
+    (etc / "sources.list.d").mkdir(parents=True)
+    (etc / "lists").mkdir()
+    (etc / "sources.list").write_text(sources, "utf-8")
+    for name, text in (parts or {}).items():
+        (etc / "sources.list.d" / name).write_text(textwrap.dedent(text), "utf-8")
+    for name, text in (lists or {}).items():
+        (etc / "lists" / name).write_text(text, "utf-8")
+    config = etc / "apt.conf"
+    config.write_text(
+        f'Dir::Etc::SourceList "{etc}/sources.list";\n'
+        f'Dir::Etc::SourceParts "{etc}/sources.list.d";\n'
+        f'Dir::State::Lists "{etc}/lists";\n',
+        "utf-8",
+    )
+    environment = {k: v for k, v in os.environ.items() if k != "DEBIAN_MIRROR"}
+    environment.update(APT_CONFIG=str(config), **(env or {}))
+    return subprocess.run(
+        ["bash", str(BUILD_SCRIPT), "--debian-mirror"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=environment,
+    )
+
+
+@pytest.mark.skipif(shutil.which("apt-get") is None, reason="apt-get is not installed")
+class TestDebianMirror:
+    """The debootstrap mirror is the one this machine's apt uses, read by apt itself."""
+
+    def test_deb822_sources_skip_deb_src_and_disabled_entries(self, tmp_path):
+        """A deb-src and a disabled entry for bookworm come first; the deb entry wins."""
+        found = mirror(
+            tmp_path,
+            parts={
+                "debian.sources": """\
+            Types: deb-src
+            URIs: http://sources.example/debian
+            Suites: bookworm
+            Components: main
+
+            Enabled: no
+            Types: deb
+            URIs: http://disabled.example/debian
+            Suites: bookworm
+            Components: main
+
+            # field names are case-insensitive, and there may be several URIs
+            types: deb
+            uris: http://mirror.example/debian/ http://second.example/debian
+            suites: bookworm bookworm-updates
+            components: main
+            """
+            },
+        )
+        assert found.returncode == 0, found.stderr
+        assert found.stdout == "http://mirror.example/debian\n"
+
+    def test_one_line_sources_with_options(self, tmp_path):
+        """`deb [options] uri suite` in sources.list; updates and deb-src lines are not it."""
+        found = mirror(
+            tmp_path,
+            sources=(
+                "deb-src http://sources.example/debian bookworm main\n"
+                "deb [arch=amd64 signed-by=/usr/share/keyrings/x.gpg] "
+                "http://updates.example/debian bookworm-updates main\n"
+                "deb [ arch=amd64 ] https://mirror.example/debian bookworm main contrib\n"
+            ),
+        )
+        assert found.returncode == 0, found.stderr
+        assert found.stdout == "https://mirror.example/debian\n"
+
+    def test_the_main_archive_of_another_release(self, tmp_path):
+        """No bookworm source (a trixie machine): its Debian archive, which carries bookworm
+        too, not the security archive listed first."""
+        release = "Origin: Debian\nLabel: {}\nSuite: stable\nCodename: trixie\n"
+        found = mirror(
+            tmp_path,
+            sources=(
+                "deb http://security.example/debian-security trixie-security main\n"
+                "deb http://mirror.example/debian trixie main\n"
+            ),
+            lists={
+                "security.example_debian-security_dists_trixie-security_Release": release.format(
+                    "Debian-Security"
+                ),
+                "security.example_debian-security_dists_trixie-security_main_binary-"
+                f"{_architecture()}_Packages": "",
+                "mirror.example_debian_dists_trixie_Release": release.format("Debian"),
+                f"mirror.example_debian_dists_trixie_main_binary-{_architecture()}_Packages": "",
+            },
+        )
+        assert found.returncode == 0, found.stderr
+        assert found.stdout == "http://mirror.example/debian\n"
+
+    def test_none_names_the_setting(self, tmp_path):
+        """Nothing Debian in apt's sources: an error that says to set DEBIAN_MIRROR."""
+        found = mirror(tmp_path, sources="deb http://other.example/ubuntu noble main\n")
+        assert found.returncode != 0
+        assert found.stdout == ""
+        assert "set DEBIAN_MIRROR" in found.stderr
+
+    def test_the_setting_wins(self, tmp_path):
+        """DEBIAN_MIRROR overrides what apt uses."""
+        found = mirror(
+            tmp_path,
+            sources="deb http://mirror.example/debian bookworm main\n",
+            env={"DEBIAN_MIRROR": "http://chosen.example/debian"},
+        )
+        assert found.stdout == "http://chosen.example/debian\n"
+
+
+def _architecture() -> str:
+    """dpkg's name for this machine's architecture (amd64, arm64...)."""
+    return subprocess.run(
+        ["dpkg", "--print-architecture"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def trim() -> ModuleType:
+    """scripts/trim-venv.py as a module."""
+    return load_script(TRIM_SCRIPT)
+
+
+class TestTrimVenv:
+    """scripts/trim-venv.py removes only what the sidecar never loads."""
+
+    @staticmethod
+    def extensions(site: Path, names: list[str]) -> None:
+        directory = site / "cel_expr_python" / "ext"
+        directory.mkdir(parents=True)
+        for name in names:
+            (directory / f"{name}.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+            (directory / f"{name}.pyi").write_text("", "utf-8")
+
+    def test_keeps_the_cel_extensions_the_sidecar_imports(self, trim, tmp_path):
+        """The real package imports the strings and math extensions: those stay."""
+        site = tmp_path / "site"
+        names = ["ext_bindings", "ext_math", "ext_optional", "ext_strings"]
+        self.extensions(site, names)
+        removed = {
+            p.name.partition(".")[0] for p in trim.unused_cel_extensions(site, ROOT / "sidecar")
+        }
+        assert removed == {"ext_bindings", "ext_optional"}
+
+    def test_an_extension_imported_inside_a_function_stays(self, trim, tmp_path):
+        """Function-level and `import a.b.c` imports count as much as module-level ones."""
+        site = tmp_path / "site"
+        self.extensions(site, ["ext_math", "ext_optional", "ext_proto", "ext_strings"])
+        package = tmp_path / "pkg"
+        package.mkdir()
+        (package / "a.py").write_text(
+            "def f():\n    from cel_expr_python.ext import ext_optional\n"
+            "    import cel_expr_python.ext.ext_proto as proto\n",
+            "utf-8",
+        )
+        removed = {p.name.partition(".")[0] for p in trim.unused_cel_extensions(site, package)}
+        assert removed == {"ext_math", "ext_strings"}
+
+    def test_test_directories(self, trim, tmp_path):
+        """`tests` packages inside installed packages go; a module named tests.py stays."""
+        site = tmp_path / "site"
+        (site / "a" / "tests").mkdir(parents=True)
+        (site / "b" / "sub" / "tests").mkdir(parents=True)
+        (site / "c").mkdir()
+        (site / "c" / "tests.py").write_text("", "utf-8")
+        found = [p.relative_to(site).as_posix() for p in trim.test_directories(site)]
+        assert found == ["a/tests", "b/sub/tests"]
+
+    def test_the_trimmed_client_still_serves_the_api_source(self, trim, tmp_path):
+        """On a copy of the installed client trimmed as the image is, the ConfigMap source
+        lists ConfigMaps and the recorder posts Events against the fake API server; only
+        CoreV1Api of the generated API modules is left, and it has byte code."""
+        site = tmp_path / "site"
+        shutil.copytree(
+            Path(kubernetes.__file__).parent,
+            site / "kubernetes",
+            ignore=shutil.ignore_patterns("__pycache__", "aio"),
+        )
+        env = {**os.environ, "PYTHONPATH": str(site), "PYTHONDONTWRITEBYTECODE": "1"}
+        trimmed = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent(f"""\
+                import importlib.util, py_compile, sys
+                from pathlib import Path
+                spec = importlib.util.spec_from_file_location("trim", {str(TRIM_SCRIPT)!r})
+                trim = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(trim)
+                loaded = set(trim.api_source_modules())
+                for path in trim.unused_apis(Path({str(site)!r}), loaded):
+                    path.unlink()
+                for path in sorted(loaded):
+                    if trim.GENERATED.search(path):
+                        py_compile.compile(path, doraise=True)
+                """),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            env=env,
+        )
+        assert trimmed.returncode == 0, trimmed.stderr
+        apis = site / "kubernetes" / "client" / "api"
+        assert sorted(p.name for p in apis.glob("*.py")) == ["__init__.py", "core_v1_api.py"]
+        assert list((apis / "__pycache__").glob("core_v1_api.*.pyc"))
+        ran = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent("""\
+                import kubernetes
+                from kubernetes import client
+                from sidecar.errors import Problem
+                from sidecar.sources.kubernetes import ConfigMapSource, EventRecorder
+                from sidecar.testing import FakeKubernetes
+                print(kubernetes.__file__)
+                kube = FakeKubernetes().start()
+                kube.apply("a", {"a.yaml": "a: 1"}, labels={"app": "rules"})
+                configuration = client.Configuration()
+                configuration.host = kube.url
+                api = client.ApiClient(configuration)
+                source = ConfigMapSource(api, namespace="default", label_selector="app=rules")
+                print([(f.name, f.content) for f in source.read()])
+                EventRecorder(api, namespace="default", instance="x").reload_failed(
+                    [Problem(file="configmap/a/a.yaml", message="bad")])
+                print([e["involvedObject"]["name"] for e in kube.events])
+                kube.close()
+                """),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            env=env,
+        )
+        assert ran.returncode == 0, ran.stderr
+        assert ran.stdout.splitlines() == [
+            str(site / "kubernetes" / "__init__.py"),
+            "[('configmap/a/a.yaml', b'a: 1')]",
+            "['a']",
+        ]
+
+
+@pytest.mark.skipif(not Path("/var/lib/dpkg/status").is_file(), reason="not a dpkg system")
+class TestSlimBase:
+    """scripts/slim-base.py picks packages by what their programs load (run on this host)."""
+
+    def test_closure_follows_the_loader(self):
+        """Python's interpreter brings the packages of the libraries it links, not apt."""
+        slim = load_script(SLIM_SCRIPT)
+        files = slim.package_files()
+        if "python3.11-minimal" not in files:
+            pytest.skip("python3.11-minimal is not installed here")
+        keep = slim.closure(["python3.11-minimal"], files)
+        assert {"python3.11-minimal", "libc6", "zlib1g", "libexpat1"} <= keep
+        assert not keep & {"apt", "dpkg", "perl-base", "coreutils", "bash"}
+
+    @pytest.mark.parametrize(
+        ("path", "left_out"),
+        [
+            ("/usr/share/doc/libc6/copyright", True),
+            ("/usr/share/man/man1/python3.11.1.gz", True),
+            ("/usr/share/locale/de/LC_MESSAGES/shadow.mo", True),
+            ("/usr/lib/x86_64-linux-gnu/gconv/UTF-16.so", True),
+            ("/usr/lib/python3.11/encodings/utf_8.py", False),
+            ("/usr/share/ca-certificates/mozilla/ISRG_Root_X1.crt", False),
+            ("/usr/share/python-wheels/pip-23.0.1-py3-none-any.whl", False),
+            ("/usr/lib/x86_64-linux-gnu/libc.so.6", False),
+        ],
+    )
+    def test_left_out(self, path, left_out):
+        """Documentation, translations and iconv modules stay behind; nothing else does."""
+        slim = load_script(SLIM_SCRIPT)
+        assert bool(slim.LEFT_OUT.match(path)) is left_out
