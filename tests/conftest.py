@@ -9,6 +9,11 @@ from typing import Any
 import pytest
 import yaml
 
+from sidecar.documents import SourceFile
+from sidecar.loader import Loader
+from sidecar.registry import ChangeEvent
+from sidecar.snapshot import Snapshot
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
@@ -30,6 +35,24 @@ def make_ruleset_doc(
         "metadata": {"id": ruleset_id},
         "spec": {"rules": [dict(rule) for rule in rules], **spec_extra},
     }
+
+
+def rule_doc(
+    rule_id: str | int, condition: str = "true", points: int = 1, **extra: Any
+) -> dict[str, Any]:
+    """One rule of a RuleSet document."""
+    return {"id": rule_id, "condition": condition, "points": points, **extra}
+
+
+def load_docs(*docs: Mapping[str, Any], loader: Loader | None = None) -> Snapshot:
+    """The snapshot these documents load to, as one YAML file (raises `LoadError`)."""
+    text = dump_yaml(docs)
+    return (loader or Loader()).load([SourceFile("rules.yaml", text.encode())]).snapshot
+
+
+def change_tuples(events: Iterable[ChangeEvent]) -> set[tuple[str, str | None, str | None, int]]:
+    """Change events as comparable tuples: (type, ruleset, rule, registry version)."""
+    return {(e.type.value, e.ruleset_id, e.rule_id, e.registry_version) for e in events}
 
 
 def dump_yaml(docs: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> str:

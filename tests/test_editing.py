@@ -7,9 +7,8 @@ import threading
 from typing import Any
 
 import pytest
-import yaml
+from conftest import change_tuples, load_docs, make_ruleset_doc, rule_doc
 
-from sidecar.documents import SourceFile
 from sidecar.editing import RegistryEditor
 from sidecar.engine import evaluate
 from sidecar.errors import ConflictError, LoadError, NotFoundError
@@ -19,39 +18,19 @@ from sidecar.registry import ChangeEvent, EventType, RuleRegistry
 from sidecar.snapshot import Snapshot
 
 
-def _rule(rule_id: Any, condition: str = "true", points: int = 1, **extra: Any) -> dict[str, Any]:
-    return {"id": rule_id, "condition": condition, "points": points, **extra}
-
-
-def _doc(ruleset_id: Any, rules: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "rule-sidecar/v1",
-        "kind": "RuleSet",
-        "metadata": {"id": ruleset_id},
-        "spec": {"rules": rules, **spec},
-    }
-
-
-def _load(loader: Loader, *docs: dict[str, Any]) -> Snapshot:
-    text = yaml.safe_dump_all(list(docs), sort_keys=False)
-    return loader.load([SourceFile("rules.yaml", text.encode())]).snapshot
-
-
-def _events(events: list[ChangeEvent]) -> set[tuple[str, str | None, str | None, int]]:
-    return {(e.type.value, e.ruleset_id, e.rule_id, e.registry_version) for e in events}
-
-
 def _two_rulesets() -> list[dict[str, Any]]:
     return [
-        _doc("alpha", [_rule("a1", "input.x > 1", 5), _rule("a2", "input.x > 2", 3)]),
-        _doc("beta", [_rule("b1", "input.y == 'z'", 2)]),
+        make_ruleset_doc(
+            "alpha", [rule_doc("a1", "input.x > 1", 5), rule_doc("a2", "input.x > 2", 3)]
+        ),
+        make_ruleset_doc("beta", [rule_doc("b1", "input.y == 'z'", 2)]),
     ]
 
 
 @pytest.fixture
 def registry() -> RuleRegistry:
     registry = RuleRegistry()
-    registry.publish(_load(Loader(), *_two_rulesets()))
+    registry.publish(load_docs(*_two_rulesets()))
     return registry
 
 
@@ -84,11 +63,11 @@ class TestSeedWrites:
         )
         assert (added.id, added.ruleset_id, added.name, added.points) == ("b2", "beta", "b2", 4)
         assert registry.get_rule("b2") == added
-        assert _events(received[0]) == {("rule_added", "beta", "b2", 2)}
+        assert change_tuples(received[0]) == {("rule_added", "beta", "b2", 2)}
 
     def test_add_rule_from_mapping_with_ruleset_argument(self, registry, editor):
         """The ruleset may be given as an argument, numeric ids are read as strings."""
-        registry.publish(_load(Loader(), *_two_rulesets(), _doc(7, [_rule(70)])))
+        registry.publish(load_docs(*_two_rulesets(), make_ruleset_doc(7, [rule_doc(70)])))
         added = editor.add_rule({"id": 71, "condition": "true", "points": 1}, 7)
         assert (added.id, added.ruleset_id) == ("71", "7")
         assert [r.id for r in registry.get_rules("7")] == ["70", "71"]
@@ -170,7 +149,7 @@ class TestSeedWrites:
         assert registry.get_rule("a1") == updated
         assert [r.id for r in registry.get_rules("alpha")] == ["a1", "a2"]
         assert registry.get_rule("a1").points == 50
-        assert _events(received[0]) == {("rule_updated", "alpha", "a1", 2)}
+        assert change_tuples(received[0]) == {("rule_updated", "alpha", "a1", 2)}
         assert evaluate(registry.current, "alpha", {"x": 101}).total_points == 53
 
     def test_update_rule_moves_to_another_ruleset(self, registry, editor):
@@ -209,9 +188,9 @@ class TestSeedWrites:
 
 
 def _guarded_ruleset() -> dict[str, Any]:
-    return _doc(
+    return make_ruleset_doc(
         "guarded",
-        [_rule("g1", "input.a > 0", 5), _rule("g2", "input.a > 10", 1)],
+        [rule_doc("g1", "input.a > 0", 5), rule_doc("g2", "input.a > 10", 1)],
         tests=[{"name": "small", "input": {"a": 1}, "expect": {"total_points": 5}}],
     )
 
@@ -222,7 +201,7 @@ class TestEmbeddedTestGuard:
     @pytest.fixture
     def guarded(self) -> RuleRegistry:
         registry = RuleRegistry()
-        registry.publish(_load(Loader(), _guarded_ruleset()))
+        registry.publish(load_docs(_guarded_ruleset()))
         return registry
 
     @pytest.fixture
@@ -263,7 +242,7 @@ class TestEmbeddedTestGuard:
     def test_edit_accepted_when_checks_disabled(self):
         """With a loader that runs no checks, the same breaking edit is published."""
         registry = RuleRegistry()
-        registry.publish(_load(Loader(), _guarded_ruleset()))
+        registry.publish(load_docs(_guarded_ruleset()))
         RegistryEditor(registry, loader=Loader(run_checks=False)).remove_rule("g1")
         assert registry.get_rule("g1") is None
         assert registry.version == 2
@@ -302,7 +281,7 @@ class TestNeverOverAnotherPublish:
     def test_edit_racing_a_reload_keeps_the_reload(self, registry):
         """A reload published while the edit was being built is kept, and the edit is
         applied on top of it: the added rule and the reload's new ruleset both serve."""
-        reload = _load(Loader(), *_two_rulesets(), _doc("gamma", [_rule("g1")]))
+        reload = load_docs(*_two_rulesets(), make_ruleset_doc("gamma", [rule_doc("g1")]))
         loader = Loader()
         published = threading.Event()
 
@@ -324,7 +303,7 @@ class TestNeverOverAnotherPublish:
 
     def test_edit_of_a_rule_a_reload_removed_is_not_found(self, registry):
         """The edit is rebuilt on the reload's content: the rule it updates is gone."""
-        reload = _load(Loader(), _doc("beta", [_rule("b1", "input.y == 'z'", 2)]))
+        reload = load_docs(make_ruleset_doc("beta", [rule_doc("b1", "input.y == 'z'", 2)]))
         loader = Loader()
 
         class RacingLoader(Loader):

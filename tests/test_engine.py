@@ -6,36 +6,16 @@ import json
 from typing import Any
 
 import pytest
-import yaml
+from conftest import load_docs, make_ruleset_doc, rule_doc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.conditions import ConditionCompiler, InputLimits
-from sidecar.documents import SourceFile
 from sidecar.engine import Evaluation, evaluate, evaluate_many, evaluate_ruleset
 from sidecar.errors import InputError, NotFoundError
 from sidecar.loader import Loader
 from sidecar.registry import RuleRegistry
 from sidecar.snapshot import Snapshot
-
-
-def _rule(rule_id: str, condition: str = "true", points: int = 1, **extra: Any) -> dict[str, Any]:
-    return {"id": rule_id, "condition": condition, "points": points, **extra}
-
-
-def _doc(ruleset_id: str, rules: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "rule-sidecar/v1",
-        "kind": "RuleSet",
-        "metadata": {"id": ruleset_id},
-        "spec": {"rules": rules, **spec},
-    }
-
-
-def _snapshot(*docs: dict[str, Any], run_checks: bool = True) -> Snapshot:
-    text = yaml.safe_dump_all(list(docs), sort_keys=False)
-    loader = Loader(run_checks=run_checks)
-    return loader.load([SourceFile("rules.yaml", text.encode())]).snapshot
 
 
 def _ids(result: Evaluation) -> list[str]:
@@ -47,16 +27,16 @@ class TestMatching:
 
     def test_matched_in_priority_order_ties_in_document_order(self):
         """Higher priority first; equal priorities keep the order they were written in."""
-        snapshot = _snapshot(
-            _doc(
+        snapshot = load_docs(
+            make_ruleset_doc(
                 "rs",
                 [
-                    _rule("p0", priority=0),
-                    _rule("p5a", priority=5),
-                    _rule("low", priority=-1),
-                    _rule("p5b", priority=5),
-                    _rule("p10", priority=10),
-                    _rule("p0b"),
+                    rule_doc("p0", priority=0),
+                    rule_doc("p5a", priority=5),
+                    rule_doc("low", priority=-1),
+                    rule_doc("p5b", priority=5),
+                    rule_doc("p10", priority=10),
+                    rule_doc("p0b"),
                 ],
             )
         )
@@ -66,8 +46,11 @@ class TestMatching:
 
     def test_only_true_conditions_match(self):
         """A rule matches exactly when its condition is true on the input."""
-        snapshot = _snapshot(
-            _doc("rs", [_rule("big", "input.amount > 100", 10), _rule("small", "input.amount < 5")])
+        snapshot = load_docs(
+            make_ruleset_doc(
+                "rs",
+                [rule_doc("big", "input.amount > 100", 10), rule_doc("small", "input.amount < 5")],
+            )
         )
         assert _ids(evaluate(snapshot, "rs", {"amount": 500})) == ["big"]
         assert _ids(evaluate(snapshot, "rs", {"amount": 1})) == ["small"]
@@ -75,13 +58,13 @@ class TestMatching:
 
     def test_total_points_sums_matched_including_negative(self):
         """total_points adds the points of matched rules, negative ones included."""
-        snapshot = _snapshot(
-            _doc(
+        snapshot = load_docs(
+            make_ruleset_doc(
                 "rs",
                 [
-                    _rule("a", "input.x > 0", 30),
-                    _rule("b", "input.x > 10", -45),
-                    _rule("c", "input.x > 100", 7),
+                    rule_doc("a", "input.x > 0", 30),
+                    rule_doc("b", "input.x > 10", -45),
+                    rule_doc("c", "input.x > 100", 7),
                 ],
             )
         )
@@ -92,7 +75,9 @@ class TestMatching:
 
     def test_match_carries_name_and_points(self):
         """Each match reports the rule's id, name and points."""
-        snapshot = _snapshot(_doc("rs", [_rule("r1", points=4, name="Rule one"), _rule("r2")]))
+        snapshot = load_docs(
+            make_ruleset_doc("rs", [rule_doc("r1", points=4, name="Rule one"), rule_doc("r2")])
+        )
         result = evaluate(snapshot, "rs", {})
         assert [(m.id, m.name, m.points) for m in result.matched] == [
             ("r1", "Rule one", 4),
@@ -101,13 +86,13 @@ class TestMatching:
 
     def test_disabled_rules_never_match(self):
         """A disabled rule neither matches, nor errors, nor counts, even if always true."""
-        snapshot = _snapshot(
-            _doc(
+        snapshot = load_docs(
+            make_ruleset_doc(
                 "rs",
                 [
-                    _rule("on", points=2),
-                    _rule("off", points=100, enabled=False),
-                    _rule("off_err", "input.missing > 1", enabled=False),
+                    rule_doc("on", points=2),
+                    rule_doc("off", points=100, enabled=False),
+                    rule_doc("off_err", "input.missing > 1", enabled=False),
                 ],
             )
         )
@@ -118,14 +103,16 @@ class TestMatching:
 
     def test_ruleset_without_enabled_rules(self):
         """A ruleset whose rules are all disabled gives an empty result."""
-        snapshot = _snapshot(_doc("rs", [_rule("off", enabled=False)], default_decision="allow"))
+        snapshot = load_docs(
+            make_ruleset_doc("rs", [rule_doc("off", enabled=False)], default_decision="allow")
+        )
         result = evaluate(snapshot, "rs", {"a": 1})
         assert (result.matched, result.errors, result.total_points) == ((), (), 0)
         assert result.decision == "allow"
 
     def test_evaluate_ruleset_defaults_to_version_zero(self):
         """evaluate_ruleset on a bare ruleset reports version 0 and an empty revision."""
-        snapshot = _snapshot(_doc("rs", [_rule("r1")]))
+        snapshot = load_docs(make_ruleset_doc("rs", [rule_doc("r1")]))
         result = evaluate_ruleset(snapshot.rulesets["rs"], {})
         assert (result.registry_version, result.revision) == (0, "")
         assert _ids(result) == ["r1"]
@@ -141,8 +128,8 @@ class TestDecisions:
 
     @staticmethod
     def _with_points(points: int, **spec: Any) -> Snapshot:
-        rules = [_rule("r", "input.hit", points)]
-        return _snapshot(_doc("rs", rules, **spec), run_checks=False)
+        rules = [rule_doc("r", "input.hit", points)]
+        return load_docs(make_ruleset_doc("rs", rules, **spec), loader=Loader(run_checks=False))
 
     @pytest.mark.parametrize(
         ("points", "expected"),
@@ -192,7 +179,7 @@ class TestErrorsAndLookups:
 
     def test_unknown_ruleset_raises_not_found(self):
         """evaluate and evaluate_many raise NotFoundError (a KeyError) for an unknown id."""
-        snapshot = _snapshot(_doc("rs", [_rule("r1")]))
+        snapshot = load_docs(make_ruleset_doc("rs", [rule_doc("r1")]))
         with pytest.raises(NotFoundError) as info:
             evaluate(snapshot, "nope", {})
         assert (info.value.kind, info.value.id) == ("ruleset", "nope")
@@ -207,17 +194,17 @@ class TestErrorsAndLookups:
 
     def test_rule_error_reported_while_others_evaluate(self):
         """A rule that errors is reported and skipped; the other rules still match and count."""
-        snapshot = _snapshot(
-            _doc(
+        snapshot = load_docs(
+            make_ruleset_doc(
                 "rs",
                 [
-                    _rule("ok1", "input.a > 0", 3),
-                    _rule("bad", "input.missing > 1", 100),
-                    _rule("div", "10 / input.zero > 1", 100),
-                    _rule("ok2", "input.a < 10", 4),
+                    rule_doc("ok1", "input.a > 0", 3),
+                    rule_doc("bad", "input.missing > 1", 100),
+                    rule_doc("div", "10 / input.zero > 1", 100),
+                    rule_doc("ok2", "input.a < 10", 4),
                 ],
             ),
-            run_checks=False,
+            loader=Loader(run_checks=False),
         )
         result = evaluate(snapshot, "rs", {"a": 1, "zero": 0})
         assert _ids(result) == ["ok1", "ok2"]
@@ -228,7 +215,9 @@ class TestErrorsAndLookups:
 
     def test_non_boolean_condition_is_reported_as_error(self):
         """A dyn condition giving a non-boolean is a per-rule error, not a match."""
-        snapshot = _snapshot(_doc("rs", [_rule("flag", "input.flag", 5), _rule("t")]))
+        snapshot = load_docs(
+            make_ruleset_doc("rs", [rule_doc("flag", "input.flag", 5), rule_doc("t")])
+        )
         result = evaluate(snapshot, "rs", {"flag": 5})
         assert _ids(result) == ["t"]
         assert [e.rule_id for e in result.errors] == ["flag"]
@@ -236,7 +225,7 @@ class TestErrorsAndLookups:
 
     def test_input_breaking_limits_raises_input_error(self):
         """An input that breaks the limits raises InputError naming the path."""
-        snapshot = _snapshot(_doc("rs", [_rule("r1")]))
+        snapshot = load_docs(make_ruleset_doc("rs", [rule_doc("r1")]))
         with pytest.raises(InputError) as info:
             evaluate(snapshot, "rs", {"tags": {"a", "b"}})
         assert info.value.path == "$.tags"
@@ -250,14 +239,14 @@ class TestVersionsAndContract:
     def _registry(self) -> RuleRegistry:
         registry = RuleRegistry()
         docs = (
-            _doc(
+            make_ruleset_doc(
                 "rs",
-                [_rule("r1", "input.a > 0", 5, name="First"), _rule("r2", "input.nope > 0")],
+                [rule_doc("r1", "input.a > 0", 5, name="First"), rule_doc("r2", "input.nope > 0")],
                 decisions=[{"decision": "high", "min_points": 5}],
             ),
         )
-        registry.publish(_snapshot(*docs, run_checks=False))
-        registry.publish(_snapshot(*docs, run_checks=False))
+        registry.publish(load_docs(*docs, loader=Loader(run_checks=False)))
+        registry.publish(load_docs(*docs, loader=Loader(run_checks=False)))
         return registry
 
     def test_result_carries_registry_version_and_revision(self):
@@ -318,17 +307,17 @@ class TestVersionsAndContract:
 
 
 _PROPERTY_RULES = [
-    _rule("amount_high", "input.amount > 100", 20, priority=5),
-    _rule("amount_low", "input.amount < 10", -5),
-    _rule("country", "input.country in ['FR', 'DE']", 7, priority=5),
-    _rule("has_email", "has(input.email)", 3, priority=-2),
-    _rule("email_domain", "input.email.endsWith('.com')", 4),
-    _rule("flag", "input.flag", 11, priority=1),
-    _rule("ratio", "100 / input.amount > 2", 6),
-    _rule("items", "input.items.exists(i, i > 5)", 9, priority=3),
-    _rule("disabled_true", "true", 1000, enabled=False),
-    _rule("disabled_err", "input.nothing > 1", 1000, enabled=False, priority=10),
-    _rule("upper", "input.country.upperAscii() == 'US'", 2),
+    rule_doc("amount_high", "input.amount > 100", 20, priority=5),
+    rule_doc("amount_low", "input.amount < 10", -5),
+    rule_doc("country", "input.country in ['FR', 'DE']", 7, priority=5),
+    rule_doc("has_email", "has(input.email)", 3, priority=-2),
+    rule_doc("email_domain", "input.email.endsWith('.com')", 4),
+    rule_doc("flag", "input.flag", 11, priority=1),
+    rule_doc("ratio", "100 / input.amount > 2", 6),
+    rule_doc("items", "input.items.exists(i, i > 5)", 9, priority=3),
+    rule_doc("disabled_true", "true", 1000, enabled=False),
+    rule_doc("disabled_err", "input.nothing > 1", 1000, enabled=False, priority=10),
+    rule_doc("upper", "input.country.upperAscii() == 'US'", 2),
 ]
 
 _PROPERTY_INPUTS = st.fixed_dictionaries(
@@ -348,7 +337,7 @@ _PROPERTY_INPUTS = st.fixed_dictionaries(
 class TestEvaluationProperties:
     """Invariants of an evaluation on arbitrary inputs."""
 
-    snapshot = _snapshot(_doc("rs", _PROPERTY_RULES))
+    snapshot = load_docs(make_ruleset_doc("rs", _PROPERTY_RULES))
     reference = ConditionCompiler()
 
     @settings(max_examples=150, deadline=None)
@@ -400,7 +389,7 @@ class TestInputReads:
         ],
     )
     def test_the_condition_sees_the_fields_it_names(self, condition: str):
-        snapshot = _snapshot(_doc("s", [_rule("r", condition, 50)]))
+        snapshot = load_docs(make_ruleset_doc("s", [rule_doc("r", condition, 50)]))
         result = evaluate(snapshot, "s", {"a": 1, "amount": 2000, "other": "x"})
         assert (_ids(result), result.errors) == (["r"], ())
 
@@ -408,6 +397,6 @@ class TestInputReads:
         """The re-attack: `'''` inside `//` comments was read as a string spanning lines,
         and the field between them was projected away."""
         condition = "input.amount > 0 // '''\n  && input.other == 'y' // '''"
-        snapshot = _snapshot(_doc("s", [_rule("r", condition, 2)]))
+        snapshot = load_docs(make_ruleset_doc("s", [rule_doc("r", condition, 2)]))
         result = evaluate(snapshot, "s", {"amount": 1, "other": "y"})
         assert (_ids(result), result.errors) == (["r"], ())

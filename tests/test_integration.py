@@ -6,9 +6,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-import yaml
+from conftest import load_docs, make_ruleset_doc, rule_doc
 
-from sidecar.documents import SourceFile
 from sidecar.editing import RegistryEditor
 from sidecar.errors import InputError, NotFoundError
 from sidecar.integration import (
@@ -20,36 +19,16 @@ from sidecar.integration import (
 )
 from sidecar.loader import Loader
 from sidecar.registry import RuleRegistry
-from sidecar.snapshot import Snapshot
-
-
-def _rule(rule_id: Any, condition: str = "true", points: int = 1, **extra: Any) -> dict[str, Any]:
-    return {"id": rule_id, "condition": condition, "points": points, **extra}
-
-
-def _doc(ruleset_id: Any, rules: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "rule-sidecar/v1",
-        "kind": "RuleSet",
-        "metadata": {"id": ruleset_id},
-        "spec": {"rules": rules, **spec},
-    }
-
-
-def _load(*docs: dict[str, Any], run_checks: bool = True) -> Snapshot:
-    text = yaml.safe_dump_all(list(docs), sort_keys=False)
-    loader = Loader(run_checks=run_checks)
-    return loader.load([SourceFile("rules.yaml", text.encode())]).snapshot
 
 
 def _payments() -> dict[str, Any]:
-    return _doc(
+    return make_ruleset_doc(
         "payments",
         [
-            _rule("big", "input.amount > 1000", 40, name="Big amount", priority=1),
-            _rule("foreign", "input.country != 'FR'", 25),
-            _rule("old", "input.amount > 0", 99, enabled=False),
-            _rule("flagged", "input.flags.exists(f, f == 'fraud')", 50),
+            rule_doc("big", "input.amount > 1000", 40, name="Big amount", priority=1),
+            rule_doc("foreign", "input.country != 'FR'", 25),
+            rule_doc("old", "input.amount > 0", 99, enabled=False),
+            rule_doc("flagged", "input.flags.exists(f, f == 'fraud')", 50),
         ],
         decisions=[
             {"decision": "deny", "min_points": 60},
@@ -69,7 +48,11 @@ def _payments() -> dict[str, Any]:
 @pytest.fixture
 def registry() -> RuleRegistry:
     registry = RuleRegistry()
-    registry.publish(_load(_payments(), _doc("other", [_rule("o1"), _rule("o2", enabled=False)])))
+    registry.publish(
+        load_docs(
+            _payments(), make_ruleset_doc("other", [rule_doc("o1"), rule_doc("o2", enabled=False)])
+        )
+    )
     return registry
 
 
@@ -109,7 +92,7 @@ class TestExecuteRules:
     def test_numeric_ruleset_id(self):
         """A numeric ruleset id is looked up as its decimal string."""
         registry = RuleRegistry()
-        registry.publish(_load(_doc(42, [_rule("r", points=3)])))
+        registry.publish(load_docs(make_ruleset_doc(42, [rule_doc("r", points=3)])))
         assert execute_rules_from_registry(registry, {}, 42)["total_points"] == 3
 
     def test_unknown_ruleset_and_bad_input(self, registry):
@@ -178,7 +161,11 @@ class TestValidateRegistryRules:
         broken = _payments()
         broken["spec"]["tests"][0]["expect"]["total_points"] = 1
         registry = RuleRegistry()
-        registry.publish(_load(broken, _doc("other", [_rule("o1")]), run_checks=False))
+        registry.publish(
+            load_docs(
+                broken, make_ruleset_doc("other", [rule_doc("o1")]), loader=Loader(run_checks=False)
+            )
+        )
         report = validate_registry_rules(registry)
         assert report["valid"] is False
         assert report["total_rules"] == 5

@@ -8,44 +8,22 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import yaml
+from conftest import change_tuples, load_docs, make_ruleset_doc, rule_doc
 
-from sidecar.documents import SourceFile
 from sidecar.editing import RegistryEditor
 from sidecar.engine import evaluate
 from sidecar.errors import NotFoundError
 from sidecar.loader import Loader
-from sidecar.registry import ChangeEvent, EventType, RuleRegistry
+from sidecar.registry import EventType, RuleRegistry
 from sidecar.snapshot import Snapshot
-
-
-def _rule(rule_id: Any, condition: str = "true", points: int = 1, **extra: Any) -> dict[str, Any]:
-    return {"id": rule_id, "condition": condition, "points": points, **extra}
-
-
-def _doc(ruleset_id: Any, rules: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
-    metadata = spec.pop("metadata", {})
-    return {
-        "apiVersion": "rule-sidecar/v1",
-        "kind": "RuleSet",
-        "metadata": {"id": ruleset_id, **metadata},
-        "spec": {"rules": rules, **spec},
-    }
-
-
-def _load(loader: Loader, *docs: dict[str, Any]) -> Snapshot:
-    text = yaml.safe_dump_all(list(docs), sort_keys=False)
-    return loader.load([SourceFile("rules.yaml", text.encode())]).snapshot
-
-
-def _events(events: list[ChangeEvent]) -> set[tuple[str, str | None, str | None, int]]:
-    return {(e.type.value, e.ruleset_id, e.rule_id, e.registry_version) for e in events}
 
 
 def _two_rulesets() -> list[dict[str, Any]]:
     return [
-        _doc("alpha", [_rule("a1", "input.x > 1", 5), _rule("a2", "input.x > 2", 3)]),
-        _doc("beta", [_rule("b1", "input.y == 'z'", 2)]),
+        make_ruleset_doc(
+            "alpha", [rule_doc("a1", "input.x > 1", 5), rule_doc("a2", "input.x > 2", 3)]
+        ),
+        make_ruleset_doc("beta", [rule_doc("b1", "input.y == 'z'", 2)]),
     ]
 
 
@@ -69,7 +47,7 @@ def _without_deadlock(write: Callable[[], object]) -> None:
 @pytest.fixture
 def registry() -> RuleRegistry:
     registry = RuleRegistry()
-    registry.publish(_load(Loader(), *_two_rulesets()))
+    registry.publish(load_docs(*_two_rulesets()))
     return registry
 
 
@@ -89,14 +67,14 @@ class TestPublish:
         registry = RuleRegistry()
         loader = Loader()
         for expected in (1, 2, 3):
-            snapshot, _ = registry.publish(_load(loader, *_two_rulesets()))
+            snapshot, _ = registry.publish(load_docs(*_two_rulesets(), loader=loader))
             assert snapshot.version == expected
             assert registry.version == expected
             assert registry.current is snapshot
 
     def test_published_snapshot_keeps_candidate_content(self):
         """The published snapshot has the candidate's rules and revision; the candidate stays 0."""
-        candidate = _load(Loader(), *_two_rulesets())
+        candidate = load_docs(*_two_rulesets())
         registry = RuleRegistry()
         snapshot, _ = registry.publish(candidate)
         assert candidate.version == 0
@@ -112,14 +90,14 @@ class TestPublish:
             seen.append((registry.current is snapshot, registry.version))
 
         registry.subscribe(subscriber)
-        new, _ = registry.publish(_load(Loader(), _doc("gamma", [_rule("g1")])))
+        new, _ = registry.publish(load_docs(make_ruleset_doc("gamma", [rule_doc("g1")])))
         assert seen == [(True, new.version)]
 
     def test_old_snapshot_is_unchanged_by_publish(self, registry):
         """A reader's snapshot keeps its version and rules after a newer publish."""
         held = registry.current
         rules_before = dict(held.rules)
-        registry.publish(_load(Loader(), _doc("gamma", [_rule("g1")])))
+        registry.publish(load_docs(make_ruleset_doc("gamma", [rule_doc("g1")])))
         assert held.version == 1
         assert dict(held.rules) == rules_before
         assert registry.get_rule("a1") is None
@@ -131,8 +109,8 @@ class TestDiffEvents:
     def test_first_publish_adds_everything(self):
         """The first publish reports each ruleset and each rule as added."""
         registry = RuleRegistry()
-        _, events = registry.publish(_load(Loader(), *_two_rulesets()))
-        assert _events(events) == {
+        _, events = registry.publish(load_docs(*_two_rulesets()))
+        assert change_tuples(events) == {
             ("ruleset_added", "alpha", None, 1),
             ("ruleset_added", "beta", None, 1),
             ("rule_added", "alpha", "a1", 1),
@@ -144,21 +122,21 @@ class TestDiffEvents:
         """Changing one rule's points gives one rule_updated event and nothing else."""
         docs = _two_rulesets()
         docs[0]["spec"]["rules"][1]["points"] = 30
-        _, events = registry.publish(_load(Loader(), *docs))
-        assert _events(events) == {("rule_updated", "alpha", "a2", 2)}
+        _, events = registry.publish(load_docs(*docs))
+        assert change_tuples(events) == {("rule_updated", "alpha", "a2", 2)}
 
     def test_identical_content_gives_no_events(self, registry):
         """Republishing the same content bumps the version but reports no change."""
-        snapshot, events = registry.publish(_load(Loader(), *_two_rulesets()))
+        snapshot, events = registry.publish(load_docs(*_two_rulesets()))
         assert events == []
         assert snapshot.version == 2
 
     def test_rule_added_and_removed(self, registry):
         """A new rule is rule_added; a dropped rule is rule_removed with its old ruleset."""
         docs = _two_rulesets()
-        docs[0]["spec"]["rules"] = [docs[0]["spec"]["rules"][0], _rule("a3")]
-        _, events = registry.publish(_load(Loader(), *docs))
-        assert _events(events) == {
+        docs[0]["spec"]["rules"] = [docs[0]["spec"]["rules"][0], rule_doc("a3")]
+        _, events = registry.publish(load_docs(*docs))
+        assert change_tuples(events) == {
             ("rule_added", "alpha", "a3", 2),
             ("rule_removed", "alpha", "a2", 2),
         }
@@ -168,22 +146,22 @@ class TestDiffEvents:
         docs = _two_rulesets()
         docs[1]["metadata"]["name"] = "Beta renamed"
         docs[1]["spec"]["decisions"] = [{"decision": "deny", "min_points": 1}]
-        _, events = registry.publish(_load(Loader(), *docs))
-        assert _events(events) == {("ruleset_updated", "beta", None, 2)}
+        _, events = registry.publish(load_docs(*docs))
+        assert change_tuples(events) == {("ruleset_updated", "beta", None, 2)}
 
     def test_ruleset_removed_with_its_rules(self, registry):
         """Dropping a ruleset reports it and each of its rules as removed."""
-        _, events = registry.publish(_load(Loader(), _two_rulesets()[0]))
-        assert _events(events) == {
+        _, events = registry.publish(load_docs(_two_rulesets()[0]))
+        assert change_tuples(events) == {
             ("ruleset_removed", "beta", None, 2),
             ("rule_removed", "beta", "b1", 2),
         }
 
     def test_ruleset_added_alongside_existing(self, registry):
         """A new ruleset next to unchanged ones reports only the new ruleset and its rules."""
-        docs = [*_two_rulesets(), _doc("gamma", [_rule("g1")])]
-        _, events = registry.publish(_load(Loader(), *docs))
-        assert _events(events) == {
+        docs = [*_two_rulesets(), make_ruleset_doc("gamma", [rule_doc("g1")])]
+        _, events = registry.publish(load_docs(*docs))
+        assert change_tuples(events) == {
             ("ruleset_added", "gamma", None, 2),
             ("rule_added", "gamma", "g1", 2),
         }
@@ -193,8 +171,8 @@ class TestDiffEvents:
         docs = _two_rulesets()
         moved = docs[0]["spec"]["rules"].pop()
         docs[1]["spec"]["rules"].append(moved)
-        _, events = registry.publish(_load(Loader(), *docs))
-        assert _events(events) == {("rule_updated", "beta", "a2", 2)}
+        _, events = registry.publish(load_docs(*docs))
+        assert change_tuples(events) == {("rule_updated", "beta", "a2", 2)}
 
     def test_emptying_the_registry_is_one_cleared_event(self, registry):
         """Publishing the empty snapshot over rules gives exactly registry_cleared."""
@@ -212,7 +190,7 @@ class TestDiffEvents:
         """ChangeEvent.to_dict spells the type as its string value."""
         docs = _two_rulesets()
         docs[1]["spec"]["rules"][0]["points"] = 9
-        _, events = registry.publish(_load(Loader(), *docs))
+        _, events = registry.publish(load_docs(*docs))
         assert [e.to_dict() for e in events] == [
             {"type": "rule_updated", "registry_version": 2, "ruleset_id": "beta", "rule_id": "b1"}
         ]
@@ -225,7 +203,7 @@ class TestSubscribers:
         """A subscriber receives the published snapshot and the returned events."""
         received = []
         registry.subscribe(lambda snapshot, events: received.append((snapshot, list(events))))
-        snapshot, events = registry.publish(_load(Loader(), _two_rulesets()[0]))
+        snapshot, events = registry.publish(load_docs(_two_rulesets()[0]))
         assert received == [(snapshot, events)]
 
     def test_raising_subscriber_does_not_break_publish_or_others(self, registry, caplog):
@@ -245,7 +223,7 @@ class TestSubscribers:
         for subscriber in (first, broken, last):
             registry.subscribe(subscriber)
         with caplog.at_level("ERROR", logger="sidecar.registry"):
-            snapshot, _ = registry.publish(_load(Loader(), _two_rulesets()[0]))
+            snapshot, _ = registry.publish(load_docs(_two_rulesets()[0]))
         assert calls == ["first", "broken", "last"]
         assert registry.current is snapshot
         assert registry.version == 2
@@ -299,7 +277,9 @@ class TestSubscribers:
         def first(snapshot, events):
             seen.append(("first", snapshot.version))
             if snapshot.version == 2:
-                published, _ = registry.publish(_load(Loader(), _doc("gamma", [_rule("g1")])))
+                published, _ = registry.publish(
+                    load_docs(make_ruleset_doc("gamma", [rule_doc("g1")]))
+                )
                 nested.append(published.version)
                 assert ("second", 3) not in seen  # delivered later, not from inside this call
 
@@ -348,7 +328,7 @@ class TestSeedReads:
     def test_numeric_ids_are_read_as_strings(self):
         """A numeric ruleset or rule id is stored as its decimal string and found by int."""
         registry = RuleRegistry()
-        registry.publish(_load(Loader(), _doc(7, [_rule(12)])))
+        registry.publish(load_docs(make_ruleset_doc(7, [rule_doc(12)])))
         assert registry.get_rule(12) is registry.get_rule("12")
         assert registry.get_rule(12) is not None
         assert [r.id for r in registry.get_rules(7)] == ["12"]
@@ -401,7 +381,7 @@ class TestHistory:
     def test_rule_history_is_bounded(self):
         """Only the last rule_history_limit entries of a rule are kept."""
         registry = RuleRegistry(rule_history_limit=3)
-        registry.publish(_load(Loader(), *_two_rulesets()))
+        registry.publish(load_docs(*_two_rulesets()))
         editor = RegistryEditor(registry)
         for points in range(10, 16):
             editor.update_rule({"id": "b1", "condition": "true", "points": points}, "beta")
@@ -420,11 +400,15 @@ class TestHistory:
         also when the history keeps a single snapshot."""
         registry = RuleRegistry(history_limit=1)
         loader = Loader()
-        registry.publish(_load(loader, _doc("rs", [_rule("r", points=1)])))
+        registry.publish(
+            load_docs(make_ruleset_doc("rs", [rule_doc("r", points=1)]), loader=loader)
+        )
         old, new = registry.last_change()
         assert (old.version, old.rules, new.version) == (0, {}, 1)
         for points in (2, 3):
-            registry.publish(_load(loader, _doc("rs", [_rule("r", points=points)])))
+            registry.publish(
+                load_docs(make_ruleset_doc("rs", [rule_doc("r", points=points)]), loader=loader)
+            )
         old, new = registry.last_change()
         assert (old.version, new.version) == (2, 3)
         assert (old.rules["r"].points, new.rules["r"].points) == (2, 3)
@@ -439,7 +423,9 @@ class TestHistory:
         registry = RuleRegistry(history_limit=3)
         loader = Loader()
         for points in range(1, 9):
-            registry.publish(_load(loader, _doc("rs", [_rule("r", points=points)])))
+            registry.publish(
+                load_docs(make_ruleset_doc("rs", [rule_doc("r", points=points)]), loader=loader)
+            )
         assert registry.version == 8
         assert [s.version for s in registry.history()] == [7, 6, 5]
         assert registry.get_stats()["history_size"] == 3
@@ -454,7 +440,9 @@ class TestRollback:
         loader = Loader()
         published = []
         for points in (1, 2, 3):
-            snapshot, _ = registry.publish(_load(loader, _doc("rs", [_rule("r", points=points)])))
+            snapshot, _ = registry.publish(
+                load_docs(make_ruleset_doc("rs", [rule_doc("r", points=points)]), loader=loader)
+            )
             published.append(snapshot)
         return registry, published
 
@@ -465,7 +453,7 @@ class TestRollback:
         assert snapshot.version == 4
         assert snapshot.revision == published[1].revision
         assert registry.get_rule("r").points == 2
-        assert _events(events) == {("rule_updated", "rs", "r", 4)}
+        assert change_tuples(events) == {("rule_updated", "rs", "r", 4)}
         assert evaluate(registry.current, "rs", {}).registry_version == 4
 
     def test_rollback_to_version(self):
@@ -505,7 +493,9 @@ class TestRollback:
         registry = RuleRegistry(history_limit=2)
         loader = Loader()
         for points in (1, 2, 3, 4):
-            registry.publish(_load(loader, _doc("rs", [_rule("r", points=points)])))
+            registry.publish(
+                load_docs(make_ruleset_doc("rs", [rule_doc("r", points=points)]), loader=loader)
+            )
         with pytest.raises(NotFoundError):
             registry.rollback(1)
         snapshot, _ = registry.rollback(2)
@@ -521,8 +511,8 @@ class TestConcurrency:
     READERS = 4
 
     def _content(self, points: int) -> Snapshot:
-        rules = [_rule(f"r{i}", "input.x >= 0", points) for i in range(self.RULES)]
-        return _load(Loader(), _doc("rs", rules))
+        rules = [rule_doc(f"r{i}", "input.x >= 0", points) for i in range(self.RULES)]
+        return load_docs(make_ruleset_doc("rs", rules))
 
     def test_writers_on_threads_deliver_every_version_once_in_order(self):
         """Four threads publishing at once: subscribers see each version once, in order,
