@@ -96,6 +96,18 @@ async def watch_connected(kube: FakeKubernetes, count: int = 1) -> None:
     await eventually(lambda: len(kube.watches()) >= count, message=f"{count} watch request(s)")
 
 
+async def failed_reload(service: HotReloadService) -> dict[str, Any]:
+    """The history's newest record once it is a failed reload."""
+    record: dict[str, Any] = await eventually(
+        lambda: (
+            service.get_reload_history(1)[0]["status"] == "failed"
+            and service.get_reload_history(1)[0]
+        ),
+        message="failed reload",
+    )
+    return record
+
+
 class TestRead:
     def test_reads_rule_keys_of_labelled_configmaps_in_the_namespace(self, kube: FakeKubernetes):
         """Only labelled ConfigMaps of the namespace count, and only their rule-file keys."""
@@ -363,13 +375,7 @@ class TestWithTheService:
         broken = fraud_doc()
         broken["spec"]["rules"][0]["condition"] = "input.amount >"
         kube.apply("fraud-rules", {"fraud.yaml": to_yaml(broken)}, labels=LABELS)
-        record = await eventually(
-            lambda: (
-                service.get_reload_history(1)[0]["status"] == "failed"
-                and service.get_reload_history(1)[0]
-            ),
-            message="failed reload",
-        )
+        record = await failed_reload(service)
         (error,) = record["errors"]
         assert error["file"] == "configmap/fraud-rules/fraud.yaml"
         assert error["line"] > 1
@@ -898,13 +904,7 @@ class TestFaultsBecomeLoadErrors:
             await watch_connected(kube)
             version = service.registry.version
             kube.apply("fraud-rules", {"fraud.yaml": 5}, labels=LABELS)  # type: ignore[dict-item]
-            record = await eventually(
-                lambda: (
-                    service.get_reload_history(1)[0]["status"] == "failed"
-                    and service.get_reload_history(1)[0]
-                ),
-                message="failed reload",
-            )
+            record = await failed_reload(service)
             (error,) = record["errors"]
             assert error["file"] == "configmap/fraud-rules/fraud.yaml"
             assert error["message"].endswith("data.fraud.yaml is a number, not a string")
