@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sidecar.engine import Evaluation, evaluate_ruleset
-from sidecar.errors import InputError, Problem, ProblemCode
+from sidecar.errors import InputError, Problem, ProblemCode, excerpt
 from sidecar.model import Location, RuleSet, RuleTest, thaw
 
 __all__ = ["CaseResult", "authoring_problems", "case_problem", "ruleset_problems", "run_tests"]
@@ -50,7 +50,8 @@ def _compare(test: RuleTest, result: Evaluation) -> list[str]:
     if expect.matched is not None and expect.matched != matched:
         failures.append(f"matched: expected {_names(expect.matched)}, got {_names(matched)}")
     if expect.checks_decision and expect.decision != result.decision:
-        failures.append(f"decision: expected {expect.decision!r}, got {result.decision!r}")
+        expected, got = excerpt(expect.decision), excerpt(result.decision)
+        failures.append(f"decision: expected {expected}, got {got}")
     return failures
 
 

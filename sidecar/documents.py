@@ -28,7 +28,7 @@ from typing import Any, Final, Protocol
 
 import yaml
 
-from sidecar.errors import Problem, ProblemCode, format_path
+from sidecar.errors import Problem, ProblemCode, excerpt, format_path
 from sidecar.model import Location
 
 __all__ = [
@@ -72,7 +72,7 @@ class _Loader(_Base):  # type: ignore[valid-type,misc]
             if index >= merged:
                 if key in written:
                     raise _not_json(
-                        key_node, f"duplicate key {key!r}", code=ProblemCode.DUPLICATE_KEY
+                        key_node, f"duplicate key {excerpt(key)}", code=ProblemCode.DUPLICATE_KEY
                     )
                 written.add(key)
             mapping[key] = self.construct_object(value_node, deep=deep)
@@ -80,19 +80,35 @@ class _Loader(_Base):  # type: ignore[valid-type,misc]
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
         try:
-            return super().construct_yaml_int(node)  # type: ignore[no-any-return]
+            value: int = super().construct_yaml_int(node)
         except ValueError as exc:  # more digits than Python converts (sys.int_info)
             raise _not_json(node, f"number not readable: {exc}") from None
+        if not INT_MIN <= value <= INT_MAX:
+            raise _not_json(node, _beyond_64_bits(node.value))
+        return value
 
     def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
         value: float = super().construct_yaml_float(node)
         if not math.isfinite(value):
-            raise _not_json(node, f"{node.value!r} is not a JSON number (not finite)")
+            raise _not_json(node, f"{excerpt(node.value)} is not a JSON number (not finite)")
         return value
 
     def construct_not_json(self, node: yaml.Node) -> None:
         tag = node.tag.replace("tag:yaml.org,2002:", "!!")
         raise _not_json(node, f"the tag {tag} is not allowed: rule files hold JSON values")
+
+
+# Integers JSON answers can carry (orjson's range): one beyond them would validate, go
+# live and then make every registry read and `/changes` answer 500.
+INT_MIN: Final = -(2**63)
+INT_MAX: Final = 2**64 - 1
+
+
+def _beyond_64_bits(written: str) -> str:
+    return (
+        f"the integer {excerpt(written, 40)} is beyond 64 bits: numbers in rules must lie"
+        f" between {INT_MIN} and {INT_MAX} (write a larger one as a string)"
+    )
 
 
 class _NotJson(yaml.constructor.ConstructorError):
@@ -439,7 +455,7 @@ def _check_tree(
         for key, value in node.value:
             if isinstance(key, yaml.ScalarNode):
                 if key.value in keys:
-                    message = f"duplicate key {key.value!r}"
+                    message = f"duplicate key {excerpt(key.value)}"
                     raise _FileProblem(
                         _marked(name, key.start_mark, path, message, ProblemCode.DUPLICATE_KEY)
                     )
@@ -507,7 +523,7 @@ def _parse_json(name: str, text: str, limits: FileLimits, *, located: bool) -> l
         tree = _json_node(text) if located else None
         if tree is not None:
             _check_tree(name, tree, limits)  # raises the duplicate, with its position
-        message = f"duplicate key {exc.key!r}"
+        message = f"duplicate key {excerpt(exc.key)}"
         raise _FileProblem(
             Problem(file=name, message=message, code=ProblemCode.DUPLICATE_KEY)
         ) from None
@@ -521,6 +537,8 @@ def _parse_json(name: str, text: str, limits: FileLimits, *, located: bool) -> l
         raise _FileProblem(Problem(file=name, message=message, code=ProblemCode.NOT_JSON)) from None
     if _SURROGATE_ESCAPE.search(text):
         _check_surrogates(name, data)
+    if _LONG_NUMBER.search(text):
+        _check_numbers(name, data, _json_node(text) if located else None)
     if not located:
         _check_depth(name, data, limits)
         documents = data if isinstance(data, list) else [data]
@@ -567,6 +585,44 @@ def _check_surrogates(name: str, data: Any) -> None:
                         code=ProblemCode.NOT_JSON,
                     )
                 ) from None
+
+
+# What a number beyond 64 bits or beyond a double's range needs to be written (JSON
+# reads `1e400` as infinity); most files have none, and are not walked.
+_LONG_NUMBER: Final = re.compile(r"\d{19}|[eE][+-]?\d{3}")
+
+
+def _check_numbers(name: str, data: Any, root: yaml.Node | None) -> None:
+    """Refuse an integer beyond 64 bits or a number beyond a double's range, at its path
+    (and, in a file written by hand, its line and column)."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((item, (*path, key)) for key, item in value.items())
+        elif isinstance(value, list):
+            stack.extend((item, (*path, index)) for index, item in enumerate(value))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            if not INT_MIN <= value <= INT_MAX:
+                _refuse_number(name, path, root, _beyond_64_bits(str(value)))
+        elif isinstance(value, float) and not math.isfinite(value):
+            _refuse_number(name, path, root, "a number beyond a double's range (not finite)")
+
+
+def _refuse_number(
+    name: str, path: tuple[str | int, ...], root: yaml.Node | None, message: str
+) -> None:
+    at = Document(None, name, 0, root).locate(path)
+    raise _FileProblem(
+        Problem(
+            file=name,
+            line=at.line,
+            column=at.column,
+            path=format_path(path),
+            message=message,
+            code=ProblemCode.NOT_JSON,
+        )
+    )
 
 
 def _check_depth(name: str, data: Any, limits: FileLimits) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Final
 
 __all__ = [
     "ConflictError",
@@ -28,13 +28,39 @@ __all__ = [
     "Problem",
     "ProblemCode",
     "RuleSidecarError",
+    "clip",
+    "excerpt",
     "format_path",
 ]
+
+# Characters of input a message may quote, and of a whole message: a 3.5 MB value quoted
+# whole became a 3.5 MB answer from status, history and validate, and a 3.5 MB frame to
+# every WebSocket client.
+QUOTE_LIMIT: Final = 120
+MESSAGE_LIMIT: Final = 1_000
 
 
 def format_path(path: Sequence[str | int]) -> str:
     """`("spec", "rules", 3, "condition")` → `$.spec.rules[3].condition`."""
     return "$" + "".join(f"[{step}]" if isinstance(step, int) else f".{step}" for step in path)
+
+
+def excerpt(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """`repr(value)` for a message, a long one cut to its start and its length."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, str) else f"{len(text)} characters"
+    return f"{text[:limit]}… ({size})"
+
+
+def clip(message: str, limit: int = MESSAGE_LIMIT) -> str:
+    """A message bounded to `limit` characters, its start and end kept (a library's
+    message may quote a value whole: jsonschema's "'xxx…' is too long")."""
+    if len(message) <= limit:
+        return message
+    half = limit // 2
+    return f"{message[: half - 1]}…{message[-half:]}"
 
 
 class ProblemCode(StrEnum):
@@ -53,6 +79,7 @@ class ProblemCode(StrEnum):
     READ_UNSTABLE = "read.unstable"
     SOURCE_UNAVAILABLE = "source.unavailable"
     STATE_DAMAGED = "state.damaged"
+    DATABASE_REFUSES = "database.refuses"
     # Turning bytes into JSON values
     ENCODING = "file.encoding"
     YAML_SYNTAX = "yaml.syntax"
@@ -107,6 +134,14 @@ class Problem:
     ruleset_id: str | None = None
     rule_id: str | None = None
     code: ProblemCode = ProblemCode.UNCLASSIFIED
+
+    def __post_init__(self) -> None:
+        # The last bound, whatever a producer quoted: problems travel to every client.
+        object.__setattr__(self, "message", clip(self.message))
+        for name in ("path", "ruleset_id", "rule_id"):  # an invalid id may be megabytes
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, clip(value, QUOTE_LIMIT * 2))
 
     def __str__(self) -> str:
         where = f" (at {self.path})" if self.path != "$" else ""

@@ -50,7 +50,7 @@ from sidecar.documents import (
     SourceFile,
     parse_file,
 )
-from sidecar.errors import LoadError, Problem, ProblemCode, format_path
+from sidecar.errors import LoadError, Problem, ProblemCode, clip, excerpt, format_path
 from sidecar.model import (
     API_VERSION,
     KIND,
@@ -443,7 +443,7 @@ def _schema_problems(document: Document) -> list[Problem]:
         ("kind", KIND, ProblemCode.SCHEMA_KIND),
     ):
         if key in data and data[key] != expected:
-            message = f"unknown {key} {data[key]!r}: this sidecar reads {key} {expected!r}"
+            message = f"unknown {key} {excerpt(data[key])}: this sidecar reads {key} {expected!r}"
             return [document.locate((key,)).problem(message, path=f"$.{key}", code=code)]
     problems = []
     for error in _validator().iter_errors(data):
@@ -497,23 +497,14 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
     """jsonschema's message, plus a "did you mean" for misspelt field names."""
     unknown = _unknown_fields(error)
     if not unknown:
-        return _clipped(error.message)
+        return clip(error.message, _MAX_MESSAGE)
     allowed = _allowed_fields(error)
     hints = []
     for key in unknown:
         close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        hints.append(f"unknown field {key!r}{hint}")
+        hints.append(f"unknown field {excerpt(key)}{hint}")
     return "; ".join(hints) + f"; allowed: {', '.join(sorted(allowed))}"
-
-
-def _clipped(message: str) -> str:
-    """jsonschema quotes the whole value ("'xxx…' is too long"): a 4 MiB string must
-    not become a 4 MiB message in the status, the history and every WebSocket client."""
-    if len(message) <= _MAX_MESSAGE:
-        return message
-    half = _MAX_MESSAGE // 2
-    return f"{message[: half - 1]}…{message[-half:]}"
 
 
 def _integer(value: Any) -> Any:
@@ -569,7 +560,7 @@ def _build_ruleset(
             problems.append(
                 _rule_problem(
                     rule,
-                    f"rule id {rule.id!r} is also used at {first_seen[rule.id]}",
+                    f"rule id {excerpt(rule.id)} is also used at {first_seen[rule.id]}",
                     code=ProblemCode.ID_DUPLICATE,
                 )
             )
@@ -691,7 +682,9 @@ def _duplicate_problems(results: Iterable[_FileResult]) -> list[Problem]:
     for declared in (declared for result in results for declared in result.declared):
         ruleset_id = declared.ruleset_id
         if ruleset_id in rulesets_seen:
-            message = f"ruleset id {ruleset_id!r} is also defined at {rulesets_seen[ruleset_id]}"
+            message = (
+                f"ruleset id {excerpt(ruleset_id)} is also defined at {rulesets_seen[ruleset_id]}"
+            )
             problems.append(
                 declared.location.problem(
                     message, ruleset_id=ruleset_id, code=ProblemCode.ID_DUPLICATE
@@ -705,7 +698,8 @@ def _duplicate_problems(results: Iterable[_FileResult]) -> list[Problem]:
             else:
                 other_ruleset, other = rules_seen[rule_id]
                 message = (
-                    f"rule id {rule_id!r} is also used by ruleset {other_ruleset!r} at {other}"
+                    f"rule id {excerpt(rule_id)} is also used by ruleset {excerpt(other_ruleset)} "
+                    f"at {other}"
                 )
                 problems.append(
                     location.problem(
