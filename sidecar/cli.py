@@ -116,7 +116,13 @@ def _db_import(args: argparse.Namespace, out: TextIO) -> int:
 
 def _db_export(args: argparse.Namespace, out: TextIO) -> int:
     url, password = _database(args)
-    text = dbtools.export_documents(url, password_file=password)
+    try:
+        text = dbtools.export_documents(url, password_file=password)
+    except LoadError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"{len(exc.problems)} problem(s) found; nothing was exported", file=sys.stderr)
+        return EXIT_INVALID
     if args.output is None:
         out.write(text)
     else:

@@ -4,33 +4,48 @@ Import validates before it writes: the rulesets already in the database, with th
 imported ones replacing those of the same id, must load as a whole (schema, compilation,
 unique ids across rulesets, embedded tests), and then everything is written in one
 transaction. A bad import changes nothing.
+
+Imports are serialised (PostgreSQL: a transaction-scoped advisory lock; SQLite: `BEGIN
+IMMEDIATE`), and what is validated is read inside that lock: two imports that each
+validated what they read under READ COMMITTED both committed, an upsert moved a rule
+between their rulesets, and no sidecar (nor any later import) would load the result.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import yaml
 
-from sidecar.documents import SourceFile
+from sidecar.documents import DEFAULT_FILE_LIMITS, INT_MAX, INT_MIN, SourceFile
+from sidecar.errors import LoadError, Problem, ProblemCode, format_path
 from sidecar.loader import Loader
+from sidecar.model import Location, RuleSet
 from sidecar.sources.database import (
     DatabaseURL,
     connect,
     migrate,
+    open_connection,
     placeholder,
     read_documents,
 )
 from sidecar.sources.files import read_rule_files
 
-__all__ = ["ImportResult", "export_documents", "import_files", "init"]
+__all__ = ["IMPORT_LOCK", "ImportResult", "export_documents", "import_files", "init"]
 
 # SQLite takes at most 32,766 parameters per statement; 11 per rule.
 _ROWS_PER_STATEMENT = 1_000
+
+# The PostgreSQL advisory lock every `db import` holds for its whole transaction
+# ("ruleside" in ASCII: a key no other application is likely to pick).
+IMPORT_LOCK: Final = 0x72756C6573696465
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,18 +64,21 @@ def import_files(
 ) -> ImportResult:
     """Validate the files together with what the database holds, then write them.
 
-    Raises `LoadError` (nothing written) when the result would not load.
+    Raises `LoadError` (nothing written) when the result would not load, or when the
+    database would refuse or change a value.
     """
     database = DatabaseURL.parse(url)
     files = read_rule_files(paths)
     loader = Loader()  # one loader: the second load below does not re-check these files
     incoming = loader.load(files).snapshot
-    with connect(database, password_file=password_file) as connection:
-        _, stored = read_documents(connection)
+    if database.kind == "postgresql":
+        refused = [p for r in incoming.rulesets.values() for p in _unstorable_in_postgresql(r)]
+        if refused:
+            raise LoadError(refused)
+    with _import_transaction(database, password_file) as connection:
+        stored = _stored_documents(connection, database)
         kept = [
-            SourceFile(
-                f"{database.redacted}#rulesets/{ruleset_id}.json", json.dumps(document).encode()
-            )
+            SourceFile(_name(database, ruleset_id), json.dumps(document).encode())
             for ruleset_id, document in stored.items()
             if ruleset_id not in incoming.rulesets
         ]
@@ -68,6 +86,73 @@ def import_files(
         for ruleset in incoming.rulesets.values():
             _write_ruleset(connection, database, ruleset.to_document())
     return ImportResult(len(incoming.rulesets), len(incoming.rules))
+
+
+@contextmanager
+def _import_transaction(database: DatabaseURL, password_file: Path | None) -> Iterator[Any]:
+    """One transaction that no other import runs beside: it waits for one that does
+    (for the statement timeout at most), then commits on success or rolls back."""
+    connection = open_connection(database, password_file=password_file)
+    try:
+        if database.kind == "sqlite":
+            connection.execute("BEGIN IMMEDIATE")  # the write lock before the first read
+        else:
+            connection.execute("SELECT pg_advisory_xact_lock(%s)", (IMPORT_LOCK,))
+        yield connection
+        connection.commit()
+    except BaseException:
+        connection.rollback()
+        raise
+    finally:
+        connection.close()
+
+
+def _name(database: DatabaseURL, ruleset_id: str) -> str:
+    """How a stored ruleset is named in messages: as the database source names it."""
+    return f"{database.redacted}#rulesets/{ruleset_id}.json"
+
+
+def _unstorable_in_postgresql(ruleset: RuleSet) -> list[Problem]:
+    """Values PostgreSQL refuses (NUL, in text and in JSONB) or gives back changed into
+    what no sidecar loads (a double of 2^64 or more, which JSONB returns as an integer
+    beyond 64 bits), located at their ruleset, rule and field."""
+    problems: list[Problem] = []
+    document = ruleset.to_document()
+    rules = {rule.id: rule for rule in ruleset.rules}
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(document, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                stack.append((key, path))
+                stack.append((item, (*path, key)))
+            continue
+        if isinstance(value, list):
+            stack.extend((item, (*path, index)) for index, item in enumerate(value))
+            continue
+        if isinstance(value, str) and "\0" in value:
+            message = "a NUL character (U+0000), which PostgreSQL cannot store"
+        elif isinstance(value, float) and not INT_MIN <= value <= INT_MAX:
+            message = (
+                f"the number {value!r}: PostgreSQL gives it back as an integer beyond 64 bits,"
+                " which no sidecar loads (write it as a string)"
+            )
+        else:
+            continue
+        rule = None
+        if path[:2] == ("spec", "rules") and len(path) > 2 and isinstance(path[2], int):
+            rule = rules.get(str(document["spec"]["rules"][path[2]]["id"]))
+        where = (rule.location if rule else None) or ruleset.location or Location("<import>")
+        problems.append(
+            where.problem(
+                (f"rule {rule.id!r}: " if rule else f"ruleset {ruleset.id!r}: ") + message,
+                path=format_path(path),
+                ruleset_id=ruleset.id,
+                rule_id=rule.id if rule else None,
+                code=ProblemCode.DATABASE_REFUSES,
+            )
+        )
+    return sorted(problems, key=lambda p: (p.file, p.line, p.column, p.path))
 
 
 def _write_ruleset(connection: Any, database: DatabaseURL, document: dict[str, Any]) -> None:
@@ -136,10 +221,78 @@ def _write_ruleset(connection: Any, database: DatabaseURL, document: dict[str, A
 
 
 def export_documents(url: str, *, password_file: Path | None = None) -> str:
-    """Every ruleset of the database as YAML documents, ready for `validate` or `import`."""
+    """Every ruleset of the database as YAML documents, ready for `validate` or `import`.
+
+    Raises `LoadError` naming the ruleset, rule and field of a value nested deeper than
+    any sidecar loads (exporting it would overflow the YAML writer's stack)."""
     database = DatabaseURL.parse(url)
     with connect(database, password_file=password_file) as connection:
-        _, documents = read_documents(connection)
+        documents = _stored_documents(connection, database)
     return yaml.safe_dump_all(
         documents.values(), sort_keys=False, allow_unicode=True, default_flow_style=False
     )
+
+
+def _stored_documents(connection: Any, database: DatabaseURL) -> dict[str, dict[str, Any]]:
+    """Every stored ruleset as a document; `LoadError` for JSON nested deeper than a
+    sidecar loads (deep enough, it overflows the JSON decoder's stack)."""
+    try:
+        _, documents = read_documents(connection)
+    except RecursionError:
+        documents = {}
+    problems = _too_deep(connection, database)
+    if problems:
+        raise LoadError(problems)
+    return documents
+
+
+_JSON_STRING: Final = re.compile(r'"(?:[^"\\]|\\.)*"')
+_RULESET_JSON: Final = ("labels", "decisions", "tests")
+_RULE_JSON: Final = ("tags", "metadata")
+
+
+def _depth(text: str) -> int:
+    """How deep JSON text nests, without decoding it (no recursion: any depth)."""
+    brackets = (1 if c in "[{" else -1 for c in _JSON_STRING.sub("", text) if c in "[]{}")
+    return max(accumulate(brackets, initial=0))
+
+
+def _too_deep(connection: Any, database: DatabaseURL) -> list[Problem]:
+    """Each JSON column nested deeper than the loader's limit, by ruleset, rule and field.
+    A cheap scan of text the database already holds: this keeps its stack at any depth."""
+    limit = DEFAULT_FILE_LIMITS.max_depth
+    problems: list[Problem] = []
+
+    def check(ruleset_id: str, rule_id: str | None, path: tuple[str | int, ...], text: Any) -> None:
+        if isinstance(text, str) and _depth(text) > limit - len(path):
+            problems.append(
+                Problem(
+                    file=_name(database, ruleset_id),
+                    path=format_path(path),
+                    message=(f"rule {rule_id!r}: " if rule_id else "")
+                    + f"JSON nested deeper than {limit} levels, which no sidecar loads",
+                    ruleset_id=ruleset_id,
+                    rule_id=rule_id,
+                    code=ProblemCode.LIMIT_DEPTH,
+                )
+            )
+
+    columns = ", ".join(f"CAST({column} AS TEXT)" for column in _RULESET_JSON)
+    for ruleset_id, *texts in connection.execute(
+        f"SELECT id, {columns} FROM rule_sidecar_rulesets ORDER BY id"
+    ):
+        for column, text in zip(_RULESET_JSON, texts, strict=True):
+            section = "metadata" if column == "labels" else "spec"
+            check(ruleset_id, None, (section, column), text)
+    columns = ", ".join(f"CAST({column} AS TEXT)" for column in _RULE_JSON)
+    index = 0
+    previous = None
+    for rule_id, ruleset_id, *texts in connection.execute(
+        f"SELECT id, ruleset_id, {columns} FROM rule_sidecar_rules"
+        " ORDER BY ruleset_id, position, id"
+    ):
+        index = index + 1 if ruleset_id == previous else 0
+        previous = ruleset_id
+        for column, text in zip(_RULE_JSON, texts, strict=True):
+            check(ruleset_id, rule_id, ("spec", "rules", index, column), text)
+    return problems

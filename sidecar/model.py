@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from functools import cached_property
 from typing import Any, Final, NoReturn
 
@@ -28,6 +30,7 @@ __all__ = [
     "Rule",
     "RuleSet",
     "RuleTest",
+    "canonical_json",
     "freeze",
     "thaw",
 ]
@@ -71,6 +74,30 @@ def thaw(value: Any) -> Any:
         return {k: thaw(v) for k, v in value.items()}
     if isinstance(value, tuple | list):
         return [thaw(v) for v in value]
+    return value
+
+
+# From here on a double prints in exponent form (`1.5e+16`), which PostgreSQL's JSONB
+# gives back as the integer those digits write (`15000000000000000`).
+_EXPONENT_FORM: Final = 1e16
+
+
+def canonical_json(value: Any) -> Any:
+    """JSON data with numbers in the one form every store gives back: a double of 1e16 or
+    more (always whole) as an integer, and zero without a sign (JSONB drops it). Keys
+    need nothing: the digest sorts them, and JSONB reorders them.
+
+    Other numbers keep their type: `100` and `100.0` are different content (CEL tells
+    an int from a double), and every store keeps them apart."""
+    if isinstance(value, Mapping):
+        return {key: canonical_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [canonical_json(item) for item in value]
+    if isinstance(value, float) and math.isfinite(value):
+        if abs(value) >= _EXPONENT_FORM:
+            return int(Decimal(repr(value)))  # the digits written, not the binary value
+        if value == 0.0:
+            return 0.0
     return value
 
 
@@ -265,9 +292,13 @@ class RuleSet:
 
     @cached_property
     def digest(self) -> str:
-        """sha256 of the canonical document: equal on every pod that loaded equal rules."""
+        """sha256 of the canonical document: equal on every pod that loaded equal rules,
+        from a file or from a database that stored them."""
         canonical = json.dumps(
-            self.to_document(), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+            canonical_json(self.to_document()),
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
         )
         return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sqlite3
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 import yaml
 
 pytest.register_assert_rewrite("db_support", "server_support")
 
-from db_support import Database, pg_url_for, require_postgresql  # noqa: E402
+from db_support import Database, pg_admin, pg_url_for, require_postgresql  # noqa: E402
 from server_support import fraud_doc, ruleset_doc, to_yaml  # noqa: E402
 
 from sidecar.loader import Loader  # noqa: E402
-from sidecar.sources.database import SCHEMA_VERSION  # noqa: E402
+from sidecar.sources.database import SCHEMA_VERSION, DatabaseSource  # noqa: E402
 from sidecar.sources.files import read_rule_files  # noqa: E402
 
 pytest_plugins = ["db_support"]
@@ -261,3 +267,268 @@ class TestUsageAndFailures:
         assert result.returncode == 1
         assert result.stderr.startswith("rule-sidecar: ")
         assert not Path(sqlite_database.name).exists()
+
+
+def racing_rulesets(tmp_path: Path, rules: int = 200) -> tuple[Path, Path]:
+    """Two files, rulesets `a` and `b`, each claiming the same rule ids and testing that
+    it matches them: alone each imports; together no database can hold both."""
+    paths = []
+    for ruleset_id in ("a", "b"):
+        document = ruleset_doc(
+            ruleset_id,
+            [
+                {"id": f"shared-{index}", "condition": "input.amount > 100", "points": 1}
+                for index in range(rules)
+            ],
+            tests=[
+                {
+                    "name": "all-match",
+                    "input": {"amount": 500},
+                    "expect": {"matched": [f"shared-{index}" for index in range(rules)]},
+                }
+            ],
+        )
+        path = tmp_path / f"{ruleset_id}.yaml"
+        path.write_text(to_yaml(document), encoding="utf-8")
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def db_process(*argv: str | Path) -> subprocess.Popen[str]:
+    """`rule-sidecar db ...` started, not waited for."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("RULE_SIDECAR_DATABASE_URL", "RULE_SIDECAR_DATABASE_PASSWORD_FILE")
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "sidecar.cli", "db", *map(str, argv)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def database_loads(database: Database) -> str:
+    """The revision a sidecar reading this database would serve (fails if it cannot)."""
+    return Loader().load(DatabaseSource(database.url, listen=False).read()).snapshot.revision
+
+
+def wait_for(check: Callable[[], bool], message: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{message} not within {timeout} s"
+        time.sleep(0.02)
+
+
+class TestConcurrentImports:
+    """Imports are serialised, and each validates what it will commit: of two racing
+    imports that cannot both hold, one is written and the other refused, located."""
+
+    def race(self, database: Database, tmp_path: Path, hold: Callable[[], Any]) -> None:
+        """Start both imports while `hold()` keeps every writer waiting; release it once
+        both are waiting (so both have read what they validate, on old main), then check
+        the outcome."""
+        first, second = racing_rulesets(tmp_path)
+        with hold() as waiting:
+            processes = [
+                db_process("import", path, "--database-url", database.url)
+                for path in (first, second)
+            ]
+            wait_for(
+                lambda: waiting() >= 2 or any(p.poll() is not None for p in processes),
+                "both imports waiting",
+            )
+        results = [(*process.communicate(timeout=60), process.returncode) for process in processes]
+        codes = sorted(code for _, _, code in results)
+        assert codes == [0, 1], results
+        refused = next(out for out, _, code in results if code == 1)
+        assert "is also used by ruleset" in refused, refused
+        assert "nothing was imported" in refused
+        database_loads(database)  # old main: a's test names rules moved to b
+        other = tmp_path / "c.yaml"
+        other.write_text(to_yaml(ruleset_doc("c")), encoding="utf-8")
+        later = db("import", other, "--database-url", database.url)
+        assert later.returncode == 0, later.stdout + later.stderr
+
+    def test_postgresql_imports_wait_for_each_other(self, pg_database: Database, tmp_path: Path):
+        """The test holds the generation row (every write's trigger updates it): on old
+        main both imports read, validate and then wait to write, and both commit."""
+        database = pg_database.init()
+
+        @contextlib.contextmanager
+        def hold() -> Iterator[Callable[[], int]]:
+            with psycopg.connect(database.url) as holder:
+                holder.execute("SELECT generation FROM rule_sidecar_state FOR UPDATE")
+
+                def waiting() -> int:
+                    rows = pg_admin(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE datname = %s AND wait_event_type = 'Lock'",
+                        (database.name,),
+                    )
+                    return int(rows[0][0])
+
+                yield waiting
+
+        self.race(database, tmp_path, hold)
+
+    def test_sqlite_imports_wait_for_each_other(self, sqlite_database: Database, tmp_path: Path):
+        """The test holds the write lock for a moment: the second import waits for the
+        first and is refused on what the first wrote, not on a lock error."""
+        database = sqlite_database.init()
+
+        @contextlib.contextmanager
+        def hold() -> Iterator[Callable[[], int]]:
+            holder = sqlite3.connect(database.name, isolation_level=None)
+            holder.execute("BEGIN IMMEDIATE")
+            started = time.monotonic()
+            try:
+                # SQLite shows no waiters: give both processes time to reach their wait.
+                yield lambda: 2 if time.monotonic() - started > 2.0 else 0
+                holder.execute("COMMIT")
+            finally:
+                holder.close()
+
+        self.race(database, tmp_path, hold)
+
+
+class TestWhatTheDatabaseRefuses:
+    """`db import` refuses, located, what the database would refuse or give back changed."""
+
+    def test_nul_on_postgresql_is_refused_naming_the_rule_and_field(
+        self, pg_database: Database, tmp_path: Path
+    ):
+        """A NUL in a description (YAML's "\\0") passes `validate` but PostgreSQL cannot
+        store it: exit 1 naming ruleset, rule and field; nothing written (old main: a
+        DataError naming no rule)."""
+        database = pg_database.init()
+        database.import_docs(fraud_doc())
+        before = database.dump()
+        bad = tmp_path / "nul.yaml"
+        document = ruleset_doc(
+            "other", [{"id": "nul-rule", "condition": "true", "points": 1, "description": "a\0b"}]
+        )
+        bad.write_text(to_yaml(document), encoding="utf-8")
+        assert revision_of(bad)  # validate accepts it
+
+        result = db("import", bad, "--database-url", database.url)
+        assert result.returncode == 1, result.stdout + result.stderr
+        [problem] = problem_lines(result.stdout)
+        assert problem["file"] == str(bad)
+        assert "rule 'nul-rule'" in problem["message"]
+        assert "NUL" in problem["message"]
+        assert "$.spec.rules[0].description" in problem["message"]
+        assert database.dump() == before
+
+    def test_nul_is_stored_as_it_is_on_sqlite(self, sqlite_database: Database, tmp_path: Path):
+        """SQLite keeps the NUL: the import succeeds and the exported rule has it back."""
+        database = sqlite_database.init()
+        path = tmp_path / "nul.yaml"
+        rules = [{"id": "nul-rule", "condition": "true", "points": 1, "description": "a\0b"}]
+        path.write_text(to_yaml(ruleset_doc("other", rules)), encoding="utf-8")
+        assert db("import", path, "--database-url", database.url).returncode == 0
+        assert database_loads(database) == revision_of(path)
+
+    def test_a_double_postgresql_returns_beyond_64_bits_is_refused(
+        self, pg_database: Database, tmp_path: Path
+    ):
+        """`1.0e+30` is a double in YAML; JSONB returns it as a 31-digit integer that no
+        sidecar loads: refused at import, located (old main: imported, then unloadable)."""
+        database = pg_database.init()
+        path = tmp_path / "big.yaml"
+        rules = [{"id": "r", "condition": "true", "points": 1, "metadata": {"x": 1.0e30}}]
+        path.write_text(to_yaml(ruleset_doc("big", rules)), encoding="utf-8")
+        result = db("import", path, "--database-url", database.url)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "$.spec.rules[0].metadata.x" in result.stdout
+        assert database.rules() == {}
+
+
+def as_text(database: Database) -> list[tuple[Any, ...]]:
+    """The rule rows with JSON as text (the drivers' JSONB decoding has a stack too)."""
+    return database.execute(
+        "SELECT id, ruleset_id, CAST(metadata AS TEXT), row_version FROM rule_sidecar_rules"
+        " ORDER BY id"
+    ) + database.execute("SELECT id FROM rule_sidecar_rulesets ORDER BY id")
+
+
+def deep(depth: int) -> str:
+    return '{"x": ' + "[" * depth + "]" * depth + "}"
+
+
+class TestDeepJson:
+    """JSON nested deeper than any sidecar loads, written into a row: export and import
+    name the ruleset, rule and field instead of a RecursionError traceback."""
+
+    @pytest.mark.parametrize("command", ["export", "import"])
+    def test_deep_metadata_is_named(self, migrated: Database, tmp_path: Path, command: str):
+        migrated.import_docs(fraud_doc())
+        # PostgreSQL's own parser stops near 10k levels; past 1k, Python's stops.
+        depth = 100_000 if not migrated.is_postgresql else 5_000
+        migrated.change_unseen(
+            "UPDATE rule_sidecar_rules SET metadata = %s WHERE id = 'foreign-country'",
+            (deep(depth),),
+        )
+        before = as_text(migrated)
+        other = tmp_path / "c.yaml"
+        other.write_text(to_yaml(ruleset_doc("c")), encoding="utf-8")
+        paths = [other] if command == "import" else []
+        result = db(command, *paths, "--database-url", migrated.url)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "Traceback" not in result.stderr
+        text = result.stdout + result.stderr
+        assert "rule 'foreign-country'" in text, text
+        assert "nested deeper than 64 levels" in text
+        assert "#rulesets/fraud.json" in text
+        assert "$.spec.rules[1].metadata" in text
+        assert as_text(migrated) == before
+
+
+CANONICAL_METADATA = {
+    "zeta": 1,
+    "alpha": {"b": 2, "a": 1},
+    "minus_zero": -0.0,
+    "large_double": 1.5e16,
+    "double": 100.0,
+    "small": 1.0e-7,
+}
+
+
+class TestRevisionAcrossStores:
+    """The same rules have the same revision from a YAML directory and from a database
+    they were imported into (JSONB reorders keys, drops -0.0's sign and returns 1.5e16
+    as an integer: old main gave another revision on PostgreSQL)."""
+
+    def test_yaml_import_and_database_source_agree(self, migrated: Database, tmp_path: Path):
+        document = fraud_doc()
+        document["spec"]["rules"][0]["metadata"] = CANONICAL_METADATA
+        document["spec"]["tests"] = [
+            {
+                "name": "t",
+                "input": {"amount": 2000.0, "country": "FR", "z": -0.0, "a": 1e17},
+                "expect": {"total_points": 70},
+            }
+        ]
+        directory = tmp_path / "rules"
+        directory.mkdir()
+        (directory / "fraud.yaml").write_text(to_yaml(document), encoding="utf-8")
+        imported = db("import", directory, "--database-url", migrated.url)
+        assert imported.returncode == 0, imported.stdout + imported.stderr
+
+        assert database_loads(migrated) == revision_of(directory)
+        exported = tmp_path / "exported.yaml"
+        assert db("export", "--database-url", migrated.url, "--output", exported).returncode == 0
+        assert revision_of(exported) == revision_of(directory)
+
+    def test_another_number_is_another_revision(self, tmp_path: Path):
+        """Canonical, not lossy: 100 and 100.0 (an int and a double to CEL) differ."""
+        revisions = set()
+        for value in (100, 100.0, 101):
+            path = tmp_path / f"r{value!r}.yaml"
+            document = fraud_doc()
+            document["spec"]["rules"][0]["metadata"] = {"x": value}
+            path.write_text(to_yaml(document), encoding="utf-8")
+            revisions.add(revision_of(path))
+        assert len(revisions) == 3

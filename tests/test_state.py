@@ -32,7 +32,7 @@ from server_support import (  # noqa: E402
     wait_sync,
 )
 
-from sidecar.documents import SourceFile  # noqa: E402
+from sidecar.documents import INT_MAX, INT_MIN, SourceFile  # noqa: E402
 from sidecar.errors import LoadError  # noqa: E402
 from sidecar.loader import Loader  # noqa: E402
 from sidecar.snapshot import Snapshot  # noqa: E402
@@ -479,7 +479,8 @@ def registries(draw: st.DrawFn) -> list[dict]:
                                 st.text(max_size=8),
                                 st.one_of(
                                     TEXT,
-                                    st.integers(),
+                                    # Beyond 64 bits is refused at load: not servable.
+                                    st.integers(min_value=INT_MIN, max_value=INT_MAX),
                                     st.floats(allow_nan=False, allow_infinity=False),
                                     st.none(),
                                 ),
