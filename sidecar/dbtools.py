@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any, Final
 
+import psycopg
 import yaml
 
 from sidecar.documents import DEFAULT_FILE_LIMITS, INT_MAX, INT_MIN, SourceFile
@@ -29,6 +31,7 @@ from sidecar.errors import LoadError, Problem, ProblemCode, format_path
 from sidecar.loader import Loader
 from sidecar.model import Location, RuleSet
 from sidecar.sources.database import (
+    DatabaseTimeouts,
     DatabaseURL,
     connect,
     migrate,
@@ -92,12 +95,19 @@ def import_files(
 def _import_transaction(database: DatabaseURL, password_file: Path | None) -> Iterator[Any]:
     """One transaction that no other import runs beside: it waits for one that does
     (for the statement timeout at most), then commits on success or rolls back."""
-    connection = open_connection(database, password_file=password_file)
+    timeouts = DatabaseTimeouts()  # the wait for the lock is a statement's
+    connection = open_connection(database, password_file=password_file, timeouts=timeouts)
     try:
-        if database.kind == "sqlite":
-            connection.execute("BEGIN IMMEDIATE")  # the write lock before the first read
-        else:
-            connection.execute("SELECT pg_advisory_xact_lock(%s)", (IMPORT_LOCK,))
+        try:
+            if database.kind == "sqlite":
+                connection.execute("BEGIN IMMEDIATE")  # the write lock before the first read
+            else:
+                connection.execute("SELECT pg_advisory_xact_lock(%s)", (IMPORT_LOCK,))
+        except (sqlite3.OperationalError, psycopg.errors.QueryCanceled):
+            raise TimeoutError(
+                f"another writer held {database.redacted} for over {timeouts.statement:g} s"
+                " (another `db import`?): nothing was imported, try again"
+            ) from None
         yield connection
         connection.commit()
     except BaseException:

@@ -22,6 +22,7 @@ pytest.register_assert_rewrite("db_support", "server_support")
 from db_support import Database, pg_admin, pg_url_for, require_postgresql  # noqa: E402
 from server_support import fraud_doc, ruleset_doc, to_yaml  # noqa: E402
 
+from sidecar import dbtools  # noqa: E402
 from sidecar.loader import Loader  # noqa: E402
 from sidecar.sources.database import SCHEMA_VERSION, DatabaseSource  # noqa: E402
 from sidecar.sources.files import read_rule_files  # noqa: E402
@@ -392,6 +393,20 @@ class TestConcurrentImports:
                 holder.close()
 
         self.race(database, tmp_path, hold)
+
+    def test_an_import_held_up_too_long_says_why(self, pg_database: Database, tmp_path: Path):
+        """Another import holding the lock past the statement timeout: exit 1 saying so,
+        nothing written (old main did not wait for it at all)."""
+        database = pg_database.init()
+        path = tmp_path / "c.yaml"
+        path.write_text(to_yaml(ruleset_doc("c")), encoding="utf-8")
+        with psycopg.connect(database.url) as holder:
+            holder.execute("SELECT pg_advisory_xact_lock(%s)", (dbtools.IMPORT_LOCK,))
+            result = db("import", path, "--database-url", database.url)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "another writer held" in result.stderr
+        assert "nothing was imported" in result.stderr
+        assert database.rules() == {}
 
 
 class TestWhatTheDatabaseRefuses:

@@ -291,3 +291,28 @@ class TestManySmallValues:
         for name in ("big.json", "big.yaml"):
             documents, problems = parse_file(SourceFile(name, text.encode()))
             assert (len(documents), problems) == (1, [])
+
+
+class TestDeepNesting:
+    """100k levels in every syntax, from a file or from a database row (not located):
+    a located problem, never a RecursionError (the db commands crashed on such rows:
+    tests/test_db_cli.py::TestDeepJson)."""
+
+    @pytest.mark.parametrize(
+        ("name", "text", "code"),
+        [
+            ("flow.yaml", b"a: " + b"[" * 100_000 + b"]" * 100_000, "yaml.syntax"),
+            ("maps.yaml", b"a: " + b"{a: " * 100_000 + b"}" * 100_000, "yaml.syntax"),
+            ("block.yaml", b"a:\n- " + b"- " * 100_000 + b"1\n", "yaml.syntax"),
+            ("deep.json", b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "limit.depth"),
+            ("deeper.json", b'{"a": ' + b"[" * 500 + b"]" * 500 + b"}", "limit.depth"),
+        ],
+    )
+    @pytest.mark.parametrize("located", [True, False], ids=["file", "row"])
+    def test_a_located_problem(self, name: str, text: bytes, code: str, located: bool):
+        with pytest.raises(LoadError) as info:
+            Loader().load([SourceFile(name, text, located)])
+        [problem] = info.value.problems
+        assert problem.code == code
+        assert problem.file == name
+        assert "nest" in problem.message
