@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import accumulate
@@ -45,6 +45,7 @@ __all__ = ["IMPORT_LOCK", "ImportResult", "export_documents", "import_files", "i
 
 # SQLite takes at most 32,766 parameters per statement; 11 per rule.
 _ROWS_PER_STATEMENT = 1_000
+_IDS_PER_QUERY: Final = 500
 
 # The PostgreSQL advisory lock every `db import` holds for its whole transaction
 # ("ruleside" in ASCII: a key no other application is likely to pick).
@@ -79,11 +80,11 @@ def import_files(
         if refused:
             raise LoadError(refused)
     with _import_transaction(database, password_file) as connection:
-        stored = _stored_documents(connection, database)
         kept = [
             SourceFile(_name(database, ruleset_id), json.dumps(document).encode())
-            for ruleset_id, document in stored.items()
-            if ruleset_id not in incoming.rulesets
+            for ruleset_id, document in _stored_documents(
+                connection, database, incoming.rulesets.keys()
+            ).items()
         ]
         loader.load([*kept, *files])  # the database as it will be, as a whole
         for ruleset in incoming.rulesets.values():
@@ -243,16 +244,25 @@ def export_documents(url: str, *, password_file: Path | None = None) -> str:
     )
 
 
-def _stored_documents(connection: Any, database: DatabaseURL) -> dict[str, dict[str, Any]]:
-    """Every stored ruleset as a document; `LoadError` for JSON nested deeper than a
-    sidecar loads (deep enough, it overflows the JSON decoder's stack)."""
-    try:
-        _, documents = read_documents(connection)
-    except RecursionError:
-        documents = {}
+def _stored_documents(
+    connection: Any, database: DatabaseURL, replaced: Collection[str] = ()
+) -> dict[str, dict[str, Any]]:
+    """Every stored ruleset but those `replaced` as a document; `LoadError` for one with
+    JSON nested deeper than a sidecar loads (deep enough, it overflows the JSON decoder's
+    stack). A ruleset being replaced is not read: importing its fix repairs it."""
     problems = _too_deep(connection, database)
-    if problems:
-        raise LoadError(problems)
+    if any(problem.ruleset_id not in replaced for problem in problems):
+        raise LoadError(problem for problem in problems if problem.ruleset_id not in replaced)
+    if not replaced:
+        return read_documents(connection)[1]
+    ids = [
+        str(ruleset_id)
+        for (ruleset_id,) in connection.execute("SELECT id FROM rule_sidecar_rulesets")
+        if ruleset_id not in replaced
+    ]
+    documents: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(ids), _IDS_PER_QUERY):
+        documents.update(read_documents(connection, ids[start : start + _IDS_PER_QUERY])[1])
     return documents
 
 

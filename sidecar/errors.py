@@ -46,12 +46,11 @@ def format_path(path: Sequence[str | int]) -> str:
 
 
 def excerpt(value: object, limit: int = QUOTE_LIMIT) -> str:
-    """`repr(value)` for a message, a long one cut to its start and its length."""
+    """`repr(value)` for a message, a long one cut to its start (and a string's length)."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}… ({len(value):,} characters)"
     text = repr(value)
-    if len(text) <= limit:
-        return text
-    size = f"{len(value)} characters" if isinstance(value, str) else f"{len(text)} characters"
-    return f"{text[:limit]}… ({size})"
+    return text if len(text) <= limit else f"{text[:limit]}…"
 
 
 def clip(message: str, limit: int = MESSAGE_LIMIT) -> str:

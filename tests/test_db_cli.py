@@ -500,6 +500,23 @@ class TestDeepJson:
         assert "$.spec.rules[1].metadata" in text
         assert as_text(migrated) == before
 
+    def test_importing_the_fix_repairs_the_deep_row(self, migrated: Database, tmp_path: Path):
+        """The ruleset holding the deep row is replaced by the import: it goes through,
+        and the database loads again."""
+        migrated.import_docs(fraud_doc(), ruleset_doc("other"))
+        migrated.change_unseen(
+            "UPDATE rule_sidecar_rules SET metadata = %s WHERE id = 'foreign-country'",
+            (deep(100_000 if not migrated.is_postgresql else 5_000),),
+        )
+        fix = tmp_path / "fraud.yaml"
+        fix.write_text(to_yaml(fraud_doc(60)), encoding="utf-8")
+        result = db("import", fix, "--database-url", migrated.url)
+        assert result.returncode == 0, result.stdout + result.stderr
+        files = tmp_path / "files"
+        files.mkdir()
+        (files / "all.yaml").write_text(to_yaml(fraud_doc(60), ruleset_doc("other")), "utf-8")
+        assert database_loads(migrated) == revision_of(files)
+
 
 CANONICAL_METADATA = {
     "zeta": 1,
