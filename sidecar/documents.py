@@ -22,7 +22,7 @@ import codecs
 import json
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -37,6 +37,7 @@ __all__ = [
     "FileLimits",
     "SourceFile",
     "parse_file",
+    "unservable_number",
 ]
 
 _YAML_SUFFIXES: Final = (".yaml", ".yml")
@@ -538,7 +539,9 @@ def _parse_json(name: str, text: str, limits: FileLimits, *, located: bool) -> l
     if _SURROGATE_ESCAPE.search(text):
         _check_surrogates(name, data)
     if _LONG_NUMBER.search(text):
-        _check_numbers(name, data, _json_node(text) if located else None)
+        problem = unservable_number(name, data, _json_node(text) if located else None)
+        if problem is not None:
+            raise _FileProblem(problem)
     if not located:
         _check_depth(name, data, limits)
         documents = data if isinstance(data, list) else [data]
@@ -592,36 +595,36 @@ def _check_surrogates(name: str, data: Any) -> None:
 _LONG_NUMBER: Final = re.compile(r"\d{19}|[eE][+-]?\d{3}")
 
 
-def _check_numbers(name: str, data: Any, root: yaml.Node | None) -> None:
-    """Refuse an integer beyond 64 bits or a number beyond a double's range, at its path
-    (and, in a file written by hand, its line and column)."""
+def unservable_number(name: str, data: Any, root: yaml.Node | None = None) -> Problem | None:
+    """The first integer beyond 64 bits or number beyond a double's range in `data`, as a
+    problem at its path (and, given the document's node tree, its line and column)."""
     stack: list[tuple[Any, tuple[str | int, ...]]] = [(data, ())]
     while stack:
         value, path = stack.pop()
-        if isinstance(value, dict):
+        if isinstance(value, Mapping):
             stack.extend((item, (*path, key)) for key, item in value.items())
-        elif isinstance(value, list):
+        elif isinstance(value, list | tuple):
             stack.extend((item, (*path, index)) for index, item in enumerate(value))
         elif isinstance(value, int) and not isinstance(value, bool):
             if not INT_MIN <= value <= INT_MAX:
-                _refuse_number(name, path, root, _beyond_64_bits(str(value)))
+                return _number_problem(name, path, root, _beyond_64_bits(str(value)))
         elif isinstance(value, float) and not math.isfinite(value):
-            _refuse_number(name, path, root, "a number beyond a double's range (not finite)")
+            message = "a number beyond a double's range (not finite)"
+            return _number_problem(name, path, root, message)
+    return None
 
 
-def _refuse_number(
+def _number_problem(
     name: str, path: tuple[str | int, ...], root: yaml.Node | None, message: str
-) -> None:
+) -> Problem:
     at = Document(None, name, 0, root).locate(path)
-    raise _FileProblem(
-        Problem(
-            file=name,
-            line=at.line,
-            column=at.column,
-            path=format_path(path),
-            message=message,
-            code=ProblemCode.NOT_JSON,
-        )
+    return Problem(
+        file=name,
+        line=at.line,
+        column=at.column,
+        path=format_path(path),
+        message=message,
+        code=ProblemCode.NOT_JSON,
     )
 
 

@@ -49,6 +49,7 @@ from sidecar.documents import (
     FileLimits,
     SourceFile,
     parse_file,
+    unservable_number,
 )
 from sidecar.errors import LoadError, Problem, ProblemCode, clip, excerpt, format_path
 from sidecar.model import (
@@ -261,6 +262,9 @@ class Loader:
             )
             for error in _rule_validator().iter_errors(data)
         ]
+        unservable = unservable_number(file, data)
+        if unservable is not None:
+            problems.append(unservable)
         if problems:
             raise LoadError(problems)
         return self.check_rule(_rule(dict(data), ruleset_id, Location(file)))

@@ -81,6 +81,9 @@ class TestSeedWrites:
             {"id": "x1", "condition": "input.x >", "points": 1},
             {"id": "x1", "condition": "1 + 1", "points": 1},
             {"id": "x1", "condition": "true", "points": 1, "colour": "red"},
+            # Not servable: the API's JSON answers carry integers of 64 bits at most.
+            {"id": "x1", "condition": "true", "points": 1, "metadata": {"n": 2**64}},
+            {"id": "x1", "condition": "true", "points": 1, "metadata": {"n": [float("inf")]}},
         ],
     )
     def test_add_rule_bad_mapping_is_load_error_and_changes_nothing(
