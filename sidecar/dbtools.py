@@ -104,7 +104,9 @@ def _import_transaction(database: DatabaseURL, password_file: Path | None) -> It
                 connection.execute("BEGIN IMMEDIATE")  # the write lock before the first read
             else:
                 connection.execute("SELECT pg_advisory_xact_lock(%s)", (IMPORT_LOCK,))
-        except (sqlite3.OperationalError, psycopg.errors.QueryCanceled):
+        except (sqlite3.OperationalError, psycopg.errors.QueryCanceled) as exc:
+            if isinstance(exc, sqlite3.Error) and exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                raise  # not the lock: a read-only file, say
             raise TimeoutError(
                 f"another writer held {database.redacted} for over {timeouts.statement:g} s"
                 " (another `db import`?): nothing was imported, try again"
@@ -129,7 +131,6 @@ def _unstorable_in_postgresql(ruleset: RuleSet) -> list[Problem]:
     beyond 64 bits), located at their ruleset, rule and field."""
     problems: list[Problem] = []
     document = ruleset.to_document()
-    rules = {rule.id: rule for rule in ruleset.rules}
     stack: list[tuple[Any, tuple[str | int, ...]]] = [(document, ())]
     while stack:
         value, path = stack.pop()
@@ -152,7 +153,7 @@ def _unstorable_in_postgresql(ruleset: RuleSet) -> list[Problem]:
             continue
         rule = None
         if path[:2] == ("spec", "rules") and len(path) > 2 and isinstance(path[2], int):
-            rule = rules.get(str(document["spec"]["rules"][path[2]]["id"]))
+            rule = ruleset.rules[path[2]]  # the document lists them in the same order
         where = (rule.location if rule else None) or ruleset.location or Location("<import>")
         problems.append(
             where.problem(
