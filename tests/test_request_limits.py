@@ -63,7 +63,16 @@ def serve(tmp_path: Path, rules: Path, **settings: str) -> Served:
     )
     server = spawn(tmp_path, "--rules-dir", str(rules), env=env)
     server.wait_ready()
+    # The API answers before the probe listener is bound (serve starts it second, and
+    # serves meanwhile): on a loaded machine a test connected to a port not yet open.
+    wait_sync(lambda: listening(probe_port(server)), message="probe listener bound")
     return server
+
+
+def listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1.0):
+        return True
+    return False
 
 
 @pytest.fixture
