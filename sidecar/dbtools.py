@@ -45,7 +45,6 @@ __all__ = ["IMPORT_LOCK", "ImportResult", "export_documents", "import_files", "i
 
 # SQLite takes at most 32,766 parameters per statement; 11 per rule.
 _ROWS_PER_STATEMENT = 1_000
-_IDS_PER_QUERY: Final = 500
 
 # The PostgreSQL advisory lock every `db import` holds for its whole transaction
 # ("ruleside" in ASCII: a key no other application is likely to pick).
@@ -255,16 +254,13 @@ def _stored_documents(
     if any(problem.ruleset_id not in replaced for problem in problems):
         raise LoadError(problem for problem in problems if problem.ruleset_id not in replaced)
     if not replaced:
-        return read_documents(connection)[1]
+        return read_documents(connection, name=database.redacted)[1]
     ids = [
         str(ruleset_id)
         for (ruleset_id,) in connection.execute("SELECT id FROM rule_sidecar_rulesets")
         if ruleset_id not in replaced
     ]
-    documents: dict[str, dict[str, Any]] = {}
-    for start in range(0, len(ids), _IDS_PER_QUERY):
-        documents.update(read_documents(connection, ids[start : start + _IDS_PER_QUERY])[1])
-    return documents
+    return read_documents(connection, ids, name=database.redacted)[1]
 
 
 _JSON_STRING: Final = re.compile(r'"(?:[^"\\]|\\.)*"')
