@@ -150,7 +150,7 @@ class Problem:
         return {**asdict(self), "code": self.code.value}
 
     def to_rule_error(self) -> dict[str, Any]:
-        """The seed's validation error shape (`rule_id`, `error`), located."""
+        """The hot-reload contract's validation error shape (`rule_id`, `error`), located."""
         return {
             "rule_id": self.rule_id,
             "ruleset_id": self.ruleset_id,

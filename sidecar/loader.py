@@ -172,7 +172,7 @@ class Loader:
     def load(self, files: Iterable[SourceFile], *, run_checks: bool | None = None) -> LoadResult:
         """Build a candidate snapshot from the complete set of files, or raise `LoadError`.
 
-        `run_checks` overrides the loader's setting for this load (the seed's `validate`).
+        `run_checks` overrides the loader's setting for this load (the contract's `validate`).
         """
         checks = self.run_checks if run_checks is None else run_checks
         if checks != self._files_checked:
