@@ -27,6 +27,7 @@ from sidecar.config import (
     Settings,
     SettingsError,
     declaration,
+    setting_from,
     settings_from,
 )
 from sidecar.errors import LoadError
@@ -84,10 +85,14 @@ def flag_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
 
 
 def _database(args: argparse.Namespace) -> tuple[str, Path | None]:
-    if not args.database_url:
+    """The `db` commands' database: their flags over the variables `serve` reads."""
+    url = args.database_url or setting_from(os.environ, "database_url")
+    if not url:
         raise SettingsError(f"--database-url (or {ENVIRONMENT['database_url']}) is required")
-    password = Path(args.database_password_file) if args.database_password_file else None
-    return args.database_url, password
+    password: Path | None = args.database_password_file or setting_from(
+        os.environ, "database_password_file"
+    )
+    return url, password
 
 
 def _db_init(args: argparse.Namespace, out: TextIO) -> int:
@@ -219,17 +224,12 @@ def _add_db_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
         command: argparse.ArgumentParser = actions.add_parser(
             name, help=help_text, description=help_text
         )
-        command.add_argument(
-            "--database-url",
-            default=os.environ.get(ENVIRONMENT["database_url"]),
-            help=f"sqlite:///path or postgresql://... [{ENVIRONMENT['database_url']}]",
-        )
-        command.add_argument(
-            "--database-password-file",
-            type=Path,
-            default=os.environ.get(ENVIRONMENT["database_password_file"]),
-            help=f"[{ENVIRONMENT['database_password_file']}]",
-        )
+        for setting in ("database_url", "database_password_file"):
+            spec = declaration(setting)
+            assert spec.flag is not None
+            command.add_argument(
+                spec.flag, dest=setting, type=spec.parse, help=f"{spec.help} [{spec.variable}]"
+            )
         return command
 
     action("init", "Create or upgrade the rule tables (idempotent).").set_defaults(handler=_db_init)
@@ -264,12 +264,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
 
 def _database_error(exc: BaseException, args: argparse.Namespace) -> str:
     """The driver's message with every password masked (libpq may quote the URL)."""
-    url = getattr(args, "database_url", None) or ""
-    password_file = getattr(args, "database_password_file", None)
     try:
-        password = password_from(Path(password_file) if password_file else None)
-    except OSError:
-        password = None
+        url, password_file = _database(args)
+        password = password_from(password_file)
+    except (OSError, ValueError):
+        url, password = "", None
     return describe_error(exc, password, DatabaseURL("postgresql", url))
 
 

@@ -5,7 +5,8 @@ variable (`RULE_SIDECAR_*`; the hot-reload contract's `HOT_RELOAD_*` variables k
 meaning), its `serve` flag if it has one, how its text is parsed, what values it accepts
 and a short help. The variable table (`ENVIRONMENT`), the flags of `rule-sidecar serve` and the
 checks are derived from those declarations; a test holds the README's table to them.
-A flag wins over its variable. No other module reads the environment.
+A flag wins over its variable. No other module interprets the environment: the command
+line hands `os.environ` to `settings_from` and `setting_from`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "Settings",
     "SettingsError",
     "declaration",
+    "setting_from",
     "settings_from",
 ]
 
@@ -405,6 +407,26 @@ def _refuse(name: str, value: Any, reason: str) -> None:
     raise SettingsError(f"{flag}{spec.variable}={value!r}: {reason}")
 
 
+def setting_from(environ: Mapping[str, str], name: str) -> Any:
+    """One setting from its variable (parsed and checked), or its default."""
+    return getattr(Settings(**_parsed(environ, name)), name)
+
+
+def _parsed(environ: Mapping[str, str], *names: str) -> dict[str, Any]:
+    """The values the variables of these settings give (unchecked), by setting name."""
+    values: dict[str, Any] = {}
+    for name in names:
+        spec = declaration(name)
+        text = environ.get(spec.variable, "").strip()
+        if not text:
+            continue
+        try:
+            values[name] = spec.parse(text)
+        except ValueError as exc:
+            raise SettingsError(f"{spec.variable}={text!r}: {exc}") from None
+    return values
+
+
 def settings_from(
     environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None
 ) -> Settings:
@@ -412,15 +434,6 @@ def settings_from(
 
     An override of None means "not given" and leaves the environment's value.
     """
-    values: dict[str, Any] = {}
-    for item in fields(Settings):
-        spec = declaration(item.name)
-        text = environ.get(spec.variable, "").strip()
-        if not text:
-            continue
-        try:
-            values[item.name] = spec.parse(text)
-        except ValueError as exc:
-            raise SettingsError(f"{spec.variable}={text!r}: {exc}") from None
+    values = _parsed(environ, *(item.name for item in fields(Settings)))
     values.update((name, value) for name, value in (overrides or {}).items() if value is not None)
     return Settings(**values)

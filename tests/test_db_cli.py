@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import sqlite3
@@ -217,6 +218,23 @@ class TestUsageAndFailures:
         assert result.returncode == 2
         assert "--database-url" in result.stderr
         assert "RULE_SIDECAR_DATABASE_URL" in result.stderr
+
+    def test_the_variables_serve_reads_name_the_database(self, tmp_path: Path):
+        """RULE_SIDECAR_DATABASE_URL, as `serve` reads it, serves `db` too; a flag wins;
+        a blank password-file variable means none, as for `serve`."""
+        given = tmp_path / "from-variable.db"
+        variable = {**os.environ, "RULE_SIDECAR_DATABASE_URL": f"sqlite:///{given}"}
+        run = functools.partial(
+            subprocess.run, capture_output=True, text=True, timeout=30, env=variable, check=False
+        )
+        command = [sys.executable, "-m", "sidecar.cli", "db", "init"]
+        assert run(command).returncode == 0
+        assert given.exists()
+        flagged = tmp_path / "from-flag.db"
+        assert run([*command, "--database-url", f"sqlite:///{flagged}"]).returncode == 0
+        assert flagged.exists()
+        variable["RULE_SIDECAR_DATABASE_PASSWORD_FILE"] = "   "
+        assert run(command).returncode == 0  # blank: not given, as for serve
 
     def test_unknown_scheme_exits_2(self):
         """`mysql://` is refused as a usage error naming the supported schemes."""
