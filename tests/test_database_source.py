@@ -816,6 +816,20 @@ class TestEveryChangeSeen:
         document = json.loads(source.read()[0].content)
         assert document["metadata"]["description"] == "X"
 
+    def test_a_rule_moved_to_another_ruleset_is_read_from_both(self, seeded: Database):
+        """`UPDATE rule_sidecar_rules SET ruleset_id = ...` alone: SQLite touched only the
+        ruleset the rule went to, so the one it left kept it too, and every reload failed
+        with a duplicate id the database does not hold (found by an outside attack)."""
+        seeded.import_docs(ruleset_doc("extra"))
+        source, loader = DatabaseSource(seeded.url), Loader()
+        loader.load(source.read())
+        seeded.execute(
+            "UPDATE rule_sidecar_rules SET ruleset_id = 'extra' WHERE id = 'large-amount'"
+        )
+        snapshot = loader.load(source.read()).snapshot
+        assert snapshot.rules["large-amount"].ruleset_id == "extra"
+        assert "large-amount" not in {rule.id for rule in snapshot.rulesets["fraud"].rules}
+
     def test_a_change_id_written_back_by_the_writer_is_not_trusted(self, seeded: Database):
         """A tool that copies rows back with their old change_id (a restore, a sync job)
         still gets a new one: the reader's marker is never the writer's to set."""

@@ -323,8 +323,10 @@ def _sqlite_triggers() -> list[str]:
         " WHEN NEW.row_version = OLD.row_version BEGIN"
         f" UPDATE rule_sidecar_rules SET row_version = OLD.row_version + 1, updated_at = {now}"
         " WHERE id = NEW.id; END",
+        # A rule moved to another ruleset touches both here, in the writer's own update:
+        # the touch trigger's update sees the row already moved (OLD.ruleset_id is new).
         "CREATE TRIGGER rule_sidecar_rules_ruleset_update AFTER UPDATE ON rule_sidecar_rules"
-        " WHEN NEW.row_version IS NOT OLD.row_version"
+        " WHEN NEW.row_version IS NOT OLD.row_version OR NEW.ruleset_id IS NOT OLD.ruleset_id"
         f" BEGIN {touch_ruleset} IN (OLD.ruleset_id, NEW.ruleset_id); END",
         "CREATE TRIGGER rule_sidecar_rules_delete AFTER DELETE ON rule_sidecar_rules"
         f" BEGIN {_SQLITE_BUMP} {touch_ruleset} = OLD.ruleset_id; END",
