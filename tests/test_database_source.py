@@ -830,6 +830,41 @@ class TestEveryChangeSeen:
         assert snapshot.rules["large-amount"].ruleset_id == "extra"
         assert "large-amount" not in {rule.id for rule in snapshot.rulesets["fraud"].rules}
 
+    def test_a_rule_without_its_ruleset_is_reported_not_dropped(self, seeded: Database):
+        """A rule written with SQLite's foreign keys off (they are per connection) whose
+        ruleset does not exist was left out silently: now the read fails naming it, until
+        it is removed."""
+        source = DatabaseSource(seeded.url)
+        source.read()
+        if seeded.kind == "sqlite":
+            connection = sqlite3.connect(seeded.name)  # foreign keys off: SQLite's default
+            with connection:
+                connection.execute(
+                    "INSERT INTO rule_sidecar_rules (id, ruleset_id, name, condition, points)"
+                    " VALUES ('stray', 'gone', 'Stray', 'true', 1)"
+                )
+            connection.close()
+        else:
+            seeded.script(
+                [
+                    ("SET LOCAL session_replication_role = replica", ()),
+                    (
+                        "INSERT INTO rule_sidecar_rules (id, ruleset_id, name, condition, points)"
+                        " VALUES ('stray', 'gone', 'Stray', 'true', 1)",
+                        (),
+                    ),
+                ]
+            )
+            source.forget()  # behind the triggers: what the verification does
+        with pytest.raises(LoadError) as failed:
+            source.read()
+        (problem,) = failed.value.problems
+        assert problem.rule_id == "stray"
+        assert "'gone', which does not exist" in problem.message
+        seeded.execute("DELETE FROM rule_sidecar_rules WHERE id = 'stray'")
+        source.forget()
+        assert points_read(source) == 40
+
     def test_a_change_id_written_back_by_the_writer_is_not_trusted(self, seeded: Database):
         """A tool that copies rows back with their old change_id (a restore, a sync job)
         still gets a new one: the reader's marker is never the writer's to set."""

@@ -912,6 +912,26 @@ def read_documents(
     return generation, rulesets.documents
 
 
+def _orphans(connection: Any, name: str) -> tuple[Problem, ...]:
+    """Rules whose ruleset does not exist: written with SQLite's foreign keys off (they
+    are per connection) or behind PostgreSQL's triggers. No document holds them, so
+    they would be left out unseen: each is a problem until it is removed or placed."""
+    rows = connection.execute(
+        "SELECT id, ruleset_id FROM rule_sidecar_rules WHERE ruleset_id NOT IN"
+        " (SELECT id FROM rule_sidecar_rulesets) LIMIT 10"
+    ).fetchall()
+    return tuple(
+        Problem(
+            file=name,
+            message=f"rule {_excerpt(str(rule_id))} belongs to ruleset"
+            f" {_excerpt(str(ruleset_id))}, which does not exist: it is served by no ruleset",
+            rule_id=str(rule_id),
+            code=ProblemCode.READ_FAILED,
+        )
+        for rule_id, ruleset_id in rows
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class _Changes:
     """What a read found: the generation, every ruleset's change_id, the rulesets read
@@ -921,6 +941,7 @@ class _Changes:
     stamps: dict[str, object]
     documents: dict[str, dict[str, Any]]
     refused: dict[str, Problem]
+    orphans: tuple[Problem, ...] = ()
 
 
 _TRIGGERS: Final = {
@@ -1045,7 +1066,7 @@ class DatabaseSource:
                     code=ProblemCode.READ_FAILED,
                 )
         self._files = files
-        self._refused = tuple(refused.values())
+        self._refused = (*refused.values(), *changes.orphans)
         self._generation = changes.generation if current else None
         self._stamps = (
             {i: s for i, s in changes.stamps.items() if i not in refused} if current else {}
@@ -1102,7 +1123,8 @@ class DatabaseSource:
         whole = len(stale) > len(stamps) // 2
         rulesets = _read_rulesets(connection, self.name, None if whole else stale, self._max_bytes)
         refused.update(rulesets.refused)
-        return _Changes(generation, stamps, rulesets.documents, refused)
+        orphans = _orphans(connection, self.name)
+        return _Changes(generation, stamps, rulesets.documents, refused, orphans)
 
     def _read_stamps(self, connection: Any) -> tuple[dict[str, object], dict[str, Problem]]:
         """Every ruleset's change_id. A SQLite id that is not text, or is far too long to
