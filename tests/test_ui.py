@@ -347,7 +347,17 @@ class TestUnreachable:
             wait(browser, lambda b: UNREACHABLE.fullmatch(text(b, "health")), "unreachable")
             banner = wait(browser, lambda b: shown(b, "banner"), "the unreachable banner")
             assert "Cannot reach the sidecar since" in banner.text
-            assert "what the page last knew" in banner.text
+            said = browser.find_element(By.ID, "banner-text")
+            assert re.fullmatch(
+                r"The connection failed\. Everything below is what the page last knew"
+                r" \(\d+ s ago\): it may serve other rules now, or none\."
+                r" Trying again every few seconds\.",
+                said.text,
+            ), said.text
+            known = said.find_element(By.TAG_NAME, "time")  # the age is an element, not its name
+            assert re.fullmatch(r"\d+ s ago", known.text)
+            assert known.get_attribute("datetime")
+            assert browser.title == "Unreachable · rule-sidecar"
             assert re.search(r"last known healthy, \d+ s ago", text(browser, "health-age"))
             assert text(browser, "feed-state") != "connected"
             assert audit(browser) == []
@@ -398,6 +408,7 @@ class TestUnreachable:
                     seconds=30,
                 )
                 assert "No answer within 8 s" in text(browser, "banner")
+                assert browser.title == "Unreachable · rule-sidecar"
                 assert text(browser, "feed-state") != "connected"
                 browser.find_element(By.ID, "validate").click()
                 assert busy(browser, "validate")

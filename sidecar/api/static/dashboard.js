@@ -33,16 +33,23 @@ function el(tag, props = {}, ...children) {
     if (key === "dataset") Object.assign(node.dataset, value);
     else if (value !== undefined && value !== null) node[key] = value;
   }
-  for (const child of children.flat()) {
-    if (child !== null && child !== undefined && child !== false) {
-      node.append(child instanceof Node ? child : String(child));
-    }
-  }
+  node.append(...parts(children));
   return node;
 }
 
 function fill(node, ...children) {
-  node.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined));
+  node.replaceChildren(...parts(children));
+}
+
+/** Children nested to any depth, as nodes and text. An array or object left in them would
+ *  be shown as its String() (`,[object HTMLTimeElement],`): it is a bug, so it throws. */
+function parts(children) {
+  return children.flat(Infinity).filter((c) => c !== null && c !== undefined && c !== false)
+    .map((c) => {
+      if (c instanceof Node) return c;
+      if (typeof c === "object") throw new TypeError(`not text nor an element: ${String(c)}`);
+      return String(c);
+    });
 }
 
 function age(iso) {
@@ -417,12 +424,14 @@ function renderAge() {
     : `last known ${view.health ? view.health.status : "nothing"}, ${known}`;
 }
 
-/** Why the page must shout: a failed reload until a good one, else what degrades health. */
+/** Why the page must shout: a failed reload until a good one, else what degrades health;
+ *  `tab` is the same in a word, for the tab title. */
 function bannerContent() {
   const { health, status } = view;
   if (link.downSince !== null) {
     return {
       level: "error",
+      tab: "Unreachable",
       title: `Cannot reach the sidecar since ${clock(link.downSince)}`,
       text: [`${link.why[0].toUpperCase()}${link.why.slice(1)}. Everything below is what the page last knew`,
         link.knownAt === null ? "" : [" (", since(new Date(link.knownAt).toISOString()), ")"],
@@ -431,13 +440,14 @@ function bannerContent() {
     };
   }
   if (link.readError) {
-    return { level: "error", title: "The sidecar's answer could not be shown",
+    return { level: "error", tab: "Not shown", title: "The sidecar's answer could not be shown",
       text: [link.readError, ". What is shown may be out of date."], problems: [] };
   }
   if (!status) return null;
   if (status.last_reload_status === "failed") {
     return {
       level: "error",
+      tab: "Reload failed",
       title: `Last reload failed: still serving version ${status.registry.version}`,
       text: ["The failed rules are not live. Fix them and the next good reload clears this. ",
         "Failed ", since(status.last_reload_time), "."],
@@ -457,7 +467,7 @@ function bannerContent() {
     reasons.push(`stale: no look at the sources since ${age(status.last_check_time)}`);
   }
   if (!reasons.length) return null;
-  return { level: "warning", title: `Health: ${health.status}`, text: [reasons.join("; ")],
+  return { level: "warning", tab: "Degraded", title: `Health: ${health.status}`, text: [reasons.join("; ")],
     problems: [] };
 }
 
@@ -473,8 +483,7 @@ function renderBanner() {
   const banner = $("banner");
   banner.hidden = content === null;
   // The tab says it too, for a page left open behind others.
-  document.title = content === null ? "rule-sidecar"
-    : `${content.level === "error" ? "Reload failed" : "Degraded"} · rule-sidecar`;
+  document.title = content === null ? "rule-sidecar" : `${content.tab} · rule-sidecar`;
   if (content === null) return;
   banner.dataset.level = content.level;
   $("banner-title").textContent = content.title;
