@@ -41,6 +41,13 @@ class SettingsError(ValueError):
 _LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _DATABASE: Final = DatabaseTimeouts()
 _PASSWORD_IN_URL: Final = re.compile(r"(?<=://)([^:/@]+):([^@]*)@")
+# The largest value a setting takes: beyond them a value disables what it bounds (a body
+# timeout of 1e300 s) or overflows where it is used (a history of 1e23 entries).
+_YEAR: Final = 365 * 24 * 3600
+_GIB: Final = 1024**3
+_MILLION: Final = 1_000_000
+_INTEGER: Final = re.compile(r"[+-]?[0-9]+")
+_DECIMAL: Final = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _TRUE: Final = {"1", "true", "yes", "on"}
 _FALSE: Final = {"0", "false", "no", "off"}
 
@@ -52,6 +59,20 @@ def _boolean(text: str) -> bool:
     if lowered not in _TRUE | _FALSE:
         raise ValueError("expected true or false")
     return lowered in _TRUE
+
+
+def _integer(text: str) -> int:
+    """ASCII digits only: `int()` also takes full-width digits and `1_000`."""
+    if not _INTEGER.fullmatch(text):
+        raise ValueError("expected a whole number")
+    return int(text)
+
+
+def _decimal(text: str) -> float:
+    """A plain decimal number (`inf` and `nan` are not)."""
+    if not _DECIMAL.fullmatch(text):
+        raise ValueError("expected a number")
+    return float(text)
 
 
 def _paths(text: str) -> tuple[Path, ...]:
@@ -70,18 +91,19 @@ def _port(value: int | None) -> str | None:
 
 
 def _seconds(value: float) -> str | None:
-    good = math.isfinite(value) and value > 0
-    return None if good else "must be a positive number of seconds"
+    good = math.isfinite(value) and 0 < value <= _YEAR
+    return None if good else f"must be a positive number of seconds, at most {_YEAR:,} (a year)"
 
 
 def _seconds_or_never(value: float) -> str | None:
-    good = math.isfinite(value) and value >= 0
-    return None if good else "must be 0 (never) or a number of seconds"
+    good = math.isfinite(value) and 0 <= value <= _YEAR
+    return None if good else f"must be 0 (never) or a number of seconds, at most {_YEAR:,}"
 
 
-def _at_least(minimum: int) -> Callable[[int], str | None]:
+def _between(minimum: int, maximum: int) -> Callable[[int], str | None]:
     def check(value: int) -> str | None:
-        return None if value >= minimum else f"must be at least {minimum}"
+        good = minimum <= value <= maximum
+        return None if good else f"must be from {minimum:,} to {maximum:,}"
 
     return check
 
@@ -129,7 +151,7 @@ class Settings:
     )
     host: str = _setting("127.0.0.1", "RULE_SIDECAR_HOST", "listen address", flag="--host")
     port: int = _setting(
-        8000, "RULE_SIDECAR_PORT", "listen port", parse=int, check=_port, flag="--port"
+        8000, "RULE_SIDECAR_PORT", "listen port", parse=_integer, check=_port, flag="--port"
     )
     metrics_host: str | None = _setting(
         None,
@@ -141,7 +163,7 @@ class Settings:
         None,
         "RULE_SIDECAR_METRICS_PORT",
         "port of a separate listener for probes and metrics",
-        parse=int,
+        parse=_integer,
         check=_port,
         flag="--metrics-port",
     )
@@ -162,21 +184,21 @@ class Settings:
         _DATABASE.connect,
         "RULE_SIDECAR_DATABASE_CONNECT_TIMEOUT_SECONDS",
         "connecting to PostgreSQL (whole seconds, libpq's minimum is 2)",
-        parse=int,
-        check=_at_least(2),
+        parse=_integer,
+        check=_between(2, _YEAR),
     )
     database_statement_timeout_seconds: float = _setting(
         _DATABASE.statement,
         "RULE_SIDECAR_DATABASE_STATEMENT_TIMEOUT_SECONDS",
         "each database statement",
-        parse=float,
+        parse=_decimal,
         check=_seconds,
     )
     database_read_timeout_seconds: float = _setting(
         _DATABASE.read,
         "RULE_SIDECAR_DATABASE_READ_TIMEOUT_SECONDS",
         "one read of the database as a whole",
-        parse=float,
+        parse=_decimal,
         check=_seconds,
     )
     kubernetes_selector: str | None = _setting(
@@ -201,14 +223,14 @@ class Settings:
         300.0,
         "RULE_SIDECAR_KUBERNETES_WATCH_TIMEOUT_SECONDS",
         "the server ends each watch after this",
-        parse=float,
+        parse=_decimal,
         check=_seconds,
     )
     kubernetes_list_deadline_seconds: float = _setting(
         30.0,
         "RULE_SIDECAR_KUBERNETES_LIST_DEADLINE_SECONDS",
         "a list of the ConfigMaps must be complete within this",
-        parse=float,
+        parse=_decimal,
         check=_seconds,
     )
     admin_token_file: Path | None = _setting(
@@ -238,14 +260,14 @@ class Settings:
         30.0,
         "HOT_RELOAD_INTERVAL_SECONDS",
         "periodic resync, the safety net behind the watchers",
-        parse=float,
+        parse=_decimal,
         check=_seconds,
     )
     verify_interval_seconds: float = _setting(
         300.0,
         "RULE_SIDECAR_VERIFY_INTERVAL_SECONDS",
         "periodic read of every source from scratch (0: never)",
-        parse=float,
+        parse=_decimal,
         check=_seconds_or_never,
     )
     validation_enabled: bool = _setting(
@@ -255,7 +277,7 @@ class Settings:
         parse=_boolean,
     )
     max_age_seconds: float = _setting(
-        300.0, "HOT_RELOAD_MAX_AGE_SECONDS", "freshness window", parse=float, check=_seconds
+        300.0, "HOT_RELOAD_MAX_AGE_SECONDS", "freshness window", parse=_decimal, check=_seconds
     )
     allow_empty: bool = _setting(
         False,
@@ -264,87 +286,95 @@ class Settings:
         parse=_boolean,
     )
     debounce_ms: int = _setting(
-        50, "RULE_SIDECAR_DEBOUNCE_MS", "watcher debounce", parse=int, check=_at_least(0)
+        50,
+        "RULE_SIDECAR_DEBOUNCE_MS",
+        "watcher debounce",
+        parse=_integer,
+        check=_between(0, 60_000),
     )
     max_body_bytes: int = _setting(
         1024 * 1024,
         "RULE_SIDECAR_MAX_BODY_BYTES",
         "request body limit",
-        parse=int,
-        check=_at_least(1024),
+        parse=_integer,
+        check=_between(1024, _GIB),
     )
     reload_rate_per_minute: int = _setting(
         60,
         "RULE_SIDECAR_RELOAD_RATE_PER_MINUTE",
         "reloads and rollbacks per minute, per caller class",
-        parse=int,
-        check=_at_least(1),
+        parse=_integer,
+        check=_between(1, _MILLION),
     )
     validate_rate_per_minute: int = _setting(
         30,
         "RULE_SIDECAR_VALIDATE_RATE_PER_MINUTE",
         "validations per minute, per caller class",
-        parse=int,
-        check=_at_least(1),
+        parse=_integer,
+        check=_between(1, _MILLION),
     )
     max_batch_items: int = _setting(
         1000,
         "RULE_SIDECAR_MAX_BATCH_ITEMS",
         "inputs per evaluation batch",
-        parse=int,
-        check=_at_least(1),
+        parse=_integer,
+        check=_between(1, _MILLION),
     )
     max_queued_batches: int = _setting(
         8,
         "RULE_SIDECAR_MAX_QUEUED_BATCHES",
         "batches waiting behind the one evaluating",
-        parse=int,
-        check=_at_least(0),
+        parse=_integer,
+        check=_between(0, 10_000),
     )
     max_evaluation_seconds: float = _setting(
         3.0,
         "RULE_SIDECAR_MAX_EVALUATION_SECONDS",
         "wall-clock budget of one batch",
-        parse=float,
+        parse=_decimal,
         check=_seconds,
     )
     max_response_bytes: int = _setting(
         8 * 1024 * 1024,
         "RULE_SIDECAR_MAX_RESPONSE_BYTES",
         "size of a batch's answer",
-        parse=int,
-        check=_at_least(1024),
+        parse=_integer,
+        check=_between(1024, _GIB),
     )
     idle_timeout_seconds: float = _setting(
         30.0,
         "RULE_SIDECAR_IDLE_TIMEOUT_SECONDS",
         "a connection without a complete request head within this is closed",
-        parse=float,
+        parse=_decimal,
         check=_seconds,
     )
     body_timeout_seconds: float = _setting(
         10.0,
         "RULE_SIDECAR_BODY_TIMEOUT_SECONDS",
         "a request body must arrive, and an answer be taken, within this",
-        parse=float,
+        parse=_decimal,
         check=_seconds,
     )
     max_connections: int = _setting(
         256,
         "RULE_SIDECAR_MAX_CONNECTIONS",
         "open connections on the API listener",
-        parse=int,
-        check=_at_least(1),
+        parse=_integer,
+        check=_between(1, _MILLION),
     )
     metrics_max_connections: int = _setting(
         32,
         "RULE_SIDECAR_METRICS_MAX_CONNECTIONS",
         "open connections on the probe and metrics listener",
-        parse=int,
-        check=_at_least(1),
+        parse=_integer,
+        check=_between(1, _MILLION),
     )
     history_limit: int = _setting(
-        50, "RULE_SIDECAR_HISTORY_LIMIT", "reloads kept in history", parse=int, check=_at_least(1)
+        50,
+        "RULE_SIDECAR_HISTORY_LIMIT",
+        "reloads kept in history",
+        parse=_integer,
+        check=_between(1, 100_000),
     )
     log_level: str = _setting(
         "INFO", "RULE_SIDECAR_LOG_LEVEL", "log level", check=_log_level, flag="--log-level"

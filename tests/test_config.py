@@ -311,3 +311,43 @@ class TestDeclarations:
         with pytest.raises(SettingsError) as raised:
             settings_from({}, {"rules_dirs": (), "port": -1})
         assert str(raised.value).startswith("--port / RULE_SIDECAR_PORT=-1")
+
+
+NUMBERS = [f.name for f in dataclasses.fields(Settings) if f.type in ("int", "float", "int | None")]
+
+
+class TestBounds:
+    """Every number has a ceiling: a huge value would disable what it bounds or overflow
+    where it is used (found by an outside attack: a history limit of 1e23 crashed `serve`
+    with a traceback, a debounce of 1e23 ms made the watcher fail forever)."""
+
+    @pytest.mark.parametrize("name", NUMBERS)
+    def test_a_huge_value_is_refused_naming_the_variable(self, name: str):
+        """Each numeric setting refuses 10^23 with a SettingsError naming its variable."""
+        variable = ENVIRONMENT[name]
+        with pytest.raises(SettingsError) as raised:
+            settings_from({variable: "99999999999999999999999"})
+        assert variable in str(raised.value)
+
+    @pytest.mark.parametrize("text", ["\uff15", "1_000", "\u0663", "0x10", "1 2"])
+    def test_only_ascii_digits_are_a_number(self, text: str):
+        """`int()` reads full-width and Arabic-Indic digits and underscores: a setting
+        does not."""
+        with pytest.raises(SettingsError):
+            settings_from({"RULE_SIDECAR_PORT": text})
+        with pytest.raises(SettingsError):
+            settings_from({"HOT_RELOAD_INTERVAL_SECONDS": text})
+
+    def test_a_huge_history_limit_is_refused_by_serve_in_one_line(self):
+        """The attacker's reproduction: exit 2 and one line naming the variable."""
+        done = subprocess.run(
+            [sys.executable, "-m", "sidecar.cli", "serve", "--port", "0"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, "RULE_SIDECAR_HISTORY_LIMIT": "99999999999999999999999"},
+        )
+        assert done.returncode == 2
+        assert done.stderr.startswith("rule-sidecar: RULE_SIDECAR_HISTORY_LIMIT=")
+        assert "Traceback" not in done.stderr
