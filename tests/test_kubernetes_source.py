@@ -761,11 +761,13 @@ class TestMalformedWatch:
 
 
 def event(kind: str, name: str, version: str, labels: dict[str, str], **extra: object) -> bytes:
-    """One watch line for ConfigMap `name`; `extra` overrides its metadata or adds `data`."""
+    """One watch line for ConfigMap `name`; `extra` overrides its metadata or adds `data`
+    (or, as `object_kind`, claims another kind of object)."""
     metadata = {"name": name, "namespace": "default", "resourceVersion": version, "labels": labels}
     data = extra.pop("data", None)
+    object_kind = extra.pop("object_kind", "ConfigMap")
     metadata.update(extra)  # type: ignore[arg-type]
-    obj: dict[str, object] = {"kind": "ConfigMap", "apiVersion": "v1", "metadata": metadata}
+    obj: dict[str, object] = {"kind": object_kind, "apiVersion": "v1", "metadata": metadata}
     if data is not None:
         obj["data"] = data
     return json.dumps({"type": kind, "object": obj}).encode()
@@ -792,8 +794,12 @@ class TestOutOfScopeEvents:
                 event("MODIFIED", "a", "x", LABELS),
                 "a MODIFIED event (ConfigMap a) has resourceVersion 'x', not a decimal integer",
             ),
+            (
+                event("DELETED", "a", "900", LABELS, object_kind="Secret"),
+                "a DELETED event is a 'Secret' named a, not a ConfigMap",
+            ),
         ],
-        ids=["other-namespace", "labels-not-matching", "version-not-a-number"],
+        ids=["other-namespace", "labels-not-matching", "version-not-a-number", "not-a-configmap"],
     )
     async def test_is_not_applied_and_the_watch_lists_again(
         self, kube: FakeKubernetes, caplog: pytest.LogCaptureFixture, line: bytes, cause: str

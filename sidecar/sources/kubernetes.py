@@ -668,10 +668,14 @@ class ConfigMapSource:
         ]
 
     def _check_selected(self, obj: Mapping[str, object], name: str, what: str) -> None:
-        """A `_Fault` unless `obj` is one the request asked for: of this namespace, with
-        labels that match the selector. Anything else would change rules from somewhere
-        this source was never pointed at (a DELETED from another namespace removing a
-        same-named ConfigMap's rules); the list that follows the fault is the truth."""
+        """A `_Fault` unless `obj` is one the request asked for: a ConfigMap (a list's
+        items carry no kind), of this namespace, with labels that match the selector.
+        Anything else would change rules from somewhere this source was never pointed at
+        (a DELETED from another namespace removing a same-named ConfigMap's rules); the
+        list that follows the fault is the truth."""
+        kind = obj.get("kind")
+        if kind is not None and kind != "ConfigMap":
+            raise _Fault(f"{what} is a {_excerpt(str(kind))} named {name}, not a ConfigMap")
         metadata = cast(Mapping[str, object], obj["metadata"])  # checked by `_identity`
         namespace = metadata.get("namespace")
         if namespace is not None and namespace != self.namespace:
