@@ -458,20 +458,23 @@ class FakeKubernetes:
         self, since: int, namespace: str, selector: str
     ) -> Iterator[dict[str, Any] | bytes]:
         """What a watcher sees: an object that stops matching is DELETED, one that starts
-        matching is ADDED (as with a real label-selected watch)."""
+        matching is ADDED (as with a real label-selected watch, whose DELETED carries the
+        object as it last matched: a watcher never sees an object outside its selector)."""
         for change in self._history:
             if change.resource_version <= since or change.hidden:
                 continue
             if change.raw is not None:
                 yield change.raw
                 continue
-            was = change.before is not None and self._visible(change.before, namespace, selector)
+            was = change.before if self._visible(change.before, namespace, selector) else None
             obj = change.after
             now = change.kind != "DELETED" and self._visible(obj, namespace, selector)
-            if was and not now:
-                yield {"type": "DELETED", "object": obj}
+            if was is not None and not now:  # the last state it matched in, at this version
+                gone = copy.deepcopy(was)
+                gone["metadata"]["resourceVersion"] = str(change.resource_version)
+                yield {"type": "DELETED", "object": gone}
             elif now:
-                yield {"type": "MODIFIED" if was else "ADDED", "object": obj}
+                yield {"type": "ADDED" if was is None else "MODIFIED", "object": obj}
 
     @staticmethod
     def _visible(obj: Mapping[str, Any] | None, namespace: str, selector: str) -> bool:

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import json
 import logging
+import subprocess
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,11 +23,14 @@ pytest.register_assert_rewrite("k8s_support", "server_support")
 from kubernetes import client  # noqa: E402
 from server_support import (  # noqa: E402
     HOT,
+    START_SECONDS,
     clean_environment,
+    command,
     eventually,
     fraud_doc,
     free_port,
     receive_until,
+    ruleset_doc,
     spawn,
     to_yaml,
     wait_sync,
@@ -503,6 +507,26 @@ class TestServe:
         assert event["involvedObject"]["name"] == "fraud-rules"
         assert event["source"]["component"] == "rule-sidecar"
 
+    def test_without_credentials_serve_exits_2_naming_what_is_missing(self, tmp_path: Path):
+        """Neither a pod's service account nor a kubeconfig: a one-line settings error
+        (exit 2), never the client's traceback."""
+        env = clean_environment(RULE_SIDECAR_KUBERNETES_SELECTOR=SELECTOR, HOME=str(tmp_path))
+        for name in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"):
+            env.pop(name, None)
+        result = subprocess.run(
+            [*command(), "serve", "--port", str(free_port())],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=START_SECONDS,
+            check=False,
+        )
+        assert result.returncode == 2
+        (line,) = result.stderr.splitlines()
+        assert line.startswith("rule-sidecar: --kubernetes-selector: no credentials for the")
+        assert "/var/run/secrets/kubernetes.io/serviceaccount" in line
+        assert "KUBECONFIG" in line
+
 
 SOURCE = "configmaps:default/rule-sidecar/rules=true"
 
@@ -579,7 +603,7 @@ class TestLostEvents:
         kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
         source = source_for(kube)
         source.read()
-        huge = {"name": "a", "resourceVersion": "1" + "0" * 5000}
+        huge = {"name": "a", "resourceVersion": "1" + "0" * 5000, "labels": LABELS}
         event = {"type": "MODIFIED", "object": {"metadata": huge, "data": {"a.yaml": "a: 2"}}}
         async with watching(source) as reasons:
             await watch_connected(kube)
@@ -736,6 +760,138 @@ class TestMalformedWatch:
         assert problem == "HTTP 500: InternalError: etcd"
 
 
+def event(kind: str, name: str, version: str, labels: dict[str, str], **extra: object) -> bytes:
+    """One watch line for ConfigMap `name`; `extra` overrides its metadata or adds `data`
+    (or, as `object_kind`, claims another kind of object)."""
+    metadata = {"name": name, "namespace": "default", "resourceVersion": version, "labels": labels}
+    data = extra.pop("data", None)
+    object_kind = extra.pop("object_kind", "ConfigMap")
+    metadata.update(extra)  # type: ignore[arg-type]
+    obj: dict[str, object] = {"kind": object_kind, "apiVersion": "v1", "metadata": metadata}
+    if data is not None:
+        obj["data"] = data
+    return json.dumps({"type": kind, "object": obj}).encode()
+
+
+class TestOutOfScopeEvents:
+    """A watch event the request ruled out (a ConfigMap of another namespace, labels that
+    do not match the selector, a resourceVersion that is not a decimal integer) is a
+    fault: logged in words, never applied, and answered by a list (the truth)."""
+
+    @pytest.mark.parametrize(
+        ("line", "cause"),
+        [
+            (
+                event("DELETED", "a", "900", LABELS, namespace="kube-system"),
+                "a DELETED event is ConfigMap a of namespace 'kube-system', not of default",
+            ),
+            (
+                event("ADDED", "b", "900", {"app": "other"}, data={"b.yaml": "b: 1"}),
+                'a ADDED event is ConfigMap b, whose labels \'{"app": "other"}\' do not '
+                "match the selector rule-sidecar/rules=true",
+            ),
+            (
+                event("MODIFIED", "a", "x", LABELS),
+                "a MODIFIED event (ConfigMap a) has resourceVersion 'x', not a decimal integer",
+            ),
+            (
+                event("DELETED", "a", "900", LABELS, object_kind="Secret"),
+                "a DELETED event is a 'Secret' named a, not a ConfigMap",
+            ),
+        ],
+        ids=["other-namespace", "labels-not-matching", "version-not-a-number", "not-a-configmap"],
+    )
+    async def test_is_not_applied_and_the_watch_lists_again(
+        self, kube: FakeKubernetes, caplog: pytest.LogCaptureFixture, line: bytes, cause: str
+    ):
+        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
+        source = source_for(kube)
+        source.read()
+        async with watching(source) as reasons:
+            await watch_connected(kube)
+            kube.send_line(line)
+            await eventually(lambda: lists(kube) == 2, message="listed again")
+            await eventually(lambda: source.watch_problem() is None, message="recovered")
+            assert contents(source) == [b"a: 1"]
+            assert reasons.empty()  # the list found nothing new: no reload
+            kube.apply("a", {"a.yaml": "a: 2"}, labels=LABELS)
+            await next_change(reasons)
+            assert names(source) == ["configmap/a/a.yaml"]
+            assert contents(source) == [b"a: 2"]
+        (warning,) = warnings(caplog)
+        assert cause in warning
+        assert warning.endswith("listing again in about 0.5 s")
+
+    async def test_a_delete_from_another_namespace_leaves_the_rules_serving(
+        self, kube: FakeKubernetes
+    ):
+        """The attack: a DELETED of kube-system/fraud-rules must not remove default's."""
+        source = source_for(kube)
+        service = HotReloadService(RuleRegistry(), [source], loader=Loader())
+        try:
+            rules_configmap(kube)
+            await service.initial_load()
+            service.start()
+            await watch_connected(kube)
+            kube.send_line(event("DELETED", "fraud-rules", "900", LABELS, namespace="kube-system"))
+            await eventually(lambda: lists(kube) == 2, message="listed again")
+            limits = ruleset_doc("limits", [{"id": "r", "condition": "true", "points": 1}])
+            kube.apply("limits", {"limits.yaml": to_yaml(limits)}, labels=LABELS)
+            await eventually(lambda: service.registry.version == 2, message="a reload")
+            assert service.get_reload_history(1)[0]["status"] == "success"
+            assert service.registry.get_ruleset("fraud") is not None
+            assert service.registry.get_ruleset("limits") is not None
+        finally:
+            await service.stop()
+
+    @pytest.mark.parametrize(
+        ("labels", "selected"),
+        [
+            ({"tier": "gold", "team": "t", "app": "web"}, True),
+            ({"tier": "silver", "team": "t", "app": "web", "env": "prod", "zone": "us"}, True),
+            ({"tier": "bronze", "team": "t", "app": "web"}, False),
+            ({"tier": "gold", "team": "t", "app": "web", "env": "dev"}, False),
+            ({"tier": "gold", "app": "web"}, False),
+            ({"tier": "gold", "team": "t", "app": "web", "legacy": ""}, False),
+            ({"tier": "gold", "team": "t", "app": "web", "zone": "eu"}, False),
+            ({"tier": "gold", "team": "t", "app": "api"}, False),
+        ],
+        ids=["in", "all", "not-in", "notin", "exists", "absent", "not-equal", "equal"],
+    )
+    async def test_every_selector_form_is_judged(
+        self, kube: FakeKubernetes, labels: dict[str, str], selected: bool
+    ):
+        """Set-based and equality forms are judged; one that cannot be (`size > 5`) is
+        left to the server."""
+        selector = "tier in (gold, silver),env notin (dev),team,!legacy,zone!=eu,app==web,size>5"
+        source = ConfigMapSource(
+            api_for(kube.url), namespace="default", label_selector=selector, max_backoff_seconds=0.3
+        )
+        source.read()
+        async with watching(source) as reasons:
+            await watch_connected(kube)
+            kube.send_line(event("ADDED", "a", "900", labels, data={"a.yaml": "a: 1"}))
+            if selected:
+                await next_change(reasons)
+                assert contents(source) == [b"a: 1"]
+            else:
+                await eventually(lambda: lists(kube) == 2, message="listed again")
+                assert source.read() == []
+
+    async def test_a_configmap_without_data_is_empty(self, kube: FakeKubernetes):
+        """No `data` and no `binaryData` is a ConfigMap emptied on purpose, not a fault."""
+        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
+        source = source_for(kube)
+        source.read()
+        async with watching(source) as reasons:
+            await watch_connected(kube)
+            kube.send_line(event("MODIFIED", "a", "900", LABELS))
+            await next_change(reasons)
+            assert source.read() == []
+            assert source.watch_problem() is None
+        assert lists(kube) == 1
+
+
 class TestListDeadline:
     """A list has a total deadline: a server that trickles its answer (each read gets a
     few bytes, so no read timeout ever fires) fails the read at the deadline."""
@@ -773,7 +929,8 @@ class TestListDeadline:
 
 
 def item(data: object, **extra: object) -> dict[str, object]:
-    return {"metadata": {"name": "a", "resourceVersion": "7"}, "data": data, **extra}
+    metadata = {"name": "a", "namespace": "default", "resourceVersion": "7", "labels": LABELS}
+    return {"metadata": metadata, "data": data, **extra}
 
 
 def listing(*items: object) -> bytes:
@@ -823,6 +980,27 @@ class TestFaultsBecomeLoadErrors:
                 "configmap/a/a.yaml",
                 "ConfigMap a in namespace default: the key a.yaml is in both data and binaryData",
             ),
+            (
+                listing(item({}, metadata={"name": "a", "resourceVersion": "7"})),
+                SOURCE,
+                "item 0 of the list is ConfigMap a, whose labels '{}' do not match the "
+                "selector rule-sidecar/rules=true",
+            ),
+            (
+                listing(item({}, metadata={**item({})["metadata"], "namespace": "kube-system"})),
+                SOURCE,
+                "item 0 of the list is ConfigMap a of namespace 'kube-system', not of default",
+            ),
+            (
+                listing(item({}, metadata={**item({})["metadata"], "resourceVersion": "x"})),
+                SOURCE,
+                "item 0 of the list (ConfigMap a) has resourceVersion 'x', not a decimal integer",
+            ),
+            (
+                b'{"metadata": {"resourceVersion": "9z"}, "items": []}',
+                SOURCE,
+                "the list answer has resourceVersion '9z', not a decimal integer",
+            ),
         ],
         ids=[
             "not-json",
@@ -835,6 +1013,10 @@ class TestFaultsBecomeLoadErrors:
             "data",
             "base64",
             "both",
+            "labels",
+            "namespace",
+            "item-version",
+            "list-version",
         ],
     )
     def test_a_malformed_list_answer_is_named(

@@ -44,7 +44,7 @@ from sidecar.api.app import AppState, create_app, create_observation_app
 from sidecar.api.limits import BatchTurns, RateBudgets, RequestLimits
 from sidecar.api.metrics import Metrics
 from sidecar.api.websocket import ReloadNotificationManager
-from sidecar.config import Settings
+from sidecar.config import Settings, SettingsError
 from sidecar.loader import Loader
 from sidecar.registry import RuleRegistry
 from sidecar.service import HotReloadService, ReloadRecord, ReloadStatus, Trigger
@@ -173,8 +173,11 @@ def _kubernetes(settings: Settings) -> tuple[ConfigMapSource, EventRecorder | No
         pod_namespace,
     )
 
-    api = api_client_from_environment()
-    namespace = settings.kubernetes_namespace or pod_namespace()
+    try:
+        api = api_client_from_environment()
+        namespace = settings.kubernetes_namespace or pod_namespace()
+    except ValueError as exc:
+        raise SettingsError(f"--kubernetes-selector: {exc}") from None
     source = ConfigMapSource(
         api,
         namespace=namespace,

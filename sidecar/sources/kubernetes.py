@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import random
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
@@ -85,12 +86,21 @@ def pod_namespace(path: Path = SERVICE_ACCOUNT_NAMESPACE) -> str:
 
 
 def api_client_from_environment() -> client.ApiClient:
-    """In a pod, its service account; elsewhere the kubeconfig (`KUBECONFIG`), like kubectl."""
+    """In a pod, its service account; elsewhere the kubeconfig (`KUBECONFIG`), like kubectl.
+    Neither there: a `ValueError` that names both, for a one-line settings error."""
     configuration = client.Configuration()
     try:
         config.load_incluster_config(client_configuration=configuration)
-    except config.ConfigException:
-        config.load_kube_config(client_configuration=configuration)
+    except config.ConfigException as in_pod:
+        try:
+            config.load_kube_config(client_configuration=configuration)
+        except config.ConfigException as kubeconfig:
+            raise ValueError(
+                "no credentials for the Kubernetes API: not in a pod "
+                f"({' '.join(str(in_pod).split())} - the service account files under "
+                f"{SERVICE_ACCOUNT_NAMESPACE.parent}) and no usable kubeconfig "
+                f"(KUBECONFIG or ~/.kube/config: {' '.join(str(kubeconfig).split())})"
+            ) from None
     return client.ApiClient(configuration)
 
 
@@ -165,9 +175,8 @@ def _json_error(exc: ValueError) -> str:
 
 
 def _not_newer(version: str, than: str | None) -> bool:
-    """Whether `version` is no newer than `than`. resourceVersions are opaque to clients,
-    but etcd's are increasing integers; a version that is not one is never judged."""
-    if than is None or not (_is_number(version) and _is_number(than)):
+    """Whether `version` is no newer than `than` (both checked decimal integers)."""
+    if than is None:
         return False
     # Compared as digit strings: int() refuses more than 4,300 digits.
     version, than = version.lstrip("0"), than.lstrip("0")
@@ -191,13 +200,22 @@ def _configmap_of(file: str) -> str | None:
     return file.removeprefix(_FILE_PREFIX).partition("/")[0] or None
 
 
+def _checked_version(version: str, what: str) -> str:
+    """resourceVersions are opaque to clients in the API's contract, but etcd's, and so
+    every API server's, are increasing decimal integers: the reflector orders events by
+    them, so one that is not is a fault, never a version to apply."""
+    if not _is_number(version):
+        raise _Fault(f"{what} has resourceVersion {_excerpt(version)}, not a decimal integer")
+    return version
+
+
 def _version_of(obj: Mapping[str, object], what: str) -> str:
     """The resourceVersion of a list or a BOOKMARK (neither is a whole ConfigMap)."""
     metadata = obj.get("metadata")
     version = metadata.get("resourceVersion") if isinstance(metadata, dict) else None
     if not isinstance(version, str) or not version:
         raise _Fault(f"{what} has no metadata.resourceVersion")
-    return version
+    return _checked_version(version, what)
 
 
 def _identity(obj: Mapping[str, object], what: str) -> tuple[str, str]:
@@ -210,7 +228,55 @@ def _identity(obj: Mapping[str, object], what: str) -> tuple[str, str]:
         raise _Fault(f"{what} has no metadata.name")
     if not isinstance(version, str) or not version:
         raise _Fault(f"{what} (ConfigMap {name}) has no metadata.resourceVersion")
-    return name, version
+    return name, _checked_version(version, f"{what} (ConfigMap {name})")
+
+
+@dataclass(frozen=True, slots=True)
+class _Requirement:
+    """One requirement of a label selector: `operator` is `in` (`=`, `==`, `in (...)`),
+    `notin` (`!=`, `notin (...)`), `exists` (`key`) or `absent` (`!key`)."""
+
+    key: str
+    operator: str
+    values: frozenset[str] = frozenset()
+
+    def matches(self, labels: Mapping[str, object]) -> bool:
+        value = labels.get(self.key)
+        if self.operator == "in":
+            return value in self.values
+        if self.operator == "notin":  # as in Kubernetes: a ConfigMap without the key matches
+            return value not in self.values
+        return (value is not None) == (self.operator == "exists")
+
+
+_KEY: Final = r"([A-Za-z0-9][A-Za-z0-9._/-]*)"
+_VALUE: Final = r"([A-Za-z0-9._-]*)"
+_EQUALITY: Final = re.compile(rf"{_KEY}\s*(==|!=|=)\s*{_VALUE}")
+_SET: Final = re.compile(rf"{_KEY}\s+(in|notin)\s*\(([^()]*)\)")
+_EXISTS: Final = re.compile(rf"(!?)\s*{_KEY}")
+
+
+def _requirements(selector: str) -> tuple[_Requirement, ...]:
+    """The requirements of a label selector that can be judged here. One of another form
+    (`key > 5`, a typo the API server would refuse anyway) is left out: the server
+    filtered on it, and a ConfigMap is never refused on a guess."""
+    parts, depth, start = [], 0, 0
+    for index, char in enumerate(selector + ","):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(selector[start:index].strip())
+            start = index + 1
+    found: list[_Requirement] = []
+    for part in filter(None, parts):
+        if match := _SET.fullmatch(part):
+            values = frozenset(value.strip() for value in match[3].split(","))
+            found.append(_Requirement(match[1], match[2], values - {""}))
+        elif match := _EQUALITY.fullmatch(part):
+            operator = "notin" if match[2] == "!=" else "in"
+            found.append(_Requirement(match[1], operator, frozenset({match[3]})))
+        elif match := _EXISTS.fullmatch(part):
+            found.append(_Requirement(match[2], "absent" if match[1] else "exists"))
+    return tuple(found)
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,6 +432,7 @@ class ConfigMapSource:
     ) -> None:
         self.namespace = namespace
         self.label_selector = label_selector
+        self._requirements = _requirements(label_selector)
         self._core = client.CoreV1Api(_without_retries(api))
         self._watch_timeout = max(1, round(watch_timeout_seconds))
         # Silence for longer than the server's own timeout means the watch is stalled.
@@ -549,6 +616,7 @@ class ConfigMapSource:
             if not isinstance(item, dict):
                 raise _Fault(f"item {index} of the list is {_kind(item)}, not a ConfigMap")
             name, item_version = _identity(item, f"item {index} of the list")
+            self._check_selected(item, name, f"item {index} of the list")
             configmaps[name] = _ConfigMap.from_wire(item, name, item_version, self.namespace)
         return _Listing(version, configmaps)
 
@@ -598,6 +666,32 @@ class ConfigMapSource:
             for name, configmap in sorted(listing.configmaps.items())
             if lost(name, configmap.resource_version)
         ]
+
+    def _check_selected(self, obj: Mapping[str, object], name: str, what: str) -> None:
+        """A `_Fault` unless `obj` is one the request asked for: a ConfigMap (a list's
+        items carry no kind), of this namespace, with labels that match the selector.
+        Anything else would change rules from somewhere this source was never pointed at
+        (a DELETED from another namespace removing a same-named ConfigMap's rules); the
+        list that follows the fault is the truth."""
+        kind = obj.get("kind")
+        if kind is not None and kind != "ConfigMap":
+            raise _Fault(f"{what} is a {_excerpt(str(kind))} named {name}, not a ConfigMap")
+        metadata = cast(Mapping[str, object], obj["metadata"])  # checked by `_identity`
+        namespace = metadata.get("namespace")
+        if namespace is not None and namespace != self.namespace:
+            raise _Fault(
+                f"{what} is ConfigMap {name} of namespace {_excerpt(str(namespace))}, "
+                f"not of {self.namespace}"
+            )
+        labels = metadata.get("labels") or {}
+        if not isinstance(labels, dict):
+            raise _Fault(f"{what} (ConfigMap {name}) has labels that are {_kind(labels)}")
+        if not all(requirement.matches(labels) for requirement in self._requirements):
+            shown = _excerpt(json.dumps(labels, sort_keys=True))
+            raise _Fault(
+                f"{what} is ConfigMap {name}, whose labels {shown} do not match "
+                f"the selector {self.label_selector}"
+            )
 
     def _api_answered(self) -> None:
         """The API server answered: a failure to reach it is over. A stall is over only
@@ -676,6 +770,7 @@ class ConfigMapSource:
             version = _version_of(event.object, "a BOOKMARK event")
         else:
             name, version = _identity(event.object, f"a {event.type} event")
+            self._check_selected(event.object, name, f"a {event.type} event")
             if event.type != "DELETED":
                 configmap = _ConfigMap.from_wire(event.object, name, version, self.namespace)
         with self._lock:
