@@ -2,17 +2,16 @@
 
 An edit never changes a snapshot: it builds a complete candidate from what serves,
 compiles the rules it brings and runs the edited rulesets' embedded tests as a reload
-would, then publishes the candidate on the condition that nothing else was published in
-between (`RuleRegistry.publish(..., expected_version=...)`). When a reload did publish in
-between, the edit is rebuilt on the new content, so it neither overwrites the reload nor
-applies to rules that no longer serve. The registry itself only publishes.
+would, and publishes it with nothing published in between (`RuleRegistry.publish_from`:
+the build runs under the registry's write lock, so a reload's publish waits for the one
+rule an edit compiles, and an edit never lands over content it did not see). The
+registry itself only publishes.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Mapping
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
 from sidecar.checks import ruleset_problems
 from sidecar.errors import ConflictError, LoadError, NotFoundError, Problem, ProblemCode
@@ -25,9 +24,6 @@ __all__ = ["RegistryEditor"]
 
 T = TypeVar("T")
 
-# An edit rebuilt this many times because reloads kept publishing meanwhile gives up.
-_ATTEMPTS: Final = 5
-
 
 class RegistryEditor:
     """Edits one registry; each edit publishes a whole new snapshot, or nothing."""
@@ -35,7 +31,6 @@ class RegistryEditor:
     def __init__(self, registry: RuleRegistry, *, loader: Loader | None = None) -> None:
         self.registry = registry
         self._loader = loader or Loader()
-        self._lock = threading.Lock()  # edits of this editor build one after another
 
     def add_rule(self, rule: Rule | Mapping[str, Any], ruleset_id: str | int | None = None) -> Rule:
         """Add a rule to an existing ruleset; its id must be new to the registry."""
@@ -54,7 +49,7 @@ class RegistryEditor:
         """Replace an existing rule (same id); it may move to another ruleset."""
 
         def build(current: Snapshot) -> tuple[Snapshot, Rule]:
-            new_rule = self._as_rule(current, rule, ruleset_id)
+            new_rule = self._as_rule(current, rule, ruleset_id, existing=True)
             old = current.rules.get(new_rule.id)
             if old is None:
                 raise NotFoundError("rule", new_rule.id)
@@ -103,36 +98,42 @@ class RegistryEditor:
         self._edit(lambda _: (Snapshot.empty(), None))
 
     def _edit(self, build: Callable[[Snapshot], tuple[Snapshot, T]]) -> T:
-        """Build from what serves and publish unless something was published meanwhile;
-        then build again on the new content."""
-        with self._lock:
-            for _ in range(_ATTEMPTS):
-                current = self.registry.current
-                candidate, answer = build(current)
-                try:
-                    self.registry.publish(candidate, expected_version=current.version)
-                except ConflictError:
-                    continue
-                return answer
-        raise ConflictError(f"the registry kept changing: edit given up after {_ATTEMPTS} tries")
+        """Build from what serves and publish it, with no publish in between."""
+        answers: list[T] = []
+
+        def candidate(current: Snapshot) -> Snapshot:
+            snapshot, answer = build(current)
+            answers.append(answer)
+            return snapshot
+
+        self.registry.publish_from(candidate)
+        return answers[0]
 
     def _as_rule(
-        self, current: Snapshot, rule: Rule | Mapping[str, Any], ruleset_id: str | int | None
+        self,
+        current: Snapshot,
+        rule: Rule | Mapping[str, Any],
+        ruleset_id: str | int | None,
+        *,
+        existing: bool = False,
     ) -> Rule:
-        """A compiled `Rule`; a mapping without a ruleset_id stays in its current ruleset."""
+        """A compiled `Rule`; a mapping without a ruleset_id stays in its current ruleset
+        (`existing`: it must have one, else `NotFoundError`)."""
         if isinstance(rule, Rule):
             return self._loader.check_rule(rule)
         target = ruleset_id if ruleset_id is not None else rule.get("ruleset_id")
         if target is None:
-            existing = current.rules.get(str(rule.get("id")))
-            if existing is None:
+            known = current.rules.get(str(rule.get("id")))
+            if known is None and existing:
+                raise NotFoundError("rule", str(rule.get("id")))
+            if known is None:
                 problem = Problem(
                     file="<api>",
                     message="ruleset_id is required for a new rule",
                     code=ProblemCode.REQUEST_INVALID,
                 )
                 raise LoadError([problem])
-            target = existing.ruleset_id
+            target = known.ruleset_id
         fields = {k: v for k, v in rule.items() if k != "ruleset_id"}
         return self._loader.rule_from_mapping(fields, ruleset_id=str(target), file="<api>")
 

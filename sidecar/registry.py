@@ -30,7 +30,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sidecar.errors import ConflictError, NotFoundError
+from sidecar.errors import NotFoundError
 from sidecar.model import Rule, RuleSet
 from sidecar.snapshot import Snapshot
 
@@ -252,20 +252,19 @@ class RuleRegistry:
 
     # Writes: each publishes a whole snapshot.
 
-    def publish(
-        self, candidate: Snapshot, *, expected_version: int | None = None
-    ) -> tuple[Snapshot, list[ChangeEvent]]:
-        """Make a loader's candidate the current snapshot, with the next version number.
-
-        With `expected_version`, only if that is still the current version (else
-        `ConflictError`): a candidate built from what served is not published over a
-        newer publish it never saw."""
+    def publish(self, candidate: Snapshot) -> tuple[Snapshot, list[ChangeEvent]]:
+        """Make a loader's candidate the current snapshot, with the next version number."""
         with self._writing():
-            if expected_version is not None and expected_version != self._current.version:
-                raise ConflictError(
-                    f"the registry is at version {self._current.version}, not {expected_version}"
-                )
             return self._publish(lambda _: candidate)
+
+    def publish_from(
+        self, build: Callable[[Snapshot], Snapshot]
+    ) -> tuple[Snapshot, list[ChangeEvent]]:
+        """Publish what `build` makes of the current snapshot, with no other publish in
+        between: `build` runs under the write lock (readers are not held; writers are,
+        so keep it short). If it raises, nothing is published."""
+        with self._writing():
+            return self._publish(build)
 
     def rollback(self, version: int | None = None) -> tuple[Snapshot, list[ChangeEvent]]:
         """Publish an earlier snapshot's content again, as a new version.
