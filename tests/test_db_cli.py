@@ -45,13 +45,18 @@ BAD_CONDITION = (
 )
 
 
-def db(*argv: str | Path) -> subprocess.CompletedProcess[str]:
-    """`rule-sidecar db ...` as a real process, with no database settings inherited."""
-    env = {
+def without_database_settings() -> dict[str, str]:
+    """This environment without the database variables a developer may have set."""
+    return {
         key: value
         for key, value in os.environ.items()
         if key not in ("RULE_SIDECAR_DATABASE_URL", "RULE_SIDECAR_DATABASE_PASSWORD_FILE")
     }
+
+
+def db(*argv: str | Path) -> subprocess.CompletedProcess[str]:
+    """`rule-sidecar db ...` as a real process, with no database settings inherited."""
+    env = without_database_settings()
     return subprocess.run(
         [sys.executable, "-m", "sidecar.cli", "db", *map(str, argv)],
         capture_output=True,
@@ -315,11 +320,7 @@ def racing_rulesets(tmp_path: Path, rules: int = 200) -> tuple[Path, Path]:
 
 def db_process(*argv: str | Path) -> subprocess.Popen[str]:
     """`rule-sidecar db ...` started, not waited for."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("RULE_SIDECAR_DATABASE_URL", "RULE_SIDECAR_DATABASE_PASSWORD_FILE")
-    }
+    env = without_database_settings()
     return subprocess.Popen(
         [sys.executable, "-m", "sidecar.cli", "db", *map(str, argv)],
         stdout=subprocess.PIPE,
