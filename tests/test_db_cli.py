@@ -153,7 +153,7 @@ class TestImportExport:
         result = db("import", good, bad, "--database-url", migrated.url)
         assert result.returncode == 1, result.stdout + result.stderr
         problems = problem_lines(result.stdout)
-        assert problems, result.stdout
+        assert problems, result.stdout + result.stderr
         assert problems[0]["file"] == str(bad)
         assert problems[0]["line"] == "7"
         assert "condition does not compile" in problems[0]["message"]
@@ -177,7 +177,7 @@ class TestImportExport:
         result = db("import", clash, "--database-url", migrated.url)
         assert result.returncode == 1, result.stdout + result.stderr
         problems = problem_lines(result.stdout)
-        assert problems, result.stdout
+        assert problems, result.stdout + result.stderr
         text = "\n".join(match.group(0) for match in problems)
         assert "large-amount" in text
         assert "fraud" in text
