@@ -25,6 +25,9 @@ from server_support import (  # noqa: E402
     to_yaml,
 )
 
+# Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 pytest_plugins = ["server_support"]
 
 FOREIGN_LARGE = {"amount": 5000, "country": "FR"}

@@ -35,6 +35,9 @@ from kube_support import (  # noqa: E402
     validate_strict,
 )
 
+# Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 CHART = REPO / "charts" / "rule-sidecar"
 VALUE_SETS = {
     path.name.removesuffix("-values.yaml"): path for path in (CHART / "ci").glob("*.yaml")

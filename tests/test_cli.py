@@ -22,6 +22,9 @@ from conftest import FIXTURES, dump_yaml, make_ruleset_doc, write_rules
 from sidecar.cli import main
 from sidecar.errors import ProblemCode
 
+# Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).parent.parent
 
 GOOD = str(FIXTURES / "good.yaml")

@@ -47,6 +47,9 @@ from sidecar.client import (  # noqa: E402
 )
 from sidecar.config import Settings  # noqa: E402
 
+# Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 pytest_plugins = ["server_support"]
 
 FOREIGN_LARGE = {"amount": 5000, "country": "FR"}

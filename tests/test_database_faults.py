@@ -55,6 +55,9 @@ from sidecar.sources.database import (  # noqa: E402
     in_recovery,
 )
 
+# Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 pytest_plugins = ["server_support", "db_support"]
 
 FOREIGN_LARGE = {"amount": 5000, "country": "FR"}  # fraud: large-amount 40 + foreign 30

@@ -28,6 +28,9 @@ from sidecar.loader import Loader  # noqa: E402
 from sidecar.sources.database import SCHEMA_VERSION, DatabaseSource  # noqa: E402
 from sidecar.sources.files import read_rule_files  # noqa: E402
 
+# Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 pytest_plugins = ["db_support"]
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "rules"

@@ -30,6 +30,9 @@ from sidecar.config import ENVIRONMENT, settings_from  # noqa: E402
 from sidecar.sources.kubernetes import SERVICE_ACCOUNT_NAMESPACE  # noqa: E402
 from sidecar.testing import ConfigMapDir  # noqa: E402
 
+# Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 pytest_plugins = ["server_support"]
 
 REPO = Path(__file__).resolve().parent.parent

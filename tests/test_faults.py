@@ -36,6 +36,9 @@ from sidecar.sources import StaticSource  # noqa: E402
 from sidecar.sources.files import DirectorySource  # noqa: E402
 from sidecar.state import StateStore  # noqa: E402
 
+# Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 pytest_plugins = ["server_support"]
 
 

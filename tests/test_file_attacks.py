@@ -40,6 +40,9 @@ from server_support import (  # noqa: E402
 from sidecar.state import StateStore  # noqa: E402
 from sidecar.testing import WITHOUT_DAC  # noqa: E402
 
+# Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 needs_setpriv = pytest.mark.skipif(shutil.which("setpriv") is None, reason="no setpriv")
 
 

@@ -15,6 +15,9 @@ pytest.register_assert_rewrite("server_support")
 
 from server_support import Served, clean_environment, spawn  # noqa: E402
 
+# Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 # The WebSocket handshake answers 101 and then speaks another protocol, which an HTTP
 # fuzzer cannot follow; tests/test_websocket.py sends it garbage, huge frames and floods.

@@ -43,6 +43,9 @@ from sidecar.service import HealthStatus, HotReloadService  # noqa: E402
 from sidecar.sources.kubernetes import ConfigMapSource, EventRecorder  # noqa: E402
 from sidecar.testing import FakeKubernetes  # noqa: E402
 
+# Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 pytest_plugins = ["k8s_support"]
 
 LABELS = {"rule-sidecar/rules": "true"}

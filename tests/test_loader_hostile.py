@@ -16,6 +16,9 @@ from sidecar.errors import LoadError, Problem
 from sidecar.loader import Loader
 from sidecar.sources.files import read_rule_files
 
+# Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 HEAD = (
     "apiVersion: rule-sidecar/v1\nkind: RuleSet\nmetadata: {id: hostile}\nspec:\n"
     "  rules:\n  - id: r\n    condition: 'true'\n    points: 1\n"

@@ -24,6 +24,9 @@ from sidecar.api.run import build_state
 from sidecar.api.websocket import ReloadNotificationManager
 from sidecar.config import Settings
 
+# Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 DOCUMENT_PATH = Path(__file__).resolve().parents[1] / "sidecar" / "schemas" / "openapi.yaml"
 DOCUMENT: dict[str, Any] = yaml.safe_load(DOCUMENT_PATH.read_text("utf-8"))
 BASE_URI = "urn:rule-sidecar:openapi"

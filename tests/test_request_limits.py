@@ -40,6 +40,9 @@ from sidecar import engine  # noqa: E402
 from sidecar.loader import Loader  # noqa: E402
 from sidecar.sources.files import read_rule_files  # noqa: E402
 
+# Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 pytest_plugins = ["server_support"]
 
 EVALUATE = "/api/v1/rulesets/fraud/evaluate"

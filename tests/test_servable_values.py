@@ -18,6 +18,9 @@ pytest.register_assert_rewrite("db_support", "server_support")
 from db_support import Database  # noqa: E402
 from server_support import HOT, WAIT_SECONDS, Sidecar, fraud_doc, receive_event, to_yaml  # noqa: E402
 
+# Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 pytest_plugins = ["db_support", "server_support"]
 
 # Every answer and frame about one bad value stays under this, whatever its size.

@@ -37,6 +37,9 @@ from server_support import (  # noqa: E402
 from sidecar.api.run import connection_caps  # noqa: E402
 from sidecar.config import Settings  # noqa: E402
 
+# Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 pytest_plugins = ["server_support", "db_support"]
 
 HOT = "/api/v1/rules/hot-reload"

@@ -39,6 +39,9 @@ from sidecar.snapshot import Snapshot  # noqa: E402
 from sidecar.state import StateError, StateStore  # noqa: E402
 from sidecar.testing import WITHOUT_DAC  # noqa: E402
 
+# Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 pytest_plugins = ["server_support"]
 
 RESTART_SECONDS = 180.0  # generous: 20,000 rules compile twice on a loaded machine

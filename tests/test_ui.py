@@ -46,6 +46,9 @@ from server_support import (  # noqa: E402
 
 from sidecar.config import Settings  # noqa: E402
 
+# Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 pytest_plugins = ["server_support"]
 
 WAIT_SECONDS = 10.0

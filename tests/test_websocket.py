@@ -32,6 +32,9 @@ from server_support import (  # noqa: E402
 from sidecar.api.app import AppState  # noqa: E402
 from sidecar.api.websocket import ReloadNotificationManager  # noqa: E402
 
+# Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 pytest_plugins = ["server_support"]
 
 WS = "/ws/hot-reload"
