@@ -284,7 +284,7 @@ async function readList({ force = false, signal } = {}) {
       if (needle) query.set("q", needle);
       const path = needle ? "/api/v1/rules" : "/api/v1/rulesets";
       const data = answered(await api(`${path}?${query}`, { signal }), path);
-      view.list = { needle, offset: list.offset, total: data.total,
+      view.list = { needle, offset: list.offset, total: data.total, version: data.registry_version,
         items: needle ? data.rules : data.rulesets };
       if (list.offset > 0 && list.offset >= data.total) {  // the list got shorter
         list.offset = Math.max(0, Math.floor((data.total - 1) / PAGE_SIZE) * PAGE_SIZE);
@@ -703,10 +703,17 @@ function showRecord(record) {
   renderBanner();
 }
 
-/** Whether the page shows an older version than the feed last said serves. */
+/** Whether the page shows (in its header or its list) an older version than the feed
+ *  last said serves. */
 function behind() {
   const shown = view.status && view.status.registry;
-  return Boolean(shown && feed.serving !== null && shown.version < feed.serving);
+  if (!shown || feed.serving === null) return false;
+  return shown.version < feed.serving || listBehind();
+}
+
+/** The list was read before a version the feed never announced to the page. */
+function listBehind() {
+  return Boolean(view.list && feed.serving !== null && view.list.version < feed.serving);
 }
 
 /** Follow /ws/hot-reload; reconnect with backoff and resume from the last message seen:
@@ -751,6 +758,8 @@ function connect() {
       // announced to it: the status sent on connect names the version, and the page
       // reads again if what it shows (or is reading) is older.
       feed.serving = message.data.registry.version;
+      // Its changes are unknown: the list and every opened ruleset are read again.
+      if (listBehind()) list.allChanged = true;
       if (behind()) refresh();
     }
   };
