@@ -19,20 +19,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from sidecar.decision import Attempt, Memory, Verdict, decide, refusal
-from sidecar.documents import SourceFile
 from sidecar.errors import LoadError, NotFoundError, Problem, ProblemCode
 from sidecar.loader import Loader, LoadResult
+from sidecar.reading import ReadMode, SourceSet, SourceStatus
 from sidecar.registry import RuleRegistry
 from sidecar.reloads import (
     Outcome,
@@ -56,18 +54,6 @@ logger = logging.getLogger("sidecar.service")
 _CONFIRM_EMPTY_SECONDS: Final = 1.0
 # The first retry after a failed reload; each next one waits twice as long.
 _FIRST_RETRY_SECONDS: Final = 1.0
-# A message quoting what a source's code raised is cut to this many characters.
-_MAX_REASON: Final = 500
-# A drift warning names this many files at most.
-_NAMED_FILES: Final = 5
-
-
-class _Read(StrEnum):
-    """How the sources are read for one reload."""
-
-    USUAL = "usual"  # with whatever each source keeps between reads
-    FRESH = "fresh"  # each source forgets first: a forced reload, SIGHUP
-    VERIFY = "verify"  # usual, then fresh; a difference between the two is drift
 
 
 class HealthStatus(StrEnum):
@@ -80,105 +66,20 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment else None
 
 
-@dataclass(slots=True)
-class SourceStatus:
-    """Per-source state, OPA-style: when it was last asked and what it said."""
-
-    name: str
-    last_request: datetime | None = None
-    last_successful_read: datetime | None = None
-    files: int = 0
-    message: str | None = None
-    errors: tuple[Problem, ...] = ()
-    drift: int = 0  # verifications that found what the usual read missed
-    last_drift: str | None = None
-
-    def set_error(self, problems: Sequence[Problem] | None) -> None:
-        self.errors = tuple(problems or ())
-        self.message = f"{len(self.errors)} problem(s)" if self.errors else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "last_request": _iso(self.last_request),
-            "last_successful_read": _iso(self.last_successful_read),
-            "files": self.files,
-            "message": self.message,
-            "errors": [problem.to_dict() for problem in self.errors],
-            "drift": self.drift,
-            "last_drift": self.last_drift,
-        }
-
-
-def _reason(exc: BaseException) -> str:
-    """What a source's code raised, in one bounded line."""
-    text = " ".join(str(exc).split())
-    if len(text) > _MAX_REASON:
-        text = text[: _MAX_REASON - 1] + "…"
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _rule_files(source: RuleSource, files: object) -> list[SourceFile]:
-    """`read()`'s answer, checked: a source's bug is its own failure, not the loader's."""
-    if not isinstance(files, list | tuple):
-        raise TypeError(f"read() returned {type(files).__name__}, not a list of rule files")
-    for item in files:
-        if not isinstance(item, SourceFile):
-            raise TypeError(f"read() returned a {type(item).__name__} among its rule files")
-    return list(files)
-
-
-def _difference(usual: Sequence[SourceFile], full: Sequence[SourceFile]) -> str | None:
-    """Which files a full read gives otherwise than the usual one; None: the same."""
-    before = {file.name: file.content for file in usual}
-    after = {file.name: file.content for file in full}
-    changed = sorted(
-        [
-            f"{name} (changed)"
-            for name in before.keys() & after.keys()
-            if before[name] != after[name]
-        ]
-        + [f"{name} (missed)" for name in after.keys() - before.keys()]
-        + [f"{name} (gone)" for name in before.keys() - after.keys()]
-    )
-    if not changed:
-        return None
-    named = ", ".join(changed[:_NAMED_FILES])
-    more = f" and {len(changed) - _NAMED_FILES} more" if len(changed) > _NAMED_FILES else ""
-    return f"{len(changed)} file(s) differ from the usual read: {named}{more}"
-
-
 _Trigger = Trigger | str | Triggers
-_T = TypeVar("_T")
 
 
-async def _in_daemon_thread(call: Callable[[], _T]) -> _T:
-    """`call()` in a daemon thread of its own, awaited.
-
-    Source reads wait on other systems (a frozen database waits until the read's own
-    deadline). `asyncio.to_thread` would run them in the loop's executor, whose threads
-    are joined when the loop closes and again at interpreter exit: SIGTERM during such
-    a read waited for the whole read timeout. Nothing waits for a daemon thread."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[_T] = loop.create_future()
-
-    def settle(outcome: Callable[[], None]) -> None:
-        if not future.done():
-            outcome()
-
-    def run() -> None:
-        outcome: Callable[[], None]
-        try:
-            result = call()
-        except BaseException as exc:  # handed to the awaiting task, which decides
-            outcome = functools.partial(future.set_exception, exc)
-        else:
-            outcome = functools.partial(future.set_result, result)
-        with contextlib.suppress(RuntimeError):  # the loop closed: nobody awaits it
-            loop.call_soon_threadsafe(settle, outcome)
-
-    threading.Thread(target=run, name="source read", daemon=True).start()
-    return await future
+def _source_view(status: SourceStatus) -> dict[str, Any]:
+    return {
+        "name": status.name,
+        "last_request": _iso(status.last_request),
+        "last_successful_read": _iso(status.last_successful_read),
+        "files": status.files,
+        "message": status.message,
+        "errors": [problem.to_dict() for problem in status.errors],
+        "drift": status.drift,
+        "last_drift": status.last_drift,
+    }
 
 
 def _triggers(trigger: _Trigger) -> Triggers:
@@ -210,7 +111,7 @@ class HotReloadService:
         verify_interval_seconds: float = 300.0,
     ) -> None:
         self.registry = registry
-        self.sources = tuple(sources)
+        self.sources = SourceSet(sources)
         self.loader = loader
         self.interval_seconds = interval_seconds
         self.auto_reload = auto_reload
@@ -220,19 +121,13 @@ class HotReloadService:
         self.confirm_empty_seconds = confirm_empty_seconds
         self.verify_interval_seconds = verify_interval_seconds  # 0: never
         self.log = ReloadLog(history_limit)
-        self._source_status = {source.name: SourceStatus(source.name) for source in self.sources}
         self._lock = asyncio.Lock()
         self._wake_reasons: set[Trigger] = set()
         self._fresh_requested = False  # a requested reload reads every source afresh
-        # Why a watch is down because the source's own code raised (by source name).
-        self._watch_failures: dict[str, str] = {}
         # What the service waits for now, and since when (monotonic): for health while
         # the first load runs. Set from the reading thread too (one assignment).
         self._activity: tuple[str, float] | None = None
         self._in_initial_load = False
-        # One read of the sources at a time, also when the reload that started one was
-        # cancelled (monitoring stopped, shutdown) while its thread still reads.
-        self._reading = threading.Lock()
         self._requested: asyncio.Task[None] | None = None
         self._failed = asyncio.Event()  # set at each recorded failure: retry soon
         self._tasks: list[asyncio.Task[None]] = []
@@ -263,7 +158,9 @@ class HotReloadService:
             self._tasks.append(asyncio.create_task(self._verify_loop(), name="verify"))
         for source in self.sources:
             self._tasks.append(
-                asyncio.create_task(self._watch(source), name=f"watch {source.name}")
+                asyncio.create_task(
+                    self.sources.watch(source, self._changed), name=f"watch {source.name}"
+                )
             )
 
     async def stop(self) -> None:
@@ -327,7 +224,7 @@ class HotReloadService:
                 force=force,
                 validate=validate,
                 filtered_by=filtered_by,
-                read=_Read.FRESH if force else _Read.USUAL,
+                read=ReadMode.FRESH if force else ReadMode.USUAL,
             )
         failed = record.status is ReloadStatus.FAILED
         if not failed and not known and not self._knows(ruleset_id, rule_id):
@@ -425,7 +322,7 @@ class HotReloadService:
             "serving_from": "state_dir" if self._serving_from_state else "sources",
             "rollback_active": self._rolled_back_from is not None,
             "sources": [
-                self._source_status[source.name].to_dict()
+                _source_view(self.sources.statuses[source.name])
                 | {"watch_problem": watch_problems.get(source.name)}
                 for source in self.sources
             ],
@@ -506,23 +403,11 @@ class HotReloadService:
     @property
     def drift(self) -> dict[str, int]:
         """Per source, how many verifications found what its usual read missed."""
-        return {name: status.drift for name, status in self._source_status.items()}
+        return self.sources.drift
 
     def watch_problems(self) -> dict[str, str]:
-        """Sources whose changes may go unnoticed now; none matter while not watching.
-        A watch that raised, or a `watch_problem()` that raises, is a problem too."""
-        if not self.monitoring_active:
-            return {}
-        found: dict[str, str] = {}
-        for source in self.sources:
-            try:
-                problem = source.watch_problem()
-            except Exception as exc:
-                problem = f"watch_problem() raised {_reason(exc)}"
-            problem = problem or self._watch_failures.get(source.name)
-            if problem is not None:
-                found[source.name] = str(problem)
-        return found
+        """Sources whose changes may go unnoticed now; none matter while not watching."""
+        return self.sources.watch_problems() if self.monitoring_active else {}
 
     # Internals
 
@@ -541,7 +426,7 @@ class HotReloadService:
         while self._wake_reasons:
             reasons, self._wake_reasons = frozenset(self._wake_reasons), set()
             fresh, self._fresh_requested = self._fresh_requested, False
-            read = _Read.VERIFY if Trigger.VERIFY in reasons else _Read.USUAL
+            read = ReadMode.VERIFY if Trigger.VERIFY in reasons else ReadMode.USUAL
             try:
                 async with self._lock:
                     await self._reload(
@@ -549,7 +434,7 @@ class HotReloadService:
                         force=False,
                         validate=True,
                         filtered_by=None,
-                        read=_Read.FRESH if fresh else read,
+                        read=ReadMode.FRESH if fresh else read,
                     )
             except Exception:
                 logger.exception("background reload crashed")
@@ -583,82 +468,6 @@ class HotReloadService:
             else:
                 retry = _FIRST_RETRY_SECONDS  # a new failure: its retries start again
 
-    async def _watch(self, source: RuleSource) -> None:
-        """Ask for a reload at each change; a watch whose code raises is a watch problem
-        (health `degraded`) until it yields again, and its restart reads the sources
-        (whatever changed meanwhile went unseen)."""
-        backoff = 1.0
-        while True:
-            try:
-                async for _change in source.changes():
-                    self._watch_failures.pop(source.name, None)
-                    self.request_reload(Trigger.WATCH)
-                    backoff = 1.0
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                logger.exception("watching %s failed; retrying in %.0f s", source.name, backoff)
-                self._watch_failures[source.name] = (
-                    f"the watch raised {_reason(exc)}; retrying in {backoff:.0f} s"
-                )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
-                self.request_reload(Trigger.WATCH)
-
-    def _read_sources(
-        self, read: _Read
-    ) -> tuple[list[SourceFile], list[Problem], dict[str, str], dict[str, str]]:
-        """Every source's files (run in a worker thread). A source that cannot be read
-        completely, for whatever reason, gives its problems instead: never fewer files.
-        Also: which source gave each file, by file name; and (verifying) what each
-        source's usual read missed."""
-        files: list[SourceFile] = []
-        problems: list[Problem] = []
-        owners: dict[str, str] = {}
-        drifted: dict[str, str] = {}
-        with self._reading:
-            for source in self.sources:
-                status = self._source_status[source.name]
-                status.last_request = now()
-                self._activity = (f"reading {source.name}", time.monotonic())
-                try:
-                    source_files, drift = self._read_source(source, read)
-                except LoadError as exc:
-                    status.set_error(exc.problems)
-                    problems.extend(exc.problems)
-                    continue
-                except Exception as exc:
-                    if not isinstance(exc, OSError):
-                        logger.exception("reading %s failed unexpectedly", source.name)
-                    problem = Problem(
-                        file=source.name,
-                        message=f"cannot read source: {_reason(exc)}",
-                        code=ProblemCode.SOURCE_UNAVAILABLE,
-                    )
-                    status.set_error([problem])
-                    problems.append(problem)
-                    continue
-                if drift is not None:
-                    drifted[source.name] = drift
-                status.last_successful_read = now()
-                status.files = len(source_files)
-                status.set_error(None)
-                files.extend(source_files)
-                owners.update((file.name, source.name) for file in source_files)
-        return files, problems, owners, drifted
-
-    @staticmethod
-    def _read_source(source: RuleSource, read: _Read) -> tuple[list[SourceFile], str | None]:
-        """One source's files, and (verifying) how its usual read differed from a full one."""
-        usual: list[SourceFile] | None = None
-        if read is _Read.VERIFY:
-            usual = _rule_files(source, source.read())
-        if read is not _Read.USUAL:
-            source.forget()
-        files = _rule_files(source, source.read())
-        return files, None if usual is None else _difference(usual, files)
-
     async def _attempt(
         self,
         triggers: Triggers,
@@ -667,16 +476,15 @@ class HotReloadService:
         force: bool = False,
         validate: bool,
         confirmed: bool = False,
-        read: _Read = _Read.USUAL,
+        read: ReadMode = ReadMode.USUAL,
     ) -> tuple[Attempt, LoadResult | None, dict[str, int]]:
         """Read every source and compile the result, off the event loop; also how many
         rulesets each source gave."""
-        files, problems, owners, drifted = await _in_daemon_thread(
-            functools.partial(self._read_sources, read)
-        )
-        self._record_drift(drifted)
+        found = await self.sources.read(read, on_source=self._reading_source)
+        problems = list(found.problems)
         result: LoadResult | None = None
         if not problems:
+            files = found.files
             self._activity = (f"compiling {len(files)} rule file(s)", time.monotonic())
             checks = validate and self.loader.run_checks
             try:
@@ -687,11 +495,7 @@ class HotReloadService:
                 logger.exception("loading the rules failed unexpectedly")
                 message = f"internal error while loading: {type(exc).__name__}: {exc}"
                 problems = [Problem(file="<loader>", message=message, code=ProblemCode.INTERNAL)]
-        counts = {source.name: 0 for source in self.sources}
-        for ruleset in result.snapshot.rulesets.values() if result else ():
-            owner = owners.get(ruleset.location.file if ruleset.location else "")
-            if owner is not None:
-                counts[owner] += 1
+        counts = self.sources.rulesets_per_source(result.snapshot if result else None, found)
         attempt = Attempt(
             triggers=triggers,
             serving=serving,
@@ -705,17 +509,11 @@ class HotReloadService:
         )
         return attempt, result, counts
 
-    def _record_drift(self, drifted: dict[str, str]) -> None:
-        for name, difference in drifted.items():
-            status = self._source_status[name]
-            status.drift += 1
-            status.last_drift = difference
-            logger.warning(
-                "verification: %s held other content than its usual read gave, so a change "
-                "signal was lost; loading what the full read found. %s",
-                name,
-                difference,
-            )
+    def _changed(self) -> None:
+        self.request_reload(Trigger.WATCH)
+
+    def _reading_source(self, name: str) -> None:
+        self._activity = (f"reading {name}", time.monotonic())
 
     def _memory(self) -> Memory:
         return Memory(
@@ -731,7 +529,7 @@ class HotReloadService:
         force: bool,
         validate: bool,
         filtered_by: dict[str, Any] | None,
-        read: _Read,
+        read: ReadMode,
     ) -> ReloadRecord:
         try:
             return await self._reload_once(
@@ -747,11 +545,11 @@ class HotReloadService:
         force: bool,
         validate: bool,
         filtered_by: dict[str, Any] | None,
-        read: _Read,
+        read: ReadMode,
     ) -> ReloadRecord:
         started, before = time.perf_counter(), self.registry.current
         self._last_check = now()
-        if read is _Read.FRESH:
+        if read is ReadMode.FRESH:
             self.loader.forget()
         if force:
             self._rolled_back_from = None
@@ -769,7 +567,7 @@ class HotReloadService:
                 force=force,
                 validate=validate,
                 confirmed=True,
-                read=_Read.USUAL if read is _Read.USUAL else _Read.FRESH,
+                read=ReadMode.USUAL if read is ReadMode.USUAL else ReadMode.FRESH,
             )
             verdict = decide(attempt, self._memory(), allow_empty=self.allow_empty)
         if attempt.candidate is not None and verdict is not Verdict.EMPTY_REFUSED:

@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"sidecar.checks"},
     {"sidecar.loader", "sidecar.sources", "sidecar.sources.files", "sidecar.state"},
     {"sidecar.sources.database", "sidecar.sources.kubernetes"},
-    {"sidecar.registry"},
+    {"sidecar.registry", "sidecar.reading"},
     {"sidecar.editing"},
     {"sidecar.reloads"},
     {"sidecar.decision"},

@@ -31,7 +31,7 @@ from server_support import (  # noqa: E402
 from sidecar.documents import SourceFile  # noqa: E402
 from sidecar.errors import LoadError  # noqa: E402
 from sidecar.loader import Loader  # noqa: E402
-from sidecar.service import SourceStatus  # noqa: E402
+from sidecar.reading import SourceSet  # noqa: E402
 from sidecar.sources import StaticSource  # noqa: E402
 from sidecar.sources.files import DirectorySource  # noqa: E402
 from sidecar.state import StateStore  # noqa: E402
@@ -210,8 +210,7 @@ class TestHostileSource:
         hostile = Hostile()
 
         def add(state: Any) -> None:
-            state.service.sources = (*state.service.sources, hostile)
-            state.service._source_status["hostile"] = SourceStatus("hostile")
+            state.service.sources = SourceSet([*state.service.sources, hostile])
 
         app = await start_sidecar(rules_dir, prepare=add)
         hostile.answer = {"fraud.yaml": "not a list"}
@@ -239,8 +238,7 @@ class TestHostileSource:
         hostile = Hostile()
 
         def add(state: Any) -> None:
-            state.service.sources = (*state.service.sources, hostile)
-            state.service._source_status["hostile"] = SourceStatus("hostile")
+            state.service.sources = SourceSet([*state.service.sources, hostile])
 
         app = await start_sidecar(rules_dir, prepare=add, monitor=True)
         hostile.watch_error = KeyError("resourceVersion")
