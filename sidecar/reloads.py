@@ -100,27 +100,6 @@ class ReloadRecord:
     def trigger(self) -> str:
         return _wire(self.triggers)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The hot-reload contract's reload fields, plus version, revision and errors."""
-        return {
-            "id": self.id,
-            "status": self.status.value,
-            "trigger": self.trigger,
-            "timestamp": self.timestamp.isoformat(),
-            "reload_time_ms": round(self.reload_time_ms, 3),
-            "rules_loaded": self.rules_loaded,
-            "rulesets_loaded": self.rulesets_loaded,
-            "reload_count": self.reload_count,
-            "version_before": self.version_before,
-            "version_after": self.version_after,
-            "revision": self.revision,
-            "files": self.files,
-            "files_parsed": self.files_parsed,
-            "changes": len(self.changes),
-            "errors": [problem.to_dict() for problem in self.errors],
-            "filtered_by": self.filtered_by,
-        }
-
 
 ReloadListener = Callable[[ReloadRecord], None]
 

@@ -21,8 +21,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Final
@@ -30,7 +30,7 @@ from typing import Any, Final
 from sidecar.decision import Attempt, Memory, Verdict, decide, refusal
 from sidecar.errors import LoadError, NotFoundError, Problem, ProblemCode
 from sidecar.loader import Loader, LoadResult
-from sidecar.reading import ReadMode, SourceSet, SourceStatus
+from sidecar.reading import ReadMode, SourceSet
 from sidecar.registry import RuleRegistry
 from sidecar.reloads import (
     Outcome,
@@ -46,7 +46,17 @@ from sidecar.snapshot import Snapshot
 from sidecar.sources import RuleSource
 from sidecar.state import StateError, StateStore
 
-__all__ = ["HealthStatus", "HotReloadService", "ReloadRecord", "ReloadStatus", "Trigger"]
+__all__ = [
+    "Health",
+    "HealthChecks",
+    "HealthStatus",
+    "HotReloadService",
+    "ReloadRecord",
+    "ReloadStatus",
+    "Starting",
+    "Trigger",
+    "Validation",
+]
 
 logger = logging.getLogger("sidecar.service")
 
@@ -62,24 +72,43 @@ class HealthStatus(StrEnum):
     UNHEALTHY = "unhealthy"  # nothing valid was ever loaded
 
 
-def _iso(moment: datetime | None) -> str | None:
-    return moment.isoformat() if moment else None
+@dataclass(frozen=True, slots=True)
+class Starting:
+    """While the first load has not ended: what it waits for, for how many seconds."""
+
+    waiting_for: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class HealthChecks:
+    """Each fact health is decided from."""
+
+    monitoring_active: bool
+    registry_has_rules: bool
+    last_reload_successful: bool
+    sources_watched: bool
+    fresh: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    status: HealthStatus
+    checks: HealthChecks
+    watch_problems: Mapping[str, str]
+    starting: Starting | None
+
+
+@dataclass(frozen=True, slots=True)
+class Validation:
+    """A load of every source as a reload would do it, not published."""
+
+    problems: tuple[Problem, ...]
+    candidate: Snapshot | None
+    current_revision: str
 
 
 _Trigger = Trigger | str | Triggers
-
-
-def _source_view(status: SourceStatus) -> dict[str, Any]:
-    return {
-        "name": status.name,
-        "last_request": _iso(status.last_request),
-        "last_successful_read": _iso(status.last_successful_read),
-        "files": status.files,
-        "message": status.message,
-        "errors": [problem.to_dict() for problem in status.errors],
-        "drift": status.drift,
-        "last_drift": status.last_drift,
-    }
 
 
 def _triggers(trigger: _Trigger) -> Triggers:
@@ -246,27 +275,13 @@ class HotReloadService:
             rule_id is None or rule_id in snapshot.rules
         )
 
-    async def validate_reload(self) -> dict[str, Any]:
-        """Load every source as a reload would, without publishing anything.
-
-        Answers in the shape of the contract's `validate_registry_rules`: `valid`,
-        `total_rules`, `invalid_rules`, `errors` (`rule_id`, `error`, location).
-        """
+    async def validate_reload(self) -> Validation:
+        """Load every source as a reload would, without publishing anything."""
         async with self._lock:
             attempt, _, _ = await self._attempt(
                 frozenset({Trigger.API}), self.registry.current, validate=True
             )
-        problems, candidate = attempt.problems, attempt.candidate
-        invalid = {p.rule_id or p.ruleset_id or p.file for p in problems}
-        return {
-            "valid": not problems,
-            "total_rules": len(candidate.rules) if candidate else None,
-            "total_rulesets": len(candidate.rulesets) if candidate else None,
-            "invalid_rules": len(invalid),
-            "errors": [problem.to_rule_error() for problem in problems],
-            "revision": candidate.revision if candidate else None,
-            "current_revision": self.registry.current.revision,
-        }
+        return Validation(attempt.problems, attempt.candidate, self.registry.current.revision)
 
     async def rollback(self, version: int | None = None) -> ReloadRecord:
         """Publish an earlier snapshot again (as a new version); raises NotFoundError.
@@ -301,43 +316,33 @@ class HotReloadService:
         window = self.max_age_seconds if max_age_seconds is None else max_age_seconds
         return ((at or now()) - verified).total_seconds() <= window
 
-    def get_status(self) -> dict[str, Any]:
-        """The hot-reload contract's status fields, plus sources, freshness and the last error."""
-        last = self.log.last
-        watch_problems = self.watch_problems()
-        return {
-            "monitoring_active": self.monitoring_active,
-            "auto_reload_enabled": self.auto_reload,
-            "reload_interval_seconds": self.interval_seconds,
-            "verify_interval_seconds": self.verify_interval_seconds,
-            "validation_enabled": self.loader.run_checks,
-            "last_check_time": _iso(self._last_check),
-            "last_successful_check_time": _iso(self._last_verified),
-            "fresh": self.is_fresh(),
-            "max_age_seconds": self.max_age_seconds,
-            "last_reload_time": _iso(last.timestamp) if last else None,
-            "last_reload_status": last.status.value if last else None,
-            "reload_count": self.log.successes,
-            "registry": self.registry.get_stats(),
-            "serving_from": "state_dir" if self._serving_from_state else "sources",
-            "rollback_active": self._rolled_back_from is not None,
-            "sources": [
-                _source_view(self.sources.statuses[source.name])
-                | {"watch_problem": watch_problems.get(source.name)}
-                for source in self.sources
-            ],
-            "last_errors": [p.to_dict() for p in last.errors] if last else [],
-            "state_dir": self.state.status().to_dict() if self.state else None,
-            "starting": self.starting(),
-        }
+    @property
+    def last_check(self) -> datetime | None:
+        """When the sources were last read for a reload."""
+        return self._last_check
 
-    def get_reload_history(self, limit: int | None = None) -> list[dict[str, Any]]:
-        """Recorded reloads, newest first."""
-        return [record.to_dict() for record in self.log.newest(limit)]
+    @property
+    def last_verified(self) -> datetime | None:
+        """When a read of every source last succeeded and confirmed what serves."""
+        return self._last_verified
 
-    def health(self) -> tuple[HealthStatus, dict[str, Any]]:
+    @property
+    def serving_from_state(self) -> bool:
+        """What serves was restored from the state dir, not read from the sources."""
+        return self._serving_from_state
+
+    @property
+    def rollback_active(self) -> bool:
+        return self._rolled_back_from is not None
+
+    def health(self) -> Health:
         """Health for the kubelet: unhealthy only while nothing valid has ever loaded, or
-        the first load has not ended."""
+        the first load has not ended.
+
+        Degraded = serving the last known good, or monitoring off (wholly, or for one
+        source whose watch is down), or the sources not confirmed within the freshness
+        window. An empty registry shows in `registry_has_rules` but is a valid state,
+        not a degradation."""
         last = self.log.last
         # Not before the first load has ended: it publishes, then saves the state copy,
         # and only then does watching start (serve() answers probes all along).
@@ -345,43 +350,24 @@ class HotReloadService:
         has_snapshot = self.registry.version > 0 and starting is None
         watch_problems = self.watch_problems()
         last_ok = last is None or last.status is not ReloadStatus.FAILED
-        checks = {
-            "monitoring_active": self.monitoring_active,
-            "registry_has_rules": bool(self.registry.current.rules),
-            "last_reload_successful": last_ok and not self._serving_from_state,
-            "sources_watched": not watch_problems,
-            "fresh": self.is_fresh(),
-        }
-        # README, "Probes": degraded = serving last known good, or monitoring off (wholly, or
-        # for one source whose watch is down), or the sources not confirmed within the
-        # freshness window. An empty registry shows in `registry_has_rules` but is a
-        # valid state, not a degradation.
-        watching = (checks["monitoring_active"] or not self.auto_reload) and not watch_problems
-        fresh_enough = checks["fresh"] or not self.auto_reload
+        checks = HealthChecks(
+            monitoring_active=self.monitoring_active,
+            registry_has_rules=bool(self.registry.current.rules),
+            last_reload_successful=last_ok and not self._serving_from_state,
+            sources_watched=not watch_problems,
+            fresh=self.is_fresh(),
+        )
+        watching = (checks.monitoring_active or not self.auto_reload) and not watch_problems
+        fresh_enough = checks.fresh or not self.auto_reload
         if not has_snapshot:
             status = HealthStatus.UNHEALTHY
-        elif checks["last_reload_successful"] and watching and fresh_enough:
+        elif checks.last_reload_successful and watching and fresh_enough:
             status = HealthStatus.HEALTHY
         else:
             status = HealthStatus.DEGRADED
-        stats = self.registry.get_stats()
-        return status, {
-            "status": status.value,
-            "monitoring_active": self.monitoring_active,
-            "auto_reload_enabled": self.auto_reload,
-            "last_reload": stats["last_reload"],
-            "last_successful_check_time": _iso(self._last_verified),
-            "reload_count": self.log.successes,
-            "last_reload_status": last.status.value if last else None,
-            "registry": stats,
-            "revision": stats["revision"],
-            "serving_from": "state_dir" if self._serving_from_state else "sources",
-            "checks": checks,
-            "watch_problems": watch_problems,
-            "starting": starting,
-        }
+        return Health(status, checks, watch_problems, starting)
 
-    def starting(self) -> dict[str, Any] | None:
+    def starting(self) -> Starting | None:
         """While the first load has not ended: what it waits for, and how long it has.
         None once the first load ended, well or not (or any reload was recorded, or a
         snapshot published otherwise)."""
@@ -390,9 +376,9 @@ class HotReloadService:
             return None
         activity = self._activity
         if activity is None:
-            return {"waiting_for": "the first load to begin", "seconds": 0.0}
+            return Starting("the first load to begin", 0.0)
         doing, since = activity
-        return {"waiting_for": doing, "seconds": round(time.monotonic() - since, 1)}
+        return Starting(doing, round(time.monotonic() - since, 1))
 
     @property
     def ready(self) -> bool:

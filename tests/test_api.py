@@ -801,7 +801,7 @@ class TestBrowserGuard:
 
     async def test_cross_origin_post_is_refused(self, sidecar: Sidecar):
         """A simple cross-origin POST (no preflight) never reaches the reload."""
-        before = len(sidecar.service.get_reload_history())
+        before = len(sidecar.service.log.newest())
         body = await sidecar.post(
             f"{HOT}/reload",
             headers={"Origin": "https://attacker.example", "Content-Type": "text/plain"},
@@ -809,7 +809,7 @@ class TestBrowserGuard:
             status=403,
         )
         assert "cross-origin" in body["error"]["message"]
-        assert len(sidecar.service.get_reload_history()) == before
+        assert len(sidecar.service.log.newest()) == before
 
     async def test_same_origin_post_passes(self, sidecar: Sidecar):
         """A page the sidecar serves itself (the dashboard) posts same-origin."""

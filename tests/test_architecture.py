@@ -36,6 +36,7 @@ LAYERS: list[set[str]] = [
         "sidecar.api.websocket",
         "sidecar.api.ui",
         "sidecar.api.renders",
+        "sidecar.api.views",
     },
     {"sidecar.api.app"},
     {"sidecar.api.run"},

@@ -453,10 +453,8 @@ class TestLiveChanges:
 
         await eventually(failed, message="failure recorded")
         sqlite_database.execute(update, ("input.amount > 1000",))
-        checked = app.service.get_status()["last_check_time"]
-        await eventually(
-            lambda: app.service.get_status()["last_check_time"] != checked, message="resync"
-        )
+        checked = app.service.last_check
+        await eventually(lambda: app.service.last_check != checked, message="resync")
         assert await total_points(app) == 70
         await eventually(healthy(app), timeout=2, message="healthy after the fix")
 

@@ -36,6 +36,7 @@ from server_support import (  # noqa: E402
     wait_sync,
 )
 
+from sidecar.api.views import health_view, history_view, status_view  # noqa: E402
 from sidecar.errors import LoadError, Problem, ProblemCode  # noqa: E402
 from sidecar.loader import Loader  # noqa: E402
 from sidecar.registry import RuleRegistry  # noqa: E402
@@ -106,10 +107,7 @@ async def watch_connected(kube: FakeKubernetes, count: int = 1) -> None:
 async def failed_reload(service: HotReloadService) -> dict[str, Any]:
     """The history's newest record once it is a failed reload."""
     record: dict[str, Any] = await eventually(
-        lambda: (
-            service.get_reload_history(1)[0]["status"] == "failed"
-            and service.get_reload_history(1)[0]
-        ),
+        lambda: history_view(service, 1)[0]["status"] == "failed" and history_view(service, 1)[0],
         message="failed reload",
     )
     return record
@@ -389,7 +387,7 @@ class TestWithTheService:
         assert service.registry.version == version
         rules_configmap(kube, large_points=55)
         await eventually(lambda: service.registry.version > version, message="fixed")
-        assert service.health()[0] is HealthStatus.HEALTHY
+        assert service.health().status is HealthStatus.HEALTHY
 
     async def test_a_stalled_watch_degrades_health(
         self, kube: FakeKubernetes, service: HotReloadService
@@ -400,20 +398,23 @@ class TestWithTheService:
         await service.initial_load()
         service.start()
         await watch_connected(kube)
-        assert service.health()[0] is HealthStatus.HEALTHY
+        assert service.health().status is HealthStatus.HEALTHY
         kube.stall()
-        _, body = await eventually(
-            lambda: service.health()[0] is HealthStatus.DEGRADED and service.health(),
+        body = await eventually(
+            lambda: (
+                service.health().status is HealthStatus.DEGRADED
+                and health_view(service, service.health())
+            ),
             message="degraded",
         )
         assert body["checks"]["sources_watched"] is False
         (problem,) = body["watch_problems"].values()
         assert problem.startswith("stalled")
-        (reported,) = service.get_status()["sources"]
+        (reported,) = status_view(service)["sources"]
         assert reported["watch_problem"] == problem
         kube.stall(False)
         await eventually(
-            lambda: service.health()[0] is HealthStatus.HEALTHY, message="healthy again"
+            lambda: service.health().status is HealthStatus.HEALTHY, message="healthy again"
         )
 
 
@@ -841,7 +842,7 @@ class TestOutOfScopeEvents:
             limits = ruleset_doc("limits", [{"id": "r", "condition": "true", "points": 1}])
             kube.apply("limits", {"limits.yaml": to_yaml(limits)}, labels=LABELS)
             await eventually(lambda: service.registry.version == 2, message="a reload")
-            assert service.get_reload_history(1)[0]["status"] == "success"
+            assert service.log.newest(1)[0].status.value == "success"
             assert service.registry.get_ruleset("fraud") is not None
             assert service.registry.get_ruleset("limits") is not None
         finally:

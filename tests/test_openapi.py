@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -21,6 +22,7 @@ from referencing.jsonschema import DRAFT202012
 
 from sidecar.api.app import AppState, create_app
 from sidecar.api.run import build_state
+from sidecar.api.views import status_view
 from sidecar.api.websocket import ReloadNotificationManager
 from sidecar.config import Settings
 
@@ -290,7 +292,7 @@ async def start(aiohttp_client: Any, tmp_path: Path) -> AsyncIterator[Start]:
         states.append(state)
         if replay_buffer is not None:
             state.notifier = ReloadNotificationManager(
-                state.service.get_status, buffer_size=replay_buffer
+                functools.partial(status_view, state.service), buffer_size=replay_buffer
             )
         app = create_app(state, max_body_bytes=config.max_body_bytes)
         await state.service.initial_load()

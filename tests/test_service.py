@@ -17,6 +17,7 @@ from datetime import timedelta
 import pytest
 from conftest import dump_yaml, make_ruleset_doc
 
+from sidecar.api.views import status_view
 from sidecar.config import SettingsError, settings_from
 from sidecar.documents import SourceFile
 from sidecar.errors import LoadError, Problem
@@ -24,7 +25,7 @@ from sidecar.integration import is_registry_fresh
 from sidecar.loader import Loader
 from sidecar.registry import RuleRegistry
 from sidecar.reloads import ReloadRecord, ReloadStatus, Trigger
-from sidecar.service import HealthStatus, HotReloadService
+from sidecar.service import HealthStatus, HotReloadService, Starting
 from sidecar.sources import StaticSource
 from sidecar.state import StateStore
 
@@ -101,7 +102,7 @@ class TestReadErrors:
         assert record.errors[0].file in ("flaky", "rules/team-b")
         assert sorted(service.registry.current.rulesets) == ["a", "b"]
         assert heard[-1] is record
-        assert service.health()[0] is HealthStatus.DEGRADED
+        assert service.health().status is HealthStatus.DEGRADED
 
     async def test_a_crashing_loader_is_a_recorded_failure(self, heard, monkeypatch):
         source = StaticSource(rules("a"))
@@ -134,7 +135,7 @@ class TestRecovery:
         assert record.status is ReloadStatus.SUCCESS
         assert heard[-1] is record
         assert service.registry.version == version  # nothing new to publish
-        assert service.health()[0] is HealthStatus.HEALTHY
+        assert service.health().status is HealthStatus.HEALTHY
 
     async def test_a_repeated_background_failure_is_recorded_once(self, heard):
         source = StaticSource(rules("a"))
@@ -172,7 +173,7 @@ class TestEmptied:
         """Every file deleted: a recorded failure naming the setting; rules keep serving."""
         source = StaticSource(rules("a"))
         service = await started(source, heard, confirm_empty_seconds=0.01)
-        verified = service.get_status()["last_successful_check_time"]
+        verified = service.last_verified
         source.set_files([])
         record = await service.reload_rules(trigger=Trigger.WATCH)
         assert record.status is ReloadStatus.FAILED
@@ -182,7 +183,7 @@ class TestEmptied:
         assert list(service.registry.current.rulesets) == ["a"]
         assert heard[-1] is record
         # What serves is not what the sources hold: not a successful check.
-        assert service.get_status()["last_successful_check_time"] == verified
+        assert service.last_verified == verified
         # The resync meeting the same refusal is not news.
         assert (await service.reload_rules(trigger=Trigger.RESYNC)).id == 0
 
@@ -257,10 +258,10 @@ class TestFreshness:
 
     async def test_stable_rules_stay_fresh_through_quiet_checks(self, heard):
         service = await started(StaticSource(rules("a")), heard)
-        first = service.get_status()["last_successful_check_time"]
+        first = service.last_verified
         assert is_registry_fresh(service, 300)
         await service.reload_rules(trigger=Trigger.RESYNC)  # nothing changed, not recorded
-        assert service.get_status()["last_successful_check_time"] > first
+        assert service.last_verified > first
         assert service.registry.version == 1
 
     async def test_stale_past_the_window_and_degraded(self, heard):
@@ -273,18 +274,18 @@ class TestFreshness:
             assert is_registry_fresh(service, 60, now=later) is False
             assert is_registry_fresh(service, 61, now=later) is True
             service._last_verified -= timedelta(seconds=61)  # type: ignore[operator]
-            status, body = service.health()
-            assert (status, body["checks"]["fresh"]) == (HealthStatus.DEGRADED, False)
+            health = service.health()
+            assert (health.status, health.checks.fresh) == (HealthStatus.DEGRADED, False)
         finally:
             await service.stop()
 
     async def test_failed_checks_do_not_refresh(self, heard):
         source = StaticSource(rules("a"))
         service = await started(source, heard)
-        verified = service.get_status()["last_successful_check_time"]
+        verified = service.last_verified
         source.set_files(BROKEN)
         await service.reload_rules(trigger=Trigger.RESYNC)
-        assert service.get_status()["last_successful_check_time"] == verified
+        assert service.last_verified == verified
 
 
 class TestRetry:
@@ -346,7 +347,7 @@ class TestStateCopy:
 
         assert saved.registry.version == 1
         assert restarted.registry.version == 0
-        assert restarted.health()[0] is HealthStatus.UNHEALTHY
+        assert restarted.health().status is HealthStatus.UNHEALTHY
 
     async def test_a_forged_manifest_revision_does_not_pass_for_the_copy(self, heard, tmp_path):
         """The re-attack: a file dropped and the manifest's revision set to what the rest
@@ -452,7 +453,7 @@ class TestVerification:
                 ReloadStatus.SUCCESS,
             )
             assert service.drift == {"caching": 1}
-            (status,) = service.get_status()["sources"]
+            (status,) = status_view(service)["sources"]
             assert status["drift"] == 1
             assert status["last_drift"] == "1 file(s) differ from the usual read: b.yaml (missed)"
             assert any(
@@ -460,7 +461,7 @@ class TestVerification:
                 for r in caplog.records
                 if r.levelname == "WARNING"
             )
-            assert service.health()[0] is HealthStatus.HEALTHY
+            assert service.health().status is HealthStatus.HEALTHY
             # A second hidden change is a second drift; what is live stays live.
             source.change_unseen(rules("b"))
             await wait_for(lambda: rulesets_of(service) == ["b"])
@@ -488,8 +489,8 @@ class TestVerification:
         source = CachingSource(rules("a"))
         service = await verifying(source, heard)
         try:
-            checked = service.get_status()["last_check_time"]
-            await wait_for(lambda: service.get_status()["last_check_time"] != checked)
+            checked = service.last_check
+            await wait_for(lambda: service.last_check != checked)
             assert [record.triggers for record in heard] == [{Trigger.STARTUP}]
         finally:
             await service.stop()
@@ -566,8 +567,8 @@ class TestSourceFaults:
         assert problem.message.startswith(f"cannot read source: {type(error).__name__}")
         assert len(problem.message) < 600
         assert heard[-1] is record
-        assert service.health()[0] is HealthStatus.DEGRADED
-        assert service.get_status()["sources"][1]["errors"][0]["file"] == "faulty"
+        assert service.health().status is HealthStatus.DEGRADED
+        assert status_view(service)["sources"][1]["errors"][0]["file"] == "faulty"
         assert rulesets_of(service) == ["a", "b"]  # all or nothing: the last good rules
         del source.fault[method]
         assert (await service.reload_rules(force=True)).status is ReloadStatus.SUCCESS
@@ -610,9 +611,12 @@ class TestSourceFaults:
             await wait_for(lambda: "faulty" in service.watch_problems())
             problem = service.watch_problems()["faulty"]
             assert type(error).__name__ in problem
-            status, body = service.health()
-            assert (status, body["watch_problems"]) == (HealthStatus.DEGRADED, {"faulty": problem})
-            assert service.get_status()["sources"][1]["watch_problem"] == problem
+            health = service.health()
+            assert (health.status, health.watch_problems) == (
+                HealthStatus.DEGRADED,
+                {"faulty": problem},
+            )
+            assert status_view(service)["sources"][1]["watch_problem"] == problem
 
             files.set_files(rules("a", "c"))
 
@@ -629,7 +633,7 @@ class TestStarting:
         starts only after it: a probe in between must not see a watchless `degraded`."""
         service = make_service(StaticSource(rules("a")), auto_reload=True)
         seen: list[tuple[bool, HealthStatus]] = []
-        service.add_listener(lambda _record: seen.append((service.ready, service.health()[0])))
+        service.add_listener(lambda _record: seen.append((service.ready, service.health().status)))
 
         await service.initial_load()
 
@@ -645,12 +649,13 @@ class TestStarting:
                 return super().read()
 
         service = make_service(Blocking(rules("a"), name="slow"))
-        assert service.starting() == {"waiting_for": "the first load to begin", "seconds": 0.0}
+        assert service.starting() == Starting("the first load to begin", 0.0)
         loading = asyncio.create_task(service.initial_load())
         try:
-            await wait_for(lambda: (service.starting() or {}).get("waiting_for") == "reading slow")
-            status, body = service.health()
-            assert (status, body["starting"]["waiting_for"]) == (
+            waiting = lambda: getattr(service.starting(), "waiting_for", None)  # noqa: E731
+            await wait_for(lambda: waiting() == "reading slow")
+            health = service.health()
+            assert (health.status, getattr(health.starting, "waiting_for", None)) == (
                 HealthStatus.UNHEALTHY,
                 "reading slow",
             )
@@ -658,8 +663,8 @@ class TestStarting:
         finally:
             release.set()
             await loading
-        assert service.health()[0] is HealthStatus.HEALTHY
-        assert service.health()[1]["starting"] is None
+        assert service.health().status is HealthStatus.HEALTHY
+        assert service.health().starting is None
 
 
 class TestVerifySetting:

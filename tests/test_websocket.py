@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import inspect
 import re
 from datetime import datetime
@@ -30,6 +31,7 @@ from server_support import (  # noqa: E402
 )
 
 from sidecar.api.app import AppState  # noqa: E402
+from sidecar.api.views import status_view  # noqa: E402
 from sidecar.api.websocket import ReloadNotificationManager  # noqa: E402
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
@@ -45,7 +47,9 @@ def own_notifier(**options: Any):
 
     def prepare(state: AppState) -> None:
         state.notifier = ReloadNotificationManager(
-            state.service.get_status, on_count=state.metrics.websocket_clients.set, **options
+            functools.partial(status_view, state.service),
+            on_count=state.metrics.websocket_clients.set,
+            **options,
         )
 
     return prepare

@@ -41,6 +41,14 @@ from sidecar.api.limits import (
 from sidecar.api.metrics import CONTENT_TYPE_LATEST, Metrics
 from sidecar.api.renders import RenderCache
 from sidecar.api.ui import ui_routes
+from sidecar.api.views import (
+    health_view,
+    history_view,
+    reload_view,
+    starting_message,
+    status_view,
+    validation_view,
+)
 from sidecar.api.websocket import ReloadNotificationManager
 from sidecar.config import DEFAULT_SETTINGS
 from sidecar.engine import Evaluation, evaluate_in_slices, evaluate_ruleset
@@ -369,14 +377,14 @@ async def _cached(
 
 def _record_response(record: ReloadRecord) -> web.Response:
     status = 422 if record.status is ReloadStatus.FAILED else 200
-    return json_response(record.to_dict(), status)
+    return json_response(reload_view(record), status)
 
 
 # Hot-reload endpoints (the hot-reload contract's)
 
 
 async def get_status(request: web.Request) -> web.Response:
-    return json_response(_state(request).service.get_status())
+    return json_response(status_view(_state(request).service))
 
 
 async def post_reload(request: web.Request) -> web.Response:
@@ -409,7 +417,7 @@ async def post_validate(request: web.Request) -> web.Response:
     """Read-only, so open like the reads; rate-limited (its own budget, per caller class),
     since it reads every source and waits for the reload lock."""
     _limit_rate(request, Action.VALIDATE)
-    return json_response(await _state(request).service.validate_reload())
+    return json_response(validation_view(await _state(request).service.validate_reload()))
 
 
 async def post_monitoring_start(request: web.Request) -> web.Response:
@@ -439,7 +447,7 @@ def _query_limit(request: web.Request, default: int, name: str = "limit") -> int
 
 
 async def get_history(request: web.Request) -> web.Response:
-    history = _state(request).service.get_reload_history(_query_limit(request, 50))
+    history = history_view(_state(request).service, _query_limit(request, 50))
     return json_response({"history": history, "count": len(history)})
 
 
@@ -459,8 +467,11 @@ async def post_rollback(request: web.Request) -> web.Response:
 
 
 async def get_health(request: web.Request) -> web.Response:
-    status, body = _state(request).service.health()
-    return json_response(body, 503 if status is HealthStatus.UNHEALTHY else 200)
+    service = _state(request).service
+    health = service.health()
+    return json_response(
+        health_view(service, health), 503 if health.status is HealthStatus.UNHEALTHY else 200
+    )
 
 
 async def get_livez(request: web.Request) -> web.Response:
@@ -498,11 +509,7 @@ def _serving(request: web.Request) -> Snapshot:
     starting = state.service.starting() if snapshot.version == 0 else None
     if starting is None:
         return snapshot
-    message = (
-        f"the rules are not loaded yet: the first load is waiting for "
-        f"{starting['waiting_for']} ({starting['seconds']} s so far)"
-    )
-    raise web.HTTPServiceUnavailable(text=message, headers={"Retry-After": "1"})
+    raise web.HTTPServiceUnavailable(text=starting_message(starting), headers={"Retry-After": "1"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -762,9 +769,9 @@ def _wire_events(state: AppState) -> None:
     def on_reload(record: ReloadRecord) -> None:
         state.metrics.observe_reload(record)
         if record.status is ReloadStatus.FAILED:
-            state.notifier.broadcast("reload_failed", record.to_dict())
+            state.notifier.broadcast("reload_failed", reload_view(record))
         elif record.status in (ReloadStatus.SUCCESS, ReloadStatus.RESTORED):
-            state.notifier.broadcast("rules_reloaded", record.to_dict())
+            state.notifier.broadcast("rules_reloaded", reload_view(record))
 
     def on_publish(snapshot: Snapshot, events: Sequence[ChangeEvent]) -> None:
         for change in events:

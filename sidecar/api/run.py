@@ -43,6 +43,7 @@ except ImportError:  # optional: the `speed` extra
 from sidecar.api.app import AppState, create_app, create_observation_app
 from sidecar.api.limits import BatchTurns, RateBudgets, RequestLimits
 from sidecar.api.metrics import Metrics
+from sidecar.api.views import status_view
 from sidecar.api.websocket import ReloadNotificationManager
 from sidecar.config import Settings, SettingsError
 from sidecar.loader import Loader
@@ -149,7 +150,9 @@ def build_state(settings: Settings) -> AppState:
     if recorder is not None:
         service.add_listener(_post_events(recorder))
     metrics = Metrics()
-    notifier = ReloadNotificationManager(service.get_status, on_count=metrics.websocket_clients.set)
+    notifier = ReloadNotificationManager(
+        functools.partial(status_view, service), on_count=metrics.websocket_clients.set
+    )
     return AppState(
         registry=registry,
         service=service,

@@ -45,7 +45,7 @@ __all__ = ["ReloadNotificationManager", "ResyncReason"]
 
 logger = logging.getLogger("sidecar.websocket")
 
-StatusProvider = Callable[[], dict[str, Any]]
+StatusProvider = Callable[[], Mapping[str, Any]]
 
 
 _KICK_TIMEOUT: Final = 1.0  # seconds a dropped client gets to take its close frame
@@ -128,7 +128,7 @@ class ReloadNotificationManager:
         """This instance's id: what `seq` counts in (also part of the registry reads' ETag)."""
         return self._instance
 
-    def broadcast(self, event_type: str, data: dict[str, Any]) -> int:
+    def broadcast(self, event_type: str, data: Mapping[str, Any]) -> int:
         """Send a message to every client; returns the latest seq (a change event past
         the per-version limit takes none). Never waits."""
         if event_type in _CHANGE_EVENTS and self._omitted(data):
@@ -179,7 +179,7 @@ class ReloadNotificationManager:
             with contextlib.suppress(Exception):
                 await client.socket.close(code=code, message=b"server shutdown")
 
-    def _omitted(self, data: dict[str, Any]) -> bool:
+    def _omitted(self, data: Mapping[str, Any]) -> bool:
         """Count a change event of its registry version; True when it is past the limit.
         The first one past it is replaced by one `changes_omitted` broadcast."""
         version = data.get("registry_version")
@@ -193,7 +193,7 @@ class ReloadNotificationManager:
             self.broadcast(CHANGES_OMITTED, summary)
         return True
 
-    def _encode(self, event_type: str, data: dict[str, Any], seq: int) -> str:
+    def _encode(self, event_type: str, data: Mapping[str, Any], seq: int) -> str:
         message = {
             "event_type": event_type,
             "timestamp": datetime.now(UTC).isoformat(),
@@ -245,7 +245,7 @@ class ReloadNotificationManager:
         """The oldest seq the buffer holds (the next one while it is empty)."""
         return self._buffer[0][0] if self._buffer else self._seq + 1
 
-    def _reply(self, client: _Client, event_type: str, data: dict[str, Any]) -> None:
+    def _reply(self, client: _Client, event_type: str, data: Mapping[str, Any]) -> None:
         """A message for this client only, sent after the broadcasts made before it."""
         if client.dropped:
             return
