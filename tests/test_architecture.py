@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,35 @@ class TestLayers:
             name = module_name(path)
             if LAYER_OF[name] <= LAYER_OF["sidecar.registry"]:
                 assert not any(m.startswith("sidecar.api") for m in imported_modules(path)), name
+
+
+def readme_table() -> list[str]:
+    """The modules of the README's "How it is built" table, in its order."""
+    text = (PACKAGE.parent / "README.md").read_text("utf-8")
+    section = text.split("## How it is built", 1)[1]
+    table = section[section.index("| module | role |") :].split("\n\n", 1)[0]
+    return re.findall(r"^\| `(sidecar/[^`]*)` \|", table, flags=re.MULTILINE)
+
+
+def table_module(row: str) -> str:
+    """`sidecar/api/` -> `sidecar.api`; `sidecar/reading.py` -> `sidecar.reading`."""
+    return row.removesuffix("/").removesuffix(".py").replace("/", ".")
+
+
+class TestReadmeTable:
+    """The README's module table is the layer list a newcomer reads: kept true here."""
+
+    def test_rows_are_in_layer_order(self):
+        layers = [LAYER_OF[table_module(row)] for row in readme_table()]
+        assert layers == sorted(layers), list(zip(readme_table(), layers, strict=True))
+
+    def test_every_module_is_in_the_table(self):
+        """A module is named, or its package is (`sidecar/api/` covers `api/app.py`)."""
+        named = {table_module(row) for row in readme_table()}
+        for path in MODULES:
+            name = module_name(path)
+            if name != "sidecar":
+                assert name in named or name.rsplit(".", 1)[0] in named, name
 
 
 class TestExports:
