@@ -17,11 +17,11 @@ import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Final, TypeVar
+from typing import Final, TypeVar, overload
 
 from sidecar.documents import SourceFile
 from sidecar.errors import LoadError, Problem, ProblemCode
@@ -155,7 +155,7 @@ def _read_one(source: RuleSource, mode: ReadMode) -> tuple[list[SourceFile], str
     return files, None if usual is None else _difference(usual, files)
 
 
-class SourceSet:
+class SourceSet(Sequence[RuleSource]):
     """The sources one service reads, with what each said last time."""
 
     def __init__(self, sources: Sequence[RuleSource]) -> None:
@@ -167,8 +167,12 @@ class SourceSet:
         # (monitoring stopped, shutdown) while its thread still reads.
         self._reading = threading.Lock()
 
-    def __iter__(self) -> Iterator[RuleSource]:
-        return iter(self._sources)
+    @overload
+    def __getitem__(self, index: int) -> RuleSource: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[RuleSource]: ...
+    def __getitem__(self, index: int | slice) -> RuleSource | Sequence[RuleSource]:
+        return self._sources[index]
 
     def __len__(self) -> int:
         return len(self._sources)

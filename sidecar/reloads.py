@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
 
 from sidecar.errors import Problem
 from sidecar.registry import ChangeEvent
 from sidecar.snapshot import Snapshot
 
 __all__ = [
+    "Filter",
     "Outcome",
     "ReloadListener",
     "ReloadLog",
@@ -62,6 +62,10 @@ def _wire(triggers: Iterable[Trigger]) -> str:
     return "+".join(sorted(trigger.value for trigger in triggers))
 
 
+# What a scoped reload or a rollback was asked for (`ruleset_id`, `rule_id`, `version`).
+Filter = Mapping[str, str | int | None]
+
+
 class ReloadStatus(StrEnum):
     SUCCESS = "success"
     FAILED = "failed"
@@ -94,7 +98,7 @@ class ReloadRecord:
     files: int = 0
     errors: tuple[Problem, ...] = ()
     changes: tuple[ChangeEvent, ...] = field(default=(), repr=False)
-    filtered_by: dict[str, Any] | None = None
+    filtered_by: Filter | None = None
 
     @property
     def trigger(self) -> str:
@@ -116,7 +120,7 @@ class Outcome:
     changes: Sequence[ChangeEvent] = ()
     files: int = 0
     files_parsed: int = 0
-    filtered_by: dict[str, Any] | None = None
+    filtered_by: Filter | None = None
 
 
 class ReloadLog:

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Final
+from typing import Final
 
 from sidecar.decision import Attempt, Memory, Verdict, decide, refusal
 from sidecar.errors import LoadError, NotFoundError, Problem, ProblemCode
@@ -33,6 +33,7 @@ from sidecar.loader import Loader, LoadResult
 from sidecar.reading import ReadMode, SourceSet
 from sidecar.registry import RuleRegistry
 from sidecar.reloads import (
+    Filter,
     Outcome,
     ReloadListener,
     ReloadLog,
@@ -108,13 +109,15 @@ class Validation:
     current_revision: str
 
 
-_Trigger = Trigger | str | Triggers
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """One reload asked for: why, how the sources are read, and what it may skip."""
 
-
-def _triggers(trigger: _Trigger) -> Triggers:
-    if isinstance(trigger, frozenset):
-        return trigger
-    return frozenset({Trigger(trigger)})
+    triggers: Triggers
+    read: ReadMode = ReadMode.USUAL
+    force: bool = False  # publish even an unchanged result; ends a rollback
+    validate: bool = True  # False skips embedded tests and semantic checks
+    filtered_by: Filter | None = None
 
 
 class HotReloadService:
@@ -226,7 +229,7 @@ class HotReloadService:
     async def reload_rules(
         self,
         *,
-        trigger: _Trigger = Trigger.API,
+        trigger: Trigger = Trigger.API,
         force: bool = False,
         validate: bool = True,
         ruleset_id: str | None = None,
@@ -245,16 +248,16 @@ class HotReloadService:
         `filtered_by`; `NotFoundError` when an id exists neither before nor after a
         reload that did not fail.
         """
-        filtered_by = {"ruleset_id": ruleset_id, "rule_id": rule_id}
+        request = _Request(
+            frozenset({trigger}),
+            read=ReadMode.FRESH if force else ReadMode.USUAL,
+            force=force,
+            validate=validate,
+            filtered_by={"ruleset_id": ruleset_id, "rule_id": rule_id},
+        )
         async with self._lock:
             known = self._knows(ruleset_id, rule_id)
-            record = await self._reload(
-                _triggers(trigger),
-                force=force,
-                validate=validate,
-                filtered_by=filtered_by,
-                read=ReadMode.FRESH if force else ReadMode.USUAL,
-            )
+            record = await self._reload(request)
         failed = record.status is ReloadStatus.FAILED
         if not failed and not known and not self._knows(ruleset_id, rule_id):
             kind, missing = ("rule", rule_id) if rule_id is not None else ("ruleset", ruleset_id)
@@ -279,7 +282,7 @@ class HotReloadService:
         """Load every source as a reload would, without publishing anything."""
         async with self._lock:
             attempt, _, _ = await self._attempt(
-                frozenset({Trigger.API}), self.registry.current, validate=True
+                _Request(frozenset({Trigger.API})), self.registry.current
             )
         return Validation(attempt.problems, attempt.candidate, self.registry.current.revision)
 
@@ -397,13 +400,13 @@ class HotReloadService:
 
     # Internals
 
-    def request_reload(self, reason: Trigger | str, *, fresh: bool = False) -> None:
+    def request_reload(self, reason: Trigger, *, fresh: bool = False) -> None:
         """Ask for a background reload; requests made while one runs become one more.
 
         `fresh`: every source forgets what it kept and is read from scratch (SIGHUP, like
         Prometheus' SIGHUP re-reads everything). Watching or not: SIGHUP reloads even
         with HOT_RELOAD_ENABLED=false."""
-        self._wake_reasons.add(Trigger(reason))
+        self._wake_reasons.add(reason)
         self._fresh_requested = self._fresh_requested or fresh
         if self._requested is None or self._requested.done():
             self._requested = asyncio.create_task(self._run_requested(), name="reload")
@@ -415,13 +418,7 @@ class HotReloadService:
             read = ReadMode.VERIFY if Trigger.VERIFY in reasons else ReadMode.USUAL
             try:
                 async with self._lock:
-                    await self._reload(
-                        reasons,
-                        force=False,
-                        validate=True,
-                        filtered_by=None,
-                        read=ReadMode.FRESH if fresh else read,
-                    )
+                    await self._reload(_Request(reasons, read=ReadMode.FRESH if fresh else read))
             except Exception:
                 logger.exception("background reload crashed")
 
@@ -455,24 +452,17 @@ class HotReloadService:
                 retry = _FIRST_RETRY_SECONDS  # a new failure: its retries start again
 
     async def _attempt(
-        self,
-        triggers: Triggers,
-        serving: Snapshot,
-        *,
-        force: bool = False,
-        validate: bool,
-        confirmed: bool = False,
-        read: ReadMode = ReadMode.USUAL,
+        self, request: _Request, serving: Snapshot, *, confirmed: bool = False
     ) -> tuple[Attempt, LoadResult | None, dict[str, int]]:
         """Read every source and compile the result, off the event loop; also how many
         rulesets each source gave."""
-        found = await self.sources.read(read, on_source=self._reading_source)
+        found = await self.sources.read(request.read, on_source=self._reading_source)
         problems = list(found.problems)
         result: LoadResult | None = None
         if not problems:
             files = found.files
             self._activity = (f"compiling {len(files)} rule file(s)", time.monotonic())
-            checks = validate and self.loader.run_checks
+            checks = request.validate and self.loader.run_checks
             try:
                 result = await asyncio.to_thread(self.loader.load, files, run_checks=checks)
             except LoadError as exc:
@@ -483,11 +473,11 @@ class HotReloadService:
                 problems = [Problem(file="<loader>", message=message, code=ProblemCode.INTERNAL)]
         counts = self.sources.rulesets_per_source(result.snapshot if result else None, found)
         attempt = Attempt(
-            triggers=triggers,
+            triggers=request.triggers,
             serving=serving,
             candidate=result.snapshot if result else None,
             problems=tuple(problems),
-            force=force,
+            force=request.force,
             confirmed=confirmed,
             emptied=tuple(
                 name for name, count in counts.items() if not count and self._held.get(name)
@@ -508,53 +498,30 @@ class HotReloadService:
             rolled_back_from=self._rolled_back_from,
         )
 
-    async def _reload(
-        self,
-        triggers: Triggers,
-        *,
-        force: bool,
-        validate: bool,
-        filtered_by: dict[str, Any] | None,
-        read: ReadMode,
-    ) -> ReloadRecord:
+    async def _reload(self, request: _Request) -> ReloadRecord:
+        """Read, compile, decide, carry out; called holding the lock."""
         try:
-            return await self._reload_once(
-                triggers, force=force, validate=validate, filtered_by=filtered_by, read=read
-            )
+            return await self._decide_and_carry_out(request)
         finally:
-            self._activity = None
+            self._activity = None  # health's `starting` says what the first load does
 
-    async def _reload_once(
-        self,
-        triggers: Triggers,
-        *,
-        force: bool,
-        validate: bool,
-        filtered_by: dict[str, Any] | None,
-        read: ReadMode,
-    ) -> ReloadRecord:
+    async def _decide_and_carry_out(self, request: _Request) -> ReloadRecord:
         started, before = time.perf_counter(), self.registry.current
         self._last_check = now()
-        if read is ReadMode.FRESH:
+        if request.read is ReadMode.FRESH:
             self.loader.forget()
-        if force:
+        if request.force:
             self._rolled_back_from = None
-        attempt, result, counts = await self._attempt(
-            triggers, before, force=force, validate=validate, read=read
-        )
+        attempt, result, counts = await self._attempt(request, before)
         verdict = decide(attempt, self._memory(), allow_empty=self.allow_empty)
         if verdict is Verdict.CONFIRM:
             # Every rule gone at once is more often a source in flux (a directory being
-            # re-created, a database between `db init` and `db import`) than a decision.
+            # re-created, a database between `db init` and `db import`) than a decision:
+            # read once more after a pause (from scratch, unless reading as usual).
             await asyncio.sleep(self.confirm_empty_seconds)
-            attempt, result, counts = await self._attempt(
-                triggers,
-                before,
-                force=force,
-                validate=validate,
-                confirmed=True,
-                read=ReadMode.USUAL if read is ReadMode.USUAL else ReadMode.FRESH,
-            )
+            if request.read is not ReadMode.USUAL:
+                request = replace(request, read=ReadMode.FRESH)
+            attempt, result, counts = await self._attempt(request, before, confirmed=True)
             verdict = decide(attempt, self._memory(), allow_empty=self.allow_empty)
         if attempt.candidate is not None and verdict is not Verdict.EMPTY_REFUSED:
             self._last_verified = now()
@@ -562,8 +529,8 @@ class HotReloadService:
         if self._save_pending(verdict, attempt):
             await self._save_state(before)  # the last save failed: try again
         if verdict is Verdict.QUIET:
-            return self._unrecorded(before, triggers)
-        outcome = await self._carry_out(verdict, attempt, result, filtered_by)
+            return self._unrecorded(before, request.triggers)
+        outcome = await self._carry_out(verdict, attempt, result, request.filtered_by)
         if outcome.status is ReloadStatus.FAILED:
             self._failed.set()
         return self.log.record(outcome, elapsed_ms=_elapsed_ms(started))
@@ -573,7 +540,7 @@ class HotReloadService:
         verdict: Verdict,
         attempt: Attempt,
         result: LoadResult | None,
-        filtered_by: dict[str, Any] | None,
+        filtered_by: Filter | None,
     ) -> Outcome:
         failed = Outcome(
             triggers=attempt.triggers,

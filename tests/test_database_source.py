@@ -47,6 +47,7 @@ from sidecar.api.app import AppState  # noqa: E402
 from sidecar.documents import DEFAULT_FILE_LIMITS  # noqa: E402
 from sidecar.errors import LoadError, Problem  # noqa: E402
 from sidecar.loader import Loader  # noqa: E402
+from sidecar.reading import SourceSet  # noqa: E402
 from sidecar.sources.database import SCHEMA_VERSION, DatabaseSource  # noqa: E402
 from sidecar.sources.files import read_rule_files  # noqa: E402
 
@@ -128,11 +129,13 @@ def healthy(app: Sidecar) -> Callable[[], Any]:
 def no_notify(state: AppState) -> None:
     """Replace the database source by one that does not LISTEN (polling only)."""
     service = state.service
-    service.sources = tuple(
-        DatabaseSource(source.url.url, listen=False)
-        if isinstance(source, DatabaseSource)
-        else source
-        for source in service.sources
+    service.sources = SourceSet(
+        [
+            DatabaseSource(source.url.url, listen=False)
+            if isinstance(source, DatabaseSource)
+            else source
+            for source in service.sources
+        ]
     )
 
 

@@ -28,6 +28,8 @@ from server_support import (  # noqa: E402
     to_yaml,
 )
 
+from sidecar.reading import SourceSet  # noqa: E402
+from sidecar.reloads import Trigger  # noqa: E402
 from sidecar.sources.files import DirectorySource  # noqa: E402
 from sidecar.state import StateStore  # noqa: E402
 
@@ -242,9 +244,9 @@ class TestBackgroundReloads:
     async def test_request_reload_coalesces(self, start_sidecar, plain_rules: Path):
         """Requests made together become one reload whose trigger names every reason."""
         app = await start_sidecar(plain_rules, monitor=True)
-        app.service.request_reload("signal")
-        app.service.request_reload("signal")
-        app.service.request_reload("api")
+        app.service.request_reload(Trigger.SIGNAL)
+        app.service.request_reload(Trigger.SIGNAL)
+        app.service.request_reload(Trigger.API)
 
         async def recorded() -> list[dict[str, Any]]:
             return [r for r in await history(app) if r["trigger"] != "startup"]
@@ -258,7 +260,7 @@ class TestBackgroundReloads:
         await app.post(f"{HOT}/monitoring/stop")
         (plain_rules / "fraud.yaml").write_text(to_yaml(fraud_doc(1)), encoding="utf-8")
         await app.post(f"{HOT}/monitoring/start")
-        app.service.request_reload("signal")
+        app.service.request_reload(Trigger.SIGNAL)
 
         async def points() -> bool:
             return (await app.evaluate("fraud", FOREIGN_LARGE))["total_points"] == 31
@@ -441,8 +443,8 @@ class TestVerification:
         back (as is a watch that lost an event)."""
 
         def blind(state: Any) -> None:
-            state.service.sources = (
-                DirectorySource(plain_rules, debounce_ms=20, force_polling=True),
+            state.service.sources = SourceSet(
+                [DirectorySource(plain_rules, debounce_ms=20, force_polling=True)]
             )
 
         app = await start_sidecar(

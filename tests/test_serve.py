@@ -323,6 +323,7 @@ import asyncio, gc, sys
 from pathlib import Path
 from sidecar.api.app import create_app
 from sidecar.api.run import HeapFreezer, build_state
+from sidecar.reloads import Trigger
 from sidecar.config import Settings
 from sidecar.testing import ConfigMapDir
 
@@ -342,7 +343,7 @@ async def main(root: Path) -> None:
     for serial in range(1, 121):
         condition = "input.amount >" if serial % 4 == 0 else "input.amount > 100"
         volume.publish({"rules.yaml": RULES.format(condition, 40 + serial)})
-        await state.service.reload_rules(trigger="api")
+        await state.service.reload_rules(trigger=Trigger.API)
         if serial in (40, 120):
             frozen.append(gc.get_freeze_count())
     print(*frozen)
