@@ -177,7 +177,7 @@ def bench_fast(fast: Snapshot, documents: Sequence[Doc], rounds: int) -> None:
     conditions = ruleset.plan.conditions
     combined = private(conditions, "_chunks")[
         0
-    ].compiled  # the one CEL program (50 rules: one chunk)
+    ].program  # the one CEL program (50 rules: one chunk)
     parts = interleaved_medians(
         {
             "evaluate() total": lambda d: evaluate(fast, RULESET, d),
@@ -225,7 +225,7 @@ def bench_slow(fast: Snapshot, slow: Snapshot, documents: Sequence[Doc], rounds:
     slow_us, fast_us = (describe(samples[k])["median"] for k in ("slow", "fast"))
     print(f"  slow / fast path: {slow_us / fast_us:.1f}x (fast path {fast_us:.2f} us, same rounds)")
     conditions = slow.rulesets[RULESET].plan.conditions
-    combined = private(conditions, "_chunks")[0].compiled
+    combined = private(conditions, "_chunks")[0].program
     parts = interleaved_medians(
         {
             "evaluate() total": lambda d: evaluate(slow, RULESET, d),
@@ -285,7 +285,7 @@ def bench_input_size(fast: Snapshot, documents: Sequence[Doc], rounds: int) -> N
     env = cel.NewEnv(variables={"input": cel.Type.DYN})
     nothing = env.compile("true")
     one_field = env.compile("input.amount > 1.0")
-    combined = private(fast.rulesets[RULESET].plan.conditions, "_chunks")[0].compiled
+    combined = private(fast.rulesets[RULESET].plan.conditions, "_chunks")[0].program
     functions: dict[str, Callable[[Doc], Any]] = {
         "program `true` (reads no field), eval(data=)": lambda d: nothing.eval(data={"input": d}),
         "program `input.amount > 1.0`, eval(data=)": lambda d: one_field.eval(data={"input": d}),

@@ -277,7 +277,7 @@ class ConditionCompiler:
                     self.compile(expressions[index])
                 except ConditionError as exc:
                     errors[index] = exc
-            chunks.append(_Segment(start, end, program, built=True))
+            chunks.append(_Chunk(start, end, program, built=True))
         if errors:
             raise ConditionSetError(errors)
         with self._lock:
@@ -366,7 +366,7 @@ class ConditionSet:
     def __init__(
         self,
         expressions: tuple[str, ...],
-        chunks: Sequence[_Segment],
+        chunks: Sequence[_Chunk],
         compiler: ConditionCompiler | None,
         *,
         serialized: Sequence[tuple[int, int, bytes | None]] = (),
@@ -384,7 +384,7 @@ class ConditionSet:
         form, so a worker process can compile and this process only deserialize (about
         a tenth of the cost); the receiver calls `bind` before use."""
         serialized = self._serialized or tuple(
-            (chunk.start, chunk.end, None if chunk.compiled is None else chunk.compiled.serialize())
+            (chunk.start, chunk.end, None if chunk.program is None else chunk.program.serialize())
             for chunk in self._chunks
         )
         return (_unbound_set, (self.expressions, serialized, self.worst_cost))
@@ -395,7 +395,7 @@ class ConditionSet:
             self._compiler = self._compiler or compiler
             return
         self._chunks = tuple(
-            _Segment(start, end, None if data is None else compiler.deserialize(data), built=True)
+            _Chunk(start, end, None if data is None else compiler.deserialize(data), built=True)
             for start, end, data in self._serialized
         )
         self._serialized = ()
@@ -417,7 +417,7 @@ class ConditionSet:
         activation = None
         for chunk in self._chunks:
             # The common case, kept lean: `data=` costs less than building an Activation.
-            listed = _list_outcomes(chunk.compiled, data={"input": document})
+            listed = _list_outcomes(chunk.program, data={"input": document})
             if listed is not None:
                 outcomes.extend(listed)
                 continue
@@ -427,14 +427,14 @@ class ConditionSet:
         return outcomes
 
     def _evaluate_parts(
-        self, compiler: ConditionCompiler, segment: _Segment, activation: Any, out: list[Outcome]
+        self, compiler: ConditionCompiler, segment: _Chunk, activation: Any, out: list[Outcome]
     ) -> None:
         """Outcomes of a segment whose own program failed (or cannot be made)."""
         if segment.end - segment.start == 1:
             out.append(_evaluate_one(compiler.compile(self.expressions[segment.start]), activation))
             return
         for half in segment.split():
-            listed = _list_outcomes(half.program(compiler, self.expressions), activation)
+            listed = _list_outcomes(half.build(compiler, self.expressions), activation)
             if listed is not None:
                 out.extend(listed)
                 continue
@@ -480,31 +480,32 @@ def _unbound_set(
     return ConditionSet(expressions, (), None, serialized=serialized, worst_cost=worst_cost)
 
 
-class _Segment:
+class _Chunk:
     """A slice of a ruleset's conditions with one program for the whole slice."""
 
-    __slots__ = ("_built", "_children", "compiled", "end", "start")
+    __slots__ = ("_built", "_children", "end", "program", "start")
 
     def __init__(self, start: int, end: int, program: Any | None = None, *, built: bool) -> None:
         self.start = start
         self.end = end
-        self.compiled = program
+        self.program = program
         self._built = built  # False: compile on first need (halves made while evaluating)
-        self._children: tuple[_Segment, _Segment] | None = None
+        self._children: tuple[_Chunk, _Chunk] | None = None
 
-    def program(self, compiler: ConditionCompiler, expressions: Sequence[str]) -> Any | None:
+    def build(self, compiler: ConditionCompiler, expressions: Sequence[str]) -> Any | None:
+        """The chunk's program, compiled now if it was not yet."""
         # Racing threads may both compile; either result is the same program.
         if not self._built:
-            self.compiled = compiler.compile_combined(expressions[self.start : self.end])
+            self.program = compiler.compile_combined(expressions[self.start : self.end])
             self._built = True
-        return self.compiled
+        return self.program
 
-    def split(self) -> tuple[_Segment, _Segment]:
+    def split(self) -> tuple[_Chunk, _Chunk]:
         if self._children is None:
             middle = (self.start + self.end) // 2
             self._children = (
-                _Segment(self.start, middle, built=False),
-                _Segment(middle, self.end, built=False),
+                _Chunk(self.start, middle, built=False),
+                _Chunk(middle, self.end, built=False),
             )
         return self._children
 

@@ -45,7 +45,9 @@ class Metrics:
             registry=r,
         )
         self.rules = Gauge(
-            "rule_sidecar_rules_reloaded", "Rules in the current snapshot.", registry=r
+            "rule_sidecar_rules_reloaded",
+            "Rules the last successful reload loaded: the rules serving now.",
+            registry=r,
         )
         self.rulesets = Gauge(
             "rule_sidecar_rulesets_loaded", "Rulesets in the current snapshot.", registry=r
