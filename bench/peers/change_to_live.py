@@ -10,7 +10,7 @@ the kubelet's atomic `..data` swap), changed in alternation so that load hits al
   `api.set_provider_and_wait`): it polls the file's modification time every
   `deadline_ms`; at its default 500 ms and at 50 ms. The flag expresses the same
   condition (`amount > 10` -> the new value). Polled back to back in-process.
-- The seed's own design, as a baseline written only here: a mutable cache under an
+- The design this project started from, as a baseline written only here: a mutable cache under an
   `RLock`, refreshed by a thread that re-reads the file every 30 s. Far fewer changes
   (each waits up to 30 s): `--baseline-changes`, 6 by default.
 
@@ -62,7 +62,7 @@ def flag(points: int) -> str:
 
 
 class PollingCache:
-    """The seed's design (baseline only): a dict under an RLock, re-read every interval."""
+    """The design this project started from (baseline only): a dict under an RLock, re-read every interval."""
 
     def __init__(self, path: Path, interval: float) -> None:
         self._path, self._interval = path, interval
