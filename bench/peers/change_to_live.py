@@ -62,7 +62,8 @@ def flag(points: int) -> str:
 
 
 class PollingCache:
-    """The design this project started from (baseline only): a dict under an RLock, re-read every interval."""
+    """The design this project started from (baseline only): a dict under an RLock,
+    re-read every interval."""
 
     def __init__(self, path: Path, interval: float) -> None:
         self._path, self._interval = path, interval
