@@ -450,7 +450,8 @@ class Loader:
             if ruleset is not None:
                 rulesets.append(ruleset)
             if not any(p.code.startswith("schema.") for p in document_problems):
-                declared.append(_declared(document))
+                with watch.stage(LoadStage.CHECKS):  # what the duplicate-id check reads
+                    declared.append(_declared(document))
         return _FileResult(digest, tuple(rulesets), tuple(problems), tuple(declared))
 
     def _load_document(
