@@ -119,7 +119,7 @@ STAGE_LABELS = {
     LoadStage.CHECKS: "checks (semantic, embedded tests, duplicate ids)",
     LoadStage.BUILD: "build (Snapshot.build, compiler cache prune)",
 }
-REST = "rest of Loader.load (outside the stages: frees, loops)"
+REST = "rest of Loader.load (outside the stages)"
 
 
 def print_stages(title: str, loads: list[Timed]) -> None:

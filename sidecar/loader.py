@@ -17,7 +17,7 @@ of unchanged broken files without re-reading them).
 
 Each load times its stages (`LoadStage`) into `LoadResult.timings` and tells the stage
 listeners (the sidecar's `rule_sidecar_load_stage_seconds`); reading the sources is not the
-loader's (it is given their files), publishing the result is timed by `Loader.timed`.
+loader's (it is given their files), publishing the result is timed by `timed_publish`.
 
 Given an executor (the sidecar gives it one worker process), large changes are loaded
 there: parsing a big YAML document and compiling CEL hold the interpreter lock for long
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cache
 from importlib import resources
-from typing import Any, Final, ParamSpec, TypeVar
+from typing import Any, Final, TypeVar
 
 import jsonschema
 import yaml
@@ -120,7 +120,7 @@ class LoadStage(StrEnum):
     COMPILE = "compile"  # rules built, conditions compiled (or bound, after the worker)
     CHECKS = "checks"  # semantic checks, embedded tests, duplicate ids across files
     BUILD = "build"  # Snapshot.build, the compiler's cache pruned
-    PUBLISH = "publish"  # not the loader's: its caller times it with `Loader.timed`
+    PUBLISH = "publish"  # not the loader's: its caller times it with `timed_publish`
 
 
 LOAD_STAGES: Final = (
@@ -134,7 +134,6 @@ LOAD_STAGES: Final = (
 
 StageListener = Callable[[Mapping[LoadStage, float]], None]
 
-_P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
@@ -244,20 +243,18 @@ class Loader:
     def add_stage_listener(self, listener: StageListener) -> None:
         """Call `listener` with the seconds of the stages each load ran (a load refused
         for its problems too, without `build`; not a load that changed nothing, which
-        reuses the last candidate), and with each stage timed by `timed`. Called in the
-        loading thread."""
+        reuses the last candidate), and with each `timed_publish`. Called in the thread
+        that loads or publishes."""
         self._stage_listeners.append(listener)
 
-    def timed(
-        self, stage: LoadStage, work: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs
-    ) -> _R:
-        """`work(*args, **kwargs)`, its duration told to the stage listeners as `stage`:
-        how the caller times what it does with a load's result (publishing it)."""
+    def timed_publish(self, publish: Callable[[Snapshot], _R], candidate: Snapshot) -> _R:
+        """`publish(candidate)`, its duration told to the stage listeners as the `publish`
+        stage: the caller publishes a load's result, so it is timed there, in one call."""
         started = time.perf_counter()
         try:
-            return work(*args, **kwargs)
+            return publish(candidate)
         finally:
-            self._tell({stage: time.perf_counter() - started})
+            self._tell({LoadStage.PUBLISH: time.perf_counter() - started})
 
     def _tell(self, seconds: Mapping[LoadStage, float]) -> None:
         for listener in self._stage_listeners:

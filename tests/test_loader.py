@@ -16,6 +16,7 @@ from sidecar.documents import FileLimits, SourceFile
 from sidecar.errors import LoadError, Problem
 from sidecar.loader import LOAD_STAGES, Loader, LoadResult, LoadStage
 from sidecar.model import thaw
+from sidecar.registry import RuleRegistry
 from sidecar.sources.files import read_rule_files
 
 BAD_FIXTURES = sorted(FIXTURES.glob("*.bad.yaml"))
@@ -676,7 +677,7 @@ class TestStageTimings:
         assert {stage for stage, seconds in same.timings.items() if seconds} <= {LoadStage.PARSE}
 
     def test_listeners_hear_each_load_that_ran_and_each_timed_stage(self, rules_dir: Path):
-        """A load (a refused one without `build`) and a `timed` publish are told; a load
+        """A load (a refused one without `build`) and a timed publish are told; a load
         that changed nothing is not; a failing listener breaks nothing."""
         heard: list[Mapping[LoadStage, float]] = []
         loader = Loader()
@@ -689,7 +690,8 @@ class TestStageTimings:
         shutil.copy(FIXTURES / "failing-test.bad.yaml", rules_dir / "bad.yaml")
         problems_of(rules_dir, loader=loader)
         assert set(heard[1]) == set(LOAD_STAGES) - {LoadStage.BUILD}
-        published = loader.timed(LoadStage.PUBLISH, max, 1, 2)
-        assert published == 2
+        registry = RuleRegistry()
+        published, _ = loader.timed_publish(registry.publish, result.snapshot)
+        assert (published.version, registry.current) == (1, published)
         assert list(heard[2]) == [LoadStage.PUBLISH]
         assert heard[2][LoadStage.PUBLISH] >= 0
