@@ -13,10 +13,10 @@ What it measures (rule files from `bench/_gen.py`, 100 rules per file, no embedd
    Python memory still held afterwards (loader + snapshot, and snapshot alone), and the RSS
    delta of the process (which also sees the compiled cel-cpp programs, invisible to
    tracemalloc). No target: reported for capacity planning.
-4. Per-stage breakdown of a cold 10k load, by timing the real loader's underlying
-   functions (wrapped in this process only): YAML parse vs tree checks vs JSON Schema vs
-   CEL compile vs the rest; plus a direct split of YAML time into libyaml compose (C) and
-   PyYAML's Python constructor. Same breakdown for the incremental reload.
+4. Per-stage breakdown of the cold 10k loads of [1] and the incremental reloads of [2],
+   from the stages the loader times itself (`LoadResult.timings`, by `LoadStage`: parse,
+   schema, compile, checks, build) and the rest of `Loader.load` outside them; plus a direct
+   split of YAML time into libyaml compose (C) and PyYAML's Python constructor.
 
 Timings are wall-clock `time.perf_counter`, medians over repeated runs with min/max and
 p10/p90, `gc.collect()` between runs (the collector stays on during a run, as in service).
@@ -38,21 +38,15 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-import sidecar.documents
-import sidecar.loader
 from bench._common import describe, environment, fmt_ms, rss_bytes
 from bench._gen import generate_file, generate_files
 from sidecar.documents import SourceFile
-from sidecar.loader import Loader, LoadResult
-from sidecar.snapshot import Snapshot
+from sidecar.loader import LOAD_STAGES, Loader, LoadResult, LoadStage
 
 TARGET_COLD_10K_S = 3.0
 TARGET_INCREMENTAL_S = 0.050
@@ -60,6 +54,10 @@ RULES_PER_FILE = 100
 CHANGED_FILE = 5  # which file the incremental runs edit
 
 # ---------------------------------------------------------------------------- timing
+
+# A load's wall seconds and the seconds of its stages (not its snapshot: kept for every
+# run, 10k-rule snapshots would grow the process under the later runs).
+Timed = tuple[float, Mapping[LoadStage, float]]
 
 
 def timed_load(loader: Loader, files: Sequence[SourceFile]) -> tuple[float, LoadResult]:
@@ -76,8 +74,12 @@ def warm_process() -> float:
     return time.perf_counter() - started
 
 
-def bench_cold(files: Sequence[SourceFile], runs: int) -> list[float]:
-    return [timed_load(Loader(), files)[0] for _ in range(runs)]
+def bench_cold(files: Sequence[SourceFile], runs: int) -> list[Timed]:
+    loads = []
+    for _ in range(runs):
+        seconds, result = timed_load(Loader(), files)
+        loads.append((seconds, result.timings))
+    return loads
 
 
 def changed_files(files: Sequence[SourceFile], revision: int) -> list[SourceFile]:
@@ -88,15 +90,16 @@ def changed_files(files: Sequence[SourceFile], revision: int) -> list[SourceFile
 
 def bench_incremental(
     files: Sequence[SourceFile], runs: int
-) -> tuple[list[float], list[float], set[int], Loader]:
-    """(one file changed, nothing changed, files_parsed values seen, the warm loader)."""
+) -> tuple[list[Timed], list[float], set[int]]:
+    """(one file changed, nothing changed, files_parsed values seen)."""
     loader = Loader()
     loader.load(files)
     variants = [changed_files(files, 1), changed_files(files, 2)]
-    changed, parsed = [], set()
+    changed: list[Timed] = []
+    parsed = set()
     for run in range(runs):
         seconds, result = timed_load(loader, variants[run % 2])
-        changed.append(seconds)
+        changed.append((seconds, result.timings))
         parsed.add(result.files_parsed)
     current = variants[(runs - 1) % 2]
     unchanged = []
@@ -104,142 +107,35 @@ def bench_incremental(
         seconds, result = timed_load(loader, current)
         unchanged.append(seconds)
         parsed.add(result.files_parsed)
-    return changed, unchanged, parsed, loader
+    return changed, unchanged, parsed
 
 
 # ---------------------------------------------------------------------------- stages
 
-
-class StageClock:
-    """Accumulates the wall time spent inside wrapped functions."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
-        self.missing: list[str] = []
-
-    def wrap(self, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                self.seconds[name] += time.perf_counter() - started
-                self.calls[name] += 1
-
-        return timed
+STAGE_LABELS = {
+    LoadStage.PARSE: "parse (sha256 of content, YAML, tree checks)",
+    LoadStage.SCHEMA: "schema (apiVersion/kind, JSON Schema)",
+    LoadStage.COMPILE: "compile (build rules, CEL program per ruleset)",
+    LoadStage.CHECKS: "checks (semantic, embedded tests, duplicate ids)",
+    LoadStage.BUILD: "build (Snapshot.build, compiler cache prune)",
+}
+REST = "rest of Loader.load (outside the stages)"
 
 
-@contextmanager
-def instrumented(loader: Loader) -> Iterator[StageClock]:
-    """Wrap the loader's stage functions (this process only) and restore them after."""
-    clock = StageClock()
-    targets: list[tuple[Any, str]] = [
-        (sidecar.loader, "parse_file"),
-        (sidecar.documents, "_check_tree"),
-        (sidecar.loader, "_schema_problems"),
-        (sidecar.loader, "_build_ruleset"),
-        (sidecar.loader, "ruleset_problems"),
-        (sidecar.loader, "_duplicate_problems"),
-        (loader.compiler, "compile_set"),
-        (loader.compiler, "compile"),
-        (loader.compiler, "forget_unused"),
-    ]
-    # The loader's internals may be renamed: wrap what exists, report what does not.
-    saved = [(o, n, getattr(o, n)) for o, n in targets if callable(getattr(o, n, None))]
-    clock.missing = [n for o, n in targets if not callable(getattr(o, n, None))]
-    build = Snapshot.__dict__["build"]
-    try:
-        for owner, name, function in saved:
-            setattr(owner, name, clock.wrap(name, function))
-        wrapped = staticmethod(clock.wrap("Snapshot.build", Snapshot.build))
-        setattr(Snapshot, "build", wrapped)  # noqa: B010
-        yield clock
-    finally:
-        for owner, name, function in saved:
-            if owner is loader.compiler:
-                delattr(owner, name)  # back to the class's method
-            else:
-                setattr(owner, name, function)
-        setattr(Snapshot, "build", build)  # noqa: B010
-
-
-STAGES = (
-    "YAML parse (libyaml compose + PyYAML construct)",
-    "YAML tree checks (aliases, duplicate keys, depth)",
-    "JSON Schema validation (jsonschema)",
-    "CEL compile (one combined program per ruleset)",
-    "build Rule/RuleSet objects (excl. compile)",
-    "semantic checks + embedded tests",
-    "per-file rest (sha256 of content, loop)",
-    "duplicate-id check across files",
-    "Snapshot.build (index + revision digests)",
-    "compiler cache prune (forget_unused)",
-    "rest of Loader.load",
-)
-
-
-def split_stages(clock: StageClock, total: float, files_stage: float) -> dict[str, float]:
-    s = clock.seconds
-    compile_s = s["compile_set"] + s["compile"]
-    per_file = s["parse_file"] + s["_schema_problems"] + s["_build_ruleset"]
-    per_file += s["ruleset_problems"]
-    after = s["_duplicate_problems"] + s["Snapshot.build"] + s["forget_unused"]
-    values = (
-        s["parse_file"] - s["_check_tree"],
-        s["_check_tree"],
-        s["_schema_problems"],
-        compile_s,
-        s["_build_ruleset"] - compile_s,
-        s["ruleset_problems"],
-        files_stage - per_file,
-        s["_duplicate_problems"],
-        s["Snapshot.build"],
-        s["forget_unused"],
-        total - files_stage - after,
-    )
-    return dict(zip(STAGES, values, strict=True))
-
-
-def print_stages(
-    title: str, runs: list[dict[str, float]], totals: list[float], missing: list[str]
-) -> None:
+def print_stages(title: str, loads: list[Timed]) -> None:
+    """The loader's own stage timings of `loads`, medians and shares of the median total."""
+    totals = [seconds for seconds, _ in loads]
     total = describe(totals)["median"]
-    print(f"  {title} (median of {len(runs)} instrumented runs, total {total * 1e3:.1f} ms)")
-    if missing:
-        print(f"    NOTE: not found in this sidecar version, not separated: {missing}")
-    for stage in STAGES:
-        values = [run[stage] for run in runs]
+    print(f"  {title} (median of {len(loads)} runs, total {total * 1e3:.1f} ms)")
+    rows = {STAGE_LABELS[stage]: [timings[stage] for _, timings in loads] for stage in LOAD_STAGES}
+    rows[REST] = [seconds - sum(timings.values()) for seconds, timings in loads]
+    for label, values in rows.items():
         d = describe(values)
         share = d["median"] / total * 100 if total else 0.0
         print(
-            f"    {stage:<52} {d['median'] * 1e3:8.1f} ms  {share:5.1f}%"
+            f"    {label:<52} {d['median'] * 1e3:8.1f} ms  {share:5.1f}%"
             f"  [min {d['min'] * 1e3:.1f} max {d['max'] * 1e3:.1f}]"
         )
-
-
-def bench_stages_cold(files: Sequence[SourceFile], runs: int) -> None:
-    breakdowns, totals = [], []
-    for _ in range(runs):
-        loader = Loader()
-        with instrumented(loader) as clock:
-            seconds, result = timed_load(loader, files)
-        breakdowns.append(split_stages(clock, seconds, result.timings["files"]))
-        totals.append(seconds)
-    title = f"cold load, {len(files) * RULES_PER_FILE} rules"
-    print_stages(title, breakdowns, totals, clock.missing)
-
-
-def bench_stages_incremental(files: Sequence[SourceFile], runs: int, loader: Loader) -> None:
-    variants = [changed_files(files, 3), changed_files(files, 4)]
-    breakdowns, totals = [], []
-    for run in range(runs):
-        with instrumented(loader) as clock:
-            seconds, result = timed_load(loader, variants[run % 2])
-        breakdowns.append(split_stages(clock, seconds, result.timings["files"]))
-        totals.append(seconds)
-    title = f"incremental reload, 1 of {len(files)} files changed"
-    print_stages(title, breakdowns, totals, clock.missing)
 
 
 def bench_yaml_direct(files: Sequence[SourceFile], runs: int) -> None:
@@ -378,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     small, large = (1_000, 2_000) if args.quick else (1_000, 10_000)
     cold_small_runs, cold_large_runs = (3, 2) if args.quick else (11, 7)
     incremental_runs = 10 if args.quick else 40
-    stage_runs, memory_runs = (1, 1) if args.quick else (2, 2)
+    yaml_runs, memory_runs = (1, 1) if args.quick else (2, 2)
     on_target = large == 10_000
 
     print(f"bench.load — {environment()}")
@@ -393,24 +289,26 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     print("\n[1] cold load (new Loader each run)")
     small_files = files[: small // RULES_PER_FILE]
-    print(f"  {small:>6} rules: {fmt_ms(bench_cold(small_files, cold_small_runs))}")
+    cold_small = [seconds for seconds, _ in bench_cold(small_files, cold_small_runs)]
+    print(f"  {small:>6} rules: {fmt_ms(cold_small)}")
     target = TARGET_COLD_10K_S if on_target else None
-    print(f"  {large:>6} rules: {fmt_ms(bench_cold(files, cold_large_runs), target)}")
+    cold = bench_cold(files, cold_large_runs)
+    print(f"  {large:>6} rules: {fmt_ms([seconds for seconds, _ in cold], target)}")
 
     print(f"\n[2] incremental reload in a {large}-rule registry (loader cache warm)")
-    changed, unchanged, parsed, loader = bench_incremental(files, incremental_runs)
+    changed, unchanged, parsed = bench_incremental(files, incremental_runs)
     target = TARGET_INCREMENTAL_S if on_target else None
-    print(f"  1 file of {RULES_PER_FILE} rules changed: {fmt_ms(changed, target)}")
+    print(f"  1 file of {RULES_PER_FILE} rules changed: {fmt_ms([s for s, _ in changed], target)}")
     print(f"  nothing changed (floor):      {fmt_ms(unchanged)}")
     print(f"  files_parsed values seen: {sorted(parsed)} (expect [0, 1])")
 
     print("\n[3] memory")
     bench_memory(files, memory_runs)
 
-    print("\n[4] where the time goes")
-    bench_stages_cold(files, stage_runs)
-    bench_yaml_direct(files, stage_runs)
-    bench_stages_incremental(files, 5 if args.quick else 15, loader)
+    print("\n[4] where the time goes (the loader's own stage timings of [1] and [2])")
+    print_stages(f"cold load, {large} rules", cold)
+    bench_yaml_direct(files, yaml_runs)
+    print_stages(f"incremental reload, 1 of {len(files)} files changed", changed)
 
 
 if __name__ == "__main__":

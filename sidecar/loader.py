@@ -15,6 +15,10 @@ The loader remembers each file's result by content digest, so a reload re-parses
 re-validates and re-compiles only the files that changed (and re-reports the problems
 of unchanged broken files without re-reading them).
 
+Each load times its stages (`LoadStage`) into `LoadResult.timings` and tells the stage
+listeners (the sidecar's `rule_sidecar_load_stage_seconds`); reading the sources is not the
+loader's (it is given their files), publishing the result is timed by `timed_publish`.
+
 Given an executor (the sidecar gives it one worker process), large changes are loaded
 there: parsing a big YAML document and compiling CEL hold the interpreter lock for long
 stretches in C, which in a thread would stall the requests being served. The worker
@@ -25,17 +29,19 @@ would cost more than it saves.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import BrokenExecutor, Executor
 from dataclasses import dataclass, field
+from enum import StrEnum
 from functools import cache
 from importlib import resources
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import jsonschema
 import yaml
@@ -66,7 +72,16 @@ from sidecar.model import (
 )
 from sidecar.snapshot import Snapshot
 
-__all__ = ["DEFAULT_OFFLOAD_BYTES", "Examination", "LoadResult", "Loader", "ruleset_schema"]
+__all__ = [
+    "DEFAULT_OFFLOAD_BYTES",
+    "LOAD_STAGES",
+    "Examination",
+    "LoadResult",
+    "LoadStage",
+    "Loader",
+    "StageListener",
+    "ruleset_schema",
+]
 
 logger = logging.getLogger("sidecar.loader")
 
@@ -96,14 +111,44 @@ def _rule_validator() -> jsonschema.protocols.Validator:
     return jsonschema.Draft202012Validator(rule_schema)
 
 
+class LoadStage(StrEnum):
+    """A stage of a load, as `LoadResult.timings` and the stage histogram's `stage` label
+    name it: dashboards and alerts key on these values, so they do not change."""
+
+    PARSE = "parse"  # content digests (what changed), YAML/JSON parse, the tree's checks
+    SCHEMA = "schema"  # apiVersion/kind and the JSON Schema
+    COMPILE = "compile"  # rules built, conditions compiled (or bound, after the worker)
+    CHECKS = "checks"  # semantic checks, embedded tests, duplicate ids across files
+    BUILD = "build"  # Snapshot.build, the compiler's cache pruned
+    PUBLISH = "publish"  # not the loader's: its caller times it with `timed_publish`
+
+
+LOAD_STAGES: Final = (
+    LoadStage.PARSE,
+    LoadStage.SCHEMA,
+    LoadStage.COMPILE,
+    LoadStage.CHECKS,
+    LoadStage.BUILD,
+)
+"""The stages a load itself runs, in order: every one is in `LoadResult.timings`."""
+
+StageListener = Callable[[Mapping[LoadStage, float]], None]
+
+_R = TypeVar("_R")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LoadResult:
-    """A candidate snapshot (version 0 until published) and what it cost."""
+    """A candidate snapshot (version 0 until published) and what it cost.
+
+    `timings` holds the seconds spent in each of `LOAD_STAGES` (0 for a stage the load did
+    not need); together they are at most the load's wall time (with one worker process).
+    """
 
     snapshot: Snapshot
     files: int
     files_parsed: int
-    timings: Mapping[str, float] = field(default_factory=dict)
+    timings: Mapping[LoadStage, float] = field(default_factory=dict)
 
     @property
     def files_reused(self) -> int:
@@ -127,6 +172,31 @@ class _Declared:
     ruleset_id: str
     location: Location
     rules: tuple[tuple[str, Location], ...]
+
+
+class _Stopwatch:
+    """Seconds per stage of one load, summed over its files and documents. The stages
+    never nest, so they never count the same moment twice."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self) -> None:
+        self.seconds: dict[LoadStage, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, stage: LoadStage) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add({stage: time.perf_counter() - started})
+
+    def add(self, seconds: Mapping[LoadStage, float]) -> None:
+        for stage, value in seconds.items():
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + value
+
+    def timings(self) -> dict[LoadStage, float]:
+        return {stage: self.seconds.get(stage, 0.0) for stage in LOAD_STAGES}
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +238,30 @@ class Loader:
         # again (the database source does, for unchanged rulesets) is not even hashed.
         self._sources: dict[str, SourceFile] = {}
         self._last: LoadResult | None = None
+        self._stage_listeners: list[StageListener] = []
+
+    def add_stage_listener(self, listener: StageListener) -> None:
+        """Call `listener` with the seconds of the stages each load ran (a load refused
+        for its problems too, without `build`; not a load that changed nothing, which
+        reuses the last candidate), and with each `timed_publish`. Called in the thread
+        that loads or publishes."""
+        self._stage_listeners.append(listener)
+
+    def timed_publish(self, publish: Callable[[Snapshot], _R], candidate: Snapshot) -> _R:
+        """`publish(candidate)`, its duration told to the stage listeners as the `publish`
+        stage: the caller publishes a load's result, so it is timed there, in one call."""
+        started = time.perf_counter()
+        try:
+            return publish(candidate)
+        finally:
+            self._tell({LoadStage.PUBLISH: time.perf_counter() - started})
+
+    def _tell(self, seconds: Mapping[LoadStage, float]) -> None:
+        for listener in self._stage_listeners:
+            try:
+                listener(seconds)
+            except Exception:
+                logger.exception("a load stage listener failed")
 
     def load(self, files: Iterable[SourceFile], *, run_checks: bool | None = None) -> LoadResult:
         """Build a candidate snapshot from the complete set of files, or raise `LoadError`.
@@ -180,52 +274,54 @@ class Loader:
             # not even the last candidate (it would outlive files deleted since).
             self.forget()
             self._files_checked = checks
-        started = time.perf_counter()
+        watch = _Stopwatch()
         known: dict[str, _FileResult] = {}
         changed: list[tuple[SourceFile, str]] = []
         order: list[str] = []
         sources: dict[str, SourceFile] = {}
-        for source in files:
-            order.append(source.name)
-            sources[source.name] = source
-            cached = self._files.get(source.name)
-            if cached is not None and self._sources.get(source.name) is source:
-                known[source.name] = cached
-                continue
-            digest = hashlib.sha256(source.content).hexdigest()
-            if cached is None or cached.digest != digest:
-                changed.append((source, digest))
-            else:
-                known[source.name] = cached
+        with watch.stage(LoadStage.PARSE):
+            for source in files:
+                order.append(source.name)
+                sources[source.name] = source
+                cached = self._files.get(source.name)
+                if cached is not None and self._sources.get(source.name) is source:
+                    known[source.name] = cached
+                    continue
+                digest = hashlib.sha256(source.content).hexdigest()
+                if cached is None or cached.digest != digest:
+                    changed.append((source, digest))
+                else:
+                    known[source.name] = cached
         self._sources = sources
         last = self._last
         if not changed and last is not None and list(self._files) == order:
             # Nothing at all changed: the last candidate stands (no re-check, no re-index).
-            return LoadResult(snapshot=last.snapshot, files=last.files, files_parsed=0)
-        known.update(self._load_changed(changed, run_checks=checks))
+            return LoadResult(
+                snapshot=last.snapshot, files=last.files, files_parsed=0, timings=watch.timings()
+            )
+        known.update(self._load_changed(changed, run_checks=checks, watch=watch))
         # In the sources' order, so that messages about duplicates do not depend on
         # which file happened to change.
         results = {name: known[name] for name in order}
-        parsed = len(changed)
-        compiled = time.perf_counter()
         self._files = results
         self._last = None
         problems = [problem for result in results.values() for problem in result.problems]
         rulesets = [ruleset for result in results.values() for ruleset in result.rulesets]
-        problems.extend(_duplicate_problems(results.values()))
+        with watch.stage(LoadStage.CHECKS):
+            problems.extend(_duplicate_problems(results.values()))
         if problems:
+            self._tell(watch.seconds)
             raise LoadError(sorted(problems, key=lambda p: (p.file, p.line, p.column)))
-        snapshot = Snapshot.build(rulesets)
-        self.compiler.forget_unused({rule.condition for rule in snapshot.rules.values()})
+        with watch.stage(LoadStage.BUILD):
+            snapshot = Snapshot.build(rulesets)
+            self.compiler.forget_unused({rule.condition for rule in snapshot.rules.values()})
         self._last = LoadResult(
             snapshot=snapshot,
             files=len(results),
-            files_parsed=parsed,
-            timings={
-                "files": compiled - started,
-                "snapshot": time.perf_counter() - compiled,
-            },
+            files_parsed=len(changed),
+            timings=watch.timings(),
         )
+        self._tell(self._last.timings)
         return self._last
 
     def examine(self, files: Iterable[SourceFile]) -> Examination:
@@ -235,7 +331,7 @@ class Loader:
         changed = [
             (source, hashlib.sha256(source.content).hexdigest()) for source in sources.values()
         ]
-        results = self._load_changed(changed, run_checks=self.run_checks)
+        results = self._load_changed(changed, run_checks=self.run_checks, watch=_Stopwatch())
         ordered = [results[name] for name in sources]
         problems = [problem for result in ordered for problem in result.problems]
         problems.extend(_duplicate_problems(ordered))
@@ -286,19 +382,21 @@ class Loader:
         return rule
 
     def _load_changed(
-        self, changed: list[tuple[SourceFile, str]], *, run_checks: bool
+        self, changed: list[tuple[SourceFile, str]], *, run_checks: bool, watch: _Stopwatch
     ) -> dict[str, _FileResult]:
         size = sum(len(source.content) for source, _ in changed)
         if self.executor is not None and size >= self.offload_bytes:
             try:
-                return self._load_elsewhere(self.executor, changed, run_checks=run_checks)
+                return self._load_elsewhere(
+                    self.executor, changed, run_checks=run_checks, watch=watch
+                )
             except BrokenExecutor:
                 logger.error("the reload worker died; loading in-process, and starting anew")
                 self._replace_executor()
             except Exception:
                 logger.exception("the reload worker failed; loading in-process instead")
         return {
-            source.name: self._load_file(source, digest, run_checks=run_checks)
+            source.name: self._load_file(source, digest, run_checks=run_checks, watch=watch)
             for source, digest in changed
         }
 
@@ -310,44 +408,65 @@ class Loader:
             self.executor = self.new_executor()
 
     def _load_elsewhere(
-        self, executor: Executor, changed: list[tuple[SourceFile, str]], *, run_checks: bool
+        self,
+        executor: Executor,
+        changed: list[tuple[SourceFile, str]],
+        *,
+        run_checks: bool,
+        watch: _Stopwatch,
     ) -> dict[str, _FileResult]:
+        """Every file loaded by the worker, then bound here: binding only once the worker
+        is done keeps its stages and ours apart in time, so they add up to the wall time."""
         futures = [
             executor.submit(_load_file_in_worker, source, digest, run_checks, self.file_limits)
             for source, digest in changed
         ]
+        answers = [future.result() for future in futures]
         results = {}
-        for (source, _), future in zip(changed, futures, strict=True):
-            result = future.result()
-            for ruleset in result.rulesets:
-                ruleset.plan.conditions.bind(self.compiler)
-            results[source.name] = result
+        with watch.stage(LoadStage.COMPILE):
+            for (source, _), (result, _) in zip(changed, answers, strict=True):
+                for ruleset in result.rulesets:
+                    ruleset.plan.conditions.bind(self.compiler)
+                results[source.name] = result
+        for _, seconds in answers:
+            watch.add(seconds)
         return results
 
-    def _load_file(self, source: SourceFile, digest: str, *, run_checks: bool) -> _FileResult:
-        documents, problems = parse_file(source, self.file_limits)
+    def _load_file(
+        self, source: SourceFile, digest: str, *, run_checks: bool, watch: _Stopwatch
+    ) -> _FileResult:
+        with watch.stage(LoadStage.PARSE):
+            documents, problems = parse_file(source, self.file_limits)
         rulesets: list[RuleSet] = []
         declared: list[_Declared] = []
         for document in documents:
-            ruleset, document_problems = self._load_document(document, run_checks=run_checks)
+            ruleset, document_problems = self._load_document(
+                document, run_checks=run_checks, watch=watch
+            )
             problems.extend(document_problems)
             if ruleset is not None:
                 rulesets.append(ruleset)
             if not any(p.code.startswith("schema.") for p in document_problems):
-                declared.append(_declared(document))
+                with watch.stage(LoadStage.CHECKS):  # what the duplicate-id check reads
+                    declared.append(_declared(document))
         return _FileResult(digest, tuple(rulesets), tuple(problems), tuple(declared))
 
     def _load_document(
-        self, document: Document, *, run_checks: bool
+        self, document: Document, *, run_checks: bool, watch: _Stopwatch
     ) -> tuple[RuleSet | None, list[Problem]]:
-        problems = _schema_problems(document)
+        with watch.stage(LoadStage.SCHEMA):
+            problems = _schema_problems(document)
         if problems:
-            return None, problems + _conditions_beside(document, problems, self.compiler)
-        ruleset, problems = _build_ruleset(document, self.compiler)
+            with watch.stage(LoadStage.COMPILE):
+                beside = _conditions_beside(document, problems, self.compiler)
+            return None, problems + beside
+        with watch.stage(LoadStage.COMPILE):
+            ruleset, problems = _build_ruleset(document, self.compiler)
         if ruleset is None or problems:
             return None, problems
         if run_checks:
-            problems = ruleset_problems(ruleset)
+            with watch.stage(LoadStage.CHECKS):
+                problems = ruleset_problems(ruleset)
             if problems:
                 return None, problems
         return ruleset, []
@@ -355,10 +474,12 @@ class Loader:
 
 def _load_file_in_worker(
     source: SourceFile, digest: str, run_checks: bool, file_limits: FileLimits
-) -> _FileResult:
-    """What the worker process runs: the in-process work, with a compiler of its own."""
+) -> tuple[_FileResult, dict[LoadStage, float]]:
+    """What the worker process runs: the in-process work, with a compiler of its own;
+    the seconds of its stages travel back with the result."""
     loader = Loader(run_checks=run_checks, file_limits=file_limits)
-    return loader._load_file(source, digest, run_checks=run_checks)
+    watch = _Stopwatch()
+    return loader._load_file(source, digest, run_checks=run_checks, watch=watch), watch.seconds
 
 
 def _declared(document: Document) -> _Declared:

@@ -559,7 +559,7 @@ class HotReloadService:
             return replace(loaded, status=ReloadStatus.SUCCESS)
         if verdict is not Verdict.PUBLISH:
             return replace(loaded, status=ReloadStatus.UNCHANGED)
-        snapshot, events = self.registry.publish(result.snapshot)
+        snapshot, events = self.loader.timed_publish(self.registry.publish, result.snapshot)
         self._serving_from_state = False
         self._rolled_back_from = None
         await self._save_state(snapshot)
@@ -593,7 +593,7 @@ class HotReloadService:
                 expected[0],
             )
             return
-        snapshot, events = self.registry.publish(result.snapshot)
+        snapshot, events = self.loader.timed_publish(self.registry.publish, result.snapshot)
         self._serving_from_state = True
         outcome = Outcome(
             triggers=frozenset({Trigger.STATE_DIR}),

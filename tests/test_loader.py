@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,9 @@ from conftest import FIXTURES, dump_yaml, make_ruleset_doc, write_rules
 
 from sidecar.documents import FileLimits, SourceFile
 from sidecar.errors import LoadError, Problem
-from sidecar.loader import Loader, LoadResult
+from sidecar.loader import LOAD_STAGES, Loader, LoadResult, LoadStage
 from sidecar.model import thaw
+from sidecar.registry import RuleRegistry
 from sidecar.sources.files import read_rule_files
 
 BAD_FIXTURES = sorted(FIXTURES.glob("*.bad.yaml"))
@@ -632,3 +635,63 @@ class TestNothingChanged:
             Loader().load([source])
         (problem,) = raised.value.problems
         assert (problem.line, problem.path, problem.rule_id) == (1, "$.spec.rules[0].points", "r1")
+
+
+def timed_load(loader: Loader, files: list[SourceFile]) -> tuple[LoadResult, float]:
+    """A load and its wall time, as the caller sees it."""
+    started = time.perf_counter()
+    result = loader.load(files)
+    return result, time.perf_counter() - started
+
+
+def assert_stages_within(timings: Mapping[LoadStage, float], wall: float) -> None:
+    """Every stage a load runs is timed, none negative, together within the wall time."""
+    assert list(timings) == list(LOAD_STAGES)
+    assert all(seconds >= 0 for seconds in timings.values())
+    assert sum(timings.values()) <= wall
+
+
+class TestStageTimings:
+    """A load times its own stages, so nothing outside it has to wrap its internals."""
+
+    def test_a_cold_load_times_every_stage(self):
+        """Every stage ran and took time; the stages add up to no more than the load."""
+        files = read_rule_files([FIXTURES / "good.yaml"])  # with embedded tests
+        result, wall = timed_load(Loader(), files)
+        assert_stages_within(result.timings, wall)
+        assert all(seconds > 0 for seconds in result.timings.values()), result.timings
+
+    def test_an_incremental_and_an_unchanged_load_are_timed_too(self, rules_dir: Path):
+        """Reusing files still times every stage; a load that changed nothing only hashed."""
+        write_rules(rules_dir, "a.yaml", dump_yaml(make_ruleset_doc("one")))
+        changed = write_rules(rules_dir, "b.yaml", dump_yaml(make_ruleset_doc("two")))
+        loader = Loader()
+        load(rules_dir, loader=loader)
+        changed.write_text(dump_yaml(make_ruleset_doc("two", [rule_doc("two-r9")])), "utf-8")
+        result, wall = timed_load(loader, read_rule_files([rules_dir]))
+        assert result.files_parsed == 1
+        assert_stages_within(result.timings, wall)
+        same, wall = timed_load(loader, read_rule_files([rules_dir]))
+        assert same.files_parsed == 0
+        assert_stages_within(same.timings, wall)
+        assert {stage for stage, seconds in same.timings.items() if seconds} <= {LoadStage.PARSE}
+
+    def test_listeners_hear_each_load_that_ran_and_each_timed_stage(self, rules_dir: Path):
+        """A load (a refused one without `build`) and a timed publish are told; a load
+        that changed nothing is not; a failing listener breaks nothing."""
+        heard: list[Mapping[LoadStage, float]] = []
+        loader = Loader()
+        loader.add_stage_listener(lambda seconds: 1 / 0)
+        loader.add_stage_listener(heard.append)
+        write_rules(rules_dir, "a.yaml", dump_yaml(make_ruleset_doc("one")))
+        result = load(rules_dir, loader=loader)
+        load(rules_dir, loader=loader)
+        assert heard == [result.timings]
+        shutil.copy(FIXTURES / "failing-test.bad.yaml", rules_dir / "bad.yaml")
+        problems_of(rules_dir, loader=loader)
+        assert set(heard[1]) == set(LOAD_STAGES) - {LoadStage.BUILD}
+        registry = RuleRegistry()
+        published, _ = loader.timed_publish(registry.publish, result.snapshot)
+        assert (published.version, registry.current) == (1, published)
+        assert list(heard[2]) == [LoadStage.PUBLISH]
+        assert heard[2][LoadStage.PUBLISH] >= 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
@@ -15,7 +16,7 @@ from conftest import make_ruleset_doc
 from sidecar.documents import SourceFile
 from sidecar.engine import evaluate
 from sidecar.errors import LoadError
-from sidecar.loader import Loader
+from sidecar.loader import LOAD_STAGES, Loader
 
 INPUTS = [{"amount": 5000, "country": "FR"}, {"amount": 10, "country": "US"}, {"amount": 2000}]
 
@@ -105,6 +106,18 @@ class TestWorkerLoads:
             second.snapshot.rulesets[key] is ruleset
             for key, ruleset in first.snapshot.rulesets.items()
         )
+
+    def test_the_workers_stage_timings_come_back(self, executor):
+        """Every stage is timed, the worker's ones included (only it checked the schema),
+        and together they are within the load's wall time."""
+        loader = Loader(executor=executor, offload_bytes=0)
+        started = time.perf_counter()
+        result = loader.load(files())
+        wall = time.perf_counter() - started
+        assert result.files_parsed == 3
+        assert list(result.timings) == list(LOAD_STAGES)
+        assert all(seconds > 0 for seconds in result.timings.values()), result.timings
+        assert sum(result.timings.values()) <= wall
 
     def test_small_changes_stay_in_process(self):
         """Under the offload threshold nothing is given to the executor; at the threshold

@@ -764,7 +764,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 
 
 def _wire_events(state: AppState) -> None:
-    """Reload records and registry changes become WebSocket messages and metrics."""
+    """Reload records, load stages and registry changes become WebSocket messages and
+    metrics."""
 
     def on_reload(record: ReloadRecord) -> None:
         state.metrics.observe_reload(record)
@@ -783,6 +784,7 @@ def _wire_events(state: AppState) -> None:
                     state.metrics.forget_ruleset(ruleset_id)
 
     state.service.add_listener(on_reload)
+    state.service.loader.add_stage_listener(state.metrics.observe_load_stages)
     state.registry.subscribe(on_publish)
 
 
