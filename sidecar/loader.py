@@ -400,6 +400,12 @@ class Loader:
             for source, digest in changed
         }
 
+    def close(self) -> None:
+        """Stop the worker process, dropping queued work; later loads run in-process."""
+        executor, self.executor, self.new_executor = self.executor, None, None
+        if executor is not None:
+            executor.shutdown(cancel_futures=True)
+
     def _replace_executor(self) -> None:
         broken, self.executor = self.executor, None
         if broken is not None:

@@ -207,6 +207,11 @@ class HotReloadService:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    async def close(self) -> None:
+        """Stop watching and the loader's worker process: the server is shutting down."""
+        await self.stop()
+        self.loader.close()
+
     def add_listener(self, listener: ReloadListener) -> None:
         """Called on the event loop after every recorded reload (success or failure)."""
         self.log.add_listener(listener)

@@ -175,3 +175,20 @@ class TestWorkerDeath:
         finally:
             for executor in [pool, *made]:
                 executor.shutdown(cancel_futures=True)
+
+
+class TestClose:
+    def test_close_stops_the_worker_and_later_loads_run_in_process(self):
+        """Shutdown asks the loader, which owns the worker: its process exits, and a load
+        asked for afterwards (a reload still running at shutdown) still answers."""
+        pool = _forkserver_pool()
+        pool.submit(int).result()
+        (process,) = pool._processes.values()
+        loader = Loader(executor=pool, new_executor=_forkserver_pool, offload_bytes=0)
+
+        loader.close()
+
+        process.join(timeout=10)
+        assert not process.is_alive()
+        assert (loader.executor, loader.new_executor) == (None, None)
+        assert len(loader.load(files(count=2)).snapshot.rulesets) == 2

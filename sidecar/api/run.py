@@ -486,8 +486,7 @@ async def serve(settings: Settings) -> int:
         if metrics_runner is not None:
             await metrics_runner.cleanup()
         await runner.cleanup()
-        if state.service.loader.executor is not None:
-            state.service.loader.executor.shutdown(cancel_futures=True)
+        await state.service.close()  # after the drain: a reload asked for may still run
     if not starting.cancelled() and (crash := starting.exception()) is not None:
         raise crash
     return 0
