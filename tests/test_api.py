@@ -918,6 +918,20 @@ class TestMetrics:
         labels = {"ruleset": "fraud"}
         assert metric_value(text, "rule_sidecar_evaluations_total", labels) == 3
 
+    async def test_rule_errors_count_by_ruleset(self, sidecar: Sidecar):
+        """Each condition that errored counts: an input without `amount` or `country`
+        errors both fraud rules; a batch counts every input's errors."""
+        text = await self.scrape(sidecar)
+        errors = "rule_sidecar_evaluation_rule_errors_total"
+        assert metric_value(text, errors, {"ruleset": "fraud"}) is None
+        await sidecar.evaluate("fraud", {})
+        await sidecar.post(
+            "/api/v1/rulesets/fraud/evaluate", json={"inputs": [{"amount": 5}, FOREIGN_LARGE]}
+        )
+        text = await self.scrape(sidecar)
+        assert metric_value(text, errors, {"ruleset": "fraud"}) == 3
+        assert metric_value(text, "rule_sidecar_evaluations_total", {"ruleset": "fraud"}) == 3
+
     async def test_removed_ruleset_series_are_dropped(self, sidecar: Sidecar):
         """A ruleset removed by a reload no longer has evaluation series."""
         await sidecar.post("/api/v1/rulesets/extra/evaluate", json={"input": {}})

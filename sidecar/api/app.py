@@ -655,7 +655,7 @@ async def post_evaluate(request: web.Request) -> web.Response:
     except InputError as exc:
         raise InputError(exc.message, path=exc.path.replace("$", "$.input", 1)) from None
     state.metrics.evaluation_time.observe(time.perf_counter() - started)
-    _count(state, ruleset.id, 1, len(result.errors))
+    state.metrics.evaluations.count(ruleset.id, 1, len(result.errors))
     return json_response(result.to_dict())
 
 
@@ -722,7 +722,9 @@ async def _render_batch(
             parts.append(_dumpb(part)[1:-1])
             size += len(parts[-1]) + 1
             done += len(part)
-            _count(state, ruleset.id, len(part), sum(len(r["errors"]) for r in part))
+            state.metrics.evaluations.count(
+                ruleset.id, len(part), sum(len(r["errors"]) for r in part)
+            )
             if size > limits.max_response_bytes:
                 raise LimitExceeded(
                     413,
@@ -738,12 +740,6 @@ async def _render_batch(
         await slices.aclose()
     parts.append(b"]}")
     return b"".join(parts)
-
-
-def _count(state: AppState, ruleset_id: str, evaluated: int, errors: int) -> None:
-    state.metrics.evaluations.labels(ruleset=ruleset_id).inc(evaluated)
-    if errors:
-        state.metrics.evaluation_errors.labels(ruleset=ruleset_id).inc(errors)
 
 
 async def get_metrics(request: web.Request) -> web.Response:
@@ -778,10 +774,10 @@ def _wire_events(state: AppState) -> None:
         for change in events:
             state.notifier.broadcast(change.type.value, change.to_dict())
             if change.type is EventType.RULESET_REMOVED and change.ruleset_id is not None:
-                state.metrics.forget_ruleset(change.ruleset_id)
+                state.metrics.evaluations.forget(change.ruleset_id)
             elif change.type is EventType.REGISTRY_CLEARED:
-                for ruleset_id in state.metrics.evaluated_rulesets():
-                    state.metrics.forget_ruleset(ruleset_id)
+                for ruleset_id in state.metrics.evaluations.rulesets():
+                    state.metrics.evaluations.forget(ruleset_id)
 
     state.service.add_listener(on_reload)
     state.service.loader.add_stage_listener(state.metrics.observe_load_stages)

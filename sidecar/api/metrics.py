@@ -10,16 +10,17 @@ Prometheus times its own rule groups and config reloads.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from sidecar.loader import LoadStage
 from sidecar.service import ReloadRecord, ReloadStatus
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "EvaluationCounts", "Metrics"]
 
 _EVALUATION_BUCKETS = (0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 1.0)
 # 1 ms (an incremental reload's checks) to 30 s (a cold compile of a very large registry),
@@ -40,6 +41,48 @@ _LOAD_STAGE_BUCKETS = (
     10.0,
     30.0,
 )
+
+
+class EvaluationCounts(Collector):
+    """Inputs evaluated and rule conditions that errored, per ruleset.
+
+    Counted as plain integers on the request path and turned into samples only when
+    scraped: a labelled prometheus_client counter costs a `labels()` lookup and a lock
+    per request. Evaluations run on the event loop, and so do scrapes."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, list[int]] = {}  # ruleset id -> [evaluated, errors]
+
+    def count(self, ruleset_id: str, evaluated: int, errors: int) -> None:
+        counts = self._counts.get(ruleset_id)
+        if counts is None:
+            counts = self._counts[ruleset_id] = [0, 0]
+        counts[0] += evaluated
+        counts[1] += errors
+
+    def rulesets(self) -> list[str]:
+        """Rulesets that have a series."""
+        return list(self._counts)
+
+    def forget(self, ruleset_id: str) -> None:
+        """Drop a removed ruleset's series, so they do not linger as if still served."""
+        self._counts.pop(ruleset_id, None)
+
+    def collect(self) -> Iterator[Metric]:
+        evaluated = CounterMetricFamily(
+            "rule_sidecar_evaluations", "Inputs evaluated, by ruleset.", labels=["ruleset"]
+        )
+        errors = CounterMetricFamily(
+            "rule_sidecar_evaluation_rule_errors",
+            "Rule conditions that errored on an input.",
+            labels=["ruleset"],
+        )
+        for ruleset_id, (count, errored) in self._counts.items():
+            evaluated.add_metric([ruleset_id], count)
+            if errored:
+                errors.add_metric([ruleset_id], errored)
+        yield evaluated
+        yield errors
 
 
 class Metrics:
@@ -95,15 +138,8 @@ class Metrics:
         self.monitoring = Gauge(
             "rule_sidecar_monitoring_active", "1 while sources are being watched.", registry=r
         )
-        self.evaluations = Counter(
-            "rule_sidecar_evaluations", "Inputs evaluated, by ruleset.", ["ruleset"], registry=r
-        )
-        self.evaluation_errors = Counter(
-            "rule_sidecar_evaluation_rule_errors",
-            "Rule conditions that errored on an input.",
-            ["ruleset"],
-            registry=r,
-        )
+        self.evaluations = EvaluationCounts()
+        r.register(self.evaluations)
         self.evaluation_time = Histogram(
             "rule_sidecar_evaluation_seconds",
             "Time to evaluate one request (single input or batch).",
@@ -172,21 +208,6 @@ class Metrics:
             if count > self._drift.get(source, -1):
                 series.inc(count - self._drift.get(source, 0))
                 self._drift[source] = count
-
-    def evaluated_rulesets(self) -> list[str]:
-        """Rulesets that have an evaluation series."""
-        return [
-            sample.labels["ruleset"]
-            for metric in self.evaluations.collect()
-            for sample in metric.samples
-            if sample.name.endswith("_total")
-        ]
-
-    def forget_ruleset(self, ruleset_id: str) -> None:
-        """Drop a removed ruleset's series, so they do not linger as if still served."""
-        for counter in (self.evaluations, self.evaluation_errors):
-            with contextlib.suppress(KeyError):
-                counter.remove(ruleset_id)
 
     def set_revision(self, revision: str) -> None:
         if revision != self._revision:
