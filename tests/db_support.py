@@ -39,7 +39,7 @@ from typing import Any
 
 import psycopg
 import pytest
-import yaml
+from conftest import dump_yaml
 
 from sidecar import dbtools
 from sidecar.testing import TcpProxy
@@ -186,9 +186,7 @@ class Database:
     def import_docs(self, *docs: Mapping[str, Any]) -> None:
         """`db import` of these RuleSet documents, written to a YAML file first."""
         path = self.workdir / f"import-{secrets.token_hex(4)}.yaml"
-        path.write_text(
-            yaml.safe_dump_all([dict(doc) for doc in docs], sort_keys=False), encoding="utf-8"
-        )
+        path.write_text(dump_yaml(docs), encoding="utf-8")
         dbtools.import_files([path], self.url)
 
     def generation(self) -> int:

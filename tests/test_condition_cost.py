@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import dump_yaml, make_ruleset_doc, write_rules
+from conftest import dump_yaml, fraud_doc, make_ruleset_doc, write_rules
 
 pytest.register_assert_rewrite("server_support")
 
-from server_support import HOT, Sidecar, fraud_doc, to_yaml  # noqa: E402
+from server_support import HOT, Sidecar  # noqa: E402
 
 from sidecar.conditions import (  # noqa: E402
     DEFAULT_INPUT_LIMITS,
@@ -237,7 +237,7 @@ class TestServedRules:
         before = await sidecar.evaluate("fraud", {"amount": 5000, "country": "FR"})
         doc = fraud_doc()
         doc["spec"]["rules"][1]["condition"] = REPLACE_CHAIN.replace("input.s", "input.country")
-        (plain_rules / "fraud.yaml").write_text(to_yaml(doc), encoding="utf-8")
+        (plain_rules / "fraud.yaml").write_text(dump_yaml(doc), encoding="utf-8")
 
         body = await sidecar.post(f"{HOT}/validate")
 

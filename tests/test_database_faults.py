@@ -28,6 +28,7 @@ import pytest
 
 pytest.register_assert_rewrite("db_support", "server_support")
 
+from conftest import fraud_doc  # noqa: E402
 from db_support import (  # noqa: E402
     Database,
     FreezableProxy,
@@ -41,7 +42,6 @@ from server_support import (  # noqa: E402
     Sidecar,
     clean_environment,
     eventually,
-    fraud_doc,
     receive_event,
     receive_until,
     spawn,

@@ -20,6 +20,7 @@ import urllib3
 
 pytest.register_assert_rewrite("k8s_support", "server_support")
 
+from conftest import dump_yaml, fraud_doc, make_ruleset_doc  # noqa: E402
 from kubernetes import client  # noqa: E402
 from server_support import (  # noqa: E402
     HOT,
@@ -27,12 +28,9 @@ from server_support import (  # noqa: E402
     clean_environment,
     command,
     eventually,
-    fraud_doc,
     free_port,
     receive_until,
-    ruleset_doc,
     spawn,
-    to_yaml,
     wait_sync,
 )
 
@@ -358,7 +356,7 @@ class TestWatch:
 
 
 def rules_configmap(kube: FakeKubernetes, **doc_options: Any) -> None:
-    kube.apply("fraud-rules", {"fraud.yaml": to_yaml(fraud_doc(**doc_options))}, labels=LABELS)
+    kube.apply("fraud-rules", {"fraud.yaml": dump_yaml(fraud_doc(**doc_options))}, labels=LABELS)
 
 
 class TestWithTheService:
@@ -381,7 +379,7 @@ class TestWithTheService:
         version = service.registry.version
         broken = fraud_doc()
         broken["spec"]["rules"][0]["condition"] = "input.amount >"
-        kube.apply("fraud-rules", {"fraud.yaml": to_yaml(broken)}, labels=LABELS)
+        kube.apply("fraud-rules", {"fraud.yaml": dump_yaml(broken)}, labels=LABELS)
         record = await failed_reload(service)
         (error,) = record["errors"]
         assert error["file"] == "configmap/fraud-rules/fraud.yaml"
@@ -491,7 +489,7 @@ class TestServe:
                 )
                 broken = fraud_doc()
                 broken["spec"]["rules"][0]["condition"] = "input.amount >"
-                kube.apply("fraud-rules", {"fraud.yaml": to_yaml(broken)}, labels=LABELS)
+                kube.apply("fraud-rules", {"fraud.yaml": dump_yaml(broken)}, labels=LABELS)
                 failed, _ = await receive_until(ws, "reload_failed")
             assert failed["data"]["errors"][0]["file"] == "configmap/fraud-rules/fraud.yaml"
             async with session.post(
@@ -635,7 +633,7 @@ class TestBinaryData:
     disk: bytes that are not UTF-8 are a problem at their line and column."""
 
     def test_binary_rule_keys_are_read(self, kube: FakeKubernetes):
-        rules = to_yaml(fraud_doc()).encode()
+        rules = dump_yaml(fraud_doc()).encode()
         kube.apply(
             "a",
             {"a.yaml": "a: 1"},
@@ -653,14 +651,14 @@ class TestBinaryData:
         source.read()
         async with watching(source) as reasons:
             await watch_connected(kube)
-            rules = to_yaml(fraud_doc()).encode()
+            rules = dump_yaml(fraud_doc()).encode()
             kube.apply("fraud-rules", {}, binary_data={"fraud.yaml": rules}, labels=LABELS)
             await next_change(reasons)
             result = Loader().load(source.read())
         assert list(result.snapshot.rulesets) == ["fraud"]
 
     def test_bytes_that_are_not_utf8_are_a_located_problem(self, kube: FakeKubernetes):
-        text = to_yaml(fraud_doc())
+        text = dump_yaml(fraud_doc())
         line = text.splitlines().index(next(x for x in text.splitlines() if "Large" in x)) + 1
         content = text.replace("Large", "Gro\xdf").encode("latin-1")
         kube.apply("fraud-rules", {}, binary_data={"fraud.yaml": content}, labels=LABELS)
@@ -838,8 +836,8 @@ class TestOutOfScopeEvents:
             await watch_connected(kube)
             kube.send_line(event("DELETED", "fraud-rules", "900", LABELS, namespace="kube-system"))
             await eventually(lambda: lists(kube) == 2, message="listed again")
-            limits = ruleset_doc("limits", [{"id": "r", "condition": "true", "points": 1}])
-            kube.apply("limits", {"limits.yaml": to_yaml(limits)}, labels=LABELS)
+            limits = make_ruleset_doc("limits", [{"id": "r", "condition": "true", "points": 1}])
+            kube.apply("limits", {"limits.yaml": dump_yaml(limits)}, labels=LABELS)
             await eventually(lambda: service.registry.version == 2, message="a reload")
             assert service.get_reload_history(1)[0]["status"] == "success"
             assert service.registry.get_ruleset("fraud") is not None

@@ -9,8 +9,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import pytest
-import yaml
-from conftest import make_ruleset_doc
+from conftest import dump_yaml, make_ruleset_doc
 
 from sidecar.documents import SourceFile
 from sidecar.engine import evaluate
@@ -65,7 +64,7 @@ def files(points: int = 40, count: int = 3) -> list[SourceFile]:
         document["spec"]["tests"] = [
             {"name": "us", "input": {"amount": 0, "country": "US"}, "expect": {"total_points": 0}}
         ]
-        result.append(SourceFile(f"set-{index}.yaml", yaml.safe_dump(document).encode()))
+        result.append(SourceFile(f"set-{index}.yaml", dump_yaml(document).encode()))
     return result
 
 

@@ -23,14 +23,8 @@ from hypothesis import strategies as st
 
 pytest.register_assert_rewrite("server_support")
 
-from conftest import make_ruleset_doc  # noqa: E402
-from server_support import (  # noqa: E402
-    Served,
-    clean_environment,
-    spawn,
-    to_yaml,
-    wait_sync,
-)
+from conftest import dump_yaml, make_ruleset_doc  # noqa: E402
+from server_support import Served, clean_environment, spawn, wait_sync  # noqa: E402
 
 from sidecar.documents import INT_MAX, INT_MIN, SourceFile  # noqa: E402
 from sidecar.errors import LoadError  # noqa: E402
@@ -118,7 +112,7 @@ class TestRestoresWhatWasServed:
         rules.mkdir()
         docs = registry_docs(2000, 10)
         for k in range(0, len(docs), 500):
-            (rules / f"part-{k}.yaml").write_text(to_yaml(*docs[k : k + 500]), encoding="utf-8")
+            (rules / f"part-{k}.yaml").write_text(dump_yaml(docs[k : k + 500]), encoding="utf-8")
         env = clean_environment(RULE_SIDECAR_STATE_DIR=str(state))
         first = spawn(tmp_path, "--rules-dir", str(rules), env=env)
         try:
@@ -160,7 +154,7 @@ class TestSaveFailsLoudly:
         """A ruleset that loads from its YAML (4 MB) but is 6 MB as JSON: a million
         control characters, 4 bytes each as YAML escapes, 6 as JSON's."""
         text = (
-            to_yaml(make_ruleset_doc("wide"))
+            dump_yaml(make_ruleset_doc("wide"))
             + '    metadata:\n      v: "'
             + "\\x01" * 1_000_000
             + '"\n'
@@ -237,7 +231,9 @@ class TestSaveFailsLoudly:
             assert (status["saved_revision"], status["files"]) == (None, 0)
             assert status["failed_revision"] == served.get("/health/hot-reload")[1]["revision"]
 
-            (rules / "wide.yaml").write_text(to_yaml(make_ruleset_doc("narrow")), encoding="utf-8")
+            (rules / "wide.yaml").write_text(
+                dump_yaml(make_ruleset_doc("narrow")), encoding="utf-8"
+            )
             wait_sync(lambda: saved()["last_save_successful"] is True, message="a good save")
             status = saved()
             assert (status["last_error"], status["failed_revision"]) == (None, None)

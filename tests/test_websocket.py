@@ -16,6 +16,7 @@ import pytest
 
 pytest.register_assert_rewrite("server_support")
 
+from conftest import dump_yaml, make_ruleset_doc  # noqa: E402
 from server_support import (  # noqa: E402
     HOT,
     Sidecar,
@@ -24,9 +25,7 @@ from server_support import (  # noqa: E402
     metric_value,
     receive_event,
     receive_until,
-    ruleset_doc,
     serving,
-    to_yaml,
 )
 
 from sidecar.api.app import AppState  # noqa: E402
@@ -339,8 +338,8 @@ def write_ruleset(rules: Path, ruleset_id: str, count: int) -> None:
         {"id": f"{ruleset_id}-{n}", "condition": f"input.amount > {n}", "points": 1}
         for n in range(count)
     ]
-    doc = ruleset_doc(ruleset_id, conditions)
-    (rules / f"{ruleset_id}.yaml").write_text(to_yaml(doc), encoding="utf-8")
+    doc = make_ruleset_doc(ruleset_id, conditions)
+    (rules / f"{ruleset_id}.yaml").write_text(dump_yaml(doc), encoding="utf-8")
 
 
 async def first_messages(url: str, count: int) -> list[dict[str, Any]]:
@@ -427,7 +426,7 @@ class TestSlowClients:
 def write_many_rules(rules: Path, count: int) -> None:
     """`count` new rules (100 per ruleset) in one more file of the rules directory."""
     docs = [
-        ruleset_doc(
+        make_ruleset_doc(
             f"bulk-{start}",
             [
                 {"id": f"bulk-{n}", "condition": f"input.amount > {n}", "points": 1}
@@ -436,7 +435,7 @@ def write_many_rules(rules: Path, count: int) -> None:
         )
         for start in range(0, count, 100)
     ]
-    (rules / "bulk.yaml").write_text(to_yaml(*docs), encoding="utf-8")
+    (rules / "bulk.yaml").write_text(dump_yaml(docs), encoding="utf-8")
 
 
 async def read_until_reloaded(
