@@ -1,10 +1,10 @@
 """Real databases for the database source tests: a fresh one for every test.
 
-Import the fixtures with `pytest_plugins = ["db_support"]`. PostgreSQL is the server on
-127.0.0.1:5432 (trust authentication, user `postgres`): each test gets a database of its
-own, `rs_t_<random hex>`, created from the `postgres` database and dropped at teardown
-(after its connections are terminated). When the server cannot be reached, the
-PostgreSQL tests are skipped with the reason: at collection when they use a PostgreSQL
+conftest.py loads it as a plugin, so its fixtures serve every test module. PostgreSQL is
+the server on 127.0.0.1:5432 (trust authentication, user `postgres`): each test gets a
+database of its own, `rs_t_<random hex>`, created from the `postgres` database and dropped
+at teardown (after its connections are terminated). When the server cannot be reached,
+the PostgreSQL tests are skipped with the reason: at collection when they use a PostgreSQL
 fixture or run with the `postgresql` backend parameter, else by `require_postgresql()`;
 CI starts the server, so there they run.
 SQLite databases are real files in the test's `tmp_path`.

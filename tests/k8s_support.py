@@ -1,6 +1,6 @@
 """The `kube` fixture: a fake Kubernetes API server (`sidecar.testing.FakeKubernetes`).
 
-Import it with `pytest_plugins = ["k8s_support"]`.
+conftest.py loads it as a plugin, so the fixture serves every test module.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Shared helpers for the server tests: ConfigMap-style rule dirs, a real app, polling.
 
-Import the fixtures with `pytest_plugins = ["server_support"]` in a test module. Nothing
-here is a mock: rule files are real files (swapped the way the kubelet swaps a mounted
+conftest.py loads it as a plugin, so its fixtures serve every test module. Nothing here
+is a mock: rule files are real files (swapped the way the kubelet swaps a mounted
 ConfigMap), the application is the real aiohttp app built by `build_state`/`create_app`
 and served by a real server, and WebSockets are real client connections.
 """

@@ -9,16 +9,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-
-pytest.register_assert_rewrite("server_support")
-
-from conftest import dump_yaml, fraud_doc, make_ruleset_doc  # noqa: E402
-from server_support import HOT, INVALID_RULES, Sidecar, eventually, free_port, metric_value, serving  # noqa: E402
+from conftest import dump_yaml, fraud_doc, make_ruleset_doc
+from server_support import HOT, INVALID_RULES, Sidecar, eventually, free_port, metric_value, serving
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["server_support"]
 
 FOREIGN_LARGE = {"amount": 5000, "country": "FR"}
 

@@ -18,13 +18,10 @@ from typing import Any
 
 import pytest
 from aiohttp import WSCloseCode, web
+from conftest import dump_yaml, fraud_doc, make_ruleset_doc
+from server_support import HOT, INVALID_RULES, Sidecar, ThreadedSidecar, free_port, wait_sync
 
-pytest.register_assert_rewrite("server_support")
-
-from conftest import dump_yaml, fraud_doc, make_ruleset_doc  # noqa: E402
-from server_support import HOT, INVALID_RULES, Sidecar, ThreadedSidecar, free_port, wait_sync  # noqa: E402
-
-from sidecar.client import (  # noqa: E402
+from sidecar.client import (
     DEFAULT_MAX_ANSWER_BYTES,
     AnswerTooLarge,
     AsyncRuleClient,
@@ -36,12 +33,10 @@ from sidecar.client import (  # noqa: E402
     RuleClientError,
     SidecarError,
 )
-from sidecar.config import Settings  # noqa: E402
+from sidecar.config import Settings
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["server_support"]
 
 FOREIGN_LARGE = {"amount": 5000, "country": "FR"}
 

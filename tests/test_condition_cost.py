@@ -15,12 +15,9 @@ from pathlib import Path
 
 import pytest
 from conftest import dump_yaml, fraud_doc, make_ruleset_doc, write_rules
+from server_support import HOT, Sidecar
 
-pytest.register_assert_rewrite("server_support")
-
-from server_support import HOT, Sidecar  # noqa: E402
-
-from sidecar.conditions import (  # noqa: E402
+from sidecar.conditions import (
     DEFAULT_INPUT_LIMITS,
     ConditionCompiler,
     ConditionError,
@@ -28,12 +25,10 @@ from sidecar.conditions import (  # noqa: E402
     InputLimits,
     check_input,
 )
-from sidecar.documents import SourceFile  # noqa: E402
-from sidecar.errors import InputError, LoadError  # noqa: E402
-from sidecar.loader import Loader  # noqa: E402
-from sidecar.sources.files import read_rule_files  # noqa: E402
-
-pytest_plugins = ["server_support"]
+from sidecar.documents import SourceFile
+from sidecar.errors import InputError, LoadError
+from sidecar.loader import Loader
+from sidecar.sources.files import read_rule_files
 
 # The chain from the report: 17 s and 2.1 GB for one evaluation before the limit.
 REPLACE_CHAIN = "input.s" + ".replace('a', 'aaaaaaaaaa')" * 8 + ".size() > 0"

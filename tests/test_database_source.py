@@ -20,31 +20,26 @@ from typing import Any
 
 import psycopg
 import pytest
-
-pytest.register_assert_rewrite("db_support", "server_support")
-
-from conftest import dump_yaml, fraud_doc, make_ruleset_doc  # noqa: E402
-from db_support import (  # noqa: E402
+from conftest import dump_yaml, fraud_doc, make_ruleset_doc
+from db_support import (
     Database,
     pg_admin,
     pg_terminate,
     pg_url_for,
     require_postgresql,
 )
-from server_support import HOT, Sidecar, eventually, metric_value, receive_event, receive_until  # noqa: E402
+from server_support import HOT, Sidecar, eventually, metric_value, receive_event, receive_until
 
-from sidecar import dbtools  # noqa: E402
-from sidecar.api.app import AppState  # noqa: E402
-from sidecar.documents import DEFAULT_FILE_LIMITS  # noqa: E402
-from sidecar.errors import LoadError, Problem  # noqa: E402
-from sidecar.loader import Loader  # noqa: E402
-from sidecar.sources.database import SCHEMA_VERSION, DatabaseSource  # noqa: E402
-from sidecar.sources.files import read_rule_files  # noqa: E402
+from sidecar import dbtools
+from sidecar.api.app import AppState
+from sidecar.documents import DEFAULT_FILE_LIMITS
+from sidecar.errors import LoadError, Problem
+from sidecar.loader import Loader
+from sidecar.sources.database import SCHEMA_VERSION, DatabaseSource
+from sidecar.sources.files import read_rule_files
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["server_support", "db_support"]
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "rules"
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "database"

@@ -17,21 +17,16 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
+from conftest import dump_yaml, fraud_doc, make_ruleset_doc
+from db_support import Database, pg_admin, pg_url_for, require_postgresql
 
-pytest.register_assert_rewrite("db_support", "server_support")
-
-from conftest import dump_yaml, fraud_doc, make_ruleset_doc  # noqa: E402
-from db_support import Database, pg_admin, pg_url_for, require_postgresql  # noqa: E402
-
-from sidecar import dbtools  # noqa: E402
-from sidecar.loader import Loader  # noqa: E402
-from sidecar.sources.database import SCHEMA_VERSION, DatabaseSource  # noqa: E402
-from sidecar.sources.files import read_rule_files  # noqa: E402
+from sidecar import dbtools
+from sidecar.loader import Loader
+from sidecar.sources.database import SCHEMA_VERSION, DatabaseSource
+from sidecar.sources.files import read_rule_files
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["db_support"]
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "rules"
 PROBLEM_LINE = re.compile(r"^(?P<file>.+?):(?P<line>\d+):(?P<column>\d+): (?P<message>.+)$")

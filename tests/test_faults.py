@@ -14,24 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import dump_yaml, fraud_doc, make_ruleset_doc
+from server_support import HOT, clean_environment, eventually, spawn, wait_sync
 
-pytest.register_assert_rewrite("server_support")
-
-from conftest import dump_yaml, fraud_doc, make_ruleset_doc  # noqa: E402
-from server_support import HOT, clean_environment, eventually, spawn, wait_sync  # noqa: E402
-
-from sidecar.documents import SourceFile  # noqa: E402
-from sidecar.errors import LoadError  # noqa: E402
-from sidecar.loader import Loader  # noqa: E402
-from sidecar.service import SourceStatus  # noqa: E402
-from sidecar.sources import StaticSource  # noqa: E402
-from sidecar.sources.files import DirectorySource  # noqa: E402
-from sidecar.state import StateStore  # noqa: E402
+from sidecar.documents import SourceFile
+from sidecar.errors import LoadError
+from sidecar.loader import Loader
+from sidecar.service import SourceStatus
+from sidecar.sources import StaticSource
+from sidecar.sources.files import DirectorySource
+from sidecar.state import StateStore
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["server_support"]
 
 
 class TestKill9:

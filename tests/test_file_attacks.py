@@ -24,14 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import dump_yaml, make_ruleset_doc
+from server_support import HOT, Served, clean_environment, spawn, wait_sync
 
-pytest.register_assert_rewrite("server_support")
-
-from conftest import dump_yaml, make_ruleset_doc  # noqa: E402
-from server_support import HOT, Served, clean_environment, spawn, wait_sync  # noqa: E402
-
-from sidecar.state import StateStore  # noqa: E402
-from sidecar.testing import WITHOUT_DAC  # noqa: E402
+from sidecar.state import StateStore
+from sidecar.testing import WITHOUT_DAC
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow

@@ -10,12 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-pytest.register_assert_rewrite("db_support", "server_support")
-
-from conftest import dump_yaml, fraud_doc, make_ruleset_doc  # noqa: E402
-from db_support import Database, pg_backends  # noqa: E402
-from server_support import (  # noqa: E402
+from conftest import dump_yaml, fraud_doc, make_ruleset_doc
+from db_support import Database, pg_backends
+from server_support import (
     HOT,
     INVALID_RULES,
     ConfigMapDir,
@@ -26,13 +23,11 @@ from server_support import (  # noqa: E402
     receive_until,
 )
 
-from sidecar.sources.files import DirectorySource  # noqa: E402
-from sidecar.state import StateStore  # noqa: E402
+from sidecar.sources.files import DirectorySource
+from sidecar.state import StateStore
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["server_support", "db_support"]
 
 FOREIGN_LARGE = {"amount": 5000, "country": "FR"}
 

@@ -17,12 +17,9 @@ from typing import Any
 import aiohttp
 import pytest
 import urllib3
-
-pytest.register_assert_rewrite("k8s_support", "server_support")
-
-from conftest import dump_yaml, fraud_doc, make_ruleset_doc  # noqa: E402
-from kubernetes import client  # noqa: E402
-from server_support import (  # noqa: E402
+from conftest import dump_yaml, fraud_doc, make_ruleset_doc
+from kubernetes import client
+from server_support import (
     HOT,
     START_SECONDS,
     clean_environment,
@@ -34,17 +31,15 @@ from server_support import (  # noqa: E402
     wait_sync,
 )
 
-from sidecar.errors import LoadError, Problem, ProblemCode  # noqa: E402
-from sidecar.loader import Loader  # noqa: E402
-from sidecar.registry import RuleRegistry  # noqa: E402
-from sidecar.service import HealthStatus, HotReloadService  # noqa: E402
-from sidecar.sources.kubernetes import ConfigMapSource, EventRecorder  # noqa: E402
-from sidecar.testing import FakeKubernetes  # noqa: E402
+from sidecar.errors import LoadError, Problem, ProblemCode
+from sidecar.loader import Loader
+from sidecar.registry import RuleRegistry
+from sidecar.service import HealthStatus, HotReloadService
+from sidecar.sources.kubernetes import ConfigMapSource, EventRecorder
+from sidecar.testing import FakeKubernetes
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["k8s_support"]
 
 LABELS = {"rule-sidecar/rules": "true"}
 SELECTOR = "rule-sidecar/rules=true"

@@ -21,20 +21,15 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from conftest import dump_yaml, fraud_doc
+from server_support import HOT, Served, Sidecar, clean_environment, free_port, spawn, wait_sync
 
-pytest.register_assert_rewrite("server_support")
-
-from conftest import dump_yaml, fraud_doc  # noqa: E402
-from server_support import HOT, Served, Sidecar, clean_environment, free_port, spawn, wait_sync  # noqa: E402
-
-from sidecar import engine  # noqa: E402
-from sidecar.loader import Loader  # noqa: E402
-from sidecar.sources.files import read_rule_files  # noqa: E402
+from sidecar import engine
+from sidecar.loader import Loader
+from sidecar.sources.files import read_rule_files
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["server_support"]
 
 EVALUATE = "/api/v1/rulesets/fraud/evaluate"
 GUARD_SECONDS = 1.0

@@ -12,17 +12,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-
-pytest.register_assert_rewrite("db_support", "server_support")
-
-from conftest import dump_yaml, fraud_doc  # noqa: E402
-from db_support import Database  # noqa: E402
-from server_support import HOT, WAIT_SECONDS, Sidecar, receive_event  # noqa: E402
+from conftest import dump_yaml, fraud_doc
+from db_support import Database
+from server_support import HOT, WAIT_SECONDS, Sidecar, receive_event
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["db_support", "server_support"]
 
 # Every answer and frame about one bad value stays under this, whatever its size.
 SMALL = 16 * 1024

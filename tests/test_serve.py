@@ -18,12 +18,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-
-pytest.register_assert_rewrite("db_support", "server_support")
-
-from conftest import dump_yaml, fraud_doc  # noqa: E402
-from db_support import Database, FreezableProxy, pg_backends  # noqa: E402
-from server_support import (  # noqa: E402
+from conftest import dump_yaml, fraud_doc
+from db_support import Database, FreezableProxy, pg_backends
+from server_support import (
     START_SECONDS,
     Served,
     clean_environment,
@@ -33,13 +30,11 @@ from server_support import (  # noqa: E402
     wait_sync,
 )
 
-from sidecar.api.run import connection_caps  # noqa: E402
-from sidecar.config import Settings  # noqa: E402
+from sidecar.api.run import connection_caps
+from sidecar.config import Settings
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["server_support", "db_support"]
 
 HOT = "/api/v1/rules/hot-reload"
 

@@ -18,25 +18,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import dump_yaml, make_ruleset_doc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from server_support import Served, clean_environment, spawn, wait_sync
 
-pytest.register_assert_rewrite("server_support")
-
-from conftest import dump_yaml, make_ruleset_doc  # noqa: E402
-from server_support import Served, clean_environment, spawn, wait_sync  # noqa: E402
-
-from sidecar.documents import INT_MAX, INT_MIN, SourceFile  # noqa: E402
-from sidecar.errors import LoadError  # noqa: E402
-from sidecar.loader import Loader  # noqa: E402
-from sidecar.snapshot import Snapshot  # noqa: E402
-from sidecar.state import StateError, StateStore  # noqa: E402
-from sidecar.testing import WITHOUT_DAC  # noqa: E402
+from sidecar.documents import INT_MAX, INT_MIN, SourceFile
+from sidecar.errors import LoadError
+from sidecar.loader import Loader
+from sidecar.snapshot import Snapshot
+from sidecar.state import StateError, StateStore
+from sidecar.testing import WITHOUT_DAC
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["server_support"]
 
 RESTART_SECONDS = 180.0  # generous: 20,000 rules compile twice on a loaded machine
 

@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from conftest import dump_yaml, fraud_doc, make_ruleset_doc
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
@@ -31,18 +32,12 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select, WebDriverWait
+from server_support import ConfigMapDir, ThreadedSidecar, serving, threaded_sidecar
 
-pytest.register_assert_rewrite("server_support")
-
-from conftest import dump_yaml, fraud_doc, make_ruleset_doc  # noqa: E402
-from server_support import ConfigMapDir, ThreadedSidecar, serving, threaded_sidecar  # noqa: E402
-
-from sidecar.config import Settings  # noqa: E402
+from sidecar.config import Settings
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["server_support"]
 
 WAIT_SECONDS = 10.0
 CHROMIUM = shutil.which("chromium")

@@ -13,11 +13,8 @@ from urllib.parse import urlencode
 
 import aiohttp
 import pytest
-
-pytest.register_assert_rewrite("server_support")
-
-from conftest import dump_yaml, make_ruleset_doc  # noqa: E402
-from server_support import (  # noqa: E402
+from conftest import dump_yaml, make_ruleset_doc
+from server_support import (
     HOT,
     Sidecar,
     eventually,
@@ -28,13 +25,11 @@ from server_support import (  # noqa: E402
     serving,
 )
 
-from sidecar.api.app import AppState  # noqa: E402
-from sidecar.api.websocket import ReloadNotificationManager  # noqa: E402
+from sidecar.api.app import AppState
+from sidecar.api.websocket import ReloadNotificationManager
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["server_support"]
 
 WS = "/ws/hot-reload"
 
