@@ -22,7 +22,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 # The support modules: their fixtures serve every test module, and pytest rewrites their
 # asserts (as it does for any plugin), so test modules import their helpers like any other.
-pytest_plugins = ["db_support", "k8s_support", "kube_support", "server_support"]
+pytest_plugins = ["db_support", "kube_support", "server_support"]
 
 
 def make_ruleset_doc(

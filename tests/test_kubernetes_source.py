@@ -1,5 +1,5 @@
 """The ConfigMap API source, with the real `kubernetes` client against a fake API server
-that speaks the list/watch protocol (tests/k8s_support.py)."""
+that speaks the list/watch protocol (tests/kube_support.py)."""
 
 from __future__ import annotations
 
