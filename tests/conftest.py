@@ -6,6 +6,7 @@ This is the one place that builds RuleSet documents (`make_ruleset_doc`, `rule_d
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,19 @@ FIXTURES = Path(__file__).parent / "fixtures"
 # The support modules: their fixtures serve every test module, and pytest rewrites their
 # asserts (as it does for any plugin), so test modules import their helpers like any other.
 pytest_plugins = ["db_support", "kube_support", "server_support"]
+
+SLOW_MODULE = re.compile(r"^pytestmark = pytest\.mark\.slow$", re.MULTILINE)
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """The quick loop (`-m "not slow"`) does not even import a module marked slow as a
+    whole: importing them (schemathesis, selenium, the Kubernetes client) takes seconds,
+    and every one of their tests would be deselected anyway."""
+    if " ".join(config.option.markexpr.split()) != "not slow":
+        return None
+    if collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
+        return None
+    return bool(SLOW_MODULE.search(collection_path.read_text("utf-8"))) or None
 
 
 def make_ruleset_doc(

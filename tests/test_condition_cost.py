@@ -189,6 +189,7 @@ class TestCostLimit:
 class TestRuleFiles:
     """A costly condition in a rule file is a located problem, through the real CLI."""
 
+    @pytest.mark.slow  # starts `rule-sidecar validate`
     def test_validate_refuses_the_reported_chain_at_its_location(self, rules_dir: Path):
         """`rule-sidecar validate` exits 1 naming file:line:col and the growing call."""
         doc = make_ruleset_doc(

@@ -217,6 +217,7 @@ class TestUnreadableFiles:
         assert [Path(p.file).name for p in problems] == ["a.yaml", "b.yaml", "nope"]
 
 
+@pytest.mark.slow  # each read waits out the window in which an emptied file may refill
 class TestEmptiedFiles:
     """A file that had content and is empty now is believed only once it stays so."""
 

@@ -16,6 +16,9 @@ from sidecar.engine import evaluate
 from sidecar.errors import LoadError
 from sidecar.loader import Loader
 
+# Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
+
 INPUTS = [{"amount": 5000, "country": "FR"}, {"amount": 10, "country": "US"}, {"amount": 2000}]
 
 
