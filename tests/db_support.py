@@ -1,10 +1,10 @@
 """Real databases for the database source tests: a fresh one for every test.
 
-Import the fixtures with `pytest_plugins = ["db_support"]`. PostgreSQL is the server on
-127.0.0.1:5432 (trust authentication, user `postgres`): each test gets a database of its
-own, `rs_t_<random hex>`, created from the `postgres` database and dropped at teardown
-(after its connections are terminated). When the server cannot be reached, the
-PostgreSQL tests are skipped with the reason: at collection when they use a PostgreSQL
+conftest.py loads it as a plugin, so its fixtures serve every test module. PostgreSQL is
+the server on 127.0.0.1:5432 (trust authentication, user `postgres`): each test gets a
+database of its own, `rs_t_<random hex>`, created from the `postgres` database and dropped
+at teardown (after its connections are terminated). When the server cannot be reached,
+the PostgreSQL tests are skipped with the reason: at collection when they use a PostgreSQL
 fixture or run with the `postgresql` backend parameter, else by `require_postgresql()`;
 CI starts the server, so there they run.
 SQLite databases are real files in the test's `tmp_path`.
@@ -39,7 +39,7 @@ from typing import Any
 
 import psycopg
 import pytest
-import yaml
+from conftest import dump_yaml
 
 from sidecar import dbtools
 from sidecar.testing import TcpProxy
@@ -186,9 +186,7 @@ class Database:
     def import_docs(self, *docs: Mapping[str, Any]) -> None:
         """`db import` of these RuleSet documents, written to a YAML file first."""
         path = self.workdir / f"import-{secrets.token_hex(4)}.yaml"
-        path.write_text(
-            yaml.safe_dump_all([dict(doc) for doc in docs], sort_keys=False), encoding="utf-8"
-        )
+        path.write_text(dump_yaml(docs), encoding="utf-8")
         dbtools.import_files([path], self.url)
 
     def generation(self) -> int:

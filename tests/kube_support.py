@@ -1,5 +1,9 @@
-"""Tools for checking Kubernetes manifests: helm, kubectl (for `kubectl kustomize`) and
-kubernetes-validate, found the same way by every test module that needs them."""
+"""Support for the Kubernetes tests: the `kube` fixture, a fake Kubernetes API server
+(`sidecar.testing.FakeKubernetes`), and the tools that check manifests (helm, kubectl for
+`kubectl kustomize`, kubernetes-validate), found the same way by every test module.
+
+conftest.py loads it as a plugin, so the fixture serves every test module.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,25 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
+
+from sidecar.testing import FakeKubernetes
 
 REPO = Path(__file__).resolve().parent.parent
 OLDEST_KUBERNETES = "1.27"
+
+
+@pytest.fixture
+def kube() -> Iterator[FakeKubernetes]:
+    """A fake Kubernetes API server, closed at teardown."""
+    server = FakeKubernetes().start()
+    yield server
+    server.close()
 
 
 def find_tool(name: str) -> str | None:

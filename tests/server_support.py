@@ -1,7 +1,7 @@
 """Shared helpers for the server tests: ConfigMap-style rule dirs, a real app, polling.
 
-Import the fixtures with `pytest_plugins = ["server_support"]` in a test module. Nothing
-here is a mock: rule files are real files (swapped the way the kubelet swaps a mounted
+conftest.py loads it as a plugin, so its fixtures serve every test module. Nothing here
+is a mock: rule files are real files (swapped the way the kubelet swaps a mounted
 ConfigMap), the application is the real aiohttp app built by `build_state`/`create_app`
 and served by a real server, and WebSockets are real client connections.
 """
@@ -27,9 +27,9 @@ from typing import Any, TypeVar
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from conftest import dump_yaml, fraud_doc, make_ruleset_doc
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.api.app import AppState, create_app
@@ -43,15 +43,12 @@ __all__ = [
     "Sidecar",
     "ThreadedSidecar",
     "eventually",
-    "fraud_doc",
     "free_port",
     "metric_value",
     "receive_event",
     "receive_until",
-    "ruleset_doc",
     "serving",
     "start_sidecar",
-    "to_yaml",
 ]
 
 HOT = "/api/v1/rules/hot-reload"
@@ -60,67 +57,6 @@ _T = TypeVar("_T")
 
 
 # Rule documents
-
-
-def ruleset_doc(
-    ruleset_id: str | int,
-    rules: list[dict[str, Any]] | None = None,
-    **spec: Any,
-) -> dict[str, Any]:
-    """A valid RuleSet document; by default one rule `<id>-big` (amount > 100, 10 points)."""
-    if rules is None:
-        rules = [{"id": f"{ruleset_id}-big", "condition": "input.amount > 100", "points": 10}]
-    return {
-        "apiVersion": "rule-sidecar/v1",
-        "kind": "RuleSet",
-        "metadata": {"id": ruleset_id, "name": f"Ruleset {ruleset_id}"},
-        "spec": {"rules": rules, **spec},
-    }
-
-
-def fraud_doc(large_points: int = 40, *, disabled_rule: bool = True) -> dict[str, Any]:
-    """The `fraud` ruleset: decision bands, two scoring rules and (optionally) a disabled one."""
-    rules: list[dict[str, Any]] = [
-        {
-            "id": "large-amount",
-            "name": "Large amount",
-            "condition": "input.amount > 1000",
-            "points": large_points,
-            "priority": 10,
-            "tags": ["amount"],
-        },
-        {
-            "id": "foreign-country",
-            "name": "Foreign country",
-            "condition": "input.country != 'US'",
-            "points": 30,
-        },
-    ]
-    if disabled_rule:
-        rules.append(
-            {
-                "id": "never-on",
-                "name": "Disabled rule",
-                "condition": "true",
-                "points": 99,
-                "enabled": False,
-            }
-        )
-    return ruleset_doc(
-        "fraud",
-        rules,
-        decisions=[
-            {"decision": "deny", "min_points": 70},
-            {"decision": "review", "min_points": 40},
-        ],
-        default_decision="allow",
-    )
-
-
-def to_yaml(*docs: Mapping[str, Any]) -> str:
-    """Documents as YAML text, separated by `---`."""
-    return yaml.safe_dump_all([dict(doc) for doc in docs], sort_keys=False, width=1000)
-
 
 INVALID_RULES = (
     "apiVersion: rule-sidecar/v1\n"
@@ -330,7 +266,7 @@ async def start_sidecar(
 def configmap_dir(tmp_path: Path) -> ConfigMapDir:
     """A ConfigMap-style rules directory holding `rules.yaml` with the `fraud` ruleset."""
     mount = ConfigMapDir(tmp_path / "configmap")
-    mount.publish({"rules.yaml": to_yaml(fraud_doc())})
+    mount.publish({"rules.yaml": dump_yaml(fraud_doc())})
     return mount
 
 
@@ -339,8 +275,8 @@ def plain_rules(tmp_path: Path) -> Path:
     """A plain rules directory: `fraud.yaml` and `extra.yaml` (ruleset `extra`)."""
     directory = tmp_path / "plain-rules"
     directory.mkdir()
-    (directory / "fraud.yaml").write_text(to_yaml(fraud_doc()), encoding="utf-8")
-    (directory / "extra.yaml").write_text(to_yaml(ruleset_doc("extra")), encoding="utf-8")
+    (directory / "fraud.yaml").write_text(dump_yaml(fraud_doc()), encoding="utf-8")
+    (directory / "extra.yaml").write_text(dump_yaml(make_ruleset_doc("extra")), encoding="utf-8")
     return directory
 
 

@@ -9,26 +9,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-
-pytest.register_assert_rewrite("server_support")
-
-from server_support import (  # noqa: E402
-    HOT,
-    INVALID_RULES,
-    Sidecar,
-    eventually,
-    fraud_doc,
-    free_port,
-    metric_value,
-    ruleset_doc,
-    serving,
-    to_yaml,
-)
+from conftest import dump_yaml, fraud_doc, make_ruleset_doc
+from server_support import HOT, INVALID_RULES, Sidecar, eventually, free_port, metric_value, serving
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["server_support"]
 
 FOREIGN_LARGE = {"amount": 5000, "country": "FR"}
 
@@ -41,13 +26,13 @@ async def sidecar(start_sidecar, plain_rules: Path) -> Sidecar:
 
 def change_points(rules: Path, points: int) -> None:
     """Rewrite `fraud.yaml` so that `large-amount` is worth `points`."""
-    (rules / "fraud.yaml").write_text(to_yaml(fraud_doc(points)), encoding="utf-8")
+    (rules / "fraud.yaml").write_text(dump_yaml(fraud_doc(points)), encoding="utf-8")
 
 
 def add_numeric_ruleset(rules: Path) -> None:
     """A ruleset with id 7 and a rule with id 42, as a database-backed seed would name them."""
-    doc = ruleset_doc(7, [{"id": 42, "condition": "input.amount > 1", "points": 5}])
-    (rules / "numeric.yaml").write_text(to_yaml(doc), encoding="utf-8")
+    doc = make_ruleset_doc(7, [{"id": 42, "condition": "input.amount > 1", "points": 5}])
+    (rules / "numeric.yaml").write_text(dump_yaml(doc), encoding="utf-8")
 
 
 class TestStatus:
@@ -863,7 +848,7 @@ class TestProbes:
     async def test_ready_after_the_fix(self, start_sidecar, broken_rules: Path):
         """Fixing the file and reloading makes the app ready and healthy."""
         app = await start_sidecar(broken_rules)
-        (broken_rules / "fraud.yaml").write_text(to_yaml(fraud_doc()), encoding="utf-8")
+        (broken_rules / "fraud.yaml").write_text(dump_yaml(fraud_doc()), encoding="utf-8")
         await app.post(f"{HOT}/reload")
         assert await app.get("/readyz") == {"ready": True}
         code, _ = await app.health()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import re
 from pathlib import Path
@@ -51,15 +52,16 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imported_modules(path: Path) -> set[str]:
-    """The sidecar modules a file imports (at any depth of the file)."""
+@functools.cache
+def imported_modules(path: Path) -> frozenset[str]:
+    """The sidecar modules a file imports (at any depth of the file); parsed once."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text("utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sidecar"):
             found.add(node.module)
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("sidecar"))
-    return found
+    return frozenset(found)
 
 
 MODULES = sorted(PACKAGE.rglob("*.py"))

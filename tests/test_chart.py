@@ -21,19 +21,16 @@ from typing import Any, ClassVar
 
 import pytest
 import yaml
-
-from sidecar.cli import main
-from sidecar.config import ENVIRONMENT, settings_from
-
-pytest.register_assert_rewrite("kube_support")
-
-from kube_support import (  # noqa: E402
+from kube_support import (
     KUBERNETES_VALIDATE,
     REPO,
     find_tool,
     kubernetes_versions,
     validate_strict,
 )
+
+from sidecar.cli import main
+from sidecar.config import ENVIRONMENT, settings_from
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow

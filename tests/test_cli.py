@@ -7,10 +7,8 @@ import json
 import os
 import re
 import shlex
-import shutil
 import socket
 import subprocess
-import sys
 import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import FIXTURES, dump_yaml, make_ruleset_doc, write_rules
+from server_support import command
 
 from sidecar.cli import main
 from sidecar.errors import ProblemCode
@@ -38,19 +37,10 @@ def run(*argv: str) -> tuple[int, str]:
     return code, out.getvalue()
 
 
-def command() -> list[str]:
-    """The installed console script, or the module when it is not on PATH."""
-    script = shutil.which("rule-sidecar")
-    if script is None:
-        candidate = Path(sys.executable).with_name("rule-sidecar")
-        script = str(candidate) if candidate.exists() else None
-    return [script] if script else [sys.executable, "-m", "sidecar.cli"]
-
-
-def run_process(*argv: str) -> subprocess.CompletedProcess[str]:
-    """Run the command as a real process."""
+def run_process(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the command as a real process, `stdin` as its standard input."""
     return subprocess.run(
-        [*command(), *argv], capture_output=True, text=True, timeout=60, check=False
+        [*command(), *argv], input=stdin, capture_output=True, text=True, timeout=60, check=False
     )
 
 
@@ -284,14 +274,7 @@ def located(output: str) -> set[tuple[str, str, str]]:
 
 def run_json(*argv: str, stdin: str | None = None) -> tuple[int, dict]:
     """A real process with `--format json`; its exit code and report."""
-    process = subprocess.run(
-        [*command(), *argv, "--format", "json"],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    process = run_process(*argv, "--format", "json", stdin=stdin)
     return process.returncode, json.loads(process.stdout)
 
 
@@ -308,14 +291,7 @@ class TestNamedStreams:
 
     def test_piped_stdin_through_dev_stdin(self):
         """`cat broken.yaml | rule-sidecar validate /dev/stdin` reports the YAML error."""
-        process = subprocess.run(
-            [*command(), "validate", "/dev/stdin"],
-            input=BROKEN,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        process = run_process("validate", "/dev/stdin", stdin=BROKEN)
 
         assert process.returncode == 1
         assert located(process.stdout) == {("/dev/stdin", "4", "1")}
@@ -323,14 +299,7 @@ class TestNamedStreams:
 
     def test_dash_reads_standard_input(self):
         """`-` reads standard input: good rules pass, broken ones are located `<stdin>`."""
-        good = subprocess.run(
-            [*command(), "validate", "-"],
-            input=GOOD_TEXT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        good = run_process("validate", "-", stdin=GOOD_TEXT)
         code, report = run_json("validate", "-", stdin=BROKEN)
 
         assert good.returncode == 0, good.stdout

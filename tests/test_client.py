@@ -18,22 +18,10 @@ from typing import Any
 
 import pytest
 from aiohttp import WSCloseCode, web
+from conftest import dump_yaml, fraud_doc, make_ruleset_doc
+from server_support import HOT, INVALID_RULES, Sidecar, ThreadedSidecar, free_port, wait_sync
 
-pytest.register_assert_rewrite("server_support")
-
-from server_support import (  # noqa: E402
-    HOT,
-    INVALID_RULES,
-    Sidecar,
-    ThreadedSidecar,
-    fraud_doc,
-    free_port,
-    ruleset_doc,
-    to_yaml,
-    wait_sync,
-)
-
-from sidecar.client import (  # noqa: E402
+from sidecar.client import (
     DEFAULT_MAX_ANSWER_BYTES,
     AnswerTooLarge,
     AsyncRuleClient,
@@ -45,12 +33,10 @@ from sidecar.client import (  # noqa: E402
     RuleClientError,
     SidecarError,
 )
-from sidecar.config import Settings  # noqa: E402
+from sidecar.config import Settings
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["server_support"]
 
 FOREIGN_LARGE = {"amount": 5000, "country": "FR"}
 
@@ -97,8 +83,8 @@ class TestAsyncClient:
 
     async def test_numeric_ruleset_id(self, sidecar: Sidecar, client: AsyncRuleClient):
         """A ruleset id given as a number reaches the ruleset with that decimal id."""
-        doc = ruleset_doc(7, [{"id": 70, "condition": "input.amount > 1", "points": 3}])
-        (sidecar.rules / "seven.yaml").write_text(to_yaml(doc), encoding="utf-8")
+        doc = make_ruleset_doc(7, [{"id": 70, "condition": "input.amount > 1", "points": 3}])
+        (sidecar.rules / "seven.yaml").write_text(dump_yaml(doc), encoding="utf-8")
         await client.reload()
         result = await client.execute_rules_from_registry({"amount": 2}, 7)
         assert (result["ruleset_id"], result["total_points"]) == ("7", 3)
@@ -260,7 +246,7 @@ class TestEvents:
 def threaded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedSidecar]:
     """The real app on a real port, served from a thread: for the synchronous client."""
     rules = tmp_path_factory.mktemp("sync-rules")
-    (rules / "fraud.yaml").write_text(to_yaml(fraud_doc()), encoding="utf-8")
+    (rules / "fraud.yaml").write_text(dump_yaml(fraud_doc()), encoding="utf-8")
     server = ThreadedSidecar(Settings(rules_dirs=(rules,), debounce_ms=20))
     server.start()
     yield server
@@ -881,7 +867,7 @@ class TestResync:
         (on main a new instance ahead replayed its own messages as if they were missed)."""
         rules = tmp_path / "rules"
         rules.mkdir()
-        (rules / "fraud.yaml").write_text(to_yaml(fraud_doc()), encoding="utf-8")
+        (rules / "fraud.yaml").write_text(dump_yaml(fraud_doc()), encoding="utf-8")
         settings = Settings(rules_dirs=(rules,), debounce_ms=20)
         port = free_port()
 

@@ -14,13 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import dump_yaml, make_ruleset_doc, write_rules
+from conftest import dump_yaml, fraud_doc, make_ruleset_doc, write_rules
+from server_support import HOT, Sidecar
 
-pytest.register_assert_rewrite("server_support")
-
-from server_support import HOT, Sidecar, fraud_doc, to_yaml  # noqa: E402
-
-from sidecar.conditions import (  # noqa: E402
+from sidecar.conditions import (
     DEFAULT_INPUT_LIMITS,
     ConditionCompiler,
     ConditionError,
@@ -28,12 +25,10 @@ from sidecar.conditions import (  # noqa: E402
     InputLimits,
     check_input,
 )
-from sidecar.documents import SourceFile  # noqa: E402
-from sidecar.errors import InputError, LoadError  # noqa: E402
-from sidecar.loader import Loader  # noqa: E402
-from sidecar.sources.files import read_rule_files  # noqa: E402
-
-pytest_plugins = ["server_support"]
+from sidecar.documents import SourceFile
+from sidecar.errors import InputError, LoadError
+from sidecar.loader import Loader
+from sidecar.sources.files import read_rule_files
 
 # The chain from the report: 17 s and 2.1 GB for one evaluation before the limit.
 REPLACE_CHAIN = "input.s" + ".replace('a', 'aaaaaaaaaa')" * 8 + ".size() > 0"
@@ -194,6 +189,7 @@ class TestCostLimit:
 class TestRuleFiles:
     """A costly condition in a rule file is a located problem, through the real CLI."""
 
+    @pytest.mark.slow  # starts `rule-sidecar validate`
     def test_validate_refuses_the_reported_chain_at_its_location(self, rules_dir: Path):
         """`rule-sidecar validate` exits 1 naming file:line:col and the growing call."""
         doc = make_ruleset_doc(
@@ -237,7 +233,7 @@ class TestServedRules:
         before = await sidecar.evaluate("fraud", {"amount": 5000, "country": "FR"})
         doc = fraud_doc()
         doc["spec"]["rules"][1]["condition"] = REPLACE_CHAIN.replace("input.s", "input.country")
-        (plain_rules / "fraud.yaml").write_text(to_yaml(doc), encoding="utf-8")
+        (plain_rules / "fraud.yaml").write_text(dump_yaml(doc), encoding="utf-8")
 
         body = await sidecar.post(f"{HOT}/validate")
 

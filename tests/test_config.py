@@ -270,6 +270,7 @@ class TestDeclarations:
         """A row left behind by a removed or renamed setting fails here."""
         assert set(_readme_rows()) - set(ENVIRONMENT.values()) == set()
 
+    @pytest.mark.slow  # starts `rule-sidecar serve --help`
     def test_serve_takes_a_flag_for_each_setting_declared_with_one(self):
         """`rule-sidecar serve --help` lists each flag with its variable and default."""
         shown = subprocess.run(
@@ -338,6 +339,7 @@ class TestBounds:
         with pytest.raises(SettingsError):
             settings_from({"HOT_RELOAD_INTERVAL_SECONDS": text})
 
+    @pytest.mark.slow  # starts `rule-sidecar serve`
     def test_a_huge_history_limit_is_refused_by_serve_in_one_line(self):
         """The attacker's reproduction: exit 2 and one line naming the variable."""
         done = subprocess.run(

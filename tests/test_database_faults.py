@@ -25,31 +25,28 @@ from typing import Any, TypeVar
 
 import psycopg
 import pytest
-
-pytest.register_assert_rewrite("db_support", "server_support")
-
-from db_support import (  # noqa: E402
+from conftest import fraud_doc
+from db_support import (
     Database,
     FreezableProxy,
     StandbyPair,
     black_hole,
     pg_url_for,
 )
-from server_support import (  # noqa: E402
+from server_support import (
     HOT,
     Served,
     Sidecar,
     clean_environment,
     eventually,
-    fraud_doc,
     receive_event,
     receive_until,
     spawn,
 )
 
-from sidecar.config import SettingsError, settings_from  # noqa: E402
-from sidecar.errors import LoadError  # noqa: E402
-from sidecar.sources.database import (  # noqa: E402
+from sidecar.config import SettingsError, settings_from
+from sidecar.errors import LoadError
+from sidecar.sources.database import (
     DatabaseSource,
     DatabaseTimeouts,
     in_recovery,
@@ -57,8 +54,6 @@ from sidecar.sources.database import (  # noqa: E402
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["server_support", "db_support"]
 
 FOREIGN_LARGE = {"amount": 5000, "country": "FR"}  # fraud: large-amount 40 + foreign 30
 LARGE_AMOUNT_TO_45 = "UPDATE rule_sidecar_rules SET points = 45 WHERE id = 'large-amount'"

@@ -20,41 +20,27 @@ from typing import Any
 
 import psycopg
 import pytest
-
-pytest.register_assert_rewrite("db_support", "server_support")
-
-from db_support import (  # noqa: E402
+from conftest import dump_yaml, fraud_doc, make_ruleset_doc
+from db_support import (
     Database,
     pg_admin,
     pg_terminate,
     pg_url_for,
     require_postgresql,
 )
-from server_support import (  # noqa: E402
-    HOT,
-    Sidecar,
-    eventually,
-    fraud_doc,
-    metric_value,
-    receive_event,
-    receive_until,
-    ruleset_doc,
-    to_yaml,
-)
+from server_support import HOT, Sidecar, eventually, metric_value, receive_event, receive_until
 
-from sidecar import dbtools  # noqa: E402
-from sidecar.api.app import AppState  # noqa: E402
-from sidecar.documents import DEFAULT_FILE_LIMITS  # noqa: E402
-from sidecar.errors import LoadError, Problem  # noqa: E402
-from sidecar.loader import Loader  # noqa: E402
-from sidecar.reading import SourceSet  # noqa: E402
-from sidecar.sources.database import SCHEMA_VERSION, DatabaseSource  # noqa: E402
-from sidecar.sources.files import read_rule_files  # noqa: E402
+from sidecar import dbtools
+from sidecar.api.app import AppState
+from sidecar.documents import DEFAULT_FILE_LIMITS
+from sidecar.errors import LoadError, Problem
+from sidecar.loader import Loader
+from sidecar.reading import SourceSet
+from sidecar.sources.database import SCHEMA_VERSION, DatabaseSource
+from sidecar.sources.files import read_rule_files
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["server_support", "db_support"]
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "rules"
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "database"
@@ -152,7 +138,7 @@ class TestRead:
     def test_unchanged_rulesets_keep_their_source_file_objects(self, migrated: Database):
         """After one ruleset changes, the others are handed over as the very same objects,
         and a loader re-validates only the changed one."""
-        migrated.import_docs(fraud_doc(), ruleset_doc("extra"))
+        migrated.import_docs(fraud_doc(), make_ruleset_doc("extra"))
         source, loader = DatabaseSource(migrated.url), Loader()
         first = {file.name: file for file in source.read()}
         loader.load(first.values())
@@ -181,7 +167,7 @@ class TestRead:
     def test_after_a_change_only_changed_rulesets_are_read_again(self, migrated: Database):
         """A change to one ruleset re-reads that ruleset only: a row of another ruleset
         changed behind every trigger stays unseen."""
-        migrated.import_docs(fraud_doc(), ruleset_doc("extra"))
+        migrated.import_docs(fraud_doc(), make_ruleset_doc("extra"))
         source = DatabaseSource(migrated.url)
         source.read()
         # No trigger: neither the generation nor the ruleset's change_id moves.
@@ -694,7 +680,9 @@ class TestSeveralSources:
         """A rules directory with `extra.yaml`: ruleset `extra`, rule `extra-big`."""
         directory = tmp_path / "files"
         directory.mkdir()
-        (directory / "extra.yaml").write_text(to_yaml(ruleset_doc("extra")), encoding="utf-8")
+        (directory / "extra.yaml").write_text(
+            dump_yaml(make_ruleset_doc("extra")), encoding="utf-8"
+        )
         return directory
 
     async def test_files_and_database_are_merged(
@@ -824,7 +812,7 @@ class TestEveryChangeSeen:
         """`UPDATE rule_sidecar_rules SET ruleset_id = ...` alone: SQLite touched only the
         ruleset the rule went to, so the one it left kept it too, and every reload failed
         with a duplicate id the database does not hold (found by an outside attack)."""
-        seeded.import_docs(ruleset_doc("extra"))
+        seeded.import_docs(make_ruleset_doc("extra"))
         source, loader = DatabaseSource(seeded.url), Loader()
         loader.load(source.read())
         seeded.execute(
@@ -1040,7 +1028,7 @@ class TestFaultsReported:
         """SQLite text holding other bytes (a C client): the driver failed the whole
         query, "database unavailable", naming no rule; now the rule and column are named.
         A ruleset id that is such text is named by its row."""
-        sqlite_database.init().import_docs(fraud_doc(), ruleset_doc("extra"))
+        sqlite_database.init().import_docs(fraud_doc(), make_ruleset_doc("extra"))
         source = DatabaseSource(sqlite_database.url)
         source.read()
         sqlite_database.execute(
@@ -1153,7 +1141,7 @@ class TestSizes:
     def test_rows_each_within_the_limit_but_over_it_together(self, seeded: Database):
         """Three rules of 2,000 bytes each, the limit 5,000: refused by their sum; the
         other ruleset is not."""
-        seeded.import_docs(ruleset_doc("extra"))
+        seeded.import_docs(make_ruleset_doc("extra"))
         source = DatabaseSource(seeded.url, max_bytes=5_000)
         assert len(source.read()) == 2
         seeded.execute(

@@ -17,21 +17,16 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
+from conftest import dump_yaml, fraud_doc, make_ruleset_doc
+from db_support import Database, pg_admin, pg_url_for, require_postgresql
 
-pytest.register_assert_rewrite("db_support", "server_support")
-
-from db_support import Database, pg_admin, pg_url_for, require_postgresql  # noqa: E402
-from server_support import fraud_doc, ruleset_doc, to_yaml  # noqa: E402
-
-from sidecar import dbtools  # noqa: E402
-from sidecar.loader import Loader  # noqa: E402
-from sidecar.sources.database import SCHEMA_VERSION, DatabaseSource  # noqa: E402
-from sidecar.sources.files import read_rule_files  # noqa: E402
+from sidecar import dbtools
+from sidecar.loader import Loader
+from sidecar.sources.database import SCHEMA_VERSION, DatabaseSource
+from sidecar.sources.files import read_rule_files
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["db_support"]
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "rules"
 PROBLEM_LINE = re.compile(r"^(?P<file>.+?):(?P<line>\d+):(?P<column>\d+): (?P<message>.+)$")
@@ -149,7 +144,7 @@ class TestImportExport:
         migrated.import_docs(fraud_doc())
         before = migrated.dump()
         good = tmp_path / "good.yaml"
-        good.write_text(to_yaml(fraud_doc(60), ruleset_doc("extra")), encoding="utf-8")
+        good.write_text(dump_yaml([fraud_doc(60), make_ruleset_doc("extra")]), encoding="utf-8")
         bad = tmp_path / "bad.yaml"
         bad.write_text(BAD_CONDITION, encoding="utf-8")
 
@@ -171,8 +166,10 @@ class TestImportExport:
         before = migrated.dump()
         clash = tmp_path / "clash.yaml"
         clash.write_text(
-            to_yaml(
-                ruleset_doc("other", [{"id": "large-amount", "condition": "true", "points": 1}])
+            dump_yaml(
+                make_ruleset_doc(
+                    "other", [{"id": "large-amount", "condition": "true", "points": 1}]
+                )
             ),
             encoding="utf-8",
         )
@@ -204,7 +201,7 @@ class TestImportExport:
         before = migrated.rules()["large-amount"]
 
         changed = tmp_path / "fraud.yaml"
-        changed.write_text(to_yaml(fraud_doc(60, disabled_rule=False)), encoding="utf-8")
+        changed.write_text(dump_yaml(fraud_doc(60, disabled_rule=False)), encoding="utf-8")
         result = db("import", changed, "--database-url", migrated.url)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "imported 1 ruleset(s), 2 rule(s)" in result.stdout
@@ -301,7 +298,7 @@ def racing_rulesets(tmp_path: Path, rules: int = 200) -> tuple[Path, Path]:
     it matches them: alone each imports; together no database can hold both."""
     paths = []
     for ruleset_id in ("a", "b"):
-        document = ruleset_doc(
+        document = make_ruleset_doc(
             ruleset_id,
             [
                 {"id": f"shared-{index}", "condition": "input.amount > 100", "points": 1}
@@ -316,7 +313,7 @@ def racing_rulesets(tmp_path: Path, rules: int = 200) -> tuple[Path, Path]:
             ],
         )
         path = tmp_path / f"{ruleset_id}.yaml"
-        path.write_text(to_yaml(document), encoding="utf-8")
+        path.write_text(dump_yaml(document), encoding="utf-8")
         paths.append(path)
     return paths[0], paths[1]
 
@@ -371,7 +368,7 @@ class TestConcurrentImports:
         assert "nothing was imported" in refused
         database_loads(database)  # old main: a's test names rules moved to b
         other = tmp_path / "c.yaml"
-        other.write_text(to_yaml(ruleset_doc("c")), encoding="utf-8")
+        other.write_text(dump_yaml(make_ruleset_doc("c")), encoding="utf-8")
         later = db("import", other, "--database-url", database.url)
         assert later.returncode == 0, later.stdout + later.stderr
 
@@ -421,7 +418,7 @@ class TestConcurrentImports:
         nothing written (old main did not wait for it at all)."""
         database = pg_database.init()
         path = tmp_path / "c.yaml"
-        path.write_text(to_yaml(ruleset_doc("c")), encoding="utf-8")
+        path.write_text(dump_yaml(make_ruleset_doc("c")), encoding="utf-8")
         with psycopg.connect(database.url) as holder:
             holder.execute("SELECT pg_advisory_xact_lock(%s)", (dbtools.IMPORT_LOCK,))
             result = db("import", path, "--database-url", database.url)
@@ -444,10 +441,10 @@ class TestWhatTheDatabaseRefuses:
         database.import_docs(fraud_doc())
         before = database.dump()
         bad = tmp_path / "nul.yaml"
-        document = ruleset_doc(
+        document = make_ruleset_doc(
             "other", [{"id": "nul-rule", "condition": "true", "points": 1, "description": "a\0b"}]
         )
-        bad.write_text(to_yaml(document), encoding="utf-8")
+        bad.write_text(dump_yaml(document), encoding="utf-8")
         assert revision_of(bad)  # validate accepts it
 
         result = db("import", bad, "--database-url", database.url)
@@ -464,7 +461,7 @@ class TestWhatTheDatabaseRefuses:
         database = sqlite_database.init()
         path = tmp_path / "nul.yaml"
         rules = [{"id": "nul-rule", "condition": "true", "points": 1, "description": "a\0b"}]
-        path.write_text(to_yaml(ruleset_doc("other", rules)), encoding="utf-8")
+        path.write_text(dump_yaml(make_ruleset_doc("other", rules)), encoding="utf-8")
         assert db("import", path, "--database-url", database.url).returncode == 0
         assert database_loads(database) == revision_of(path)
 
@@ -476,7 +473,7 @@ class TestWhatTheDatabaseRefuses:
         database = pg_database.init()
         path = tmp_path / "big.yaml"
         rules = [{"id": "r", "condition": "true", "points": 1, "metadata": {"x": 1.0e30}}]
-        path.write_text(to_yaml(ruleset_doc("big", rules)), encoding="utf-8")
+        path.write_text(dump_yaml(make_ruleset_doc("big", rules)), encoding="utf-8")
         result = db("import", path, "--database-url", database.url)
         assert result.returncode == 1, result.stdout + result.stderr
         assert "$.spec.rules[0].metadata.x" in result.stdout
@@ -510,7 +507,7 @@ class TestDeepJson:
         )
         before = as_text(migrated)
         other = tmp_path / "c.yaml"
-        other.write_text(to_yaml(ruleset_doc("c")), encoding="utf-8")
+        other.write_text(dump_yaml(make_ruleset_doc("c")), encoding="utf-8")
         paths = [other] if command == "import" else []
         result = db(command, *paths, "--database-url", migrated.url)
         assert result.returncode == 1, result.stdout + result.stderr
@@ -525,18 +522,20 @@ class TestDeepJson:
     def test_importing_the_fix_repairs_the_deep_row(self, migrated: Database, tmp_path: Path):
         """The ruleset holding the deep row is replaced by the import: it goes through,
         and the database loads again."""
-        migrated.import_docs(fraud_doc(), ruleset_doc("other"))
+        migrated.import_docs(fraud_doc(), make_ruleset_doc("other"))
         migrated.change_unseen(
             "UPDATE rule_sidecar_rules SET metadata = %s WHERE id = 'foreign-country'",
             (deep(100_000 if not migrated.is_postgresql else 5_000),),
         )
         fix = tmp_path / "fraud.yaml"
-        fix.write_text(to_yaml(fraud_doc(60)), encoding="utf-8")
+        fix.write_text(dump_yaml(fraud_doc(60)), encoding="utf-8")
         result = db("import", fix, "--database-url", migrated.url)
         assert result.returncode == 0, result.stdout + result.stderr
         files = tmp_path / "files"
         files.mkdir()
-        (files / "all.yaml").write_text(to_yaml(fraud_doc(60), ruleset_doc("other")), "utf-8")
+        (files / "all.yaml").write_text(
+            dump_yaml([fraud_doc(60), make_ruleset_doc("other")]), "utf-8"
+        )
         assert database_loads(migrated) == revision_of(files)
 
 
@@ -567,7 +566,7 @@ class TestRevisionAcrossStores:
         ]
         directory = tmp_path / "rules"
         directory.mkdir()
-        (directory / "fraud.yaml").write_text(to_yaml(document), encoding="utf-8")
+        (directory / "fraud.yaml").write_text(dump_yaml(document), encoding="utf-8")
         imported = db("import", directory, "--database-url", migrated.url)
         assert imported.returncode == 0, imported.stdout + imported.stderr
 
@@ -583,6 +582,6 @@ class TestRevisionAcrossStores:
             path = tmp_path / f"r{value!r}.yaml"
             document = fraud_doc()
             document["spec"]["rules"][0]["metadata"] = {"x": value}
-            path.write_text(to_yaml(document), encoding="utf-8")
+            path.write_text(dump_yaml(document), encoding="utf-8")
             revisions.add(revision_of(path))
         assert len(revisions) == 3

@@ -14,26 +14,21 @@ from typing import Any
 
 import pytest
 import yaml
-
-pytest.register_assert_rewrite("server_support", "kube_support")
-
-from kube_support import (  # noqa: E402
+from kube_support import (
     KUBERNETES_VALIDATE,
     find_tool,
     kubernetes_versions,
     validate_strict,
 )
-from server_support import Sidecar, command, eventually, free_port  # noqa: E402
+from server_support import Sidecar, command, eventually, free_port
 
-from sidecar.cli import main  # noqa: E402
-from sidecar.config import ENVIRONMENT, settings_from  # noqa: E402
-from sidecar.sources.kubernetes import SERVICE_ACCOUNT_NAMESPACE  # noqa: E402
-from sidecar.testing import ConfigMapDir  # noqa: E402
+from sidecar.cli import main
+from sidecar.config import ENVIRONMENT, settings_from
+from sidecar.sources.kubernetes import SERVICE_ACCOUNT_NAMESPACE
+from sidecar.testing import ConfigMapDir
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["server_support"]
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"

@@ -14,32 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import dump_yaml, fraud_doc, make_ruleset_doc
+from server_support import HOT, clean_environment, eventually, spawn, wait_sync
 
-pytest.register_assert_rewrite("server_support")
-
-from server_support import (  # noqa: E402
-    HOT,
-    clean_environment,
-    eventually,
-    fraud_doc,
-    ruleset_doc,
-    spawn,
-    to_yaml,
-    wait_sync,
-)
-
-from sidecar.documents import SourceFile  # noqa: E402
-from sidecar.errors import LoadError  # noqa: E402
-from sidecar.loader import Loader  # noqa: E402
-from sidecar.reading import SourceSet  # noqa: E402
-from sidecar.sources import StaticSource  # noqa: E402
-from sidecar.sources.files import DirectorySource  # noqa: E402
-from sidecar.state import StateStore  # noqa: E402
+from sidecar.documents import SourceFile
+from sidecar.errors import LoadError
+from sidecar.loader import Loader
+from sidecar.reading import SourceSet
+from sidecar.sources import StaticSource
+from sidecar.sources.files import DirectorySource
+from sidecar.state import StateStore
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["server_support"]
 
 
 class TestKill9:
@@ -48,12 +35,12 @@ class TestKill9:
         before), restarted on broken sources: it serves good rules from its state dir."""
         rules, state = tmp_path / "rules", tmp_path / "state"
         rules.mkdir()
-        (rules / "fraud.yaml").write_text(to_yaml(fraud_doc()), encoding="utf-8")
+        (rules / "fraud.yaml").write_text(dump_yaml(fraud_doc()), encoding="utf-8")
         env = clean_environment(RULE_SIDECAR_STATE_DIR=str(state))
         first = spawn(tmp_path, "--rules-dir", str(rules), env=env)
         try:
             first.wait_ready()
-            (rules / "fraud.yaml").write_text(to_yaml(fraud_doc(55)), encoding="utf-8")
+            (rules / "fraud.yaml").write_text(dump_yaml(fraud_doc(55)), encoding="utf-8")
             time.sleep(0.01)  # the watcher has seen the change; the reload is under way
             first.process.send_signal(signal.SIGKILL)
             first.process.wait()
@@ -79,7 +66,7 @@ class TestStateDirectory:
         blocker.write_text("not a directory", encoding="utf-8")
         rules = tmp_path / "rules"
         rules.mkdir()
-        (rules / "fraud.yaml").write_text(to_yaml(fraud_doc()), encoding="utf-8")
+        (rules / "fraud.yaml").write_text(dump_yaml(fraud_doc()), encoding="utf-8")
         env = clean_environment(RULE_SIDECAR_STATE_DIR=str(blocker / "nested"))
         served = spawn(tmp_path, "--rules-dir", str(rules), env=env)
         try:
@@ -113,7 +100,7 @@ def big_rules() -> str:
         {"id": f"big-{i}", "condition": f"input.amount > {i}", "points": 1, "description": "x" * 80}
         for i in range(2500)
     ]
-    return to_yaml(ruleset_doc("big", rules))
+    return dump_yaml(make_ruleset_doc("big", rules))
 
 
 class TestStateDirectoryFull:
@@ -123,7 +110,7 @@ class TestStateDirectoryFull:
         is room again the next change is saved."""
         rules, state = tmp_path / "rules", tmp_path / "state"
         rules.mkdir()
-        (rules / "fraud.yaml").write_text(to_yaml(fraud_doc()), encoding="utf-8")
+        (rules / "fraud.yaml").write_text(dump_yaml(fraud_doc()), encoding="utf-8")
         env = clean_environment(RULE_SIDECAR_STATE_DIR=str(state))
         served = spawn(tmp_path, "--rules-dir", str(rules), env=env, before_exec=disk_full_at_256k)
         saved = state / "manifest.json"
@@ -150,7 +137,7 @@ class TestStateDirectoryFull:
 
             # Room again; the next change is saved whole.
             resource.prlimit(served.process.pid, resource.RLIMIT_FSIZE, (-1, -1))
-            (rules / "fraud.yaml").write_text(to_yaml(fraud_doc(55)), encoding="utf-8")
+            (rules / "fraud.yaml").write_text(dump_yaml(fraud_doc(55)), encoding="utf-8")
             wait_sync(lambda: saved.read_bytes() != first_copy, timeout=30, message="a new copy")
             copy = [
                 doc for file in StateStore(state).load() or [] for doc in json.loads(file.content)
@@ -206,7 +193,7 @@ class TestHostileSource:
     """Whatever a source's code does, the API answers with it, located, never a 500."""
 
     async def test_garbage_from_read_is_a_failed_reload_not_a_500(self, start_sidecar, rules_dir):
-        (rules_dir / "fraud.yaml").write_text(to_yaml(fraud_doc()), encoding="utf-8")
+        (rules_dir / "fraud.yaml").write_text(dump_yaml(fraud_doc()), encoding="utf-8")
         hostile = Hostile()
 
         def add(state: Any) -> None:
@@ -234,7 +221,7 @@ class TestHostileSource:
     async def test_a_watch_problem_that_raises_is_reported_not_a_500(
         self, start_sidecar, rules_dir
     ):
-        (rules_dir / "fraud.yaml").write_text(to_yaml(fraud_doc()), encoding="utf-8")
+        (rules_dir / "fraud.yaml").write_text(dump_yaml(fraud_doc()), encoding="utf-8")
         hostile = Hostile()
 
         def add(state: Any) -> None:
@@ -250,7 +237,9 @@ class TestHostileSource:
         }
         metrics = await (await app.client.get("/metrics")).text()
         assert 'rule_sidecar_source_watch_ok{source="hostile"} 0.0' in metrics
-        (rules_dir / "extra.yaml").write_text(to_yaml(ruleset_doc("extra")), encoding="utf-8")
+        (rules_dir / "extra.yaml").write_text(
+            dump_yaml(make_ruleset_doc("extra")), encoding="utf-8"
+        )
 
         async def extra_served() -> bool:
             return "extra" in app.state.registry.current.rulesets

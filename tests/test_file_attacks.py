@@ -24,21 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import dump_yaml, make_ruleset_doc
+from server_support import HOT, Served, clean_environment, spawn, wait_sync
 
-pytest.register_assert_rewrite("server_support")
-
-from server_support import (  # noqa: E402
-    HOT,
-    Served,
-    clean_environment,
-    ruleset_doc,
-    spawn,
-    to_yaml,
-    wait_sync,
-)
-
-from sidecar.state import StateStore  # noqa: E402
-from sidecar.testing import WITHOUT_DAC  # noqa: E402
+from sidecar.state import StateStore
+from sidecar.testing import WITHOUT_DAC
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
@@ -73,7 +63,7 @@ def teams(root: Path) -> Path:
     for team in ("a", "b"):
         directory = root / f"team-{team}"
         directory.mkdir(parents=True)
-        (directory / f"{team}.yaml").write_text(to_yaml(ruleset_doc(team)), encoding="utf-8")
+        (directory / f"{team}.yaml").write_text(dump_yaml(make_ruleset_doc(team)), encoding="utf-8")
     return root
 
 
@@ -97,8 +87,10 @@ def sidecar(tmp_path: Path) -> Iterator[Served]:
 
 def change(root: Path, points: int) -> None:
     """A real change in team-a, so that the watcher reloads."""
-    doc = ruleset_doc("a", [{"id": "a-big", "condition": "input.amount > 1", "points": points}])
-    (root / "team-a" / "a.yaml").write_text(to_yaml(doc), encoding="utf-8")
+    doc = make_ruleset_doc(
+        "a", [{"id": "a-big", "condition": "input.amount > 1", "points": points}]
+    )
+    (root / "team-a" / "a.yaml").write_text(dump_yaml(doc), encoding="utf-8")
 
 
 def newest_failure(served: Served) -> dict[str, Any]:
@@ -223,7 +215,7 @@ class TestInFlux:
                     handle.flush()
                     time.sleep(0.08)
                     rule = {"id": "a-big", "condition": "input.amount > 1", "points": points}
-                    handle.write(to_yaml(ruleset_doc("a", [rule])))
+                    handle.write(dump_yaml(make_ruleset_doc("a", [rule])))
                 time.sleep(0.02)
             change(tmp_path / "rules", 1000)
 

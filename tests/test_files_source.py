@@ -13,31 +13,7 @@ from conftest import dump_yaml, make_ruleset_doc, write_rules
 from sidecar.errors import LoadError, Problem
 from sidecar.loader import Loader
 from sidecar.sources.files import DirectorySource, read_rule_files
-
-FIRST_DATA = "..2026_11_26_10_00_00.123"
-
-
-def configmap(mount: Path, files: dict[str, str], data_dir: str = FIRST_DATA) -> Path:
-    """Lay out `files` the way the kubelet mounts a ConfigMap, with real symlinks.
-
-    `mount/<data_dir>/` holds the files, `mount/..data -> <data_dir>` and each visible
-    `mount/<name> -> ..data/<name>`.
-    """
-    mount.mkdir(exist_ok=True)
-    for name, text in files.items():
-        write_rules(mount / data_dir, name, text)
-    (mount / "..data").symlink_to(data_dir)
-    for name in files:
-        (mount / name).symlink_to(Path("..data") / name)
-    return mount
-
-
-def swap_data(mount: Path, files: dict[str, str], data_dir: str) -> None:
-    """Publish a new version the way the kubelet does: one atomic rename of `..data`."""
-    for name, text in files.items():
-        write_rules(mount / data_dir, name, text)
-    (mount / "..data_tmp").symlink_to(data_dir)
-    os.replace(mount / "..data_tmp", mount / "..data")
+from sidecar.testing import ConfigMapDir
 
 
 def names(root: Path, paths: list[str]) -> list[str]:
@@ -57,39 +33,41 @@ class TestConfigMapMount:
 
     def test_each_file_is_read_once_through_its_visible_name(self, tmp_path: Path):
         """`..data` and the timestamped directory are skipped; the links are read."""
-        mount = configmap(tmp_path / "rules", {"a.yaml": "a: 1\n", "b.json": '{"b": 2}'})
+        mount = ConfigMapDir(tmp_path / "rules")
+        mount.publish({"a.yaml": "a: 1\n", "b.json": '{"b": 2}'})
 
-        files = read_rule_files([mount])
+        files = read_rule_files([mount.root])
 
-        assert names(mount, [f.name for f in files]) == ["a.yaml", "b.json"]
+        assert names(mount.root, [f.name for f in files]) == ["a.yaml", "b.json"]
         assert [f.content for f in files] == [b"a: 1\n", b'{"b": 2}']
 
     def test_swapped_data_is_read_from_the_new_directory(self, tmp_path: Path):
         """After the kubelet swaps `..data`, the same names give the new content."""
-        mount = configmap(tmp_path / "rules", {"a.yaml": "version: 1\n"})
+        mount = ConfigMapDir(tmp_path / "rules")
+        mount.publish({"a.yaml": "version: 1\n"})
 
-        swap_data(mount, {"a.yaml": "version: 2\n"}, "..2026_11_26_11_00_00.456")
+        mount.publish({"a.yaml": "version: 2\n"})
 
-        (file,) = read_rule_files([mount])
+        (file,) = read_rule_files([mount.root])
         assert file.content == b"version: 2\n"
-        assert names(mount, [file.name]) == ["a.yaml"]
+        assert names(mount.root, [file.name]) == ["a.yaml"]
 
     def test_configmap_rules_load(self, tmp_path: Path):
         """Rules mounted as a ConfigMap load, and problems name the visible file."""
-        mount = configmap(
-            tmp_path / "rules",
+        mount = ConfigMapDir(tmp_path / "rules")
+        mount.publish(
             {
                 "one.yaml": dump_yaml(make_ruleset_doc("one")),
                 "two.yaml": dump_yaml(make_ruleset_doc("two")),
-            },
+            }
         )
 
-        result = Loader().load(read_rule_files([mount]))
+        result = Loader().load(read_rule_files([mount.root]))
 
         assert list(result.snapshot.rulesets) == ["one", "two"]
         location = result.snapshot.rulesets["one"].location
         assert location is not None
-        assert location.file == str(mount / "one.yaml")
+        assert location.file == str(mount.root / "one.yaml")
 
 
 class TestDirectoryWalk:
@@ -239,6 +217,7 @@ class TestUnreadableFiles:
         assert [Path(p.file).name for p in problems] == ["a.yaml", "b.yaml", "nope"]
 
 
+@pytest.mark.slow  # each read waits out the window in which an emptied file may refill
 class TestEmptiedFiles:
     """A file that had content and is empty now is believed only once it stays so."""
 

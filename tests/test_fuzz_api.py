@@ -10,10 +10,7 @@ from pathlib import Path
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
-
-pytest.register_assert_rewrite("server_support")
-
-from server_support import Served, clean_environment, spawn  # noqa: E402
+from server_support import Served, clean_environment, spawn
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow

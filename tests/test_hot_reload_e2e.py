@@ -10,33 +10,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-pytest.register_assert_rewrite("db_support", "server_support")
-
-from db_support import Database, pg_backends  # noqa: E402
-from server_support import (  # noqa: E402
+from conftest import dump_yaml, fraud_doc, make_ruleset_doc
+from db_support import Database, pg_backends
+from server_support import (
     HOT,
     INVALID_RULES,
     ConfigMapDir,
     Sidecar,
     eventually,
-    fraud_doc,
     metric_value,
     receive_event,
     receive_until,
-    ruleset_doc,
-    to_yaml,
 )
 
-from sidecar.reading import SourceSet  # noqa: E402
-from sidecar.reloads import Trigger  # noqa: E402
-from sidecar.sources.files import DirectorySource  # noqa: E402
-from sidecar.state import StateStore  # noqa: E402
+from sidecar.reading import SourceSet
+from sidecar.reloads import Trigger
+from sidecar.sources.files import DirectorySource
+from sidecar.state import StateStore
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["server_support", "db_support"]
 
 FOREIGN_LARGE = {"amount": 5000, "country": "FR"}
 
@@ -63,7 +56,7 @@ class TestConfigMapStory:
         assert (before["total_points"], before["registry_version"]) == (70, 1)
 
         # 1. The kubelet swaps in new content: large-amount is now worth 60 points.
-        configmap_dir.publish({"rules.yaml": to_yaml(fraud_doc(60))})
+        configmap_dir.publish({"rules.yaml": dump_yaml(fraud_doc(60))})
         reloaded, earlier = await receive_until(ws, "rules_reloaded")
         assert reloaded["data"]["status"] == "success"
         assert reloaded["data"]["trigger"] == "watch"
@@ -104,7 +97,7 @@ class TestConfigMapStory:
         assert status["last_errors"][0]["line"] == 7
 
         # 3. The fix is swapped in: healthy again, new content served.
-        configmap_dir.publish({"rules.yaml": to_yaml(fraud_doc(20))})
+        configmap_dir.publish({"rules.yaml": dump_yaml(fraud_doc(20))})
         await receive_until(ws, "rules_reloaded")
         code, health = await app.health()
         assert (code, health["status"]) == (200, "healthy")
@@ -116,7 +109,10 @@ class TestConfigMapStory:
         """A swap that adds a second key to the ConfigMap adds its ruleset."""
         app = await start_sidecar(configmap_dir.root, monitor=True)
         configmap_dir.publish(
-            {"rules.yaml": to_yaml(fraud_doc()), "extra.yaml": to_yaml(ruleset_doc("extra"))}
+            {
+                "rules.yaml": dump_yaml(fraud_doc()),
+                "extra.yaml": dump_yaml(make_ruleset_doc("extra")),
+            }
         )
 
         async def has_extra() -> bool:
@@ -129,12 +125,15 @@ class TestConfigMapStory:
     async def test_swap_removes_a_file(self, start_sidecar, configmap_dir: ConfigMapDir):
         """A swap that drops a key removes its ruleset and says so on the WebSocket."""
         configmap_dir.publish(
-            {"rules.yaml": to_yaml(fraud_doc()), "extra.yaml": to_yaml(ruleset_doc("extra"))}
+            {
+                "rules.yaml": dump_yaml(fraud_doc()),
+                "extra.yaml": dump_yaml(make_ruleset_doc("extra")),
+            }
         )
         app = await start_sidecar(configmap_dir.root, monitor=True)
         ws = await app.client.ws_connect("/ws/hot-reload")
         await receive_event(ws)
-        configmap_dir.publish({"rules.yaml": to_yaml(fraud_doc())})
+        configmap_dir.publish({"rules.yaml": dump_yaml(fraud_doc())})
         removed, _ = await receive_until(ws, "ruleset_removed")
         assert removed["data"]["ruleset_id"] == "extra"
         await receive_until(ws, "rules_reloaded")
@@ -155,7 +154,7 @@ class TestPlainDirectory:
         target = plain_rules / "fraud.yaml"
         shutil.copy(target, plain_rules / "fraud.yaml~")
         temporary = plain_rules / ".fraud.yaml.tmp"
-        temporary.write_text(to_yaml(fraud_doc(65)), encoding="utf-8")
+        temporary.write_text(dump_yaml(fraud_doc(65)), encoding="utf-8")
         os.replace(temporary, target)
 
         reloaded, _ = await receive_until(ws, "rules_reloaded")
@@ -189,10 +188,10 @@ class TestPlainDirectory:
         app = await start_sidecar(plain_rules, monitor=True)
         hidden = plain_rules / ".git"
         hidden.mkdir()
-        (hidden / "ignored.yaml").write_text(to_yaml(ruleset_doc("ignored")), "utf-8")
+        (hidden / "ignored.yaml").write_text(dump_yaml(make_ruleset_doc("ignored")), "utf-8")
         nested = plain_rules / "team-a" / "scoring"
         nested.mkdir(parents=True)
-        (nested / "nested.yaml").write_text(to_yaml(ruleset_doc("nested")), "utf-8")
+        (nested / "nested.yaml").write_text(dump_yaml(make_ruleset_doc("nested")), "utf-8")
 
         async def nested_loaded() -> bool:
             return "nested" in app.state.registry.current.rulesets
@@ -258,7 +257,7 @@ class TestBackgroundReloads:
         """A requested reload reads the sources and publishes what changed."""
         app = await start_sidecar(plain_rules, monitor=True)
         await app.post(f"{HOT}/monitoring/stop")
-        (plain_rules / "fraud.yaml").write_text(to_yaml(fraud_doc(1)), encoding="utf-8")
+        (plain_rules / "fraud.yaml").write_text(dump_yaml(fraud_doc(1)), encoding="utf-8")
         await app.post(f"{HOT}/monitoring/start")
         app.service.request_reload(Trigger.SIGNAL)
 
@@ -311,7 +310,7 @@ class TestStateDir:
         triggers = [(r["trigger"], r["status"]) for r in await history(restarted)]
         assert triggers == [("state_dir", "restored"), ("startup", "failed")]
 
-        configmap_dir.publish({"rules.yaml": to_yaml(fraud_doc(45))})
+        configmap_dir.publish({"rules.yaml": dump_yaml(fraud_doc(45))})
 
         async def from_sources() -> bool:
             _, health = await restarted.health()
@@ -334,7 +333,7 @@ class TestStateDir:
         await start_sidecar(configmap_dir.root, state_dir=state_dir)
         configmap_dir.publish({"rules.yaml": INVALID_RULES})
         restarted = await start_sidecar(configmap_dir.root, state_dir=state_dir)
-        configmap_dir.publish({"rules.yaml": to_yaml(fraud_doc())})
+        configmap_dir.publish({"rules.yaml": dump_yaml(fraud_doc())})
         body = await restarted.post(f"{HOT}/reload")
         assert body["status"] == "success"
         assert (await restarted.get(f"{HOT}/status"))["serving_from"] == "sources"
@@ -395,7 +394,7 @@ class TestRollbackHolds:
     ):
         """Roll back from 99 points to 40: resyncs keep 40; a new change (7) goes live."""
         app = await start_sidecar(configmap_dir.root, monitor=True, interval_seconds=0.1)
-        configmap_dir.publish({"rules.yaml": to_yaml(fraud_doc(large_points=99))})
+        configmap_dir.publish({"rules.yaml": dump_yaml(fraud_doc(large_points=99))})
         await eventually(lambda: app.version == 2)
         await app.post(f"{HOT}/rollback")
         assert (await app.evaluate("fraud", FOREIGN_LARGE))["total_points"] == 70
@@ -406,7 +405,7 @@ class TestRollbackHolds:
         assert (await app.evaluate("fraud", FOREIGN_LARGE))["total_points"] == 70
         assert app.version == 3
 
-        configmap_dir.publish({"rules.yaml": to_yaml(fraud_doc(large_points=7))})
+        configmap_dir.publish({"rules.yaml": dump_yaml(fraud_doc(large_points=7))})
         await eventually(lambda: app.version == 4)
         assert (await app.evaluate("fraud", FOREIGN_LARGE))["total_points"] == 37
         assert (await app.get(f"{HOT}/status"))["rollback_active"] is False
@@ -416,7 +415,7 @@ class TestRollbackHolds:
     ):
         """`force: true` re-applies the sources over a rollback."""
         app = await start_sidecar(configmap_dir.root)
-        configmap_dir.publish({"rules.yaml": to_yaml(fraud_doc(large_points=99))})
+        configmap_dir.publish({"rules.yaml": dump_yaml(fraud_doc(large_points=99))})
         await app.post(f"{HOT}/reload")
         await app.post(f"{HOT}/rollback")
         unchanged = await app.post(f"{HOT}/reload")

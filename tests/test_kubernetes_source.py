@@ -1,5 +1,5 @@
 """The ConfigMap API source, with the real `kubernetes` client against a fake API server
-that speaks the list/watch protocol (tests/k8s_support.py)."""
+that speaks the list/watch protocol (tests/kube_support.py)."""
 
 from __future__ import annotations
 
@@ -11,43 +11,37 @@ import logging
 import subprocess
 import threading
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import urllib3
-
-pytest.register_assert_rewrite("k8s_support", "server_support")
-
-from kubernetes import client  # noqa: E402
-from server_support import (  # noqa: E402
+from conftest import dump_yaml, fraud_doc, make_ruleset_doc
+from kubernetes import client
+from server_support import (
     HOT,
     START_SECONDS,
     clean_environment,
     command,
     eventually,
-    fraud_doc,
     free_port,
     receive_until,
-    ruleset_doc,
     spawn,
-    to_yaml,
     wait_sync,
 )
 
-from sidecar.api.views import health_view, history_view, status_view  # noqa: E402
-from sidecar.errors import LoadError, Problem, ProblemCode  # noqa: E402
-from sidecar.loader import Loader  # noqa: E402
-from sidecar.registry import RuleRegistry  # noqa: E402
-from sidecar.service import HealthStatus, HotReloadService  # noqa: E402
-from sidecar.sources.kubernetes import ConfigMapSource, EventRecorder  # noqa: E402
-from sidecar.testing import FakeKubernetes  # noqa: E402
+from sidecar.api.views import health_view, history_view, status_view
+from sidecar.errors import LoadError, Problem, ProblemCode
+from sidecar.loader import Loader
+from sidecar.registry import RuleRegistry
+from sidecar.service import HealthStatus, HotReloadService
+from sidecar.sources.kubernetes import ConfigMapSource, EventRecorder
+from sidecar.testing import FakeKubernetes
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["k8s_support"]
 
 LABELS = {"rule-sidecar/rules": "true"}
 SELECTOR = "rule-sidecar/rules=true"
@@ -102,6 +96,26 @@ async def next_change(reasons: asyncio.Queue[str], timeout: float = 5.0) -> str:
 
 async def watch_connected(kube: FakeKubernetes, count: int = 1) -> None:
     await eventually(lambda: len(kube.watches()) >= count, message=f"{count} watch request(s)")
+
+
+@dataclass(frozen=True)
+class Watched:
+    """A source that has read ConfigMap `a` (`a.yaml: "a: 1"`) and whose watch is
+    connected; the reasons its watch gives for a reload arrive on `reasons`."""
+
+    source: ConfigMapSource
+    reasons: asyncio.Queue[str]
+
+
+@pytest.fixture
+async def watched(kube: FakeKubernetes) -> AsyncIterator[Watched]:
+    """The starting point of most watch fault tests (see `Watched`)."""
+    kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
+    source = source_for(kube)
+    source.read()
+    async with watching(source) as reasons:
+        await watch_connected(kube)
+        yield Watched(source, reasons)
 
 
 async def failed_reload(service: HotReloadService) -> dict[str, Any]:
@@ -160,19 +174,14 @@ class TestRead:
 
 
 class TestWatch:
-    async def test_a_change_arrives_through_the_watch(self, kube: FakeKubernetes):
+    async def test_a_change_arrives_through_the_watch(self, kube: FakeKubernetes, watched: Watched):
         """After the first list, changes come from the watch: no second list is needed."""
-        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
-        source = source_for(kube)
-        source.read()
-        async with watching(source) as reasons:
-            await watch_connected(kube)
-            kube.apply("a", {"a.yaml": "a: 2"}, labels=LABELS)
-            kube.apply("b", {"b.yaml": "b: 1"}, labels=LABELS)
-            await next_change(reasons)
-            await eventually(lambda: len(source.read()) == 2, message="both ConfigMaps")
-            assert [file.content for file in source.read()] == [b"a: 2", b"b: 1"]
-            assert source.watch_problem() is None
+        kube.apply("a", {"a.yaml": "a: 2"}, labels=LABELS)
+        kube.apply("b", {"b.yaml": "b: 1"}, labels=LABELS)
+        await next_change(watched.reasons)
+        await eventually(lambda: len(watched.source.read()) == 2, message="both ConfigMaps")
+        assert [file.content for file in watched.source.read()] == [b"a: 2", b"b: 1"]
+        assert watched.source.watch_problem() is None
         assert lists(kube) == 1
 
     async def test_unlabelled_and_deleted_configmaps_leave(self, kube: FakeKubernetes):
@@ -356,7 +365,21 @@ class TestWatch:
 
 
 def rules_configmap(kube: FakeKubernetes, **doc_options: Any) -> None:
-    kube.apply("fraud-rules", {"fraud.yaml": to_yaml(fraud_doc(**doc_options))}, labels=LABELS)
+    kube.apply("fraud-rules", {"fraud.yaml": dump_yaml(fraud_doc(**doc_options))}, labels=LABELS)
+
+
+@pytest.fixture
+async def fraud_service(kube: FakeKubernetes) -> AsyncIterator[HotReloadService]:
+    """A started service serving the `fraud-rules` ConfigMap, its watch connected."""
+    service = HotReloadService(RuleRegistry(), [source_for(kube)], loader=Loader())
+    try:
+        rules_configmap(kube)
+        await service.initial_load()
+        service.start()
+        await watch_connected(kube)
+        yield service
+    finally:
+        await service.stop()
 
 
 class TestWithTheService:
@@ -379,7 +402,7 @@ class TestWithTheService:
         version = service.registry.version
         broken = fraud_doc()
         broken["spec"]["rules"][0]["condition"] = "input.amount >"
-        kube.apply("fraud-rules", {"fraud.yaml": to_yaml(broken)}, labels=LABELS)
+        kube.apply("fraud-rules", {"fraud.yaml": dump_yaml(broken)}, labels=LABELS)
         record = await failed_reload(service)
         (error,) = record["errors"]
         assert error["file"] == "configmap/fraud-rules/fraud.yaml"
@@ -492,7 +515,7 @@ class TestServe:
                 )
                 broken = fraud_doc()
                 broken["spec"]["rules"][0]["condition"] = "input.amount >"
-                kube.apply("fraud-rules", {"fraud.yaml": to_yaml(broken)}, labels=LABELS)
+                kube.apply("fraud-rules", {"fraud.yaml": dump_yaml(broken)}, labels=LABELS)
                 failed, _ = await receive_until(ws, "reload_failed")
             assert failed["data"]["errors"][0]["file"] == "configmap/fraud-rules/fraud.yaml"
             async with session.post(
@@ -544,45 +567,37 @@ class TestLostEvents:
     found by a list, and an event older than what is held changes nothing."""
 
     async def test_a_dropped_event_is_read_after_forget(
-        self, kube: FakeKubernetes, caplog: pytest.LogCaptureFixture
+        self, kube: FakeKubernetes, watched: Watched, caplog: pytest.LogCaptureFixture
     ):
         """One change the watch never delivers leaves the cache stale while the watch
         looks healthy; after `forget()` the next read lists and serves it, and the log
         says a change was never delivered."""
-        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
-        source = source_for(kube)
-        source.read()
-        async with watching(source) as reasons:
-            await watch_connected(kube)
-            kube.drop_next_event()
-            kube.apply("a", {"a.yaml": "a: 2"}, labels=LABELS)
-            kube.apply("b", {"b.yaml": "b: 1"}, labels=LABELS)
-            await next_change(reasons)
-            assert contents(source) == [b"a: 1", b"b: 1"]  # lost, and the watch is healthy
-            assert source.watch_problem() is None
-            source.forget()
-            assert contents(source) == [b"a: 2", b"b: 1"]
-            assert contents(source) == [b"a: 2", b"b: 1"]  # one list per forget()
+        kube.drop_next_event()
+        kube.apply("a", {"a.yaml": "a: 2"}, labels=LABELS)
+        kube.apply("b", {"b.yaml": "b: 1"}, labels=LABELS)
+        await next_change(watched.reasons)
+        assert contents(watched.source) == [b"a: 1", b"b: 1"]  # lost, and the watch is healthy
+        assert watched.source.watch_problem() is None
+        watched.source.forget()
+        assert contents(watched.source) == [b"a: 2", b"b: 1"]
+        assert contents(watched.source) == [b"a: 2", b"b: 1"]  # one list per forget()
         assert lists(kube) == 2
         (warning,) = warnings(caplog)
         assert "the list found changes the watch never delivered" in warning
         assert warning.endswith(": a")
 
-    async def test_a_stale_modified_does_not_overwrite_newer_content(self, kube: FakeKubernetes):
+    async def test_a_stale_modified_does_not_overwrite_newer_content(
+        self, kube: FakeKubernetes, watched: Watched
+    ):
         """A MODIFIED delivered out of order, with an older resourceVersion than the one
         held, is ignored: the newer content keeps serving."""
-        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
-        source = source_for(kube)
-        source.read()
-        async with watching(source) as reasons:
-            await watch_connected(kube)
-            kube.apply("a", {"a.yaml": "a: 2"}, labels=LABELS)
-            await next_change(reasons)
-            kube.send_stale("a")  # "a: 1" again, at its old resourceVersion
-            kube.apply("b", {"b.yaml": "b: 1"}, labels=LABELS)
-            await next_change(reasons)
-            assert contents(source) == [b"a: 2", b"b: 1"]
-            assert reasons.empty()
+        kube.apply("a", {"a.yaml": "a: 2"}, labels=LABELS)
+        await next_change(watched.reasons)
+        kube.send_stale("a")  # "a: 1" again, at its old resourceVersion
+        kube.apply("b", {"b.yaml": "b: 1"}, labels=LABELS)
+        await next_change(watched.reasons)
+        assert contents(watched.source) == [b"a: 2", b"b: 1"]
+        assert watched.reasons.empty()
 
     async def test_a_stale_event_does_not_bring_a_deleted_configmap_back(
         self, kube: FakeKubernetes
@@ -601,19 +616,16 @@ class TestLostEvents:
             await next_change(reasons)
             assert names(source) == ["configmap/b/b.yaml"]
 
-    async def test_versions_too_long_for_int_are_compared(self, kube: FakeKubernetes):
+    async def test_versions_too_long_for_int_are_compared(
+        self, kube: FakeKubernetes, watched: Watched
+    ):
         """resourceVersions are compared as numbers without `int()`, which refuses more
         than 4,300 digits: such an event is newer, not a crash of the watch."""
-        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
-        source = source_for(kube)
-        source.read()
         huge = {"name": "a", "resourceVersion": "1" + "0" * 5000, "labels": LABELS}
         event = {"type": "MODIFIED", "object": {"metadata": huge, "data": {"a.yaml": "a: 2"}}}
-        async with watching(source) as reasons:
-            await watch_connected(kube)
-            kube.send_line(json.dumps(event).encode())
-            await next_change(reasons)
-            assert contents(source) == [b"a: 2"]
+        kube.send_line(json.dumps(event).encode())
+        await next_change(watched.reasons)
+        assert contents(watched.source) == [b"a: 2"]
 
     async def test_the_reflector_lists_again_on_its_own(self, kube: FakeKubernetes):
         """Without any `forget()`, the periodic list finds the lost change, serves it and
@@ -636,7 +648,7 @@ class TestBinaryData:
     disk: bytes that are not UTF-8 are a problem at their line and column."""
 
     def test_binary_rule_keys_are_read(self, kube: FakeKubernetes):
-        rules = to_yaml(fraud_doc()).encode()
+        rules = dump_yaml(fraud_doc()).encode()
         kube.apply(
             "a",
             {"a.yaml": "a: 1"},
@@ -654,14 +666,14 @@ class TestBinaryData:
         source.read()
         async with watching(source) as reasons:
             await watch_connected(kube)
-            rules = to_yaml(fraud_doc()).encode()
+            rules = dump_yaml(fraud_doc()).encode()
             kube.apply("fraud-rules", {}, binary_data={"fraud.yaml": rules}, labels=LABELS)
             await next_change(reasons)
             result = Loader().load(source.read())
         assert list(result.snapshot.rulesets) == ["fraud"]
 
     def test_bytes_that_are_not_utf8_are_a_located_problem(self, kube: FakeKubernetes):
-        text = to_yaml(fraud_doc())
+        text = dump_yaml(fraud_doc())
         line = text.splitlines().index(next(x for x in text.splitlines() if "Large" in x)) + 1
         content = text.replace("Large", "Gro\xdf").encode("latin-1")
         kube.apply("fraud-rules", {}, binary_data={"fraud.yaml": content}, labels=LABELS)
@@ -710,18 +722,18 @@ class TestMalformedWatch:
         ],
     )
     async def test_a_malformed_line_is_named_and_the_watch_lists_again(
-        self, kube: FakeKubernetes, caplog: pytest.LogCaptureFixture, line: bytes, cause: str
+        self,
+        kube: FakeKubernetes,
+        watched: Watched,
+        caplog: pytest.LogCaptureFixture,
+        line: bytes,
+        cause: str,
     ):
-        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
-        source = source_for(kube)
-        source.read()
-        async with watching(source) as reasons:
-            await watch_connected(kube)
-            kube.send_line(line)
-            kube.apply("a", {"a.yaml": "a: 2"}, labels=LABELS)
-            await next_change(reasons)
-            assert contents(source) == [b"a: 2"]
-            await eventually(lambda: source.watch_problem() is None, message="recovered")
+        kube.send_line(line)
+        kube.apply("a", {"a.yaml": "a: 2"}, labels=LABELS)
+        await next_change(watched.reasons)
+        assert contents(watched.source) == [b"a: 2"]
+        await eventually(lambda: watched.source.watch_problem() is None, message="recovered")
         assert lists(kube) == 2
         (warning,) = warnings(caplog)
         assert cause in warning
@@ -806,47 +818,38 @@ class TestOutOfScopeEvents:
         ids=["other-namespace", "labels-not-matching", "version-not-a-number", "not-a-configmap"],
     )
     async def test_is_not_applied_and_the_watch_lists_again(
-        self, kube: FakeKubernetes, caplog: pytest.LogCaptureFixture, line: bytes, cause: str
+        self,
+        kube: FakeKubernetes,
+        watched: Watched,
+        caplog: pytest.LogCaptureFixture,
+        line: bytes,
+        cause: str,
     ):
-        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
-        source = source_for(kube)
-        source.read()
-        async with watching(source) as reasons:
-            await watch_connected(kube)
-            kube.send_line(line)
-            await eventually(lambda: lists(kube) == 2, message="listed again")
-            await eventually(lambda: source.watch_problem() is None, message="recovered")
-            assert contents(source) == [b"a: 1"]
-            assert reasons.empty()  # the list found nothing new: no reload
-            kube.apply("a", {"a.yaml": "a: 2"}, labels=LABELS)
-            await next_change(reasons)
-            assert names(source) == ["configmap/a/a.yaml"]
-            assert contents(source) == [b"a: 2"]
+        kube.send_line(line)
+        await eventually(lambda: lists(kube) == 2, message="listed again")
+        await eventually(lambda: watched.source.watch_problem() is None, message="recovered")
+        assert contents(watched.source) == [b"a: 1"]
+        assert watched.reasons.empty()  # the list found nothing new: no reload
+        kube.apply("a", {"a.yaml": "a: 2"}, labels=LABELS)
+        await next_change(watched.reasons)
+        assert names(watched.source) == ["configmap/a/a.yaml"]
+        assert contents(watched.source) == [b"a: 2"]
         (warning,) = warnings(caplog)
         assert cause in warning
         assert warning.endswith("listing again in about 0.5 s")
 
     async def test_a_delete_from_another_namespace_leaves_the_rules_serving(
-        self, kube: FakeKubernetes
+        self, kube: FakeKubernetes, fraud_service: HotReloadService
     ):
         """The attack: a DELETED of kube-system/fraud-rules must not remove default's."""
-        source = source_for(kube)
-        service = HotReloadService(RuleRegistry(), [source], loader=Loader())
-        try:
-            rules_configmap(kube)
-            await service.initial_load()
-            service.start()
-            await watch_connected(kube)
-            kube.send_line(event("DELETED", "fraud-rules", "900", LABELS, namespace="kube-system"))
-            await eventually(lambda: lists(kube) == 2, message="listed again")
-            limits = ruleset_doc("limits", [{"id": "r", "condition": "true", "points": 1}])
-            kube.apply("limits", {"limits.yaml": to_yaml(limits)}, labels=LABELS)
-            await eventually(lambda: service.registry.version == 2, message="a reload")
-            assert service.log.newest(1)[0].status.value == "success"
-            assert service.registry.get_ruleset("fraud") is not None
-            assert service.registry.get_ruleset("limits") is not None
-        finally:
-            await service.stop()
+        kube.send_line(event("DELETED", "fraud-rules", "900", LABELS, namespace="kube-system"))
+        await eventually(lambda: lists(kube) == 2, message="listed again")
+        limits = make_ruleset_doc("limits", [{"id": "r", "condition": "true", "points": 1}])
+        kube.apply("limits", {"limits.yaml": dump_yaml(limits)}, labels=LABELS)
+        await eventually(lambda: fraud_service.registry.version == 2, message="a reload")
+        assert fraud_service.log.newest(1)[0].status.value == "success"
+        assert fraud_service.registry.get_ruleset("fraud") is not None
+        assert fraud_service.registry.get_ruleset("limits") is not None
 
     @pytest.mark.parametrize(
         ("labels", "selected"),
@@ -882,17 +885,12 @@ class TestOutOfScopeEvents:
                 await eventually(lambda: lists(kube) == 2, message="listed again")
                 assert source.read() == []
 
-    async def test_a_configmap_without_data_is_empty(self, kube: FakeKubernetes):
+    async def test_a_configmap_without_data_is_empty(self, kube: FakeKubernetes, watched: Watched):
         """No `data` and no `binaryData` is a ConfigMap emptied on purpose, not a fault."""
-        kube.apply("a", {"a.yaml": "a: 1"}, labels=LABELS)
-        source = source_for(kube)
-        source.read()
-        async with watching(source) as reasons:
-            await watch_connected(kube)
-            kube.send_line(event("MODIFIED", "a", "900", LABELS))
-            await next_change(reasons)
-            assert source.read() == []
-            assert source.watch_problem() is None
+        kube.send_line(event("MODIFIED", "a", "900", LABELS))
+        await next_change(watched.reasons)
+        assert watched.source.read() == []
+        assert watched.source.watch_problem() is None
         assert lists(kube) == 1
 
 
@@ -1076,25 +1074,16 @@ class TestFaultsBecomeLoadErrors:
         assert str(error).strip("'") in problem.message
 
     async def test_a_broken_configmap_from_the_watch_fails_the_reload_at_its_name(
-        self, kube: FakeKubernetes
+        self, kube: FakeKubernetes, fraud_service: HotReloadService
     ):
         """A ConfigMap whose value is not a string, delivered by the watch, fails the
         reload at `configmap/<name>/<key>`; the last good rules keep serving."""
-        loader = Loader()
-        source = source_for(kube)
-        service = HotReloadService(RuleRegistry(), [source], loader=loader)
-        try:
-            rules_configmap(kube)
-            await service.initial_load()
-            service.start()
-            await watch_connected(kube)
-            version = service.registry.version
-            kube.apply("fraud-rules", {"fraud.yaml": 5}, labels=LABELS)  # type: ignore[dict-item]
-            record = await failed_reload(service)
-            (error,) = record["errors"]
-            assert error["file"] == "configmap/fraud-rules/fraud.yaml"
-            assert error["message"].endswith("data.fraud.yaml is a number, not a string")
-            assert service.registry.version == version
-            assert source.watch_problem() is None
-        finally:
-            await service.stop()
+        version = fraud_service.registry.version
+        kube.apply("fraud-rules", {"fraud.yaml": 5}, labels=LABELS)  # type: ignore[dict-item]
+        record = await failed_reload(fraud_service)
+        (error,) = record["errors"]
+        assert error["file"] == "configmap/fraud-rules/fraud.yaml"
+        assert error["message"].endswith("data.fraud.yaml is a number, not a string")
+        assert fraud_service.registry.version == version
+        (source,) = fraud_service.sources
+        assert source.watch_problem() is None

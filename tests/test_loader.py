@@ -383,10 +383,10 @@ class TestDefaultsAndIds:
         snapshot = load(path).snapshot
 
         ruleset = snapshot.rulesets["demo"]
-        rule = snapshot.rules["demo-r1"]
+        rule = snapshot.rules["demo-big"]
         assert (ruleset.name, ruleset.description, dict(ruleset.labels)) == ("demo", "", {})
         assert (ruleset.decisions, ruleset.default_decision, ruleset.tests) == ((), None, ())
-        assert (rule.name, rule.enabled, rule.priority) == ("demo-r1", True, 0)
+        assert (rule.name, rule.enabled, rule.priority) == ("demo-big", True, 0)
         assert (rule.description, rule.tags, dict(rule.metadata)) == ("", (), {})
 
     def test_negative_integer_id_is_refused(self, rules_dir: Path):

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import write_rules
+from conftest import make_ruleset_doc, write_rules
 
 from sidecar.documents import SourceFile, parse_file
 from sidecar.errors import LoadError, Problem
@@ -283,14 +283,7 @@ class TestManySmallValues:
             }
             for i in range(10_000)
         ]
-        text = json.dumps(
-            {
-                "apiVersion": "rule-sidecar/v1",
-                "kind": "RuleSet",
-                "metadata": {"id": "big"},
-                "spec": {"rules": rules},
-            }
-        )
+        text = json.dumps(make_ruleset_doc("big", rules))
         for name in ("big.json", "big.yaml"):
             documents, problems = parse_file(SourceFile(name, text.encode()))
             assert (len(documents), problems) == (1, [])

@@ -10,13 +10,15 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import pytest
-import yaml
-from conftest import make_ruleset_doc
+from conftest import dump_yaml, make_ruleset_doc
 
 from sidecar.documents import SourceFile
 from sidecar.engine import evaluate
 from sidecar.errors import LoadError
 from sidecar.loader import LOAD_STAGES, Loader
+
+# Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
+pytestmark = pytest.mark.slow
 
 INPUTS = [{"amount": 5000, "country": "FR"}, {"amount": 10, "country": "US"}, {"amount": 2000}]
 
@@ -66,7 +68,7 @@ def files(points: int = 40, count: int = 3) -> list[SourceFile]:
         document["spec"]["tests"] = [
             {"name": "us", "input": {"amount": 0, "country": "US"}, "expect": {"total_points": 0}}
         ]
-        result.append(SourceFile(f"set-{index}.yaml", yaml.safe_dump(document).encode()))
+        result.append(SourceFile(f"set-{index}.yaml", dump_yaml(document).encode()))
     return result
 
 

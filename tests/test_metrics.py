@@ -5,24 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import dump_yaml, fraud_doc
+from server_support import HOT, INVALID_RULES, Sidecar, metric_value
 
-pytest.register_assert_rewrite("server_support")
-
-from server_support import (  # noqa: E402
-    HOT,
-    INVALID_RULES,
-    Sidecar,
-    fraud_doc,
-    metric_value,
-    to_yaml,
-)
-
-from sidecar.loader import LOAD_STAGES, LoadStage  # noqa: E402
+from sidecar.loader import LOAD_STAGES, LoadStage
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["server_support"]
 
 STAGES = "rule_sidecar_load_stage_seconds"
 
@@ -48,7 +37,7 @@ class TestLoadStageMetrics:
     async def test_a_reload_observes_every_stage(self, sidecar: Sidecar):
         """The startup load and a reload that changed a file each observe every stage of
         the loader, into buckets from 1 ms to 30 s; a reload that changed nothing does not."""
-        (sidecar.rules / "fraud.yaml").write_text(to_yaml(fraud_doc(77)), encoding="utf-8")
+        (sidecar.rules / "fraud.yaml").write_text(dump_yaml(fraud_doc(77)), encoding="utf-8")
         await sidecar.post(f"{HOT}/reload")
         await sidecar.post(f"{HOT}/reload")  # nothing changed since
         text = await scrape(sidecar)

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from aiohttp import ClientResponse, ClientWebSocketResponse
 from aiohttp.test_utils import TestClient
+from conftest import dump_yaml, make_ruleset_doc, rule_doc
 from jsonschema import Draft202012Validator
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
@@ -715,16 +716,8 @@ class TestRegistryReads:
     async def test_pages_and_search(self, start: Start) -> None:
         """`offset`/`limit` page both listings in id order, `total` counting them all; `q`
         finds rules by any field the dashboard shows; a bad page is a 400."""
-        extra = [
-            {
-                "apiVersion": "rule-sidecar/v1",
-                "kind": "RuleSet",
-                "metadata": {"id": f"set-{n}"},
-                "spec": {"rules": [{"id": f"r-{n}", "condition": "true", "points": n}]},
-            }
-            for n in range(5)
-        ]
-        api = await start(RULES + "---\n" + yaml.safe_dump_all(extra))
+        extra = [make_ruleset_doc(f"set-{n}", [rule_doc(f"r-{n}", "true", n)]) for n in range(5)]
+        api = await start(RULES + "---\n" + dump_yaml(extra))
         page = await api.call("GET", "/api/v1/rulesets?offset=2&limit=3", 200)
         assert [r["id"] for r in page["rulesets"]] == ["set-1", "set-2", "set-3"]
         assert (page["count"], page["total"]) == (3, 6)

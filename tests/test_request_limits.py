@@ -21,29 +21,15 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from conftest import dump_yaml, fraud_doc
+from server_support import HOT, Served, Sidecar, clean_environment, free_port, spawn, wait_sync
 
-pytest.register_assert_rewrite("server_support")
-
-from server_support import (  # noqa: E402
-    HOT,
-    Served,
-    Sidecar,
-    clean_environment,
-    fraud_doc,
-    free_port,
-    spawn,
-    to_yaml,
-    wait_sync,
-)
-
-from sidecar import engine  # noqa: E402
-from sidecar.loader import Loader  # noqa: E402
-from sidecar.sources.files import read_rule_files  # noqa: E402
+from sidecar import engine
+from sidecar.loader import Loader
+from sidecar.sources.files import read_rule_files
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["server_support"]
 
 EVALUATE = "/api/v1/rulesets/fraud/evaluate"
 GUARD_SECONDS = 1.0
@@ -54,7 +40,7 @@ GUARD_SECONDS = 1.0
 def rules(tmp_path: Path) -> Path:
     directory = tmp_path / "rules"
     directory.mkdir()
-    (directory / "fraud.yaml").write_text(to_yaml(fraud_doc()), encoding="utf-8")
+    (directory / "fraud.yaml").write_text(dump_yaml(fraud_doc()), encoding="utf-8")
     return directory
 
 
@@ -187,7 +173,7 @@ class TestBatches:
         batch: every result names the version the batch started with."""
         app: Sidecar = await start_sidecar(rules, max_batch_items=1_000)
         before = app.version
-        (rules / "fraud.yaml").write_text(to_yaml(fraud_doc(large_points=70)), encoding="utf-8")
+        (rules / "fraud.yaml").write_text(dump_yaml(fraud_doc(large_points=70)), encoding="utf-8")
         newer = Loader().load(read_rule_files([rules])).snapshot
         evaluate, calls = engine.evaluate_ruleset, []
 
@@ -495,7 +481,7 @@ class TestRateBudgets:
         assert 429 in statuses
         assert set(statuses) == {200, 429}
         (guarded.rules / "fraud.yaml").write_text(
-            to_yaml(fraud_doc(large_points=70)), encoding="utf-8"
+            dump_yaml(fraud_doc(large_points=70)), encoding="utf-8"
         )
         reload = await guarded.post(f"{HOT}/reload", headers=self.ADMIN)
         assert reload["status"] == "success"

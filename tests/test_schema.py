@@ -323,6 +323,7 @@ class TestIdsAreExact:
         assert [p for p in found if "$" in p and not p.endswith("$(?!\\n)")] == []
         assert [p for p in found if re.search(p, _example_for(p) + "\n")] == []
 
+    @pytest.mark.slow  # starts node
     @pytest.mark.skipif(shutil.which("node") is None, reason="needs node for ECMA 262 regexes")
     def test_every_pattern_means_the_same_in_ecma_262(self, schema: dict[str, Any]):
         """Editors validate with ECMA 262 regexes: each pattern gives there the verdict

@@ -12,16 +12,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-
-pytest.register_assert_rewrite("db_support", "server_support")
-
-from db_support import Database  # noqa: E402
-from server_support import HOT, WAIT_SECONDS, Sidecar, fraud_doc, receive_event, to_yaml  # noqa: E402
+from conftest import dump_yaml, fraud_doc
+from db_support import Database
+from server_support import HOT, WAIT_SECONDS, Sidecar, receive_event
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["db_support", "server_support"]
 
 # Every answer and frame about one bad value stays under this, whatever its size.
 SMALL = 16 * 1024
@@ -50,7 +46,7 @@ async def assert_reads_answer(app: Sidecar) -> None:
 def rules_dir(tmp_path: Path) -> Path:
     directory = tmp_path / "rules"
     directory.mkdir()
-    (directory / "fraud.yaml").write_text(to_yaml(fraud_doc()), encoding="utf-8")
+    (directory / "fraud.yaml").write_text(dump_yaml(fraud_doc()), encoding="utf-8")
     return directory
 
 
@@ -63,7 +59,7 @@ class TestIntegersBeyond64Bits:
         [
             (
                 "fraud.yaml",
-                to_yaml(with_metadata({"x": 123456789012345678901234567890})),
+                dump_yaml(with_metadata({"x": 123456789012345678901234567890})),
                 "$",  # YAML problems found while reading name the line and column
             ),
             ("fraud.json", json.dumps(with_metadata({"x": 18446744073709551616})), AT_X),
@@ -95,7 +91,7 @@ class TestIntegersBeyond64Bits:
     async def test_the_largest_integers_still_serve(self, start_sidecar, rules_dir: Path):
         """The bounds themselves load and are served exactly."""
         metadata = {"top": 18446744073709551615, "bottom": -9223372036854775808}
-        (rules_dir / "fraud.yaml").write_text(to_yaml(with_metadata(metadata)), encoding="utf-8")
+        (rules_dir / "fraud.yaml").write_text(dump_yaml(with_metadata(metadata)), encoding="utf-8")
         app = await start_sidecar(rules_dir)
         rule = await app.get("/api/v1/rules/large-amount")
         assert rule["metadata"] == metadata
@@ -139,7 +135,7 @@ def huge_cases() -> dict[str, str]:
         "unknown-field": json.dumps(unknown_key),
         "duplicate-key": '{"metadata": {"' + big + '": 1, "' + big + '": 2}}',
         "expected-decision": json.dumps(expected),
-        "description": to_yaml(with_metadata({})).replace("name: Large amount", f"name: {big}"),
+        "description": dump_yaml(with_metadata({})).replace("name: Large amount", f"name: {big}"),
     }
 
 

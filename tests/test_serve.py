@@ -18,29 +18,23 @@ from typing import Any
 
 import aiohttp
 import pytest
-
-pytest.register_assert_rewrite("db_support", "server_support")
-
-from db_support import Database, FreezableProxy, pg_backends  # noqa: E402
-from server_support import (  # noqa: E402
+from conftest import dump_yaml, fraud_doc
+from db_support import Database, FreezableProxy, pg_backends
+from server_support import (
     START_SECONDS,
     Served,
     clean_environment,
     command,
-    fraud_doc,
     free_port,
     spawn,
-    to_yaml,
     wait_sync,
 )
 
-from sidecar.api.run import connection_caps  # noqa: E402
-from sidecar.config import Settings  # noqa: E402
+from sidecar.api.run import connection_caps
+from sidecar.config import Settings
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["server_support", "db_support"]
 
 HOT = "/api/v1/rules/hot-reload"
 
@@ -51,7 +45,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("serve")
     rules = tmp / "rules"
     rules.mkdir()
-    (rules / "fraud.yaml").write_text(to_yaml(fraud_doc()), encoding="utf-8")
+    (rules / "fraud.yaml").write_text(dump_yaml(fraud_doc()), encoding="utf-8")
     env = clean_environment(
         HOT_RELOAD_INTERVAL_SECONDS="12.5",
         HOT_RELOAD_VALIDATION_ENABLED="false",
@@ -144,7 +138,7 @@ class TestLifecycle:
         """SIGTERM: the WebSocket client sees 1001 and the process exits 0 promptly."""
         rules = tmp_path / "rules"
         rules.mkdir()
-        (rules / "fraud.yaml").write_text(to_yaml(fraud_doc()), encoding="utf-8")
+        (rules / "fraud.yaml").write_text(dump_yaml(fraud_doc()), encoding="utf-8")
         server = spawn(tmp_path, "--rules-dir", str(rules))
         try:
             await _wait_ready_async(server)
@@ -253,7 +247,7 @@ class TestDescriptors:
         flood). Unbounded, the flood took every descriptor and the listing failed."""
         rules = tmp_path / "rules"
         rules.mkdir()
-        (rules / "fraud.yaml").write_text(to_yaml(fraud_doc()), encoding="utf-8")
+        (rules / "fraud.yaml").write_text(dump_yaml(fraud_doc()), encoding="utf-8")
         probe_port = free_port()
         env = clean_environment(
             HOT_RELOAD_INTERVAL_SECONDS="3600",
@@ -279,7 +273,7 @@ class TestDescriptors:
                 # A silent socket of the flood made room: the newcomer is answered.
                 extra.sendall(b"GET /livez HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
                 answered = extra.recv(64)
-            (rules / "fraud.yaml").write_text(to_yaml(fraud_doc(70)), encoding="utf-8")
+            (rules / "fraud.yaml").write_text(dump_yaml(fraud_doc(70)), encoding="utf-8")
             server.process.send_signal(signal.SIGHUP)
 
             def reloaded() -> dict[str, Any] | None:

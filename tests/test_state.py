@@ -18,31 +18,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import dump_yaml, make_ruleset_doc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from server_support import Served, clean_environment, spawn, wait_sync
 
-pytest.register_assert_rewrite("server_support")
-
-from conftest import make_ruleset_doc  # noqa: E402
-from server_support import (  # noqa: E402
-    Served,
-    clean_environment,
-    spawn,
-    to_yaml,
-    wait_sync,
-)
-
-from sidecar.documents import INT_MAX, INT_MIN, SourceFile  # noqa: E402
-from sidecar.errors import LoadError  # noqa: E402
-from sidecar.loader import Loader  # noqa: E402
-from sidecar.snapshot import Snapshot  # noqa: E402
-from sidecar.state import StateError, StateStore  # noqa: E402
-from sidecar.testing import WITHOUT_DAC  # noqa: E402
+from sidecar.documents import INT_MAX, INT_MIN, SourceFile
+from sidecar.errors import LoadError
+from sidecar.loader import Loader
+from sidecar.snapshot import Snapshot
+from sidecar.state import StateError, StateStore
+from sidecar.testing import WITHOUT_DAC
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["server_support"]
 
 RESTART_SECONDS = 180.0  # generous: 20,000 rules compile twice on a loaded machine
 
@@ -118,7 +107,7 @@ class TestRestoresWhatWasServed:
         rules.mkdir()
         docs = registry_docs(2000, 10)
         for k in range(0, len(docs), 500):
-            (rules / f"part-{k}.yaml").write_text(to_yaml(*docs[k : k + 500]), encoding="utf-8")
+            (rules / f"part-{k}.yaml").write_text(dump_yaml(docs[k : k + 500]), encoding="utf-8")
         env = clean_environment(RULE_SIDECAR_STATE_DIR=str(state))
         first = spawn(tmp_path, "--rules-dir", str(rules), env=env)
         try:
@@ -160,7 +149,7 @@ class TestSaveFailsLoudly:
         """A ruleset that loads from its YAML (4 MB) but is 6 MB as JSON: a million
         control characters, 4 bytes each as YAML escapes, 6 as JSON's."""
         text = (
-            to_yaml(make_ruleset_doc("wide"))
+            dump_yaml(make_ruleset_doc("wide"))
             + '    metadata:\n      v: "'
             + "\\x01" * 1_000_000
             + '"\n'
@@ -237,7 +226,9 @@ class TestSaveFailsLoudly:
             assert (status["saved_revision"], status["files"]) == (None, 0)
             assert status["failed_revision"] == served.get("/health/hot-reload")[1]["revision"]
 
-            (rules / "wide.yaml").write_text(to_yaml(make_ruleset_doc("narrow")), encoding="utf-8")
+            (rules / "wide.yaml").write_text(
+                dump_yaml(make_ruleset_doc("narrow")), encoding="utf-8"
+            )
             wait_sync(lambda: saved()["last_save_successful"] is True, message="a good save")
             status = saved()
             assert (status["last_error"], status["failed_revision"]) == (None, None)

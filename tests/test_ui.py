@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from conftest import dump_yaml, fraud_doc, make_ruleset_doc
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
@@ -31,25 +32,12 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select, WebDriverWait
+from server_support import ConfigMapDir, ThreadedSidecar, serving, threaded_sidecar
 
-pytest.register_assert_rewrite("server_support")
-
-from server_support import (  # noqa: E402
-    ConfigMapDir,
-    ThreadedSidecar,
-    fraud_doc,
-    ruleset_doc,
-    serving,
-    threaded_sidecar,
-    to_yaml,
-)
-
-from sidecar.config import Settings  # noqa: E402
+from sidecar.config import Settings
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["server_support"]
 
 WAIT_SECONDS = 10.0
 CHROMIUM = shutil.which("chromium")
@@ -203,7 +191,7 @@ def broken_fraud() -> str:
     """The fraud ruleset with a CEL syntax error in the second rule's condition."""
     document = fraud_doc()
     document["spec"]["rules"][1]["condition"] = "input.country !="
-    return to_yaml(document)
+    return dump_yaml(document)
 
 
 class TestLiveUpdates:
@@ -224,7 +212,7 @@ class TestLiveUpdates:
         assert "rules.yaml:" in rows[0].text  # the rule's source file:line
         shoot("loaded")
 
-        mount.publish({"rules.yaml": to_yaml(fraud_doc(60))})
+        mount.publish({"rules.yaml": dump_yaml(fraud_doc(60))})
 
         wait(browser, lambda b: text(b, "version") == "2", "version 2")
         reloaded = wait(browser, lambda b: events(b, "rules_reloaded"), "a rules_reloaded event")
@@ -266,7 +254,7 @@ class TestLiveUpdates:
         assert events(browser, "reload_failed")
         shoot("broken")
 
-        mount.publish({"rules.yaml": to_yaml(fraud_doc(55))})
+        mount.publish({"rules.yaml": dump_yaml(fraud_doc(55))})
 
         wait(browser, lambda b: text(b, "version") == "2", "version 2 after the fix")
         wait(browser, lambda b: shown(b, "banner") is None, "no banner")
@@ -285,7 +273,7 @@ class TestLiveUpdates:
         notifier = sidecar.state.notifier
         sidecar.run(notifier.close_all())
         wait(browser, lambda b: text(b, "feed-state") != "connected", "the feed dropped")
-        mount.publish({"rules.yaml": to_yaml(fraud_doc(70))})
+        mount.publish({"rules.yaml": dump_yaml(fraud_doc(70))})
         wait(browser, lambda b: text(b, "feed-state") == "connected", "the feed back")
         wait(browser, lambda b: text(b, "version") == "2", "version 2")
         assert len(events(browser, "rules_reloaded")) == 1
@@ -307,7 +295,7 @@ class TestRestart:
             port = first.port
             expand(browser, "fraud")
             assert browser.find_elements(By.CSS_SELECTOR, 'tr[data-rule="large-amount"]')
-        mount.publish({"rules.yaml": to_yaml(ruleset_doc("extra"))})
+        mount.publish({"rules.yaml": dump_yaml(make_ruleset_doc("extra"))})
         with ThreadedSidecar(settings, port=port) as second:
             wait(browser, lambda b: events(b, "resync_required"), "a resync_required event")
             wait(
@@ -377,7 +365,7 @@ class TestUnreachable:
             wait(browser, lambda b: "could not reach" in text(b, "try-result"), "try-it error")
             shoot("unreachable")
 
-        mount.publish({"rules.yaml": to_yaml(ruleset_doc("extra"))})
+        mount.publish({"rules.yaml": dump_yaml(make_ruleset_doc("extra"))})
         with serving(tmp_path, mount.root, port=first.port):
             wait(browser, lambda b: text(b, "health") == "healthy", "healthy again")
             wait(browser, lambda b: shown(b, "banner") is None, "no banner")
@@ -428,8 +416,8 @@ class TestUnreachable:
 def many_rulesets(count: int) -> dict[str, str]:
     """`count` files of one ruleset each, `rs-000`, `rs-001`...: two rules each."""
     return {
-        f"rs-{n:03d}.yaml": to_yaml(
-            ruleset_doc(
+        f"rs-{n:03d}.yaml": dump_yaml(
+            make_ruleset_doc(
                 f"rs-{n:03d}",
                 [
                     {"id": f"r{n:03d}-a", "condition": "input.amount > 100", "points": 10},
@@ -613,7 +601,10 @@ class TestPanels:
     ) -> None:
         """Typing in the filter keeps only the rules that match, across rulesets."""
         mount.publish(
-            {"rules.yaml": to_yaml(fraud_doc()), "extra.yaml": to_yaml(ruleset_doc("extra"))}
+            {
+                "rules.yaml": dump_yaml(fraud_doc()),
+                "extra.yaml": dump_yaml(make_ruleset_doc("extra")),
+            }
         )
         browser.get(f"{sidecar.url}/ui/")
         wait(browser, lambda b: text(b, "version") == "2", "version 2")
@@ -631,7 +622,7 @@ class TestPanels:
         open_dashboard(browser, sidecar)
         browser.find_element(By.ID, "validate").click()
         wait(browser, lambda b: "Valid: 3 rules" in text(b, "action-result"), "validate")
-        mount.publish({"rules.yaml": to_yaml(fraud_doc(45))})
+        mount.publish({"rules.yaml": dump_yaml(fraud_doc(45))})
         wait(browser, lambda b: text(b, "version") == "2", "version 2")
         browser.find_element(By.ID, "rollback").click()
         browser.switch_to.alert.accept()
@@ -649,7 +640,10 @@ class TestPanels:
             {"id": "html", "name": markup, "condition": "input.note == '<b>x</b>'", "points": 1}
         ]
         mount.publish(
-            {"rules.yaml": to_yaml(fraud_doc()), "x.yaml": to_yaml(ruleset_doc("x", rules))}
+            {
+                "rules.yaml": dump_yaml(fraud_doc()),
+                "x.yaml": dump_yaml(make_ruleset_doc("x", rules)),
+            }
         )
         browser.get(f"{sidecar.url}/ui/")
         wait(browser, lambda b: text(b, "version") == "2", "version 2")

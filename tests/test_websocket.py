@@ -14,10 +14,8 @@ from urllib.parse import urlencode
 
 import aiohttp
 import pytest
-
-pytest.register_assert_rewrite("server_support")
-
-from server_support import (  # noqa: E402
+from conftest import dump_yaml, make_ruleset_doc
+from server_support import (
     HOT,
     Sidecar,
     eventually,
@@ -25,19 +23,15 @@ from server_support import (  # noqa: E402
     metric_value,
     receive_event,
     receive_until,
-    ruleset_doc,
     serving,
-    to_yaml,
 )
 
-from sidecar.api.app import AppState  # noqa: E402
-from sidecar.api.views import status_view  # noqa: E402
-from sidecar.api.websocket import ReloadNotificationManager  # noqa: E402
+from sidecar.api.app import AppState
+from sidecar.api.views import status_view
+from sidecar.api.websocket import ReloadNotificationManager
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
-
-pytest_plugins = ["server_support"]
 
 WS = "/ws/hot-reload"
 
@@ -343,8 +337,8 @@ def write_ruleset(rules: Path, ruleset_id: str, count: int) -> None:
         {"id": f"{ruleset_id}-{n}", "condition": f"input.amount > {n}", "points": 1}
         for n in range(count)
     ]
-    doc = ruleset_doc(ruleset_id, conditions)
-    (rules / f"{ruleset_id}.yaml").write_text(to_yaml(doc), encoding="utf-8")
+    doc = make_ruleset_doc(ruleset_id, conditions)
+    (rules / f"{ruleset_id}.yaml").write_text(dump_yaml(doc), encoding="utf-8")
 
 
 async def first_messages(url: str, count: int) -> list[dict[str, Any]]:
@@ -431,7 +425,7 @@ class TestSlowClients:
 def write_many_rules(rules: Path, count: int) -> None:
     """`count` new rules (100 per ruleset) in one more file of the rules directory."""
     docs = [
-        ruleset_doc(
+        make_ruleset_doc(
             f"bulk-{start}",
             [
                 {"id": f"bulk-{n}", "condition": f"input.amount > {n}", "points": 1}
@@ -440,7 +434,7 @@ def write_many_rules(rules: Path, count: int) -> None:
         )
         for start in range(0, count, 100)
     ]
-    (rules / "bulk.yaml").write_text(to_yaml(*docs), encoding="utf-8")
+    (rules / "bulk.yaml").write_text(dump_yaml(docs), encoding="utf-8")
 
 
 async def read_until_reloaded(
