@@ -48,7 +48,8 @@ from sidecar.documents import DEFAULT_FILE_LIMITS  # noqa: E402
 from sidecar.errors import LoadError, Problem  # noqa: E402
 from sidecar.loader import Loader  # noqa: E402
 from sidecar.reading import SourceSet  # noqa: E402
-from sidecar.sources.database import SCHEMA_VERSION, DatabaseSource  # noqa: E402
+from sidecar.sources.database import DatabaseSource  # noqa: E402
+from sidecar.sources.dbschema import SCHEMA_VERSION  # noqa: E402
 from sidecar.sources.files import read_rule_files  # noqa: E402
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
