@@ -189,7 +189,7 @@ def import_generated(url: str, total: int, workdir: Path) -> tuple[float, int]:
         (dbtools, "read_rule_files"),
         (dbtools.Loader, "load"),
         (dbtools, "read_documents"),
-        (dbtools, "_write_ruleset"),
+        (dbtools, "write_ruleset"),
     ]
     with wrapped(clock, targets):
         seconds, result = timed(dbtools.import_files, paths, url)
@@ -199,7 +199,7 @@ def import_generated(url: str, total: int, workdir: Path) -> tuple[float, int]:
         f"  import_files of {result.rules:,} rules into {DatabaseURL.parse(url).kind}:"
         f" {seconds:.2f} s = read files {t['read_rule_files']:.2f} + validate"
         f" ({clock.calls['load']} loads) {t['load']:.2f} + read_documents"
-        f" {t['read_documents']:.2f} + write rows {t['_write_ruleset']:.2f} + commit, rest"
+        f" {t['read_documents']:.2f} + write rows {t['write_ruleset']:.2f} + commit, rest"
         f" {rest:.2f}"
     )
     return seconds, result.rules

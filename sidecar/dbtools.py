@@ -17,7 +17,7 @@ import json
 import re
 import sqlite3
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
@@ -30,21 +30,21 @@ from sidecar.documents import DEFAULT_FILE_LIMITS, INT_MAX, INT_MIN, SourceFile
 from sidecar.errors import LoadError, Problem, ProblemCode, format_path
 from sidecar.loader import Loader
 from sidecar.model import Location, RuleSet
-from sidecar.sources.database import (
-    DatabaseTimeouts,
-    DatabaseURL,
-    connect,
-    migrate,
-    open_connection,
-    placeholder,
-    read_documents,
+from sidecar.sources.database import DatabaseTimeouts, DatabaseURL, connect, read_documents
+from sidecar.sources.dbschema import (
+    JSON_COLUMNS,
+    RULE_COLUMNS,
+    RULESET_COLUMNS,
+    RULESET_FIELDS,
+    rule_field,
+    ruleset_file,
+    select,
+    upgrade,
+    write_ruleset,
 )
 from sidecar.sources.files import read_rule_files
 
 __all__ = ["IMPORT_LOCK", "ImportResult", "export_documents", "import_files", "init"]
-
-# SQLite takes at most 32,766 parameters per statement; 11 per rule.
-_ROWS_PER_STATEMENT = 1_000
 
 # The PostgreSQL advisory lock every `db import` holds for its whole transaction
 # ("ruleside" in ASCII: a key no other application is likely to pick).
@@ -58,8 +58,11 @@ class ImportResult:
 
 
 def init(url: str, *, password_file: Path | None = None) -> int:
-    """Create or upgrade the tables; returns the schema version."""
-    return migrate(DatabaseURL.parse(url), password_file=password_file)
+    """Create or upgrade the tables and triggers (idempotent, in one transaction);
+    returns the schema version."""
+    database = DatabaseURL.parse(url)
+    with connect(database, password_file=password_file, create=True) as connection:
+        return upgrade(connection, database.kind)
 
 
 def import_files(
@@ -80,14 +83,14 @@ def import_files(
             raise LoadError(refused)
     with _import_transaction(database, password_file) as connection:
         kept = [
-            SourceFile(_name(database, ruleset_id), json.dumps(document).encode())
+            SourceFile(ruleset_file(database.redacted, ruleset_id), json.dumps(document).encode())
             for ruleset_id, document in _stored_documents(
                 connection, database, incoming.rulesets.keys()
             ).items()
         ]
         loader.load([*kept, *files])  # the database as it will be, as a whole
         for ruleset in incoming.rulesets.values():
-            _write_ruleset(connection, database, ruleset.to_document())
+            write_ruleset(connection, database.kind, ruleset.to_document())
     return ImportResult(len(incoming.rulesets), len(incoming.rules))
 
 
@@ -96,12 +99,12 @@ def _import_transaction(database: DatabaseURL, password_file: Path | None) -> It
     """One transaction that no other import runs beside: it waits for one that does
     (for the statement timeout at most), then commits on success or rolls back."""
     timeouts = DatabaseTimeouts()  # the wait for the lock is a statement's
-    connection = open_connection(database, password_file=password_file, timeouts=timeouts)
-    try:
+    with ExitStack() as stack:
         try:
-            if database.kind == "sqlite":
-                connection.execute("BEGIN IMMEDIATE")  # the write lock before the first read
-            else:
+            connection = stack.enter_context(
+                connect(database, password_file=password_file, write=True, timeouts=timeouts)
+            )
+            if database.kind == "postgresql":
                 connection.execute("SELECT pg_advisory_xact_lock(%s)", (IMPORT_LOCK,))
         except (sqlite3.OperationalError, psycopg.errors.QueryCanceled) as exc:
             if isinstance(exc, sqlite3.Error) and exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
@@ -111,17 +114,6 @@ def _import_transaction(database: DatabaseURL, password_file: Path | None) -> It
                 " (another `db import`?): nothing was imported, try again"
             ) from None
         yield connection
-        connection.commit()
-    except BaseException:
-        connection.rollback()
-        raise
-    finally:
-        connection.close()
-
-
-def _name(database: DatabaseURL, ruleset_id: str) -> str:
-    """How a stored ruleset is named in messages: as the database source names it."""
-    return f"{database.redacted}#rulesets/{ruleset_id}.json"
 
 
 def _unstorable_in_postgresql(ruleset: RuleSet) -> list[Problem]:
@@ -166,71 +158,6 @@ def _unstorable_in_postgresql(ruleset: RuleSet) -> list[Problem]:
     return sorted(problems, key=lambda p: (p.file, p.line, p.column, p.path))
 
 
-def _write_ruleset(connection: Any, database: DatabaseURL, document: dict[str, Any]) -> None:
-    p = placeholder(database)
-    metadata, spec = document["metadata"], document["spec"]
-    ruleset_id = metadata["id"]
-    connection.execute(
-        f"""INSERT INTO rule_sidecar_rulesets
-            (id, name, description, labels, decisions, default_decision, tests)
-            VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p})
-            ON CONFLICT (id) DO UPDATE SET name = excluded.name,
-                description = excluded.description, labels = excluded.labels,
-                decisions = excluded.decisions, default_decision = excluded.default_decision,
-                tests = excluded.tests""",
-        (
-            ruleset_id,
-            metadata.get("name"),
-            metadata.get("description", ""),
-            json.dumps(metadata.get("labels", {})),
-            json.dumps(spec.get("decisions", [])),
-            spec.get("default_decision"),
-            json.dumps(spec.get("tests", [])),
-        ),
-    )
-    rows = [
-        (
-            rule["id"],
-            ruleset_id,
-            position,
-            rule.get("name"),
-            rule.get("description", ""),
-            rule["condition"],
-            rule["points"],
-            rule.get("enabled", True),
-            rule.get("priority", 0),
-            json.dumps(rule.get("tags", [])),
-            json.dumps(rule.get("metadata", {})),
-        )
-        for position, rule in enumerate(spec["rules"])
-    ]
-    # Many rows per statement: PostgreSQL's statement trigger then bumps the generation
-    # once per batch, not once per rule (each bump leaves a row version behind).
-    values = "(" + ", ".join([p] * 11) + ")"
-    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
-        batch = rows[start : start + _ROWS_PER_STATEMENT]
-        connection.execute(
-            f"""INSERT INTO rule_sidecar_rules
-                (id, ruleset_id, position, name, description, condition, points, enabled,
-                 priority, tags, metadata)
-                VALUES {", ".join([values] * len(batch))}
-                ON CONFLICT (id) DO UPDATE SET ruleset_id = excluded.ruleset_id,
-                    position = excluded.position, name = excluded.name,
-                    description = excluded.description, condition = excluded.condition,
-                    points = excluded.points, enabled = excluded.enabled,
-                    priority = excluded.priority, tags = excluded.tags,
-                    metadata = excluded.metadata""",
-            [value for row in batch for value in row],
-        )
-    rule_ids = {row[0] for row in rows}
-    stale = connection.execute(
-        f"SELECT id FROM rule_sidecar_rules WHERE ruleset_id = {p}", (ruleset_id,)
-    ).fetchall()
-    for (rule_id,) in stale:
-        if rule_id not in rule_ids:
-            connection.execute(f"DELETE FROM rule_sidecar_rules WHERE id = {p}", (rule_id,))
-
-
 def export_documents(url: str, *, password_file: Path | None = None) -> str:
     """Every ruleset of the database as YAML documents, ready for `validate` or `import`.
 
@@ -264,8 +191,8 @@ def _stored_documents(
 
 
 _JSON_STRING: Final = re.compile(r'"(?:[^"\\]|\\.)*"')
-_RULESET_JSON: Final = ("labels", "decisions", "tests")
-_RULE_JSON: Final = ("tags", "metadata")
+_RULESET_JSON: Final[tuple[str, ...]] = tuple(c for c in RULESET_COLUMNS if c in JSON_COLUMNS)
+_RULE_JSON: Final[tuple[str, ...]] = tuple(c for c in RULE_COLUMNS if c in JSON_COLUMNS)
 
 
 def _depth(text: str) -> int:
@@ -284,7 +211,7 @@ def _too_deep(connection: Any, database: DatabaseURL) -> list[Problem]:
         if isinstance(text, str) and _depth(text) > limit - len(path):
             problems.append(
                 Problem(
-                    file=_name(database, ruleset_id),
+                    file=ruleset_file(database.redacted, ruleset_id),
                     path=format_path(path),
                     message=(f"rule {rule_id!r}: " if rule_id else "")
                     + f"JSON nested deeper than {limit} levels, which no sidecar loads",
@@ -294,22 +221,19 @@ def _too_deep(connection: Any, database: DatabaseURL) -> list[Problem]:
                 )
             )
 
-    columns = ", ".join(f"CAST({column} AS TEXT)" for column in _RULESET_JSON)
     for ruleset_id, *texts in connection.execute(
-        f"SELECT id, {columns} FROM rule_sidecar_rulesets ORDER BY id"
+        f"SELECT {select(('id', *_RULESET_JSON))} FROM rule_sidecar_rulesets ORDER BY id"
     ):
         for column, text in zip(_RULESET_JSON, texts, strict=True):
-            section = "metadata" if column == "labels" else "spec"
-            check(ruleset_id, None, (section, column), text)
-    columns = ", ".join(f"CAST({column} AS TEXT)" for column in _RULE_JSON)
+            check(ruleset_id, None, RULESET_FIELDS[column], text)
     index = 0
     previous = None
     for rule_id, ruleset_id, *texts in connection.execute(
-        f"SELECT id, ruleset_id, {columns} FROM rule_sidecar_rules"
+        f"SELECT {select(('id', 'ruleset_id', *_RULE_JSON))} FROM rule_sidecar_rules"
         " ORDER BY ruleset_id, position, id"
     ):
         index = index + 1 if ruleset_id == previous else 0
         previous = ruleset_id
         for column, text in zip(_RULE_JSON, texts, strict=True):
-            check(ruleset_id, rule_id, ("spec", "rules", index, column), text)
+            check(ruleset_id, rule_id, rule_field(index, column), text)
     return problems

@@ -36,7 +36,8 @@ from sidecar.documents import DEFAULT_FILE_LIMITS
 from sidecar.errors import LoadError, Problem
 from sidecar.loader import Loader
 from sidecar.reading import SourceSet
-from sidecar.sources.database import SCHEMA_VERSION, DatabaseSource
+from sidecar.sources.database import DatabaseSource
+from sidecar.sources.dbschema import SCHEMA_VERSION
 from sidecar.sources.files import read_rule_files
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').

@@ -1,8 +1,8 @@
 """Rules kept in a database: SQLite (a file, the standard library) or PostgreSQL.
 
-Tables (created and upgraded by `rule-sidecar db init`): `rule_sidecar_rulesets` and
-`rule_sidecar_rules` carry every field of a `rule-sidecar/v1` document, with a row
-version and `updated_at`; `rule_sidecar_state` holds one `generation` number that
+The tables, their triggers and the row <-> document mappings are in
+`sidecar.sources.dbschema` (`rule-sidecar db init` creates and upgrades them); this module
+connects, listens and reads. `rule_sidecar_state` holds one `generation` number that
 triggers bump on every change. Reading the generation is the cheap fingerprint: a read
 whose generation has not moved returns the documents it already built, so the periodic
 resync costs one single-row query however many rules there are. When it has moved, only
@@ -38,7 +38,6 @@ import logging
 import math
 import os
 import random
-import re
 import socket
 import sqlite3
 import stat
@@ -55,10 +54,27 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from sidecar.documents import DEFAULT_FILE_LIMITS, SourceFile
-from sidecar.errors import LoadError, Problem, ProblemCode
+from sidecar.errors import LoadError, Problem, ProblemCode, format_path
+from sidecar.sources.dbschema import (
+    CHANNEL,
+    RULE_COLUMNS,
+    RULESET_COLUMNS,
+    RULESET_FIELDS,
+    Dialect,
+    RowFault,
+    decode_text,
+    dialect_of,
+    excerpt,
+    marks,
+    missing_triggers,
+    rule_document,
+    rule_field,
+    ruleset_document,
+    ruleset_file,
+    select,
+)
 
 __all__ = [
-    "SCHEMA_VERSION",
     "DatabaseSource",
     "DatabaseTimeouts",
     "DatabaseURL",
@@ -67,17 +83,12 @@ __all__ = [
     "connect",
     "describe_error",
     "in_recovery",
-    "migrate",
     "open_connection",
     "password_from",
-    "placeholder",
     "read_documents",
 ]
 
 logger = logging.getLogger("sidecar.database")
-
-SCHEMA_VERSION: Final = 2
-CHANNEL: Final = "rule_sidecar"
 
 _MAX_BACKOFF_S: Final = 30.0
 _IDS_PER_QUERY: Final = 500
@@ -91,7 +102,7 @@ class DatabaseURL:
     `redacted` is what logs and messages show: never the password.
     """
 
-    kind: str  # "sqlite" or "postgresql"
+    kind: Dialect
     url: str
     path: Path | None = None
 
@@ -143,202 +154,7 @@ class NoAnswer(TimeoutError):
         super().__init__(f"no answer from {where} within {seconds:g} s {doing}")
 
 
-# Schema
-
-_JSON = {"sqlite": "TEXT", "postgresql": "JSONB"}
-_NOW = {"sqlite": "(strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))", "postgresql": "now()"}
-_TIME = {"sqlite": "TEXT", "postgresql": "TIMESTAMPTZ"}
-_TABLES: Final = ("rule_sidecar_rulesets", "rule_sidecar_rules")
-
-
-def _schema(kind: str) -> list[str]:
-    json_type, now, time_type = _JSON[kind], _NOW[kind], _TIME[kind]
-    statements = [
-        "CREATE TABLE IF NOT EXISTS rule_sidecar_schema (version INTEGER NOT NULL)",
-        "CREATE TABLE IF NOT EXISTS rule_sidecar_state ("
-        " id INTEGER PRIMARY KEY CHECK (id = 1), generation BIGINT NOT NULL)",
-        "INSERT INTO rule_sidecar_state (id, generation) VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
-        f"""CREATE TABLE IF NOT EXISTS rule_sidecar_rulesets (
-            id TEXT PRIMARY KEY,
-            name TEXT,
-            description TEXT NOT NULL DEFAULT '',
-            labels {json_type} NOT NULL DEFAULT '{{}}',
-            decisions {json_type} NOT NULL DEFAULT '[]',
-            default_decision TEXT,
-            tests {json_type} NOT NULL DEFAULT '[]',
-            row_version BIGINT NOT NULL DEFAULT 1,
-            updated_at {time_type} NOT NULL DEFAULT {now},
-            change_id BIGINT NOT NULL DEFAULT 0)""",
-        f"""CREATE TABLE IF NOT EXISTS rule_sidecar_rules (
-            id TEXT PRIMARY KEY,
-            ruleset_id TEXT NOT NULL REFERENCES rule_sidecar_rulesets (id) ON DELETE CASCADE,
-            position INTEGER NOT NULL DEFAULT 0,
-            name TEXT,
-            description TEXT NOT NULL DEFAULT '',
-            condition TEXT NOT NULL,
-            points INTEGER NOT NULL,
-            enabled BOOLEAN NOT NULL DEFAULT TRUE,
-            priority INTEGER NOT NULL DEFAULT 0,
-            tags {json_type} NOT NULL DEFAULT '[]',
-            metadata {json_type} NOT NULL DEFAULT '{{}}',
-            row_version BIGINT NOT NULL DEFAULT 1,
-            updated_at {time_type} NOT NULL DEFAULT {now})""",
-        "CREATE INDEX IF NOT EXISTS rule_sidecar_rules_by_ruleset"
-        " ON rule_sidecar_rules (ruleset_id, position)",
-    ]
-    if kind == "postgresql":
-        # Schema 1 had no change_id (it trusted row_version, which a ruleset deleted and
-        # inserted again repeats): its rows start at 0, and every write stamps anew.
-        statements.append(
-            "ALTER TABLE rule_sidecar_rulesets"
-            " ADD COLUMN IF NOT EXISTS change_id BIGINT NOT NULL DEFAULT 0"
-        )
-    return statements
-
-
-def _triggers(kind: str) -> list[str]:
-    return _pg_triggers() if kind == "postgresql" else _sqlite_triggers()
-
-
-def _pg_triggers() -> list[str]:
-    statements = [
-        "CREATE SEQUENCE IF NOT EXISTS rule_sidecar_changes",
-        # One bump and one notification per statement, however many rows it touched.
-        f"""CREATE OR REPLACE FUNCTION rule_sidecar_changed() RETURNS trigger
-            LANGUAGE plpgsql AS $$
-            BEGIN
-                UPDATE rule_sidecar_state SET generation = generation + 1 WHERE id = 1;
-                PERFORM pg_notify('{CHANNEL}', TG_TABLE_NAME);
-                RETURN NULL;
-            END $$""",
-        """CREATE OR REPLACE FUNCTION rule_sidecar_touch() RETURNS trigger
-            LANGUAGE plpgsql AS $$
-            BEGIN
-                NEW.row_version := OLD.row_version + 1;
-                NEW.updated_at := now();
-                RETURN NEW;
-            END $$""",
-        # Every insert or update of a ruleset (its rules' changes update it too) takes a
-        # number never given before, whatever the writer put there: the reader re-reads
-        # a ruleset whose change_id is not the one it last read.
-        """CREATE OR REPLACE FUNCTION rule_sidecar_stamp() RETURNS trigger
-            LANGUAGE plpgsql AS $$
-            BEGIN
-                NEW.change_id := nextval('rule_sidecar_changes');
-                RETURN NEW;
-            END $$""",
-        "DROP TRIGGER IF EXISTS rule_sidecar_rulesets_stamp ON rule_sidecar_rulesets",
-        "CREATE TRIGGER rule_sidecar_rulesets_stamp BEFORE INSERT OR UPDATE"
-        " ON rule_sidecar_rulesets FOR EACH ROW EXECUTE FUNCTION rule_sidecar_stamp()",
-        # A ruleset is updated when one of its rules changes, so that its change_id moves.
-        """CREATE OR REPLACE FUNCTION rule_sidecar_rule_moved() RETURNS trigger
-            LANGUAGE plpgsql AS $$
-            BEGIN
-                IF TG_OP = 'TRUNCATE' THEN
-                    UPDATE rule_sidecar_rulesets SET row_version = row_version;
-                    RETURN NULL;
-                END IF;
-                IF TG_OP <> 'INSERT' THEN
-                    UPDATE rule_sidecar_rulesets SET row_version = row_version
-                        WHERE id = OLD.ruleset_id;
-                END IF;
-                IF TG_OP = 'INSERT' OR (TG_OP = 'UPDATE'
-                        AND NEW.ruleset_id IS DISTINCT FROM OLD.ruleset_id) THEN
-                    UPDATE rule_sidecar_rulesets SET row_version = row_version
-                        WHERE id = NEW.ruleset_id;
-                END IF;
-                RETURN NULL;
-            END $$""",
-        "DROP TRIGGER IF EXISTS rule_sidecar_rules_ruleset ON rule_sidecar_rules",
-        "CREATE TRIGGER rule_sidecar_rules_ruleset AFTER INSERT OR UPDATE OR DELETE"
-        " ON rule_sidecar_rules FOR EACH ROW EXECUTE FUNCTION rule_sidecar_rule_moved()",
-        "DROP TRIGGER IF EXISTS rule_sidecar_rules_truncated ON rule_sidecar_rules",
-        "CREATE TRIGGER rule_sidecar_rules_truncated AFTER TRUNCATE"
-        " ON rule_sidecar_rules FOR EACH STATEMENT EXECUTE FUNCTION rule_sidecar_rule_moved()",
-    ]
-    for table in _TABLES:
-        statements += [
-            f"DROP TRIGGER IF EXISTS {table}_changed ON {table}",
-            f"CREATE TRIGGER {table}_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE"
-            f" ON {table} FOR EACH STATEMENT EXECUTE FUNCTION rule_sidecar_changed()",
-            f"DROP TRIGGER IF EXISTS {table}_touch ON {table}",
-            f"CREATE TRIGGER {table}_touch BEFORE UPDATE ON {table}"
-            " FOR EACH ROW EXECUTE FUNCTION rule_sidecar_touch()",
-        ]
-    return statements
-
-
-# SQLite: the generation is bumped by every row change and never goes back, so its value
-# right after a bump is a number never given before: that is a ruleset's change_id.
-_SQLITE_BUMP: Final = "UPDATE rule_sidecar_state SET generation = generation + 1 WHERE id = 1;"
-_SQLITE_STAMP: Final = "(SELECT generation FROM rule_sidecar_state WHERE id = 1)"
-# The trigger's own stamping update (change_id set to the generation) fires no trigger.
-_SQLITE_NOT_STAMPING: Final = (
-    f"NOT (NEW.change_id IS NOT OLD.change_id AND NEW.change_id = {_SQLITE_STAMP})"
-)
-
-
-def _sqlite_triggers() -> list[str]:
-    now = _NOW["sqlite"]
-    # A rule's change updates its ruleset (whose change_id then moves) once: either the
-    # writer moved row_version, or the rule's touch trigger does, in its own update.
-    touch_ruleset = (
-        f"UPDATE rule_sidecar_rulesets SET row_version = row_version + 1, updated_at = {now}"
-        " WHERE id"
-    )
-    # SQLite has no BEFORE-UPDATE assignment: the row is updated after, which fires no
-    # trigger again (recursive triggers are off by default). A writer that moves
-    # row_version itself (optimistic locking) keeps its own value and time.
-    touch = (
-        "row_version = CASE WHEN NEW.row_version = OLD.row_version"
-        " THEN OLD.row_version + 1 ELSE NEW.row_version END,"
-        f" updated_at = CASE WHEN NEW.row_version = OLD.row_version THEN {now}"
-        " ELSE NEW.updated_at END"
-    )
-    return [
-        # Schema 1's triggers trusted row_version (and are all replaced): drop every one.
-        *(
-            f"DROP TRIGGER IF EXISTS {name}"
-            for name in (
-                "rule_sidecar_rules_ruleset_insert",
-                "rule_sidecar_rules_ruleset_update",
-                "rule_sidecar_rules_ruleset_delete",
-                *(f"{t}_{e}" for t in _TABLES for e in ("insert", "update", "delete", "touch")),
-            )
-        ),
-        "CREATE TRIGGER rule_sidecar_rulesets_insert AFTER INSERT ON rule_sidecar_rulesets"
-        f" BEGIN {_SQLITE_BUMP} UPDATE rule_sidecar_rulesets SET change_id = {_SQLITE_STAMP}"
-        " WHERE id = NEW.id; END",
-        "CREATE TRIGGER rule_sidecar_rulesets_update AFTER UPDATE ON rule_sidecar_rulesets"
-        f" WHEN {_SQLITE_NOT_STAMPING} BEGIN {_SQLITE_BUMP}"
-        f" UPDATE rule_sidecar_rulesets SET change_id = {_SQLITE_STAMP}, {touch}"
-        " WHERE id = NEW.id; END",
-        "CREATE TRIGGER rule_sidecar_rulesets_delete AFTER DELETE ON rule_sidecar_rulesets"
-        f" BEGIN {_SQLITE_BUMP} END",
-        "CREATE TRIGGER rule_sidecar_rules_insert AFTER INSERT ON rule_sidecar_rules"
-        f" BEGIN {_SQLITE_BUMP} {touch_ruleset} = NEW.ruleset_id; END",
-        "CREATE TRIGGER rule_sidecar_rules_update AFTER UPDATE ON rule_sidecar_rules"
-        f" BEGIN {_SQLITE_BUMP} END",
-        "CREATE TRIGGER rule_sidecar_rules_touch AFTER UPDATE ON rule_sidecar_rules"
-        " WHEN NEW.row_version = OLD.row_version BEGIN"
-        f" UPDATE rule_sidecar_rules SET row_version = OLD.row_version + 1, updated_at = {now}"
-        " WHERE id = NEW.id; END",
-        # A rule moved to another ruleset touches both here, in the writer's own update:
-        # the touch trigger's update sees the row already moved (OLD.ruleset_id is new).
-        "CREATE TRIGGER rule_sidecar_rules_ruleset_update AFTER UPDATE ON rule_sidecar_rules"
-        " WHEN NEW.row_version IS NOT OLD.row_version OR NEW.ruleset_id IS NOT OLD.ruleset_id"
-        f" BEGIN {touch_ruleset} IN (OLD.ruleset_id, NEW.ruleset_id); END",
-        "CREATE TRIGGER rule_sidecar_rules_delete AFTER DELETE ON rule_sidecar_rules"
-        f" BEGIN {_SQLITE_BUMP} {touch_ruleset} = OLD.ruleset_id; END",
-    ]
-
-
 # Connections
-
-
-def placeholder(url: DatabaseURL) -> str:
-    """The driver's query parameter marker: sqlite3 `?`, psycopg `%s`."""
-    return "?" if url.kind == "sqlite" else "%s"
 
 
 def password_from(password_file: Path | None) -> str | None:
@@ -477,13 +293,20 @@ def _cutter(connection: Any) -> Callable[[], None]:
 
 @contextmanager
 def connect(
-    url: DatabaseURL, *, password_file: Path | None = None, create: bool = False
+    url: DatabaseURL,
+    *,
+    password_file: Path | None = None,
+    create: bool = False,
+    write: bool = False,
+    timeouts: DatabaseTimeouts = DatabaseTimeouts(),
 ) -> Iterator[Any]:
-    """A connection for one unit of work: committed on success, rolled back on error."""
-    connection = open_connection(url, password_file=password_file, create=create)
-    if url.kind == "sqlite":
-        connection.execute("BEGIN")
+    """A connection for one unit of work: committed on success, rolled back on error.
+    `write` takes SQLite's write lock before the first read (`BEGIN IMMEDIATE`, which
+    waits `timeouts.statement` for another writer, then fails as busy)."""
+    connection = open_connection(url, password_file=password_file, create=create, timeouts=timeouts)
     try:
+        if url.kind == "sqlite":
+            connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         yield connection
         connection.commit()
     except BaseException:
@@ -493,82 +316,10 @@ def connect(
         connection.close()
 
 
-def migrate(url: DatabaseURL, *, password_file: Path | None = None) -> int:
-    """Create or upgrade the tables and triggers (idempotent, in one transaction);
-    returns the schema version."""
-    with connect(url, password_file=password_file, create=True) as connection:
-        for statement in _schema(url.kind):
-            connection.execute(statement)
-        row = connection.execute("SELECT version FROM rule_sidecar_schema").fetchone()
-        if row is not None and row[0] > SCHEMA_VERSION:
-            raise ValueError(
-                f"the database schema is version {row[0]}, newer than this sidecar's"
-                f" {SCHEMA_VERSION}: upgrade rule-sidecar"
-            )
-        if url.kind == "sqlite":
-            columns = {c[1] for c in connection.execute("PRAGMA table_info(rule_sidecar_rulesets)")}
-            if "change_id" not in columns:  # schema 1 (see _schema)
-                connection.execute(
-                    "ALTER TABLE rule_sidecar_rulesets"
-                    " ADD COLUMN change_id BIGINT NOT NULL DEFAULT 0"
-                )
-        for statement in _triggers(url.kind):
-            connection.execute(statement)
-        mark = placeholder(url)
-        if row is None:
-            connection.execute(
-                f"INSERT INTO rule_sidecar_schema (version) VALUES ({mark})", (SCHEMA_VERSION,)
-            )
-        elif row[0] < SCHEMA_VERSION:
-            connection.execute(
-                f"UPDATE rule_sidecar_schema SET version = {mark}", (SCHEMA_VERSION,)
-            )
-    return SCHEMA_VERSION
-
-
 # Reading
 
-# JSON columns are read as text on both databases (one decoding path, json's C decoder:
-# much cheaper than the driver's per-value JSONB conversion).
-_RULESET_COLUMNS: Final = (
-    "id",
-    "name",
-    "description",
-    "labels",
-    "decisions",
-    "default_decision",
-    "tests",
-)
-_RULE_COLUMNS: Final = (
-    "id",
-    "ruleset_id",
-    "name",
-    "description",
-    "condition",
-    "points",
-    "enabled",
-    "priority",
-    "tags",
-    "metadata",
-)
-_JSON_COLUMNS: Final = frozenset({"labels", "decisions", "tests", "tags", "metadata"})
-# Where each column's value goes in the ruleset's document (a rule's under its index).
-_RULESET_PATHS: Final = {
-    "id": "$.metadata.id",
-    "name": "$.metadata.name",
-    "description": "$.metadata.description",
-    "labels": "$.metadata.labels",
-    "decisions": "$.spec.decisions",
-    "default_decision": "$.spec.default_decision",
-    "tests": "$.spec.tests",
-}
-_EXCERPT_CHARS: Final = 200
 # The schema allows 63 characters; a longer SQLite id is never fetched whole.
 _MAX_ID_BYTES: Final = 1024
-
-
-def _select(columns: Sequence[str]) -> str:
-    return ", ".join(f"CAST({c} AS TEXT)" if c in _JSON_COLUMNS else c for c in columns)
 
 
 def _size(column: str, *, sqlite: bool) -> str:
@@ -579,111 +330,9 @@ def _size(column: str, *, sqlite: bool) -> str:
     return f"coalesce(octet_length(CAST({column} AS TEXT)), 0)"
 
 
-def _excerpt(text: str) -> str:
-    """A value for a message: whole when short, else its first 200 characters and its
-    size. A message is sent to every WebSocket client and kept in history: never
-    megabytes of somebody's column."""
-    if len(text) <= _EXCERPT_CHARS:
-        return repr(text)
-    return f"{text[:_EXCERPT_CHARS]!r}… ({len(text):,} characters in all)"
-
-
 class Unreadable(ValueError):
     """The database holds what no document can be made of, or the SQLite file is gone;
     the message says what, in words (it is reported as it is)."""
-
-
-class _Fault(Exception):
-    """A value no document can hold: its column and the cause, in words."""
-
-    def __init__(self, column: str, cause: str) -> None:
-        super().__init__(cause)
-        self.column = column
-        self.cause = cause
-
-
-class _NotUtf8(bytes):
-    """SQLite text that does not decode as UTF-8 (C clients write any bytes as text)."""
-
-
-def _text_or_not(data: bytes) -> str | _NotUtf8:
-    """A SQLite text value, or what it holds when that is not UTF-8: the driver's own
-    decoding fails the whole query, naming neither the ruleset nor the rule."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return _NotUtf8(data)
-
-
-def _text_only(columns: Sequence[str], row: tuple[Any, ...]) -> None:
-    """SQLite keeps whatever a client binds: Python `bytes` become a BLOB, which no JSON
-    document holds, and text may be any bytes."""
-    for column, value in zip(columns, row, strict=True):
-        if isinstance(value, _NotUtf8):
-            raise _Fault(column, f"holds {len(value):,} bytes of text that is not UTF-8")
-        if isinstance(value, bytes):
-            raise _Fault(column, f"holds a BLOB of {len(value):,} bytes where text is expected")
-
-
-def _json(column: str, value: Any) -> Any:
-    """A JSON column's text, decoded."""
-    if not isinstance(value, str):
-        return value
-    try:
-        return json.loads(value)
-    except ValueError as exc:
-        raise _Fault(column, f"is not JSON ({exc}): it holds {_excerpt(value)}") from None
-    except RecursionError:
-        raise _Fault(column, "nests JSON deeper than can be read") from None
-
-
-def _boolean(value: Any) -> Any:
-    """SQLite stores booleans as 0/1; anything else (`'false'`) goes to the schema."""
-    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
-        return bool(value)
-    return value
-
-
-def _rule_document(row: tuple[Any, ...]) -> dict[str, Any]:
-    _text_only(_RULE_COLUMNS, row)
-    rule_id, _, name, description, condition, points, enabled, priority, tags, metadata = row
-    document: dict[str, Any] = {"id": rule_id}
-    if name is not None:
-        document["name"] = name
-    document.update(
-        description=description,
-        condition=condition,
-        points=points,
-        enabled=_boolean(enabled),
-        priority=priority,
-        tags=_json("tags", tags),
-        metadata=_json("metadata", metadata),
-    )
-    return document
-
-
-def _ruleset_document(row: tuple[Any, ...], rules: list[dict[str, Any]]) -> dict[str, Any]:
-    _text_only(_RULESET_COLUMNS, row)
-    ruleset_id, name, description, labels, decisions, default_decision, tests = row
-    metadata: dict[str, Any] = {"id": ruleset_id}
-    if name is not None:
-        metadata["name"] = name
-    metadata.update(description=description, labels=_json("labels", labels))
-    spec: dict[str, Any] = {"rules": rules}
-    # Only the columns' default, an empty list, means "none": anything else that is not
-    # a list (`null`, `{}`, `false`, `0`) goes to the schema, which refuses it by name,
-    # instead of silently taking away every decision band or embedded test.
-    if (decisions := _json("decisions", decisions)) != []:
-        spec["decisions"] = decisions
-    if default_decision is not None:
-        spec["default_decision"] = default_decision
-    if (tests := _json("tests", tests)) != []:
-        spec["tests"] = tests
-    return {"apiVersion": "rule-sidecar/v1", "kind": "RuleSet", "metadata": metadata, "spec": spec}
-
-
-def _ruleset_file(name: str, ruleset_id: str) -> str:
-    return f"{name}#rulesets/{ruleset_id}.json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -692,10 +341,6 @@ class _Rulesets:
 
     documents: dict[str, dict[str, Any]]
     refused: dict[str, Problem]
-
-
-def _marks(connection: Any, count: int) -> str:
-    return ", ".join(["?" if isinstance(connection, sqlite3.Connection) else "%s"] * count)
 
 
 def _chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -709,9 +354,10 @@ def _too_large(
     """The rulesets (of `ids`, or all) whose columns hold more bytes than a rule file
     may: measured by the database, so that such a row is never fetched (a 200 MB
     description would be fetched, decoded and encoded again before any check)."""
-    sqlite = isinstance(connection, sqlite3.Connection)
-    own = " + ".join(_size(c, sqlite=sqlite) for c in _RULESET_COLUMNS[1:])
-    rules = " + ".join(_size(c, sqlite=sqlite) for c in _RULE_COLUMNS)
+    dialect = dialect_of(connection)
+    sqlite = dialect == "sqlite"
+    own = " + ".join(_size(c, sqlite=sqlite) for c in RULESET_COLUMNS[1:])
+    rules = " + ".join(_size(c, sqlite=sqlite) for c in RULE_COLUMNS)
     # SQLite measures text by loading it: rows too large for that are measured apart.
     big_rulesets = _oversized_rows(connection, "rule_sidecar_rulesets", max_bytes)
     big_rules = _oversized_rows(connection, "rule_sidecar_rules", max_bytes)
@@ -720,7 +366,7 @@ def _too_large(
     skip = f" AND rowid NOT IN ({', '.join(map(str, big_rules))})" if big_rules else ""
     sizes: dict[str, tuple[int, int]] = {}
     for part in [None] if ids is None else _chunks(ids):
-        where = "" if part is None else f" WHERE id IN ({_marks(connection, len(part))})"
+        where = "" if part is None else f" WHERE id IN ({marks(dialect, len(part))})"
         for ruleset_id, size, rules_size, rowid in connection.execute(
             f"SELECT id, {own},"
             f" (SELECT coalesce(sum({rules}), 0) FROM rule_sidecar_rules"
@@ -740,7 +386,7 @@ def _too_large(
             sizes[row[0]] = own_size, rules_size + size
     return {
         ruleset_id: Problem(
-            file=_ruleset_file(name, ruleset_id),
+            file=ruleset_file(name, ruleset_id),
             message=(
                 f"ruleset {ruleset_id!r} holds {own_size + rules_size:,} bytes in the"
                 f" database (its own columns {own_size:,}, its rules {rules_size:,}), more"
@@ -763,7 +409,7 @@ def _oversized_rows(connection: Any, table: str, max_bytes: int) -> dict[int, in
     page holds consecutive rows: the rows before it are the cells of the leaves before.
     Without `dbstat` (a SQLite built without it), `length()` measures everything.
     """
-    if not isinstance(connection, sqlite3.Connection):
+    if dialect_of(connection) != "sqlite":
         return {}
     (pages,) = connection.execute("PRAGMA page_count").fetchone()
     (page_size,) = connection.execute("PRAGMA page_size").fetchone()
@@ -778,7 +424,7 @@ def _oversized_rows(connection: Any, table: str, max_bytes: int) -> dict[int, in
     except sqlite3.OperationalError:  # no dbstat
         return {}
     # The columns _too_large measures in SQL (a ruleset's id is bounded by _read_stamps).
-    columns = _RULESET_COLUMNS[1:] if table == "rule_sidecar_rulesets" else _RULE_COLUMNS
+    columns = RULESET_COLUMNS[1:] if table == "rule_sidecar_rulesets" else RULE_COLUMNS
     types = ", ".join(f"typeof({c})" for c in columns)
     sizes: dict[int, int] = {}
     start = 0
@@ -824,10 +470,10 @@ def _read_rulesets(
     rules: dict[str, list[dict[str, Any]]] = {}
     documents: dict[str, dict[str, Any]] = {}
     for part in parts:
-        marks = "" if part is None else _marks(connection, len(part))
+        wanted_ids = "" if part is None else marks(dialect_of(connection), len(part))
         for row in connection.execute(
-            f"SELECT {_select(_RULE_COLUMNS)} FROM rule_sidecar_rules"
-            + ("" if part is None else f" WHERE ruleset_id IN ({marks})")
+            f"SELECT {select(RULE_COLUMNS)} FROM rule_sidecar_rules"
+            + ("" if part is None else f" WHERE ruleset_id IN ({wanted_ids})")
             + " ORDER BY ruleset_id, position, id",
             tuple(part or ()),
         ):
@@ -835,20 +481,20 @@ def _read_rulesets(
                 continue  # a rule of no ruleset read
             listed = rules.setdefault(row[1], [])
             try:
-                listed.append(_rule_document(row))
-            except _Fault as fault:
+                listed.append(rule_document(row))
+            except RowFault as fault:
                 refused.setdefault(row[1], _rule_problem(name, row, len(listed), fault))
         for row in connection.execute(
-            f"SELECT {_select(_RULESET_COLUMNS)} FROM rule_sidecar_rulesets"
-            + ("" if part is None else f" WHERE id IN ({marks})")
+            f"SELECT {select(RULESET_COLUMNS)} FROM rule_sidecar_rulesets"
+            + ("" if part is None else f" WHERE id IN ({wanted_ids})")
             + " ORDER BY id",
             tuple(part or ()),
         ):
             if not isinstance(row[0], str):
                 continue  # reported by its id (_read_stamps)
             try:
-                document = _ruleset_document(row, rules.get(row[0], []))
-            except _Fault as fault:
+                document = ruleset_document(row, rules.get(row[0], []))
+            except RowFault as fault:
                 refused.setdefault(row[0], _ruleset_problem(name, row[0], fault))
                 continue
             if row[0] not in refused:
@@ -861,12 +507,12 @@ def _all_ids(connection: Any) -> list[str]:
     return [i for (i,) in rows if isinstance(i, str)]
 
 
-def _rule_problem(name: str, row: tuple[Any, ...], index: int, fault: _Fault) -> Problem:
+def _rule_problem(name: str, row: tuple[Any, ...], index: int, fault: RowFault) -> Problem:
     rule_id, ruleset_id = row[0], row[1]
-    shown = _excerpt(rule_id) if isinstance(rule_id, str) else "(its id is not text)"
+    shown = excerpt(rule_id) if isinstance(rule_id, str) else "(its id is not text)"
     return Problem(
-        file=_ruleset_file(name, ruleset_id),
-        path=f"$.spec.rules[{index}].{fault.column}",
+        file=ruleset_file(name, ruleset_id),
+        path=format_path(rule_field(index, fault.column)),
         message=f"the {fault.column} column of rule {shown} {fault.cause}",
         ruleset_id=ruleset_id,
         rule_id=rule_id if isinstance(rule_id, str) else None,
@@ -874,10 +520,10 @@ def _rule_problem(name: str, row: tuple[Any, ...], index: int, fault: _Fault) ->
     )
 
 
-def _ruleset_problem(name: str, ruleset_id: str, fault: _Fault) -> Problem:
+def _ruleset_problem(name: str, ruleset_id: str, fault: RowFault) -> Problem:
     return Problem(
-        file=_ruleset_file(name, ruleset_id),
-        path=_RULESET_PATHS[fault.column],
+        file=ruleset_file(name, ruleset_id),
+        path=format_path(RULESET_FIELDS[fault.column]),
         message=f"the {fault.column} column of ruleset {ruleset_id!r} {fault.cause}",
         ruleset_id=ruleset_id,
         code=ProblemCode.READ_FAILED,
@@ -923,8 +569,8 @@ def _orphans(connection: Any, name: str) -> tuple[Problem, ...]:
     return tuple(
         Problem(
             file=name,
-            message=f"rule {_excerpt(str(rule_id))} belongs to ruleset"
-            f" {_excerpt(str(ruleset_id))}, which does not exist: it is served by no ruleset",
+            message=f"rule {excerpt(str(rule_id))} belongs to ruleset"
+            f" {excerpt(str(ruleset_id))}, which does not exist: it is served by no ruleset",
             rule_id=str(rule_id),
             code=ProblemCode.READ_FAILED,
         )
@@ -944,22 +590,9 @@ class _Changes:
     orphans: tuple[Problem, ...] = ()
 
 
-_TRIGGERS: Final = {
-    kind: frozenset(re.findall(r"CREATE TRIGGER (\w+)", " ".join(_triggers(kind))))
-    for kind in ("sqlite", "postgresql")
-}
-
-
-def _trigger_problem(connection: Any, kind: str) -> str | None:
+def _trigger_problem(connection: Any, dialect: Dialect) -> str | None:
     """Which of the source's triggers are missing or disabled, in words; None if none."""
-    if kind == "postgresql":
-        rows = connection.execute(
-            "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal AND tgenabled <> 'D'"
-            " AND tgrelid IN ('rule_sidecar_rulesets'::regclass, 'rule_sidecar_rules'::regclass)"
-        )
-    else:
-        rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")
-    missing = sorted(_TRIGGERS[kind] - {name for (name,) in rows})
+    missing = missing_triggers(connection, dialect)
     if not missing:
         return None
     return (
@@ -1059,9 +692,9 @@ class DatabaseSource:
                 files[ruleset_id] = self._file(ruleset_id, changes.documents.get(ruleset_id))
             except Exception as exc:  # whatever it is, it names its ruleset
                 refused[ruleset_id] = Problem(
-                    file=_ruleset_file(self.name, ruleset_id),
+                    file=ruleset_file(self.name, ruleset_id),
                     message=f"ruleset {ruleset_id!r} could not be encoded as JSON:"
-                    f" {type(exc).__name__}: {_excerpt(str(exc))}",
+                    f" {type(exc).__name__}: {excerpt(str(exc))}",
                     ruleset_id=ruleset_id,
                     code=ProblemCode.READ_FAILED,
                 )
@@ -1081,7 +714,7 @@ class DatabaseSource:
         content = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
         if previous is not None and previous.content == content:
             return previous
-        return SourceFile(_ruleset_file(self.name, ruleset_id), content, located=False)
+        return SourceFile(ruleset_file(self.name, ruleset_id), content, located=False)
 
     def _read_changes(self) -> _Changes | None:
         """None when the generation has not moved; else what changed."""
@@ -1108,7 +741,7 @@ class DatabaseSource:
                     raise
             # Read again, slower, in the same transaction: each text value is decoded
             # here, so that the one that is not UTF-8 is reported at its rule.
-            connection.text_factory = _text_or_not
+            connection.text_factory = decode_text
             try:
                 return self._read_rows(connection, generation)
             finally:
