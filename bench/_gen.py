@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from sidecar.documents import SourceFile
+from sidecar.rulefiles import SourceFile
 
 __all__ = [
     "DEFAULT_DECISION",

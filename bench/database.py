@@ -50,7 +50,8 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,10 +72,9 @@ from bench._gen import (
     generate_rules,
     ruleset_id,
 )
-from bench.load import StageClock, instrumented
 from sidecar import dbtools
-from sidecar.documents import SourceFile
-from sidecar.loader import Loader
+from sidecar.loader import LOAD_STAGES, Loader, LoadStage
+from sidecar.rulefiles import SourceFile
 from sidecar.sources.database import (
     DatabaseSource,
     DatabaseURL,
@@ -131,6 +131,25 @@ def timed(function: Any, *args: Any) -> tuple[float, Any]:
     started = time.perf_counter()
     result = function(*args)
     return time.perf_counter() - started, result
+
+
+class StageClock:
+    """Accumulates the wall time spent inside wrapped functions."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def wrap(self, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - started
+                self.calls[name] += 1
+
+        return timed
 
 
 @contextmanager
@@ -456,46 +475,25 @@ def poll_cost(label: str, url: str, rules: int, sizes: Sizes, full_reads: int) -
 # ---------------------------------------------------------------------------- part 3
 
 
-LOAD_STAGES = (
-    "parse: json.loads and the rest of parse_file",
-    "parse: yaml.compose of the JSON text (positions)",
-    "parse: tree checks (depth, duplicate keys)",
-    "JSON Schema validation",
-    "CEL compile",
-    "build Rule/RuleSet objects (excl. compile)",
-    "semantic checks",
-    "rest (sha256, duplicate ids, Snapshot.build)",
-)
-
-
 def loader_split(files: Sequence[SourceFile], runs: int) -> tuple[dict[str, float], float]:
-    """Median seconds per stage over instrumented cold loads (bench.load's wrappers plus
-    the JSON parser's position pass), and the median total."""
+    """Median seconds per stage over cold loads (the loader's own stage timings, with the
+    JSON parser's position pass taken out of `parse`), and the median total."""
     per_run: list[dict[str, float]] = []
     totals = []
     for _ in range(runs):
         loader = Loader()
         gc.collect()
-        with (
-            instrumented(loader) as clock,
-            wrapped(clock, [(sidecar.documents, "_json_node")]),
-        ):
-            seconds, _ = timed(loader.load, files)
-        t = clock.seconds
-        compile_s = t["compile_set"] + t["compile"]
-        values = [
-            t["parse_file"] - t["_json_node"] - t["_check_tree"],
-            t["_json_node"],
-            t["_check_tree"],
-            t["_schema_problems"],
-            compile_s,
-            t["_build_ruleset"] - compile_s,
-            t["ruleset_problems"],
-        ]
-        values.append(seconds - sum(values))
-        per_run.append(dict(zip(LOAD_STAGES, values, strict=True)))
+        with wrapped(StageClock(), [(sidecar.documents, "_json_node")]) as clock:
+            seconds, result = timed(loader.load, files)
+        positions = clock.seconds["_json_node"]
+        stages = {"parse: yaml.compose of the JSON text (positions)": positions}
+        for stage in LOAD_STAGES:
+            name = "parse: the rest" if stage is LoadStage.PARSE else stage.value
+            stages[name] = result.timings[stage] - (positions if stage is LoadStage.PARSE else 0)
+        stages["rest of Loader.load (outside the stages)"] = seconds - sum(stages.values())
+        per_run.append(stages)
         totals.append(seconds)
-    medians = {stage: statistics.median(run[stage] for run in per_run) for stage in LOAD_STAGES}
+    medians = {stage: statistics.median(run[stage] for run in per_run) for stage in per_run[0]}
     return medians, statistics.median(totals)
 
 
@@ -562,7 +560,7 @@ def full_load(url: str, rules: int, sizes: Sizes) -> None:
         print(f"      {stage:40s} {seconds * 1e3:8.1f} ms")
     stages, total = loader_split(files, sizes.yaml_runs)
     print(
-        f"    where Loader().load's time goes (median of {sizes.yaml_runs} instrumented"
+        f"    where Loader().load's time goes (median of {sizes.yaml_runs} "
         f" runs, total {total * 1e3:.0f} ms):"
     )
     for stage, seconds in stages.items():

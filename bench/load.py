@@ -45,8 +45,8 @@ import yaml
 
 from bench._common import describe, environment, fmt_ms, rss_bytes
 from bench._gen import generate_file, generate_files
-from sidecar.documents import SourceFile
 from sidecar.loader import LOAD_STAGES, Loader, LoadResult, LoadStage
+from sidecar.rulefiles import SourceFile
 
 TARGET_COLD_10K_S = 3.0
 TARGET_INCREMENTAL_S = 0.050

@@ -32,8 +32,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sidecar.documents import SourceFile
 from sidecar.loader import Loader
+from sidecar.rulefiles import SourceFile
 from sidecar.snapshot import Snapshot
 from sidecar.state import StateStore
 

@@ -26,10 +26,11 @@ from typing import Any, Final
 import psycopg
 import yaml
 
-from sidecar.documents import DEFAULT_FILE_LIMITS, INT_MAX, INT_MIN, SourceFile
+from sidecar.documents import INT_MAX, INT_MIN
 from sidecar.errors import LoadError, Problem, ProblemCode, format_path
 from sidecar.loader import Loader
 from sidecar.model import Location, RuleSet
+from sidecar.rulefiles import DEFAULT_FILE_LIMITS, SourceFile
 from sidecar.sources.database import DatabaseTimeouts, DatabaseURL, connect, read_documents
 from sidecar.sources.dbschema import (
     JSON_COLUMNS,

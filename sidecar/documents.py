@@ -23,26 +23,20 @@ import json
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 import yaml
 
 from sidecar.errors import Problem, ProblemCode, excerpt, format_path
 from sidecar.model import Location
+from sidecar.rulefiles import DEFAULT_FILE_LIMITS, JSON_SUFFIXES, FileLimits, SourceFile
 
 __all__ = [
-    "DEFAULT_FILE_LIMITS",
     "Document",
-    "FileLimits",
-    "SourceFile",
     "parse_file",
     "unservable_number",
 ]
 
-_YAML_SUFFIXES: Final = (".yaml", ".yml")
-_JSON_SUFFIXES: Final = (".json",)
-RULE_FILE_SUFFIXES: Final = _YAML_SUFFIXES + _JSON_SUFFIXES
 
 try:
     _Base: type[yaml.SafeLoader] = yaml.CSafeLoader  # type: ignore[assignment,unused-ignore]
@@ -136,37 +130,6 @@ for _tag in ("binary", "set", "omap", "pairs", "timestamp"):
     _Loader.add_constructor(f"tag:yaml.org,2002:{_tag}", _Loader.construct_not_json)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FileLimits:
-    """Per file. `max_bytes` bounds the text too once aliases are expanded: a file may
-    not hold, through aliases, more scalar text than it could hold written out."""
-
-    max_bytes: int = 4 * 1024 * 1024
-    max_documents: int = 1_000
-    max_depth: int = 64
-    # Values (scalars, aliases, lists, mappings) of one file: a composed node costs about
-    # 500 bytes, so 4 MiB of `[1,1,1,...]` would be a gigabyte before any check. Rule
-    # files average 25-40 bytes a value: 400,000 is about what 4 MiB of rules holds.
-    max_values: int = 400_000
-
-
-DEFAULT_FILE_LIMITS: Final = FileLimits()
-
-
-@dataclass(frozen=True, slots=True)
-class SourceFile:
-    """What every source hands the loader: a name for messages and the raw bytes.
-
-    `located` False says the content was generated (a database row rendered as JSON):
-    line and column would mean nothing to anyone, so they are not worked out, and
-    problems are located by JSON path, ruleset and rule id instead.
-    """
-
-    name: str
-    content: bytes
-    located: bool = True
-
-
 class Document:
     """One parsed document of a file, able to locate any JSON path inside it."""
 
@@ -245,7 +208,7 @@ def parse_file(
         ]
     try:
         text = _decode(source)
-        if name.lower().endswith(_JSON_SUFFIXES):
+        if name.lower().endswith(JSON_SUFFIXES):
             documents = _parse_json(name, text, limits, located=source.located)
         else:
             documents = list(_parse_yaml(name, text, limits))

@@ -49,14 +49,7 @@ import yaml
 from sidecar.checks import ruleset_problems
 from sidecar.conditions import ConditionCompiler, ConditionError, ConditionSetError
 from sidecar.cost import RULESET_COST_LIMIT
-from sidecar.documents import (
-    DEFAULT_FILE_LIMITS,
-    Document,
-    FileLimits,
-    SourceFile,
-    parse_file,
-    unservable_number,
-)
+from sidecar.documents import Document, parse_file, unservable_number
 from sidecar.errors import LoadError, Problem, ProblemCode, clip, excerpt, format_path
 from sidecar.model import (
     API_VERSION,
@@ -70,6 +63,7 @@ from sidecar.model import (
     RuleTest,
     freeze,
 )
+from sidecar.rulefiles import DEFAULT_FILE_LIMITS, FileLimits, SourceFile
 from sidecar.snapshot import Snapshot
 
 __all__ = [

@@ -23,8 +23,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Final, TypeVar, overload
 
-from sidecar.documents import SourceFile
 from sidecar.errors import LoadError, Problem, ProblemCode
+from sidecar.rulefiles import SourceFile
 from sidecar.snapshot import Snapshot
 from sidecar.sources import RuleSource
 

@@ -41,9 +41,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from sidecar.documents import DEFAULT_FILE_LIMITS, FileLimits, SourceFile, parse_file
+from sidecar.documents import parse_file
 from sidecar.errors import LoadError, Problem, ProblemCode
 from sidecar.model import RuleSet
+from sidecar.rulefiles import DEFAULT_FILE_LIMITS, FileLimits, SourceFile
 from sidecar.snapshot import Snapshot
 
 __all__ = ["SaveStatus", "StateError", "StateStore"]

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.documents import SourceFile
 from sidecar.loader import Loader
 from sidecar.registry import ChangeEvent
+from sidecar.rulefiles import SourceFile
 from sidecar.snapshot import Snapshot
 
 FIXTURES = Path(__file__).parent / "fixtures"

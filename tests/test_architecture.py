@@ -16,7 +16,7 @@ PACKAGE = Path(sidecar.__file__).parent
 
 # Lowest first. A module may import only from modules in earlier layers (or its own).
 LAYERS: list[set[str]] = [
-    {"sidecar.errors", "sidecar.testing", "sidecar.client", "sidecar.celwire"},
+    {"sidecar.errors", "sidecar.rulefiles", "sidecar.testing", "sidecar.client", "sidecar.celwire"},
     {"sidecar.cost"},
     {"sidecar.conditions"},
     {"sidecar.model"},

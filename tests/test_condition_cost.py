@@ -25,9 +25,9 @@ from sidecar.conditions import (
     InputLimits,
     check_input,
 )
-from sidecar.documents import SourceFile
 from sidecar.errors import InputError, LoadError
 from sidecar.loader import Loader
+from sidecar.rulefiles import SourceFile
 from sidecar.sources.files import read_rule_files
 
 # The chain from the report: 17 s and 2.1 GB for one evaluation before the limit.

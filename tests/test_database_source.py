@@ -32,10 +32,10 @@ from server_support import HOT, Sidecar, eventually, metric_value, receive_event
 
 from sidecar import dbtools
 from sidecar.api.app import AppState
-from sidecar.documents import DEFAULT_FILE_LIMITS
 from sidecar.errors import LoadError, Problem
 from sidecar.loader import Loader
 from sidecar.reading import SourceSet
+from sidecar.rulefiles import DEFAULT_FILE_LIMITS
 from sidecar.sources.database import DatabaseSource
 from sidecar.sources.dbschema import SCHEMA_VERSION
 from sidecar.sources.files import read_rule_files

@@ -6,10 +6,10 @@ import pytest
 from conftest import dump_yaml, make_ruleset_doc
 
 from sidecar.decision import Attempt, Memory, Verdict, decide, refusal
-from sidecar.documents import SourceFile
 from sidecar.errors import Problem
 from sidecar.loader import Loader
 from sidecar.reloads import ReloadRecord, ReloadStatus, Trigger
+from sidecar.rulefiles import SourceFile
 from sidecar.snapshot import Snapshot
 
 WATCH = frozenset({Trigger.WATCH})

@@ -17,10 +17,10 @@ import pytest
 from conftest import dump_yaml, fraud_doc, make_ruleset_doc
 from server_support import HOT, clean_environment, eventually, spawn, wait_sync
 
-from sidecar.documents import SourceFile
 from sidecar.errors import LoadError
 from sidecar.loader import Loader
 from sidecar.reading import SourceSet
+from sidecar.rulefiles import SourceFile
 from sidecar.sources import StaticSource
 from sidecar.sources.files import DirectorySource
 from sidecar.state import StateStore

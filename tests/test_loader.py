@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURES, dump_yaml, make_ruleset_doc, write_rules
 
-from sidecar.documents import FileLimits, SourceFile
 from sidecar.errors import LoadError, Problem
 from sidecar.loader import LOAD_STAGES, Loader, LoadResult, LoadStage
 from sidecar.model import thaw
 from sidecar.registry import RuleRegistry
+from sidecar.rulefiles import FileLimits, SourceFile
 from sidecar.sources.files import read_rule_files
 
 BAD_FIXTURES = sorted(FIXTURES.glob("*.bad.yaml"))

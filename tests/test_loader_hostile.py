@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from conftest import make_ruleset_doc, write_rules
 
-from sidecar.documents import SourceFile, parse_file
+from sidecar.documents import parse_file
 from sidecar.errors import LoadError, Problem
 from sidecar.loader import Loader
+from sidecar.rulefiles import SourceFile
 from sidecar.sources.files import read_rule_files
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').

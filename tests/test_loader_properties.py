@@ -10,9 +10,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.documents import SourceFile
 from sidecar.errors import LoadError, Problem
 from sidecar.loader import Loader
+from sidecar.rulefiles import SourceFile
 
 IDS = st.from_regex(r"[a-z0-9][a-z0-9._-]{0,20}", fullmatch=True)
 CONDITIONS = st.sampled_from(

@@ -12,10 +12,10 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 import pytest
 from conftest import dump_yaml, make_ruleset_doc
 
-from sidecar.documents import SourceFile
 from sidecar.engine import evaluate
 from sidecar.errors import LoadError
 from sidecar.loader import LOAD_STAGES, Loader
+from sidecar.rulefiles import SourceFile
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow

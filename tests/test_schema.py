@@ -14,10 +14,11 @@ import jsonschema
 import pytest
 import yaml
 
-from sidecar.documents import SourceFile, parse_file
+from sidecar.documents import parse_file
 from sidecar.errors import LoadError, format_path
 from sidecar.loader import Loader, ruleset_schema
 from sidecar.model import Rule
+from sidecar.rulefiles import SourceFile
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE_SCHEMA = REPO / "sidecar" / "schemas" / "ruleset.schema.json"

@@ -19,12 +19,12 @@ from conftest import dump_yaml, make_ruleset_doc
 
 from sidecar.api.views import status_view
 from sidecar.config import SettingsError, settings_from
-from sidecar.documents import SourceFile
 from sidecar.errors import LoadError, Problem
 from sidecar.integration import is_registry_fresh
 from sidecar.loader import Loader
 from sidecar.registry import RuleRegistry
 from sidecar.reloads import ReloadRecord, ReloadStatus, Trigger
+from sidecar.rulefiles import SourceFile
 from sidecar.service import HealthStatus, HotReloadService, Starting
 from sidecar.sources import StaticSource
 from sidecar.state import StateStore

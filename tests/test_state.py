@@ -23,9 +23,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_support import Served, clean_environment, spawn, wait_sync
 
-from sidecar.documents import INT_MAX, INT_MIN, SourceFile
+from sidecar.documents import INT_MAX, INT_MIN
 from sidecar.errors import LoadError
 from sidecar.loader import Loader
+from sidecar.rulefiles import SourceFile
 from sidecar.snapshot import Snapshot
 from sidecar.state import StateError, StateStore
 from sidecar.testing import WITHOUT_DAC

@@ -32,9 +32,9 @@ from typing import Any
 import zen
 
 from bench._common import describe, environment, fmt_us
-from sidecar.documents import SourceFile
 from sidecar.engine import evaluate
 from sidecar.loader import Loader
+from sidecar.rulefiles import SourceFile
 
 RULESET = "peers"
 COUNTRIES = ["FR", "DE", "GB", "US", "NG", "BR", "IN", "CN", "RU", "UA", "ES", "IT"]

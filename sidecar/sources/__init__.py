@@ -15,7 +15,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol, runtime_checkable
 
-from sidecar.documents import SourceFile
+from sidecar.rulefiles import SourceFile
 
 __all__ = ["RuleSource", "StaticSource"]
 

@@ -53,8 +53,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from sidecar.documents import DEFAULT_FILE_LIMITS, SourceFile
 from sidecar.errors import LoadError, Problem, ProblemCode, format_path
+from sidecar.rulefiles import DEFAULT_FILE_LIMITS, SourceFile
 from sidecar.sources.dbschema import (
     CHANNEL,
     RULE_COLUMNS,

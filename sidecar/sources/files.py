@@ -32,8 +32,8 @@ from typing import Final
 import watchfiles
 from watchfiles import Change
 
-from sidecar.documents import DEFAULT_FILE_LIMITS, RULE_FILE_SUFFIXES, SourceFile
 from sidecar.errors import LoadError, Problem, ProblemCode
+from sidecar.rulefiles import DEFAULT_FILE_LIMITS, RULE_FILE_SUFFIXES, SourceFile
 
 __all__ = ["STDIN", "DirectorySource", "collect_rule_files", "is_rule_file", "read_rule_files"]
 

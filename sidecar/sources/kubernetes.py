@@ -47,8 +47,8 @@ import urllib3.exceptions
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from sidecar.documents import SourceFile
 from sidecar.errors import LoadError, Problem, ProblemCode
+from sidecar.rulefiles import SourceFile
 from sidecar.sources.files import is_rule_file
 
 __all__ = [
