@@ -61,7 +61,6 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import psycopg
 
-import sidecar.documents
 from bench._common import environment, fmt_ms, free_port, quantile, sidecar_process, wait_ready
 from bench._gen import (
     DEFAULT_DECISION,
@@ -73,7 +72,7 @@ from bench._gen import (
     ruleset_id,
 )
 from sidecar import dbtools
-from sidecar.loader import LOAD_STAGES, Loader, LoadStage
+from sidecar.loader import LOAD_STAGES, Loader
 from sidecar.rulefiles import SourceFile
 from sidecar.sources.database import (
     DatabaseSource,
@@ -476,20 +475,15 @@ def poll_cost(label: str, url: str, rules: int, sizes: Sizes, full_reads: int) -
 
 
 def loader_split(files: Sequence[SourceFile], runs: int) -> tuple[dict[str, float], float]:
-    """Median seconds per stage over cold loads (the loader's own stage timings, with the
-    JSON parser's position pass taken out of `parse`), and the median total."""
+    """Median seconds per stage over cold loads (the loader's own stage timings), and the
+    median total."""
     per_run: list[dict[str, float]] = []
     totals = []
     for _ in range(runs):
         loader = Loader()
         gc.collect()
-        with wrapped(StageClock(), [(sidecar.documents, "_json_node")]) as clock:
-            seconds, result = timed(loader.load, files)
-        positions = clock.seconds["_json_node"]
-        stages = {"parse: yaml.compose of the JSON text (positions)": positions}
-        for stage in LOAD_STAGES:
-            name = "parse: the rest" if stage is LoadStage.PARSE else stage.value
-            stages[name] = result.timings[stage] - (positions if stage is LoadStage.PARSE else 0)
+        seconds, result = timed(loader.load, files)
+        stages = {stage.value: result.timings[stage] for stage in LOAD_STAGES}
         stages["rest of Loader.load (outside the stages)"] = seconds - sum(stages.values())
         per_run.append(stages)
         totals.append(seconds)
@@ -560,7 +554,7 @@ def full_load(url: str, rules: int, sizes: Sizes) -> None:
         print(f"      {stage:40s} {seconds * 1e3:8.1f} ms")
     stages, total = loader_split(files, sizes.yaml_runs)
     print(
-        f"    where Loader().load's time goes (median of {sizes.yaml_runs} "
+        f"    where Loader().load's time goes (median of {sizes.yaml_runs}"
         f" runs, total {total * 1e3:.0f} ms):"
     )
     for stage, seconds in stages.items():
