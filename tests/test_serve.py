@@ -332,7 +332,7 @@ async def main(root: Path) -> None:
     state = build_state(Settings(rules_dirs=(root,), debounce_ms=20))
     create_app(state)
     await state.service.initial_load()
-    state.service.add_listener(HeapFreezer(collect_every=0.05))
+    state.service.add_listener(HeapFreezer())
     frozen = []
     for serial in range(1, 121):
         condition = "input.amount >" if serial % 4 == 0 else "input.amount > 100"
@@ -352,9 +352,9 @@ class TestHeap:
     def test_reloads_do_not_pile_up_frozen_garbage(self, tmp_path: Path):
         """Frozen objects stay level over many reloads, failed ones among them: the
         cycles a reload leaves behind (a failure's traceback, say) are collected, not
-        kept forever in the permanent generation (here at most every 50 ms). In a child
-        process: the freezer collects the whole heap, and pytest's would make each
-        collection take a second."""
+        kept forever in the permanent generation: they are collected before each freeze.
+        In a child process: the freezer may collect the whole heap, and pytest's would
+        make each collection take a second."""
         child = subprocess.run(
             [sys.executable, "-c", _HEAP_CHILD, str(tmp_path / "rules")],
             capture_output=True,
@@ -367,6 +367,58 @@ class TestHeap:
         assert len(frozen) == 2, child.stdout
         assert frozen[0] > 0, child.stdout
         assert frozen[1] - frozen[0] < 80 * 5, frozen  # under 5 objects per reload
+
+    @pytest.mark.parametrize(
+        "options", ["growth=1.5, every=3600", "growth=100, every=0"], ids=["grown", "timed"]
+    )
+    def test_cycles_that_die_frozen_are_collected(self, options: str):
+        """A cycle frozen while alive and dropped later is invisible to the collections
+        before each freeze. Such cycles add up: once the frozen count passes 1.5x what it
+        was after the last full collection (or `every` seconds after it), the heap is
+        unfrozen and collected whole, and they are freed: the frozen count stays bounded
+        however many rounds leave dead cycles behind."""
+        child = subprocess.run(
+            [sys.executable, "-c", _FROZEN_CYCLES_CHILD, options],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert child.returncode == 0, child.stderr
+        start, *counts = (int(count) for count in child.stdout.split())
+        # Kept frozen, the 12 rounds would make it 4x; bounded: 1.5x and the round past it.
+        assert max(counts) <= start * 1.8, counts
+
+
+# Freezes a heap; then, 12 rounds, each freezing a quarter as many cycles again as it
+# held, alive, then dropping them. Prints the frozen count at the start and each round.
+_FROZEN_CYCLES_CHILD = """
+import gc, sys
+from datetime import UTC, datetime
+from sidecar.api.run import HeapFreezer
+from sidecar.reloads import ReloadRecord, ReloadStatus, Trigger
+
+record = ReloadRecord(
+    id=1, triggers=frozenset({Trigger.API}), status=ReloadStatus.SUCCESS,
+    timestamp=datetime.now(UTC), reload_time_ms=0.0, rules_loaded=0, rulesets_loaded=0,
+    reload_count=1, version_before=0, version_after=1, revision="r",
+)
+growth, every = (float(part.split("=")[1]) for part in sys.argv[1].split(", "))
+freezer = HeapFreezer(growth=growth, every=every)
+freezer(record)
+start = gc.get_freeze_count()
+counts = [start]
+for _ in range(12):
+    junk = []
+    for _ in range(start // 4):
+        pair = [None]
+        pair[0] = pair
+        junk.append(pair)
+    freezer(record)  # alive: frozen
+    counts.append(gc.get_freeze_count())
+    del junk, pair  # dead, and frozen
+print(*counts)
+"""
 
 
 @pytest.fixture
