@@ -16,7 +16,7 @@ from sidecar.errors import Problem, ProblemCode
 from sidecar.reloads import ReloadRecord, ReloadStatus, Triggers, is_background
 from sidecar.snapshot import Snapshot
 
-__all__ = ["Attempt", "Memory", "Verdict", "decide", "refusal"]
+__all__ = ["Attempt", "Memory", "Verdict", "confirms", "decide", "refusal"]
 
 _REFUSED: Final = (
     "refused, the last good rules keep serving (set RULE_SIDECAR_ALLOW_EMPTY=true to "
@@ -30,6 +30,7 @@ class Verdict(StrEnum):
     UNCHANGED = "unchanged"  # someone asked and nothing differs: recorded, not announced
     FAILED = "failed"  # recorded and announced; the last good rules keep serving
     QUIET = "quiet"  # a background check found no news: not recorded
+    REPEATED = "repeated"  # a background check found the same failure again: not recorded
     CONFIRM = "confirm"  # the sources emptied a non-empty registry: read again first
     EMPTY_REFUSED = "empty_refused"  # ... and still do: a failure (`EMPTIED`) unless allowed
 
@@ -64,10 +65,15 @@ def decide(attempt: Attempt, memory: Memory, *, allow_empty: bool = False) -> Ve
     last = memory.last
     after_failure = last is not None and last.status is ReloadStatus.FAILED
     background = is_background(attempt.triggers)
+
+    def repeated(problems: tuple[Problem, ...]) -> bool:
+        """The last record already says this (a failure, or a restore it caused)."""
+        failing = after_failure or (last is not None and last.status is ReloadStatus.RESTORED)
+        return background and failing and last is not None and last.errors == problems
+
     candidate = attempt.candidate
     if attempt.problems or candidate is None:
-        repeated = after_failure and last is not None and last.errors == attempt.problems
-        return Verdict.QUIET if background and repeated else Verdict.FAILED
+        return Verdict.REPEATED if repeated(attempt.problems) else Verdict.FAILED
     if candidate.revision == attempt.serving.revision and attempt.serving.version > 0:
         same = True
     else:
@@ -76,13 +82,18 @@ def decide(attempt: Attempt, memory: Memory, *, allow_empty: bool = False) -> Ve
         if not attempt.confirmed:
             return Verdict.CONFIRM
         if not allow_empty:
-            repeated = after_failure and last is not None and last.errors == refusal(attempt)
-            return Verdict.QUIET if background and repeated else Verdict.EMPTY_REFUSED
+            return Verdict.REPEATED if repeated(refusal(attempt)) else Verdict.EMPTY_REFUSED
     if attempt.force or memory.serving_from_state or not same:
         return Verdict.PUBLISH
     if after_failure:
         return Verdict.RECOVERED
     return Verdict.QUIET if background else Verdict.UNCHANGED
+
+
+def confirms(verdict: Verdict) -> bool:
+    """Whether what serves is now known to be what the sources hold (or about to be):
+    freshness is measured from such a read, and what each source held is remembered."""
+    return verdict in (Verdict.PUBLISH, Verdict.RECOVERED, Verdict.UNCHANGED, Verdict.QUIET)
 
 
 def refusal(attempt: Attempt) -> tuple[Problem, ...]:

@@ -27,7 +27,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Final
 
-from sidecar.decision import Attempt, Memory, Verdict, decide, refusal
+from sidecar.decision import Attempt, Memory, Verdict, confirms, decide, refusal
 from sidecar.errors import LoadError, NotFoundError, Problem, ProblemCode
 from sidecar.loader import Loader, LoadResult
 from sidecar.reading import ReadMode, SourceSet
@@ -222,7 +222,8 @@ class HotReloadService:
         """First load; when the sources are broken, fall back to the state dir's copy."""
         self._in_initial_load = True
         try:
-            record = await self.reload_rules(trigger=Trigger.STARTUP)
+            async with self._lock:
+                record = await self._reload(_Request(frozenset({Trigger.STARTUP})))
             if record.status is ReloadStatus.FAILED and self.state is not None:
                 self._activity = ("restoring the state dir's copy", time.monotonic())
                 await self._load_saved(self.state, record)
@@ -284,12 +285,15 @@ class HotReloadService:
         )
 
     async def validate_reload(self) -> Validation:
-        """Load every source as a reload would, without publishing anything."""
+        """Load every source as a reload would, without publishing anything; a result a
+        reload would refuse (an emptied source) is not valid either."""
         async with self._lock:
             attempt, _, _ = await self._attempt(
                 _Request(frozenset({Trigger.API})), self.registry.current
             )
-        return Validation(attempt.problems, attempt.candidate, self.registry.current.revision)
+        refused = () if self.allow_empty else refusal(attempt)
+        problems = attempt.problems or refused
+        return Validation(problems, attempt.candidate, self.registry.current.revision)
 
     async def rollback(self, version: int | None = None) -> ReloadRecord:
         """Publish an earlier snapshot again (as a new version); raises NotFoundError.
@@ -528,12 +532,16 @@ class HotReloadService:
                 request = replace(request, read=ReadMode.FRESH)
             attempt, result, counts = await self._attempt(request, before, confirmed=True)
             verdict = decide(attempt, self._memory(), allow_empty=self.allow_empty)
-        if attempt.candidate is not None and verdict is not Verdict.EMPTY_REFUSED:
+        if confirms(verdict):
             self._last_verified = now()
             self._held = counts
+        if attempt.candidate is not None and attempt.candidate.revision != self._rolled_back_from:
+            # The sources no longer hold what a rollback went away from: it has ended,
+            # and whatever they hold next is news, even that content again.
+            self._rolled_back_from = None
         if self._save_pending(verdict, attempt):
             await self._save_state(before)  # the last save failed: try again
-        if verdict is Verdict.QUIET:
+        if verdict in (Verdict.QUIET, Verdict.REPEATED):
             return self._unrecorded(before, request.triggers)
         outcome = await self._carry_out(verdict, attempt, result, request.filtered_by)
         if outcome.status is ReloadStatus.FAILED:

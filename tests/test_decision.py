@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import dump_yaml, make_ruleset_doc
 
-from sidecar.decision import Attempt, Memory, Verdict, decide, refusal
+from sidecar.decision import Attempt, Memory, Verdict, confirms, decide, refusal
 from sidecar.errors import Problem
 from sidecar.loader import Loader
 from sidecar.reloads import ReloadRecord, ReloadStatus, Trigger
@@ -60,10 +60,11 @@ HOLDS_B = Memory(rolled_back_from=B.revision)
         (Attempt(triggers=WATCH, serving=A, candidate=A), FAILED, Verdict.RECOVERED),
         (Attempt(triggers=WATCH, serving=A, candidate=B), FAILED, Verdict.PUBLISH),
         (Attempt(triggers=WATCH, serving=A, **BAD), OK, Verdict.FAILED),
+        (Attempt(triggers=WATCH, serving=A, **BAD), FAILED, Verdict.REPEATED),
         (
             Attempt(triggers=WATCH, serving=A, **BAD),
-            FAILED,
-            Verdict.QUIET,
+            Memory(last=last(ReloadStatus.RESTORED, PROBLEM), serving_from_state=True),
+            Verdict.REPEATED,
         ),
         (
             Attempt(triggers=API, serving=A, **BAD),
@@ -103,6 +104,7 @@ HOLDS_B = Memory(rolled_back_from=B.revision)
         "recovery-new-content",
         "failure",
         "failure-repeated-in-background",
+        "failure-repeated-after-a-restore",
         "failure-repeated-when-asked",
         "emptied",
         "emptied-even-forced",
@@ -122,10 +124,18 @@ def test_an_allowed_empty_registry_is_published():
     assert decide(attempt, OK, allow_empty=True) is Verdict.PUBLISH
 
 
-def test_a_repeated_refusal_in_the_background_is_quiet():
+def test_a_repeated_refusal_in_the_background_is_not_recorded_again():
     attempt = Attempt(triggers=WATCH, serving=A, candidate=EMPTY, confirmed=True)
     refused = Memory(last=last(ReloadStatus.FAILED, refusal(attempt)))
-    assert decide(attempt, refused) is Verdict.QUIET
+    assert decide(attempt, refused) is Verdict.REPEATED
+
+
+@pytest.mark.parametrize("verdict", list(Verdict))
+def test_only_a_read_that_was_accepted_confirms_what_serves(verdict: Verdict):
+    """A refused emptying, even one not recorded again, confirms nothing: freshness and
+    what each source held must not move (else the next read is no longer an emptying)."""
+    accepted = {Verdict.PUBLISH, Verdict.RECOVERED, Verdict.UNCHANGED, Verdict.QUIET}
+    assert confirms(verdict) is (verdict in accepted)
 
 
 @pytest.mark.parametrize("confirmed", [False, True])

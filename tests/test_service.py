@@ -19,7 +19,7 @@ from conftest import dump_yaml, make_ruleset_doc
 
 from sidecar.api.views import status_view
 from sidecar.config import SettingsError, settings_from
-from sidecar.errors import LoadError, Problem
+from sidecar.errors import LoadError, Problem, ProblemCode
 from sidecar.integration import is_registry_fresh
 from sidecar.loader import Loader
 from sidecar.registry import RuleRegistry
@@ -218,6 +218,35 @@ class TestEmptied:
         record = await service.reload_rules(trigger=Trigger.WATCH)
         assert record.status is ReloadStatus.SUCCESS
         assert sorted(service.registry.current.rulesets) == ["a", "b", "c"]
+
+    async def test_validate_says_invalid_what_a_reload_would_refuse(self, heard):
+        """The attack: validate answered `valid: true` for an emptied source, and the
+        reload right after it was refused."""
+        files, database = StaticSource(rules("a"), name="files"), StaticSource(rules("b"))
+        service = await two_sources(files, database, heard)
+        database.set_files([])
+        validation = await service.validate_reload()
+        assert [(p.file, p.code) for p in validation.problems] == [
+            ("static", ProblemCode.RULES_EMPTY)
+        ]
+
+    @pytest.mark.parametrize("trigger", [Trigger.RESYNC, Trigger.VERIFY])
+    async def test_a_refused_emptying_holds_through_every_retry(self, heard, trigger):
+        """The attack: the background retries of a refusal found it again, unrecorded,
+        and took that read as confirming what serves, so the next retry no longer saw an
+        emptied source and published the registry without it, as a success."""
+        files, database = StaticSource(rules("a"), name="files"), StaticSource(rules("b"))
+        service = await two_sources(files, database, heard)
+        verified = service.last_verified
+        database.set_files([])
+        for _ in range(4):
+            await service.reload_rules(trigger=trigger)
+        assert sorted(service.registry.current.rulesets) == ["a", "b"]
+        assert [(r.status, [p.file for p in r.errors]) for r in heard[1:]] == [
+            (ReloadStatus.FAILED, ["static"])
+        ]
+        assert service.last_verified == verified  # what serves was not confirmed
+        assert service.health().status is HealthStatus.DEGRADED
 
     @pytest.mark.parametrize("leftover", [b"# nothing\n", b"---\n", b"---\n...\n", b"null\n"])
     async def test_a_source_left_holding_no_ruleset_beside_another_is_refused(
@@ -677,3 +706,37 @@ class TestVerifySetting:
         for bad in ("-1", "nan", "inf"):
             with pytest.raises(SettingsError, match="RULE_SIDECAR_VERIFY_INTERVAL_SECONDS"):
                 settings_from({"RULE_SIDECAR_VERIFY_INTERVAL_SECONDS": bad})
+
+
+class TestRollback:
+    """A rollback holds while the sources hold what it went away from, and no longer."""
+
+    async def test_holds_against_background_reads_of_what_it_left(self, heard):
+        source = StaticSource(rules("a"))
+        service = await started(source, heard)
+        source.set_files(rules("a", "b"))
+        await service.reload_rules(trigger=Trigger.WATCH)
+        await service.rollback()
+        for trigger in (Trigger.WATCH, Trigger.RESYNC, Trigger.VERIFY):
+            await service.reload_rules(trigger=trigger)
+        assert (sorted(service.registry.current.rulesets), service.rollback_active) == (
+            ["a"],
+            True,
+        )
+
+    async def test_ends_when_the_sources_change_even_back_to_what_it_left(self, heard):
+        """The attack: sources reverted to what the rollback serves, then changed back to
+        what it went away from. That change was taken for the rollback still holding:
+        never served, health healthy, nothing recorded."""
+        source = StaticSource(rules("a"))
+        service = await started(source, heard)
+        source.set_files(rules("a", "b"))
+        await service.reload_rules(trigger=Trigger.WATCH)
+        await service.rollback()
+        source.set_files(rules("a"))  # a `git revert` of the change
+        await service.reload_rules(trigger=Trigger.WATCH)
+        assert not service.rollback_active
+        source.set_files(rules("a", "b"))  # and the change made again
+        record = await service.reload_rules(trigger=Trigger.WATCH)
+        assert record.status is ReloadStatus.SUCCESS
+        assert sorted(service.registry.current.rulesets) == ["a", "b"]
