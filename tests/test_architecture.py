@@ -17,6 +17,7 @@ PACKAGE = Path(sidecar.__file__).parent
 LAYERS: list[set[str]] = [
     {"sidecar.errors", "sidecar.testing", "sidecar.client", "sidecar.celwire"},
     {"sidecar.cost"},
+    {"sidecar.fastpath"},
     {"sidecar.conditions"},
     {"sidecar.model"},
     {"sidecar.snapshot", "sidecar.documents"},

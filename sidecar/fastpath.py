@@ -1,0 +1,504 @@
+"""A pure-Python evaluator for the common subset of CEL, proven equal to cel-cpp.
+
+Crossing into cel-cpp costs more than most conditions do: converting the input and
+calling the program take most of an evaluation. Conditions made only of field reads on
+`input`, `has()`, literals, comparisons, `in`, `!`, `&&`, `||`, `size()`,
+`startsWith`/`endsWith`/`contains` and `exists`/`all` over a field are therefore
+compiled at load into one Python function per ruleset, which says each condition's
+outcome, or UNKNOWN. UNKNOWN is the answer whenever cel-cpp could disagree or error
+(a missing field, a type CEL would refuse, an int beyond 2^53 met by a double, a string
+cel-cpp's conversion would mangle): such conditions go to cel-cpp, which alone produces
+error texts. tests/test_fastpath.py compares the two on random conditions and inputs.
+
+The function is built from an `ast` tree made here: user text (field names, string
+literals) only ever enters it as `ast.Constant` values, never as source code
+(SECURITY.md forbids evaluating user content). The expression tree comes from the
+checked expression cel-cpp compiled (`sidecar.celwire`), so nothing is parsed twice.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+from sidecar.celwire import Node
+
+__all__ = ["UNKNOWN", "FastFunction", "build", "clean_input"]
+
+
+class _Unknown:
+    """The fast path cannot say: cel-cpp decides (a singleton, compared by identity)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNKNOWN"
+
+    def __reduce__(self) -> str:
+        return "UNKNOWN"
+
+
+UNKNOWN: Final = _Unknown()
+# A chunk's fast function: the outcomes (True, False or UNKNOWN) of its conditions.
+FastFunction = Callable[[Any], list[Any]]
+
+_EXACT: Final = 2**53  # ints up to this compare with doubles exactly in both
+_INT64_MIN: Final = -(2**63)
+_INT64_MAX: Final = 2**63 - 1
+_MAX_LOOP_ITEMS: Final = 1_000  # with at most _MAX_LOOPS loops: far inside cel-cpp's
+_MAX_LOOPS: Final = 4  # iteration budget (10,000), which fails a whole evaluation
+_SCALARS: Final = (bool, int, float, str, type(None))
+_ORDERED: Final = {"_<_": ast.Lt, "_<=_": ast.LtE, "_>_": ast.Gt, "_>=_": ast.GtE}
+_STRING_METHODS: Final = {
+    "startsWith": ("startswith", "starts_with_string"),
+    "endsWith": ("endswith", "ends_with_string"),
+    "contains": ("__contains__", "contains_string"),
+}
+_SIZE_OVERLOADS: Final = frozenset(
+    {"size_string", "size_list", "size_map", "size_bytes"}
+    | {"string_size", "list_size", "map_size", "bytes_size"}
+)
+
+
+def _clean_string(text: str) -> bool:
+    """cel-expr-python converts through C strings: a NUL truncates, a lone surrogate fails."""
+    if "\x00" in text:
+        return False
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def clean_input(value: Any) -> bool:  # noqa: PLR0911
+    """Whether cel-cpp converts the value exactly: JSON types only, ints within 64 bits,
+    finite doubles, strings without NUL or lone surrogates, string keys."""
+    kind = type(value)
+    if kind is str:
+        return _clean_string(value)
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str or not _clean_string(key) or not clean_input(item):
+                return False
+        return True
+    if kind is list:
+        return all(map(clean_input, value))
+    if kind is int:
+        return bool(_INT64_MIN <= value <= _INT64_MAX)
+    if kind is float:
+        return bool(value - value == 0.0)  # finite
+    return kind is bool or value is None
+
+
+def _equal(a: Any, b: Any) -> Any:  # noqa: PLR0911
+    """CEL's heterogeneous `==`, or UNKNOWN: numbers compare by value (int with double
+    only within 2^53, where cel-cpp's conversion is exact), other types only with their
+    own type, lists item by item; maps are left to cel-cpp."""
+    ta, tb = type(a), type(b)
+    if ta is dict or tb is dict or a is UNKNOWN or b is UNKNOWN:
+        return UNKNOWN
+    if ta is bool or tb is bool or ta is str or tb is str or a is None or b is None:
+        return ta is tb and bool(a == b)
+    if ta is list or tb is list:
+        if ta is not tb:
+            return False
+        if len(a) != len(b):
+            return False
+        result: Any = True
+        for x, y in zip(a, b, strict=True):
+            same = _equal(x, y)
+            if same is UNKNOWN:
+                return UNKNOWN
+            result = result and same
+        return result
+    if ta is tb:  # int or float (finite: inputs are clean, literals checked)
+        return a == b
+    if (ta is int and -_EXACT <= a <= _EXACT) or (tb is int and -_EXACT <= b <= _EXACT):
+        return a == b
+    return UNKNOWN
+
+
+def _comparable(a: Any, b: Any) -> bool:
+    """Whether CEL orders a and b (and Python exactly as cel-cpp): same scalar type, or
+    int with double within 2^53."""
+    ta, tb = type(a), type(b)
+    if ta is tb:
+        return ta is int or ta is float or ta is str or ta is bool
+    if ta is int and tb is float:
+        return bool(-_EXACT <= a <= _EXACT)
+    if ta is float and tb is int:
+        return bool(-_EXACT <= b <= _EXACT)
+    return False
+
+
+def _contains(item: Any, container: Any) -> Any:
+    """CEL's `in`: list membership by `==`, map membership of a string key."""
+    kind = type(container)
+    if item is UNKNOWN:
+        return UNKNOWN
+    if kind is dict:
+        return item in container if type(item) is str else UNKNOWN
+    if kind is not list:
+        return UNKNOWN
+    for candidate in container:
+        same = _equal(item, candidate)
+        if same is UNKNOWN:
+            return UNKNOWN
+        if same:
+            return True
+    return False
+
+
+class _Unsupported(Exception):
+    """Outside the subset: the condition is left to cel-cpp."""
+
+
+@functools.cache
+def _template(text: str) -> list[ast.stmt]:
+    return ast.parse(text).body
+
+
+class _Fill(ast.NodeTransformer):
+    def __init__(self, names: dict[str, ast.expr]) -> None:
+        self.names = names
+
+    def visit_Name(self, node: ast.Name) -> ast.expr:
+        found = self.names.get(node.id)
+        if found is None:
+            return node
+        if isinstance(found, ast.Name):  # keep the template's load or store context
+            return ast.Name(found.id, node.ctx)
+        return copy.deepcopy(found)
+
+
+def _code(template: str, **names: ast.expr) -> list[ast.stmt]:
+    """Statements from one of this module's fixed templates, its upper-case names replaced
+    by the given expressions (user values arrive only as `ast.Constant`s)."""
+    body = [copy.deepcopy(statement) for statement in _template(template)]
+    filler = _Fill(names)
+    return [filler.visit(statement) for statement in body]
+
+
+def _name(identifier: str) -> ast.Name:
+    return ast.Name(identifier, ast.Load())
+
+
+class _Builder:
+    """Compiles conditions into the statements of one function (locals v0, v1, ...)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.prologue: list[ast.stmt] = []
+        self.paths: dict[tuple[str, ...], ast.Name] = {}
+        self.loops = 0
+
+    def fresh(self) -> ast.Name:
+        self.count += 1
+        return _name(f"v{self.count}")
+
+    def condition(self, node: Node) -> tuple[list[ast.stmt], ast.expr]:
+        self.loops = 0
+        body: list[ast.stmt] = []
+        value = self.value(node, body, {})
+        result = self.fresh()
+        body += _code("R = V if type(V) is bool else UNKNOWN", R=result, V=value)
+        return body, result
+
+    def value(self, node: Node, out: list[ast.stmt], scope: dict[str, ast.Name]) -> ast.expr:  # noqa: PLR0911
+        """The expression holding the node's value (UNKNOWN when not known), after the
+        statements appended to `out` have run."""
+        if node.kind == "const":
+            return _constant(node)
+        if node.kind == "ident":
+            if node.name in scope:
+                return scope[node.name]
+            if node.name == "input":
+                return _name("doc")
+            raise _Unsupported(node.name)
+        if node.kind == "select":
+            return self.select(node, out, scope)
+        if node.kind == "list":
+            return self.listing(node, out, scope)
+        if node.kind == "call":
+            return self.call(node, out, scope)
+        if node.kind == "comprehension":
+            return self.loop(node, out, scope)
+        raise _Unsupported(node.kind)
+
+    def select(self, node: Node, out: list[ast.stmt], scope: dict[str, ast.Name]) -> ast.expr:
+        path = _input_path(node.children[0], scope)
+        if path is not None and not node.test_only:
+            # Field reads of the input are hoisted: computed once per evaluation.
+            key = (*path, node.name)
+            known = self.paths.get(key)
+            if known is None:
+                operand = self.value(node.children[0], out, scope)  # hoisted in its turn
+                known = self.fresh()
+                self.prologue += _code(
+                    "R = O.get(K, UNKNOWN) if type(O) is dict else UNKNOWN",
+                    R=known,
+                    O=operand,
+                    K=ast.Constant(node.name),
+                )
+                self.paths[key] = known
+            return known
+        operand_value = self.value(node.children[0], out, scope)
+        result = self.fresh()
+        template = (
+            "R = (K in O) if type(O) is dict else UNKNOWN"
+            if node.test_only
+            else "R = O.get(K, UNKNOWN) if type(O) is dict else UNKNOWN"
+        )
+        out += _code(template, R=result, O=operand_value, K=ast.Constant(node.name))
+        return result
+
+    def listing(self, node: Node, out: list[ast.stmt], scope: dict[str, ast.Name]) -> ast.expr:
+        items = [self.value(child, out, scope) for child in node.children]
+        result = self.fresh()
+        out.append(ast.Assign([ast.Name(result.id, ast.Store())], ast.List(items, ast.Load())))
+        for item in items:
+            if not isinstance(item, ast.Constant):
+                out += _code("if I is UNKNOWN: R = UNKNOWN", I=item, R=result)
+        return result
+
+    def call(self, node: Node, out: list[ast.stmt], scope: dict[str, ast.Name]) -> ast.expr:
+        name, args = node.name, node.children
+        if name in ("_&&_", "_||_") and len(args) == 2:
+            return self.logical(name == "_&&_", args, out, scope)
+        values = [self.value(arg, out, scope) for arg in args]
+        result = self.fresh()
+        if name == "!_" and len(values) == 1:
+            out += _code("R = (not A) if type(A) is bool else UNKNOWN", R=result, A=values[0])
+        elif name in ("_==_", "_!=_") and len(values) == 2:
+            out += _code("R = EQUAL(A, B)", R=result, A=values[0], B=values[1])
+            if name == "_!=_":
+                out += _code("if R is not UNKNOWN: R = not R", R=result)
+        elif name in _ORDERED and len(values) == 2:
+            comparison = ast.Compare(values[0], [_ORDERED[name]()], [values[1]])
+            out += _code(
+                "R = TEST if COMPARABLE(A, B) else UNKNOWN",
+                R=result,
+                TEST=comparison,
+                A=values[0],
+                B=values[1],
+            )
+        elif name == "@in" and len(values) == 2:
+            out += _code("R = CONTAINS(A, B)", R=result, A=values[0], B=values[1])
+        elif name == "size" and len(values) == 1 and node.overloads <= _SIZE_OVERLOADS:
+            out += _code(
+                "R = len(A) if type(A) is str or type(A) is list or type(A) is dict else UNKNOWN",
+                R=result,
+                A=values[0],
+            )
+        elif name in _STRING_METHODS and len(values) == 2:
+            method, overload = _STRING_METHODS[name]
+            if node.overloads != {overload}:
+                raise _Unsupported(name)
+            test = ast.Call(ast.Attribute(values[0], method, ast.Load()), [values[1]], [])
+            out += _code(
+                "R = TEST if type(A) is str and type(B) is str else UNKNOWN",
+                R=result,
+                TEST=test,
+                A=values[0],
+                B=values[1],
+            )
+        else:
+            raise _Unsupported(name)
+        return result
+
+    def logical(
+        self,
+        conjunction: bool,
+        args: Sequence[Node],
+        out: list[ast.stmt],
+        scope: dict[str, ast.Name],
+    ) -> ast.expr:
+        """`&&`/`||` as CEL has them: one operand decides (false for &&, true for ||)
+        whatever the other is, an error or not a boolean included."""
+        decisive = ast.Constant(not conjunction)
+        left = self.value(args[0], out, scope)
+        result = self.fresh()
+        right_code: list[ast.stmt] = []
+        right = self.value(args[1], right_code, scope)
+        out += _code(
+            "if A is D:\n    R = D\nelse:\n    RIGHT\n"
+            "    if B is D:\n        R = D\n"
+            "    elif A is N and B is N:\n        R = N\n"
+            "    else:\n        R = UNKNOWN",
+            A=left,
+            B=right,
+            D=decisive,
+            N=ast.Constant(conjunction),
+            R=result,
+        )
+        branch = out[-1]
+        assert isinstance(branch, ast.If)
+        inner = branch.orelse
+        marker = next(i for i, s in enumerate(inner) if _is_placeholder(s))
+        inner[marker : marker + 1] = right_code or [ast.Pass()]
+        return result
+
+    def loop(self, node: Node, out: list[ast.stmt], scope: dict[str, ast.Name]) -> ast.expr:
+        """`exists` and `all` over a list (items) or map (keys), nothing else."""
+        quantifier = _quantifier(node)
+        if quantifier is None or self.loops >= _MAX_LOOPS or scope:
+            raise _Unsupported("comprehension")
+        self.loops += 1
+        variable, predicate, decisive = quantifier
+        seq = self.value(node.children[0], out, scope)
+        item = self.fresh()
+        inner_code: list[ast.stmt] = []
+        inner = self.value(predicate, inner_code, {**scope, variable: item})
+        result = self.fresh()
+        out += _code(
+            "if (type(S) is list or type(S) is dict) and len(S) <= LIMIT:\n"
+            "    R = N\n"
+            "    for X in S:\n"
+            "        BODY\n"
+            "        if P is D:\n            R = D\n            break\n"
+            "        if P is not N:\n            R = UNKNOWN\n"
+            "else:\n    R = UNKNOWN",
+            S=seq,
+            LIMIT=ast.Constant(_MAX_LOOP_ITEMS),
+            R=result,
+            N=ast.Constant(not decisive),
+            D=ast.Constant(decisive),
+            X=ast.Name(item.id, ast.Store()),
+            P=inner,
+        )
+        branch = out[-1]
+        assert isinstance(branch, ast.If)
+        body = branch.body[1]
+        assert isinstance(body, ast.For)
+        marker = next(i for i, s in enumerate(body.body) if _is_placeholder(s))
+        body.body[marker : marker + 1] = inner_code or [ast.Pass()]
+        return result
+
+
+def _is_placeholder(statement: ast.stmt) -> bool:
+    return (
+        isinstance(statement, ast.Expr)
+        and isinstance(statement.value, ast.Name)
+        and statement.value.id in ("RIGHT", "BODY")
+    )
+
+
+def _constant(node: Node) -> ast.Constant:
+    value = node.value
+    if node.literal == "null":
+        return ast.Constant(None)
+    if node.literal == "bool" and isinstance(value, bool):
+        return ast.Constant(value)
+    if node.literal == "int" and type(value) is int and _INT64_MIN <= value <= _INT64_MAX:
+        return ast.Constant(value)
+    if node.literal == "double" and type(value) is float and value - value == 0.0:
+        return ast.Constant(value)
+    if node.literal == "string" and type(value) is str and _clean_string(value):
+        return ast.Constant(value)
+    raise _Unsupported(f"{node.literal} literal")
+
+
+def _input_path(node: Node, scope: dict[str, ast.Name]) -> tuple[str, ...] | None:
+    """The field names from `input` to the node (`()` for input itself), or None."""
+    if node.kind == "ident":
+        return () if node.name == "input" and "input" not in scope else None
+    if node.kind == "select" and not node.test_only:
+        base = _input_path(node.children[0], scope)
+        return None if base is None else (*base, node.name)
+    return None
+
+
+def _quantifier(node: Node) -> tuple[str, Node, bool] | None:  # noqa: PLR0911
+    """(variable, predicate, the predicate outcome that decides) of an `exists` (True)
+    or `all` (False) macro as cel-cpp expands it, or None for any other comprehension."""
+    if len(node.iter_vars) != 1 or len(node.children) != 5:
+        return None
+    variable, accu = node.iter_vars[0], node.accu_var
+    _, init, condition, step, result = node.children
+    if init.kind != "const" or init.literal != "bool" or variable in ("input", accu):
+        return None
+    exists = init.value is False
+    if result.kind != "ident" or result.name != accu:
+        return None
+    if condition.kind != "call" or condition.name != "@not_strictly_false":
+        return None
+    (checked,) = condition.children or (None,)
+    if exists:
+        if checked is None or checked.kind != "call" or checked.name != "!_":
+            return None
+        checked = checked.children[0] if len(checked.children) == 1 else None
+    if checked is None or checked.kind != "ident" or checked.name != accu:
+        return None
+    expected = "_||_" if exists else "_&&_"
+    if step.kind != "call" or step.name != expected or len(step.children) != 2:
+        return None
+    first, predicate = step.children
+    if first.kind != "ident" or first.name != accu or _mentions(predicate, accu):
+        return None
+    return variable, predicate, exists
+
+
+def _mentions(node: Node, name: str) -> bool:
+    if node.kind == "ident" and node.name == name:
+        return True
+    return any(_mentions(child, name) for child in node.children)
+
+
+def _condition(item: Node) -> Node | None:
+    """The user's condition inside `((c)) ? true : false`, as `compile_combined` wraps it."""
+    if item.kind != "call" or item.name != "_?_:_" or len(item.children) != 3:
+        return None
+    condition, yes, no = item.children
+    if (yes.literal, yes.value, no.literal, no.value) != ("bool", True, "bool", False):
+        return None
+    return condition
+
+
+def build(items: Sequence[Node]) -> FastFunction | None:
+    """One function giving the outcomes of the wrapped conditions (the items of a
+    chunk's list expression), or None unless every one of them is in the subset. The
+    input must be `clean_input`."""
+    builder = _Builder()
+    bodies: list[ast.stmt] = []
+    results: list[ast.expr] = []
+    for item in items:
+        condition = _condition(item)
+        if condition is None:
+            return None
+        try:
+            body, result = builder.condition(condition)
+        except _Unsupported:
+            return None
+        bodies += body
+        results.append(result)
+    if not results:
+        return None
+    function = ast.FunctionDef(
+        name="fast",
+        args=ast.arguments([], [ast.arg("doc")], None, [], [], None, []),
+        body=[*builder.prologue, *bodies, ast.Return(ast.List(results, ast.Load()))],
+        decorator_list=[],
+        returns=None,
+    )
+    module = ast.fix_missing_locations(ast.Module([function], []))
+    namespace: dict[str, Any] = {
+        "__builtins__": {"type": type, "len": len},
+        "UNKNOWN": UNKNOWN,
+        "EQUAL": _equal,
+        "COMPARABLE": _comparable,
+        "CONTAINS": _contains,
+        "bool": bool,
+        "str": str,
+        "list": list,
+        "dict": dict,
+    }
+    # The tree is built here from fixed templates and Constant values (module doc).
+    exec(compile(module, "<sidecar.fastpath>", "exec"), namespace)
+    fast: FastFunction = namespace["fast"]
+    return fast
