@@ -76,24 +76,44 @@ def _clean_string(text: str) -> bool:
     return True
 
 
-def clean_input(value: Any) -> bool:  # noqa: PLR0911
+def clean_input(value: Any) -> bool:
     """Whether cel-cpp converts the value exactly: JSON types only, ints within 64 bits,
     finite doubles, strings without NUL or lone surrogates, string keys."""
-    kind = type(value)
-    if kind is str:
-        return _clean_string(value)
-    if kind is dict:
-        for key, item in value.items():
-            if type(key) is not str or not _clean_string(key) or not clean_input(item):
+    return _clean_items((value,))
+
+
+def _clean_keys(mapping: dict[Any, Any]) -> bool:
+    for key in mapping:
+        if type(key) is not str or (
+            (not key.isascii() or "\x00" in key) and not _clean_string(key)
+        ):
+            return False
+    return True
+
+
+def _clean_items(items: Any) -> bool:  # noqa: PLR0911
+    """`clean_input` of each item; scalars are checked inline (no call per value: this
+    runs on every evaluation)."""
+    for item in items:
+        kind = type(item)
+        if kind is str:
+            if (not item.isascii() or "\x00" in item) and not _clean_string(item):
                 return False
-        return True
-    if kind is list:
-        return all(map(clean_input, value))
-    if kind is int:
-        return bool(_INT64_MIN <= value <= _INT64_MAX)
-    if kind is float:
-        return bool(value - value == 0.0)  # finite
-    return kind is bool or value is None
+        elif kind is int:
+            if not _INT64_MIN <= item <= _INT64_MAX:
+                return False
+        elif kind is float:
+            if item - item != 0.0:  # not finite
+                return False
+        elif kind is dict:
+            if not _clean_keys(item) or not _clean_items(item.values()):
+                return False
+        elif kind is list:
+            if not _clean_items(item):
+                return False
+        elif kind is not bool and item is not None:
+            return False
+    return True
 
 
 def _equal(a: Any, b: Any) -> Any:  # noqa: PLR0911
