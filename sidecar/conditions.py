@@ -31,7 +31,7 @@ from cel_expr_python.ext import ext_math, ext_strings
 from sidecar.celwire import checked_expression
 from sidecar.cost import DEFAULT_COST_LIMIT, CostError, SizeBounds, estimate, estimate_items
 from sidecar.errors import InputError, format_path
-from sidecar.fastpath import UNKNOWN, FastFunction, build, clean_input
+from sidecar.fastpath import UNKNOWN, FastFunction, build, clean_input, restore, ship
 
 __all__ = [
     "DEFAULT_INPUT_LIMITS",
@@ -373,6 +373,7 @@ class ConditionSet:
         "_compiler",
         "_fast",
         "_serialized",
+        "_shipped",
         "expressions",
         "fields",
         "worst_cost",
@@ -385,6 +386,7 @@ class ConditionSet:
         compiler: ConditionCompiler | None,
         *,
         serialized: Sequence[tuple[int, int, bytes | None]] = (),
+        shipped: Sequence[bytes | None] | None = None,
         worst_cost: float = 0.0,
     ) -> None:
         self.expressions = expressions
@@ -393,17 +395,23 @@ class ConditionSet:
         self._chunks = tuple(chunks)
         self._compiler = compiler
         self._serialized = tuple(serialized)
+        self._shipped = None if shipped is None else tuple(shipped)
         self._fast = _fast_functions(self._chunks, compiler)
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled as its expressions and its chunks' programs in cel-cpp's serialized
         form, so a worker process can compile and this process only deserialize (about
-        a tenth of the cost); the receiver calls `bind` before use."""
+        a tenth of the cost), with the fast path's functions as code (`fastpath.ship`);
+        the receiver calls `bind` before use."""
         serialized = self._serialized or tuple(
             (chunk.start, chunk.end, None if chunk.program is None else chunk.program.serialize())
             for chunk in self._chunks
         )
-        return (_unbound_set, (self.expressions, serialized, self.worst_cost))
+        shipped = self._shipped
+        if shipped is None and self._compiler is not None and self._compiler.fast_path:
+            fast = self._fast or (None,) * len(self._chunks)
+            shipped = tuple(None if f is None else ship(f) for f in fast)
+        return (_unbound_set, (self.expressions, serialized, shipped, self.worst_cost))
 
     def bind(self, compiler: ConditionCompiler) -> None:
         """Attach an unpickled set to this process's compiler, restoring its programs."""
@@ -416,7 +424,12 @@ class ConditionSet:
         )
         self._serialized = ()
         self._compiler = compiler
-        self._fast = _fast_functions(self._chunks, compiler)
+        shipped, self._shipped = self._shipped, None
+        if compiler.fast_path and shipped is not None and len(shipped) == len(self._chunks):
+            fast = tuple(None if code is None else restore(code) for code in shipped)
+            self._fast = fast if any(f is not None for f in fast) else ()
+        else:
+            self._fast = _fast_functions(self._chunks, compiler)
 
     def project(self, document: Any) -> Any:
         """The part of the input the conditions can see (the input itself if unknown)."""
@@ -517,9 +530,12 @@ def _fast_functions(
 def _unbound_set(
     expressions: tuple[str, ...],
     serialized: tuple[tuple[int, int, bytes | None], ...],
+    shipped: tuple[bytes | None, ...] | None,
     worst_cost: float,
 ) -> ConditionSet:
-    return ConditionSet(expressions, (), None, serialized=serialized, worst_cost=worst_cost)
+    return ConditionSet(
+        expressions, (), None, serialized=serialized, shipped=shipped, worst_cost=worst_cost
+    )
 
 
 class _Chunk:

@@ -2,9 +2,11 @@
 cel-cpp's, and it must say UNKNOWN wherever cel-cpp errors.
 
 Deterministic in CI (derandomized, bounded examples). A long run:
-    FASTPATH_EXAMPLES=20000 .venv/bin/python -m pytest -p no:cacheprovider tests/test_fastpath.py
+    FASTPATH_EXAMPLES=3000 FASTPATH_POOL=200 .venv/bin/python -m pytest -p no:cacheprovider \
+        -s tests/test_fastpath.py
 (each example compares every condition of a random ruleset, alone and as one chunk, on
-up to FASTPATH_INPUTS inputs; the count of compared outcomes is printed with -s).
+its own inputs, up to FASTPATH_INPUTS, and the last FASTPATH_POOL inputs of earlier
+examples; the count of compared outcomes is printed with -s).
 """
 
 from __future__ import annotations
@@ -23,14 +25,22 @@ from sidecar.conditions import ConditionCompiler, ConditionSet, ConditionSetErro
 COMPILER = ConditionCompiler()
 EXAMPLES = int(os.environ.get("FASTPATH_EXAMPLES", "300"))
 INPUTS = int(os.environ.get("FASTPATH_INPUTS", "4"))
+# Inputs of earlier examples each example is also compared on (long runs: many more
+# outcomes per compiled ruleset).
+POOL = int(os.environ.get("FASTPATH_POOL", "0"))
+POOLED: list[Any] = []
 COMPARED = [0, 0]  # outcomes compared, of which the fast path said (not UNKNOWN)
 
 
-def fast_outcomes(expressions: list[str], document: Any) -> list[Any] | None:
-    """The fast path's outcomes for one chunk of these expressions (None: not covered)."""
+def fast_function(expressions: list[str]) -> fastpath.FastFunction | None:
+    """The fast function of one chunk of these expressions (None: not in the subset)."""
     program = COMPILER.compile_combined(expressions)
     assert program is not None
-    function = fastpath.build(checked_expression(program.serialize()).root.children)
+    return fastpath.build(checked_expression(program.serialize()).root.children)
+
+
+def fast_outcomes(expressions: list[str], document: Any) -> list[Any] | None:
+    function = fast_function(expressions)
     if function is None:
         return None
     if not fastpath.clean_input(document):
@@ -38,26 +48,31 @@ def fast_outcomes(expressions: list[str], document: Any) -> list[Any] | None:
     return function(document)
 
 
-def assert_agrees(expressions: list[str], document: Any) -> list[Any] | None:
+def assert_agrees(expressions: list[str], documents: list[Any]) -> list[list[Any]] | None:
     """Each fast outcome equals cel-cpp's for the condition evaluated alone."""
-    fast = fast_outcomes(expressions, document)
-    if fast is None:
+    function = fast_function(expressions)
+    if function is None:
         return None
-    for expression, outcome in zip(expressions, fast, strict=True):
-        reference = COMPILER.outcome(expression, document)
-        COMPARED[0] += 1
-        if outcome is fastpath.UNKNOWN:
-            continue
-        COMPARED[1] += 1
-        assert type(outcome) is bool, (expression, document, outcome)
-        assert outcome == reference, (expression, document, outcome, reference)
-    return fast
+    answers = []
+    for document in documents:
+        clean = fastpath.clean_input(document)
+        fast = function(document) if clean else [fastpath.UNKNOWN] * len(expressions)
+        for expression, outcome in zip(expressions, fast, strict=True):
+            reference = COMPILER.outcome(expression, document)
+            COMPARED[0] += 1
+            if outcome is fastpath.UNKNOWN:
+                continue
+            COMPARED[1] += 1
+            assert type(outcome) is bool, (expression, document, outcome)
+            assert outcome == reference, (expression, document, outcome, reference)
+        answers.append(fast)
+    return answers
 
 
 def one(expression: str, document: Any) -> Any:
-    fast = assert_agrees([expression], document)
+    fast = assert_agrees([expression], [document])
     assert fast is not None, f"{expression} is not in the subset"
-    return fast[0]
+    return fast[0][0]
 
 
 # ---------------------------------------------------------------- the traps, one by one
@@ -165,16 +180,20 @@ def test_sets_use_the_fast_path_only_when_on() -> None:
             assert alone.evaluate(document) == reference[:2]
 
 
-def test_an_unpickled_set_rebuilds_its_fast_path() -> None:
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_an_unpickled_set_gets_the_fast_path_its_receiver_wants(fast_path: bool) -> None:
+    """The worker ships its fast functions as code; a receiver with the fast path off
+    ignores them."""
     import pickle
 
-    rules = COMPILER.compile_set(["input.a > 1", "input.b == 'x'"])
+    rules = COMPILER.compile_set(["input.a > 1", "input.b == 'x'", "has(input.c)"])
     copy = pickle.loads(pickle.dumps(rules))
     assert isinstance(copy, ConditionSet)
-    copy.bind(COMPILER)
-    assert copy._fast
-    assert copy.evaluate({"a": 2, "b": "x"}) == [True, True]
-    assert copy.evaluate({"a": 2}) == [True, 'Key not found in map : "b"']
+    copy.bind(ConditionCompiler(fast_path=fast_path))
+    assert bool(copy._fast) is fast_path
+    for document in [{"a": 2, "b": "x", "c": "x"}, {"a": 2, "c": 1}, {"a": 2, "b": "\ud800"}]:
+        assert copy.evaluate(document) == rules.evaluate(document)
+        assert copy.evaluate(document) == [COMPILER.outcome(e, document) for e in rules.expressions]
 
 
 # ---------------------------------------------------------------- the differential fuzzer
@@ -284,12 +303,14 @@ def _compilable(expressions: list[str]) -> list[str]:
 )
 def test_fast_path_equals_cel_cpp(expressions: list[str], inputs: list[dict[str, Any]]) -> None:
     kept = _compilable(expressions)
+    compared = inputs + POOLED[-POOL:] if POOL else inputs
     for expression in kept:
-        for document in inputs:
-            assert_agrees([expression], document)
+        assert_agrees([expression], compared)
     if kept:
-        for document in inputs:
-            assert_agrees(kept, document)
+        assert_agrees(kept, compared)
+    if POOL:
+        POOLED.extend(inputs)
+        del POOLED[: -POOL * 4]
 
 
 def test_report_count() -> None:
