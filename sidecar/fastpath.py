@@ -22,6 +22,7 @@ import ast
 import functools
 import marshal
 import types
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar
 
@@ -471,7 +472,7 @@ def _quantifier(node: Node) -> tuple[str, Node, bool] | None:  # noqa: PLR0911
         return None
     if condition.kind != "call" or condition.name != "@not_strictly_false":
         return None
-    (checked,) = condition.children or (None,)
+    checked = condition.children[0] if len(condition.children) == 1 else None
     if exists:
         if checked is None or checked.kind != "call" or checked.name != "!_":
             return None
@@ -516,7 +517,7 @@ def build(items: Sequence[Node]) -> FastFunction | None:
             return None
         try:
             body, result = builder.condition(condition)
-        except _Unsupported:
+        except (_Unsupported, RecursionError):
             return None
         bodies += body
         results.append(result)
@@ -534,8 +535,14 @@ def build(items: Sequence[Node]) -> FastFunction | None:
     )
     module = ast.Module([function], [])
     namespace = _namespace()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # `is` with a literal: harmless, and checked
+            code = compile(module, "<sidecar.fastpath>", "exec")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None  # too deep for Python's compiler: cel-cpp alone, as before
     # The tree is built here from fixed templates and Constant values (module doc).
-    exec(compile(module, "<sidecar.fastpath>", "exec"), namespace)
+    exec(code, namespace)
     fast: FastFunction = namespace["fast"]
     return fast
 
