@@ -313,6 +313,107 @@ def test_fast_path_equals_cel_cpp(expressions: list[str], inputs: list[dict[str,
         del POOLED[: -POOL * 4]
 
 
+# Well-typed conditions over a typed input, so that most outcomes are true or false (the
+# grammar above mostly meets errors): numbers at the edges of exact comparison.
+_NUMBERS = st.one_of(
+    st.integers(-3, 3),
+    st.sampled_from([*_HUGE[:-1], 0.0, -0.0, 0.5, 1.0, 2.0**53, 2.0**53 + 2, -1.5]),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+_TEXTS = st.one_of(
+    st.sampled_from(["", "a", "ab", "b", "é", "\U0001f600", "A"]), st.text(max_size=3)
+)
+typed_documents = st.fixed_dictionaries(
+    {},
+    optional={
+        "n": _NUMBERS,
+        "m": _NUMBERS,
+        "s": _TEXTS,
+        "t": _TEXTS,
+        "b": st.booleans(),
+        "l": st.lists(st.one_of(_TEXTS, _NUMBERS), max_size=4),
+        "o": st.fixed_dictionaries({}, optional={"n": _NUMBERS, "s": _TEXTS}),
+    },
+)
+_NUMBER_LITERALS = st.sampled_from(
+    [
+        *["0", "1", "-1", "2", "0.5", "1.0", "-0.0", "9007199254740992", "9007199254740993"],
+        *["9007199254740992.0", "-9223372036854775808", "9223372036854775807", "1e300"],
+    ]
+)
+_TEXT_LITERALS = st.sampled_from(['""', '"a"', '"ab"', '"b"', '"\\u00e9"', '"\\U0001f600"', '"A"'])
+
+
+@st.composite
+def numbers(draw: st.DrawFn) -> str:
+    return draw(
+        st.one_of(
+            st.sampled_from(["input.n", "input.m", "input.o.n", "size(input.s)", "size(input.l)"]),
+            _NUMBER_LITERALS,
+        )
+    )
+
+
+@st.composite
+def texts(draw: st.DrawFn) -> str:
+    return draw(st.one_of(st.sampled_from(["input.s", "input.t", "input.o.s"]), _TEXT_LITERALS))
+
+
+@st.composite
+def typed(draw: st.DrawFn, depth: int = 0) -> str:  # noqa: PLR0911
+    kind = draw(st.integers(0, 9 if depth < 2 else 5))
+    op = draw(st.sampled_from(["==", "!=", "<", "<=", ">", ">="]))
+    if kind == 0:
+        return f"{draw(numbers())} {op} {draw(numbers())}"
+    if kind == 1:
+        return f"{draw(texts())} {op} {draw(texts())}"
+    if kind == 2:
+        method = draw(st.sampled_from(["startsWith", "endsWith", "contains"]))
+        return f"{draw(texts())}.{method}({draw(texts())})"
+    if kind == 3:
+        field = draw(st.sampled_from(["n", "s", "b", "l", "o", "o.n", "o.s"]))
+        return f"has(input.{field})" if draw(st.booleans()) else "input.b"
+    if kind == 4:
+        items = draw(st.lists(st.one_of(_NUMBER_LITERALS, _TEXT_LITERALS), max_size=3))
+        element = draw(st.one_of(numbers(), texts()))
+        return f"{element} in [{', '.join(items)}]"
+    if kind == 5:
+        return f"{draw(st.one_of(numbers(), texts()))} in input.l"
+    if kind == 6:
+        joined = draw(st.sampled_from(["&&", "||"]))
+        return f"({draw(typed(depth + 1))}) {joined} ({draw(typed(depth + 1))})"
+    if kind == 7:
+        return f"!({draw(typed(depth + 1))})"
+    if kind == 8:
+        macro = draw(st.sampled_from(["exists", "all"]))
+        other = draw(st.one_of(numbers(), texts()))
+        return f"input.l.{macro}(x, x {op} {other})"
+    return f"{draw(numbers())} {op} {draw(numbers())} || {draw(texts())} {op} {draw(texts())}"
+
+
+@settings(
+    max_examples=EXAMPLES,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    database=None,
+)
+@given(
+    st.lists(typed(), min_size=1, max_size=8),
+    st.lists(typed_documents, min_size=1, max_size=INPUTS),
+)
+def test_fast_path_equals_cel_cpp_well_typed(expressions: list[str], inputs: list[Any]) -> None:
+    kept = _compilable(expressions)
+    compared = inputs + POOLED[-POOL:] if POOL else inputs
+    for expression in kept:
+        assert_agrees([expression], compared)
+    if kept:
+        assert_agrees(kept, compared)
+    if POOL:
+        POOLED.extend(inputs)
+        del POOLED[: -POOL * 4]
+
+
 def test_report_count() -> None:
     """Printed with -s: how many outcomes this run compared."""
     print(f"\nfast path: {COMPARED[0]} outcomes compared with cel-cpp, {COMPARED[1]} known")
