@@ -180,6 +180,18 @@ def test_sets_use_the_fast_path_only_when_on() -> None:
             assert alone.evaluate(document) == reference[:2]
 
 
+def test_user_text_stays_data() -> None:
+    """Literals and field names enter the generated function as constants only, and the
+    function reaches no builtins but `type` and `len` (SECURITY.md: no eval of user text)."""
+    code = "__import__('os').system('exit 3') or x'); import os; ('"
+    expression = f"input.a == {_string_literal(code)} || input.a.startsWith('\\n\\tdef f():')"
+    assert one(expression, {"a": code}) is True
+    assert one(expression, {"a": "os"}) is False
+    function = fast_function([expression])
+    assert function is not None
+    assert function.__globals__["__builtins__"] == {"type": type, "len": len}  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("fast_path", [True, False])
 def test_an_unpickled_set_gets_the_fast_path_its_receiver_wants(fast_path: bool) -> None:
     """The worker ships its fast functions as code; a receiver with the fast path off
