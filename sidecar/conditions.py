@@ -31,7 +31,7 @@ from cel_expr_python.ext import ext_math, ext_strings
 from sidecar.celwire import checked_expression
 from sidecar.cost import DEFAULT_COST_LIMIT, CostError, SizeBounds, estimate, estimate_items
 from sidecar.errors import InputError, format_path
-from sidecar.fastpath import UNKNOWN, FastFunction, build, clean_input, restore, ship
+from sidecar.fastpath import UNKNOWN, FastFunction, build, clean_input
 
 __all__ = [
     "DEFAULT_INPUT_LIMITS",
@@ -373,7 +373,6 @@ class ConditionSet:
         "_compiler",
         "_fast",
         "_serialized",
-        "_shipped",
         "expressions",
         "fields",
         "worst_cost",
@@ -386,7 +385,6 @@ class ConditionSet:
         compiler: ConditionCompiler | None,
         *,
         serialized: Sequence[tuple[int, int, bytes | None]] = (),
-        shipped: Sequence[bytes | None] | None = None,
         worst_cost: float = 0.0,
     ) -> None:
         self.expressions = expressions
@@ -395,23 +393,19 @@ class ConditionSet:
         self._chunks = tuple(chunks)
         self._compiler = compiler
         self._serialized = tuple(serialized)
-        self._shipped = None if shipped is None else tuple(shipped)
-        self._fast = _fast_functions(self._chunks, compiler)
+        # Built on first use (None until then; empty when off or none applies): about
+        # 0.2 ms per condition, which at load would double a cold load's time.
+        self._fast: tuple[FastFunction | None, ...] | None = _unbuilt(compiler)
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled as its expressions and its chunks' programs in cel-cpp's serialized
         form, so a worker process can compile and this process only deserialize (about
-        a tenth of the cost), with the fast path's functions as code (`fastpath.ship`);
-        the receiver calls `bind` before use."""
+        a tenth of the cost); the receiver calls `bind` before use."""
         serialized = self._serialized or tuple(
             (chunk.start, chunk.end, None if chunk.program is None else chunk.program.serialize())
             for chunk in self._chunks
         )
-        shipped = self._shipped
-        if shipped is None and self._compiler is not None and self._compiler.fast_path:
-            fast = self._fast or (None,) * len(self._chunks)
-            shipped = tuple(None if f is None else ship(f) for f in fast)
-        return (_unbound_set, (self.expressions, serialized, shipped, self.worst_cost))
+        return (_unbound_set, (self.expressions, serialized, self.worst_cost))
 
     def bind(self, compiler: ConditionCompiler) -> None:
         """Attach an unpickled set to this process's compiler, restoring its programs."""
@@ -424,12 +418,7 @@ class ConditionSet:
         )
         self._serialized = ()
         self._compiler = compiler
-        shipped, self._shipped = self._shipped, None
-        if compiler.fast_path and shipped is not None and len(shipped) == len(self._chunks):
-            fast = tuple(None if code is None else restore(code) for code in shipped)
-            self._fast = fast if any(f is not None for f in fast) else ()
-        else:
-            self._fast = _fast_functions(self._chunks, compiler)
+        self._fast = _unbuilt(compiler)
 
     def project(self, document: Any) -> Any:
         """The part of the input the conditions can see (the input itself if unknown)."""
@@ -445,7 +434,11 @@ class ConditionSet:
             raise RuntimeError("this ConditionSet came from another process: bind() it first")
         outcomes: list[Outcome] = []
         activation = None
-        fast = self._fast if self._fast and clean_input(document) else ()
+        fast = self._fast
+        if fast is None:  # racing threads may both build: either result is the same
+            fast = self._fast = _fast_functions(self._chunks)
+        if fast and not clean_input(document):
+            fast = ()
         for index, chunk in enumerate(self._chunks):
             function = fast[index] if fast else None
             if function is not None:
@@ -509,13 +502,15 @@ def _evaluate_one(program: Any, activation: Any) -> Outcome:
     return f"condition gave {value.type().name().lower()}, not a boolean"
 
 
-def _fast_functions(
-    chunks: Sequence[_Chunk], compiler: ConditionCompiler | None
-) -> tuple[FastFunction | None, ...]:
+def _unbuilt(compiler: ConditionCompiler | None) -> tuple[()] | None:
+    """A set's fast functions before its first evaluation: to be built (None) when its
+    compiler has the fast path on, none otherwise."""
+    return None if compiler is not None and compiler.fast_path else ()
+
+
+def _fast_functions(chunks: Sequence[_Chunk]) -> tuple[FastFunction | None, ...]:
     """Each chunk's fast function (None for a chunk with a condition outside the subset);
-    empty when the fast path is off or none applies."""
-    if compiler is None or not compiler.fast_path:
-        return ()
+    empty when none applies."""
     functions: list[FastFunction | None] = []
     for chunk in chunks:
         function = None
@@ -530,12 +525,9 @@ def _fast_functions(
 def _unbound_set(
     expressions: tuple[str, ...],
     serialized: tuple[tuple[int, int, bytes | None], ...],
-    shipped: tuple[bytes | None, ...] | None,
     worst_cost: float,
 ) -> ConditionSet:
-    return ConditionSet(
-        expressions, (), None, serialized=serialized, shipped=shipped, worst_cost=worst_cost
-    )
+    return ConditionSet(expressions, (), None, serialized=serialized, worst_cost=worst_cost)
 
 
 class _Chunk:

@@ -19,19 +19,13 @@ checked expression cel-cpp compiled (`sidecar.celwire`), so nothing is parsed tw
 from __future__ import annotations
 
 import ast
-import functools
-import marshal
-import types
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from sidecar.celwire import Node
 
-__all__ = ["UNKNOWN", "FastFunction", "build", "clean_input", "restore", "ship"]
-
-
-_Node = TypeVar("_Node", bound=ast.AST)
+__all__ = ["UNKNOWN", "FastFunction", "build", "clean_input"]
 
 
 class _Unknown:
@@ -184,52 +178,57 @@ class _Unsupported(Exception):
     """Outside the subset: the condition is left to cel-cpp."""
 
 
-_LOCATION: Final = ("lineno", "col_offset", "end_lineno", "end_col_offset")
-
-
-@functools.cache
-def _template(text: str) -> list[ast.stmt]:
-    return ast.parse(text).body
-
-
-def _fill(node: Any, names: dict[str, ast.expr]) -> Any:
-    """A copy of a template node with its placeholders replaced: one pass, faster than
-    `copy.deepcopy` and a transformer (a ruleset's function is built at every load)."""
-    if isinstance(node, list):
-        return [_fill(item, names) for item in node]
-    if not isinstance(node, ast.AST):
-        return node
-    if isinstance(node, ast.Name) and node.id in names:
-        found = names[node.id]
-        if isinstance(found, ast.Name):  # keep the template's load or store context
-            found = ast.Name(found.id, node.ctx)
-        elif isinstance(found, ast.Constant):
-            found = ast.Constant(found.value)
-        else:  # compile() takes a node in two places (a comparison's operands)
-            return found
-        return ast.copy_location(found, node)
-    copied = node.__class__(**{field: _fill(getattr(node, field), names) for field in node._fields})
-    for attribute in _LOCATION:
-        if hasattr(node, attribute):
-            setattr(copied, attribute, getattr(node, attribute))
-    return copied
-
-
-def _code(template: str, **names: ast.expr) -> list[ast.stmt]:
-    """Statements from one of this module's fixed templates, its upper-case names replaced
-    by the given expressions (user values arrive only as `ast.Constant`s)."""
-    body: list[ast.stmt] = _fill(_template(template), names)
-    return body
-
-
-def _located(node: _Node) -> _Node:
-    """A node made here, placed on line 1 (compile() needs positions; the template
-    statements have theirs)."""
-    return ast.fix_missing_locations(node)
+# Every node is placed on line 1: compile() needs positions, nothing reads them.
+_AT: Final[dict[str, Any]] = {"lineno": 1, "col_offset": 0, "end_lineno": 1, "end_col_offset": 0}
 
 
 def _name(identifier: str) -> ast.Name:
-    return ast.Name(identifier, ast.Load())
+    return ast.Name(identifier, ast.Load(), **_AT)
+
+
+def _target(name: ast.Name) -> ast.Name:
+    return ast.Name(name.id, ast.Store(), **_AT)
+
+
+def _literal(value: Any) -> ast.Constant:
+    return ast.Constant(value, **_AT)
+
+
+def _set(target: ast.Name, value: ast.expr) -> ast.stmt:
+    return ast.Assign([_target(target)], value, **_AT)
+
+
+def _choose(test: ast.expr, yes: ast.expr, no: ast.expr) -> ast.expr:
+    return ast.IfExp(test, yes, no, **_AT)
+
+
+def _when(test: ast.expr, body: list[ast.stmt], orelse: list[ast.stmt]) -> ast.stmt:
+    return ast.If(test, body or [ast.Pass(**_AT)], orelse, **_AT)
+
+
+def _compare(left: ast.expr, operator: ast.cmpop, right: ast.expr) -> ast.expr:
+    return ast.Compare(left, [operator], [right], **_AT)
+
+
+def _is(left: ast.expr, right: ast.expr) -> ast.expr:
+    return _compare(left, ast.Is(), right)
+
+
+def _call(function: str, *args: ast.expr) -> ast.expr:
+    return ast.Call(_name(function), list(args), [], **_AT)
+
+
+def _type_is(value: ast.expr, *kinds: str) -> ast.expr:
+    """`type(value) is kind` (or one of the kinds)."""
+    tests = [_is(_call("type", value), _name(kind)) for kind in kinds]
+    return tests[0] if len(tests) == 1 else ast.BoolOp(ast.Or(), tests, **_AT)
+
+
+def _both(left: ast.expr, right: ast.expr) -> ast.expr:
+    return ast.BoolOp(ast.And(), [left, right], **_AT)
+
+
+_U: Final = "UNKNOWN"
 
 
 class _Builder:
@@ -250,7 +249,7 @@ class _Builder:
         body: list[ast.stmt] = []
         value = self.value(node, body, {})
         result = self.fresh()
-        body += _code("R = V if type(V) is bool else UNKNOWN", R=result, V=value)
+        body.append(_set(result, _choose(_type_is(value, "bool"), value, _name(_U))))
         return body, result
 
     def value(self, node: Node, out: list[ast.stmt], scope: dict[str, ast.Name]) -> ast.expr:  # noqa: PLR0911
@@ -283,32 +282,26 @@ class _Builder:
             if known is None:
                 operand = self.value(node.children[0], out, scope)  # hoisted in its turn
                 known = self.fresh()
-                self.prologue += _code(
-                    "R = O.get(K, UNKNOWN) if type(O) is dict else UNKNOWN",
-                    R=known,
-                    O=operand,
-                    K=ast.Constant(node.name),
-                )
+                self.prologue.append(_set(known, _field(operand, node.name)))
                 self.paths[key] = known
             return known
         operand_value = self.value(node.children[0], out, scope)
         result = self.fresh()
-        template = (
-            "R = (K in O) if type(O) is dict else UNKNOWN"
-            if node.test_only
-            else "R = O.get(K, UNKNOWN) if type(O) is dict else UNKNOWN"
-        )
-        out += _code(template, R=result, O=operand_value, K=ast.Constant(node.name))
+        if node.test_only:
+            present = _compare(_literal(node.name), ast.In(), operand_value)
+            value = _choose(_type_is(operand_value, "dict"), present, _name(_U))
+        else:
+            value = _field(operand_value, node.name)
+        out.append(_set(result, value))
         return result
 
     def listing(self, node: Node, out: list[ast.stmt], scope: dict[str, ast.Name]) -> ast.expr:
         items = [self.value(child, out, scope) for child in node.children]
         result = self.fresh()
-        listing = ast.Assign([ast.Name(result.id, ast.Store())], ast.List(items, ast.Load()))
-        out.append(_located(listing))
+        out.append(_set(result, ast.List(items, ast.Load(), **_AT)))
         for item in items:
             if not isinstance(item, ast.Constant):
-                out += _code("if I is UNKNOWN: R = UNKNOWN", I=item, R=result)
+                out.append(_when(_is(item, _name(_U)), [_set(result, _name(_U))], []))
         return result
 
     def call(self, node: Node, out: list[ast.stmt], scope: dict[str, ast.Name]) -> ast.expr:
@@ -317,41 +310,33 @@ class _Builder:
             return self.logical(name == "_&&_", args, out, scope)
         values = [self.value(arg, out, scope) for arg in args]
         result = self.fresh()
+        unknown = _name(_U)
         if name == "!_" and len(values) == 1:
-            out += _code("R = (not A) if type(A) is bool else UNKNOWN", R=result, A=values[0])
+            negation = ast.UnaryOp(ast.Not(), values[0], **_AT)
+            out.append(_set(result, _choose(_type_is(values[0], "bool"), negation, unknown)))
         elif name in ("_==_", "_!=_") and len(values) == 2:
-            out += _code("R = EQUAL(A, B)", R=result, A=values[0], B=values[1])
+            out.append(_set(result, _call("EQUAL", *values)))
             if name == "_!=_":
-                out += _code("if R is not UNKNOWN: R = not R", R=result)
+                negation = ast.UnaryOp(ast.Not(), result, **_AT)
+                test = _compare(result, ast.IsNot(), unknown)
+                out.append(_when(test, [_set(result, negation)], []))
         elif name in _ORDERED and len(values) == 2:
-            comparison = _located(ast.Compare(values[0], [_ORDERED[name]()], [values[1]]))
-            out += _code(
-                "R = TEST if COMPARABLE(A, B) else UNKNOWN",
-                R=result,
-                TEST=comparison,
-                A=values[0],
-                B=values[1],
-            )
+            comparison = _compare(values[0], _ORDERED[name](), values[1])
+            out.append(_set(result, _choose(_call("COMPARABLE", *values), comparison, unknown)))
         elif name == "@in" and len(values) == 2:
-            out += _code("R = CONTAINS(A, B)", R=result, A=values[0], B=values[1])
+            out.append(_set(result, _call("CONTAINS", *values)))
         elif name == "size" and len(values) == 1 and node.overloads <= _SIZE_OVERLOADS:
-            out += _code(
-                "R = len(A) if type(A) is str or type(A) is list or type(A) is dict else UNKNOWN",
-                R=result,
-                A=values[0],
-            )
+            size = _call("len", values[0])
+            sized = _type_is(values[0], "str", "list", "dict")
+            out.append(_set(result, _choose(sized, size, unknown)))
         elif name in _STRING_METHODS and len(values) == 2:
             method, overload = _STRING_METHODS[name]
             if node.overloads != {overload}:
                 raise _Unsupported(name)
-            test = _located(ast.Call(ast.Attribute(values[0], method, ast.Load()), [values[1]], []))
-            out += _code(
-                "R = TEST if type(A) is str and type(B) is str else UNKNOWN",
-                R=result,
-                TEST=test,
-                A=values[0],
-                B=values[1],
-            )
+            bound = ast.Attribute(values[0], method, ast.Load(), **_AT)
+            test = ast.Call(bound, [values[1]], [], **_AT)
+            texts = _both(_type_is(values[0], "str"), _type_is(values[1], "str"))
+            out.append(_set(result, _choose(texts, test, unknown)))
         else:
             raise _Unsupported(name)
         return result
@@ -365,27 +350,17 @@ class _Builder:
     ) -> ast.expr:
         """`&&`/`||` as CEL has them: one operand decides (false for &&, true for ||)
         whatever the other is, an error or not a boolean included."""
-        decisive = ast.Constant(not conjunction)
+        decisive, neutral = _literal(not conjunction), _literal(conjunction)
         left = self.value(args[0], out, scope)
         result = self.fresh()
         right_code: list[ast.stmt] = []
         right = self.value(args[1], right_code, scope)
-        out += _code(
-            "if A is D:\n    R = D\nelse:\n    RIGHT\n"
-            "    if B is D:\n        R = D\n"
-            "    elif A is N and B is N:\n        R = N\n"
-            "    else:\n        R = UNKNOWN",
-            A=left,
-            B=right,
-            D=decisive,
-            N=ast.Constant(conjunction),
-            R=result,
-        )
-        branch = out[-1]
-        assert isinstance(branch, ast.If)
-        inner = branch.orelse
-        marker = next(i for i, s in enumerate(inner) if _is_placeholder(s))
-        inner[marker : marker + 1] = right_code or [_located(ast.Pass())]
+        # if left is D: R = D
+        # else: <right>; R = D if right is D, N if both are N, else UNKNOWN
+        both = _both(_is(left, neutral), _is(right, neutral))
+        undecided = _when(both, [_set(result, neutral)], [_set(result, _name(_U))])
+        decided = _when(_is(right, decisive), [_set(result, decisive)], [undecided])
+        out.append(_when(_is(left, decisive), [_set(result, decisive)], [*right_code, decided]))
         return result
 
     def loop(self, node: Node, out: list[ast.stmt], scope: dict[str, ast.Name]) -> ast.expr:
@@ -400,52 +375,44 @@ class _Builder:
         inner_code: list[ast.stmt] = []
         inner = self.value(predicate, inner_code, {**scope, variable: item})
         result = self.fresh()
-        out += _code(
-            "if (type(S) is list or type(S) is dict) and len(S) <= LIMIT:\n"
-            "    R = N\n"
-            "    for X in S:\n"
-            "        BODY\n"
-            "        if P is D:\n            R = D\n            break\n"
-            "        if P is not N:\n            R = UNKNOWN\n"
-            "else:\n    R = UNKNOWN",
-            S=seq,
-            LIMIT=ast.Constant(_MAX_LOOP_ITEMS),
-            R=result,
-            N=ast.Constant(not decisive),
-            D=ast.Constant(decisive),
-            X=ast.Name(item.id, ast.Store()),
-            P=inner,
-        )
-        branch = out[-1]
-        assert isinstance(branch, ast.If)
-        body = branch.body[1]
-        assert isinstance(body, ast.For)
-        marker = next(i for i, s in enumerate(body.body) if _is_placeholder(s))
-        body.body[marker : marker + 1] = inner_code or [_located(ast.Pass())]
+        found, neutral = _literal(decisive), _literal(not decisive)
+        # if (type(S) is list or type(S) is dict) and len(S) <= LIMIT:
+        #     R = N
+        #     for X in S: <predicate>; if P is D: R = D; break; if P is not N: R = UNKNOWN
+        # else: R = UNKNOWN
+        step = [
+            *inner_code,
+            _when(_is(inner, found), [_set(result, found), ast.Break(**_AT)], []),
+            _when(_compare(inner, ast.IsNot(), neutral), [_set(result, _name(_U))], []),
+        ]
+        loop = ast.For(_target(item), seq, step, [], **_AT)
+        small = _compare(_call("len", seq), ast.LtE(), _literal(_MAX_LOOP_ITEMS))
+        iterable = _both(_type_is(seq, "list", "dict"), small)
+        out.append(_when(iterable, [_set(result, neutral), loop], [_set(result, _name(_U))]))
         return result
-
-
-def _is_placeholder(statement: ast.stmt) -> bool:
-    return (
-        isinstance(statement, ast.Expr)
-        and isinstance(statement.value, ast.Name)
-        and statement.value.id in ("RIGHT", "BODY")
-    )
 
 
 def _constant(node: Node) -> ast.Constant:
     value = node.value
     if node.literal == "null":
-        return ast.Constant(None)
+        return _literal(None)
     if node.literal == "bool" and isinstance(value, bool):
-        return ast.Constant(value)
+        return _literal(value)
     if node.literal == "int" and type(value) is int and _INT64_MIN <= value <= _INT64_MAX:
-        return ast.Constant(value)
+        return _literal(value)
     if node.literal == "double" and type(value) is float and value - value == 0.0:
-        return ast.Constant(value)
+        return _literal(value)
     if node.literal == "string" and type(value) is str and _clean_string(value):
-        return ast.Constant(value)
+        return _literal(value)
     raise _Unsupported(f"{node.literal} literal")
+
+
+def _field(mapping: ast.expr, name: str) -> ast.expr:
+    """`mapping.get(name, UNKNOWN) if type(mapping) is dict else UNKNOWN`."""
+    read = ast.Call(
+        ast.Attribute(mapping, "get", ast.Load(), **_AT), [_literal(name), _name(_U)], [], **_AT
+    )
+    return _choose(_type_is(mapping, "dict"), read, _name(_U))
 
 
 def _input_path(node: Node, scope: dict[str, ast.Name]) -> tuple[str, ...] | None:
@@ -523,10 +490,10 @@ def build(items: Sequence[Node]) -> FastFunction | None:
         results.append(result)
     if not results:
         return None
-    answer = _located(ast.Return(ast.List(results, ast.Load())))
+    answer = ast.Return(ast.List(results, ast.Load(), **_AT), **_AT)
     function = ast.FunctionDef(
         name="fast",
-        args=_located(ast.arguments([], [ast.arg("doc")], None, [], [], None, [])),
+        args=ast.arguments([], [ast.arg("doc", **_AT)], None, [], [], None, []),
         body=[*builder.prologue, *bodies, answer],
         decorator_list=[],
         returns=None,
@@ -560,16 +527,3 @@ def _namespace() -> dict[str, Any]:
         "list": list,
         "dict": dict,
     }
-
-
-def ship(function: FastFunction) -> bytes:
-    """A function built by `build`, for the process that loaded the ruleset to send
-    (the loader's worker: building costs about as much as compiling the CEL)."""
-    code: types.CodeType = function.__code__
-    return marshal.dumps(code)
-
-
-def restore(shipped: bytes) -> FastFunction:
-    """The function `ship` sent, from the same interpreter (the loader's own worker)."""
-    function: FastFunction = types.FunctionType(marshal.loads(shipped), _namespace())
-    return function
