@@ -4,11 +4,12 @@ Crossing into cel-cpp costs more than most conditions do: converting the input a
 calling the program take most of an evaluation. Conditions made only of field reads on
 `input`, `has()`, literals, comparisons, `in`, `!`, `&&`, `||`, `size()`,
 `startsWith`/`endsWith`/`contains` and `exists`/`all` over a field are therefore
-compiled at load into one Python function per ruleset, which says each condition's
-outcome, or UNKNOWN. UNKNOWN is the answer whenever cel-cpp could disagree or error
-(a missing field, a type CEL would refuse, an int beyond 2^53 met by a double, a string
-cel-cpp's conversion would mangle): such conditions go to cel-cpp, which alone produces
-error texts. tests/test_fastpath.py compares the two on random conditions and inputs.
+compiled into one Python function per chunk (the conditions cel-cpp runs as one
+program), on the ruleset's first evaluation; it says each condition's outcome, or
+UNKNOWN. UNKNOWN is the answer whenever cel-cpp could disagree or error (a missing
+field, a type CEL would refuse, an int beyond 2^53 met by a double, a string cel-cpp's
+conversion would mangle): such conditions go to cel-cpp, which alone produces error
+texts. tests/test_fastpath.py compares the two on random conditions and inputs.
 
 The function is built from an `ast` tree made here: user text (field names, string
 literals) only ever enters it as `ast.Constant` values, never as source code
@@ -36,9 +37,6 @@ class _Unknown:
     def __repr__(self) -> str:
         return "UNKNOWN"
 
-    def __reduce__(self) -> str:
-        return "UNKNOWN"
-
 
 UNKNOWN: Final = _Unknown()
 # A chunk's fast function: the outcomes (True, False or UNKNOWN) of its conditions.
@@ -49,7 +47,6 @@ _INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1
 _MAX_LOOP_ITEMS: Final = 1_000  # with at most _MAX_LOOPS loops: far inside cel-cpp's
 _MAX_LOOPS: Final = 4  # iteration budget (10,000), which fails a whole evaluation
-_SCALARS: Final = (bool, int, float, str, type(None))
 _ORDERED: Final = {"_<_": ast.Lt, "_<=_": ast.LtE, "_>_": ast.Gt, "_>=_": ast.GtE}
 _STRING_METHODS: Final = {
     "startsWith": ("startswith", "starts_with_string"),
