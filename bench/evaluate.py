@@ -49,7 +49,7 @@ from cel_expr_python import cel
 
 from bench._common import describe, environment, fmt_us
 from bench._gen import generate_rules, render_file, ruleset_id, sample_input
-from sidecar.conditions import check_input
+from sidecar.conditions import ConditionCompiler, check_input
 from sidecar.engine import evaluate, evaluate_many
 from sidecar.loader import Loader
 from sidecar.snapshot import Snapshot
@@ -178,6 +178,7 @@ def bench_fast(fast: Snapshot, documents: Sequence[Doc], rounds: int) -> None:
     combined = private(conditions, "_chunks")[
         0
     ].program  # the one CEL program (50 rules: one chunk)
+    cel_only = ConditionCompiler(fast_path=False).compile_set(conditions.expressions)
     parts = interleaved_medians(
         {
             "evaluate() total": lambda d: evaluate(fast, RULESET, d),
@@ -186,7 +187,10 @@ def bench_fast(fast: Snapshot, documents: Sequence[Doc], rounds: int) -> None:
             "ConditionSet.evaluate (CEL + plain_value)": (
                 lambda d: conditions.evaluate(conditions.project(d))
             ),
-            "  of which raw combined.eval(data=...)": (
+            "  the same, RULE_SIDECAR_FAST_PATH=false": (
+                lambda d: cel_only.evaluate(cel_only.project(d))
+            ),
+            "  raw combined.eval(data=...)": (
                 (lambda d: combined.eval(data={"input": conditions.project(d)}))
                 if combined
                 else None
@@ -201,6 +205,24 @@ def bench_fast(fast: Snapshot, documents: Sequence[Doc], rounds: int) -> None:
         - parts["ConditionSet.evaluate (CEL + plain_value)"]
     )
     print_parts(parts, parts["evaluate() total"])
+    raw = parts["  raw combined.eval(data=...)"]
+    print(
+        f"  ConditionSet.evaluate / raw combined call: "
+        f"{parts['ConditionSet.evaluate (CEL + plain_value)'] / raw:.2f}x with the fast path, "
+        f"{parts['  the same, RULE_SIDECAR_FAST_PATH=false'] / raw:.2f}x without"
+    )
+    firsts: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(5):
+        for fast_path in (True, False):
+            fresh = ConditionCompiler(fast_path=fast_path).compile_set(conditions.expressions)
+            started = time.perf_counter()
+            fresh.evaluate(fresh.project(documents[0]))
+            firsts[fast_path].append((time.perf_counter() - started) * 1e3)
+    print(
+        f"  first evaluation of a freshly compiled set (builds the fast path): "
+        f"{statistics.median(firsts[True]):.1f} ms, without the fast path "
+        f"{statistics.median(firsts[False]):.1f} ms (median of 5)"
+    )
 
 
 def bench_slow(fast: Snapshot, slow: Snapshot, documents: Sequence[Doc], rounds: int) -> None:

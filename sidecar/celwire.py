@@ -38,6 +38,10 @@ class Node(NamedTuple):
     iter_vars: tuple[str, ...] = ()
     accu_var: str = ""
     overloads: frozenset[str] = frozenset()  # a call's candidate overloads, as checked
+    # A constant's type (null, bool, int, uint, double, string, bytes; "other" for the
+    # rest, "invalid" for a string that is not UTF-8) and its value, for `sidecar.fastpath`.
+    literal: str = ""
+    value: object = None
 
 
 def _varint(data: _Buffer, at: int) -> tuple[int, int]:
@@ -108,6 +112,30 @@ def _messages(fields: _Fields, number: int) -> list[_Buffer]:
     return [value for value in fields.get(number, []) if isinstance(value, memoryview)]
 
 
+def _literal(constant: _Fields) -> tuple[str, object]:  # noqa: PLR0911
+    """A Constant's type and exact value: null 1, bool 2, int64 3, uint64 4, double 5,
+    string 6, bytes 7 (anything else: duration, timestamp)."""
+    if 1 in constant:
+        return "null", None
+    if 2 in constant:
+        return "bool", bool(_int(constant, 2))
+    if 3 in constant:
+        raw = _int(constant, 3) & 0xFFFF_FFFF_FFFF_FFFF
+        return "int", raw - (1 << 64) if raw >= 1 << 63 else raw
+    if 4 in constant:
+        return "uint", _int(constant, 4)
+    if 5 in constant:
+        return "double", struct.unpack("<d", struct.pack("<Q", _int(constant, 5)))[0]
+    if 6 in constant:
+        try:
+            return "string", str(_bytes(constant, 6), "utf-8")
+        except UnicodeDecodeError:
+            return "invalid", None
+    if 7 in constant:
+        return "bytes", bytes(_bytes(constant, 7))
+    return "other", None
+
+
 def _node(data: _Buffer, overloads: dict[int, frozenset[str]]) -> Node:  # noqa: PLR0911
     """One node and its subtree (one return per kind of expression)."""
     fields = _message(data)
@@ -119,7 +147,8 @@ def _node(data: _Buffer, overloads: dict[int, frozenset[str]]) -> Node:  # noqa:
             text = _text(constant, 6)
         elif 7 in constant:
             text = str(_bytes(constant, 7), "latin-1")
-        return Node(node_id, "const", text=text)
+        literal, value = _literal(constant)
+        return Node(node_id, "const", text=text, literal=literal, value=value)
     if 4 in fields:  # Ident: name 1
         return Node(node_id, "ident", name=_text(_message(_bytes(fields, 4)), 1))
     if 5 in fields:  # Select: operand 1, field 2, test_only 3

@@ -385,6 +385,12 @@ class Settings:
         "load large changes in a worker process",
         parse=_boolean,
     )
+    fast_path: bool = _setting(
+        True,
+        "RULE_SIDECAR_FAST_PATH",
+        "answer conditions in the common CEL subset in Python, proven equal to cel-cpp",
+        parse=_boolean,
+    )
 
     def __post_init__(self) -> None:
         for item in fields(self):

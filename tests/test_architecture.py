@@ -18,6 +18,7 @@ PACKAGE = Path(sidecar.__file__).parent
 LAYERS: list[set[str]] = [
     {"sidecar.errors", "sidecar.rulefiles", "sidecar.testing", "sidecar.client", "sidecar.celwire"},
     {"sidecar.cost"},
+    {"sidecar.fastpath"},
     {"sidecar.conditions"},
     {"sidecar.model"},
     {"sidecar.snapshot", "sidecar.documents"},

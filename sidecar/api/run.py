@@ -45,6 +45,7 @@ from sidecar.api.limits import BatchTurns, RateBudgets, RequestLimits
 from sidecar.api.metrics import Metrics
 from sidecar.api.views import status_view
 from sidecar.api.websocket import ReloadNotificationManager
+from sidecar.conditions import ConditionCompiler
 from sidecar.config import Settings, SettingsError
 from sidecar.loader import Loader
 from sidecar.registry import RuleRegistry
@@ -130,6 +131,7 @@ def build_state(settings: Settings) -> AppState:
         )
 
     loader = Loader(
+        compiler=ConditionCompiler(fast_path=settings.fast_path),
         run_checks=settings.validation_enabled,
         executor=worker() if settings.reload_worker else None,
         new_executor=worker if settings.reload_worker else None,
