@@ -12,6 +12,7 @@ examples; the count of compared outcomes is printed with -s).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,6 +31,13 @@ INPUTS = int(os.environ.get("FASTPATH_INPUTS", "4"))
 POOL = int(os.environ.get("FASTPATH_POOL", "0"))
 POOLED: list[Any] = []
 COMPARED = [0, 0]  # outcomes compared, of which the fast path said (not UNKNOWN)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_count() -> Iterator[None]:
+    """Printed with -s after the module: how many outcomes this run compared."""
+    yield
+    print(f"\nfast path: {COMPARED[0]} outcomes compared with cel-cpp, {COMPARED[1]} known")
 
 
 def fast_function(expressions: list[str]) -> fastpath.FastFunction | None:
@@ -302,6 +310,7 @@ def _compilable(expressions: list[str]) -> list[str]:
     return expressions
 
 
+@pytest.mark.slow  # about 5 s: in the full suite (CI), not the quick loop
 @settings(
     max_examples=EXAMPLES,
     derandomize=True,
@@ -403,6 +412,7 @@ def typed(draw: st.DrawFn, depth: int = 0) -> str:  # noqa: PLR0911
     return f"{draw(numbers())} {op} {draw(numbers())} || {draw(texts())} {op} {draw(texts())}"
 
 
+@pytest.mark.slow  # about 3 s: in the full suite (CI), not the quick loop
 @settings(
     max_examples=EXAMPLES,
     derandomize=True,
@@ -424,8 +434,3 @@ def test_fast_path_equals_cel_cpp_well_typed(expressions: list[str], inputs: lis
     if POOL:
         POOLED.extend(inputs)
         del POOLED[: -POOL * 4]
-
-
-def test_report_count() -> None:
-    """Printed with -s: how many outcomes this run compared."""
-    print(f"\nfast path: {COMPARED[0]} outcomes compared with cel-cpp, {COMPARED[1]} known")
