@@ -36,7 +36,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import BrokenExecutor, Executor
+from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cache
@@ -232,6 +232,7 @@ class Loader:
         # again (the database source does, for unchanged rulesets) is not even hashed.
         self._sources: dict[str, SourceFile] = {}
         self._last: LoadResult | None = None
+        self._closed = False
         self._stage_listeners: list[StageListener] = []
 
     def add_stage_listener(self, listener: StageListener) -> None:
@@ -384,21 +385,42 @@ class Loader:
                 return self._load_elsewhere(
                     self.executor, changed, run_checks=run_checks, watch=watch
                 )
-            except BrokenExecutor:
-                logger.error("the reload worker died; loading in-process, and starting anew")
-                self._replace_executor()
-            except Exception:
-                logger.exception("the reload worker failed; loading in-process instead")
-        return {
-            source.name: self._load_file(source, digest, run_checks=run_checks, watch=watch)
-            for source, digest in changed
-        }
+            except Exception as exc:
+                self._stop_if_closed()
+                if isinstance(exc, BrokenExecutor):
+                    logger.error("the reload worker died; loading in-process, and starting anew")
+                    self._replace_executor()
+                else:
+                    logger.exception("the reload worker failed; loading in-process instead")
+        results = {}
+        for source, digest in changed:
+            self._stop_if_closed()
+            results[source.name] = self._load_file(
+                source, digest, run_checks=run_checks, watch=watch
+            )
+        return results
 
     def close(self) -> None:
-        """Stop the worker process, dropping queued work; later loads run in-process."""
+        """Stop the worker process at once (its current file too) and any load still
+        running: the server is shutting down, and nothing waits for a load to finish."""
+        self._closed = True
         executor, self.executor, self.new_executor = self.executor, None, None
+        if isinstance(executor, ProcessPoolExecutor):
+            # Python 3.14 has `terminate_workers()`; before it, shutdown waits for the
+            # worker to finish the file it is on (seconds for a large one).
+            for process in list(getattr(executor, "_processes", {}).values()):
+                process.terminate()
         if executor is not None:
-            executor.shutdown(cancel_futures=True)
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    def _stop_if_closed(self) -> None:
+        if self._closed:
+            problem = Problem(
+                file="<loader>",
+                message="the load was stopped: the sidecar is shutting down",
+                code=ProblemCode.INTERNAL,
+            )
+            raise LoadError([problem])
 
     def _replace_executor(self) -> None:
         broken, self.executor = self.executor, None

@@ -180,17 +180,28 @@ class TestWorkerDeath:
 
 
 class TestClose:
-    def test_close_stops_the_worker_and_later_loads_run_in_process(self):
-        """Shutdown asks the loader, which owns the worker: its process exits, and a load
-        asked for afterwards (a reload still running at shutdown) still answers."""
+    def test_close_stops_the_worker_even_mid_file(self):
+        """Shutdown asks the loader, which owns the worker: its process is stopped at
+        once, not after the file it is on (a large file took seconds: SIGTERM waited)."""
         pool = _forkserver_pool()
         pool.submit(int).result()
         (process,) = pool._processes.values()
+        busy = pool.submit(time.sleep, 60)  # the worker is on a long job
         loader = Loader(executor=pool, new_executor=_forkserver_pool, offload_bytes=0)
+        started = time.monotonic()
 
         loader.close()
 
         process.join(timeout=10)
         assert not process.is_alive()
+        assert time.monotonic() - started < 10
+        assert busy.done()
         assert (loader.executor, loader.new_executor) == (None, None)
-        assert len(loader.load(files(count=2)).snapshot.rulesets) == 2
+
+    def test_a_load_after_close_is_refused_not_run_in_process(self):
+        """A reload still running at shutdown ends with a failure saying why, instead of
+        loading every file in-process while the process waits to exit."""
+        loader = Loader(executor=_forkserver_pool(), offload_bytes=0)
+        loader.close()
+        with pytest.raises(LoadError, match="shutting down"):
+            loader.load(files(count=2))
