@@ -722,9 +722,9 @@ async def _render_batch(
             parts.append(_dumpb(part)[1:-1])
             size += len(parts[-1]) + 1
             done += len(part)
-            state.metrics.evaluations.count(
-                ruleset.id, len(part), sum(len(r["errors"]) for r in part)
-            )
+            if ruleset.id in state.registry.current.rulesets:  # else its series are gone
+                errors = sum(len(result["errors"]) for result in part)
+                state.metrics.evaluations.count(ruleset.id, len(part), errors)
             if size > limits.max_response_bytes:
                 raise LimitExceeded(
                     413,
