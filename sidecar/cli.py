@@ -267,9 +267,10 @@ def _database_error(exc: BaseException, args: argparse.Namespace) -> str:
     try:
         url, password_file = _database(args)
         password = password_from(password_file)
+        database = DatabaseURL.parse(url)
     except (OSError, ValueError):
-        url, password = "", None
-    return describe_error(exc, password, DatabaseURL("postgresql", url))
+        return describe_error(exc, None, DatabaseURL("postgresql", ""))
+    return f"{describe_error(exc, password, database)} (database {database.redacted})"
 
 
 if __name__ == "__main__":

@@ -37,9 +37,11 @@ from sidecar.sources.dbschema import (
     RULE_COLUMNS,
     RULESET_COLUMNS,
     RULESET_FIELDS,
+    SCHEMA_VERSION,
     rule_field,
     ruleset_file,
     select,
+    stored_version,
     upgrade,
     write_ruleset,
 )
@@ -83,6 +85,7 @@ def import_files(
         if refused:
             raise LoadError(refused)
     with _import_transaction(database, password_file) as connection:
+        _check_schema(connection, database)
         kept = [
             SourceFile(ruleset_file(database.redacted, ruleset_id), json.dumps(document).encode())
             for ruleset_id, document in _stored_documents(
@@ -93,6 +96,22 @@ def import_files(
         for ruleset in incoming.rulesets.values():
             write_ruleset(connection, database.kind, ruleset.to_document())
     return ImportResult(len(incoming.rulesets), len(incoming.rules))
+
+
+def _check_schema(connection: Any, database: DatabaseURL) -> None:
+    """Rows are written only into tables of this sidecar's schema: written into older
+    ones, they would say OK and then not load (`db init` upgrades them)."""
+    version = stored_version(connection, database.kind)
+    if version != SCHEMA_VERSION:
+        found = "no tables" if version is None else f"tables of schema version {version}"
+        message = (
+            f"the database has {found}, and this sidecar writes version {SCHEMA_VERSION}: "
+            "run `rule-sidecar db init` first (nothing was imported)"
+        )
+        problem = Problem(
+            file=database.redacted, message=message, code=ProblemCode.DATABASE_REFUSES
+        )
+        raise LoadError([problem])
 
 
 @contextmanager

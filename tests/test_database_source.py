@@ -959,6 +959,29 @@ class TestSchemaUpgrade:
         database.init()  # idempotent on the upgraded schema
         assert points_read(source) == 45
 
+    def test_import_into_a_schema_1_database_is_refused_until_db_init(
+        self, database: Database, tmp_path: Path
+    ):
+        """The attack: `db import` said OK into schema-1 tables without upgrading them,
+        and the sidecar then refused the database."""
+        dump = (FIXTURES / f"schema-1.{database.kind}.sql").read_text(encoding="utf-8")
+        if database.is_postgresql:
+            with psycopg.connect(database.url, autocommit=True) as connection:
+                connection.execute(dump.encode())
+        else:
+            connection = sqlite3.connect(database.name)
+            connection.executescript(dump)
+            connection.close()
+        rows = database.execute("SELECT id, points FROM rule_sidecar_rules ORDER BY id")
+        path = tmp_path / "fraud.yaml"
+        path.write_text(dump_yaml(fraud_doc(45)), encoding="utf-8")
+        with pytest.raises(LoadError, match=r"schema version 1.*db init"):
+            dbtools.import_files([path], database.url)
+        assert database.execute("SELECT id, points FROM rule_sidecar_rules ORDER BY id") == rows
+        database.init()
+        dbtools.import_files([path], database.url)
+        assert points_read(DatabaseSource(database.url)) == 45
+
 
 class TestSqliteFileSwapped:
     """The open connection keeps the file it opened: a path given another file is seen."""

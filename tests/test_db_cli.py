@@ -259,6 +259,7 @@ class TestUsageAndFailures:
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1, result.stderr
         assert lines[0].startswith("rule-sidecar: OperationalError:")
+        assert lines[0].endswith("(database postgresql://postgres:********@127.0.0.1:1/rules)")
         assert "Traceback" not in result.stderr
         assert SECRET not in result.stdout + result.stderr
 

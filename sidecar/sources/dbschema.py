@@ -41,6 +41,7 @@ __all__ = [
     "ruleset_document",
     "ruleset_file",
     "select",
+    "stored_version",
     "upgrade",
     "write_ruleset",
 ]
@@ -272,6 +273,20 @@ def missing_triggers(connection: Any, dialect: Dialect) -> list[str]:
     else:
         rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")
     return sorted(_TRIGGERS[dialect] - {name for (name,) in rows})
+
+
+def stored_version(connection: Any, dialect: Dialect) -> int | None:
+    """The schema version the tables were made or upgraded to; None: no tables yet."""
+    if dialect == "postgresql":
+        found = connection.execute("SELECT to_regclass('rule_sidecar_schema')").fetchone()
+    else:
+        found = connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'rule_sidecar_schema'"
+        ).fetchone()
+    if found is None or found[0] is None:
+        return None
+    row = connection.execute("SELECT version FROM rule_sidecar_schema").fetchone()
+    return None if row is None else int(row[0])
 
 
 def upgrade(connection: Any, dialect: Dialect) -> int:
