@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import resource
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -436,6 +438,7 @@ FROZEN_ENV = {
     "RULE_SIDECAR_DATABASE_STATEMENT_TIMEOUT_SECONDS": "300",
 }
 # Waiting for an exit: the drain of in-flight requests is 10 s; the read timeout 300 s.
+DRAIN_SECONDS = 10.0
 EXIT_GUARD_SECONDS = 20.0
 
 
@@ -533,6 +536,43 @@ class TestBoundedShutdown:
             served.process.send_signal(signal.SIGTERM)
 
             assert served.process.wait(EXIT_GUARD_SECONDS) == 0
+        finally:
+            served.stop()
+
+    def test_sigterm_cancels_an_api_reload_after_the_drain(
+        self, seeded_pg: Database, tmp_path: Path, pg_proxy: FreezableProxy
+    ):
+        """The attack: SIGTERM while `POST /reload` waits on a frozen server. aiohttp's
+        drain does not cancel a handler, it waits as long again: the exit took the read
+        timeout (or twice the drain). Now the request gets the 10 s drain, then it is
+        cancelled, and the process exits."""
+        served = spawn_over(pg_proxy, seeded_pg, tmp_path)
+        try:
+            served.wait_ready()
+            pg_proxy.freeze()
+            before = served.get(f"{HOT}/status")[1]["last_check_time"]
+            request = urllib.request.Request(
+                served.url + f"{HOT}/reload",
+                data=b'{"force": true}',
+                headers={"Content-Type": "application/json"},
+                method="POST",
+            )
+
+            def ask() -> None:
+                with contextlib.suppress(OSError):  # the answer never comes: cut at exit
+                    urllib.request.urlopen(request, timeout=60)
+
+            threading.Thread(target=ask, daemon=True).start()
+            wait_sync(
+                lambda: served.get(f"{HOT}/status")[1]["last_check_time"] != before,
+                message="the API reload reading the frozen database",
+            )
+            started = time.monotonic()
+            served.process.send_signal(signal.SIGTERM)
+
+            assert served.process.wait(EXIT_GUARD_SECONDS) == 0
+            assert time.monotonic() - started < DRAIN_SECONDS + 5
+            assert "1 request(s) still running after 10 s were cancelled" in served.log.read_text()
         finally:
             served.stop()
 

@@ -101,6 +101,8 @@ class AppState:
     allowed_hosts: frozenset[str] = frozenset()
     batches: BatchTurns = field(default_factory=BatchTurns)
     renders: RenderCache = field(default_factory=RenderCache)
+    # The tasks handling a request now: shutdown gives them a while, then cancels them.
+    handling: set[asyncio.Task[Any]] = field(default_factory=set)
 
 
 STATE: web.AppKey[AppState] = web.AppKey("state", AppState)
@@ -146,6 +148,19 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     except Exception:
         logger.exception("unexpected error in %s %s", request.method, request.path)
         return error_response(500, "internal error; see the sidecar's log")
+
+
+@web.middleware
+async def in_flight(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count the request among those shutdown waits for, and may cancel."""
+    task = asyncio.current_task()
+    handling = _state(request).handling
+    if task is not None:
+        handling.add(task)
+    try:
+        return await handler(request)
+    finally:
+        handling.discard(task)
 
 
 @web.middleware
@@ -797,7 +812,9 @@ def _observation_routes() -> list[web.RouteDef]:
 def create_observation_app(state: AppState) -> web.Application:
     """The separate listener for probes and metrics (`--metrics-port`), so that the API
     can stay on loopback while the kubelet and Prometheus reach the pod IP."""
-    app = web.Application(middlewares=[answer_in_time, errors_as_json], client_max_size=1024)
+    app = web.Application(
+        middlewares=[in_flight, answer_in_time, errors_as_json], client_max_size=1024
+    )
     app[STATE] = state
     app.add_routes(_observation_routes())
     return app
@@ -805,7 +822,7 @@ def create_observation_app(state: AppState) -> web.Application:
 
 def create_app(state: AppState, *, max_body_bytes: int = 1024 * 1024) -> web.Application:
     app = web.Application(
-        middlewares=[answer_in_time, errors_as_json, browser_guard],
+        middlewares=[in_flight, answer_in_time, errors_as_json, browser_guard],
         client_max_size=max_body_bytes,
     )
     app[STATE] = state

@@ -30,7 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from aiohttp import web
 from aiohttp.web_server import Server
@@ -496,6 +496,8 @@ async def serve(settings: Settings) -> int:
         await state.service.stop()
         for listener in listeners:
             listener.close()
+        await state.notifier.close_all()
+        await _finish(state.handling, _DRAIN_SECONDS)
         if metrics_runner is not None:
             await metrics_runner.cleanup()
         await runner.cleanup()
@@ -503,6 +505,20 @@ async def serve(settings: Settings) -> int:
     if not starting.cancelled() and (crash := starting.exception()) is not None:
         raise crash
     return 0
+
+
+async def _finish(handling: set[asyncio.Task[Any]], seconds: float) -> None:
+    """In-flight requests get `seconds` to finish, then are cancelled (aiohttp's own
+    drain cancels only a request's body reads, then waits as long again: a reload
+    waiting on a frozen database held SIGTERM for the whole read timeout)."""
+    if not handling:
+        return
+    _, late = await asyncio.wait(set(handling), timeout=seconds)
+    for task in late:
+        task.cancel()
+    if late:
+        logger.warning("%d request(s) still running after %g s were cancelled", len(late), seconds)
+        await asyncio.wait(late, timeout=1.0)
 
 
 async def _start_metrics(
