@@ -116,9 +116,13 @@ class Reloader(threading.Thread):
         self.base_files = base_files
         self.server = server
         self.worker_core = worker_core
-        # ~1 MiB of YAML each, the same ids, different conditions and points: every
-        # swap is a real change.
-        self.variants = [generate_file(1, 3_400, seed).content.decode() for seed in (7, 8)]
+        # ~1 MiB of YAML each: 39 rulesets of 100 rules in one file (one ruleset of
+        # 3,900 would pass the ruleset cost limit and be refused), the same ids,
+        # different conditions and points: every swap is a real change.
+        self.variants = [
+            "---\n".join(generate_file(index, 100, seed).content.decode() for index in range(1, 40))
+            for seed in (7, 8)
+        ]
         self.stop = threading.Event()
         self.swaps = 0
 

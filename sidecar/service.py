@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -573,6 +574,7 @@ class HotReloadService:
         if verdict is not Verdict.PUBLISH:
             return replace(loaded, status=ReloadStatus.UNCHANGED)
         snapshot, events = self.loader.timed_publish(self.registry.publish, result.snapshot)
+        _prepare(snapshot)
         self._serving_from_state = False
         self._rolled_back_from = None
         await self._save_state(snapshot)
@@ -607,6 +609,7 @@ class HotReloadService:
             )
             return
         snapshot, events = self.loader.timed_publish(self.registry.publish, result.snapshot)
+        _prepare(snapshot)
         self._serving_from_state = True
         outcome = Outcome(
             triggers=frozenset({Trigger.STATE_DIR}),
@@ -654,6 +657,18 @@ class HotReloadService:
             version_after=current.version,
             revision=current.revision,
         )
+
+
+def _prepare(snapshot: Snapshot) -> None:
+    """Build each ruleset's fast functions in a daemon thread, so that the first requests
+    after a publish do not build them on the event loop (a 128-rule ruleset: 23 ms)."""
+    sets = [ruleset.plan.conditions for ruleset in snapshot.rulesets.values()]
+
+    def prepare() -> None:
+        for conditions in sets:
+            conditions.prepare()
+
+    threading.Thread(target=prepare, name="prepare", daemon=True).start()
 
 
 def _elapsed_ms(started: float) -> float:

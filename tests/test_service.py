@@ -740,3 +740,12 @@ class TestRollback:
         record = await service.reload_rules(trigger=Trigger.WATCH)
         assert record.status is ReloadStatus.SUCCESS
         assert sorted(service.registry.current.rulesets) == ["a", "b"]
+
+
+class TestPrepared:
+    async def test_a_publish_builds_the_fast_functions_off_the_loop(self, heard):
+        """The first request after a reload must not build them on the event loop."""
+        source = StaticSource(rules("a", "b"))
+        service = await started(source, heard)
+        sets = [r.plan.conditions for r in service.registry.current.rulesets.values()]
+        await wait_for(lambda: all(conditions.prepared for conditions in sets))
