@@ -193,6 +193,15 @@ class CheckedExpression:
     root: Node
     source_info: bytes
 
+    def offsets(self) -> dict[int, int]:
+        """Every node's offset in the source, in code points, by node id."""
+        info = _message(memoryview(self.source_info))  # SourceInfo: positions 4 (map)
+        found = {}
+        for entry in _messages(info, 4):
+            parts = _message(entry)
+            found[_int(parts, 1)] = _int(parts, 2)
+        return found
+
     def offset(self, node_id: int) -> int:
         """The node's offset in the source, in code points (0 if unknown)."""
         info = _message(memoryview(self.source_info))  # SourceInfo: positions 4 (map)

@@ -330,14 +330,42 @@ class ConditionCompiler:
     def compile_combined(self, expressions: Sequence[str]) -> Any | None:
         """One program giving the list of the expressions' outcomes, or None."""
         # `(c) ? true : false` makes a non-boolean condition a compile error here and a
-        # runtime error later, so the list is always list(bool).
+        # runtime error later, so the list is always list(bool). Each item is checked to
+        # be its own expression (`_framed`).
         if not expressions:
             return None
-        source = "[" + ",\n".join(f"(({e})) ? true : false" for e in expressions) + "]"
+        items, tails, position = [], [], 1  # code points: "[" comes first
+        for expression in expressions:
+            item = f"((\n{expression}\n)) ? true : false"  # a `//` comment ends in it
+            tails.append(position + len(item) - len("true : false"))
+            items.append(item)
+            position += len(item) + len(",\n")
         try:
-            return self._env.compile(source)
+            program = self._env.compile("[" + ",\n".join(items) + "]")
         except RuntimeError:
             return None
+        return program if _framed(program, tails) else None
+
+
+def _framed(program: Any, tails: Sequence[int]) -> bool:
+    """Whether each item of a combined program is exactly one expression in its frame.
+
+    The program is compiled from the expressions pasted into one text: a comment or
+    unbalanced brackets in one (`a || //`, `b)) ? true : false, ((c`) could reshape
+    its neighbours and still leave one item per expression, with other meanings. Each
+    item's `true` must be the one written after its own expression; where it is not,
+    the caller compiles each expression alone, which refuses the culprit."""
+    checked = checked_expression(program.serialize())
+    root = checked.root
+    if root.kind != "list" or len(root.children) != len(tails):
+        return False
+    offsets = checked.offsets()
+    for item, tail in zip(root.children, tails, strict=True):
+        if item.name != "_?_:_" or len(item.children) != 3:
+            return False
+        if offsets.get(item.children[1].id) != tail:
+            return False
+    return True
 
 
 class ConditionSetError(Exception):
@@ -432,8 +460,9 @@ class ConditionSet:
         return self._fast is not None
 
     def prepare(self) -> None:
-        """Build the fast functions now, not at the first evaluation (the service does
-        it off the event loop after a publish: about 0.2 ms a condition)."""
+        """Build the fast functions; until then `evaluate` uses cel-cpp alone. Building
+        costs about 0.2 ms a simple condition (far more for long ones), so the service
+        does it in a thread after a publish, never on a request."""
         if self._fast is None:  # racing threads may both build: either result is the same
             self._fast = _fast_functions(self._chunks)
 
@@ -445,9 +474,7 @@ class ConditionSet:
             raise RuntimeError("this ConditionSet came from another process: bind() it first")
         outcomes: list[Outcome] = []
         activation = None
-        fast = self._fast
-        if fast is None:
-            fast = self._fast = _fast_functions(self._chunks)
+        fast = self._fast or ()  # not prepared yet: cel-cpp, never a build on this path
         if fast and not clean_input(document):
             fast = ()
         for index, chunk in enumerate(self._chunks):

@@ -242,6 +242,37 @@ class TestCompileErrors:
         assert compiler.compile_set([]).evaluate({"a": 1}) == []
 
 
+class TestOneConditionCannotReshapeAnother:
+    """A ruleset's conditions are compiled as one program pasted together from their
+    texts; a comment or unbalanced brackets in one must not change what its neighbours
+    mean (the attack: two rules that do not compile alone were accepted and matched)."""
+
+    @pytest.mark.parametrize(
+        "rules",
+        [
+            ["input.a == 1 || //", "input.b == 2)))) ? true : false, ((input.c == 3"],
+            ["input.a == 1)) ? true : false, ((input.b == 2", "input.c == 3"],
+            ["input.a == 1 || //", "input.b == 2"],
+        ],
+        ids=["comment-and-brackets", "brackets-split-an-item", "comment-eats-the-frame"],
+    )
+    def test_is_refused_as_it_would_be_alone(self, compiler, rules):
+        alone = set()
+        for index, expression in enumerate(rules):
+            try:
+                compiler.compile(expression)
+            except ConditionError:
+                alone.add(index)
+        with pytest.raises(ConditionSetError) as caught:
+            compiler.compile_set(["input.x == 0", *rules, "input.y == 0"])
+        assert set(caught.value.errors) == {index + 1 for index in alone}
+        assert alone
+
+    def test_a_comment_at_the_end_of_a_condition_is_only_a_comment(self, compiler):
+        conditions = compiler.compile_set(["input.a == 1 // one", "input.b == 2 // two"])
+        assert conditions.evaluate({"a": 1, "b": 3}) == [True, False]
+
+
 class TestExtensions:
     """The strings and math extensions are available to conditions."""
 
