@@ -45,8 +45,15 @@ FastFunction = Callable[[Any], list[Any]]
 _EXACT: Final = 2**53  # ints up to this compare with doubles exactly in both
 _INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1
-_MAX_LOOP_ITEMS: Final = 1_000  # with at most _MAX_LOOPS loops: far inside cel-cpp's
-_MAX_LOOPS: Final = 4  # iteration budget (10,000), which fails a whole evaluation
+# Nodes of one chunk's conditions a function is built for: building costs 10-50 µs a
+# node, most of it in one `compile()` call that holds the GIL (so it stalls requests
+# even from another thread); a larger chunk is left to cel-cpp.
+_MAX_NODES: Final = 1_000
+# Items one `exists`/`all` loops over; with at most _MAX_LOOPS loops, far inside
+# cel-cpp's iteration budget (10,000), which fails a whole evaluation. Longer lists go to
+# cel-cpp: Python's loop is 2-4x slower there, and only cel-cpp's cost is priced at load.
+_MAX_LOOP_ITEMS: Final = 100
+_MAX_LOOPS: Final = 4
 _ORDERED: Final = {"_<_": ast.Lt, "_<=_": ast.LtE, "_>_": ast.Gt, "_>=_": ast.GtE}
 _STRING_METHODS: Final = {
     "startsWith": ("startswith", "starts_with_string"),
@@ -468,10 +475,22 @@ def _condition(item: Node) -> Node | None:
     return condition
 
 
+def _count(nodes: Sequence[Node], limit: int) -> int:
+    """How many nodes these trees hold, counted up to just past `limit`."""
+    count, stack = 0, list(nodes)
+    while stack and count <= limit:
+        node = stack.pop()
+        count += 1
+        stack.extend(node.children)
+    return count
+
+
 def build(items: Sequence[Node]) -> FastFunction | None:
     """One function giving the outcomes of the wrapped conditions (the items of a
     chunk's list expression), or None unless every one of them is in the subset. The
     input must be `clean_input`."""
+    if _count(items, _MAX_NODES) > _MAX_NODES:
+        return None
     builder = _Builder()
     bodies: list[ast.stmt] = []
     results: list[ast.expr] = []
