@@ -421,7 +421,7 @@ class ConditionSet:
         self._chunks = tuple(chunks)
         self._compiler = compiler
         self._serialized = tuple(serialized)
-        # Built on first use (None until then; empty when off or none applies): about
+        # Built by `prepare` (None until then; empty when off or none applies): about
         # 0.2 ms per condition, which at load would double a cold load's time.
         self._fast: tuple[FastFunction | None, ...] | None = _unbuilt(compiler)
 
@@ -541,8 +541,8 @@ def _evaluate_one(program: Any, activation: Any) -> Outcome:
 
 
 def _unbuilt(compiler: ConditionCompiler | None) -> tuple[()] | None:
-    """A set's fast functions before its first evaluation: to be built (None) when its
-    compiler has the fast path on, none otherwise."""
+    """A set's fast functions before `prepare`: to be built (None) when its compiler has
+    the fast path on, none otherwise."""
     return None if compiler is not None and compiler.fast_path else ()
 
 

@@ -5,11 +5,12 @@ calling the program take most of an evaluation. Conditions made only of field re
 `input`, `has()`, literals, comparisons, `in`, `!`, `&&`, `||`, `size()`,
 `startsWith`/`endsWith`/`contains` and `exists`/`all` over a field are therefore
 compiled into one Python function per chunk (the conditions cel-cpp runs as one
-program), on the ruleset's first evaluation; it says each condition's outcome, or
-UNKNOWN. UNKNOWN is the answer whenever cel-cpp could disagree or error (a missing
-field, a type CEL would refuse, an int beyond 2^53 met by a double, a string cel-cpp's
-conversion would mangle): such conditions go to cel-cpp, which alone produces error
-texts. tests/test_fastpath.py compares the two on random conditions and inputs.
+program), when the set is prepared (in a thread after a publish); it says each
+condition's outcome, or UNKNOWN. UNKNOWN is the answer whenever cel-cpp could disagree
+or error (a missing field, a type CEL would refuse, an int beyond 2^53 met by a double,
+a string cel-cpp's conversion would mangle): such conditions go to cel-cpp, which alone
+produces error texts. tests/test_fastpath.py compares the two on random conditions and
+inputs.
 
 The function is built from an `ast` tree made here: user text (field names, string
 literals) only ever enters it as `ast.Constant` values, never as source code
