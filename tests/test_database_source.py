@@ -933,18 +933,23 @@ class TestEveryChangeSeen:
         assert points_read(source) == 45
 
 
+def made_by_schema_1(database: Database) -> None:
+    """The tables and rows the schema-1 sidecar made (a dump of its `db init` + import)."""
+    dump = (FIXTURES / f"schema-1.{database.kind}.sql").read_text(encoding="utf-8")
+    if database.is_postgresql:
+        with psycopg.connect(database.url, autocommit=True) as connection:
+            connection.execute(dump.encode())
+    else:
+        connection = sqlite3.connect(database.name)
+        connection.executescript(dump)
+        connection.close()
+
+
 class TestSchemaUpgrade:
     """`db init` upgrades a database made by the schema-1 sidecar, keeping its rows."""
 
     def test_schema_1_database_is_upgraded_and_then_reads_every_change(self, database: Database):
-        dump = (FIXTURES / f"schema-1.{database.kind}.sql").read_text(encoding="utf-8")
-        if database.is_postgresql:
-            with psycopg.connect(database.url, autocommit=True) as connection:
-                connection.execute(dump.encode())
-        else:
-            connection = sqlite3.connect(database.name)
-            connection.executescript(dump)
-            connection.close()
+        made_by_schema_1(database)
         assert database.execute("SELECT version FROM rule_sidecar_schema") == [(1,)]
         with pytest.raises(LoadError) as caught:
             DatabaseSource(database.url).read()
@@ -964,14 +969,7 @@ class TestSchemaUpgrade:
     ):
         """The attack: `db import` said OK into schema-1 tables without upgrading them,
         and the sidecar then refused the database."""
-        dump = (FIXTURES / f"schema-1.{database.kind}.sql").read_text(encoding="utf-8")
-        if database.is_postgresql:
-            with psycopg.connect(database.url, autocommit=True) as connection:
-                connection.execute(dump.encode())
-        else:
-            connection = sqlite3.connect(database.name)
-            connection.executescript(dump)
-            connection.close()
+        made_by_schema_1(database)
         rows = database.execute("SELECT id, points FROM rule_sidecar_rules ORDER BY id")
         path = tmp_path / "fraud.yaml"
         path.write_text(dump_yaml(fraud_doc(45)), encoding="utf-8")

@@ -31,6 +31,14 @@ INPUTS = int(os.environ.get("FASTPATH_INPUTS", "4"))
 POOL = int(os.environ.get("FASTPATH_POOL", "0"))
 POOLED: list[Any] = []
 COMPARED = [0, 0]  # outcomes compared, of which the fast path said (not UNKNOWN)
+# Deterministic in CI: the same examples every run, none kept between runs.
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    database=None,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -340,13 +348,7 @@ def _compilable(expressions: list[str]) -> list[str]:
 
 
 @pytest.mark.slow  # about 5 s: in the full suite (CI), not the quick loop
-@settings(
-    max_examples=EXAMPLES,
-    derandomize=True,
-    deadline=None,
-    suppress_health_check=list(HealthCheck),
-    database=None,
-)
+@FUZZ
 @given(
     st.lists(terms(), min_size=1, max_size=8),
     st.lists(documents, min_size=min(INPUTS, 8), max_size=INPUTS),
@@ -442,13 +444,7 @@ def typed(draw: st.DrawFn, depth: int = 0) -> str:  # noqa: PLR0911
 
 
 @pytest.mark.slow  # about 3 s: in the full suite (CI), not the quick loop
-@settings(
-    max_examples=EXAMPLES,
-    derandomize=True,
-    deadline=None,
-    suppress_health_check=list(HealthCheck),
-    database=None,
-)
+@FUZZ
 @given(
     st.lists(typed(), min_size=1, max_size=8),
     st.lists(typed_documents, min_size=1, max_size=INPUTS),
