@@ -1,11 +1,11 @@
 """The hot-reload service: one reload at a time, all or nothing, from every trigger.
 
-Watchers, the periodic resync, SIGHUP and the API all end in `reload_rules`. Reloads
-are serialised by one lock; background triggers that arrive during a reload coalesce
-into a single reload after it. The heavy part (reading, parsing, validating, compiling)
-runs in a worker thread so requests keep being served; the publish itself is one
-reference swap on the event loop. A failed reload changes nothing: the last good
-snapshot keeps serving and the failure is recorded with every problem's location.
+Watchers, the periodic resync and verification, SIGHUP (all scheduled by
+`sidecar.scheduling`) and the API end in one reload at a time, serialised by one lock.
+The heavy part (reading, parsing, validating, compiling) runs in worker threads so
+requests keep being served; the publish itself is one reference swap on the event
+loop. A failed reload changes nothing: the last good snapshot keeps serving and the
+failure is recorded with every problem's location.
 
 What a source says about its changes (a watch, a fingerprint, row versions) is an
 optimisation, never the only truth: a forced reload and SIGHUP `forget` every source
@@ -18,7 +18,6 @@ watch problem naming the source, never a crash.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -44,6 +43,7 @@ from sidecar.reloads import (
     Triggers,
     now,
 )
+from sidecar.scheduling import Scheduler
 from sidecar.snapshot import Snapshot
 from sidecar.sources import RuleSource
 from sidecar.state import StateError, StateStore
@@ -64,8 +64,6 @@ logger = logging.getLogger("sidecar.service")
 
 # How long an emptied source must stay empty before every rule is taken away.
 _CONFIRM_EMPTY_SECONDS: Final = 1.0
-# The first retry after a failed reload; each next one waits twice as long.
-_FIRST_RETRY_SECONDS: Final = 1.0
 
 
 class HealthStatus(StrEnum):
@@ -146,24 +144,23 @@ class HotReloadService:
         self.registry = registry
         self.sources = SourceSet(sources)
         self.loader = loader
-        self.interval_seconds = interval_seconds
         self.auto_reload = auto_reload
         self.state = state
         self.max_age_seconds = max_age_seconds
         self.allow_empty = allow_empty
         self.confirm_empty_seconds = confirm_empty_seconds
-        self.verify_interval_seconds = verify_interval_seconds  # 0: never
         self.log = ReloadLog(history_limit)
         self._lock = asyncio.Lock()
-        self._wake_reasons: set[Trigger] = set()
-        self._fresh_requested = False  # a requested reload reads every source afresh
         # What the service waits for now, and since when (monotonic): for health while
         # the first load runs. Set from the reading thread too (one assignment).
         self._activity: tuple[str, float] | None = None
         self._in_initial_load = False
-        self._requested: asyncio.Task[None] | None = None
-        self._failed = asyncio.Event()  # set at each recorded failure: retry soon
-        self._tasks: list[asyncio.Task[None]] = []
+        self._scheduler = Scheduler(
+            self._run_background,
+            failing=self._failing,
+            interval_seconds=interval_seconds,
+            verify_interval_seconds=verify_interval_seconds,
+        )
         self._last_check: datetime | None = None
         # When a read of every source last succeeded and what serves was known to be
         # right: freshness is measured from here, not from the last content change.
@@ -180,33 +177,25 @@ class HotReloadService:
 
     @property
     def monitoring_active(self) -> bool:
-        return any(not task.done() for task in self._tasks)
+        return self._scheduler.active
+
+    @property
+    def interval_seconds(self) -> float:
+        """Between two resyncs, while the last reload did not fail."""
+        return self._scheduler.interval_seconds
+
+    @property
+    def verify_interval_seconds(self) -> float:
+        """Between two verifications (0: never)."""
+        return self._scheduler.verify_interval_seconds
 
     def start(self) -> None:
-        """Start watching every source and the periodic resync (idempotent)."""
-        if self.monitoring_active:
-            return
-        self._tasks = [asyncio.create_task(self._resync_loop(), name="resync")]
-        if self.verify_interval_seconds > 0:
-            self._tasks.append(asyncio.create_task(self._verify_loop(), name="verify"))
-        for source in self.sources:
-            self._tasks.append(
-                asyncio.create_task(
-                    self.sources.watch(source, self._changed), name=f"watch {source.name}"
-                )
-            )
+        """Start watching every source, the periodic resync and verification (idempotent)."""
+        self._scheduler.start(self.sources)
 
     async def stop(self) -> None:
         """Stop watching (and any requested reload); the registry keeps serving."""
-        tasks, self._tasks = self._tasks, []
-        if self._requested is not None:
-            tasks.append(self._requested)
-            self._requested = None
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._scheduler.stop()
 
     async def close(self) -> None:
         """Stop watching and the loader's worker process: the server is shutting down."""
@@ -410,56 +399,18 @@ class HotReloadService:
 
     # Internals
 
-    def request_reload(self, reason: Trigger, *, fresh: bool = False) -> None:
-        """Ask for a background reload; requests made while one runs become one more.
+    def request_reload(self, reason: Trigger, *, fresh: bool = False) -> asyncio.Task[None]:
+        """Ask for a background reload (see `Scheduler.request`); returns the task that
+        carries it out."""
+        return self._scheduler.request(reason, fresh=fresh)
 
-        `fresh`: every source forgets what it kept and is read from scratch (SIGHUP, like
-        Prometheus' SIGHUP re-reads everything). Watching or not: SIGHUP reloads even
-        with HOT_RELOAD_ENABLED=false."""
-        self._wake_reasons.add(reason)
-        self._fresh_requested = self._fresh_requested or fresh
-        if self._requested is None or self._requested.done():
-            self._requested = asyncio.create_task(self._run_requested(), name="reload")
+    async def _run_background(self, reasons: Triggers, fresh: bool) -> None:
+        read = ReadMode.VERIFY if Trigger.VERIFY in reasons else ReadMode.USUAL
+        async with self._lock:
+            await self._reload(_Request(reasons, read=ReadMode.FRESH if fresh else read))
 
-    async def _run_requested(self) -> None:
-        while self._wake_reasons:
-            reasons, self._wake_reasons = frozenset(self._wake_reasons), set()
-            fresh, self._fresh_requested = self._fresh_requested, False
-            read = ReadMode.VERIFY if Trigger.VERIFY in reasons else ReadMode.USUAL
-            try:
-                async with self._lock:
-                    await self._reload(_Request(reasons, read=ReadMode.FRESH if fresh else read))
-            except Exception:
-                logger.exception("background reload crashed")
-
-    async def _verify_loop(self) -> None:
-        """Every `verify_interval_seconds`: read every source as usual and from scratch.
-
-        A watch can lose an event and a fingerprint can miss a change (a row deleted and
-        inserted again under the same version, triggers bypassed); only a full read
-        shows it. What it finds goes live like any change and is counted as drift."""
-        while True:
-            await asyncio.sleep(self.verify_interval_seconds)
-            self.request_reload(Trigger.VERIFY)
-
-    async def _resync_loop(self) -> None:
-        """Safety net for anything a watcher missed; the poll of sources without a watch.
-
-        While the last reload failed, it comes sooner (1 s, doubling up to the interval):
-        a repair that makes no change event (a permission put back, a database back up)
-        is then seen in seconds, like OPA's bundle downloads retry with backoff."""
-        retry = _FIRST_RETRY_SECONDS
-        while True:
-            failing = self.log.last is not None and self.log.last.status is ReloadStatus.FAILED
-            self._failed.clear()
-            try:
-                delay = min(retry, self.interval_seconds) if failing else self.interval_seconds
-                await asyncio.wait_for(self._failed.wait(), timeout=delay)
-            except TimeoutError:
-                retry = min(retry * 2, self.interval_seconds) if failing else _FIRST_RETRY_SECONDS
-                self.request_reload(Trigger.RESYNC)
-            else:
-                retry = _FIRST_RETRY_SECONDS  # a new failure: its retries start again
+    def _failing(self) -> bool:
+        return self.log.last is not None and self.log.last.status is ReloadStatus.FAILED
 
     async def _attempt(
         self, request: _Request, serving: Snapshot, *, confirmed: bool = False
@@ -494,9 +445,6 @@ class HotReloadService:
             ),
         )
         return attempt, result, counts
-
-    def _changed(self) -> None:
-        self.request_reload(Trigger.WATCH)
 
     def _reading_source(self, name: str) -> None:
         self._activity = (f"reading {name}", time.monotonic())
@@ -546,7 +494,7 @@ class HotReloadService:
             return self._unrecorded(before, request.triggers)
         outcome = await self._carry_out(verdict, attempt, result, request.filtered_by)
         if outcome.status is ReloadStatus.FAILED:
-            self._failed.set()
+            self._scheduler.failed()
         return self.log.record(outcome, elapsed_ms=_elapsed_ms(started))
 
     async def _carry_out(

@@ -35,7 +35,7 @@ LAYERS: list[set[str]] = [
     {"sidecar.registry", "sidecar.reading"},
     {"sidecar.editing"},
     {"sidecar.reloads"},
-    {"sidecar.decision"},
+    {"sidecar.decision", "sidecar.scheduling"},
     {"sidecar.service", "sidecar.config", "sidecar.dbtools", "sidecar.gate"},
     {"sidecar.integration"},
     {
