@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sidecar.celwire import checked_expression
 from sidecar.conditions import ConditionCompiler, ConditionError, check_input
 from sidecar.cost import DEFAULT_COST_LIMIT, estimate, estimate_items
 
@@ -188,7 +189,7 @@ def _load(count: int) -> None:
     compiling = time.perf_counter() - started
     started = time.perf_counter()
     for program in programs:
-        estimate_items(program.serialize(), compiler._bounds)
+        estimate_items(checked_expression(program.serialize()), compiler._bounds)
     pricing = time.perf_counter() - started
     print(f"\n3. Load: {len(expressions):,} generated conditions (bench/_gen.py), chunks of 100")
     print(f"   compile {compiling / len(expressions) * 1e6:.0f} us per condition")

@@ -28,7 +28,7 @@ from typing import Any, Final
 from cel_expr_python import cel
 from cel_expr_python.ext import ext_math, ext_strings
 
-from sidecar.celwire import checked_expression
+from sidecar.celwire import CheckedExpression, checked_expression
 from sidecar.cost import DEFAULT_COST_LIMIT, CostError, SizeBounds, estimate, estimate_items
 from sidecar.errors import InputError, format_path
 from sidecar.fastpath import UNKNOWN, FastFunction, build, clean_input
@@ -272,13 +272,14 @@ class ConditionCompiler:
         chunks = []
         errors: dict[int, ConditionError] = {}
         for start, end in _chunk_bounds(expressions):
-            program = self.compile_combined(expressions[start:end])
-            if program is None:
+            combined = self._combined(expressions[start:end])
+            program = None if combined is None else combined[0]
+            if combined is None:
                 # A bad condition, or a nesting depth only the combined form exceeds:
                 # each expression on its own tells which.
                 suspects: Sequence[int] = range(start, end)
             else:
-                suspects = self._overpriced(program, expressions, start, end)
+                suspects = self._overpriced(combined[1], expressions, start, end)
             for index in suspects:
                 try:
                     self.compile(expressions[index])
@@ -292,14 +293,14 @@ class ConditionCompiler:
         return ConditionSet(tuple(expressions), chunks, self, worst_cost=worst)
 
     def _overpriced(
-        self, program: Any, expressions: Sequence[str], start: int, end: int
+        self, checked: CheckedExpression, expressions: Sequence[str], start: int, end: int
     ) -> list[int]:
         """Indexes of the chunk's expressions over the cost limit, priced from the chunk's
-        program (one decode for the chunk); each is then compiled alone for its error."""
+        checked program; each is then compiled alone for its error."""
         with self._lock:
             if all(e in self._costs for e in expressions[start:end]):
                 return []
-        costs = estimate_items(program.serialize(), self._bounds, self._cost_limit)
+        costs = estimate_items(checked, self._bounds, self._cost_limit)
         if costs is None or len(costs) != end - start:
             return list(range(start, end))
         with self._lock:
@@ -329,6 +330,12 @@ class ConditionCompiler:
 
     def compile_combined(self, expressions: Sequence[str]) -> Any | None:
         """One program giving the list of the expressions' outcomes, or None."""
+        combined = self._combined(expressions)
+        return None if combined is None else combined[0]
+
+    def _combined(self, expressions: Sequence[str]) -> tuple[Any, CheckedExpression] | None:
+        """`compile_combined`'s program with its checked expression (decoded once: the
+        frame check and the cost estimate both read it)."""
         # `(c) ? true : false` makes a non-boolean condition a compile error here and a
         # runtime error later, so the list is always list(bool). Each item is checked to
         # be its own expression (`_framed`).
@@ -344,10 +351,11 @@ class ConditionCompiler:
             program = self._env.compile("[" + ",\n".join(items) + "]")
         except RuntimeError:
             return None
-        return program if _framed(program, tails) else None
+        checked = checked_expression(program.serialize())
+        return (program, checked) if _framed(checked, tails) else None
 
 
-def _framed(program: Any, tails: Sequence[int]) -> bool:
+def _framed(checked: CheckedExpression, tails: Sequence[int]) -> bool:
     """Whether each item of a combined program is exactly one expression in its frame.
 
     The program is compiled from the expressions pasted into one text: a comment or
@@ -355,7 +363,6 @@ def _framed(program: Any, tails: Sequence[int]) -> bool:
     its neighbours and still leave one item per expression, with other meanings. Each
     item's `true` must be the one written after its own expression; where it is not,
     the caller compiles each expression alone, which refuses the culprit."""
-    checked = checked_expression(program.serialize())
     root = checked.root
     if root.kind != "list" or len(root.children) != len(tails):
         return False

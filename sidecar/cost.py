@@ -839,11 +839,11 @@ def _ms(units: float) -> str:
 
 
 def estimate_items(
-    serialized: bytes, bounds: SizeBounds, limit: float = DEFAULT_COST_LIMIT
+    checked: CheckedExpression, bounds: SizeBounds, limit: float = DEFAULT_COST_LIMIT
 ) -> list[float | None] | None:
-    """For a program that is a list of conditions (a ruleset's combined program), each
-    one's worst-case cost, None for those refused; None if it is not such a list."""
-    checked = checked_expression(serialized)
+    """For a program that is a list of conditions (a ruleset's combined program, as
+    `checked_expression` decodes it), each one's worst-case cost, None for those
+    refused; None if it is not such a list."""
     if checked.root.kind != "list":
         return None
     costs: list[float | None] = []
