@@ -347,13 +347,9 @@ def _compilable(expressions: list[str]) -> list[str]:
     return expressions
 
 
-@pytest.mark.slow  # about 5 s: in the full suite (CI), not the quick loop
-@FUZZ
-@given(
-    st.lists(terms(), min_size=1, max_size=8),
-    st.lists(documents, min_size=min(INPUTS, 8), max_size=INPUTS),
-)
-def test_fast_path_equals_cel_cpp(expressions: list[str], inputs: list[dict[str, Any]]) -> None:
+def compare_as_rulesets(expressions: list[str], inputs: list[Any]) -> None:
+    """Each compilable condition alone and all of them as one chunk, on these inputs and
+    (long runs) the pooled inputs of earlier examples."""
     kept = _compilable(expressions)
     compared = inputs + POOLED[-POOL:] if POOL else inputs
     for expression in kept:
@@ -363,6 +359,16 @@ def test_fast_path_equals_cel_cpp(expressions: list[str], inputs: list[dict[str,
     if POOL:
         POOLED.extend(inputs)
         del POOLED[: -POOL * 4]
+
+
+@pytest.mark.slow  # about 5 s: in the full suite (CI), not the quick loop
+@FUZZ
+@given(
+    st.lists(terms(), min_size=1, max_size=8),
+    st.lists(documents, min_size=min(INPUTS, 8), max_size=INPUTS),
+)
+def test_fast_path_equals_cel_cpp(expressions: list[str], inputs: list[dict[str, Any]]) -> None:
+    compare_as_rulesets(expressions, inputs)
 
 
 # Well-typed conditions over a typed input, so that most outcomes are true or false (the
@@ -450,12 +456,4 @@ def typed(draw: st.DrawFn, depth: int = 0) -> str:  # noqa: PLR0911
     st.lists(typed_documents, min_size=1, max_size=INPUTS),
 )
 def test_fast_path_equals_cel_cpp_well_typed(expressions: list[str], inputs: list[Any]) -> None:
-    kept = _compilable(expressions)
-    compared = inputs + POOLED[-POOL:] if POOL else inputs
-    for expression in kept:
-        assert_agrees([expression], compared)
-    if kept:
-        assert_agrees(kept, compared)
-    if POOL:
-        POOLED.extend(inputs)
-        del POOLED[: -POOL * 4]
+    compare_as_rulesets(expressions, inputs)
