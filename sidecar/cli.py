@@ -72,7 +72,7 @@ def _serve(args: argparse.Namespace, out: TextIO) -> int:
     # Imported here so that `validate` and `test` never load the server.
     from sidecar.api.run import run  # noqa: PLC0415
 
-    return run(flag_settings(args, os.environ))
+    run(flag_settings(args, os.environ))
 
 
 def flag_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:

@@ -36,7 +36,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor
+from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cache
@@ -129,6 +129,9 @@ LOAD_STAGES: Final = (
 StageListener = Callable[[Mapping[LoadStage, float]], None]
 
 _R = TypeVar("_R")
+
+# How often a load waiting on the worker looks whether the loader was closed.
+_CLOSED_POLL_SECONDS: Final = 0.25
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -413,6 +416,15 @@ class Loader:
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
 
+    def _answer(self, future: Future[_R]) -> _R:
+        """The worker's answer, waited for only while the loader is open: a worker stopped
+        by `close` mid-answer can leave its future unresolved for good."""
+        while True:
+            try:
+                return future.result(timeout=_CLOSED_POLL_SECONDS)
+            except TimeoutError:
+                self._stop_if_closed()
+
     def _stop_if_closed(self) -> None:
         if self._closed:
             problem = Problem(
@@ -443,7 +455,7 @@ class Loader:
             executor.submit(_load_file_in_worker, source, digest, run_checks, self.file_limits)
             for source, digest in changed
         ]
-        answers = [future.result() for future in futures]
+        answers = [self._answer(future) for future in futures]
         results = {}
         with watch.stage(LoadStage.COMPILE):
             for (source, _), (result, _) in zip(changed, answers, strict=True):

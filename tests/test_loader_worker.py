@@ -5,9 +5,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 
 import pytest
 from conftest import dump_yaml, make_ruleset_doc
@@ -205,3 +206,34 @@ class TestClose:
         loader.close()
         with pytest.raises(LoadError, match="shutting down"):
             loader.load(files(count=2))
+
+
+class NeverAnswers(Executor):
+    """A worker pool whose answers never come, as when `close` stopped the worker while it
+    wrote one: the pool's own thread then waits on the half-written answer for good."""
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+        return Future()
+
+
+def test_a_load_waiting_on_the_worker_ends_when_the_loader_closes():
+    """The attack: SIGTERM during a large reload, and the process never exited (the load's
+    thread waited on such a future, and the loop's executor joined that thread)."""
+    loader = Loader(executor=NeverAnswers(), offload_bytes=0)
+    outcome: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            loader.load(files(count=2))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    loading = threading.Thread(target=load)
+    loading.start()
+    loading.join(0.5)
+    assert loading.is_alive()  # waiting on the worker
+    loader.close()
+    loading.join(10)
+    assert not loading.is_alive()
+    assert isinstance(outcome[0], LoadError)
+    assert "shutting down" in str(outcome[0])

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import resource
 import signal
 import socket
@@ -30,7 +31,7 @@ from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, NoReturn, cast
 
 from aiohttp import web
 from aiohttp.web_server import Server
@@ -536,8 +537,15 @@ async def _start_metrics(
     return runner
 
 
-def run(settings: Settings) -> int:
+def run(settings: Settings) -> NoReturn:
+    """Serve until SIGTERM, then exit at once: a reload worker stopped mid-answer can
+    leave the process pool's manager thread blocked on a half-written result for good,
+    and the interpreter's exit would join it."""
     configure_logging(settings.log_level)
-    if uvloop is None:
-        return asyncio.run(serve(settings))
-    return uvloop.run(serve(settings))
+    try:
+        code = asyncio.run(serve(settings)) if uvloop is None else uvloop.run(serve(settings))
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
