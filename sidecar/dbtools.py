@@ -102,11 +102,16 @@ def _check_schema(connection: Any, database: DatabaseURL) -> None:
     """Rows are written only into tables of this sidecar's schema: written into older
     ones, they would say OK and then not load (`db init` upgrades them)."""
     version = stored_version(connection, database.kind)
+    if version is None:
+        found, fix = "no rule-sidecar schema version", "run `rule-sidecar db init` first"
+    elif version < SCHEMA_VERSION:
+        found, fix = f"tables of schema version {version}", "run `rule-sidecar db init` first"
+    elif version > SCHEMA_VERSION:
+        found, fix = f"tables of schema version {version}", "upgrade rule-sidecar"
     if version != SCHEMA_VERSION:
-        found = "no tables" if version is None else f"tables of schema version {version}"
         message = (
             f"the database has {found}, and this sidecar writes version {SCHEMA_VERSION}: "
-            "run `rule-sidecar db init` first (nothing was imported)"
+            f"{fix} (nothing was imported)"
         )
         problem = Problem(
             file=database.redacted, message=message, code=ProblemCode.DATABASE_REFUSES

@@ -980,6 +980,26 @@ class TestSchemaUpgrade:
         dbtools.import_files([path], database.url)
         assert points_read(DatabaseSource(database.url)) == 45
 
+    @pytest.mark.parametrize(
+        ("versions", "advice"),
+        [((SCHEMA_VERSION + 1,), "upgrade rule-sidecar"), ((SCHEMA_VERSION, 9), "upgrade rule")],
+        ids=["newer", "a second, newer row"],
+    )
+    def test_import_into_newer_tables_says_to_upgrade_the_sidecar(
+        self, database: Database, tmp_path: Path, versions: tuple[int, ...], advice: str
+    ):
+        """The attack: newer tables were told to run `db init`, which refuses them; a
+        second row in the version table was not read at all, and the import said OK."""
+        database.init()
+        database.execute("DELETE FROM rule_sidecar_schema")
+        for version in versions:
+            database.execute(f"INSERT INTO rule_sidecar_schema (version) VALUES ({version})")
+        path = tmp_path / "fraud.yaml"
+        path.write_text(dump_yaml(fraud_doc()), encoding="utf-8")
+        with pytest.raises(LoadError, match=advice):
+            dbtools.import_files([path], database.url)
+        assert database.execute("SELECT count(*) FROM rule_sidecar_rules") == [(0,)]
+
 
 class TestSqliteFileSwapped:
     """The open connection keeps the file it opened: a path given another file is seen."""

@@ -276,7 +276,8 @@ def missing_triggers(connection: Any, dialect: Dialect) -> list[str]:
 
 
 def stored_version(connection: Any, dialect: Dialect) -> int | None:
-    """The schema version the tables were made or upgraded to; None: no tables yet."""
+    """The schema version the tables were made or upgraded to (the highest, should the
+    table hold more than one row); None: no tables, or no version in them."""
     if dialect == "postgresql":
         found = connection.execute("SELECT to_regclass('rule_sidecar_schema')").fetchone()
     else:
@@ -285,8 +286,8 @@ def stored_version(connection: Any, dialect: Dialect) -> int | None:
         ).fetchone()
     if found is None or found[0] is None:
         return None
-    row = connection.execute("SELECT version FROM rule_sidecar_schema").fetchone()
-    return None if row is None else int(row[0])
+    row = connection.execute("SELECT max(version) FROM rule_sidecar_schema").fetchone()
+    return None if row is None or row[0] is None else int(row[0])
 
 
 def upgrade(connection: Any, dialect: Dialect) -> int:
