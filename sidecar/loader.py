@@ -34,6 +34,8 @@ import difflib
 import hashlib
 import json
 import logging
+import multiprocessing
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor
@@ -506,12 +508,39 @@ class Loader:
         return ruleset, []
 
 
+WORKER_NICENESS: Final = 10
+
+
+def reload_worker() -> ProcessPoolExecutor:
+    """The one worker process that large loads go to.
+
+    forkserver, because forking a process that runs threads is unsafe. The worker runs
+    at a lower priority (`WORKER_NICENESS`) than the serving process: a sidecar limited
+    to one CPU shares it between the two, and requests should not wait behind a reload
+    (the kernel still gives the worker every cycle that serving leaves idle).
+    """
+    return ProcessPoolExecutor(
+        max_workers=1,
+        mp_context=multiprocessing.get_context("forkserver"),
+        initializer=_lower_priority,
+    )
+
+
+def _lower_priority() -> None:
+    try:
+        os.nice(WORKER_NICENESS)
+    except OSError:  # not allowed here: the worker runs at the serving process's priority
+        logger.warning("the reload worker could not lower its priority")
+
+
 def _load_file_in_worker(
     source: SourceFile, digest: str, run_checks: bool, file_limits: FileLimits
 ) -> tuple[_FileResult, dict[LoadStage, float]]:
     """What the worker process runs: the in-process work, with a compiler of its own;
     the seconds of its stages travel back with the result."""
-    loader = Loader(run_checks=run_checks, file_limits=file_limits)
+    # No fast path here: a worker never serves, and its sets travel without functions.
+    compiler = ConditionCompiler(fast_path=False)
+    loader = Loader(compiler=compiler, run_checks=run_checks, file_limits=file_limits)
     watch = _Stopwatch()
     return loader._load_file(source, digest, run_checks=run_checks, watch=watch), watch.seconds
 

@@ -15,7 +15,7 @@ from conftest import dump_yaml, make_ruleset_doc
 
 from sidecar.engine import evaluate
 from sidecar.errors import LoadError
-from sidecar.loader import LOAD_STAGES, Loader
+from sidecar.loader import LOAD_STAGES, WORKER_NICENESS, Loader, reload_worker
 from sidecar.rulefiles import SourceFile
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
@@ -27,7 +27,7 @@ INPUTS = [{"amount": 5000, "country": "FR"}, {"amount": 10, "country": "US"}, {"
 @pytest.fixture(scope="module")
 def executor() -> Iterator[ProcessPoolExecutor]:
     """One real worker process, as `rule-sidecar serve` runs it."""
-    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("forkserver"))
+    pool = reload_worker()
     yield pool
     pool.shutdown()
 
@@ -147,7 +147,13 @@ class TestWorkerLoads:
 
 
 def _forkserver_pool() -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("forkserver"))
+    return reload_worker()
+
+
+def test_the_worker_yields_the_cpu_to_serving(executor: ProcessPoolExecutor) -> None:
+    """A sidecar limited to one CPU shares it between serving and the worker: the worker
+    runs at a lower priority, so requests do not queue behind a reload."""
+    assert executor.submit(os.nice, 0).result() == min(19, os.nice(0) + WORKER_NICENESS)
 
 
 class TestWorkerDeath:

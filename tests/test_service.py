@@ -19,6 +19,7 @@ from conftest import dump_yaml, make_ruleset_doc
 
 from sidecar.api.views import status_view
 from sidecar.config import SettingsError, settings_from
+from sidecar.engine import evaluate
 from sidecar.errors import LoadError, Problem, ProblemCode
 from sidecar.integration import is_registry_fresh
 from sidecar.loader import Loader
@@ -743,9 +744,13 @@ class TestRollback:
 
 
 class TestPrepared:
-    async def test_a_publish_builds_the_fast_functions_off_the_loop(self, heard):
-        """The first request after a reload must not build them on the event loop."""
+    async def test_a_ruleset_in_use_gets_its_fast_functions_off_the_loop(self, heard):
+        """The first request after a reload must not build them on the event loop, and
+        a reload must not build them for rulesets nobody evaluates (a 1 MiB change:
+        about 0.7 CPU-seconds on the serving core)."""
         source = StaticSource(rules("a", "b"))
         service = await started(source, heard)
-        sets = [r.plan.conditions for r in service.registry.current.rulesets.values()]
-        await wait_for(lambda: all(conditions.prepared for conditions in sets))
+        rulesets = service.registry.current.rulesets
+        evaluate(service.registry.current, "a", {"amount": 1})
+        await wait_for(lambda: rulesets["a"].plan.conditions.prepared)
+        assert not rulesets["b"].plan.conditions.prepared

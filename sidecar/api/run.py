@@ -19,7 +19,6 @@ import gc
 import json
 import logging
 import math
-import multiprocessing
 import os
 import resource
 import signal
@@ -27,7 +26,6 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -48,7 +46,7 @@ from sidecar.api.views import status_view
 from sidecar.api.websocket import ReloadNotificationManager
 from sidecar.conditions import ConditionCompiler
 from sidecar.config import Settings, SettingsError
-from sidecar.loader import Loader
+from sidecar.loader import Loader, reload_worker
 from sidecar.registry import RuleRegistry
 from sidecar.service import HotReloadService, ReloadRecord, ReloadStatus, Trigger
 from sidecar.sources import RuleSource
@@ -124,18 +122,12 @@ def build_state(settings: Settings) -> AppState:
         source, recorder = _kubernetes(settings)
         sources.append(source)
 
-    # One worker process takes large reloads off the serving process (see sidecar.loader);
-    # forkserver, because forking a process that runs threads is unsafe.
-    def worker() -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(
-            max_workers=1, mp_context=multiprocessing.get_context("forkserver")
-        )
-
+    # One worker process takes large reloads off the serving process (see sidecar.loader).
     loader = Loader(
         compiler=ConditionCompiler(fast_path=settings.fast_path),
         run_checks=settings.validation_enabled,
-        executor=worker() if settings.reload_worker else None,
-        new_executor=worker if settings.reload_worker else None,
+        executor=reload_worker() if settings.reload_worker else None,
+        new_executor=reload_worker if settings.reload_worker else None,
     )
     registry = RuleRegistry()
     service = HotReloadService(
