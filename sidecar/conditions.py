@@ -299,7 +299,8 @@ class ConditionCompiler:
             raise ConditionSetError(errors)
         with self._lock:
             worst = sum(self._costs[expression] for expression in expressions)
-        return ConditionSet(tuple(expressions), chunks, self, worst_cost=worst)
+        fields = input_fields(expressions)
+        return ConditionSet(tuple(expressions), chunks, self, worst_cost=worst, fields=fields)
 
     def _overpriced(
         self, checked: CheckedExpression, expressions: Sequence[str], start: int, end: int
@@ -432,10 +433,11 @@ class ConditionSet:
         *,
         serialized: Sequence[tuple[int, int, bytes | None]] = (),
         worst_cost: float = 0.0,
+        fields: frozenset[str] | None,
     ) -> None:
         self.expressions = expressions
         self.worst_cost = worst_cost
-        self.fields = input_fields(expressions)
+        self.fields = fields  # `input_fields(expressions)`, carried along when pickled
         self._chunks = tuple(chunks)
         self._compiler = compiler
         self._serialized = tuple(serialized)
@@ -453,7 +455,7 @@ class ConditionSet:
             (chunk.start, chunk.end, None if chunk.program is None else chunk.program.serialize())
             for chunk in self._chunks
         )
-        return (_unbound_set, (self.expressions, serialized, self.worst_cost))
+        return (_unbound_set, (self.expressions, serialized, self.worst_cost, self.fields))
 
     def bind(self, compiler: ConditionCompiler) -> None:
         """Attach an unpickled set to this process's compiler. Its programs are restored
@@ -628,8 +630,11 @@ def _unbound_set(
     expressions: tuple[str, ...],
     serialized: tuple[tuple[int, int, bytes | None], ...],
     worst_cost: float,
+    fields: frozenset[str] | None,
 ) -> ConditionSet:
-    return ConditionSet(expressions, (), None, serialized=serialized, worst_cost=worst_cost)
+    return ConditionSet(
+        expressions, (), None, serialized=serialized, worst_cost=worst_cost, fields=fields
+    )
 
 
 class _Chunk:

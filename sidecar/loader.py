@@ -537,12 +537,17 @@ def _load_file_in_worker(
     source: SourceFile, digest: str, run_checks: bool, file_limits: FileLimits
 ) -> tuple[_FileResult, dict[LoadStage, float]]:
     """What the worker process runs: the in-process work, with a compiler of its own;
-    the seconds of its stages travel back with the result."""
+    the seconds of its stages travel back with the result. Each ruleset's digest is
+    taken here and travels with it, so that the serving process does not take it."""
     # No fast path here: a worker never serves, and its sets travel without functions.
     compiler = ConditionCompiler(fast_path=False)
     loader = Loader(compiler=compiler, run_checks=run_checks, file_limits=file_limits)
     watch = _Stopwatch()
-    return loader._load_file(source, digest, run_checks=run_checks, watch=watch), watch.seconds
+    result = loader._load_file(source, digest, run_checks=run_checks, watch=watch)
+    with watch.stage(LoadStage.BUILD):
+        for ruleset in result.rulesets:
+            _ = ruleset.digest
+    return result, watch.seconds
 
 
 def _declared(document: Document) -> _Declared:

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import replace
 
 import pytest
 from conftest import dump_yaml, make_ruleset_doc
@@ -82,6 +83,13 @@ class TestWorkerLoads:
         there = Loader(executor=executor, offload_bytes=0).load(files())
         assert there.snapshot.revision == here.snapshot.revision
         assert there.files_parsed == 3
+        for ruleset_id, ruleset in here.snapshot.rulesets.items():
+            copy = there.snapshot.rulesets[ruleset_id]
+            assert copy == ruleset  # every field but the plan and the locations ...
+            assert copy.to_dict() == ruleset.to_dict()  # ... which this shows
+            assert [rule.location for rule in copy.rules] == [r.location for r in ruleset.rules]
+            assert copy.tests == ruleset.tests
+            assert copy.digest == replace(copy, name=copy.name).digest  # the worker's, right
         for ruleset_id in here.snapshot.rulesets:
             for document in INPUTS:
                 expected = evaluate(here.snapshot, ruleset_id, document).to_dict()

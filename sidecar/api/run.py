@@ -211,18 +211,21 @@ class HeapFreezer:
     are collected: what was allocated since the last freeze (the new snapshot's objects,
     a failed reload's traceback cycles), never the frozen heap, so the pause grows with
     the change, not with the registry. Frozen objects are still freed by reference
-    counting; only a cycle that dies after it was frozen is not. Such cycles add up, so
-    the heap is unfrozen and collected whole (tens of ms at 10k rules) once what was
-    frozen since the last full collection reaches `growth - 1` times what that left
-    frozen, or `every` seconds after it, whichever comes first. (What was frozen is
-    counted as it is frozen: `gc.get_freeze_count()` walks the whole frozen heap.)
+    counting (a replaced snapshot's are: snapshots hold no cycles); only a cycle that
+    dies after it was frozen is not. Such cycles could add up, so the heap is unfrozen
+    and collected whole (one uninterruptible pause of tens of ms at 10k rules) when the
+    frozen heap has really grown to `growth` times what the last full collection left,
+    or `every` seconds after it. Whether it has is checked only once what was frozen
+    since (counted as it is frozen) passes that mark: counting the frozen heap itself
+    (`gc.get_freeze_count()`) walks it, a few ms, and most of what was frozen has
+    usually been freed since (a reload replaces what the previous one froze).
     """
 
     def __init__(self, growth: float = 1.5, every: float = 600.0) -> None:
         self.growth = growth
         self.every = every
         self._baseline = 0  # objects frozen by the last full collection
-        self._frozen = 0  # ... plus those frozen since (freed ones still counted)
+        self._frozen = 0  # at most what is frozen now: freed ones are still counted
         self._collected = -math.inf  # when (monotonic) that was
 
     def __call__(self, record: ReloadRecord) -> None:
@@ -232,7 +235,11 @@ class HeapFreezer:
         self._frozen += len(gc.get_objects(generation=2))  # all that survived it
         gc.freeze()
         now = time.monotonic()
-        if self._frozen > self._baseline * self.growth or now - self._collected >= self.every:
+        due = now - self._collected >= self.every
+        if not due and self._frozen > self._baseline * self.growth:
+            self._frozen = gc.get_freeze_count()
+            due = self._frozen > self._baseline * self.growth
+        if due:
             gc.unfreeze()
             gc.collect()
             gc.freeze()
