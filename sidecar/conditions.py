@@ -513,15 +513,21 @@ class ConditionSet:
                 compiler.prepare_soon(self)
         if fast and not clean_input(document):
             fast = ()
-        for index, chunk in enumerate(self._programs()):
+        chunks = self._programs()
+        for index, chunk in enumerate(chunks):
             function = fast[index] if fast else None
             if function is not None:
                 known = function(document)
                 if UNKNOWN not in known:
                     outcomes.extend(known)
                     continue
-            # The common case, kept lean: `data=` costs less than building an Activation.
-            listed = _list_outcomes(chunk.program, data={"input": document})
+            if activation is None and len(chunks) == 1:
+                # The common case, kept lean: `data=` costs less than an Activation ...
+                listed = _list_outcomes(chunk.program, data={"input": document})
+            else:  # ... which converts the input once for all the chunks that need it
+                if activation is None:
+                    activation = compiler.activation(document)
+                listed = _list_outcomes(chunk.program, activation)
             if listed is not None:
                 outcomes.extend(listed)
                 continue
