@@ -11,11 +11,12 @@ event; "every pod live" is the slowest pod of a change.
    idle (`pg_stat_activity` of that database, by the last statement each ran: the
    listener's `LISTEN`/heartbeat, the reader's last `ROLLBACK`), the peak while the
    changes run (sampled every 2 ms) and the connections opened meanwhile; then
-   `--changes` UPDATEs of one rule's points, spaced, each timed from the return of
-   `COMMIT` to each pod's event. A fleet whose peak would leave fewer than
-   `SPARE_CONNECTIONS` of the server's `max_connections` to its other users (this server
-   is shared) is made smaller, and says so: at 2 connections per pod, 50 pods take the
-   whole of PostgreSQL's default 100.
+   `--changes` UPDATEs of one rule's points, spaced, each timed from the `COMMIT` to each
+   pod's event (the clock starts as it is sent: on a busy machine a stamp taken after it
+   returns can be late, which would count an event as early). A fleet whose peak would
+   leave fewer than `SPARE_CONNECTIONS` of the server's `max_connections` to its other
+   users (this server is shared) is made smaller, and says so: at 2 connections per pod,
+   50 pods take the whole of PostgreSQL's default 100.
 2. Kubernetes API: every pod watching one `sidecar.testing.FakeKubernetes` (the
    list/watch protocol over HTTP): watches open on the server, and `--changes` updates of
    one ConfigMap, each timed from just before the update to each pod's event.
@@ -23,6 +24,7 @@ Both: RSS of each pod (VmRSS) after the changes.
 
     /work/venv/bin/python -m bench.fleet            # 10 and 50 pods, about 2.5 minutes
     /work/venv/bin/python -m bench.fleet --quick    # 3 pods, < 20 s
+    /work/venv/bin/python -m bench.fleet --sizes 20 --source database   # one fleet
 """
 
 from __future__ import annotations
@@ -122,17 +124,23 @@ class Result:
     rss_mib: list[float] = field(default_factory=list)
     startup_s: float = 0.0
     peak_per_pod: float | None = None  # connections (PostgreSQL)
+    idle_reloads: int = 0  # announced reloads that changed nothing
     notes: list[str] = field(default_factory=list)
 
 
-async def next_reload(ws: aiohttp.ClientWebSocketResponse) -> float:
-    """When this pod's next `rules_reloaded` event arrived."""
+async def next_reload(ws: aiohttp.ClientWebSocketResponse, result: Result) -> float:
+    """When this pod's next `rules_reloaded` event for a new version arrived. A reload
+    that changed nothing (a second signal for the same change) is announced too: counted
+    apart, it must not stand for the next change."""
     while True:
         message = await ws.receive_json()
         if message["event_type"] == "reload_failed":
             raise RuntimeError(f"reload failed: {message['data']['errors']}")
         if message["event_type"] == "rules_reloaded":
-            return time.perf_counter()
+            data = message["data"]
+            if data["version_after"] != data["version_before"]:
+                return time.perf_counter()
+            result.idle_reloads += 1
 
 
 async def drain(sockets: Sequence[aiohttp.ClientWebSocketResponse]) -> None:
@@ -165,7 +173,7 @@ async def run_fleet(
         await asyncio.to_thread(settled)
         await drain(sockets)
         for i in range(changes):
-            waiting = [asyncio.create_task(next_reload(ws)) for ws in sockets]
+            waiting = [asyncio.create_task(next_reload(ws, result)) for ws in sockets]
             await asyncio.sleep(0)  # every waiter is receiving before the change
             # In the loop's thread: no event is stamped before the change is (in a thread,
             # the GIL could hold the change's own stamp back behind the events).
@@ -301,8 +309,9 @@ def database_fleet(admin_url: str, size: int, changes: int, per_pod: float) -> R
             writer.execute(
                 "UPDATE rule_sidecar_rules SET points = %s WHERE id = %s", (100 + i, CHANGING)
             )
+            begun = time.perf_counter()  # before: a stamp after could be late, not early
             writer.commit()
-            return time.perf_counter()
+            return begun
 
         asyncio.run(run_fleet(pods, change, changes, result, settled))
         opened = len(sessions.seen - sessions.idle)
@@ -393,6 +402,10 @@ def report(result: Result) -> None:
             [s for c in result.changes for s in c],
         )
     )
+    print(
+        f"  reloads that changed nothing, announced while waiting: {result.idle_reloads}"
+        f" ({result.idle_reloads / (result.size * len(result.changes)):.2f} per pod and change)"
+    )
     rss = result.rss_mib
     print(
         f"  RSS per pod: median {quantile(rss, 0.5):.1f} MiB [min {min(rss):.1f} .. max"
@@ -406,7 +419,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="10,50", help="fleet sizes, comma-separated [10,50]")
     parser.add_argument("--changes", type=int, default=20)
     parser.add_argument("--admin-url", default=ADMIN_URL, help=f"[{ADMIN_URL}]")
-    parser.add_argument("--no-database", action="store_true", help="the Kubernetes fleets only")
+    parser.add_argument(
+        "--source", choices=["both", "database", "kubernetes"], default="both", help="[both]"
+    )
     args = parser.parse_args()
     sizes = [3] if args.quick else [int(size) for size in args.sizes.split(",")]
     changes = 5 if args.quick else args.changes
@@ -418,11 +433,12 @@ def main() -> None:
     )
     per_pod = 2.0
     for size in sizes:
-        if not args.no_database:
+        if args.source != "kubernetes":
             result = database_fleet(args.admin_url, size, changes, per_pod)
             report(result)
             per_pod = result.peak_per_pod or per_pod
-        report(kubernetes_fleet(size, changes))
+        if args.source != "database":
+            report(kubernetes_fleet(size, changes))
 
 
 if __name__ == "__main__":
