@@ -22,7 +22,7 @@ event; "every pod live" is the slowest pod of a change.
    one ConfigMap, each timed from just before the update to each pod's event.
 Both: RSS of each pod (VmRSS) after the changes.
 
-    /work/venv/bin/python -m bench.fleet            # 10 and 50 pods, about 2.5 minutes
+    /work/venv/bin/python -m bench.fleet            # 10 and 50 pods, about 2 minutes
     /work/venv/bin/python -m bench.fleet --quick    # 3 pods, < 20 s
     /work/venv/bin/python -m bench.fleet --sizes 20 --source database   # one fleet
 """
