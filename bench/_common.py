@@ -119,12 +119,11 @@ async def wait_ready(session: aiohttp.ClientSession, base: str, deadline: float)
     raise RuntimeError("the sidecar did not become ready")
 
 
-@contextmanager
-def sidecar_process(
+def sidecar_command(
     port: int, *arguments: str, prefix: Sequence[str] = (), **extra_env: str
-) -> Iterator[subprocess.Popen[bytes]]:
-    """`rule-sidecar serve --port PORT ARGUMENTS...` as a separate process, quiet and with
-    only the sources given (no periodic resync in the way), stopped at the end."""
+) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of `rule-sidecar serve --port PORT ARGUMENTS...`, quiet
+    and with only the sources given (no periodic resync in the way)."""
     env = {
         key: value
         for key, value in os.environ.items()
@@ -134,7 +133,16 @@ def sidecar_process(
     env.update(HOT_RELOAD_INTERVAL_SECONDS="3600", RULE_SIDECAR_LOG_LEVEL="WARNING")
     env.update(extra_env)
     command = [*prefix, sys.executable, "-m", "sidecar.cli", "serve", "--port", str(port)]
-    server = subprocess.Popen([*command, *arguments], env=env)
+    return [*command, *arguments], env
+
+
+@contextmanager
+def sidecar_process(
+    port: int, *arguments: str, prefix: Sequence[str] = (), **extra_env: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`sidecar_command` as a separate process, stopped at the end."""
+    command, env = sidecar_command(port, *arguments, prefix=prefix, **extra_env)
+    server = subprocess.Popen(command, env=env)
     try:
         yield server
     finally:

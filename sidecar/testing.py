@@ -167,6 +167,7 @@ class FakeKubernetes:
         self.bookmark_interval: float | None = None
         self.events: list[dict[str, Any]] = []
         self.requests: list[dict[str, str]] = []
+        self._open_watches = 0
         self._loop = asyncio.new_event_loop()
         self._changed: asyncio.Condition | None = None
         self._runner: web.AppRunner | None = None
@@ -297,6 +298,12 @@ class FakeKubernetes:
 
     def watches(self) -> list[dict[str, str]]:
         return [query for query in self.requests if query.get("watch") == "true"]
+
+    @property
+    def open_watches(self) -> int:
+        """Watch streams being served now: what a fleet of watching pods holds open on
+        the API server. A client that left is seen (and uncounted) at the next event."""
+        return self._open_watches
 
     async def _apply(
         self, namespace: str, name: str, content: dict[str, Any], labels: dict[str, str]
@@ -435,23 +442,27 @@ class FakeKubernetes:
         deadline = loop.time() + timeout
         next_bookmark = loop.time() + (self.bookmark_interval or 0)
         assert self._changed is not None
-        with contextlib.suppress(ConnectionResetError):
-            while not self._closing and (loop.time() < deadline or self._stalled):
-                if self._stalled:
-                    await asyncio.sleep(0.05)
-                    continue
-                for event in self._events_since(since, namespace, selector):
-                    await self._send(response, event)
-                since = self._resource_version
-                if bookmarks and loop.time() >= next_bookmark:
-                    await self._send(response, self._bookmark())
-                    next_bookmark = loop.time() + (self.bookmark_interval or 0)
-                wait = deadline - loop.time()
-                if bookmarks:
-                    wait = min(wait, next_bookmark - loop.time())
-                async with self._changed:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._changed.wait(), max(wait, 0.0))
+        self._open_watches += 1
+        try:
+            with contextlib.suppress(ConnectionResetError):
+                while not self._closing and (loop.time() < deadline or self._stalled):
+                    if self._stalled:
+                        await asyncio.sleep(0.05)
+                        continue
+                    for event in self._events_since(since, namespace, selector):
+                        await self._send(response, event)
+                    since = self._resource_version
+                    if bookmarks and loop.time() >= next_bookmark:
+                        await self._send(response, self._bookmark())
+                        next_bookmark = loop.time() + (self.bookmark_interval or 0)
+                    wait = deadline - loop.time()
+                    if bookmarks:
+                        wait = min(wait, next_bookmark - loop.time())
+                    async with self._changed:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._changed.wait(), max(wait, 0.0))
+        finally:
+            self._open_watches -= 1
         return response
 
     def _events_since(
