@@ -70,11 +70,14 @@ def wait_ready(base: str) -> None:
     raise RuntimeError("the sidecar did not become ready")
 
 
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
 
 
 def _ms(text: str) -> float:
-    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text.strip()).groups()  # type: ignore[union-attr]
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text.strip())
+    if match is None:
+        raise ValueError(f"wrk printed a latency this script cannot read: {text!r}")
+    number, unit = match.groups()
     return float(number) * _UNITS[unit]
 
 
@@ -162,7 +165,8 @@ def descendants(pid: int) -> list[int]:
 
 
 class Checker(threading.Thread):
-    """Evaluates batches in a loop: one version per batch, versions never go back."""
+    """Evaluates a batch every 50 ms: one version per batch, versions never go back.
+    (Paced: batches back to back would load the server more than the measured rate.)"""
 
     def __init__(self, url: str) -> None:
         super().__init__(daemon=True)
@@ -175,7 +179,7 @@ class Checker(threading.Thread):
     def run(self) -> None:
         last = 0
         inputs = [sample_input(i) for i in range(20)]
-        while not self.stop.is_set():
+        while not self.stop.wait(0.05):
             try:
                 body = post(self.url, {"inputs": inputs})
             except OSError as exc:

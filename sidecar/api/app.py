@@ -74,10 +74,6 @@ except ImportError:  # orjson is optional (the `speed` extra)
     _loads = json.loads
 
 
-def _dumps(data: Any) -> str:
-    return _dumpb(data).decode()
-
-
 logger = logging.getLogger("sidecar.api")
 
 HOT = "/api/v1/rules/hot-reload"
@@ -112,7 +108,11 @@ def json_response(
     data: Any, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
     return web.Response(
-        text=_dumps(data), status=status, content_type="application/json", headers=headers
+        body=_dumpb(data),
+        status=status,
+        content_type="application/json",
+        charset="utf-8",
+        headers=headers,
     )
 
 
@@ -149,20 +149,28 @@ async def _answer_in_time(request: web.Request, response: web.StreamResponse) ->
 
     aiohttp waits forever for a client that does not read its answer, holding the
     connection (a slot of the connection cap, a descriptor) and the answer's memory. A
-    client that has not taken its answer in time has its connection aborted.
+    client that has not taken its answer in time has its connection aborted, which ends
+    the wait. (A timer rather than `asyncio.timeout`: a third of the cost, on every
+    request, and almost every answer is written without waiting at all.)
     """
+    timer = asyncio.get_running_loop().call_later(
+        _state(request).limits.body_timeout_seconds, _abort_slow_reader, request
+    )
     try:
-        async with asyncio.timeout(_state(request).limits.body_timeout_seconds):
-            await response.prepare(request)
-            await response.write_eof()
-    except TimeoutError:
-        logger.warning(
-            "%s %s: the client did not take its answer in time", request.method, request.path
-        )
-        if request.transport is not None:
-            request.transport.abort()
+        await response.prepare(request)
+        await response.write_eof()
     except ConnectionError:
-        pass  # the client left: aiohttp's own writing of the answer notes it quietly
+        pass  # the client left, or was cut off: aiohttp notes it quietly
+    finally:
+        timer.cancel()
+
+
+def _abort_slow_reader(request: web.Request) -> None:
+    logger.warning(
+        "%s %s: the client did not take its answer in time", request.method, request.path
+    )
+    if request.transport is not None:
+        request.transport.abort()
 
 
 def serving(*, guard_browsers: bool) -> Middleware:
@@ -310,6 +318,8 @@ async def _read_body(request: web.Request) -> bytes:
     (the idle timeout) but not its body, which a slow client could hold open forever."""
     seconds = _state(request).limits.body_timeout_seconds
     try:
+        if request.content.is_eof():  # all here already (most bodies): nothing to wait for
+            return await request.read()
         async with asyncio.timeout(seconds):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
