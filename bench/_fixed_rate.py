@@ -32,6 +32,7 @@ class Load:
         self.next_slot = 0
         self.start = 0.0
         self.latencies: list[float] = []
+        self.sent_at: list[float] = []  # each answered request's scheduled time, from start
         self.statuses: dict[int, int] = {}
         self.errors = 0
 
@@ -72,6 +73,7 @@ async def _connection(load: Load, host: str, port: int, request: bytes) -> None:
                 reader, writer = await asyncio.open_connection(host, port)
                 continue
             load.latencies.append((time.perf_counter() - scheduled) * 1000)
+            load.sent_at.append(scheduled - load.start)
             load.statuses[status] = load.statuses.get(status, 0) + 1
     finally:
         writer.close()
@@ -97,10 +99,16 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2000)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--trace", help="write 'seconds-from-start latency-ms' lines here")
     args = parser.parse_args()
     with open(args.body_file, "rb") as file:
         body = file.read()
     load = uvloop.run(run(args.url, body, args.rate, args.seconds, args.connections))
+    if args.trace:
+        with open(args.trace, "w") as trace:
+            trace.writelines(
+                f"{at:.4f} {ms:.3f}\n" for at, ms in zip(load.sent_at, load.latencies, strict=True)
+            )
     latencies = load.latencies or [0.0]
     ok = sum(count for status, count in load.statuses.items() if 200 <= status < 300)
     print(

@@ -36,6 +36,7 @@ import json
 import logging
 import multiprocessing
 import os
+import pickle
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor
@@ -206,6 +207,16 @@ class _FileResult:
     declared: tuple[_Declared, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class _Shipped:
+    """A `_FileResult` as the worker sends it: each ruleset pickled on its own."""
+
+    digest: str
+    rulesets: tuple[bytes, ...]
+    problems: tuple[Problem, ...]
+    declared: tuple[_Declared, ...]
+
+
 class Loader:
     """Validates and compiles rule files; keeps per-file results for incremental reloads.
 
@@ -221,8 +232,12 @@ class Loader:
         executor: Executor | None = None,
         new_executor: Callable[[], Executor] | None = None,
         offload_bytes: int = DEFAULT_OFFLOAD_BYTES,
+        receiving: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext,
     ) -> None:
         self.compiler = compiler or ConditionCompiler()
+        # Surrounds taking in a worker's rulesets: many long-lived objects made at once
+        # (`serve` gives `HeapFreezer.receiving`, which keeps the collector out of it).
+        self.receiving = receiving
         self.run_checks = run_checks
         self.file_limits = file_limits
         self.executor = executor
@@ -451,19 +466,25 @@ class Loader:
         run_checks: bool,
         watch: _Stopwatch,
     ) -> dict[str, _FileResult]:
-        """Every file loaded by the worker, then bound here: binding only once the worker
-        is done keeps its stages and ours apart in time, so they add up to the wall time."""
+        """Every file loaded by the worker, then taken in here: only once the worker is
+        done, which keeps its stages and ours apart in time, so they add up to the wall
+        time. The worker ships each ruleset pickled on its own, so that taking them in
+        is many short steps (the serving thread gets the interpreter between two), not
+        one call of tens of ms; `receiving` surrounds them all."""
         futures = [
             executor.submit(_load_file_in_worker, source, digest, run_checks, self.file_limits)
             for source, digest in changed
         ]
         answers = [self._answer(future) for future in futures]
         results = {}
-        with watch.stage(LoadStage.COMPILE):
-            for (source, _), (result, _) in zip(changed, answers, strict=True):
-                for ruleset in result.rulesets:
+        with watch.stage(LoadStage.COMPILE), self.receiving():
+            for (source, _), (shipped, _) in zip(changed, answers, strict=True):
+                rulesets = tuple(map(pickle.loads, shipped.rulesets))
+                for ruleset in rulesets:
                     ruleset.plan.conditions.bind(self.compiler)
-                results[source.name] = result
+                results[source.name] = _FileResult(
+                    shipped.digest, rulesets, shipped.problems, shipped.declared
+                )
         for _, seconds in answers:
             watch.add(seconds)
         return results
@@ -519,11 +540,16 @@ def reload_worker() -> ProcessPoolExecutor:
     to one CPU shares it between the two, and requests should not wait behind a reload
     (the kernel still gives the worker every cycle that serving leaves idle).
     """
-    return ProcessPoolExecutor(
+    pool = ProcessPoolExecutor(
         max_workers=1,
         mp_context=multiprocessing.get_context("forkserver"),
         initializer=_lower_priority,
     )
+    # Started now, not on the first large change: starting the forkserver and the worker
+    # costs about a CPU-second of imports, at the serving process's priority for the
+    # forkserver, which on a one-CPU sidecar would slow every request for that second.
+    pool.submit(os.getpid)
+    return pool
 
 
 def _lower_priority() -> None:
@@ -535,10 +561,11 @@ def _lower_priority() -> None:
 
 def _load_file_in_worker(
     source: SourceFile, digest: str, run_checks: bool, file_limits: FileLimits
-) -> tuple[_FileResult, dict[LoadStage, float]]:
+) -> tuple[_Shipped, dict[LoadStage, float]]:
     """What the worker process runs: the in-process work, with a compiler of its own;
-    the seconds of its stages travel back with the result. Each ruleset's digest is
-    taken here and travels with it, so that the serving process does not take it."""
+    the seconds of its stages travel back with the result. Each ruleset travels pickled
+    on its own (see `Loader._load_elsewhere`), with its digest taken here, so that the
+    serving process does not take it."""
     # No fast path here: a worker never serves, and its sets travel without functions.
     compiler = ConditionCompiler(fast_path=False)
     loader = Loader(compiler=compiler, run_checks=run_checks, file_limits=file_limits)
@@ -547,7 +574,8 @@ def _load_file_in_worker(
     with watch.stage(LoadStage.BUILD):
         for ruleset in result.rulesets:
             _ = ruleset.digest
-    return result, watch.seconds
+        rulesets = tuple(pickle.dumps(r, pickle.HIGHEST_PROTOCOL) for r in result.rulesets)
+    return _Shipped(result.digest, rulesets, result.problems, result.declared), watch.seconds
 
 
 def _declared(document: Document) -> _Declared:

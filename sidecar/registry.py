@@ -252,10 +252,21 @@ class RuleRegistry:
 
     # Writes: each publishes a whole snapshot.
 
-    def publish(self, candidate: Snapshot) -> tuple[Snapshot, list[ChangeEvent]]:
-        """Make a loader's candidate the current snapshot, with the next version number."""
-        with self._writing():
+    def publish(
+        self, candidate: Snapshot, *, deliver: bool = True
+    ) -> tuple[Snapshot, list[ChangeEvent]]:
+        """Make a loader's candidate the current snapshot, with the next version number.
+
+        `deliver=False` leaves telling the subscribers to `deliver()`: a large change is
+        diffed and recorded in a worker thread, while the subscribers (WebSocket
+        broadcasts) belong on the event loop.
+        """
+        with self._writing(deliver=deliver):
             return self._publish(lambda _: candidate)
+
+    def deliver(self) -> None:
+        """Hand the publishes not yet delivered to the subscribers, in order."""
+        self._deliver()
 
     def publish_from(
         self, build: Callable[[Snapshot], Snapshot]
@@ -278,13 +289,14 @@ class RuleRegistry:
     # Internals; callers hold the write lock unless said otherwise.
 
     @contextlib.contextmanager
-    def _writing(self) -> Iterator[None]:
+    def _writing(self, *, deliver: bool = True) -> Iterator[None]:
         """Hold the write lock for one write, then deliver what it published (unlocked)."""
         try:
             with self._write_lock:
                 yield
         finally:
-            self._deliver()
+            if deliver:
+                self._deliver()
 
     def _deliver(self) -> None:
         """Hand queued publishes to the subscribers, unless a delivery is under way (it

@@ -18,6 +18,7 @@ watch problem naming the source, never a crash.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -520,7 +521,13 @@ class HotReloadService:
             return replace(loaded, status=ReloadStatus.SUCCESS)
         if verdict is not Verdict.PUBLISH:
             return replace(loaded, status=ReloadStatus.UNCHANGED)
-        snapshot, events = self.loader.timed_publish(self.registry.publish, result.snapshot)
+        # Diffing and recording a large change takes tens of ms: in a thread, while the
+        # loop serves; the subscribers are told here, on the loop.
+        publish = functools.partial(self.registry.publish, deliver=False)
+        snapshot, events = await asyncio.to_thread(
+            self.loader.timed_publish, publish, result.snapshot
+        )
+        self.registry.deliver()
         self._serving_from_state = False
         self._rolled_back_from = None
         await self._save_state(snapshot)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -156,6 +157,23 @@ class TestWorkerLoads:
 
 def _forkserver_pool() -> ProcessPoolExecutor:
     return reload_worker()
+
+
+def test_a_workers_rulesets_are_taken_in_within_receiving(executor: ProcessPoolExecutor) -> None:
+    """The serving process takes a worker's rulesets in within `receiving` (`serve`
+    keeps the garbage collector out of it there), and only then."""
+    entered: list[int] = []
+
+    @contextlib.contextmanager
+    def receiving() -> Iterator[None]:
+        entered.append(len(entered))
+        yield
+
+    Loader(offload_bytes=10**9, executor=executor, receiving=receiving).load(files(count=1))
+    assert entered == []
+    loaded = Loader(offload_bytes=0, executor=executor, receiving=receiving).load(files(count=2))
+    assert entered == [0]
+    assert len(loaded.snapshot.rulesets) == 2
 
 
 def test_the_worker_yields_the_cpu_to_serving(executor: ProcessPoolExecutor) -> None:
