@@ -12,6 +12,7 @@ from conftest import dump_yaml, make_ruleset_doc, write_rules
 
 from sidecar.errors import LoadError, Problem
 from sidecar.loader import Loader
+from sidecar.sources import files
 from sidecar.sources.files import DirectorySource, read_rule_files
 from sidecar.testing import ConfigMapDir
 
@@ -51,6 +52,32 @@ class TestConfigMapMount:
         (file,) = read_rule_files([mount.root])
         assert file.content == b"version: 2\n"
         assert names(mount.root, [file.name]) == ["a.yaml"]
+
+    def test_a_swap_is_read_at_once(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+        """The kubelet writes a ConfigMap's files in full before it swaps `..data` to
+        them, so a swap is read without waiting for the files to settle (a file
+        written in place is waited for), an emptied key included."""
+        mount = ConfigMapDir(tmp_path / "rules")
+        mount.publish({"a.yaml": "version: 1\n", "b.yaml": "b: 1\n"})
+        source = DirectorySource(mount.root, debounce_ms=60_000)
+        monkeypatch.setattr(files.time, "sleep", lambda seconds: pytest.fail(f"slept {seconds}"))
+        assert [f.content for f in source.read()] == [b"version: 1\n", b"b: 1\n"]
+        mount.publish({"a.yaml": "version: 2\n", "b.yaml": ""})
+        assert [f.content for f in source.read()] == [b"version: 2\n", b""]
+
+    def test_a_file_written_in_place_in_a_mount_is_waited_for(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ):
+        """A file beside the `..data` links (not one of them) settles first."""
+        mount = ConfigMapDir(tmp_path / "rules")
+        mount.publish({"a.yaml": "version: 1\n"})
+        (mount.root / "local.yaml").write_text("x: 1\n")
+        slept: list[float] = []
+        sleep = time.sleep
+        monkeypatch.setattr(files.time, "sleep", lambda s: (slept.append(s), sleep(s)))
+        assert len(DirectorySource(mount.root).read()) == 2
+        assert slept
+        assert 0 < slept[0] <= 0.05
 
     def test_configmap_rules_load(self, tmp_path: Path):
         """Rules mounted as a ConfigMap load, and problems name the visible file."""

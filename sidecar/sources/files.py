@@ -289,18 +289,37 @@ def _relevant(change: Change, path: str) -> bool:
 class _Stamp:
     mtime_ns: int
     size: int
+    # Reached through the kubelet's `..data` symlink: written in full before the link
+    # was swapped to it (its AtomicWriter), so there is no partial write to wait out.
+    published: bool = False
+
+
+_PUBLISHED_LINK: Final = "..data"
 
 
 def _fingerprint(root: Path) -> dict[str, _Stamp | None]:
     """Every rule file's modification time and size; raises `_Unreadable`."""
     stamps: dict[str, _Stamp | None] = {}
+    published = os.path.islink(root / _PUBLISHED_LINK)
     for path in _walk(root):
         try:
             info = os.stat(path)
-            stamps[str(path)] = _Stamp(info.st_mtime_ns, info.st_size)
+            stamps[str(path)] = _Stamp(
+                info.st_mtime_ns, info.st_size, published and _through_published_link(root, path)
+            )
         except OSError:
             stamps[str(path)] = None
     return stamps
+
+
+def _through_published_link(root: Path, path: Path) -> bool:
+    """`path` is reached through a symlink into `root/..data`, as a ConfigMap volume's
+    keys are (a key, or the first directory of an item's `path`)."""
+    try:
+        target = os.readlink(root / path.relative_to(root).parts[0])
+    except (OSError, ValueError, IndexError):  # not a symlink: written in place
+        return False
+    return Path(target).parts[:1] == (_PUBLISHED_LINK,)
 
 
 def _identity(root: Path) -> tuple[int, int] | None:
@@ -363,9 +382,11 @@ class DirectorySource:
             except _Unreadable as exc:
                 raise LoadError([exc.problem]) from None
             emptied = {
-                f.name: before.get(f.name)
+                f.name: stamp
                 for f in files
-                if not f.content and f.name in self._nonempty
+                if not f.content
+                and f.name in self._nonempty
+                and not ((stamp := before.get(f.name)) is not None and stamp.published)
             }
             if emptied and emptied != emptied_seen:
                 # Empty now, not at the last read: the gap between an in-place rewrite's
@@ -392,7 +413,7 @@ class DirectorySource:
         recent = [
             s.mtime_ns
             for s in stamps.values()
-            if s is not None and now - self._settle_ns < s.mtime_ns <= now
+            if s is not None and not s.published and now - self._settle_ns < s.mtime_ns <= now
         ]
         return max(recent, default=now - self._settle_ns) + self._settle_ns - now
 
