@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 from conftest import dump_yaml, fraud_doc
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from server_support import HOT, INVALID_RULES, Sidecar, metric_value
 
+from sidecar.api.metrics import _EVALUATION_BUCKETS, EvaluationTimes
 from sidecar.loader import LOAD_STAGES, LoadStage
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
@@ -60,3 +62,24 @@ class TestLoadStageMetrics:
         observed = counts(await scrape(sidecar))
         assert observed[LoadStage.PARSE] == 2
         assert observed[LoadStage.BUILD] == 1
+
+
+def test_evaluation_times_expose_what_a_prometheus_histogram_would() -> None:
+    """The plain-counter histogram (`EvaluationTimes`) gives the same exposition as
+    prometheus_client's Histogram with the same buckets, bucket edges included."""
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    times = EvaluationTimes()
+    ours.register(times)
+    reference = Histogram(
+        "rule_sidecar_evaluation_seconds",
+        "Time to evaluate one request (single input or batch).",
+        buckets=_EVALUATION_BUCKETS,
+        registry=theirs,
+    )
+    for seconds in [0.0, 0.00001, 0.000011, 0.0005, 0.001, 0.2, 1.0, 5.0]:
+        times.observe(seconds)
+        reference.observe(seconds)
+    expected = [
+        line for line in generate_latest(theirs).decode().splitlines() if "_created" not in line
+    ]
+    assert generate_latest(ours).decode().splitlines() == expected

@@ -10,17 +10,20 @@ Prometheus times its own rule groups and config reloads.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from sidecar.loader import LoadStage
 from sidecar.service import ReloadRecord, ReloadStatus
 
-__all__ = ["CONTENT_TYPE_LATEST", "EvaluationCounts", "Metrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "EvaluationCounts", "EvaluationTimes", "Metrics"]
 
 _EVALUATION_BUCKETS = (0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 1.0)
 # 1 ms (an incremental reload's checks) to 30 s (a cold compile of a very large registry),
@@ -41,6 +44,32 @@ _LOAD_STAGE_BUCKETS = (
     10.0,
     30.0,
 )
+
+
+class EvaluationTimes(Collector):
+    """`rule_sidecar_evaluation_seconds`: how long each evaluate request took.
+
+    A histogram in plain counters, turned into samples when scraped, for the reason
+    `EvaluationCounts` gives: prometheus_client's takes a lock and walks its buckets in
+    Python on every request."""
+
+    def __init__(self) -> None:
+        self._counts = [0] * (len(_EVALUATION_BUCKETS) + 1)  # the last: above all bounds
+        self._sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self._counts[bisect.bisect_left(_EVALUATION_BUCKETS, seconds)] += 1
+        self._sum += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        cumulative = list(itertools.accumulate(self._counts))
+        bounds = [*map(floatToGoString, _EVALUATION_BUCKETS), "+Inf"]
+        yield HistogramMetricFamily(
+            "rule_sidecar_evaluation_seconds",
+            "Time to evaluate one request (single input or batch).",
+            buckets=list(zip(bounds, cumulative, strict=True)),
+            sum_value=self._sum,
+        )
 
 
 class EvaluationCounts(Collector):
@@ -140,12 +169,8 @@ class Metrics:
         )
         self.evaluations = EvaluationCounts()
         r.register(self.evaluations)
-        self.evaluation_time = Histogram(
-            "rule_sidecar_evaluation_seconds",
-            "Time to evaluate one request (single input or batch).",
-            buckets=_EVALUATION_BUCKETS,
-            registry=r,
-        )
+        self.evaluation_time = EvaluationTimes()
+        r.register(self.evaluation_time)
         self.source_watching = Gauge(
             "rule_sidecar_source_watch_ok",
             "0 while a source's watch is down (a lost LISTEN, a stalled Kubernetes watch).",
