@@ -428,9 +428,17 @@ class Loader:
         if isinstance(executor, ProcessPoolExecutor):
             # Python 3.14 has `terminate_workers()`; before it, shutdown waits for the
             # worker to finish the file it is on (seconds for a large one).
-            for process in list(getattr(executor, "_processes", {}).values()):
+            processes = list(getattr(executor, "_processes", {}).values())
+            for process in processes:
                 process.terminate()
-        if executor is not None:
+            for process in processes:
+                process.join(timeout=_CLOSED_POLL_SECONDS * 4)
+            # With the worker gone this is quick; it closes the pool's queues, so their
+            # semaphores are released now: `serve` ends with `os._exit`, after which
+            # multiprocessing's resource tracker would report them as leaked (a line in
+            # the log that is not JSON).
+            executor.shutdown(wait=True, cancel_futures=True)
+        elif executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
 
     def _answer(self, future: Future[_R]) -> _R:
