@@ -275,6 +275,12 @@ def collect_rule_files(
 
 
 _EDITOR_DEBRIS: Final = (".swp", ".swx", "~", ".tmp")
+# watchfiles looks for events every `step` ms and yields them once a step passes with
+# none new: a change is seen 1-2 steps after it happens. bench/change_to_live.py, a
+# ConfigMap swap to the new rules answering: p50 23 ms at 10 ms, 18 at 5, 14 at 3, 11
+# at 2; the watcher's thread wakes once a step, an idle sidecar 0.6% of a core at 3-10
+# ms, 1.4% at 2.
+_WATCH_STEP_MS: Final = 3
 _STABLE_READ_ATTEMPTS: Final = 5
 _EMPTIED_CONFIRM_SECONDS: Final = 0.5
 
@@ -446,7 +452,7 @@ class DirectorySource:
                 self.root,
                 watch_filter=_relevant,
                 debounce=self._debounce_ms,
-                step=10,
+                step=_WATCH_STEP_MS,
                 rust_timeout=1_000,
                 yield_on_timeout=True,
                 force_polling=self._force_polling,
