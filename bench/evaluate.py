@@ -72,7 +72,7 @@ def build_snapshots() -> tuple[Snapshot, Snapshot]:
     broken = list(rules)
     broken[ERRORING_RULE] = replace(broken[ERRORING_RULE], condition=ERRORING_CONDITION)
     slow = Loader().load([render_file(0, broken)]).snapshot
-    for snapshot in (fast, slow):  # as the service does after a publish
+    for snapshot in (fast, slow):  # as the first evaluation has the compiler do
         for ruleset in snapshot.rulesets.values():
             ruleset.plan.conditions.prepare()
     return fast, slow
@@ -222,8 +222,8 @@ def bench_fast(fast: Snapshot, documents: Sequence[Doc], rounds: int) -> None:
             fresh.prepare()
             firsts[fast_path].append((time.perf_counter() - started) * 1e3)
     print(
-        f"  prepare() of a freshly compiled set (builds the fast path, in a thread after a "
-        f"publish): "
+        "  prepare() of a freshly compiled set (builds the fast path, in a thread after "
+        "its first evaluation): "
         f"{statistics.median(firsts[True]):.1f} ms, without the fast path "
         f"{statistics.median(firsts[False]):.1f} ms (median of 5)"
     )

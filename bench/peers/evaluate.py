@@ -107,7 +107,7 @@ def ours(table: list[tuple[str, str, int]]) -> Callable[[dict[str, Any]], int]:
         },
     }
     snapshot = Loader().load([SourceFile("peers.json", json.dumps(document).encode())]).snapshot
-    snapshot.rulesets[RULESET].plan.conditions.prepare()  # as the service does after a publish
+    snapshot.rulesets[RULESET].plan.conditions.prepare()  # what a first evaluation asks for
 
     def run(document: dict[str, Any]) -> int:
         return evaluate(snapshot, RULESET, document).total_points
