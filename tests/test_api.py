@@ -778,6 +778,20 @@ class TestBrowserGuard:
         )
         assert "RULE_SIDECAR_ALLOWED_HOSTS" in body["error"]["message"]
 
+    @pytest.mark.parametrize("host", ["[", "[::1", "a]b", "[zz]:80"])
+    async def test_a_host_that_is_no_authority_is_refused(self, sidecar: Sidecar, host: str):
+        """Not an authority at all: a 403 like any other name, not a 500 with a
+        traceback in the log (which any caller could fill that way)."""
+        body = await sidecar.get("/api/v1/rulesets", headers={"Host": host}, status=403)
+        assert "RULE_SIDECAR_ALLOWED_HOSTS" in body["error"]["message"]
+
+    @pytest.mark.parametrize("origin", ["http://[", "http://[::1", "http://a]b"])
+    async def test_an_origin_that_is_no_url_is_refused(self, sidecar: Sidecar, origin: str):
+        body = await sidecar.post(
+            f"{HOT}/validate", headers={"Origin": origin}, json={}, status=403
+        )
+        assert "cross-origin" in body["error"]["message"]
+
     async def test_an_allowed_name_passes(self, start_sidecar, plain_rules: Path):
         """RULE_SIDECAR_ALLOWED_HOSTS admits the names the operator gives."""
         app = await start_sidecar(plain_rules, allowed_hosts=("rules.internal",))

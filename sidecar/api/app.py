@@ -213,8 +213,12 @@ def _state(request: web.Request) -> AppState:
 @functools.lru_cache(maxsize=256)  # every request asks; the Host values are few
 def _host_allowed(authority: str, allowed: frozenset[str]) -> bool:
     """An IP literal or localhost, or a name the operator allowed. DNS rebinding needs a
-    name of the attacker's that resolves to this machine; an IP literal cannot be one."""
-    host = urlsplit(f"//{authority}").hostname or ""
+    name of the attacker's that resolves to this machine; an IP literal cannot be one.
+    A Host that is not an authority at all (`[`, `a]b`) is not allowed either."""
+    try:
+        host = urlsplit(f"//{authority}").hostname or ""
+    except ValueError:
+        return False
     if host in allowed or host == "localhost" or host.endswith(".localhost"):
         return True
     try:
@@ -246,8 +250,12 @@ def _refuse_cross_site(request: web.Request) -> None:
     changes_state = request.method not in ("GET", "HEAD", "OPTIONS")
     opens_socket = request.headers.get("Upgrade", "").lower() == "websocket"
     if changes_state or opens_socket:
-        source = urlsplit(origin)
-        if source.netloc != host and not (source.netloc and source.hostname in allowed):
+        try:
+            source = urlsplit(origin)
+            trusted = source.netloc == host or bool(source.netloc and source.hostname in allowed)
+        except ValueError:  # not a URL (`http://[`): no origin of ours
+            trusted = False
+        if not trusted:
             raise web.HTTPForbidden(text=f"cross-origin request from {origin!r} refused")
 
 
