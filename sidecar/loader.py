@@ -37,6 +37,8 @@ import logging
 import multiprocessing
 import os
 import pickle
+import select
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor
@@ -252,6 +254,7 @@ class Loader:
         # again (the database source does, for unchanged rulesets) is not even hashed.
         self._sources: dict[str, SourceFile] = {}
         self._last: LoadResult | None = None
+        self._succeeded = False  # a load succeeded once: the sidecar serves (see `reload_worker`)
         self._closed = False
         self._stage_listeners: list[StageListener] = []
 
@@ -336,6 +339,7 @@ class Loader:
             files_parsed=len(changed),
             timings=watch.timings(),
         )
+        self._succeeded = True
         self._tell(self._last.timings)
         return self._last
 
@@ -464,7 +468,10 @@ class Loader:
         if broken is not None:
             broken.shutdown(wait=False, cancel_futures=True)
         if self.new_executor is not None:
-            self.executor = self.new_executor()
+            try:
+                self.executor = self.new_executor()
+            except Exception:  # this load goes on in-process, as do the next ones
+                logger.exception("could not start a new reload worker")
 
     def _load_elsewhere(
         self,
@@ -479,8 +486,11 @@ class Loader:
         time. The worker ships each ruleset pickled on its own, so that taking them in
         is many short steps (the serving thread gets the interpreter between two), not
         one call of tens of ms; `receiving` surrounds them all."""
+        # Below the serving process once a load succeeded, so something serves.
+        niceness = os.nice(0) + WORKER_NICENESS if self._succeeded else None
+        limits = self.file_limits
         futures = [
-            executor.submit(_load_file_in_worker, source, digest, run_checks, self.file_limits)
+            executor.submit(_load_file_in_worker, source, digest, run_checks, limits, niceness)
             for source, digest in changed
         ]
         answers = [self._answer(future) for future in futures]
@@ -543,37 +553,79 @@ WORKER_NICENESS: Final = 10
 def reload_worker() -> ProcessPoolExecutor:
     """The one worker process that large loads go to.
 
-    forkserver, because forking a process that runs threads is unsafe. The worker runs
-    at a lower priority (`WORKER_NICENESS`) than the serving process: a sidecar limited
-    to one CPU shares it between the two, and requests should not wait behind a reload
-    (the kernel still gives the worker every cycle that serving leaves idle).
+    forkserver, because forking a process that runs threads is unsafe. Once the first
+    load succeeded (the sidecar serves), the worker runs at a lower priority
+    (`WORKER_NICENESS`) than the serving process: a sidecar limited to one CPU shares it
+    between the two, and requests should not wait behind a reload (the kernel still
+    gives the worker every cycle that serving leaves idle). The first load, which
+    nothing waits behind but readiness, runs at full priority. The worker ends with the
+    serving process, however that ends.
     """
     pool = ProcessPoolExecutor(
         max_workers=1,
         mp_context=multiprocessing.get_context("forkserver"),
-        initializer=_lower_priority,
+        initializer=_end_with,
+        initargs=(os.getpid(),),
     )
     # Started now, not on the first large change: starting the forkserver and the worker
-    # costs about a CPU-second of imports, at the serving process's priority for the
-    # forkserver, which on a one-CPU sidecar would slow every request for that second.
-    pool.submit(os.getpid)
+    # costs about a CPU-second of imports, at the serving process's priority, which on a
+    # one-CPU sidecar would slow every request for that second. A worker that cannot
+    # start (no writable /tmp, a process limit) leaves large loads in-process.
+    try:
+        pool.submit(os.getpid)
+    except (OSError, RuntimeError) as exc:
+        logger.warning("the reload worker did not start (%s): large reloads run in-process", exc)
     return pool
 
 
-def _lower_priority() -> None:
+def _end_with(serving: int) -> None:
+    """Exit when the serving process does: killed (SIGKILL, the OOM killer), it stops
+    nothing, and the worker and its forkserver would live on, orphaned, for good."""
+    threading.Thread(target=_exit_after, args=(serving,), name="serving", daemon=True).start()
+
+
+def _exit_after(pid: int) -> None:
     try:
-        os.nice(WORKER_NICENESS)
+        descriptor = os.pidfd_open(pid)
+    except OSError:  # gone already, or a kernel without pidfds (before Linux 5.3)
+        descriptor = None
+    while True:
+        if descriptor is not None:
+            select.select([descriptor], [], [])  # readable once the process has exited
+            os._exit(0)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:
+            pass  # alive, another user's: a reused pid cannot be ours to signal
+        time.sleep(1.0)
+
+
+def _yield_to_serving(niceness: int) -> None:
+    """Lower this worker's priority to `niceness` (it can never be raised again)."""
+    try:
+        current = os.nice(0)
+        if current < niceness:
+            os.nice(niceness - current)
     except OSError:  # not allowed here: the worker runs at the serving process's priority
         logger.warning("the reload worker could not lower its priority")
 
 
 def _load_file_in_worker(
-    source: SourceFile, digest: str, run_checks: bool, file_limits: FileLimits
+    source: SourceFile,
+    digest: str,
+    run_checks: bool,
+    file_limits: FileLimits,
+    niceness: int | None,
 ) -> tuple[_Shipped, dict[LoadStage, float]]:
     """What the worker process runs: the in-process work, with a compiler of its own;
     the seconds of its stages travel back with the result. Each ruleset travels pickled
     on its own (see `Loader._load_elsewhere`), with its digest taken here, so that the
-    serving process does not take it."""
+    serving process does not take it. `niceness`: the priority to yield to, once the
+    sidecar serves (see `reload_worker`)."""
+    if niceness is not None:
+        _yield_to_serving(niceness)
     # No fast path here: a worker never serves, and its sets travel without functions.
     compiler = ConditionCompiler(fast_path=False)
     loader = Loader(compiler=compiler, run_checks=run_checks, file_limits=file_limits)

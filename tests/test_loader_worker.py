@@ -6,11 +6,14 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from conftest import dump_yaml, make_ruleset_doc
@@ -176,10 +179,73 @@ def test_a_workers_rulesets_are_taken_in_within_receiving(executor: ProcessPoolE
     assert len(loaded.snapshot.rulesets) == 2
 
 
-def test_the_worker_yields_the_cpu_to_serving(executor: ProcessPoolExecutor) -> None:
-    """A sidecar limited to one CPU shares it between serving and the worker: the worker
-    runs at a lower priority, so requests do not queue behind a reload."""
-    assert executor.submit(os.nice, 0).result() == min(19, os.nice(0) + WORKER_NICENESS)
+def test_the_worker_yields_the_cpu_once_the_sidecar_serves() -> None:
+    """A sidecar limited to one CPU shares it between serving and the worker: once a
+    load succeeded, the worker runs at a lower priority, so requests do not queue behind
+    a reload; the first load, which only readiness waits for, runs at full priority."""
+    pool = reload_worker()
+    try:
+        base = os.nice(0)
+        loader = Loader(executor=pool, offload_bytes=0)
+        loader.load(files(count=1))
+        assert pool.submit(os.nice, 0).result() == base
+        loader.load(files(points=7, count=1))
+        assert pool.submit(os.nice, 0).result() == min(19, base + WORKER_NICENESS)
+    finally:
+        pool.shutdown()
+
+
+_ORPHAN_CHILD = """
+import os, sys
+from sidecar.loader import reload_worker
+
+if __name__ == "__main__":
+    pool = reload_worker()
+    print(pool.submit(os.getpid).result(), flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_the_worker_ends_with_a_killed_sidecar(tmp_path: Path) -> None:
+    """SIGKILL (the OOM killer) stops nothing: the worker notices its sidecar is gone
+    and exits, and with it the forkserver, instead of living on, orphaned."""
+    script = tmp_path / "serving.py"
+    script.write_text(_ORPHAN_CHILD)
+    serving = subprocess.Popen(
+        [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert serving.stdout is not None
+    worker = int(serving.stdout.readline())
+    serving.kill()
+    serving.wait()
+    deadline = time.monotonic() + 30
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(worker)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_worker_that_cannot_start_leaves_loads_in_process(monkeypatch: pytest.MonkeyPatch):
+    """No writable /tmp (the forkserver's socket) or a process limit: the sidecar still
+    starts, and large loads run in-process, each one, not fail."""
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise OSError("No usable temporary directory found")
+
+    monkeypatch.setattr(ProcessPoolExecutor, "submit", refuse)
+    pool = reload_worker()
+    loader = Loader(executor=pool, new_executor=reload_worker, offload_bytes=0)
+    first = loader.load(files(count=2))
+    assert len(first.snapshot.rulesets) == 2
+    second = loader.load(files(points=3, count=2))
+    assert second.snapshot.revision != first.snapshot.revision
 
 
 class TestWorkerDeath:
