@@ -560,6 +560,22 @@ class TestLargeSetsAndTransfer:
         assert outcomes[99] is True
         assert outcomes[100] is False
 
+    def test_a_failing_chunk_compiles_no_combined_program(self, monkeypatch):
+        """A request whose input makes conditions fail compiles at most one small
+        program per condition, kept for the next: splitting the chunk in halves compiled
+        ten times as much on the request path (259 ms for 300 failing conditions)."""
+        compiler = ConditionCompiler(fast_path=False)
+        expressions = [f"input.x{i}.y > {i}" for i in range(300)]
+        expressions[5] = "input.a > 1"
+        rules = compiler.compile_set(expressions)
+        combined: list[object] = []
+        monkeypatch.setattr(compiler, "_combined", lambda *args: combined.append(args))
+        for _ in range(2):
+            outcomes = rules.evaluate({"a": 2})
+            assert outcomes[5] is True
+            assert all("x" in str(o) for i, o in enumerate(outcomes) if i != 5), outcomes[:3]
+        assert combined == []
+
     def test_pickled_set_evaluates_the_same_after_bind(self, compiler):
         """A set compiled here, pickled and bound to another compiler gives the same outcomes."""
         expressions = [f"input.a > {i} || input.b.startsWith('{i}')" for i in range(200)]
