@@ -23,7 +23,7 @@ import math
 import re
 import threading
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -246,7 +246,11 @@ class ConditionCompiler:
 
     def prepare_soon(self, conditions: ConditionSet) -> None:
         """Build the set's fast functions in a background thread (see `_Preparer`)."""
-        self._preparer.add(conditions)
+        self._preparer.add(conditions.prepare)
+
+    def build_soon(self, build: Callable[[], None]) -> None:
+        """Run `build` (a compile that no request should wait for) in that thread."""
+        self._preparer.add(build)
 
     def compile(self, expression: str) -> Any:
         """Compile one boolean condition, or raise `ConditionError`."""
@@ -537,9 +541,40 @@ class ConditionSet:
                 continue
             if activation is None:
                 activation = compiler.activation(document)
-            for expression in self.expressions[chunk.start : chunk.end]:
-                outcomes.append(_evaluate_alone(compiler, expression, activation))
+            self._evaluate_failed(compiler, chunk, activation, outcomes)
         return outcomes
+
+    def _evaluate_failed(
+        self, compiler: ConditionCompiler, chunk: _Chunk, activation: Any, out: list[Outcome]
+    ) -> None:
+        """Outcomes of a chunk whose program failed on this input (or could not be made).
+
+        Every condition alone the first time (`_evaluate_alone`); meanwhile the chunk's
+        other conditions, those that did not fail, are compiled into one program in the
+        background (`_Chunk.build_rest`). Once it is there, an input that fails the same
+        conditions costs one call for the others and one per failing condition (a rule
+        that errors on every input, 1 of 50: 140 µs instead of 227 for 50 calls)."""
+        rest = chunk.rest
+        if rest is not None:
+            failing, program = rest
+            listed = _list_outcomes(program, activation)
+            if listed is not None:
+                others = iter(listed)
+                for index in range(chunk.start, chunk.end):
+                    if index in failing:
+                        out.append(_evaluate_alone(compiler, self.expressions[index], activation))
+                    else:
+                        out.append(next(others))
+                return
+        first = len(out)
+        for expression in self.expressions[chunk.start : chunk.end]:
+            out.append(_evaluate_alone(compiler, expression, activation))
+        if not chunk.rest_asked:
+            chunk.rest_asked = True
+            outcomes = enumerate(out[first:], chunk.start)
+            failing = frozenset(i for i, outcome in outcomes if isinstance(outcome, str))
+            expressions = self.expressions
+            compiler.build_soon(lambda: chunk.build_rest(compiler, expressions, failing))
 
 
 def _list_outcomes(
@@ -610,17 +645,18 @@ def _fast_functions(chunks: Sequence[_Chunk]) -> tuple[FastFunction | None, ...]
 
 
 class _Preparer:
-    """Builds sets' fast functions one at a time in a thread of its own, started when
-    there is work and ended when there is none (so idle compilers hold no thread)."""
+    """Builds what requests should not wait for (sets' fast functions, programs for failed
+    chunks) one at a time in a thread of its own, started when there is work and ended
+    when there is none (so idle compilers hold no thread)."""
 
     def __init__(self) -> None:
-        self._pending: deque[ConditionSet] = deque()
+        self._pending: deque[Callable[[], None]] = deque()
         self._lock = threading.Lock()
         self._running = False
 
-    def add(self, conditions: ConditionSet) -> None:
+    def add(self, build: Callable[[], None]) -> None:
         with self._lock:
-            self._pending.append(conditions)
+            self._pending.append(build)
             if self._running:
                 return
             self._running = True
@@ -632,10 +668,10 @@ class _Preparer:
                 if not self._pending:
                     self._running = False
                     return
-                conditions = self._pending.popleft()
+                build = self._pending.popleft()
             try:
-                conditions.prepare()
-            except Exception:  # cel-cpp answers the set alone; nothing is lost but speed
+                build()
+            except Exception:  # cel-cpp answers without it; nothing is lost but speed
                 logger.exception("building a ruleset's fast path failed")
 
 
@@ -654,12 +690,24 @@ class _Chunk:
     """A slice of a ruleset's conditions with one program for the whole slice (None when
     the combined form cannot be made: its conditions are then evaluated alone)."""
 
-    __slots__ = ("end", "program", "start")
+    __slots__ = ("end", "program", "rest", "rest_asked", "start")
 
     def __init__(self, start: int, end: int, program: Any | None = None) -> None:
         self.start = start
         self.end = end
         self.program = program
+        # After the program failed on an input: the conditions that failed, and one
+        # program of the others (see `ConditionSet._evaluate_failed`).
+        self.rest: tuple[frozenset[int], Any] | None = None
+        self.rest_asked = False
+
+    def build_rest(
+        self, compiler: ConditionCompiler, expressions: Sequence[str], failing: frozenset[int]
+    ) -> None:
+        others = [expressions[i] for i in range(self.start, self.end) if i not in failing]
+        program = compiler.compile_combined(others) if others else None
+        if program is not None:
+            self.rest = (failing, program)
 
 
 def _chunk_bounds(expressions: Sequence[str]) -> list[tuple[int, int]]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pickle
+import threading
 import time
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -563,18 +565,54 @@ class TestLargeSetsAndTransfer:
     def test_a_failing_chunk_compiles_no_combined_program(self, monkeypatch):
         """A request whose input makes conditions fail compiles at most one small
         program per condition, kept for the next: splitting the chunk in halves compiled
-        ten times as much on the request path (259 ms for 300 failing conditions)."""
+        ten times as much on the request path (259 ms for 300 failing conditions). The
+        program of the conditions that did not fail is compiled in the background."""
         compiler = ConditionCompiler(fast_path=False)
         expressions = [f"input.x{i}.y > {i}" for i in range(300)]
         expressions[5] = "input.a > 1"
         rules = compiler.compile_set(expressions)
-        combined: list[object] = []
-        monkeypatch.setattr(compiler, "_combined", lambda *args: combined.append(args))
+        combining = compiler._combined
+        threads: list[str] = []
+
+        def spied(*args: Any) -> Any:
+            threads.append(threading.current_thread().name)
+            return combining(*args)
+
+        monkeypatch.setattr(compiler, "_combined", spied)
         for _ in range(2):
             outcomes = rules.evaluate({"a": 2})
             assert outcomes[5] is True
             assert all("x" in str(o) for i, o in enumerate(outcomes) if i != 5), outcomes[:3]
-        assert combined == []
+        assert set(threads) <= {"prepare"}
+
+    def test_a_chunk_that_failed_answers_like_each_condition_alone(self):
+        """Once a chunk failed, the conditions that did not fail get one program of their
+        own (built in the background); inputs that fail those same conditions, others, or
+        none all get what each condition alone gives."""
+        compiler = ConditionCompiler(fast_path=False)
+        expressions = [
+            "input.a > 1",
+            "input.b.c == 'x'",
+            "has(input.d) && input.d > 2",
+            "input.e.startsWith('p')",
+            "input.a < 10",
+        ]
+        rules = compiler.compile_set(expressions)
+        documents: list[dict[str, Any]] = [
+            {"a": 2, "e": "pq"},
+            {"a": 2, "e": "pq", "b": {"c": "x"}},
+            {"a": 20, "b": {"c": "y"}},
+            {"a": 20, "b": {"c": "y"}, "e": "zz", "d": 5},
+            {"b": {"c": "x"}, "e": 1},
+        ]
+        first = rules.evaluate(documents[0])
+        assert first == [compiler.outcome(e, documents[0]) for e in expressions]
+        deadline = time.monotonic() + 10
+        while rules._chunks[0].rest is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert rules._chunks[0].rest is not None
+        for document in documents * 2:
+            assert rules.evaluate(document) == [compiler.outcome(e, document) for e in expressions]
 
     def test_pickled_set_evaluates_the_same_after_bind(self, compiler):
         """A set compiled here, pickled and bound to another compiler gives the same outcomes."""
