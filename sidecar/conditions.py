@@ -672,7 +672,7 @@ class _Preparer:
             try:
                 build()
             except Exception:  # cel-cpp answers without it; nothing is lost but speed
-                logger.exception("building a ruleset's fast path failed")
+                logger.exception("a background build for a ruleset failed")
 
 
 def _unbound_set(
