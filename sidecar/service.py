@@ -2,9 +2,10 @@
 
 Watchers, the periodic resync and verification, SIGHUP (all scheduled by
 `sidecar.scheduling`) and the API end in one reload at a time, serialised by one lock.
-The heavy part (reading, parsing, validating, compiling) runs in worker threads so
-requests keep being served; the publish itself is one reference swap on the event
-loop. A failed reload changes nothing: the last good snapshot keeps serving and the
+The heavy part (reading, parsing, validating, compiling, and the publish's diff and
+history) runs in worker threads so requests keep being served; readers see the new
+snapshot through one reference swap, and subscribers are told on the event loop. A
+failed reload changes nothing: the last good snapshot keeps serving and the
 failure is recorded with every problem's location.
 
 What a source says about its changes (a watch, a fingerprint, row versions) is an

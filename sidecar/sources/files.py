@@ -387,12 +387,11 @@ class DirectorySource:
                     continue
             except _Unreadable as exc:
                 raise LoadError([exc.problem]) from None
+            published = {name for name, stamp in before.items() if stamp and stamp.published}
             emptied = {
-                f.name: stamp
+                f.name: before.get(f.name)
                 for f in files
-                if not f.content
-                and f.name in self._nonempty
-                and not ((stamp := before.get(f.name)) is not None and stamp.published)
+                if not f.content and f.name in self._nonempty and f.name not in published
             }
             if emptied and emptied != emptied_seen:
                 # Empty now, not at the last read: the gap between an in-place rewrite's
