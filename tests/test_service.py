@@ -431,6 +431,12 @@ def rulesets_of(service: HotReloadService) -> list[str]:
     return sorted(service.registry.current.rulesets)
 
 
+def recorded(service: HotReloadService, heard: list[ReloadRecord]) -> bool:
+    """The reload that published what serves now has been recorded: a publish runs in a
+    thread, and readers see the new snapshot a moment before its record exists."""
+    return bool(heard) and heard[-1].version_after == service.registry.current.version
+
+
 class TestForget:
     """A forced reload and SIGHUP read every source from scratch: no fingerprint, version
     or cache of a source is the only truth."""
@@ -452,7 +458,7 @@ class TestForget:
 
         service.request_reload(Trigger.SIGNAL, fresh=True)
 
-        await wait_for(lambda: rulesets_of(service) == ["a", "b"])
+        await wait_for(lambda: rulesets_of(service) == ["a", "b"] and recorded(service, heard))
         assert heard[-1].triggers == {Trigger.SIGNAL}
         await service.stop()
 
@@ -476,7 +482,7 @@ class TestVerification:
         try:
             source.change_unseen(rules("a", "b"))
 
-            await wait_for(lambda: rulesets_of(service) == ["a", "b"])
+            await wait_for(lambda: rulesets_of(service) == ["a", "b"] and recorded(service, heard))
 
             assert (heard[-1].triggers, heard[-1].status) == (
                 {Trigger.VERIFY},
@@ -508,7 +514,7 @@ class TestVerification:
         try:
             source._files = rules("a", "b")  # no set_files: no change event
 
-            await wait_for(lambda: rulesets_of(service) == ["a", "b"])
+            await wait_for(lambda: rulesets_of(service) == ["a", "b"] and recorded(service, heard))
 
             assert heard[-1].triggers == {Trigger.VERIFY}
             assert service.drift == {"static": 0}
