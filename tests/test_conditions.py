@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import sys
 import threading
 import time
 from typing import Any
@@ -613,6 +614,37 @@ class TestLargeSetsAndTransfer:
         assert rules._chunks[0].rest is not None
         for document in documents * 2:
             assert rules.evaluate(document) == [compiler.outcome(e, document) for e in expressions]
+
+    def test_long_conditions_that_did_not_fail_get_no_program_of_their_own(self):
+        """Compiling them would hold the interpreter, and so the event loop, for as long
+        as cel-cpp takes (a 60,000-character chunk: 280 ms): past `_REST_CHARS` the
+        chunk's conditions keep being evaluated alone, with the same outcomes."""
+        compiler = ConditionCompiler(fast_path=False)
+        long = " || ".join(f"input.k == {k}" for k in range(300))
+        expressions = ["input.x.y > 1", *[f"({long}) && input.a > {i}" for i in range(5)]]
+        rules = compiler.compile_set(expressions)
+        documents: list[dict[str, Any]] = [{"k": 3, "a": 2}, {"k": 9999, "a": 5}]
+        for document in documents:
+            assert rules.evaluate(document) == [compiler.outcome(e, document) for e in expressions]
+        built = threading.Event()
+        compiler.build_soon(built.set)  # the builder runs its work in order
+        assert built.wait(10)
+        assert rules._chunks[0].rest_asked
+        assert rules._chunks[0].rest is None
+        for document in documents:
+            assert rules.evaluate(document) == [compiler.outcome(e, document) for e in expressions]
+
+    def test_a_null_result_is_no_boolean_and_costs_none_nothing(self):
+        """cel-expr-python 0.1.3 takes a reference from None each time it converts a
+        null, and at zero Python 3.11 aborts: a condition that gives null must be
+        answered without converting it (a batch of `{"vip": null}` killed the sidecar)."""
+        compiler = ConditionCompiler(fast_path=False)
+        rules = compiler.compile_set(["input.vip", "input.a > 1"])
+        assert rules.evaluate({"vip": None, "a": 2}) == ["condition gave null, not a boolean", True]
+        before = sys.getrefcount(None)
+        for _ in range(5_000):
+            rules.evaluate({"vip": None, "a": 2})
+        assert sys.getrefcount(None) - before > -1_000
 
     def test_pickled_set_evaluates_the_same_after_bind(self, compiler):
         """A set compiled here, pickled and bound to another compiler gives the same outcomes."""
