@@ -244,15 +244,23 @@ class _Builder:
         self.prologue: list[ast.stmt] = []
         self.paths: dict[tuple[str, ...], ast.Name] = {}
         self.loops = 0
+        # Locals that can only hold True, False or UNKNOWN: a condition ending in one
+        # needs no final type check.
+        self.boolish: set[str] = set()
 
-    def fresh(self) -> ast.Name:
+    def fresh(self, *, boolish: bool = False) -> ast.Name:
         self.count += 1
-        return _name(f"v{self.count}")
+        name = _name(f"v{self.count}")
+        if boolish:
+            self.boolish.add(name.id)
+        return name
 
     def condition(self, node: Node) -> tuple[list[ast.stmt], ast.expr]:
         self.loops = 0
         body: list[ast.stmt] = []
         value = self.value(node, body, {})
+        if isinstance(value, ast.Name) and value.id in self.boolish:
+            return body, value
         result = self.fresh()
         body.append(_set(result, _choose(_type_is(value, "bool"), value, _name(_U))))
         return body, result
@@ -291,7 +299,7 @@ class _Builder:
                 self.paths[key] = known
             return known
         operand_value = self.value(node.children[0], out, scope)
-        result = self.fresh()
+        result = self.fresh(boolish=node.test_only)
         if node.test_only:
             present = _compare(_literal(node.name), ast.In(), operand_value)
             value = _choose(_type_is(operand_value, "dict"), present, _name(_U))
@@ -314,20 +322,22 @@ class _Builder:
         if name in ("_&&_", "_||_") and len(args) == 2:
             return self.logical(name == "_&&_", args, out, scope)
         values = [self.value(arg, out, scope) for arg in args]
-        result = self.fresh()
+        result = self.fresh(boolish=name != "size")
         unknown = _name(_U)
         if name == "!_" and len(values) == 1:
             negation = ast.UnaryOp(ast.Not(), values[0], **_AT)
             out.append(_set(result, _choose(_type_is(values[0], "bool"), negation, unknown)))
         elif name in ("_==_", "_!=_") and len(values) == 2:
-            out.append(_set(result, _call("EQUAL", *values)))
+            equal = _compare(values[0], ast.Eq(), values[1])
+            out.append(_set(result, _same_kind(values, equal, _call("EQUAL", *values))))
             if name == "_!=_":
                 negation = ast.UnaryOp(ast.Not(), result, **_AT)
                 test = _compare(result, ast.IsNot(), unknown)
                 out.append(_when(test, [_set(result, negation)], []))
         elif name in _ORDERED and len(values) == 2:
             comparison = _compare(values[0], _ORDERED[name](), values[1])
-            out.append(_set(result, _choose(_call("COMPARABLE", *values), comparison, unknown)))
+            other = _choose(_call("COMPARABLE", *values), comparison, unknown)
+            out.append(_set(result, _same_kind(values, comparison, other)))
         elif name == "@in" and len(values) == 2:
             out.append(_set(result, _call("CONTAINS", *values)))
         elif name == "size" and len(values) == 1 and node.overloads <= _SIZE_OVERLOADS:
@@ -340,8 +350,11 @@ class _Builder:
                 raise _Unsupported(name)
             bound = ast.Attribute(values[0], method, ast.Load(), **_AT)
             test = ast.Call(bound, [values[1]], [], **_AT)
-            texts = _both(_type_is(values[0], "str"), _type_is(values[1], "str"))
-            out.append(_set(result, _choose(texts, test, unknown)))
+            texts = [_type_is(value, "str") for value in values if _scalar_kind(value) != "str"]
+            if texts:  # a literal argument is known to be a string
+                guard = texts[0] if len(texts) == 1 else _both(*texts)
+                test = _choose(guard, test, unknown)
+            out.append(_set(result, test))
         else:
             raise _Unsupported(name)
         return result
@@ -357,7 +370,7 @@ class _Builder:
         whatever the other is, an error or not a boolean included."""
         decisive, neutral = _literal(not conjunction), _literal(conjunction)
         left = self.value(args[0], out, scope)
-        result = self.fresh()
+        result = self.fresh(boolish=True)
         right_code: list[ast.stmt] = []
         right = self.value(args[1], right_code, scope)
         # if left is D: R = D
@@ -379,7 +392,7 @@ class _Builder:
         item = self.fresh()
         inner_code: list[ast.stmt] = []
         inner = self.value(predicate, inner_code, {**scope, variable: item})
-        result = self.fresh()
+        result = self.fresh(boolish=True)
         found, neutral = _literal(decisive), _literal(not decisive)
         # if (type(S) is list or type(S) is dict) and len(S) <= LIMIT:
         #     R = N
@@ -395,6 +408,29 @@ class _Builder:
         iterable = _both(_type_is(seq, "list", "dict"), small)
         out.append(_when(iterable, [_set(result, neutral), loop], [_set(result, _name(_U))]))
         return result
+
+
+def _scalar_kind(value: ast.expr) -> str | None:
+    """The type name of a literal operand (a bool, int, double or string), else None."""
+    if isinstance(value, ast.Constant) and type(value.value) in (bool, int, float, str):
+        return type(value.value).__name__
+    return None
+
+
+def _same_kind(values: Sequence[ast.expr], same: ast.expr, other: ast.expr) -> ast.expr:
+    """`same` when the other operand of a comparison with a literal is of a type that
+    Python compares with it exactly as CEL does (most inputs), else `other`: the
+    literal's own type, and also a double for an int literal within 2^53 (Python
+    compares int with float exactly, and CEL does within 2^53)."""
+    for value, literal in ((values[0], values[1]), (values[1], values[0])):
+        kind = _scalar_kind(literal)
+        if kind is None:
+            continue
+        number = literal.value if isinstance(literal, ast.Constant) else None
+        if type(number) is int and -_EXACT <= number <= _EXACT:
+            return _choose(_type_is(value, "int", "float"), same, other)
+        return _choose(_type_is(value, kind), same, other)
+    return other
 
 
 def _constant(node: Node) -> ast.Constant:
@@ -540,6 +576,8 @@ def _namespace() -> dict[str, Any]:
         "COMPARABLE": _comparable,
         "CONTAINS": _contains,
         "bool": bool,
+        "int": int,
+        "float": float,
         "str": str,
         "list": list,
         "dict": dict,

@@ -158,6 +158,16 @@ TRAPS = [
     ("size(input.a) == 1", {"a": {"x": 1}}, True),
     ("size(input.a) == 1", {"a": 1}, U),
     ("input.a > -5", {"a": -4.5}, True),
+    # a literal's type decides which inputs skip the generic helpers: check both ways
+    ("1 < input.a", {"a": 1.5}, True),  # the literal on the left
+    ("input.a < 9007199254740992", {"a": 2.0**60}, False),  # an int literal within 2^53
+    ("input.a == 1.5", {"a": 2**60}, U),  # a double literal meets an int beyond 2^53
+    ("input.a >= 2.5", {"a": 3}, True),
+    ("input.a != 'x'", {"a": 1}, True),
+    ("input.a != 'x'", {"a": "x"}, False),
+    ("input.a == true", {"a": 1}, False),
+    ("input.a.startsWith(input.b)", {"a": "xy", "b": "x"}, True),
+    ("input.a.startsWith(input.b)", {"a": "xy", "b": 1}, U),
 ]
 
 
