@@ -24,6 +24,8 @@ varied transaction documents of ~30 JSON values each, none of which makes a rule
 6. Input size: the same inputs with an unused 200-item list added, through a program
    that reads no field, one that reads one field, the combined program, `check_input` and
    `evaluate()` (shows whether input conversion costs by document size or by use).
+7. Counting: `evaluate()` with and without `DecisionTallies.count` (the stats endpoint's
+   and per-rule metrics' counts), interleaved.                  Target: HTTP >= 0.95x.
 
 Timings are wall-clock `time.perf_counter` in microseconds; medians with p10/p90 and
 min/max; the collector stays on (as in service), `gc.collect()` between phases.
@@ -53,6 +55,7 @@ from sidecar.conditions import ConditionCompiler, check_input
 from sidecar.engine import evaluate, evaluate_many
 from sidecar.loader import Loader
 from sidecar.snapshot import Snapshot
+from sidecar.tallies import DecisionTallies
 
 TARGET_US = 30.0
 RULES = 50
@@ -328,6 +331,30 @@ def bench_input_size(fast: Snapshot, documents: Sequence[Doc], rounds: int) -> N
         print(f"  {name:<48} {plain:7.2f} -> {bigger:7.2f} us  ({bigger - plain:+.2f})")
 
 
+def bench_counting(fast: Snapshot, documents: Sequence[Doc], rounds: int) -> None:
+    """Section 7: what counting each evaluation for the stats and per-rule metrics adds
+    (`DecisionTallies.count`, on every evaluation the API answers)."""
+    print("\n[7] counting: DecisionTallies.count after each evaluate(), interleaved rounds")
+    ruleset = fast.rulesets[RULESET]
+    tallies = DecisionTallies()
+    tallies.retain(fast)
+
+    def counted(document: Doc) -> None:
+        tallies.count(ruleset, evaluate(fast, RULESET, document))
+
+    def plain(document: Doc) -> None:
+        evaluate(fast, RULESET, document)
+
+    medians = interleaved_medians({"off": plain, "on": counted}, documents, rounds)
+    off, on = medians["off"], medians["on"]
+    print(f"  evaluate()                  {off:7.2f} us")
+    print(f"  evaluate() + count          {on:7.2f} us  (+{on - off:.2f} us)")
+    print(
+        f"  throughput with counting: {off / on:.3f}x of without, in-process (target >= 0.95x "
+        "over HTTP, where a request costs several times an evaluation: a lower bound)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="fewer inputs and rounds")
@@ -353,6 +380,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     bench_slow(fast, slow, documents[: reference_inputs * 2], rounds)
     bench_reference(fast, documents[:reference_inputs], reference_rounds)
     bench_input_size(fast, documents[: reference_inputs * 2], max(rounds // 3, 1))
+    bench_counting(fast, documents, rounds)
 
 
 def _count_values(document: Any) -> int:

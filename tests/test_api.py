@@ -594,6 +594,80 @@ class TestEvaluate:
         assert (result["registry_version"], result["total_points"]) == (2, 80)
 
 
+class TestStats:
+    """`GET /api/v1/rulesets/{id}/stats`: counts since the content went live and since start."""
+
+    async def test_counts_rules_and_decisions(self, sidecar: Sidecar):
+        await sidecar.evaluate("fraud", FOREIGN_LARGE)  # 70 points: deny
+        inputs = [{"amount": 5, "country": "US"}, {"amount": 5, "country": "FR"}, {}]
+        await sidecar.post("/api/v1/rulesets/fraud/evaluate", json={"inputs": inputs})
+        stats = await sidecar.get("/api/v1/rulesets/fraud/stats")
+        assert stats["ruleset_id"] == "fraud"
+        assert stats["registry_version"] == 1
+        current = stats["current"]
+        assert current["since_version"] == 1
+        datetime.fromisoformat(current["since"])
+        assert current["evaluations"] == 4
+        assert current["decisions"] == [
+            {"decision": "deny", "count": 1},
+            {"decision": "review", "count": 0},
+            {"decision": "allow", "count": 3},
+        ]
+        by_id = {rule["id"]: rule for rule in current["rules"]}
+        assert [rule["id"] for rule in current["rules"]] == [
+            "large-amount",
+            "foreign-country",
+            "never-on",
+        ]
+        assert by_id["large-amount"] == {
+            "id": "large-amount",
+            "mode": "active",
+            "enabled": True,
+            "matches": 1,
+            "errors": 1,
+            "hit_rate": 0.25,
+        }
+        assert by_id["foreign-country"]["matches"] == 2
+        assert by_id["never-on"] == {
+            "id": "never-on",
+            "mode": "active",
+            "enabled": False,
+            "matches": 0,
+            "errors": 0,
+            "hit_rate": None,
+        }
+        assert stats["since_start"]["evaluations"] == 4
+        assert stats["since_start"]["since_version"] is None
+
+    async def test_a_change_starts_a_new_span(self, sidecar: Sidecar):
+        """After the ruleset changes, `current` counts from zero and names the version
+        that published the change; `since_start` goes on; another ruleset's change does
+        not restart it."""
+        await sidecar.evaluate("fraud", FOREIGN_LARGE)
+        (sidecar.rules / "extra.yaml").write_text(
+            dump_yaml(make_ruleset_doc("extra", [{"id": "x", "condition": "false", "points": 1}])),
+            encoding="utf-8",
+        )
+        await sidecar.post(f"{HOT}/reload")
+        stats = await sidecar.get("/api/v1/rulesets/fraud/stats")
+        assert (stats["current"]["evaluations"], stats["current"]["since_version"]) == (1, 1)
+        change_points(sidecar.rules, 55)
+        await sidecar.post(f"{HOT}/reload")
+        stats = await sidecar.get("/api/v1/rulesets/fraud/stats")
+        assert stats["registry_version"] == 3
+        assert (stats["current"]["evaluations"], stats["current"]["since_version"]) == (0, 3)
+        assert stats["current"]["rules"][0]["hit_rate"] is None
+        await sidecar.evaluate("fraud", FOREIGN_LARGE)  # 85 points: deny
+        stats = await sidecar.get("/api/v1/rulesets/fraud/stats")
+        assert stats["current"]["evaluations"] == 1
+        assert stats["since_start"]["evaluations"] == 2
+        large = stats["since_start"]["rules"][0]
+        assert (large["id"], large["matches"], large["hit_rate"]) == ("large-amount", 2, 1.0)
+
+    async def test_unknown_ruleset_is_404(self, sidecar: Sidecar):
+        await sidecar.get("/api/v1/rulesets/nope/stats", status=404)
+
+
 class TestErrors:
     """Every error is JSON with the right status."""
 
@@ -940,6 +1014,43 @@ class TestMetrics:
         await sidecar.post(f"{HOT}/reload")
         text = await self.scrape(sidecar)
         assert metric_value(text, "rule_sidecar_evaluations_total", {"ruleset": "extra"}) is None
+
+    async def test_rule_and_decision_series(self, sidecar: Sidecar):
+        """Each rule's matches and errors and each decision count, only once they happen;
+        a decision of none would be the empty label."""
+        text = await self.scrape(sidecar)
+        matches, decisions = "rule_sidecar_rule_matches_total", "rule_sidecar_decisions_total"
+        assert "rule_sidecar_rule_matches_total{" not in text
+        await sidecar.evaluate("fraud", FOREIGN_LARGE)  # both rules: 70 points, deny
+        inputs = [{"amount": 5, "country": "US"}, {"amount": 5000, "country": "US"}, {}]
+        await sidecar.post("/api/v1/rulesets/fraud/evaluate", json={"inputs": inputs})
+        text = await self.scrape(sidecar)
+        large = {"ruleset": "fraud", "rule": "large-amount", "mode": "active"}
+        foreign = {"ruleset": "fraud", "rule": "foreign-country", "mode": "active"}
+        assert metric_value(text, matches, large) == 2
+        assert metric_value(text, matches, foreign) == 1
+        assert metric_value(text, matches, {**large, "rule": "never-on"}) is None  # disabled
+        errors = "rule_sidecar_rule_errors_total"
+        assert metric_value(text, errors, {"ruleset": "fraud", "rule": "large-amount"}) == 1
+        assert metric_value(text, errors, {"ruleset": "fraud", "rule": "foreign-country"}) == 1
+        assert metric_value(text, decisions, {"ruleset": "fraud", "decision": "deny"}) == 1
+        assert metric_value(text, decisions, {"ruleset": "fraud", "decision": "review"}) == 1
+        assert metric_value(text, decisions, {"ruleset": "fraud", "decision": "allow"}) == 2
+
+    async def test_a_removed_rule_stops_being_exported(self, sidecar: Sidecar):
+        """A rule a reload removed has no series any more; the others keep counting up."""
+        await sidecar.evaluate("fraud", FOREIGN_LARGE)
+        doc = fraud_doc()
+        doc["spec"]["rules"] = [r for r in doc["spec"]["rules"] if r["id"] != "foreign-country"]
+        (sidecar.rules / "fraud.yaml").write_text(dump_yaml(doc), encoding="utf-8")
+        await sidecar.post(f"{HOT}/reload")
+        await sidecar.evaluate("fraud", FOREIGN_LARGE)
+        text = await self.scrape(sidecar)
+        matches = "rule_sidecar_rule_matches_total"
+        large = {"ruleset": "fraud", "rule": "large-amount", "mode": "active"}
+        assert metric_value(text, matches, large) == 2
+        assert metric_value(text, matches, {**large, "rule": "foreign-country"}) is None
+        assert metric_value(text, "rule_sidecar_evaluations_total", {"ruleset": "fraud"}) == 2
 
     async def test_websocket_clients_gauge(self, sidecar: Sidecar):
         """The gauge counts connected WebSocket clients, up and down again."""

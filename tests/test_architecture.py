@@ -23,6 +23,7 @@ LAYERS: list[set[str]] = [
     {"sidecar.model"},
     {"sidecar.snapshot", "sidecar.documents"},
     {"sidecar.engine"},
+    {"sidecar.tallies"},
     {"sidecar.checks"},
     {
         "sidecar.loader",

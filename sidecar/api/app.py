@@ -55,7 +55,7 @@ from sidecar.config import DEFAULT_SETTINGS
 from sidecar.engine import Evaluation, evaluate_in_slices, evaluate_ruleset
 from sidecar.errors import InputError, NotFoundError
 from sidecar.model import Rule, RuleSet
-from sidecar.registry import ChangeEvent, EventType, RuleRegistry, diff_snapshots
+from sidecar.registry import ChangeEvent, RuleRegistry, diff_snapshots
 from sidecar.service import HealthStatus, HotReloadService, ReloadRecord, ReloadStatus
 from sidecar.snapshot import Snapshot
 
@@ -678,6 +678,15 @@ async def get_ruleset(request: web.Request) -> web.Response:
     return await _cached(request, snapshot, _find(snapshot.rulesets, "ruleset", request).to_dict)
 
 
+async def get_ruleset_stats(request: web.Request) -> web.Response:
+    """How often the ruleset's rules fired and what it decided, since its current content
+    went live and since the sidecar started."""
+    snapshot = _serving(request)
+    ruleset = _find(snapshot.rulesets, "ruleset", request)
+    stats = _state(request).metrics.tallies.stats(ruleset)
+    return json_response({"registry_version": snapshot.version, **stats})
+
+
 async def post_evaluate(request: web.Request) -> web.Response:
     """`{"input": {...}}` → one result; `{"inputs": [...]}` → all from one version."""
     state = _state(request)
@@ -696,7 +705,8 @@ async def post_evaluate(request: web.Request) -> web.Response:
     except InputError as exc:
         raise InputError(exc.message, path=exc.path.replace("$", "$.input", 1)) from None
     state.metrics.evaluation_time.observe(time.perf_counter() - started)
-    state.metrics.evaluations.count(ruleset.id, 1, len(result.errors))
+    if state.registry.current.rulesets.get(ruleset.id) is ruleset:  # not replaced meanwhile
+        state.metrics.tallies.count(ruleset, result)
     return json_response(result.to_dict())
 
 
@@ -753,8 +763,15 @@ async def _render_batch(
     parts = [head[:-1], b',"results":[']
     size = sum(map(len, parts)) + 2
     done = 0
+    tallies, serving = state.metrics.tallies, state.registry
+
+    def render(evaluation: Evaluation) -> dict[str, Any]:
+        if serving.current.rulesets.get(ruleset.id) is ruleset:  # not replaced meanwhile
+            tallies.count(ruleset, evaluation)
+        return evaluation.to_dict()
+
     slices = evaluate_in_slices(
-        ruleset, documents, Evaluation.to_dict, version=snapshot.version, revision=snapshot.revision
+        ruleset, documents, render, version=snapshot.version, revision=snapshot.revision
     )
     try:
         async for part in slices:
@@ -763,9 +780,6 @@ async def _render_batch(
             parts.append(_dumpb(part)[1:-1])
             size += len(parts[-1]) + 1
             done += len(part)
-            if ruleset.id in state.registry.current.rulesets:  # else its series are gone
-                errors = sum(len(result["errors"]) for result in part)
-                state.metrics.evaluations.count(ruleset.id, len(part), errors)
             if size > limits.max_response_bytes:
                 raise LimitExceeded(
                     413,
@@ -812,13 +826,9 @@ def _wire_events(state: AppState) -> None:
             state.notifier.broadcast("rules_reloaded", reload_view(record))
 
     def on_publish(snapshot: Snapshot, events: Sequence[ChangeEvent]) -> None:
+        state.metrics.tallies.retain(snapshot)
         for change in events:
             state.notifier.broadcast(change.type.value, change.to_dict())
-            if change.type is EventType.RULESET_REMOVED and change.ruleset_id is not None:
-                state.metrics.evaluations.forget(change.ruleset_id)
-            elif change.type is EventType.REGISTRY_CLEARED:
-                for ruleset_id in state.metrics.evaluations.rulesets():
-                    state.metrics.evaluations.forget(ruleset_id)
 
     state.service.add_listener(on_reload)
     state.service.loader.add_stage_listener(state.metrics.observe_load_stages)
@@ -867,6 +877,7 @@ def create_app(state: AppState, *, max_body_bytes: int = 1024 * 1024) -> web.App
         web.get("/api/v1/rules/{rule_id}", get_rule),
         web.get("/api/v1/rulesets", get_rulesets),
         web.get("/api/v1/rulesets/{ruleset_id}", get_ruleset),
+        web.get("/api/v1/rulesets/{ruleset_id}/stats", get_ruleset_stats),
         web.post("/api/v1/rulesets/{ruleset_id}/evaluate", post_evaluate),
         web.get("/ws/hot-reload", websocket),
         *ui_routes(),

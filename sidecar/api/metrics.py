@@ -22,8 +22,9 @@ from prometheus_client.utils import floatToGoString
 
 from sidecar.loader import LoadStage
 from sidecar.service import ReloadRecord, ReloadStatus
+from sidecar.tallies import DecisionTallies
 
-__all__ = ["CONTENT_TYPE_LATEST", "EvaluationCounts", "EvaluationTimes", "Metrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "DecisionCounts", "EvaluationTimes", "Metrics"]
 
 _EVALUATION_BUCKETS = (0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 1.0)
 # 1 ms (an incremental reload's checks) to 30 s (a cold compile of a very large registry),
@@ -50,7 +51,7 @@ class EvaluationTimes(Collector):
     """`rule_sidecar_evaluation_seconds`: how long each evaluate request took.
 
     A histogram in plain counters, turned into samples when scraped, for the reason
-    `EvaluationCounts` gives: prometheus_client's takes a lock and walks its buckets in
+    `DecisionCounts` gives: prometheus_client's takes a lock and walks its buckets in
     Python on every request."""
 
     def __init__(self) -> None:
@@ -72,46 +73,56 @@ class EvaluationTimes(Collector):
         )
 
 
-class EvaluationCounts(Collector):
-    """Inputs evaluated and rule conditions that errored, per ruleset.
+class DecisionCounts(Collector):
+    """Per-ruleset and per-rule counts of evaluations, from `DecisionTallies`.
 
     Counted as plain integers on the request path and turned into samples only when
     scraped: a labelled prometheus_client counter costs a `labels()` lookup and a lock
-    per request. Evaluations run on the event loop, and so do scrapes."""
+    per update, and an evaluation updates one per matched rule. A rule or decision that
+    never counted has no series (a registry of 5,000 rulesets of 100 rules would
+    otherwise export a million zeros); a ruleset or rule that leaves the registry stops
+    being exported. A decision of none (no band and no default) is the empty label."""
 
-    def __init__(self) -> None:
-        self._counts: dict[str, list[int]] = {}  # ruleset id -> [evaluated, errors]
-
-    def count(self, ruleset_id: str, evaluated: int, errors: int) -> None:
-        counts = self._counts.get(ruleset_id)
-        if counts is None:
-            counts = self._counts[ruleset_id] = [0, 0]
-        counts[0] += evaluated
-        counts[1] += errors
-
-    def rulesets(self) -> list[str]:
-        """Rulesets that have a series."""
-        return list(self._counts)
-
-    def forget(self, ruleset_id: str) -> None:
-        """Drop a removed ruleset's series, so they do not linger as if still served."""
-        self._counts.pop(ruleset_id, None)
+    def __init__(self, tallies: DecisionTallies) -> None:
+        self._tallies = tallies
 
     def collect(self) -> Iterator[Metric]:
         evaluated = CounterMetricFamily(
             "rule_sidecar_evaluations", "Inputs evaluated, by ruleset.", labels=["ruleset"]
         )
-        errors = CounterMetricFamily(
+        errored = CounterMetricFamily(
             "rule_sidecar_evaluation_rule_errors",
             "Rule conditions that errored on an input.",
             labels=["ruleset"],
         )
-        for ruleset_id, (count, errored) in self._counts.items():
-            evaluated.add_metric([ruleset_id], count)
-            if errored:
-                errors.add_metric([ruleset_id], errored)
-        yield evaluated
-        yield errors
+        decisions = CounterMetricFamily(
+            "rule_sidecar_decisions",
+            "Inputs evaluated, by ruleset and the decision they got.",
+            labels=["ruleset", "decision"],
+        )
+        matches = CounterMetricFamily(
+            "rule_sidecar_rule_matches",
+            "Inputs a rule matched, by ruleset, rule and mode.",
+            labels=["ruleset", "rule", "mode"],
+        )
+        rule_errors = CounterMetricFamily(
+            "rule_sidecar_rule_errors",
+            "Inputs on which a rule's condition errored.",
+            labels=["ruleset", "rule"],
+        )
+        for tally in self._tallies.tallies():
+            evaluated.add_metric([tally.ruleset_id], tally.evaluations)
+            if tally.errored:
+                errored.add_metric([tally.ruleset_id], tally.errored)
+            for decision, count in tally.decisions.items():
+                if count:
+                    decisions.add_metric([tally.ruleset_id, decision or ""], count)
+            for rule in tally.rules:
+                if rule.matches:
+                    matches.add_metric([tally.ruleset_id, rule.rule_id, rule.mode], rule.matches)
+                if rule.errors:
+                    rule_errors.add_metric([tally.ruleset_id, rule.rule_id], rule.errors)
+        yield from (evaluated, errored, decisions, matches, rule_errors)
 
 
 class Metrics:
@@ -167,8 +178,8 @@ class Metrics:
         self.monitoring = Gauge(
             "rule_sidecar_monitoring_active", "1 while sources are being watched.", registry=r
         )
-        self.evaluations = EvaluationCounts()
-        r.register(self.evaluations)
+        self.tallies = DecisionTallies()
+        r.register(DecisionCounts(self.tallies))
         self.evaluation_time = EvaluationTimes()
         r.register(self.evaluation_time)
         self.source_watching = Gauge(

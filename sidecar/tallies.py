@@ -1,0 +1,269 @@
+"""What each ruleset decided and how often each of its rules fired.
+
+Counted on the request path, so counting is a few list and dict updates per evaluation;
+turning the counts into Prometheus samples or a stats answer happens when someone asks.
+Each ruleset is counted in two spans: since its current content went live (a change to
+the ruleset starts a new span: the figures that judge a change are its own), and since
+the process started (what Prometheus counters need: they only grow while a series
+exists). A ruleset or rule that leaves the registry leaves both.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Final, TypedDict
+
+from sidecar.engine import Evaluation
+from sidecar.model import RuleSet
+from sidecar.snapshot import Snapshot
+
+__all__ = [
+    "ACTIVE",
+    "DecisionCount",
+    "DecisionTallies",
+    "RuleCount",
+    "RulesetTally",
+    "SpanView",
+    "StatsView",
+]
+
+ACTIVE: Final = "active"
+"""The mode of every rule today: its matches add points (the `mode` label's value)."""
+
+
+@dataclass(slots=True)
+class _Span:
+    """Counts of one ruleset's content since `since`: per rule by position in the
+    ruleset's evaluation plan, so that a match costs one list update."""
+
+    ruleset: RuleSet
+    since: float
+    since_version: int
+    positions: dict[str, int]
+    evaluations: int = 0
+    errored: int = 0  # conditions that errored, summed over inputs
+    matches: list[int] = field(default_factory=list)
+    errors: list[int] = field(default_factory=list)
+    decisions: dict[str | None, int] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, ruleset: RuleSet, since: float, version: int) -> _Span:
+        positions = {rule.id: index for index, rule in enumerate(ruleset.plan.rules)}
+        size = len(positions)
+        return cls(ruleset, since, version, positions, matches=[0] * size, errors=[0] * size)
+
+    def count(self, evaluation: Evaluation) -> None:
+        self.evaluations += 1
+        positions = self.positions
+        for rule in evaluation.matched:
+            self.matches[positions[rule.id]] += 1
+        if evaluation.errors:
+            self.errored += len(evaluation.errors)
+            for error in evaluation.errors:
+                self.errors[positions[error.rule_id]] += 1
+        decision = evaluation.decision
+        self.decisions[decision] = self.decisions.get(decision, 0) + 1
+
+
+@dataclass(slots=True)
+class _Totals:
+    """Counts since the process started, of the spans that ended, by rule id."""
+
+    evaluations: int = 0
+    errored: int = 0
+    matches: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    decisions: dict[str | None, int] = field(default_factory=dict)
+
+    def add(self, span: _Span) -> None:
+        self.evaluations += span.evaluations
+        self.errored += span.errored
+        for rule_id, index in span.positions.items():
+            self.matches[rule_id] = self.matches.get(rule_id, 0) + span.matches[index]
+            self.errors[rule_id] = self.errors.get(rule_id, 0) + span.errors[index]
+        for decision, count in span.decisions.items():
+            self.decisions[decision] = self.decisions.get(decision, 0) + count
+
+    def keep(self, rule_ids: Collection[str]) -> None:
+        """Forget rules that are no longer in the ruleset."""
+        for counts in (self.matches, self.errors):
+            for rule_id in [r for r in counts if r not in rule_ids]:
+                del counts[rule_id]
+
+
+@dataclass(frozen=True, slots=True)
+class RuleCount:
+    """One rule's matches and errors over a span (and in all, since start)."""
+
+    rule_id: str
+    mode: str
+    matches: int
+    errors: int
+
+
+@dataclass(frozen=True, slots=True)
+class RulesetTally:
+    """A ruleset's counts since start, for the Prometheus collector."""
+
+    ruleset_id: str
+    evaluations: int
+    errored: int
+    decisions: Mapping[str | None, int]
+    rules: tuple[RuleCount, ...]
+
+
+class DecisionCount(TypedDict):
+    decision: str | None
+    count: int
+
+
+class RuleStats(TypedDict):
+    id: str
+    mode: str
+    enabled: bool
+    matches: int
+    errors: int
+    hit_rate: float | None
+
+
+class SpanView(TypedDict):
+    since: str
+    since_version: int | None
+    evaluations: int
+    decisions: list[DecisionCount]
+    rules: list[RuleStats]
+
+
+class StatsView(TypedDict):
+    ruleset_id: str
+    digest: str
+    current: SpanView
+    since_start: SpanView
+
+
+class DecisionTallies:
+    """Per-ruleset tallies, fed by every evaluation (on the event loop) and pruned at
+    every publish (`retain`), read at scrape time and by the stats endpoint."""
+
+    def __init__(self) -> None:
+        self._started = time.time()
+        self._spans: dict[str, _Span] = {}
+        self._totals: dict[str, _Totals] = {}
+        # When each ruleset's current content went live: (digest, registry version, time).
+        self._live: dict[str, tuple[str, int, float]] = {}
+
+    def count(self, ruleset: RuleSet, evaluation: Evaluation) -> None:
+        """Count one evaluation of `ruleset`, a ruleset of the serving snapshot (the
+        caller skips evaluations of one that a publish replaced meanwhile: they would
+        count a superseded content as the current one)."""
+        span = self._spans.get(ruleset.id)
+        if span is None or span.ruleset is not ruleset:
+            if span is None or span.ruleset.digest != ruleset.digest:
+                span = self._open(ruleset, evaluation.registry_version)
+            else:  # the same content, published again: the span goes on
+                span.ruleset = ruleset
+        span.count(evaluation)
+
+    def _open(self, ruleset: RuleSet, version: int) -> _Span:
+        """A new span for the ruleset's content; the one it replaces goes into the totals."""
+        ended = self._spans.get(ruleset.id)
+        if ended is not None:
+            totals = self._totals.setdefault(ruleset.id, _Totals())
+            totals.add(ended)
+            totals.keep({rule.id for rule in ruleset.rules})
+        digest, since_version, since = self._live.get(ruleset.id, ("", version, time.time()))
+        if digest != ruleset.digest:  # evaluated before its publish was announced
+            since_version, since = version, time.time()
+        span = self._spans[ruleset.id] = _Span.open(ruleset, since, since_version)
+        return span
+
+    def retain(self, snapshot: Snapshot) -> None:
+        """After a publish: note when changed rulesets went live; drop the counts of
+        rulesets that are gone, so their series stop being exported."""
+        now = time.time()
+        for ruleset_id, ruleset in snapshot.rulesets.items():
+            live = self._live.get(ruleset_id)
+            if live is None or live[0] != ruleset.digest:
+                self._live[ruleset_id] = (ruleset.digest, snapshot.version, now)
+        for counts in (self._spans, self._totals, self._live):
+            for ruleset_id in [r for r in counts if r not in snapshot.rulesets]:
+                del counts[ruleset_id]
+
+    def tallies(self) -> Iterator[RulesetTally]:
+        """Every counted ruleset, since start, its rules in the ruleset's order."""
+        for ruleset_id, span in self._spans.items():
+            view = self._since_start(span.ruleset, span)
+            rules = tuple(
+                RuleCount(rule["id"], rule["mode"], rule["matches"], rule["errors"])
+                for rule in view["rules"]
+                if rule["enabled"]
+            )
+            decisions = {entry["decision"]: entry["count"] for entry in view["decisions"]}
+            errored = span.errored + self._totals.get(ruleset_id, _Totals()).errored
+            yield RulesetTally(ruleset_id, view["evaluations"], errored, decisions, rules)
+
+    def stats(self, ruleset: RuleSet) -> StatsView:
+        """The stats endpoint's answer for a ruleset of the serving snapshot."""
+        span = self._spans.get(ruleset.id)
+        if span is None or span.ruleset.digest != ruleset.digest:
+            digest, version, since = self._live.get(ruleset.id, ("", 0, self._started))
+            current = _Span.open(ruleset, since, version if digest == ruleset.digest else 0)
+            if span is None:
+                span = current
+        else:
+            current = span
+        return {
+            "ruleset_id": ruleset.id,
+            "digest": ruleset.digest,
+            "current": _view(ruleset, current, _Totals()),
+            "since_start": self._since_start(ruleset, span),
+        }
+
+    def _since_start(self, ruleset: RuleSet, span: _Span) -> SpanView:
+        view = _view(ruleset, span, self._totals.get(ruleset.id, _Totals()))
+        view["since"], view["since_version"] = _iso(self._started), None
+        return view
+
+
+def _iso(moment: float) -> str:
+    return datetime.fromtimestamp(moment, UTC).isoformat()
+
+
+def _view(ruleset: RuleSet, span: _Span, before: _Totals) -> SpanView:
+    """`span` plus the totals of the spans `before` it, as the stats endpoint shows it."""
+    evaluations = span.evaluations + before.evaluations
+    rules: list[RuleStats] = []
+    for rule in ruleset.rules:
+        index = span.positions.get(rule.id)
+        matches = before.matches.get(rule.id, 0) + (0 if index is None else span.matches[index])
+        errors = before.errors.get(rule.id, 0) + (0 if index is None else span.errors[index])
+        rules.append(
+            {
+                "id": rule.id,
+                "mode": ACTIVE,
+                "enabled": rule.enabled,
+                "matches": matches,
+                "errors": errors,
+                "hit_rate": matches / evaluations if evaluations and rule.enabled else None,
+            }
+        )
+    counted = dict(before.decisions)
+    for decision, count in span.decisions.items():
+        counted[decision] = counted.get(decision, 0) + count
+    bands = [band.decision for band in ruleset.decisions]
+    order = [*dict.fromkeys([*bands, ruleset.default_decision, *counted])]
+    decisions: list[DecisionCount] = [
+        {"decision": decision, "count": counted.get(decision, 0)}
+        for decision in order
+        if decision is not None or counted.get(None)
+    ]
+    return {
+        "since": _iso(span.since),
+        "since_version": span.since_version,
+        "evaluations": evaluations,
+        "decisions": decisions,
+        "rules": rules,
+    }
