@@ -1,6 +1,7 @@
 """The `rule-sidecar` command.
 
-`validate` and `test` are for a GitOps repository's CI: they accept exactly what the
+`validate` and `test` are for a GitOps repository's CI (`explain` for the person
+reading why an input got its decision): they accept exactly what the
 sidecar would accept (and, unless told otherwise, no path that yields no ruleset), report
 every problem in one pass as `file:line:col: message` (or JSON, or JUnit XML) and exit 0
 when everything is good, 1 when something is not, 2 on a usage error.
@@ -30,7 +31,9 @@ from sidecar.config import (
     setting_from,
     settings_from,
 )
-from sidecar.errors import LoadError
+from sidecar.engine import Evaluation, evaluate_ruleset
+from sidecar.errors import InputError, LoadError
+from sidecar.explain import RuleOutcome
 from sidecar.gate import Gate, Report, examine, write_human, write_json, write_junit
 from sidecar.sources.database import DatabaseURL, describe_error, password_from
 
@@ -66,6 +69,49 @@ def _validate(args: argparse.Namespace, out: TextIO) -> int:
 def _test(args: argparse.Namespace, out: TextIO) -> int:
     report = examine(args.paths, _gate(args, run_checks=True))
     return _report(report, args, out, tests=True)
+
+
+def _explain(args: argparse.Namespace, out: TextIO) -> int:
+    """Evaluate one input against a ruleset of rule files, saying what every rule did."""
+    report = examine(args.paths, Gate(run_checks=False))
+    if report.problems:
+        write_human(report, sys.stderr, cases=False)
+        return EXIT_INVALID
+    by_id = {ruleset.id: ruleset for ruleset in report.rulesets}
+    ruleset = by_id.get(args.ruleset)
+    if ruleset is None:
+        known = ", ".join(sorted(by_id)) or "none"
+        raise ValueError(f"no ruleset {args.ruleset!r} in these files (they hold: {known})")
+    text = sys.stdin.read() if args.input == "-" else Path(args.input).read_text("utf-8")
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        print(f"{args.input}: not JSON: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        result = evaluate_ruleset(ruleset, document, revision=report.revision() or "", explain=True)
+    except InputError as exc:
+        print(f"{args.input}: {exc.path}: {exc.message}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.format == "json":
+        _dump(result.to_dict(), out)
+    else:
+        _write_explanation(result, out)
+    return EXIT_OK
+
+
+def _write_explanation(result: Evaluation, out: TextIO) -> None:
+    decision = "no decision" if result.decision is None else result.decision
+    out.write(f"{result.ruleset_id}: {decision} ({result.total_points} points)\n")
+    rules = result.rules or ()
+    width = max((len(rule.rule.id) for rule in rules), default=0)
+    for rule in rules:
+        points = f"{rule.rule.points:+d}" if rule.outcome is RuleOutcome.MATCHED else ""
+        out.write(f"  {rule.outcome.value:<12} {rule.rule.id:<{width}} {points:>6}".rstrip() + "\n")
+        for path, value in (rule.reads or {}).items():
+            out.write(f"      {path} = {json.dumps(value)}\n")
+        if rule.error is not None:
+            out.write(f"      error: {rule.error}\n")
 
 
 def _serve(args: argparse.Namespace, out: TextIO) -> int:
@@ -182,6 +228,22 @@ def build_parser() -> argparse.ArgumentParser:
     test = with_paths("test", "Run the embedded tests of rule files and report each case.")
     test.add_argument("-v", "--verbose", action="store_true", help="also list passing cases")
     test.set_defaults(handler=_test)
+
+    explain = commands.add_parser(
+        "explain",
+        help="Evaluate one input offline and say what every rule did.",
+        description="Evaluate one input against a ruleset of rule files and say, for every "
+        "rule, whether it matched, did not, errored or is disabled, and which input values "
+        "its condition read. Exit 0 when evaluated; 1 when the files do not load or the "
+        "input is refused; 2 on a usage error (no such ruleset).",
+    )
+    explain.add_argument("paths", nargs="+", metavar="PATH", help="rule files or directories")
+    explain.add_argument("--ruleset", required=True, metavar="ID", help="the ruleset to evaluate")
+    explain.add_argument(
+        "--input", required=True, metavar="FILE", help="the input document as JSON; '-' is stdin"
+    )
+    explain.add_argument("--format", choices=("human", "json"), default="human")
+    explain.set_defaults(handler=_explain)
 
     serve = commands.add_parser(
         "serve",

@@ -30,10 +30,10 @@ from typing import Any, Final
 from cel_expr_python import cel
 from cel_expr_python.ext import ext_math, ext_strings
 
-from sidecar.celwire import CheckedExpression, checked_expression
+from sidecar.celwire import CheckedExpression, Node, checked_expression
 from sidecar.cost import DEFAULT_COST_LIMIT, CostError, SizeBounds, estimate, estimate_items
 from sidecar.errors import InputError, format_path
-from sidecar.fastpath import UNKNOWN, FastFunction, build, clean_input
+from sidecar.fastpath import UNKNOWN, FastFunction, build, clean_input, unwrap_condition
 
 __all__ = [
     "DEFAULT_INPUT_LIMITS",
@@ -421,6 +421,7 @@ class ConditionSet:
         "_fast",
         "_lock",
         "_serialized",
+        "_trees",
         "expressions",
         "fields",
         "worst_cost",
@@ -447,6 +448,7 @@ class ConditionSet:
         self._fast: tuple[FastFunction | None, ...] | None = _unbuilt(compiler)
         self._asked = False  # whether the first evaluation asked for `prepare`
         self._lock = threading.Lock()
+        self._trees: tuple[Node | None, ...] | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled as its expressions and its chunks' programs in cel-cpp's serialized
@@ -478,6 +480,13 @@ class ConditionSet:
                     )
                     self._serialized = ()
         return self._chunks
+
+    def trees(self) -> tuple[Node | None, ...]:
+        """Each condition's expression tree as cel-cpp checked it (None where it cannot
+        be had), for explaining an evaluation; decoded from the programs at first use."""
+        if self._trees is None:
+            self._trees = _condition_trees(self._programs(), self.expressions, self._compiler)
+        return self._trees
 
     def project(self, document: Any) -> Any:
         """The part of the input the conditions can see (the input itself if unknown)."""
@@ -644,6 +653,29 @@ def _fast_functions(chunks: Sequence[_Chunk]) -> tuple[FastFunction | None, ...]
                 function = build(root.children)
         functions.append(function)
     return tuple(functions) if any(f is not None for f in functions) else ()
+
+
+def _condition_trees(
+    chunks: Sequence[_Chunk], expressions: Sequence[str], compiler: ConditionCompiler | None
+) -> tuple[Node | None, ...]:
+    """Each condition's tree, from its chunk's program, else from its own program."""
+    trees: list[Node | None] = [None] * len(expressions)
+    for chunk in chunks:
+        items: tuple[Node, ...] = ()
+        if chunk.program is not None:
+            root = checked_expression(chunk.program.serialize()).root
+            if root.kind == "list" and len(root.children) == chunk.end - chunk.start:
+                items = root.children
+        for index in range(chunk.start, chunk.end):
+            tree = unwrap_condition(items[index - chunk.start]) if items else None
+            if tree is None and compiler is not None:
+                try:
+                    program = compiler.compile(expressions[index])
+                except ConditionError:
+                    continue
+                tree = checked_expression(program.serialize()).root
+            trees[index] = tree
+    return tuple(trees)
 
 
 class _Preparer:

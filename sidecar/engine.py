@@ -15,6 +15,7 @@ from typing import Any, Final, TypeVar
 
 from sidecar.conditions import DEFAULT_INPUT_LIMITS, InputLimits, check_input
 from sidecar.errors import InputError, NotFoundError
+from sidecar.explain import RuleExplanation, explain_rules
 from sidecar.model import Rule, RuleSet
 from sidecar.snapshot import Snapshot
 
@@ -53,9 +54,10 @@ class Evaluation:
     decision: str | None
     matched: tuple[Rule, ...]
     errors: tuple[RuleError, ...]
+    rules: tuple[RuleExplanation, ...] | None = None  # when an explanation was asked for
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        view = {
             "ruleset_id": self.ruleset_id,
             "registry_version": self.registry_version,
             "revision": self.revision,
@@ -67,6 +69,9 @@ class Evaluation:
             ],
             "errors": [{"rule_id": e.rule_id, "error": e.error} for e in self.errors],
         }
+        if self.rules is not None:
+            view["rules"] = [rule.to_dict() for rule in self.rules]
+        return view
 
 
 def evaluate_ruleset(
@@ -76,8 +81,10 @@ def evaluate_ruleset(
     version: int = 0,
     revision: str = "",
     limits: InputLimits = DEFAULT_INPUT_LIMITS,
+    explain: bool = False,
 ) -> Evaluation:
-    """Evaluate one ruleset; raises `InputError` when the input breaks the limits."""
+    """Evaluate one ruleset; raises `InputError` when the input breaks the limits. With
+    `explain`, the result also says what every rule did and read (`sidecar.explain`)."""
     # The whole input is checked, so that what an input may hold does not depend on
     # which fields a ruleset happens to read; CEL then sees only those fields.
     check_input(document, limits)
@@ -86,7 +93,8 @@ def evaluate_ruleset(
     matched: list[Rule] = []
     errors: list[RuleError] = []
     total = 0
-    for rule, outcome in zip(plan.rules, plan.conditions.evaluate(view), strict=True):
+    outcomes = plan.conditions.evaluate(view)
+    for rule, outcome in zip(plan.rules, outcomes, strict=True):
         if outcome is True:
             matched.append(rule)
             total += rule.points
@@ -100,6 +108,7 @@ def evaluate_ruleset(
         decision=ruleset.decide(total),
         matched=tuple(matched),
         errors=tuple(errors),
+        rules=explain_rules(ruleset, outcomes, document) if explain else None,
     )
 
 
@@ -153,6 +162,7 @@ async def evaluate_in_slices(
     revision: str = "",
     limits: InputLimits = DEFAULT_INPUT_LIMITS,
     slice_seconds: float = SLICE_SECONDS,
+    explain: bool = False,
 ) -> AsyncGenerator[list[_R], None]:
     """Evaluate a batch on the event loop, a slice of about `slice_seconds` at a time.
 
@@ -172,7 +182,12 @@ async def evaluate_in_slices(
         while index < len(documents) and (not part or time.perf_counter() - began < slice_seconds):
             try:
                 result = evaluate_ruleset(
-                    ruleset, documents[index], version=version, revision=revision, limits=limits
+                    ruleset,
+                    documents[index],
+                    version=version,
+                    revision=revision,
+                    limits=limits,
+                    explain=explain,
                 )
             except InputError as exc:
                 path = exc.path.replace("$", f"$[{index}]", 1)

@@ -27,7 +27,7 @@ from typing import Any, Final
 
 from sidecar.celwire import Node
 
-__all__ = ["UNKNOWN", "FastFunction", "build", "clean_input"]
+__all__ = ["UNKNOWN", "FastFunction", "build", "clean_input", "unwrap_condition"]
 
 
 class _Unknown:
@@ -502,7 +502,7 @@ def _mentions(node: Node, name: str) -> bool:
     return any(_mentions(child, name) for child in node.children)
 
 
-def _condition(item: Node) -> Node | None:
+def unwrap_condition(item: Node) -> Node | None:
     """The user's condition inside `((c)) ? true : false`, as `compile_combined` wraps it."""
     if item.kind != "call" or item.name != "_?_:_" or len(item.children) != 3:
         return None
@@ -532,7 +532,7 @@ def build(items: Sequence[Node]) -> FastFunction | None:
     bodies: list[ast.stmt] = []
     results: list[ast.expr] = []
     for item in items:
-        condition = _condition(item)
+        condition = unwrap_condition(item)
         if condition is None:
             return None
         try:

@@ -14,14 +14,14 @@ import time
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Final, TypedDict
+from typing import TypedDict
 
 from sidecar.engine import Evaluation
+from sidecar.explain import ACTIVE
 from sidecar.model import RuleSet
 from sidecar.snapshot import Snapshot
 
 __all__ = [
-    "ACTIVE",
     "DecisionCount",
     "DecisionTallies",
     "RuleCount",
@@ -29,9 +29,6 @@ __all__ = [
     "SpanView",
     "StatsView",
 ]
-
-ACTIVE: Final = "active"
-"""The mode of every rule today: its matches add points (the `mode` label's value)."""
 
 
 @dataclass(slots=True)

@@ -561,6 +561,34 @@ class TestEvaluate:
         assert [e["rule_id"] for e in result["errors"]] == ["foreign-country"]
         assert result["errors"][0]["error"]
 
+    async def test_explain(self, sidecar: Sidecar):
+        """`?explain=true` or `"explain": true`, single or batch: each result lists every
+        rule's outcome and reads; without it, no `rules`; anything but true/false is 400."""
+        url = "/api/v1/rulesets/fraud/evaluate"
+        plain = await sidecar.evaluate("fraud", {"amount": 5000})
+        assert "rules" not in plain
+        by_query = await sidecar.post(f"{url}?explain=true", json={"input": {"amount": 5000}})
+        assert {k: v for k, v in by_query.items() if k != "rules"} == plain
+        assert [(r["id"], r["outcome"]) for r in by_query["rules"]] == [
+            ("large-amount", "matched"),
+            ("foreign-country", "error"),
+            ("never-on", "disabled"),
+        ]
+        assert by_query["rules"][1]["reads"] == {"input.country": None}
+        by_body = await sidecar.post(url, json={"input": {"amount": 5000}, "explain": True})
+        assert by_body["rules"] == by_query["rules"]
+        batch = await sidecar.post(
+            f"{url}?explain=true", json={"inputs": [{"amount": 5000}, FOREIGN_LARGE]}
+        )
+        assert [len(result["rules"]) for result in batch["results"]] == [3, 3]
+        assert batch["results"][1]["rules"][1]["reads"] == {"input.country": "FR"}
+        not_asked = await sidecar.post(f"{url}?explain=false", json={"input": {"amount": 5}})
+        assert "rules" not in not_asked
+        for bad in (f"{url}?explain=yes", url):
+            body = {"input": {}} if "?" in bad else {"input": {}, "explain": "yes"}
+            error = await sidecar.post(bad, json=body, status=400)
+            assert "explain must be true or false" in error["error"]["message"]
+
     async def test_default_decision(self, sidecar: Sidecar):
         """No band reached: the default decision."""
         result = await sidecar.evaluate("fraud", {"amount": 5, "country": "US"})

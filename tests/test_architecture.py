@@ -22,6 +22,7 @@ LAYERS: list[set[str]] = [
     {"sidecar.conditions"},
     {"sidecar.model"},
     {"sidecar.snapshot", "sidecar.documents"},
+    {"sidecar.explain"},
     {"sidecar.engine"},
     {"sidecar.tallies"},
     {"sidecar.checks"},

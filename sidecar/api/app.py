@@ -695,12 +695,17 @@ async def post_evaluate(request: web.Request) -> web.Response:
     body = await _json_body(request)
     if ("input" in body) == ("inputs" in body):
         raise web.HTTPBadRequest(text='give exactly one of "input" or "inputs"')
+    explain = _explain_asked(request, body)
     if "inputs" in body:
-        return await _evaluate_batch(state, snapshot, ruleset, body["inputs"])
+        return await _evaluate_batch(state, snapshot, ruleset, body["inputs"], explain)
     started = time.perf_counter()
     try:
         result = evaluate_ruleset(
-            ruleset, body["input"], version=snapshot.version, revision=snapshot.revision
+            ruleset,
+            body["input"],
+            version=snapshot.version,
+            revision=snapshot.revision,
+            explain=explain,
         )
     except InputError as exc:
         raise InputError(exc.message, path=exc.path.replace("$", "$.input", 1)) from None
@@ -710,8 +715,19 @@ async def post_evaluate(request: web.Request) -> web.Response:
     return json_response(result.to_dict())
 
 
+def _explain_asked(request: web.Request, body: dict[str, Any]) -> bool:
+    """`?explain=true` or `"explain": true` in the body (either asks)."""
+    asked = _flag(body, "explain", False) if "explain" in body else False
+    if request.query_string:  # most requests have none: not parsed then
+        value = request.query.get("explain")
+        if value not in (None, "true", "false"):
+            raise web.HTTPBadRequest(text="explain must be true or false")
+        asked = asked or value == "true"
+    return asked
+
+
 async def _evaluate_batch(
-    state: AppState, snapshot: Snapshot, ruleset: RuleSet, documents: Any
+    state: AppState, snapshot: Snapshot, ruleset: RuleSet, documents: Any, explain: bool
 ) -> web.Response:
     """Evaluate a batch in slices, within the request's limits.
 
@@ -736,7 +752,9 @@ async def _evaluate_batch(
     started = time.perf_counter()
     try:
         async with state.batches.wait(limits.max_evaluation_seconds):
-            body = await _render_batch(state, snapshot, ruleset, documents, started)
+            body = await _render_batch(
+                state, snapshot, ruleset, documents, started, explain=explain
+            )
     except TimeoutError:
         raise _out_of_time(limits, 0, len(documents)) from None
     state.metrics.evaluation_time.observe(time.perf_counter() - started)
@@ -754,7 +772,13 @@ def _out_of_time(limits: RequestLimits, done: int, total: int) -> LimitExceeded:
 
 
 async def _render_batch(
-    state: AppState, snapshot: Snapshot, ruleset: RuleSet, documents: list[Any], started: float
+    state: AppState,
+    snapshot: Snapshot,
+    ruleset: RuleSet,
+    documents: list[Any],
+    started: float,
+    *,
+    explain: bool,
 ) -> bytes:
     """The answer's JSON, built slice by slice within the time and size limits."""
     limits = state.limits
@@ -771,7 +795,12 @@ async def _render_batch(
         return evaluation.to_dict()
 
     slices = evaluate_in_slices(
-        ruleset, documents, render, version=snapshot.version, revision=snapshot.revision
+        ruleset,
+        documents,
+        render,
+        version=snapshot.version,
+        revision=snapshot.revision,
+        explain=explain,
     )
     try:
         async for part in slices:
