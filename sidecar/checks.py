@@ -37,8 +37,9 @@ def _names(ids: frozenset[str] | set[str]) -> str:
 def _compare(test: RuleTest, result: Evaluation) -> list[str]:
     expect = test.expect
     failures: list[str] = []
-    errored = {error.rule_id for error in result.errors}
-    for error in result.errors:
+    every_error = (*result.errors, *result.shadow_errors)
+    errored = {error.rule_id for error in every_error}
+    for error in every_error:
         if error.rule_id not in expect.errors:
             failures.append(f"rule {error.rule_id!r} errored: {error.error}")
     missing_errors = expect.errors - errored
@@ -49,6 +50,10 @@ def _compare(test: RuleTest, result: Evaluation) -> list[str]:
     matched = {match.id for match in result.matched}
     if expect.matched is not None and expect.matched != matched:
         failures.append(f"matched: expected {_names(expect.matched)}, got {_names(matched)}")
+    shadow_matched = {match.id for match in result.shadow_matched}
+    if expect.shadow_matched is not None and expect.shadow_matched != shadow_matched:
+        expected, got = _names(expect.shadow_matched), _names(shadow_matched)
+        failures.append(f"shadow_matched: expected {expected}, got {got}")
     if expect.checks_decision and expect.decision != result.decision:
         expected, got = excerpt(expect.decision), excerpt(result.decision)
         failures.append(f"decision: expected {expected}, got {got}")
@@ -129,7 +134,11 @@ def authoring_problems(ruleset: RuleSet) -> list[Problem]:
                 )
             )
         seen_names.add(test.name)
-        named = (test.expect.matched or frozenset()) | test.expect.errors
+        named = (
+            (test.expect.matched or frozenset())
+            | (test.expect.shadow_matched or frozenset())
+            | test.expect.errors
+        )
         unknown = named - rule_ids
         if unknown:
             problems.append(

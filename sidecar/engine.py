@@ -16,7 +16,7 @@ from typing import Any, Final, TypeVar
 from sidecar.conditions import DEFAULT_INPUT_LIMITS, InputLimits, check_input
 from sidecar.errors import InputError, NotFoundError
 from sidecar.explain import RuleExplanation, explain_rules
-from sidecar.model import Rule, RuleSet
+from sidecar.model import Rule, RuleMode, RuleSet
 from sidecar.snapshot import Snapshot
 
 __all__ = [
@@ -45,7 +45,11 @@ class RuleError:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Evaluation:
     """The outcome for one input. `matched` is in evaluation order (priority first);
-    they are the snapshot's own (immutable) rules, so a match costs no allocation."""
+    they are the snapshot's own (immutable) rules, so a match costs no allocation.
+    Shadow rules' matches and errors are kept apart: they never add points, and the
+    answer an application gets lists only their matches (`shadow_matched`), so that a
+    rule on trial changes nothing it acts on; embedded tests, metrics and explain see
+    their errors too."""
 
     ruleset_id: str
     registry_version: int
@@ -54,6 +58,8 @@ class Evaluation:
     decision: str | None
     matched: tuple[Rule, ...]
     errors: tuple[RuleError, ...]
+    shadow_matched: tuple[Rule, ...] = ()
+    shadow_errors: tuple[RuleError, ...] = ()
     rules: tuple[RuleExplanation, ...] | None = None  # when an explanation was asked for
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,6 +74,7 @@ class Evaluation:
                 for m in self.matched
             ],
             "errors": [{"rule_id": e.rule_id, "error": e.error} for e in self.errors],
+            "shadow_matched": [rule.id for rule in self.shadow_matched],
         }
         if self.rules is not None:
             view["rules"] = [rule.to_dict() for rule in self.rules]
@@ -92,14 +99,20 @@ def evaluate_ruleset(
     view = plan.conditions.project(document)
     matched: list[Rule] = []
     errors: list[RuleError] = []
+    shadow_matched: list[Rule] = []
+    shadow_errors: list[RuleError] = []
     total = 0
     outcomes = plan.conditions.evaluate(view)
     for rule, outcome in zip(plan.rules, outcomes, strict=True):
         if outcome is True:
-            matched.append(rule)
-            total += rule.points
+            if rule.mode is RuleMode.SHADOW:
+                shadow_matched.append(rule)
+            else:
+                matched.append(rule)
+                total += rule.points
         elif outcome is not False:
-            errors.append(RuleError(rule.id, outcome))
+            found = RuleError(rule.id, outcome)
+            (shadow_errors if rule.mode is RuleMode.SHADOW else errors).append(found)
     return Evaluation(
         ruleset_id=ruleset.id,
         registry_version=version,
@@ -108,6 +121,8 @@ def evaluate_ruleset(
         decision=ruleset.decide(total),
         matched=tuple(matched),
         errors=tuple(errors),
+        shadow_matched=tuple(shadow_matched),
+        shadow_errors=tuple(shadow_errors),
         rules=explain_rules(ruleset, outcomes, document) if explain else None,
     )
 

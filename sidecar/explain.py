@@ -16,16 +16,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any
 
 from sidecar.celwire import Node
 from sidecar.conditions import Outcome
 from sidecar.model import Rule, RuleSet
 
-__all__ = ["ACTIVE", "RuleExplanation", "RuleOutcome", "explain_rules", "read_paths"]
-
-ACTIVE: Final = "active"
-"""A rule whose matches add points: every rule today."""
+__all__ = ["RuleExplanation", "RuleOutcome", "explain_rules", "read_paths"]
 
 
 class RuleOutcome(StrEnum):
@@ -49,7 +46,7 @@ class RuleExplanation:
             "id": self.rule.id,
             "outcome": self.outcome.value,
             "points": self.rule.points,
-            "mode": ACTIVE,
+            "mode": self.rule.mode.value,
         }
         if self.error is not None:
             view["error"] = self.error

@@ -64,6 +64,7 @@ from sidecar.model import (
     Expectation,
     Location,
     Rule,
+    RuleMode,
     RuleSet,
     RuleTest,
     freeze,
@@ -806,19 +807,23 @@ def _rule(data: dict[str, Any], ruleset_id: str, location: Location) -> Rule:
         priority=_integer(data.get("priority", 0)),
         tags=tuple(data.get("tags", ())),
         metadata=freeze(data.get("metadata", {})),
+        mode=RuleMode(data.get("mode", RuleMode.ACTIVE)),
         location=location,
     )
 
 
 def _test(data: dict[str, Any], location: Location) -> RuleTest:
     expect = data["expect"]
-    matched = expect.get("matched")
+    matched, shadow_matched = expect.get("matched"), expect.get("shadow_matched")
     return RuleTest(
         name=data["name"],
         input=freeze(data["input"]),
         expect=Expectation(
             total_points=_integer(expect.get("total_points")),
             matched=None if matched is None else frozenset(str(m) for m in matched),
+            shadow_matched=None
+            if shadow_matched is None
+            else frozenset(str(m) for m in shadow_matched),
             decision=expect.get("decision"),
             checks_decision="decision" in expect,
             errors=frozenset(str(e) for e in expect.get("errors", ())),

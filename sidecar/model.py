@@ -14,6 +14,7 @@ import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal
+from enum import StrEnum
 from functools import cached_property
 from typing import Any, Final, NoReturn, TypeVar
 
@@ -29,6 +30,7 @@ __all__ = [
     "FrozenDict",
     "Location",
     "Rule",
+    "RuleMode",
     "RuleSet",
     "RuleTest",
     "canonical_json",
@@ -168,6 +170,16 @@ class Location:
         )
 
 
+class RuleMode(StrEnum):
+    """How a rule's match counts. A `shadow` rule is validated, compiled, tested and
+    evaluated like any other, and reported (`shadow_matched`, metrics, explain), but never
+    adds points nor changes a decision: how a new rule would behave on live traffic,
+    before it counts."""
+
+    ACTIVE = "active"
+    SHADOW = "shadow"
+
+
 @quick_pickle
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Rule:
@@ -183,11 +195,14 @@ class Rule:
     priority: int = 0
     tags: tuple[str, ...] = ()
     metadata: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    mode: RuleMode = RuleMode.ACTIVE
     location: Location | None = field(default=None, compare=False)
 
     def to_document(self) -> dict[str, Any]:
-        """The rule as it appears in a `rule-sidecar/v1` document, defaults spelled out."""
-        return {
+        """The rule as it appears in a `rule-sidecar/v1` document, defaults spelled out
+        but `mode`'s: written only for a shadow rule, so that every ruleset without one
+        keeps the digest (and every registry the revision) it had before modes existed."""
+        document = {
             "id": self.id,
             "name": self.name,
             "description": self.description,
@@ -198,10 +213,14 @@ class Rule:
             "tags": list(self.tags),
             "metadata": thaw(self.metadata),
         }
+        if self.mode is not RuleMode.ACTIVE:
+            document["mode"] = self.mode.value
+        return document
 
     def to_dict(self) -> dict[str, Any]:
         """The API's view: the document fields plus ruleset and source location."""
         document = self.to_document()
+        document["mode"] = self.mode.value
         document["ruleset_id"] = self.ruleset_id
         document["source"] = self.location.to_dict() if self.location else None
         return document
@@ -228,6 +247,7 @@ class Expectation:
 
     total_points: int | None = None
     matched: frozenset[str] | None = None
+    shadow_matched: frozenset[str] | None = None
     decision: str | None = None
     checks_decision: bool = False
     errors: frozenset[str] = frozenset()
@@ -238,6 +258,8 @@ class Expectation:
             document["total_points"] = self.total_points
         if self.matched is not None:
             document["matched"] = sorted(self.matched)
+        if self.shadow_matched is not None:
+            document["shadow_matched"] = sorted(self.shadow_matched)
         if self.checks_decision:
             document["decision"] = self.decision
         if self.errors:

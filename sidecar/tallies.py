@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from typing import TypedDict
 
 from sidecar.engine import Evaluation
-from sidecar.explain import ACTIVE
 from sidecar.model import RuleSet
 from sidecar.snapshot import Snapshot
 
@@ -57,9 +56,11 @@ class _Span:
         positions = self.positions
         for rule in evaluation.matched:
             self.matches[positions[rule.id]] += 1
-        if evaluation.errors:
-            self.errored += len(evaluation.errors)
-            for error in evaluation.errors:
+        for rule in evaluation.shadow_matched:
+            self.matches[positions[rule.id]] += 1
+        for errors in (evaluation.errors, evaluation.shadow_errors):
+            self.errored += len(errors)
+            for error in errors:
                 self.errors[positions[error.rule_id]] += 1
         decision = evaluation.decision
         self.decisions[decision] = self.decisions.get(decision, 0) + 1
@@ -240,7 +241,7 @@ def _view(ruleset: RuleSet, span: _Span, before: _Totals) -> SpanView:
         rules.append(
             {
                 "id": rule.id,
-                "mode": ACTIVE,
+                "mode": rule.mode.value,
                 "enabled": rule.enabled,
                 "matches": matches,
                 "errors": errors,

@@ -655,6 +655,30 @@ class TestPanels:
         assert browser.execute_script("return window.pwned") is None
         assert console_errors(browser) == []
 
+    def test_shadow_rules_are_marked(
+        self, browser: WebDriver, sidecar: ThreadedSidecar, mount: ConfigMapDir
+    ) -> None:
+        """A shadow rule says so in the rules table; an active one has no mark."""
+        rules = [
+            {"id": "trial", "condition": "input.amount > 1", "points": 9, "mode": "shadow"},
+            {"id": "live", "condition": "input.amount > 2", "points": 1},
+        ]
+        mount.publish(
+            {
+                "rules.yaml": dump_yaml(fraud_doc()),
+                "x.yaml": dump_yaml(make_ruleset_doc("x", rules)),
+            }
+        )
+        browser.get(f"{sidecar.url}/ui/")
+        wait(browser, lambda b: text(b, "version") == "2", "version 2")
+        expand(browser, "x")
+        trial = browser.find_element(By.CSS_SELECTOR, 'tr[data-rule="trial"]')
+        assert trial.get_attribute("data-mode") == "shadow"
+        assert trial.find_element(By.CSS_SELECTOR, ".shadow").text == "shadow"
+        live = browser.find_element(By.CSS_SELECTOR, 'tr[data-rule="live"]')
+        assert live.find_elements(By.CSS_SELECTOR, ".shadow") == []
+        assert console_errors(browser) == []
+
 
 class TestAdminToken:
     """With an admin token, reads stay open and the page asks for it where needed."""

@@ -936,7 +936,7 @@ def describe_error(exc: BaseException, password: str | None, url: DatabaseURL) -
     for secret in (password, urlsplit(url.url).password):
         if secret:
             text = text.replace(secret, "********")
-    if "change_id" in text:  # tables of schema 1
+    if "no such column" in text or ("column" in text and "does not exist" in text):  # older tables
         text += " (upgrade the tables with `rule-sidecar db init`)"
     elif "rule_sidecar_" in text and ("does not exist" in text or "no such table" in text):
         text += " (create the tables with `rule-sidecar db init`)"

@@ -46,7 +46,7 @@ __all__ = [
     "write_ruleset",
 ]
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 # The channel the triggers notify on and the source listens to.
 CHANNEL: Final = "rule_sidecar"
 
@@ -72,6 +72,9 @@ _JSON = {"sqlite": "TEXT", "postgresql": "JSONB"}
 _NOW = {"sqlite": "(strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))", "postgresql": "now()"}
 _TIME = {"sqlite": "TEXT", "postgresql": "TIMESTAMPTZ"}
 _TABLES: Final = ("rule_sidecar_rulesets", "rule_sidecar_rules")
+
+
+_MODE_COLUMN: Final = "mode TEXT NOT NULL DEFAULT 'active'"
 
 
 def _schema(dialect: Dialect) -> list[str]:
@@ -105,7 +108,8 @@ def _schema(dialect: Dialect) -> list[str]:
             tags {json_type} NOT NULL DEFAULT '[]',
             metadata {json_type} NOT NULL DEFAULT '{{}}',
             row_version BIGINT NOT NULL DEFAULT 1,
-            updated_at {time_type} NOT NULL DEFAULT {now})""",
+            updated_at {time_type} NOT NULL DEFAULT {now},
+            {_MODE_COLUMN})""",
         "CREATE INDEX IF NOT EXISTS rule_sidecar_rules_by_ruleset"
         " ON rule_sidecar_rules (ruleset_id, position)",
     ]
@@ -116,6 +120,8 @@ def _schema(dialect: Dialect) -> list[str]:
             "ALTER TABLE rule_sidecar_rulesets"
             " ADD COLUMN IF NOT EXISTS change_id BIGINT NOT NULL DEFAULT 0"
         )
+        # Schema 2 had no rule modes: every rule it holds is active.
+        statements.append(f"ALTER TABLE rule_sidecar_rules ADD COLUMN IF NOT EXISTS {_MODE_COLUMN}")
     return statements
 
 
@@ -307,6 +313,9 @@ def upgrade(connection: Any, dialect: Dialect) -> int:
             connection.execute(
                 "ALTER TABLE rule_sidecar_rulesets ADD COLUMN change_id BIGINT NOT NULL DEFAULT 0"
             )
+        columns = {c[1] for c in connection.execute("PRAGMA table_info(rule_sidecar_rules)")}
+        if "mode" not in columns:  # schemas 1 and 2
+            connection.execute(f"ALTER TABLE rule_sidecar_rules ADD COLUMN {_MODE_COLUMN}")
     for statement in _triggers(dialect):
         connection.execute(statement)
     mark = marks(dialect)
@@ -343,6 +352,7 @@ RULE_COLUMNS: Final = (
     "priority",
     "tags",
     "metadata",
+    "mode",
 )
 JSON_COLUMNS: Final = frozenset({"labels", "decisions", "tests", "tags", "metadata"})
 # Where each ruleset column's value goes in its document (a rule's: `rule_field`).
@@ -438,7 +448,7 @@ def rule_document(row: tuple[Any, ...]) -> dict[str, Any]:
     """A rule's document from its row (`select(RULE_COLUMNS)`); `RowFault` for a value
     no document holds."""
     _text_only(RULE_COLUMNS, row)
-    rule_id, _, name, description, condition, points, enabled, priority, tags, metadata = row
+    rule_id, _, name, description, condition, points, enabled, priority, tags, metadata, mode = row
     document: dict[str, Any] = {"id": rule_id}
     if name is not None:
         document["name"] = name
@@ -451,6 +461,8 @@ def rule_document(row: tuple[Any, ...]) -> dict[str, Any]:
         tags=_json("tags", tags),
         metadata=_json("metadata", metadata),
     )
+    if mode != "active":  # the column's default; anything else goes to the schema
+        document["mode"] = mode
     return document
 
 
@@ -478,7 +490,7 @@ def ruleset_document(row: tuple[Any, ...], rules: list[dict[str, Any]]) -> dict[
 
 # Documents → rows
 
-# SQLite takes at most 32,766 parameters per statement; 11 per rule.
+# SQLite takes at most 32,766 parameters per statement; 12 per rule.
 _ROWS_PER_STATEMENT: Final = 1_000
 
 
@@ -519,25 +531,26 @@ def write_ruleset(connection: Any, dialect: Dialect, document: dict[str, Any]) -
             rule.get("priority", 0),
             json.dumps(rule.get("tags", [])),
             json.dumps(rule.get("metadata", {})),
+            rule.get("mode", "active"),
         )
         for position, rule in enumerate(spec["rules"])
     ]
     # Many rows per statement: PostgreSQL's statement trigger then bumps the generation
     # once per batch, not once per rule (each bump leaves a row version behind).
-    values = f"({marks(dialect, 11)})"
+    values = f"({marks(dialect, 12)})"
     for start in range(0, len(rows), _ROWS_PER_STATEMENT):
         batch = rows[start : start + _ROWS_PER_STATEMENT]
         connection.execute(
             f"""INSERT INTO rule_sidecar_rules
                 (id, ruleset_id, position, name, description, condition, points, enabled,
-                 priority, tags, metadata)
+                 priority, tags, metadata, mode)
                 VALUES {", ".join([values] * len(batch))}
                 ON CONFLICT (id) DO UPDATE SET ruleset_id = excluded.ruleset_id,
                     position = excluded.position, name = excluded.name,
                     description = excluded.description, condition = excluded.condition,
                     points = excluded.points, enabled = excluded.enabled,
                     priority = excluded.priority, tags = excluded.tags,
-                    metadata = excluded.metadata""",
+                    metadata = excluded.metadata, mode = excluded.mode""",
             [value for row in batch for value in row],
         )
     rule_ids = {row[0] for row in rows}

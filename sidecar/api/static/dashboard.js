@@ -492,8 +492,11 @@ function renderBanner() {
 }
 
 function ruleRow(rule) {
-  return el("tr", { dataset: { rule: rule.id, enabled: String(rule.enabled) } },
-    el("td", {}, el("code", {}, rule.id), rule.name !== rule.id ? el("div", {}, rule.name) : null),
+  const shadow = rule.mode === "shadow"
+    ? el("span", { className: "shadow", title: "evaluated and reported, never adds points" }, "shadow")
+    : null;
+  return el("tr", { dataset: { rule: rule.id, enabled: String(rule.enabled), mode: rule.mode } },
+    el("td", {}, el("code", {}, rule.id), shadow, rule.name !== rule.id ? el("div", {}, rule.name) : null),
     el("td", { className: "number" }, rule.points),
     el("td", {}, rule.enabled ? "yes" : "no"),
     el("td", { className: "condition" }, rule.condition),
