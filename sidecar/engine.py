@@ -61,6 +61,7 @@ class Evaluation:
     shadow_matched: tuple[Rule, ...] = ()
     shadow_errors: tuple[RuleError, ...] = ()
     rules: tuple[RuleExplanation, ...] | None = None  # when an explanation was asked for
+    challenger: Evaluation | None = None  # the ruleset's challenger on the same input
 
     def to_dict(self) -> dict[str, Any]:
         view = {
@@ -78,6 +79,13 @@ class Evaluation:
         }
         if self.rules is not None:
             view["rules"] = [rule.to_dict() for rule in self.rules]
+        if self.challenger is not None:
+            view["challenger"] = {
+                "ruleset_id": self.challenger.ruleset_id,
+                "total_points": self.challenger.total_points,
+                "decision": self.challenger.decision,
+                "matched": [rule.id for rule in self.challenger.matched],
+            }
         return view
 
 
@@ -89,12 +97,30 @@ def evaluate_ruleset(
     revision: str = "",
     limits: InputLimits = DEFAULT_INPUT_LIMITS,
     explain: bool = False,
+    challenger: RuleSet | None = None,
 ) -> Evaluation:
     """Evaluate one ruleset; raises `InputError` when the input breaks the limits. With
-    `explain`, the result also says what every rule did and read (`sidecar.explain`)."""
+    `explain`, the result also says what every rule did and read (`sidecar.explain`);
+    with a `challenger` (the snapshot's, `Snapshot.challengers`), the result carries its
+    evaluation of the same input."""
     # The whole input is checked, so that what an input may hold does not depend on
     # which fields a ruleset happens to read; CEL then sees only those fields.
     check_input(document, limits)
+    challenged = None
+    if challenger is not None:
+        challenged = _evaluate(challenger, document, version, revision, False, None)
+    return _evaluate(ruleset, document, version, revision, explain, challenged)
+
+
+def _evaluate(  # noqa: PLR0917 (private, called twice just above)
+    ruleset: RuleSet,
+    document: Any,
+    version: int,
+    revision: str,
+    explain: bool,
+    challenger: Evaluation | None,
+) -> Evaluation:
+    """`evaluate_ruleset` of an input that passed `check_input`."""
     plan = ruleset.plan
     view = plan.conditions.project(document)
     matched: list[Rule] = []
@@ -124,6 +150,7 @@ def evaluate_ruleset(
         shadow_matched=tuple(shadow_matched),
         shadow_errors=tuple(shadow_errors),
         rules=explain_rules(ruleset, outcomes, document) if explain else None,
+        challenger=challenger,
     )
 
 
@@ -141,13 +168,15 @@ def evaluate(
     *,
     limits: InputLimits = DEFAULT_INPUT_LIMITS,
 ) -> Evaluation:
-    """Evaluate `ruleset_id` of this snapshot; raises `NotFoundError` or `InputError`."""
+    """Evaluate `ruleset_id` of this snapshot (and its challenger, if it has one);
+    raises `NotFoundError` or `InputError`."""
     return evaluate_ruleset(
         _ruleset(snapshot, ruleset_id),
         document,
         version=snapshot.version,
         revision=snapshot.revision,
         limits=limits,
+        challenger=snapshot.challengers.get(ruleset_id),
     )
 
 
@@ -160,9 +189,15 @@ def evaluate_many(
 ) -> list[Evaluation]:
     """Evaluate a batch against one snapshot; every result names the same version."""
     ruleset = _ruleset(snapshot, ruleset_id)
+    challenger = snapshot.challengers.get(ruleset_id)
     return [
         evaluate_ruleset(
-            ruleset, document, version=snapshot.version, revision=snapshot.revision, limits=limits
+            ruleset,
+            document,
+            version=snapshot.version,
+            revision=snapshot.revision,
+            limits=limits,
+            challenger=challenger,
         )
         for document in documents
     ]
@@ -178,6 +213,7 @@ async def evaluate_in_slices(
     limits: InputLimits = DEFAULT_INPUT_LIMITS,
     slice_seconds: float = SLICE_SECONDS,
     explain: bool = False,
+    challenger: RuleSet | None = None,
 ) -> AsyncGenerator[list[_R], None]:
     """Evaluate a batch on the event loop, a slice of about `slice_seconds` at a time.
 
@@ -203,6 +239,7 @@ async def evaluate_in_slices(
                     revision=revision,
                     limits=limits,
                     explain=explain,
+                    challenger=challenger,
                 )
             except InputError as exc:
                 path = exc.path.replace("$", f"$[{index}]", 1)

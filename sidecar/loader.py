@@ -175,6 +175,7 @@ class _Declared:
     ruleset_id: str
     location: Location
     rules: tuple[tuple[str, Location], ...]
+    challenger_of: tuple[str, Location] | None = None
 
 
 class _Stopwatch:
@@ -328,6 +329,7 @@ class Loader:
         rulesets = [ruleset for result in results.values() for ruleset in result.rulesets]
         with watch.stage(LoadStage.CHECKS):
             problems.extend(_duplicate_problems(results.values()))
+            problems.extend(_challenger_problems(results.values()))
         if problems:
             self._tell(watch.seconds)
             raise LoadError(sorted(problems, key=lambda p: (p.file, p.line, p.column)))
@@ -355,6 +357,7 @@ class Loader:
         ordered = [results[name] for name in sources]
         problems = [problem for result in ordered for problem in result.problems]
         problems.extend(_duplicate_problems(ordered))
+        problems.extend(_challenger_problems(ordered))
         return Examination(
             files=len(sources),
             rulesets=tuple(ruleset for result in ordered for ruleset in result.rulesets),
@@ -646,8 +649,15 @@ def _declared(document: Document) -> _Declared:
     rules: dict[str, Location] = {}
     for index, rule in enumerate(spec["rules"]):
         rules.setdefault(str(rule["id"]), document.locate(("spec", "rules", index)))
+    target = spec.get("challenger_of")
+    challenger_of = None
+    if target is not None:
+        challenger_of = (str(target), document.locate(("spec", "challenger_of")))
     return _Declared(
-        str(document.data["metadata"]["id"]), document.locate(()), tuple(rules.items())
+        str(document.data["metadata"]["id"]),
+        document.locate(()),
+        tuple(rules.items()),
+        challenger_of,
     )
 
 
@@ -903,6 +913,7 @@ def _build_ruleset(
         default_decision=spec.get("default_decision"),
         rules=tuple(rules),
         tests=tests,
+        challenger_of=None if spec.get("challenger_of") is None else str(spec["challenger_of"]),
         plan=plan,
         location=document.locate(()),
     )
@@ -957,6 +968,46 @@ def _condition_problem(
         rule_id=rule_id,
         code=_condition_code(exc),
     )
+
+
+def _challenger_problems(results: Iterable[_FileResult]) -> list[Problem]:
+    """`challenger_of` must name another ruleset of the registry (any file, any
+    source), one that is not itself a challenger, and a ruleset has one challenger at
+    most: every evaluation of it evaluates its challenger too, and no more."""
+    declared = [declared for result in results for declared in result.declared]
+    targets = {d.ruleset_id: d.challenger_of for d in declared}
+    taken: dict[str, str] = {}
+    problems: list[Problem] = []
+    for challenger in declared:
+        if challenger.challenger_of is None:
+            continue
+        target, location = challenger.challenger_of
+        if target == challenger.ruleset_id:
+            message = "a ruleset cannot be its own challenger"
+        elif target not in targets:
+            message = f"challenger_of names ruleset {excerpt(target)}, which is not in the registry"
+        elif (chained := targets[target]) is not None:
+            message = (
+                f"challenger_of names ruleset {excerpt(target)}, itself the challenger of "
+                f"{excerpt(chained[0])}: challengers do not chain"
+            )
+        elif target in taken:
+            message = (
+                f"ruleset {excerpt(target)} already has a challenger, "
+                f"{excerpt(taken[target])}: one challenger per ruleset"
+            )
+        else:
+            taken[target] = challenger.ruleset_id
+            continue
+        problems.append(
+            location.problem(
+                message,
+                path="$.spec.challenger_of",
+                ruleset_id=challenger.ruleset_id,
+                code=ProblemCode.CHECK_CHALLENGER,
+            )
+        )
+    return problems
 
 
 def _duplicate_problems(results: Iterable[_FileResult]) -> list[Problem]:

@@ -300,7 +300,9 @@ class RuleSet:
     """A named group of rules evaluated together, with decision bands and tests.
 
     `plan` is derived from `rules`; build a changed ruleset with `with_rules`, which
-    compiles the new plan, rather than `dataclasses.replace`.
+    compiles the new plan, rather than `dataclasses.replace`. A ruleset with
+    `challenger_of` is evaluated beside the ruleset it names on every input that ruleset
+    gets (a candidate replacement judged on live traffic); it answers for itself too.
     """
 
     id: str
@@ -311,6 +313,7 @@ class RuleSet:
     default_decision: str | None = None
     rules: tuple[Rule, ...] = ()
     tests: tuple[RuleTest, ...] = ()
+    challenger_of: str | None = None
     plan: EvaluationPlan = field(compare=False, repr=False)
     location: Location | None = field(default=None, compare=False)
 
@@ -335,6 +338,8 @@ class RuleSet:
             spec["default_decision"] = self.default_decision
         if self.tests:
             spec["tests"] = [test.to_document() for test in self.tests]
+        if self.challenger_of is not None:
+            spec["challenger_of"] = self.challenger_of
         return {
             "apiVersion": API_VERSION,
             "kind": KIND,
@@ -373,6 +378,7 @@ class RuleSet:
             "rule_count": len(self.rules),
             "enabled_rule_count": len(self.plan.rules),
             "test_count": len(self.tests),
+            "challenger_of": self.challenger_of,
             "digest": self.digest,
             "source": self.location.to_dict() if self.location else None,
         }

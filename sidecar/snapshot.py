@@ -39,6 +39,8 @@ class Snapshot:
     rules: Mapping[str, Rule]
     revision: str
     created_at: datetime = field(default_factory=_now)
+    # Each ruleset that has a challenger, and its challenger (see `RuleSet`).
+    challengers: Mapping[str, RuleSet] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def build(cls, rulesets: Iterable[RuleSet], *, version: int = 0) -> Snapshot:
@@ -59,11 +61,17 @@ class Snapshot:
         digest = hashlib.sha256()
         for ruleset_id in sorted(by_id):
             digest.update(f"{ruleset_id}\0{by_id[ruleset_id].digest}\n".encode())
+        challengers = {
+            ruleset.challenger_of: ruleset
+            for ruleset in by_id.values()
+            if ruleset.challenger_of is not None and ruleset.challenger_of in by_id
+        }
         return cls(
             version=version,
             rulesets=MappingProxyType(dict(sorted(by_id.items()))),
             rules=MappingProxyType(rules),
             revision=digest.hexdigest()[:16],
+            challengers=MappingProxyType(challengers),
         )
 
     @classmethod

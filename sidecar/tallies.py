@@ -30,6 +30,9 @@ __all__ = [
 ]
 
 
+_Pair = tuple[str, str | None, str | None]
+
+
 @dataclass(slots=True)
 class _Span:
     """Counts of one ruleset's content since `since`: per rule by position in the
@@ -44,6 +47,8 @@ class _Span:
     matches: list[int] = field(default_factory=list)
     errors: list[int] = field(default_factory=list)
     decisions: dict[str | None, int] = field(default_factory=dict)
+    # (challenger id, this ruleset's decision, the challenger's): inputs
+    versus: dict[_Pair, int] = field(default_factory=dict)
 
     @classmethod
     def open(cls, ruleset: RuleSet, since: float, version: int) -> _Span:
@@ -64,6 +69,10 @@ class _Span:
                 self.errors[positions[error.rule_id]] += 1
         decision = evaluation.decision
         self.decisions[decision] = self.decisions.get(decision, 0) + 1
+        challenger = evaluation.challenger
+        if challenger is not None:
+            pair = (challenger.ruleset_id, decision, challenger.decision)
+            self.versus[pair] = self.versus.get(pair, 0) + 1
 
 
 @dataclass(slots=True)
@@ -75,6 +84,7 @@ class _Totals:
     matches: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     decisions: dict[str | None, int] = field(default_factory=dict)
+    versus: dict[_Pair, int] = field(default_factory=dict)
 
     def add(self, span: _Span) -> None:
         self.evaluations += span.evaluations
@@ -84,6 +94,8 @@ class _Totals:
             self.errors[rule_id] = self.errors.get(rule_id, 0) + span.errors[index]
         for decision, count in span.decisions.items():
             self.decisions[decision] = self.decisions.get(decision, 0) + count
+        for pair, count in span.versus.items():
+            self.versus[pair] = self.versus.get(pair, 0) + count
 
     def keep(self, rule_ids: Collection[str]) -> None:
         """Forget rules that are no longer in the ruleset."""
@@ -111,6 +123,8 @@ class RulesetTally:
     errored: int
     decisions: Mapping[str | None, int]
     rules: tuple[RuleCount, ...]
+    # (challenger id, this ruleset's decision, the challenger's) -> inputs
+    versus: Mapping[_Pair, int]
 
 
 class DecisionCount(TypedDict):
@@ -127,12 +141,20 @@ class RuleStats(TypedDict):
     hit_rate: float | None
 
 
+class VersusCount(TypedDict):
+    challenger: str
+    decision: str | None
+    challenger_decision: str | None
+    count: int
+
+
 class SpanView(TypedDict):
     since: str
     since_version: int | None
     evaluations: int
     decisions: list[DecisionCount]
     rules: list[RuleStats]
+    challenger: list[VersusCount]
 
 
 class StatsView(TypedDict):
@@ -201,7 +223,13 @@ class DecisionTallies:
             )
             decisions = {entry["decision"]: entry["count"] for entry in view["decisions"]}
             errored = span.errored + self._totals.get(ruleset_id, _Totals()).errored
-            yield RulesetTally(ruleset_id, view["evaluations"], errored, decisions, rules)
+            versus = {
+                (entry["challenger"], entry["decision"], entry["challenger_decision"]): entry[
+                    "count"
+                ]
+                for entry in view["challenger"]
+            }
+            yield RulesetTally(ruleset_id, view["evaluations"], errored, decisions, rules, versus)
 
     def stats(self, ruleset: RuleSet) -> StatsView:
         """The stats endpoint's answer for a ruleset of the serving snapshot."""
@@ -258,10 +286,17 @@ def _view(ruleset: RuleSet, span: _Span, before: _Totals) -> SpanView:
         for decision in order
         if decision is not None or counted.get(None)
     ]
+    versus = dict(before.versus)
+    for pair, count in span.versus.items():
+        versus[pair] = versus.get(pair, 0) + count
     return {
         "since": _iso(span.since),
         "since_version": span.since_version,
         "evaluations": evaluations,
         "decisions": decisions,
         "rules": rules,
+        "challenger": [
+            {"challenger": c, "decision": d, "challenger_decision": cd, "count": count}
+            for (c, d, cd), count in versus.items()
+        ],
     }

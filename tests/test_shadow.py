@@ -117,13 +117,15 @@ def test_the_database_keeps_the_mode(migrated: Database) -> None:
 
 
 def test_a_schema_2_database_is_upgraded(database: Database) -> None:
-    """Tables of schema 2 have no mode column: reading them says to run `db init`, which
-    adds it (every stored rule active) and changes nothing else."""
+    """Tables of schema 2 have no rule mode nor challenger columns: reading them says to
+    run `db init`, which adds them (every stored rule active, no challengers) and changes
+    nothing else."""
     database.init()
     database.import_docs(fraud_doc())
     database.script(
         [
             ("ALTER TABLE rule_sidecar_rules DROP COLUMN mode", ()),
+            ("ALTER TABLE rule_sidecar_rulesets DROP COLUMN challenger_of", ()),
             ("UPDATE rule_sidecar_schema SET version = 2", ()),
         ]
     )

@@ -706,13 +706,28 @@ async def post_evaluate(request: web.Request) -> web.Response:
             version=snapshot.version,
             revision=snapshot.revision,
             explain=explain,
+            challenger=snapshot.challengers.get(ruleset.id),
         )
     except InputError as exc:
         raise InputError(exc.message, path=exc.path.replace("$", "$.input", 1)) from None
     state.metrics.evaluation_time.observe(time.perf_counter() - started)
-    if state.registry.current.rulesets.get(ruleset.id) is ruleset:  # not replaced meanwhile
-        state.metrics.tallies.count(ruleset, result)
+    _count(state, snapshot, ruleset, result)
     return json_response(result.to_dict())
+
+
+def _count(state: AppState, snapshot: Snapshot, ruleset: RuleSet, result: Evaluation) -> None:
+    """Count the evaluation (and its challenger's) unless a publish replaced the ruleset
+    meanwhile: its counts would be taken for the new content's."""
+    serving = state.registry.current
+    if serving.rulesets.get(ruleset.id) is ruleset:
+        state.metrics.tallies.count(ruleset, result)
+        challenger, challenged = snapshot.challengers.get(ruleset.id), result.challenger
+        if (
+            challenger is not None
+            and challenged is not None
+            and serving.rulesets.get(challenger.id) is challenger
+        ):
+            state.metrics.tallies.count(challenger, challenged)
 
 
 def _explain_asked(request: web.Request, body: dict[str, Any]) -> bool:
@@ -787,11 +802,9 @@ async def _render_batch(
     parts = [head[:-1], b',"results":[']
     size = sum(map(len, parts)) + 2
     done = 0
-    tallies, serving = state.metrics.tallies, state.registry
 
     def render(evaluation: Evaluation) -> dict[str, Any]:
-        if serving.current.rulesets.get(ruleset.id) is ruleset:  # not replaced meanwhile
-            tallies.count(ruleset, evaluation)
+        _count(state, snapshot, ruleset, evaluation)
         return evaluation.to_dict()
 
     slices = evaluate_in_slices(
@@ -801,6 +814,7 @@ async def _render_batch(
         version=snapshot.version,
         revision=snapshot.revision,
         explain=explain,
+        challenger=snapshot.challengers.get(ruleset.id),
     )
     try:
         async for part in slices:

@@ -110,6 +110,11 @@ class DecisionCounts(Collector):
             "Inputs on which a rule's condition errored.",
             labels=["ruleset", "rule"],
         )
+        disagreements = CounterMetricFamily(
+            "rule_sidecar_challenger_disagreements",
+            "Inputs on which a ruleset's challenger decided otherwise, by both decisions.",
+            labels=["ruleset", "challenger", "from", "to"],
+        )
         for tally in self._tallies.tallies():
             evaluated.add_metric([tally.ruleset_id], tally.evaluations)
             if tally.errored:
@@ -122,7 +127,11 @@ class DecisionCounts(Collector):
                     matches.add_metric([tally.ruleset_id, rule.rule_id, rule.mode], rule.matches)
                 if rule.errors:
                     rule_errors.add_metric([tally.ruleset_id, rule.rule_id], rule.errors)
-        yield from (evaluated, errored, decisions, matches, rule_errors)
+            for (challenger, ours, theirs), count in tally.versus.items():
+                if ours != theirs:
+                    labels = [tally.ruleset_id, challenger, ours or "", theirs or ""]
+                    disagreements.add_metric(labels, count)
+        yield from (evaluated, errored, decisions, matches, rule_errors, disagreements)
 
 
 class Metrics:

@@ -94,7 +94,8 @@ def _schema(dialect: Dialect) -> list[str]:
             tests {json_type} NOT NULL DEFAULT '[]',
             row_version BIGINT NOT NULL DEFAULT 1,
             updated_at {time_type} NOT NULL DEFAULT {now},
-            change_id BIGINT NOT NULL DEFAULT 0)""",
+            change_id BIGINT NOT NULL DEFAULT 0,
+            challenger_of TEXT)""",
         f"""CREATE TABLE IF NOT EXISTS rule_sidecar_rules (
             id TEXT PRIMARY KEY,
             ruleset_id TEXT NOT NULL REFERENCES rule_sidecar_rulesets (id) ON DELETE CASCADE,
@@ -120,8 +121,11 @@ def _schema(dialect: Dialect) -> list[str]:
             "ALTER TABLE rule_sidecar_rulesets"
             " ADD COLUMN IF NOT EXISTS change_id BIGINT NOT NULL DEFAULT 0"
         )
-        # Schema 2 had no rule modes: every rule it holds is active.
+        # Schema 2 had no rule modes (every rule it holds is active) and no challengers.
         statements.append(f"ALTER TABLE rule_sidecar_rules ADD COLUMN IF NOT EXISTS {_MODE_COLUMN}")
+        statements.append(
+            "ALTER TABLE rule_sidecar_rulesets ADD COLUMN IF NOT EXISTS challenger_of TEXT"
+        )
     return statements
 
 
@@ -313,6 +317,8 @@ def upgrade(connection: Any, dialect: Dialect) -> int:
             connection.execute(
                 "ALTER TABLE rule_sidecar_rulesets ADD COLUMN change_id BIGINT NOT NULL DEFAULT 0"
             )
+        if "challenger_of" not in columns:  # schemas 1 and 2
+            connection.execute("ALTER TABLE rule_sidecar_rulesets ADD COLUMN challenger_of TEXT")
         columns = {c[1] for c in connection.execute("PRAGMA table_info(rule_sidecar_rules)")}
         if "mode" not in columns:  # schemas 1 and 2
             connection.execute(f"ALTER TABLE rule_sidecar_rules ADD COLUMN {_MODE_COLUMN}")
@@ -340,6 +346,7 @@ RULESET_COLUMNS: Final = (
     "decisions",
     "default_decision",
     "tests",
+    "challenger_of",
 )
 RULE_COLUMNS: Final = (
     "id",
@@ -364,6 +371,7 @@ RULESET_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "decisions": ("spec", "decisions"),
     "default_decision": ("spec", "default_decision"),
     "tests": ("spec", "tests"),
+    "challenger_of": ("spec", "challenger_of"),
 }
 _EXCERPT_CHARS: Final = 200
 
@@ -470,7 +478,7 @@ def ruleset_document(row: tuple[Any, ...], rules: list[dict[str, Any]]) -> dict[
     """A ruleset's document from its row (`select(RULESET_COLUMNS)`) and its rules'
     documents in order; `RowFault` for a value no document holds."""
     _text_only(RULESET_COLUMNS, row)
-    ruleset_id, name, description, labels, decisions, default_decision, tests = row
+    ruleset_id, name, description, labels, decisions, default_decision, tests, challenger = row
     metadata: dict[str, Any] = {"id": ruleset_id}
     if name is not None:
         metadata["name"] = name
@@ -485,6 +493,8 @@ def ruleset_document(row: tuple[Any, ...], rules: list[dict[str, Any]]) -> dict[
         spec["default_decision"] = default_decision
     if (tests := _json("tests", tests)) != []:
         spec["tests"] = tests
+    if challenger is not None:
+        spec["challenger_of"] = challenger
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": spec}
 
 
@@ -502,12 +512,12 @@ def write_ruleset(connection: Any, dialect: Dialect, document: dict[str, Any]) -
     ruleset_id = metadata["id"]
     connection.execute(
         f"""INSERT INTO rule_sidecar_rulesets
-            (id, name, description, labels, decisions, default_decision, tests)
-            VALUES ({marks(dialect, 7)})
+            (id, name, description, labels, decisions, default_decision, tests, challenger_of)
+            VALUES ({marks(dialect, 8)})
             ON CONFLICT (id) DO UPDATE SET name = excluded.name,
                 description = excluded.description, labels = excluded.labels,
                 decisions = excluded.decisions, default_decision = excluded.default_decision,
-                tests = excluded.tests""",
+                tests = excluded.tests, challenger_of = excluded.challenger_of""",
         (
             ruleset_id,
             metadata.get("name"),
@@ -516,6 +526,7 @@ def write_ruleset(connection: Any, dialect: Dialect, document: dict[str, Any]) -
             json.dumps(spec.get("decisions", [])),
             spec.get("default_decision"),
             json.dumps(spec.get("tests", [])),
+            None if spec.get("challenger_of") is None else str(spec["challenger_of"]),
         ),
     )
     rows = [
