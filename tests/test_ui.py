@@ -24,7 +24,11 @@ from urllib.parse import urlsplit
 import pytest
 from conftest import dump_yaml, fraud_doc, make_ruleset_doc
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import (
+    NoSuchElementException,
+    StaleElementReferenceException,
+    TimeoutException,
+)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
@@ -121,8 +125,17 @@ def wait(
     what: str,
     seconds: float = WAIT_SECONDS,
 ) -> Any:
+    """Poll `condition` until it is truthy. An element it found may be replaced by the
+    page before it reads it (the dashboard re-renders a table when a read arrives: a
+    find and a read are two WebDriver commands, with page scripts running between
+    them): that is polled again, not an error."""
     try:
-        return WebDriverWait(browser, seconds, poll_frequency=0.05).until(condition)
+        return WebDriverWait(
+            browser,
+            seconds,
+            poll_frequency=0.05,
+            ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
+        ).until(condition)
     except TimeoutException:
         raise AssertionError(f"the page never showed {what}") from None
 
