@@ -8,15 +8,16 @@ event; "every pod live" is the slowest pod of a change.
 
 1. PostgreSQL: every pod on one scratch database `rs_bench_<hex>` (tables from
    `dbtools.init`; 127.0.0.1:5432, trust auth). Connections the fleet holds on it when
-   idle (`pg_stat_activity` of that database, by the last statement each ran: the
-   listener's `LISTEN`/heartbeat, the reader's last `ROLLBACK`), the peak while the
+   idle (`pg_stat_activity` of that database, by the last statement each ran: a pod's
+   one connection says `LISTEN` again after each read and as its heartbeat, so another
+   last statement is a connection of something else), the peak while the
    changes run (sampled every 2 ms) and the connections opened meanwhile; then
    `--changes` UPDATEs of one rule's points, spaced, each timed from the `COMMIT` to each
    pod's event (the clock starts as it is sent: on a busy machine a stamp taken after it
    returns can be late, which would count an event as early). A fleet whose peak would
    leave fewer than `SPARE_CONNECTIONS` of the server's `max_connections` to its other
-   users (this server is shared) is made smaller, and says so: at 2 connections per pod,
-   50 pods take the whole of PostgreSQL's default 100.
+   users (this server is shared) is made smaller, and says so: at 1 connection per pod,
+   PostgreSQL's default 100 leaves room for 80 pods.
 2. Kubernetes API: every pod watching one `sidecar.testing.FakeKubernetes` (the
    list/watch protocol over HTTP): watches open on the server, and `--changes` updates of
    one ConfigMap, each timed from just before the update to each pod's event.
@@ -431,7 +432,7 @@ def main() -> None:
         f" {SPACING_S * 1000:.0f} ms apart once every pod reported; {RULESETS} rulesets"
         " of 2 rules; pods: reload worker off, no verification, resync every 1 h"
     )
-    per_pod = 2.0
+    per_pod = 1.0  # the source's one connection; each fleet's measured peak replaces it
     for size in sizes:
         if args.source != "kubernetes":
             result = database_fleet(args.admin_url, size, changes, per_pod)

@@ -13,7 +13,6 @@ usual read missed is found and named (drift).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import threading
@@ -21,12 +20,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Final, TypeVar, overload
+from typing import Final, overload
 
 from sidecar.errors import LoadError, Problem, ProblemCode
 from sidecar.rulefiles import SourceFile
 from sidecar.snapshot import Snapshot
-from sidecar.sources import RuleSource
+from sidecar.sources import RuleSource, in_daemon_thread
 
 __all__ = ["ReadMode", "SourceRead", "SourceSet", "SourceStatus", "in_daemon_thread", "reason"]
 
@@ -38,8 +37,6 @@ _MAX_REASON: Final = 500
 _NAMED_FILES: Final = 5
 # A watch whose code raised restarts after 1 s, doubling up to this.
 _MAX_WATCH_BACKOFF: Final = 30.0
-
-_T = TypeVar("_T")
 
 
 class ReadMode(StrEnum):
@@ -83,35 +80,6 @@ def reason(exc: BaseException) -> str:
     if len(text) > _MAX_REASON:
         text = text[: _MAX_REASON - 1] + "…"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-async def in_daemon_thread(call: Callable[[], _T]) -> _T:
-    """`call()` in a daemon thread of its own, awaited.
-
-    Source reads wait on other systems (a frozen database waits until the read's own
-    deadline). `asyncio.to_thread` would run them in the loop's executor, whose threads
-    are joined when the loop closes and again at interpreter exit: SIGTERM during such
-    a read waited for the whole read timeout. Nothing waits for a daemon thread."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[_T] = loop.create_future()
-
-    def settle(outcome: Callable[[], None]) -> None:
-        if not future.done():
-            outcome()
-
-    def run() -> None:
-        outcome: Callable[[], None]
-        try:
-            result = call()
-        except BaseException as exc:  # handed to the awaiting task, which decides
-            outcome = functools.partial(future.set_exception, exc)
-        else:
-            outcome = functools.partial(future.set_result, result)
-        with contextlib.suppress(RuntimeError):  # the loop closed: nobody awaits it
-            loop.call_soon_threadsafe(settle, outcome)
-
-    threading.Thread(target=run, name="source read", daemon=True).start()
-    return await future
 
 
 def _rule_files(source: RuleSource, files: object) -> list[SourceFile]:

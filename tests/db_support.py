@@ -52,6 +52,7 @@ __all__ = [
     "black_hole",
     "pg_admin",
     "pg_backends",
+    "pg_listeners",
     "pg_terminate",
     "pg_unavailable_reason",
     "pg_url_for",
@@ -106,6 +107,16 @@ def pg_backends(name: str, *, keep: Sequence[int] = ()) -> list[int]:
         (name,),
     )
     return [pid for (pid,) in rows if pid not in keep]
+
+
+def pg_listeners(name: str) -> list[int]:
+    """Backends of database `name` that listen: their last statement is `LISTEN` (a
+    source's one connection says it again after each read and as its heartbeat)."""
+    rows = pg_admin(
+        "SELECT pid FROM pg_stat_activity WHERE datname = %s AND query ILIKE 'LISTEN %%'",
+        (name,),
+    )
+    return [pid for (pid,) in rows]
 
 
 def pg_terminate(name: str, *, keep: Sequence[int] = (), timeout: float = 5.0) -> int:

@@ -7,6 +7,7 @@ together.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -24,6 +25,7 @@ from conftest import dump_yaml, fraud_doc, make_ruleset_doc
 from db_support import (
     Database,
     pg_admin,
+    pg_backends,
     pg_terminate,
     pg_url_for,
     require_postgresql,
@@ -36,7 +38,7 @@ from sidecar.errors import LoadError, Problem
 from sidecar.loader import Loader
 from sidecar.reading import SourceSet
 from sidecar.rulefiles import DEFAULT_FILE_LIMITS
-from sidecar.sources.database import DatabaseSource
+from sidecar.sources.database import APPLICATION_NAME, DatabaseSource
 from sidecar.sources.dbschema import SCHEMA_VERSION
 from sidecar.sources.files import read_rule_files
 
@@ -671,6 +673,109 @@ class TestOutage:
 
         await eventually(from_sources, message="serving from the database again")
         assert await total_points(saved) == 75
+
+
+class TestOneConnection:
+    """A PostgreSQL source holds one connection: it listens, reads and beats on it."""
+
+    @pytest.fixture
+    def seeded_pg(self, pg_database: Database) -> Database:
+        pg_database.init().import_docs(fraud_doc())
+        return pg_database
+
+    @staticmethod
+    async def listening(app: Sidecar, name: str) -> int:
+        """The listener's backend, once it is the database's only one (the tests'
+        short connections are gone) and has served a read since it listened."""
+        await eventually(lambda: len(listeners(name)) == 1, message="listening")
+        await app.post(f"{HOT}/reload")  # a read, on the listening connection
+        (pid,) = await eventually(lambda: listeners(name), message="listening after the read")
+        await eventually(lambda: pg_backends(name) == [pid], message="one connection")
+        return pid
+
+    async def test_one_connection_listens_and_reads(
+        self, pg_database: Database, start_sidecar, rules_dir: Path
+    ):
+        """Listening, after reads (a forced one and one per NOTIFY): one backend on the
+        database, the listener, named `rule-sidecar`; a change on it is still live."""
+        seeded = pg_database.init()
+        seeded.import_docs(fraud_doc())
+        app = await start_sidecar(
+            rules_dir, database_url=seeded.url, monitor=True, interval_seconds=3600
+        )
+        pid = await self.listening(app, seeded.name)
+        set_points(seeded, 60)
+        await eventually(points_are(app, 90), timeout=NOTIFY_SECONDS, message="NOTIFY reload")
+        assert (await history(app))[0]["trigger"] == "watch"
+        assert listeners(seeded.name) == [pid]
+        await eventually(lambda: pg_backends(seeded.name) == [pid], message="still one")
+        ((name,),) = pg_admin(
+            "SELECT application_name FROM pg_stat_activity WHERE pid = %s", (pid,)
+        )
+        assert name == APPLICATION_NAME
+
+    async def test_a_change_committed_while_a_read_runs_is_not_lost(self, seeded_pg: Database):
+        """A read waits on a lock the test holds, on the connection that listens; the
+        test commits a change and lets the read go. The read's snapshot is older than
+        the change, so only its NOTIFY, which reaches the connection while that read
+        runs, can tell: `changes()` yields it."""
+        source = DatabaseSource(seeded_pg.url)
+        heard: asyncio.Queue[str] = asyncio.Queue()
+
+        async def listen() -> None:
+            async for reason in source.changes():
+                heard.put_nowait(reason)
+
+        listener = asyncio.create_task(listen())
+        try:
+            assert await asyncio.wait_for(heard.get(), WAIT_SECONDS) == "listening"
+            (pid,) = listeners(seeded_pg.name)
+            with psycopg.connect(seeded_pg.url) as locker:
+                locker.execute("LOCK TABLE rule_sidecar_state IN ACCESS EXCLUSIVE MODE")
+                reading = asyncio.create_task(asyncio.to_thread(source.read))
+
+                def blocked() -> bool:
+                    rows = pg_admin(
+                        "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)
+                    )
+                    return rows == [("Lock",)]
+
+                await eventually(blocked, message="the read waits on the lock")
+                locker.execute(LARGE_AMOUNT_TO_45)
+                locker.commit()
+            (file,) = await reading
+            assert json.loads(file.content)["spec"]["rules"][0]["points"] == 40  # before
+            reason = await asyncio.wait_for(heard.get(), NOTIFY_SECONDS)
+            assert reason.startswith("notify: "), reason
+            assert listeners(seeded_pg.name) == [pid]
+            (file,) = await asyncio.to_thread(source.read)
+            assert json.loads(file.content)["spec"]["rules"][0]["points"] == 45
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+    async def test_the_listening_connection_killed_while_idle(
+        self, pg_database: Database, start_sidecar, rules_dir: Path
+    ):
+        """Attack: `pg_terminate_backend` of the source's one connection, idle in LISTEN,
+        and a change made at once: the source connects again, resyncs (the change is
+        live), listens on its new connection alone, and a later change is live by NOTIFY."""
+        pg_database.init().import_docs(fraud_doc())
+        app = await start_sidecar(
+            rules_dir, database_url=pg_database.url, monitor=True, interval_seconds=3600
+        )
+        first = await self.listening(app, pg_database.name)
+        assert pg_admin("SELECT pg_terminate_backend(%s)", (first,)) == [(True,)]
+        set_points(pg_database, 45)
+        await eventually(points_are(app, 75), message="resync after reconnecting")
+        (second,) = await eventually(lambda: listeners(pg_database.name), message="relistening")
+        assert second != first
+        await eventually(lambda: pg_backends(pg_database.name) == [second], message="one again")
+        set_points(pg_database, 50)
+        await eventually(points_are(app, 80), timeout=NOTIFY_SECONDS, message="NOTIFY again")
+        await eventually(healthy(app), message="healthy, no watch problem")
+        assert pg_backends(pg_database.name) == [second]
 
 
 class TestSeveralSources:

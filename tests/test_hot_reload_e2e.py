@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from conftest import dump_yaml, fraud_doc, make_ruleset_doc
-from db_support import Database, pg_backends
+from db_support import Database, pg_listeners
 from server_support import (
     HOT,
     INVALID_RULES,
@@ -488,7 +488,7 @@ class TestVerification:
         name = (await app.get(f"{HOT}/status"))["sources"][-1]["name"]
         # The listener, once connected, makes the next read a full one (what changed
         # before it listened is unknown): wait until a read after that has ended.
-        await eventually(lambda: len(pg_backends(seeded_pg.name)) == 2, message="listening")
+        await eventually(lambda: len(pg_listeners(seeded_pg.name)) == 1, message="listening")
         for _ in range(2):
             since = datetime.now(UTC).isoformat()
 

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import dump_yaml, fraud_doc
-from db_support import Database, FreezableProxy, pg_backends
+from db_support import Database, FreezableProxy, pg_listeners
 from server_support import (
     START_SECONDS,
     Served,
@@ -655,7 +655,7 @@ class TestSighup:
         try:
             served.wait_ready()
             # The listener, once connected, makes the next read a full one: wait for it.
-            wait_sync(lambda: len(pg_backends(seeded_pg.name)) == 2, message="listening")
+            wait_sync(lambda: len(pg_listeners(seeded_pg.name)) == 1, message="listening")
             for _ in range(2):
                 since = served.get(f"{HOT}/status")[1]["sources"][0]["last_successful_read"]
                 served.process.send_signal(signal.SIGHUP)

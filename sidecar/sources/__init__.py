@@ -2,7 +2,7 @@
 
 A source never validates anything: it reads (`read`, blocking, run in a worker thread)
 and says when it may have changed (`changes`). The reload service does the rest, the same
-way for every source.
+way for every source. `in_daemon_thread` runs such blocking work for the event loop.
 
 A source may keep what it read to make the next read cheap (a fingerprint, row versions,
 a watch-fed cache). Those are optimisations, never the only truth: `forget` drops them,
@@ -12,12 +12,17 @@ and a forced reload, SIGHUP and the periodic verification call it before reading
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
-from typing import Protocol, runtime_checkable
+import contextlib
+import functools
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Protocol, TypeVar, runtime_checkable
 
 from sidecar.rulefiles import SourceFile
 
-__all__ = ["RuleSource", "StaticSource"]
+__all__ = ["RuleSource", "StaticSource", "in_daemon_thread"]
+
+_T = TypeVar("_T")
 
 
 @runtime_checkable
@@ -78,3 +83,32 @@ class StaticSource:
             await self._changed.wait()
             self._changed.clear()
             yield "set_files"
+
+
+async def in_daemon_thread(call: Callable[[], _T]) -> _T:
+    """`call()` in a daemon thread of its own, awaited.
+
+    Source reads wait on other systems (a frozen database waits until the read's own
+    deadline). `asyncio.to_thread` would run them in the loop's executor, whose threads
+    are joined when the loop closes and again at interpreter exit: SIGTERM during such
+    a read waited for the whole read timeout. Nothing waits for a daemon thread."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not future.done():
+            outcome()
+
+    def run() -> None:
+        outcome: Callable[[], None]
+        try:
+            result = call()
+        except BaseException as exc:  # handed to the awaiting task, which decides
+            outcome = functools.partial(future.set_exception, exc)
+        else:
+            outcome = functools.partial(future.set_result, result)
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody awaits it
+            loop.call_soon_threadsafe(settle, outcome)
+
+    threading.Thread(target=run, name="source read", daemon=True).start()
+    return await future

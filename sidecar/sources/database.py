@@ -15,6 +15,13 @@ listens, so an edit is live in milliseconds; after a reconnect it asks for a ful
 because notifications sent while disconnected are lost. A hot standby refuses LISTEN:
 there the periodic resync polls.
 
+A source holds one connection, whatever it does: reads (a worker thread) and the
+listener (daemon threads, for the event loop) take turns on it under a lock. psycopg
+hands every notification it receives to the source's handler, whichever query was
+running (a read's ROLLBACK delivers those sent during the read), so none is lost while a
+read runs; when the connection is idle, the listener waits for its socket to become
+readable and then lets psycopg read it.
+
 A read never fetches a ruleset larger than a rule file may be (its size is measured by
 the database first), and every value no document can hold is reported with its ruleset,
 column and cause, never raised as whatever the encoder throws.
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -46,6 +54,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from select import POLLIN, poll
 from types import TracebackType
 from typing import Any, Final
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -55,6 +64,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from sidecar.errors import LoadError, Problem, ProblemCode, format_path
 from sidecar.rulefiles import DEFAULT_FILE_LIMITS, SourceFile
+from sidecar.sources import in_daemon_thread
 from sidecar.sources.dbschema import (
     CHANNEL,
     RULE_COLUMNS,
@@ -75,6 +85,7 @@ from sidecar.sources.dbschema import (
 )
 
 __all__ = [
+    "APPLICATION_NAME",
     "DatabaseSource",
     "DatabaseTimeouts",
     "DatabaseURL",
@@ -93,6 +104,12 @@ logger = logging.getLogger("sidecar.database")
 _MAX_BACKOFF_S: Final = 30.0
 _IDS_PER_QUERY: Final = 500
 _MAX_PASSWORD_BYTES: Final = 64 * 1024
+# What every connection says it is (`pg_stat_activity.application_name`), unless the URL
+# or PGAPPNAME names it otherwise.
+APPLICATION_NAME: Final = "rule-sidecar"
+# Listening, and the listener's heartbeat: LISTEN again changes nothing, must be answered,
+# and leaves the idle connection showing what it does (`pg_stat_activity.query`).
+_LISTEN: Final = f"LISTEN {CHANNEL}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,8 +205,9 @@ def _location(url: DatabaseURL) -> str:
 
 def _pg_parameters(timeouts: DatabaseTimeouts) -> dict[str, Any]:
     """libpq's limits on every wait the kernel can see: connecting, unacknowledged data
-    (`tcp_user_timeout`) and a silent idle peer (keepalives)."""
+    (`tcp_user_timeout`) and a silent idle peer (keepalives); and the program's name."""
     return {
+        "fallback_application_name": APPLICATION_NAME,
         "connect_timeout": timeouts.connect,
         "keepalives": 1,
         "keepalives_idle": math.ceil(timeouts.read),
@@ -635,8 +653,12 @@ class DatabaseSource:
         # Bumped by `forget` (from the event loop) so that a read running meanwhile in
         # a worker thread does not trust the generation it saw.
         self._epoch = 0
-        # Reads are serialised by the reload service, one thread at a time.
+        # The one connection, used by one thread at a time: a read or the listener's.
+        self._lock = threading.Lock()
         self._connection: Any = None
+        self._listening = False  # the connection LISTENs (a new one does not)
+        # Where `changes()` wants each notification's payload while it runs.
+        self._heard: Callable[[str], None] | None = None
         self._file_identity: tuple[int, int] | None = None  # SQLite: the file it reads
         self._watch_problem: str | None = None
         self._trigger_problem: str | None = None
@@ -653,23 +675,9 @@ class DatabaseSource:
         that cannot be made a document (too large, a BLOB, JSON that is not)."""
         epoch = self._epoch
         try:
-            try:
-                changes = self._read_changes()
-            except Exception as exc:
-                # A kept connection may have died since the last read: one fresh try. Not
-                # after a timeout on a live one, or a cut-off one: that would double the
-                # wait; nor when the content is at fault: it would say the same again.
-                kept = self._connection
-                if (
-                    isinstance(exc, NoAnswer | Unreadable)
-                    or kept is None
-                    or not getattr(kept, "broken", True)
-                ):
-                    raise
-                self._disconnect()
-                changes = self._read_changes()
+            with self._lock:
+                changes = self._read_retried()
         except Exception as exc:  # every driver error means the same: not readable now
-            self._disconnect()
             reason = describe_error(exc, self._password(), self.url)
             message = f"database unavailable: {reason}"
             problem = Problem(file=self.name, message=message, code=ProblemCode.SOURCE_UNAVAILABLE)
@@ -716,16 +724,41 @@ class DatabaseSource:
             return previous
         return SourceFile(ruleset_file(self.name, ruleset_id), content, located=False)
 
+    def _read_retried(self) -> _Changes | None:
+        """`_read_changes`, once more on a fresh connection when the kept one had died
+        since the last read; the connection is closed after a failure (under the lock)."""
+        try:
+            try:
+                return self._read_changes()
+            except Exception as exc:
+                # Not after a timeout on a live connection, or a cut-off one: that would
+                # double the wait; nor when the content is at fault: it would say the same.
+                kept = self._connection
+                if (
+                    isinstance(exc, NoAnswer | Unreadable)
+                    or kept is None
+                    or not getattr(kept, "broken", True)
+                ):
+                    raise
+                self._disconnect()
+                return self._read_changes()
+        except Exception:
+            self._disconnect()
+            raise
+
     def _read_changes(self) -> _Changes | None:
         """None when the generation has not moved; else what changed."""
         connection = self._connect()
         with _Deadline(connection, self._timeouts.read, self._address, "while reading"):
-            return self._read_in_transaction(connection)
+            changes = self._read_in_transaction(connection)
+            if self._listening:  # idle, it shows as the listener it is again
+                connection.execute(_LISTEN)
+            return changes
 
     def _read_in_transaction(self, connection: Any) -> _Changes | None:
         # One consistent view: the generation, the change_ids and the rows belong together.
         if self.url.kind == "postgresql":
-            connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
         else:
             connection.execute("BEGIN")
         try:
@@ -805,9 +838,14 @@ class DatabaseSource:
 
     def _open(self) -> Any:
         if self.url.kind == "postgresql":
-            return open_connection(
+            connection = open_connection(
                 self.url, password_file=self._password_file, timeouts=self._timeouts
             )
+            # Out of a transaction between statements: a read begins its own, and
+            # notifications reach an idle session only.
+            connection.autocommit = True
+            connection.add_notify_handler(self._hear)
+            return connection
         assert self.url.path is not None
         # The file the connection opened is the one the path named before and after
         # opening it (else it was replaced meanwhile: open again).
@@ -821,10 +859,15 @@ class DatabaseSource:
         raise Unreadable(f"the SQLite file {self.url.path} is being replaced over and over")
 
     def _disconnect(self) -> None:
+        """Close the connection (under the lock). A listening one is shut down first:
+        that wakes the listener's wait on its socket at once."""
         connection, self._connection = self._connection, None
         if connection is not None:
+            if self._listening:
+                _cutter(connection)()
             with contextlib.suppress(Exception):
                 connection.close()
+        self._listening = False
 
     def watch_problem(self) -> str | None:
         """The listener's problem, or triggers found missing or disabled by the last
@@ -883,25 +926,18 @@ class DatabaseSource:
             await asyncio.sleep(delay)
 
     async def _notifications(self) -> AsyncIterator[str]:
-        """Notifications on one connection. A listener only waits, and silence is also
-        what a dead or frozen server sends: after `read` seconds of it, `SELECT 1` must
-        be answered within `read` seconds, or the connection is given up. Raises
-        `_OnStandby` on a hot standby."""
-        seconds = self._timeouts.read
+        """Notifications on the source's connection; ends when a failed read closed it.
+        Raises `_OnStandby` on a hot standby, or what made the connection fail."""
+        loop = asyncio.get_running_loop()
+        heard: asyncio.Queue[str | Exception | None] = asyncio.Queue()
+
+        def hear(payload: str) -> None:  # in whichever thread holds the connection
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody listens
+                loop.call_soon_threadsafe(heard.put_nowait, payload)
+
+        self._heard = hear  # before LISTEN: from then on, nothing is dropped
         try:
-            connection = await psycopg.AsyncConnection.connect(
-                self.url.url,
-                autocommit=True,
-                **_pg_parameters(self._timeouts),
-                **_credentials(self._password_file),
-            )
-        except psycopg.errors.ConnectionTimeout:
-            raise NoAnswer(self._address, self._timeouts.connect, "while connecting") from None
-        async with connection:
-            with _Deadline(connection, seconds, self._address, "to LISTEN"):
-                if await in_recovery(connection):
-                    raise _OnStandby
-                await connection.execute(f"LISTEN {CHANNEL}")
+            connection = await in_daemon_thread(self._start_listening)
             if self._on_standby:
                 logger.warning("%s was promoted: listening for changes again", self.name)
                 self._on_standby = False
@@ -909,12 +945,85 @@ class DatabaseSource:
             self.forget()
             self._watch_problem = None
             yield "listening"
-            while True:
-                async for notify in connection.notifies(timeout=seconds):
-                    yield f"notify: {notify.payload}"
-                # Notifications that arrive meanwhile wait in psycopg's backlog.
+            waiting = asyncio.create_task(self._keep_waiting(connection, heard))
+            try:
+                while (item := await heard.get()) is not None:
+                    if isinstance(item, Exception):
+                        raise item
+                    yield f"notify: {item}"
+            finally:
+                waiting.cancel()
+        finally:
+            self._heard = None
+            threading.Thread(target=self._unlisten, daemon=True).start()
+
+    def _start_listening(self) -> Any:
+        """LISTEN on the source's connection (opened if need be), and return it."""
+        with self._lock:
+            connection = self._connect()
+            try:
+                with _Deadline(connection, self._timeouts.read, self._address, "to LISTEN"):
+                    row = connection.execute("SELECT pg_is_in_recovery()").fetchone()
+                    if row is not None and row[0]:
+                        raise _OnStandby
+                    connection.execute(_LISTEN)
+            except _OnStandby:
+                raise  # the connection serves the reads (polling)
+            except Exception:
+                self._disconnect()
+                raise
+            self._listening = True
+            if self._heard is None:  # the listener stopped meanwhile: see `_unlisten`
+                self._disconnect()
+            return connection
+
+    async def _keep_waiting(
+        self, connection: Any, heard: asyncio.Queue[str | Exception | None]
+    ) -> None:
+        """`_wait` again and again; its end (None) or failure goes to the listener."""
+        try:
+            while await in_daemon_thread(functools.partial(self._wait, connection)):
+                pass
+        except Exception as exc:
+            heard.put_nowait(exc)
+        else:
+            heard.put_nowait(None)
+
+    def _wait(self, connection: Any) -> bool:
+        """Wait until the server sends something, or for `read` seconds of silence
+        (also what a dead or frozen server sends); then LISTEN again, which must be
+        answered within `read` seconds or the connection is given up. psycopg reads
+        whatever came meanwhile and hands each notification to `_hear`. False when the
+        connection was closed under a read that failed (the caller listens anew)."""
+        seconds = self._timeouts.read
+        poller = poll()
+        with contextlib.suppress(psycopg.Error):  # closed: no wait, the check below says so
+            poller.register(connection.pgconn.socket, POLLIN)
+            poller.poll(seconds * 1000)  # a read's own traffic wakes it too: harmless
+        with self._lock:
+            if connection is not self._connection:
+                return False
+            try:
                 with _Deadline(connection, seconds, self._address, "to a heartbeat"):
-                    await connection.execute("SELECT 1")
+                    connection.execute(_LISTEN)
+            except Exception:
+                self._disconnect()
+                raise
+            return True
+
+    def _hear(self, notify: psycopg.Notify) -> None:
+        """psycopg's handler of each notification, whichever query received it."""
+        heard = self._heard
+        if heard is not None:
+            heard(notify.payload)
+
+    def _unlisten(self) -> None:
+        """After the listener stopped (monitoring stopped, or it failed): a connection
+        that LISTENs with nobody to hear would pile notifications up. Closed, unless a
+        new listener took it over meanwhile; the next read opens one."""
+        with self._lock:
+            if self._listening and self._heard is None:
+                self._disconnect()
 
 
 class _OnStandby(Exception):
