@@ -350,10 +350,10 @@ class TestHotStandby:
         primary.init().import_docs(fraud_doc())
         pg_standby.wait_replayed()
         standby_url = pg_standby.url(name, standby=True)
-        async with await psycopg.AsyncConnection.connect(standby_url) as connection:
-            assert await in_recovery(connection)
-        async with await psycopg.AsyncConnection.connect(primary.url) as connection:
-            assert not await in_recovery(connection)
+        with psycopg.connect(standby_url) as connection:
+            assert in_recovery(connection)
+        with psycopg.connect(primary.url) as connection:
+            assert not in_recovery(connection)
 
         app = await start_sidecar(
             rules_dir, database_url=standby_url, monitor=True, interval_seconds=0.2

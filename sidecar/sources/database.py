@@ -963,8 +963,7 @@ class DatabaseSource:
             connection = self._connect()
             try:
                 with _Deadline(connection, self._timeouts.read, self._address, "to LISTEN"):
-                    row = connection.execute("SELECT pg_is_in_recovery()").fetchone()
-                    if row is not None and row[0]:
+                    if in_recovery(connection):
                         raise _OnStandby
                     connection.execute(_LISTEN)
             except _OnStandby:
@@ -1030,10 +1029,9 @@ class _OnStandby(Exception):
     """The server is a hot standby: LISTEN would fail there until it is promoted."""
 
 
-async def in_recovery(connection: psycopg.AsyncConnection[Any]) -> bool:
+def in_recovery(connection: psycopg.Connection[Any]) -> bool:
     """Whether the server is a hot standby (replaying a primary's changes)."""
-    cursor = await connection.execute("SELECT pg_is_in_recovery()")
-    row = await cursor.fetchone()
+    row = connection.execute("SELECT pg_is_in_recovery()").fetchone()
     return bool(row is not None and row[0])
 
 
