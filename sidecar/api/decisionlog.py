@@ -73,7 +73,8 @@ _BATCH: Final = 1024  # records encoded and written per write
 _IDLE_SECONDS: Final = 0.05  # how often an idle writer looks at the queue
 _FLUSH_SECONDS: Final = 5.0  # SIGTERM's flush, inside Kubernetes' 30 s grace period
 _PIPE_BUF: Final = 4096  # a pipe write up to this size is never interleaved with another
-_MASK_42: Final = (1 << 42) - 1
+_MASK_62: Final = (1 << 62) - 1
+_VARIANT: Final = 0b10 << 62
 
 # One queued decision: (id, time.time(), the result, the input as given, seconds taken).
 _Record = tuple[str, float, Evaluation, Any, float]
@@ -82,31 +83,28 @@ _Record = tuple[str, float, Evaluation, Any, float]
 class DecisionIds:
     """Decision ids: UUIDv7 (RFC 9562), so that they sort by time.
 
-    48 bits of Unix milliseconds, then a 42-bit counter that never resets (its start is
-    random), then 32 random bits fixed per process. Ids from one process strictly increase
-    (the clock is not let go back); those of two processes sort by millisecond. About
-    1 us each, on the request path.
+    48 bits of Unix milliseconds, the version, 12 random bits fixed per process
+    (`rand_a`), the variant, then a 62-bit counter that never resets, from a random start
+    (`rand_b`). Ids from one process strictly increase (the clock is not let go back);
+    those of two processes sort by millisecond. The text up to the counter is made once
+    a millisecond: about 0.5 us an id, on the request path.
     """
 
     def __init__(self) -> None:
-        self._node = random.SystemRandom().getrandbits(32)
-        self._count = itertools.count(random.SystemRandom().getrandbits(40))
-        self._last = 0
+        entropy = random.SystemRandom()
+        self._node = entropy.getrandbits(12)
+        self._count = itertools.count(entropy.getrandbits(60))
+        self._ms = -1
+        self._prefix = ""
 
     def __call__(self) -> str:
         ms = time.time_ns() // 1_000_000
-        ms = self._last = max(ms, self._last)
-        n = next(self._count) & _MASK_42
-        value = (
-            ms << 80
-            | 0x7 << 76
-            | (n >> 30) << 64
-            | 0b10 << 62
-            | (n & 0x3FFFFFFF) << 32
-            | self._node
-        )
-        h = f"{value:032x}"
-        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+        if ms > self._ms:
+            self._ms = ms
+            h = f"{ms:012x}"
+            self._prefix = f"{h[:8]}-{h[8:]}-7{self._node:03x}-"
+        tail = f"{_VARIANT | (next(self._count) & _MASK_62):016x}"
+        return f"{self._prefix}{tail[:4]}-{tail[4:]}"
 
 
 def _shadow_matched(evaluation: Evaluation) -> list[str]:
