@@ -38,13 +38,13 @@ BATCH = 100
 # one at a time with at most 8 waiting (RULE_SIDECAR_MAX_QUEUED_BATCHES): more would be
 # measuring 503s.
 CONNECTIONS = {"single": 50, "batch": 4}
+_WRK = ("taskset", "-c", "1", "wrk", "-t1")
 
 
 def run_wrk(url: str, script: Path, seconds: int, connections: int) -> dict[str, float]:
     """`wrk` on core 1: requests/s, p99 (ms) and the answers that were not 2xx."""
     output = subprocess.run(
-        [*("taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s"), "--latency"]
-        + ["-s", str(script), url],
+        [*_WRK, f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
         capture_output=True,
         text=True,
         check=True,
