@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
+from sidecar.pointers import parse_pointer
 from sidecar.sources.database import DatabaseTimeouts
 
 __all__ = [
@@ -83,6 +84,14 @@ def _hosts(text: str) -> tuple[str, ...]:
     return tuple(part.strip().lower() for part in text.split(",") if part.strip())
 
 
+def _pointers(text: str) -> tuple[str, ...]:
+    """','-separated JSON pointers, each checked (kept as written, for messages)."""
+    pointers = tuple(part.strip() for part in text.split(",") if part.strip())
+    for pointer in pointers:
+        parse_pointer(pointer)
+    return pointers
+
+
 # Checks: a value -> why it cannot be used, or None.
 
 
@@ -106,6 +115,10 @@ def _between(minimum: int, maximum: int) -> Callable[[int], str | None]:
         return None if good else f"must be from {minimum:,} to {maximum:,}"
 
     return check
+
+
+def _fraction(value: float) -> str | None:
+    return None if 0 <= value <= 1 else "must be from 0 to 1"
 
 
 def _log_level(value: str) -> str | None:
@@ -392,12 +405,72 @@ class Settings:
         parse=_boolean,
     )
 
+    decision_log: str | None = _setting(
+        None,
+        "RULE_SIDECAR_DECISION_LOG",
+        "write one JSON line per evaluated input to this file ('-': standard output)",
+        flag="--decision-log",
+    )
+    decision_log_mask: tuple[str, ...] = _setting(
+        (),
+        "RULE_SIDECAR_DECISION_LOG_MASK",
+        "JSON pointers of input fields left out of the decision log (','-separated)",
+        parse=_pointers,
+    )
+    decision_log_hash: tuple[str, ...] = _setting(
+        (),
+        "RULE_SIDECAR_DECISION_LOG_HASH",
+        "JSON pointers of input fields logged as a salted SHA-256 (','-separated)",
+        parse=_pointers,
+    )
+    decision_log_salt_file: Path | None = _setting(
+        None,
+        "RULE_SIDECAR_DECISION_LOG_SALT_FILE",
+        "the salt of those hashes, kept secret",
+        parse=Path,
+    )
+    decision_log_sample: float = _setting(
+        1.0,
+        "RULE_SIDECAR_DECISION_LOG_SAMPLE",
+        "the share of decisions logged (0 to 1)",
+        parse=_decimal,
+        check=_fraction,
+    )
+    decision_log_max_bytes: int = _setting(
+        100 * 1024 * 1024,
+        "RULE_SIDECAR_DECISION_LOG_MAX_BYTES",
+        "a decision log file is rotated at this size",
+        parse=_integer,
+        check=_between(1024, _GIB),
+    )
+    decision_log_keep: int = _setting(
+        5,
+        "RULE_SIDECAR_DECISION_LOG_KEEP",
+        "rotated decision log files kept (.1 the newest)",
+        parse=_integer,
+        check=_between(1, 1000),
+    )
+    decision_log_queue: int = _setting(
+        10_000,
+        "RULE_SIDECAR_DECISION_LOG_QUEUE",
+        "decisions waiting to be written; past it they are dropped and counted",
+        parse=_integer,
+        check=_between(1, _MILLION),
+    )
+
     def __post_init__(self) -> None:
         for item in fields(self):
             check = declaration(item.name).check
             reason = check(getattr(self, item.name)) if check else None
             if reason is not None:
                 _refuse(item.name, getattr(self, item.name), reason)
+        if self.decision_log_hash and self.decision_log_salt_file is None:
+            hashed = declaration("decision_log_hash").variable
+            salt = declaration("decision_log_salt_file").variable
+            raise SettingsError(
+                f"{hashed} needs {salt}: a hash without a secret salt is reversed by "
+                "hashing guesses (a card's BIN has a million values)"
+            )
 
     @property
     def database_timeouts(self) -> DatabaseTimeouts:

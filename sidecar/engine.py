@@ -79,14 +79,22 @@ class Evaluation:
         }
         if self.rules is not None:
             view["rules"] = [rule.to_dict() for rule in self.rules]
-        if self.challenger is not None:
-            view["challenger"] = {
-                "ruleset_id": self.challenger.ruleset_id,
-                "total_points": self.challenger.total_points,
-                "decision": self.challenger.decision,
-                "matched": [rule.id for rule in self.challenger.matched],
-            }
+        challenger = self.challenger_view()
+        if challenger is not None:
+            view["challenger"] = challenger
         return view
+
+    def challenger_view(self) -> dict[str, Any] | None:
+        """What the challenger decided, as the answer and the decision log say it."""
+        challenger = self.challenger
+        if challenger is None:
+            return None
+        return {
+            "ruleset_id": challenger.ruleset_id,
+            "total_points": challenger.total_points,
+            "decision": challenger.decision,
+            "matched": [rule.id for rule in challenger.matched],
+        }
 
 
 def evaluate_ruleset(

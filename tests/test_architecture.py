@@ -16,7 +16,14 @@ PACKAGE = Path(sidecar.__file__).parent
 
 # Lowest first. A module may import only from modules in earlier layers (or its own).
 LAYERS: list[set[str]] = [
-    {"sidecar.errors", "sidecar.rulefiles", "sidecar.testing", "sidecar.client", "sidecar.celwire"},
+    {
+        "sidecar.errors",
+        "sidecar.rulefiles",
+        "sidecar.testing",
+        "sidecar.client",
+        "sidecar.celwire",
+        "sidecar.pointers",
+    },
     {"sidecar.cost"},
     {"sidecar.fastpath"},
     {"sidecar.conditions"},
@@ -48,6 +55,7 @@ LAYERS: list[set[str]] = [
         "sidecar.api.ui",
         "sidecar.api.renders",
         "sidecar.api.views",
+        "sidecar.api.decisionlog",
     },
     {"sidecar.api.app"},
     {"sidecar.api.run"},

@@ -20,6 +20,7 @@ from conftest import dump_yaml, make_ruleset_doc, rule_doc
 from jsonschema import Draft202012Validator
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
+from server_support import eventually
 
 from sidecar.api.app import AppState, create_app
 from sidecar.api.run import build_state
@@ -302,6 +303,8 @@ async def start(aiohttp_client: Any, tmp_path: Path) -> AsyncIterator[Start]:
     yield start_sidecar
     for state in states:
         await state.service.stop()
+        if state.decisions is not None:
+            state.decisions.close()
 
 
 @pytest.fixture
@@ -755,6 +758,26 @@ class TestEvaluate:
         batch = await api.call("POST", url, 200, json={"inputs": inputs})
         assert [result["decision"] for result in batch["results"]] == ["allow", "allow"]
         assert batch["results"][1]["errors"][0]["rule_id"] == "large-amount"
+
+    async def test_decision_ids(self, start: Start, tmp_path: Path) -> None:
+        """With the decision log on, each result carries its decision id, as documented;
+        health with a failing decision log is degraded, naming it."""
+        api = await start(decision_log=str(tmp_path / "decisions.log"))
+        url = "/api/v1/rulesets/payments/evaluate"
+        single = await api.call("POST", url, 200, json={"input": {"amount": 5000}})
+        batch = await api.call("POST", url, 200, json={"inputs": [{}, {"amount": 1}]})
+        ids = [single["decision_id"], *(r["decision_id"] for r in batch["results"])]
+        assert len(set(ids)) == 3
+        failing = await start(decision_log="/dev/full")
+        await failing.call("POST", url, 200, json={"input": {}})
+
+        async def degraded() -> Any:
+            body = await failing.call("GET", "/health/hot-reload", 200)
+            return body if "decision_log" in body["watch_problems"] else None
+
+        health = await eventually(degraded)
+        assert health["status"] == "degraded"
+        assert "No space left on device" in health["watch_problems"]["decision_log"]
 
     async def test_bad_bodies(self, api: Api) -> None:
         """Missing, malformed and ambiguous bodies, and inputs that break a limit."""

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from sidecar.api.decisionlog import BatchRecorder, DecisionLog, with_problem
 from sidecar.api.limits import (
     RATE_SETTINGS,
     Action,
@@ -97,6 +98,7 @@ class AppState:
     allowed_hosts: frozenset[str] = frozenset()
     batches: BatchTurns = field(default_factory=BatchTurns)
     renders: RenderCache = field(default_factory=RenderCache)
+    decisions: DecisionLog | None = None  # the decision log, when it is on
     # The tasks handling a request now: shutdown gives them a while, then cancels them.
     handling: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -508,8 +510,11 @@ async def post_rollback(request: web.Request) -> web.Response:
 
 
 async def get_health(request: web.Request) -> web.Response:
-    service = _state(request).service
+    state = _state(request)
+    service = state.service
     health = service.health()
+    if state.decisions is not None:
+        health = with_problem(health, state.decisions.problem())
     return json_response(
         health_view(service, health), 503 if health.status is HealthStatus.UNHEALTHY else 200
     )
@@ -710,9 +715,13 @@ async def post_evaluate(request: web.Request) -> web.Response:
         )
     except InputError as exc:
         raise InputError(exc.message, path=exc.path.replace("$", "$.input", 1)) from None
-    state.metrics.evaluation_time.observe(time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    state.metrics.evaluation_time.observe(seconds)
     _count(state, snapshot, ruleset, result)
-    return json_response(result.to_dict())
+    answer = result.to_dict()
+    if state.decisions is not None:
+        answer["decision_id"] = state.decisions.record(result, body["input"], seconds)
+    return json_response(answer)
 
 
 def _count(state: AppState, snapshot: Snapshot, ruleset: RuleSet, result: Evaluation) -> None:
@@ -803,13 +812,19 @@ async def _render_batch(
     size = sum(map(len, parts)) + 2
     done = 0
 
-    def render(evaluation: Evaluation) -> dict[str, Any]:
+    def counted(evaluation: Evaluation) -> dict[str, Any]:
         _count(state, snapshot, ruleset, evaluation)
         return evaluation.to_dict()
 
+    inputs: Sequence[Any] = documents
+    render: Callable[[Evaluation], dict[str, Any]] = counted
+    logged = None
+    if state.decisions is not None:  # each result gets its decision id
+        logged = BatchRecorder(state.decisions, documents, counted)
+        inputs, render = logged.documents, logged.render
     slices = evaluate_in_slices(
         ruleset,
-        documents,
+        inputs,
         render,
         version=snapshot.version,
         revision=snapshot.revision,
@@ -836,6 +851,8 @@ async def _render_batch(
         raise InputError(exc.message, path=exc.path.replace("$", "$.inputs", 1)) from None
     finally:
         await slices.aclose()
+    if logged is not None:
+        logged.submit()
     parts.append(b"]}")
     return b"".join(parts)
 

@@ -219,6 +219,22 @@ class Metrics:
             "what serves), 0 when it failed; absent without --state-dir.",
             registry=r,
         )
+        # Counted by the decision log (`sidecar.api.decisionlog`), from the request path
+        # and its writer thread: these counters lock, and are touched once per dropped
+        # decision or written batch, not per request.
+        self.decision_log_written = Counter(
+            "rule_sidecar_decision_log_written",
+            "Decision log lines written.",
+            registry=r,
+        )
+        self.decision_log_dropped = Counter(
+            "rule_sidecar_decision_log_dropped",
+            "Decisions not logged: queue_full (the writer fell behind), write_error (the "
+            "sink failed; health says why), shutdown (still queued when the flush ran out "
+            "of time).",
+            ["reason"],
+            registry=r,
+        )
         self._revision: str | None = None
         self._drift: dict[str, int] = {}
 

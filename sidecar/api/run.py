@@ -41,6 +41,7 @@ except ImportError:  # optional: the `speed` extra
     uvloop = None  # type: ignore[assignment]
 
 from sidecar.api.app import AppState, create_app, create_observation_app
+from sidecar.api.decisionlog import DecisionLog
 from sidecar.api.limits import BatchTurns, RateBudgets, RequestLimits
 from sidecar.api.metrics import Metrics
 from sidecar.api.views import status_view
@@ -146,6 +147,12 @@ def build_state(settings: Settings) -> AppState:
     if recorder is not None:
         service.add_listener(_post_events(recorder))
     metrics = Metrics()
+    decisions = None
+    if settings.decision_log is not None:
+        decisions = DecisionLog.from_settings(
+            settings, metrics.decision_log_written, metrics.decision_log_dropped
+        )
+        decisions.start()
     notifier = ReloadNotificationManager(
         functools.partial(status_view, service), on_count=metrics.websocket_clients.set
     )
@@ -159,6 +166,7 @@ def build_state(settings: Settings) -> AppState:
         limits=RequestLimits.from_settings(settings),
         batches=BatchTurns(settings.max_queued_batches),
         allowed_hosts=frozenset(settings.allowed_hosts),
+        decisions=decisions,
     )
 
 
@@ -528,6 +536,8 @@ async def serve(settings: Settings) -> int:
             listener.close()
         await state.notifier.close_all()
         await _finish(state.handling, _DRAIN_SECONDS)
+        if state.decisions is not None:  # every request has ended: write what is queued
+            await asyncio.to_thread(state.decisions.close)
         if metrics_runner is not None:
             await metrics_runner.cleanup()
         await runner.cleanup()
