@@ -120,10 +120,15 @@ async def wait_ready(session: aiohttp.ClientSession, base: str, deadline: float)
 
 
 def sidecar_command(
-    port: int, *arguments: str, prefix: Sequence[str] = (), **extra_env: str
+    port: int,
+    *arguments: str,
+    prefix: Sequence[str] = (),
+    module: str = "sidecar.cli",
+    **extra_env: str,
 ) -> tuple[list[str], dict[str, str]]:
     """The command and environment of `rule-sidecar serve --port PORT ARGUMENTS...`, quiet
-    and with only the sources given (no periodic resync in the way)."""
+    and with only the sources given (no periodic resync in the way); `module` runs a
+    bench's variant of the command instead."""
     env = {
         key: value
         for key, value in os.environ.items()
@@ -132,16 +137,20 @@ def sidecar_command(
     }
     env.update(HOT_RELOAD_INTERVAL_SECONDS="3600", RULE_SIDECAR_LOG_LEVEL="WARNING")
     env.update(extra_env)
-    command = [*prefix, sys.executable, "-m", "sidecar.cli", "serve", "--port", str(port)]
+    command = [*prefix, sys.executable, "-m", module, "serve", "--port", str(port)]
     return [*command, *arguments], env
 
 
 @contextmanager
 def sidecar_process(
-    port: int, *arguments: str, prefix: Sequence[str] = (), **extra_env: str
+    port: int,
+    *arguments: str,
+    prefix: Sequence[str] = (),
+    module: str = "sidecar.cli",
+    **extra_env: str,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """`sidecar_command` as a separate process, stopped at the end."""
-    command, env = sidecar_command(port, *arguments, prefix=prefix, **extra_env)
+    command, env = sidecar_command(port, *arguments, prefix=prefix, module=module, **extra_env)
     server = subprocess.Popen(command, env=env)
     try:
         yield server

@@ -1,28 +1,27 @@
-"""What the decision log costs: HTTP evaluate throughput with the file log on at sample 1
-beside the log off, in the same run.
+"""What decision insight costs on the request path: per-rule counting and the decision
+log, each as HTTP evaluate throughput beside the same without it, in one run.
 
-Two `rule-sidecar serve` processes on the same 50-rule ruleset, both pinned to core 0
+Three `rule-sidecar serve` processes on the same 50-rule ruleset, all pinned to core 0
 (`taskset`; the decision log's writer thread shares that core, as in a sidecar limited
-to one CPU): one without the log, one with `--decision-log FILE` (sample 1, default
-queue and rotation). `wrk` on core 1 (50 connections, as `bench/http_load.py`) drives
-them in turn, off then on, `runs` times: interleaved, so that other work on the shared
-machine weighs on both alike. Single inputs, then batches of 100. Afterwards the lines
-written and dropped are read from the logging server's `/metrics`.
+to one CPU): one with counting switched off (`bench._uncounted`: the sidecar itself
+always counts), one as shipped (counting, no log), one with `--decision-log FILE`
+(sample 1, default queue and rotation). `wrk` on core 1 (50 connections, as
+`bench/http_load.py`) drives them in turn, `runs` times: interleaved, so that other work
+on the shared machine weighs on all alike. Single inputs, then batches of 100.
+Afterwards the lines written and dropped are read from the logging server's `/metrics`.
 
-Target: throughput with the log >= 0.80x without it.
+Targets: counting >= 0.95x without it; the log >= 0.80x without it.
 
-    python -m bench.decision_log            # 3 interleaved runs of 10 s of each
-    python -m bench.decision_log --quick    # 1 run of 3 s of each
+    python -m bench.insight            # 3 interleaved runs of 10 s of each
+    python -m bench.insight --quick    # 1 run of 3 s of each
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import urllib.request
@@ -31,35 +30,21 @@ from pathlib import Path
 
 from bench._common import environment, free_port, sidecar_process
 from bench._gen import generate_file, ruleset_id, sample_input
-from bench.http_load import LUA, _ms, wait_ready
+from bench.http_load import LUA, run_wrk, wait_ready
 
 BATCH = 100
 # 50 connections for single inputs, as bench/http_load.py; 4 for batches, which evaluate
 # one at a time with at most 8 waiting (RULE_SIDECAR_MAX_QUEUED_BATCHES): more would be
 # measuring 503s.
 CONNECTIONS = {"single": 50, "batch": 4}
-_WRK = ("taskset", "-c", "1", "wrk", "-t1")
-
-
-def run_wrk(url: str, script: Path, seconds: int, connections: int) -> dict[str, float]:
-    """`wrk` on core 1: requests/s, p99 (ms) and the answers that were not 2xx."""
-    output = subprocess.run(
-        [*_WRK, f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    rps = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.M)
-    p99 = re.search(r"^\s+99%\s+(\S+)", output, re.M)
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
-    if rps is None or p99 is None:
-        raise RuntimeError(f"wrk printed what this script cannot read:\n{output}")
-    return {
-        "rps": float(rps.group(1)),
-        "p99": _ms(p99.group(1)),
-        "errors": float(errors.group(1)) if errors else 0.0,
-        "socket_errors": 0.0 if "Socket errors" not in output else 1.0,
-    }
+# The servers compared, and how each is started: (module, extra arguments).
+SERVERS = {
+    "uncounted": ("bench._uncounted", ()),
+    "counted": ("sidecar.cli", ()),
+    "logged": ("sidecar.cli", ("--decision-log",)),
+}
+# Each ratio: (what, the server with it, the server without it, target).
+RATIOS = (("counting", "counted", "uncounted", 0.95), ("log", "logged", "counted", 0.80))
 
 
 def scrape(base: str, name: str) -> float:
@@ -87,11 +72,17 @@ def main() -> None:
         (rules / "scoring.yaml").write_bytes(generate_file(0, 50, 0).content)
         log = Path(tmp) / "decisions.log"
         bases: dict[str, str] = {}
-        for kind, extra in (("off", ()), ("on", ("--decision-log", str(log)))):
+        for kind, (module, extra) in SERVERS.items():
             port = free_port()
+            arguments = [*extra, str(log)] if extra else []
             stack.enter_context(
                 sidecar_process(
-                    port, "--rules-dir", str(rules), *extra, prefix=("taskset", "-c", "0")
+                    port,
+                    "--rules-dir",
+                    str(rules),
+                    *arguments,
+                    prefix=("taskset", "-c", "0"),
+                    module=module,
                 )
             )
             bases[kind] = f"http://127.0.0.1:{port}"
@@ -113,11 +104,11 @@ def main() -> None:
                 for kind, base in bases.items():
                     result = run_wrk(base + path, script, seconds, connections)
                     figures.setdefault((shape, kind), []).append(result)
-        written = scrape(bases["on"], "rule_sidecar_decision_log_written_total")
-        dropped = scrape(bases["on"], "rule_sidecar_decision_log_dropped_total")
+        written = scrape(bases["logged"], "rule_sidecar_decision_log_written_total")
+        dropped = scrape(bases["logged"], "rule_sidecar_decision_log_dropped_total")
         size = sum(p.stat().st_size for p in Path(tmp).glob("decisions.log*"))
     print(environment())
-    print("both servers on core 0 (the log's writer thread too), wrk on core 1, interleaved")
+    print("servers on core 0 (the log's writer thread too), wrk on core 1, interleaved")
     for shape in scripts:
         scale = BATCH if shape == "batch" else 1
         medians = {}
@@ -128,12 +119,13 @@ def main() -> None:
             p99 = statistics.median(r["p99"] for r in results)
             errors = sum(r["errors"] + r["socket_errors"] for r in results)
             print(
-                f"{shape:6s} log {kind:3s}: {medians[kind]:8.0f} inputs/s "
+                f"{shape:6s} {kind:9s}: {medians[kind]:8.0f} inputs/s "
                 f"[min {min(rps):.0f} .. max {max(rps):.0f}, n={len(rps)}]; "
                 f"p99 {p99:.2f} ms; errors {errors:.0f}"
             )
-        ratio = medians["on"] / medians["off"]
-        print(f"{shape:6s} on / off: {ratio:.2f}x (target >= 0.80x)")
+        for what, with_it, without, target in RATIOS:
+            ratio = medians[with_it] / medians[without]
+            print(f"{shape:6s} {what}: {ratio:.2f}x of without it (target >= {target:.2f}x)")
     print(
         f"decision log: {written:.0f} lines written, {dropped:.0f} dropped, "
         f"{size / 2**20:.0f} MiB on disk (rotated at 100 MiB, 5 kept)"
