@@ -33,12 +33,29 @@ __all__ = [
 _Pair = tuple[str, str | None, str | None]
 
 
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """What the counts of a ruleset's content are shown by: its rules (id, mode, enabled)
+    in document order and its decisions in order. Kept instead of the ruleset, whose
+    compiled conditions a span would otherwise keep alive after a change."""
+
+    digest: str
+    rules: tuple[tuple[str, str, bool], ...]
+    decisions: tuple[str | None, ...]
+
+    @classmethod
+    def of(cls, ruleset: RuleSet) -> _Shape:
+        rules = tuple((rule.id, rule.mode.value, rule.enabled) for rule in ruleset.rules)
+        bands = [band.decision for band in ruleset.decisions]
+        return cls(ruleset.digest, rules, (*bands, ruleset.default_decision))
+
+
 @dataclass(slots=True)
 class _Span:
     """Counts of one ruleset's content since `since`: per rule by position in the
     ruleset's evaluation plan, so that a match costs one list update."""
 
-    ruleset: RuleSet
+    shape: _Shape
     since: float
     since_version: int
     positions: dict[str, int]
@@ -54,7 +71,8 @@ class _Span:
     def open(cls, ruleset: RuleSet, since: float, version: int) -> _Span:
         positions = {rule.id: index for index, rule in enumerate(ruleset.plan.rules)}
         size = len(positions)
-        return cls(ruleset, since, version, positions, matches=[0] * size, errors=[0] * size)
+        shape = _Shape.of(ruleset)
+        return cls(shape, since, version, positions, matches=[0] * size, errors=[0] * size)
 
     def count(self, evaluation: Evaluation) -> None:
         self.evaluations += 1
@@ -180,11 +198,8 @@ class DecisionTallies:
         caller skips evaluations of one that a publish replaced meanwhile: they would
         count a superseded content as the current one)."""
         span = self._spans.get(ruleset.id)
-        if span is None or span.ruleset is not ruleset:
-            if span is None or span.ruleset.digest != ruleset.digest:
-                span = self._open(ruleset, evaluation.registry_version)
-            else:  # the same content, published again: the span goes on
-                span.ruleset = ruleset
+        if span is None or span.shape.digest != ruleset.digest:  # new content: a new span
+            span = self._open(ruleset, evaluation.registry_version)
         span.count(evaluation)
 
     def _open(self, ruleset: RuleSet, version: int) -> _Span:
@@ -215,7 +230,7 @@ class DecisionTallies:
     def tallies(self) -> Iterator[RulesetTally]:
         """Every counted ruleset, since start, its rules in the ruleset's order."""
         for ruleset_id, span in self._spans.items():
-            view = self._since_start(span.ruleset, span)
+            view = self._since_start(ruleset_id, span.shape, span)
             rules = tuple(
                 RuleCount(rule["id"], rule["mode"], rule["matches"], rule["errors"])
                 for rule in view["rules"]
@@ -234,7 +249,7 @@ class DecisionTallies:
     def stats(self, ruleset: RuleSet) -> StatsView:
         """The stats endpoint's answer for a ruleset of the serving snapshot."""
         span = self._spans.get(ruleset.id)
-        if span is None or span.ruleset.digest != ruleset.digest:
+        if span is None or span.shape.digest != ruleset.digest:
             digest, version, since = self._live.get(ruleset.id, ("", 0, self._started))
             current = _Span.open(ruleset, since, version if digest == ruleset.digest else 0)
             if span is None:
@@ -244,12 +259,13 @@ class DecisionTallies:
         return {
             "ruleset_id": ruleset.id,
             "digest": ruleset.digest,
-            "current": _view(ruleset, current, _Totals()),
-            "since_start": self._since_start(ruleset, span),
+            "current": _view(current.shape, current, _Totals()),
+            "since_start": self._since_start(ruleset.id, current.shape, span),
         }
 
-    def _since_start(self, ruleset: RuleSet, span: _Span) -> SpanView:
-        view = _view(ruleset, span, self._totals.get(ruleset.id, _Totals()))
+    def _since_start(self, ruleset_id: str, shape: _Shape, span: _Span) -> SpanView:
+        """`span` and the spans before it, shown as the ruleset's current `shape`."""
+        view = _view(shape, span, self._totals.get(ruleset_id, _Totals()))
         view["since"], view["since_version"] = _iso(self._started), None
         return view
 
@@ -258,29 +274,28 @@ def _iso(moment: float) -> str:
     return datetime.fromtimestamp(moment, UTC).isoformat()
 
 
-def _view(ruleset: RuleSet, span: _Span, before: _Totals) -> SpanView:
+def _view(shape: _Shape, span: _Span, before: _Totals) -> SpanView:
     """`span` plus the totals of the spans `before` it, as the stats endpoint shows it."""
     evaluations = span.evaluations + before.evaluations
     rules: list[RuleStats] = []
-    for rule in ruleset.rules:
-        index = span.positions.get(rule.id)
-        matches = before.matches.get(rule.id, 0) + (0 if index is None else span.matches[index])
-        errors = before.errors.get(rule.id, 0) + (0 if index is None else span.errors[index])
+    for rule_id, mode, enabled in shape.rules:
+        index = span.positions.get(rule_id)
+        matches = before.matches.get(rule_id, 0) + (0 if index is None else span.matches[index])
+        errors = before.errors.get(rule_id, 0) + (0 if index is None else span.errors[index])
         rules.append(
             {
-                "id": rule.id,
-                "mode": rule.mode.value,
-                "enabled": rule.enabled,
+                "id": rule_id,
+                "mode": mode,
+                "enabled": enabled,
                 "matches": matches,
                 "errors": errors,
-                "hit_rate": matches / evaluations if evaluations and rule.enabled else None,
+                "hit_rate": matches / evaluations if evaluations and enabled else None,
             }
         )
     counted = dict(before.decisions)
     for decision, count in span.decisions.items():
         counted[decision] = counted.get(decision, 0) + count
-    bands = [band.decision for band in ruleset.decisions]
-    order = [*dict.fromkeys([*bands, ruleset.default_decision, *counted])]
+    order = [*dict.fromkeys([*shape.decisions, *counted])]
     decisions: list[DecisionCount] = [
         {"decision": decision, "count": counted.get(decision, 0)}
         for decision in order
