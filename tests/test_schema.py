@@ -345,4 +345,4 @@ class TestIdsAreExact:
         )
         python = [re.search(pattern, sample) is not None for pattern, sample in cases]
         assert json.loads(ecma.stdout) == python
-        assert len(_pattern_walk(schema)) == 5
+        assert len(_pattern_walk(schema)) == 6  # 3 ids (challenger_of one), decisions x2, tags
