@@ -8,10 +8,10 @@ shares everything else, so masking one field of a large input costs a few shallo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-__all__ = ["Pointer", "edited", "parse_pointer"]
+__all__ = ["Pointer", "edited", "parse_pointer", "removal_order"]
 
 Pointer = tuple[str, ...]
 """A pointer's reference tokens, unescaped: `/a~1b/0` is `("a/b", "0")`."""
@@ -30,6 +30,20 @@ def parse_pointer(text: str) -> Pointer:
         if "~" in rest:
             raise ValueError(f"{text!r}: '~' must be followed by 0 or 1 (RFC 6901)")
     return tuple(token.replace("~1", "/").replace("~0", "~") for token in tokens)
+
+
+def removal_order(pointers: Iterable[Pointer]) -> tuple[Pointer, ...]:
+    """The order in which removing each pointer's value leaves the others naming what
+    they named before: removing an array item moves the items after it, so within one
+    array the higher index goes first, and a place inside an item before the item."""
+
+    def key(pointer: Pointer) -> tuple[tuple[int, int, str], ...]:
+        steps = tuple(
+            (0, -int(t), "") if t.isascii() and t.isdigit() else (1, 0, t) for t in pointer
+        )
+        return (*steps, (2, 0, ""))  # a pointer's end sorts after anything inside it
+
+    return tuple(sorted(pointers, key=key))
 
 
 _ABSENT: Any = object()

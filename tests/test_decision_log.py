@@ -243,6 +243,38 @@ class TestMasking:
             "items": [{"sku": "S1", "qty": 1}, {}],
         }
 
+    def test_pointers_into_one_array_name_what_the_application_sent(
+        self, tmp_path: Path, rules: Path
+    ):
+        """The attack: masking `/cards/0` moved `/cards/1` onto the third card, which was
+        removed, and the second card's number stayed in the log; a hashed item beside
+        masked ones was shifted too. Each pointer names the input as it was sent."""
+        salt_file = tmp_path / "salt"
+        salt_file.write_text("pepper\n", "utf-8")
+        document = {
+            "amount": 5,
+            "country": "US",
+            "cards": ["SECRET-A", "SECRET-B", "public-c"],
+            "pans": ["SECRET-0", "SECRET-1", "public-2"],
+            "rows": [{"x": "SECRET-X", "y": 1}, {"x": "keep"}],
+        }
+        log = tmp_path / "decisions.log"
+        with logging_sidecar(
+            tmp_path,
+            rules,
+            str(log),
+            MASK="/cards/0,/cards/1,/pans/0,/rows/0,/rows/0/x",
+            HASH="/pans/1",
+            SALT_FILE=str(salt_file),
+        ) as served:
+            post(served, {"input": document})
+            (line,) = wait_lines(log, 1)
+        digest = hashlib.sha256(b"pepper" + b"SECRET-1").hexdigest()
+        assert line["input"]["cards"] == ["public-c"]
+        assert line["input"]["pans"] == [digest, "public-2"]
+        assert line["input"]["rows"] == [{"x": "keep"}]
+        assert "SECRET" not in json.dumps(line)
+
     @pytest.mark.parametrize(
         ("variable", "value", "error"),
         [

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from sidecar.api.decisionlog import DecisionIds
-from sidecar.pointers import edited, parse_pointer
+from sidecar.pointers import edited, parse_pointer, removal_order
 
 
 class TestParse:
@@ -94,3 +94,16 @@ def test_decision_ids_are_uuid7_and_increase():
     assert len(set(made)) == len(made)
     assert made == sorted(made)
     assert all(value[14] == "7" and value[19] in "89ab" for value in made)
+
+
+def test_removal_order_keeps_every_pointer_on_its_value():
+    """Within one array the higher index first, and a place inside an item before the
+    item: removing them in this order removes what each named in the original."""
+    pointers = [parse_pointer(p) for p in ("/a/1", "/a/1/x", "/a/10", "/a/2", "/b", "/a/0")]
+    ordered = removal_order(pointers)
+    assert ["/" + "/".join(p) for p in ordered] == ["/a/10", "/a/2", "/a/1/x", "/a/1", "/a/0", "/b"]
+    document: object = {"a": [{"x": i, "y": i} for i in range(11)], "b": 1}
+    for pointer in ordered:
+        document, found = edited(document, pointer, None)
+        assert found
+    assert document == {"a": [{"x": i, "y": i} for i in (3, 4, 5, 6, 7, 8, 9)]}

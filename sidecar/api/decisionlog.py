@@ -42,7 +42,7 @@ from prometheus_client import Counter
 
 from sidecar.config import Settings
 from sidecar.engine import Evaluation
-from sidecar.pointers import Pointer, edited, parse_pointer
+from sidecar.pointers import Pointer, edited, parse_pointer, removal_order
 from sidecar.service import Health, HealthStatus
 
 __all__ = [
@@ -290,7 +290,7 @@ class DecisionLog:
         self._sink: _Sink = (
             _StreamSink() if target == "-" else _FileSink(Path(target), max_bytes, keep)
         )
-        self._mask: tuple[Pointer, ...] = tuple(map(parse_pointer, mask))
+        self._mask: tuple[Pointer, ...] = removal_order(map(parse_pointer, mask))
         self._hash: tuple[Pointer, ...] = tuple(map(parse_pointer, hash))
         self._salt = salt
         self._sample = sample
@@ -441,10 +441,12 @@ class DecisionLog:
             return json.dumps(entry, separators=(",", ":")).encode() + b"\n"
 
     def _masked(self, document: Any) -> Any:
-        for pointer in self._mask:
-            document, _ = edited(document, pointer, None)
+        # Every pointer names a place in the input as the application sent it: values are
+        # replaced first (nothing moves), then removed in `removal_order`.
         for pointer in self._hash:
             document, _ = edited(document, pointer, self._hashed)
+        for pointer in self._mask:
+            document, _ = edited(document, pointer, None)
         return document
 
     def _hashed(self, value: Any) -> str:
