@@ -105,10 +105,12 @@ def evaluate_ruleset(
     revision: str = "",
     limits: InputLimits = DEFAULT_INPUT_LIMITS,
     explain: bool = False,
+    explain_budget: int | None = None,
     challenger: RuleSet | None = None,
 ) -> Evaluation:
     """Evaluate one ruleset; raises `InputError` when the input breaks the limits. With
-    `explain`, the result also says what every rule did and read (`sidecar.explain`);
+    `explain`, the result also says what every rule did and read (`sidecar.explain`;
+    `ExplanationTooLarge` past `explain_budget` bytes);
     with a `challenger` (the snapshot's, `Snapshot.challengers`), the result carries its
     evaluation of the same input."""
     # The whole input is checked, so that what an input may hold does not depend on
@@ -116,17 +118,27 @@ def evaluate_ruleset(
     check_input(document, limits)
     challenged = None
     if challenger is not None:
-        challenged = _evaluate(challenger, document, version, revision, False, None)
-    return _evaluate(ruleset, document, version, revision, explain, challenged)
+        challenged = _evaluate(challenger, document, version, revision)
+    return _evaluate(
+        ruleset,
+        document,
+        version,
+        revision,
+        explain=explain,
+        budget=explain_budget,
+        challenger=challenged,
+    )
 
 
-def _evaluate(  # noqa: PLR0917 (private, called twice just above)
+def _evaluate(
     ruleset: RuleSet,
     document: Any,
     version: int,
     revision: str,
-    explain: bool,
-    challenger: Evaluation | None,
+    *,
+    explain: bool = False,
+    budget: int | None = None,
+    challenger: Evaluation | None = None,
 ) -> Evaluation:
     """`evaluate_ruleset` of an input that passed `check_input`."""
     plan = ruleset.plan
@@ -157,7 +169,7 @@ def _evaluate(  # noqa: PLR0917 (private, called twice just above)
         errors=tuple(errors),
         shadow_matched=tuple(shadow_matched),
         shadow_errors=tuple(shadow_errors),
-        rules=explain_rules(ruleset, outcomes, document) if explain else None,
+        rules=explain_rules(ruleset, outcomes, document, budget=budget) if explain else None,
         challenger=challenger,
     )
 
@@ -221,6 +233,7 @@ async def evaluate_in_slices(
     limits: InputLimits = DEFAULT_INPUT_LIMITS,
     slice_seconds: float = SLICE_SECONDS,
     explain: bool = False,
+    explain_budget: int | None = None,
     challenger: RuleSet | None = None,
 ) -> AsyncGenerator[list[_R], None]:
     """Evaluate a batch on the event loop, a slice of about `slice_seconds` at a time.
@@ -247,6 +260,7 @@ async def evaluate_in_slices(
                     revision=revision,
                     limits=limits,
                     explain=explain,
+                    explain_budget=explain_budget,
                     challenger=challenger,
                 )
             except InputError as exc:

@@ -8,7 +8,10 @@ of field selections starting at `input` (`input.user.age`, or `has(input.card)`'
 `input.card`); a read that is not such a chain (an index, `input` as a whole, a
 comprehension's variable) names the chain it starts from, and a rule whose condition
 reads no input has no `reads`. Explaining costs more than evaluating (it walks the trees
-and copies the values): it is asked for, never done on every request.
+and shows the values): it is asked for, never done on every request, and bounded: a value
+read by many rules is shown by each, so an explanation can be far larger than its input
+(500 rules reading a 900 KB field: 455 MB), and one past its `budget` is refused before
+it is built (`ExplanationTooLarge`).
 """
 
 from __future__ import annotations
@@ -16,13 +19,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Final
 
 from sidecar.celwire import Node
 from sidecar.conditions import Outcome
 from sidecar.model import Rule, RuleSet
 
-__all__ = ["RuleExplanation", "RuleOutcome", "explain_rules", "read_paths"]
+__all__ = [
+    "ExplanationTooLarge",
+    "RuleExplanation",
+    "RuleOutcome",
+    "explain_rules",
+    "read_paths",
+]
+
+_ENTRY_BYTES: Final = 100  # a rule's entry without its reads, about, in JSON
 
 
 class RuleOutcome(StrEnum):
@@ -55,32 +66,52 @@ class RuleExplanation:
         return view
 
 
+class ExplanationTooLarge(Exception):
+    """The explanation would hold more than its budget of JSON bytes (about)."""
+
+    def __init__(self, budget: int) -> None:
+        super().__init__(f"the explanation would exceed {budget} bytes")
+        self.budget = budget
+
+
 def explain_rules(
-    ruleset: RuleSet, outcomes: Sequence[Outcome], document: Any
+    ruleset: RuleSet, outcomes: Sequence[Outcome], document: Any, *, budget: int | None = None
 ) -> tuple[RuleExplanation, ...]:
     """Each rule of the ruleset, in document order, given the outcomes of its evaluation
-    plan's rules (in plan order) on `document`."""
+    plan's rules (in plan order) on `document`; `ExplanationTooLarge` when it would take
+    more than `budget` bytes of JSON (each value read is sized once, however many rules
+    read it)."""
     plan = ruleset.plan
     trees = plan.conditions.trees()
     steps = zip(plan.rules, outcomes, trees, strict=True)
     by_id = {rule.id: (outcome, tree) for rule, outcome, tree in steps}
+    sizes: dict[tuple[str, ...], int] = {}
+    spent = 0
     explained = []
     for rule in ruleset.rules:
+        spent += _ENTRY_BYTES + len(rule.id)
         found = by_id.get(rule.id)
         if found is None:
             explained.append(RuleExplanation(rule, RuleOutcome.DISABLED))
             continue
         outcome, tree = found
-        reads = None
-        if tree is not None:
-            paths = read_paths(tree)
-            reads = {".".join(("input", *path)): _value(document, path) for path in paths} or None
+        reads: dict[str, Any] = {}
+        for path in () if tree is None else read_paths(tree):
+            value = _value(document, path)
+            size = sizes.get(path)
+            if size is None:
+                size = sizes[path] = _json_size(value) + sum(map(len, path)) + 10
+            spent += size
+            reads[".".join(("input", *path))] = value
+        if budget is not None and spent > budget:
+            raise ExplanationTooLarge(budget)
+        shown = reads or None  # a condition that reads no input field has no `reads`
         if outcome is True:
-            explained.append(RuleExplanation(rule, RuleOutcome.MATCHED, reads=reads))
+            explained.append(RuleExplanation(rule, RuleOutcome.MATCHED, reads=shown))
         elif outcome is False:
-            explained.append(RuleExplanation(rule, RuleOutcome.NOT_MATCHED, reads=reads))
+            explained.append(RuleExplanation(rule, RuleOutcome.NOT_MATCHED, reads=shown))
         else:
-            explained.append(RuleExplanation(rule, RuleOutcome.ERROR, str(outcome), reads))
+            explained.append(RuleExplanation(rule, RuleOutcome.ERROR, str(outcome), shown))
     return tuple(explained)
 
 
@@ -115,6 +146,25 @@ def _chain(node: Node, shadowed: frozenset[str]) -> tuple[str, ...] | None:
         base = _chain(node.children[0], shadowed)
         return None if base is None else (*base, node.name)
     return None
+
+
+def _json_size(value: Any) -> int:
+    """About how many bytes `value` takes as JSON (escapes aside): it bounds the work."""
+    size, pending = 0, [value]
+    while pending:
+        item = pending.pop()
+        kind = type(item)
+        if kind is str:
+            size += len(item) + 2
+        elif kind is dict:
+            size += 2 + len(item) + sum(len(key) + 3 for key in item)
+            pending.extend(item.values())
+        elif kind is list:
+            size += 2 + len(item)
+            pending.extend(item)
+        else:
+            size += 8
+    return size
 
 
 def _value(document: Any, path: tuple[str, ...]) -> Any:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from conftest import dump_yaml, fraud_doc
+from conftest import dump_yaml, fraud_doc, make_ruleset_doc
 from server_support import HOT, Served, Sidecar, clean_environment, free_port, spawn, wait_sync
 
 from sidecar import engine
@@ -245,6 +245,29 @@ class TestBatches:
         assert body["error"]["limit"] == "RULE_SIDECAR_MAX_RESPONSE_BYTES"
         small = await app.post(EVALUATE, json={"inputs": [{}, {"amount": 5000, "country": "FR"}]})
         assert [r["decision"] for r in small["results"]] == ["allow", "deny"]
+
+    async def test_an_explanation_past_the_answer_size_is_refused_before_it_is_built(
+        self, start_sidecar, tmp_path: Path
+    ):
+        """The attack: 500 rules reading one 900 KB field explained into a 455 MB answer
+        (985 MB of memory, /livez held 0.8 s). Each rule shows the values it read, so an
+        explanation is sized as it is made, single input or batch, and refused at the
+        answer limit; the same input without explain answers as ever."""
+        rules = tmp_path / "many"
+        rules.mkdir()
+        many = [{"id": f"r{i}", "condition": "has(input.a)", "points": 1} for i in range(500)]
+        (rules / "big.yaml").write_text(dump_yaml(make_ruleset_doc("big", many)), "utf-8")
+        app: Sidecar = await start_sidecar(rules)
+        document = {"a": {f"k{i}": "x" * 900 for i in range(1000)}}
+        url = "/api/v1/rulesets/big/evaluate"
+        for body in ({"input": document}, {"inputs": [document]}):
+            refused = await app.post(f"{url}?explain=true", status=413, json=body)
+            assert refused["error"]["limit"] == "RULE_SIDECAR_MAX_RESPONSE_BYTES"
+            assert "explanation would exceed 8388608 bytes" in refused["error"]["message"]
+        plain = await app.post(url, json={"input": document})
+        assert plain["total_points"] == 500
+        small = await app.post(f"{url}?explain=true", json={"input": {"a": {"k": 1}}})
+        assert small["rules"][0]["reads"] == {"input.a": {"k": 1}}
 
     async def test_a_body_past_its_size_names_the_limit(self, start_sidecar, rules: Path):
         """The body limit's 413 names its setting like every other limit."""

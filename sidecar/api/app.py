@@ -55,6 +55,7 @@ from sidecar.api.websocket import ReloadNotificationManager
 from sidecar.config import DEFAULT_SETTINGS
 from sidecar.engine import Evaluation, evaluate_in_slices, evaluate_ruleset
 from sidecar.errors import InputError, NotFoundError
+from sidecar.explain import ExplanationTooLarge
 from sidecar.model import Rule, RuleSet
 from sidecar.registry import ChangeEvent, RuleRegistry, diff_snapshots
 from sidecar.service import HealthStatus, HotReloadService, ReloadRecord, ReloadStatus
@@ -711,10 +712,13 @@ async def post_evaluate(request: web.Request) -> web.Response:
             version=snapshot.version,
             revision=snapshot.revision,
             explain=explain,
+            explain_budget=state.limits.max_response_bytes,
             challenger=snapshot.challengers.get(ruleset.id),
         )
     except InputError as exc:
         raise InputError(exc.message, path=exc.path.replace("$", "$.input", 1)) from None
+    except ExplanationTooLarge as exc:
+        raise _explanation_too_large(exc) from None
     seconds = time.perf_counter() - started
     state.metrics.evaluation_time.observe(seconds)
     _count(state, snapshot, ruleset, result)
@@ -737,6 +741,15 @@ def _count(state: AppState, snapshot: Snapshot, ruleset: RuleSet, result: Evalua
             and serving.rulesets.get(challenger.id) is challenger
         ):
             state.metrics.tallies.count(challenger, challenged)
+
+
+def _explanation_too_large(exc: ExplanationTooLarge) -> LimitExceeded:
+    return LimitExceeded(
+        413,
+        f"{exc} (max_response_bytes): each rule shows the values it read, so an input "
+        "with large fields read by many rules explains large; explain fewer or smaller inputs",
+        setting="max_response_bytes",
+    )
 
 
 def _explain_asked(request: web.Request, body: dict[str, Any]) -> bool:
@@ -829,6 +842,7 @@ async def _render_batch(
         version=snapshot.version,
         revision=snapshot.revision,
         explain=explain,
+        explain_budget=limits.max_response_bytes,
         challenger=snapshot.challengers.get(ruleset.id),
     )
     try:
@@ -849,6 +863,8 @@ async def _render_batch(
                 raise _out_of_time(limits, done, len(documents))
     except InputError as exc:
         raise InputError(exc.message, path=exc.path.replace("$", "$.inputs", 1)) from None
+    except ExplanationTooLarge as exc:
+        raise _explanation_too_large(exc) from None
     finally:
         await slices.aclose()
     if logged is not None:
