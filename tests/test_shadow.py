@@ -116,6 +116,33 @@ def test_the_database_keeps_the_mode(migrated: Database) -> None:
     assert "mode: active" not in exported
 
 
+def test_an_older_sidecar_never_counts_a_stored_shadow_rule(migrated: Database) -> None:
+    """The attack: a sidecar older than schema 3 reads no `mode` and served a stored
+    shadow rule as active during a rolling upgrade. A shadow rule is stored disabled for
+    it (its own enabled flag in `mode`), and read back exactly: same digest as the file."""
+    doc = with_shadow()
+    doc["spec"]["rules"][-1]["enabled"] = False  # needs-device: a disabled shadow rule
+    migrated.import_docs(doc)
+    rows = dict(
+        migrated.execute(
+            "SELECT id, enabled FROM rule_sidecar_rules WHERE id IN (%s, %s, %s)",
+            ("tiny-amount", "needs-device", "large-amount"),
+        )
+    )
+    assert {k: bool(v) for k, v in rows.items()} == {
+        "tiny-amount": False,
+        "needs-device": False,
+        "large-amount": True,
+    }
+    (stored,) = DatabaseSource(migrated.url).read()
+    read_back = load_docs(json.loads(stored.content)).rulesets["fraud"]
+    from_file = load_docs(doc).rulesets["fraud"]
+    assert read_back.digest == from_file.digest
+    enabled = {rule.id: (rule.mode.value, rule.enabled) for rule in read_back.rules}
+    assert enabled["tiny-amount"] == ("shadow", True)
+    assert enabled["needs-device"] == ("shadow", False)
+
+
 def test_a_schema_2_database_is_upgraded(database: Database) -> None:
     """Tables of schema 2 have no rule mode nor challenger columns: reading them says to
     run `db init`, which adds them (every stored rule active, no challengers) and changes

@@ -469,9 +469,37 @@ def rule_document(row: tuple[Any, ...]) -> dict[str, Any]:
         tags=_json("tags", tags),
         metadata=_json("metadata", metadata),
     )
-    if mode != "active":  # the column's default; anything else goes to the schema
+    if mode in _STORED_SHADOW:  # its `enabled` column is false for older sidecars' sake
+        document.update(enabled=_STORED_SHADOW[mode], mode="shadow")
+    elif mode != "active":  # the column's default; anything else goes to the schema
         document["mode"] = mode
     return document
+
+
+# How a shadow rule is stored: `enabled` false, so that a sidecar older than schema 3 (it
+# reads no `mode`) never counts a rule on trial, and its own enabled flag in `mode`.
+_STORED_SHADOW: Final = {"shadow": True, "shadow-disabled": False}
+
+
+def _rule_row(ruleset_id: str, position: int, rule: dict[str, Any]) -> tuple[Any, ...]:
+    """A rule's row, in `write_ruleset`'s column order (a shadow rule: `_STORED_SHADOW`)."""
+    enabled, mode = rule.get("enabled", True), "active"
+    if rule.get("mode", "active") != "active":
+        enabled, mode = False, "shadow" if enabled else "shadow-disabled"
+    return (
+        rule["id"],
+        ruleset_id,
+        position,
+        rule.get("name"),
+        rule.get("description", ""),
+        rule["condition"],
+        rule["points"],
+        enabled,
+        rule.get("priority", 0),
+        json.dumps(rule.get("tags", [])),
+        json.dumps(rule.get("metadata", {})),
+        mode,
+    )
 
 
 def ruleset_document(row: tuple[Any, ...], rules: list[dict[str, Any]]) -> dict[str, Any]:
@@ -529,23 +557,7 @@ def write_ruleset(connection: Any, dialect: Dialect, document: dict[str, Any]) -
             None if spec.get("challenger_of") is None else str(spec["challenger_of"]),
         ),
     )
-    rows = [
-        (
-            rule["id"],
-            ruleset_id,
-            position,
-            rule.get("name"),
-            rule.get("description", ""),
-            rule["condition"],
-            rule["points"],
-            rule.get("enabled", True),
-            rule.get("priority", 0),
-            json.dumps(rule.get("tags", [])),
-            json.dumps(rule.get("metadata", {})),
-            rule.get("mode", "active"),
-        )
-        for position, rule in enumerate(spec["rules"])
-    ]
+    rows = [_rule_row(ruleset_id, position, rule) for position, rule in enumerate(spec["rules"])]
     # Many rows per statement: PostgreSQL's statement trigger then bumps the generation
     # once per batch, not once per rule (each bump leaves a row version behind).
     values = f"({marks(dialect, 12)})"
