@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -665,6 +666,9 @@ class TestPanels:
         assert markup in row.text
         assert "input.note == '<b>x</b>'" in row.text
         assert row.find_elements(By.CSS_SELECTOR, "img, b") == []
+        explained = try_it(browser, "x", {"note": markup})
+        assert explained["html"][-1] == f"input.note = {json.dumps(markup)}"
+        assert browser.find_elements(By.CSS_SELECTOR, "#try-result img, #try-result b") == []
         assert browser.execute_script("return window.pwned") is None
         assert console_errors(browser) == []
 
@@ -751,3 +755,341 @@ class TestAccessibility:
         # The audit does look: an image without a text alternative is found.
         browser.execute_script("document.querySelector('main').append(new Image(8, 8))")
         assert [found.split(":")[0] for found in self.audit(browser)] == ["image-alt"]
+
+
+def evaluate(server: ThreadedSidecar, ruleset_id: str, inputs: list[Any]) -> list[dict[str, Any]]:
+    """Evaluate a batch over HTTP, as the sidecar's application does."""
+    request = urllib.request.Request(
+        f"{server.url}/api/v1/rulesets/{ruleset_id}/evaluate",
+        data=json.dumps({"inputs": inputs}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=WAIT_SECONDS) as response:
+        results: list[dict[str, Any]] = json.loads(response.read())["results"]
+    return results
+
+
+def try_it(browser: WebDriver, ruleset_id: str, document: Any) -> dict[str, list[str]]:
+    """Evaluate `document` in the "Try it" panel; each explained rule's cells by id."""
+    Select(browser.find_element(By.ID, "try-ruleset")).select_by_value(ruleset_id)
+    field = browser.find_element(By.ID, "try-input")
+    field.clear()
+    field.send_keys(json.dumps(document))
+    browser.execute_script("document.getElementById('try-result').replaceChildren()")
+    browser.find_element(By.CSS_SELECTOR, "#try button[type=submit]").click()
+    wait(browser, lambda b: b.find_elements(By.ID, "try-explain"), "the explanation")
+    return {
+        str(row.get_attribute("data-rule")): [
+            str(cell.text) for cell in row.find_elements(By.TAG_NAME, "td")
+        ]
+        for row in browser.find_elements(By.CSS_SELECTOR, "#try-explain tbody tr")
+    }
+
+
+def rule_counts(browser: WebDriver, ruleset_id: str) -> dict[str, tuple[str, str]]:
+    """Each rule's (hit rate, errors) cells in an opened ruleset's table."""
+    rows = browser.find_elements(By.CSS_SELECTOR, f'[data-ruleset="{ruleset_id}"] tr[data-rule]')
+    return {
+        str(row.get_attribute("data-rule")): (
+            str(row.find_element(By.CSS_SELECTOR, '[data-stat="hit-rate"]').text),
+            str(row.find_element(By.CSS_SELECTOR, '[data-stat="errors"]').text),
+        )
+        for row in rows
+    }
+
+
+def insight(browser: WebDriver, ruleset_id: str) -> str:
+    return str(
+        browser.find_element(By.CSS_SELECTOR, f'[data-ruleset="{ruleset_id}"] .insight').text
+    )
+
+
+def challenger_doc() -> dict[str, Any]:
+    """`fraud-v2`, the challenger of `fraud`: one rule, deny from 500."""
+    return make_ruleset_doc(
+        "fraud-v2",
+        [{"id": "v2-amount", "condition": "input.amount > 500", "points": 70}],
+        decisions=[{"decision": "deny", "min_points": 70}],
+        default_decision="allow",
+        challenger_of="fraud",
+    )
+
+
+# Inputs of the fraud ruleset: deny (70), review (40), allow (30), allow (0), and allow
+# with large-amount's condition failing on a string.
+FIVE_INPUTS = [
+    {"amount": 5000, "country": "FR"},
+    {"amount": 5000, "country": "US"},
+    {"amount": 10, "country": "FR"},
+    {"amount": 10, "country": "US"},
+    {"amount": "lots", "country": "US"},
+]
+
+
+class TestInsight:
+    """What an opened ruleset's counts say, and why "Try it" answered what it did."""
+
+    def test_hit_rates_and_decision_mix(
+        self, browser: WebDriver, sidecar: ThreadedSidecar, mount: ConfigMapDir, shoot: Shoot
+    ) -> None:
+        """Before any evaluation every count is "—"; inputs evaluated by a client show
+        in the opened ruleset at its next read (every 10 s), and a collapsed ruleset's
+        counts are never read."""
+        mount.publish(
+            {
+                "rules.yaml": dump_yaml(fraud_doc()),
+                "extra.yaml": dump_yaml(make_ruleset_doc("extra")),
+            }
+        )
+        browser.get(f"{sidecar.url}/ui/")
+        wait(browser, lambda b: text(b, "version") == "2", "version 2")
+        forget_reads(browser)
+        expand(browser, "fraud")
+        wait(browser, lambda b: "No input evaluated since" in insight(b, "fraud"), "no counts")
+        assert rule_counts(browser, "fraud") == {
+            "large-amount": ("—", "—"),
+            "foreign-country": ("—", "—"),
+            "never-on": ("—", "—"),
+        }
+        assert [
+            e.text for e in browser.find_elements(By.CSS_SELECTOR, '[data-ruleset="fraud"] th')
+        ][-2:] == ["Hit rate", "Errors"]
+
+        decisions = [r["decision"] for r in evaluate(sidecar, "fraud", FIVE_INPUTS)]
+        assert decisions == ["deny", "review", "allow", "allow", "allow"]
+
+        wait(
+            browser,
+            lambda b: rule_counts(b, "fraud")["large-amount"][0] != "—",
+            "the counts read again",
+            seconds=25,
+        )
+        assert rule_counts(browser, "fraud") == {
+            "large-amount": ("40%\n2 of 5", "1"),
+            "foreign-country": ("40%\n2 of 5", "0"),
+            "never-on": ("—", "—"),
+        }
+        block = '[data-ruleset="fraud"]'
+        legend = [e.text for e in browser.find_elements(By.CSS_SELECTOR, f"{block} .mix-legend li")]
+        assert legend == ["deny: 1 (20%)", "review: 1 (20%)", "allow: 3 (60%)"]
+        assert "5 inputs since version 1 went live" in insight(browser, "fraud")
+        shares = browser.execute_script(
+            "const bar = document.querySelector(arguments[0] + ' .mix-bar');"
+            "return [...bar.children].map((part) => [part.textContent,"
+            " part.getBoundingClientRect().width / bar.clientWidth])",
+            block,
+        )
+        assert [name for name, _ in shares] == ["deny 20%", "review 20%", "allow 60%"]
+        assert [round(share, 2) for _, share in shares] == [0.2, 0.2, 0.6]
+        bar = browser.find_element(By.CSS_SELECTOR, f"{block} .mix-bar")
+        assert bar.get_attribute("aria-hidden") == "true"  # the legend is what is read
+        shoot("counts")
+        made = reads(browser)
+        assert "/api/v1/rulesets/fraud/stats" in made
+        assert not [path for path in made if path.startswith("/api/v1/rulesets/extra")]
+        assert console_errors(browser) == []
+
+    def test_challenger_matrix(
+        self, browser: WebDriver, sidecar: ThreadedSidecar, mount: ConfigMapDir, shoot: Shoot
+    ) -> None:
+        """A ruleset and its challenger, both opened: each says which it is, and both
+        show the decisions of one against the other; "Try it" shows the challenger's
+        answer and the matrices count it at once. axe finds nothing."""
+        mount.publish(
+            {"rules.yaml": dump_yaml(fraud_doc()), "v2.yaml": dump_yaml(challenger_doc())}
+        )
+        browser.get(f"{sidecar.url}/ui/")
+        wait(browser, lambda b: text(b, "version") == "2", "version 2")
+        expand(browser, "fraud")
+        expand(browser, "fraud-v2")
+        wait(
+            browser,
+            lambda b: "No input evaluated by both" in insight(b, "fraud"),
+            "the challenger named before any evaluation",
+        )
+        assert "Challenged by fraud-v2" in insight(browser, "fraud")
+        assert "Challenger of fraud" in insight(browser, "fraud-v2")
+        assert browser.find_elements(By.CSS_SELECTOR, "table.versus") == []
+
+        inputs = [
+            {"amount": 5000, "country": "FR"},  # deny, deny
+            {"amount": 800, "country": "US"},  # allow (0), deny
+            {"amount": 800, "country": "FR"},  # allow (30), deny
+        ]
+        results = evaluate(sidecar, "fraud", inputs)
+        assert [r["challenger"]["decision"] for r in results] == ["deny"] * 3
+        try_it(browser, "fraud", {"amount": 10, "country": "US"})  # allow, allow
+        assert (
+            text(browser, "try-challenger")
+            == "Challenger fraud-v2: decision allow, total 0 points (the same decision)."
+        )
+
+        for ruleset_id in ("fraud", "fraud-v2"):
+            table = f'[data-ruleset="{ruleset_id}"] table.versus'
+            wait(
+                browser,
+                lambda b, t=table: len(b.find_elements(By.CSS_SELECTOR, f"{t} td")) == 4,
+                f"the matrix of {ruleset_id}",
+            )
+            wait(
+                browser,
+                lambda b, t=table: (
+                    b.find_element(By.CSS_SELECTOR, f'{t} tr[data-decision="allow"] td.agree').text
+                    == "1"
+                ),
+                f"the try counted in {ruleset_id}'s matrix",
+            )
+            cells = {
+                (
+                    str(cell.find_element(By.XPATH, "..").get_attribute("data-decision")),
+                    str(cell.get_attribute("data-challenger-decision")),
+                ): cell.text
+                for cell in browser.find_elements(By.CSS_SELECTOR, f"{table} td")
+            }
+            assert cells == {
+                ("deny", "deny"): "1",
+                ("deny", "allow"): "0",
+                ("allow", "deny"): "2",
+                ("allow", "allow"): "1",
+            }
+            caption = browser.find_element(By.CSS_SELECTOR, f"{table} caption").text
+            assert caption == "Decisions of fraud (rows) and fraud-v2 (columns)"
+            said = browser.find_element(
+                By.CSS_SELECTOR, f'[data-ruleset="{ruleset_id}"] .versus-summary'
+            ).text
+            assert re.fullmatch(
+                r"2 of 4 inputs got the same decision from both \(50%\), 2 a different one"
+                r" \(counted since fraud's version 1 went live, \d+ s ago\)\.",
+                said,
+            ), said
+        differ = browser.find_elements(By.CSS_SELECTOR, '[data-ruleset="fraud"] td.differ')
+        assert [cell.text for cell in differ] == ["2"]
+        shoot("challenger")
+        assert audit(browser) == []
+        assert console_errors(browser) == []
+
+    def test_try_it_explains_each_rule(
+        self, browser: WebDriver, sidecar: ThreadedSidecar, shoot: Shoot
+    ) -> None:
+        """Each rule's outcome, points, mode and the input values it read; a rule's error;
+        an input the sidecar refuses, with where; an opened ruleset counts it at once."""
+        open_dashboard(browser, sidecar)
+        expand(browser, "fraud")
+        explained = try_it(browser, "fraud", {"amount": 5000, "country": "FR"})
+        assert explained == {
+            "large-amount": ["large-amount", "matched", "40", "active", "input.amount = 5000"],
+            "foreign-country": [
+                "foreign-country",
+                "matched",
+                "30",
+                "active",
+                'input.country = "FR"',
+            ],
+            "never-on": ["never-on", "disabled", "99", "active", "—"],
+        }
+        outcomes = [
+            row.get_attribute("data-outcome")
+            for row in browser.find_elements(By.CSS_SELECTOR, "#try-explain tbody tr")
+        ]
+        assert outcomes == ["matched", "matched", "disabled"]
+        assert "Why: 3 rules, 2 matched" in text(browser, "try-result")
+        wait(
+            browser,
+            lambda b: rule_counts(b, "fraud")["large-amount"] == ("100%\n1 of 1", "0"),
+            "the evaluation counted in the opened ruleset",
+        )
+
+        explained = try_it(browser, "fraud", {"amount": "lots", "country": "FR"})
+        error = browser.find_element(
+            By.CSS_SELECTOR, '#try-explain tr[data-rule="large-amount"] .rule-error'
+        ).text
+        assert "overload" in error.lower(), error
+        assert explained["large-amount"] == [
+            "large-amount",
+            f"error\n{error}",
+            "40",
+            "active",
+            'input.amount = "lots"',
+        ]
+        assert explained["foreign-country"][1] == "matched"
+        assert "Why: 3 rules, 1 matched, 1 errored" in text(browser, "try-result")
+        shoot("explained")
+        assert console_errors(browser) == []
+
+        deep: dict[str, Any] = {}
+        for _ in range(40):
+            deep = {"a": deep}
+        field = browser.find_element(By.ID, "try-input")
+        field.clear()
+        field.send_keys(json.dumps(deep))
+        browser.find_element(By.CSS_SELECTOR, "#try button[type=submit]").click()
+        wait(browser, lambda b: "400:" in text(b, "try-result"), "the refusal")
+        refused = text(browser, "try-result")
+        assert re.fullmatch(r"400: nested deeper than 32 levels \(at \$\.input(\.a)+\)", refused)
+        assert browser.find_element(By.ID, "try-result").get_attribute("data-outcome") == "error"
+        logged = console_errors(browser)  # Chromium logs the answer's status, nothing else
+        assert len(logged) == 1, logged
+        assert "evaluate?explain=true - Failed to load resource" in logged[0]
+        assert "status of 400" in logged[0]
+
+    def test_first_load_summary_and_wide_layout(
+        self, browser: WebDriver, mount: ConfigMapDir, shoot: Shoot
+    ) -> None:
+        """A first load of 40 rules is one line, each rule a click away; on a 1,400 px
+        screen the rules and "Try it" sit side by side near the top, and on a 600 px one
+        the cards stack."""
+        mount.publish(many_rulesets(20))
+        settings = Settings(rules_dirs=(mount.root,), debounce_ms=20)
+        with threaded_sidecar(settings) as server:
+            browser.set_window_size(1400, 1000)
+            try:
+                open_dashboard(browser, server)
+                assert (
+                    text(browser, "changes-summary")
+                    == "First load, version 1: 60 changes: 40 rules added in 20 rulesets."
+                )
+                items = browser.find_elements(By.CSS_SELECTOR, "#changes li")
+                assert len(items) == 60
+                assert not any(item.is_displayed() for item in items)
+                expand(browser, "rs-001")
+                width = browser.execute_script("return document.documentElement.clientWidth")
+                rules = card(browser, "rules-title")
+                tried = card(browser, "try-title")
+                assert rules["top"] < 400, rules  # not pushed down by the changes
+                assert rules["top"] == tried["top"]
+                assert rules["right"] < tried["left"]
+                assert tried["right"] > 0.95 * width  # the width is used to its edge
+                assert rules["width"] > 0.5 * width
+                shoot("wide-1400")
+
+                browser.find_element(By.CSS_SELECTOR, "#changes-body summary").click()
+                wait(browser, lambda b: b.find_element(By.ID, "changes").is_displayed(), "list")
+                first = browser.find_element(
+                    By.CSS_SELECTOR, '#changes li[data-change="rule_added"]'
+                )
+                assert first.is_displayed()
+                assert "input.amount >" in first.text
+
+                browser.set_window_size(600, 1000)
+                width = browser.execute_script("return document.documentElement.clientWidth")
+                rules = card(browser, "rules-title")
+                tried = card(browser, "try-title")
+                assert tried["top"] > rules["bottom"]
+                assert rules["width"] > 0.9 * width
+                shoot("narrow-600")
+                assert console_errors(browser) == []
+            finally:
+                browser.set_window_size(1280, 1800)
+
+
+def card(browser: WebDriver, title_id: str) -> dict[str, float]:
+    """The box of the card a heading titles, in CSS pixels."""
+    box: dict[str, float] = browser.execute_script(
+        "const r = document.getElementById(arguments[0]).closest('section')"
+        ".getBoundingClientRect();"
+        "return {top: r.top + scrollY, bottom: r.bottom + scrollY, left: r.left,"
+        " right: r.right, width: r.width}",
+        title_id,
+    )
+    return box

@@ -12,6 +12,8 @@ const READ_TIMEOUT_MS = 8000;   // a read that takes longer counts as the sideca
 const ACTION_TIMEOUT_MS = 60000;  // reloads and validations read every source
 const PROBE_MS = 5000;          // how often health is read while the sidecar answers
 const PROBE_DOWN_MS = 2000;     // and while it does not
+const STATS_MS = 10000;         // how often an opened ruleset's counts are read again
+const FEW_CHANGES = 10;         // more changes than this are summarised, each one behind a click
 
 const $ = (id) => document.getElementById(id);
 const view = { status: null, health: null, history: [], changes: null, list: null };
@@ -20,9 +22,9 @@ const feed = { socket: null, instance: null, lastSeq: null, serving: null, retry
  *  since when nothing it asks is answered. */
 const link = { knownAt: null, answeredAt: 0, downSince: null, why: "", readError: null };
 /** The list of rulesets: the page shown, the filter, the rulesets opened and their rules
- *  as last read, and which of those the feed said changed since. */
+ *  and counts as last read, and which of those the feed said changed since. */
 const list = { offset: 0, needle: "", opened: new Set(), rules: new Map(), changed: new Set(),
-  allChanged: false, pageChanged: true };
+  allChanged: false, pageChanged: true, stats: new Map(), statsError: new Map(), statsAsked: new Map() };
 
 // ------------------------------------------------------------------------- helpers
 
@@ -296,7 +298,7 @@ async function readList({ force = false, signal } = {}) {
     }
     renderList();
     await Promise.all([...list.opened].filter((id) => shownIds().includes(id) && !list.rules.has(id))
-      .map((id) => readRuleset(id)));
+      .map((id) => Promise.all([readRuleset(id), readStats(id)])));
   } catch (error) {
     // Not read: read it again next time.
     if (everything) list.allChanged = true;
@@ -319,8 +321,60 @@ async function readRuleset(id) {
     return;
   }
   list.rules.set(id, answered(result, `ruleset ${id}`));
+  const block = openedBlock(id);
+  if (block) fill(block.querySelector(".ruleset-body"), rulesetBody(list.rules.get(id)));
+}
+
+function openedBlock(id) {
   const block = document.querySelector(`#rulesets details[data-ruleset="${CSS.escape(id)}"]`);
-  if (block && block.open) fill(block.querySelector(".ruleset-body"), rulesetBody(list.rules.get(id)));
+  return block && block.open ? block : null;
+}
+
+/** What the page knows of a ruleset: its read, else its line in the page of the list. */
+function rulesetInfo(id) {
+  if (list.rules.has(id)) return list.rules.get(id);
+  if (!view.list || view.list.needle) return null;
+  return view.list.items.find((r) => r.id === id) || null;
+}
+
+/** The counts of an opened ruleset (GET .../stats), read when it is opened, when the feed
+ *  says it changed, after "Try it" evaluated it, and every STATS_MS while it is open and
+ *  shown: never for a collapsed one (a registry can hold thousands). A challenger reads
+ *  its champion's counts too: the two rulesets' decisions are counted there. Answers
+ *  that arrive after a newer question are dropped. */
+async function readStats(id) {
+  const info = rulesetInfo(id);
+  const ids = [id, info && info.challenger_of].filter(Boolean);
+  await Promise.all(ids.map(async (one) => {
+    const ticket = (list.statsAsked.get(one) || 0) + 1;
+    list.statsAsked.set(one, ticket);
+    const path = `/api/v1/rulesets/${encodeURIComponent(one)}/stats`;
+    let result;
+    try {
+      result = await api(path);
+    } catch (error) {
+      if (error instanceof Unreachable) return;  // linkDown() says it; the last counts stay
+      throw error;
+    }
+    if (list.statsAsked.get(one) !== ticket) return;
+    if (result.status === 200) {
+      list.stats.set(one, result.data);
+      list.statsError.delete(one);
+    } else if (result.status === 404) {
+      list.stats.delete(one);
+    } else {
+      list.statsError.set(one, `counts not read: ${errorText(result)}`);
+    }
+  }));
+  renderStats(id);
+}
+
+/** Counts of every opened ruleset on the page shown, unless nobody can see them. */
+function readOpenedStats() {
+  if (document.hidden || link.downSince !== null || !view.list || view.list.needle) return;
+  for (const id of list.opened) {
+    if (shownIds().includes(id)) readStats(id).catch(() => {});
+  }
 }
 
 /** What happened to the registry, from the feed: which rulesets to read again. */
@@ -491,7 +545,7 @@ function renderBanner() {
   fill($("banner-errors"), content.problems.map(problemItem));
 }
 
-function ruleRow(rule) {
+function ruleRow(rule, counted) {
   const shadow = rule.mode === "shadow"
     ? el("span", { className: "shadow", title: "evaluated and reported, never adds points" }, "shadow")
     : null;
@@ -500,23 +554,167 @@ function ruleRow(rule) {
     el("td", { className: "number" }, rule.points),
     el("td", {}, rule.enabled ? "yes" : "no"),
     el("td", { className: "condition" }, rule.condition),
-    el("td", { title: rule.source ? rule.source.file : "" }, sourceText(rule.source)));
+    el("td", { title: rule.source ? rule.source.file : "" }, sourceText(rule.source)),
+    counted ? ruleCounts(counted.span, counted.span && counted.span.rules.find((r) => r.id === rule.id))
+      : null);
 }
 
-/** A table of rules; never an empty one. */
-function rulesTable(rules) {
+/** A rule's hit rate and errors in the current span: "—" before any evaluation, and for
+ *  a disabled rule (never evaluated). */
+function ruleCounts(span, counts) {
+  const evaluated = Boolean(span && counts && counts.enabled && span.evaluations > 0);
+  const hit = evaluated && counts.hit_rate !== null
+    ? [percent(counts.hit_rate), el("div", { className: "muted" }, `${counts.matches} of ${span.evaluations}`)]
+    : "—";
+  return [el("td", { className: "number", dataset: { stat: "hit-rate" } }, hit),
+    el("td", { className: evaluated && counts.errors ? "number has-errors" : "number", dataset: { stat: "errors" } },
+      evaluated ? counts.errors : "—")];
+}
+
+function percent(fraction) {
+  const value = fraction * 100;
+  if (value > 0 && value < 0.1) return "<0.1%";
+  if (value < 100 && value > 99.9) return ">99.9%";
+  return `${Number(value.toFixed(1))}%`;
+}
+
+/** A table of rules; never an empty one. With `counted` (an opened ruleset's), each
+ *  rule's hit rate and errors since its content went live. */
+function rulesTable(rules, counted = null) {
   if (!rules.length) return el("p", { className: "muted" }, "No rules.");
+  const heads = ["Rule", "Points", "Enabled", "Condition", "Source", ...counted ? ["Hit rate", "Errors"] : []];
   return el("div", { className: "table-scroll" }, el("table", {},
-    el("thead", {}, el("tr", {}, ["Rule", "Points", "Enabled", "Condition", "Source"]
-      .map((h) => el("th", { scope: "col" }, h)))),
-    el("tbody", {}, rules.map(ruleRow))));
+    el("thead", {}, el("tr", {}, heads.map((h) => el("th", { scope: "col" }, h)))),
+    el("tbody", {}, rules.map((rule) => ruleRow(rule, counted)))));
 }
 
 function rulesetBody(ruleset) {
   const bands = ruleset.decisions.map((d) => `${d.decision} ≥ ${d.min_points}`).join(", ");
   const fallback = ruleset.default_decision ? `, otherwise ${ruleset.default_decision}` : "";
+  const stats = list.stats.get(ruleset.id);
   return [el("p", { className: "muted" }, `${bands || "no decision bands"}${fallback}. `,
-    sourceText(ruleset.source)), ruleset.rules ? rulesTable(ruleset.rules) : el("p", {}, "Reading…")];
+    sourceText(ruleset.source)),
+  el("div", { className: "insight" }, insight(ruleset.id)),
+  ruleset.rules ? rulesTable(ruleset.rules, { span: stats ? stats.current : null }) : el("p", {}, "Reading…")];
+}
+
+/** New counts of an opened ruleset, put in place: its insight and its rules' cells (the
+ *  table is not rebuilt, so a selection or a focus in it stays). */
+function renderStats(id) {
+  const block = openedBlock(id);
+  if (!block) return;
+  const insightNode = block.querySelector(".insight");
+  if (insightNode) fill(insightNode, insight(id));
+  const stats = list.stats.get(id);
+  const span = stats ? stats.current : null;
+  for (const row of block.querySelectorAll("tr[data-rule]")) {
+    const counts = span ? span.rules.find((r) => r.id === row.dataset.rule) : null;
+    const [hit, errors] = ruleCounts(span, counts);
+    row.querySelector('[data-stat="hit-rate"]')?.replaceWith(hit);
+    row.querySelector('[data-stat="errors"]')?.replaceWith(errors);
+  }
+}
+
+function decisionName(decision) {
+  return decision === null ? "no decision" : decision;
+}
+
+/** The counts of an opened ruleset: its decision mix, and its challenger's decisions
+ *  against its own (or, for a challenger, against its champion's). */
+function insight(id) {
+  const stats = list.stats.get(id);
+  const problem = list.statsError.get(id);
+  if (!stats) return el("p", { className: "muted" }, problem || "Reading counts…");
+  return [decisionMix(stats.current, stats.since_start), challengerPart(id, stats),
+    problem ? el("p", { className: "muted" }, problem) : null];
+}
+
+/** Inputs by decision as one bar of proportional parts, and the same as text (the bar is
+ *  decoration: a screen reader reads the list, and no decision is told by color alone). */
+function decisionMix(span, whole) {
+  const started = span.since_version ? [`version ${span.since_version} went live `, since(span.since)]
+    : ["this content went live ", since(span.since)];
+  const head = el("h3", {}, "Decisions");
+  const total = whole.evaluations !== span.evaluations
+    ? ` (${plural(whole.evaluations, "input")} since the sidecar started)` : "";
+  if (!span.evaluations) {
+    return [head, el("p", { className: "muted mix-empty" }, "No input evaluated since ", started, `${total}.`)];
+  }
+  const all = span.decisions.map((d, i) => ({
+    ...d, share: d.count / span.evaluations, tone: d.decision === null ? "none" : String(i % 6),
+  }));
+  const parts = all.filter((d) => d.count > 0);
+  const label = (d) => `${decisionName(d.decision)}: ${d.count} (${percent(d.share)})`;
+  const bar = el("div", { className: "mix-bar", ariaHidden: "true" }, parts.map((d) => {
+    const part = el("span", { className: "mix-part", title: label(d), dataset: { tone: d.tone } },
+      el("span", {}, `${decisionName(d.decision)} ${percent(d.share)}`));
+    part.style.width = `${d.share * 100}%`;  // CSSOM: the page's style-src allows no style attribute
+    return part;
+  }));
+  return [head,
+    el("p", { className: "muted" }, `${plural(span.evaluations, "input")} since `, started, `${total}.`),
+    bar,
+    el("ul", { className: "mix-legend" }, all.map((d) =>
+      el("li", { dataset: { decision: decisionName(d.decision) } },
+        el("span", { className: "swatch", ariaHidden: "true", dataset: { tone: d.tone } }), label(d))))];
+}
+
+/** A ruleset's challenger: named by a ruleset of the page shown, or by the counts (the
+ *  ruleset views do not name it: one on another page is known once it was counted). */
+function challengersOf(id, stats) {
+  const named = view.list && !view.list.needle
+    ? view.list.items.filter((r) => r.challenger_of === id).map((r) => r.id) : [];
+  return [...new Set([...named, ...stats.current.challenger.map((e) => e.challenger)])];
+}
+
+function challengerPart(id, stats) {
+  const info = rulesetInfo(id);
+  const champion = info && info.challenger_of;
+  if (champion) {
+    const theirs = list.stats.get(champion);
+    return [el("h3", {}, "Challenger"),
+      el("p", {}, "Challenger of ", el("code", {}, champion),
+        ": evaluated beside it on every input it evaluates; its decision is reported, never answered."),
+      theirs ? versusTable(champion, id, theirs.current) : el("p", { className: "muted" }, "Reading counts…")];
+  }
+  const challengers = challengersOf(id, stats);
+  if (!challengers.length) return null;
+  return [el("h3", {}, "Challenger"), challengers.map((challenger) => [
+    el("p", {}, "Challenged by ", el("code", {}, challenger),
+      ": evaluated beside this ruleset on every input; this ruleset's decision is the answer."),
+    versusTable(id, challenger, stats.current)])];
+}
+
+/** This ruleset's decisions (rows) against its challenger's (columns), agreements on the
+ *  diagonal; the caption says how many differ. */
+function versusTable(champion, challenger, span) {
+  const entries = span.challenger.filter((e) => e.challenger === challenger);
+  const total = entries.reduce((sum, e) => sum + e.count, 0);
+  if (!total) return el("p", { className: "muted" }, "No input evaluated by both since ", since(span.since), ".");
+  const ours = [...new Set([...span.decisions.map((d) => d.decision), ...entries.map((e) => e.decision)])]
+    .filter((d) => entries.some((e) => e.decision === d));
+  const theirs = [...new Set([...ours, ...entries.map((e) => e.challenger_decision)])]
+    .filter((d) => entries.some((e) => e.challenger_decision === d));
+  const count = (d, c) => entries.filter((e) => e.decision === d && e.challenger_decision === c)
+    .reduce((sum, e) => sum + e.count, 0);
+  const agree = entries.filter((e) => e.decision === e.challenger_decision).reduce((sum, e) => sum + e.count, 0);
+  const counted = span.since_version ? `since ${champion}'s version ${span.since_version} went live`
+    : `since ${champion}'s content went live`;
+  return [el("p", { className: "versus-summary", dataset: { challenger } },
+    `${agree} of ${plural(total, "input")} got the same decision from both (${percent(agree / total)}),`
+    + ` ${total - agree} a different one (counted ${counted}, `, since(span.since), ")."),
+  el("div", { className: "table-scroll" }, el("table", { className: "versus", dataset: { challenger } },
+    el("caption", {}, `Decisions of ${champion} (rows) and ${challenger} (columns)`),
+    el("thead", {}, el("tr", {}, el("th", { scope: "col" }, `${champion} ↓ · ${challenger} →`),
+      theirs.map((c) => el("th", { scope: "col" }, decisionName(c))))),
+    el("tbody", {}, ours.map((d) => el("tr", { dataset: { decision: decisionName(d) } },
+      el("th", { scope: "row" }, decisionName(d)),
+      theirs.map((c) => {
+        const n = count(d, c);
+        const kind = d === c ? "agree" : n ? "differ" : "";
+        return el("td", { className: `number ${kind}`.trim(),
+          dataset: { challengerDecision: decisionName(c) } }, n);
+      }))))))];
 }
 
 /** A ruleset, collapsed unless opened: its rules are read when it is opened. */
@@ -533,9 +731,13 @@ function rulesetBlock(ruleset) {
       const body = block.querySelector(".ruleset-body");
       fill(body, rulesetBody(list.rules.get(ruleset.id) || ruleset));
       if (!list.rules.has(ruleset.id)) readRuleset(ruleset.id).catch(() => {});
+      readStats(ruleset.id).catch(() => {});
     } else {
       list.opened.delete(ruleset.id);
       list.rules.delete(ruleset.id);
+      for (const id of [ruleset.id, ruleset.challenger_of]) {
+        if (id && !list.opened.has(id)) list.stats.delete(id);
+      }
       fill(block.querySelector(".ruleset-body"));
     }
   });
@@ -623,14 +825,51 @@ function changeItem(change) {
     ` ${subject}`, details);
 }
 
+const CHANGE_WORDS = {
+  rule_added: ["rule", "added"], rule_updated: ["rule", "updated"], rule_removed: ["rule", "removed"],
+  ruleset_added: ["ruleset", "added"], ruleset_updated: ["ruleset", "updated"],
+  ruleset_removed: ["ruleset", "removed"], registry_cleared: ["registry", "cleared"],
+};
+
+/** Many changes in a few words: a first load is "47 rules added in 3 rulesets" (counted
+ *  by the status when the list is cut short), else the count of each kind of change. */
+function changesInWords(changes) {
+  const whole = changes.count <= changes.changes.length;
+  const registry = view.status && view.status.registry;
+  if (changes.from_version === 0) {
+    if (!whole && !(registry && registry.version === changes.to_version)) return "";
+    const rules = whole ? changes.changes.filter((c) => c.type === "rule_added").length : registry.rule_count;
+    const rulesets = whole ? changes.changes.filter((c) => c.type === "ruleset_added").length
+      : registry.ruleset_count;
+    return `${plural(rules, "rule")} added in ${plural(rulesets, "ruleset")}`;
+  }
+  const kinds = new Map();
+  for (const change of changes.changes) kinds.set(change.type, (kinds.get(change.type) || 0) + 1);
+  return [...kinds].map(([type, count]) => {
+    const [noun, verb] = CHANGE_WORDS[type] || [type, ""];
+    return `${plural(count, noun)} ${verb}`.trim();
+  }).join(", ") + (whole ? "" : ` among the first ${changes.changes.length}`);
+}
+
+/** The changes of the last reload: a few are listed; many (a first load lists every rule)
+ *  are summed up, each one a click away, so they do not push the rules off the screen. */
 function renderChanges() {
   const changes = view.changes;
   if (!changes || !changes.changes) return;
   const head = changes.from_version === 0 ? `First load, version ${changes.to_version}`
     : `Version ${changes.from_version} → ${changes.to_version}`;
+  const many = changes.from_version === 0 || changes.count > FEW_CHANGES;
+  const words = many ? changesInWords(changes) : "";
   $("changes-summary").textContent = `${head}: ${plural(changes.count, "change")}` +
-    (changes.count > MAX_CHANGES ? ` (the first ${MAX_CHANGES} shown)` : "") + ".";
-  fill($("changes"), changes.changes.map(changeItem));
+    (words ? `: ${words}` : "") + ".";
+  const items = el("ul", { id: "changes", className: "changes" }, changes.changes.map(changeItem));
+  const body = $("changes-body");
+  const wasOpen = body.dataset.version === String(changes.to_version) && Boolean(body.querySelector("details[open]"));
+  body.dataset.version = changes.to_version;
+  fill(body, many ? el("details", { open: wasOpen },
+    el("summary", {}, changes.count > changes.changes.length
+      ? `The first ${changes.changes.length} of the ${changes.count} changes` : `Each of the ${changes.count} changes`),
+    items) : items);
 }
 
 function renderHistory() {
@@ -873,10 +1112,11 @@ async function tryIt(event) {
   }
   const id = $("try-ruleset").value;
   await busy(event.submitter || $("try").querySelector("button"), "Evaluate", async () => {
-    const result = await api(`/api/v1/rulesets/${encodeURIComponent(id)}/evaluate`,
+    const result = await api(`/api/v1/rulesets/${encodeURIComponent(id)}/evaluate?explain=true`,
       { method: "POST", body: { input }, timeoutMs: ACTION_TIMEOUT_MS });
     if (result.status !== 200) {
-      showResult(out, "error", errorText(result));
+      const error = result.data && result.data.error;
+      showResult(out, "error", errorText(result), error && error.path ? ` (at ${error.path})` : "");
       return;
     }
     const answer = result.data;
@@ -887,10 +1127,52 @@ async function tryIt(event) {
       el("p", {}, `Matched ${plural(answer.matched.length, "rule")}:`),
       el("ul", { id: "try-matched" }, answer.matched.map((m) =>
         el("li", {}, el("code", {}, m.id), ` ${m.name}: ${m.points} points`))),
+      answer.shadow_matched.length ? el("p", { id: "try-shadow" }, "Shadow rules matched (no points): ",
+        answer.shadow_matched.map((rule, i) => [i ? ", " : "", el("code", {}, rule)]), ".") : null,
+      answer.challenger ? challengerAnswer(answer) : null,
       answer.errors.length ? el("details", {}, el("summary", {}, `${plural(answer.errors.length, "rule")} errored`),
         el("ul", {}, answer.errors.map((e) => el("li", {}, el("code", {}, e.rule_id), `: ${e.error}`))))
-        : null);
+        : null,
+      answer.rules ? explanation(answer.rules) : null);
+    // The counts just changed: an opened ruleset shows them now, not at its next read.
+    for (const counted of [id, answer.challenger && answer.challenger.ruleset_id]) {
+      if (counted && list.opened.has(counted) && shownIds().includes(counted)) readStats(counted).catch(() => {});
+    }
   });
+}
+
+function challengerAnswer(answer) {
+  const theirs = answer.challenger;
+  const same = theirs.decision === answer.decision;
+  return el("p", { id: "try-challenger" }, "Challenger ", el("code", {}, theirs.ruleset_id), ": decision ",
+    el("strong", {}, theirs.decision ?? "none"), `, total ${theirs.total_points} points`,
+    same ? " (the same decision)" : " (a different decision)",
+    theirs.matched.length ? ["; matched ", theirs.matched.map((rule, i) => [i ? ", " : "", el("code", {}, rule)])] : "",
+    ".");
+}
+
+const OUTCOMES = { matched: "matched", not_matched: "not matched", error: "error", disabled: "disabled" };
+
+/** Every rule's part in the answer, in document order: what it did, its points and mode,
+ *  and the input values its condition read (`input.amount = 5000`; null: not in the input). */
+function explanation(rules) {
+  const matched = rules.filter((r) => r.outcome === "matched").length;
+  const errored = rules.filter((r) => r.outcome === "error").length;
+  return el("details", { open: true, className: "explanation" },
+    el("summary", {}, `Why: ${plural(rules.length, "rule")}, ${matched} matched`,
+      errored ? `, ${errored} errored` : ""),
+    el("div", { className: "table-scroll" }, el("table", { id: "try-explain" },
+      el("thead", {}, el("tr", {}, ["Rule", "Outcome", "Points", "Mode", "Read"]
+        .map((h) => el("th", { scope: "col" }, h)))),
+      el("tbody", {}, rules.map((rule) => el("tr", { dataset: { rule: rule.id, outcome: rule.outcome } },
+        el("td", {}, el("code", {}, rule.id)),
+        el("td", { className: `outcome-${rule.outcome}` }, OUTCOMES[rule.outcome] ?? rule.outcome,
+          rule.error ? el("div", { className: "rule-error" }, rule.error) : null),
+        el("td", { className: "number" }, rule.points),
+        el("td", {}, rule.mode),
+        el("td", {}, rule.reads ? el("ul", { className: "reads" }, Object.entries(rule.reads).map(([path, value]) =>
+          el("li", {}, el("code", {}, path), " = ", el("code", {}, JSON.stringify(value)))))
+          : el("span", { className: "muted" }, "—"))))))));
 }
 
 // ------------------------------------------------------------------------- start
@@ -911,4 +1193,5 @@ document.addEventListener("DOMContentLoaded", () => {
   connect();
   probe.timer = setTimeout(probe, PROBE_MS);
   setInterval(tick, 1000);
+  setInterval(readOpenedStats, STATS_MS);
 });
