@@ -14,7 +14,7 @@ import time
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TypedDict
+from typing import TypedDict, TypeVar
 
 from sidecar.engine import Evaluation
 from sidecar.model import RuleSet
@@ -23,7 +23,6 @@ from sidecar.snapshot import Snapshot
 __all__ = [
     "DecisionCount",
     "DecisionTallies",
-    "RuleCount",
     "RulesetTally",
     "SpanView",
     "StatsView",
@@ -31,6 +30,12 @@ __all__ = [
 
 
 _Pair = tuple[str, str | None, str | None]
+_K = TypeVar("_K")
+
+
+def _add(into: dict[_K, int], counts: Mapping[_K, int]) -> None:
+    for key, count in counts.items():
+        into[key] = into.get(key, 0) + count
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,11 +100,13 @@ class _Span:
 
 @dataclass(slots=True)
 class _Totals:
-    """Counts since the process started, of the spans that ended, by rule id."""
+    """Counts since the process started, of the spans that ended: matches by rule id and
+    the mode the rule had (a rule promoted from shadow did not match as active before),
+    errors by rule id."""
 
     evaluations: int = 0
     errored: int = 0
-    matches: dict[str, int] = field(default_factory=dict)
+    matches: dict[tuple[str, str], int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     decisions: dict[str | None, int] = field(default_factory=dict)
     versus: dict[_Pair, int] = field(default_factory=dict)
@@ -107,29 +114,29 @@ class _Totals:
     def add(self, span: _Span) -> None:
         self.evaluations += span.evaluations
         self.errored += span.errored
-        for rule_id, index in span.positions.items():
-            self.matches[rule_id] = self.matches.get(rule_id, 0) + span.matches[index]
-            self.errors[rule_id] = self.errors.get(rule_id, 0) + span.errors[index]
-        for decision, count in span.decisions.items():
-            self.decisions[decision] = self.decisions.get(decision, 0) + count
-        for pair, count in span.versus.items():
-            self.versus[pair] = self.versus.get(pair, 0) + count
+        for rule_id, mode, _ in span.shape.rules:
+            index = span.positions.get(rule_id)
+            if index is not None:
+                key = (rule_id, mode)
+                self.matches[key] = self.matches.get(key, 0) + span.matches[index]
+                self.errors[rule_id] = self.errors.get(rule_id, 0) + span.errors[index]
+        _add(self.decisions, span.decisions)
+        _add(self.versus, span.versus)
+
+    def merge(self, other: _Totals) -> None:
+        self.evaluations += other.evaluations
+        self.errored += other.errored
+        _add(self.matches, other.matches)
+        _add(self.errors, other.errors)
+        _add(self.decisions, other.decisions)
+        _add(self.versus, other.versus)
 
     def keep(self, rule_ids: Collection[str]) -> None:
         """Forget rules that are no longer in the ruleset."""
-        for counts in (self.matches, self.errors):
-            for rule_id in [r for r in counts if r not in rule_ids]:
-                del counts[rule_id]
-
-
-@dataclass(frozen=True, slots=True)
-class RuleCount:
-    """One rule's matches and errors over a span (and in all, since start)."""
-
-    rule_id: str
-    mode: str
-    matches: int
-    errors: int
+        for key in [key for key in self.matches if key[0] not in rule_ids]:
+            del self.matches[key]
+        for rule_id in [rule_id for rule_id in self.errors if rule_id not in rule_ids]:
+            del self.errors[rule_id]
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +147,8 @@ class RulesetTally:
     evaluations: int
     errored: int
     decisions: Mapping[str | None, int]
-    rules: tuple[RuleCount, ...]
+    matches: Mapping[tuple[str, str], int]  # (rule id, the mode it matched in)
+    errors: Mapping[str, int]  # by rule id
     # (challenger id, this ruleset's decision, the challenger's) -> inputs
     versus: Mapping[_Pair, int]
 
@@ -216,13 +224,17 @@ class DecisionTallies:
         return span
 
     def retain(self, snapshot: Snapshot) -> None:
-        """After a publish: note when changed rulesets went live; drop the counts of
-        rulesets that are gone, so their series stop being exported."""
+        """After a publish: note when changed rulesets went live and start their new
+        spans (the rules a change removed stop being exported now, not at the ruleset's
+        next evaluation); drop the counts of rulesets that are gone."""
         now = time.time()
         for ruleset_id, ruleset in snapshot.rulesets.items():
             live = self._live.get(ruleset_id)
             if live is None or live[0] != ruleset.digest:
                 self._live[ruleset_id] = (ruleset.digest, snapshot.version, now)
+                span = self._spans.get(ruleset_id)
+                if span is not None and span.shape.digest != ruleset.digest:
+                    self._open(ruleset, snapshot.version)
         for counts in (self._spans, self._totals, self._live):
             for ruleset_id in [r for r in counts if r not in snapshot.rulesets]:
                 del counts[ruleset_id]
@@ -230,21 +242,18 @@ class DecisionTallies:
     def tallies(self) -> Iterator[RulesetTally]:
         """Every counted ruleset, since start, its rules in the ruleset's order."""
         for ruleset_id, span in self._spans.items():
-            view = self._since_start(ruleset_id, span.shape, span)
-            rules = tuple(
-                RuleCount(rule["id"], rule["mode"], rule["matches"], rule["errors"])
-                for rule in view["rules"]
-                if rule["enabled"]
+            totals = _Totals()
+            totals.merge(self._totals.get(ruleset_id, totals))
+            totals.add(span)
+            yield RulesetTally(
+                ruleset_id,
+                totals.evaluations,
+                totals.errored,
+                totals.decisions,
+                totals.matches,
+                totals.errors,
+                totals.versus,
             )
-            decisions = {entry["decision"]: entry["count"] for entry in view["decisions"]}
-            errored = span.errored + self._totals.get(ruleset_id, _Totals()).errored
-            versus = {
-                (entry["challenger"], entry["decision"], entry["challenger_decision"]): entry[
-                    "count"
-                ]
-                for entry in view["challenger"]
-            }
-            yield RulesetTally(ruleset_id, view["evaluations"], errored, decisions, rules, versus)
 
     def stats(self, ruleset: RuleSet) -> StatsView:
         """The stats endpoint's answer for a ruleset of the serving snapshot."""
@@ -280,7 +289,8 @@ def _view(shape: _Shape, span: _Span, before: _Totals) -> SpanView:
     rules: list[RuleStats] = []
     for rule_id, mode, enabled in shape.rules:
         index = span.positions.get(rule_id)
-        matches = before.matches.get(rule_id, 0) + (0 if index is None else span.matches[index])
+        matched = before.matches.get((rule_id, mode), 0)
+        matches = matched + (0 if index is None else span.matches[index])
         errors = before.errors.get(rule_id, 0) + (0 if index is None else span.errors[index])
         rules.append(
             {
@@ -293,8 +303,7 @@ def _view(shape: _Shape, span: _Span, before: _Totals) -> SpanView:
             }
         )
     counted = dict(before.decisions)
-    for decision, count in span.decisions.items():
-        counted[decision] = counted.get(decision, 0) + count
+    _add(counted, span.decisions)
     order = [*dict.fromkeys([*shape.decisions, *counted])]
     decisions: list[DecisionCount] = [
         {"decision": decision, "count": counted.get(decision, 0)}
@@ -302,8 +311,7 @@ def _view(shape: _Shape, span: _Span, before: _Totals) -> SpanView:
         if decision is not None or counted.get(None)
     ]
     versus = dict(before.versus)
-    for pair, count in span.versus.items():
-        versus[pair] = versus.get(pair, 0) + count
+    _add(versus, span.versus)
     return {
         "since": _iso(span.since),
         "since_version": span.since_version,

@@ -122,11 +122,12 @@ class DecisionCounts(Collector):
             for decision, count in tally.decisions.items():
                 if count:
                     decisions.add_metric([tally.ruleset_id, decision or ""], count)
-            for rule in tally.rules:
-                if rule.matches:
-                    matches.add_metric([tally.ruleset_id, rule.rule_id, rule.mode], rule.matches)
-                if rule.errors:
-                    rule_errors.add_metric([tally.ruleset_id, rule.rule_id], rule.errors)
+            for (rule_id, mode), count in tally.matches.items():
+                if count:
+                    matches.add_metric([tally.ruleset_id, rule_id, mode], count)
+            for rule_id, count in tally.errors.items():
+                if count:
+                    rule_errors.add_metric([tally.ruleset_id, rule_id], count)
             for (challenger, ours, theirs), count in tally.versus.items():
                 if ours != theirs:
                     labels = [tally.ruleset_id, challenger, ours or "", theirs or ""]
