@@ -363,6 +363,25 @@ class TestRotation:
         assert amounts == sorted(amounts)
         assert amounts[-1] == 39
 
+    def test_a_failed_rotation_counts_what_was_written(self, tmp_path: Path, rules: Path):
+        """The attack: a rotation that fails (here `.1` is a directory that cannot be
+        replaced) counted the whole batch as dropped, the lines it had written before
+        included. Every decision is counted once: written (and in the file) or dropped."""
+        directory = tmp_path / "logs"
+        (directory / "decisions.log.1").mkdir(parents=True)
+        (directory / "decisions.log.1" / "in-the-way").write_text("x")
+        log = directory / "decisions.log"
+        with logging_sidecar(tmp_path, rules, str(log), MAX_BYTES="2048", KEEP="1") as served:
+            for n in range(10):
+                post(served, {"inputs": [{"amount": n, "k": "x" * 50}] * 5})
+            wait_sync(
+                lambda: written(served) + dropped(served, "write_error") == 50,
+                message="every decision counted",
+            )
+            went, lost = written(served), dropped(served, "write_error")
+        assert went == len(lines_of(log)) > 0
+        assert lost > 0
+
 
 def open_fifo(path: Path) -> int:
     """A FIFO's read end, opened without waiting for a writer (the sidecar's writer thread

@@ -133,7 +133,9 @@ def hashed(salt: bytes, value: Any) -> str:
 
 
 class _Sink:
-    """Where the lines go. `write` raises OSError; the caller counts and reports it."""
+    """Where the lines go. `write` raises OSError, with `.lines` the lines of the call
+    written whole before it (a failure may come after some: a rotation, a full disk); the
+    caller counts and reports it."""
 
     name = ""
 
@@ -142,6 +144,24 @@ class _Sink:
 
     def close(self) -> None:
         """Nothing to close by default."""
+
+
+def _whole_lines(chunk: list[bytes], written: int) -> int:
+    """How many lines of `chunk` (maybe led by the end of a torn one) ended within the
+    first `written` bytes of it."""
+    whole, end = 0, 0
+    for part in chunk:
+        end += len(part)
+        if end > written:
+            break
+        whole += part != b"\n"
+    return whole
+
+
+def _sending(sent: int, exc: OSError, chunk: list[bytes]) -> OSError:
+    """`exc` saying how many lines went: `sent` before `chunk`, and those of it."""
+    exc.lines = sent + _whole_lines(chunk, getattr(exc, "written", 0))  # type: ignore[attr-defined]
+    return exc
 
 
 def _write_all(fd: int, data: bytes) -> int:
@@ -170,15 +190,19 @@ class _StreamSink(_Sink):
 
     def write(self, lines: list[bytes]) -> None:
         chunk: list[bytes] = [b"\n"] if self._torn else []
-        size = len(chunk)
-        for line in lines:
-            if chunk and size + len(line) > _PIPE_BUF:
+        size, sent = len(chunk), 0
+        try:
+            for line in lines:
+                if chunk and size + len(line) > _PIPE_BUF:
+                    self._send(b"".join(chunk))
+                    sent += _whole_lines(chunk, size)
+                    chunk, size = [], 0
+                chunk.append(line)
+                size += len(line)
+            if chunk:
                 self._send(b"".join(chunk))
-                chunk, size = [], 0
-            chunk.append(line)
-            size += len(line)
-        if chunk:
-            self._send(b"".join(chunk))
+        except OSError as exc:
+            raise _sending(sent, exc, chunk) from None
 
     def _send(self, data: bytes) -> None:
         try:
@@ -227,18 +251,22 @@ class _FileSink(_Sink):
         return self._fd if self._fd is not None else self._open()
 
     def write(self, lines: list[bytes]) -> None:
-        fd = self._current()
         chunk: list[bytes] = [b"\n"] if self._torn else []
-        size = len(chunk)
-        for line in lines:
-            full = self._size + size + len(line) > self.max_bytes
-            if full and self._regular and self._size + size > 0:
-                self._send(fd, chunk)
-                fd = self._rotate()
-                chunk, size = [], 0
-            chunk.append(line)
-            size += len(line)
-        self._send(fd, chunk)
+        size, sent = len(chunk), 0
+        try:
+            fd = self._current()
+            for line in lines:
+                full = self._size + size + len(line) > self.max_bytes
+                if full and self._regular and self._size + size > 0:
+                    self._send(fd, chunk)
+                    sent += _whole_lines(chunk, size)
+                    chunk, size = [], 0
+                    fd = self._rotate()
+                chunk.append(line)
+                size += len(line)
+            self._send(fd, chunk)
+        except OSError as exc:
+            raise _sending(sent, exc, chunk) from None
 
     def _send(self, fd: int, chunk: list[bytes]) -> None:
         if not chunk:
@@ -405,7 +433,9 @@ class DecisionLog:
         try:
             self._sink.write(lines)
         except OSError as exc:
-            self._write_error.inc(len(lines))
+            went = getattr(exc, "lines", 0)
+            self._written.inc(went)
+            self._write_error.inc(len(lines) - went)
             problem = f"decision log {self._sink.name}: cannot write: {_describe(exc)}"
             if problem != self._problem:
                 logger.warning("%s; decisions are dropped until a write succeeds", problem)
