@@ -1,7 +1,8 @@
 """The `rule-sidecar` command.
 
-`validate` and `test` are for a GitOps repository's CI (`explain` for the person
-reading why an input got its decision): they accept exactly what the
+`validate` and `test` are for a GitOps repository's CI (`replay` too: what a change
+does to real decisions; `explain` for the person reading why an input got its
+decision): they accept exactly what the
 sidecar would accept (and, unless told otherwise, no path that yields no ruleset), report
 every problem in one pass as `file:line:col: message` (or JSON, or JUnit XML) and exit 0
 when everything is good, 1 when something is not, 2 on a usage error.
@@ -35,6 +36,10 @@ from sidecar.engine import Evaluation, evaluate_ruleset
 from sidecar.errors import InputError, LoadError
 from sidecar.explain import RuleOutcome
 from sidecar.gate import Gate, Report, examine, write_human, write_json, write_junit
+from sidecar.replay import Rules, load_rules, percent, replay
+from sidecar.replay import write_human as replay_human
+from sidecar.replay import write_json as replay_json
+from sidecar.replay import write_markdown as replay_markdown
 from sidecar.sources.database import DatabaseURL, describe_error, password_from
 
 __all__ = ["main"]
@@ -98,6 +103,26 @@ def _explain(args: argparse.Namespace, out: TextIO) -> int:
     else:
         _write_explanation(result, out)
     return EXIT_OK
+
+
+def _replay(args: argparse.Namespace, out: TextIO) -> int:
+    """A candidate's decisions on a file of inputs against the baseline's or the logged."""
+    sides = [("candidate", load_rules(args.candidate))]
+    if args.baseline:
+        sides.append(("baseline", load_rules(args.baseline)))
+    for side, rules in sides:
+        if not rules.report.valid:
+            write_human(rules.report, sys.stderr, cases=False)
+            print(f"the {side} does not load: nothing was replayed", file=sys.stderr)
+            return EXIT_INVALID
+    baseline: Rules | None = sides[1][1] if args.baseline else None
+    result = replay(
+        sides[0][1], baseline, args.inputs, ruleset_id=args.ruleset, examples=args.examples
+    )
+    write = {"json": replay_json, "markdown": replay_markdown}.get(args.format, replay_human)
+    write(result, out)
+    over = args.fail_if_changed is not None and result.changed_over(args.fail_if_changed)
+    return EXIT_INVALID if over else EXIT_OK
 
 
 def _write_explanation(result: Evaluation, out: TextIO) -> None:
@@ -244,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--format", choices=("human", "json"), default="human")
     explain.set_defaults(handler=_explain)
+    _add_replay(commands)
 
     serve = commands.add_parser(
         "serve",
@@ -272,6 +298,60 @@ def _add_setting_flags(serve: argparse.ArgumentParser) -> None:
             metavar=spec.flag.removeprefix("--").replace("-", "_").upper(),
             help=f"{spec.help} [{spec.variable}{shown}]",
         )
+
+
+def _examples(text: str) -> int:
+    """`--examples`: how many changed inputs to show, 0 or more."""
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"{text} is negative")
+    return value
+
+
+def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    replay_command = commands.add_parser(
+        "replay",
+        help="Evaluate real inputs against changed rules and say which decisions change.",
+        description="Evaluate a file of inputs (JSON Lines, as the decision log writes "
+        "them, optionally gzipped) against the candidate rules and compare each decision "
+        "with the baseline rules' or, without --baseline, with the decision logged. Exit 0 "
+        "when replayed; 1 when a side does not load or more than --fail-if-changed percent "
+        "of the decisions change; 2 on a usage error (no such ruleset, an unreadable "
+        "inputs file, nothing to compare).",
+    )
+    replay_command.add_argument(
+        "--candidate", nargs="+", required=True, metavar="PATH", help="the changed rules"
+    )
+    replay_command.add_argument(
+        "--baseline", nargs="+", metavar="PATH", help="the rules before the change"
+    )
+    replay_command.add_argument(
+        "--inputs",
+        required=True,
+        metavar="FILE",
+        help="JSON Lines ('.gz' or gzip too; '-' is stdin)",
+    )
+    replay_command.add_argument(
+        "--ruleset",
+        metavar="ID",
+        help="the ruleset to replay (default: the first decision-log line's, or the "
+        "candidate's only ruleset); lines logged for other rulesets are skipped",
+    )
+    replay_command.add_argument("--format", choices=("human", "json", "markdown"), default="human")
+    replay_command.add_argument(
+        "--fail-if-changed",
+        type=percent,
+        metavar="PERCENT",
+        help="exit 1 when more than PERCENT (0 to 100) of the decisions change",
+    )
+    replay_command.add_argument(
+        "--examples",
+        type=_examples,
+        default=10,
+        metavar="N",
+        help="show the first N changed inputs (default 10)",
+    )
+    replay_command.set_defaults(handler=_replay)
 
 
 def _add_db_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -46,6 +46,7 @@ LAYERS: list[set[str]] = [
     {"sidecar.reloads"},
     {"sidecar.decision", "sidecar.scheduling"},
     {"sidecar.service", "sidecar.config", "sidecar.dbtools", "sidecar.gate"},
+    {"sidecar.replay"},
     {"sidecar.integration"},
     {
         "sidecar.api",
