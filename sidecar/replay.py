@@ -28,7 +28,7 @@ import os
 import pickle
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Final, TextIO
@@ -37,6 +37,7 @@ from sidecar.conditions import ConditionCompiler
 from sidecar.engine import Evaluation, evaluate_ruleset
 from sidecar.errors import InputError
 from sidecar.gate import Gate, Report, examine
+from sidecar.jsoncodec import loads
 from sidecar.model import RuleSet
 
 __all__ = [
@@ -51,18 +52,15 @@ __all__ = [
     "write_markdown",
 ]
 
-try:
-    import orjson
-
-    _loads: Callable[[bytes], Any] = orjson.loads
-except ImportError:  # orjson is optional (the `speed` extra)
-    _loads = json.loads
-
 BLOCK_BYTES: Final = 1 << 20
 """How much of the inputs file one worker task takes (cut at a line end): about 1,500
 decision-log lines, a tenth of a second of work, so both cores stay busy to the end."""
 
 _GZIP_MAGIC: Final = b"\x1f\x8b"
+MAX_LINE_BYTES: Final = 8 * 1024 * 1024
+"""A line longer than this is refused (a decision-log line holds an input of at most 1 MiB
+of characters, 6 MiB with every one escaped): a file with no line end, /dev/zero or a
+gzip bomb, is not read into memory whole."""
 _MAX_WORKERS: Final = 8
 _LISTED: Final = 10  # line numbers kept of invalid and not comparable lines
 _CELL: Final = 120  # characters of a value shown in a Markdown table
@@ -257,11 +255,11 @@ class _Replayer:
 def _parse(raw: bytes) -> dict[str, Any] | None:
     """The line's object, or None when it is not a JSON object."""
     try:
-        value = _loads(raw)
+        value = loads(raw)
     except ValueError:
         try:  # orjson refuses integers past 64 bits, which the json module reads
             value = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep for it
             return None
     return value if isinstance(value, dict) else None
 
@@ -295,8 +293,7 @@ def _open(path: str) -> BinaryIO:
         return gzip.GzipFile(fileobj=stdin) if stdin.peek(2)[:2] == _GZIP_MAGIC else stdin  # type: ignore[return-value]
     raw = open(path, "rb")  # noqa: SIM115 (closed by the caller)
     try:
-        magic = raw.read(2)
-        raw.seek(0)
+        magic = raw.peek(2)[:2]  # not read: a FIFO or <(...) cannot seek back
     except OSError:
         raw.close()
         raise
@@ -316,6 +313,8 @@ def _blocks(stream: BinaryIO, size: int) -> Iterator[tuple[int, bytes]]:
         data = rest + data
         cut = data.rfind(b"\n")
         if cut < 0:
+            if len(data) > MAX_LINE_BYTES:
+                raise ReplayError(f"line {line} is longer than {MAX_LINE_BYTES} bytes")
             rest = data
             continue
         block, rest = data[: cut + 1], data[cut + 1 :]
@@ -326,14 +325,20 @@ def _blocks(stream: BinaryIO, size: int) -> Iterator[tuple[int, bytes]]:
 
 
 def _ruleset_of(blocks: Iterator[tuple[int, bytes]], held: list[tuple[int, bytes]]) -> str | None:
-    """The `ruleset_id` of the first line that has one beside its `input` (a decision-log
-    line); the blocks read to find it are kept in `held`, to be evaluated like the rest."""
+    """The `ruleset_id` of the first decision-log line (one beside its `input`) within the
+    first `MAX_LINE_BYTES` of the file; the blocks read to find it are kept in `held`, to
+    be evaluated like the rest. Looking no further keeps a file of plain inputs from
+    being held whole."""
+    kept = 0
     for block in blocks:
         held.append(block)
         for raw in block[1].split(b"\n"):
             line = _parse(raw) if raw.strip() else None
             if line is not None and "input" in line and isinstance(line.get("ruleset_id"), str):
                 return str(line["ruleset_id"])
+        kept += len(block[1])
+        if kept >= MAX_LINE_BYTES:
+            break
     return None
 
 
@@ -653,7 +658,7 @@ def _count(value: int | None) -> str:
 def _table(out: TextIO, title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     if not rows:
         return
-    cells = [list(map(str, header)), *([str(cell) for cell in row] for row in rows)]
+    cells = [list(map(str, header)), *([_plain(str(cell)) for cell in row] for row in rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     print(f"\n{title}:", file=out)
     for row in cells:
@@ -663,10 +668,17 @@ def _table(out: TextIO, title: str, header: Sequence[str], rows: Sequence[Sequen
         )
 
 
+def _plain(text: str) -> str:
+    """Text from a log as it can be shown on a terminal or in a CI log: control
+    characters escaped (a newline could start a line of its own there: a CI runner's
+    workflow command, an escape sequence)."""
+    return text if text.isprintable() else json.dumps(text, ensure_ascii=False)[1:-1]
+
+
 def _code(value: Any) -> str:
     """A table cell's text as code, clipped: nothing in a decision or a logged id can
     format or mention anything in a pull-request comment, nor make it too long to post."""
-    text = " ".join(str(value).split())
+    text = _plain(" ".join(str(value).split()))
     if len(text) > _CELL:
         text = text[: _CELL - 1] + "…"
     text = text.replace("`", "'").replace("|", "\\|")

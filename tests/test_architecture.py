@@ -23,6 +23,7 @@ LAYERS: list[set[str]] = [
         "sidecar.client",
         "sidecar.celwire",
         "sidecar.pointers",
+        "sidecar.jsoncodec",
     },
     {"sidecar.cost"},
     {"sidecar.fastpath"},

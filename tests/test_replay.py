@@ -6,9 +6,11 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import random
 import re
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -491,3 +493,67 @@ def test_the_example_ci_replay_step(tmp_path: Path):
     assert "#### rule-sidecar replay: `payment-fraud`" in markdown
     assert "**50 of 100 decisions change (50.0%) against the baseline" in markdown
     assert "| `deny` | **`review`** | 50 |" in markdown
+
+
+class TestHostileInputs:
+    """What the second outside attack found: a gate fed a file built to hurt."""
+
+    def test_a_line_without_an_end_is_refused_not_held(self, sides, tmp_path: Path):
+        """A gzip bomb of zeros (1 GiB in 1 MiB of gzip) has no line end: refused as a
+        usage error past 8 MiB, instead of growing to 1 GB of memory for minutes."""
+        baseline, candidate = sides
+        bomb = tmp_path / "bomb.gz"
+        with gzip.open(bomb, "wb", compresslevel=1) as out:
+            for _ in range(64):
+                out.write(b"\0" * (1 << 20))
+        result = run_process(
+            "replay", "--candidate", str(candidate), "--baseline", str(baseline),
+            "--inputs", str(bomb), "--ruleset", "fraud",
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        assert "line 1 is longer than 8388608 bytes" in result.stderr
+
+    def test_a_line_nested_past_the_parser_is_invalid_not_a_crash(self, sides, tmp_path: Path):
+        baseline, candidate = sides
+        deep = '{"input": {"amount": 600}, "x": ' + "[" * 3000 + "]" * 3000 + "}"
+        lines = [deep, json.dumps({"input": {"amount": 5000, "country": "FR"}})]
+        inputs = write_lines(tmp_path / "deep.jsonl", lines)
+        code, output = run(
+            "replay", "--candidate", str(candidate), "--baseline", str(baseline),
+            "--inputs", str(inputs), "--format", "json",
+        )  # fmt: skip
+        assert code == 0, output
+        data = json.loads(output)
+        assert (data["inputs"], data["invalid"], data["invalid_lines"]) == (1, 1, [1])
+
+    def test_a_fifo_is_read(self, sides, tmp_path: Path):
+        baseline, candidate = sides
+        fifo = tmp_path / "inputs.fifo"
+        os.mkfifo(fifo)
+        text = "".join(f"{line}\n" for line in CRAFTED)
+        writer = threading.Thread(target=fifo.write_text, args=(text,))
+        writer.start()
+        result = run_process(
+            "replay", "--candidate", str(candidate), "--baseline", str(baseline),
+            "--inputs", str(fifo), "--format", "json", "--ruleset", "fraud",
+        )  # fmt: skip
+        writer.join(timeout=10)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["inputs"] > 0
+
+    def test_the_human_form_escapes_what_a_log_says(self, sides, tmp_path: Path):
+        """A logged decision or id with a newline could start a line of its own in a CI
+        log (`::error ...`, a workflow command); control characters are escaped."""
+        _, candidate = sides
+        line = logged_line(
+            {"amount": 5000, "country": "US"},
+            "allow\n::error file=x::PWNED\x1b[31m",
+            1,
+            decision_id="id\n::add-mask::x",
+        )
+        inputs = write_lines(tmp_path / "log.jsonl", [line])
+        code, output = run("replay", "--candidate", str(candidate), "--inputs", str(inputs))
+        assert code == 0, output
+        assert not any(text.startswith("::") for text in output.splitlines())
+        assert "\x1b" not in output
+        assert "allow\\n::error file=x::PWNED\\u001b[31m" in output

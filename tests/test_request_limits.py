@@ -264,6 +264,11 @@ class TestBatches:
             refused = await app.post(f"{url}?explain=true", status=413, json=body)
             assert refused["error"]["limit"] == "RULE_SIDECAR_MAX_RESPONSE_BYTES"
             assert "explanation would exceed 8388608 bytes" in refused["error"]["message"]
+        # A control character is one character and six bytes of JSON (the second attack:
+        # counting characters let a 48 MB answer past the 8 MiB limit).
+        escaped = {"a": "\u0001" * 10_000}  # 500 reads: 5 M characters, 30 MB of JSON
+        refused = await app.post(f"{url}?explain=true", status=413, json={"input": escaped})
+        assert refused["error"]["limit"] == "RULE_SIDECAR_MAX_RESPONSE_BYTES"
         plain = await app.post(url, json={"input": document})
         assert plain["total_points"] == 500
         small = await app.post(f"{url}?explain=true", json={"input": {"a": {"k": 1}}})

@@ -19,7 +19,6 @@ import base64
 import functools
 import hmac
 import ipaddress
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -56,25 +55,13 @@ from sidecar.config import DEFAULT_SETTINGS
 from sidecar.engine import Evaluation, evaluate_in_slices, evaluate_ruleset
 from sidecar.errors import InputError, NotFoundError
 from sidecar.explain import ExplanationTooLarge
+from sidecar.jsoncodec import dumpb, loads
 from sidecar.model import Rule, RuleSet
 from sidecar.registry import ChangeEvent, RuleRegistry, diff_snapshots
 from sidecar.service import HealthStatus, HotReloadService, ReloadRecord, ReloadStatus
 from sidecar.snapshot import Snapshot
 
 __all__ = ["AppState", "create_app", "create_observation_app"]
-
-try:
-    import orjson
-
-    _dumpb: Callable[[Any], bytes] = orjson.dumps
-    _loads: Callable[[bytes], Any] = orjson.loads
-except ImportError:  # orjson is optional (the `speed` extra)
-
-    def _dumpb(data: Any) -> bytes:
-        return json.dumps(data, separators=(",", ":")).encode()
-
-    _loads = json.loads
-
 
 logger = logging.getLogger("sidecar.api")
 
@@ -111,7 +98,7 @@ def json_response(
     data: Any, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
     return web.Response(
-        body=_dumpb(data),
+        body=dumpb(data),
         status=status,
         content_type="application/json",
         charset="utf-8",
@@ -354,7 +341,7 @@ async def _json_body(request: web.Request, *, required: bool = True) -> dict[str
         return {}
     raw = await _read_body(request)
     try:
-        body = _loads(raw)
+        body = loads(raw)
     except (ValueError, RecursionError) as exc:  # RecursionError: json nests too deep
         raise web.HTTPBadRequest(text=f"body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -414,7 +401,7 @@ async def _cached(
     if etag in given or "*" in given:
         return web.Response(status=304, headers={"ETag": etag})
     body = await state.renders.get(
-        snapshot.version, request.path_qs, len(snapshot.rules), lambda: _dumpb(data())
+        snapshot.version, request.path_qs, len(snapshot.rules), lambda: dumpb(data())
     )
     return web.Response(body=body, content_type="application/json", headers={"ETag": etag})
 
@@ -820,7 +807,7 @@ async def _render_batch(
     """The answer's JSON, built slice by slice within the time and size limits."""
     limits = state.limits
     deadline = started + limits.max_evaluation_seconds
-    head = _dumpb({"registry_version": snapshot.version, "revision": snapshot.revision})
+    head = dumpb({"registry_version": snapshot.version, "revision": snapshot.revision})
     parts = [head[:-1], b',"results":[']
     size = sum(map(len, parts)) + 2
     done = 0
@@ -849,7 +836,7 @@ async def _render_batch(
         async for part in slices:
             if done:
                 parts.append(b",")
-            parts.append(_dumpb(part)[1:-1])
+            parts.append(dumpb(part)[1:-1])
             size += len(parts[-1]) + 1
             done += len(part)
             if size > limits.max_response_bytes:

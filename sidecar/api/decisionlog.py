@@ -42,6 +42,7 @@ from prometheus_client import Counter
 
 from sidecar.config import Settings
 from sidecar.engine import Evaluation
+from sidecar.jsoncodec import dumpb
 from sidecar.pointers import Pointer, edited, parse_pointer, removal_order
 from sidecar.service import Health, HealthStatus
 
@@ -55,16 +56,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("sidecar.decisionlog")
-
-try:
-    import orjson
-
-    _dumpb: Callable[[Any], bytes] = orjson.dumps
-except ImportError:  # orjson is optional (the `speed` extra)
-
-    def _dumpb(data: Any) -> bytes:
-        return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
-
 
 DECISION_LOG_PROBLEM: Final = "decision_log"
 """The key of the decision log's problem among health's `watch_problems`."""
@@ -466,7 +457,7 @@ class DecisionLog:
         if challenger is not None:
             entry["challenger"] = challenger
         try:
-            return _dumpb(entry) + b"\n"
+            return dumpb(entry) + b"\n"
         except TypeError:  # orjson: an integer past 64 bits (the json module took it)
             return json.dumps(entry, separators=(",", ":")).encode() + b"\n"
 
