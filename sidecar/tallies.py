@@ -84,11 +84,12 @@ class _Span:
         positions = self.positions
         for rule in evaluation.matched:
             self.matches[positions[rule.id]] += 1
-        for rule in evaluation.shadow_matched:
-            self.matches[positions[rule.id]] += 1
-        for errors in (evaluation.errors, evaluation.shadow_errors):
-            self.errored += len(errors)
-            for error in errors:
+        if evaluation.shadow_matched:
+            for rule in evaluation.shadow_matched:
+                self.matches[positions[rule.id]] += 1
+        if evaluation.errors or evaluation.shadow_errors:
+            for error in (*evaluation.errors, *evaluation.shadow_errors):
+                self.errored += 1
                 self.errors[positions[error.rule_id]] += 1
         decision = evaluation.decision
         self.decisions[decision] = self.decisions.get(decision, 0) + 1

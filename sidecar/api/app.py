@@ -719,7 +719,9 @@ def _count(state: AppState, snapshot: Snapshot, ruleset: RuleSet, result: Evalua
     """Count the evaluation (and its challenger's) unless a publish replaced the ruleset
     meanwhile: its counts would be taken for the new content's."""
     serving = state.registry.current
-    if serving.rulesets.get(ruleset.id) is ruleset:
+    if serving is snapshot and result.challenger is None:  # nearly always: no lookups
+        state.metrics.tallies.count(ruleset, result)
+    elif serving.rulesets.get(ruleset.id) is ruleset:
         state.metrics.tallies.count(ruleset, result)
         challenger, challenged = snapshot.challengers.get(ruleset.id), result.challenger
         if (
