@@ -82,11 +82,7 @@ def _explain(args: argparse.Namespace, out: TextIO) -> int:
     if report.problems:
         write_human(report, sys.stderr, cases=False)
         return EXIT_INVALID
-    by_id = {ruleset.id: ruleset for ruleset in report.rulesets}
-    ruleset = by_id.get(args.ruleset)
-    if ruleset is None:
-        known = ", ".join(sorted(by_id)) or "none"
-        raise ValueError(f"no ruleset {args.ruleset!r} in these files (they hold: {known})")
+    ruleset = report.ruleset(args.ruleset, "these files")
     text = sys.stdin.read() if args.input == "-" else Path(args.input).read_text("utf-8")
     try:
         document = json.loads(text)

@@ -80,6 +80,15 @@ class Report:
         failing = [case_problem(by_id[case.ruleset_id], case) for case in self.failed_cases]
         return _sorted([*self.problems, *failing])
 
+    def ruleset(self, ruleset_id: str, where: str) -> RuleSet:
+        """The loaded ruleset of that id; ValueError (a usage error) naming the ids `where`
+        (e.g. "the candidate") holds."""
+        for ruleset in self.rulesets:
+            if ruleset.id == ruleset_id:
+                return ruleset
+        known = ", ".join(sorted(ruleset.id for ruleset in self.rulesets)) or "none"
+        raise ValueError(f"no ruleset {ruleset_id!r} in {where} (it holds: {known})")
+
     def revision(self) -> str | None:
         """The revision the sidecar would serve these rules as; None when invalid."""
         return Snapshot.build(self.rulesets).revision if self.valid else None

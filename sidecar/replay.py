@@ -78,14 +78,6 @@ class Rules:
     paths: tuple[str, ...]
     report: Report
 
-    def ruleset(self, ruleset_id: str, side: str) -> RuleSet:
-        by_id = {ruleset.id: ruleset for ruleset in self.report.rulesets}
-        found = by_id.get(ruleset_id)
-        if found is None:
-            known = ", ".join(sorted(by_id)) or "none"
-            raise ReplayError(f"no ruleset {ruleset_id!r} in the {side} (it holds: {known})")
-        return found
-
 
 def load_rules(paths: Sequence[str]) -> Rules:
     """Rule files loaded exactly as `rule-sidecar validate` loads them."""
@@ -490,8 +482,8 @@ def replay(
 ) -> Replay:
     """Evaluate every input of the file `inputs` ('-': standard input) against both sides.
 
-    Raises `ReplayError` for a usage error: a ruleset missing on a side, an inputs file
-    that cannot be read, or one with nothing to compare."""
+    Raises `ValueError` for a usage error: a ruleset missing on a side, or (a
+    `ReplayError`) an inputs file that cannot be read, or one with nothing to compare."""
     try:
         stream = _open(inputs)
     except OSError as exc:
@@ -504,8 +496,8 @@ def replay(
             chosen = _ruleset_of(blocks, held) or _only_ruleset(candidate)
         setup = _Setup(
             ruleset_id=chosen,
-            candidate=candidate.ruleset(chosen, "candidate"),
-            baseline=None if baseline is None else baseline.ruleset(chosen, "baseline"),
+            candidate=candidate.report.ruleset(chosen, "the candidate"),
+            baseline=None if baseline is None else baseline.report.ruleset(chosen, "the baseline"),
             examples=examples,
         )
         tally = _evaluate(setup, blocks, held)
