@@ -297,14 +297,15 @@ class DecisionLog:
         *,
         written: Counter,
         dropped: Counter,
-        mask: Sequence[str] = (),
-        hash: Sequence[str] = (),
-        salt: bytes = b"",
-        sample: float = 1.0,
-        max_bytes: int = 100 * 1024 * 1024,
-        keep: int = 5,
-        queue: int = 10_000,
+        mask: Sequence[str],
+        hash: Sequence[str],
+        salt: bytes,
+        sample: float,
+        max_bytes: int,
+        keep: int,
+        queue: int,
     ) -> None:
+        """The settings' values (`from_settings`): their defaults are `Settings`'."""
         self.target = target
         self._sink: _Sink = (
             _StreamSink() if target == "-" else _FileSink(Path(target), max_bytes, keep)
