@@ -40,7 +40,7 @@ import pickle
 import select
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import BrokenExecutor, Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -328,8 +328,7 @@ class Loader:
         problems = [problem for result in results.values() for problem in result.problems]
         rulesets = [ruleset for result in results.values() for ruleset in result.rulesets]
         with watch.stage(LoadStage.CHECKS):
-            problems.extend(_duplicate_problems(results.values()))
-            problems.extend(_challenger_problems(results.values()))
+            problems.extend(_registry_problems(list(results.values())))
         if problems:
             self._tell(watch.seconds)
             raise LoadError(sorted(problems, key=lambda p: (p.file, p.line, p.column)))
@@ -356,8 +355,7 @@ class Loader:
         results = self._load_changed(changed, run_checks=self.run_checks, watch=_Stopwatch())
         ordered = [results[name] for name in sources]
         problems = [problem for result in ordered for problem in result.problems]
-        problems.extend(_duplicate_problems(ordered))
-        problems.extend(_challenger_problems(ordered))
+        problems.extend(_registry_problems(ordered))
         return Examination(
             files=len(sources),
             rulesets=tuple(ruleset for result in ordered for ruleset in result.rulesets),
@@ -968,6 +966,11 @@ def _condition_problem(
         rule_id=rule_id,
         code=_condition_code(exc),
     )
+
+
+def _registry_problems(results: Sequence[_FileResult]) -> list[Problem]:
+    """What only the whole registry shows: ids used twice, challengers without a pair."""
+    return [*_duplicate_problems(results), *_challenger_problems(results)]
 
 
 def _challenger_problems(results: Iterable[_FileResult]) -> list[Problem]:
