@@ -27,7 +27,7 @@ from sidecar.rulefiles import SourceFile
 from sidecar.snapshot import Snapshot
 from sidecar.sources import RuleSource, in_daemon_thread
 
-__all__ = ["ReadMode", "SourceRead", "SourceSet", "SourceStatus", "in_daemon_thread", "reason"]
+__all__ = ["ReadMode", "SourceRead", "SourceSet", "SourceStatus", "reason"]
 
 logger = logging.getLogger("sidecar.service")
 
