@@ -12,7 +12,14 @@ from sidecar.engine import Evaluation, evaluate_ruleset
 from sidecar.errors import InputError, Problem, ProblemCode, excerpt
 from sidecar.model import Location, RuleSet, RuleTest, thaw
 
-__all__ = ["CaseResult", "authoring_problems", "case_problem", "ruleset_problems", "run_tests"]
+__all__ = [
+    "CaseResult",
+    "authoring_problems",
+    "case_problem",
+    "checked",
+    "ruleset_problems",
+    "run_tests",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -98,9 +105,16 @@ def case_problem(ruleset: RuleSet, case: CaseResult) -> Problem:
 
 def ruleset_problems(ruleset: RuleSet) -> list[Problem]:
     """Authoring mistakes and failing embedded tests, each located."""
+    return checked(ruleset)[0]
+
+
+def checked(ruleset: RuleSet) -> tuple[list[Problem], list[CaseResult]]:
+    """`ruleset_problems`, with every case's result: how many ran and passed is news
+    to whoever asked for the check (a candidate's validation says it)."""
     problems = authoring_problems(ruleset)
-    problems.extend(case_problem(ruleset, case) for case in run_tests(ruleset) if not case.passed)
-    return problems
+    cases = run_tests(ruleset)
+    problems.extend(case_problem(ruleset, case) for case in cases if not case.passed)
+    return problems, cases
 
 
 def authoring_problems(ruleset: RuleSet) -> list[Problem]:

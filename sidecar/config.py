@@ -326,6 +326,13 @@ class Settings:
         parse=_integer,
         check=_between(1, _MILLION),
     )
+    candidate_rate_per_minute: int = _setting(
+        30,
+        "RULE_SIDECAR_CANDIDATE_RATE_PER_MINUTE",
+        "validations of submitted rule documents per minute, per caller class",
+        parse=_integer,
+        check=_between(1, _MILLION),
+    )
     max_batch_items: int = _setting(
         1000,
         "RULE_SIDECAR_MAX_BATCH_ITEMS",

@@ -177,7 +177,8 @@ class LoadError(RuleSidecarError):
 
 
 class InputError(RuleSidecarError, ValueError):
-    """An evaluation input that CEL cannot take or that breaks a limit."""
+    """An evaluation input that CEL cannot take or that breaks a limit, or a request
+    body that is not what its endpoint takes (400, with the path of what is wrong)."""
 
     def __init__(self, message: str, *, path: str = "$") -> None:
         super().__init__(f"{path}: {message}")

@@ -30,6 +30,7 @@ would cost more than it saves.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -51,7 +52,7 @@ from typing import Any, Final, TypeVar
 import jsonschema
 import yaml
 
-from sidecar.checks import ruleset_problems
+from sidecar.checks import CaseResult, checked
 from sidecar.conditions import ConditionCompiler, ConditionError, ConditionSetError
 from sidecar.cost import RULESET_COST_LIMIT
 from sidecar.documents import Document, parse_file, unservable_number
@@ -75,6 +76,7 @@ from sidecar.snapshot import Snapshot
 __all__ = [
     "DEFAULT_OFFLOAD_BYTES",
     "LOAD_STAGES",
+    "CandidateExamination",
     "Examination",
     "LoadResult",
     "LoadStage",
@@ -167,6 +169,27 @@ class Examination:
     problems: tuple[Problem, ...]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CandidateExamination:
+    """Candidate files checked as part of the registry of the last load (see
+    `Loader.examine_candidate`).
+
+    `problems`: every problem of that registry, the candidate's own and those it causes
+    across files included. `rulesets`: the candidate's rulesets that loaded, for
+    comparing with what serves; they are not bound to the serving compiler, so they are
+    never evaluated. `replaced`: the ruleset ids the candidate declares. `cases_run` and
+    `cases_passed` count the candidate's embedded test cases (none run without checks).
+    `revision`: what the registry would be served as, when there is no problem.
+    """
+
+    problems: tuple[Problem, ...]
+    rulesets: tuple[RuleSet, ...]
+    replaced: frozenset[str]
+    cases_run: int
+    cases_passed: int
+    revision: str | None
+
+
 @dataclass(frozen=True, slots=True)
 class _Declared:
     """The ids a document declares and where, checked for duplicates across files even
@@ -209,6 +232,18 @@ class _FileResult:
     rulesets: tuple[RuleSet, ...]
     problems: tuple[Problem, ...]
     declared: tuple[_Declared, ...] = ()
+    cases: tuple[int, int] = (0, 0)  # embedded test cases run, passed
+
+    def without(self, replaced: frozenset[str]) -> _FileResult:
+        """This file with the rulesets of those ids (and their problems) taken out."""
+        if not replaced:
+            return self
+        return dataclasses.replace(
+            self,
+            rulesets=tuple(r for r in self.rulesets if r.id not in replaced),
+            problems=tuple(p for p in self.problems if p.ruleset_id not in replaced),
+            declared=tuple(d for d in self.declared if d.ruleset_id not in replaced),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +254,7 @@ class _Shipped:
     rulesets: tuple[bytes, ...]
     problems: tuple[Problem, ...]
     declared: tuple[_Declared, ...]
+    cases: tuple[int, int]
 
 
 class Loader:
@@ -251,6 +287,11 @@ class Loader:
         self.new_executor = new_executor
         self.offload_bytes = offload_bytes
         self._files: dict[str, _FileResult] = {}
+        # The per-file results of the last load, kept through `forget` (they stand for
+        # what serves until the next load) and never changed in place: a candidate check
+        # in another thread reads this one reference, a consistent whole (see
+        # `examine_candidate`).
+        self._base: Mapping[str, _FileResult] = {}
         self._files_checked = run_checks
         # The SourceFile objects of the last load: a source that hands the same object
         # again (the database source does, for unchanged rulesets) is not even hashed.
@@ -324,6 +365,7 @@ class Loader:
         # which file happened to change.
         results = {name: known[name] for name in order}
         self._files = results
+        self._base = results
         self._last = None
         problems = [problem for result in results.values() for problem in result.problems]
         rulesets = [ruleset for result in results.values() for ruleset in result.rulesets]
@@ -362,9 +404,72 @@ class Loader:
             problems=tuple(sorted(problems, key=lambda p: (p.file, p.line, p.column))),
         )
 
+    def examine_candidate(self, files: Sequence[SourceFile]) -> CandidateExamination:
+        """Check `files` as part of the registry of the last load: every ruleset they
+        declare replaces the ruleset of that id, whichever file (or source) held it, and
+        only that document of a file of several; the rest of the registry is the last
+        load's files as they were (their problems too: a reload would report them).
+
+        The registry-wide checks (ids used twice, challengers) run over the whole, with
+        the candidate's files last, so that a clash is reported in the candidate. The
+        candidate's files are loaded as a reload's large changes are, in the worker
+        process when there is one (whatever their size: they come from a request), else
+        in the calling thread, with a compiler of their own either way.
+
+        Safe beside a running `load` (in another thread): it reads the last load's results
+        through one reference and changes nothing a load remembers, so it sees the
+        registry before or after that load, never a mixture, and no candidate file is
+        ever taken for a source's. The worker process is shared with reloads: callers
+        check one candidate at a time (the service does).
+        """
+        base = self._base
+        shipped = self._examine_elsewhere(files)
+        candidate = [
+            _FileResult(
+                item.digest,
+                tuple(map(pickle.loads, item.rulesets)),
+                item.problems,
+                item.declared,
+                item.cases,
+            )
+            for item in shipped
+        ]
+        replaced = frozenset(d.ruleset_id for result in candidate for d in result.declared)
+        results = [*(result.without(replaced) for result in base.values()), *candidate]
+        problems = [problem for result in results for problem in result.problems]
+        problems.extend(_registry_problems(results))
+        revision = None
+        if not problems:
+            revision = Snapshot.build(r for result in results for r in result.rulesets).revision
+        return CandidateExamination(
+            problems=tuple(sorted(problems, key=lambda p: (p.file, p.line, p.column))),
+            rulesets=tuple(ruleset for result in candidate for ruleset in result.rulesets),
+            replaced=replaced,
+            cases_run=sum(result.cases[0] for result in candidate),
+            cases_passed=sum(result.cases[1] for result in candidate),
+            revision=revision,
+        )
+
+    def _examine_elsewhere(self, files: Sequence[SourceFile]) -> tuple[_Shipped, ...]:
+        """The candidate's files loaded in the worker process, or here when there is none
+        or it failed (a broken worker is replaced by the next reload, not here: that
+        would race with a reload's use of it)."""
+        executor = self.executor
+        if executor is not None:
+            niceness = os.nice(0) + WORKER_NICENESS if self._succeeded else None
+            try:
+                future = executor.submit(
+                    _examine_in_worker, files, self.run_checks, self.file_limits, niceness
+                )
+                return self._answer(future)
+            except Exception:
+                self._stop_if_closed()
+                logger.exception("the reload worker failed a candidate; checking it in-process")
+        return _examine_in_worker(files, self.run_checks, self.file_limits, None)
+
     def forget(self) -> None:
         """Drop every remembered file so the next load re-reads everything."""
-        self._files.clear()
+        self._files = {}  # a new dict: the one `_base` may share is never changed
         self._sources.clear()
         self._last = None
 
@@ -503,7 +608,7 @@ class Loader:
                 for ruleset in rulesets:
                     ruleset.plan.conditions.bind(self.compiler)
                 results[source.name] = _FileResult(
-                    shipped.digest, rulesets, shipped.problems, shipped.declared
+                    shipped.digest, rulesets, shipped.problems, shipped.declared, shipped.cases
                 )
         for _, seconds in answers:
             watch.add(seconds)
@@ -516,37 +621,42 @@ class Loader:
             documents, problems = parse_file(source, self.file_limits)
         rulesets: list[RuleSet] = []
         declared: list[_Declared] = []
+        run = passed = 0
         for document in documents:
-            ruleset, document_problems = self._load_document(
+            ruleset, document_problems, cases = self._load_document(
                 document, run_checks=run_checks, watch=watch
             )
+            run += len(cases)
+            passed += sum(case.passed for case in cases)
             problems.extend(document_problems)
             if ruleset is not None:
                 rulesets.append(ruleset)
             if not any(p.code.startswith("schema.") for p in document_problems):
                 with watch.stage(LoadStage.CHECKS):  # what the duplicate-id check reads
                     declared.append(_declared(document))
-        return _FileResult(digest, tuple(rulesets), tuple(problems), tuple(declared))
+        return _FileResult(digest, tuple(rulesets), tuple(problems), tuple(declared), (run, passed))
 
     def _load_document(
         self, document: Document, *, run_checks: bool, watch: _Stopwatch
-    ) -> tuple[RuleSet | None, list[Problem]]:
+    ) -> tuple[RuleSet | None, list[Problem], list[CaseResult]]:
+        """The document's ruleset or its problems, and its embedded test cases that ran."""
         with watch.stage(LoadStage.SCHEMA):
             problems = _schema_problems(document)
         if problems:
             with watch.stage(LoadStage.COMPILE):
                 beside = _conditions_beside(document, problems, self.compiler)
-            return None, problems + beside
+            return None, problems + beside, []
         with watch.stage(LoadStage.COMPILE):
             ruleset, problems = _build_ruleset(document, self.compiler)
         if ruleset is None or problems:
-            return None, problems
+            return None, problems, []
+        cases: list[CaseResult] = []
         if run_checks:
             with watch.stage(LoadStage.CHECKS):
-                problems = ruleset_problems(ruleset)
+                problems, cases = checked(ruleset)
             if problems:
-                return None, problems
-        return ruleset, []
+                return None, problems, cases
+        return ruleset, [], cases
 
 
 WORKER_NICENESS: Final = 10
@@ -637,7 +747,31 @@ def _load_file_in_worker(
         for ruleset in result.rulesets:
             _ = ruleset.digest
         rulesets = tuple(pickle.dumps(r, pickle.HIGHEST_PROTOCOL) for r in result.rulesets)
-    return _Shipped(result.digest, rulesets, result.problems, result.declared), watch.seconds
+    shipped = _Shipped(result.digest, rulesets, result.problems, result.declared, result.cases)
+    return shipped, watch.seconds
+
+
+def _examine_in_worker(
+    files: Sequence[SourceFile], run_checks: bool, file_limits: FileLimits, niceness: int | None
+) -> tuple[_Shipped, ...]:
+    """A candidate's files loaded as the worker loads a reload's (see
+    `_load_file_in_worker`), with one compiler of their own for them all. Also run
+    in-process, where there is no worker: either way the serving loader's compiler and
+    its cache never see a candidate's conditions."""
+    if niceness is not None:
+        _yield_to_serving(niceness)
+    loader = Loader(
+        compiler=ConditionCompiler(fast_path=False), run_checks=run_checks, file_limits=file_limits
+    )
+    shipped = []
+    for source in files:
+        digest = hashlib.sha256(source.content).hexdigest()
+        result = loader._load_file(source, digest, run_checks=run_checks, watch=_Stopwatch())
+        rulesets = tuple(pickle.dumps(r, pickle.HIGHEST_PROTOCOL) for r in result.rulesets)
+        shipped.append(
+            _Shipped(result.digest, rulesets, result.problems, result.declared, result.cases)
+        )
+    return tuple(shipped)
 
 
 def _declared(document: Document) -> _Declared:

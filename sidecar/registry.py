@@ -24,7 +24,7 @@ import contextlib
 import logging
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -39,7 +39,9 @@ __all__ = [
     "EventType",
     "RuleRegistry",
     "RuleRevision",
+    "RulesetChanges",
     "Subscriber",
+    "diff_rulesets",
     "diff_snapshots",
 ]
 
@@ -161,6 +163,58 @@ def diff_snapshots(old: Snapshot, new: Snapshot) -> list[ChangeEvent]:
             )
         )
     return events
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RulesetChanges:
+    """What rulesets given to replace or join `serving`'s would change, by id (sorted).
+
+    `changed` and `unchanged` compare content (`RuleSet.digest`: not where it is written).
+    `removed` is always empty: replacing rulesets by id can remove none, and the field
+    exists so that the answer has the shape of a full diff. The rule lists cover the
+    given rulesets: every rule of an added one is added; `rules_removed` are the rules a
+    changed ruleset no longer has.
+    """
+
+    added: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    rules_added: tuple[str, ...] = ()
+    rules_changed: tuple[str, ...] = ()
+    rules_removed: tuple[str, ...] = ()
+
+
+def diff_rulesets(serving: Snapshot, rulesets: Iterable[RuleSet]) -> RulesetChanges:
+    """How `rulesets`, each replacing the ruleset of its id (or joining), change `serving`."""
+    added: list[str] = []
+    changed: list[str] = []
+    unchanged: list[str] = []
+    rules_added: list[str] = []
+    rules_changed: list[str] = []
+    rules_removed: list[str] = []
+    for ruleset in rulesets:
+        previous = serving.rulesets.get(ruleset.id)
+        if previous is not None and previous.digest == ruleset.digest:
+            unchanged.append(ruleset.id)
+            continue
+        (changed if previous is not None else added).append(ruleset.id)
+        before = {rule.id: rule for rule in previous.rules} if previous is not None else {}
+        for rule in ruleset.rules:
+            if rule.id not in before:
+                rules_added.append(rule.id)
+            elif before[rule.id] != rule:
+                rules_changed.append(rule.id)
+        kept = {rule.id for rule in ruleset.rules}
+        rules_removed.extend(rule_id for rule_id in before if rule_id not in kept)
+    return RulesetChanges(
+        added=tuple(sorted(added)),
+        changed=tuple(sorted(changed)),
+        unchanged=tuple(sorted(unchanged)),
+        rules_added=tuple(sorted(rules_added)),
+        rules_changed=tuple(sorted(rules_changed)),
+        rules_removed=tuple(sorted(rules_removed)),
+    )
 
 
 class RuleRegistry:

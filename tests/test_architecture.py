@@ -58,6 +58,7 @@ LAYERS: list[set[str]] = [
         "sidecar.api.renders",
         "sidecar.api.views",
         "sidecar.api.decisionlog",
+        "sidecar.api.candidates",
     },
     {"sidecar.api.app"},
     {"sidecar.api.run"},

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from sidecar.api.candidates import YAML_TYPES, Candidate, json_candidate, yaml_candidate
 from sidecar.api.decisionlog import BatchRecorder, DecisionLog, with_problem
 from sidecar.api.limits import (
     RATE_SETTINGS,
@@ -43,6 +44,7 @@ from sidecar.api.metrics import CONTENT_TYPE_LATEST, Metrics
 from sidecar.api.renders import RenderCache
 from sidecar.api.ui import ui_routes
 from sidecar.api.views import (
+    candidate_view,
     health_view,
     history_view,
     reload_view,
@@ -57,8 +59,14 @@ from sidecar.errors import InputError, NotFoundError
 from sidecar.explain import ExplanationTooLarge
 from sidecar.jsoncodec import dumpb, loads
 from sidecar.model import Rule, RuleSet
-from sidecar.registry import ChangeEvent, RuleRegistry, diff_snapshots
-from sidecar.service import HealthStatus, HotReloadService, ReloadRecord, ReloadStatus
+from sidecar.registry import ChangeEvent, RuleRegistry, RulesetChanges, diff_snapshots
+from sidecar.service import (
+    CandidateCheck,
+    HealthStatus,
+    HotReloadService,
+    ReloadRecord,
+    ReloadStatus,
+)
 from sidecar.snapshot import Snapshot
 
 __all__ = ["AppState", "create_app", "create_observation_app"]
@@ -445,10 +453,48 @@ async def post_reload_ruleset(request: web.Request) -> web.Response:
 
 
 async def post_validate(request: web.Request) -> web.Response:
-    """Read-only, so open like the reads; rate-limited (its own budget, per caller class),
-    since it reads every source and waits for the reload lock."""
-    _limit_rate(request, Action.VALIDATE)
-    return json_response(validation_view(await _state(request).service.validate_reload()))
+    """Read-only, so open like the reads. Without a body (or with a JSON object without
+    `documents`): every source loaded as a reload would. With rule documents: those
+    checked as part of the registry (`HotReloadService.validate_candidate`). Each form
+    is rate-limited by a budget of its own, per caller class: the sources' validation
+    waits for the reload lock, a candidate's compiles what a caller sent."""
+    candidate = await _candidate(request)
+    if candidate is None:
+        _limit_rate(request, Action.VALIDATE)
+        return json_response(validation_view(await _state(request).service.validate_reload()))
+    _limit_rate(request, Action.CANDIDATE)
+    serving = _serving(request)  # 503 while the first load runs: no registry to join yet
+    if candidate.problems:
+        check = CandidateCheck(
+            problems=candidate.problems,
+            changes=RulesetChanges(),
+            cases_run=0,
+            cases_passed=0,
+            revision=None,
+            current_revision=serving.revision,
+        )
+    else:
+        check = await _state(request).service.validate_candidate(candidate.files)
+    return json_response(candidate_view(check))
+
+
+async def _candidate(request: web.Request) -> Candidate | None:
+    """The rule documents of a validate request, or None for the validation of the
+    sources; 415 for a body that is neither YAML nor JSON."""
+    if not request.can_read_body:
+        return None
+    content_type = request.content_type
+    if content_type not in YAML_TYPES and content_type != "application/json":
+        raise web.HTTPUnsupportedMediaType(
+            text=f"a body of {content_type} cannot be validated: send rule documents as "
+            'application/yaml, or as application/json {"documents": [...]}'
+        )
+    body = await _read_body(request)
+    if not body:
+        return None
+    if content_type in YAML_TYPES:
+        return yaml_candidate(body)
+    return json_candidate(body, _state(request).service.loader.file_limits)
 
 
 async def post_monitoring_start(request: web.Request) -> web.Response:

@@ -65,11 +65,13 @@ class Action(StrEnum):
 
     RELOAD = "reload"  # reload, reload of a rule or ruleset, rollback: they publish
     VALIDATE = "validate"  # reads every source, publishes nothing
+    CANDIDATE = "candidate"  # validates submitted documents (compiled), publishes nothing
 
 
 RATE_SETTINGS: dict[Action, str] = {
     Action.RELOAD: "reload_rate_per_minute",
     Action.VALIDATE: "validate_rate_per_minute",
+    Action.CANDIDATE: "candidate_rate_per_minute",
 }
 
 

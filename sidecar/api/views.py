@@ -15,13 +15,15 @@ from typing import Any, Literal, TypedDict
 
 from sidecar.reading import SourceStatus
 from sidecar.reloads import ReloadRecord
-from sidecar.service import Health, HotReloadService, Starting, Validation
+from sidecar.service import CandidateCheck, Health, HotReloadService, Starting, Validation
 
 __all__ = [
+    "CandidateView",
     "HealthView",
     "ReloadView",
     "StatusView",
     "ValidationView",
+    "candidate_view",
     "health_view",
     "history_view",
     "reload_view",
@@ -121,6 +123,35 @@ class ValidationView(TypedDict):
     total_rulesets: int | None
     invalid_rules: int
     errors: list[dict[str, Any]]
+    revision: str | None
+    current_revision: str
+
+
+class RuleChangesView(TypedDict):
+    added: list[str]
+    changed: list[str]
+    removed: list[str]
+
+
+class ChangesView(TypedDict):
+    added: list[str]
+    changed: list[str]
+    unchanged: list[str]
+    removed: list[str]
+    rules: RuleChangesView
+
+
+class CasesView(TypedDict):
+    run: int
+    passed: int
+    failed: int
+
+
+class CandidateView(TypedDict):
+    valid: bool
+    errors: list[dict[str, Any]]
+    changes: ChangesView
+    tests: CasesView
     revision: str | None
     current_revision: str
 
@@ -259,4 +290,32 @@ def validation_view(validation: Validation) -> ValidationView:
         "errors": [problem.to_rule_error() for problem in problems],
         "revision": candidate.revision if candidate else None,
         "current_revision": validation.current_revision,
+    }
+
+
+def candidate_view(check: CandidateCheck) -> CandidateView:
+    """Submitted documents checked as part of the registry: each problem located (the
+    `Problem` shape, code included), what they would change, their embedded tests."""
+    changes = check.changes
+    return {
+        "valid": check.valid,
+        "errors": [problem.to_dict() for problem in check.problems],
+        "changes": {
+            "added": list(changes.added),
+            "changed": list(changes.changed),
+            "unchanged": list(changes.unchanged),
+            "removed": list(changes.removed),
+            "rules": {
+                "added": list(changes.rules_added),
+                "changed": list(changes.rules_changed),
+                "removed": list(changes.rules_removed),
+            },
+        },
+        "tests": {
+            "run": check.cases_run,
+            "passed": check.cases_passed,
+            "failed": check.cases_run - check.cases_passed,
+        },
+        "revision": check.revision,
+        "current_revision": check.current_revision,
     }
