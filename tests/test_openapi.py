@@ -512,6 +512,20 @@ class TestHotReloadEndpoints:
         assert body["valid"] is True
         assert body["total_rules"] == 3
 
+    async def test_validate_a_candidate(self, api: Api) -> None:
+        """Rule documents as YAML and as JSON, valid and not, and bodies refused."""
+        text = "apiVersion: rule-sidecar/v1\nkind: RuleSet\nmetadata: {id: extra}\nspec:\n"
+        text += "  rules: [{id: e, condition: 'input.amount > 1', points: 1}]\n"
+        yaml_type = {"Content-Type": "application/yaml"}
+        body = await api.call("POST", f"{HOT}/validate", 200, data=text, headers=yaml_type)
+        assert (body["valid"], body["changes"]["added"]) == (True, ["extra"])
+        broken = {"documents": [text.replace("> 1", ">"), {"kind": "RuleSet"}]}
+        body = await api.call("POST", f"{HOT}/validate", 200, json=broken)
+        assert body["valid"] is False
+        await api.call("POST", f"{HOT}/validate", 400, json={"documents": [1]})
+        plain = {"Content-Type": "text/plain"}
+        await api.call("POST", f"{HOT}/validate", 415, data="x", headers=plain)
+
     async def test_monitoring(self, api: Api) -> None:
         """Monitoring start and stop, seen in the status."""
         assert (await api.call("POST", f"{HOT}/monitoring/start", 200))["monitoring_active"]
