@@ -69,6 +69,7 @@ __all__ = [
     "AnswerTooLarge",
     "AsyncRuleClient",
     "BatchEvaluation",
+    "CandidateValidation",
     "Evaluation",
     "Event",
     "Health",
@@ -189,6 +190,29 @@ class Status(TypedDict):
 class Validation(TypedDict):
     valid: bool
     errors: list[dict[str, Any]]
+
+
+class CandidateChanges(TypedDict):
+    added: list[str]
+    changed: list[str]
+    unchanged: list[str]
+    removed: list[str]
+    rules: dict[str, list[str]]
+
+
+class CandidateTests(TypedDict):
+    run: int
+    passed: int
+    failed: int
+
+
+class CandidateValidation(TypedDict):
+    valid: bool
+    errors: list[dict[str, Any]]
+    changes: CandidateChanges
+    tests: CandidateTests
+    revision: str | None
+    current_revision: str
 
 
 class ReloadRecord(TypedDict):
@@ -483,15 +507,20 @@ class AsyncRuleClient:
         *,
         admin: bool = False,
         answers: frozenset[int] = frozenset(),
+        yaml: str | None = None,
     ) -> Any:
         """The answer, checked against `shape`. `admin`: send the token. `answers`: error
         statuses whose body is the answer itself (a failed reload's record, an unhealthy
-        health report), not an error."""
+        health report), not an error. `yaml`: a YAML body, sent instead of `body`."""
         where = f"{method} {url.path}"
-        headers = self._admin if admin else None
+        headers = dict(self._admin) if admin else {}
+        data = None
+        if yaml is not None:
+            headers["Content-Type"] = "application/yaml"
+            data = yaml.encode("utf-8")
         try:
             async with self._client().request(
-                method, url, json=body, headers=headers, allow_redirects=False
+                method, url, json=body, data=data, headers=headers, allow_redirects=False
             ) as response:
                 raw = await self._read(response, where)
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -582,6 +611,24 @@ class AsyncRuleClient:
     async def validate_registry_rules(self) -> Validation:
         """Load every source as a reload would, without publishing: valid, errors."""
         result: Validation = await self._call("POST", self._url(*_HOT, "validate"), Validation)
+        return result
+
+    async def validate_candidate(self, documents: str | list[Any]) -> CandidateValidation:
+        """Check rule documents as part of the registry, publishing nothing: each ruleset
+        replaces the ruleset of its id (or joins the registry). `documents` is the text of
+        one rule file (sent as YAML), or a non-empty list of ruleset documents (dicts) or
+        texts of them (sent as JSON). Answers `valid`, every problem located in
+        `errors`, `changes` (rulesets and rules added, changed, removed) and `tests`
+        (embedded test cases run, passed, failed). Sent without the admin token, as every
+        validation is. An empty text is no body: the sources' validation would answer,
+        in another shape, so it is refused as a malformed answer."""
+        # Nothing here goes into the URL: what the documents hold is the sidecar's to
+        # judge (a list it cannot take is a 400, a `SidecarError`).
+        text = documents if isinstance(documents, str) else None
+        body = None if text is not None else {"documents": documents}
+        result: CandidateValidation = await self._call(
+            "POST", self._url(*_HOT, "validate"), CandidateValidation, body, yaml=text
+        )
         return result
 
     async def reload(self, *, force: bool = False, validate: bool = True) -> ReloadRecord:
@@ -751,6 +798,9 @@ class RuleClient:
 
     def validate_registry_rules(self) -> Validation:
         return self._run(self._async.validate_registry_rules())
+
+    def validate_candidate(self, documents: str | list[Any]) -> CandidateValidation:
+        return self._run(self._async.validate_candidate(documents))
 
     def reload(self, *, force: bool = False, validate: bool = True) -> ReloadRecord:
         return self._run(self._async.reload(force=force, validate=validate))

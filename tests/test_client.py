@@ -137,6 +137,23 @@ class TestAsyncClient:
         assert result["valid"] is False
         assert result["errors"][0]["rule_id"] == "large-amount"
 
+    async def test_validate_candidate(self, sidecar: Sidecar, client: AsyncRuleClient):
+        """A YAML text and a list of documents, valid and not; nothing published; a list
+        the sidecar cannot take is its 400."""
+        version = sidecar.version
+        result = await client.validate_candidate(dump_yaml(make_ruleset_doc("newcomer")))
+        assert (result["valid"], result["changes"]["added"]) == (True, ["newcomer"])
+        assert result["tests"] == {"run": 0, "passed": 0, "failed": 0}
+        broken = INVALID_RULES.replace("fraud", "other").replace("large-amount", "big")
+        result = await client.validate_candidate([make_ruleset_doc("a"), broken])
+        assert result["valid"] is False
+        [error] = result["errors"]
+        assert (error["file"], error["line"], error["code"]) == ("request#2.yaml", 7, "cel.compile")
+        assert sidecar.version == version
+        with pytest.raises(SidecarError) as refused:
+            await client.validate_candidate([])
+        assert refused.value.status == 400
+
     async def test_reload(self, sidecar: Sidecar, client: AsyncRuleClient):
         """reload: unchanged, forced, and a failure returned (not raised) with its errors."""
         assert (await client.reload())["status"] == "unchanged"
@@ -271,6 +288,8 @@ class TestSyncClient:
             assert (info["rule_count"], info["ruleset_count"]) == (3, 1)
             assert client.is_registry_fresh() is True
             assert client.validate_registry_rules()["valid"] is True
+            candidate = client.validate_candidate([make_ruleset_doc("fraud")])
+            assert candidate["changes"]["changed"] == ["fraud"]
             assert client.health()["status"] == "healthy"
 
     def test_reload(self, threaded_server: ThreadedSidecar):
