@@ -47,9 +47,18 @@ from sidecar.sources.dbschema import (
 )
 from sidecar.sources.files import read_rule_files
 
-__all__ = ["IMPORT_LOCK", "ImportResult", "export_documents", "import_files", "init"]
+__all__ = [
+    "IMPORT_LOCK",
+    "ImportResult",
+    "export_documents",
+    "import_files",
+    "init",
+    "require_schema",
+    "unstorable_in_postgresql",
+]
 
-# The PostgreSQL advisory lock every `db import` holds for its whole transaction
+# The PostgreSQL advisory lock every `db import` (and every write through the API,
+# `sidecar.writes`) holds for its whole transaction
 # ("ruleside" in ASCII: a key no other application is likely to pick).
 IMPORT_LOCK: Final = 0x72756C6573696465
 
@@ -81,11 +90,11 @@ def import_files(
     loader = Loader()  # one loader: the second load below does not re-check these files
     incoming = loader.load(files).snapshot
     if database.kind == "postgresql":
-        refused = [p for r in incoming.rulesets.values() for p in _unstorable_in_postgresql(r)]
+        refused = [p for r in incoming.rulesets.values() for p in unstorable_in_postgresql(r)]
         if refused:
             raise LoadError(refused)
     with _import_transaction(database, password_file) as connection:
-        _check_schema(connection, database)
+        require_schema(connection, database)
         kept = [
             SourceFile(ruleset_file(database.redacted, ruleset_id), json.dumps(document).encode())
             for ruleset_id, document in _stored_documents(
@@ -98,7 +107,7 @@ def import_files(
     return ImportResult(len(incoming.rulesets), len(incoming.rules))
 
 
-def _check_schema(connection: Any, database: DatabaseURL) -> None:
+def require_schema(connection: Any, database: DatabaseURL) -> None:
     """Rows are written only into tables of this sidecar's schema: written into older
     ones, they would say OK and then not load (`db init` upgrades them)."""
     version = stored_version(connection, database.kind)
@@ -111,7 +120,7 @@ def _check_schema(connection: Any, database: DatabaseURL) -> None:
     if version != SCHEMA_VERSION:
         message = (
             f"the database has {found}, and this sidecar writes version {SCHEMA_VERSION}: "
-            f"{fix} (nothing was imported)"
+            f"{fix} (nothing was written)"
         )
         problem = Problem(
             file=database.redacted, message=message, code=ProblemCode.DATABASE_REFUSES
@@ -141,7 +150,7 @@ def _import_transaction(database: DatabaseURL, password_file: Path | None) -> It
         yield connection
 
 
-def _unstorable_in_postgresql(ruleset: RuleSet) -> list[Problem]:
+def unstorable_in_postgresql(ruleset: RuleSet) -> list[Problem]:
     """Values PostgreSQL refuses (NUL, in text and in JSONB) or gives back changed into
     what no sidecar loads (a double of 2^64 or more, which JSONB returns as an integer
     beyond 64 bits), located at their ruleset, rule and field."""

@@ -467,6 +467,40 @@ class Loader:
                 logger.exception("the reload worker failed a candidate; checking it in-process")
         return _examine_in_worker(files, self.run_checks, self.file_limits, None)
 
+    def trial(self, files: Iterable[SourceFile]) -> LoadResult:
+        """What `load` would make of `files`, without touching what it remembers: a
+        candidate the caller may never publish (a write validated before it commits)
+        must not become the base the next reload is compared with. Files unchanged
+        since the last load reuse its results; the rest are loaded (large ones in the
+        worker). Raises `LoadError` like `load`; call it where `load` could be called
+        (one at a time)."""
+        watch = _Stopwatch()
+        reusable = self._files if self._files_checked == self.run_checks else {}
+        known: dict[str, _FileResult] = {}
+        changed: list[tuple[SourceFile, str]] = []
+        order: list[str] = []
+        for source in files:
+            order.append(source.name)
+            digest = hashlib.sha256(source.content).hexdigest()
+            cached = reusable.get(source.name)
+            if cached is not None and cached.digest == digest:
+                known[source.name] = cached
+            else:
+                changed.append((source, digest))
+        known.update(self._load_changed(changed, run_checks=self.run_checks, watch=watch))
+        ordered = [known[name] for name in order]
+        problems = [problem for result in ordered for problem in result.problems]
+        problems.extend(_registry_problems(ordered))
+        if problems:
+            raise LoadError(sorted(problems, key=lambda p: (p.file, p.line, p.column)))
+        snapshot = Snapshot.build([ruleset for result in ordered for ruleset in result.rulesets])
+        return LoadResult(
+            snapshot=snapshot,
+            files=len(ordered),
+            files_parsed=len(changed),
+            timings=watch.timings(),
+        )
+
     def forget(self) -> None:
         """Drop every remembered file so the next load re-reads everything."""
         self._files = {}  # a new dict: the one `_base` may share is never changed

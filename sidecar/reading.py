@@ -131,6 +131,9 @@ class SourceSet(Sequence[RuleSource]):
         self.statuses = {source.name: SourceStatus(source.name) for source in self._sources}
         # Why a watch is down because the source's own code raised (by source name).
         self._watch_failures: dict[str, str] = {}
+        # What each source gave at its last successful read (a write validates its
+        # result with the other sources' files as they were last read).
+        self._last_files: dict[str, tuple[SourceFile, ...]] = {}
         # One read at a time, also when the reload that started one was cancelled
         # (monitoring stopped, shutdown) while its thread still reads.
         self._reading = threading.Lock()
@@ -190,9 +193,31 @@ class SourceSet(Sequence[RuleSource]):
                 status.last_successful_read = datetime.now(UTC)
                 status.files = len(source_files)
                 status.set_error(None)
+                self._last_files[source.name] = tuple(source_files)
                 files.extend(source_files)
                 owners.update((file.name, source.name) for file in source_files)
         return SourceRead(tuple(files), tuple(problems), owners)
+
+    def files_of(self, name: str) -> tuple[SourceFile, ...]:
+        """The files source `name` gave at its last successful read."""
+        return self._last_files.get(name, ())
+
+    def last_read(self, replacing: str, files: Sequence[SourceFile]) -> SourceRead:
+        """Every source as last read, but `replacing`, which gives `files`: the files of
+        each one's last successful read, and the problems of those whose last read
+        failed (read again, they would fail again)."""
+        found: list[SourceFile] = []
+        problems: list[Problem] = []
+        owners: dict[str, str] = {}
+        for source in self._sources:
+            if source.name == replacing:
+                given = tuple(files)
+            else:
+                problems.extend(self.statuses[source.name].errors)
+                given = self._last_files.get(source.name, ())
+            found.extend(given)
+            owners.update((file.name, source.name) for file in given)
+        return SourceRead(tuple(found), tuple(problems), owners)
 
     def rulesets_per_source(self, snapshot: Snapshot | None, read: SourceRead) -> dict[str, int]:
         """How many of `snapshot`'s rulesets each source gave in `read`."""

@@ -45,6 +45,8 @@ class Trigger(StrEnum):
     # The periodic verification: every source forgotten and read in full, compared with
     # what its ordinary (cached, fingerprinted) read gave.
     VERIFY = "verify"
+    # A write through the API (`sidecar.writes`), published by the sidecar that made it.
+    WRITE = "write"
 
 
 Triggers = frozenset[Trigger]

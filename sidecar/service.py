@@ -19,10 +19,11 @@ watch problem naming the source, never a crash.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
@@ -47,11 +48,12 @@ from sidecar.reloads import (
 from sidecar.rulefiles import SourceFile
 from sidecar.scheduling import Scheduler
 from sidecar.snapshot import Snapshot
-from sidecar.sources import RuleSource
+from sidecar.sources import RowVersioned, RuleSource
 from sidecar.state import StateError, StateStore
 
 __all__ = [
     "CandidateCheck",
+    "Exclusive",
     "Health",
     "HealthChecks",
     "HealthStatus",
@@ -134,6 +136,26 @@ class CandidateCheck:
 
 
 @dataclass(frozen=True, slots=True)
+class Exclusive:
+    """The reload lock, held (`HotReloadService.exclusively`): no reload runs until the
+    holder leaves, so what it checks is judged against what serves, and what it then
+    publishes is its own change. The seam of a write: check, commit, publish."""
+
+    _service: HotReloadService
+
+    async def check(self, source: str, files: Sequence[SourceFile]) -> Validation:
+        """Would the registry load, as a reload would load it, were `source`'s files
+        these (every other source as last read)? Nothing is published or remembered."""
+        return await self._service._trial(source, files)
+
+    async def publish(self, filtered_by: Filter) -> ReloadRecord:
+        """Reload now (trigger `write`): what the sources hold is read, and published
+        when it is valid and new, like any reload; `filtered_by` says what was written."""
+        request = _Request(frozenset({Trigger.WRITE}), filtered_by=filtered_by)
+        return await self._service._reload(request)
+
+
+@dataclass(frozen=True, slots=True)
 class _Request:
     """One reload asked for: why, how the sources are read, and what it may skip."""
 
@@ -199,6 +221,9 @@ class HotReloadService:
         # The revision the sources held when a rollback went away from it; while they
         # still hold it, background reloads keep the rollback. None: no rollback holds.
         self._rolled_back_from: str | None = None
+        # The row versions of the snapshot they describe: set when what serves is known
+        # to be what the sources hold, so a version never names content that does not serve.
+        self._row_versions: tuple[Snapshot, Mapping[str, int]] | None = None
 
     # Lifecycle
 
@@ -341,6 +366,42 @@ class HotReloadService:
             revision=None if problems else examination.revision,
             current_revision=serving.revision,
         )
+
+    @contextlib.asynccontextmanager
+    async def exclusively(self) -> AsyncIterator[Exclusive]:
+        """Hold the reload lock (see `Exclusive`); a reload asked for meanwhile waits."""
+        async with self._lock:
+            yield Exclusive(self)
+
+    async def _trial(self, source: str, files: Sequence[SourceFile]) -> Validation:
+        read = self.sources.last_read(source, files)
+        serving = self.registry.current
+        candidate: Snapshot | None = None
+        problems = list(read.problems)
+        if not problems:
+            try:
+                candidate = (await asyncio.to_thread(self.loader.trial, read.files)).snapshot
+            except LoadError as exc:
+                problems = list(exc.problems)
+        counts = self.sources.rulesets_per_source(candidate, read)
+        attempt = Attempt(
+            triggers=frozenset({Trigger.WRITE}),
+            serving=serving,
+            candidate=candidate,
+            problems=tuple(problems),
+            emptied=tuple(
+                name for name, count in counts.items() if not count and self._held.get(name)
+            ),
+        )
+        refused = () if self.allow_empty or problems else refusal(attempt)
+        return Validation(tuple(problems) or refused, candidate, serving.revision)
+
+    def row_version(self, snapshot: Snapshot, ruleset_id: str) -> int | None:
+        """The row version of `snapshot`'s ruleset in its database, when the snapshot
+        serves what the sources last read (not after a rollback, nor from the state dir)."""
+        if self._row_versions is None or self._row_versions[0] is not snapshot:
+            return None
+        return self._row_versions[1].get(ruleset_id)
 
     async def rollback(self, version: int | None = None) -> ReloadRecord:
         """Publish an earlier snapshot again (as a new version); raises NotFoundError.
@@ -548,8 +609,10 @@ class HotReloadService:
         if self._save_pending(verdict, attempt):
             await self._save_state(before)  # the last save failed: try again
         if verdict in (Verdict.QUIET, Verdict.REPEATED):
+            self._note_row_versions(verdict)
             return self._unrecorded(before, request.triggers)
         outcome = await self._carry_out(verdict, attempt, result, request.filtered_by)
+        self._note_row_versions(verdict)
         if outcome.status is ReloadStatus.FAILED:
             self._scheduler.failed()
         return self.log.record(outcome, elapsed_ms=_elapsed_ms(started))
@@ -629,6 +692,17 @@ class HotReloadService:
             errors=failure.errors,
         )
         self.log.record(outcome, elapsed_ms=_elapsed_ms(started))
+
+    def _note_row_versions(self, verdict: Verdict) -> None:
+        """After a reload: the sources' row versions describe what serves now, when it
+        is what they hold."""
+        if not confirms(verdict) or self._rolled_back_from or self._serving_from_state:
+            return
+        versions: dict[str, int] = {}
+        for source in self.sources:
+            if isinstance(source, RowVersioned):
+                versions.update(source.row_versions())
+        self._row_versions = (self.registry.current, versions)
 
     def _save_pending(self, verdict: Verdict, attempt: Attempt) -> bool:
         """The copy's last save failed, and what serves is what the sources hold."""

@@ -47,6 +47,7 @@ LAYERS: list[set[str]] = [
     {"sidecar.reloads"},
     {"sidecar.decision", "sidecar.scheduling"},
     {"sidecar.service", "sidecar.config", "sidecar.dbtools", "sidecar.gate"},
+    {"sidecar.writes"},
     {"sidecar.replay"},
     {"sidecar.integration"},
     {

@@ -21,7 +21,7 @@ import hmac
 import ipaddress
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -60,6 +60,7 @@ from sidecar.explain import ExplanationTooLarge
 from sidecar.jsoncodec import dumpb, loads
 from sidecar.model import Rule, RuleSet
 from sidecar.registry import ChangeEvent, RuleRegistry, RulesetChanges, diff_snapshots
+from sidecar.rulefiles import SourceFile
 from sidecar.service import (
     CandidateCheck,
     HealthStatus,
@@ -68,6 +69,15 @@ from sidecar.service import (
     ReloadStatus,
 )
 from sidecar.snapshot import Snapshot
+from sidecar.writes import (
+    Precondition,
+    PreconditionFailed,
+    RuleWriter,
+    WriteFailed,
+    WriteRefused,
+    Written,
+    actor_problem,
+)
 
 __all__ = ["AppState", "create_app", "create_observation_app"]
 
@@ -95,6 +105,7 @@ class AppState:
     batches: BatchTurns = field(default_factory=BatchTurns)
     renders: RenderCache = field(default_factory=RenderCache)
     decisions: DecisionLog | None = None  # the decision log, when it is on
+    writer: RuleWriter | None = None  # writes through the API, with a database source
     # The tasks handling a request now: shutdown gives them a while, then cancels them.
     handling: set[asyncio.Task[Any]] = field(default_factory=set)
 
@@ -713,8 +724,164 @@ async def get_rulesets(request: web.Request) -> web.Response:
 
 
 async def get_ruleset(request: web.Request) -> web.Response:
+    """A ruleset stored in the database also carries its `row_version`, and as its ETag
+    (what `If-Match` of a write names), while what serves is what the database holds."""
     snapshot = _serving(request)
-    return await _cached(request, snapshot, _find(snapshot.rulesets, "ruleset", request).to_dict)
+    ruleset = _find(snapshot.rulesets, "ruleset", request)
+    version = _state(request).service.row_version(snapshot, ruleset.id)
+    if version is None:
+        return await _cached(request, snapshot, ruleset.to_dict)
+    etag = f'"{version}"'
+    if etag in _tags(request.headers.get("If-None-Match", "")):
+        return web.Response(status=304, headers={"ETag": etag})
+    return json_response({**ruleset.to_dict(), "row_version": version}, headers={"ETag": etag})
+
+
+# Writes (the database source)
+
+_YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml"})
+_WRITE_REFUSED = "the write would leave rules that do not load: nothing was written"
+
+
+def _tags(header: str) -> set[str]:
+    return {tag.strip().removeprefix("W/") for tag in header.split(",") if tag.strip()}
+
+
+def _writer(request: web.Request, allow: Sequence[str]) -> RuleWriter:
+    """The writer, once the caller may write: 405 without a database source, 403
+    without an admin token configured, 401 without the token, 429 past the budget."""
+    state = _state(request)
+    if state.writer is None:
+        raise web.HTTPMethodNotAllowed(
+            request.method,
+            allow,
+            text="writes need a database source (--database-url): this sidecar has none",
+        )
+    if state.admin_token is None:
+        raise web.HTTPForbidden(
+            text="writes need an admin token (--admin-token-file): a write API open to"
+            " anything in the pod is not a default this sidecar ships"
+        )
+    _require_admin(request)
+    _limit_rate(request, Action.RELOAD)
+    return state.writer
+
+
+def _actor(request: web.Request) -> str | None:
+    actor = request.headers.get("X-Actor")
+    if actor is not None and (problem := actor_problem(actor)) is not None:
+        raise web.HTTPBadRequest(text=problem)
+    return actor
+
+
+def _precondition(request: web.Request, *, create: bool, required: bool) -> Precondition | None:
+    """`If-Match: "<row_version>"`, or (`create`) `If-None-Match: *`; 428 when
+    `required` and neither is given, 400 when one cannot be read."""
+    match, none_match = request.headers.get("If-Match"), request.headers.get("If-None-Match")
+    if match is not None and none_match is not None:
+        raise web.HTTPBadRequest(text="give one of If-Match and If-None-Match, not both")
+    if none_match is not None:
+        if not create or none_match.strip() != "*":
+            raise web.HTTPBadRequest(text="If-None-Match must be * (create only)")
+        return Precondition(None)
+    if match is None:
+        if required:
+            raise web.HTTPPreconditionRequired(
+                text='a write needs If-Match: "<row_version>" (the ETag of the ruleset read)'
+                + (", or If-None-Match: * to create it" if create else "")
+            )
+        return None
+    tag = match.strip()
+    version = tag[1:-1] if len(tag) > 2 and tag[0] == tag[-1] == '"' else ""
+    if not (version.isascii() and version.isdigit() and len(version) <= 19):
+        raise web.HTTPBadRequest(text='If-Match must be one row version, e.g. If-Match: "3"')
+    return Precondition(int(version))
+
+
+async def _write_body(request: web.Request) -> SourceFile:
+    """The one ruleset document a PUT carries, as the file the loader checks: YAML or
+    JSON text as sent (problems at its line and column), or `{"documents": [doc]}`."""
+    kind = request.content_type
+    if kind not in _YAML_TYPES and kind != "application/json":
+        raise web.HTTPUnsupportedMediaType(
+            text="send the ruleset document as application/yaml or application/json"
+        )
+    raw = await _read_body(request)
+    if kind in _YAML_TYPES:
+        return SourceFile("<request body>.yaml", raw)
+    try:
+        body = loads(raw)
+    except (ValueError, RecursionError):
+        return SourceFile("<request body>.json", raw)  # the loader says where and why
+    if isinstance(body, dict) and body.keys() == {"documents"}:
+        documents = body["documents"]
+        if not isinstance(documents, list) or len(documents) != 1:
+            raise web.HTTPBadRequest(text="documents must be a list of one ruleset document")
+        return SourceFile("<request body>.json", dumpb(documents[0]), located=False)
+    return SourceFile("<request body>.json", raw)
+
+
+async def _written(request: web.Request, write: Awaitable[Written]) -> web.Response:
+    """200 once this sidecar serves the write; 202 when committed and not served yet."""
+    try:
+        written = await write
+    except PreconditionFailed as exc:
+        response = error_response(412, str(exc), row_version=exc.current)
+        if exc.current is not None:
+            response.headers["ETag"] = f'"{exc.current}"'
+        return response
+    except WriteRefused as exc:
+        errors = [problem.to_rule_error() for problem in exc.problems]
+        return error_response(422, _WRITE_REFUSED, errors=errors)
+    except WriteFailed as exc:
+        response = error_response(503, str(exc))
+        response.headers["Retry-After"] = "1"
+        return response
+    headers = {} if written.row_version is None else {"ETag": f'"{written.row_version}"'}
+    body: dict[str, Any] = {
+        "row_version": written.row_version,
+        "registry_version": written.registry_version,
+    }
+    if written.registry_version is not None:
+        return json_response(body, headers=headers)
+    return json_response({**body, "committed": True, "message": written.message}, 202, headers)
+
+
+async def put_ruleset(request: web.Request) -> web.Response:
+    writer = _writer(request, ("GET", "HEAD"))
+    actor = _actor(request)
+    precondition = _precondition(request, create=True, required=True)
+    assert precondition is not None
+    body = await _write_body(request)
+    ruleset_id = request.match_info["ruleset_id"]
+    return await _written(request, writer.put(ruleset_id, body, precondition, actor))
+
+
+async def delete_ruleset(request: web.Request) -> web.Response:
+    writer = _writer(request, ("GET", "HEAD"))
+    actor = _actor(request)
+    precondition = _precondition(request, create=False, required=True)
+    assert precondition is not None
+    ruleset_id = request.match_info["ruleset_id"]
+    return await _written(request, writer.delete(ruleset_id, precondition, actor))
+
+
+async def _set_enabled(request: web.Request, enabled: bool) -> web.Response:
+    """If-Match is optional: enabling an enabled rule changes nothing, and two callers
+    setting one flag cannot lose each other's change; when given, it is checked."""
+    writer = _writer(request, ())
+    actor = _actor(request)
+    precondition = _precondition(request, create=False, required=False)
+    rule_id = request.match_info["rule_id"]
+    return await _written(request, writer.set_enabled(rule_id, enabled, precondition, actor))
+
+
+async def post_enable_rule(request: web.Request) -> web.Response:
+    return await _set_enabled(request, True)
+
+
+async def post_disable_rule(request: web.Request) -> web.Response:
+    return await _set_enabled(request, False)
 
 
 async def get_ruleset_stats(request: web.Request) -> web.Response:
@@ -988,6 +1155,10 @@ def create_app(state: AppState, *, max_body_bytes: int = 1024 * 1024) -> web.App
         web.get("/api/v1/rules/{rule_id}", get_rule),
         web.get("/api/v1/rulesets", get_rulesets),
         web.get("/api/v1/rulesets/{ruleset_id}", get_ruleset),
+        web.put("/api/v1/rulesets/{ruleset_id}", put_ruleset),
+        web.delete("/api/v1/rulesets/{ruleset_id}", delete_ruleset),
+        web.post("/api/v1/rules/{rule_id}/enable", post_enable_rule),
+        web.post("/api/v1/rules/{rule_id}/disable", post_disable_rule),
         web.get("/api/v1/rulesets/{ruleset_id}/stats", get_ruleset_stats),
         web.post("/api/v1/rulesets/{ruleset_id}/evaluate", post_evaluate),
         web.get("/ws/hot-reload", websocket),

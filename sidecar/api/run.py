@@ -55,6 +55,7 @@ from sidecar.sources import RuleSource
 from sidecar.sources.database import DatabaseSource
 from sidecar.sources.files import DirectorySource
 from sidecar.state import StateStore
+from sidecar.writes import RuleWriter
 
 if TYPE_CHECKING:
     from sidecar.sources.kubernetes import ConfigMapSource, EventRecorder
@@ -111,14 +112,14 @@ def build_state(settings: Settings) -> AppState:
     sources: list[RuleSource] = [
         DirectorySource(directory, debounce_ms=settings.debounce_ms) for directory in directories
     ]
+    database = None
     if settings.database_url is not None:
-        sources.append(
-            DatabaseSource(
-                settings.database_url,
-                password_file=settings.database_password_file,
-                timeouts=settings.database_timeouts,
-            )
+        database = DatabaseSource(
+            settings.database_url,
+            password_file=settings.database_password_file,
+            timeouts=settings.database_timeouts,
         )
+        sources.append(database)
     recorder = None
     if settings.kubernetes_selector:
         source, recorder = _kubernetes(settings)
@@ -167,6 +168,10 @@ def build_state(settings: Settings) -> AppState:
         batches=BatchTurns(settings.max_queued_batches),
         allowed_hosts=frozenset(settings.allowed_hosts),
         decisions=decisions,
+        # A write waits for its publish as long as one read of the database may take.
+        writer=None
+        if database is None
+        else RuleWriter(service, database, publish_timeout=settings.database_read_timeout_seconds),
     )
 
 

@@ -20,7 +20,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 
 from sidecar.rulefiles import SourceFile
 
-__all__ = ["RuleSource", "StaticSource", "in_daemon_thread"]
+__all__ = ["RowVersioned", "RuleSource", "StaticSource", "in_daemon_thread"]
 
 _T = TypeVar("_T")
 
@@ -47,6 +47,16 @@ class RuleSource(Protocol):
     def forget(self) -> None:
         """Drop every cache and fingerprint: the next `read()` reads everything from
         scratch (called in the reading thread, never during a read)."""
+        ...
+
+
+@runtime_checkable
+class RowVersioned(Protocol):
+    """A source whose rulesets carry a row version (the database): the API's ETag and
+    If-Match of a ruleset."""
+
+    def row_versions(self) -> dict[str, int]:
+        """Each ruleset's row version as of the last read."""
         ...
 
 

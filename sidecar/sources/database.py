@@ -52,7 +52,7 @@ import stat
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from select import POLLIN, poll
 from types import TracebackType
@@ -92,11 +92,14 @@ __all__ = [
     "NoAnswer",
     "Unreadable",
     "connect",
+    "deadline",
     "describe_error",
     "in_recovery",
     "open_connection",
     "password_from",
     "read_documents",
+    "read_files",
+    "ruleset_source_file",
 ]
 
 logger = logging.getLogger("sidecar.database")
@@ -289,6 +292,12 @@ class _Deadline:
             if self._armed:
                 self._fired = True
                 self._cut()
+
+
+def deadline(connection: Any, url: DatabaseURL, seconds: float, doing: str) -> _Deadline:
+    """A block that must end within `seconds`, or the connection is cut off and the block
+    raises `NoAnswer` (`doing` says what it was waiting for, in the message)."""
+    return _Deadline(connection, seconds, _location(url), doing)
 
 
 def _cutter(connection: Any) -> Callable[[], None]:
@@ -576,6 +585,27 @@ def read_documents(
     return generation, rulesets.documents
 
 
+def ruleset_source_file(name: str, ruleset_id: str, document: dict[str, Any] | None) -> SourceFile:
+    """A stored ruleset's document as the file the loader is handed: the same bytes for
+    the same rows, whoever reads them (the source, or a write validating its result)."""
+    content = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+    return SourceFile(ruleset_file(name, ruleset_id), content, located=False)
+
+
+def read_files(connection: Any, *, name: str, max_bytes: int) -> list[SourceFile]:
+    """Every ruleset as the source would hand it to the loader, read in the caller's
+    transaction (a write validates what it is about to commit). Raises `LoadError`
+    naming each ruleset that cannot be read and each rule of no ruleset."""
+    rulesets = _read_rulesets(connection, name, None, max_bytes)
+    problems = [*rulesets.refused.values(), *_orphans(connection, name)]
+    if problems:
+        raise LoadError(problems)
+    return [
+        ruleset_source_file(name, ruleset_id, document)
+        for ruleset_id, document in sorted(rulesets.documents.items())
+    ]
+
+
 def _orphans(connection: Any, name: str) -> tuple[Problem, ...]:
     """Rules whose ruleset does not exist: written with SQLite's foreign keys off (they
     are per connection) or behind PostgreSQL's triggers. No document holds them, so
@@ -606,6 +636,7 @@ class _Changes:
     documents: dict[str, dict[str, Any]]
     refused: dict[str, Problem]
     orphans: tuple[Problem, ...] = ()
+    row_versions: dict[str, int] = field(default_factory=dict)
 
 
 def _trigger_problem(connection: Any, dialect: Dialect) -> str | None:
@@ -650,6 +681,8 @@ class DatabaseSource:
         self._stamps: dict[str, object] = {}
         self._files: dict[str, SourceFile] = {}
         self._refused: tuple[Problem, ...] = ()
+        # Each ruleset's row_version as of the last read (the API's ETag of its content).
+        self._row_versions: dict[str, int] = {}
         # Bumped by `forget` (from the event loop) so that a read running meanwhile in
         # a worker thread does not trust the generation it saw.
         self._epoch = 0
@@ -667,6 +700,20 @@ class DatabaseSource:
     @property
     def name(self) -> str:
         return self.url.redacted
+
+    @property
+    def timeouts(self) -> DatabaseTimeouts:
+        return self._timeouts
+
+    @property
+    def max_bytes(self) -> int:
+        """The most a ruleset's rows may hold (a rule file's limit)."""
+        return self._max_bytes
+
+    def open_writer(self) -> Any:
+        """A connection of its own for one write (the source's one reads and listens),
+        in a transaction until committed or rolled back."""
+        return open_connection(self.url, password_file=self._password_file, timeouts=self._timeouts)
 
     def read(self) -> list[SourceFile]:
         """Every ruleset as a JSON document. Only the generation is read when it has not
@@ -707,11 +754,16 @@ class DatabaseSource:
                     code=ProblemCode.READ_FAILED,
                 )
         self._files = files
+        self._row_versions = {i: v for i, v in changes.row_versions.items() if i in files}
         self._refused = (*refused.values(), *changes.orphans)
         self._generation = changes.generation if current else None
         self._stamps = (
             {i: s for i, s in changes.stamps.items() if i not in refused} if current else {}
         )
+
+    def row_versions(self) -> dict[str, int]:
+        """Each ruleset's row_version as of the last read that took its rows."""
+        return dict(self._row_versions)
 
     def _file(self, ruleset_id: str, document: dict[str, Any] | None) -> SourceFile:
         """The ruleset's file: the same object as before when its content did not change,
@@ -719,10 +771,10 @@ class DatabaseSource:
         previous = self._files.get(ruleset_id)
         if document is None and previous is not None:
             return previous
-        content = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
-        if previous is not None and previous.content == content:
+        file = ruleset_source_file(self.name, ruleset_id, document)
+        if previous is not None and previous.content == file.content:
             return previous
-        return SourceFile(ruleset_file(self.name, ruleset_id), content, located=False)
+        return file
 
     def _read_retried(self) -> _Changes | None:
         """`_read_changes`, once more on a fresh connection when the kept one had died
@@ -784,29 +836,41 @@ class DatabaseSource:
 
     def _read_rows(self, connection: Any, generation: int) -> _Changes:
         """What changed since the last read (all of it after `forget`)."""
-        stamps, refused = self._read_stamps(connection)
+        stamps, refused, versions = self._read_stamps(connection)
         stale = [i for i, s in stamps.items() if self._stamps.get(i) != s]
         whole = len(stale) > len(stamps) // 2
         rulesets = _read_rulesets(connection, self.name, None if whole else stale, self._max_bytes)
         refused.update(rulesets.refused)
         orphans = _orphans(connection, self.name)
-        return _Changes(generation, stamps, rulesets.documents, refused, orphans)
+        return _Changes(generation, stamps, rulesets.documents, refused, orphans, versions)
 
-    def _read_stamps(self, connection: Any) -> tuple[dict[str, object], dict[str, Problem]]:
-        """Every ruleset's change_id. A SQLite id that is not text, or is far too long to
-        be one, is reported (never fetched whole): a ruleset cannot be left out unseen."""
+    def _read_stamps(
+        self, connection: Any
+    ) -> tuple[dict[str, object], dict[str, Problem], dict[str, int]]:
+        """Every ruleset's change_id (and row_version). A SQLite id that is not text, or
+        is far too long to be one, is reported (never fetched whole): a ruleset cannot be
+        left out unseen."""
         if self.url.kind == "postgresql":  # text, and bounded by its index
-            rows = connection.execute("SELECT id, change_id FROM rule_sidecar_rulesets")
-            return {str(i): stamp for i, stamp in rows}, {}
+            rows = connection.execute(
+                "SELECT id, change_id, row_version FROM rule_sidecar_rulesets"
+            ).fetchall()
+            return (
+                {str(i): stamp for i, stamp, _ in rows},
+                {},
+                {str(i): int(version) for i, _, version in rows},
+            )
         stamps: dict[str, object] = {}
         refused: dict[str, Problem] = {}
-        for ruleset_id, stamp, kind, size, rowid in connection.execute(
+        versions: dict[str, int] = {}
+        for ruleset_id, stamp, kind, size, rowid, version in connection.execute(
             f"SELECT CASE WHEN typeof(id) = 'text' AND length(CAST(id AS BLOB)) <= {_MAX_ID_BYTES}"
-            " THEN id END, change_id, typeof(id), length(CAST(id AS BLOB)), rowid"
+            " THEN id END, change_id, typeof(id), length(CAST(id AS BLOB)), rowid, row_version"
             " FROM rule_sidecar_rulesets"
         ):
             if isinstance(ruleset_id, str):
                 stamps[ruleset_id] = stamp
+                if isinstance(version, int):
+                    versions[ruleset_id] = version
                 continue
             key = f"\0rowid {rowid}"
             stamps[key] = stamp
@@ -817,7 +881,7 @@ class DatabaseSource:
                 f" of {size or 0:,} bytes (an id is text of at most 63 characters)",
                 code=ProblemCode.READ_FAILED,
             )
-        return stamps, refused
+        return stamps, refused, versions
 
     def _connect(self) -> Any:
         """The source's one connection, opened on first need and after a failure. A
