@@ -368,3 +368,25 @@ async def test_a_database_that_stops_answering_mid_write(
     assert (await app.evaluate("pay", {"amount": 500}))["total_points"] == 10
     status, _ = await app.health()
     assert status == 200
+
+
+async def test_a_schema_3_database_is_written_after_db_init(
+    start_sidecar: StartSidecar, rules_dir: Path, migrated_db: Database, token_file: Path
+):
+    """Schema 4 adds `rule_sidecar_writes`: tables of schema 3 are refused, nothing
+    written, until `db init` upgrades them (keeping their rows)."""
+    migrated_db.script(
+        [("DROP TABLE rule_sidecar_writes", ()), ("UPDATE rule_sidecar_schema SET version = 3", ())]
+    )
+    app = await writing_sidecar(start_sidecar, rules_dir, migrated_db, token_file)
+    before = migrated_db.dump()
+    _, refused = await put(
+        app, ruleset_with_test("more"), status=422, headers={"If-None-Match": "*"}
+    )
+    assert "db init" in refused["error"]["errors"][0]["error"]
+    assert migrated_db.dump() == before
+    migrated_db.init()
+    assert migrated_db.execute("SELECT version FROM rule_sidecar_schema") == [(4,)]
+    await put(app, ruleset_with_test("more"), status=200, headers={"If-None-Match": "*"})
+    assert [row[2] for row in audit(migrated_db)] == ["more"]
+    assert (await app.evaluate("pay", {"amount": 500}))["total_points"] == 10
