@@ -23,6 +23,8 @@ Everything the client raises is a `RuleClientError`:
      │                           (also a ValueError)
      └── SidecarError            an error status (.status, .message, .body), or nothing
           │                      reachable at the address (.status 0)
+          ├── PreconditionFailed a write's If-Match is stale (412; .row_version: the stored one)
+          ├── WriteRefused       a write the rules would not survive (422; .errors), nothing written
           └── MalformedAnswer    an answer that is not what the API promises: not JSON, a
                │                 wrong shape, a missing field (.status of the answer; 0 on
                │                 the WebSocket)
@@ -45,7 +47,7 @@ import random
 import re
 import threading
 import types
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -76,6 +78,7 @@ __all__ = [
     "InvalidId",
     "MalformedAnswer",
     "Match",
+    "PreconditionFailed",
     "RegistryInfo",
     "ReloadRecord",
     "ResyncRequired",
@@ -85,6 +88,8 @@ __all__ = [
     "SidecarError",
     "Status",
     "Validation",
+    "WriteRefused",
+    "Written",
 ]
 
 DEFAULT_URL = "http://localhost:8000"
@@ -120,6 +125,22 @@ class SidecarError(RuleClientError):
         self.status = status
         self.message = message
         self.body = body
+
+
+class PreconditionFailed(SidecarError):
+    """A write's precondition failed (412): the ruleset is at `row_version` (None: absent)."""
+
+    def __init__(self, message: str, body: Any, row_version: int | None) -> None:
+        super().__init__(412, message, body)
+        self.row_version = row_version
+
+
+class WriteRefused(SidecarError):
+    """A write the rules would not survive (422): `errors`, located; nothing was written."""
+
+    def __init__(self, message: str, body: Any, errors: list[dict[str, Any]]) -> None:
+        super().__init__(422, message, body)
+        self.errors = errors
 
 
 class MalformedAnswer(SidecarError):
@@ -171,6 +192,32 @@ class _RuleList(TypedDict):
     registry_version: int
     revision: str
     rules: list[Rule]
+
+
+class Written(TypedDict):
+    """A write's answer: the ruleset's row version after it (None: deleted), and the
+    registry version serving it (None: committed, not served yet: HTTP 202)."""
+
+    row_version: int | None
+    registry_version: int | None
+
+
+class _Stale(TypedDict):
+    message: str
+    row_version: int | None
+
+
+class _StaleAnswer(TypedDict):
+    error: _Stale
+
+
+class _Refusal(TypedDict):
+    message: str
+    errors: list[dict[str, Any]]
+
+
+class _RefusalAnswer(TypedDict):
+    error: _Refusal
 
 
 class RegistryInfo(TypedDict):
@@ -362,6 +409,15 @@ def _id_validator() -> Any:
     return jsonschema.Draft202012Validator(schema)
 
 
+def _precondition(row_version: int | None, *, create: bool) -> dict[str, str]:
+    """The precondition header of a write: the version expected, or (create) none."""
+    if row_version is None and create:
+        return {"If-None-Match": "*"}
+    if isinstance(row_version, bool) or not isinstance(row_version, int) or row_version < 0:
+        raise ValueError(f"row_version must be a whole number, not {_short(row_version)}")
+    return {"If-Match": f'"{row_version}"'}
+
+
 def _short(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 80 else f"{text[:77]}..."
@@ -507,20 +563,18 @@ class AsyncRuleClient:
         *,
         admin: bool = False,
         answers: frozenset[int] = frozenset(),
-        yaml: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        data: bytes | None = None,
     ) -> Any:
         """The answer, checked against `shape`. `admin`: send the token. `answers`: error
         statuses whose body is the answer itself (a failed reload's record, an unhealthy
-        health report), not an error. `yaml`: a YAML body, sent instead of `body`."""
+        health report), not an error. `data`: a body sent as it is (not `body`'s JSON)."""
         where = f"{method} {url.path}"
-        headers = dict(self._admin) if admin else {}
-        data = None
-        if yaml is not None:
-            headers["Content-Type"] = "application/yaml"
-            data = yaml.encode("utf-8")
+        sent = {**(self._admin if admin else {}), **(headers or {})}
+        options: dict[str, Any] = {"data": data} if data is not None else {"json": body}
         try:
             async with self._client().request(
-                method, url, json=body, data=data, headers=headers, allow_redirects=False
+                method, url, headers=sent, allow_redirects=False, **options
             ) as response:
                 raw = await self._read(response, where)
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -624,10 +678,18 @@ class AsyncRuleClient:
         in another shape, so it is refused as a malformed answer."""
         # Nothing here goes into the URL: what the documents hold is the sidecar's to
         # judge (a list it cannot take is a 400, a `SidecarError`).
-        text = documents if isinstance(documents, str) else None
-        body = None if text is not None else {"documents": documents}
+        if isinstance(documents, str):
+            body, data = None, documents.encode("utf-8")
+            headers: Mapping[str, str] | None = {"Content-Type": "application/yaml"}
+        else:
+            body, data, headers = {"documents": documents}, None, None
         result: CandidateValidation = await self._call(
-            "POST", self._url(*_HOT, "validate"), CandidateValidation, body, yaml=text
+            "POST",
+            self._url(*_HOT, "validate"),
+            CandidateValidation,
+            body,
+            headers=headers,
+            data=data,
         )
         return result
 
@@ -642,6 +704,85 @@ class AsyncRuleClient:
             answers=frozenset({422}),
         )
         return result
+
+    # Writes to the database source (the admin token is sent)
+
+    async def put_ruleset(
+        self,
+        ruleset_id: str | int,
+        document: Mapping[str, Any] | str,
+        *,
+        row_version: int | None,
+        actor: str | None = None,
+    ) -> Written:
+        """Create (`row_version` None: only if absent) or replace (only while the stored
+        version is `row_version`) ruleset `ruleset_id` with `document`, a mapping (sent
+        as JSON) or YAML text, whose `metadata.id` must be `ruleset_id`.
+        `PreconditionFailed` (412), `WriteRefused` (422)."""
+        if isinstance(document, str):
+            data, kind = document.encode(), "application/yaml"
+        else:
+            data, kind = json.dumps(document).encode(), "application/json"
+        url = self._url("api", "v1", "rulesets", _ruleset_id(ruleset_id))
+        headers = {"Content-Type": kind, **_precondition(row_version, create=True)}
+        return await self._write("PUT", url, headers, actor, data)
+
+    async def delete_ruleset(
+        self, ruleset_id: str | int, *, row_version: int, actor: str | None = None
+    ) -> Written:
+        """Delete the ruleset while its stored version is `row_version`."""
+        url = self._url("api", "v1", "rulesets", _ruleset_id(ruleset_id))
+        return await self._write(
+            "DELETE", url, _precondition(row_version, create=False), actor, None
+        )
+
+    async def enable_rule(
+        self, rule_id: str | int, *, row_version: int | None = None, actor: str | None = None
+    ) -> Written:
+        """Enable a rule (`row_version`: its ruleset's, checked when given)."""
+        return await self._set_enabled(rule_id, "enable", row_version, actor)
+
+    async def disable_rule(
+        self, rule_id: str | int, *, row_version: int | None = None, actor: str | None = None
+    ) -> Written:
+        """Disable a rule (`row_version`: its ruleset's, checked when given)."""
+        return await self._set_enabled(rule_id, "disable", row_version, actor)
+
+    async def _set_enabled(
+        self, rule_id: str | int, verb: str, row_version: int | None, actor: str | None
+    ) -> Written:
+        url = self._url("api", "v1", "rules", _ruleset_id(rule_id), verb)
+        headers = {} if row_version is None else _precondition(row_version, create=False)
+        return await self._write("POST", url, headers, actor, b"")
+
+    async def _write(
+        self,
+        method: str,
+        url: URL,
+        headers: Mapping[str, str],
+        actor: str | None,
+        data: bytes | None,
+    ) -> Written:
+        if actor is not None:
+            headers = {**headers, "X-Actor": actor}
+        try:
+            written: Written = await self._call(
+                method, url, Written, admin=True, headers=headers, data=data
+            )
+        except SidecarError as exc:
+            if exc.status not in (412, 422) or isinstance(exc, MalformedAnswer):
+                raise
+            where, raw = f"{method} {url.path}", json.dumps(exc.body).encode()
+            try:
+                if exc.status == 412:
+                    stale: _StaleAnswer = _decode(raw, _StaleAnswer, where)
+                    version = stale["error"]["row_version"]
+                    raise PreconditionFailed(exc.message, exc.body, version) from None
+                refusal: _RefusalAnswer = _decode(raw, _RefusalAnswer, where)
+            except MalformedAnswer as malformed:
+                raise MalformedAnswer(exc.status, malformed.message) from None
+            raise WriteRefused(exc.message, exc.body, refusal["error"]["errors"]) from None
+        return written
 
     async def health(self) -> Health:
         """The health report, also when it says unhealthy (HTTP 503)."""

@@ -17,6 +17,7 @@ from db_support import Database, FreezableProxy
 from server_support import HOT, Sidecar, StartSidecar, eventually
 from test_openapi import conform
 
+from sidecar.client import AsyncRuleClient, InvalidId, PreconditionFailed, WriteRefused
 from sidecar.dbtools import IMPORT_LOCK
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
@@ -390,3 +391,43 @@ async def test_a_schema_3_database_is_written_after_db_init(
     await put(app, ruleset_with_test("more"), status=200, headers={"If-None-Match": "*"})
     assert [row[2] for row in audit(migrated_db)] == ["more"]
     assert (await app.evaluate("pay", {"amount": 500}))["total_points"] == 10
+
+
+async def test_the_client_writes(
+    start_sidecar: StartSidecar, rules_dir: Path, migrated_db: Database, token_file: Path
+):
+    app = await writing_sidecar(start_sidecar, rules_dir, migrated_db, token_file)
+    base = str(app.client.make_url("/")).rstrip("/")
+    async with AsyncRuleClient(base, token=TOKEN) as client:
+        created = await client.put_ruleset(
+            "cli", dump_yaml(ruleset_with_test("cli", 3)), row_version=None, actor="job/7"
+        )
+        assert created["registry_version"] == app.version
+        with pytest.raises(PreconditionFailed) as stale:
+            await client.put_ruleset("cli", ruleset_with_test("cli", 4), row_version=None)
+        assert stale.value.row_version == created["row_version"]
+        broken = ruleset_with_test("cli", 4)
+        broken["spec"]["rules"][0]["points"] = 5
+        with pytest.raises(WriteRefused) as refused:
+            await client.put_ruleset("cli", broken, row_version=created["row_version"])
+        assert refused.value.errors
+        with pytest.raises(WriteRefused):  # its embedded test expects the rule to match
+            await client.disable_rule("cli-big")
+        untested = make_ruleset_doc("cli", [rule_doc("cli-big", "true", 3)])
+        replaced = await client.put_ruleset("cli", untested, row_version=created["row_version"])
+        disabled = await client.disable_rule("cli-big")
+        assert disabled["row_version"] > replaced["row_version"]
+        await client.enable_rule("cli-big", row_version=disabled["row_version"])
+        with pytest.raises(InvalidId):
+            await client.delete_ruleset("../x", row_version=1)
+        current = (await app.get("/api/v1/rulesets/cli"))["row_version"]
+        deleted = await client.delete_ruleset("cli", row_version=current)
+        assert deleted["row_version"] is None
+    assert [row[1] for row in audit(migrated_db)] == [
+        "create",
+        "replace",
+        "disable",
+        "enable",
+        "delete",
+    ]
+    assert audit(migrated_db)[0][0] == "job/7"
