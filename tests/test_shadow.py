@@ -159,7 +159,7 @@ def test_a_schema_2_database_is_upgraded(database: Database) -> None:
     with pytest.raises(LoadError) as caught:
         DatabaseSource(database.url).read()
     assert "upgrade the tables with `rule-sidecar db init`" in str(caught.value)
-    assert dbtools.init(database.url) == SCHEMA_VERSION == 3
+    assert dbtools.init(database.url) == SCHEMA_VERSION == 4
     (stored,) = DatabaseSource(database.url).read()
     ruleset = load_docs(json.loads(stored.content)).rulesets["fraud"]
     assert {rule.mode for rule in ruleset.rules} == {RuleMode.ACTIVE}
