@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from schemathesis.specs.openapi.checks import missing_required_header, positive_data_acceptance
 from server_support import Served, clean_environment, spawn
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
@@ -41,5 +42,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 # run with more examples by hand to search wider.
 @settings(max_examples=30, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
 def test_api_conforms_to_its_schema(case: schemathesis.Case, served: Served) -> None:
-    """Status documented, body valid against the schema, no server error."""
-    case.call_and_validate(base_url=served.url)
+    """Status documented, body valid against the schema, no server error. The served
+    sidecar has no database source: its write routes answer 405 (documented) to every
+    request, before the token is looked at, which schemathesis's acceptance and
+    missing-token checks would call a valid request refused and a missing token
+    accepted; tests/test_writes.py checks their answers against the document with a
+    database (401 without the token among them)."""
+    writes = "writes" in (case.operation.definition.raw.get("tags") or [])
+    excluded = [positive_data_acceptance, missing_required_header] if writes else []
+    case.call_and_validate(base_url=served.url, excluded_checks=excluded)
