@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any, Final
 
 import psycopg
-import yaml
 
-from sidecar.documents import INT_MAX, INT_MIN
+from sidecar.documents import INT_MAX, INT_MIN, yaml_text
 from sidecar.errors import LoadError, Problem, ProblemCode, format_path
 from sidecar.loader import Loader
 from sidecar.model import Location, RuleSet
@@ -200,9 +199,7 @@ def export_documents(url: str, *, password_file: Path | None = None) -> str:
     database = DatabaseURL.parse(url)
     with connect(database, password_file=password_file) as connection:
         documents = _stored_documents(connection, database)
-    return yaml.safe_dump_all(
-        documents.values(), sort_keys=False, allow_unicode=True, default_flow_style=False
-    )
+    return yaml_text(list(documents.values()))
 
 
 def _stored_documents(

@@ -35,6 +35,7 @@ __all__ = [
     "Document",
     "parse_file",
     "unservable_number",
+    "yaml_text",
 ]
 
 
@@ -42,6 +43,20 @@ try:
     _Base: type[yaml.SafeLoader] = yaml.CSafeLoader  # type: ignore[assignment,unused-ignore]
 except AttributeError:  # PyYAML built without libyaml
     _Base = yaml.SafeLoader
+
+try:
+    _Dumper: type[yaml.SafeDumper] = yaml.CSafeDumper  # type: ignore[assignment,unused-ignore]
+except AttributeError:
+    _Dumper = yaml.SafeDumper
+
+
+def yaml_text(documents: Sequence[Any]) -> str:
+    """JSON values as YAML documents (`---` between them), keys in their order: what
+    `db export` writes and `GET /api/v1/rulesets/{id}` gives as `application/yaml`, and
+    what `parse_file` reads back to equal values."""
+    return yaml.dump_all(
+        documents, Dumper=_Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False
+    )
 
 
 class _Loader(_Base):  # type: ignore[valid-type,misc]

@@ -297,7 +297,8 @@ async def start(aiohttp_client: Any, tmp_path: Path) -> AsyncIterator[Start]:
         states.append(state)
         if replay_buffer is not None:
             state.notifier = ReloadNotificationManager(
-                functools.partial(status_view, state.service), buffer_size=replay_buffer
+                functools.partial(status_view, state.service, writes=state.writes),
+                buffer_size=replay_buffer,
             )
         app = create_app(state, max_body_bytes=config.max_body_bytes)
         await state.service.initial_load()

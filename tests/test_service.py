@@ -17,7 +17,7 @@ from datetime import timedelta
 import pytest
 from conftest import dump_yaml, make_ruleset_doc
 
-from sidecar.api.views import status_view
+from sidecar.api.views import status_view, writes_view
 from sidecar.config import SettingsError, settings_from
 from sidecar.engine import evaluate
 from sidecar.errors import LoadError, Problem, ProblemCode
@@ -29,6 +29,9 @@ from sidecar.rulefiles import SourceFile
 from sidecar.service import HealthStatus, HotReloadService, Starting
 from sidecar.sources import StaticSource
 from sidecar.state import StateStore
+
+# What these services' status says of writes: none without the API's writer.
+NO_WRITES = writes_view(None, False)
 
 
 async def wait_for(check: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -489,7 +492,7 @@ class TestVerification:
                 ReloadStatus.SUCCESS,
             )
             assert service.drift == {"caching": 1}
-            (status,) = status_view(service)["sources"]
+            (status,) = status_view(service, writes=NO_WRITES)["sources"]
             assert status["drift"] == 1
             assert status["last_drift"] == "1 file(s) differ from the usual read: b.yaml (missed)"
             assert any(
@@ -604,7 +607,7 @@ class TestSourceFaults:
         assert len(problem.message) < 600
         assert heard[-1] is record
         assert service.health().status is HealthStatus.DEGRADED
-        assert status_view(service)["sources"][1]["errors"][0]["file"] == "faulty"
+        assert status_view(service, writes=NO_WRITES)["sources"][1]["errors"][0]["file"] == "faulty"
         assert rulesets_of(service) == ["a", "b"]  # all or nothing: the last good rules
         del source.fault[method]
         assert (await service.reload_rules(force=True)).status is ReloadStatus.SUCCESS
@@ -652,7 +655,7 @@ class TestSourceFaults:
                 HealthStatus.DEGRADED,
                 {"faulty": problem},
             )
-            assert status_view(service)["sources"][1]["watch_problem"] == problem
+            assert status_view(service, writes=NO_WRITES)["sources"][1]["watch_problem"] == problem
 
             files.set_files(rules("a", "c"))
 

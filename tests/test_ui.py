@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from conftest import dump_yaml, fraud_doc, make_ruleset_doc
+from db_support import Database
 from selenium import webdriver
 from selenium.common.exceptions import (
     NoSuchElementException,
@@ -1093,3 +1095,344 @@ def card(browser: WebDriver, title_id: str) -> dict[str, float]:
         title_id,
     )
     return box
+
+
+# Changing rules of the database source from the page
+
+TOKEN = "edit-token"
+MARKUP = "<img src=x onerror=window.pwned=1>"
+
+
+def paid_doc(points: int = 10) -> dict[str, Any]:
+    """`pay`: one rule `pay-big` (`input.amount > 100`) whose embedded test expects
+    `points` for an amount of 500."""
+    return make_ruleset_doc(
+        "pay",
+        [{"id": "pay-big", "name": MARKUP, "condition": "input.amount > 100", "points": points}],
+        tests=[{"name": "big", "input": {"amount": 500}, "expect": {"total_points": points}}],
+    )
+
+
+@pytest.fixture
+def db_sidecar(
+    mount: ConfigMapDir, sqlite_database: Database, tmp_path: Path
+) -> Iterator[ThreadedSidecar]:
+    """Files (`fraud`) and a SQLite database (`pay`, and `open` without tests) with an
+    admin token: writes are taken."""
+    sqlite_database.init()
+    sqlite_database.import_docs(
+        paid_doc(), make_ruleset_doc("open", [{"id": "open-a", "condition": "true", "points": 3}])
+    )
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    settings = Settings(
+        rules_dirs=(mount.root,),
+        database_url=sqlite_database.url,
+        admin_token_file=token_file,
+        debounce_ms=20,
+    )
+    with threaded_sidecar(settings) as server:
+        yield server
+
+
+def http(
+    server: ThreadedSidecar, method: str, path: str, data: str | None = None, **headers: str
+) -> tuple[int, Any]:
+    """One request as another client would make it, with the admin token: (status, JSON)."""
+    request = urllib.request.Request(
+        f"{server.url}{path}",
+        data=None if data is None else data.encode(),
+        headers={"Authorization": f"Bearer {TOKEN}", **headers},
+        method=method,
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=WAIT_SECONDS) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+def open_with_token(browser: WebDriver, server: ThreadedSidecar) -> None:
+    """Load /ui/, give the admin token the feed asks for, wait for the feed."""
+    browser.get(f"{server.url}/ui/")
+    wait(browser, lambda b: text(b, "version") == "1", "version 1")
+    dialog = wait(browser, lambda b: shown(b, "token-dialog"), "the token dialog")
+    dialog.find_element(By.ID, "token").send_keys(TOKEN)
+    dialog.find_element(By.CSS_SELECTOR, 'button[value="ok"]').click()
+    wait(browser, lambda b: text(b, "feed-state") == "connected", "the feed connected")
+
+
+def edit(browser: WebDriver, ruleset_id: str) -> str:
+    """Open `ruleset_id` in the editor from its view; the text it shows."""
+    expand(browser, ruleset_id)
+    block = f'#rulesets details[data-ruleset="{ruleset_id}"]'
+    browser.find_element(By.CSS_SELECTOR, f"{block} button.edit").click()
+    wait(browser, lambda b: shown(b, "editor"), "the editor")
+    return str(browser.find_element(By.ID, "editor-text").get_attribute("value"))
+
+
+def set_text(browser: WebDriver, value: str) -> None:
+    browser.execute_script(
+        "const area = document.getElementById('editor-text'); area.value = arguments[0];"
+        "area.dispatchEvent(new Event('input'))",
+        value,
+    )
+
+
+def editor_says(browser: WebDriver, button: str, expected: str) -> str:
+    """Press an editor button; the result once it says `expected`."""
+    browser.execute_script("document.getElementById('editor-result').replaceChildren()")
+    browser.find_element(By.ID, button).click()
+    wait(browser, lambda b: expected in text(b, "editor-result"), expected)
+    return text(browser, "editor-result")
+
+
+def page_faults(browser: WebDriver) -> list[str]:
+    """Script errors and Content-Security-Policy refusals the page logged (not the
+    answers it was refused: the 401 before the token, a 412 or 422 it showed)."""
+    return [
+        e
+        for e in console_errors(browser)
+        if "Failed to load resource" not in e and "WebSocket connection" not in e
+    ]
+
+
+def rule_row(browser: WebDriver, rule_id: str) -> WebElement:
+    return browser.find_element(By.CSS_SELECTOR, f'#rulesets tr[data-rule="{rule_id}"]')
+
+
+class TestEditing:
+    """A ruleset of the database edited, checked, saved, created, deleted and its rules
+    switched on and off, behind the admin token; files stay read-only."""
+
+    def test_edit_check_and_save(
+        self,
+        browser: WebDriver,
+        db_sidecar: ThreadedSidecar,
+        sqlite_database: Database,
+        shoot: Shoot,
+    ) -> None:
+        """The document opens as YAML; Check shows the tests and the changes and writes
+        nothing; Save serves it (the evaluation changes), the view shows the new points,
+        and the audit row names who; axe finds nothing with the editor open."""
+        open_with_token(browser, db_sidecar)
+        assert "can be changed here" in text(browser, "writes-note")
+        browser.find_element(By.ID, "actor").send_keys("ana")
+        original = edit(browser, "pay")
+        assert "id: pay-big" in original
+        assert "points: 10" in original
+        assert MARKUP in original
+        assert rule_row(browser, "pay-big").find_elements(By.CSS_SELECTOR, "img") == []
+        about = text(browser, "editor-about")
+        assert re.match(r"Row version \d+, read at", about), about
+
+        changed = original.replace("points: 10", "points: 12").replace(
+            "total_points: 10", "total_points: 12"
+        )
+        set_text(browser, changed)
+        said = editor_says(browser, "editor-check", "Valid: it changes the ruleset.")
+        assert "Embedded tests: 1 of 1 passed." in said
+        assert "Rules changed: pay-big" in said
+        assert evaluate(db_sidecar, "pay", [{"amount": 500}])[0]["total_points"] == 10
+        assert audit(browser) == []
+        shoot("checked")
+
+        said = editor_says(browser, "editor-save", "Save pay: done")
+        assert re.search(r"row version \d+, serving registry version 2", said), said
+        assert evaluate(db_sidecar, "pay", [{"amount": 500}])[0]["total_points"] == 12
+        wait(browser, lambda b: "12" in rule_row(b, "pay-big").text, "the new points")
+        assert sqlite_database.execute("SELECT actor, action FROM rule_sidecar_writes") == [
+            ("ana (dashboard)", "replace")
+        ]
+        # saved again, the new row version is the one it sends
+        set_text(browser, changed.replace("priority: 0", "priority: 1"))
+        editor_says(browser, "editor-save", "Save pay: done")
+        shoot("saved")
+        # files stay read-only
+        expand(browser, "fraud")
+        fraud = browser.find_element(By.CSS_SELECTOR, '#rulesets details[data-ruleset="fraud"]')
+        assert "Read-only here: from" in fraud.text
+        assert fraud.find_elements(By.CSS_SELECTOR, "button") == []
+        assert page_faults(browser) == []
+
+    def test_problems_at_their_line(self, browser: WebDriver, db_sidecar: ThreadedSidecar) -> None:
+        """A broken condition: Check and Save (422) name its line and column, the
+        location moves the cursor there, and nothing is written."""
+        open_with_token(browser, db_sidecar)
+        original = edit(browser, "pay")
+        lines = original.replace("input.amount > 100", "input.amount >").split("\n")
+        line = next(n for n, text_ in enumerate(lines, 1) if "input.amount >" in text_)
+        set_text(browser, "\n".join(lines))
+        said = editor_says(browser, "editor-check", "Not valid: 1 problem")
+        assert f"line {line}:" in said, said
+        said = editor_says(browser, "editor-save", "refused, nothing was written")
+        assert f"line {line}:" in said, said
+        browser.find_element(By.CSS_SELECTOR, "#editor-result button.location").click()
+        caret = browser.execute_script(
+            "const area = document.getElementById('editor-text');"
+            "return area.value.slice(0, area.selectionStart).split('\\n').length"
+        )
+        assert caret == line
+        assert browser.switch_to.active_element.get_attribute("id") == "editor-text"
+        assert evaluate(db_sidecar, "pay", [{"amount": 500}])[0]["total_points"] == 10
+
+    def test_a_stale_save_says_so_and_loads_the_current_version(
+        self, browser: WebDriver, db_sidecar: ThreadedSidecar, shoot: Shoot
+    ) -> None:
+        """Changed through the API after the editor read it: Save answers 412, the page
+        says someone else changed it, and loads the current version when asked."""
+        open_with_token(browser, db_sidecar)
+        original = edit(browser, "pay")
+        status, read = http(db_sidecar, "GET", "/api/v1/rulesets/pay")
+        behind = dump_yaml(paid_doc(20))
+        status, answer = http(
+            db_sidecar,
+            "PUT",
+            "/api/v1/rulesets/pay",
+            behind,
+            **{"Content-Type": "application/yaml", "If-Match": f'"{read["row_version"]}"'},
+        )
+        assert status == 200, answer
+        set_text(browser, original.replace("name: pay", "name: mine"))
+        said = editor_says(browser, "editor-save", "Someone else changed it")
+        assert f"it is now at row version {answer['row_version']}" in said
+        assert "Your text is still here." in said
+        assert "name: mine" in str(
+            browser.find_element(By.ID, "editor-text").get_attribute("value")
+        )
+        shoot("stale")
+        browser.find_element(By.ID, "editor-reload").click()
+        wait(
+            browser,
+            lambda b: (
+                "points: 20" in str(b.find_element(By.ID, "editor-text").get_attribute("value"))
+            ),
+            "the current version",
+        )
+        assert f"Row version {answer['row_version']}" in text(browser, "editor-about")
+        assert evaluate(db_sidecar, "pay", [{"amount": 500}])[0]["total_points"] == 20
+
+    def test_disable_and_enable_a_rule(
+        self, browser: WebDriver, db_sidecar: ThreadedSidecar, shoot: Shoot
+    ) -> None:
+        """The toggle of a rule writes it; one that would break an embedded test is
+        refused with the test's problem, and nothing changes."""
+        open_with_token(browser, db_sidecar)
+        expand(browser, "open")
+        rule_row(browser, "open-a").find_element(By.CSS_SELECTOR, "button.toggle").click()
+        wait(
+            browser,
+            lambda b: rule_row(b, "open-a").get_attribute("data-enabled") == "false",
+            "open-a disabled",
+        )
+        assert evaluate(db_sidecar, "open", [{}])[0]["total_points"] == 0
+        toggle = rule_row(browser, "open-a").find_element(By.CSS_SELECTOR, "button.toggle")
+        assert toggle.text == "Enable"
+        assert toggle.get_attribute("aria-label") == "Enable open-a"
+        toggle.click()
+        wait(
+            browser,
+            lambda b: rule_row(b, "open-a").get_attribute("data-enabled") == "true",
+            "open-a enabled",
+        )
+        assert evaluate(db_sidecar, "open", [{}])[0]["total_points"] == 3
+
+        expand(browser, "pay")
+        rule_row(browser, "pay-big").find_element(By.CSS_SELECTOR, "button.toggle").click()
+        block = '#rulesets details[data-ruleset="pay"] .write-note'
+        note = wait(
+            browser,
+            lambda b: b.find_element(By.CSS_SELECTOR, block).text,
+            "the refusal",
+        )
+        assert "Disable pay-big: refused, nothing was written" in note, note
+        assert "total_points" in note
+        assert rule_row(browser, "pay-big").get_attribute("data-enabled") == "true"
+        shoot("toggles")
+        assert audit(browser) == []
+
+    def test_create_then_delete(
+        self, browser: WebDriver, db_sidecar: ThreadedSidecar, shoot: Shoot
+    ) -> None:
+        """New ruleset (If-None-Match: *) serves at once; again with the same id is
+        refused; Delete asks first, then it is gone."""
+        open_with_token(browser, db_sidecar)
+        browser.find_element(By.ID, "new-ruleset").click()
+        wait(browser, lambda b: shown(b, "editor"), "the editor")
+        assert browser.switch_to.active_element.get_attribute("id") == "editor-id"
+        field = browser.find_element(By.ID, "editor-id")
+        field.clear()
+        field.send_keys("fresh")
+        set_text(
+            browser,
+            dump_yaml(
+                make_ruleset_doc("fresh", [{"id": "fresh-a", "condition": "true", "points": 4}])
+            ),
+        )
+        editor_says(browser, "editor-check", "Valid: it adds the ruleset.")
+        editor_says(browser, "editor-save", "Save fresh: done")
+        assert evaluate(db_sidecar, "fresh", [{}])[0]["total_points"] == 4
+        wait(
+            browser,
+            lambda b: b.find_elements(By.CSS_SELECTOR, '#rulesets details[data-ruleset="fresh"]'),
+            "the new ruleset listed",
+        )
+        assert text(browser, "editor-title") == "Edit ruleset fresh"
+
+        browser.find_element(By.ID, "editor-close").click()
+        assert not browser.find_element(By.ID, "editor").is_displayed()
+        browser.find_element(By.ID, "new-ruleset").click()
+        field = browser.find_element(By.ID, "editor-id")
+        field.clear()
+        field.send_keys("fresh")
+        set_text(browser, dump_yaml(make_ruleset_doc("fresh")))
+        editor_says(browser, "editor-save", "a ruleset fresh exists already")
+        browser.execute_script("document.getElementById('editor').hidden = true")
+
+        expand(browser, "fresh")
+        delete = '#rulesets details[data-ruleset="fresh"] button.delete'
+        browser.find_element(By.CSS_SELECTOR, delete).click()
+        browser.switch_to.alert.dismiss()
+        assert http(db_sidecar, "GET", "/api/v1/rulesets/fresh")[0] == 200
+        browser.find_element(By.CSS_SELECTOR, delete).click()
+        assert "Delete the ruleset fresh" in browser.switch_to.alert.text
+        browser.switch_to.alert.accept()
+        wait(browser, lambda b: "Delete fresh: done" in text(b, "write-result"), "deleted")
+        wait(
+            browser,
+            lambda b: not b.find_elements(By.CSS_SELECTOR, '[data-ruleset="fresh"]'),
+            "the ruleset gone",
+        )
+        assert http(db_sidecar, "GET", "/api/v1/rulesets/fresh")[0] == 404
+        shoot("deleted")
+
+    def test_markup_in_problems_stays_text(
+        self, browser: WebDriver, db_sidecar: ThreadedSidecar
+    ) -> None:
+        """Markup in what the sidecar says of a document (a message quoting it) and in
+        the document itself is shown as text and runs nothing."""
+        open_with_token(browser, db_sidecar)
+        original = edit(browser, "pay")
+        set_text(browser, original.replace("id: pay\n", f"id: '{MARKUP}'\n", 1))
+        said = editor_says(browser, "editor-check", "Not valid")
+        assert MARKUP in said, said
+        editor_says(browser, "editor-save", "refused")
+        assert browser.find_elements(By.CSS_SELECTOR, "#editor-result img, #rulesets img") == []
+        assert browser.execute_script("return window.pwned") is None
+        assert page_faults(browser) == []
+
+    def test_no_controls_without_a_database(
+        self, browser: WebDriver, sidecar: ThreadedSidecar, shoot: Shoot
+    ) -> None:
+        """Without a database source the page offers no change and says why."""
+        open_dashboard(browser, sidecar)
+        wait(browser, lambda b: "Changing rules here is off" in text(b, "writes-note"), "why not")
+        assert "writes need a database source" in text(browser, "writes-note")
+        assert not browser.find_element(By.ID, "new-ruleset").is_displayed()
+        assert not browser.find_element(By.ID, "actor").is_displayed()
+        expand(browser, "fraud")
+        fraud = browser.find_element(By.CSS_SELECTOR, '#rulesets details[data-ruleset="fraud"]')
+        assert "Read-only here: from" in fraud.text
+        assert fraud.find_elements(By.CSS_SELECTOR, "button") == []
+        shoot("read-only")
+        assert audit(browser) == []

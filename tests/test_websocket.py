@@ -41,7 +41,7 @@ def own_notifier(**options: Any):
 
     def prepare(state: AppState) -> None:
         state.notifier = ReloadNotificationManager(
-            functools.partial(status_view, state.service),
+            functools.partial(status_view, state.service, writes=state.writes),
             on_count=state.metrics.websocket_clients.set,
             **options,
         )

@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import psycopg
 import pytest
+import yaml
 from conftest import dump_yaml, make_ruleset_doc, rule_doc, write_rules
 from db_support import Database, FreezableProxy
 from server_support import HOT, Sidecar, StartSidecar, eventually
@@ -272,6 +273,60 @@ class TestWrites:
             app, ruleset_with_test("pay"), status=403, headers={"If-None-Match": "*"}
         )
         assert "admin token" in answer["error"]["message"]
+        _, status = await call(app, "GET", f"{HOT}/status")
+        assert status["writes"] == {
+            "available": False,
+            "source": status["sources"][-1]["name"],
+            "reason": answer["error"]["message"],
+        }
+
+    async def test_the_yaml_document_is_what_a_put_takes_back(
+        self, start_sidecar: StartSidecar, rules_dir: Path, migrated_db: Database, token_file: Path
+    ):
+        """`Accept: application/yaml` gives the stored ruleset's document with its row
+        version as ETag: put back as it is, nothing changes; edited, the edit serves."""
+        app = await writing_sidecar(start_sidecar, rules_dir, migrated_db, token_file)
+        _, status = await call(app, "GET", f"{HOT}/status")
+        assert status["writes"] == {
+            "available": True,
+            "source": status["sources"][-1]["name"],
+            "reason": None,
+        }
+        assert status["writes"]["source"].startswith(migrated_db.kind)
+        response, _ = await call(
+            app, "GET", "/api/v1/rulesets/pay", headers={"Accept": "application/yaml"}
+        )
+        text = await response.text()
+        assert response.content_type == "application/yaml"
+        assert response.headers["Vary"] == "Accept"
+        assert response.headers["Cache-Control"] == "no-store"
+        etag = response.headers["ETag"]
+        assert etag == f'"{(await app.get("/api/v1/rulesets/pay"))["row_version"]}"'
+        document = yaml.safe_load(text)
+        assert list(document) == ["apiVersion", "kind", "metadata", "spec"]
+        assert document["metadata"]["id"] == "pay"
+        assert document["spec"]["rules"][0]["points"] == 10
+        assert document["spec"]["tests"][0]["expect"] == {"total_points": 10}
+        version = app.version
+        headers = {**ADMIN, "Content-Type": "application/yaml", "If-Match": etag}
+        _, same = await call(app, "PUT", "/api/v1/rulesets/pay", data=text, headers=headers)
+        assert same == {"row_version": int(etag.strip('"')), "registry_version": version}
+        assert audit(migrated_db) == []
+        edited = text.replace("points: 10", "points: 12").replace(
+            "total_points: 10", "total_points: 12"
+        )
+        assert edited != text
+        await call(app, "PUT", "/api/v1/rulesets/pay", data=edited, headers=headers)
+        assert (await app.evaluate("pay", {"amount": 500}))["total_points"] == 12
+        # JSON stays the default, and wins a tie
+        for accept in (
+            "*/*",
+            "application/json, application/yaml",
+            "application/yaml;q=0.5, application/json",
+        ):
+            response, _ = await call(app, "GET", "/api/v1/rulesets/pay", headers={"Accept": accept})
+            assert response.content_type == "application/json", accept
+            assert response.headers["Vary"] == "Accept"
 
 
 async def test_without_a_database_writes_are_not_allowed(
@@ -286,6 +341,22 @@ async def test_without_a_database_writes_are_not_allowed(
     response, _ = await call(app, "POST", "/api/v1/rules/large-amount/enable", status=405)
     assert response.headers["Allow"] == ""
     assert "row_version" not in await app.get("/api/v1/rulesets/fraud")
+    _, status = await call(app, "GET", f"{HOT}/status")
+    assert status["writes"] == {
+        "available": False,
+        "source": None,
+        "reason": answer["error"]["message"],
+    }
+    # a ruleset from files has its document too, read-only
+    response, _ = await call(
+        app, "GET", "/api/v1/rulesets/fraud", headers={"Accept": "application/yaml"}
+    )
+    text = await response.text()
+    assert (
+        response.headers["ETag"]
+        == (await app.call("GET", "/api/v1/rulesets/fraud"))[0].headers["ETag"]
+    )
+    assert yaml.safe_load(text)["metadata"]["id"] == "fraud"
 
 
 async def test_concurrent_writers_exactly_one_wins(

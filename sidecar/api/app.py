@@ -44,6 +44,9 @@ from sidecar.api.metrics import CONTENT_TYPE_LATEST, Metrics
 from sidecar.api.renders import RenderCache
 from sidecar.api.ui import ui_routes
 from sidecar.api.views import (
+    NO_DATABASE,
+    NO_TOKEN,
+    WritesView,
     candidate_view,
     health_view,
     history_view,
@@ -51,9 +54,11 @@ from sidecar.api.views import (
     starting_message,
     status_view,
     validation_view,
+    writes_view,
 )
 from sidecar.api.websocket import ReloadNotificationManager
 from sidecar.config import DEFAULT_SETTINGS
+from sidecar.documents import yaml_text
 from sidecar.engine import Evaluation, evaluate_in_slices, evaluate_ruleset
 from sidecar.errors import InputError, NotFoundError
 from sidecar.explain import ExplanationTooLarge
@@ -108,6 +113,10 @@ class AppState:
     writer: RuleWriter | None = None  # writes through the API, with a database source
     # The tasks handling a request now: shutdown gives them a while, then cancels them.
     handling: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    @property
+    def writes(self) -> WritesView:
+        return writes_view(self.writer, self.admin_token is not None)
 
 
 STATE: web.AppKey[AppState] = web.AppKey("state", AppState)
@@ -434,7 +443,8 @@ def _record_response(record: ReloadRecord) -> web.Response:
 
 
 async def get_status(request: web.Request) -> web.Response:
-    return json_response(status_view(_state(request).service))
+    state = _state(request)
+    return json_response(status_view(state.service, writes=state.writes))
 
 
 async def post_reload(request: web.Request) -> web.Response:
@@ -725,16 +735,57 @@ async def get_rulesets(request: web.Request) -> web.Response:
 
 async def get_ruleset(request: web.Request) -> web.Response:
     """A ruleset stored in the database also carries its `row_version`, and as its ETag
-    (what `If-Match` of a write names), while what serves is what the database holds."""
+    (what `If-Match` of a write names), while what serves is what the database holds.
+    `Accept: application/yaml` gives its document instead (`_ruleset_document`)."""
     snapshot = _serving(request)
     ruleset = _find(snapshot.rulesets, "ruleset", request)
     version = _state(request).service.row_version(snapshot, ruleset.id)
+    if _wants_yaml(request.headers.get("Accept", "")):
+        etag = _etag(snapshot, _state(request).notifier.instance) if version is None else None
+        return await _ruleset_document(ruleset, f'"{version}"' if etag is None else etag)
     if version is None:
-        return await _cached(request, snapshot, ruleset.to_dict)
-    etag = f'"{version}"'
-    if etag in _tags(request.headers.get("If-None-Match", "")):
-        return web.Response(status=304, headers={"ETag": etag})
-    return json_response({**ruleset.to_dict(), "row_version": version}, headers={"ETag": etag})
+        response = await _cached(request, snapshot, ruleset.to_dict)
+    else:
+        etag = f'"{version}"'
+        if etag in _tags(request.headers.get("If-None-Match", "")):
+            response = web.Response(status=304, headers={"ETag": etag})
+        else:
+            body = {**ruleset.to_dict(), "row_version": version}
+            response = json_response(body, headers={"ETag": etag})
+    response.headers["Vary"] = "Accept"
+    return response
+
+
+def _wants_yaml(accept: str) -> bool:
+    """Whether `Accept` prefers a YAML type to JSON (by its q-values; JSON on a tie)."""
+    best = {"yaml": 0.0, "json": 0.0}
+    for item in accept.split(","):
+        media, *parameters = (part.strip().lower() for part in item.split(";"))
+        kind = "yaml" if media in YAML_TYPES else "json" if media == "application/json" else None
+        if kind is None:
+            continue
+        quality = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        best[kind] = max(best[kind], quality)
+    return best["yaml"] > best["json"]
+
+
+async def _ruleset_document(ruleset: RuleSet, etag: str) -> web.Response:
+    """The ruleset's canonical document as YAML text: what a `PUT` takes back, with the
+    ETag of its JSON form (for a ruleset of the database, its row version). Never 304
+    and never stored by a cache (an editor must start from what the database holds);
+    written off the event loop (a ruleset may be megabytes)."""
+    text = await asyncio.to_thread(yaml_text, [ruleset.to_document()])
+    headers = {"Vary": "Accept", "Cache-Control": "no-store", "ETag": etag}
+    return web.Response(
+        text=text, content_type="application/yaml", charset="utf-8", headers=headers
+    )
 
 
 # Writes (the database source)
@@ -752,16 +803,9 @@ def _writer(request: web.Request, allow: Sequence[str]) -> RuleWriter:
     without an admin token configured, 401 without the token, 429 past the budget."""
     state = _state(request)
     if state.writer is None:
-        raise web.HTTPMethodNotAllowed(
-            request.method,
-            allow,
-            text="writes need a database source (--database-url): this sidecar has none",
-        )
+        raise web.HTTPMethodNotAllowed(request.method, allow, text=NO_DATABASE)
     if state.admin_token is None:
-        raise web.HTTPForbidden(
-            text="writes need an admin token (--admin-token-file): a write API open to"
-            " anything in the pod is not a default this sidecar ships"
-        )
+        raise web.HTTPForbidden(text=NO_TOKEN)
     _require_admin(request)
     _limit_rate(request, Action.RELOAD)
     return state.writer

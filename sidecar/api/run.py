@@ -44,7 +44,7 @@ from sidecar.api.app import AppState, create_app, create_observation_app
 from sidecar.api.decisionlog import DecisionLog
 from sidecar.api.limits import BatchTurns, RateBudgets, RequestLimits
 from sidecar.api.metrics import Metrics
-from sidecar.api.views import status_view
+from sidecar.api.views import status_view, writes_view
 from sidecar.api.websocket import ReloadNotificationManager
 from sidecar.conditions import ConditionCompiler
 from sidecar.config import Settings, SettingsError
@@ -154,24 +154,30 @@ def build_state(settings: Settings) -> AppState:
             settings, metrics.decision_log_written, metrics.decision_log_dropped
         )
         decisions.start()
+    admin_token = _read_token(settings.admin_token_file)
+    # A write waits for its publish as long as one read of the database may take.
+    writer = (
+        None
+        if database is None
+        else RuleWriter(service, database, publish_timeout=settings.database_read_timeout_seconds)
+    )
+    writes = writes_view(writer, admin_token is not None)
     notifier = ReloadNotificationManager(
-        functools.partial(status_view, service), on_count=metrics.websocket_clients.set
+        functools.partial(status_view, service, writes=writes),
+        on_count=metrics.websocket_clients.set,
     )
     return AppState(
         registry=registry,
         service=service,
         metrics=metrics,
         notifier=notifier,
-        admin_token=_read_token(settings.admin_token_file),
+        admin_token=admin_token,
         budgets=RateBudgets.from_settings(settings),
         limits=RequestLimits.from_settings(settings),
         batches=BatchTurns(settings.max_queued_batches),
         allowed_hosts=frozenset(settings.allowed_hosts),
         decisions=decisions,
-        # A write waits for its publish as long as one read of the database may take.
-        writer=None
-        if database is None
-        else RuleWriter(service, database, publish_timeout=settings.database_read_timeout_seconds),
+        writer=writer,
     )
 
 

@@ -11,18 +11,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, Literal, TypedDict
+from typing import Any, Final, Literal, TypedDict
 
 from sidecar.reading import SourceStatus
 from sidecar.reloads import ReloadRecord
 from sidecar.service import CandidateCheck, Health, HotReloadService, Starting, Validation
+from sidecar.writes import RuleWriter
 
 __all__ = [
+    "NO_DATABASE",
+    "NO_TOKEN",
     "CandidateView",
     "HealthView",
     "ReloadView",
     "StatusView",
     "ValidationView",
+    "WritesView",
     "candidate_view",
     "health_view",
     "history_view",
@@ -30,6 +34,7 @@ __all__ = [
     "starting_message",
     "status_view",
     "validation_view",
+    "writes_view",
 ]
 
 Serving = Literal["sources", "state_dir"]
@@ -71,6 +76,30 @@ class ReloadView(TypedDict):
     filtered_by: Mapping[str, object] | None
 
 
+class WritesView(TypedDict):
+    """Whether this sidecar takes writes (`PUT`/`DELETE /api/v1/rulesets/{id}`, ...), to
+    which source, and why not: what the dashboard shows its editing controls by."""
+
+    available: bool
+    source: str | None
+    reason: str | None
+
+
+NO_DATABASE: Final = "writes need a database source (--database-url): this sidecar has none"
+NO_TOKEN: Final = (
+    "writes need an admin token (--admin-token-file): a write API open to anything in the"
+    " pod is not a default this sidecar ships"
+)
+
+
+def writes_view(writer: RuleWriter | None, token_configured: bool) -> WritesView:
+    """Writes go to the writer's database source (None: there is none), and only with
+    an admin token configured (405 and 403 otherwise, for these reasons)."""
+    reason = NO_DATABASE if writer is None else None if token_configured else NO_TOKEN
+    source = None if writer is None else writer.source.name
+    return {"available": reason is None, "source": source, "reason": reason}
+
+
 class StatusView(TypedDict):
     monitoring_active: bool
     auto_reload_enabled: bool
@@ -91,6 +120,7 @@ class StatusView(TypedDict):
     last_errors: list[dict[str, Any]]
     state_dir: dict[str, Any] | None
     starting: StartingView | None
+    writes: WritesView
 
 
 class ChecksView(TypedDict):
@@ -219,8 +249,9 @@ def history_view(service: HotReloadService, limit: int | None) -> list[ReloadVie
     return [reload_view(record) for record in service.log.newest(limit)]
 
 
-def status_view(service: HotReloadService) -> StatusView:
-    """The contract's status fields, plus sources, freshness and the last error."""
+def status_view(service: HotReloadService, *, writes: WritesView) -> StatusView:
+    """The contract's status fields, plus sources, freshness, the last error and
+    whether writes are taken (`writes`: the app's, not the service's, to say)."""
     last = service.log.last
     watch_problems = service.watch_problems()
     return {
@@ -246,6 +277,7 @@ def status_view(service: HotReloadService) -> StatusView:
         "last_errors": [problem.to_dict() for problem in last.errors] if last else [],
         "state_dir": service.state.status().to_dict() if service.state else None,
         "starting": _starting(service.starting()),
+        "writes": writes,
     }
 
 

@@ -125,11 +125,15 @@ function askToken() {
 class Unreachable extends Error {}
 
 /** fetch() with JSON in and out, within `timeoutMs`; a 401 asks for the token once and
- *  tries again. No answer marks the sidecar unreachable; any answer marks it reachable. */
-async function api(path, { method = "GET", body, timeoutMs = READ_TIMEOUT_MS, signal } = {}) {
+ *  tries again. No answer marks the sidecar unreachable; any answer marks it reachable.
+ *  `text` is sent as it is, as `type` (a document being edited); with `accept` other
+ *  than JSON, an answer that is not JSON is given as text. */
+async function api(path, { method = "GET", body, text, type, accept = "application/json",
+  headers: extra = {}, cache = "no-cache", timeoutMs = READ_TIMEOUT_MS, signal } = {}) {
   for (let attempt = 0; ; attempt += 1) {
-    const headers = { Accept: "application/json" };
+    const headers = { Accept: accept, ...extra };
     if (body !== undefined) headers["Content-Type"] = "application/json";
+    if (text !== undefined) headers["Content-Type"] = type;
     if (token()) headers.Authorization = `Bearer ${token()}`;
     const sent = Date.now();
     const controller = new AbortController();
@@ -140,10 +144,11 @@ async function api(path, { method = "GET", body, timeoutMs = READ_TIMEOUT_MS, si
     let data;
     try {
       response = await fetch(path, {
-        method, headers, cache: "no-cache", signal: controller.signal,
-        body: body === undefined ? undefined : JSON.stringify(body),
+        method, headers, cache, signal: controller.signal,
+        body: text !== undefined ? text : body === undefined ? undefined : JSON.stringify(body),
       });
-      data = await response.json().catch((error) => {
+      const json = accept === "application/json" || (response.headers.get("Content-Type") || "").includes("json");
+      data = await (json ? response.json() : response.text()).catch((error) => {
         if (controller.signal.aborted) throw error;
         return {};
       });
@@ -245,6 +250,7 @@ async function readAll() {
   view.changes = answered(changes, "changes");
   renderHeader();
   renderBanner();
+  renderWrites();
   renderList();
   renderTryRulesets();
   renderChanges();
@@ -545,14 +551,14 @@ function renderBanner() {
   fill($("banner-errors"), content.problems.map(problemItem));
 }
 
-function ruleRow(rule, counted) {
+function ruleRow(rule, counted, writable) {
   const shadow = rule.mode === "shadow"
     ? el("span", { className: "shadow", title: "evaluated and reported, never adds points" }, "shadow")
     : null;
   return el("tr", { dataset: { rule: rule.id, enabled: String(rule.enabled), mode: rule.mode } },
     el("td", {}, el("code", {}, rule.id), shadow, rule.name !== rule.id ? el("div", {}, rule.name) : null),
     el("td", { className: "number" }, rule.points),
-    el("td", {}, rule.enabled ? "yes" : "no"),
+    el("td", {}, rule.enabled ? "yes" : "no", writable ? [" ", toggleButton(rule)] : null),
     el("td", { className: "condition" }, rule.condition),
     el("td", { title: rule.source ? rule.source.file : "" }, sourceText(rule.source)),
     counted ? ruleCounts(counted.span, counted.span && counted.span.rules.find((r) => r.id === rule.id))
@@ -580,12 +586,12 @@ function percent(fraction) {
 
 /** A table of rules; never an empty one. With `counted` (an opened ruleset's), each
  *  rule's hit rate and errors since its content went live. */
-function rulesTable(rules, counted = null) {
+function rulesTable(rules, counted = null, writable = false) {
   if (!rules.length) return el("p", { className: "muted" }, "No rules.");
   const heads = ["Rule", "Points", "Enabled", "Condition", "Source", ...counted ? ["Hit rate", "Errors"] : []];
   return el("div", { className: "table-scroll" }, el("table", {},
     el("thead", {}, el("tr", {}, heads.map((h) => el("th", { scope: "col" }, h)))),
-    el("tbody", {}, rules.map((rule) => ruleRow(rule, counted)))));
+    el("tbody", {}, rules.map((rule) => ruleRow(rule, counted, writable)))));
 }
 
 function rulesetBody(ruleset) {
@@ -594,8 +600,10 @@ function rulesetBody(ruleset) {
   const stats = list.stats.get(ruleset.id);
   return [el("p", { className: "muted" }, `${bands || "no decision bands"}${fallback}. `,
     sourceText(ruleset.source)),
+  ruleset.rules ? writeBar(ruleset) : null,
   el("div", { className: "insight" }, insight(ruleset.id)),
-  ruleset.rules ? rulesTable(ruleset.rules, { span: stats ? stats.current : null }) : el("p", {}, "Reading…")];
+  ruleset.rules ? rulesTable(ruleset.rules, { span: stats ? stats.current : null }, editable(ruleset))
+    : el("p", {}, "Reading…")];
 }
 
 /** New counts of an opened ruleset, put in place: its insight and its rules' cells (the
@@ -1050,9 +1058,8 @@ function showResult(node, outcome, ...children) {
 
 /** Run `work` with `button` busy; whatever happens, the button is free again after, and
  *  a failure to reach the sidecar is said, not left as "Validating…" forever. */
-async function busy(button, label, work) {
+async function busy(button, label, work, out = button.form ? $("try-result") : $("action-result")) {
   if (button.getAttribute("aria-disabled") === "true") return;
-  const out = button.form ? $("try-result") : $("action-result");
   button.setAttribute("aria-disabled", "true");
   showResult(out, "busy", `${label}…`);
   try {
@@ -1175,6 +1182,320 @@ function explanation(rules) {
           : el("span", { className: "muted" }, "—"))))))));
 }
 
+// ------------------------------------------------------------------------- writes
+
+const ACTOR_KEY = "rule-sidecar-actor";
+const NEW_RULESET = `apiVersion: rule-sidecar/v1
+kind: RuleSet
+metadata:
+  id: new-ruleset
+  name: New ruleset
+spec:
+  decisions:
+    - {decision: review, min_points: 40}
+  default_decision: allow
+  rules: []
+`;
+/** The document being edited: the ruleset's id and the row version it was read at (what
+ *  Save sends as If-Match), or `creating` (If-None-Match: *); the text as read. */
+const editor = { id: null, rowVersion: null, creating: false, original: "", opener: null };
+/** What the last write from a ruleset's view said, kept across the view's re-renders. */
+const notes = new Map();
+
+/** `writes` of the status: whether this sidecar takes writes, where, and why not. */
+function writes() {
+  return view.status ? view.status.writes : null;
+}
+
+/** A ruleset read from the database (it has a row version), while writes are taken. */
+function editable(ruleset) {
+  const taken = writes();
+  return Boolean(taken && taken.available && Number.isInteger(ruleset.row_version));
+}
+
+/** The X-Actor of a write: the name typed, marked as the dashboard's. */
+function actor() {
+  const name = $("actor").value.trim();
+  return name ? `${name} (dashboard)` : "dashboard";
+}
+
+function renderWrites() {
+  const taken = writes();
+  if (!taken) return;
+  $("write-controls").hidden = !taken.available;
+  $("writes-note").textContent = taken.available
+    ? `Rulesets stored in the database (${taken.source}) can be changed here: every change is checked`
+      + " against the whole registry before it is saved. Rulesets from files or ConfigMaps are"
+      + " read-only here: they come from GitOps."
+    : `Changing rules here is off: ${taken.reason}. Rulesets from files or ConfigMaps come from`
+      + " GitOps: change them in their repository.";
+}
+
+/** Above an opened ruleset's rules: Edit and Delete for one of the database, else why not. */
+function writeBar(ruleset) {
+  const taken = writes();
+  const stored = Number.isInteger(ruleset.row_version);
+  const note = notes.get(ruleset.id);
+  const said = note ? el("div", { className: "result write-note", dataset: { outcome: note.outcome } },
+    note.text, note.problems.length ? el("ul", { className: "problems" }, note.problems.map(problemItem)) : null)
+    : null;
+  if (!stored) {
+    return el("p", { className: "muted read-only" }, "Read-only here: from ",
+      el("code", {}, ruleset.source ? ruleset.source.file : "its source"),
+      " (files or ConfigMaps), changed through GitOps.");
+  }
+  if (!taken || !taken.available) {
+    return el("p", { className: "muted read-only" },
+      `Stored in the database (row version ${ruleset.row_version}); changing it here is off: ${taken ? taken.reason : "?"}.`);
+  }
+  const edit = el("button", { type: "button", className: "edit", ariaLabel: `Edit ${ruleset.id}` }, "Edit");
+  const remove = el("button", { type: "button", className: "delete", ariaLabel: `Delete ${ruleset.id}` }, "Delete");
+  edit.addEventListener("click", () => openEditor(ruleset.id, edit));
+  remove.addEventListener("click", () => deleteRuleset(ruleset, remove));
+  return el("div", { className: "write-bar" },
+    el("div", { className: "buttons" }, el("span", { className: "muted" },
+      `Stored in the database, row version ${ruleset.row_version}.`), edit, remove),
+    el("div", { className: "write-result", ariaLive: "polite" }, said));
+}
+
+function toggleButton(rule) {
+  const verb = rule.enabled ? "Disable" : "Enable";
+  const button = el("button", { type: "button", className: "toggle", ariaLabel: `${verb} ${rule.id}` }, verb);
+  button.addEventListener("click", () => setEnabled(rule, !rule.enabled, button));
+  return button;
+}
+
+/** A write's answer in words: 200 served, 202 committed but not served yet, 412 stale,
+ *  422 refused with its problems, anything else as the sidecar said it. */
+function writeOutcome(result, label) {
+  const data = result.data || {};
+  const error = data.error || {};
+  if (result.status === 200) {
+    const row = data.row_version === null ? "" : `row version ${data.row_version}, `;
+    return { outcome: "ok", text: `${label}: done (${row}serving registry version ${data.registry_version}).`, problems: [] };
+  }
+  if (result.status === 202) {
+    return { outcome: "warning", text: `${label}: committed (row version ${data.row_version}), not served yet: ${data.message}`, problems: [] };
+  }
+  if (result.status === 412) {
+    const now = error.row_version === null || error.row_version === undefined
+      ? "it no longer exists" : `it is now at row version ${error.row_version}`;
+    return { outcome: "error", stale: true,
+      text: `${label}: not saved. Someone else changed it since it was read: ${now}.`, problems: [] };
+  }
+  if (result.status === 422) {
+    const problems = error.errors || [];
+    return { outcome: "error", text: `${label}: refused, nothing was written (${plural(problems.length, "problem")}):`, problems };
+  }
+  return { outcome: "error", text: `${label}: ${errorText(result)}`, problems: [] };
+}
+
+/** After a write (or a stale one) the ruleset is read again now, not only when the
+ *  feed says so. */
+function readAgain(id) {
+  list.changed.add(id);
+  list.pageChanged = true;
+  refresh();
+}
+
+/** Run a write from a ruleset's view with `button` busy; its outcome stays under the
+ *  ruleset's buttons. */
+async function viewWrite(button, id, label, request) {
+  if (button.getAttribute("aria-disabled") === "true") return;
+  button.setAttribute("aria-disabled", "true");
+  try {
+    const result = await request();
+    const said = writeOutcome(result, label);
+    notes.set(id, said);
+    if (result.status < 300 && result.data.row_version === null) {  // deleted: its view goes
+      showResult($("write-result"), said.outcome, said.text);
+    }
+  } catch (error) {
+    notes.set(id, { outcome: "error", text: `${label}: ${error.message}`, problems: [] });
+  } finally {
+    button.removeAttribute("aria-disabled");
+  }
+  const block = openedBlock(id);
+  if (block && list.rules.has(id)) fill(block.querySelector(".ruleset-body"), rulesetBody(list.rules.get(id)));
+  readAgain(id);
+}
+
+/** Enable or disable one rule; no If-Match: the flag is all it sets, so it cannot undo
+ *  another change (the sidecar's own answer to a stale one would be the same write). */
+function setEnabled(rule, enabled, button) {
+  const path = `/api/v1/rules/${encodeURIComponent(rule.id)}/${enabled ? "enable" : "disable"}`;
+  return viewWrite(button, rule.ruleset_id, `${enabled ? "Enable" : "Disable"} ${rule.id}`,
+    () => api(path, { method: "POST", headers: { "X-Actor": actor() }, timeoutMs: ACTION_TIMEOUT_MS }));
+}
+
+function deleteRuleset(ruleset, button) {
+  const rules = plural(ruleset.rules.length, "rule");
+  if (!confirm(`Delete the ruleset ${ruleset.id} and its ${rules} from the database? Applications stop getting its decisions.`)) return;
+  viewWrite(button, ruleset.id, `Delete ${ruleset.id}`, () => api(`/api/v1/rulesets/${encodeURIComponent(ruleset.id)}`,
+    { method: "DELETE", headers: { "X-Actor": actor(), "If-Match": `"${ruleset.row_version}"` },
+      timeoutMs: ACTION_TIMEOUT_MS }));
+}
+
+// The editor
+
+function etagVersion(etag) {
+  const match = /^"(\d+)"$/.exec(etag || "");
+  return match ? Number(match[1]) : null;
+}
+
+function showEditor(title, about, text, opener) {
+  editor.original = text;
+  editor.opener = opener;
+  $("editor-title").textContent = title;
+  $("editor-about").textContent = about;
+  $("editor-id-field").hidden = !editor.creating;
+  $("editor-text").value = text;
+  showResult($("editor-result"), "", "");
+  $("editor").hidden = false;
+  (editor.creating ? $("editor-id") : $("editor-text")).focus();
+}
+
+/** Open a stored ruleset's document (GET as YAML: the text a PUT takes back, and its row
+ *  version as ETag). */
+async function openEditor(id, opener) {
+  const out = $("editor-result");
+  try {
+    const result = await api(`/api/v1/rulesets/${encodeURIComponent(id)}`,
+      { accept: "application/yaml", cache: "no-store" });
+    const version = etagVersion(result.headers.get("ETag"));
+    if (result.status !== 200 || version === null || typeof result.data !== "string") {
+      notes.set(id, { outcome: "error", problems: [], text: result.status === 200
+        ? `Edit ${id}: not stored in the database any more.` : `Edit ${id}: ${errorText(result)}` });
+      readAgain(id);
+      return;
+    }
+    Object.assign(editor, { id, rowVersion: version, creating: false });
+    showEditor(`Edit ruleset ${id}`, `Row version ${version}, read at ${clock(Date.now())}. Save replaces it`
+      + " only if nobody changed it since; Check changes nothing.", result.data, opener);
+  } catch (error) {
+    showResult(out, "error", `Edit ${id}: ${error.message}`);
+  }
+}
+
+function newRuleset() {
+  Object.assign(editor, { id: null, rowVersion: null, creating: true });
+  $("editor-id").value = "new-ruleset";
+  showEditor("New ruleset", "Saved only if no ruleset has its id yet; Check changes nothing.", NEW_RULESET,
+    $("new-ruleset"));
+}
+
+function closeEditor() {
+  if ($("editor-text").value !== editor.original && !confirm("Close the editor and discard your changes?")) return;
+  $("editor").hidden = true;
+  const back = editor.opener && editor.opener.isConnected ? editor.opener : $("new-ruleset");
+  if (!back.closest("[hidden]")) back.focus();
+}
+
+/** Where a problem is in the text being edited (line and column), or null when it is
+ *  elsewhere: validate names the text `request#1.yaml` (or .json), a write
+ *  `<request body>.yaml` in its `location`. */
+function inText(problem) {
+  let { file, line, column } = problem;
+  const match = problem.location ? /^(.*):(\d+):(\d+)$/.exec(problem.location) : null;
+  if (match) [file, line, column] = [match[1], Number(match[2]), Number(match[3])];
+  return /^(request#1|<request body>)\.(yaml|json)$/.test(file || "") && line > 0 ? { line, column } : null;
+}
+
+/** A problem of the edited text: its line:column a button that puts the cursor there. */
+function editorProblem(problem) {
+  const at = inText(problem);
+  if (!at) return problemItem(problem);
+  const message = problem.message ?? problem.error;
+  const path = problem.path && problem.path !== "$" ? ` (at ${problem.path})` : "";
+  const go = el("button", { type: "button", className: "location link", ariaLabel: `Go to line ${at.line}, column ${at.column}` },
+    `line ${at.line}:${at.column}`);
+  go.addEventListener("click", () => goTo(at.line, at.column));
+  return el("li", {}, go, `: ${message}${path}`);
+}
+
+function goTo(line, column) {
+  const area = $("editor-text");
+  const lines = area.value.split("\n");
+  let offset = 0;
+  for (let i = 0; i < Math.min(line - 1, lines.length); i += 1) offset += lines[i].length + 1;
+  offset = Math.min(offset + Math.max(column - 1, 0), area.value.length);
+  area.focus();
+  area.setSelectionRange(offset, offset);
+}
+
+function names(ids) {
+  return ids.length ? ids.map((id, i) => [i ? ", " : "", el("code", {}, id)]) : "none";
+}
+
+/** Check: the text validated as part of the registry (nothing written): its problems at
+ *  line:column, its embedded tests, and what it would change. */
+async function checkDocument() {
+  await busy($("editor-check"), "Check", async (out) => {
+    const result = await api(`${HOT}/validate`, { method: "POST", body: { documents: [$("editor-text").value] },
+      timeoutMs: ACTION_TIMEOUT_MS });
+    const report = result.data;
+    if (result.status !== 200) {
+      showResult(out, "error", `Check: ${errorText(result)}`);
+      return;
+    }
+    const { tests, changes } = report;
+    const testsLine = el("p", { className: "tests" }, `Embedded tests: ${tests.passed} of ${tests.run} passed`,
+      tests.failed ? `, ${tests.failed} failed.` : ".");
+    if (!report.valid) {
+      showResult(out, "error", el("p", {}, `Not valid: ${plural(report.errors.length, "problem")}; saving it would be refused.`),
+        el("ul", { className: "problems" }, report.errors.map(editorProblem)), testsLine);
+      return;
+    }
+    const what = changes.added.length ? "adds the ruleset" : changes.changed.length ? "changes the ruleset"
+      : "changes nothing that serves";
+    showResult(out, "ok", el("p", {}, `Valid: it ${what}.`), testsLine,
+      el("ul", { className: "check-changes" },
+        el("li", {}, "Rules added: ", names(changes.rules.added)),
+        el("li", {}, "Rules changed: ", names(changes.rules.changed)),
+        el("li", {}, "Rules removed: ", names(changes.rules.removed))));
+  }, $("editor-result"));
+}
+
+/** Save: PUT the text as it is (JSON when it opens like JSON, else YAML: problems are
+ *  located in it), If-Match the row version read, or If-None-Match: * for a new one. */
+async function saveDocument(event) {
+  event.preventDefault();
+  const text = $("editor-text").value;
+  const id = editor.creating ? $("editor-id").value.trim() : editor.id;
+  const out = $("editor-result");
+  if (!id) {
+    showResult(out, "error", "Save: give the ruleset's id.");
+    $("editor-id").focus();
+    return;
+  }
+  await busy($("editor-save"), "Save", async () => {
+    const condition = editor.creating ? { "If-None-Match": "*" } : { "If-Match": `"${editor.rowVersion}"` };
+    const result = await api(`/api/v1/rulesets/${encodeURIComponent(id)}`, {
+      method: "PUT", text, type: /^[\s\ufeff]*[{[]/.test(text) ? "application/json" : "application/yaml",
+      headers: { ...condition, "X-Actor": actor() }, timeoutMs: ACTION_TIMEOUT_MS });
+    const said = writeOutcome(result, `Save ${id}`);
+    if (result.status === 200 || result.status === 202) {
+      Object.assign(editor, { id, rowVersion: result.data.row_version, creating: false, original: text });
+      $("editor-id-field").hidden = true;
+      $("editor-title").textContent = `Edit ruleset ${id}`;
+      $("editor-about").textContent = `Row version ${editor.rowVersion}, saved at ${clock(Date.now())}.`;
+      showResult(out, said.outcome, said.text);
+      readAgain(id);
+    } else if (said.stale && editor.creating) {
+      showResult(out, "error", `Save ${id}: not saved: a ruleset ${id} exists already. Choose another id, or edit that one.`);
+    } else if (said.stale) {
+      const exists = Number.isInteger((result.data.error || {}).row_version);
+      const reload = el("button", { type: "button", id: "editor-reload" }, "Load the current version (discards your text)");
+      reload.addEventListener("click", () => openEditor(id, editor.opener));
+      showResult(out, "error", el("p", {}, said.text, " Your text is still here."), exists ? reload : null);
+      readAgain(id);
+    } else {
+      showResult(out, said.outcome, el("p", {}, said.text),
+        said.problems.length ? el("ul", { className: "problems" }, said.problems.map(editorProblem)) : null);
+    }
+  }, out);
+}
+
 // ------------------------------------------------------------------------- start
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -1189,6 +1510,12 @@ document.addEventListener("DOMContentLoaded", () => {
   $("page-previous").addEventListener("click", () => turnPage(-1));
   $("page-next").addEventListener("click", () => turnPage(1));
   $("try").addEventListener("submit", tryIt);
+  $("new-ruleset").addEventListener("click", newRuleset);
+  $("editor-check").addEventListener("click", checkDocument);
+  $("editor").addEventListener("submit", saveDocument);
+  $("editor-close").addEventListener("click", closeEditor);
+  $("actor").value = sessionStorage.getItem(ACTOR_KEY) || "";
+  $("actor").addEventListener("change", () => sessionStorage.setItem(ACTOR_KEY, $("actor").value.trim()));
   refresh();
   connect();
   probe.timer = setTimeout(probe, PROBE_MS);
