@@ -1308,6 +1308,7 @@ async function viewWrite(button, id, label, request) {
     const said = writeOutcome(result, label);
     notes.set(id, said);
     if (result.status < 300 && result.data.row_version === null) {  // deleted: its view goes
+      notes.delete(id);
       showResult($("write-result"), said.outcome, said.text);
     }
   } catch (error) {
