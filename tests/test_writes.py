@@ -202,7 +202,7 @@ class TestWrites:
         _, refused = await put(
             app, broken, status=422, headers={"If-Match": f'"{read["row_version"]}"'}
         )
-        assert refused["error"]["errors"][0]["location"].startswith("<request body>.yaml:")
+        assert refused["error"]["errors"][0]["location"].startswith("request.yaml:")
         assert "total_points" in refused["error"]["errors"][0]["error"]
         assert migrated_db.dump() == before
         assert audit(migrated_db) == []

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from sidecar.api.candidates import YAML_TYPES, Candidate, json_candidate, yaml_candidate
+from sidecar.api.candidates import BODY, YAML_TYPES, Candidate, json_candidate, yaml_candidate
 from sidecar.api.decisionlog import BatchRecorder, DecisionLog, with_problem
 from sidecar.api.limits import (
     RATE_SETTINGS,
@@ -790,7 +790,6 @@ async def _ruleset_document(ruleset: RuleSet, etag: str) -> web.Response:
 
 # Writes (the database source)
 
-_YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml"})
 _WRITE_REFUSED = "the write would leave rules that do not load: nothing was written"
 
 
@@ -843,26 +842,31 @@ def _precondition(request: web.Request, *, create: bool, required: bool) -> Prec
 
 
 async def _write_body(request: web.Request) -> SourceFile:
-    """The one ruleset document a PUT carries, as the file the loader checks: YAML or
-    JSON text as sent (problems at its line and column), or `{"documents": [doc]}`."""
+    """The one ruleset document a PUT carries, as the file the loader checks, named and
+    located as validate names a candidate's (`request.yaml`, `request.json`, or
+    `request#1.json` for `{"documents": [doc]}`): problems at their line and column."""
     kind = request.content_type
-    if kind not in _YAML_TYPES and kind != "application/json":
+    if kind not in YAML_TYPES and kind != "application/json":
         raise web.HTTPUnsupportedMediaType(
             text="send the ruleset document as application/yaml or application/json"
         )
     raw = await _read_body(request)
-    if kind in _YAML_TYPES:
-        return SourceFile("<request body>.yaml", raw)
+    if kind in YAML_TYPES:
+        return yaml_candidate(raw).files[0]
     try:
         body = loads(raw)
     except (ValueError, RecursionError):
-        return SourceFile("<request body>.json", raw)  # the loader says where and why
+        return SourceFile(f"{BODY}.json", raw)  # the loader says where and why
     if isinstance(body, dict) and body.keys() == {"documents"}:
         documents = body["documents"]
         if not isinstance(documents, list) or len(documents) != 1:
             raise web.HTTPBadRequest(text="documents must be a list of one ruleset document")
-        return SourceFile("<request body>.json", dumpb(documents[0]), located=False)
-    return SourceFile("<request body>.json", raw)
+        candidate = json_candidate(raw, _state(request).service.loader.file_limits)
+        if candidate is None or candidate.problems or len(candidate.files) != 1:
+            problems = "; ".join(p.message for p in candidate.problems) if candidate else ""
+            raise web.HTTPBadRequest(text=problems or "documents must hold one ruleset document")
+        return candidate.files[0]
+    return SourceFile(f"{BODY}.json", raw)
 
 
 async def _written(request: web.Request, write: Awaitable[Written]) -> web.Response:

@@ -1394,12 +1394,12 @@ function closeEditor() {
 
 /** Where a problem is in the text being edited (line and column), or null when it is
  *  elsewhere: validate names the text `request#1.yaml` (or .json), a write
- *  `<request body>.yaml` in its `location`. */
+ *  `request.yaml` (or .json) in its `location`. */
 function inText(problem) {
   let { file, line, column } = problem;
   const match = problem.location ? /^(.*):(\d+):(\d+)$/.exec(problem.location) : null;
   if (match) [file, line, column] = [match[1], Number(match[2]), Number(match[3])];
-  return /^(request#1|<request body>)\.(yaml|json)$/.test(file || "") && line > 0 ? { line, column } : null;
+  return /^request(#1)?\.(yaml|json)$/.test(file || "") && line > 0 ? { line, column } : null;
 }
 
 /** A problem of the edited text: its line:column a button that puts the cursor there. */
