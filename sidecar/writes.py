@@ -26,8 +26,8 @@ import contextlib
 import functools
 import logging
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final
 
@@ -35,6 +35,7 @@ import psycopg
 
 from sidecar.dbtools import IMPORT_LOCK, require_schema, unstorable_in_postgresql
 from sidecar.errors import LoadError, NotFoundError, Problem, ProblemCode
+from sidecar.model import Location
 from sidecar.rulefiles import SourceFile
 from sidecar.service import HotReloadService
 from sidecar.sources import in_daemon_thread
@@ -50,6 +51,7 @@ from sidecar.sources.dbschema import (
     marks,
     record_write,
     row_version,
+    rule_owners,
     ruleset_file,
     write_ruleset,
 )
@@ -145,6 +147,8 @@ class _Transaction:
     document_after: dict[str, Any] | None = None
     files: tuple[SourceFile, ...] = ()
     committed: bool = False
+    # Where each rule of a put's body is, for the problems the database finds.
+    where: Mapping[str, Location] = field(default_factory=dict)
 
     @property
     def changed(self) -> bool:
@@ -177,9 +181,9 @@ class RuleWriter:
         """Create (`If-None-Match: *`) or replace (`If-Match`) a ruleset with the one
         document `body` holds. `WriteRefused` when it is not one ruleset of that id, or
         the registry would not load with it."""
-        document = await self._checked_document(ruleset_id, body)
+        document, where = await self._checked_document(ruleset_id, body)
         action = WriteAction.CREATE if precondition.row_version is None else WriteAction.REPLACE
-        transaction = _Transaction(None, action, ruleset_id, None)
+        transaction = _Transaction(None, action, ruleset_id, None, where=where)
         return await self._write(transaction, precondition, actor, lambda _: document)
 
     async def delete(
@@ -210,9 +214,12 @@ class RuleWriter:
 
     # The steps of a write
 
-    async def _checked_document(self, ruleset_id: str, body: SourceFile) -> dict[str, Any]:
+    async def _checked_document(
+        self, ruleset_id: str, body: SourceFile
+    ) -> tuple[dict[str, Any], dict[str, Location]]:
         """The body's ruleset as a canonical document, once the registry is known to
-        load with it in place of the stored one (problems located in the body)."""
+        load with it in place of the stored one (problems located in the body), and
+        where each of its rules is in the body."""
         name = ruleset_file(self.source.name, ruleset_id)
         async with self.service.exclusively() as held:
             files = [f for f in self.service.sources.files_of(self.source.name) if f.name != name]
@@ -244,7 +251,8 @@ class RuleWriter:
             refused = unstorable_in_postgresql(ruleset)
             if refused:
                 raise WriteRefused(refused)
-        return ruleset.to_document()
+        where = {rule.id: rule.location for rule in ruleset.rules if rule.location is not None}
+        return ruleset.to_document(), where
 
     async def _write(
         self,
@@ -366,6 +374,8 @@ class RuleWriter:
             stored = self._stored(connection, ruleset_id, required=transaction.rule_id is not None)
             transaction.document_before = stored
             wanted = change(stored)
+            if wanted is not None:
+                self._refuse_rules_held_elsewhere(connection, transaction, wanted)
             if wanted is None:
                 connection.execute(
                     f"DELETE FROM rule_sidecar_rulesets WHERE id = {marks(url.kind)}",
@@ -381,6 +391,39 @@ class RuleWriter:
             )
         if not transaction.changed:
             transaction.after = before
+
+    def _refuse_rules_held_elsewhere(
+        self, connection: Any, transaction: _Transaction, document: dict[str, Any]
+    ) -> None:
+        """`WriteRefused` when another stored ruleset holds a rule of one of these ids.
+        Storing would move that rule out of it, so the registry read back would load
+        while another ruleset silently lost a rule (a writer whose registry is behind
+        the database's, or two writes at once, would never see the clash)."""
+        rule_ids = [str(rule["id"]) for rule in document["spec"]["rules"]]
+        held = rule_owners(
+            connection, self.source.url.kind, rule_ids, other_than=transaction.ruleset_id
+        )
+        if not held:
+            return
+        problems = []
+        for index, rule_id in enumerate(rule_ids):
+            if rule_id not in held:
+                continue
+            at = transaction.where.get(rule_id)
+            problems.append(
+                Problem(
+                    file=at.file if at else ruleset_file(self.source.name, transaction.ruleset_id),
+                    line=at.line if at else 1,
+                    column=at.column if at else 1,
+                    path=f"$.spec.rules[{index}].id",
+                    message=f"rule id {rule_id!r} is already used by ruleset"
+                    f" {held[rule_id]!r} in {self.source.name}",
+                    ruleset_id=transaction.ruleset_id,
+                    rule_id=rule_id,
+                    code=ProblemCode.ID_DUPLICATE,
+                )
+            )
+        raise WriteRefused(problems)
 
     def _stored(self, connection: Any, ruleset_id: str, *, required: bool) -> dict[str, Any] | None:
         """The ruleset's document as stored; None when absent, or when it cannot be read

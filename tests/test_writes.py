@@ -254,6 +254,7 @@ class TestWrites:
         await put(app, doc, status=400, headers={"If-None-Match": "*", "X-Actor": "a\tb"})
         await put(app, doc, status=400, headers={"If-None-Match": "*", "X-Actor": "x" * 201})
         await put(app, doc, status=400, headers={"If-Match": "3"})
+        await put(app, doc, status=400, headers={"If-Match": '"01"'})  # the tag is "1"
         await call(
             app,
             "PUT",
@@ -381,6 +382,56 @@ async def test_concurrent_writers_exactly_one_wins(
     served = await app.get("/api/v1/rulesets/pay")
     assert served["row_version"] == winner["row_version"]
     assert len(audit(migrated_db)) == 1
+
+
+async def test_writers_of_one_rule_id_in_two_rulesets_exactly_one_wins(
+    start_sidecar: StartSidecar, rules_dir: Path, migrated_db: Database, token_file: Path
+):
+    """Each write alone is valid; together they would hold one rule id twice. Storing a
+    rule whose id another ruleset holds would move it out of that ruleset: refused."""
+    app = await writing_sidecar(start_sidecar, rules_dir, migrated_db, token_file)
+    docs = [
+        make_ruleset_doc(
+            f"two-{n}", [rule_doc("shared", "true", 1), rule_doc(f"own-{n}", "true", 1)]
+        )
+        for n in range(4)
+    ]
+    answers = await asyncio.gather(
+        *(put(app, doc, status=None, headers={"If-None-Match": "*"}) for doc in docs)
+    )
+    statuses = sorted(response.status for response, _ in answers)
+    assert statuses == [200] + [422] * 3
+    (winner,) = [
+        doc for doc, (response, _) in zip(docs, answers, strict=True) if response.status == 200
+    ]
+    owners = migrated_db.execute("SELECT ruleset_id FROM rule_sidecar_rules WHERE id = 'shared'")
+    assert owners == [(winner["metadata"]["id"],)]
+    for response, answer in answers:
+        if response.status == 422:
+            assert any("'shared'" in e["error"] for e in answer["error"]["errors"])
+    assert len(audit(migrated_db)) == 1
+
+
+async def test_a_rule_held_by_a_ruleset_not_read_yet_is_refused(
+    start_sidecar: StartSidecar, rules_dir: Path, migrated_db: Database, token_file: Path
+):
+    """The writing sidecar has not read the ruleset that holds the rule id (another
+    writer stored it meanwhile): the check in the write's transaction refuses it, located
+    at the rule in the body, and neither ruleset changes."""
+    app = await start_sidecar(
+        rules_dir, monitor=False, database_url=migrated_db.url, admin_token_file=token_file
+    )
+    migrated_db.import_docs(
+        ruleset_with_test("pay"), make_ruleset_doc("ya", [rule_doc("y-shared", "true", 1)])
+    )
+    before = migrated_db.dump()
+    doc = make_ruleset_doc("yb", [rule_doc("yb-own", "true", 1), rule_doc("y-shared", "true", 2)])
+    _, refused = await put(app, doc, status=422, headers={"If-None-Match": "*"})
+    (problem,) = refused["error"]["errors"]
+    assert problem["location"].startswith("request.yaml:")
+    assert "'y-shared' is already used by ruleset 'ya'" in problem["error"]
+    assert migrated_db.dump() == before
+    assert audit(migrated_db) == []
 
 
 async def test_two_sidecars_on_one_postgresql(

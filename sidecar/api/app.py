@@ -836,7 +836,10 @@ def _precondition(request: web.Request, *, create: bool, required: bool) -> Prec
         return None
     tag = match.strip()
     version = tag[1:-1] if len(tag) > 2 and tag[0] == tag[-1] == '"' else ""
-    if not (version.isascii() and version.isdigit() and len(version) <= 19):
+    # As the ETag writes it: a strong comparison is of the exact tag, so "06" is not "6".
+    if not (version.isascii() and version.isdigit() and len(version) <= 19) or (
+        version != str(int(version))
+    ):
         raise web.HTTPBadRequest(text='If-Match must be one row version, e.g. If-Match: "3"')
     return Precondition(int(version))
 

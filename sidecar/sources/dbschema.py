@@ -43,6 +43,7 @@ __all__ = [
     "row_version",
     "rule_document",
     "rule_field",
+    "rule_owners",
     "ruleset_document",
     "ruleset_file",
     "select",
@@ -552,6 +553,23 @@ def ruleset_document(row: tuple[Any, ...], rules: list[dict[str, Any]]) -> dict[
 
 # SQLite takes at most 32,766 parameters per statement; 12 per rule.
 _ROWS_PER_STATEMENT: Final = 1_000
+
+
+def rule_owners(
+    connection: Any, dialect: Dialect, rule_ids: Sequence[str], *, other_than: str
+) -> dict[str, str]:
+    """Which of `rule_ids` rulesets other than `other_than` hold (rule id -> ruleset id):
+    `write_ruleset` would move those rules, silently, out of the ruleset that holds them."""
+    found: dict[str, str] = {}
+    for start in range(0, len(rule_ids), _ROWS_PER_STATEMENT):
+        batch = rule_ids[start : start + _ROWS_PER_STATEMENT]
+        rows = connection.execute(
+            f"SELECT id, ruleset_id FROM rule_sidecar_rules WHERE ruleset_id <> {marks(dialect)}"
+            f" AND id IN ({marks(dialect, len(batch))})",
+            (other_than, *batch),
+        ).fetchall()
+        found.update((str(rule_id), str(owner)) for rule_id, owner in rows)
+    return found
 
 
 def write_ruleset(connection: Any, dialect: Dialect, document: dict[str, Any]) -> None:
