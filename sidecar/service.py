@@ -198,6 +198,7 @@ class HotReloadService:
         self.confirm_empty_seconds = confirm_empty_seconds
         self.log = ReloadLog(history_limit)
         self._lock = asyncio.Lock()
+        self._shutting_down = False
         # One candidate check at a time: they share the reload worker with reloads.
         self._candidates = asyncio.Lock()
         # What the service waits for now, and since when (monotonic): for health while
@@ -245,8 +246,12 @@ class HotReloadService:
         """Start watching every source, the periodic resync and verification (idempotent)."""
         self._scheduler.start(self.sources)
 
-    async def stop(self) -> None:
-        """Stop watching (and any requested reload); the registry keeps serving."""
+    async def stop(self, *, shutting_down: bool = False) -> None:
+        """Stop watching (and any requested reload); the registry keeps serving.
+        `shutting_down`: the server is ending; health does not count the watches it
+        stops as monitoring turned off (a probe or page during the drain would read a
+        degradation that is only the shutdown)."""
+        self._shutting_down = self._shutting_down or shutting_down
         await self._scheduler.stop()
 
     async def close(self) -> None:
@@ -477,7 +482,8 @@ class HotReloadService:
             sources_watched=not watch_problems,
             fresh=self.is_fresh(),
         )
-        watching = (checks.monitoring_active or not self.auto_reload) and not watch_problems
+        monitoring = checks.monitoring_active or not self.auto_reload or self._shutting_down
+        watching = monitoring and not watch_problems
         fresh_enough = checks.fresh or not self.auto_reload
         if not has_snapshot:
             status = HealthStatus.UNHEALTHY

@@ -763,3 +763,19 @@ class TestPrepared:
         evaluate(service.registry.current, "a", {"amount": 1})
         await wait_for(lambda: rulesets["a"].plan.conditions.prepared)
         assert not rulesets["b"].plan.conditions.prepared
+
+
+async def test_watches_stopped_by_a_shutdown_are_not_a_degradation():
+    """Stopping monitoring (the API's monitoring/stop) degrades health; the watches a
+    server's shutdown stops do not: a probe or a page during the drain reads what served."""
+    service = make_service(StaticSource(rules("a")), auto_reload=True)
+    await service.initial_load()
+    service.start()
+    assert service.health().status is HealthStatus.HEALTHY
+    await service.stop()
+    assert service.health().status is HealthStatus.DEGRADED
+    service.start()
+    await service.stop(shutting_down=True)
+    health = service.health()
+    assert (health.status, health.checks.monitoring_active) == (HealthStatus.HEALTHY, False)
+    await service.close()

@@ -542,7 +542,7 @@ async def serve(settings: Settings) -> int:
         logger.info("shutting down: draining requests and closing WebSockets")
         starting.cancel()
         await asyncio.wait([starting])
-        await state.service.stop()
+        await state.service.stop(shutting_down=True)
         for listener in listeners:
             listener.close()
         await state.notifier.close_all()
