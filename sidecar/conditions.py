@@ -25,18 +25,27 @@ import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from cel_expr_python import cel
 from cel_expr_python.ext import ext_math, ext_strings
 
 from sidecar.celwire import CheckedExpression, Node, checked_expression
-from sidecar.cost import DEFAULT_COST_LIMIT, CostError, SizeBounds, estimate, estimate_items
+from sidecar.cost import (
+    DEFAULT_COST_LIMIT,
+    CostError,
+    SizeBounds,
+    conversion_cost,
+    estimate,
+    estimate_items,
+)
+from sidecar.dependencies import RULES, DynamicReference, Reference, layers, references
 from sidecar.errors import InputError, format_path
 from sidecar.fastpath import UNKNOWN, FastFunction, build, clean_input, unwrap_condition
 
 __all__ = [
     "DEFAULT_INPUT_LIMITS",
+    "DEPENDENCY_REFUSED",
     "ConditionCompiler",
     "ConditionError",
     "ConditionSet",
@@ -45,6 +54,7 @@ __all__ = [
     "Outcome",
     "check_input",
     "input_fields",
+    "located",
 ]
 
 logger = logging.getLogger("sidecar.conditions")
@@ -58,6 +68,7 @@ _CHUNK_CHARS: Final = 60_000
 _REST_CHARS: Final = 3_000  # see `_Chunk.build_rest`
 _INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1
+_V = TypeVar("_V")
 
 
 class ConditionError(Exception):
@@ -201,12 +212,21 @@ def _parse_cel_error(text: str) -> ConditionError:
     return ConditionError(found.group(3).strip(), line=max(line, 1), column=max(column, 1))
 
 
-def _cost_error(expression: str, exc: CostError) -> ConditionError:
-    """A cost refusal placed at the call it blames (offsets count code points)."""
-    before = expression[: exc.offset]
+def located(expression: str, offset: int, message: str, reason: str) -> ConditionError:
+    """A refusal placed at a code-point offset of the expression."""
+    before = expression[:offset]
     line = before.count("\n") + 1
-    column = exc.offset - (before.rfind("\n") + 1) + 1
-    return ConditionError(exc.message, line=line, column=column, reason="condition is too costly")
+    column = offset - (before.rfind("\n") + 1) + 1
+    return ConditionError(message, line=line, column=column, reason=reason)
+
+
+DEPENDENCY_REFUSED: Final = "rule dependency refused"
+"""The `ConditionError.reason` of a read of `rules` that cannot be (`sidecar.dependencies`)."""
+
+
+def _cost_error(expression: str, exc: CostError) -> ConditionError:
+    """A cost refusal placed at the call it blames."""
+    return located(expression, exc.offset, exc.message, "condition is too costly")
 
 
 def _runtime_error_text(text: str) -> str:
@@ -237,11 +257,14 @@ class ConditionCompiler:
         self._bounds = limits.size_bounds()
         self._cost_limit = cost_limit
         self._env = cel.NewEnv(
-            variables={"input": cel.Type.DYN},
+            variables={"input": cel.Type.DYN, RULES: cel.Type.Map(cel.Type.STRING, cel.Type.BOOL)},
             extensions=[ext_strings.ExtStrings(), ext_math.ExtMath()],
         )
         self._cache: dict[str, Any] = {}
         self._costs: dict[str, float] = {}  # worst-case cost of each accepted expression
+        # The rules each accepted expression that names `rules` reads.
+        self._references: dict[str, tuple[Reference, ...]] = {}
+        self._conversion = conversion_cost(self._bounds)
         self._lock = threading.Lock()
         self._preparer = _Preparer()
 
@@ -270,39 +293,78 @@ class ConditionCompiler:
                 cost = estimate(program.serialize(), self._bounds, self._cost_limit)
             except CostError as exc:
                 raise _cost_error(expression, exc) from None
+        read: tuple[Reference, ...] = ()
+        if RULES in expression:
+            try:
+                read = references(checked_expression(program.serialize()))
+            except DynamicReference as exc:
+                raise located(expression, exc.offset, exc.message, DEPENDENCY_REFUSED) from None
         with self._lock:
             self._cache.setdefault(expression, program)
             self._costs[expression] = cost
+            if read:
+                self._references[expression] = read
         return program
 
-    def compile_set(self, expressions: Sequence[str]) -> ConditionSet:
+    def references(self, expression: str) -> tuple[Reference, ...]:
+        """The rules the condition reads (`rules["id"]`), or `ConditionError`. Only an
+        expression that spells `rules` is compiled alone for it: the rest read none."""
+        if RULES not in expression:
+            return ()
+        with self._lock:
+            found = self._references.get(expression)
+        if found is None:
+            self.compile(expression)
+            with self._lock:
+                found = self._references.get(expression, ())
+        return found
+
+    def compile_set(
+        self,
+        expressions: Sequence[str],
+        *,
+        names: Sequence[str] = (),
+        dependencies: Sequence[tuple[int, ...]] = (),
+    ) -> ConditionSet:
         """Compile the conditions of one ruleset into a few programs (see ConditionSet).
 
-        Raises `ConditionSetError` listing every expression that does not compile.
+        `names` are the rule ids (the keys of `rules`) and `dependencies` each
+        condition's direct dependencies, as indexes, checked acyclic by the caller
+        (`sidecar.dependencies.resolve`). Raises `ConditionSetError` listing every
+        expression that does not compile.
         """
+        layout = _Layout.of(expressions, names, dependencies) if any(dependencies) else None
+        ordered = tuple(expressions) if layout is None else layout.expressions
         chunks = []
         errors: dict[int, ConditionError] = {}
-        for start, end in _chunk_bounds(expressions):
-            combined = self._combined(expressions[start:end])
+        for start, end in _chunk_bounds(ordered, () if layout is None else layout.breaks):
+            combined = self._combined(ordered[start:end])
             program = None if combined is None else combined[0]
             if combined is None:
                 # A bad condition, or a nesting depth only the combined form exceeds:
                 # each expression on its own tells which.
                 suspects: Sequence[int] = range(start, end)
             else:
-                suspects = self._overpriced(combined[1], expressions, start, end)
-            for index in suspects:
+                suspects = self._overpriced(combined[1], ordered, start, end)
+            # A read of `rules` is checked on the condition alone (`compile`).
+            named = (i for i in range(start, end) if RULES in ordered[i])
+            for index in sorted({*suspects, *named}):
                 try:
-                    self.compile(expressions[index])
+                    self.compile(ordered[index])
                 except ConditionError as exc:
-                    errors[index] = exc
+                    errors[index if layout is None else layout.order[index]] = exc
             chunks.append(_Chunk(start, end, program))
         if errors:
             raise ConditionSetError(errors)
         with self._lock:
             worst = sum(self._costs[expression] for expression in expressions)
+        if layout is not None:
+            # Each later layer that reads the input converts (its part of) it again.
+            worst += self._conversion * layout.conversions
         fields = input_fields(expressions)
-        return ConditionSet(tuple(expressions), chunks, self, worst_cost=worst, fields=fields)
+        return ConditionSet(
+            tuple(expressions), chunks, self, worst_cost=worst, fields=fields, layout=layout
+        )
 
     def _overpriced(
         self, checked: CheckedExpression, expressions: Sequence[str], start: int, end: int
@@ -328,6 +390,8 @@ class ConditionCompiler:
                 del self._cache[expression]
             for expression in [e for e in self._costs if e not in keep]:
                 del self._costs[expression]
+            for expression in [e for e in self._references if e not in keep]:
+                del self._references[expression]
 
     def outcome(self, expression: str, document: Any) -> Outcome:
         """One condition evaluated alone: the reference the combined programs must match."""
@@ -337,8 +401,12 @@ class ConditionCompiler:
         """A program compiled (and serialized) by another process's compiler."""
         return self._env.deserialize(serialized)
 
-    def activation(self, document: Any) -> Any:
-        return self._env.Activation(data={"input": document})
+    def activation(self, document: Any, outcomes: Mapping[str, bool] | None = None) -> Any:
+        """The variables of one evaluation: the input, and the outcomes of the rules
+        the conditions depend on (`rules`), if any."""
+        if outcomes is None:
+            return self._env.Activation(data={"input": document})
+        return self._env.Activation(data={"input": document, RULES: outcomes})
 
     def compile_combined(self, expressions: Sequence[str]) -> Any | None:
         """One program giving the list of the expressions' outcomes, or None."""
@@ -409,9 +477,14 @@ class ConditionSet:
     evaluated one by one, each with a program of its own (compiled on first need and
     kept by the compiler), so that every error belongs to exactly one rule.
 
+    A set whose conditions read other rules' outcomes (`layout`, see `_Layout`) is
+    evaluated layer by layer, each layer's chunks with `rules` bound to the outcomes of
+    the layers before; a set without (most) takes exactly the path it always did.
+
     `worst_cost` is the sum of the conditions' worst-case costs (`sidecar.cost` units,
-    about a nanosecond each): what one evaluation can take, for a caller that budgets
-    event-loop time across inputs and rulesets.
+    about a nanosecond each), plus the input's conversion again for each later layer
+    that reads it: what one evaluation can take, for a caller that budgets event-loop
+    time across inputs and rulesets.
     """
 
     __slots__ = (
@@ -419,9 +492,12 @@ class ConditionSet:
         "_chunks",
         "_compiler",
         "_fast",
+        "_layout",
         "_lock",
+        "_needs",
         "_serialized",
         "_trees",
+        "_views",
         "expressions",
         "fields",
         "worst_cost",
@@ -436,6 +512,7 @@ class ConditionSet:
         serialized: Sequence[tuple[int, int, bytes | None]] = (),
         worst_cost: float = 0.0,
         fields: frozenset[str] | None,
+        layout: _Layout | None = None,
     ) -> None:
         self.expressions = expressions
         self.worst_cost = worst_cost
@@ -449,6 +526,20 @@ class ConditionSet:
         self._asked = False  # whether the first evaluation asked for `prepare`
         self._lock = threading.Lock()
         self._trees: tuple[Node | None, ...] | None = None
+        self._layout = layout
+        # For each chunk of a layered set: the conditions whose outcomes it reads, and
+        # the input fields its own conditions read (each layer converts only those).
+        self._needs: tuple[tuple[int, ...], ...] = ()
+        self._views: tuple[frozenset[str] | None, ...] = ()
+        if layout is not None:
+            bounds = [(c.start, c.end) for c in chunks] or [(s, e) for s, e, _ in serialized]
+            self._needs = tuple(layout.needs(start, end) for start, end in bounds)
+            self._views = tuple(input_fields(layout.expressions[s:e]) for s, e in bounds)
+
+    @property
+    def depth(self) -> int:
+        """How many layers of dependencies the set is evaluated in (1 without any)."""
+        return 1 if self._layout is None else len(self._layout.breaks) + 1
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled as its expressions and its chunks' programs in cel-cpp's serialized
@@ -458,7 +549,8 @@ class ConditionSet:
             (chunk.start, chunk.end, None if chunk.program is None else chunk.program.serialize())
             for chunk in self._chunks
         )
-        return (_unbound_set, (self.expressions, serialized, self.worst_cost, self.fields))
+        state = (self.expressions, serialized, self.worst_cost, self.fields, self._layout)
+        return (_unbound_set, state)
 
     def bind(self, compiler: ConditionCompiler) -> None:
         """Attach an unpickled set to this process's compiler. Its programs are restored
@@ -485,7 +577,10 @@ class ConditionSet:
         """Each condition's expression tree as cel-cpp checked it (None where it cannot
         be had), for explaining an evaluation; decoded from the programs at first use."""
         if self._trees is None:
-            self._trees = _condition_trees(self._programs(), self.expressions, self._compiler)
+            layout = self._layout
+            ordered = self.expressions if layout is None else layout.expressions
+            trees = _condition_trees(self._programs(), ordered, self._compiler)
+            self._trees = trees if layout is None else tuple(layout.restore(trees))
         return self._trees
 
     def project(self, document: Any) -> Any:
@@ -523,6 +618,8 @@ class ConditionSet:
         compiler = self._compiler
         if compiler is None:
             raise RuntimeError("this ConditionSet came from another process: bind() it first")
+        if self._layout is not None:
+            return self._evaluate_layers(compiler, self._layout, document)
         outcomes: list[Outcome] = []
         activation = None
         fast = self._functions(compiler)
@@ -551,6 +648,48 @@ class ConditionSet:
             self._evaluate_failed(compiler, chunk, activation, outcomes)
         return outcomes
 
+    def _evaluate_layers(
+        self, compiler: ConditionCompiler, layout: _Layout, document: Any
+    ) -> list[Outcome]:
+        """`evaluate` of a set with dependencies: chunk by chunk in layer order, each
+        chunk of a later layer with the outcomes it reads bound to `rules` and only the
+        input fields its own conditions read. A condition one of whose dependencies
+        errored errors too, naming it: it must not silently see `false` for a rule that
+        could not be evaluated (its program saw `false` there, and its outcome is not
+        kept)."""
+        done: list[Outcome] = []  # in evaluation order
+        activation = None
+        fast = self._functions(compiler)
+        if fast and not clean_input(document):
+            fast = ()
+        names, depends = layout.names, layout.depends
+        for index, chunk in enumerate(self._programs()):
+            needs = self._needs[index]
+            if needs:
+                view = _view(document, self._views[index])
+                here = compiler.activation(view, {names[d]: done[d] is True for d in needs})
+            else:
+                function = fast[index] if fast else None
+                if function is not None:
+                    known = function(document)
+                    if UNKNOWN not in known:
+                        done.extend(known)
+                        continue
+                if activation is None:
+                    activation = compiler.activation(document)
+                here = activation
+            listed = _list_outcomes(chunk.program, here)
+            if listed is None:
+                self._evaluate_failed(compiler, chunk, here, done)
+            else:
+                done.extend(listed)
+            for position in range(chunk.start, chunk.end) if needs else ():
+                for dependency in depends[position]:
+                    if type(done[dependency]) is str:
+                        done[position] = f"depends on rule {names[dependency]!r}, which errored"
+                        break
+        return layout.restore(done)
+
     def _evaluate_failed(
         self, compiler: ConditionCompiler, chunk: _Chunk, activation: Any, out: list[Outcome]
     ) -> None:
@@ -561,6 +700,7 @@ class ConditionSet:
         background (`_Chunk.build_rest`). Once it is there, an input that fails the same
         conditions costs one call for the others and one per failing condition (a rule
         that errors on every input, 1 of 50: 94 µs instead of 227 for 50 calls)."""
+        expressions = self.expressions if self._layout is None else self._layout.expressions
         rest = chunk.rest
         if rest is not None:
             failing, program = rest
@@ -569,18 +709,17 @@ class ConditionSet:
                 others = iter(listed)
                 for index in range(chunk.start, chunk.end):
                     if index in failing:
-                        out.append(_evaluate_alone(compiler, self.expressions[index], activation))
+                        out.append(_evaluate_alone(compiler, expressions[index], activation))
                     else:
                         out.append(next(others))
                 return
         first = len(out)
-        for expression in self.expressions[chunk.start : chunk.end]:
+        for expression in expressions[chunk.start : chunk.end]:
             out.append(_evaluate_alone(compiler, expression, activation))
         if not chunk.rest_asked:
             chunk.rest_asked = True
             outcomes = enumerate(out[first:], chunk.start)
             failing = frozenset(i for i, outcome in outcomes if isinstance(outcome, str))
-            expressions = self.expressions
             compiler.build_soon(lambda: chunk.build_rest(compiler, expressions, failing))
 
 
@@ -709,14 +848,81 @@ class _Preparer:
                 logger.exception("a background build for a ruleset failed")
 
 
+def _view(document: Any, fields: frozenset[str] | None) -> Any:
+    """The part of the input that a chunk's conditions read (all of it if unknown)."""
+    if fields is None or type(document) is not dict:
+        return document
+    return {name: document[name] for name in fields if name in document}
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """The evaluation order of a set whose conditions read other rules' outcomes.
+
+    The conditions in layers (`sidecar.dependencies.layers`: each after those it
+    reads), in the set's order within a layer; `order` maps each back to its place
+    in the set. `breaks` are where layers start, which chunks never straddle: a chunk
+    is one program, evaluated with the outcomes of the layers before it."""
+
+    expressions: tuple[str, ...]
+    order: tuple[int, ...]
+    names: tuple[str, ...]
+    depends: tuple[tuple[int, ...], ...]  # positions in this order
+    breaks: tuple[int, ...]
+    conversions: int  # later layers that read the input, each converting it again
+
+    @classmethod
+    def of(
+        cls,
+        expressions: Sequence[str],
+        names: Sequence[str],
+        dependencies: Sequence[tuple[int, ...]],
+    ) -> _Layout:
+        layer = layers(dependencies)
+        order = tuple(sorted(range(len(expressions)), key=lambda i: (layer[i], i)))
+        place = {index: position for position, index in enumerate(order)}
+        breaks = tuple(p for p in range(1, len(order)) if layer[order[p]] != layer[order[p - 1]])
+        ordered = tuple(expressions[i] for i in order)
+        conversions = 0
+        for start, end in zip(breaks, (*breaks[1:], len(order)), strict=True):
+            fields = input_fields(ordered[start:end])
+            conversions += fields is None or bool(fields)
+        return cls(
+            expressions=ordered,
+            order=order,
+            names=tuple(names[i] for i in order),
+            depends=tuple(tuple(place[d] for d in dependencies[i]) for i in order),
+            breaks=breaks,
+            conversions=conversions,
+        )
+
+    def needs(self, start: int, end: int) -> tuple[int, ...]:
+        """The positions whose outcomes the conditions at [start, end) read."""
+        return tuple(sorted({d for p in range(start, end) for d in self.depends[p]}))
+
+    def restore(self, values: Sequence[_V]) -> list[_V]:
+        """Values in evaluation order, put back in the set's order."""
+        restored: list[_V] = list(values)
+        for value, index in zip(values, self.order, strict=True):
+            restored[index] = value
+        return restored
+
+
 def _unbound_set(
     expressions: tuple[str, ...],
     serialized: tuple[tuple[int, int, bytes | None], ...],
     worst_cost: float,
     fields: frozenset[str] | None,
+    layout: _Layout | None,
 ) -> ConditionSet:
     return ConditionSet(
-        expressions, (), None, serialized=serialized, worst_cost=worst_cost, fields=fields
+        expressions,
+        (),
+        None,
+        serialized=serialized,
+        worst_cost=worst_cost,
+        fields=fields,
+        layout=layout,
     )
 
 
@@ -749,14 +955,17 @@ class _Chunk:
             self.rest = (failing, program)
 
 
-def _chunk_bounds(expressions: Sequence[str]) -> list[tuple[int, int]]:
+def _chunk_bounds(expressions: Sequence[str], breaks: Sequence[int] = ()) -> list[tuple[int, int]]:
     """Consecutive slices within cel-cpp's expression size limit (100,000 code points)
-    and short enough that compiling one holds the interpreter only briefly."""
+    and short enough that compiling one holds the interpreter only briefly, none across
+    a break (where a layer of dependencies starts)."""
     bounds: list[tuple[int, int]] = []
     start, size = 0, 0
+    cut = frozenset(breaks)
     for index, expression in enumerate(expressions):
         cost = len(expression) + 20  # the `((...)) ? true : false,` around each one
-        if index > start and (index - start >= _CHUNK_CONDITIONS or size + cost > _CHUNK_CHARS):
+        full = index - start >= _CHUNK_CONDITIONS or size + cost > _CHUNK_CHARS
+        if index > start and (full or index in cut):
             bounds.append((start, index))
             start, size = index, 0
         size += cost

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from sidecar.celwire import CheckedExpression, Node, checked_expression
+from sidecar.dependencies import RULES
 
 __all__ = [
     "DEFAULT_COST_LIMIT",
@@ -38,6 +39,7 @@ __all__ = [
     "RULESET_COST_LIMIT",
     "CostError",
     "SizeBounds",
+    "conversion_cost",
     "estimate",
     "estimate_items",
 ]
@@ -80,6 +82,7 @@ _ESCAPED: Final = 6.0
 _MAX_NESTING: Final = 6
 _MAX_VISITS: Final = 50_000  # about 0.3 s of pricing
 _DEEP: Final = 30.0  # one nested item (or character) compared, hashed or printed
+_CONVERT: Final = 150.0  # one item or character of an input converted into CEL values
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -203,6 +206,12 @@ class _Cost:
 def _fixed(units: float) -> _Cost:
     return _Cost(_const(units), _const(units))
 
+
+# The outcomes of the rules a condition depends on (`sidecar.dependencies`): a map of
+# booleans read by constant keys only, so a lookup is a hash of its key and the value a
+# scalar.
+_RULES_MAP: Final = Shape(ZERO, ZERO, _const(1), _SCALAR)
+_ROOT_SCOPE: Final = {RULES: _RULES_MAP}
 
 _FREE: Final = _fixed(0.0)
 _NODE_COST: Final = _fixed(_NODE)
@@ -816,7 +825,7 @@ def estimate(serialized: bytes, bounds: SizeBounds, limit: float = DEFAULT_COST_
 def _worst(root: Node, checked: CheckedExpression, bounds: SizeBounds, limit: float) -> float:
     estimator = _Estimator(bounds)
     try:
-        _, cost = estimator.visit(root, {})
+        _, cost = estimator.visit(root, _ROOT_SCOPE)
     except _Refused as refused:
         raise CostError(refused.message, offset=checked.offset(refused.node.id)) from None
     structural = estimator.bound(cost.full)
@@ -832,6 +841,13 @@ def _worst(root: Node, checked: CheckedExpression, bounds: SizeBounds, limit: fl
         f"{message}; the costliest part is {blame.what}: {_ms(blame.cost)}",
         offset=checked.offset(blame.node.id),
     )
+
+
+def conversion_cost(bounds: SizeBounds) -> float:
+    """What converting an input within `bounds` into CEL values costs at worst (about
+    150 ns per item or character: 1 MiB of empty lists, 150 ms). Paid once per input,
+    and once more by each layer of a ruleset's dependencies that reads the input."""
+    return bounds.max_total * _CONVERT
 
 
 def _ms(units: float) -> str:

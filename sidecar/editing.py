@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 from sidecar.checks import ruleset_problems
 from sidecar.errors import ConflictError, LoadError, NotFoundError, Problem, ProblemCode
-from sidecar.loader import Loader
-from sidecar.model import Rule, RuleSet
+from sidecar.loader import Loader, dependency_problems
+from sidecar.model import DependencyError, Rule, RuleSet
 from sidecar.registry import RuleRegistry
 from sidecar.snapshot import Snapshot
 
@@ -144,23 +144,30 @@ class RegistryEditor:
         change: Callable[[tuple[Rule, ...]], list[Rule]],
     ) -> Snapshot:
         ruleset = _ruleset(current, ruleset_id)
-        updated = ruleset.with_rules(change(ruleset.rules), self._loader.compiler)
+        updated = self._with_rules(ruleset, change(ruleset.rules))
         self._check(updated)
         return Snapshot.build(
             updated if r.id == ruleset_id else r for r in current.rulesets.values()
         )
 
     def _moved(self, current: Snapshot, old: Rule, new: Rule) -> Snapshot:
-        compiler = self._loader.compiler
         source = _ruleset(current, old.ruleset_id)
         target = _ruleset(current, new.ruleset_id)
         replaced = {
-            source.id: source.with_rules([r for r in source.rules if r.id != old.id], compiler),
-            target.id: target.with_rules([*target.rules, new], compiler),
+            source.id: self._with_rules(source, [r for r in source.rules if r.id != old.id]),
+            target.id: self._with_rules(target, [*target.rules, new]),
         }
         for ruleset in replaced.values():
             self._check(ruleset)
         return Snapshot.build(replaced.get(r.id, r) for r in current.rulesets.values())
+
+    def _with_rules(self, ruleset: RuleSet, rules: list[Rule]) -> RuleSet:
+        """The ruleset with these rules, or `LoadError` when a condition would read a
+        rule that is gone, disabled or on trial, or close a cycle."""
+        try:
+            return ruleset.with_rules(rules, self._loader.compiler)
+        except DependencyError as exc:
+            raise LoadError(dependency_problems(rules, exc)) from None
 
     def _check(self, ruleset: RuleSet) -> None:
         """An edit that breaks the ruleset's own tests is refused, like a bad reload."""

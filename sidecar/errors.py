@@ -112,6 +112,7 @@ class ProblemCode(StrEnum):
     CHECK_TEST_NAME = "check.test_name"
     CHECK_UNKNOWN_RULE = "check.unknown_rule"
     CHECK_CHALLENGER = "check.challenger"
+    CHECK_DEPENDENCY = "check.dependency"
     TEST_FAILED = "test.failed"
     # What a CI gate asks for (`rule-sidecar validate`/`test`)
     RULES_EMPTY = "rules.empty"

@@ -53,14 +53,22 @@ import jsonschema
 import yaml
 
 from sidecar.checks import CaseResult, checked
-from sidecar.conditions import ConditionCompiler, ConditionError, ConditionSetError
+from sidecar.conditions import (
+    DEPENDENCY_REFUSED,
+    ConditionCompiler,
+    ConditionError,
+    ConditionSetError,
+    located,
+)
 from sidecar.cost import RULESET_COST_LIMIT
+from sidecar.dependencies import DependencyIssue
 from sidecar.documents import Document, parse_file, unservable_number
 from sidecar.errors import LoadError, Problem, ProblemCode, clip, excerpt, format_path
 from sidecar.model import (
     API_VERSION,
     KIND,
     DecisionBand,
+    DependencyError,
     EvaluationPlan,
     Expectation,
     Location,
@@ -82,6 +90,7 @@ __all__ = [
     "LoadStage",
     "Loader",
     "StageListener",
+    "dependency_problems",
     "ruleset_schema",
 ]
 
@@ -1036,6 +1045,19 @@ def _build_ruleset(
         plan = EvaluationPlan.build(rules, compiler)
     except ConditionSetError:
         plan = None
+    except DependencyError as exc:
+        plan = None
+        for issue in exc.issues:
+            rule = rules[issue.index]
+            problems.append(
+                _condition_problem(
+                    document,
+                    issue.index,
+                    dependency_error(rule, issue),
+                    ruleset_id=ruleset_id,
+                    rule_id=rule.id,
+                )
+            )
     # Disabled rules are compiled too: enabling one later must never surprise.
     for index, rule in enumerate(rules):
         if plan is not None and rule.enabled:
@@ -1047,10 +1069,17 @@ def _build_ruleset(
                 _condition_problem(document, index, exc, ruleset_id=ruleset_id, rule_id=rule.id)
             )
     if plan is not None and plan.conditions.worst_cost > RULESET_COST_LIMIT:
+        depth = plan.conditions.depth
+        layered = (
+            f" ({depth} layers of dependencies: each layer after the first that reads the "
+            "input converts it again)"
+            if depth > 1
+            else ""
+        )
         message = (
             f"the ruleset's conditions together may take up to "
-            f"{plan.conditions.worst_cost / 1e6:.0f} ms on the worst input, over the limit "
-            f"of {RULESET_COST_LIMIT / 1e6:.0f} ms for one evaluation: split the ruleset "
+            f"{plan.conditions.worst_cost / 1e6:.0f} ms on the worst input{layered}, over the "
+            f"limit of {RULESET_COST_LIMIT / 1e6:.0f} ms for one evaluation: split the ruleset "
             "or make its costliest conditions cheaper"
         )
         problems.append(
@@ -1104,8 +1133,34 @@ def _condition_message(exc: ConditionError) -> str:
     return f"{exc.reason} (expression {exc.line}:{exc.column}): {exc.message}"
 
 
+def dependency_error(rule: Rule, issue: DependencyIssue) -> ConditionError:
+    """A refused reference of `rule`'s condition to another rule, placed at it."""
+    return located(rule.condition, issue.offset, issue.message, DEPENDENCY_REFUSED)
+
+
+def dependency_problems(rules: Sequence[Rule], exc: DependencyError) -> list[Problem]:
+    """`DependencyError`'s issues as problems at their rules (an edit, without a
+    document to place them inside the condition)."""
+    problems = []
+    for issue in exc.issues:
+        rule = rules[issue.index]
+        error = dependency_error(rule, issue)
+        problems.append(
+            _rule_problem(
+                rule,
+                _condition_message(error),
+                path="$.condition",
+                code=ProblemCode.CHECK_DEPENDENCY,
+            )
+        )
+    return problems
+
+
 def _condition_code(exc: ConditionError) -> ProblemCode:
-    # `reason` is one of two phrases (sidecar.conditions): priced too high, or not compiling.
+    # `reason` is one of three phrases (sidecar.conditions): priced too high, a read of
+    # other rules that cannot be, or not compiling.
+    if exc.reason == DEPENDENCY_REFUSED:
+        return ProblemCode.CHECK_DEPENDENCY
     return ProblemCode.CEL_TOO_COSTLY if "costly" in exc.reason else ProblemCode.CEL_COMPILE
 
 

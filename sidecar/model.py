@@ -18,13 +18,15 @@ from enum import StrEnum
 from functools import cached_property
 from typing import Any, Final, NoReturn, TypeVar
 
-from sidecar.conditions import ConditionCompiler, ConditionSet
+from sidecar.conditions import ConditionCompiler, ConditionError, ConditionSet
+from sidecar.dependencies import DependencyIssue, Dependent, Reference, resolve
 from sidecar.errors import Problem, ProblemCode
 
 __all__ = [
     "API_VERSION",
     "KIND",
     "DecisionBand",
+    "DependencyError",
     "EvaluationPlan",
     "Expectation",
     "FrozenDict",
@@ -281,18 +283,58 @@ class RuleTest:
         return {"name": self.name, "input": thaw(self.input), "expect": self.expect.to_document()}
 
 
+class DependencyError(Exception):
+    """References to other rules that cannot be (`sidecar.dependencies.resolve`): each
+    issue's `index` is into the rules given to `EvaluationPlan.build`."""
+
+    def __init__(self, issues: Sequence[DependencyIssue]) -> None:
+        super().__init__(f"{len(issues)} rule dependency problem(s)")
+        self.issues = tuple(issues)
+
+
 @dataclass(frozen=True, slots=True)
 class EvaluationPlan:
-    """Enabled rules in evaluation order (priority, then document order) and their program."""
+    """Enabled rules in the order answers list them (priority, then document order) and
+    their program, which evaluates every rule after those it reads (`rules["id"]`)."""
 
     rules: tuple[Rule, ...]
     conditions: ConditionSet
 
     @classmethod
     def build(cls, rules: Sequence[Rule], compiler: ConditionCompiler) -> EvaluationPlan:
-        """Raises `ConditionSetError` with indexes into the *enabled, ordered* rules."""
-        ordered = sorted((rule for rule in rules if rule.enabled), key=lambda rule: -rule.priority)
-        return cls(tuple(ordered), compiler.compile_set([rule.condition for rule in ordered]))
+        """Raises `DependencyError`, or `ConditionSetError` with indexes into the
+        *enabled, ordered* rules."""
+        ruleset_id = rules[0].ruleset_id if rules else ""
+        dependents = [
+            Dependent(
+                rule.id, _references(rule, compiler), rule.enabled, rule.mode is RuleMode.SHADOW
+            )
+            for rule in rules
+        ]
+        direct, issues = resolve(ruleset_id, dependents)
+        if issues:
+            raise DependencyError(issues)
+        enabled = sorted(
+            (index for index, rule in enumerate(rules) if rule.enabled),
+            key=lambda index: -rules[index].priority,
+        )
+        place = {index: position for position, index in enumerate(enabled)}
+        ordered = [rules[index] for index in enabled]
+        conditions = compiler.compile_set(
+            [rule.condition for rule in ordered],
+            names=[rule.id for rule in ordered],
+            dependencies=[tuple(place[d] for d in direct[index]) for index in enabled],
+        )
+        return cls(tuple(ordered), conditions)
+
+
+def _references(rule: Rule, compiler: ConditionCompiler) -> tuple[Reference, ...]:
+    """The rules a condition reads; none for one that does not compile (building its
+    set, or compiling it alone, reports why)."""
+    try:
+        return compiler.references(rule.condition)
+    except ConditionError:
+        return ()
 
 
 @dataclass(frozen=True, kw_only=True)

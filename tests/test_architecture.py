@@ -25,6 +25,7 @@ LAYERS: list[set[str]] = [
         "sidecar.pointers",
         "sidecar.jsoncodec",
     },
+    {"sidecar.dependencies"},
     {"sidecar.cost"},
     {"sidecar.fastpath"},
     {"sidecar.conditions"},
