@@ -131,6 +131,9 @@ def _write_explanation(result: Evaluation, out: TextIO) -> None:
         out.write(f"  {rule.outcome.value:<12} {rule.rule.id:<{width}} {points:>6}".rstrip() + "\n")
         for path, value in (rule.reads or {}).items():
             out.write(f"      {path} = {json.dumps(value)}\n")
+        for rule_id, outcome in (rule.depends_on or {}).items():
+            shown = "error" if outcome is None else json.dumps(outcome)
+            out.write(f'      rules["{rule_id}"] = {shown}\n')
         if rule.error is not None:
             out.write(f"      error: {rule.error}\n")
 

@@ -541,6 +541,14 @@ class ConditionSet:
         """How many layers of dependencies the set is evaluated in (1 without any)."""
         return 1 if self._layout is None else len(self._layout.breaks) + 1
 
+    def dependencies(self) -> tuple[tuple[str, ...], ...]:
+        """Each condition's direct dependencies, the rule ids it reads (in set order)."""
+        layout = self._layout
+        if layout is None:
+            return ((),) * len(self.expressions)
+        named = [tuple(layout.names[d] for d in depends) for depends in layout.depends]
+        return tuple(layout.restore(named))
+
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled as its expressions and its chunks' programs in cel-cpp's serialized
         form, so a worker process can compile and this process only deserialize (about

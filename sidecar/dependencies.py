@@ -78,16 +78,15 @@ def references(checked: CheckedExpression) -> tuple[Reference, ...]:
                 visit(child, shadowed if index == 0 else inner)
             return
         if node.kind == "call" and node.name == "_[_]" and _is_rules(node.children[0], shadowed):
-            key = node.children[1]
+            key, at = node.children[1], offset(node.children[0])
             if key.kind != "const" or key.literal != "string":
-                raise DynamicReference(f"rules[...] needs a constant rule id: {_WHY}", offset(key))
-            found.setdefault(str(key.value), Reference(str(key.value), offset(node)))
+                raise DynamicReference(f"rules[...] needs a constant rule id: {_WHY}", at)
+            found.setdefault(str(key.value), Reference(str(key.value), at))
             return
         if node.kind == "select" and _is_rules(node.children[0], shadowed):
             if node.test_only:
-                raise DynamicReference(
-                    f"has(rules.{node.name}) tests the map: {_WHY}", offset(node)
-                )
+                message = f"has(rules.{node.name}) tests the map: {_WHY}"
+                raise DynamicReference(message, offset(node.children[0]))
             found.setdefault(node.name, Reference(node.name, offset(node.children[0])))
             return
         if _is_rules(node, shadowed):

@@ -53,6 +53,8 @@ class RuleExplanation:
     outcome: RuleOutcome
     error: str | None = None
     reads: Mapping[str, Any] | None = None
+    # The outcomes of the rules its condition reads (None: that rule errored).
+    depends_on: Mapping[str, bool | None] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         view: dict[str, Any] = {
@@ -65,6 +67,8 @@ class RuleExplanation:
             view["error"] = self.error
         if self.reads is not None:
             view["reads"] = dict(self.reads)
+        if self.depends_on is not None:
+            view["depends_on"] = dict(self.depends_on)
         return view
 
 
@@ -85,8 +89,8 @@ def explain_rules(
     read it)."""
     plan = ruleset.plan
     trees = plan.conditions.trees()
-    steps = zip(plan.rules, outcomes, trees, strict=True)
-    by_id = {rule.id: (outcome, tree) for rule, outcome, tree in steps}
+    steps = zip(plan.rules, outcomes, trees, plan.conditions.dependencies(), strict=True)
+    by_id = {rule.id: (outcome, tree, depends) for rule, outcome, tree, depends in steps}
     sizes: dict[tuple[str, ...], int] = {}
     spent = 0
     explained = []
@@ -96,7 +100,11 @@ def explain_rules(
         if found is None:
             explained.append(RuleExplanation(rule, RuleOutcome.DISABLED))
             continue
-        outcome, tree = found
+        outcome, tree, depends = found
+        depends_on = None
+        if depends:
+            depends_on = {name: _known(by_id[name][0]) for name in depends}
+            spent += sum(len(name) + 10 for name in depends)
         reads: dict[str, Any] = {}
         for path in () if tree is None else read_paths(tree):
             value = _value(document, path)
@@ -109,12 +117,21 @@ def explain_rules(
             raise ExplanationTooLarge(budget)
         shown = reads or None  # a condition that reads no input field has no `reads`
         if outcome is True:
-            explained.append(RuleExplanation(rule, RuleOutcome.MATCHED, reads=shown))
+            explained.append(RuleExplanation(rule, RuleOutcome.MATCHED, None, shown, depends_on))
         elif outcome is False:
-            explained.append(RuleExplanation(rule, RuleOutcome.NOT_MATCHED, reads=shown))
+            explained.append(
+                RuleExplanation(rule, RuleOutcome.NOT_MATCHED, None, shown, depends_on)
+            )
         else:
-            explained.append(RuleExplanation(rule, RuleOutcome.ERROR, str(outcome), shown))
+            explained.append(
+                RuleExplanation(rule, RuleOutcome.ERROR, str(outcome), shown, depends_on)
+            )
     return tuple(explained)
+
+
+def _known(outcome: Outcome) -> bool | None:
+    """A dependency's outcome as explain shows it: None where it errored."""
+    return outcome if isinstance(outcome, bool) else None
 
 
 def read_paths(tree: Node) -> tuple[tuple[str, ...], ...]:
