@@ -26,6 +26,11 @@ varied transaction documents of ~30 JSON values each, none of which makes a rule
    `evaluate()` (shows whether input conversion costs by document size or by use).
 7. Counting: `evaluate()` with and without `DecisionTallies.count` (the stats endpoint's
    and per-rule metrics' counts), interleaved.                  Target: HTTP >= 0.95x.
+8. Dependencies (`--dependencies`, or alone with `--only-dependencies`): the same 50
+   rules, of which the last 10 are replaced by combinations of other rules' outcomes
+   (`rules["a"] && !rules["b"]`, reading no input: each later layer that reads the input
+   converts it again, which the ruleset's cost limit allows once at most), in 2 and in
+   4 layers, against the 50 rules without; `evaluate()` per input, interleaved.
 
 Timings are wall-clock `time.perf_counter` in microseconds; medians with p10/p90 and
 min/max; the collector stays on (as in service), `gc.collect()` between phases.
@@ -50,7 +55,7 @@ from typing import Any
 from cel_expr_python import cel
 
 from bench._common import describe, environment, fmt_us
-from bench._gen import generate_rules, render_file, ruleset_id, sample_input
+from bench._gen import GeneratedRule, generate_rules, render_file, ruleset_id, sample_input
 from sidecar.conditions import ConditionCompiler, check_input
 from sidecar.engine import evaluate, evaluate_many
 from sidecar.loader import Loader
@@ -358,6 +363,8 @@ def bench_counting(fast: Snapshot, documents: Sequence[Doc], rounds: int) -> Non
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="fewer inputs and rounds")
+    parser.add_argument("--dependencies", action="store_true", help="also section 8")
+    parser.add_argument("--only-dependencies", action="store_true", help="section 8 alone")
     args = parser.parse_args(argv)
     inputs, rounds, reference_inputs, reference_rounds = (
         (500, 3, 100, 2) if args.quick else (2_000, 15, 500, 3)
@@ -366,6 +373,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"bench.evaluate — {environment()}")
     fast, slow = build_snapshots()
     documents = [sample_input(i) for i in range(inputs)]
+    if args.only_dependencies:
+        bench_dependencies(fast, documents, rounds)
+        return
     values = statistics.median(_count_values(d) for d in documents)
     print(
         f"ruleset {RULESET}: {len(fast.rulesets[RULESET].plan.rules)} enabled rules; "
@@ -381,6 +391,44 @@ def main(argv: Sequence[str] | None = None) -> None:
     bench_reference(fast, documents[:reference_inputs], reference_rounds)
     bench_input_size(fast, documents[: reference_inputs * 2], max(rounds // 3, 1))
     bench_counting(fast, documents, rounds)
+    if args.dependencies:
+        bench_dependencies(fast, documents, rounds)
+
+
+DEPENDENTS = 10  # rules of the 50 that also read another rule's outcome
+
+
+def layered(rules: Sequence[GeneratedRule], layers: int) -> list[GeneratedRule]:
+    """The rules with the last `DEPENDENTS` made combinations of two earlier rules'
+    outcomes: of two independent rules, or (with more than 2 layers) of the rule before
+    and an independent one, in chains of `layers - 1`."""
+    changed = list(rules)
+    first = len(rules) - DEPENDENTS
+    for n in range(first, len(rules)):
+        chained = layers > 2 and (n - first) % (layers - 1)
+        one, other = rules[n - 1 if chained else n - DEPENDENTS], rules[n - 2 * DEPENDENTS]
+        condition = f'rules["{one.id}"] || !rules["{other.id}"]'
+        changed[n] = replace(rules[n], condition=condition)
+    return changed
+
+
+def bench_dependencies(fast: Snapshot, documents: Sequence[Doc], rounds: int) -> None:
+    rules = generate_rules(0, RULES)
+    cases = {"without dependencies": fast}
+    for layers in (2, 4):
+        loaded = Loader().load([render_file(0, layered(rules, layers))]).snapshot
+        ruleset = loaded.rulesets[RULESET]
+        ruleset.plan.conditions.prepare()
+        cases[f"{DEPENDENTS} dependent rules, {ruleset.plan.conditions.depth} layers"] = loaded
+    print(f"\n8. dependencies: evaluate() per input, {len(documents)} inputs, {rounds} rounds")
+    medians = interleaved_medians(
+        {name: (lambda d, s=snapshot: evaluate(s, RULESET, d)) for name, snapshot in cases.items()},
+        documents,
+        rounds,
+    )
+    base = medians["without dependencies"]
+    for name, median in medians.items():
+        print(f"  {name:<40} {fmt_us(median)}  {median / base:.2f}x")
 
 
 def _count_values(document: Any) -> int:
