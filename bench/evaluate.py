@@ -420,7 +420,7 @@ def bench_dependencies(fast: Snapshot, documents: Sequence[Doc], rounds: int) ->
         ruleset = loaded.rulesets[RULESET]
         ruleset.plan.conditions.prepare()
         cases[f"{DEPENDENTS} dependent rules, {ruleset.plan.conditions.depth} layers"] = loaded
-    print(f"\n8. dependencies: evaluate() per input, {len(documents)} inputs, {rounds} rounds")
+    print(f"\n[8] dependencies: evaluate() per input, {len(documents)} inputs, {rounds} rounds")
     medians = interleaved_medians(
         {name: (lambda d, s=snapshot: evaluate(s, RULESET, d)) for name, snapshot in cases.items()},
         documents,
@@ -428,7 +428,7 @@ def bench_dependencies(fast: Snapshot, documents: Sequence[Doc], rounds: int) ->
     )
     base = medians["without dependencies"]
     for name, median in medians.items():
-        print(f"  {name:<40} {fmt_us(median)}  {median / base:.2f}x")
+        print(f"  {name:<40} {median:8.2f} us  {median / base:.2f}x")
 
 
 def _count_values(document: Any) -> int:
