@@ -18,13 +18,15 @@ is answered in Python, when it can say every outcome exactly as cel-cpp would.
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import math
 import re
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, TypeVar
 
 from cel_expr_python import cel
@@ -38,6 +40,7 @@ from sidecar.cost import (
     conversion_cost,
     estimate,
     estimate_items,
+    layering_cost,
 )
 from sidecar.dependencies import RULES, DynamicReference, Reference, layers, references
 from sidecar.errors import InputError, format_path
@@ -68,6 +71,9 @@ _CHUNK_CHARS: Final = 60_000
 _REST_CHARS: Final = 3_000  # see `_Chunk.build_rest`
 _INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1
+# Variables that hand a layered set's programs the outcomes they read, one per program
+# (see `_Bindings`); a set that needs more takes a fresh activation per this many.
+_SLOTS: Final = 256
 _V = TypeVar("_V")
 
 
@@ -256,11 +262,19 @@ class ConditionCompiler:
         self.fast_path = fast_path
         self._bounds = limits.size_bounds()
         self._cost_limit = cost_limit
+        outcomes = cel.Type.Map(cel.Type.STRING, cel.Type.BOOL)
+        extensions = [ext_strings.ExtStrings(), ext_math.ExtMath()]
         self._env = cel.NewEnv(
-            variables={"input": cel.Type.DYN, RULES: cel.Type.Map(cel.Type.STRING, cel.Type.BOOL)},
-            extensions=[ext_strings.ExtStrings(), ext_math.ExtMath()],
+            variables={"input": cel.Type.DYN, RULES: outcomes}, extensions=extensions
+        )
+        # Where a layered set's programs run: the conditions' variables and the slots
+        # (`_slot`). Conditions are checked in `_env`, so none can name a slot.
+        slots = {_slot(n): outcomes for n in range(1, _SLOTS + 1)}
+        self._bound_env = cel.NewEnv(
+            variables={"input": cel.Type.DYN, RULES: outcomes, **slots}, extensions=extensions
         )
         self._cache: dict[str, Any] = {}
+        self._bound: dict[tuple[str, str], Any] = {}  # (slot, expression): `bound_alone`
         self._costs: dict[str, float] = {}  # worst-case cost of each accepted expression
         # The rules each accepted expression that names `rules` reads.
         self._references: dict[str, tuple[Reference, ...]] = {}
@@ -296,7 +310,7 @@ class ConditionCompiler:
         read: tuple[Reference, ...] = ()
         if RULES in expression:
             try:
-                read = references(checked_expression(program.serialize()))
+                read = references(checked_expression(program.serialize()), expression)
             except DynamicReference as exc:
                 raise located(expression, exc.offset, exc.message, DEPENDENCY_REFUSED) from None
         with self._lock:
@@ -354,17 +368,81 @@ class ConditionCompiler:
                 except ConditionError as exc:
                     errors[index if layout is None else layout.order[index]] = exc
             chunks.append(_Chunk(start, end, program))
+        layered = None
+        if layout is not None and not errors:
+            layered = self._layered(layout, chunks, errors)
         if errors:
             raise ConditionSetError(errors)
         with self._lock:
             worst = sum(self._costs[expression] for expression in expressions)
-        if layout is not None:
-            # Each later layer that reads the input converts (its part of) it again.
-            worst += self._conversion * layout.conversions
+        if layered is not None:
+            worst += layered.cost(self._conversion)
         fields = input_fields(expressions)
         return ConditionSet(
-            tuple(expressions), chunks, self, worst_cost=worst, fields=fields, layout=layout
+            tuple(expressions),
+            chunks,
+            self,
+            worst_cost=worst,
+            fields=fields,
+            layout=layout,
+            layered=layered,
         )
+
+    def _layered(
+        self, layout: _Layout, chunks: Sequence[_Chunk], errors: dict[int, ConditionError]
+    ) -> _Layered:
+        """The programs a layered set is evaluated with (`_Layered`): the fused ones, then
+        one per chunk for the fallback, each that reads earlier outcomes with a slot of
+        its own. A condition that cannot be bound to its slot (cel-cpp's nesting limit)
+        goes into `errors`."""
+        fused: list[_Unit] = []
+        next_slot = 1
+        for start, end in _chunk_bounds(layout.expressions):
+            made = self._fuse(layout, start, end, next_slot)
+            if made is None:  # the fallback alone, then
+                fused, next_slot = [], 1
+                break
+            fused += made[0]
+            next_slot = made[1]
+        fallback = []
+        for chunk in chunks:
+            reads = layout.needs(chunk.start, chunk.end)
+            slot = next_slot if reads else 0
+            next_slot += bool(reads)
+            program = None
+            if slot:
+                expressions = layout.expressions[chunk.start : chunk.end]
+                program = self.compile_combined(expressions, slot=_slot(slot))
+                for position in range(chunk.start, chunk.end) if program is None else ():
+                    if self.bound_alone(layout.expressions[position], _slot(slot)) is None:
+                        errors[layout.order[position]] = ConditionError(
+                            "the condition is nested too deeply to read other rules' outcomes"
+                        )
+            fallback.append(_Unit(chunk.start, chunk.end, slot, reads, program))
+        return _Layered(tuple(fused), tuple(fallback), next_slot - 1, layout)
+
+    def _fuse(
+        self, layout: _Layout, start: int, end: int, next_slot: int
+    ) -> tuple[list[_Unit], int] | None:
+        """The fused programs of positions [start, end) and the next free slot: one
+        program, or, past cel-cpp's nesting limit (each layer nests one level more), the
+        halves' at a layer break between; None when a single layer cannot be."""
+        reads = tuple(
+            sorted({d for p in range(start, end) for d in layout.depends[p] if d < start})
+        )
+        slot = next_slot if reads else 0
+        program = self.compile_bound(_fused_text(layout, start, end, slot))
+        if program is not None:
+            return [_Unit(start, end, slot, reads, program)], next_slot + bool(reads)
+        inside = [b for b in layout.breaks if start < b < end]
+        if not inside:
+            return None
+        middle = inside[len(inside) // 2]
+        first = self._fuse(layout, start, middle, next_slot)
+        second = None if first is None else self._fuse(layout, middle, end, first[1])
+        if first is None or second is None:
+            return None
+        return first[0] + second[0], second[1]
 
     def _overpriced(
         self, checked: CheckedExpression, expressions: Sequence[str], start: int, end: int
@@ -392,14 +470,44 @@ class ConditionCompiler:
                 del self._costs[expression]
             for expression in [e for e in self._references if e not in keep]:
                 del self._references[expression]
+            for key in [k for k in self._bound if k[1] not in keep]:
+                del self._bound[key]
 
     def outcome(self, expression: str, document: Any) -> Outcome:
         """One condition evaluated alone: the reference the combined programs must match."""
         return _evaluate_one(self.compile(expression), self.activation(document))
 
-    def deserialize(self, serialized: bytes) -> Any:
-        """A program compiled (and serialized) by another process's compiler."""
-        return self._env.deserialize(serialized)
+    def deserialize(self, serialized: bytes, *, bound: bool = False) -> Any:
+        """A program compiled (and serialized) by another process's compiler; `bound`:
+        one of a layered set's (`compile_bound`)."""
+        return (self._bound_env if bound else self._env).deserialize(serialized)
+
+    def compile_bound(self, text: str) -> Any | None:
+        """A layered set's program (built from conditions already accepted, reading the
+        slots), or None when cel-cpp refuses it (its nesting limit: the caller splits)."""
+        try:
+            return self._bound_env.compile(text)
+        except RuntimeError:
+            return None
+
+    def bound_alone(self, expression: str, slot: str) -> Any | None:
+        """One condition of a layered set alone, `rules` bound to `slot` (the fallback's
+        `_evaluate_alone`); kept like `compile`'s programs."""
+        key = (slot, expression)
+        with self._lock:
+            program = self._bound.get(key)
+        if program is None:
+            program = self.compile_bound(f"[{slot}].map({RULES}, (\n{expression}\n))[0]")
+            if program is not None:
+                with self._lock:
+                    program = self._bound.setdefault(key, program)
+        return program
+
+    def bound_activation(self, document: Any, slots: Mapping[str, dict[str, bool]]) -> Any:
+        """One activation for every program of a layered set's evaluation: cel-cpp
+        converts a variable when a program first reads it, so each slot's map is filled
+        just before the one program that reads it runs, and the input is converted once."""
+        return self._bound_env.Activation(data={"input": document, **slots})
 
     def activation(self, document: Any, outcomes: Mapping[str, bool] | None = None) -> Any:
         """The variables of one evaluation: the input, and the outcomes of the rules
@@ -408,8 +516,12 @@ class ConditionCompiler:
             return self._env.Activation(data={"input": document})
         return self._env.Activation(data={"input": document, RULES: outcomes})
 
-    def compile_combined(self, expressions: Sequence[str]) -> Any | None:
-        """One program giving the list of the expressions' outcomes, or None."""
+    def compile_combined(self, expressions: Sequence[str], slot: str = "") -> Any | None:
+        """One program giving the list of the expressions' outcomes, or None; with
+        `slot`, `rules` is bound to it (a layered set's fallback, `_Layered`)."""
+        if slot:
+            items = ",\n".join(map(_item, expressions))
+            return self.compile_bound(f"[{slot}].map({RULES}, [{items}])[0]")
         combined = self._combined(expressions)
         return None if combined is None else combined[0]
 
@@ -423,7 +535,7 @@ class ConditionCompiler:
             return None
         items, tails, position = [], [], 1  # code points: "[" comes first
         for expression in expressions:
-            item = f"((\n{expression}\n)) ? true : false"  # a `//` comment ends in it
+            item = _item(expression)
             tails.append(position + len(item) - len("true : false"))
             items.append(item)
             position += len(item) + len(",\n")
@@ -433,6 +545,16 @@ class ConditionCompiler:
             return None
         checked = checked_expression(program.serialize())
         return (program, checked) if _framed(checked, tails) else None
+
+
+def _item(expression: str) -> str:
+    """A condition as an item of a combined program (a `//` comment ends in it)."""
+    return f"((\n{expression}\n)) ? true : false"
+
+
+def _slot(number: int) -> str:
+    """The variable of slot `number` (1, 2, ...: each activation has `_SLOTS`)."""
+    return f"__rules_{(number - 1) % _SLOTS + 1}"
 
 
 def _framed(checked: CheckedExpression, tails: Sequence[int]) -> bool:
@@ -478,13 +600,13 @@ class ConditionSet:
     kept by the compiler), so that every error belongs to exactly one rule.
 
     A set whose conditions read other rules' outcomes (`layout`, see `_Layout`) is
-    evaluated layer by layer, each layer's chunks with `rules` bound to the outcomes of
-    the layers before; a set without (most) takes exactly the path it always did.
+    evaluated by one fused program over all its layers (`_Layered`), and layer by layer
+    only when that fails; a set without (most) takes exactly the path it always did.
 
     `worst_cost` is the sum of the conditions' worst-case costs (`sidecar.cost` units,
-    about a nanosecond each), plus the input's conversion again for each later layer
-    that reads it: what one evaluation can take, for a caller that budgets event-loop
-    time across inputs and rulesets.
+    about a nanosecond each), plus what layering adds (`_Layered.cost`): what one
+    evaluation can take, for a caller that budgets event-loop time across inputs and
+    rulesets.
     """
 
     __slots__ = (
@@ -492,12 +614,11 @@ class ConditionSet:
         "_chunks",
         "_compiler",
         "_fast",
+        "_layered",
         "_layout",
         "_lock",
-        "_needs",
         "_serialized",
         "_trees",
-        "_views",
         "expressions",
         "fields",
         "worst_cost",
@@ -513,6 +634,7 @@ class ConditionSet:
         worst_cost: float = 0.0,
         fields: frozenset[str] | None,
         layout: _Layout | None = None,
+        layered: _Layered | None = None,
     ) -> None:
         self.expressions = expressions
         self.worst_cost = worst_cost
@@ -527,14 +649,7 @@ class ConditionSet:
         self._lock = threading.Lock()
         self._trees: tuple[Node | None, ...] | None = None
         self._layout = layout
-        # For each chunk of a layered set: the conditions whose outcomes it reads, and
-        # the input fields its own conditions read (each layer converts only those).
-        self._needs: tuple[tuple[int, ...], ...] = ()
-        self._views: tuple[frozenset[str] | None, ...] = ()
-        if layout is not None:
-            bounds = [(c.start, c.end) for c in chunks] or [(s, e) for s, e, _ in serialized]
-            self._needs = tuple(layout.needs(start, end) for start, end in bounds)
-            self._views = tuple(input_fields(layout.expressions[s:e]) for s, e in bounds)
+        self._layered = layered
 
     @property
     def depth(self) -> int:
@@ -557,7 +672,14 @@ class ConditionSet:
             (chunk.start, chunk.end, None if chunk.program is None else chunk.program.serialize())
             for chunk in self._chunks
         )
-        state = (self.expressions, serialized, self.worst_cost, self.fields, self._layout)
+        state = (
+            self.expressions,
+            serialized,
+            self.worst_cost,
+            self.fields,
+            self._layout,
+            self._layered,
+        )
         return (_unbound_set, state)
 
     def bind(self, compiler: ConditionCompiler) -> None:
@@ -578,6 +700,8 @@ class ConditionSet:
                         _Chunk(start, end, None if data is None else compiler.deserialize(data))
                         for start, end, data in self._serialized
                     )
+                    if self._layered is not None:
+                        self._layered = self._layered.restored(compiler)
                     self._serialized = ()
         return self._chunks
 
@@ -626,8 +750,8 @@ class ConditionSet:
         compiler = self._compiler
         if compiler is None:
             raise RuntimeError("this ConditionSet came from another process: bind() it first")
-        if self._layout is not None:
-            return self._evaluate_layers(compiler, self._layout, document)
+        if self._layered is not None:
+            return self._evaluate_layered(compiler, document)
         outcomes: list[Outcome] = []
         activation = None
         fast = self._functions(compiler)
@@ -656,26 +780,50 @@ class ConditionSet:
             self._evaluate_failed(compiler, chunk, activation, outcomes)
         return outcomes
 
+    def _evaluate_layered(self, compiler: ConditionCompiler, document: Any) -> list[Outcome]:
+        """`evaluate` of a set with dependencies: its fused programs, and only when one
+        fails, layer by layer (`_evaluate_layers`), on the same activation."""
+        chunks = self._programs()  # restores `_layered` too
+        layered = self._layered
+        assert layered is not None
+        layout = layered.layout
+        bindings = _Bindings(compiler, document, layered.blocks())
+        done: list[Outcome] = []  # in evaluation order
+        names = layout.names
+        for unit in layered.fused:
+            here = bindings.get(unit.slot, {names[d]: done[d] is True for d in unit.reads})
+            listed = _list_outcomes(unit.program, here)
+            if listed is None or len(listed) != unit.end - unit.start:
+                return self._evaluate_layers(compiler, layered, chunks, bindings, document)
+            done.extend(listed)
+        if not layered.fused:
+            return self._evaluate_layers(compiler, layered, chunks, bindings, document)
+        return layout.restore(done)
+
     def _evaluate_layers(
-        self, compiler: ConditionCompiler, layout: _Layout, document: Any
+        self,
+        compiler: ConditionCompiler,
+        layered: _Layered,
+        chunks: Sequence[_Chunk],
+        bindings: _Bindings,
+        document: Any,
     ) -> list[Outcome]:
-        """`evaluate` of a set with dependencies: chunk by chunk in layer order, each
-        chunk of a later layer with the outcomes it reads bound to `rules` and only the
-        input fields its own conditions read. A condition one of whose dependencies
+        """Chunk by chunk in layer order, each chunk of a later layer with the outcomes
+        it reads bound to `rules` (its slot). A condition one of whose dependencies
         errored errors too, naming it: it must not silently see `false` for a rule that
         could not be evaluated (its program saw `false` there, and its outcome is not
         kept)."""
         done: list[Outcome] = []  # in evaluation order
-        activation = None
         fast = self._functions(compiler)
         if fast and not clean_input(document):
             fast = ()
+        layout = layered.layout
         names, depends = layout.names, layout.depends
-        for index, chunk in enumerate(self._programs()):
-            needs = self._needs[index]
-            if needs:
-                view = _view(document, self._views[index])
-                here = compiler.activation(view, {names[d]: done[d] is True for d in needs})
+        for index, chunk in enumerate(chunks):
+            unit = layered.fallback[index]
+            if unit.slot:
+                here = bindings.get(unit.slot, {names[d]: done[d] is True for d in unit.reads})
+                program = unit.program
             else:
                 function = fast[index] if fast else None
                 if function is not None:
@@ -683,15 +831,15 @@ class ConditionSet:
                     if UNKNOWN not in known:
                         done.extend(known)
                         continue
-                if activation is None:
-                    activation = compiler.activation(document)
-                here = activation
-            listed = _list_outcomes(chunk.program, here)
+                here, program = bindings.get(0), chunk.program
+            listed = _list_outcomes(program, here)
             if listed is None:
-                self._evaluate_failed(compiler, chunk, here, done)
+                self._evaluate_failed(
+                    compiler, chunk, here, done, _slot(unit.slot) if unit.slot else ""
+                )
             else:
                 done.extend(listed)
-            for position in range(chunk.start, chunk.end) if needs else ():
+            for position in range(chunk.start, chunk.end) if unit.slot else ():
                 for dependency in depends[position]:
                     if type(done[dependency]) is str:
                         done[position] = f"depends on rule {names[dependency]!r}, which errored"
@@ -699,7 +847,12 @@ class ConditionSet:
         return layout.restore(done)
 
     def _evaluate_failed(
-        self, compiler: ConditionCompiler, chunk: _Chunk, activation: Any, out: list[Outcome]
+        self,
+        compiler: ConditionCompiler,
+        chunk: _Chunk,
+        activation: Any,
+        out: list[Outcome],
+        slot: str = "",
     ) -> None:
         """Outcomes of a chunk whose program failed on this input (or could not be made).
 
@@ -707,7 +860,8 @@ class ConditionSet:
         other conditions, those that did not fail, are compiled into one program in the
         background (`_Chunk.build_rest`). Once it is there, an input that fails the same
         conditions costs one call for the others and one per failing condition (a rule
-        that errors on every input, 1 of 50: 94 µs instead of 227 for 50 calls)."""
+        that errors on every input, 1 of 50: 94 µs instead of 227 for 50 calls). With
+        `slot`, a later layer's chunk, `rules` is bound to it in each program."""
         expressions = self.expressions if self._layout is None else self._layout.expressions
         rest = chunk.rest
         if rest is not None:
@@ -717,18 +871,18 @@ class ConditionSet:
                 others = iter(listed)
                 for index in range(chunk.start, chunk.end):
                     if index in failing:
-                        out.append(_evaluate_alone(compiler, expressions[index], activation))
+                        out.append(_evaluate_alone(compiler, expressions[index], activation, slot))
                     else:
                         out.append(next(others))
                 return
         first = len(out)
         for expression in expressions[chunk.start : chunk.end]:
-            out.append(_evaluate_alone(compiler, expression, activation))
+            out.append(_evaluate_alone(compiler, expression, activation, slot))
         if not chunk.rest_asked:
             chunk.rest_asked = True
             outcomes = enumerate(out[first:], chunk.start)
             failing = frozenset(i for i, outcome in outcomes if isinstance(outcome, str))
-            compiler.build_soon(lambda: chunk.build_rest(compiler, expressions, failing))
+            compiler.build_soon(lambda: chunk.build_rest(compiler, expressions, failing, slot))
 
 
 def _list_outcomes(
@@ -748,7 +902,9 @@ def _list_outcomes(
     return outcomes
 
 
-def _evaluate_alone(compiler: ConditionCompiler, expression: str, activation: Any) -> Outcome:
+def _evaluate_alone(
+    compiler: ConditionCompiler, expression: str, activation: Any, slot: str = ""
+) -> Outcome:
     """One condition of a chunk whose program failed on this input (or could not be
     made): its outcome, its error text, or why it is not a boolean.
 
@@ -756,11 +912,14 @@ def _evaluate_alone(compiler: ConditionCompiler, expression: str, activation: An
     about 0.08 ms and the compiler keeps them; splitting the chunk in halves instead, down
     to the failing conditions, compiled ten times as much on the first failing request
     and held the event loop for it (259 ms for 300 conditions that all fail, 30 ms for one).
+    With `slot`, `rules` is bound to it (`ConditionCompiler.bound_alone`).
     """
     try:
-        program = compiler.compile(expression)
+        program = compiler.bound_alone(expression, slot) if slot else compiler.compile(expression)
     except ConditionError as exc:  # accepted at load, so not expected: the rule's error
         return exc.message
+    if program is None:  # checked at load (`ConditionCompiler._layered`), so not expected
+        return "the condition is nested too deeply to read other rules' outcomes"
     return _evaluate_one(program, activation)
 
 
@@ -856,13 +1015,6 @@ class _Preparer:
                 logger.exception("a background build for a ruleset failed")
 
 
-def _view(document: Any, fields: frozenset[str] | None) -> Any:
-    """The part of the input that a chunk's conditions read (all of it if unknown)."""
-    if fields is None or type(document) is not dict:
-        return document
-    return {name: document[name] for name in fields if name in document}
-
-
 @dataclass(frozen=True, slots=True)
 class _Layout:
     """The evaluation order of a set whose conditions read other rules' outcomes.
@@ -877,7 +1029,6 @@ class _Layout:
     names: tuple[str, ...]
     depends: tuple[tuple[int, ...], ...]  # positions in this order
     breaks: tuple[int, ...]
-    conversions: int  # later layers that read the input, each converting it again
 
     @classmethod
     def of(
@@ -890,18 +1041,12 @@ class _Layout:
         order = tuple(sorted(range(len(expressions)), key=lambda i: (layer[i], i)))
         place = {index: position for position, index in enumerate(order)}
         breaks = tuple(p for p in range(1, len(order)) if layer[order[p]] != layer[order[p - 1]])
-        ordered = tuple(expressions[i] for i in order)
-        conversions = 0
-        for start, end in zip(breaks, (*breaks[1:], len(order)), strict=True):
-            fields = input_fields(ordered[start:end])
-            conversions += fields is None or bool(fields)
         return cls(
-            expressions=ordered,
+            expressions=tuple(expressions[i] for i in order),
             order=order,
             names=tuple(names[i] for i in order),
             depends=tuple(tuple(place[d] for d in dependencies[i]) for i in order),
             breaks=breaks,
-            conversions=conversions,
         )
 
     def needs(self, start: int, end: int) -> tuple[int, ...]:
@@ -915,13 +1060,158 @@ class _Layout:
             restored[index] = value
         return restored
 
+    def segments(self, start: int, end: int) -> list[tuple[int, int]]:
+        """[start, end) cut where layers start."""
+        cuts = [start, *(b for b in self.breaks if start < b < end), end]
+        return list(itertools.pairwise(cuts))
 
-def _unbound_set(
+
+_DONE: Final = "__done"  # the outcomes so far, inside a fused program
+
+
+def _fused_text(layout: _Layout, start: int, end: int, slot: int) -> str:
+    """One program for the conditions at [start, end) of `layout`, over several layers.
+
+    The first layer's outcomes are a list bound to `__done`; each later layer sees `rules`
+    bound (a comprehension variable hides the declared one) to a map of the outcomes it
+    reads, and appends its own: `[[a, b]].map(__done, __done + [{"a": __done[0]}]
+    .map(rules, [c])[0])[0]`. Outcomes from before `start` come from the slot variable
+    (the whole program, then, in `[slot].map(rules, ...)` for the first layer). The
+    value is the list of outcomes of [start, end), in order."""
+    slot_name = _slot(slot) if slot else ""
+
+    def read(position: int) -> str:
+        if position >= start:
+            return f"{_DONE}[{position - start}]"
+        return f"{slot_name}[{json.dumps(layout.names[position])}]"
+
+    _, *later = layout.segments(start, end)
+    items = ",\n".join(map(_item, layout.expressions[start : later[0][0] if later else end]))
+    text = f"[[{items}]]"
+    for low, high in later:
+        entries = ", ".join(
+            f"{json.dumps(layout.names[p])}: {read(p)}" for p in layout.needs(low, high)
+        )
+        items = ",\n".join(map(_item, layout.expressions[low:high]))
+        text += f".map({_DONE}, {_DONE} + [{{{entries}}}].map({RULES}, [{items}])[0])"
+    text += "[0]"
+    return f"[{slot_name}].map({RULES}, {text})[0]" if slot else text
+
+
+@dataclass(frozen=True, slots=True)
+class _Unit:
+    """One program of a layered set's evaluation: the conditions at [start, end) of the
+    layout (a fused run of layers, or a chunk of the fallback) with `rules` bound to
+    slot `slot`, which holds the outcomes at `reads` (0: it reads none from before)."""
+
+    start: int
+    end: int
+    slot: int
+    reads: tuple[int, ...]
+    program: Any | None  # a chunk's own program serves where None and `slot` is 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Layered:
+    """How a set with dependencies is evaluated: its fused programs (empty when they
+    could not be made), then, when one of them failed on an input (a condition errored),
+    layer by layer (`fallback`, one unit per chunk), so that each error is attributed to
+    exactly one rule and its dependents. All of it on one activation (`_Bindings`), so
+    the input is converted once for every `_SLOTS` slots."""
+
+    fused: tuple[_Unit, ...]
+    fallback: tuple[_Unit, ...]
+    slots: int
+    layout: _Layout
+
+    def blocks(self) -> tuple[tuple[str, ...], ...]:
+        """The slot variables of each activation an evaluation may take."""
+        names = [_slot(n) for n in range(1, self.slots + 1)]
+        return tuple(tuple(names[i : i + _SLOTS]) for i in range(0, len(names), _SLOTS)) or ((),)
+
+    def cost(self, conversion: float) -> float:
+        """What it adds to the conditions' own worst case: each layer of a fused program
+        (a map of the outcomes it reads, the outcomes so far copied), and the input
+        converted again by each activation after the first that reads it (cel-cpp
+        converts it when a program first reads it: a fused program that fails leaves it
+        converted for the fallback). Both paths are counted: the fallback follows a
+        fused program that failed."""
+        layout = self.layout
+        added = 0.0
+        for unit in self.fused:
+            for low, high in layout.segments(unit.start, unit.end)[1:]:
+                added += layering_cost(low - unit.start, len(layout.needs(low, high)))
+        block, reading = 0, set()
+        for unit in (*self.fused, *self.fallback):
+            block = max(block, (unit.slot - 1) // _SLOTS if unit.slot else 0)
+            if input_fields(layout.expressions[unit.start : unit.end]) != frozenset():
+                reading.add(block)
+        return added + max(len(reading) - 1, 0) * conversion
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled with its programs serialized (see `ConditionSet.__reduce__`)."""
+        return (_Layered, (_frozen(self.fused), _frozen(self.fallback), self.slots, self.layout))
+
+    def restored(self, compiler: ConditionCompiler) -> _Layered:
+        """The same, its programs deserialized by this process's compiler."""
+
+        def restore(unit: _Unit) -> _Unit:
+            if type(unit.program) is not bytes:
+                return unit
+            return replace(unit, program=compiler.deserialize(unit.program, bound=True))
+
+        return _Layered(
+            tuple(map(restore, self.fused)),
+            tuple(map(restore, self.fallback)),
+            self.slots,
+            self.layout,
+        )
+
+
+def _frozen(units: Sequence[_Unit]) -> tuple[_Unit, ...]:
+    return tuple(
+        unit
+        if unit.program is None or type(unit.program) is bytes
+        else replace(unit, program=unit.program.serialize())
+        for unit in units
+    )
+
+
+class _Bindings:
+    """The activation of one evaluation of a layered set: `get(slot, outcomes)` fills
+    the slot's map, which cel-cpp converts when the program that reads it first does.
+    A slot of the next `_SLOTS` takes a fresh activation (the input converted again)."""
+
+    __slots__ = ("_activation", "_block", "_blocks", "_compiler", "_document", "_maps")
+
+    def __init__(
+        self, compiler: ConditionCompiler, document: Any, blocks: tuple[tuple[str, ...], ...]
+    ) -> None:
+        self._compiler = compiler
+        self._document = document
+        self._blocks = blocks
+        self._block = -1
+        self._activation: Any = None
+        self._maps: dict[str, dict[str, bool]] = {}
+
+    def get(self, slot: int, outcomes: Mapping[str, bool] | None = None) -> Any:
+        block = max(self._block, (slot - 1) // _SLOTS if slot else 0)
+        if block != self._block:
+            self._block = block
+            self._maps = {name: {} for name in self._blocks[block]}
+            self._activation = self._compiler.bound_activation(self._document, self._maps)
+        if slot and outcomes:
+            self._maps[_slot(slot)].update(outcomes)
+        return self._activation
+
+
+def _unbound_set(  # noqa: PLR0917 (pickle calls it with positions)
     expressions: tuple[str, ...],
     serialized: tuple[tuple[int, int, bytes | None], ...],
     worst_cost: float,
     fields: frozenset[str] | None,
     layout: _Layout | None,
+    layered: _Layered | None,
 ) -> ConditionSet:
     return ConditionSet(
         expressions,
@@ -931,6 +1221,7 @@ def _unbound_set(
         worst_cost=worst_cost,
         fields=fields,
         layout=layout,
+        layered=layered,
     )
 
 
@@ -950,7 +1241,11 @@ class _Chunk:
         self.rest_asked = False
 
     def build_rest(
-        self, compiler: ConditionCompiler, expressions: Sequence[str], failing: frozenset[int]
+        self,
+        compiler: ConditionCompiler,
+        expressions: Sequence[str],
+        failing: frozenset[int],
+        slot: str = "",
     ) -> None:
         """Compile the program of the conditions that did not fail, unless they are too
         long: cel-cpp compiles in one call that holds the interpreter, and the event
@@ -958,7 +1253,7 @@ class _Chunk:
         others = [expressions[i] for i in range(self.start, self.end) if i not in failing]
         if not others or sum(map(len, others)) > _REST_CHARS:
             return
-        program = compiler.compile_combined(others)
+        program = compiler.compile_combined(others, slot)
         if program is not None:
             self.rest = (failing, program)
 

@@ -42,6 +42,7 @@ __all__ = [
     "conversion_cost",
     "estimate",
     "estimate_items",
+    "layering_cost",
 ]
 
 # cel-cpp's default `comprehension_max_iterations`: loop steps per evaluation, all loops
@@ -845,9 +846,17 @@ def _worst(root: Node, checked: CheckedExpression, bounds: SizeBounds, limit: fl
 
 def conversion_cost(bounds: SizeBounds) -> float:
     """What converting an input within `bounds` into CEL values costs at worst (about
-    150 ns per item or character: 1 MiB of empty lists, 150 ms). Paid once per input,
-    and once more by each layer of a ruleset's dependencies that reads the input."""
+    150 ns per item or character: 1 MiB of empty lists, 150 ms). Paid once per input;
+    again only where a ruleset with dependencies needs a fresh activation."""
     return bounds.max_total * _CONVERT
+
+
+def layering_cost(carried: int, reads: int) -> float:
+    """What one layer of a ruleset's dependencies adds inside a fused program: the
+    outcomes so far carried into the next layer (`carried`: a list copied) and the map
+    of the outcomes its conditions read (`reads`: each an index and an insert), around
+    two one-item comprehensions."""
+    return 4 * _NODE + carried * _NODE + reads * 2 * _NODE
 
 
 def _ms(units: float) -> str:

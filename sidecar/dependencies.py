@@ -59,9 +59,10 @@ class DynamicReference(Exception):
         self.offset = offset
 
 
-def references(checked: CheckedExpression) -> tuple[Reference, ...]:
-    """The rule ids the expression reads, each once, in the order written; raises
-    `DynamicReference` at the first use of `rules` that is not such a read."""
+def references(checked: CheckedExpression, text: str) -> tuple[Reference, ...]:
+    """The rule ids the expression (`text`, checked) reads, each once, in the order
+    written; raises `DynamicReference` at the first use of `rules` that is not such a
+    read."""
     found: dict[str, Reference] = {}
     offsets: dict[int, int] | None = None
 
@@ -70,6 +71,23 @@ def references(checked: CheckedExpression) -> tuple[Reference, ...]:
         if offsets is None:
             offsets = checked.offsets()
         return offsets.get(node.id, 0)
+
+    stack = [checked.root]
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        # The checker names `.rules` `rules`: only the text tells the leading dot.
+        if (
+            node.kind == "ident"
+            and node.name == RULES
+            and text[: offset(node)].rstrip()[-1:] == "."
+        ):
+            message = (
+                "`.rules` (the map read past a comprehension variable named `rules`) cannot "
+                "be bound to a rule's dependencies: name that variable otherwise and read "
+                'rules["rule-id"]'
+            )
+            raise DynamicReference(message, offset(node))
 
     def visit(node: Node, shadowed: bool) -> None:
         if node.kind == "comprehension":
@@ -99,11 +117,12 @@ def references(checked: CheckedExpression) -> tuple[Reference, ...]:
 
 
 def _is_rules(node: Node, shadowed: bool) -> bool:
-    """Whether the node is the `rules` variable (`.rules` is, even where a comprehension
-    variable of that name hides it)."""
-    return node.kind == "ident" and (
-        node.name == f".{RULES}" or (node.name == RULES and not shadowed)
-    )
+    """Whether the node is the `rules` variable, not hidden by a comprehension variable.
+
+    Root-scoped `.rules` is refused (`references`): a ruleset's programs bind each layer's
+    outcomes to `rules` with a comprehension variable of that name (`sidecar.conditions`),
+    which the root-scoped name would see past."""
+    return node.kind == "ident" and node.name == RULES and not shadowed
 
 
 class Dependent(NamedTuple):
