@@ -58,6 +58,7 @@ from bench._common import describe, environment, fmt_us
 from bench._gen import GeneratedRule, generate_rules, render_file, ruleset_id, sample_input
 from sidecar.conditions import ConditionCompiler, check_input
 from sidecar.engine import evaluate, evaluate_many
+from sidecar.errors import LoadError
 from sidecar.loader import Loader
 from sidecar.snapshot import Snapshot
 from sidecar.tallies import DecisionTallies
@@ -398,16 +399,21 @@ def main(argv: Sequence[str] | None = None) -> None:
 DEPENDENTS = 10  # rules of the 50 that also read another rule's outcome
 
 
-def layered(rules: Sequence[GeneratedRule], layers: int) -> list[GeneratedRule]:
+def layered(
+    rules: Sequence[GeneratedRule], layers: int, *, reading: bool = False
+) -> list[GeneratedRule]:
     """The rules with the last `DEPENDENTS` made combinations of two earlier rules'
     outcomes: of two independent rules, or (with more than 2 layers) of the rule before
-    and an independent one, in chains of `layers - 1`."""
+    and an independent one, in chains of `layers - 1`; `reading`: each also reads the
+    input (`rules["a"] && input.amount > 1000`, the most natural use)."""
     changed = list(rules)
     first = len(rules) - DEPENDENTS
     for n in range(first, len(rules)):
         chained = layers > 2 and (n - first) % (layers - 1)
         one, other = rules[n - 1 if chained else n - DEPENDENTS], rules[n - 2 * DEPENDENTS]
         condition = f'rules["{one.id}"] || !rules["{other.id}"]'
+        if reading:
+            condition = f'rules["{one.id}"] && input.amount > 1000'
         changed[n] = replace(rules[n], condition=condition)
     return changed
 
@@ -415,11 +421,17 @@ def layered(rules: Sequence[GeneratedRule], layers: int) -> list[GeneratedRule]:
 def bench_dependencies(fast: Snapshot, documents: Sequence[Doc], rounds: int) -> None:
     rules = generate_rules(0, RULES)
     cases = {"without dependencies": fast}
-    for layers in (2, 4):
-        loaded = Loader().load([render_file(0, layered(rules, layers))]).snapshot
-        ruleset = loaded.rulesets[RULESET]
+    refused = []
+    for layers, reading in ((2, False), (4, False), (2, True), (4, True)):
+        name = f"{DEPENDENTS} dependent rules{' reading input' if reading else ''}, {layers} layers"
+        try:
+            loaded = Loader().load([render_file(0, layered(rules, layers, reading=reading))])
+        except LoadError as exc:
+            refused.append(f"  {name:<48} refused: {exc.problems[0].message[:70]}...")
+            continue
+        ruleset = loaded.snapshot.rulesets[RULESET]
         ruleset.plan.conditions.prepare()
-        cases[f"{DEPENDENTS} dependent rules, {ruleset.plan.conditions.depth} layers"] = loaded
+        cases[name] = loaded.snapshot
     print(f"\n[8] dependencies: evaluate() per input, {len(documents)} inputs, {rounds} rounds")
     medians = interleaved_medians(
         {name: (lambda d, s=snapshot: evaluate(s, RULESET, d)) for name, snapshot in cases.items()},
@@ -428,7 +440,8 @@ def bench_dependencies(fast: Snapshot, documents: Sequence[Doc], rounds: int) ->
     )
     base = medians["without dependencies"]
     for name, median in medians.items():
-        print(f"  {name:<40} {median:8.2f} us  {median / base:.2f}x")
+        print(f"  {name:<48} {median:8.2f} us  {median / base:.2f}x")
+    print("\n".join(refused))
 
 
 def _count_values(document: Any) -> int:

@@ -395,15 +395,10 @@ class ConditionCompiler:
         one per chunk for the fallback, each that reads earlier outcomes with a slot of
         its own. A condition that cannot be bound to its slot (cel-cpp's nesting limit)
         goes into `errors`."""
-        fused: list[_Unit] = []
-        next_slot = 1
-        for start, end in _chunk_bounds(layout.expressions):
-            made = self._fuse(layout, start, end, next_slot)
-            if made is None:  # the fallback alone, then
-                fused, next_slot = [], 1
-                break
-            fused += made[0]
-            next_slot = made[1]
+        first = layout.breaks[0]
+        fused, next_slot = self._fuse_all(layout, 0, 1)
+        rest, after_rest = self._fuse_all(layout, first, 1)
+        next_slot = max(next_slot, after_rest)
         fallback = []
         for chunk in chunks:
             reads = layout.needs(chunk.start, chunk.end)
@@ -419,7 +414,20 @@ class ConditionCompiler:
                             "the condition is nested too deeply to read other rules' outcomes"
                         )
             fallback.append(_Unit(chunk.start, chunk.end, slot, reads, program))
-        return _Layered(tuple(fused), tuple(fallback), next_slot - 1, layout)
+        fields = input_fields(layout.expressions[first:])
+        return _Layered(tuple(fused), tuple(rest), tuple(fallback), next_slot - 1, layout, fields)
+
+    def _fuse_all(self, layout: _Layout, start: int, next_slot: int) -> tuple[list[_Unit], int]:
+        """The fused programs of the positions from `start` on, in chunks, and the next
+        free slot; none when one of them cannot be made."""
+        fused: list[_Unit] = []
+        for low, high in _chunk_bounds(layout.expressions[start:]):
+            made = self._fuse(layout, start + low, start + high, next_slot)
+            if made is None:
+                return [], 1
+            fused += made[0]
+            next_slot = made[1]
+        return fused, next_slot
 
     def _fuse(
         self, layout: _Layout, start: int, end: int, next_slot: int
@@ -781,24 +789,43 @@ class ConditionSet:
         return outcomes
 
     def _evaluate_layered(self, compiler: ConditionCompiler, document: Any) -> list[Outcome]:
-        """`evaluate` of a set with dependencies: its fused programs, and only when one
-        fails, layer by layer (`_evaluate_layers`), on the same activation."""
+        """`evaluate` of a set with dependencies: the fast path for the first layer where
+        it answers, then fused programs for the rest (or all of them), and only when one
+        fails, layer by layer (`_evaluate_layers`) from where it failed, on the same
+        activation."""
         chunks = self._programs()  # restores `_layered` too
         layered = self._layered
         assert layered is not None
         layout = layered.layout
-        bindings = _Bindings(compiler, document, layered.blocks())
         done: list[Outcome] = []  # in evaluation order
+        units = layered.fused
+        fast = self._functions(compiler)
+        if fast and layered.rest and clean_input(document):
+            first = layout.breaks[0]
+            for index in range(sum(chunk.end <= first for chunk in chunks)):
+                function = fast[index]
+                known = () if function is None else function(document)
+                if not known or UNKNOWN in known:
+                    del done[:]
+                    break
+                done.extend(known)
+            if done:
+                units = layered.rest
+                # The first layer is known: convert only what the others read.
+                document = _view(document, layered.rest_fields)
+        bindings = _Bindings(compiler, document, layered.blocks())
         names = layout.names
-        for unit in layered.fused:
+        for unit in units:
             here = bindings.get(unit.slot, {names[d]: done[d] is True for d in unit.reads})
             listed = _list_outcomes(unit.program, here)
             if listed is None or len(listed) != unit.end - unit.start:
-                return self._evaluate_layers(compiler, layered, chunks, bindings, document)
+                # The fallback goes on from the chunk this unit's first condition is in.
+                del done[max(c.start for c in chunks if c.start <= unit.start) :]
+                break
             done.extend(listed)
-        if not layered.fused:
-            return self._evaluate_layers(compiler, layered, chunks, bindings, document)
-        return layout.restore(done)
+        if units and len(done) == len(layout.expressions):
+            return layout.restore(done)
+        return self._evaluate_layers(compiler, layered, chunks, bindings, document, done=done)
 
     def _evaluate_layers(
         self,
@@ -807,19 +834,22 @@ class ConditionSet:
         chunks: Sequence[_Chunk],
         bindings: _Bindings,
         document: Any,
+        *,
+        done: list[Outcome],
     ) -> list[Outcome]:
-        """Chunk by chunk in layer order, each chunk of a later layer with the outcomes
-        it reads bound to `rules` (its slot). A condition one of whose dependencies
-        errored errors too, naming it: it must not silently see `false` for a rule that
-        could not be evaluated (its program saw `false` there, and its outcome is not
-        kept)."""
-        done: list[Outcome] = []  # in evaluation order
+        """Chunk by chunk in layer order from where `done` (outcomes in evaluation order)
+        ends, each chunk of a later layer with the outcomes it reads bound to `rules`
+        (its slot). A condition one of whose dependencies errored errors too, naming it:
+        it must not silently see `false` for a rule that could not be evaluated (its
+        program saw `false` there, and its outcome is not kept)."""
         fast = self._functions(compiler)
         if fast and not clean_input(document):
             fast = ()
         layout = layered.layout
         names, depends = layout.names, layout.depends
         for index, chunk in enumerate(chunks):
+            if chunk.start < len(done):
+                continue
             unit = layered.fallback[index]
             if unit.slot:
                 here = bindings.get(unit.slot, {names[d]: done[d] is True for d in unit.reads})
@@ -834,9 +864,8 @@ class ConditionSet:
                 here, program = bindings.get(0), chunk.program
             listed = _list_outcomes(program, here)
             if listed is None:
-                self._evaluate_failed(
-                    compiler, chunk, here, done, _slot(unit.slot) if unit.slot else ""
-                )
+                slot = _slot(unit.slot) if unit.slot else ""
+                self._evaluate_failed(compiler, chunk, here, done, slot)
             else:
                 done.extend(listed)
             for position in range(chunk.start, chunk.end) if unit.slot else ():
@@ -1015,6 +1044,13 @@ class _Preparer:
                 logger.exception("a background build for a ruleset failed")
 
 
+def _view(document: Any, fields: frozenset[str] | None) -> Any:
+    """The part of the input that the given conditions read (all of it if unknown)."""
+    if fields is None or type(document) is not dict:
+        return document
+    return {name: document[name] for name in fields if name in document}
+
+
 @dataclass(frozen=True, slots=True)
 class _Layout:
     """The evaluation order of a set whose conditions read other rules' outcomes.
@@ -1114,15 +1150,19 @@ class _Unit:
 @dataclass(frozen=True, slots=True)
 class _Layered:
     """How a set with dependencies is evaluated: its fused programs (empty when they
-    could not be made), then, when one of them failed on an input (a condition errored),
-    layer by layer (`fallback`, one unit per chunk), so that each error is attributed to
-    exactly one rule and its dependents. All of it on one activation (`_Bindings`), so
-    the input is converted once for every `_SLOTS` slots."""
+    could not be made), or, where the fast path answered the first layer in Python, the
+    fused programs of the others (`rest`, reading the first layer's outcomes from a
+    slot); then, when one of them failed on an input (a condition errored), layer by
+    layer (`fallback`, one unit per chunk), so that each error is attributed to exactly
+    one rule and its dependents. All of it on one activation (`_Bindings`), so the input
+    is converted once for every `_SLOTS` slots."""
 
     fused: tuple[_Unit, ...]
+    rest: tuple[_Unit, ...]  # the layers after the first, once the fast path answered it
     fallback: tuple[_Unit, ...]
     slots: int
     layout: _Layout
+    rest_fields: frozenset[str] | None  # the input fields the layers after the first read
 
     def blocks(self) -> tuple[tuple[str, ...], ...]:
         """The slot variables of each activation an evaluation may take."""
@@ -1150,7 +1190,8 @@ class _Layered:
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled with its programs serialized (see `ConditionSet.__reduce__`)."""
-        return (_Layered, (_frozen(self.fused), _frozen(self.fallback), self.slots, self.layout))
+        programs = (_frozen(self.fused), _frozen(self.rest), _frozen(self.fallback))
+        return (_Layered, (*programs, self.slots, self.layout, self.rest_fields))
 
     def restored(self, compiler: ConditionCompiler) -> _Layered:
         """The same, its programs deserialized by this process's compiler."""
@@ -1162,9 +1203,11 @@ class _Layered:
 
         return _Layered(
             tuple(map(restore, self.fused)),
+            tuple(map(restore, self.rest)),
             tuple(map(restore, self.fallback)),
             self.slots,
             self.layout,
+            self.rest_fields,
         )
 
 

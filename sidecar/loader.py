@@ -1069,16 +1069,9 @@ def _build_ruleset(
                 _condition_problem(document, index, exc, ruleset_id=ruleset_id, rule_id=rule.id)
             )
     if plan is not None and plan.conditions.worst_cost > RULESET_COST_LIMIT:
-        depth = plan.conditions.depth
-        layered = (
-            f" ({depth} layers of dependencies: each layer after the first that reads the "
-            "input converts it again)"
-            if depth > 1
-            else ""
-        )
         message = (
             f"the ruleset's conditions together may take up to "
-            f"{plan.conditions.worst_cost / 1e6:.0f} ms on the worst input{layered}, over the "
+            f"{plan.conditions.worst_cost / 1e6:.0f} ms on the worst input, over the "
             f"limit of {RULESET_COST_LIMIT / 1e6:.0f} ms for one evaluation: split the ruleset "
             "or make its costliest conditions cheaper"
         )

@@ -398,11 +398,13 @@ def layer_by_layer(conditions: Any) -> Any:
     copy = pickle.loads(pickle.dumps(conditions))
     copy.bind(ConditionCompiler())
     copy._programs()
-    copy._layered = dataclasses.replace(copy._layered, fused=())
+    copy._layered = dataclasses.replace(copy._layered, fused=(), rest=())
     return copy
 
 
 ORACLE_LAYERED = layer_by_layer(ORACLE.plan.conditions)
+ORACLE_FUSED = ORACLE.with_rules(ORACLE.rules, ConditionCompiler(fast_path=False)).plan.conditions
+ORACLE.plan.conditions.prepare()  # the fast path answers the first layer, fused the rest
 
 
 @settings(max_examples=300, deadline=None)
@@ -412,9 +414,11 @@ def test_the_fused_program_and_the_layers_answer_as_each_condition_alone(
 ):
     conditions = ORACLE.plan.conditions
     assert conditions.depth == 5
-    assert len(conditions._layered.fused) == 1  # one program for the five layers
+    assert len(ORACLE_FUSED._layered.fused) == 1  # one program for the five layers
+    assert conditions._fast[0] is not None
     expected = one_by_one(conditions, document)
     assert conditions.evaluate(document) == expected
+    assert ORACLE_FUSED.evaluate(document) == expected
     assert ORACLE_LAYERED.evaluate(document) == expected
 
 
