@@ -275,6 +275,10 @@ class _Builder:
                 return scope[node.name]
             if node.name == "input":
                 return _name("doc")
+            # Any other variable, `rules` (other rules' outcomes, `sidecar.dependencies`)
+            # included: the chunk gets no fast function, and cel-cpp answers it (a layered
+            # set's later layers are fused programs). So the differential fuzzer, which
+            # compares what this answers, has no `rules` case to cover.
             raise _Unsupported(node.name)
         if node.kind == "select":
             return self.select(node, out, scope)
