@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -511,6 +512,25 @@ def spawn_over(proxy: FreezableProxy, database: Database, tmp_path: Path) -> Ser
     )
 
 
+def wait_watch_settled(served: Served) -> None:
+    """Wait for the reload the database watch asks for once it LISTENs (whatever changed
+    before is unknown: it forgets and reads everything), which starts after `/readyz`
+    answers 200. A freeze while that reload reads would hold it for the read timeout, and
+    a SIGHUP meanwhile coalesces into one more reload after it, which never starts: a
+    test that waits for the SIGHUP's reload must freeze only after this one ended. It
+    has ended when a check confirmed the sources after the startup's record (a quiet
+    reload is not recorded)."""
+    startup = served.get(f"{HOT}/history")[1]["history"][-1]
+    assert startup["trigger"] == "startup"
+    recorded = datetime.fromisoformat(startup["timestamp"])
+
+    def settled() -> bool:
+        confirmed = served.get(f"{HOT}/status")[1]["last_successful_check_time"]
+        return confirmed is not None and datetime.fromisoformat(confirmed) > recorded
+
+    wait_sync(settled, message="the reload the database watch asks for when it starts")
+
+
 def answers(served: Served, path: str) -> tuple[int, Any] | None:
     """GET `path`, or None while nothing listens yet."""
     assert served.process.poll() is None, f"serve exited: {served.log.read_text()}"
@@ -586,6 +606,7 @@ class TestBoundedShutdown:
         served = spawn_over(pg_proxy, seeded_pg, tmp_path)
         try:
             served.wait_ready()
+            wait_watch_settled(served)
             before = served.get(f"{HOT}/status")[1]["last_check_time"]
             pg_proxy.freeze()
             served.process.send_signal(signal.SIGHUP)
@@ -611,6 +632,7 @@ class TestBoundedShutdown:
         served = spawn_over(pg_proxy, seeded_pg, tmp_path)
         try:
             served.wait_ready()
+            wait_watch_settled(served)
             pg_proxy.freeze()
             before = served.get(f"{HOT}/status")[1]["last_check_time"]
             request = urllib.request.Request(
