@@ -1174,15 +1174,20 @@ class _Layered:
         (a map of the outcomes it reads, the outcomes so far copied), and the input
         converted again by each activation after the first that reads it (cel-cpp
         converts it when a program first reads it: a fused program that fails leaves it
-        converted for the fallback). Both paths are counted: the fallback follows a
-        fused program that failed."""
+        converted for the fallback). Of the two ways through (all fused, or the fast
+        path's first layer and the rest fused), the costlier, each with the fallback
+        that follows a fused program that failed."""
+        return max(self._path_cost(self.fused, conversion), self._path_cost(self.rest, conversion))
+
+    def _path_cost(self, fused: Sequence[_Unit], conversion: float) -> float:
+        """`cost` of one way through: these fused programs, then the fallback."""
         layout = self.layout
         added = 0.0
-        for unit in self.fused:
+        for unit in fused:
             for low, high in layout.segments(unit.start, unit.end)[1:]:
                 added += layering_cost(low - unit.start, len(layout.needs(low, high)))
         block, reading = 0, set()
-        for unit in (*self.fused, *self.fallback):
+        for unit in (*fused, *self.fallback):
             block = max(block, (unit.slot - 1) // _SLOTS if unit.slot else 0)
             if input_fields(layout.expressions[unit.start : unit.end]) != frozenset():
                 reading.add(block)
