@@ -259,7 +259,10 @@ async def start_sidecar(
 
     yield start
     for state in states:
-        await state.service.stop()
+        # `close`, as `serve` ends: `stop` alone left each sidecar's reload worker process
+        # running, and its pipes open here (1,000 descriptors in test_api.py alone, past
+        # what select() takes).
+        await state.service.close()
 
 
 @pytest.fixture
@@ -320,7 +323,7 @@ class ThreadedSidecar:
 
     async def _stop(self) -> None:
         assert self.state is not None
-        await self.state.service.stop()
+        await self.state.service.close()  # its reload worker too (see `start_sidecar`)
         if self._server is not None:
             await self._server.close()
             self._server = None

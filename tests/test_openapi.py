@@ -306,7 +306,7 @@ async def start(aiohttp_client: Any, tmp_path: Path) -> AsyncIterator[Start]:
 
     yield start_sidecar
     for state in states:
-        await state.service.stop()
+        await state.service.close()  # its reload worker too (see `start_sidecar`)
         if state.decisions is not None:
             state.decisions.close()
 
@@ -417,7 +417,8 @@ class TestDocument:
 
     def test_paths_match_the_routes(self, tmp_path: Path) -> None:
         """Every route of the app (HEAD aside) is a documented operation, and vice versa."""
-        app = create_app(build_state(Settings(rules_dirs=(tmp_path,))))
+        state = build_state(Settings(rules_dirs=(tmp_path,), reload_worker=False))
+        app = create_app(state)
         routes = {
             (route.resource.canonical, route.method.lower())
             for route in app.router.routes()
