@@ -24,6 +24,7 @@ from typing import Final, NamedTuple
 from sidecar.celwire import CheckedExpression, Node
 
 __all__ = [
+    "MAX_LAYERS",
     "RULES",
     "DependencyIssue",
     "Dependent",
@@ -35,6 +36,9 @@ __all__ = [
 ]
 
 RULES: Final = "rules"
+# How many rules may chain, each reading the next (a rule without dependencies is the
+# first): real chains are a handful; one program nests at most 32 levels in cel-cpp.
+MAX_LAYERS: Final = 32
 """The CEL variable holding the outcomes of the rules a condition depends on."""
 
 _WHY: Final = (
@@ -77,10 +81,10 @@ def references(checked: CheckedExpression, text: str) -> tuple[Reference, ...]:
         node = stack.pop()
         stack.extend(node.children)
         # The checker names `.rules` `rules`: only the text tells the leading dot.
-        if (
-            node.kind == "ident"
-            and node.name == RULES
-            and text[: offset(node)].rstrip()[-1:] == "."
+        # Inside a comprehension whose variable is `rules`, it names `.rules` as written.
+        if node.kind == "ident" and (
+            node.name == f".{RULES}"
+            or (node.name == RULES and text[: offset(node)].rstrip()[-1:] == ".")
         ):
             message = (
                 "`.rules` (the map read past a comprehension variable named `rules`) cannot "
@@ -172,8 +176,32 @@ def resolve(
             elif target is not None and rule.enabled:
                 targets.append(target)
         direct.append(tuple(targets))
-    issues.extend(_cycles(rules, direct))
+    cycles = _cycles(rules, direct)
+    issues.extend(cycles or _too_deep(rules, direct))
     return tuple(direct), issues
+
+
+def _too_deep(
+    rules: Sequence[Dependent], direct: Sequence[tuple[int, ...]]
+) -> list[DependencyIssue]:
+    """The references that make a chain longer than `MAX_LAYERS`, at the first rule past
+    it. Each layer is one more level of the program that evaluates the set (and one more
+    program past cel-cpp's nesting limit), so a chain of thousands cost seconds and
+    hundreds of MB the first time it ran."""
+    layer = layers(direct)
+    issues: list[DependencyIssue] = []
+    for index, rule in enumerate(rules):
+        if layer[index] != MAX_LAYERS:
+            continue
+        deepest = next(t for t in direct[index] if layer[t] == MAX_LAYERS - 1)
+        at = next(r.offset for r in rule.references if r.rule_id == rules[deepest].id)
+        message = (
+            f'rules["{rules[deepest].id}"] makes a chain of {MAX_LAYERS + 1} rules, each'
+            f" reading the next; rules chain at most {MAX_LAYERS} deep: read a rule"
+            " earlier in the chain, or combine conditions into one rule"
+        )
+        issues.append(DependencyIssue(index, at, message))
+    return issues
 
 
 def _refusal(

@@ -17,6 +17,7 @@ from server_support import eventually
 from sidecar.checks import run_tests
 from sidecar.conditions import ConditionCompiler, _evaluate_one
 from sidecar.cost import DEFAULT_COST_LIMIT, RULESET_COST_LIMIT, estimate
+from sidecar.dependencies import MAX_LAYERS
 from sidecar.editing import RegistryEditor
 from sidecar.engine import evaluate_ruleset
 from sidecar.errors import LoadError, ProblemCode
@@ -276,17 +277,45 @@ def test_the_fast_path_answers_the_first_layer_and_agrees():
         assert rules.plan.conditions.evaluate(document) == reference.evaluate(document)
 
 
-def test_a_chain_of_200_rules_loads_and_evaluates():
+def chain_of(length: int) -> list[dict[str, Any]]:
+    """r0 reads the input, each next rule reads the one before: `length` rules deep."""
     chain = [rule_doc("r0", "input.amount > 0")]
-    chain += [rule_doc(f"r{i}", f'rules["r{i - 1}"]') for i in range(1, 200)]
-    rules = ruleset(*reversed(chain))
-    assert rules.plan.conditions.depth == 200
-    assert len(evaluate_ruleset(rules, {"amount": 1}).matched) == 200
+    chain += [rule_doc(f"r{i}", f'rules["r{i - 1}"]') for i in range(1, length)]
+    return chain
+
+
+def test_a_chain_as_deep_as_allowed_loads_and_evaluates():
+    rules = ruleset(*reversed(chain_of(MAX_LAYERS)))
+    assert rules.plan.conditions.depth == MAX_LAYERS
+    assert len(evaluate_ruleset(rules, {"amount": 1}).matched) == MAX_LAYERS
     assert evaluate_ruleset(rules, {"amount": 0}).matched == ()
     errored = {error.rule_id: error.error for error in evaluate_ruleset(rules, {}).errors}
-    assert len(errored) == 200
+    assert len(errored) == MAX_LAYERS
     assert errored["r0"] == 'Key not found in map : "amount"'
-    assert errored["r199"] == "depends on rule 'r198', which errored"
+    last = MAX_LAYERS - 1
+    assert errored[f"r{last}"] == f"depends on rule 'r{last - 1}', which errored"
+
+
+def test_a_chain_deeper_than_allowed_is_refused_at_the_first_rule_past_it():
+    """A chain of thousands (found by an outside attack) took seconds and hundreds of MB
+    the first time it ran, on the event loop: chains are bounded at load."""
+    text = dump_yaml(make_ruleset_doc("fx", chain_of(MAX_LAYERS + 40)))
+    problems = problems_of(text)
+    assert len(problems) == 1
+    line, _, code, message = problems[0]
+    assert code is ProblemCode.CHECK_DEPENDENCY
+    past = f'rules["r{MAX_LAYERS - 1}"]'
+    assert f"{past} makes a chain of {MAX_LAYERS + 1} rules" in message
+    assert past in text.splitlines()[line - 1]
+
+
+@pytest.mark.parametrize("condition", ['[1].exists(rules, .rules["a"])', "[1].all(rules,.rules.a)"])
+def test_root_scoped_rules_inside_a_comprehension_named_rules_is_refused(condition: str):
+    """Found by an outside attack: accepted at load, it erred on every input."""
+    doc = make_ruleset_doc("fx", [rule_doc("a", "true"), rule_doc("b", condition)])
+    ((_, _, code, message),) = problems_of(dump_yaml(doc))
+    assert code is ProblemCode.CHECK_DEPENDENCY
+    assert "`.rules` (the map read past a comprehension variable" in message
 
 
 def test_a_lookup_costs_little_and_layers_reading_the_input_do_not_convert_it_again():
