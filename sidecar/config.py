@@ -354,6 +354,13 @@ class Settings:
         parse=_decimal,
         check=_seconds,
     )
+    candidate_timeout_seconds: float = _setting(
+        10.0,
+        "RULE_SIDECAR_CANDIDATE_TIMEOUT_SECONDS",
+        "wall-clock budget of one check of submitted rule documents",
+        parse=_decimal,
+        check=_seconds,
+    )
     max_response_bytes: int = _setting(
         8 * 1024 * 1024,
         "RULE_SIDECAR_MAX_RESPONSE_BYTES",

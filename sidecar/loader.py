@@ -90,6 +90,7 @@ __all__ = [
     "LoadStage",
     "Loader",
     "StageListener",
+    "candidate_checker",
     "dependency_problems",
     "ruleset_schema",
 ]
@@ -281,6 +282,7 @@ class Loader:
         executor: Executor | None = None,
         new_executor: Callable[[], Executor] | None = None,
         offload_bytes: int = DEFAULT_OFFLOAD_BYTES,
+        new_checker: Callable[[], ProcessPoolExecutor] | None = None,
         receiving: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext,
     ) -> None:
         self.compiler = compiler or ConditionCompiler()
@@ -295,6 +297,11 @@ class Loader:
         # in-process, stalling requests, for good.
         self.new_executor = new_executor
         self.offload_bytes = offload_bytes
+        # Starts the process candidate checks run in (see `examine_candidate`), made on
+        # the first check and again after one was killed; None: checks run in-process.
+        self.new_checker = new_checker
+        self._checker: ProcessPoolExecutor | None = None
+        self._checker_lock = threading.Lock()
         self._files: dict[str, _FileResult] = {}
         # The per-file results of the last load, kept through `forget` (they stand for
         # what serves until the next load) and never changed in place: a candidate check
@@ -413,7 +420,14 @@ class Loader:
             problems=tuple(sorted(problems, key=lambda p: (p.file, p.line, p.column))),
         )
 
-    def examine_candidate(self, files: Sequence[SourceFile]) -> CandidateExamination:
+    def examine_candidate(
+        self,
+        files: Sequence[SourceFile],
+        *,
+        limits: FileLimits | None = None,
+        deadline: float | None = None,
+        stop: threading.Event | None = None,
+    ) -> CandidateExamination:
         """Check `files` as part of the registry of the last load: every ruleset they
         declare replaces the ruleset of that id, whichever file (or source) held it, and
         only that document of a file of several; the rest of the registry is the last
@@ -421,18 +435,24 @@ class Loader:
 
         The registry-wide checks (ids used twice, challengers) run over the whole, with
         the candidate's files last, so that a clash is reported in the candidate. The
-        candidate's files are loaded as a reload's large changes are, in the worker
-        process when there is one (whatever their size: they come from a request), else
-        in the calling thread, with a compiler of their own either way.
+        candidate's files are loaded, each within `limits` (the loader's by default), in
+        the checker process when the loader has one (`new_checker`; never the reload
+        worker, so that a check never delays a reload), else in the calling thread,
+        with a compiler of their own either way.
+
+        Bounded in time: past `deadline` (`time.monotonic()`), or once `stop` is set (its
+        caller left), the checker process is killed, to be replaced by the next check,
+        and `TimeoutError` raised. In the calling thread, a check stops only between two
+        files (one file's load runs to its end).
 
         Safe beside a running `load` (in another thread): it reads the last load's results
         through one reference and changes nothing a load remembers, so it sees the
         registry before or after that load, never a mixture, and no candidate file is
-        ever taken for a source's. The worker process is shared with reloads: callers
-        check one candidate at a time (the service does).
+        ever taken for a source's. One checker process: callers check one candidate at a
+        time (the service does).
         """
         base = self._base
-        shipped = self._examine_elsewhere(files)
+        shipped = self._examine_elsewhere(files, limits or self.file_limits, deadline, stop)
         candidate = [
             _FileResult(
                 item.digest,
@@ -459,22 +479,52 @@ class Loader:
             revision=revision,
         )
 
-    def _examine_elsewhere(self, files: Sequence[SourceFile]) -> tuple[_Shipped, ...]:
-        """The candidate's files loaded in the worker process, or here when there is none
-        or it failed (a broken worker is replaced by the next reload, not here: that
-        would race with a reload's use of it)."""
-        executor = self.executor
-        if executor is not None:
-            niceness = os.nice(0) + WORKER_NICENESS if self._succeeded else None
-            try:
-                future = executor.submit(
-                    _examine_in_worker, files, self.run_checks, self.file_limits, niceness
-                )
-                return self._answer(future)
-            except Exception:
-                self._stop_if_closed()
-                logger.exception("the reload worker failed a candidate; checking it in-process")
-        return _examine_in_worker(files, self.run_checks, self.file_limits, None)
+    def _examine_elsewhere(
+        self,
+        files: Sequence[SourceFile],
+        limits: FileLimits,
+        deadline: float | None,
+        stop: threading.Event | None,
+    ) -> tuple[_Shipped, ...]:
+        """The candidate's files loaded in the checker process, or here when the loader
+        has none (see `examine_candidate`)."""
+
+        def stopped() -> bool:
+            self._stop_if_closed()
+            return (stop is not None and stop.is_set()) or (
+                deadline is not None and time.monotonic() >= deadline
+            )
+
+        if self.new_checker is None:
+            return _examine_in_worker(files, self.run_checks, limits, stopped=stopped)
+        checker = self._checker_process(self.new_checker)
+        try:
+            future = checker.submit(_examine_in_worker, files, self.run_checks, limits)
+            while not stopped():
+                try:
+                    return future.result(timeout=_CLOSED_POLL_SECONDS)
+                except TimeoutError:
+                    continue
+            raise TimeoutError("the candidate check was stopped")
+        except BaseException:
+            # Out of time, its caller gone, the loader closed, or the process broken: a
+            # process still computing is killed, not left to finish for nobody.
+            self._end_checker(checker)
+            raise
+
+    def _checker_process(
+        self, new_checker: Callable[[], ProcessPoolExecutor]
+    ) -> ProcessPoolExecutor:
+        with self._checker_lock:
+            if self._checker is None:
+                self._checker = new_checker()
+            return self._checker
+
+    def _end_checker(self, checker: ProcessPoolExecutor) -> None:
+        with self._checker_lock:
+            if self._checker is checker:
+                self._checker = None
+        _terminate(checker)
 
     def trial(self, files: Iterable[SourceFile]) -> LoadResult:
         """What `load` would make of `files`, without touching what it remembers: a
@@ -579,19 +629,12 @@ class Loader:
         running: the server is shutting down, and nothing waits for a load to finish."""
         self._closed = True
         executor, self.executor, self.new_executor = self.executor, None, None
+        with self._checker_lock:
+            checker, self._checker, self.new_checker = self._checker, None, None
+        if checker is not None:
+            _terminate(checker)
         if isinstance(executor, ProcessPoolExecutor):
-            # Python 3.14 has `terminate_workers()`; before it, shutdown waits for the
-            # worker to finish the file it is on (seconds for a large one).
-            processes = list(getattr(executor, "_processes", {}).values())
-            for process in processes:
-                process.terminate()
-            for process in processes:
-                process.join(timeout=_CLOSED_POLL_SECONDS * 4)
-            # With the worker gone this is quick; it closes the pool's queues, so their
-            # semaphores are released now: `serve` ends with `os._exit`, after which
-            # multiprocessing's resource tracker would report them as leaked (a line in
-            # the log that is not JSON).
-            executor.shutdown(wait=True, cancel_futures=True)
+            _terminate(executor)
         elif executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
 
@@ -703,6 +746,43 @@ class Loader:
 
 
 WORKER_NICENESS: Final = 10
+# Candidate checks run below the reload worker: a reload takes the CPU they both want.
+CHECKER_NICENESS: Final = 19
+
+
+def _terminate(pool: ProcessPoolExecutor) -> None:
+    """Stop the pool's worker at once, its current task too. Python 3.14 has
+    `terminate_workers()`; before it, shutdown waits for the worker to finish the task
+    it is on (seconds for a large file)."""
+    workers = list((getattr(pool, "_processes", None) or {}).values())
+    for process in workers:
+        process.terminate()
+    for process in workers:
+        process.join(timeout=_CLOSED_POLL_SECONDS * 4)
+    # With the worker gone this is quick; it closes the pool's queues, so their
+    # semaphores are released now: `serve` ends with `os._exit`, after which
+    # multiprocessing's resource tracker would report them as leaked (a line in
+    # the log that is not JSON).
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def candidate_checker() -> ProcessPoolExecutor:
+    """The process candidate checks run in (`Loader.examine_candidate`), apart from the
+    reload worker: a check a caller sent never delays a reload, and killing a check that
+    ran out of time never kills a reload. It runs at the lowest priority
+    (`CHECKER_NICENESS`: below the reload worker, so a reload takes the CPU first) and
+    ends with the serving process. Started on the first check, not with the server."""
+    return ProcessPoolExecutor(
+        max_workers=1,
+        mp_context=multiprocessing.get_context("forkserver"),
+        initializer=_check_below,
+        initargs=(os.getpid(), os.nice(0) + CHECKER_NICENESS),
+    )
+
+
+def _check_below(serving: int, niceness: int) -> None:
+    _yield_to_serving(niceness)
+    _end_with(serving)
 
 
 def reload_worker() -> ProcessPoolExecutor:
@@ -795,19 +875,24 @@ def _load_file_in_worker(
 
 
 def _examine_in_worker(
-    files: Sequence[SourceFile], run_checks: bool, file_limits: FileLimits, niceness: int | None
+    files: Sequence[SourceFile],
+    run_checks: bool,
+    file_limits: FileLimits,
+    *,
+    stopped: Callable[[], bool] | None = None,
 ) -> tuple[_Shipped, ...]:
     """A candidate's files loaded as the worker loads a reload's (see
     `_load_file_in_worker`), with one compiler of their own for them all. Also run
-    in-process, where there is no worker: either way the serving loader's compiler and
-    its cache never see a candidate's conditions."""
-    if niceness is not None:
-        _yield_to_serving(niceness)
+    in-process, where there is no checker process: either way the serving loader's
+    compiler and its cache never see a candidate's conditions; in-process, `stopped`
+    ends the check between two files (`TimeoutError`)."""
     loader = Loader(
         compiler=ConditionCompiler(fast_path=False), run_checks=run_checks, file_limits=file_limits
     )
     shipped = []
     for source in files:
+        if stopped is not None and stopped():
+            raise TimeoutError("the candidate check was stopped")
         digest = hashlib.sha256(source.content).hexdigest()
         result = loader._load_file(source, digest, run_checks=run_checks, watch=_Stopwatch())
         rulesets = tuple(pickle.dumps(r, pickle.HIGHEST_PROTOCOL) for r in result.rulesets)

@@ -38,6 +38,19 @@ class FileLimits:
     # files average 25-40 bytes a value: 400,000 is about what 4 MiB of rules holds.
     max_values: int = 400_000
 
+    def share(self, parts: int) -> FileLimits:
+        """The limits of each of `parts` files that together may cost what one file may
+        (the documents of one validate request): every bound that adds up across files
+        divided among them; the depth, a bound of one document, kept."""
+        if parts <= 1:
+            return self
+        return FileLimits(
+            max_bytes=max(1, self.max_bytes // parts),
+            max_documents=max(1, self.max_documents // parts),
+            max_depth=self.max_depth,
+            max_values=max(1, self.max_values // parts),
+        )
+
 
 DEFAULT_FILE_LIMITS: Final = FileLimits()
 

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -45,7 +46,7 @@ from sidecar.reloads import (
     Triggers,
     now,
 )
-from sidecar.rulefiles import SourceFile
+from sidecar.rulefiles import FileLimits, SourceFile
 from sidecar.scheduling import Scheduler
 from sidecar.snapshot import Snapshot
 from sidecar.sources import RowVersioned, RuleSource
@@ -199,7 +200,7 @@ class HotReloadService:
         self.log = ReloadLog(history_limit)
         self._lock = asyncio.Lock()
         self._shutting_down = False
-        # One candidate check at a time: they share the reload worker with reloads.
+        # One candidate check at a time: there is one checker process.
         self._candidates = asyncio.Lock()
         # What the service waits for now, and since when (monotonic): for health while
         # the first load runs. Set from the reading thread too (one assignment).
@@ -342,7 +343,9 @@ class HotReloadService:
         problems = attempt.problems or refused
         return Validation(problems, attempt.candidate, self.registry.current.revision)
 
-    async def validate_candidate(self, files: Sequence[SourceFile]) -> CandidateCheck:
+    async def validate_candidate(
+        self, files: Sequence[SourceFile], *, seconds: float, limits: FileLimits | None = None
+    ) -> CandidateCheck:
         """Would the registry load with `files` in it? Each ruleset they declare replaces
         the ruleset of that id wherever it is (in whichever file or source), or joins the
         registry; nothing is published, recorded or remembered for the next reload.
@@ -352,11 +355,35 @@ class HotReloadService:
         behind a reload (reading a slow source, compiling thousands of rulesets), and a
         reload never waits behind a check or sees its files. A check that overlaps a
         reload judges the candidate against the registry before or after that reload,
-        whole either way. Checks run one at a time, off the event loop, in the reload
-        worker process when there is one.
+        whole either way. Checks run one at a time, off the event loop, in the loader's
+        checker process when it has one, each file within `limits`.
+
+        `TimeoutError` when the check does not end within `seconds`, waiting for the
+        previous one included; the checker process is then killed, as it is when the
+        caller leaves (this task is cancelled): no check computes for nobody, and the
+        next one starts once the killed one has ended.
         """
-        async with self._candidates:
-            examination = await asyncio.to_thread(self.loader.examine_candidate, files)
+        deadline = time.monotonic() + seconds
+        async with asyncio.timeout(seconds):
+            await self._candidates.acquire()
+        try:
+            stop = threading.Event()
+            examine = functools.partial(
+                self.loader.examine_candidate, files, limits=limits, deadline=deadline, stop=stop
+            )
+            work = asyncio.ensure_future(asyncio.to_thread(examine))
+            try:
+                examination = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                # The caller left: the thread kills the check within a poll; the next
+                # check waits for that, or it could be handed the dying process.
+                stop.set()
+                await asyncio.wait([work])
+                if not work.cancelled():
+                    work.exception()  # retrieved: it is why the check stopped
+                raise
+        finally:
+            self._candidates.release()
         problems = examination.problems
         if not problems and not examination.replaced:
             # As `rule-sidecar validate` refuses a path that yields nothing: a check of

@@ -495,8 +495,26 @@ async def post_validate(request: web.Request) -> web.Response:
             current_revision=serving.revision,
         )
     else:
-        check = await _state(request).service.validate_candidate(candidate.files)
+        check = await _check_candidate(_state(request), candidate)
     return json_response(candidate_view(check))
+
+
+async def _check_candidate(state: AppState, candidate: Candidate) -> CandidateCheck:
+    """The check, within `candidate_timeout_seconds` (503 naming it past that)."""
+    seconds = state.limits.candidate_timeout_seconds
+    try:
+        return await state.service.validate_candidate(
+            candidate.files, seconds=seconds, limits=candidate.limits
+        )
+    except TimeoutError:
+        raise LimitExceeded(
+            503,
+            f"the check of the documents ran out of time ({seconds:g} s, waiting for the "
+            "check before it included) and was stopped: send fewer or smaller documents, "
+            "or retry later",
+            setting="candidate_timeout_seconds",
+            retry_after=1,
+        ) from None
 
 
 async def _candidate(request: web.Request) -> Candidate | None:

@@ -11,8 +11,10 @@ columns count from its opening brace; a string element is the text it holds.
 
 The candidate as a whole is bounded as one rule file is (`FileLimits`): a JSON body of
 more than `max_documents` elements, or of more than `max_bytes` of documents, is a
-`limit.documents` or `read.too_large` problem of `request`, and nothing is compiled (a
-YAML body is one file: the loader applies the same limits to it).
+`limit.documents` or `read.too_large` problem of `request`, and nothing is compiled; the
+N elements are then read each within an N-th of one file's limits (`FileLimits.share`:
+documents, bytes, text through aliases, values), so that together they cost at most
+what one file may. A YAML body is one file: the loader applies the same limits to it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ YAML_TYPES: Final = frozenset(
 """The content types read as YAML (`application/yaml` is RFC 9512's; the others are
 what tools sent before it)."""
 
+_JSON_TYPES: Final = {bool: "a boolean", int: "a number", float: "a number", list: "a list"}
 _SPACE: Final = re.compile(r"[ \t\n\r]*")
 _DECODER: Final = json.JSONDecoder()
 
@@ -48,6 +51,9 @@ class Candidate:
 
     files: tuple[SourceFile, ...]
     problems: tuple[Problem, ...] = ()
+    # Each file's limits, when they are a share of one file's (see `FileLimits.share`);
+    # None: the loader's own (a YAML body is one file).
+    limits: FileLimits | None = None
 
 
 def yaml_candidate(body: bytes) -> Candidate:
@@ -87,7 +93,7 @@ def json_candidate(body: bytes, limits: FileLimits) -> Candidate | None:
             f"most {limits.max_bytes}"
         )
         return _refused(message, ProblemCode.READ_TOO_LARGE)
-    return Candidate(files)
+    return Candidate(files, limits=limits.share(len(files)))
 
 
 def _refused(message: str, code: ProblemCode) -> Candidate:
@@ -102,7 +108,7 @@ def _file(number: int, value: Any, text: str) -> SourceFile:
     if not isinstance(value, str):
         raise InputError(
             "each document must be a ruleset document (an object) or its YAML or JSON "
-            f"text (a string), not {type(value).__name__}",
+            f"text (a string), not {_JSON_TYPES.get(type(value), 'null')}",
             path=f"$.documents[{number - 1}]",
         )
     opening = value.lstrip(" \t\r\n\ufeff")[:1]

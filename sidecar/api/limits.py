@@ -102,12 +102,14 @@ class RateBudgets:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RequestLimits:
-    """What one request may cost: the batch evaluated, its time, its answer, its body."""
+    """What one request may cost: the batch evaluated, its time, its answer, its body,
+    the check of submitted rule documents."""
 
     max_batch_items: int
     max_evaluation_seconds: float
     max_response_bytes: int
     body_timeout_seconds: float
+    candidate_timeout_seconds: float = DEFAULT_SETTINGS.candidate_timeout_seconds
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RequestLimits:
@@ -116,6 +118,7 @@ class RequestLimits:
             max_evaluation_seconds=settings.max_evaluation_seconds,
             max_response_bytes=settings.max_response_bytes,
             body_timeout_seconds=settings.body_timeout_seconds,
+            candidate_timeout_seconds=settings.candidate_timeout_seconds,
         )
 
 

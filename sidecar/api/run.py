@@ -48,7 +48,7 @@ from sidecar.api.views import status_view, writes_view
 from sidecar.api.websocket import ReloadNotificationManager
 from sidecar.conditions import ConditionCompiler
 from sidecar.config import Settings, SettingsError
-from sidecar.loader import Loader, reload_worker
+from sidecar.loader import Loader, candidate_checker, reload_worker
 from sidecar.registry import RuleRegistry
 from sidecar.service import HotReloadService, ReloadRecord, ReloadStatus, Trigger
 from sidecar.sources import RuleSource
@@ -125,12 +125,14 @@ def build_state(settings: Settings) -> AppState:
         source, recorder = _kubernetes(settings)
         sources.append(source)
 
-    # One worker process takes large reloads off the serving process (see sidecar.loader).
+    # One worker process takes large reloads off the serving process, another checks
+    # submitted documents (see sidecar.loader).
     loader = Loader(
         compiler=ConditionCompiler(fast_path=settings.fast_path),
         run_checks=settings.validation_enabled,
         executor=reload_worker() if settings.reload_worker else None,
         new_executor=reload_worker if settings.reload_worker else None,
+        new_checker=candidate_checker if settings.reload_worker else None,
     )
     registry = RuleRegistry()
     service = HotReloadService(
