@@ -4,13 +4,31 @@ part of the registry on a real server (and its reload worker), nothing published
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
+import os
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 from conftest import dump_yaml, fraud_doc, make_ruleset_doc, rule_doc
-from server_support import HOT, Sidecar, StartSidecar, receive_event
+from server_support import (
+    HOT,
+    Sidecar,
+    StartSidecar,
+    _app_for,
+    eventually,
+    free_port,
+    receive_event,
+)
+
+from sidecar.api.run import _runner
+from sidecar.config import DEFAULT_SETTINGS
 
 # Starts processes, browsers or databases: left out of the quick loop (-m 'not slow').
 pytestmark = pytest.mark.slow
@@ -51,6 +69,55 @@ async def check_json(sidecar: Sidecar, documents: list[Any], status: int = 200) 
 
 def codes(answer: dict[str, Any]) -> list[str]:
     return [error["code"] for error in answer["errors"]]
+
+
+def alias_bomb(number: int) -> str:
+    """The attack's element: a 70 KB YAML file whose 64 embedded tests alias one 64 KB
+    string (4 MiB of text through aliases, what one whole rule file may hold)."""
+    cases = "".join(
+        f"    - {{name: t{i}, input: {{note: *big}}, expect: {{total_points: 1}}}}\n"
+        for i in range(64)
+    )
+    return (
+        "apiVersion: rule-sidecar/v1\nkind: RuleSet\n"
+        f"metadata: {{id: bomb-{number}, description: &big {'x' * 64 * 1024}}}\n"
+        f"spec:\n  rules: [{{id: bomb-{number}-r, condition: 'true', points: 1}}]\n"
+        f"  tests:\n{cases}"
+    )
+
+
+def heavy_candidate(rulesets: int, rules: int = 10) -> str:
+    """One valid rule file that takes seconds to check: every condition is distinct, so
+    each one is compiled (about 5 ms a ruleset of 10 rules)."""
+    return dump_yaml(
+        [
+            make_ruleset_doc(
+                f"heavy-{i}",
+                [
+                    rule_doc(f"h{i}-{j}", f"input.amount > {i * rules + j} && input.n < {j}", 1)
+                    for j in range(rules)
+                ],
+            )
+            for i in range(rulesets)
+        ]
+    )
+
+
+def checker_pid(sidecar: Sidecar) -> int | None:
+    """The pid of the candidate checker process, once it runs."""
+    checker = sidecar.service.loader._checker
+    processes = getattr(checker, "_processes", None) or {}
+    return next(iter(processes), None)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A killed child not yet reaped by its pool is a zombie: gone for what it computes.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 class TestValid:
@@ -233,6 +300,27 @@ class TestBounds:
         answer = await check_yaml(sidecar, text)
         assert codes(answer) == ["limit.documents"]
 
+    async def test_a_list_costs_what_the_same_text_as_one_file_costs(self, sidecar: Sidecar):
+        """The attack: 13 strings of 70 KB, each aliasing 4 MiB of text, passed as a list
+        (each within one file's limits) and took 70 s of worker time. Each element now
+        has a 13th of one file's limits: each is refused, at once, with the limit hit."""
+        started = time.monotonic()
+        answer = await check_json(sidecar, [alias_bomb(n) for n in range(13)])
+        elapsed = time.monotonic() - started
+        assert answer["valid"] is False
+        assert codes(answer) == ["limit.expansion"] * 13
+        files = sorted(error["file"] for error in answer["errors"])
+        assert files == sorted(f"request#{n}.yaml" for n in range(1, 14))
+        assert elapsed < DEFAULT_SETTINGS.candidate_timeout_seconds + 10
+
+    async def test_documents_are_counted_across_the_list(self, sidecar: Sidecar):
+        """12 strings of 900 documents validated 10,800 rulesets against the documented
+        1,000: each element now holds at most a 12th of them."""
+        share = sidecar.service.loader.file_limits.max_documents // 12
+        answer = await check_json(sidecar, ["---\n{}\n" * 900] * 12)
+        assert codes(answer) == ["limit.documents"] * 12
+        assert f"more than {share} documents" in answer["errors"][0]["message"]
+
     async def test_its_own_rate_budget(self, start_sidecar: StartSidecar, multi_rules: Path):
         sidecar = await start_sidecar(multi_rules, candidate_rate_per_minute=1)
         await check_yaml(sidecar, dump_yaml(make_ruleset_doc("one")))
@@ -352,3 +440,104 @@ class TestBesideReloads:
             assert codes(answer) in ([], ["id.duplicate"])
         answer = await check_yaml(sidecar, probe)
         assert codes(answer) == ["id.duplicate"]  # the reload's files are the base now
+
+
+class TestBoundedInTime:
+    """A check runs in a checker process of its own, within
+    RULE_SIDECAR_CANDIDATE_TIMEOUT_SECONDS, killed when it runs out of time or its
+    client leaves."""
+
+    async def test_past_its_budget_it_is_503_and_the_process_replaced(
+        self, start_sidecar: StartSidecar, multi_rules: Path
+    ):
+        budget = 1.0
+        sidecar = await start_sidecar(
+            multi_rules, candidate_timeout_seconds=budget, max_body_bytes=8 * 1024 * 1024
+        )
+        started = time.monotonic()
+        response, body = await sidecar.call(
+            "POST", VALIDATE, data=heavy_candidate(1000).encode(), headers=YAML, status=503
+        )
+        assert time.monotonic() - started < budget + 10
+        assert body["error"]["limit"] == "RULE_SIDECAR_CANDIDATE_TIMEOUT_SECONDS"
+        assert "ran out of time" in body["error"]["message"]
+        assert int(response.headers["Retry-After"]) >= 1
+        assert checker_pid(sidecar) is None  # killed, not left computing
+        sidecar.state.limits = dataclasses.replace(
+            sidecar.state.limits, candidate_timeout_seconds=60
+        )
+        answer = await check_yaml(sidecar, dump_yaml(make_ruleset_doc("after")))
+        assert answer["valid"] is True  # a new process took over
+        assert checker_pid(sidecar) is not None
+
+    async def test_a_reload_is_published_while_a_check_runs(
+        self, start_sidecar: StartSidecar, multi_rules: Path
+    ):
+        """Checks used to run in the reload worker: a file change went live 74 s late,
+        behind one. The reload (in the reload worker here, whatever its size) now
+        publishes while a check still runs."""
+
+        def every_load_in_the_worker(state: Any) -> None:
+            state.service.loader.offload_bytes = 0
+
+        sidecar = await start_sidecar(
+            multi_rules,
+            candidate_timeout_seconds=120,
+            max_body_bytes=8 * 1024 * 1024,
+            prepare=every_load_in_the_worker,
+        )
+        check = asyncio.create_task(check_yaml(sidecar, heavy_candidate(1000, 20)))
+        await eventually(lambda: checker_pid(sidecar), timeout=30, message="the check runs")
+        (sidecar.rules / "late.yaml").write_text(dump_yaml(make_ruleset_doc("late")))
+        record = await sidecar.post(f"{HOT}/reload")
+        assert record["status"] == "success"
+        assert "late" in sidecar.state.registry.current.rulesets
+        assert not check.done()  # published before the check ended
+        check.cancel()  # its client leaves: the check is killed (see the next test)
+        with contextlib.suppress(asyncio.CancelledError):
+            await check
+
+    async def test_a_client_that_leaves_frees_the_checker(
+        self, start_sidecar: StartSidecar, multi_rules: Path
+    ):
+        """`curl -m 1` three times made the next check wait 214 s. Served as `serve`
+        serves (aiohttp does not cancel the handler of a client that left, unlike its
+        test server), the check of a client that leaves is killed, and the next one
+        starts at once."""
+        sidecar = await start_sidecar(
+            multi_rules, candidate_timeout_seconds=120, max_body_bytes=8 * 1024 * 1024
+        )
+        heavy = heavy_candidate(1000, 20).encode()
+        async with served_as_in_production(sidecar) as url, aiohttp.ClientSession() as session:
+
+            async def post(body: bytes) -> Any:
+                async with session.post(url + VALIDATE, data=body, headers=YAML) as response:
+                    return await response.json()
+
+            check = asyncio.create_task(post(heavy))
+            pid = await eventually(lambda: checker_pid(sidecar), timeout=30, message="it runs")
+            await asyncio.sleep(0.5)  # well into its compiling
+            check.cancel()  # the connection closes, as `curl -m 1` closes it
+            with contextlib.suppress(asyncio.CancelledError):
+                await check
+            await eventually(lambda: not alive(pid), timeout=10, message="the check killed")
+            started = time.monotonic()
+            answer = await post(dump_yaml(make_ruleset_doc("next")).encode())
+            assert answer["valid"] is True
+            # At once: not behind the abandoned check (a minute of work at 20 rules a
+            # ruleset), only behind a new process's start.
+            assert time.monotonic() - started < 30
+            assert checker_pid(sidecar) not in (None, pid)
+
+
+@contextlib.asynccontextmanager
+async def served_as_in_production(sidecar: Sidecar) -> AsyncIterator[str]:
+    """The sidecar's state served by the runner `serve` uses, on a port of its own."""
+    runner = _runner(_app_for(sidecar.state, sidecar.settings), sidecar.settings)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()

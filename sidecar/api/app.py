@@ -495,8 +495,34 @@ async def post_validate(request: web.Request) -> web.Response:
             current_revision=serving.revision,
         )
     else:
-        check = await _check_candidate(_state(request), candidate)
+        check = await _while_connected(request, _check_candidate(_state(request), candidate))
     return json_response(candidate_view(check))
+
+
+# How often a long handler looks whether its client is still there.
+_CLIENT_POLL_SECONDS = 0.25
+
+
+async def _while_connected(request: web.Request, work: Awaitable[_T]) -> _T:
+    """`work`, cancelled once the client has left: aiohttp (without its
+    `handler_cancellation`, which would cancel every handler, writes included) lets a
+    handler run on for a client that is gone, and a candidate check should not compute
+    for nobody, holding the one checker."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait([task], timeout=_CLIENT_POLL_SECONDS)
+            if done:
+                return task.result()
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise web.HTTPServiceUnavailable(text="the client left: its check was stopped")
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait([task])  # its cleanup (the checker killed) done
+            if not task.cancelled():
+                task.exception()
 
 
 async def _check_candidate(state: AppState, candidate: Candidate) -> CandidateCheck:
