@@ -186,7 +186,9 @@ class RulesetChanges:
 
 
 def diff_rulesets(serving: Snapshot, rulesets: Iterable[RuleSet]) -> RulesetChanges:
-    """How `rulesets`, each replacing the ruleset of its id (or joining), change `serving`."""
+    """How `rulesets`, each replacing the ruleset of its id (or joining), change `serving`.
+    An id given twice (an `id.duplicate` problem of its own) counts once, as first given."""
+    seen: set[str] = set()
     added: list[str] = []
     changed: list[str] = []
     unchanged: list[str] = []
@@ -194,6 +196,9 @@ def diff_rulesets(serving: Snapshot, rulesets: Iterable[RuleSet]) -> RulesetChan
     rules_changed: list[str] = []
     rules_removed: list[str] = []
     for ruleset in rulesets:
+        if ruleset.id in seen:
+            continue
+        seen.add(ruleset.id)
         previous = serving.rulesets.get(ruleset.id)
         if previous is not None and previous.digest == ruleset.digest:
             unchanged.append(ruleset.id)

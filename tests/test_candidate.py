@@ -260,6 +260,12 @@ class TestProblemsAreLocated:
         assert "ruleset 'other'" in error["message"]
         assert "other.yaml" in error["message"]
 
+    async def test_a_ruleset_sent_twice_is_a_duplicate_listed_once(self, sidecar: Sidecar):
+        doc = make_ruleset_doc("twice")
+        answer = await check_json(sidecar, [doc, doc])
+        assert codes(answer) == ["id.duplicate"]
+        assert answer["changes"]["added"] == ["twice"]
+
     async def test_a_challenger_without_its_champion(self, sidecar: Sidecar):
         doc = make_ruleset_doc("pretender", challenger_of="nobody")
         answer = await check_yaml(sidecar, dump_yaml(doc))
@@ -361,6 +367,13 @@ class TestBadRequests:
     ):
         answer = await sidecar.post(VALIDATE, json=body, status=400)
         assert answer["error"]["path"] == path
+
+    @pytest.mark.parametrize(("value", "named"), [(None, "null"), (True, "a boolean")])
+    async def test_a_document_of_another_json_type_is_named_as_json_names_it(
+        self, sidecar: Sidecar, value: Any, named: str
+    ):
+        answer = await sidecar.post(VALIDATE, json={"documents": [value]}, status=400)
+        assert answer["error"]["message"].endswith(f"not {named}")
 
     async def test_json_that_does_not_parse_is_400(self, sidecar: Sidecar):
         await sidecar.post(

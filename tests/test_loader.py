@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -311,6 +312,41 @@ class TestFileLimits:
 
         assert "more than 2 documents" in problem.message
         assert len(result.snapshot.rulesets) == 2
+
+    @pytest.mark.parametrize("parts", [1, 2, 3, 7, 13, 1000])
+    def test_shares_of_one_file_add_up_to_at_most_one_file(self, parts: int):
+        """The documents of one validate request: N files cost what one may."""
+        whole = FileLimits()
+        share = whole.share(parts)
+        assert parts * share.max_bytes <= whole.max_bytes
+        assert parts * share.max_documents <= whole.max_documents
+        assert parts * share.max_values <= whole.max_values
+        assert share.max_depth == whole.max_depth  # a bound of one document
+        assert share.max_documents >= 1
+
+    def test_the_examination_of_a_candidate_takes_its_share(self):
+        """`examine_candidate` reads each file within the limits it is given."""
+        text = dump_yaml([make_ruleset_doc(f"set-{i}") for i in range(3)]).encode()
+        files = [SourceFile("request#1.yaml", text)]
+        loader = Loader()
+        assert not loader.examine_candidate(files).problems
+        limited = loader.examine_candidate(files, limits=FileLimits().share(500))
+        assert [p.code for p in limited.problems] == ["limit.documents"]
+
+    def test_a_check_in_process_stops_between_files(self):
+        """Without a checker process, past its deadline or once stopped, a check stops
+        before its next file (it cannot stop inside one)."""
+        files = [
+            SourceFile(f"request#{i}.yaml", dump_yaml(make_ruleset_doc(f"s{i}")).encode())
+            for i in (1, 2)
+        ]
+        loader = Loader()
+        with pytest.raises(TimeoutError):
+            loader.examine_candidate(files, deadline=time.monotonic() - 1)
+        stop = threading.Event()
+        stop.set()
+        with pytest.raises(TimeoutError):
+            loader.examine_candidate(files, stop=stop)
 
 
 class TestDuplicateIds:
