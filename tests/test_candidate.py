@@ -483,6 +483,28 @@ class TestBoundedInTime:
         assert answer["valid"] is True  # a new process took over
         assert checker_pid(sidecar) is not None
 
+    async def test_the_wait_for_the_check_before_counts_in_the_budget(
+        self, start_sidecar: StartSidecar, multi_rules: Path
+    ):
+        """Checks queued behind one that holds the checker do not pile up: each waits at
+        most its budget, then is answered 503, and leaves nothing held."""
+        budget = 1.0
+        sidecar = await start_sidecar(multi_rules, candidate_timeout_seconds=budget)
+        small = dump_yaml(make_ruleset_doc("small")).encode()
+        async with sidecar.service._candidates:  # a check that never ends
+            started = time.monotonic()
+            answers = await asyncio.gather(
+                *(
+                    sidecar.call("POST", VALIDATE, data=small, headers=YAML, status=503)
+                    for _ in range(3)
+                )
+            )
+            assert time.monotonic() - started < budget + 10
+        for _response, body in answers:
+            assert body["error"]["limit"] == "RULE_SIDECAR_CANDIDATE_TIMEOUT_SECONDS"
+        answer = await check_yaml(sidecar, small.decode())
+        assert answer["valid"] is True
+
     async def test_a_reload_is_published_while_a_check_runs(
         self, start_sidecar: StartSidecar, multi_rules: Path
     ):
