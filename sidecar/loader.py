@@ -24,7 +24,9 @@ there: parsing a big YAML document and compiling CEL hold the interpreter lock f
 stretches in C, which in a thread would stall the requests being served. The worker
 sends back finished rulesets with their programs serialized by cel-cpp; binding them
 here costs about a tenth of compiling. Small changes stay in-process: a process hop
-would cost more than it saves.
+would cost more than it saves. Candidates a caller sends (`examine_candidate`) go to a
+checker process of their own, never the reload worker, killed when a check runs out of
+time or its caller leaves.
 """
 
 from __future__ import annotations

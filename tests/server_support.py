@@ -230,7 +230,8 @@ async def start_sidecar(
 
     Follows `serve()`: build the state, create the app, load, start watching (only when
     `monitor`), then serve. `prepare(state)` may replace parts of the state before the
-    app is created. Every service started here is stopped at teardown.
+    app is created. Every service started here is closed at teardown, its worker
+    processes ended (left to the collector, their pipes piled up past select()'s 1,024).
     """
     states: list[AppState] = []
 
