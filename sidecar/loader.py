@@ -523,9 +523,12 @@ class Loader:
             return self._checker
 
     def _end_checker(self, checker: ProcessPoolExecutor) -> None:
+        """Kill `checker`, unless `close` took it first: whoever takes it out of
+        `_checker` ends it, once (two shutdowns at once close its queues twice)."""
         with self._checker_lock:
-            if self._checker is checker:
-                self._checker = None
+            if self._checker is not checker:
+                return
+            self._checker = None
         _terminate(checker)
 
     def trial(self, files: Iterable[SourceFile]) -> LoadResult:
