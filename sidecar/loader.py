@@ -268,6 +268,19 @@ class _Shipped:
     declared: tuple[_Declared, ...]
     cases: tuple[int, int]
 
+    @classmethod
+    def of(cls, result: _FileResult) -> _Shipped:
+        """`result` for the trip: each ruleset's digest taken first (it travels with the
+        ruleset, so the receiving process never takes it), then pickled on its own."""
+        for ruleset in result.rulesets:
+            _ = ruleset.digest
+        rulesets = tuple(pickle.dumps(r, pickle.HIGHEST_PROTOCOL) for r in result.rulesets)
+        return cls(result.digest, rulesets, result.problems, result.declared, result.cases)
+
+    def unpacked(self) -> _FileResult:
+        rulesets = tuple(map(pickle.loads, self.rulesets))
+        return _FileResult(self.digest, rulesets, self.problems, self.declared, self.cases)
+
 
 class Loader:
     """Validates and compiles rule files; keeps per-file results for incremental reloads.
@@ -385,13 +398,12 @@ class Loader:
         self._files = results
         self._base = results
         self._last = None
-        problems = [problem for result in results.values() for problem in result.problems]
         rulesets = [ruleset for result in results.values() for ruleset in result.rulesets]
         with watch.stage(LoadStage.CHECKS):
-            problems.extend(_registry_problems(list(results.values())))
+            problems = _every_problem(list(results.values()))
         if problems:
             self._tell(watch.seconds)
-            raise LoadError(sorted(problems, key=lambda p: (p.file, p.line, p.column)))
+            raise LoadError(problems)
         with watch.stage(LoadStage.BUILD):
             snapshot = Snapshot.build(rulesets)
             self.compiler.forget_unused({rule.condition for rule in snapshot.rules.values()})
@@ -414,12 +426,10 @@ class Loader:
         ]
         results = self._load_changed(changed, run_checks=self.run_checks, watch=_Stopwatch())
         ordered = [results[name] for name in sources]
-        problems = [problem for result in ordered for problem in result.problems]
-        problems.extend(_registry_problems(ordered))
         return Examination(
             files=len(sources),
             rulesets=tuple(ruleset for result in ordered for ruleset in result.rulesets),
-            problems=tuple(sorted(problems, key=lambda p: (p.file, p.line, p.column))),
+            problems=tuple(_every_problem(ordered)),
         )
 
     def examine_candidate(
@@ -455,25 +465,15 @@ class Loader:
         """
         base = self._base
         shipped = self._examine_elsewhere(files, limits or self.file_limits, deadline, stop)
-        candidate = [
-            _FileResult(
-                item.digest,
-                tuple(map(pickle.loads, item.rulesets)),
-                item.problems,
-                item.declared,
-                item.cases,
-            )
-            for item in shipped
-        ]
+        candidate = [item.unpacked() for item in shipped]
         replaced = frozenset(d.ruleset_id for result in candidate for d in result.declared)
         results = [*(result.without(replaced) for result in base.values()), *candidate]
-        problems = [problem for result in results for problem in result.problems]
-        problems.extend(_registry_problems(results))
+        problems = _every_problem(results)
         revision = None
         if not problems:
             revision = Snapshot.build(r for result in results for r in result.rulesets).revision
         return CandidateExamination(
-            problems=tuple(sorted(problems, key=lambda p: (p.file, p.line, p.column))),
+            problems=tuple(problems),
             rulesets=tuple(ruleset for result in candidate for ruleset in result.rulesets),
             replaced=replaced,
             cases_run=sum(result.cases[0] for result in candidate),
@@ -553,10 +553,9 @@ class Loader:
                 changed.append((source, digest))
         known.update(self._load_changed(changed, run_checks=self.run_checks, watch=watch))
         ordered = [known[name] for name in order]
-        problems = [problem for result in ordered for problem in result.problems]
-        problems.extend(_registry_problems(ordered))
+        problems = _every_problem(ordered)
         if problems:
-            raise LoadError(sorted(problems, key=lambda p: (p.file, p.line, p.column)))
+            raise LoadError(problems)
         snapshot = Snapshot.build([ruleset for result in ordered for ruleset in result.rulesets])
         return LoadResult(
             snapshot=snapshot,
@@ -695,12 +694,10 @@ class Loader:
         results = {}
         with watch.stage(LoadStage.COMPILE), self.receiving():
             for (source, _), (shipped, _) in zip(changed, answers, strict=True):
-                rulesets = tuple(map(pickle.loads, shipped.rulesets))
-                for ruleset in rulesets:
+                result = shipped.unpacked()
+                for ruleset in result.rulesets:
                     ruleset.plan.conditions.bind(self.compiler)
-                results[source.name] = _FileResult(
-                    shipped.digest, rulesets, shipped.problems, shipped.declared, shipped.cases
-                )
+                results[source.name] = result
         for _, seconds in answers:
             watch.add(seconds)
         return results
@@ -872,10 +869,7 @@ def _load_file_in_worker(
     watch = _Stopwatch()
     result = loader._load_file(source, digest, run_checks=run_checks, watch=watch)
     with watch.stage(LoadStage.BUILD):
-        for ruleset in result.rulesets:
-            _ = ruleset.digest
-        rulesets = tuple(pickle.dumps(r, pickle.HIGHEST_PROTOCOL) for r in result.rulesets)
-    shipped = _Shipped(result.digest, rulesets, result.problems, result.declared, result.cases)
+        shipped = _Shipped.of(result)
     return shipped, watch.seconds
 
 
@@ -900,10 +894,7 @@ def _examine_in_worker(
             raise TimeoutError("the candidate check was stopped")
         digest = hashlib.sha256(source.content).hexdigest()
         result = loader._load_file(source, digest, run_checks=run_checks, watch=_Stopwatch())
-        rulesets = tuple(pickle.dumps(r, pickle.HIGHEST_PROTOCOL) for r in result.rulesets)
-        shipped.append(
-            _Shipped(result.digest, rulesets, result.problems, result.declared, result.cases)
-        )
+        shipped.append(_Shipped.of(result))
     return tuple(shipped)
 
 
@@ -1274,9 +1265,13 @@ def _condition_problem(
     )
 
 
-def _registry_problems(results: Sequence[_FileResult]) -> list[Problem]:
-    """What only the whole registry shows: ids used twice, challengers without a pair."""
-    return [*_duplicate_problems(results), *_challenger_problems(results)]
+def _every_problem(results: Sequence[_FileResult]) -> list[Problem]:
+    """Every file's problems and what only the whole registry shows (ids used twice,
+    challengers without a pair), in file:line:column order."""
+    problems = [problem for result in results for problem in result.problems]
+    problems.extend(_duplicate_problems(results))
+    problems.extend(_challenger_problems(results))
+    return sorted(problems, key=lambda p: (p.file, p.line, p.column))
 
 
 def _challenger_problems(results: Iterable[_FileResult]) -> list[Problem]:
