@@ -24,7 +24,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
@@ -33,7 +33,7 @@ from typing import Final
 from sidecar.decision import Attempt, Memory, Verdict, confirms, decide, refusal
 from sidecar.errors import LoadError, NotFoundError, Problem, ProblemCode
 from sidecar.loader import Loader, LoadResult
-from sidecar.reading import ReadMode, SourceSet
+from sidecar.reading import ReadMode, SourceRead, SourceSet
 from sidecar.registry import RuleRegistry, RulesetChanges, diff_rulesets
 from sidecar.reloads import (
     Filter,
@@ -339,9 +339,13 @@ class HotReloadService:
             attempt, _, _ = await self._attempt(
                 _Request(frozenset({Trigger.API})), self.registry.current
             )
+        return self._validation(attempt)
+
+    def _validation(self, attempt: Attempt) -> Validation:
+        """What an attempt says of validity: its problems, or the refusal a reload would
+        give its result (an emptied source)."""
         refused = () if self.allow_empty else refusal(attempt)
-        problems = attempt.problems or refused
-        return Validation(problems, attempt.candidate, self.registry.current.revision)
+        return Validation(attempt.problems or refused, attempt.candidate, attempt.serving.revision)
 
     async def validate_candidate(
         self, files: Sequence[SourceFile], *, seconds: float, limits: FileLimits | None = None
@@ -407,26 +411,9 @@ class HotReloadService:
 
     async def _trial(self, source: str, files: Sequence[SourceFile]) -> Validation:
         read = self.sources.last_read(source, files)
-        serving = self.registry.current
-        candidate: Snapshot | None = None
-        problems = list(read.problems)
-        if not problems:
-            try:
-                candidate = (await asyncio.to_thread(self.loader.trial, read.files)).snapshot
-            except LoadError as exc:
-                problems = list(exc.problems)
-        counts = self.sources.rulesets_per_source(candidate, read)
-        attempt = Attempt(
-            triggers=frozenset({Trigger.WRITE}),
-            serving=serving,
-            candidate=candidate,
-            problems=tuple(problems),
-            emptied=tuple(
-                name for name, count in counts.items() if not count and self._held.get(name)
-            ),
-        )
-        refused = () if self.allow_empty or problems else refusal(attempt)
-        return Validation(tuple(problems) or refused, candidate, serving.revision)
+        request = _Request(frozenset({Trigger.WRITE}))
+        attempt, _, _ = await self._judged(read, self.loader.trial, request, self.registry.current)
+        return self._validation(attempt)
 
     def row_version(self, snapshot: Snapshot, ruleset_id: str) -> int | None:
         """The row version of `snapshot`'s ruleset in its database, when the snapshot
@@ -569,14 +556,29 @@ class HotReloadService:
         """Read every source and compile the result, off the event loop; also how many
         rulesets each source gave."""
         found = await self.sources.read(request.read, on_source=self._reading_source)
+        checks = request.validate and self.loader.run_checks
+        load = functools.partial(self.loader.load, run_checks=checks)
+        return await self._judged(found, load, request, serving, confirmed=confirmed)
+
+    async def _judged(
+        self,
+        found: SourceRead,
+        load: Callable[[Sequence[SourceFile]], LoadResult],
+        request: _Request,
+        serving: Snapshot,
+        *,
+        confirmed: bool = False,
+    ) -> tuple[Attempt, LoadResult | None, dict[str, int]]:
+        """Compile what `found` holds with `load` (a reload's, or a write's trial), off
+        the event loop: the attempt, the load's result, how many rulesets each source
+        gave. A loader that crashes is a failed load, never an exception."""
         problems = list(found.problems)
         result: LoadResult | None = None
         if not problems:
             files = found.files
             self._activity = (f"compiling {len(files)} rule file(s)", time.monotonic())
-            checks = request.validate and self.loader.run_checks
             try:
-                result = await asyncio.to_thread(self.loader.load, files, run_checks=checks)
+                result = await asyncio.to_thread(load, files)
             except LoadError as exc:
                 problems = list(exc.problems)
             except Exception as exc:
