@@ -28,11 +28,11 @@ from typing import Any, TypeVar
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
 from conftest import dump_yaml, fraud_doc, make_ruleset_doc
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.api.app import AppState, create_app
+from sidecar.api.app import AppState, create_app, open_front_door
 from sidecar.api.run import build_state
 from sidecar.config import Settings
 from sidecar.testing import ConfigMapDir
@@ -219,6 +219,14 @@ def _app_for(state: AppState, settings: Settings) -> web.Application:
     return app
 
 
+def _server_of(test_server: BaseTestServer) -> web.Server:
+    """The aiohttp server behind a test server, for `open_front_door` as `serve()` does
+    (before the first connection: each connection takes the handler it sees then)."""
+    assert test_server.runner is not None
+    assert test_server.runner.server is not None
+    return test_server.runner.server
+
+
 StartSidecar = Callable[..., Awaitable[Sidecar]]
 
 
@@ -256,6 +264,7 @@ async def start_sidecar(
             state.service.start()
             state.metrics.monitoring.set(1)
         client = await aiohttp_client(app)
+        open_front_door(_server_of(client.server), app)
         return Sidecar(client=client, state=state, rules=rules, settings=settings)
 
     yield start
@@ -320,6 +329,7 @@ class ThreadedSidecar:
         self.state.service.start()
         self._server = TestServer(app, host="127.0.0.1", port=self.port or None)
         await self._server.start_server()
+        open_front_door(_server_of(self._server), app)
         self.port = self._server.port or 0
 
     async def _stop(self) -> None:

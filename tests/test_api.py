@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -620,6 +621,73 @@ class TestEvaluate:
         await sidecar.post(f"{HOT}/reload")
         result = await sidecar.evaluate("fraud", FOREIGN_LARGE)
         assert (result["registry_version"], result["total_points"]) == (2, 80)
+
+
+class TestFrontDoor:
+    """The evaluate route is answered in front of the router (`open_front_door`, as
+    `serve` wires it); any other spelling of the same path goes through the router. Both
+    must answer alike, whatever the request."""
+
+    async def test_the_door_is_in_front(self, sidecar: Sidecar):
+        assert sidecar.client.server.runner is not None
+        server = sidecar.client.server.runner.server
+        assert server is not None
+        assert "open_front_door" in server.request_handler.__qualname__
+
+    @pytest.mark.parametrize(
+        ("ruleset_id", "suffix", "body", "headers"),
+        [
+            ("fraud", "", {"input": FOREIGN_LARGE}, {}),
+            ("fraud", "?explain=true", {"input": {"amount": 5000}}, {}),
+            ("fraud", "", {"inputs": [FOREIGN_LARGE, {"amount": 5}]}, {}),
+            ("fraud", "?explain=maybe", {"input": {}}, {}),
+            ("fraud", "", {"input": {}, "inputs": []}, {}),
+            ("fraud", "", {"input": {"amount": float("nan")}}, {}),
+            ("fraud", "", "not json", {}),
+            ("fraud", "", ["a", "list"], {}),
+            ("nope", "", {"input": {}}, {}),
+            ("fraud", "", {"input": {}}, {"Host": "rebind.attacker.example"}),
+            ("fraud", "", {"input": {}}, {"Origin": "http://attacker.example"}),
+        ],
+    )
+    async def test_door_and_router_answer_alike(
+        self, sidecar: Sidecar, ruleset_id: str, suffix: str, body: Any, headers: dict[str, str]
+    ):
+        """The door takes `/rulesets/fraud/evaluate`; the router takes the same path
+        with its first letter escaped (`%66raud`), which the door leaves alone."""
+        escaped = f"%{ord(ruleset_id[0]):02x}{ruleset_id[1:]}"
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        answers = []
+        for spelt in (ruleset_id, escaped):
+            response, answer = await sidecar.call(
+                "POST",
+                f"/api/v1/rulesets/{spelt}/evaluate{suffix}",
+                data=data,
+                headers={"Content-Type": "application/json", **headers},
+                status=None,
+            )
+            answers.append((response.status, response.content_type, answer))
+        assert answers[0] == answers[1]
+
+    async def test_expect_continue_is_answered(self, sidecar: Sidecar):
+        """A client that waits for `100 Continue` before its body (curl does, past 1 KiB)
+        gets it: such a request is left to the router, which sends it."""
+        port = sidecar.client.server.port
+        body = json.dumps({"input": FOREIGN_LARGE}).encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(
+                b"POST /api/v1/rulesets/fraud/evaluate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body)
+            )
+            interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert interim.startswith(b"HTTP/1.1 100 Continue")
+            writer.write(body)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200")
+        finally:
+            writer.close()
 
 
 class TestStats:

@@ -392,6 +392,33 @@ class TestConnections:
         length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
         assert len(received) < length
 
+    def test_pipelined_small_answers_never_read_are_dropped(self, served):
+        """Small answers are handed to the transport without a timer; a client that
+        pipelines requests and never reads piles them up past the transport's high-water
+        mark, and from then on the answer waits under the timer: the connection is
+        aborted, not held with its answers in memory."""
+        server = served(body_timeout_seconds="1")
+        body = json.dumps({"input": {"amount": 5, "country": "US"}}).encode()
+        one = (
+            f"POST {EVALUATE} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", server.port))
+            sock.settimeout(2)
+            with contextlib.suppress(OSError):  # blocked (the server stopped reading) or cut
+                for _ in range(40_000):
+                    sock.sendall(one)
+            wait_sync(
+                lambda: any("did not take its answer" in line for line in server.log_lines()),
+                timeout=60,
+                message="the sidecar gave up on the pipelined answers",
+            )
+            sock.settimeout(10)
+            read_until_closed(sock)  # ends: the connection was aborted
+        assert server.get("/livez")[0] == 200
+
     def test_connections_past_the_cap_are_refused_and_probes_answer(self, served):
         """Past max_connections, while every connection is busy with a request, a new
         connection gets 503 and is closed; the probe listener, with its own cap, keeps

@@ -40,7 +40,7 @@ try:
 except ImportError:  # optional: the `speed` extra
     uvloop = None  # type: ignore[assignment]
 
-from sidecar.api.app import AppState, create_app, create_observation_app
+from sidecar.api.app import AppState, create_app, create_observation_app, open_front_door
 from sidecar.api.decisionlog import DecisionLog
 from sidecar.api.limits import BatchTurns, RateBudgets, RequestLimits
 from sidecar.api.metrics import Metrics
@@ -518,6 +518,8 @@ async def serve(settings: Settings) -> int:
     api_cap, probe_cap = connection_caps(settings)
     runner = _runner(app, settings)
     await runner.setup()
+    assert runner.server is not None
+    open_front_door(runner.server, app)
     listeners = [await _listen(runner, settings.host, settings.port, api_cap, "API")]
     metrics_runner = await _start_metrics(state, settings, listeners, probe_cap)
     logger.info("serving on http://%s:%d", settings.host, settings.port)
