@@ -44,7 +44,14 @@ from sidecar.cost import (
 )
 from sidecar.dependencies import RULES, DynamicReference, Reference, layers, references
 from sidecar.errors import InputError, format_path
-from sidecar.fastpath import UNKNOWN, FastFunction, build, clean_input, unwrap_condition
+from sidecar.fastpath import (
+    UNKNOWN,
+    FastFunction,
+    build,
+    clean_input,
+    exact_string,
+    unwrap_condition,
+)
 
 __all__ = [
     "DEFAULT_INPUT_LIMITS",
@@ -132,10 +139,12 @@ class _Violation(Exception):
         self.steps: list[str | int] = []
 
 
-def _check_scalar(value: Any, kind: type, limits: InputLimits) -> int:
+def _check_scalar(value: Any, kind: type, limits: InputLimits, inexact: list[str]) -> int:
     if kind is str:
         if len(value) > limits.max_string_length:
             raise _Violation(f"string longer than {limits.max_string_length} characters")
+        if (not value.isascii() or "\x00" in value) and not exact_string(value):
+            inexact.append(value)
         return len(value)
     if kind is int:
         if not _INT64_MIN <= value <= _INT64_MAX:
@@ -148,7 +157,9 @@ def _check_scalar(value: Any, kind: type, limits: InputLimits) -> int:
     return 0
 
 
-def _check_object(value: dict[Any, Any], depth: int, limits: InputLimits) -> int:
+def _check_object(
+    value: dict[Any, Any], depth: int, limits: InputLimits, inexact: list[str]
+) -> int:
     if depth > limits.max_depth:
         raise _Violation(f"nested deeper than {limits.max_depth} levels")
     if len(value) > limits.max_items:
@@ -159,15 +170,17 @@ def _check_object(value: dict[Any, Any], depth: int, limits: InputLimits) -> int
             raise _Violation("object keys must be strings")
         if len(key) > limits.max_string_length:
             raise _Violation(f"key longer than {limits.max_string_length} characters")
+        if (not key.isascii() or "\x00" in key) and not exact_string(key):
+            inexact.append(key)
         try:
-            size += len(key) + _check_value(item, depth + 1, limits)
+            size += len(key) + _check_value(item, depth + 1, limits, inexact)
         except _Violation as violation:
             violation.steps.append(key)
             raise
     return size
 
 
-def _check_list(value: list[Any], depth: int, limits: InputLimits) -> int:
+def _check_list(value: list[Any], depth: int, limits: InputLimits, inexact: list[str]) -> int:
     if depth > limits.max_depth:
         raise _Violation(f"nested deeper than {limits.max_depth} levels")
     if len(value) > limits.max_items:
@@ -175,37 +188,41 @@ def _check_list(value: list[Any], depth: int, limits: InputLimits) -> int:
     size = len(value)
     for index, item in enumerate(value):
         try:
-            size += _check_value(item, depth + 1, limits)
+            size += _check_value(item, depth + 1, limits, inexact)
         except _Violation as violation:
             violation.steps.append(index)
             raise
     return size
 
 
-def _check_value(value: Any, depth: int, limits: InputLimits) -> int:
+def _check_value(value: Any, depth: int, limits: InputLimits, inexact: list[str]) -> int:
     """The value's size as the cost estimate counts it: characters plus items."""
     kind = type(value)
     if kind is dict:
-        return _check_object(value, depth, limits)
+        return _check_object(value, depth, limits, inexact)
     if kind is list:
-        return _check_list(value, depth, limits)
-    return _check_scalar(value, kind, limits)
+        return _check_list(value, depth, limits, inexact)
+    return _check_scalar(value, kind, limits, inexact)
 
 
-def check_input(document: Any, limits: InputLimits = DEFAULT_INPUT_LIMITS) -> None:
+def check_input(document: Any, limits: InputLimits = DEFAULT_INPUT_LIMITS) -> bool:
     """Reject inputs CEL cannot take or that break the limits, naming the JSON path.
 
-    Called on every evaluation, so it is written for speed: no path is built unless
-    something is wrong.
+    Returns whether cel-cpp converts the whole input exactly (`clean_input`: no string or
+    key holds a NUL or a lone surrogate; the rest is refused here), so that an
+    evaluation does not walk the input a second time for the fast path. Called on every
+    evaluation, so it is written for speed: no path is built unless something is wrong.
     """
+    inexact: list[str] = []
     try:
-        size = _check_value(document, 1, limits)
+        size = _check_value(document, 1, limits, inexact)
     except _Violation as violation:
         path = format_path(list(reversed(violation.steps)))
         raise InputError(violation.message, path=path) from None
     if size > limits.max_total_size:
         message = f"input holds more than {limits.max_total_size} characters and items in all"
         raise InputError(message, path=format_path([]))
+    return not inexact
 
 
 def _parse_cel_error(text: str) -> ConditionError:
@@ -752,18 +769,19 @@ class ConditionSet:
             return ()
         return self._fast
 
-    def evaluate(self, document: Any) -> list[Outcome]:
+    def evaluate(self, document: Any, *, exact: bool = False) -> list[Outcome]:
         """One outcome per expression, in order, for a `project`ed input that has passed
-        `check_input`."""
+        `check_input`; `exact` when `check_input` found that cel-cpp converts it exactly
+        (else the fast path looks for itself)."""
         compiler = self._compiler
         if compiler is None:
             raise RuntimeError("this ConditionSet came from another process: bind() it first")
         if self._layered is not None:
-            return self._evaluate_layered(compiler, document)
+            return self._evaluate_layered(compiler, document, exact=exact)
         outcomes: list[Outcome] = []
         activation = None
         fast = self._functions(compiler)
-        if fast and not clean_input(document):
+        if fast and not exact and not clean_input(document):
             fast = ()
         chunks = self._programs()
         for index, chunk in enumerate(chunks):
@@ -788,7 +806,9 @@ class ConditionSet:
             self._evaluate_failed(compiler, chunk, activation, outcomes)
         return outcomes
 
-    def _evaluate_layered(self, compiler: ConditionCompiler, document: Any) -> list[Outcome]:
+    def _evaluate_layered(
+        self, compiler: ConditionCompiler, document: Any, *, exact: bool
+    ) -> list[Outcome]:
         """`evaluate` of a set with dependencies: the fast path for the first layer where
         it answers, then fused programs for the rest (or all of them), and only when one
         fails, layer by layer (`_evaluate_layers`) from where it failed, on the same
@@ -800,7 +820,8 @@ class ConditionSet:
         done: list[Outcome] = []  # in evaluation order
         units = layered.fused
         fast = self._functions(compiler)
-        if fast and layered.rest and clean_input(document):
+        exact = exact or (bool(fast) and clean_input(document))
+        if fast and layered.rest and exact:
             first = layout.breaks[0]
             for index in range(sum(chunk.end <= first for chunk in chunks)):
                 function = fast[index]
@@ -825,7 +846,9 @@ class ConditionSet:
             done.extend(listed)
         if units and len(done) == len(layout.expressions):
             return layout.restore(done)
-        return self._evaluate_layers(compiler, layered, chunks, bindings, document, done=done)
+        return self._evaluate_layers(
+            compiler, layered, chunks, bindings, document, done=done, exact=exact
+        )
 
     def _evaluate_layers(
         self,
@@ -836,6 +859,7 @@ class ConditionSet:
         document: Any,
         *,
         done: list[Outcome],
+        exact: bool,
     ) -> list[Outcome]:
         """Chunk by chunk in layer order from where `done` (outcomes in evaluation order)
         ends, each chunk of a later layer with the outcomes it reads bound to `rules`
@@ -843,7 +867,7 @@ class ConditionSet:
         it must not silently see `false` for a rule that could not be evaluated (its
         program saw `false` there, and its outcome is not kept)."""
         fast = self._functions(compiler)
-        if fast and not clean_input(document):
+        if fast and not exact and not clean_input(document):
             fast = ()
         layout = layered.layout
         names, depends = layout.names, layout.depends

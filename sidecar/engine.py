@@ -115,15 +115,16 @@ def evaluate_ruleset(
     evaluation of the same input."""
     # The whole input is checked, so that what an input may hold does not depend on
     # which fields a ruleset happens to read; CEL then sees only those fields.
-    check_input(document, limits)
+    exact = check_input(document, limits)
     challenged = None
     if challenger is not None:
-        challenged = _evaluate(challenger, document, version, revision)
+        challenged = _evaluate(challenger, document, version, revision, exact=exact)
     return _evaluate(
         ruleset,
         document,
         version,
         revision,
+        exact=exact,
         explain=explain,
         budget=explain_budget,
         challenger=challenged,
@@ -136,11 +137,13 @@ def _evaluate(
     version: int,
     revision: str,
     *,
+    exact: bool,
     explain: bool = False,
     budget: int | None = None,
     challenger: Evaluation | None = None,
 ) -> Evaluation:
-    """`evaluate_ruleset` of an input that passed `check_input`."""
+    """`evaluate_ruleset` of an input that passed `check_input` (which said whether it
+    converts `exact`ly)."""
     plan = ruleset.plan
     view = plan.conditions.project(document)
     matched: list[Rule] = []
@@ -148,7 +151,7 @@ def _evaluate(
     shadow_matched: list[Rule] = []
     shadow_errors: list[RuleError] = []
     total = 0
-    outcomes = plan.conditions.evaluate(view)
+    outcomes = plan.conditions.evaluate(view, exact=exact)
     for rule, outcome in zip(plan.rules, outcomes, strict=True):
         if outcome is True:
             if rule.mode is RuleMode.SHADOW:

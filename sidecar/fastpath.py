@@ -27,7 +27,7 @@ from typing import Any, Final
 
 from sidecar.celwire import Node
 
-__all__ = ["UNKNOWN", "FastFunction", "build", "clean_input", "unwrap_condition"]
+__all__ = ["UNKNOWN", "FastFunction", "build", "clean_input", "exact_string", "unwrap_condition"]
 
 
 class _Unknown:
@@ -67,7 +67,7 @@ _SIZE_OVERLOADS: Final = frozenset(
 )
 
 
-def _clean_string(text: str) -> bool:
+def exact_string(text: str) -> bool:
     """cel-expr-python converts through C strings: a NUL truncates, a lone surrogate fails."""
     if "\x00" in text:
         return False
@@ -88,9 +88,7 @@ def clean_input(value: Any) -> bool:
 
 def _clean_keys(mapping: dict[Any, Any]) -> bool:
     for key in mapping:
-        if type(key) is not str or (
-            (not key.isascii() or "\x00" in key) and not _clean_string(key)
-        ):
+        if type(key) is not str or ((not key.isascii() or "\x00" in key) and not exact_string(key)):
             return False
     return True
 
@@ -101,7 +99,7 @@ def _clean_items(items: Any) -> bool:  # noqa: PLR0911
     for item in items:
         kind = type(item)
         if kind is str:
-            if (not item.isascii() or "\x00" in item) and not _clean_string(item):
+            if (not item.isascii() or "\x00" in item) and not exact_string(item):
                 return False
         elif kind is int:
             if not _INT64_MIN <= item <= _INT64_MAX:
@@ -447,7 +445,7 @@ def _constant(node: Node) -> ast.Constant:
         return _literal(value)
     if node.literal == "double" and type(value) is float and value - value == 0.0:
         return _literal(value)
-    if node.literal == "string" and type(value) is str and _clean_string(value):
+    if node.literal == "string" and type(value) is str and exact_string(value):
         return _literal(value)
     raise _Unsupported(f"{node.literal} literal")
 
