@@ -799,6 +799,26 @@ class TestErrors:
         """Exactly one of input or inputs, and inputs a non-empty list: else 400."""
         await sidecar.post(self.EVALUATE, json=payload, status=400)
 
+    @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+    @pytest.mark.parametrize("path", [EVALUATE, f"{HOT}/validate"])
+    async def test_a_body_its_encoding_does_not_fit_is_400(
+        self, sidecar: Sidecar, caplog: pytest.LogCaptureFixture, encoding: str, path: str
+    ):
+        """A body that is not what its Content-Encoding says is the client's mistake: 400
+        naming it, the connection closed, and no traceback in the log (any caller could
+        fill it that way); the sidecar answers the next request."""
+        response, body = await sidecar.call(
+            "POST",
+            path,
+            data=b'{"input": {}}',
+            headers={"Content-Type": "application/json", "Content-Encoding": encoding},
+            status=400,
+        )
+        assert f"content-encoding: {encoding}" in body["error"]["message"]
+        assert response.headers["Connection"] == "close"
+        assert not [r for r in caplog.records if r.exc_info or r.levelname == "ERROR"]
+        assert (await sidecar.evaluate("fraud", FOREIGN_LARGE))["total_points"] == 70
+
     async def test_missing_body_is_400(self, sidecar: Sidecar):
         """Evaluate without a body: 400."""
         body = await sidecar.post(self.EVALUATE, status=400)

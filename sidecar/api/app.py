@@ -143,6 +143,14 @@ def _error_answer(exc: Exception, request: web.BaseRequest) -> web.Response:
     """Every error leaves as JSON with a message; nothing leaks a traceback."""
     if isinstance(exc, NotFoundError):
         return error_response(404, str(exc))
+    if isinstance(exc, web.RequestPayloadError):  # a body its Content-Encoding does not fit
+        cause = getattr(exc.__cause__, "message", None) or str(exc)
+        response = error_response(400, f"the body could not be read: {cause}")
+        # Nothing more can be read from it: closed after the answer, and ended now, so
+        # that aiohttp does not try to read the rest (and log that failure as its own).
+        response.force_close()
+        request.content.feed_eof()
+        return response
     if isinstance(exc, InputError):
         return error_response(400, exc.message, path=exc.path)
     if isinstance(exc, LimitExceeded):
