@@ -298,6 +298,18 @@ def closed_by_server(sock: socket.socket) -> bool:
         return False
 
 
+def server_socket(local_port: int, remote_port: int) -> tuple[int, int] | None:
+    """The kernel's send queue (bytes) and the inode of the server's socket from
+    `local_port` to `remote_port` (/proc/net/tcp), or None once there is none. The inode
+    is 0 once no process holds the socket (the kernel may still be sending)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1].split(":")[1], fields[2].split(":")[1]
+        if (int(local, 16), int(remote, 16)) == (local_port, remote_port):
+            return int(fields[4].split(":")[0], 16), int(fields[9])
+    return None
+
+
 def read_until_closed(sock: socket.socket) -> bytes:
     """Everything the server sends until it closes; raises TimeoutError if it never does."""
     received = b""
@@ -417,6 +429,47 @@ class TestConnections:
             )
             sock.settimeout(10)
             read_until_closed(sock)  # ends: the connection was aborted
+        assert server.get("/livez")[0] == 200
+
+    def test_answers_left_unread_after_a_close_are_dropped(self, served):
+        """A client that pipelines until the server's kernel send queue is full leaves
+        part of an answer in the transport's own buffer, below its high-water mark: it
+        needed no deadline timer to be handed over. When the idle timeout then closes the
+        connection, a graceful close would wait for the client to read it, forever; the
+        connection cap aborts it once `body_timeout_seconds` has passed."""
+        server = served(body_timeout_seconds="1", idle_timeout_seconds="1")
+        body = json.dumps({"inputs": [{"amount": 5, "country": "US"}] * 100}).encode()
+        request = urllib.request.Request(
+            server.url + EVALUATE, data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            answer_bytes = len(response.read())  # about 20 KB: far below the mark (64 KiB)
+        one = (
+            f"POST {EVALUATE} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", server.port))
+            pair = (server.port, sock.getsockname()[1])
+            queued = 0
+            for sent in range(1_000):  # one answer at a time, until the queue takes less
+                sock.sendall(one)
+                time.sleep(0.03)
+                now = (server_socket(*pair) or (0, 0))[0]
+                grown, queued = now - queued, now
+                if sent > 2 and grown < answer_bytes:  # (the first fill the client's buffer)
+                    break
+            wait_sync(
+                lambda: any("were not read" in line for line in server.log_lines()),
+                timeout=30,
+                message="the cap dropped the closed connection",
+            )
+            wait_sync(
+                lambda: (server_socket(*pair) or (0, 0))[1] == 0,
+                message="the server no longer holds the socket",
+            )
+        assert not any("did not take its answer" in line for line in server.log_lines())
         assert server.get("/livez")[0] == 200
 
     def test_connections_past_the_cap_are_refused_and_probes_answer(self, served):

@@ -285,6 +285,9 @@ class HeapFreezer:
             self._collected = now
 
 
+# How often the connection caps look for closed connections whose answers are not read.
+_SWEEP_SECONDS: Final = 1.0
+
 _REFUSAL: Final = (
     b"HTTP/1.1 503 Service Unavailable\r\n"
     b"Content-Type: application/json\r\n"
@@ -321,6 +324,7 @@ class _Counted(asyncio.Protocol):
         self.counted = True
         self.transport: asyncio.BaseTransport | None = None
         self.accepted = time.monotonic()
+        self.closing_since: float | None = None
 
     @property
     def busy(self) -> bool:
@@ -338,6 +342,15 @@ class _Counted(asyncio.Protocol):
         self.release()
         if self.transport is not None:
             cast(asyncio.WriteTransport, self.transport).abort()
+
+    def unread_for(self, now: float) -> float:
+        """How long the connection has been closing on our side with answers the client
+        has not read (a transport that closes keeps it open until they are sent)."""
+        if self.transport is None or not self.transport.is_closing():
+            return 0.0
+        if self.closing_since is None:
+            self.closing_since = now
+        return now - self.closing_since
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.made = True
@@ -379,14 +392,43 @@ class ConnectionCap:
     of connections starts a loop iteration later, which lets a burst of accepts through).
     """
 
-    def __init__(self, server: Server, limit: int, name: str) -> None:
+    def __init__(self, server: Server, limit: int, name: str, drain_seconds: float) -> None:
         self.server = server
         self.limit = limit
         self.name = name
+        self.drain_seconds = drain_seconds
         self.open = 0
         self.refused = 0
         self.live: dict[_Counted, None] = {}
         self._warned = -math.inf
+        self._sweep: asyncio.TimerHandle | None = None
+
+    def _sweep_soon(self) -> None:
+        if self._sweep is None:
+            self._sweep = asyncio.get_running_loop().call_later(_SWEEP_SECONDS, self._abort_unread)
+
+    def _abort_unread(self) -> None:
+        """Abort the connections closed on our side whose answers the client has not read
+        within `drain_seconds`. aiohttp closes a connection gracefully (the idle timeout,
+        an answer that ends it), and a graceful close waits for every buffered answer to
+        be taken: a client that pipelines requests and never reads held its descriptor,
+        its slot and up to the transport's high-water mark of answers for good (each
+        small answer was handed over without a deadline: `_answer_in_time`)."""
+        self._sweep = None
+        now = time.monotonic()
+        late = [c for c in self.live if c.unread_for(now) >= self.drain_seconds]
+        for connection in late:
+            connection.evict()
+        if late:
+            logger.warning(
+                "the %s listener aborted %d connection(s) whose answers were not read "
+                "within %g s of closing",
+                self.name,
+                len(late),
+                self.drain_seconds,
+            )
+        if self.live:
+            self._sweep_soon()
 
     def _make_room(self) -> bool:
         """Close the oldest connection that is not being answered, if there is one: a
@@ -415,17 +457,18 @@ class ConnectionCap:
         counted = _Counted(self.server(), self)
         self.live[counted] = None
         asyncio.get_running_loop().call_later(1.0, counted.forget_unless_made)
+        self._sweep_soon()
         return counted
 
 
 async def _listen(
-    runner: web.AppRunner, host: str, port: int, limit: int, name: str
+    runner: web.AppRunner, host: str, port: int, *, limit: int, name: str, drain_seconds: float
 ) -> asyncio.Server:
-    """Listen with a connection cap; the runner still drains connections at shutdown."""
+    """Listen with a connection cap (answers not read within `drain_seconds` of a close
+    are dropped); the runner still drains connections at shutdown."""
     assert runner.server is not None, "call runner.setup() first"
-    return await asyncio.get_running_loop().create_server(
-        ConnectionCap(runner.server, limit, name), host, port, reuse_address=True
-    )
+    cap = ConnectionCap(runner.server, limit, name, drain_seconds)
+    return await asyncio.get_running_loop().create_server(cap, host, port, reuse_address=True)
 
 
 # How long SIGTERM lets in-flight requests finish (a POST /reload waiting on a frozen
@@ -520,7 +563,12 @@ async def serve(settings: Settings) -> int:
     await runner.setup()
     assert runner.server is not None
     open_front_door(runner.server, app)
-    listeners = [await _listen(runner, settings.host, settings.port, api_cap, "API")]
+    drain = settings.body_timeout_seconds  # as long as an answer may take to be read
+    listeners = [
+        await _listen(
+            runner, settings.host, settings.port, limit=api_cap, name="API", drain_seconds=drain
+        )
+    ]
     metrics_runner = await _start_metrics(state, settings, listeners, probe_cap)
     logger.info("serving on http://%s:%d", settings.host, settings.port)
 
@@ -586,7 +634,16 @@ async def _start_metrics(
     runner = _runner(create_observation_app(state), settings)
     await runner.setup()
     host = settings.metrics_host or settings.host
-    listeners.append(await _listen(runner, host, settings.metrics_port, limit, "metrics"))
+    listeners.append(
+        await _listen(
+            runner,
+            host,
+            settings.metrics_port,
+            limit=limit,
+            name="metrics",
+            drain_seconds=settings.body_timeout_seconds,
+        )
+    )
     logger.info("metrics and probes on http://%s:%d", host, settings.metrics_port)
     return runner
 
