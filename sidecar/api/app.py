@@ -276,7 +276,8 @@ def open_front_door(server: web.Server, app: web.Application) -> None:
     """Answer the evaluate route in front of aiohttp's router and middleware chain.
 
     Evaluation is what applications call on every decision; resolving the route among
-    the others and walking the middleware chain cost about a sixth of its time. The
+    the others and walking the middleware chain cost about a tenth of its time
+    (bench/README.md). The
     door takes `POST /api/v1/rulesets/{id}/evaluate` spelt plainly, without an `Expect`
     header (the router answers `100-continue`), straight to the same handler through
     the same `_serve`; every other request, and any other spelling of this one, goes on
