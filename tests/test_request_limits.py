@@ -310,6 +310,24 @@ def server_socket(local_port: int, remote_port: int) -> tuple[int, int] | None:
     return None
 
 
+def raw_evaluate(body: bytes) -> bytes:
+    """An evaluate request as it goes on the wire, for pipelining."""
+    head = (
+        f"POST {EVALUATE} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def reading_little(port: int) -> socket.socket:
+    """A connection whose client takes at most about 4 KiB of answers unread."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
 def read_until_closed(sock: socket.socket) -> bytes:
     """Everything the server sends until it closes; raises TimeoutError if it never does."""
     received = b""
@@ -384,15 +402,8 @@ class TestConnections:
             max_response_bytes=str(64 * 1024 * 1024),
         )
         body = batch(40_000)
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.settimeout(10)
-            sock.connect(("127.0.0.1", server.port))
-            sock.sendall(
-                f"POST {EVALUATE} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-                + body
-            )
+        with reading_little(server.port) as sock:
+            sock.sendall(raw_evaluate(body))
             wait_sync(
                 lambda: any("did not take its answer" in line for line in server.log_lines()),
                 timeout=60,
@@ -410,14 +421,8 @@ class TestConnections:
         mark, and from then on the answer waits under the timer: the connection is
         aborted, not held with its answers in memory."""
         server = served(body_timeout_seconds="1")
-        body = json.dumps({"input": {"amount": 5, "country": "US"}}).encode()
-        one = (
-            f"POST {EVALUATE} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        ).encode() + body
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.connect(("127.0.0.1", server.port))
+        one = raw_evaluate(json.dumps({"input": {"amount": 5, "country": "US"}}).encode())
+        with reading_little(server.port) as sock:
             sock.settimeout(2)
             with contextlib.suppress(OSError):  # blocked (the server stopped reading) or cut
                 for _ in range(40_000):
@@ -444,13 +449,8 @@ class TestConnections:
         )
         with urllib.request.urlopen(request, timeout=10) as response:
             answer_bytes = len(response.read())  # about 20 KB: far below the mark (64 KiB)
-        one = (
-            f"POST {EVALUATE} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        ).encode() + body
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.connect(("127.0.0.1", server.port))
+        one = raw_evaluate(body)
+        with reading_little(server.port) as sock:
             pair = (server.port, sock.getsockname()[1])
             queued = 0
             for sent in range(1_000):  # one answer at a time, until the queue takes less
