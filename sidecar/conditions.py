@@ -164,16 +164,28 @@ def _check_object(
         raise _Violation(f"nested deeper than {limits.max_depth} levels")
     if len(value) > limits.max_items:
         raise _Violation(f"object has more than {limits.max_items} keys")
+    longest = limits.max_string_length
     size = len(value)
     for key, item in value.items():
         if type(key) is not str:
             raise _Violation("object keys must be strings")
-        if len(key) > limits.max_string_length:
-            raise _Violation(f"key longer than {limits.max_string_length} characters")
+        if len(key) > longest:
+            raise _Violation(f"key longer than {longest} characters")
         if (not key.isascii() or "\x00" in key) and not exact_string(key):
             inexact.append(key)
+        size += len(key)
+        # Most values pass these tests inline, without a call (as in `_check_list`);
+        # `_check_value` takes the rest and says why what does not pass does not.
+        kind = type(item)
+        if kind is str and len(item) <= longest and item.isascii() and "\x00" not in item:
+            size += len(item)
+            continue
+        if kind is float and item - item == 0.0:  # finite
+            continue
+        if kind is bool or item is None or (kind is int and _INT64_MIN <= item <= _INT64_MAX):
+            continue
         try:
-            size += len(key) + _check_value(item, depth + 1, limits, inexact)
+            size += _check_value(item, depth + 1, limits, inexact)
         except _Violation as violation:
             violation.steps.append(key)
             raise
@@ -185,8 +197,17 @@ def _check_list(value: list[Any], depth: int, limits: InputLimits, inexact: list
         raise _Violation(f"nested deeper than {limits.max_depth} levels")
     if len(value) > limits.max_items:
         raise _Violation(f"list has more than {limits.max_items} items")
+    longest = limits.max_string_length
     size = len(value)
     for index, item in enumerate(value):
+        kind = type(item)
+        if kind is str and len(item) <= longest and item.isascii() and "\x00" not in item:
+            size += len(item)
+            continue
+        if kind is float and item - item == 0.0:  # finite
+            continue
+        if kind is bool or item is None or (kind is int and _INT64_MIN <= item <= _INT64_MAX):
+            continue
         try:
             size += _check_value(item, depth + 1, limits, inexact)
         except _Violation as violation:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 import sys
 import threading
@@ -19,7 +20,8 @@ from sidecar.conditions import (
     InputLimits,
     check_input,
 )
-from sidecar.errors import InputError, RuleSidecarError
+from sidecar.errors import InputError, RuleSidecarError, format_path
+from sidecar.fastpath import exact_string
 
 
 @pytest.fixture(scope="module")
@@ -443,6 +445,94 @@ def _nested(depth: int) -> object:
     for _ in range(depth):
         value = {"a": value}
     return value
+
+
+Refusal = tuple[str, list[Any]]  # the message, the path's steps
+
+
+def _reference_check(value: Any, depth: int, limits: InputLimits) -> tuple[int, bool] | Refusal:
+    """check_input written plainly, one call per value: (size, exact) or a refusal."""
+    kind = type(value)
+    if kind is not dict and kind is not list:
+        return _reference_scalar(value, limits)
+    noun = "object has" if kind is dict else "list has"
+    if depth > limits.max_depth:
+        return f"nested deeper than {limits.max_depth} levels", []
+    if len(value) > limits.max_items:
+        unit = "keys" if kind is dict else "items"
+        return f"{noun} more than {limits.max_items} {unit}", []
+    size, exact = len(value), True
+    for step, item in value.items() if kind is dict else enumerate(value):
+        if kind is dict:
+            key = _reference_scalar(step, limits) if type(step) is str else ("", [])
+            if isinstance(key[0], str):
+                message = "object keys must be strings" if type(step) is not str else key[0]
+                return message.replace("string longer", "key longer"), []
+            size, exact = size + key[0], exact and bool(key[1])
+        found = _reference_check(item, depth + 1, limits)
+        if isinstance(found[0], str):
+            return found[0], [step, *found[1]]
+        size, exact = size + found[0], exact and bool(found[1])
+    return size, exact
+
+
+def _reference_scalar(value: Any, limits: InputLimits) -> tuple[int, bool] | Refusal:
+    kind = type(value)
+    if kind is str:
+        if len(value) > limits.max_string_length:
+            return f"string longer than {limits.max_string_length} characters", []
+        return len(value), exact_string(value)
+    if kind is int and not -(2**63) <= value < 2**63:
+        return "integer does not fit in 64 bits", []
+    if kind is float and not math.isfinite(value):
+        return "NaN and infinities are not JSON numbers", []
+    if kind not in (int, float, bool) and value is not None:
+        return f"{kind.__name__} is not a JSON value", []
+    return 0, True
+
+
+_ODD_SCALARS = st.sampled_from(
+    [2**63 - 1, 2**63, -(2**63), -(2**63) - 1, 2**64, "x\x00", "\ud800", "é", "a" * 7, b"b", (1,)]
+)
+_ANY_SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=6), _ODD_SCALARS
+)
+_KEYS = st.one_of(
+    st.text(max_size=3), st.integers(0, 3), st.sampled_from(["\x00", "\ud800", "a" * 7])
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    document=st.recursive(
+        _ANY_SCALARS,
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=5), st.dictionaries(_KEYS, inner, max_size=4)
+        ),
+        max_leaves=25,
+    ),
+    bounds=st.tuples(st.integers(1, 5), st.integers(0, 5), st.integers(0, 8), st.integers(0, 60)),
+)
+def test_check_input_equals_its_plain_reference(document: Any, bounds: tuple[int, ...]) -> None:
+    """check_input is written for speed (scalars checked inline); it refuses what the plain
+    reference refuses, with the same message and path, and says the same of the rest,
+    down to the total size (the small limits make every bound bite)."""
+    depth, items, length, total = bounds
+    limits = InputLimits(
+        max_depth=depth, max_items=items, max_string_length=length, max_total_size=total
+    )
+    found = _reference_check(document, 1, limits)
+    if isinstance(found[0], str):
+        with pytest.raises(InputError) as info:
+            check_input(document, limits)
+        assert (info.value.message, info.value.path) == (found[0], format_path(list(found[1])))
+        return
+    size, exact = found
+    if size > limits.max_total_size:
+        with pytest.raises(InputError, match="characters and items in all"):
+            check_input(document, limits)
+        return
+    assert check_input(document, limits) is exact
 
 
 class TestCheckInput:
