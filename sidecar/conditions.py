@@ -157,25 +157,28 @@ def _check_scalar(value: Any, kind: type, limits: InputLimits, inexact: list[str
     return 0
 
 
-def _check_object(
-    value: dict[Any, Any], depth: int, limits: InputLimits, inexact: list[str]
+def _check_container(
+    value: dict[Any, Any] | list[Any], depth: int, limits: InputLimits, inexact: list[str]
 ) -> int:
+    keyed = type(value) is dict
     if depth > limits.max_depth:
         raise _Violation(f"nested deeper than {limits.max_depth} levels")
     if len(value) > limits.max_items:
-        raise _Violation(f"object has more than {limits.max_items} keys")
+        counted = "object has more than {} keys" if keyed else "list has more than {} items"
+        raise _Violation(counted.format(limits.max_items))
     longest = limits.max_string_length
     size = len(value)
-    for key, item in value.items():
-        if type(key) is not str:
-            raise _Violation("object keys must be strings")
-        if len(key) > longest:
-            raise _Violation(f"key longer than {longest} characters")
-        if (not key.isascii() or "\x00" in key) and not exact_string(key):
-            inexact.append(key)
-        size += len(key)
-        # Most values pass these tests inline, without a call (as in `_check_list`);
-        # `_check_value` takes the rest and says why what does not pass does not.
+    for step, item in value.items() if type(value) is dict else enumerate(value):
+        if keyed:
+            if type(step) is not str:
+                raise _Violation("object keys must be strings")
+            if len(step) > longest:
+                raise _Violation(f"key longer than {longest} characters")
+            if (not step.isascii() or "\x00" in step) and not exact_string(step):
+                inexact.append(step)
+            size += len(step)
+        # Most values pass these tests inline, without a call; `_check_value` takes the
+        # rest and says why what does not pass does not.
         kind = type(item)
         if kind is str and len(item) <= longest and item.isascii() and "\x00" not in item:
             size += len(item)
@@ -187,31 +190,7 @@ def _check_object(
         try:
             size += _check_value(item, depth + 1, limits, inexact)
         except _Violation as violation:
-            violation.steps.append(key)
-            raise
-    return size
-
-
-def _check_list(value: list[Any], depth: int, limits: InputLimits, inexact: list[str]) -> int:
-    if depth > limits.max_depth:
-        raise _Violation(f"nested deeper than {limits.max_depth} levels")
-    if len(value) > limits.max_items:
-        raise _Violation(f"list has more than {limits.max_items} items")
-    longest = limits.max_string_length
-    size = len(value)
-    for index, item in enumerate(value):
-        kind = type(item)
-        if kind is str and len(item) <= longest and item.isascii() and "\x00" not in item:
-            size += len(item)
-            continue
-        if kind is float and item - item == 0.0:  # finite
-            continue
-        if kind is bool or item is None or (kind is int and _INT64_MIN <= item <= _INT64_MAX):
-            continue
-        try:
-            size += _check_value(item, depth + 1, limits, inexact)
-        except _Violation as violation:
-            violation.steps.append(index)
+            violation.steps.append(step)
             raise
     return size
 
@@ -219,10 +198,8 @@ def _check_list(value: list[Any], depth: int, limits: InputLimits, inexact: list
 def _check_value(value: Any, depth: int, limits: InputLimits, inexact: list[str]) -> int:
     """The value's size as the cost estimate counts it: characters plus items."""
     kind = type(value)
-    if kind is dict:
-        return _check_object(value, depth, limits, inexact)
-    if kind is list:
-        return _check_list(value, depth, limits, inexact)
+    if kind is dict or kind is list:
+        return _check_container(value, depth, limits, inexact)
     return _check_scalar(value, kind, limits, inexact)
 
 
