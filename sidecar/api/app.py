@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import hmac
 import ipaddress
 import logging
 import re
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 from urllib.parse import urlsplit
 
 from aiohttp import hdrs, web
@@ -85,7 +88,7 @@ from sidecar.writes import (
     actor_problem,
 )
 
-__all__ = ["AppState", "create_app", "create_observation_app", "open_front_door"]
+__all__ = ["AppState", "create_app", "create_observation_app", "open_front_door", "reset"]
 
 logger = logging.getLogger("sidecar.api")
 
@@ -143,14 +146,8 @@ def _error_answer(exc: Exception, request: web.BaseRequest) -> web.Response:
     """Every error leaves as JSON with a message; nothing leaks a traceback."""
     if isinstance(exc, NotFoundError):
         return error_response(404, str(exc))
-    if isinstance(exc, web.RequestPayloadError):  # a body its Content-Encoding does not fit
-        cause = getattr(exc.__cause__, "message", None) or str(exc)
-        response = error_response(400, f"the body could not be read: {cause}")
-        # Nothing more can be read from it: closed after the answer, and ended now, so
-        # that aiohttp does not try to read the rest (and log that failure as its own).
-        response.force_close()
-        request.content.feed_eof()
-        return response
+    if isinstance(exc, ConnectionError | web.RequestPayloadError):
+        return _unreadable_body(exc, request)
     if isinstance(exc, InputError):
         return error_response(400, exc.message, path=exc.path)
     if isinstance(exc, LimitExceeded):
@@ -169,6 +166,22 @@ def _error_answer(exc: Exception, request: web.BaseRequest) -> web.Response:
         return response
     logger.error("unexpected error in %s %s", request.method, request.path, exc_info=exc)
     return error_response(500, "internal error; see the sidecar's log")
+
+
+def _unreadable_body(exc: Exception, request: web.BaseRequest) -> web.Response:
+    """The client's mistake, not the sidecar's: it left or half-closed mid-body, or sent a
+    body that its Content-Encoding does not fit. 400 (when anyone still reads it), the
+    connection closed after it, and the body ended here, so that aiohttp does not try to
+    read the rest (and log that failure as its own)."""
+    if isinstance(exc, ConnectionError):
+        message = "the connection ended before the whole body came"
+    else:
+        cause = getattr(exc.__cause__, "message", None) or str(exc)
+        message = f"the body could not be read: {cause}"
+    response = error_response(400, message)
+    response.force_close()
+    request.content.feed_eof()
+    return response
 
 
 async def _answer_in_time(
@@ -218,7 +231,19 @@ def _abort_slow_reader(request: web.BaseRequest) -> None:
         "%s %s: the client did not take its answer in time", request.method, request.path
     )
     if request.transport is not None:
-        request.transport.abort()
+        reset(request.transport)
+
+
+def reset(transport: asyncio.BaseTransport) -> None:
+    """Abort a connection with a reset, so that the kernel also drops what it still holds
+    for the client (its send queue, megabytes for a client that never reads); a plain
+    close would keep that queue alive, outside any cap, until the client read or the
+    kernel gave up."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    cast(asyncio.WriteTransport, transport).abort()
 
 
 def serving(*, guard_browsers: bool) -> Middleware:
@@ -260,6 +285,10 @@ async def _serve(
             response = _error_answer(exc, request)
         if not response.prepared:
             await _answer_in_time(request, response, state.limits.body_timeout_seconds)
+        if hdrs.CONTENT_ENCODING in request.headers and not request.content.is_eof():
+            # A compressed body left unread (refused, or not needed): aiohttp would read
+            # the rest to keep the connection, decompressing it (seconds of CPU a MB).
+            request.protocol.force_close()
         return response
     finally:
         handling.discard(task)

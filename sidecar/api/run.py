@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NoReturn, cast
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_server import Server
 
 try:
@@ -40,7 +41,13 @@ try:
 except ImportError:  # optional: the `speed` extra
     uvloop = None  # type: ignore[assignment]
 
-from sidecar.api.app import AppState, create_app, create_observation_app, open_front_door
+from sidecar.api.app import (
+    AppState,
+    create_app,
+    create_observation_app,
+    open_front_door,
+    reset,
+)
 from sidecar.api.decisionlog import DecisionLog
 from sidecar.api.limits import BatchTurns, RateBudgets, RequestLimits
 from sidecar.api.metrics import Metrics
@@ -85,11 +92,43 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class ClientMistakes(logging.Filter):
+    """Keeps aiohttp's tracebacks of requests it could not read out of the log.
+
+    aiohttp answers a malformed head, or a body that its Content-Encoding does not fit,
+    with a 400 of its own, and logs each one at ERROR with a traceback: any client could
+    fill the log at a megabyte a second. Those are the client's mistakes, not the
+    sidecar's; they are logged only at DEBUG, as one line without the traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        mistake = _client_mistake(record.exc_info[1] if record.exc_info else None)
+        if mistake is None:
+            return True
+        if not logging.getLogger("sidecar").isEnabledFor(logging.DEBUG):
+            return False
+        record.msg, record.args = f"{record.getMessage()}: {mistake}", ()
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info = record.exc_text = None
+        return True
+
+
+def _client_mistake(exc: BaseException | None) -> BaseException | None:
+    """The client's malformed request behind `exc` (or what caused it), if that is what
+    it is."""
+    for _ in range(8):  # a chain is short; never follow one for good
+        if exc is None or isinstance(exc, HttpProcessingError | web.RequestPayloadError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(ClientMistakes())
 
 
 def _read_token(path: Path | None) -> str | None:
@@ -338,10 +377,11 @@ class _Counted(asyncio.Protocol):
             self.cap.live.pop(self, None)
 
     def evict(self) -> None:
-        """Make room for a new connection: this one is idle, or only trickling a head."""
+        """Make room for a new connection (this one is idle, or only trickling a head), or
+        drop answers that are not read."""
         self.release()
         if self.transport is not None:
-            cast(asyncio.WriteTransport, self.transport).abort()
+            reset(self.transport)
 
     def unread_for(self, now: float) -> float:
         """How long the connection has been closing on our side with answers the client
