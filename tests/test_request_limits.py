@@ -443,7 +443,7 @@ class TestConnections:
         needed no deadline timer to be handed over. When the idle timeout then closes the
         connection, a graceful close would wait for the client to read it, forever; the
         connection cap aborts it once `body_timeout_seconds` has passed."""
-        server = served(body_timeout_seconds="1", idle_timeout_seconds="1")
+        server = served(body_timeout_seconds="1", idle_timeout_seconds="2")
         body = json.dumps({"inputs": [{"amount": 5, "country": "US"}] * 100}).encode()
         request = urllib.request.Request(
             server.url + EVALUATE, data=body, headers={"Content-Type": "application/json"}
@@ -453,13 +453,16 @@ class TestConnections:
         one = raw_evaluate(body)
         with reading_little(server.port) as sock:
             pair = (server.port, sock.getsockname()[1])
-            queued = 0
-            for sent in range(1_000):  # one answer at a time, until the queue takes less
+            sock.sendall(one * 3)  # the first answers fill the client's small buffer
+            time.sleep(0.2)
+            queued = (server_socket(*pair) or (0, 0))[0]
+            for _ in range(1_000):  # one answer at a time, until the queue takes less
                 sock.sendall(one)
-                time.sleep(0.03)
-                now = (server_socket(*pair) or (0, 0))[0]
-                grown, queued = now - queued, now
-                if sent > 2 and grown < answer_bytes:  # (the first fill the client's buffer)
+                before, deadline = queued, time.monotonic() + 0.5  # (the idle timeout: 2 s)
+                while queued - before < answer_bytes and time.monotonic() < deadline:
+                    time.sleep(0.01)  # until the answer is queued, however busy the machine
+                    queued = (server_socket(*pair) or (0, 0))[0]
+                if queued - before < answer_bytes:
                     break
             wait_sync(
                 lambda: any("were not read" in line for line in server.log_lines()),
