@@ -599,23 +599,39 @@ class TestClientMistakes:
         assert "Traceback" not in logged
         assert '"level": "error"' not in logged
 
-    def test_a_refused_compressed_body_is_not_read_on(self, served):
-        """A compressed body the sidecar does not need (here: the ruleset does not exist)
-        is answered, and the connection closed at once: aiohttp would read and decompress
-        the rest to keep the connection (seconds of CPU a megabyte of zeros)."""
+    @pytest.mark.parametrize(
+        ("listener", "target", "expect", "status"),
+        [
+            ("api", "/api/v1/rulesets/nope/evaluate", "", b"404"),
+            ("api", EVALUATE, "Expect: foo\r\n", b"417"),
+            ("api", "/api/v1/rulesets", "Expect: foo\r\n", b"417"),
+            ("probes", "/livez", "Expect: foo\r\n", b"417"),
+        ],
+    )
+    def test_a_refused_compressed_body_is_not_read_on(
+        self, served, listener: str, target: str, expect: str, status: bytes
+    ):
+        """A compressed body the sidecar does not need (an unknown ruleset, an `Expect`
+        it cannot meet) is answered in JSON, saying `Connection: close`, and the
+        connection closed at once: aiohttp would read and decompress the rest to keep the
+        connection (seconds of CPU a megabyte of zeros)."""
         server = served()  # body_timeout_seconds 10: aiohttp would linger that long
+        port = server.port if listener == "api" else probe_port(server)
         compressed = gzip.compress(b"0" * 50_000_000)
-        with connect(server.port) as sock:
+        with connect(port) as sock:
             sock.sendall(
-                b"POST /api/v1/rulesets/nope/evaluate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                b"Content-Type: application/json\r\nContent-Encoding: gzip\r\n"
+                f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{expect}".encode()
+                + b"Content-Type: application/json\r\nContent-Encoding: gzip\r\n"
                 b"Content-Length: %d\r\n\r\n" % len(compressed) + compressed[:4096]
             )
             started = time.monotonic()
             sock.settimeout(5)
             answer = read_until_closed(sock)
             assert time.monotonic() - started < 3, "the rest of the body was waited for"
-        assert answer.startswith(b"HTTP/1.1 404"), answer[:200]
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] == status, answer[:300]
+        assert b"Connection: close" in head
+        assert json.loads(body)["error"]["status"] == int(status)
 
 
 class TestRateBudgets:

@@ -283,11 +283,15 @@ async def _serve(
             response = _error_answer(exc, request)
         except Exception as exc:
             response = _error_answer(exc, request)
+        # A compressed body left unread (refused, or not needed): aiohttp would read the
+        # rest to keep the connection, decompressing it (seconds of CPU a megabyte), so
+        # the answer closes the connection instead, and says so.
+        unread = hdrs.CONTENT_ENCODING in request.headers and not request.content.is_eof()
+        if unread:
+            response.force_close()
         if not response.prepared:
             await _answer_in_time(request, response, state.limits.body_timeout_seconds)
-        if hdrs.CONTENT_ENCODING in request.headers and not request.content.is_eof():
-            # A compressed body left unread (refused, or not needed): aiohttp would read
-            # the rest to keep the connection, decompressing it (seconds of CPU a MB).
+        if unread:
             request.protocol.force_close()
         return response
     finally:
@@ -301,8 +305,11 @@ _EVALUATE_PATH: Final = re.compile(r"/api/v1/rulesets/([a-z0-9][a-z0-9._-]{0,62}
 RequestHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
-def open_front_door(server: web.Server, app: web.Application) -> None:
-    """Answer the evaluate route in front of aiohttp's router and middleware chain.
+def open_front_door(
+    server: web.Server, app: web.Application, *, evaluate: bool = True, guard_browsers: bool = True
+) -> None:
+    """Answer the evaluate route (with `evaluate`) and unmet expectations in front of
+    aiohttp's router and middleware chain.
 
     Evaluation is what applications call on every decision; resolving the route among
     the others and walking the middleware chain cost about a tenth of its time
@@ -312,13 +319,20 @@ def open_front_door(server: web.Server, app: web.Application) -> None:
     the same `_serve`; every other request, and any other spelling of this one, goes on
     to `server`'s own handler (the application) unchanged. The application's
     `on_response_prepare` signal does not run for the door's answers (none is used).
-    Call it before the server accepts connections: each takes the handler it sees then.
+
+    An `Expect` other than `100-continue` is refused here (417), through `_serve`: the
+    router would refuse it before any middleware, in plain text, and leave a compressed
+    body to be read and decompressed to its end. Call it before the server accepts
+    connections: each takes the handler it sees then.
     """
     state = app[STATE]
     behind: RequestHandler = server.request_handler
 
     async def door(request: web.BaseRequest) -> web.StreamResponse:
-        if request.method == "POST" and hdrs.EXPECT not in request.headers:
+        expected = request.headers.get(hdrs.EXPECT)
+        if expected is not None and expected.lower() != "100-continue":
+            return await _serve(state, request, _unmet, guard_browsers=guard_browsers)
+        if evaluate and expected is None and request.method == "POST":
             found = _EVALUATE_PATH.fullmatch(request.raw_path.partition("?")[0])
             if found is not None:
                 ruleset_id = found[1]
@@ -326,11 +340,17 @@ def open_front_door(server: web.Server, app: web.Application) -> None:
                     state,
                     request,
                     lambda asked: _evaluate(state, asked, ruleset_id),
-                    guard_browsers=True,
+                    guard_browsers=guard_browsers,
                 )
         return await behind(request)
 
     server.request_handler = door
+
+
+async def _unmet(request: web.BaseRequest) -> web.StreamResponse:
+    raise web.HTTPExpectationFailed(
+        text=f"Expect: {request.headers[hdrs.EXPECT]!r} cannot be met; only 100-continue is"
+    )
 
 
 def _state(request: web.Request) -> AppState:

@@ -671,8 +671,11 @@ async def _start_metrics(
     with a connection cap of their own: a flood of the API leaves the probes answering."""
     if settings.metrics_port is None:
         return None
-    runner = _runner(create_observation_app(state), settings)
+    app = create_observation_app(state)
+    runner = _runner(app, settings)
     await runner.setup()
+    assert runner.server is not None
+    open_front_door(runner.server, app, evaluate=False, guard_browsers=False)
     host = settings.metrics_host or settings.host
     listeners.append(
         await _listen(
