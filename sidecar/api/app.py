@@ -146,7 +146,7 @@ def _error_answer(exc: Exception, request: web.BaseRequest) -> web.Response:
     """Every error leaves as JSON with a message; nothing leaks a traceback."""
     if isinstance(exc, NotFoundError):
         return error_response(404, str(exc))
-    if isinstance(exc, ConnectionError | web.RequestPayloadError):
+    if isinstance(exc, web.RequestPayloadError):
         return _unreadable_body(exc, request)
     if isinstance(exc, InputError):
         return error_response(400, exc.message, path=exc.path)
@@ -168,17 +168,13 @@ def _error_answer(exc: Exception, request: web.BaseRequest) -> web.Response:
     return error_response(500, "internal error; see the sidecar's log")
 
 
-def _unreadable_body(exc: Exception, request: web.BaseRequest) -> web.Response:
-    """The client's mistake, not the sidecar's: it left or half-closed mid-body, or sent a
-    body that its Content-Encoding does not fit. 400 (when anyone still reads it), the
+def _unreadable_body(exc: web.RequestPayloadError, request: web.BaseRequest) -> web.Response:
+    """The client's mistake, not the sidecar's: it left mid-body (`_read_body`), or sent
+    a body that its Content-Encoding does not fit. 400 (when anyone still reads it), the
     connection closed after it, and the body ended here, so that aiohttp does not try to
     read the rest (and log that failure as its own)."""
-    if isinstance(exc, ConnectionError):
-        message = "the connection ended before the whole body came"
-    else:
-        cause = getattr(exc.__cause__, "message", None) or str(exc)
-        message = f"the body could not be read: {cause}"
-    response = error_response(400, message)
+    cause = getattr(exc.__cause__, "message", None) or str(exc)
+    response = error_response(400, f"the body could not be read: {cause}")
     response.force_close()
     request.content.feed_eof()
     return response
@@ -493,6 +489,8 @@ async def _read_body(request: web.BaseRequest, seconds: float) -> bytes:
             f"the request body did not arrive within {seconds:g} s",
             setting="body_timeout_seconds",
         ) from None
+    except ConnectionError:  # the client's, here: it left before its whole body came
+        raise web.RequestPayloadError("the connection ended before the whole body came") from None
 
 
 async def _json_body(
