@@ -502,13 +502,25 @@ class ConnectionCap:
 
 
 async def _listen(
-    runner: web.AppRunner, host: str, port: int, *, limit: int, name: str, drain_seconds: float
-) -> asyncio.Server:
-    """Listen with a connection cap (answers not read within `drain_seconds` of a close
-    are dropped); the runner still drains connections at shutdown."""
-    assert runner.server is not None, "call runner.setup() first"
-    cap = ConnectionCap(runner.server, limit, name, drain_seconds)
-    return await asyncio.get_running_loop().create_server(cap, host, port, reuse_address=True)
+    app: web.Application,
+    settings: Settings,
+    address: tuple[str, int],
+    *,
+    limit: int,
+    name: str,
+    api: bool,
+) -> tuple[web.AppRunner, asyncio.Server]:
+    """Serve `app` on `address`: its runner (which still drains connections at shutdown),
+    the front door (the evaluate route and the browser guard only on the `api` listener,
+    as its application has them), and a connection cap that also drops answers not read
+    within `body_timeout_seconds` of a close."""
+    runner = _runner(app, settings)
+    await runner.setup()
+    assert runner.server is not None
+    open_front_door(runner.server, app, evaluate=api, guard_browsers=api)
+    cap = ConnectionCap(runner.server, limit, name, settings.body_timeout_seconds)
+    listener = await asyncio.get_running_loop().create_server(cap, *address, reuse_address=True)
+    return runner, listener
 
 
 # How long SIGTERM lets in-flight requests finish (a POST /reload waiting on a frozen
@@ -599,16 +611,9 @@ async def serve(settings: Settings) -> int:
 
     app.on_shutdown.append(close_websockets)
     api_cap, probe_cap = connection_caps(settings)
-    runner = _runner(app, settings)
-    await runner.setup()
-    assert runner.server is not None
-    open_front_door(runner.server, app)
-    drain = settings.body_timeout_seconds  # as long as an answer may take to be read
-    listeners = [
-        await _listen(
-            runner, settings.host, settings.port, limit=api_cap, name="API", drain_seconds=drain
-        )
-    ]
+    address = (settings.host, settings.port)
+    runner, listener = await _listen(app, settings, address, limit=api_cap, name="API", api=True)
+    listeners = [listener]
     metrics_runner = await _start_metrics(state, settings, listeners, probe_cap)
     logger.info("serving on http://%s:%d", settings.host, settings.port)
 
@@ -671,22 +676,16 @@ async def _start_metrics(
     with a connection cap of their own: a flood of the API leaves the probes answering."""
     if settings.metrics_port is None:
         return None
-    app = create_observation_app(state)
-    runner = _runner(app, settings)
-    await runner.setup()
-    assert runner.server is not None
-    open_front_door(runner.server, app, evaluate=False, guard_browsers=False)
     host = settings.metrics_host or settings.host
-    listeners.append(
-        await _listen(
-            runner,
-            host,
-            settings.metrics_port,
-            limit=limit,
-            name="metrics",
-            drain_seconds=settings.body_timeout_seconds,
-        )
+    runner, listener = await _listen(
+        create_observation_app(state),
+        settings,
+        (host, settings.metrics_port),
+        limit=limit,
+        name="metrics",
+        api=False,
     )
+    listeners.append(listener)
     logger.info("metrics and probes on http://%s:%d", host, settings.metrics_port)
     return runner
 
