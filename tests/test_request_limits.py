@@ -393,6 +393,22 @@ class TestConnections:
         assert head.startswith(b"HTTP/1.1 408"), answer[:300]
         assert json.loads(body)["error"]["limit"] == "RULE_SIDECAR_BODY_TIMEOUT_SECONDS"
 
+    def test_sigterm_does_not_wait_on_a_slow_body_twice(self, served):
+        """A body still arriving at SIGTERM ends at its 408; the connection is closed
+        with it rather than read on for aiohttp's lingering time (that doubled the exit:
+        21 s at the default 10 s body timeout)."""
+        server = served(body_timeout_seconds="3")
+        with connect(server.port) as sock:
+            sock.sendall(
+                f"POST {EVALUATE} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{".encode()
+            )
+            time.sleep(1)
+            started = time.monotonic()
+            server.process.terminate()
+            server.process.wait(30)
+            assert time.monotonic() - started < 4.5
+
     def test_a_client_that_never_reads_its_answer_is_dropped(self, served):
         """A client that does not take its answer within body_timeout_seconds has its
         connection aborted (it held a slot of the cap and the answer's memory forever)."""

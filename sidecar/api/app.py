@@ -279,10 +279,14 @@ async def _serve(
             response = _error_answer(exc, request)
         except Exception as exc:
             response = _error_answer(exc, request)
-        # A compressed body left unread (refused, or not needed): aiohttp would read the
-        # rest to keep the connection, decompressing it (seconds of CPU a megabyte), so
-        # the answer closes the connection instead, and says so.
-        unread = hdrs.CONTENT_ENCODING in request.headers and not request.content.is_eof()
+        # A body left unread, when it is compressed (refused, or not needed) or when the
+        # answer ends the connection anyway (408: it did not come in time): aiohttp would
+        # go on reading the rest, up to `lingering_time`, decompressing it (seconds of CPU
+        # a megabyte) or waiting on a slow client (SIGTERM waited for it too). The answer
+        # closes the connection instead, and says so.
+        unread = not request.content.is_eof() and (
+            hdrs.CONTENT_ENCODING in request.headers or response.keep_alive is False
+        )
         if unread:
             response.force_close()
         if not response.prepared:
